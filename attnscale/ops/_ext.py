@@ -1,0 +1,38 @@
+"""Loads the compiled extension ``attnscale._C`` that registers ``torch.ops.attnscale.*``."""
+from __future__ import annotations
+
+import torch
+
+_BUILD_HINT = (
+    "attnscale's C++/CUDA extension (attnscale._C) is not built. Build it with\n"
+    "    pip install -e . --no-build-isolation\n"
+    "from the repository root (see README.md), or pass use_reference=True / call the\n"
+    "pure-PyTorch reference in attnscale.ops.reference explicitly."
+)
+
+try:
+    from attnscale import _C  # noqa: F401  (loading registers the ops)
+
+    EXTENSION_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    EXTENSION_ERROR = exc
+
+
+def has_extension() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def require_extension() -> None:
+    """Raise a clear error naming the build command if the extension is missing."""
+    if EXTENSION_ERROR is not None:
+        raise RuntimeError(f"{_BUILD_HINT}\n(import error: {EXTENSION_ERROR})")
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA kernels."""
+    if not has_extension():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::scale_merge", "CUDA")
+    except RuntimeError:  # op not registered (built before the op existed)
+        return False

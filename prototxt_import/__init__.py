@@ -1,0 +1,1 @@
+"""Read Caffe/DeepLab prototxts and .caffemodel(.h5) weights without Caffe."""

@@ -1,0 +1,62 @@
+"""Build attnscale and its C++/CUDA extension ``attnscale._C``.
+
+The CPU kernels (csrc/**/*.cpp outside cuda/) are always built.  The CUDA
+kernels (csrc/**/cuda/*.cu and their csrc/**/cuda/*.cpp glue) are built when
+the installed torch is a CUDA build and nvcc is found; ``ATTNSCALE_CUDA=0``
+or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` drops ``-march=native``.
+"""
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda() -> bool:
+    forced = os.environ.get("ATTNSCALE_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
+    all_cpp = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
+    cpu_sources = rel(p for p in all_cpp if f"{os.sep}cuda{os.sep}" not in p)
+    cuda_sources = rel(
+        glob.glob(os.path.join(ROOT, "csrc", "**", "cuda", "*.cu"), recursive=True)
+        + glob.glob(os.path.join(ROOT, "csrc", "**", "cuda", "*.cpp"), recursive=True)
+    )
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATTNSCALE_NATIVE", "1") == "1":
+        cxx.append("-march=native")
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if _want_cuda():
+        print("attnscale: building C++ CPU kernels AND CUDA kernels "
+              f"({len(cuda_sources)} CUDA sources, CUDA_HOME={cpp_extension.CUDA_HOME})")
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+        return cpp_extension.CUDAExtension(
+            "attnscale._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
+            define_macros=[("ATTNSCALE_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+    print("attnscale: building C++ CPU kernels only (no CUDA torch or nvcc; ATTNSCALE_CUDA=1 forces CUDA)")
+    return cpp_extension.CppExtension(
+        "attnscale._C", cpu_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    name="attnscale",
+    version="0.1.0",
+    description="Attention to Scale (Chen et al., CVPR 2016) reproduced in PyTorch, Caffe-faithful",
+    packages=find_packages(include=["attnscale", "attnscale.*", "prototxt_import", "prototxt_import.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+)
