@@ -1,0 +1,362 @@
+"""Caffe's (DeepLab-v2 fork's) arithmetic, in one place.
+
+Every function names the Caffe rule it follows.  Sources of the rules: ``PoolingLayer`` (``pooling_layer.cpp``,
+Reshape and Forward_cpu), DeepLab's ``InterpLayer`` (``interp_layer.cpp``) and its ``caffe_cpu_interp2``
+(``util/interp.cpp``), ``SoftmaxWithLossLayer`` (normalisation ``VALID``) and DeepLab's data layer
+(``mean_value: 104.008 116.669 122.675`` in BGR order, test-time padding with the mean).
+
+Nothing here depends on the model: the prototxt importer and the model both import these functions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MEAN_BGR", "IGNORE_LABEL",
+    "pool_output_size", "pool_output_shape", "ave_pool_divisor", "pool2d",
+    "InterpParams", "interp_output_size", "interp_output_shape", "interp_coefficients", "interp",
+    "scale_interp_params", "scaled_input_shape",
+    "shrink_label", "label_sample_indices",
+    "preprocess_bgr", "rgb_to_bgr",
+]
+
+#: DeepLab's per-channel mean, **BGR** order (``mean_value`` in every DeepLab data layer).
+MEAN_BGR: tuple[float, float, float] = (104.008, 116.669, 122.675)
+#: ``loss_param { ignore_label: 255 }``.
+IGNORE_LABEL = 255
+
+
+# ----------------------------------------------------------------------------------------- Pooling
+def _check_pool_args(kernel: int, stride: int, pad: int) -> None:
+    for name, v in (("kernel", kernel), ("stride", stride), ("pad", pad)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"Pooling: {name} must be an int, got {v!r}")
+    if kernel < 1 or stride < 1 or pad < 0:
+        raise ValueError(f"Pooling: need kernel >= 1, stride >= 1, pad >= 0 (got kernel={kernel}, "
+                         f"stride={stride}, pad={pad})")
+    if pad >= kernel:  # Caffe: CHECK_LT(pad_h_, kernel_h_)
+        raise ValueError(f"Pooling: Caffe requires pad < kernel (got pad={pad}, kernel={kernel})")
+
+
+def pool_output_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    """Caffe ``PoolingLayer::Reshape`` output size along one axis.
+
+    ``out = int(ceil(float(size + 2*pad - kernel) / stride)) + 1`` (Caffe always rounds *up*), and, only
+    when ``pad > 0``, ``if ((out - 1) * stride >= size + pad) --out`` so that the last window starts inside
+    the image or its *leading* padding, never in the trailing padding.  (Caffe then CHECKs
+    ``(out - 1) * stride < size + pad``.)  With ``pad == 0`` Caffe does not decrement.
+    """
+    _check_pool_args(kernel, stride, pad)
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"Pooling: input size must be a positive int, got {size!r}")
+    span = size + 2 * pad - kernel
+    if span < 0:
+        raise ValueError(f"Pooling: kernel {kernel} larger than the padded input {size}+2*{pad}")
+    out = -(-span // stride) + 1  # ceil for a non-negative numerator == Caffe's float ceil
+    if pad > 0 and (out - 1) * stride >= size + pad:
+        out -= 1
+    return int(out)
+
+
+def pool_output_shape(hw: Sequence[int], kernel: int, stride: int, pad: int) -> tuple[int, int]:
+    """:func:`pool_output_size` for (H, W) with a square kernel/stride/pad."""
+    return (pool_output_size(hw[0], kernel, stride, pad), pool_output_size(hw[1], kernel, stride, pad))
+
+
+def ave_pool_divisor(size: int, kernel: int, stride: int, pad: int) -> list[int]:
+    """Caffe AVE pooling's per-axis ``pool_size`` factor for every output position.
+
+    Caffe ``Forward_cpu`` (AVE): ``hstart = ph*stride - pad; hend = min(hstart + kernel, H + pad);
+    pool_size = (hend - hstart) * (wend - wstart)`` computed *before* clipping to the image, i.e. the
+    divisor counts padding cells that lie inside ``[-pad, H + pad)`` but never cells beyond ``H + pad``
+    (which exist when ceil rounding makes the last window overrun).  The 2-D divisor is the outer product
+    of the two per-axis lists.
+    """
+    out = pool_output_size(size, kernel, stride, pad)
+    res = []
+    for p in range(out):
+        start = p * stride - pad
+        end = min(start + kernel, size + pad)
+        res.append(end - start)
+    return res
+
+
+def _window_reach(size: int, out: int, kernel: int, stride: int, pad: int) -> int:
+    """Cells of trailing padding needed so that every window ``[o*stride - pad, +kernel)`` fits."""
+    return max(0, (out - 1) * stride - pad + kernel - size)
+
+
+def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "max") -> torch.Tensor:
+    """Caffe ``Pooling`` (MAX or AVE, square kernel), exact including the borders.
+
+    - Output size: :func:`pool_output_size` (ceil rounding + the ``pad > 0`` decrement rule).
+    - MAX: the window is clipped to the image (``hstart = max(hstart, 0)``, ``hend = min(hend, H)``), i.e.
+      padding never wins (equivalent to ``-inf`` padding); ties go to the first maximum in row-major scan
+      order (Caffe compares with strict ``>``), which is where the gradient goes.
+    - AVE: sum over the window clipped to the image divided by :func:`ave_pool_divisor` (padding cells up
+      to ``H + pad`` count, cells beyond do not).
+
+    Implemented with ``F.max_pool2d`` / ``F.avg_pool2d(divisor_override=1)`` on an explicitly padded input
+    whenever torch's own ceil-mode size could differ from Caffe's; AVE always divides the window sums by
+    the explicit Caffe divisor map, so it never relies on torch's ``count_include_pad`` rules.
+    """
+    if method not in ("max", "ave"):
+        raise ValueError(f"Pooling: method must be 'max' or 'ave', got {method!r}")
+    if x.dim() != 4:
+        raise ValueError(f"Pooling: expected an (N,C,H,W) tensor, got shape {tuple(x.shape)}")
+    H, W = int(x.shape[-2]), int(x.shape[-1])
+    oh, ow = pool_output_shape((H, W), kernel, stride, pad)
+    for name, s, o in (("height", H, oh), ("width", W, ow)):
+        if (o - 1) * stride - pad >= s:  # only possible with pad == 0 and stride > kernel
+            raise ValueError(f"Pooling: with {name} {s}, kernel {kernel}, stride {stride}, pad {pad} Caffe's "
+                             "last window lies entirely outside the input (Caffe would emit -FLT_MAX or an "
+                             "undefined average); refusing")
+    # torch's ceil_mode size; equal to Caffe's when pad > 0 (same decrement rule) and pad <= kernel // 2.
+    torch_ok = 2 * pad <= kernel and all(
+        _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
+    if method == "max":
+        if torch_ok:
+            return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
+        xp = F.pad(x, (pad, _window_reach(W, ow, kernel, stride, pad),
+                       pad, _window_reach(H, oh, kernel, stride, pad)), value=-math.inf)
+        return F.max_pool2d(xp, kernel, stride, 0)[..., :oh, :ow]
+    if torch_ok:
+        sums = F.avg_pool2d(x, kernel, stride, pad, ceil_mode=True, divisor_override=1)
+    else:
+        xp = F.pad(x, (pad, _window_reach(W, ow, kernel, stride, pad),
+                       pad, _window_reach(H, oh, kernel, stride, pad)))
+        sums = F.avg_pool2d(xp, kernel, stride, 0, divisor_override=1)[..., :oh, :ow]
+    dh = torch.tensor(ave_pool_divisor(H, kernel, stride, pad), dtype=x.dtype, device=x.device)
+    dw = torch.tensor(ave_pool_divisor(W, kernel, stride, pad), dtype=x.dtype, device=x.device)
+    return sums / (dh[:, None] * dw[None, :])
+
+
+def _torch_ceil_size(size: int, kernel: int, stride: int, pad: int) -> int:
+    out = (size + 2 * pad - kernel + stride - 1) // stride + 1
+    if (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
+
+
+# ------------------------------------------------------------------------------------------ Interp
+@dataclass(frozen=True)
+class InterpParams:
+    """DeepLab's ``interp_param`` (``InterpParameter``): None = field not set."""
+
+    zoom_factor: int | None = None
+    shrink_factor: int | None = None
+    height: int | None = None
+    width: int | None = None
+    pad_beg: int = 0
+    pad_end: int = 0
+
+
+def _interp_axis(size_in: int, p: InterpParams, explicit: int | None) -> tuple[int, int]:
+    """(in_eff, out) along one axis following ``InterpLayer::Reshape``."""
+    if p.pad_beg > 0 or p.pad_end > 0:  # CHECK_LE(pad_beg_, 0) "Only supports non-pos padding (cropping)"
+        raise ValueError(f"Interp: pad_beg/pad_end must be <= 0 (cropping only), got {p.pad_beg}/{p.pad_end}")
+    eff = size_in + p.pad_beg + p.pad_end
+    if eff <= 0:  # CHECK_GT(height_in_eff_, 0)
+        raise ValueError(f"Interp: input size {size_in} with pad_beg={p.pad_beg}, pad_end={p.pad_end} "
+                         "leaves nothing")
+    z, s = p.zoom_factor, p.shrink_factor
+    if z is not None and z < 1:
+        raise ValueError(f"Interp: zoom_factor must be >= 1, got {z}")
+    if s is not None and s < 1:
+        raise ValueError(f"Interp: shrink_factor must be >= 1, got {s}")
+    # Caffe's if-chain order: zoom only, shrink only, explicit height & width, shrink then zoom.
+    if z is not None and s is None:
+        out = eff + (eff - 1) * (z - 1)
+    elif s is not None and z is None:
+        out = (eff - 1) // s + 1
+    elif p.height is not None and p.width is not None:
+        out = explicit
+    elif z is not None and s is not None:
+        out = (eff - 1) // s + 1
+        out = out + (out - 1) * (z - 1)
+    else:
+        raise ValueError("Interp: output size needs zoom_factor, shrink_factor or both height and width")
+    if out is None or out <= 0:  # CHECK_GT(height_out_, 0)
+        raise ValueError(f"Interp: output size must be positive, got {out}")
+    return eff, int(out)
+
+
+def interp_output_shape(hw: Sequence[int], params: InterpParams) -> tuple[int, int]:
+    """``InterpLayer::Reshape``: output (H, W) for an input (H, W).
+
+    ``in_eff = in + pad_beg + pad_end`` (pads <= 0 crop); zoom only: ``in_eff + (in_eff-1)*(zoom-1)``;
+    shrink only: ``(in_eff-1)/shrink + 1`` (integer division); explicit ``height``/``width``; both factors:
+    shrink first, then zoom.  When several are set Caffe's precedence is zoom-only, shrink-only, explicit,
+    both.
+    """
+    return (_interp_axis(int(hw[0]), params, params.height)[1],
+            _interp_axis(int(hw[1]), params, params.width)[1])
+
+
+def interp_output_size(size: int, params: InterpParams) -> int:
+    """One-axis version of :func:`interp_output_shape` (uses ``params.height`` as the explicit size)."""
+    return _interp_axis(int(size), params, params.height)[1]
+
+
+def interp_coefficients(size_in: int, size_out: int, device=None):
+    """Per-axis sampling of ``caffe_cpu_interp2`` (align corners), in float32 as Caffe computes it.
+
+    ``rheight = (out > 1) ? float(in - 1) / (out - 1) : 0.f; h1r = rheight * h2; h1 = int(h1r);
+    h1p = (h1 < in - 1) ? 1 : 0; lambda1 = h1r - h1; lambda0 = 1 - lambda1``.
+    Returns ``(i0, i1 = i0 + h1p, lambda0, lambda1)``: two int64 index tensors and two float32 tensors.
+    """
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"Interp: sizes must be positive, got in={size_in}, out={size_out}")
+    if size_out > 1:
+        r = torch.tensor(float(size_in - 1), dtype=torch.float32, device=device) / float(size_out - 1)
+    else:
+        r = torch.zeros((), dtype=torch.float32, device=device)
+    pos = r * torch.arange(size_out, dtype=torch.float32, device=device)
+    i0 = pos.to(torch.int64)  # C++ int truncation (pos >= 0)
+    i1 = i0 + (i0 < size_in - 1).to(torch.int64)
+    lam1 = pos - i0.to(torch.float32)
+    lam0 = 1.0 - lam1
+    return i0, i1, lam0, lam1
+
+
+def _resolve_interp(hw: tuple[int, int], spec) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """-> ((crop_top, crop_left, eff_h, eff_w), (out_h, out_w))."""
+    if isinstance(spec, InterpParams):
+        eff_h, out_h = _interp_axis(hw[0], spec, spec.height)
+        eff_w, out_w = _interp_axis(hw[1], spec, spec.width)
+        return (-spec.pad_beg, -spec.pad_beg, eff_h, eff_w), (out_h, out_w)
+    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+        size = (int(spec), int(spec))
+    elif isinstance(spec, (tuple, list, torch.Size)) and len(spec) == 2:
+        size = (int(spec[0]), int(spec[1]))
+    else:
+        raise TypeError(f"interp: size must be an int, an (H, W) pair or InterpParams, got {spec!r}")
+    if size[0] < 1 or size[1] < 1:
+        raise ValueError(f"interp: output size must be positive, got {size}")
+    return (0, 0, hw[0], hw[1]), size
+
+
+def interp(x: torch.Tensor, size) -> torch.Tensor:
+    """DeepLab ``Interp`` layer forward: bilinear with aligned corners, Caffe's float arithmetic.
+
+    ``size``: an int / (H, W) output size, or :class:`InterpParams` (zoom/shrink/explicit size and
+    ``pad_beg``/``pad_end`` cropping: the input window ``[-pad_beg, in + pad_end)`` is resized).
+    Follows ``caffe_cpu_interp2``: if the (cropped) input already has the output size the values are
+    copied; otherwise ``out = l0h * (l0w * x[h0,w0] + l1w * x[h0,w1]) + l1h * (l0w * x[h1,w0] + l1w * x[h1,w1])``
+    with the coefficients of :func:`interp_coefficients` (computed in float32 even for double inputs, as
+    Caffe does, then cast to the input dtype).  Differentiable (gather; backward scatters like Caffe).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"interp: expected an (N,C,H,W) tensor, got shape {tuple(x.shape)}")
+    hw = (int(x.shape[-2]), int(x.shape[-1]))
+    (top, left, eh, ew), (oh, ow) = _resolve_interp(hw, size)
+    if (top, left, eh, ew) != (0, 0) + hw:
+        x = x[..., top:top + eh, left:left + ew]
+    if (eh, ew) == (oh, ow):
+        return x.clone()
+    h0, h1, lh0, lh1 = interp_coefficients(eh, oh, x.device)
+    w0, w1, lw0, lw1 = interp_coefficients(ew, ow, x.device)
+    lh0, lh1, lw0, lw1 = (t.to(x.dtype) for t in (lh0, lh1, lw0, lw1))
+    r0 = x.index_select(-2, h0)
+    r1 = x.index_select(-2, h1)
+    top_row = lw0 * r0.index_select(-1, w0) + lw1 * r0.index_select(-1, w1)
+    bot_row = lw0 * r1.index_select(-1, w0) + lw1 * r1.index_select(-1, w1)
+    return lh0[:, None] * top_row + lh1[:, None] * bot_row
+
+
+# ------------------------------------------------------------------------------ scales of the input
+def scale_interp_params(scale: float, hw: Sequence[int] | None = None) -> InterpParams | None:
+    """The ``Interp`` that makes an input scale, as in the attention prototxts.
+
+    1 → None (no layer); 0.75 → ``shrink_factor: 4 zoom_factor: 3`` (``shrink_res075``);
+    0.5 → ``shrink_factor: 2`` (``shrink_res05``).  Any other scale ``s`` has no prototxt counterpart: we use
+    the explicit size ``floor((in - 1) * s) + 1`` per axis (aligned corners keep both borders; for s = 0.75
+    and in = 4k + 1, e.g. 321 and 513, this equals the factor rule), which needs ``hw``.
+    """
+    if not (0 < scale <= 1):
+        raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if scale == 1:
+        return None
+    if scale == 0.75:
+        return InterpParams(shrink_factor=4, zoom_factor=3)
+    if scale == 0.5:
+        return InterpParams(shrink_factor=2)
+    if hw is None:
+        raise ValueError(f"scale {scale}: an explicit Interp size needs the input size hw")
+    return InterpParams(height=int(math.floor((hw[0] - 1) * scale)) + 1,
+                        width=int(math.floor((hw[1] - 1) * scale)) + 1)
+
+
+def scaled_input_shape(hw: Sequence[int], scale: float) -> tuple[int, int]:
+    """(H, W) of the input at ``scale`` (see :func:`scale_interp_params`)."""
+    p = scale_interp_params(scale, hw)
+    return (int(hw[0]), int(hw[1])) if p is None else interp_output_shape(hw, p)
+
+
+# ------------------------------------------------------------------------------------------- labels
+def label_sample_indices(size_in: int, size_out: int, device=None) -> torch.Tensor:
+    """Source row/column of every label pixel after :func:`shrink_label` (align-corners nearest).
+
+    Position ``p = float(in-1)/(out-1) * o`` in float32 exactly as the Interp layer computes it, then
+    ``int(p + 0.5)`` (nearest, ties up).  When ``(in - 1)`` is a multiple of ``(out - 1)`` (321→41, 321→21,
+    513→65, 513→33: every DeepLab training/test size) ``p`` is an integer, so this is the very pixel Caffe's
+    bilinear Interp copies (its lambda is exactly 0).
+    """
+    i0, i1, _, lam1 = interp_coefficients(size_in, size_out, device)
+    return torch.where(lam1 >= 0.5, i1, i0)
+
+
+def shrink_label(labels: torch.Tensor, size) -> torch.Tensor:
+    """Downsample an (N,H,W) or (N,1,H,W) integer label map to ``size`` (int or (h, w)), DeepLab style.
+
+    DeepLab shrinks the ground truth with an ``Interp`` layer (``label_shrink``, ``shrink_factor: 8``) whose
+    sampling grid is aligned-corners; at integral ratios (321→41, 513→65, and 321→21 for scale 0.5) that
+    bilinear resize *copies* one label per output pixel (lambda = 0), so no class ids are mixed and 255 stays
+    255.  ``attention3_train_esupv.prototxt`` takes the three labels as input blobs (``label`` 41x41,
+    ``label_res075`` 31x31, ``label_res05`` 21x21), so whoever feeds Caffe must make them: this function is
+    the rule.  At non-integral ratios (321→31 for scale 0.75) a bilinear resize of ids would produce
+    meaningless mixed values (e.g. 0.5*255 + 0.5*15 = 135, which Caffe would truncate to an invalid class),
+    so we take the *nearest* sample of the same aligned-corners grid (:func:`label_sample_indices`).
+    Returns int64 with the input's leading shape.
+    """
+    squeeze = False
+    if labels.dim() == 4:
+        if labels.shape[1] != 1:
+            raise ValueError(f"shrink_label: (N,1,H,W) labels expected, got shape {tuple(labels.shape)}")
+        labels, squeeze = labels[:, 0], True
+    if labels.dim() != 3:
+        raise ValueError(f"shrink_label: labels must be (N,H,W) or (N,1,H,W), got {tuple(labels.shape)}")
+    if labels.is_floating_point():
+        raise TypeError("shrink_label: labels must be an integer tensor (class ids, 255 = ignore)")
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    oh, ow = int(size[0]), int(size[1])
+    hi = label_sample_indices(int(labels.shape[-2]), oh, labels.device)
+    wi = label_sample_indices(int(labels.shape[-1]), ow, labels.device)
+    out = labels.index_select(-2, hi).index_select(-1, wi).long()
+    return out[:, None] if squeeze else out
+
+
+# -------------------------------------------------------------------------------------- image input
+def rgb_to_bgr(image: np.ndarray) -> np.ndarray:
+    """Reverse the channel axis of an HxWx3 image (RGB ↔ BGR)."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def preprocess_bgr(image_bgr: np.ndarray) -> torch.Tensor:
+    """DeepLab data layer: HxWx3 **BGR** uint8 (OpenCV order, as Caffe reads it) → (1,3,H,W) float32
+    ``pixel - MEAN_BGR`` (``mean_value: 104.008 116.669 122.675``; no scaling, channel order kept BGR)."""
+    if not isinstance(image_bgr, np.ndarray) or image_bgr.ndim != 3 or image_bgr.shape[2] != 3:
+        raise ValueError(f"preprocess_bgr: expected an HxWx3 numpy image, got "
+                         f"{getattr(image_bgr, 'shape', type(image_bgr))}")
+    img = torch.from_numpy(np.ascontiguousarray(image_bgr, dtype=np.float32))
+    mean = torch.tensor(MEAN_BGR, dtype=torch.float32)
+    return (img - mean).permute(2, 0, 1)[None].contiguous()
