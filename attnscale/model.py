@@ -1,0 +1,322 @@
+"""Share-net *Attention to Scale* on a VGG-16 DeepLab-LargeFOV trunk, Caffe-faithful.
+
+Layer (module/parameter) names equal the Caffe layer names of ``/work/shared/prototxt``: ``conv1_1`` …
+``conv5_3``, ``fc6``, ``fc7``, the classifier (``classifier_name``, e.g. ``fc8_voc12``), ``att_conv1``,
+``att_conv2``.  One parameter set serves every scale (the prototxts share blobs by ``param { name }``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import caffe
+from .ops import dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference
+
+__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "scale_suffix"]
+
+#: VGG-16 DeepLab-LargeFOV trunk: (name, out channels, kernel, pad, dilation) and pools
+#: (name, method, kernel, stride, pad), in Caffe order.
+TRUNK: tuple[tuple, ...] = (
+    ("conv", "conv1_1", 64, 3, 1, 1), ("conv", "conv1_2", 64, 3, 1, 1), ("pool", "pool1", "max", 3, 2, 1),
+    ("conv", "conv2_1", 128, 3, 1, 1), ("conv", "conv2_2", 128, 3, 1, 1), ("pool", "pool2", "max", 3, 2, 1),
+    ("conv", "conv3_1", 256, 3, 1, 1), ("conv", "conv3_2", 256, 3, 1, 1), ("conv", "conv3_3", 256, 3, 1, 1),
+    ("pool", "pool3", "max", 3, 2, 1),
+    ("conv", "conv4_1", 512, 3, 1, 1), ("conv", "conv4_2", 512, 3, 1, 1), ("conv", "conv4_3", 512, 3, 1, 1),
+    ("pool", "pool4", "max", 3, 1, 1),
+    ("conv", "conv5_1", 512, 3, 2, 2), ("conv", "conv5_2", 512, 3, 2, 2), ("conv", "conv5_3", 512, 3, 2, 2),
+    ("pool", "pool5", "max", 3, 1, 1), ("pool", "pool5a", "ave", 3, 1, 1),
+)
+FC6 = dict(out=1024, kernel=3, pad=12, dilation=12)
+FC7_OUT = 1024
+ATT1_OUT = 512
+MERGES = ("attention", "max", "avg")
+
+
+def scale_suffix(scale: float) -> str:
+    """Caffe blob suffix of a scale: 1 → ``1``, 0.75 → ``075``, 0.5 → ``05`` (``loss_res075`` …)."""
+    return "1" if scale == 1 else f"{scale:g}".replace(".", "")
+
+
+@dataclass
+class ModelOutput:
+    """``merged`` (N,C,h,w) at the scale-1 output size (``fc8_attention`` / ``fc8_max`` / ``fc8_avg``, or
+    the scale-1 scores for one scale); ``scales``: each scale's classifier scores at its own resolution
+    (``fc8_voc12``, ``fc8_voc12_res075``, …); ``attention`` (N,S,h,w) merge weights or None (one scale)."""
+
+    merged: torch.Tensor
+    scales: list
+    attention: torch.Tensor | None
+
+
+def _ch(c: int, width: float) -> int:
+    return max(1, int(round(c * width)))
+
+
+class AttentionToScale(nn.Module):
+    """Share-net multi-scale DeepLab-LargeFOV with attention / max / average merging (Chen et al. 2016).
+
+    Args:
+        num_classes: classifier outputs (21 for VOC).
+        scales: input scales, the first must be 1 (its output size is the merge resolution). 0.75 and 0.5 use
+            the prototxts' Interp (shrink 4 + zoom 3, shrink 2); other scales an explicit Interp size
+            (see :func:`attnscale.caffe.scale_interp_params`).
+        merge: "attention" | "max" | "avg" for several scales, None for one scale (DeepLab-LargeFOV).
+        extra_supervision: add one loss per scale on its own-resolution scores (E-Supv).
+        width: multiplies every trunk/head channel count (tiny nets for tests); 1.0 is the real net.
+        use_reference_ops: pure-PyTorch references instead of the C++ ops ``scale_merge``/``dilated_conv2d``.
+        classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
+        dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
+            prototxt used for gradient comparison has no Dropout layers: pass 0).
+        test_crop_size: DeepLab test crop (513 for VOC, 641 for COCO) used by :meth:`predict`.
+    """
+
+    def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
+                 merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
+                 use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
+                 dropout: float = 0.5, test_crop_size: int = 513):
+        super().__init__()
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        scales = tuple(float(s) for s in scales)
+        if len(scales) == 0 or scales[0] != 1.0:
+            raise ValueError(f"scales must start with 1.0 (the merge resolution), got {scales}")
+        if any(not (0 < s <= 1) for s in scales) or len(set(scales)) != len(scales):
+            raise ValueError(f"scales must be distinct values in (0, 1], got {scales}")
+        if len(scales) == 1 and merge is not None:
+            raise ValueError(f"one scale has nothing to merge: use merge=None (got merge={merge!r})")
+        if len(scales) > 1 and merge not in MERGES:
+            raise ValueError(f"merge must be one of {MERGES} for {len(scales)} scales, got {merge!r}")
+        if not (width > 0):
+            raise ValueError(f"width must be > 0, got {width}")
+        if not (0 <= dropout < 1):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not isinstance(test_crop_size, int) or test_crop_size < 1:
+            raise ValueError(f"test_crop_size must be a positive int, got {test_crop_size!r}")
+        if not classifier_name.isidentifier() or classifier_name in {t[1] for t in TRUNK} | {
+                "fc6", "fc7", "att_conv1", "att_conv2"}:
+            raise ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name")
+        self.num_classes = num_classes
+        self.scales = scales
+        self.merge = merge
+        self.extra_supervision = bool(extra_supervision)
+        self.width = float(width)
+        self.use_reference_ops = bool(use_reference_ops)
+        self.classifier_name = classifier_name
+        self.dropout = float(dropout)
+        self.test_crop_size = test_crop_size
+
+        cin = 3
+        self._layers: list[tuple] = []
+        for spec in TRUNK:
+            if spec[0] == "conv":
+                _, name, cout, k, pad, dil = spec
+                cout = _ch(cout, width)
+                self.add_module(name, nn.Conv2d(cin, cout, k, padding=pad, dilation=dil))
+                self._layers.append(("conv", name))
+                cin = cout
+            else:
+                self._layers.append(spec)
+        c6, c7 = _ch(FC6["out"], width), _ch(FC7_OUT, width)
+        self.fc6 = nn.Conv2d(cin, c6, FC6["kernel"], padding=FC6["pad"], dilation=FC6["dilation"])
+        self.fc7 = nn.Conv2d(c6, c7, 1)
+        self.add_module(classifier_name, nn.Conv2d(c7, num_classes, 1))
+        self.fc7_channels = c7
+        if merge == "attention":
+            self.att_conv1 = nn.Conv2d(c7 * len(scales), _ch(ATT1_OUT, width), 3, padding=1)
+            self.att_conv2 = nn.Conv2d(_ch(ATT1_OUT, width), len(scales), 1)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------ params
+    @property
+    def classifier(self) -> nn.Conv2d:
+        return getattr(self, self.classifier_name)
+
+    def head_layer_names(self) -> list[str]:
+        """Layers initialised fresh and trained with the ×10 learning rate: classifier (+ attention head)."""
+        return [self.classifier_name] + (["att_conv1", "att_conv2"] if self.merge == "attention" else [])
+
+    def reset_parameters(self) -> None:
+        """Fresh initialisation.  Trunk (normally loaded from VGG-16/DeepLab-init): Caffe ``msra`` filler
+        (gaussian, std sqrt(2 / fan_in)), bias 0.  Classifier and attention head: DeepLab's
+        ``gaussian std 0.01``, bias ``constant 0``.  (``attention3_train_esupv.prototxt`` declares no
+        fillers, i.e. Caffe's default ``constant 0``; that prototxt is meant to be run with loaded weights —
+        all-zero att_conv1/att_conv2 would receive zero gradients and never learn.)"""
+        head = set(self.head_layer_names())
+        for name, m in self.named_children():
+            if not isinstance(m, nn.Conv2d):
+                continue
+            if name in head:
+                nn.init.normal_(m.weight, 0.0, 0.01)
+            else:
+                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
+            nn.init.zeros_(m.bias)
+
+    def param_groups(self, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
+        """Parameter groups for ``torch.optim.SGD`` with Caffe's ``lr_mult``/``decay_mult``.
+
+        Weights ``lr_mult 1, decay_mult 1``; biases ``lr_mult 2, decay_mult 0``; the classifier and the
+        attention head ×``head_lr_mult`` (paper: 0.01 for the final classifier with base 0.001, i.e. weights
+        10, biases 20).  Each group carries ``lr`` (= base_lr × lr_mult), ``weight_decay`` (= weight_decay ×
+        decay_mult), ``lr_mult``, ``decay_mult`` and ``name`` so a step scheduler can rescale by ``lr_mult``.
+        Note: the shared ``attention3_train_esupv.prototxt`` instead gives the classifier 1/2 and declares no
+        ``param`` for att_conv*, i.e. Caffe's default 1/1 with decay 1 on their biases; pass
+        ``head_lr_mult=1`` to get that for the classifier.
+        """
+        head = set(self.head_layer_names())
+        buckets: dict[str, list] = {"weights": [], "biases": [], "head_weights": [], "head_biases": []}
+        for name, m in self.named_children():
+            if not isinstance(m, nn.Conv2d):
+                continue
+            pre = "head_" if name in head else ""
+            buckets[pre + "weights"].append(m.weight)
+            buckets[pre + "biases"].append(m.bias)
+        mults = {"weights": (1.0, 1.0), "biases": (2.0, 0.0),
+                 "head_weights": (head_lr_mult, 1.0), "head_biases": (2.0 * head_lr_mult, 0.0)}
+        groups = []
+        for key, params in buckets.items():
+            if not params:
+                continue
+            lr_mult, decay_mult = mults[key]
+            groups.append({"params": params, "lr": base_lr * lr_mult, "weight_decay": weight_decay * decay_mult,
+                           "lr_mult": lr_mult, "decay_mult": decay_mult, "name": key})
+        return groups
+
+    # ----------------------------------------------------------------------------------- forward
+    def _dilated(self, x, conv: nn.Conv2d):
+        fn = dilated_conv2d_reference if self.use_reference_ops else dilated_conv2d
+        return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
+
+    def _drop(self, x):
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One scale through the shared net: returns (fc7 after relu7/drop7, classifier scores)."""
+        for spec in self._layers:
+            if spec[0] == "conv":
+                x = F.relu(getattr(self, spec[1])(x))
+            else:
+                _, _, method, k, s, p = spec
+                x = caffe.pool2d(x, k, s, p, method)
+        x = self._drop(F.relu(self._dilated(x, self.fc6)))
+        fc7 = self._drop(F.relu(self.fc7(x)))
+        return fc7, self.classifier(fc7)
+
+    def output_size(self, hw: Sequence[int]) -> tuple[int, int]:
+        """Output (h, w) of the trunk for an input (H, W), by Caffe's pooling formulas."""
+        h, w = int(hw[0]), int(hw[1])
+        for spec in self._layers:
+            if spec[0] == "pool":
+                h, w = caffe.pool_output_shape((h, w), spec[3], spec[4], spec[5])
+        return h, w
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"AttentionToScale: x must be (N,3,H,W) BGR mean-subtracted, got {tuple(x.shape)}")
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+        fc7s, scores = [], []
+        for s in self.scales:
+            p = caffe.scale_interp_params(s, hw)
+            xs = x if p is None else caffe.interp(x, p)
+            f7, f8 = self.trunk(xs)
+            fc7s.append(f7)
+            scores.append(f8)
+        if len(self.scales) == 1:
+            return ModelOutput(merged=scores[0], scales=scores, attention=None)
+        size = tuple(scores[0].shape[-2:])
+        logits = None
+        if self.merge == "attention":
+            # fc7_concat: fc7 of every scale Interp'ed to the scale-1 size (fc7_res075_interp, ...).
+            cat = torch.cat([fc7s[0]] + [caffe.interp(f, size) for f in fc7s[1:]], dim=1)
+            a = self._drop(F.relu(self.att_conv1(cat)))
+            logits = self.att_conv2(a)
+        merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
+        merged, weights = merge_fn(scores, logits, self.merge)
+        return ModelOutput(merged=merged, scales=scores, attention=weights)
+
+    # -------------------------------------------------------------------------------------- loss
+    def loss(self, out: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Caffe ``SoftmaxWithLoss`` (ignore_label 255, normalization VALID) on the merged scores, plus,
+        with extra supervision and several scales, one per scale on its own-resolution scores; weight 1 each.
+
+        ``labels`` (N,H,W) int at input resolution; each loss gets ``caffe.shrink_label(labels, its size)``.
+        Parts are named like the prototxt's loss layers: ``loss`` (merged), ``loss_res1``, ``loss_res075``,
+        ``loss_res05``.
+        """
+        if labels.dim() == 4 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        if labels.dim() != 3 or labels.is_floating_point():
+            raise ValueError(f"loss: labels must be an integer (N,H,W) tensor, got {labels.dtype} "
+                             f"{tuple(labels.shape)}")
+        terms = [("loss", out.merged)]
+        if self.extra_supervision and len(self.scales) > 1:
+            terms += [(f"loss_res{scale_suffix(s)}", f) for s, f in zip(self.scales, out.scales)]
+        total = None
+        parts = {}
+        for name, scores in terms:
+            lab = caffe.shrink_label(labels, tuple(scores.shape[-2:]))
+            value = softmax_loss(scores, lab)
+            parts[name] = float(value.detach())
+            total = value if total is None else total + value
+        return total, parts
+
+    # ----------------------------------------------------------------------------------- predict
+    @torch.no_grad()
+    def predict(self, image_bgr_uint8: np.ndarray, crop_size: int | None = None):
+        """DeepLab test protocol on one HxWx3 BGR uint8 image → (label_map HxW, attention (S,H,W) or None).
+
+        Mean subtraction (:func:`attnscale.caffe.preprocess_bgr`), zero padding (= padding with the mean
+        before subtraction) at the bottom/right to ``crop_size`` (default ``test_crop_size``, 513), the net in
+        eval mode, ``Interp zoom_factor: 8`` on the merged scores (65 → 513), crop back to H×W, argmax.
+        An image larger than the crop along an axis is padded to the next size ``8k+1`` on that axis instead
+        (so zoom ×8 maps the output exactly onto it); DeepLab would have cropped it.  The label map is uint8
+        when ``num_classes <= 256`` else int64.  Attention maps get the same zoom and crop.
+        """
+        if not isinstance(image_bgr_uint8, np.ndarray) or image_bgr_uint8.dtype != np.uint8:
+            raise TypeError("predict: image_bgr_uint8 must be a numpy uint8 HxWx3 BGR image")
+        crop = int(crop_size or self.test_crop_size)
+        x = caffe.preprocess_bgr(image_bgr_uint8)
+        H, W = x.shape[-2:]
+        ph = crop if H <= crop else 8 * math.ceil((H - 1) / 8) + 1
+        pw = crop if W <= crop else 8 * math.ceil((W - 1) / 8) + 1
+        x = F.pad(x, (0, pw - W, 0, ph - H))
+        device = next(self.parameters()).device
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(x.to(device))
+        finally:
+            self.train(was_training)
+        zoom = caffe.InterpParams(zoom_factor=8)
+        scores = caffe.interp(out.merged.float(), zoom)[0, :, :H, :W]
+        label = scores.argmax(0).cpu().numpy()
+        label = label.astype(np.uint8 if self.num_classes <= 256 else np.int64)
+        att = None
+        if out.attention is not None:
+            att = caffe.interp(out.attention.float(), zoom)[0, :, :H, :W].cpu().numpy()
+        return label, att
+
+
+def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int = caffe.IGNORE_LABEL):
+    """Caffe ``SoftmaxWithLoss`` with ``ignore_label`` and the default normalization ``VALID``: the sum of
+    ``-log softmax`` at the label over non-ignored pixels of the whole batch divided by their count
+    (``max(count, 1)``, as Caffe's ``get_normalizer``).  Caffe clamps probabilities at FLT_MIN before the log;
+    we use log-softmax (differs only where a probability is below 1.2e-38).  Labels other than
+    ``ignore_label`` must lie in [0, C)."""
+    if scores.shape[0] != labels.shape[0] or scores.shape[-2:] != labels.shape[-2:]:
+        raise ValueError(f"softmax_loss: scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ")
+    C = scores.shape[1]
+    valid = labels != ignore_label
+    if not torch.compiler.is_compiling():
+        bad = valid & ((labels < 0) | (labels >= C))
+        if bool(bad.any()):
+            raise ValueError(f"softmax_loss: label values {labels[bad].unique().tolist()[:8]} are outside "
+                             f"[0, {C}) and not the ignore label {ignore_label}")
+    total = F.cross_entropy(scores.float(), labels.long(), ignore_index=ignore_label, reduction="sum")
+    return total / valid.sum().clamp(min=1).to(total.dtype)
