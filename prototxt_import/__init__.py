@@ -1,1 +1,29 @@
-"""Read Caffe/DeepLab prototxts and .caffemodel(.h5) weights without Caffe."""
+"""Read Caffe/DeepLab prototxts and .caffemodel(.h5) weights without Caffe.
+
+- :func:`load_net` builds a ``torch.nn.Module`` executing a Caffe net (DeepLab layers included);
+- :func:`to_attnscale` maps a DeepLab-LargeFOV / attention-to-scale net and its weights onto
+  :class:`attnscale.AttentionToScale`;
+- :func:`read_net`, :func:`read_solver`, :func:`read_weights` are the raw readers;
+- every failure is a :class:`CaffeImportError` (a ``ValueError``) naming the file/layer/line.
+
+CLI: ``python -m prototxt_import inspect NET.prototxt [WEIGHTS]`` and
+``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt``.
+"""
+from .errors import CaffeImportError
+from .net import CaffeNet, WeightLoadReport, load_net
+from .readers import (CaffeBlob, WeightFile, parse_binary, parse_text, read_caffemodel,
+                      read_hdf5_weights, read_net, read_solver, read_weights)
+from .schema import message_class
+
+
+def to_attnscale(*args, **kwargs):
+    """See :func:`prototxt_import.convert.to_attnscale`."""
+    from .convert import to_attnscale as _impl
+    return _impl(*args, **kwargs)
+
+
+__all__ = [
+    "CaffeImportError", "CaffeNet", "WeightLoadReport", "load_net", "to_attnscale",
+    "CaffeBlob", "WeightFile", "parse_binary", "parse_text", "read_caffemodel",
+    "read_hdf5_weights", "read_net", "read_solver", "read_weights", "message_class",
+]

@@ -1,0 +1,354 @@
+"""Readers for Caffe's NetParameter / SolverParameter (text and binary) and for trained weights
+(.caffemodel binary protobuf, .caffemodel.h5 HDF5).
+
+Caffe facts followed here:
+
+- Text nets/solvers are protobuf text format (``ReadProtoFromTextFile``); binary nets and
+  .caffemodel files are the serialized ``NetParameter`` (``ReadProtoFromBinaryFile``).
+- Legacy nets use ``layers { type: CONVOLUTION ... }`` (``V1LayerParameter``); Caffe upgrades them
+  with ``UpgradeV1Net`` (enum type -> string type, ``param: "name"`` -> ``ParamSpec``,
+  ``blobs_lr`` -> ``lr_mult``, ``weight_decay`` -> ``decay_mult``).  :func:`upgrade_net` does the same.
+- ``input_dim`` comes in groups of four per ``input`` (``UpgradeNetInput``).
+- A blob's shape is ``shape.dim`` when present, else the legacy ``(num, channels, height, width)``;
+  its values are ``double_data`` when non-empty, else ``data`` (``Blob::FromProto``), and their
+  count must equal the shape's product.
+- HDF5 weights (``Net::ToHDF5``) hold ``/data/<layer name>/<i>`` datasets, ``i`` = blob index.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf import text_format
+
+from .errors import CaffeImportError
+from .schema import message_class
+
+#: the largest text file read (a prototxt is a few hundred KiB at most)
+MAX_TEXT_BYTES = 64 << 20
+#: the largest binary file read (protobuf's own 2 GiB message limit)
+MAX_BINARY_BYTES = (2 << 30) - 1
+
+V1_TYPE_NAMES = {
+    "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
+    "CONCAT": "Concat", "CONTRASTIVE_LOSS": "ContrastiveLoss", "CONVOLUTION": "Convolution",
+    "DECONVOLUTION": "Deconvolution", "DATA": "Data", "DROPOUT": "Dropout",
+    "DUMMY_DATA": "DummyData", "EUCLIDEAN_LOSS": "EuclideanLoss", "ELTWISE": "Eltwise",
+    "EXP": "Exp", "FLATTEN": "Flatten", "HDF5_DATA": "HDF5Data", "HDF5_OUTPUT": "HDF5Output",
+    "HINGE_LOSS": "HingeLoss", "IM2COL": "Im2col", "IMAGE_DATA": "ImageData",
+    "INFOGAIN_LOSS": "InfogainLoss", "INNER_PRODUCT": "InnerProduct", "LRN": "LRN",
+    "MEMORY_DATA": "MemoryData", "MULTINOMIAL_LOGISTIC_LOSS": "MultinomialLogisticLoss",
+    "MVN": "MVN", "POOLING": "Pooling", "POWER": "Power", "RELU": "ReLU", "SIGMOID": "Sigmoid",
+    "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
+    "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice",
+    "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+}
+
+
+# ----------------------------------------------------------------------------- file access
+def _read_bytes(path: str | os.PathLike, limit: int, what: str) -> bytes:
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CaffeImportError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if size > limit:
+        raise CaffeImportError(f"{path}: {what} is {size} bytes, more than the {limit} bytes allowed")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise CaffeImportError(f"{path}: cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise CaffeImportError(f"{path}: {what} is larger than the {limit} bytes allowed")
+    return data
+
+
+def _enclosing_layer(text: str, line: int) -> str | None:
+    """Name of the ``layer {`` / ``layers {`` block that contains 1-based ``line`` (best effort)."""
+    lines = text.splitlines(keepends=True)
+    upto = "".join(lines[:max(line, 1)])
+    starts = [m.start() for m in re.finditer(r"(?m)(?:^|[\s{}])layers?\s*\{", upto)]
+    if not starts:
+        return None
+    m = re.compile(r'\bname\s*:\s*"([^"]*)"').search(text, starts[-1])
+    return m.group(1) if m else None
+
+
+def parse_text(text: str, message_name: str = "NetParameter", source: str = "<string>"):
+    """Parse protobuf text into ``caffe.<message_name>``; errors name ``source``, line, column
+    and (for nets) the enclosing layer."""
+    msg = message_class(message_name)()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as exc:
+        line, col = exc.GetLine(), exc.GetColumn()
+        detail = str(exc)
+        detail = re.sub(r"^\d+:\d+ : ", "", detail)
+        where = f"{source}:{line}:{col}" if line is not None else source
+        layer = _enclosing_layer(text, line) if line is not None else None
+        in_layer = f" (in layer {layer!r})" if layer else ""
+        raise CaffeImportError(f"{where}: {detail}{in_layer}") from None
+    except RecursionError:
+        raise CaffeImportError(f"{source}: nesting too deep to parse") from None
+    except (ValueError, TypeError, UnicodeError, OverflowError) as exc:
+        raise CaffeImportError(f"{source}: cannot parse as {message_name}: {exc}") from None
+    return msg
+
+
+def _decode_text(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise CaffeImportError(f"{source}:{line}: not UTF-8 text (byte {exc.start})") from None
+
+
+def parse_binary(data: bytes, message_name: str = "NetParameter", source: str = "<bytes>"):
+    """Parse serialized ``caffe.<message_name>``; unknown fields are skipped (protobuf rule),
+    truncated or corrupt input raises :class:`CaffeImportError` naming ``source``."""
+    msg = message_class(message_name)()
+    try:
+        msg.ParseFromString(bytes(data))
+    except Exception as exc:  # DecodeError, RuntimeError from upb: all mean "corrupt"
+        raise CaffeImportError(f"{source}: not a valid binary {message_name} "
+                               f"(truncated or corrupt file): {exc}") from None
+    return msg
+
+
+def _is_binary_path(path: str) -> bool:
+    p = path.lower()
+    return p.endswith((".caffemodel", ".binaryproto", ".pb", ".protobin"))
+
+
+def read_net(path_or_text: str | os.PathLike, binary: bool | None = None):
+    """Read a ``NetParameter`` from a .prototxt (text) or binary file (``.caffemodel`` etc.; or
+    ``binary=True``), or from prototxt text itself (a string containing a newline or ``{``).
+    The result is *not* upgraded; see :func:`load_net_param`."""
+    if isinstance(path_or_text, str) and not os.path.exists(path_or_text) and (
+            "\n" in path_or_text or "{" in path_or_text):
+        return parse_text(path_or_text, "NetParameter", "<string>")
+    path = os.fspath(path_or_text)
+    if binary is None:
+        binary = _is_binary_path(path)
+    if binary:
+        return parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "binary net"), "NetParameter", path)
+    text = _decode_text(_read_bytes(path, MAX_TEXT_BYTES, "prototxt"), path)
+    return parse_text(text, "NetParameter", path)
+
+
+def read_solver(path_or_text: str | os.PathLike, binary: bool = False):
+    """Read a ``SolverParameter`` (solver.prototxt) from a file or from text."""
+    if isinstance(path_or_text, str) and not os.path.exists(path_or_text) and (
+            "\n" in path_or_text or ":" in path_or_text):
+        return parse_text(path_or_text, "SolverParameter", "<string>")
+    path = os.fspath(path_or_text)
+    if binary:
+        return parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "binary solver"), "SolverParameter", path)
+    return parse_text(_decode_text(_read_bytes(path, MAX_TEXT_BYTES, "solver prototxt"), path),
+                      "SolverParameter", path)
+
+
+# ----------------------------------------------------------------------------- upgrade
+def upgrade_v1_layer(v1, source: str = "<net>"):
+    """Caffe's ``UpgradeV1LayerParameter``: one ``V1LayerParameter`` -> ``LayerParameter``."""
+    LayerParameter = message_class("LayerParameter")
+    layer = LayerParameter()
+    if not v1.HasField("name") and not v1.HasField("type"):
+        raise CaffeImportError(f"{source}: a legacy 'layers' entry has neither name nor type "
+                               "(V0 nets with nested 'layer' blocks are not supported)")
+    layer.name = v1.name
+    type_enum = v1.DESCRIPTOR.fields_by_name["type"].enum_type
+    enum_name = type_enum.values_by_number[v1.type].name if v1.type in type_enum.values_by_number else None
+    if enum_name is None or enum_name == "NONE":
+        raise CaffeImportError(f"{source}: legacy layer {v1.name!r} has no known type")
+    layer.type = V1_TYPE_NAMES.get(enum_name, enum_name)
+    layer.bottom.extend(v1.bottom)
+    layer.top.extend(v1.top)
+    layer.include.extend(v1.include)
+    layer.exclude.extend(v1.exclude)
+    layer.loss_weight.extend(v1.loss_weight)
+    layer.blobs.extend(v1.blobs)
+    n_param = max(len(v1.param), len(v1.blobs_lr), len(v1.weight_decay), len(v1.blob_share_mode))
+    for i in range(n_param):
+        spec = layer.param.add()
+        if i < len(v1.param):
+            spec.name = v1.param[i]
+        if i < len(v1.blob_share_mode):
+            spec.share_mode = v1.blob_share_mode[i]
+        if i < len(v1.blobs_lr):
+            spec.lr_mult = v1.blobs_lr[i]
+        if i < len(v1.weight_decay):
+            spec.decay_mult = v1.weight_decay[i]
+    for fd, value in v1.ListFields():
+        if fd.name.endswith("_param") and fd.name in layer.DESCRIPTOR.fields_by_name:
+            getattr(layer, fd.name).CopyFrom(value)
+    return layer
+
+
+@dataclass
+class NetInputs:
+    """Net-level inputs (``input`` + ``input_shape`` / ``input_dim``), in declaration order."""
+    names: list[str] = field(default_factory=list)
+    shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+
+
+def net_inputs(net, source: str = "<net>") -> NetInputs:
+    """Caffe's ``UpgradeNetInput`` rules: one ``input_shape`` per ``input``, or four
+    ``input_dim`` values per ``input``."""
+    names = list(net.input)
+    if net.input_shape and net.input_dim:
+        raise CaffeImportError(f"{source}: both input_shape and input_dim are given")
+    if net.input_shape:
+        if len(net.input_shape) != len(names):
+            raise CaffeImportError(f"{source}: {len(names)} input(s) but {len(net.input_shape)} "
+                                   "input_shape(s); Caffe requires one input_shape per input")
+        shapes = [tuple(int(d) for d in s.dim) for s in net.input_shape]
+    elif net.input_dim:
+        if len(net.input_dim) != 4 * len(names):
+            raise CaffeImportError(f"{source}: {len(names)} input(s) need {4 * len(names)} "
+                                   f"input_dim values, got {len(net.input_dim)}")
+        dims = [int(d) for d in net.input_dim]
+        shapes = [tuple(dims[4 * i:4 * i + 4]) for i in range(len(names))]
+    else:
+        shapes = [None] * len(names)
+    for n, s in zip(names, shapes):
+        if s is not None and any(d < 0 for d in s):
+            raise CaffeImportError(f"{source}: input {n!r} has a negative dimension {s}")
+    return NetInputs(names, shapes)
+
+
+def upgraded_layers(net, source: str = "<net>") -> list:
+    """The net's layers as current-form ``LayerParameter`` messages (V1 ``layers`` upgraded)."""
+    if len(net.layer) and len(net.layers):
+        raise CaffeImportError(f"{source}: the net mixes 'layer' and legacy 'layers' entries")
+    if len(net.layers):
+        return [upgrade_v1_layer(v1, source) for v1 in net.layers]
+    return list(net.layer)
+
+
+# ----------------------------------------------------------------------------- blobs / weights
+@dataclass
+class CaffeBlob:
+    """One learned blob: float32 values in their Caffe shape.  ``legacy`` is True when the shape
+    came from num/channels/height/width (Caffe then compares shapes padded to 4 axes)."""
+    data: np.ndarray
+    legacy: bool = False
+
+
+def blob_shape(blob) -> tuple[tuple[int, ...], bool]:
+    if blob.HasField("shape"):
+        return tuple(int(d) for d in blob.shape.dim), False
+    return (int(blob.num), int(blob.channels), int(blob.height), int(blob.width)), True
+
+
+def blob_to_array(blob, where: str) -> CaffeBlob:
+    """Caffe's ``Blob::FromProto`` (shape, then double_data or data), with size checks."""
+    shape, legacy = blob_shape(blob)
+    if any(d < 0 for d in shape):
+        raise CaffeImportError(f"{where}: negative dimension in blob shape {shape}")
+    count = math.prod(shape) if shape else 1
+    values = blob.double_data if len(blob.double_data) else blob.data
+    if len(values) != count:
+        kind = "double_data" if len(blob.double_data) else "data"
+        raise CaffeImportError(f"{where}: blob shape {shape} holds {count} values but its "
+                               f"{kind} has {len(values)}")
+    dtype = np.float64 if len(blob.double_data) else np.float32
+    arr = np.asarray(values, dtype=dtype).astype(np.float32, copy=False).reshape(shape)
+    return CaffeBlob(arr, legacy)
+
+
+@dataclass
+class WeightFile:
+    """Trained blobs by layer, in the file's layer order (a name may repeat; later wins)."""
+    path: str
+    layers: list[tuple[str, str, list[CaffeBlob]]] = field(default_factory=list)
+
+    def by_name(self) -> dict[str, list[CaffeBlob]]:
+        out: dict[str, list[CaffeBlob]] = {}
+        for name, _type, blobs in self.layers:
+            out[name] = blobs
+        return out
+
+    def types(self) -> dict[str, str]:
+        return {name: t for name, t, _ in self.layers}
+
+
+def read_caffemodel(path: str | os.PathLike) -> WeightFile:
+    """Read a binary ``.caffemodel`` (current or V1 form) into a :class:`WeightFile`."""
+    path = os.fspath(path)
+    net = parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "caffemodel"), "NetParameter", path)
+    out = WeightFile(path)
+    if len(net.layer) and len(net.layers):
+        raise CaffeImportError(f"{path}: the net mixes 'layer' and legacy 'layers' entries")
+    type_enum = message_class("V1LayerParameter").DESCRIPTOR.fields_by_name["type"].enum_type
+    for layer in net.layer:
+        blobs = [blob_to_array(b, f"{path}: layer {layer.name!r} blob {i}") for i, b in enumerate(layer.blobs)]
+        out.layers.append((layer.name, layer.type, blobs))
+    for v1 in net.layers:  # no full upgrade needed: only name, type and blobs are used
+        blobs = [blob_to_array(b, f"{path}: layer {v1.name!r} blob {i}") for i, b in enumerate(v1.blobs)]
+        ev = type_enum.values_by_number.get(v1.type)
+        out.layers.append((v1.name, V1_TYPE_NAMES.get(ev.name, ev.name) if ev else "", blobs))
+    return out
+
+
+def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
+    """Read Caffe's HDF5 weights (``/data/<layer>/<i>``) into a :class:`WeightFile`."""
+    import h5py
+
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CaffeImportError(f"{path}: cannot read HDF5 weights: {exc.strerror or exc}") from None
+    if size > MAX_BINARY_BYTES * 8:
+        raise CaffeImportError(f"{path}: HDF5 weights file is {size} bytes, too large")
+    out = WeightFile(path)
+    try:
+        with h5py.File(path, "r") as f:
+            if "data" not in f or not isinstance(f["data"], h5py.Group):
+                raise CaffeImportError(f"{path}: no /data group (Caffe's HDF5 weight layout is "
+                                       "/data/<layer>/<blob index>)")
+            for lname, group in f["data"].items():
+                if not isinstance(group, h5py.Group):
+                    raise CaffeImportError(f"{path}: /data/{lname} is not a group")
+                keys = list(group.keys())
+                if not all(k.isdigit() for k in keys) or sorted(int(k) for k in keys) != list(range(len(keys))):
+                    raise CaffeImportError(f"{path}: /data/{lname} must hold datasets named 0..n-1, "
+                                           f"found {sorted(keys)}")
+                blobs = []
+                for i in range(len(keys)):
+                    ds = group[str(i)]
+                    where = f"{path}: layer {lname!r} blob {i}"
+                    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
+                        raise CaffeImportError(f"{where}: not a floating-point dataset")
+                    nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
+                    if nbytes > size:
+                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes, more than "
+                                               f"the file's {size}")
+                    blobs.append(CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape)))
+                out.layers.append((lname, "", blobs))
+    except CaffeImportError:
+        raise
+    except Exception as exc:  # OSError from HDF5 (truncated / not HDF5), KeyError, ...
+        raise CaffeImportError(f"{path}: cannot read HDF5 weights: {exc}") from None
+    return out
+
+
+def read_weights(path: str | os.PathLike) -> WeightFile:
+    """Read .caffemodel (binary protobuf) or .h5 / .caffemodel.h5 (HDF5) weights by extension,
+    falling back to sniffing the HDF5 signature."""
+    path = os.fspath(path)
+    if path.lower().endswith((".h5", ".hdf5")):
+        return read_hdf5_weights(path)
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as exc:
+        raise CaffeImportError(f"{path}: cannot read weights: {exc.strerror or exc}") from None
+    if head == b"\x89HDF\r\n\x1a\n":
+        return read_hdf5_weights(path)
+    return read_caffemodel(path)
