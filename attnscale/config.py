@@ -1,0 +1,114 @@
+"""Dataclass configs for training/evaluation, stored as JSON files.
+
+Defaults are the paper's (Sec. 4) and DeepLab-LargeFOV's ``solver.prototxt``: SGD, momentum 0.9,
+weight decay 5e-4, ``base_lr`` 1e-3 (classifier / attention x10 through the model's
+``lr_mult``), ``lr_policy: "step"`` with gamma 0.1, stepsize 2000, ``max_iter`` 6000, a
+mini-batch of 30 images (``batch_size`` x ``iter_size``, Caffe accumulates ``iter_size``
+forward/backward passes per update), 321x321 random crops with mirroring.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------
+    dataset: str = "voc12"               # voc12 | person_part | coco_subset | synthetic
+    data_root: str = ""                  # DeepLab data root (list paths are joined onto it)
+    train_list: str = ""                 # default: the data set's list, relative to data_root
+    val_list: str = ""
+    num_classes: int = 0                 # 0: from the data set
+    crop_size: int = 321
+    mirror: bool = True
+    random_scale: Optional[Tuple[float, float]] = None   # e.g. [0.5, 1.5]
+    workers: int = 2
+    # synthetic data set (dataset == "synthetic")
+    synthetic_train: int = 600
+    synthetic_val: int = 100
+    synthetic_size: int = 97
+    synthetic_seed: int = 2016
+    # --- model (attnscale.model.AttentionToScale) ---------------------------------------------
+    scales: List[float] = field(default_factory=lambda: [1.0])
+    merge: Optional[str] = None          # None (one scale) | "max" | "avg" | "attention"
+    extra_supervision: bool = False
+    width: float = 1.0
+    use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
+    classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
+    dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
+    test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
+    init: str = ""                       # .caffemodel to start from (e.g. vgg16_20M.caffemodel)
+    init_prototxt: str = ""              # prototxt describing ``init`` ("" : importer's default)
+    # --- solver (Caffe SGDSolver) -----------------------------------------------------------
+    base_lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_policy: str = "step"
+    gamma: float = 0.1
+    stepsize: int = 2000
+    max_iter: int = 6000
+    batch_size: int = 10                 # images per forward pass
+    iter_size: int = 3                   # forward passes accumulated per update (30 images)
+    # --- run ---------------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "cpu"
+    out_dir: str = "runs/default"
+    snapshot: int = 2000                 # checkpoint every N iterations (and at the end)
+    display: int = 20                    # log every N iterations
+    torch_threads: int = 0               # 0: leave torch's default
+
+    def validate(self) -> "TrainConfig":
+        if self.merge not in (None, "max", "avg", "attention"):
+            raise ValueError(f"config.merge must be null, 'max', 'avg' or 'attention', got {self.merge!r}")
+        if not self.scales:
+            raise ValueError("config.scales must hold at least one scale")
+        if len(self.scales) > 1 and self.merge is None:
+            raise ValueError(f"config.scales={self.scales} needs a merge ('max', 'avg', 'attention')")
+        if self.lr_policy not in ("step", "fixed"):
+            raise ValueError(f"config.lr_policy: only Caffe 'step' and 'fixed' are supported, got {self.lr_policy!r}")
+        for k in ("max_iter", "batch_size", "iter_size", "stepsize"):
+            if getattr(self, k) <= 0:
+                raise ValueError(f"config.{k} must be positive, got {getattr(self, k)}")
+        if self.random_scale is not None:
+            lo, hi = self.random_scale
+            if not 0 < lo <= hi:
+                raise ValueError(f"config.random_scale must be [lo, hi] with 0 < lo <= hi, got {self.random_scale}")
+        return self
+
+    # JSON round trip ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown config field(s) {unknown}; known: {sorted(names)}")
+        d = dict(d)
+        if d.get("random_scale") is not None:
+            d["random_scale"] = tuple(d["random_scale"])
+        if "scales" in d:
+            d["scales"] = [float(s) for s in d["scales"]]
+        return cls(**d).validate()
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path: str) -> "TrainConfig":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a config must be a JSON object")
+        return cls.from_dict(d, source=path)

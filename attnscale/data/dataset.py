@@ -1,0 +1,141 @@
+"""Image/label sources, the training ``Dataset``, a resumable sampler and the DataLoader.
+
+Files are decoded as DeepLab's ``ImageSegData`` does: the image with OpenCV in colour (BGR
+order, ``cv::IMREAD_COLOR``), the label as a one-channel 8-bit PNG whose values are the class
+indices (DeepLab reads it with ``is_color=false``).  A label that decodes to three channels is a
+colour/palette PNG (e.g. VOC's ``SegmentationClass``): OpenCV would turn its palette into grey
+levels, silently producing wrong labels, so it is rejected with a message pointing at
+``python -m attnscale.data.sbd``, which writes proper ``SegmentationClassAug`` index PNGs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .lists import read_list
+from .transforms import TransformConfig, transform_test, transform_train
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image as uint8 HxWx3 BGR; missing or corrupt files raise naming the file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"cannot decode image file (corrupt or not an image): {path}")
+    return img
+
+
+def read_label(path: str) -> np.ndarray:
+    """Decode a label PNG as uint8 HxW class indices (255 = ignore)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"label file not found: {path}")
+    lab = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if lab is None:
+        raise ValueError(f"cannot decode label file (corrupt or not an image): {path}")
+    if lab.ndim == 3:
+        raise ValueError(f"label file {path} has {lab.shape[2]} channels: expected a one-channel "
+                         "index PNG (SegmentationClassAug). Colour/palette PNGs must be converted "
+                         "with `python -m attnscale.data.sbd`.")
+    if lab.dtype != np.uint8:
+        raise ValueError(f"label file {path} has dtype {lab.dtype}; expected 8-bit class indices")
+    return lab
+
+
+class FileSource:
+    """(image, label) pairs from a DeepLab list file."""
+
+    def __init__(self, list_path: str, root: str = ""):
+        self.list_path = list_path
+        self.pairs = read_list(list_path, root, need_labels=True)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def name(self, i: int) -> str:
+        return os.path.splitext(os.path.basename(self.pairs[i][0]))[0]
+
+    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray, str]:
+        img_path, lab_path = self.pairs[i]
+        img = read_image(img_path)
+        lab = read_label(lab_path)  # type: ignore[arg-type]
+        if img.shape[:2] != lab.shape:
+            raise ValueError(f"size mismatch: image {img_path} is {img.shape[1]}x{img.shape[0]} "
+                             f"but label {lab_path} is {lab.shape[1]}x{lab.shape[0]} (WxH)")
+        return img, lab, img_path
+
+
+class SegDataset(Dataset):
+    """Training/test-phase samples.  Keys are ``(index, draw)`` pairs from
+    :class:`ResumableSampler`: the random crop/mirror/scale of a sample is a pure function of
+    ``(seed, draw)``, so results do not depend on worker count and resume exactly."""
+
+    def __init__(self, source, tcfg: TransformConfig, train: bool = True, seed: int = 0):
+        self.source, self.tcfg, self.train, self.seed = source, tcfg, train, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key):
+        idx, draw = key if isinstance(key, tuple) else (key, key)
+        img, lab, name = self.source.load(int(idx))
+        if self.train:
+            rng = np.random.default_rng([self.seed, 7, int(draw)])
+            x, y = transform_train(img, lab, self.tcfg, rng, name)
+        else:
+            x, y = transform_test(img, lab, self.tcfg, name)
+        return torch.from_numpy(x), torch.from_numpy(y)
+
+
+class ResumableSampler(Sampler):
+    """Endless shuffled stream of ``(index, draw)`` keys, resumable at any sample.
+
+    Epoch ``e`` uses the permutation ``default_rng([seed, e]).permutation(n)``; with
+    ``world > 1`` the permutation is padded to a multiple of ``world`` by repeating its head and
+    rank ``r`` takes every ``world``-th entry from ``r`` -- the sharding of
+    ``torch.utils.data.DistributedSampler``, which cannot itself restart mid-epoch.
+    ``start`` counts samples already consumed by this rank.
+    """
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world: int = 1,
+                 shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("ResumableSampler: empty data set")
+        self.n, self.seed, self.start, self.rank, self.world = n, seed, start, rank, world
+        self.shuffle = shuffle
+        self.per_rank = -(-n // world)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        p = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+             else np.arange(self.n))
+        total = self.per_rank * self.world
+        if total > self.n:
+            p = np.concatenate([p, p[: total - self.n]])
+        return p
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        g = self.start
+        epoch, perm = -1, None
+        while True:
+            e, pos = divmod(g, self.per_rank)
+            if e != epoch:
+                epoch, perm = e, self._perm(e)
+            j = pos * self.world + self.rank
+            yield int(perm[j]), int(e * self.per_rank * self.world + j)
+            g += 1
+
+    def __len__(self) -> int:  # one epoch (the stream itself is endless)
+        return self.per_rank
+
+
+def make_loader(dataset: SegDataset, batch_size: int, workers: int = 0, seed: int = 0,
+                start_sample: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
+    """An endless DataLoader over ``dataset`` starting after ``start_sample`` samples."""
+    sampler = ResumableSampler(len(dataset), seed, start_sample, rank, world)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      drop_last=True, persistent_workers=False, pin_memory=False)

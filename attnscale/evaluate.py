@@ -1,0 +1,208 @@
+"""Evaluation: ``python -m attnscale.evaluate CONFIG --checkpoint RUN/checkpoint.pt``.
+
+DeepLab's protocol: every validation image is segmented *whole* by ``model.predict`` (the
+test-time net: pad with the mean, run all scales, merge, upsample, crop back), predictions are
+accumulated into one confusion matrix over all pixels whose ground truth is not 255, and the
+score is the PASCAL VOC IoU of every class, ``TP / (TP + FP + FN)``, averaged over the classes
+(``mIoU``).  A class that never occurs in the ground truth nor in a prediction has no IoU and is
+left out of the mean (reported as ``null``).  Optionally writes, per image, a PNG with the
+image, the ground truth, the prediction and one attention heat map per scale (the paper's
+Figs. 4-6).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .config import TrainConfig
+from .data.lists import IGNORE_LABEL
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     ignore_label: int = IGNORE_LABEL) -> np.ndarray:
+    """``cm[g, p]`` = number of pixels with ground truth ``g`` predicted ``p`` (pixels whose
+    ground truth is ``ignore_label`` are skipped).  Labels outside ``0..num_classes-1`` raise."""
+    pred = np.asarray(pred).astype(np.int64).ravel()
+    gt = np.asarray(gt).astype(np.int64).ravel()
+    if pred.shape != gt.shape:
+        raise ValueError(f"confusion_matrix: prediction has {pred.size} pixels, ground truth {gt.size}")
+    keep = gt != ignore_label
+    pred, gt = pred[keep], gt[keep]
+    if gt.size and (gt.min() < 0 or gt.max() >= num_classes):
+        raise ValueError(f"confusion_matrix: ground-truth label {int(gt.max() if gt.max() >= num_classes else gt.min())} "
+                         f"outside 0..{num_classes - 1} (and not {ignore_label})")
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        raise ValueError(f"confusion_matrix: predicted label outside 0..{num_classes - 1}")
+    return np.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def iou_from_confusion(cm: np.ndarray) -> Dict[str, object]:
+    """Per-class IoU ``TP/(TP+FP+FN)`` (None where the class has no pixel in gt or prediction),
+    their mean over defined classes, and pixel accuracy."""
+    cm = np.asarray(cm, dtype=np.float64)
+    if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+        raise ValueError(f"iou_from_confusion: expected a square matrix, got shape {cm.shape}")
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    defined = ~np.isnan(iou)
+    total = cm.sum()
+    return {
+        "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
+        "miou": float(iou[defined].mean()) if defined.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+    }
+
+
+def _unpack_prediction(res):
+    if isinstance(res, tuple):
+        lab, att = res[0], (res[1] if len(res) > 1 else None)
+    else:
+        lab, att = res, None
+    lab = lab.cpu().numpy() if torch.is_tensor(lab) else np.asarray(lab)
+    if att is not None:
+        att = att.cpu().numpy() if torch.is_tensor(att) else np.asarray(att)
+        att = att.reshape((-1,) + att.shape[-2:])
+    return lab.reshape(lab.shape[-2:]), att
+
+
+@torch.no_grad()
+def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str]] = None,
+             max_images: int = 0, attention_dir: str = "", attention_images: int = 10,
+             progress: bool = True) -> Dict[str, object]:
+    """Run ``model.predict`` over ``source`` (``load(i) -> (bgr uint8, label uint8, name)``)."""
+    model.eval()
+    n = len(source) if not max_images else min(max_images, len(source))
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    it = range(n)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, desc="eval", file=sys.stderr, leave=False, dynamic_ncols=True)
+    for i in it:
+        img, gt, name = source.load(i)
+        lab, att = _unpack_prediction(model.predict(img))
+        if lab.shape != gt.shape:
+            raise ValueError(f"{name}: prediction is {lab.shape}, ground truth {gt.shape}")
+        cm += confusion_matrix(lab, gt, num_classes)
+        if attention_dir and i < attention_images:
+            save_attention_png(os.path.join(attention_dir, os.path.basename(str(name)).rsplit(".", 1)[0] + ".png"),
+                               img, gt, lab, att, getattr(model, "scales", None))
+    res = iou_from_confusion(cm)
+    res["num_images"] = n
+    res["confusion_matrix"] = cm.tolist()
+    if class_names is not None:
+        res["class_names"] = list(class_names)
+    return res
+
+
+def color_map(n: int = 256) -> np.ndarray:
+    """PASCAL VOC's label palette (bit-interleaved), as an (n, 3) uint8 RGB array; 255 is white."""
+    cmap = np.zeros((n, 3), np.uint8)
+    for i in range(n):
+        c, r, g, b = i, 0, 0, 0
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    cmap[255] = (255, 255, 255)
+    return cmap
+
+
+def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+                       attention: Optional[np.ndarray], scales: Optional[Sequence[float]] = None) -> None:
+    """Image | ground truth | prediction | one heat map per scale (Figs. 4-6), via matplotlib (Agg)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cmap = color_map()
+    panels = [("image", img_bgr[:, :, ::-1], None), ("ground truth", cmap[gt], None),
+              ("prediction", cmap[pred], None)]
+    if attention is not None:
+        for s in range(attention.shape[0]):
+            sc = scales[s] if scales is not None and s < len(scales) else s
+            panels.append((f"scale-{sc:g} attention", attention[s], "jet"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6))
+    for ax, (title, im, cm) in zip(np.atleast_1d(axes), panels):
+        if cm is None:
+            ax.imshow(im)
+        else:
+            ax.imshow(im, cmap=cm, vmin=0.0, vmax=1.0)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_model_from_checkpoint(cfg: TrainConfig, checkpoint: str, device: str = "cpu"):
+    from .train import build_model, load_checkpoint
+    ck = load_checkpoint(checkpoint, map_location=device)
+    init, cfg.init = cfg.init, ""   # weights come from the checkpoint
+    try:
+        model = build_model(cfg)
+    finally:
+        cfg.init = init
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{checkpoint}: does not fit the model of this config: {e}") from e
+    return model.to(device), int(ck.get("iter", -1))
+
+
+def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
+        attention_dir: str = "", attention_images: int = 10, progress: bool = True) -> Dict[str, object]:
+    from .train import build_source, dataset_classes, num_classes
+    model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
+    res = evaluate(model, build_source(cfg, "val"), num_classes(cfg), dataset_classes(cfg),
+                   max_images, attention_dir, attention_images, progress)
+    res["checkpoint"] = checkpoint
+    res["iteration"] = it
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, out)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m attnscale.evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config", help="the TrainConfig JSON the model was trained with")
+    ap.add_argument("--checkpoint", default="", help="default: OUT_DIR/checkpoint.pt of the config")
+    ap.add_argument("--out", default="", help="JSON results file (default OUT_DIR/eval.json)")
+    ap.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only")
+    ap.add_argument("--attention-dir", default="", help="write attention-map PNGs here")
+    ap.add_argument("--attention-images", type=int, default=10)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--data-root", default=None, help="override config.data_root")
+    a = ap.parse_args(argv)
+    cfg = TrainConfig.load(a.config)
+    if a.device:
+        cfg.device = a.device
+    if a.data_root is not None:
+        cfg.data_root = a.data_root
+    ck = a.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
+    out = a.out or os.path.join(cfg.out_dir, "eval.json")
+    res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images)
+    names = res.get("class_names") or [str(i) for i in range(len(res["per_class_iou"]))]
+    for n, v in zip(names, res["per_class_iou"]):
+        print(f"{n:>14s}: {'  n/a' if v is None else f'{100 * v:6.2f}'}")
+    print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

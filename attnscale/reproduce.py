@@ -1,0 +1,331 @@
+"""Reproduce the paper's tables: ``python -m attnscale.reproduce --table 3``.
+
+Every row of a table is a :class:`~attnscale.config.TrainConfig` (baseline DeepLab-LargeFOV; scales
+{1, 0.5} and {1, 0.75, 0.5}; max / average / attention merging; without and with extra
+supervision = 13 rows).  Each row is trained (``attnscale.train``) and evaluated
+(``attnscale.evaluate``) in its own run folder; a row whose evaluation already exists for the
+same config is skipped, a row with a partial checkpoint resumes -- so the command can be
+interrupted and re-run.  Results go to ``OUT/table<N>.json`` and ``OUT/table<N>.md`` with the
+paper's number, ours and the difference in every cell.
+
+Without data (no ``--data-root`` and no VOC found) the same protocol runs on the built-in
+synthetic scale data set (:mod:`attnscale.data.synthetic`) with a reduced-width network: those
+numbers demonstrate the machinery and are **not** comparable with the paper's.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .config import TrainConfig
+from .data.lists import find_voc_root
+
+# (scales, merge, extra supervision) of each row, in the paper's order.
+S2, S3 = (1.0, 0.5), (1.0, 0.75, 0.5)
+MERGE_NAMES = {"max": "Max-Pooling", "avg": "Average-Pooling", "attention": "Attention"}
+
+
+@dataclass(frozen=True)
+class Row:
+    id: str
+    scales: Tuple[float, ...]
+    merge: Optional[str]
+    esupv: bool
+
+
+def table_rows() -> List[Row]:
+    rows = [Row("baseline", (1.0,), None, False)]
+    for sc, tag in ((S2, "s2"), (S3, "s3")):
+        for merge in ("max", "avg", "attention"):
+            for es in (False, True):
+                rows.append(Row(f"{tag}-{merge}" + ("-esupv" if es else ""), sc, merge, es))
+    return rows
+
+
+def _paper(baseline, s2, s3) -> Dict[str, float]:
+    """``s2``/``s3``: ((max, max_esupv), (avg, avg_esupv), (att, att_esupv))."""
+    d = {"baseline": baseline}
+    for tag, vals in (("s2", s2), ("s3", s3)):
+        for merge, (a, b) in zip(("max", "avg", "attention"), vals):
+            d[f"{tag}-{merge}"] = a
+            d[f"{tag}-{merge}-esupv"] = b
+    return d
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    number: int
+    title: str
+    dataset: str
+    metric: str                # "miou" or "class_iou:<index>"
+    paper: Dict[str, float]
+    init_note: str
+
+
+TABLES: Dict[int, TableSpec] = {
+    1: TableSpec(1, "PASCAL-Person-Part val, mIoU", "person_part", "miou",
+                 _paper(51.91, ((52.90, 55.26), (52.71, 55.17), (53.49, 55.85)),
+                        ((53.02, 55.78), (52.56, 55.72), (53.12, 56.39))), "ImageNet (vgg16_20M)"),
+    3: TableSpec(3, "PASCAL VOC 2012 val, mIoU, pretrained with ImageNet", "voc12", "miou",
+                 _paper(62.28, ((64.81, 67.43), (64.86, 67.79), (65.27, 68.24)),
+                        ((65.15, 67.79), (63.92, 67.98), (64.37, 69.08))), "ImageNet (vgg16_20M)"),
+    5: TableSpec(5, "PASCAL VOC 2012 val, mIoU, pretrained with MS-COCO", "voc12", "miou",
+                 _paper(67.58, ((69.15, 70.01), (69.22, 70.44), (69.90, 70.76)),
+                        ((69.70, 70.06), (68.82, 70.55), (69.47, 71.42))),
+                 "MS-COCO-pretrained DeepLab-LargeFOV"),
+    6: TableSpec(6, "MS-COCO subset val, mIoU", "coco_subset", "miou",
+                 _paper(31.22, ((32.95, 34.70), (33.69, 35.14), (34.03, 35.41)),
+                        ((33.58, 35.08), (33.74, 35.72), (33.42, 35.78))), "ImageNet (vgg16_20M)"),
+    7: TableSpec(7, "MS-COCO subset val, person-class IoU", "coco_subset", "class_iou:1",
+                 _paper(68.76, ((70.07, 71.06), (70.38, 71.60), (70.66, 72.20)),
+                        ((69.97, 71.43), (69.69, 71.70), (70.14, 72.72))), "ImageNet (vgg16_20M)"),
+}
+
+
+# ------------------------------------------------------------------------------------------
+# configs
+# ------------------------------------------------------------------------------------------
+def real_config(spec: TableSpec, row: Row, data_root: str, init: str, iters: int,
+                device: str, run_dir: str, workers: int) -> TrainConfig:
+    """The paper's setting (Sec. 4): batch 30 (10 x iter_size 3), 321 crops, lr 1e-3 step 2000."""
+    cfg = TrainConfig(dataset=spec.dataset, data_root=data_root, scales=list(row.scales),
+                      merge=row.merge, extra_supervision=row.esupv, init=init, device=device,
+                      out_dir=run_dir, workers=workers,
+                      test_crop_size=641 if spec.dataset == "coco_subset" else 513)
+    if iters:
+        cfg.max_iter = iters
+        cfg.stepsize = max(1, round(iters * 2000 / 6000))   # keep the paper's 1/3 step point
+        cfg.snapshot = max(1, min(cfg.snapshot, iters))
+    return cfg.validate()
+
+
+def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: bool,
+                     workers: int) -> TrainConfig:
+    """Reduced-width net on the built-in synthetic set, sized for a 2-core CPU (<= 10 min / 13 rows)."""
+    cfg = TrainConfig(dataset="synthetic", scales=list(row.scales), merge=row.merge,
+                      extra_supervision=row.esupv, device=device, out_dir=run_dir, workers=workers,
+                      width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65,
+                      synthetic_train=400, synthetic_val=60, base_lr=3e-3, batch_size=10,
+                      iter_size=1, max_iter=100, stepsize=70, snapshot=100, display=10,
+                      torch_threads=0)
+    if quick:
+        cfg.synthetic_size = cfg.crop_size = cfg.test_crop_size = 33
+        cfg.synthetic_train, cfg.synthetic_val = 8, 2
+        cfg.batch_size, cfg.max_iter, cfg.stepsize, cfg.snapshot = 2, 2, 1, 2
+        cfg.workers = 0
+    if iters:
+        cfg.max_iter = iters
+        cfg.stepsize = max(1, round(iters * 0.7))
+        cfg.snapshot = iters
+    return cfg.validate()
+
+
+def config_key(cfg: TrainConfig) -> str:
+    """Hash of everything that changes the result (not the device / worker count / out_dir)."""
+    d = cfg.to_dict()
+    for k in ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------
+def compiled_ops_work() -> bool:
+    """True when ``attnscale.ops.dilated_conv2d`` and ``scale_merge`` run (extension built)."""
+    import torch
+    try:
+        from .ops import dilated_conv2d, scale_merge
+        x = torch.zeros(1, 1, 3, 3)
+        dilated_conv2d(x, torch.zeros(1, 1, 3, 3), torch.zeros(1), dilation=2, padding=2)
+        scale_merge([x, x], torch.zeros(1, 2, 3, 3), "attention")
+        return True
+    except Exception:
+        return False
+
+
+def metric_of(res: dict, metric: str) -> float:
+    if metric == "miou":
+        return 100.0 * float(res["miou"])
+    idx = int(metric.split(":")[1])
+    v = res["per_class_iou"][idx]
+    return float("nan") if v is None else 100.0 * float(v)
+
+
+def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> dict:
+    """Train (resuming) + evaluate one row unless ``eval.json`` already matches its config."""
+    from .evaluate import run as run_eval
+    from .train import CHECKPOINT, load_checkpoint, train
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    key = config_key(cfg)
+    ev_path = os.path.join(cfg.out_dir, "eval.json")
+    if os.path.isfile(ev_path):
+        with open(ev_path) as f:
+            res = json.load(f)
+        if res.get("config_key") == key:
+            res["skipped"] = True
+            return res
+    ck = os.path.join(cfg.out_dir, CHECKPOINT)
+    resume = False
+    if os.path.isfile(ck):
+        old = load_checkpoint(ck).get("config", {})
+        old_cfg = TrainConfig.from_dict(old) if old else None
+        resume = old_cfg is not None and config_key(old_cfg) == key
+        if not resume:
+            log(f"  {cfg.out_dir}: checkpoint is from a different config, retraining")
+            os.remove(ck)
+    cfg.save(os.path.join(cfg.out_dir, "config.json"))
+    t0 = time.time()
+    tr = train(cfg, resume=resume, progress=progress)
+    t1 = time.time()
+    res = run_eval(cfg, tr.checkpoint, "", max_images=max_eval, progress=progress)
+    t2 = time.time()
+    res.update(config_key=key, train_seconds=t1 - t0, eval_seconds=t2 - t1, skipped=False)
+    tmp = ev_path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(res, f, indent=1)
+    os.replace(tmp, ev_path)
+    return res
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "–" if v is None or v != v else f"{v:.2f}"
+
+
+def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: str) -> str:
+    def cell(rid: str) -> str:
+        if rid not in results:
+            return "paper " + _fmt(spec.paper[rid]) + " / ours – / Δ –"
+        ours = results[rid]
+        if synthetic:
+            return f"ours {_fmt(ours)}"
+        return f"{_fmt(spec.paper[rid])} / {_fmt(ours)} / {ours - spec.paper[rid]:+.2f}"
+
+    head = "ours (synthetic, NOT comparable with the paper)" if synthetic else "paper / ours / Δ"
+    lines = [f"### Table {spec.number}: {spec.title}" + (" — SYNTHETIC DATA" if synthetic else ""), "",
+             note, "", f"| Merging method | w/o E-Supv ({head}) | w/ E-Supv ({head}) |", "|---|---|---|",
+             f"| Baseline: DeepLab-LargeFOV (1 scale) | {cell('baseline')} | |"]
+    for tag, label in (("s2", "Scales = {1, 0.5}"), ("s3", "Scales = {1, 0.75, 0.5}")):
+        lines.append(f"| *{label}* | | |")
+        for merge in ("max", "avg", "attention"):
+            lines.append(f"| {MERGE_NAMES[merge]} | {cell(f'{tag}-{merge}')} | {cell(f'{tag}-{merge}-esupv')} |")
+    if synthetic:
+        lines += ["", "Paper's numbers for reference (real data): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in spec.paper.items())]
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
+              iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
+              synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
+              reference_ops: Optional[bool] = None, progress: bool = True, log=print) -> dict:
+    if table not in TABLES:
+        raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
+    spec = TABLES[table]
+    all_rows = table_rows()
+    if rows:
+        known = {r.id for r in all_rows}
+        bad = [r for r in rows if r not in known]
+        if bad:
+            raise ValueError(f"--rows: unknown row(s) {bad}; rows are {[r.id for r in all_rows]}")
+        all_rows = [r for r in all_rows if r.id in set(rows)]
+    if synthetic is None:
+        found = data_root or (find_voc_root() if spec.dataset == "voc12" else "")
+        synthetic = not found
+        if synthetic:
+            log(f"No data root given and no {spec.dataset} data found: running Table {table}'s protocol "
+                "on the built-in SYNTHETIC scale data set (reduced-width net) - these are NOT the paper's numbers.")
+        else:
+            data_root = found
+    if not synthetic and not os.path.isdir(data_root):
+        raise FileNotFoundError(f"--data-root: not a folder: {data_root}")
+    if reference_ops is None:
+        reference_ops = not compiled_ops_work()
+        if reference_ops:
+            log("attnscale._C ops not available: using the pure-PyTorch reference ops (slower).")
+    # Tables 6 and 7 share their trained models (same data, same rows).
+    group = "synthetic" if synthetic else f"{spec.dataset}-" + (
+        os.path.splitext(os.path.basename(init))[0] if init else "noinit")
+    if quick:
+        group += "-quick"
+    results, per_row = {}, []
+    t_start = time.time()
+    for i, row in enumerate(all_rows):
+        run_dir = os.path.join(out, "runs", group, row.id)
+        cfg = (synthetic_config(row, iters, device, run_dir, quick, workers) if synthetic
+               else real_config(spec, row, data_root, init, iters, device, run_dir, workers))
+        cfg.use_reference_ops = bool(reference_ops)
+        t0 = time.time()
+        res = run_row(cfg, progress, max_eval if not quick else 0, log)
+        val = metric_of(res, "class_iou:1" if synthetic and table == 7 else spec.metric)
+        results[row.id] = val
+        entry = {"id": row.id, "scales": list(row.scales), "merge": row.merge, "extra_supervision": row.esupv,
+                 "ours": val, "paper": spec.paper[row.id],
+                 "diff": None if synthetic else val - spec.paper[row.id],
+                 "run_dir": run_dir, "skipped": res.get("skipped", False),
+                 "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds"),
+                 "iterations": cfg.max_iter}
+        per_row.append(entry)
+        log(f"[{i + 1}/{len(all_rows)}] {row.id:<22s} ours {_fmt(val):>6s}   paper {_fmt(spec.paper[row.id]):>6s}"
+            + ("   (already done)" if entry["skipped"] else f"   ({time.time() - t0:.0f} s)"))
+    total = time.time() - t_start
+    note = (f"Synthetic scale data set, {per_row and per_row[0]['iterations']} iterations per row, "
+            "reduced-width network; numbers show the protocol works and are not the paper's."
+            if synthetic else f"{spec.dataset}, init {init or 'none (random!)'}, "
+            f"{per_row and per_row[0]['iterations']} iterations per row.")
+    md = markdown(spec, results, synthetic, note)
+    os.makedirs(out, exist_ok=True)
+    name = f"table{table}" + ("_synthetic" if synthetic else "") + ("_quick" if quick else "")
+    doc = {"table": table, "title": spec.title, "dataset": "synthetic" if synthetic else spec.dataset,
+           "synthetic": synthetic, "metric": spec.metric, "rows": per_row, "seconds": total,
+           "note": note}
+    for ext, text in (("json", json.dumps(doc, indent=1)), ("md", md)):
+        p = os.path.join(out, f"{name}.{ext}")
+        with open(p + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(p + ".tmp", p)
+    log("")
+    log(md)
+    log(f"wrote {os.path.join(out, name + '.json')} and .md ({total:.0f} s)")
+    return doc
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m attnscale.reproduce", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--table", type=int, default=3, choices=sorted(TABLES))
+    ap.add_argument("--data-root", default="", help="DeepLab data root (JPEGImages/, SegmentationClassAug/, list/)")
+    ap.add_argument("--init", default="", help="initial weights, e.g. vgg16_20M.caffemodel")
+    ap.add_argument("--rows", default="", help="comma-separated row ids (default all 13): "
+                    + ",".join(r.id for r in table_rows()))
+    ap.add_argument("--iters", type=int, default=0, help="iterations per row (default: paper 6000 / synthetic 100)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-eval", type=int, default=0, help="evaluate only the first N val images")
+    ap.add_argument("--synthetic", action="store_true", help="use the synthetic data set even if data exist")
+    ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
+    ap.add_argument("--reference-ops", choices=("auto", "yes", "no"), default="auto",
+                    help="use the pure-PyTorch ops (auto: when attnscale._C is not built)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.init and not os.path.isfile(a.init):
+        raise SystemExit(f"--init: file not found: {a.init}")
+    synthetic = True if (a.synthetic or a.quick) else None
+    if synthetic and (a.quick or a.synthetic):
+        print("Running on the built-in SYNTHETIC scale data set - these are NOT the paper's numbers.")
+    reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
+              a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
+              {"auto": None, "yes": True, "no": False}[a.reference_ops], not a.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

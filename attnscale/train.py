@@ -1,0 +1,431 @@
+"""Training: ``python -m attnscale.train CONFIG.json [--resume] [--device cuda]``.
+
+Caffe ``SGDSolver`` semantics, exactly:
+
+- learning rate, ``lr_policy: "step"``: ``rate = base_lr * gamma ^ floor(iter / stepsize)``
+  where ``iter`` is the number of updates already done (Caffe's ``iter_`` in ``ApplyUpdate``);
+- ``iter_size`` forward/backward passes are accumulated per update and the summed gradient is
+  divided by ``iter_size`` (``SGDSolver::Normalize``), i.e. the loss is averaged over them;
+- per parameter (``Regularize`` + ``ComputeUpdateValue`` + ``Blob::Update``)::
+
+      g     += decay_mult * weight_decay * w         (L2)
+      v      = momentum * v + lr_mult * rate * g
+      w     -= v
+
+  Note the learning rate sits *inside* the history: when the rate drops 10x at a step, the
+  momentum still carries the old, larger steps (``torch.optim.SGD`` instead keeps
+  ``v = m v + g`` and applies ``lr`` outside, which rescales the history too).
+  :class:`CaffeSGD` implements Caffe's rule.
+
+Checkpoints are atomic (temporary file + fsync + ``os.replace``) and hold the model, the momentum
+history, the iteration, the torch/numpy/python RNG states and the data position, so
+``--resume`` continues bit-for-bit as if never interrupted.  Under ``torchrun`` (``WORLD_SIZE >
+1``) the model is wrapped in DistributedDataParallel and every rank reads its own shard of each
+epoch's permutation; nothing changes otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get_spec,
+                   make_loader)
+from .data.lists import join_root
+from .data.synthetic import SYNTHETIC_CLASSES
+
+CHECKPOINT = "checkpoint.pt"
+
+
+# ------------------------------------------------------------------------------------------
+# Caffe SGD
+# ------------------------------------------------------------------------------------------
+class CaffeSGD(torch.optim.Optimizer):
+    """Caffe's ``SGDSolver`` update: ``v = m v + lr (g + wd w); w -= v``.
+
+    Each param group holds ``lr`` (the *current* local rate, i.e. ``rate * lr_mult``),
+    ``weight_decay`` (``weight_decay * decay_mult``) and ``momentum``.  The history ``v`` is
+    stored per parameter as ``state[p]['history']`` (Caffe's ``history_``).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError(f"CaffeSGD: lr, momentum, weight_decay must be >= 0 "
+                             f"(got {lr}, {momentum}, {weight_decay})")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if wd != 0:
+                    g = g.add(p, alpha=wd)
+                st = self.state[p]
+                if "history" not in st:
+                    st["history"] = torch.zeros_like(p)
+                v = st["history"]
+                v.mul_(m).add_(g, alpha=lr)
+                p.sub_(v)
+        return loss
+
+
+def caffe_rate(cfg: TrainConfig, it: int) -> float:
+    """Caffe ``GetLearningRate`` for the ``step`` / ``fixed`` policies at update ``it``."""
+    if cfg.lr_policy == "fixed":
+        return cfg.base_lr
+    return cfg.base_lr * math.pow(cfg.gamma, math.floor(it / cfg.stepsize))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
+    """Groups from ``model.param_groups`` (Caffe ``lr_mult`` / ``decay_mult``); each group keeps
+    its ``lr_mult`` so :func:`set_rate` can apply the schedule."""
+    groups = model.param_groups(base_lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    out = []
+    for g in groups:
+        g = dict(g)
+        lr = g.get("lr", cfg.base_lr)
+        g.setdefault("lr_mult", lr / cfg.base_lr if cfg.base_lr else 1.0)
+        g.setdefault("weight_decay", cfg.weight_decay)
+        g["lr"] = lr
+        g["momentum"] = cfg.momentum
+        out.append(g)
+    return CaffeSGD(out, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def set_rate(opt: torch.optim.Optimizer, rate: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = rate * g.get("lr_mult", 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# model / data construction
+# ------------------------------------------------------------------------------------------
+def dataset_classes(cfg: TrainConfig) -> List[str]:
+    if cfg.dataset == "synthetic":
+        return list(SYNTHETIC_CLASSES)
+    return list(get_spec(cfg.dataset).class_names)
+
+
+def num_classes(cfg: TrainConfig) -> int:
+    return cfg.num_classes or len(dataset_classes(cfg))
+
+
+def classifier_name(cfg: TrainConfig) -> str:
+    if cfg.classifier_name:
+        return cfg.classifier_name
+    return "fc8_synthetic" if cfg.dataset == "synthetic" else get_spec(cfg.dataset).classifier_name
+
+
+def build_model(cfg: TrainConfig) -> torch.nn.Module:
+    """``AttentionToScale`` as the config describes (initialised from ``cfg.init`` if given)."""
+    try:
+        from .model import AttentionToScale
+    except ImportError as e:  # pragma: no cover - only before model.py exists
+        raise RuntimeError(f"attnscale.model.AttentionToScale is not available: {e}") from e
+    merge = cfg.merge if len(cfg.scales) > 1 else None
+    model = AttentionToScale(num_classes=num_classes(cfg), scales=tuple(cfg.scales), merge=merge,
+                             extra_supervision=cfg.extra_supervision, width=cfg.width,
+                             use_reference_ops=cfg.use_reference_ops,
+                             classifier_name=classifier_name(cfg), dropout=cfg.dropout,
+                             test_crop_size=cfg.test_crop_size)
+    if cfg.init:
+        init_from_caffemodel(model, cfg.init, cfg.init_prototxt)
+    return model
+
+
+def init_from_caffemodel(model: torch.nn.Module, weights: str, prototxt: str = "") -> List[str]:
+    """Copy every parameter of ``weights`` (a .caffemodel read by ``prototxt_import``) whose name
+    and shape match into ``model`` -- DeepLab's "copy layers by name" fine-tuning rule: layers
+    absent from the file (the new classifier, the attention head) keep their initialisation.
+    Returns the names copied."""
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"init weights not found: {weights} (config.init / --init)")
+    if prototxt and not os.path.isfile(prototxt):
+        raise FileNotFoundError(f"init prototxt not found: {prototxt} (config.init_prototxt)")
+    try:
+        from prototxt_import import to_attnscale  # type: ignore
+    except ImportError as e:
+        raise RuntimeError("initialising from a .caffemodel needs prototxt_import.to_attnscale, "
+                           f"which is not available: {e}") from e
+    src = to_attnscale(prototxt or None, weights)
+    state = src.state_dict() if isinstance(src, torch.nn.Module) else dict(src)
+    own = model.state_dict()
+    copied = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+    if not copied:
+        raise ValueError(f"{weights}: no parameter matches the model by name and shape "
+                         f"(file has e.g. {sorted(state)[:4]}, model has {sorted(own)[:4]})")
+    with torch.no_grad():
+        for k in copied:
+            own[k].copy_(torch.as_tensor(state[k]).to(own[k].dtype))
+    logging.getLogger("attnscale.train").info("init: copied %d tensors from %s; kept %d",
+                                              len(copied), weights, len(own) - len(copied))
+    return copied
+
+
+def build_source(cfg: TrainConfig, split: str):
+    """The image/label source of ``split`` ('train' or 'val')."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.dataset == "synthetic":
+        n = cfg.synthetic_train if split == "train" else cfg.synthetic_val
+        # train and val are disjoint: different seeds
+        return SyntheticSource(n, seed=cfg.synthetic_seed + (0 if split == "train" else 1),
+                               size=cfg.synthetic_size)
+    spec = get_spec(cfg.dataset)
+    lst = cfg.train_list if split == "train" else cfg.val_list
+    lst = lst or (spec.train_list if split == "train" else spec.val_list)
+    if not os.path.isabs(lst) and not os.path.isfile(lst):
+        lst = join_root(cfg.data_root, lst)
+    return FileSource(lst, cfg.data_root)
+
+
+def transform_config(cfg: TrainConfig) -> TransformConfig:
+    return TransformConfig(crop_size=cfg.crop_size, mirror=cfg.mirror,
+                           random_scale=tuple(cfg.random_scale) if cfg.random_scale else None)
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------
+def atomic_save(obj, path: str) -> None:
+    """``torch.save`` to ``path.tmp``, flush + fsync, ``os.replace`` onto ``path``, fsync the
+    directory: a crash at any point leaves either the old or the new file, never a torn one."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # pragma: no cover - some file systems refuse directory fsync
+        pass
+
+
+def rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: str, map_location="cpu") -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------
+# training loop
+# ------------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    checkpoint: str
+    iterations: int
+    seconds: float
+    last_loss: float
+
+
+def _dist_info():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend)
+        return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _logger(out_dir: str, rank: int) -> logging.Logger:
+    log = logging.getLogger("attnscale.train")
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        fh = logging.FileHandler(os.path.join(out_dir, "train.log"))
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(fh)
+    log.propagate = False
+    return log
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
+          stop_at: Optional[int] = None, model_factory: Optional[Callable] = None) -> TrainResult:
+    """Train ``cfg.max_iter`` updates (or stop after update ``stop_at``, checkpointing there --
+    what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``."""
+    cfg.validate()
+    rank, world, local_rank = _dist_info()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    log = _logger(cfg.out_dir, rank)
+    ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
+
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)
+    model = (model_factory or build_model)(cfg).to(device)
+    opt = make_optimizer(model, cfg)
+    it = 0
+    if resume and os.path.isfile(ckpt_path):
+        ck = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        it = int(ck["iter"])
+        set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
+        log.info("resumed from %s at iteration %d", ckpt_path, it)
+    elif resume:
+        log.info("--resume: no checkpoint at %s, starting from scratch", ckpt_path)
+    end = cfg.max_iter if stop_at is None else min(stop_at, cfg.max_iter)
+    if it >= end:
+        return TrainResult(ckpt_path, it, 0.0, float("nan"))
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
+    per_update = cfg.batch_size * cfg.iter_size
+    loader = make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, start_sample=it * per_update,
+                         rank=rank, world=world)
+    batches = iter(loader)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=end, initial=it, desc=os.path.basename(cfg.out_dir.rstrip("/")) or "train",
+                   file=sys.stderr, dynamic_ncols=True, leave=False)
+    log.info("training %s: iterations %d..%d, %d image(s)/update x %d rank(s)", cfg.out_dir, it,
+             end, per_update, world)
+    model.train()
+    t0 = time.time()
+    last = float("nan")
+
+    def save():
+        rngs = rng_state()
+        if world > 1:  # every rank takes part in the gather; rank 0 writes
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rngs)
+            rngs = gathered
+        if rank != 0:
+            return
+        atomic_save({"iter": it, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "rng": rngs, "config": cfg.to_dict(), "samples_per_update": per_update},
+                    ckpt_path)
+
+    while it < end:
+        rate = caffe_rate(cfg, it)
+        set_rate(opt, rate)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        parts_sum: Dict[str, float] = {}
+        for k in range(cfg.iter_size):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            sync = world == 1 or k == cfg.iter_size - 1
+            ctx = net.no_sync() if (world > 1 and not sync) else _Null()
+            with ctx:
+                out = net(x)
+                loss, parts = model.loss(out, y)
+                (loss / cfg.iter_size).backward()
+            total += float(loss.detach()) / cfg.iter_size
+            for n, v in parts.items():
+                parts_sum[n] = parts_sum.get(n, 0.0) + float(v) / cfg.iter_size
+        if not math.isfinite(total):
+            raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
+        opt.step()
+        it += 1
+        last = total
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{rate:.1e}")
+        if it % cfg.display == 0 or it == end:
+            log.info("iter %d lr %.3g loss %.5f %s", it, rate, total,
+                     " ".join(f"{n} {v:.5f}" for n, v in sorted(parts_sum.items())))
+        if (cfg.snapshot and it % cfg.snapshot == 0) or it == end:
+            save()
+    if bar is not None:
+        bar.close()
+    secs = time.time() - t0
+    log.info("stopped at iteration %d after %.1f s", it, secs)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(ckpt_path, it, secs, last)
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m attnscale.train",
+                                 description="Train AttentionToScale with Caffe's SGD (see module doc).")
+    ap.add_argument("config", help="JSON file holding a TrainConfig (attnscale/config.py)")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    ap.add_argument("--device", default=None, help="override config.device (cpu, cuda)")
+    ap.add_argument("--out", default=None, help="override config.out_dir")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = TrainConfig.load(a.config)
+    if a.device:
+        cfg.device = a.device
+    if a.out:
+        cfg.out_dir = a.out
+    r = train(cfg, resume=a.resume, progress=not a.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {r.iterations} iterations in {r.seconds:.1f} s, checkpoint {r.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
