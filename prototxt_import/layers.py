@@ -36,6 +36,8 @@ class BuildContext:
     phase: str = "TEST"
     shared: dict[str, nn.Parameter] = field(default_factory=dict)
     generator: torch.Generator | None = None
+    #: parameters (values) still allowed to be allocated: a lying prototxt cannot exhaust memory
+    param_budget: int = 1 << 30
 
 
 # --------------------------------------------------------------------------- parameters & fillers
@@ -83,6 +85,11 @@ def _param(lp, index: int, shape: Shape, filler, ctx: BuildContext) -> nn.Parame
             raise LayerError(f"shared parameter {name!r}: PERMISSIVE sharing between different "
                              "shapes is not supported")
         return owner
+    count = math.prod(shape)
+    if count > ctx.param_budget:
+        raise LayerError(f"blob {index} of shape {tuple(shape)} would exceed the parameter budget "
+                         f"({ctx.param_budget} values left; raise max_param_count to allow it)")
+    ctx.param_budget -= count
     p = nn.Parameter(_fill(shape, filler, ctx))
     if name:
         ctx.shared[name] = p

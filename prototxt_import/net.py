@@ -93,7 +93,7 @@ class CaffeNet(nn.Module):
 
     def __init__(self, net_param, source: str = "<net>", input_shapes=None, phase: str = "TEST",
                  use_ops: bool | str = "auto", level: int = 0, stages: Sequence[str] = (),
-                 seed: int | None = 0):
+                 seed: int | None = 0, max_param_count: int = 1 << 30, max_blob_count: int = 1 << 32):
         super().__init__()
         if phase not in PHASES:
             raise CaffeImportError(f"{source}: phase must be 'TRAIN' or 'TEST', got {phase!r}")
@@ -103,7 +103,7 @@ class CaffeNet(nn.Module):
         self.name = net_param.name
         self.phase = phase
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        ctx = L.BuildContext(use_ops=bool(use_ops), phase=phase, generator=gen)
+        ctx = L.BuildContext(use_ops=bool(use_ops), phase=phase, generator=gen, param_budget=max_param_count)
         self.layers = nn.ModuleDict()
         self.records: list[LayerRecord] = []
         lps = upgraded_layers(net_param, source)
@@ -167,6 +167,10 @@ class CaffeNet(nn.Module):
                     raise L.LayerError(f"has {len(lp.top)} top(s) but produces {len(mod.out_shapes)}")
             except L.LayerError as exc:
                 raise L.wrap_error(exc, source, lp) from None
+            for t, s in zip(lp.top, mod.out_shapes):
+                if math.prod(s) > max_blob_count:
+                    raise CaffeImportError(f"{source}: layer {lp.name!r} ({lp.type}): top {t!r} would have "
+                                           f"shape {s}, more than {max_blob_count} values")
             rec.key = _module_key(lp.name, taken)
             rec.top_shapes = list(mod.out_shapes)
             rec.param_names = [p.name for p in lp.param]
@@ -332,7 +336,7 @@ class WeightLoadReport:
 
 def load_net(prototxt, weights=None, input_shapes=None, phase: str = "TEST",
              use_ops: bool | str = "auto", level: int = 0, stages: Sequence[str] = (),
-             seed: int | None = 0) -> CaffeNet:
+             seed: int | None = 0, max_param_count: int = 1 << 30) -> CaffeNet:
     """Build a :class:`CaffeNet` from a prototxt (path, text, or a ``NetParameter``) and
     optionally copy trained weights (.caffemodel, .caffemodel.h5, or a :class:`WeightFile`).
 
@@ -347,7 +351,7 @@ def load_net(prototxt, weights=None, input_shapes=None, phase: str = "TEST",
         source = os.fspath(prototxt) if isinstance(prototxt, os.PathLike) or (
             isinstance(prototxt, str) and os.path.exists(prototxt)) else "<string>"
     net = CaffeNet(net_param, source, input_shapes=input_shapes, phase=phase, use_ops=use_ops,
-                   level=level, stages=stages, seed=seed)
+                   level=level, stages=stages, seed=seed, max_param_count=max_param_count)
     if weights is not None:
         net.load_report = net.load_caffe_weights(weights)
     net.eval()

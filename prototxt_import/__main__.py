@@ -1,0 +1,61 @@
+"""``python -m prototxt_import inspect NET.prototxt [WEIGHTS]`` and
+``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import CaffeImportError
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().replace("x", ",").split(",") if d)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 1,3,65,65 or 1x3x65x65, got {text!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"shape must be positive ints, got {text!r}")
+    return dims
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m prototxt_import",
+                                 description="Inspect Caffe/DeepLab nets and convert them to attnscale.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ins = sub.add_parser("inspect", help="layers, blob shapes and parameter counts of a net")
+    ins.add_argument("prototxt")
+    ins.add_argument("weights", nargs="?", help=".caffemodel or .caffemodel.h5 to check against the net")
+    ins.add_argument("--input-shape", type=_shape, default=None,
+                     help="override the first input's shape, e.g. 1,3,321,321")
+    ins.add_argument("--phase", choices=("TEST", "TRAIN"), default="TEST")
+    conv = sub.add_parser("convert", help="map a DeepLab/attention net + weights onto attnscale's model")
+    conv.add_argument("prototxt")
+    conv.add_argument("weights")
+    conv.add_argument("-o", "--output", required=True, help="where to torch.save the state_dict")
+    conv.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "inspect":
+            from .net import load_net
+            net = load_net(args.prototxt, input_shapes=args.input_shape, phase=args.phase, use_ops=False)
+            print(net.summary())
+            if args.weights:
+                print(net.load_caffe_weights(args.weights))
+        else:
+            import torch
+
+            from .convert import to_attnscale
+            model, report = to_attnscale(args.prototxt, args.weights)
+            torch.save(model.state_dict(), args.output)
+            if not args.quiet:
+                print(report)
+            print(f"saved state_dict ({len(model.state_dict())} tensors) to {args.output}; "
+                  f"config: {report.config}")
+    except CaffeImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
