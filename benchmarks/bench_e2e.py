@@ -1,0 +1,177 @@
+"""End-to-end benchmark of the 3-scale attention model (VGG-16 widths) on random data.
+
+Measures, each with our C++/CUDA ops and with the pure-PyTorch references (``use_reference_ops``) in
+the same run, so the ops' gain shows as a ratio:
+
+- inference: ms per 513x513 image, 3 scales, eval mode (the paper: 350 ms on a K40; real Caffe with
+  OpenBLAS on a 2-core CPU: ~4.3 s);
+- training: images/s of forward + backward + SGD step at 321x321 (batch 30 on a GPU, smaller on a CPU),
+  E-Supv loss.
+
+Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
+``torch.compile`` of our model is measured with ``--compile``.
+
+    python benchmarks/bench_e2e.py                      # CPU: inference N=1, training batch 2
+    python benchmarks/bench_e2e.py --device cuda --json results/e2e.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from attnscale.model import AttentionToScale
+
+
+@dataclass
+class Row:
+    job: str          # "infer" | "train"
+    variant: str      # "reference" | "ops" | "ops+compile"
+    precision: str    # "fp32" | "tf32" | "bf16"
+    batch: int
+    size: int
+    median_s: float
+    min_s: float
+    reps: int
+
+    @property
+    def per_image_ms(self) -> float:
+        return 1e3 * self.median_s / self.batch
+
+    @property
+    def images_per_s(self) -> float:
+        return self.batch / self.median_s
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, device: str, warmup: int, reps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
+    m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
+                         use_reference_ops=(variant == "reference")).to(device)
+    if channels_last:
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+def bench_infer(variant, precision, device, size, warmup, reps, channels_last) -> Row:
+    m = _model(variant.split("+")[0], device, channels_last).eval()
+    fwd = torch.compile(m) if variant.endswith("compile") else m
+    x = torch.randn(1, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
+
+    def step():
+        with torch.no_grad(), ac:
+            fwd(x)
+
+    t = _time(step, device, warmup, reps)
+    return Row("infer", variant, precision, 1, size, statistics.median(t), min(t), reps)
+
+
+def bench_train(variant, precision, device, size, batch, warmup, reps, channels_last) -> Row:
+    m = _model(variant.split("+")[0], device, channels_last).train()
+    fwd = torch.compile(m) if variant.endswith("compile") else m
+    opt = torch.optim.SGD(m.param_groups(1e-3, 5e-4), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 21, (batch, size, size), device=device)
+    ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
+
+    def step():
+        with ac:
+            out = fwd(x)
+        loss, _ = m.loss(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = _time(step, device, warmup, reps)
+    return Row("train", variant, precision, batch, size, statistics.median(t), min(t), reps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--jobs", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument("--infer-size", type=int, default=513)
+    ap.add_argument("--train-size", type=int, default=321)
+    ap.add_argument("--train-batch", type=int, default=None, help="default 30 on CUDA, 2 on CPU")
+    ap.add_argument("--precisions", nargs="+", default=None, help="default: fp32 on CPU; fp32 tf32 bf16 on CUDA")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile(our model)")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    args = ap.parse_args(argv)
+
+    dev = args.device
+    cuda = dev == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch = args.train_batch or (30 if cuda else 2)
+    precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    reps = args.reps or (10 if cuda else 3)
+    variants = ["reference", "ops"] + (["ops+compile"] if args.compile else [])
+    env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+           "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv)}
+    print(f"# bench_e2e: {env}")
+
+    rows: list[Row] = []
+    for prec in precisions:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+            torch.backends.cudnn.allow_tf32 = prec == "tf32"
+            torch.backends.cudnn.benchmark = True
+        for job in args.jobs:
+            for v in variants:
+                if job == "infer":
+                    r = bench_infer(v, prec, dev, args.infer_size, warmup, reps, args.channels_last)
+                else:
+                    r = bench_train(v, prec, dev, args.train_size, batch, warmup, reps, args.channels_last)
+                rows.append(r)
+                print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
+                      f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
+
+    print("\n| job | precision | variant | batch | ms / image | images / s | speed-up vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = next(q for q in rows if (q.job, q.precision, q.variant) == (r.job, r.precision, "reference"))
+        print(f"| {r.job} {r.size}px | {r.precision} | {r.variant} | {r.batch} | {r.per_image_ms:.1f} | "
+              f"{r.images_per_s:.2f} | {ref.median_s / r.median_s:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": [asdict(r) | {"ms_per_image": r.per_image_ms,
+                                                          "images_per_s": r.images_per_s} for r in rows]},
+                      f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
