@@ -1,0 +1,371 @@
+"""attnscale.model.AttentionToScale: shapes (Caffe formulas), weight sharing, merges, losses, param groups,
+predict, ops == references, training step, torch.compile."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnscale
+from attnscale import caffe
+from attnscale.caffe import InterpParams
+from attnscale.model import AttentionToScale, ModelOutput, scale_suffix, softmax_loss
+
+TINY = 1 / 16
+
+
+def tiny(**kw):
+    kw.setdefault("width", TINY)
+    kw.setdefault("use_reference_ops", True)
+    kw.setdefault("num_classes", 5)
+    return AttentionToScale(**kw)
+
+
+def trunk_size(n: int) -> int:
+    """Caffe pooling formula, written out: pool1-3 (3, 2, 1), pool4/pool5/pool5a (3, 1, 1)."""
+    for _ in range(3):
+        out = -(-(n + 2 - 3) // 2) + 1
+        if (out - 1) * 2 >= n + 1:
+            out -= 1
+        n = out
+    return n  # stride-1 pools with pad 1 keep the size
+
+
+# ------------------------------------------------------------------------------------------ sizes
+@pytest.mark.parametrize("hw,expected", [((321, 321), (41, 41)), ((513, 513), (65, 65)),
+                                         ((353, 500), (45, 64)), ((241, 241), (31, 31)),
+                                         ((161, 161), (21, 21)), ((385, 385), (49, 49)), ((257, 257), (33, 33)),
+                                         ((100, 77), (14, 11)), ((8, 9), (2, 2)), ((66, 97), (10, 13))])
+def test_output_size_formula(hw, expected):
+    m = tiny(scales=(1.0,), merge=None)
+    assert m.output_size(hw) == expected == (trunk_size(hw[0]), trunk_size(hw[1]))
+
+
+def test_full_width_shapes_on_meta_513():
+    """The real net (width 1) on the meta device: Caffe blob shapes of attention3_deploy at 513."""
+    with torch.device("meta"):
+        m = AttentionToScale(21, use_reference_ops=True)
+        out = m(torch.empty(1, 3, 513, 513))
+    assert m.conv1_1.weight.shape == (64, 3, 3, 3) and m.conv5_3.dilation == (2, 2)
+    assert m.fc6.weight.shape == (1024, 512, 3, 3) and m.fc7.weight.shape == (1024, 1024, 1, 1)
+    assert m.fc8_voc12.weight.shape == (21, 1024, 1, 1) and m.classifier is m.fc8_voc12
+    assert m.att_conv1.weight.shape == (512, 3072, 3, 3) and m.att_conv2.weight.shape == (3, 512, 1, 1)
+    assert out.merged.shape == (1, 21, 65, 65) and out.attention.shape == (1, 3, 65, 65)
+    assert [tuple(s.shape[-2:]) for s in out.scales] == [(65, 65), (49, 49), (33, 33)]
+
+
+def test_odd_size_forward_matches_formula():
+    m = tiny(scales=(1.0, 0.75, 0.5)).eval()
+    x = torch.randn(1, 3, 97, 66)
+    out = m(x)
+    for s, f in zip(m.scales, out.scales):
+        assert tuple(f.shape[-2:]) == m.output_size(caffe.scaled_input_shape((97, 66), s))
+    assert out.merged.shape[-2:] == m.output_size((97, 66)) == (13, 10)
+
+
+@pytest.mark.parametrize("n", [321, 513])
+def test_caffe_zoom_back_equals_scale1_size(n):
+    """Caffe's fc8_*_interp params (zoom 4 + shrink 3; zoom 2) reproduce the scale-1 size at 321 / 513, so
+    resizing to the scale-1 size explicitly (what scale_merge does) is the same Interp."""
+    m = tiny(scales=(1.0,), merge=None)
+    s1 = m.output_size((n, n))
+    s075 = m.output_size(caffe.scaled_input_shape((n, n), 0.75))
+    s05 = m.output_size(caffe.scaled_input_shape((n, n), 0.5))
+    assert caffe.interp_output_shape(s075, InterpParams(zoom_factor=4, shrink_factor=3)) == s1
+    assert caffe.interp_output_shape(s05, InterpParams(zoom_factor=2)) == s1
+
+
+def test_caffe_zoom_back_differs_at_353x500():
+    """Documented limitation of the prototxt factors: at 353x500 zoom 4 + shrink 3 gives 45x61, not 45x64
+    (Caffe's Concat/Eltwise would refuse); our model resizes to the scale-1 size explicitly."""
+    m = tiny(scales=(1.0,), merge=None)
+    s075 = m.output_size(caffe.scaled_input_shape((353, 500), 0.75))
+    assert s075 == (34, 48)
+    assert caffe.interp_output_shape(s075, InterpParams(zoom_factor=4, shrink_factor=3)) == (45, 61)
+
+
+# ------------------------------------------------------------------------------------ sharing
+def test_one_parameter_set_shared_across_scales():
+    one = tiny(scales=(1.0,), merge=None)
+    three = tiny(scales=(1.0, 0.75, 0.5), merge="max")
+    assert [n for n, _ in one.named_parameters()] == [n for n, _ in three.named_parameters()]
+    att = tiny()
+    names = [n for n, _ in att.named_parameters()]
+    assert len(names) == len(set(names))
+    assert names[-4:] == ["att_conv1.weight", "att_conv1.bias", "att_conv2.weight", "att_conv2.bias"]
+    assert "fc8_voc12.weight" in names
+    # the 0.5 branch alone produces gradients on the one conv1_1 and equals the trunk on the Interp'ed image
+    att.eval()
+    x = torch.randn(1, 3, 49, 49)
+    out = att(x)
+    out.scales[2].sum().backward()
+    assert att.conv1_1.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, f8 = att.trunk(caffe.interp(x, InterpParams(shrink_factor=2)))
+    torch.testing.assert_close(out.scales[2].detach(), f8)
+
+
+# ------------------------------------------------------------------------------------ merges
+def _manual(m, x):
+    with torch.no_grad():
+        fc7, f8 = [], []
+        hw = tuple(x.shape[-2:])
+        for s in m.scales:
+            p = caffe.scale_interp_params(s, hw)
+            a, b = m.trunk(x if p is None else caffe.interp(x, p))
+            fc7.append(a)
+            f8.append(b)
+        size = tuple(f8[0].shape[-2:])
+        up = [f8[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=True) for f in f8[1:]]
+        return fc7, f8, up, size
+
+
+@pytest.mark.parametrize("merge", ["attention", "max", "avg"])
+def test_merges_match_their_definitions(merge):
+    m = tiny(merge=merge).eval()
+    x = torch.randn(2, 3, 57, 49)
+    out = m(x)
+    fc7, f8, up, size = _manual(m, x)
+    if merge == "avg":
+        expect = (up[0] + up[1] + up[2]) / 3
+    elif merge == "max":
+        expect = torch.maximum(torch.maximum(up[0], up[1]), up[2])
+    else:
+        cat = torch.cat([fc7[0]] + [caffe.interp(f, size) for f in fc7[1:]], 1)
+        logits = m.att_conv2(F.relu(m.att_conv1(cat)))
+        w = torch.softmax(logits, 1)
+        expect = sum(w[:, i:i + 1] * up[i] for i in range(3))
+        torch.testing.assert_close(out.attention, w)
+        torch.testing.assert_close(out.attention.sum(1), torch.ones(2, *size))
+    torch.testing.assert_close(out.merged, expect, rtol=1e-5, atol=1e-6)
+    assert isinstance(out, ModelOutput) and out.attention.shape == (2, 3, *size)
+
+
+def test_single_scale_baseline():
+    m = tiny(scales=(1.0,), merge=None).eval()
+    out = m(torch.randn(1, 3, 41, 41))
+    assert out.attention is None and out.merged is out.scales[0] and len(out.scales) == 1
+    assert not hasattr(m, "att_conv1")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="merge"):
+        tiny(scales=(1.0, 0.5), merge=None)
+    with pytest.raises(ValueError, match="merge=None"):
+        tiny(scales=(1.0,), merge="attention")
+    with pytest.raises(ValueError, match="start with 1.0"):
+        tiny(scales=(0.5, 1.0))
+    with pytest.raises(ValueError, match="merge"):
+        tiny(merge="sum")
+    with pytest.raises(ValueError, match="classifier_name"):
+        tiny(classifier_name="fc7")
+    with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
+        tiny()(torch.randn(1, 4, 33, 33))
+
+
+# -------------------------------------------------------------------------------------- losses
+def _caffe_loss(scores, lab):
+    """SoftmaxWithLoss VALID, written out with numpy (float64)."""
+    s = scores.detach().double().numpy()
+    p = np.exp(s - s.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    lab = lab.numpy()
+    tot, cnt = 0.0, 0
+    for n, h, w in zip(*np.nonzero(lab != 255)):
+        tot -= np.log(max(p[n, lab[n, h, w], h, w], np.finfo(np.float32).tiny))
+        cnt += 1
+    return tot / max(cnt, 1)
+
+
+def test_softmax_loss_valid_normalisation_and_ignore():
+    scores = torch.randn(2, 5, 6, 7)
+    lab = torch.randint(0, 5, (2, 6, 7))
+    lab[0, :3] = 255
+    assert softmax_loss(scores, lab).item() == pytest.approx(_caffe_loss(scores, lab), rel=1e-5)
+    assert softmax_loss(scores, torch.full((2, 6, 7), 255)).item() == 0.0  # all ignored: 0, not NaN
+    bad = lab.clone()
+    bad[1, 0, 0] = 7
+    with pytest.raises(ValueError, match="outside"):
+        softmax_loss(scores, bad)
+
+
+@pytest.mark.parametrize("merge", ["attention", "max", "avg"])
+def test_esupv_loss_is_sum_of_independent_losses(merge):
+    x = torch.randn(2, 3, 65, 65)
+    lab = torch.randint(0, 5, (2, 65, 65))
+    lab[:, 20:30] = 255
+    m = tiny(merge=merge, extra_supervision=True).eval()
+    out = m(x)
+    total, parts = m.loss(out, lab)
+    assert list(parts) == ["loss", "loss_res1", "loss_res075", "loss_res05"]
+    # 65 -> 9 (exact stride 8), 49 -> 7 (6*8 = 48 = 64*0.75), 33 -> 5 (stride 16)
+    assert [tuple(f.shape[-2:]) for f in out.scales] == [(9, 9), (7, 7), (5, 5)]
+    expect = {"loss": _caffe_loss(out.merged, lab[:, ::8, ::8]),
+              "loss_res1": _caffe_loss(out.scales[0], lab[:, ::8, ::8]),
+              "loss_res075": _caffe_loss(out.scales[1], caffe.shrink_label(lab, 7)),
+              "loss_res05": _caffe_loss(out.scales[2], lab[:, ::16, ::16])}
+    for k, v in expect.items():
+        assert parts[k] == pytest.approx(v, rel=1e-5), k
+    assert total.item() == pytest.approx(sum(expect.values()), rel=1e-5)
+    # without E-Supv: only the merged loss, and it is the same number
+    m.extra_supervision = False
+    total2, parts2 = m.loss(out, lab)
+    assert list(parts2) == ["loss"] and total2.item() == pytest.approx(expect["loss"], rel=1e-5)
+    assert total.item() > total2.item()
+
+
+def test_merge_choice_changes_the_loss():
+    x = torch.randn(1, 3, 49, 49)
+    lab = torch.randint(0, 5, (1, 49, 49))
+    torch.manual_seed(3)
+    ref = tiny(merge="attention").eval()
+    losses = {}
+    for merge in ("attention", "max", "avg"):
+        m = tiny(merge=merge).eval()
+        m.load_state_dict(ref.state_dict(), strict=False)
+        losses[merge] = m.loss(m(x), lab)[1]
+    # per-scale losses are identical (same shared weights), the merged ones differ
+    assert losses["max"]["loss_res05"] == pytest.approx(losses["avg"]["loss_res05"], rel=1e-6)
+    assert len({round(v["loss"], 7) for v in losses.values()}) == 3
+
+
+def test_scale_suffix():
+    assert [scale_suffix(s) for s in (1.0, 0.75, 0.5, 0.6)] == ["1", "075", "05", "06"]
+
+
+# ------------------------------------------------------------------------------------ param groups
+def test_param_groups_caffe_multipliers():
+    m = tiny()
+    groups = m.param_groups(base_lr=1e-3, weight_decay=5e-4)
+    by = {g["name"]: g for g in groups}
+    assert set(by) == {"weights", "biases", "head_weights", "head_biases"}
+    assert (by["weights"]["lr"], by["weights"]["weight_decay"]) == pytest.approx((1e-3, 5e-4))
+    assert (by["biases"]["lr"], by["biases"]["weight_decay"]) == pytest.approx((2e-3, 0.0))
+    assert (by["head_weights"]["lr"], by["head_weights"]["weight_decay"]) == pytest.approx((1e-2, 5e-4))
+    assert (by["head_biases"]["lr"], by["head_biases"]["weight_decay"]) == pytest.approx((2e-2, 0.0))
+    assert [by[k]["lr_mult"] for k in ("weights", "biases", "head_weights", "head_biases")] == [1, 2, 10, 20]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in m.parameters())
+    head = {id(p) for g in groups if g["name"].startswith("head") for p in g["params"]}
+    assert head == {id(p) for n in ("fc8_voc12", "att_conv1", "att_conv2") for p in getattr(m, n).parameters()}
+    torch.optim.SGD(groups, lr=1e-3, momentum=0.9)
+
+
+def test_fresh_init():
+    m = tiny()
+    assert m.fc8_voc12.weight.std().item() == pytest.approx(0.01, rel=0.2)
+    assert m.att_conv1.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert all(getattr(m, n).bias.abs().sum() == 0 for n in ("conv1_1", "fc6", "fc8_voc12", "att_conv2"))
+
+
+# ----------------------------------------------------------------------------------------- predict
+def test_predict_protocol():
+    m = tiny()
+    m.train()
+    img = np.random.default_rng(0).integers(0, 256, (30, 41, 3), dtype=np.uint8)
+    label, att = m.predict(img, crop_size=49)
+    assert m.training  # mode restored
+    assert label.shape == (30, 41) and label.dtype == np.uint8 and att.shape == (3, 30, 41)
+    # the same by hand: mean subtraction, zero pad to 49x49, eval, Interp zoom 8 (7 -> 49), crop, argmax
+    x = F.pad(caffe.preprocess_bgr(img), (0, 49 - 41, 0, 49 - 30))
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+    scores = caffe.interp(out.merged, InterpParams(zoom_factor=8))
+    assert scores.shape[-2:] == (49, 49)
+    np.testing.assert_array_equal(label, scores[0, :, :30, :41].argmax(0).numpy())
+    np.testing.assert_allclose(att, caffe.interp(out.attention, InterpParams(zoom_factor=8))[0, :, :30, :41],
+                               rtol=1e-6, atol=1e-7)
+    # larger than the crop: padded to the next 8k+1 (50 -> 57), still the image size back
+    big = np.zeros((50, 20, 3), np.uint8)
+    label2, _ = m.predict(big, crop_size=33)
+    assert label2.shape == (50, 20)
+    single = tiny(scales=(1.0,), merge=None)
+    lab3, att3 = single.predict(img, crop_size=33)
+    assert att3 is None and lab3.shape == (30, 41)
+    with pytest.raises(TypeError):
+        m.predict(img.astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------ ops vs refs
+def _ops_available():
+    from attnscale import ops
+    try:
+        ops.scale_merge([torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 1, 1)], torch.zeros(1, 2, 2, 2), "attention")
+        ops.dilated_conv2d(torch.zeros(1, 1, 3, 3), torch.zeros(1, 1, 3, 3), None, dilation=2, padding=2)
+    except NotImplementedError as exc:
+        return f"attnscale.ops are placeholders ({exc})"
+    except RuntimeError as exc:
+        if "not built" in str(exc):
+            return "attnscale._C is not built"
+        raise
+    return None
+
+
+@pytest.mark.parametrize("merge", ["attention", "max", "avg"])
+def test_model_with_ops_equals_references(merge):
+    why = _ops_available()
+    if why:
+        pytest.skip(why)
+    ref = tiny(merge=merge).eval()
+    ops = tiny(merge=merge, use_reference_ops=False).eval()
+    ops.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 65, 57)
+    a, b = ref(x), ops(x)
+    torch.testing.assert_close(b.merged, a.merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.attention, a.attention, rtol=1e-5, atol=1e-5)
+    for u, v in zip(b.scales, a.scales):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_training_steps_decrease_loss():
+    """A learnable fixed batch (class = colour + noise), tiny net, Caffe param groups, SGD momentum 0.9."""
+    torch.manual_seed(0)
+    m = tiny(merge="attention", dropout=0.0)
+    m.train()
+    lab = torch.zeros(2, 49, 49, dtype=torch.long)
+    lab[:, :, 25:] = 3
+    lab[1, :20] = 1
+    lab[:, :4] = 255
+    colours = torch.tensor([[-1.0, 0, 1], [0, 1, -1], [0, 0, 0], [1, -1, 0], [0, 0, 0]])
+    x = colours[lab.clamp(max=4)].permute(0, 3, 1, 2) + 0.2 * torch.randn(2, 3, 49, 49)
+    opt = torch.optim.SGD(m.param_groups(base_lr=1e-3, weight_decay=5e-4), lr=1e-3, momentum=0.9)
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss, _ = m.loss(m(x), lab)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert all(b < a for a, b in zip(losses[2:], losses[3:])), losses
+
+
+# ------------------------------------------------------------------------------------------ compile
+def test_torch_compile_fullgraph_reference_ops():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is unavailable in this torch build")
+    torch._dynamo.reset()
+    m = tiny().eval()
+    x = torch.randn(1, 3, 41, 41)
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    out = compiled(x)
+    ref = m(x)
+    torch.testing.assert_close(out.merged, ref.merged)
+    torch.testing.assert_close(out.attention, ref.attention)
+
+
+def test_torch_compile_fullgraph_with_ops():
+    why = _ops_available()
+    if why:
+        pytest.skip(why)
+    torch._dynamo.reset()
+    m = tiny(use_reference_ops=False).eval()
+    x = torch.randn(1, 3, 41, 41)
+    out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(out.merged, m(x).merged, rtol=1e-5, atol=1e-5)
+
+
+def test_reexport():
+    assert attnscale.AttentionToScale is AttentionToScale and attnscale.ModelOutput is ModelOutput
