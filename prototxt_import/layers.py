@@ -469,6 +469,17 @@ class Crop(nn.Module):
         return [a[tuple(self.slices)]]
 
 
+class Silence(nn.Module):
+    """Caffe ``Silence``: consumes its bottoms, produces nothing."""
+
+    def __init__(self, lp, in_shapes, ctx):
+        super().__init__()
+        self.out_shapes = []
+
+    def forward(self, *xs):
+        return []
+
+
 class Flatten(nn.Module):
     """Caffe ``Flatten`` (axes ``axis..end_axis`` into one)."""
 
@@ -491,7 +502,7 @@ BUILDERS = {
     "Convolution": Convolution, "InnerProduct": InnerProduct, "ReLU": ReLU, "Pooling": Pooling,
     "Dropout": Dropout, "Interp": Interp, "Softmax": Softmax, "SpatialProduct": SpatialProduct,
     "Eltwise": Eltwise, "Concat": Concat, "Slice": Slice, "Split": Split, "Crop": Crop,
-    "Flatten": Flatten,
+    "Flatten": Flatten, "Silence": Silence,
 }
 #: builders that need the number of tops
 NEEDS_TOPS = {"Slice", "Split"}
@@ -501,7 +512,7 @@ DATA_TYPES = {"Input", "Data", "ImageData", "ImageSegData", "MemoryData", "HDF5D
 #: layer types ignored at deploy (losses, accuracies, sinks)
 IGNORED_TYPES = {"SoftmaxWithLoss", "SigmoidCrossEntropyLoss", "EuclideanLoss", "HingeLoss",
                  "InfogainLoss", "MultinomialLogisticLoss", "ContrastiveLoss", "Accuracy",
-                 "SegAccuracy", "Silence", "MatWrite", "HDF5Output"}
+                 "SegAccuracy", "MatWrite", "HDF5Output"}
 
 
 def data_layer_shapes(lp) -> list[Shape | None]:

@@ -162,7 +162,9 @@ def caffemodel_bytes(layers, v1=False, packed=True, double=False, legacy=False) 
     for name, type_, arrays in layers:
         if v1:
             lp = message_class("V1LayerParameter")(name=name)
-            lp.type = lp.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_name[type_].number
+            from prototxt_import.readers import V1_TYPE_NAMES
+            enum_name = {v: k for k, v in V1_TYPE_NAMES.items()}[type_]
+            lp.type = lp.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_name[enum_name].number
         else:
             lp = message_class("LayerParameter")(name=name, type=type_)
         lraw = lp.SerializeToString()

@@ -1,0 +1,522 @@
+"""prototxt_import: readers (text/binary/V1/HDF5), net builder, converter, CLI, bad input, fuzz."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import prototxt_import as pi
+from prototxt_import import CaffeImportError, readers
+from prototxt_import.net import ops_available
+from tests.test_prototxt_import_gen import (SUFFIX, caffemodel_bytes, deeplab_prototxt, net_weights,
+                                            randomize, write_h5)
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "prototxt"
+SHARED_FILES = sorted(SHARED.glob("*.prototxt")) if SHARED.is_dir() else []
+W = 1 / 16  # width of the small test nets: 64 -> 4 channels, 1024 -> 64
+SIZE = 65   # input size of the small test nets (9x9 output, 7x7 at 0.75, 5x5 at 0.5)
+
+
+def _write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data) if isinstance(data, bytes) else p.write_text(data)
+    return p
+
+
+@pytest.fixture(scope="module")
+def small_net(tmp_path_factory):
+    """A width-1/16 3-scale attention net, its prototxt path and random weights."""
+    d = tmp_path_factory.mktemp("att3")
+    p = d / "att3.prototxt"
+    p.write_text(deeplab_prototxt((1.0, 0.75, 0.5), "attention", width=W, size=SIZE))
+    net = pi.load_net(p)
+    randomize(net, seed=1)
+    return p, net, net_weights(net)
+
+
+# ------------------------------------------------------------------------------------- readers
+@pytest.mark.parametrize("v1", [False, True], ids=["layer", "V1"])
+@pytest.mark.parametrize("packed,double", [(True, False), (False, False), (True, True)],
+                         ids=["packed", "unpacked", "double_data"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["shape", "nchw"])
+def test_caffemodel_round_trip(tmp_path, small_net, v1, packed, double, legacy):
+    proto, net, layers = small_net
+    raw = caffemodel_bytes(layers, v1=v1, packed=packed, double=double, legacy=legacy)
+    wpath = _write(tmp_path, "w.caffemodel", raw)
+    wf = pi.read_weights(wpath)
+    got = wf.by_name()
+    assert [n for n, _, _ in wf.layers] == [n for n, _, _ in layers]
+    for name, type_, arrays in layers:
+        assert wf.types()[name] == type_
+        assert len(got[name]) == len(arrays)
+        for blob, a in zip(got[name], arrays):
+            assert blob.legacy == legacy
+            np.testing.assert_array_equal(blob.data.reshape(a.shape), a)
+    fresh = pi.load_net(proto, weights=wpath)
+    assert not fresh.load_report.ignored and len(fresh.load_report.loaded) == len(layers)
+    for (name, _, arrays) in layers:
+        for p, a in zip(fresh.layer_blobs(name), arrays):
+            np.testing.assert_array_equal(p.detach().numpy(), a)
+
+
+def test_hdf5_round_trip(tmp_path, small_net):
+    proto, net, layers = small_net
+    h5 = tmp_path / "w.caffemodel.h5"
+    write_h5(h5, layers)
+    fresh = pi.load_net(proto, weights=h5)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+
+
+def test_text_round_trip_and_v1_upgrade(tmp_path):
+    from google.protobuf import text_format
+    text = deeplab_prototxt(width=W, size=SIZE)
+    net = pi.read_net(text)
+    again = pi.parse_text(text_format.MessageToString(net))
+    assert again == net
+    v1 = pi.read_net(deeplab_prototxt(width=W, size=SIZE, v1=True))
+    assert len(v1.layers) == len(net.layer) and not len(v1.layer)
+    up = readers.upgraded_layers(v1)
+    for a, b in zip(up, net.layer):
+        assert (a.name, a.type, list(a.bottom), list(a.top)) == (b.name, b.type, list(b.bottom), list(b.top))
+        assert a.convolution_param == b.convolution_param and a.pooling_param == b.pooling_param
+    # binary NetParameter (a prototxt serialized) reads back equal
+    p = _write(tmp_path, "net.binaryproto", net.SerializeToString())
+    assert pi.read_net(p) == net
+
+
+def test_v1_param_upgrade():
+    text = ('layers { name: "c" type: CONVOLUTION bottom: "data" top: "c" param: "cw" param: "cb" '
+            'blobs_lr: 1 blobs_lr: 2 weight_decay: 1 weight_decay: 0 '
+            'convolution_param { num_output: 2 kernel_size: 1 } include { phase: TEST } }')
+    (lp,) = readers.upgraded_layers(pi.read_net(text))
+    assert lp.type == "Convolution" and [p.name for p in lp.param] == ["cw", "cb"]
+    assert [p.lr_mult for p in lp.param] == [1, 2] and [p.decay_mult for p in lp.param] == [1, 0]
+    assert lp.include[0].phase == 1
+
+
+def test_solver(tmp_path):
+    text = ('net: "train.prototxt"\ntest_iter: 10\ntest_interval: 100\nbase_lr: 0.001\n'
+            'lr_policy: "step"\ngamma: 0.1\nstepsize: 2000\nmomentum: 0.9\nweight_decay: 0.0005\n'
+            'max_iter: 6000\nsnapshot_prefix: "snap/att"\nsolver_mode: GPU\niter_size: 2\n')
+    s = pi.read_solver(_write(tmp_path, "solver.prototxt", text))
+    assert (s.net, s.base_lr, s.lr_policy, s.stepsize, s.max_iter, s.iter_size) == \
+        ("train.prototxt", pytest.approx(0.001), "step", 2000, 6000, 2)
+    assert s.momentum == pytest.approx(0.9) and s.weight_decay == pytest.approx(0.0005)
+    with pytest.raises(CaffeImportError, match=r"solver.prototxt:4:\d+: .*no field named \"base_lrate\""):
+        pi.read_solver(_write(tmp_path, "solver.prototxt", text.replace("base_lr", "base_lrate")))
+
+
+def test_unknown_binary_fields_are_skipped(tmp_path, small_net):
+    _, _, layers = small_net
+    raw = caffemodel_bytes(layers[:1])
+    # append an unknown field (number 999, varint) at the NetParameter level
+    wf = pi.read_weights(_write(tmp_path, "w.caffemodel", raw + bytes([0xB8, 0x3E, 0x05])))
+    assert [n for n, _, _ in wf.layers] == [layers[0][0]]
+
+
+# ------------------------------------------------------------------------------- shared nets
+@pytest.mark.skipif(not SHARED_FILES, reason=f"shared prototxts not found at {SHARED}")
+@pytest.mark.parametrize("path", SHARED_FILES, ids=lambda p: p.name)
+def test_shared_prototxt_parses_and_builds(path):
+    """Every shared prototxt parses and runs at 65x65 (not 513) with zero-cost default weights."""
+    net = pi.load_net(path, input_shapes={"data": (1, 3, SIZE, SIZE)}, use_ops=False)
+    assert net.input_names == ["data"]
+    with torch.no_grad():
+        blobs = net(torch.randn(1, 3, SIZE, SIZE), return_blobs=True)
+    merged = [n for n in ("fc8_attention", "fc8_max", "fc8_avg", "fc8_voc12") if n in blobs][0]
+    assert merged in net.output_names
+    assert tuple(blobs[merged].shape) == (1, 21, 9, 9) == net.blob_shapes[merged]
+    for name, t in blobs.items():  # the statically inferred shapes are the computed ones
+        assert tuple(t.shape) == net.blob_shapes[name], name
+    if "attention" in blobs:
+        torch.testing.assert_close(blobs["attention"].sum(1), torch.ones(1, 9, 9))
+    if "train" in path.name:
+        assert net.unused_inputs == ["label", "label_res075", "label_res05"]
+
+
+@pytest.mark.skipif(not SHARED_FILES, reason=f"shared prototxts not found at {SHARED}")
+@pytest.mark.parametrize("merge,scales,fname", [
+    (None, (1.0,), "deeplab_largefov_deploy.prototxt"),
+    ("attention", (1.0, 0.75, 0.5), "attention3_deploy.prototxt"),
+    ("attention", (1.0, 0.5), "attention2_deploy.prototxt"),
+    ("max", (1.0, 0.75, 0.5), "max3_deploy.prototxt"),
+    ("avg", (1.0, 0.75, 0.5), "avg3_deploy.prototxt")])
+def test_generator_matches_shared_structure(merge, scales, fname):
+    """The small test nets have exactly the shared nets' layers (names, types, blobs, params)."""
+    ours = readers.upgraded_layers(pi.read_net(deeplab_prototxt(scales, merge, width=1.0)))
+    theirs = readers.upgraded_layers(pi.read_net(SHARED / fname))
+
+    def key(lp):
+        return (lp.name, lp.type, list(lp.bottom), list(lp.top), [p.SerializeToString() for p in lp.param],
+                lp.convolution_param, lp.pooling_param, lp.interp_param, lp.eltwise_param, lp.slice_param,
+                lp.dropout_param)
+    assert [key(a) for a in ours] == [key(b) for b in theirs]
+
+
+@pytest.mark.skipif(not SHARED_FILES, reason=f"shared prototxts not found at {SHARED}")
+def test_shared_v1_equals_current():
+    net = pi.load_net(SHARED / "deeplab_largefov_deploy.prototxt", input_shapes=(1, 3, 33, 33))
+    old = pi.load_net(SHARED / "deeplab_largefov_deploy_v1.prototxt", input_shapes=(1, 3, 33, 33))
+    randomize(net)
+    for (name, _, arrays) in net_weights(net):
+        with torch.no_grad():
+            for p, a in zip(old.layer_blobs(name), arrays):
+                p.copy_(torch.from_numpy(a))
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x), net(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ builder semantics
+def test_blobs_inplace_and_sharing(small_net):
+    _, net, _ = small_net
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        blobs = net(x, return_blobs=True)
+    assert blobs["conv1_1"].min() >= 0  # relu1_1 ran in place: the blob holds the ReLU output
+    assert net.layer_blobs("conv1_1")[0] is net.layer_blobs("conv1_1_res075")[0]  # param { name }
+    assert net.layer_blobs("att_conv1")[0] is not net.layer_blobs("conv1_1")[0]
+    assert net.output_names == ["fc8_attention"]
+
+
+def test_layer_semantics(tmp_path):
+    """Eltwise coeff/PROD/MAX, Concat, Slice points, Split, Silence, Crop, SpatialProduct, Softmax
+    axis, InnerProduct, ReLU slope and include/exclude phase rules, checked against torch."""
+    text = '''
+input: "a" input_shape { dim: 2 dim: 4 dim: 5 dim: 6 }
+input: "b" input_shape { dim: 2 dim: 4 dim: 5 dim: 6 }
+layer { name: "sum" type: "Eltwise" bottom: "a" bottom: "b" top: "sum" eltwise_param { coeff: 2 coeff: -1 } }
+layer { name: "prod" type: "Eltwise" bottom: "a" bottom: "b" top: "prod" eltwise_param { operation: PROD } }
+layer { name: "max" type: "Eltwise" bottom: "a" bottom: "b" top: "max" eltwise_param { operation: MAX } }
+layer { name: "cat" type: "Concat" bottom: "a" bottom: "b" top: "cat" concat_param { axis: 2 } }
+layer { name: "sl" type: "Slice" bottom: "cat" top: "s1" top: "s2" top: "s3" slice_param { axis: 2 slice_point: 3 slice_point: 7 } }
+layer { name: "sp" type: "Split" bottom: "s1" top: "s1a" top: "s1b" }
+layer { name: "sil" type: "Silence" bottom: "s1b" }
+layer { name: "crop" type: "Crop" bottom: "a" bottom: "s1a" top: "crop" crop_param { axis: 2 offset: 1 offset: 0 } }
+layer { name: "one" type: "Convolution" bottom: "b" top: "one" convolution_param { num_output: 1 kernel_size: 1 bias_term: false } }
+layer { name: "spp" type: "SpatialProduct" bottom: "a" bottom: "one" top: "spp" }
+layer { name: "sm" type: "Softmax" bottom: "a" top: "sm" softmax_param { axis: 3 } }
+layer { name: "ip" type: "InnerProduct" bottom: "a" top: "ip" inner_product_param { num_output: 3 weight_filler { type: "gaussian" std: 0.1 } bias_filler { type: "constant" value: 0.5 } } }
+layer { name: "lrelu" type: "ReLU" bottom: "b" top: "lrelu" relu_param { negative_slope: 0.1 } }
+layer { name: "train_only" type: "ReLU" bottom: "a" top: "tr" include { phase: TRAIN } }
+layer { name: "not_test" type: "ReLU" bottom: "a" top: "nt" exclude { phase: TEST } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "b" top: "loss" }
+'''
+    net = pi.load_net(text)
+    a, b = torch.randn(2, 4, 5, 6), torch.randn(2, 4, 5, 6)
+    with torch.no_grad():
+        r = net(a, b, return_blobs=True)
+    eq = torch.testing.assert_close
+    eq(r["sum"], 2 * a - b)
+    eq(r["prod"], a * b)
+    eq(r["max"], torch.maximum(a, b))
+    cat = torch.cat([a, b], 2)
+    eq(r["cat"], cat)
+    eq(r["s1"], cat[:, :, :3]), eq(r["s2"], cat[:, :, 3:7]), eq(r["s3"], cat[:, :, 7:])
+    eq(r["crop"], a[:, :, 1:4, 0:6])
+    w = net.layer_blobs("one")[0]
+    eq(r["spp"], a * torch.nn.functional.conv2d(b, w))
+    eq(r["sm"], torch.softmax(a, 3))
+    wi, bi = net.layer_blobs("ip")
+    eq(r["ip"], a.flatten(1) @ wi.t() + bi)
+    assert torch.all(bi == 0.5) and 0.05 < float(wi.detach().std()) < 0.2
+    eq(r["lrelu"], torch.where(b > 0, b, 0.1 * b))
+    assert "tr" not in r and "nt" not in r and "loss" not in r
+    assert net.blob_shapes["s2"] == (2, 4, 4, 6)
+    assert set(net.output_names) == {"sum", "prod", "max", "s2", "s3", "crop", "spp", "sm", "ip", "lrelu"}
+    train = pi.load_net(text, phase="TRAIN")
+    assert {"tr", "nt"} <= set(train.blob_shapes)
+
+
+def test_pool_interp_conv_forms():
+    """Caffe rounding (ceil) in Pooling, Interp sizes, _h/_w conv forms and dilation/groups."""
+    text = '''
+input: "x" input_shape { dim: 1 dim: 4 dim: 10 dim: 9 }
+layer { name: "p" type: "Pooling" bottom: "x" top: "p" pooling_param { pool: MAX kernel_size: 3 stride: 2 } }
+layer { name: "q" type: "Pooling" bottom: "x" top: "q" pooling_param { pool: AVE kernel_size: 3 stride: 2 pad: 1 } }
+layer { name: "g" type: "Pooling" bottom: "x" top: "g" pooling_param { pool: AVE global_pooling: true } }
+layer { name: "i" type: "Interp" bottom: "x" top: "i" interp_param { zoom_factor: 3 } }
+layer { name: "j" type: "Interp" bottom: "x" top: "j" interp_param { height: 4 width: 7 } }
+layer { name: "k" type: "Interp" bottom: "x" top: "k" interp_param { shrink_factor: 2 pad_beg: -1 pad_end: -1 } }
+layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 6 kernel_h: 3 kernel_w: 1 pad_h: 1 pad_w: 0 stride_h: 2 stride_w: 1 group: 2 } }
+layer { name: "d" type: "Convolution" bottom: "x" top: "d" convolution_param { num_output: 2 kernel_size: 3 kernel_size: 1 pad: 2 pad: 0 dilation: 2 } }
+'''
+    net = pi.load_net(text)
+    s = net.blob_shapes
+    # Caffe: ceil((10 - 3) / 2) + 1 = 5 (floor would give 4), ceil((9-3)/2)+1 = 4
+    assert s["p"] == (1, 4, 5, 4) and s["q"] == (1, 4, 6, 5) and s["g"] == (1, 4, 1, 1)
+    assert s["i"] == (1, 4, 28, 25) and s["j"] == (1, 4, 4, 7) and s["k"] == (1, 4, 4, 4)
+    assert s["c"] == (1, 6, 5, 9) and s["d"] == (1, 2, 10, 9)
+    assert tuple(net.layer_blobs("c")[0].shape) == (6, 2, 3, 1)
+    x = torch.randn(1, 4, 10, 9)
+    with torch.no_grad():
+        r = net(x, return_blobs=True)
+    for k, v in r.items():
+        assert tuple(v.shape) == s[k]
+    from attnscale import caffe
+    torch.testing.assert_close(r["p"], caffe.pool2d(x, 3, 2, 0, "max"))
+    torch.testing.assert_close(r["g"], x.mean((2, 3), keepdim=True))
+    torch.testing.assert_close(r["j"], caffe.interp(x, (4, 7)))
+    wc, bc = net.layer_blobs("c")
+    torch.testing.assert_close(r["c"], torch.nn.functional.conv2d(x, wc, bc, (2, 1), (1, 0), 1, 2))
+    wd, bd = net.layer_blobs("d")
+    torch.testing.assert_close(r["d"], torch.nn.functional.conv2d(x, wd, bd, 1, (2, 0), 2))
+
+
+@pytest.mark.skipif(not ops_available(), reason="attnscale's compiled dilated_conv2d op is not built")
+def test_our_ops_path_matches_reference(small_net):
+    proto, net, layers = small_net
+    ours = pi.load_net(proto, use_ops=True)
+    ours.load_caffe_weights(readers.WeightFile("mem", [(n, t, [readers.CaffeBlob(a) for a in arrs])
+                                                      for n, t, arrs in layers]))
+    assert any(m.use_ops for m in ours.layers.values() if hasattr(m, "use_ops"))
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- converter
+@pytest.mark.parametrize("scales,merge", [((1.0,), None), ((1.0, 0.75, 0.5), "attention"),
+                                          ((1.0, 0.75, 0.5), "max"), ((1.0, 0.75, 0.5), "avg")],
+                         ids=["largefov", "attention3", "max3", "avg3"])
+def test_to_attnscale_agrees_with_caffe_net(tmp_path, scales, merge):
+    proto = _write(tmp_path, "net.prototxt", deeplab_prototxt(scales, merge, width=W, size=SIZE))
+    net = pi.load_net(proto, use_ops=False)
+    randomize(net, seed=3)
+    wpath = _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(net)))
+    model, report = pi.to_attnscale(proto, wpath, use_reference_ops=True)
+    assert model.scales == scales and model.merge == merge and model.width == W
+    assert model.num_classes == 21 and model.classifier_name == "fc8_voc12"
+    assert not report.unmapped and not report.fresh
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        blobs = net(x, return_blobs=True)
+        out = model(x)
+    merged = {"attention": "fc8_attention", "max": "fc8_max", "avg": "fc8_avg", None: "fc8_voc12"}[merge]
+    torch.testing.assert_close(out.merged, blobs[merged], rtol=1e-5, atol=1e-5)
+    for s, scores in zip(scales, out.scales):
+        torch.testing.assert_close(scores, blobs["fc8_voc12" + SUFFIX.get(s, "")], rtol=1e-5, atol=1e-5)
+    if merge == "attention":
+        torch.testing.assert_close(out.attention, blobs["attention"], rtol=1e-5, atol=1e-5)
+        assert "conv1_1_res075[0]" in str(report) and "shared copy" in str(report)
+
+
+def test_to_attnscale_v1_and_h5(tmp_path):
+    proto = _write(tmp_path, "v1.prototxt", deeplab_prototxt(width=W, size=SIZE, v1=True))
+    net = pi.load_net(proto)
+    randomize(net, seed=4)
+    h5 = tmp_path / "w.caffemodel.h5"
+    write_h5(h5, net_weights(net))
+    model, report = pi.to_attnscale(proto, h5, use_reference_ops=True)
+    assert model.scales == (1.0,) and model.merge is None and model.dropout == 0.5
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).merged, net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_imagenet_init(tmp_path):
+    """vgg16_20M-style init: conv1_1 ... fc7, an ImageNet fc8 (1000 classes) -> trunk loaded,
+    classifier and attention head fresh, everything listed in the report."""
+    proto = _write(tmp_path, "att.prototxt", deeplab_prototxt((1.0, 0.5), "attention", width=W, size=SIZE))
+    ref = pi.load_net(deeplab_prototxt(width=W, size=SIZE, classes=1000).replace('"fc8_voc12"', '"fc8"'))
+    randomize(ref, seed=5)
+    layers = net_weights(ref)
+    assert layers[-1][0] == "fc8"
+    model, report = pi.to_attnscale(proto, _write(tmp_path, "init.caffemodel", caffemodel_bytes(layers)))
+    for name, _, arrays in layers[:-1]:
+        np.testing.assert_array_equal(getattr(model, name).weight.detach().numpy(), arrays[0])
+    assert ("fc8", "no such layer in attnscale's model") in report.unmapped
+    fresh = dict(report.fresh)
+    assert set(fresh) == {f"{n}.{p}" for n in ("fc8_voc12", "att_conv1", "att_conv2") for p in ("weight", "bias")}
+    assert float(model.att_conv1.weight.detach().abs().sum()) > 0  # fresh gaussian, not zeros
+    # the same ImageNet classifier under the classifier's own name: shapes do not fit -> fresh
+    layers[-1] = ("fc8_voc12",) + layers[-1][1:]
+    model, report = pi.to_attnscale(proto, _write(tmp_path, "init2.caffemodel", caffemodel_bytes(layers)))
+    assert "fc8_voc12.weight" in dict(report.fresh) and report.unmapped[0][0] == "fc8_voc12"
+    text = str(report)
+    assert "mapped (" in text and "freshly initialised" in text and "1000" in text
+
+
+def test_to_attnscale_rejects_non_deeplab(tmp_path):
+    with pytest.raises(CaffeImportError, match="no Convolution layer 'conv1_1'"):
+        pi.to_attnscale('input: "data" input_shape { dim: 1 dim: 3 dim: 9 dim: 9 }\n'
+                        'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }')
+    text = deeplab_prototxt(width=W, size=SIZE).replace("num_output: 8 kernel_size: 3 pad: 1 } }\n"
+                                                        'layer { name: "relu2_2"', "num_output: 9 kernel_size: 3 pad: 1 } }\n"
+                                                        'layer { name: "relu2_2"')
+    with pytest.raises(CaffeImportError, match="conv2_2"):
+        pi.to_attnscale(text)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def test_cli_inspect_and_convert(tmp_path, small_net, capsys):
+    from prototxt_import.__main__ import main
+    proto, net, layers = small_net
+    wpath = _write(tmp_path, "w.caffemodel", caffemodel_bytes(layers))
+    assert main(["inspect", str(proto), str(wpath)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"conv1_1 +Convolution +data -> conv1_1 \(1, 4, 65, 65\) +params 112", out)
+    assert re.search(r"conv1_1_res075 .*\(1, 4, 49, 49\) +params 0 \(shared\)", out)
+    assert f"parameters: {net.parameter_count()} (unique)" in out
+    assert f"copied {len(layers)} layer(s)" in out
+    target = tmp_path / "model.pt"
+    assert main(["convert", str(proto), str(wpath), "-o", str(target), "-q"]) == 0
+    sd = torch.load(target, weights_only=True)
+    model, _ = pi.to_attnscale(proto, None)
+    model.load_state_dict(sd, strict=True)
+    np.testing.assert_array_equal(sd["att_conv2.weight"].numpy(), layers[[n for n, _, _ in layers].index("att_conv2")][2][0])
+    assert main(["inspect", str(tmp_path / "missing.prototxt")]) == 2
+    assert "missing.prototxt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- bad input
+def test_syntax_error_names_file_line_column(tmp_path):
+    p = _write(tmp_path, "bad.prototxt", 'name: "x"\nlayer {\n  name: "c1" type: "ReLU"\n  bottom "a"\n}\n')
+    with pytest.raises(CaffeImportError, match=r"bad\.prototxt:4:\d+: .*\(in layer 'c1'\)"):
+        pi.read_net(p)
+
+
+def test_unknown_field_names_field_line_and_layer(tmp_path):
+    text = deeplab_prototxt(width=W, size=SIZE).replace("kernel_size: 3 pad: 2 dilation: 2", "kernel_size: 3 padd: 2 dilation: 2", 1)
+    line = next(i + 1 for i, ln in enumerate(text.splitlines()) if "padd" in ln)
+    p = _write(tmp_path, "u.prototxt", text)
+    with pytest.raises(CaffeImportError, match=rf'u\.prototxt:{line}:\d+: .*"padd".*\(in layer \'conv5_1\'\)'):
+        pi.read_net(p)
+
+
+def test_unknown_layer_type_and_missing_bottom(tmp_path):
+    with pytest.raises(CaffeImportError, match="layer 'w': unsupported layer type 'Warp'"):
+        pi.load_net('input: "x" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }\n'
+                    'layer { name: "w" type: "Warp" bottom: "x" top: "y" }')
+    with pytest.raises(CaffeImportError, match="layer 'r' \\(ReLU\\): bottom blob 'nope'"):
+        pi.load_net('input: "x" input_shape { dim: 1 dim: 1 dim: 2 dim: 2 }\n'
+                    'layer { name: "r" type: "ReLU" bottom: "nope" top: "y" }')
+    with pytest.raises(CaffeImportError, match="layer 'p' \\(Pooling\\): .*STOCHASTIC"):
+        pi.load_net('input: "x" input_shape { dim: 1 dim: 1 dim: 4 dim: 4 }\n'
+                    'layer { name: "p" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: STOCHASTIC kernel_size: 2 } }')
+    with pytest.raises(CaffeImportError, match="input_shapes"):
+        pi.load_net('layer { name: "d" type: "Data" top: "data" }\n'
+                    'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 1 kernel_size: 1 } }')
+    net = pi.load_net('layer { name: "d" type: "Data" top: "data" top: "label" }\n'
+                      'layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 1 kernel_size: 1 } }\n'
+                      'layer { name: "l" type: "SoftmaxWithLoss" bottom: "c" bottom: "label" }', input_shapes={"data": (1, 2, 3, 3)})
+    assert net.input_names == ["data"] and net.unused_inputs == ["label"] and net.output_names == ["c"]
+
+
+def test_bad_weight_files(tmp_path, small_net):
+    proto, _, layers = small_net
+    good = caffemodel_bytes(layers)
+    for cut in (len(good) // 3, len(good) - 1):
+        p = _write(tmp_path, "t.caffemodel", good[:cut])
+        with pytest.raises(CaffeImportError, match=r"t\.caffemodel"):
+            pi.load_net(proto, weights=p)
+    # data size that does not match the shape
+    lie = [(layers[0][0], layers[0][1], [layers[0][2][0].reshape(-1)[:-1], layers[0][2][1]])]
+    raw = caffemodel_bytes(lie).replace(bytes([0x08, 0x04, 0x08, 0x03]), bytes([0x08, 0x04, 0x08, 0x03]))
+    from prototxt_import.schema import message_class
+    net = message_class("NetParameter")()
+    net.ParseFromString(raw)
+    net.layer[0].blobs[0].shape.dim[:] = [4, 3, 3, 3]
+    p = _write(tmp_path, "lie.caffemodel", net.SerializeToString())
+    with pytest.raises(CaffeImportError, match=r"lie\.caffemodel: layer 'conv1_1' blob 0: blob shape \(4, 3, 3, 3\) holds 108 values but its data has 107"):
+        pi.read_weights(p)
+    # a weight that does not fit the prototxt layer
+    wrong = [(layers[1][0], layers[1][1], [np.zeros((4, 4, 1, 3), np.float32), layers[1][2][1]])]
+    p = _write(tmp_path, "wrong.caffemodel", caffemodel_bytes(wrong))
+    with pytest.raises(CaffeImportError, match=r"wrong\.caffemodel: layer 'conv1_2': cannot copy blob 0: shape mismatch"):
+        pi.load_net(proto, weights=p)
+    p = _write(tmp_path, "count.caffemodel", caffemodel_bytes([(layers[1][0], "Convolution", layers[1][2][:1])]))
+    with pytest.raises(CaffeImportError, match="incompatible number of blobs"):
+        pi.load_net(proto, weights=p)
+    # a lying length field: a huge declared length inside a small file
+    p = _write(tmp_path, "len.caffemodel", bytes([0xA2, 0x06, 0xFF, 0xFF, 0xFF, 0xFF, 0x07]) + b"\x00" * 16)
+    with pytest.raises(CaffeImportError, match="truncated or corrupt"):
+        pi.read_weights(p)
+    # corrupt / non-HDF5 .h5
+    p = _write(tmp_path, "bad.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(CaffeImportError, match=r"bad\.h5"):
+        pi.read_weights(p)
+    with pytest.raises(CaffeImportError, match="cannot read"):
+        pi.read_weights(tmp_path / "absent.caffemodel")
+
+
+def test_size_limits(tmp_path, monkeypatch):
+    p = _write(tmp_path, "big.caffemodel", b"\x00" * 4096)
+    monkeypatch.setattr(readers, "MAX_BINARY_BYTES", 1024)
+    with pytest.raises(CaffeImportError, match="more than the 1024 bytes allowed"):
+        pi.read_weights(p)
+    with pytest.raises(CaffeImportError, match="parameter budget"):
+        pi.load_net('input: "x" input_shape { dim: 1 dim: 3 dim: 4 dim: 4 }\n'
+                    'layer { name: "c" type: "Convolution" bottom: "x" top: "c" convolution_param { num_output: 4000000000 kernel_size: 1 } }')
+    p = _write(tmp_path, "latin.prototxt", 'name: "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(CaffeImportError, match=r"latin\.prototxt:1: not UTF-8"):
+        pi.read_net(p)
+
+
+# ------------------------------------------------------------------------------------ fuzz
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+_SMALL_TEXT = deeplab_prototxt((1.0, 0.5), "attention", width=1 / 64, size=17)
+
+
+@pytest.fixture(scope="module")
+def fuzz_base():
+    net = pi.load_net(_SMALL_TEXT)
+    randomize(net)
+    return net_weights(net)
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_binary_reader(tmp_path_factory, fuzz_base, data):
+    good = caffemodel_bytes(fuzz_base, v1=data.draw(st.booleans()), packed=data.draw(st.booleans()))
+    kind = data.draw(st.sampled_from(["random", "flip", "truncate", "splice"]))
+    if kind == "random":
+        raw = data.draw(st.binary(max_size=512))
+    elif kind == "flip":
+        raw = bytearray(good)
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(raw) - 1))
+            raw[i] = data.draw(st.integers(0, 255))
+        raw = bytes(raw)
+    elif kind == "truncate":
+        raw = good[:data.draw(st.integers(0, len(good)))]
+    else:
+        i = data.draw(st.integers(0, len(good)))
+        raw = good[:i] + data.draw(st.binary(max_size=32)) + good[i:]
+    p = tmp_path_factory.mktemp("fz") / "f.caffemodel"
+    p.write_bytes(raw)
+    try:
+        wf = pi.read_weights(p)
+    except CaffeImportError:
+        return
+    net = pi.load_net(_SMALL_TEXT, use_ops=False)
+    try:
+        net.load_caffe_weights(wf)
+    except CaffeImportError:
+        pass
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_text_reader(data):
+    text = _SMALL_TEXT
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(text)))
+        j = min(len(text), i + data.draw(st.integers(0, 12)))
+        ins = data.draw(st.sampled_from(["", "{", "}", '"', ":", " 7", " -1", " 99999", "layer", "x", "\n",
+                                         "bottom: \"q\"", "\xff", "0.5", "MAX"]))
+        text = text[:i] + ins + text[j:]
+    try:
+        net = pi.read_net(text)
+        pi.CaffeNet(net, "<fuzz>", use_ops=False, max_param_count=2_000_000, max_blob_count=50_000_000)
+    except CaffeImportError:
+        pass
