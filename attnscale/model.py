@@ -73,7 +73,7 @@ class AttentionToScale(nn.Module):
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
-        test_crop_size: DeepLab test crop (513 for VOC, 641 for COCO) used by :meth:`predict`.
+        test_crop_size: DeepLab test crop (513 for VOC, 641 for COCO; must be 8k+1) used by :meth:`predict`.
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
@@ -96,8 +96,7 @@ class AttentionToScale(nn.Module):
             raise ValueError(f"width must be > 0, got {width}")
         if not (0 <= dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if not isinstance(test_crop_size, int) or test_crop_size < 1:
-            raise ValueError(f"test_crop_size must be a positive int, got {test_crop_size!r}")
+        _check_crop(test_crop_size, "test_crop_size")
         if not classifier_name.isidentifier() or classifier_name in {t[1] for t in TRUNK} | {
                 "fc6", "fc7", "att_conv1", "att_conv2"}:
             raise ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name")
@@ -281,6 +280,7 @@ class AttentionToScale(nn.Module):
         if not isinstance(image_bgr_uint8, np.ndarray) or image_bgr_uint8.dtype != np.uint8:
             raise TypeError("predict: image_bgr_uint8 must be a numpy uint8 HxWx3 BGR image")
         crop = int(crop_size or self.test_crop_size)
+        _check_crop(crop, "crop_size")
         x = caffe.preprocess_bgr(image_bgr_uint8)
         H, W = x.shape[-2:]
         ph = crop if H <= crop else 8 * math.ceil((H - 1) / 8) + 1
@@ -301,6 +301,13 @@ class AttentionToScale(nn.Module):
         if out.attention is not None:
             att = caffe.interp(out.attention.float(), zoom)[0, :, :H, :W].cpu().numpy()
         return label, att
+
+
+def _check_crop(crop, name: str) -> None:
+    """DeepLab test crops are 8k+1 (321, 513, 641): then ``Interp zoom_factor: 8`` of the output
+    (k+1 → 8k+1) lands exactly on the padded input."""
+    if not isinstance(crop, int) or crop < 1 or crop % 8 != 1:
+        raise ValueError(f"{name} must be a positive int of the form 8k+1 (e.g. 513, 641), got {crop!r}")
 
 
 def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int = caffe.IGNORE_LABEL):

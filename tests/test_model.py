@@ -284,6 +284,10 @@ def test_predict_protocol():
     assert att3 is None and lab3.shape == (30, 41)
     with pytest.raises(TypeError):
         m.predict(img.astype(np.float32))
+    with pytest.raises(ValueError, match="8k\\+1"):
+        m.predict(img, crop_size=48)
+    with pytest.raises(ValueError, match="8k\\+1"):
+        tiny(test_crop_size=500)
 
 
 # ------------------------------------------------------------------------------------ ops vs refs
