@@ -315,8 +315,9 @@ def label_sample_indices(size_in: int, size_out: int, device=None) -> torch.Tens
 def shrink_label(labels: torch.Tensor, size) -> torch.Tensor:
     """Downsample an (N,H,W) or (N,1,H,W) integer label map to ``size`` (int or (h, w)), DeepLab style.
 
-    DeepLab shrinks the ground truth with an ``Interp`` layer (``label_shrink``, ``shrink_factor: 8``) whose
-    sampling grid is aligned-corners; at integral ratios (321→41, 513→65, and 321→21 for scale 0.5) that
+    DeepLab's released training nets (to our knowledge; not verifiable from the shared files) shrink the
+    ground truth with an ``Interp`` layer (``shrink_factor: 8``) whose sampling grid is aligned-corners; at
+    integral ratios (321→41, 513→65, and 321→21 for scale 0.5) that
     bilinear resize *copies* one label per output pixel (lambda = 0), so no class ids are mixed and 255 stays
     255.  ``attention3_train_esupv.prototxt`` takes the three labels as input blobs (``label`` 41x41,
     ``label_res075`` 31x31, ``label_res05`` 21x21), so whoever feeds Caffe must make them: this function is
