@@ -44,6 +44,8 @@ class ConversionReport:
     unmapped: list[tuple[str, str]] = field(default_factory=list)
     #: model parameters left at their fresh initialisation, with the reason
     fresh: list[tuple[str, str]] = field(default_factory=list)
+    #: anything else worth knowing (defaults taken where the prototxt says nothing)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"to_attnscale: {self.prototxt}" + (f" + {self.weights}" if self.weights else " (no weights)"),
@@ -54,6 +56,7 @@ class ConversionReport:
         lines += [f"  {src:<32}    {why}" for src, why in self.unmapped]
         lines.append(f"freshly initialised ({len(self.fresh)}):")
         lines += [f"  {dst:<32}    {why}" for dst, why in self.fresh]
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -176,10 +179,13 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
     source = "<NetParameter>" if hasattr(prototxt, "DESCRIPTOR") else (
         os.fspath(prototxt) if not isinstance(prototxt, str) or os.path.exists(prototxt) else "<string>")
     cfg = analyse(net_param, source)
+    notes = []
     if extra_supervision is not None:
         cfg["extra_supervision"] = bool(extra_supervision)
     elif cfg["extra_supervision"] is None:
         cfg["extra_supervision"] = True
+        notes.append("the net has no loss layers, so extra_supervision cannot be read from it; "
+                     "kept the default True (pass extra_supervision= to choose)")
     if use_reference_ops is None:
         use_reference_ops = not ops_available()
     try:
@@ -196,7 +202,7 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
     if weights is not None:
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
     report = ConversionReport(source, wf.path if wf is not None else None,
-                              dict(cfg, use_reference_ops=use_reference_ops))
+                              dict(cfg, use_reference_ops=use_reference_ops), notes=notes)
     _load(model, wf, report)
     return model, report
 

@@ -130,7 +130,11 @@ class CaffeNet(nn.Module):
                 except L.LayerError as exc:
                     raise L.wrap_error(exc, source, lp) from None
                 for t, s in zip(lp.top, dshapes):
-                    shapes[t] = overrides.get(t, s)
+                    s = overrides.get(t, s)
+                    if s is not None and any(d < 0 for d in s):
+                        raise CaffeImportError(f"{source}: layer {lp.name!r} ({lp.type}): top {t!r} "
+                                               f"has a negative dimension {s}")
+                    shapes[t] = s
                     all_inputs.append(t)
                 rec.status = "input"
                 rec.top_shapes = [shapes[t] for t in lp.top]
@@ -182,11 +186,12 @@ class CaffeNet(nn.Module):
             self.records.append(rec)
 
         consumed_by_run = [b for _, bottoms, _ in self._plan for b in bottoms]
-        consumed_any = {b for lp in kept for b in lp.bottom}
         self.input_names = [n for n in dict.fromkeys(all_inputs) if n in set(consumed_by_run)]
         self.unused_inputs = [n for n in dict.fromkeys(all_inputs) if n not in set(consumed_by_run)]
-        # outputs: Caffe's available_blobs over the executed layers
-        available: dict[str, None] = {n: None for n in all_inputs if n not in consumed_any}
+        # outputs: Caffe's available_blobs over the executed layers.  Unlike Caffe, net inputs that
+        # no executed layer reads (labels of ignored losses, data_dim) are listed in
+        # unused_inputs, not returned as outputs.
+        available: dict[str, None] = {}
         for _, bottoms, tops in self._plan:
             for b in bottoms:
                 available.pop(b, None)

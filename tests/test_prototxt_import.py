@@ -175,6 +175,50 @@ def test_shared_v1_equals_current():
         torch.testing.assert_close(old(x), net(x), rtol=0, atol=0)
 
 
+@pytest.mark.skipif(not SHARED_FILES, reason=f"shared prototxts not found at {SHARED}")
+@pytest.mark.parametrize("fname,scales,merge,dropout,esupv", [
+    ("deeplab_largefov_deploy.prototxt", (1.0,), None, 0.5, None),
+    ("deeplab_largefov_deploy_v1.prototxt", (1.0,), None, 0.5, None),
+    ("attention3_deploy.prototxt", (1.0, 0.75, 0.5), "attention", 0.5, None),
+    ("attention2_deploy.prototxt", (1.0, 0.5), "attention", 0.5, None),
+    ("max3_deploy.prototxt", (1.0, 0.75, 0.5), "max", 0.5, None),
+    ("avg3_deploy.prototxt", (1.0, 0.75, 0.5), "avg", 0.5, None),
+    ("attention3_train_esupv.prototxt", (1.0, 0.75, 0.5), "attention", 0.0, True)])
+def test_shared_prototxt_analysis(fname, scales, merge, dropout, esupv):
+    from prototxt_import.convert import analyse
+    cfg = analyse(pi.read_net(SHARED / fname))
+    assert (cfg["scales"], cfg["merge"], cfg["dropout"], cfg["extra_supervision"]) == (scales, merge, dropout, esupv)
+    assert (cfg["num_classes"], cfg["width"], cfg["classifier_name"]) == (21, 1.0, "fc8_voc12")
+
+
+def test_deeplab_train_layers():
+    """DeepLab training-net layers: ImageSegData (tops are inputs, shapes from batch/crop), params
+    of SegAccuracy / image_data / memory_data parse, TRAIN-only layers are dropped at TEST."""
+    text = '''
+layer { name: "data" type: "ImageSegData" top: "data" top: "label" top: "data_dim"
+  image_data_param { root_folder: "/voc" source: "list.txt" batch_size: 2 shuffle: true label_type: PIXEL }
+  transform_param { mean_value: 104.008 mean_value: 116.669 mean_value: 122.675 crop_size: 17 mirror: true }
+  include { phase: TRAIN } }
+layer { name: "mem" type: "MemoryData" top: "mdata" top: "mlabel" memory_data_param { batch_size: 1 channels: 3 height: 9 width: 9 }
+  include { phase: TEST } }
+layer { name: "c" type: "Convolution" bottom: "data" top: "c" convolution_param { num_output: 2 kernel_size: 1 } include { phase: TRAIN } }
+layer { name: "cm" type: "Convolution" bottom: "mdata" top: "cm" convolution_param { num_output: 2 kernel_size: 3 } include { phase: TEST } }
+layer { name: "acc" type: "SegAccuracy" bottom: "c" bottom: "label" top: "acc" seg_accuracy_param { ignore_label: 255 } include { phase: TRAIN } }
+'''
+    train = pi.load_net(text, phase="TRAIN")
+    assert train.blob_shapes["data"] == (2, 3, 17, 17) and train.blob_shapes["label"] == (2, 1, 17, 17)
+    assert train.input_names == ["data"] and set(train.unused_inputs) == {"label", "data_dim"}
+    assert train.output_names == ["c"]
+    inp = pi.load_net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 2 dim: 5 dim: 5 } } }\n'
+                      'layer { name: "r" type: "ReLU" bottom: "x" top: "r" }')
+    assert inp.input_names == ["x"] and inp.blob_shapes["r"] == (1, 2, 5, 5)
+    with pytest.raises(CaffeImportError, match="layer 'in' \\(Input\\): top 'x' has a negative dimension"):
+        pi.load_net('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: -2 } } }')
+    test = pi.load_net(text)
+    assert test.input_names == ["mdata"] and test.blob_shapes["cm"] == (1, 2, 7, 7)
+    assert tuple(test(torch.randn(1, 3, 9, 9)).shape) == (1, 2, 7, 7)
+
+
 # ------------------------------------------------------------------------ builder semantics
 def test_blobs_inplace_and_sharing(small_net):
     _, net, _ = small_net
