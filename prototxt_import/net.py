@@ -361,7 +361,3 @@ def load_net(prototxt, weights=None, input_shapes=None, phase: str = "TEST",
         net.load_report = net.load_caffe_weights(weights)
     net.eval()
     return net
-
-
-def _count(shape) -> int:
-    return math.prod(shape) if shape else 1

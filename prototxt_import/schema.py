@@ -603,8 +603,7 @@ def _build_file() -> descriptor_pb2.FileDescriptorProto:
 @functools.lru_cache(maxsize=None)
 def _classes() -> dict[str, type]:
     pool = descriptor_pool.DescriptorPool()
-    fd = pool.Add(_build_file())
-    del fd
+    pool.Add(_build_file())
     out = {}
     for name in ("BlobShape", "BlobProto", "BlobProtoVector", "NetParameter", "SolverParameter",
                  "LayerParameter", "V1LayerParameter", "ParamSpec", "NetState", "NetStateRule"):

@@ -1,7 +1,6 @@
 """prototxt_import: readers (text/binary/V1/HDF5), net builder, converter, CLI, bad input, fuzz."""
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -464,11 +463,10 @@ def test_bad_weight_files(tmp_path, small_net):
             pi.load_net(proto, weights=p)
     # data size that does not match the shape
     lie = [(layers[0][0], layers[0][1], [layers[0][2][0].reshape(-1)[:-1], layers[0][2][1]])]
-    raw = caffemodel_bytes(lie).replace(bytes([0x08, 0x04, 0x08, 0x03]), bytes([0x08, 0x04, 0x08, 0x03]))
     from prototxt_import.schema import message_class
     net = message_class("NetParameter")()
-    net.ParseFromString(raw)
-    net.layer[0].blobs[0].shape.dim[:] = [4, 3, 3, 3]
+    net.ParseFromString(caffemodel_bytes(lie))
+    net.layer[0].blobs[0].shape.dim[:] = [4, 3, 3, 3]  # 108 values claimed, 107 stored
     p = _write(tmp_path, "lie.caffemodel", net.SerializeToString())
     with pytest.raises(CaffeImportError, match=r"lie\.caffemodel: layer 'conv1_1' blob 0: blob shape \(4, 3, 3, 3\) holds 108 values but its data has 107"):
         pi.read_weights(p)
