@@ -604,10 +604,13 @@ def _build_file() -> descriptor_pb2.FileDescriptorProto:
 def _classes() -> dict[str, type]:
     pool = descriptor_pool.DescriptorPool()
     pool.Add(_build_file())
+    get_class = getattr(message_factory, "GetMessageClass", None)  # protobuf >= 4.21
+    if get_class is None:  # pragma: no cover - older protobuf
+        get_class = message_factory.MessageFactory(pool).GetPrototype
     out = {}
     for name in ("BlobShape", "BlobProto", "BlobProtoVector", "NetParameter", "SolverParameter",
                  "LayerParameter", "V1LayerParameter", "ParamSpec", "NetState", "NetStateRule"):
-        out[name] = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
+        out[name] = get_class(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
     return out
 
 
