@@ -50,6 +50,7 @@ class TrainConfig:
     gamma: float = 0.1
     stepsize: int = 2000
     max_iter: int = 6000
+    clip_gradients: float = -1.0         # Caffe solver clip_gradients (< 0: off, Caffe's default)
     batch_size: int = 10                 # images per forward pass
     iter_size: int = 3                   # forward passes accumulated per update (30 images)
     # --- run ---------------------------------------------------------------------------------

@@ -106,20 +106,40 @@ def real_config(spec: TableSpec, row: Row, data_root: str, init: str, iters: int
     return cfg.validate()
 
 
+SYNTH = dict(width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65, synthetic_train=400,
+             synthetic_val=60, batch_size=10, iter_size=1, clip_gradients=10.0, display=10, dropout=0.5)
+SYNTH_PRETRAIN_ITERS = 300
+SYNTH_ROW_ITERS = 100
+
+
+def synthetic_pretrain_config(run_dir: str, device: str, quick: bool, workers: int) -> TrainConfig:
+    """The synthetic stand-in for ImageNet pre-training (``vgg16_20M.caffemodel``): one
+    single-scale net trained once on the synthetic set; its classifier is named ``fc8_pretrain`` so
+    that, as with ImageNet's ``fc8``, the rows do not copy it (Caffe copies layers by name)."""
+    cfg = TrainConfig(dataset="synthetic", scales=[1.0], merge=None, device=device, out_dir=run_dir,
+                      workers=workers, classifier_name="fc8_pretrain", base_lr=0.01,
+                      max_iter=SYNTH_PRETRAIN_ITERS, stepsize=200, snapshot=100, **SYNTH)
+    if quick:
+        _quick(cfg)
+    return cfg.validate()
+
+
+def _quick(cfg: TrainConfig) -> None:
+    cfg.synthetic_size = cfg.crop_size = cfg.test_crop_size = 33
+    cfg.synthetic_train, cfg.synthetic_val = 8, 2
+    cfg.batch_size, cfg.max_iter, cfg.stepsize, cfg.snapshot = 2, 2, 1, 2
+    cfg.workers = 0
+
+
 def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: bool,
-                     workers: int) -> TrainConfig:
-    """Reduced-width net on the built-in synthetic set, sized for a 2-core CPU (<= 10 min / 13 rows)."""
+                     workers: int, init: str = "") -> TrainConfig:
+    """Reduced-width net on the built-in synthetic set, sized for a 2-core CPU (<= 10 min / 13 rows),
+    fine-tuned from the synthetic pre-training like the paper's rows from vgg16_20M."""
     cfg = TrainConfig(dataset="synthetic", scales=list(row.scales), merge=row.merge,
                       extra_supervision=row.esupv, device=device, out_dir=run_dir, workers=workers,
-                      width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65,
-                      synthetic_train=400, synthetic_val=60, base_lr=3e-3, batch_size=10,
-                      iter_size=1, max_iter=100, stepsize=70, snapshot=100, display=10,
-                      torch_threads=0)
+                      init=init, base_lr=3e-3, max_iter=SYNTH_ROW_ITERS, stepsize=70, snapshot=100, **SYNTH)
     if quick:
-        cfg.synthetic_size = cfg.crop_size = cfg.test_crop_size = 33
-        cfg.synthetic_train, cfg.synthetic_val = 8, 2
-        cfg.batch_size, cfg.max_iter, cfg.stepsize, cfg.snapshot = 2, 2, 1, 2
-        cfg.workers = 0
+        _quick(cfg)
     if iters:
         cfg.max_iter = iters
         cfg.stepsize = max(1, round(iters * 0.7))
@@ -159,10 +179,28 @@ def metric_of(res: dict, metric: str) -> float:
     return float("nan") if v is None else 100.0 * float(v)
 
 
+def _drop_stale_checkpoint(cfg: TrainConfig, log=print) -> bool:
+    """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it); a checkpoint
+    of another config is deleted."""
+    from .train import CHECKPOINT, load_checkpoint
+    ck = os.path.join(cfg.out_dir, CHECKPOINT)
+    if not os.path.isfile(ck):
+        return False
+    old = load_checkpoint(ck).get("config", {})
+    try:
+        same = bool(old) and config_key(TrainConfig.from_dict(old)) == config_key(cfg)
+    except (TypeError, ValueError):
+        same = False
+    if not same:
+        log(f"  {cfg.out_dir}: checkpoint is from a different config, retraining")
+        os.remove(ck)
+    return same
+
+
 def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> dict:
     """Train (resuming) + evaluate one row unless ``eval.json`` already matches its config."""
     from .evaluate import run as run_eval
-    from .train import CHECKPOINT, load_checkpoint, train
+    from .train import train
     os.makedirs(cfg.out_dir, exist_ok=True)
     key = config_key(cfg)
     ev_path = os.path.join(cfg.out_dir, "eval.json")
@@ -172,15 +210,7 @@ def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> d
         if res.get("config_key") == key:
             res["skipped"] = True
             return res
-    ck = os.path.join(cfg.out_dir, CHECKPOINT)
-    resume = False
-    if os.path.isfile(ck):
-        old = load_checkpoint(ck).get("config", {})
-        old_cfg = TrainConfig.from_dict(old) if old else None
-        resume = old_cfg is not None and config_key(old_cfg) == key
-        if not resume:
-            log(f"  {cfg.out_dir}: checkpoint is from a different config, retraining")
-            os.remove(ck)
+    resume = _drop_stale_checkpoint(cfg, log)
     cfg.save(os.path.join(cfg.out_dir, "config.json"))
     t0 = time.time()
     tr = train(cfg, resume=resume, progress=progress)
@@ -257,9 +287,20 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         group += "-quick"
     results, per_row = {}, []
     t_start = time.time()
+    pre_ck = ""
+    if synthetic:
+        pre = synthetic_pretrain_config(os.path.join(out, "runs", group, "pretrain"), device, quick, workers)
+        pre.use_reference_ops = bool(reference_ops)
+        from .train import CHECKPOINT, train
+        pre_ck = os.path.join(pre.out_dir, CHECKPOINT)
+        _drop_stale_checkpoint(pre, log)
+        t0 = time.time()
+        r = train(pre, resume=True, progress=progress)
+        log(f"[0/{len(all_rows)}] synthetic pre-training (stand-in for ImageNet init): "
+            f"{r.iterations} iterations ({time.time() - t0:.0f} s)")
     for i, row in enumerate(all_rows):
         run_dir = os.path.join(out, "runs", group, row.id)
-        cfg = (synthetic_config(row, iters, device, run_dir, quick, workers) if synthetic
+        cfg = (synthetic_config(row, iters, device, run_dir, quick, workers, pre_ck) if synthetic
                else real_config(spec, row, data_root, init, iters, device, run_dir, workers))
         cfg.use_reference_ops = bool(reference_ops)
         t0 = time.time()

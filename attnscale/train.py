@@ -88,6 +88,21 @@ class CaffeSGD(torch.optim.Optimizer):
         return loss
 
 
+def clip_gradients(params, clip: float, iter_size: int = 1) -> float:
+    """Caffe ``SGDSolver::ClipGradients``: if the L2 norm of all (accumulated) diffs exceeds
+    ``clip``, scale every diff by ``clip / norm``.  Caffe clips *before* ``Normalize`` divides by
+    ``iter_size``; our gradients are already divided, so the norm Caffe sees is ``iter_size``
+    times ours.  Returns that norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) * iter_size
+    if clip >= 0 and norm > clip:
+        for g in grads:
+            g.mul_(clip / norm)
+    return norm
+
+
 def caffe_rate(cfg: TrainConfig, it: int) -> float:
     """Caffe ``GetLearningRate`` for the ``step`` / ``fixed`` policies at update ``it``."""
     if cfg.lr_policy == "fixed":
@@ -153,21 +168,26 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
 
 
 def init_from_caffemodel(model: torch.nn.Module, weights: str, prototxt: str = "") -> List[str]:
-    """Copy every parameter of ``weights`` (a .caffemodel read by ``prototxt_import``) whose name
-    and shape match into ``model`` -- DeepLab's "copy layers by name" fine-tuning rule: layers
-    absent from the file (the new classifier, the attention head) keep their initialisation.
-    Returns the names copied."""
+    """Copy every parameter of ``weights`` whose name and shape match into ``model`` -- Caffe's
+    ``Net::CopyTrainedLayersFrom`` rule used for DeepLab fine-tuning: layers absent from the file
+    (a classifier with a new name such as ``fc8_voc12``, the attention head) keep their fresh
+    initialisation.  ``weights`` is a ``.caffemodel`` (read through
+    ``prototxt_import.to_attnscale``) or one of our ``checkpoint.pt`` files.  Returns the names
+    copied."""
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"init weights not found: {weights} (config.init / --init)")
-    if prototxt and not os.path.isfile(prototxt):
-        raise FileNotFoundError(f"init prototxt not found: {prototxt} (config.init_prototxt)")
-    try:
-        from prototxt_import import to_attnscale  # type: ignore
-    except ImportError as e:
-        raise RuntimeError("initialising from a .caffemodel needs prototxt_import.to_attnscale, "
-                           f"which is not available: {e}") from e
-    src = to_attnscale(prototxt or None, weights)
-    state = src.state_dict() if isinstance(src, torch.nn.Module) else dict(src)
+    if weights.endswith(".pt"):
+        state = load_checkpoint(weights)["model"]
+    else:
+        if prototxt and not os.path.isfile(prototxt):
+            raise FileNotFoundError(f"init prototxt not found: {prototxt} (config.init_prototxt)")
+        try:
+            from prototxt_import import to_attnscale  # type: ignore
+        except ImportError as e:
+            raise RuntimeError("initialising from a .caffemodel needs prototxt_import.to_attnscale, "
+                               f"which is not available: {e}") from e
+        src = to_attnscale(prototxt or None, weights)
+        state = src.state_dict() if isinstance(src, torch.nn.Module) else dict(src)
     own = model.state_dict()
     copied = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
     if not copied:
@@ -379,6 +399,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
                 parts_sum[n] = parts_sum.get(n, 0.0) + float(v) / cfg.iter_size
         if not math.isfinite(total):
             raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
+        if cfg.clip_gradients >= 0:
+            clip_gradients([p for g in opt.param_groups for p in g["params"]],
+                           cfg.clip_gradients, cfg.iter_size)
         opt.step()
         it += 1
         last = total

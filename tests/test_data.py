@@ -1,0 +1,257 @@
+"""Data: Caffe ImageSegData transforms, readers' errors, list files, sampler, SBD converter, synthetic set."""
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from attnscale.data import (MEAN_BGR, FileSource, ResumableSampler, SegDataset, SyntheticSource,
+                            TransformConfig, make_loader, make_sample, read_image, read_label,
+                            read_list, transform_test, transform_train, write_list)
+from attnscale.data import sbd
+
+
+class FixedRng:
+    """Stands in for numpy's Generator: integers() returns scripted values (mirror, h_off, w_off)."""
+
+    def __init__(self, ints, uniform=1.0):
+        self.ints, self.u = list(ints), uniform
+
+    def integers(self, n):
+        v = self.ints.pop(0)
+        assert 0 <= v < n, (v, n)
+        return v
+
+    def uniform(self, lo, hi):
+        return self.u
+
+
+def _pair(h, w, seed=0):
+    r = np.random.default_rng(seed)
+    img = r.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    lab = r.integers(0, 21, size=(h, w), dtype=np.uint8)
+    lab[0, :] = 255
+    return img, lab
+
+
+def test_mean_subtraction_is_bgr_per_channel_and_chw():
+    img, lab = _pair(6, 7)
+    x, y = transform_train(img, lab, TransformConfig(crop_size=0, mirror=False), FixedRng([]))
+    assert x.shape == (3, 6, 7) and x.dtype == np.float32 and y.dtype == np.int64
+    for c in range(3):
+        np.testing.assert_allclose(x[c], img[:, :, c].astype(np.float64) - MEAN_BGR[c], rtol=0, atol=1e-4)
+    assert MEAN_BGR == (104.008, 116.669, 122.675)
+    np.testing.assert_array_equal(y, lab)
+
+
+def test_pad_bottom_right_with_mean_and_255():
+    img, lab = _pair(5, 4)
+    x, y = transform_train(img, lab, TransformConfig(crop_size=8, mirror=False), FixedRng([0, 0]))
+    assert x.shape == (3, 8, 8) and y.shape == (8, 8)
+    np.testing.assert_allclose(x[:, :5, :4], img.transpose(2, 0, 1) - np.array(MEAN_BGR)[:, None, None], atol=1e-4)
+    assert np.all(x[:, 5:, :] == 0) and np.all(x[:, :, 4:] == 0)    # mean padding -> 0
+    np.testing.assert_array_equal(y[:5, :4], lab)
+    assert np.all(y[5:, :] == 255) and np.all(y[:, 4:] == 255)
+
+
+def test_random_crop_offsets_and_mirror():
+    img, lab = _pair(12, 15)
+    cfg = TransformConfig(crop_size=5, mirror=True)
+    # Caffe draws mirror first, then h_off, w_off
+    x, y = transform_train(img, lab, cfg, FixedRng([0, 3, 7]))
+    np.testing.assert_array_equal(y, lab[3:8, 7:12])
+    np.testing.assert_allclose(x[0], img[3:8, 7:12, 0] - MEAN_BGR[0], atol=1e-4)
+    xm, ym = transform_train(img, lab, cfg, FixedRng([1, 3, 7]))
+    np.testing.assert_array_equal(ym, lab[3:8, 7:12][:, ::-1])
+    np.testing.assert_allclose(xm, x[:, :, ::-1], atol=0)
+    # extreme offsets are reachable: Rand(H - crop + 1)
+    _, y2 = transform_train(img, lab, cfg, FixedRng([0, 7, 10]))
+    np.testing.assert_array_equal(y2, lab[7:12, 10:15])
+
+
+def test_ignore_label_survives_crop_mirror_and_scaling():
+    img, lab = _pair(40, 40)
+    lab[10:20, 10:20] = 255
+    cfg = TransformConfig(crop_size=41, mirror=True, random_scale=(0.5, 1.5))
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        x, y = transform_train(img, lab, cfg, rng)
+        assert set(np.unique(y)) <= set(np.unique(lab))      # nearest neighbour: no blended labels
+        assert (y == 255).any()
+    x, y = transform_train(img, lab, TransformConfig(crop_size=0, mirror=False, random_scale=(0.5, 0.5)),
+                           FixedRng([], uniform=0.5))
+    assert y.shape == (20, 20)
+
+
+def test_transform_test_centre_crop():
+    img, lab = _pair(11, 9)
+    x, y = transform_test(img, lab, TransformConfig(crop_size=5))
+    np.testing.assert_array_equal(y, lab[3:8, 2:7])
+
+
+def test_transform_size_mismatch_names_file():
+    img, lab = _pair(5, 5)
+    with pytest.raises(ValueError, match="foo.jpg"):
+        transform_train(img, lab[:4], TransformConfig(crop_size=3), FixedRng([0, 0, 0]), name="foo.jpg")
+
+
+def _write_voc_like(root, n=3, size=(20, 24)):
+    os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
+    os.makedirs(os.path.join(root, "SegmentationClassAug"), exist_ok=True)
+    names = []
+    for i in range(n):
+        img, lab = _pair(*size, seed=i)
+        cv2.imwrite(os.path.join(root, "JPEGImages", f"im{i}.png"), img)   # lossless for the test
+        cv2.imwrite(os.path.join(root, "SegmentationClassAug", f"im{i}.png"), lab)
+        names.append(f"im{i}")
+    lst = os.path.join(root, "list", "train.txt")
+    write_list(lst, names, image_ext=".png")
+    return lst, names
+
+
+def test_file_source_reads_deeplab_list(tmp_path):
+    root = str(tmp_path)
+    lst, names = _write_voc_like(root)
+    with open(lst) as f:
+        assert f.readline().strip() == "/JPEGImages/im0.png /SegmentationClassAug/im0.png"
+    src = FileSource(lst, root)
+    assert len(src) == 3
+    img, lab, name = src.load(1)
+    ref_img, ref_lab = _pair(20, 24, seed=1)
+    np.testing.assert_array_equal(img, ref_img)
+    np.testing.assert_array_equal(lab, ref_lab)
+    ds = SegDataset(src, TransformConfig(crop_size=16), train=True, seed=0)
+    x, y = ds[(0, 5)]
+    assert x.shape == (3, 16, 16) and y.dtype == torch.int64
+
+
+def test_bad_files_give_errors_naming_the_file(tmp_path):
+    root = str(tmp_path)
+    lst, names = _write_voc_like(root)
+    bad_img = os.path.join(root, "JPEGImages", "im0.png")
+    with open(bad_img, "wb") as f:
+        f.write(b"not an image at all")
+    with pytest.raises(ValueError, match="im0.png"):
+        FileSource(lst, root).load(0)
+    os.remove(os.path.join(root, "JPEGImages", "im1.png"))
+    with pytest.raises(FileNotFoundError, match="im1.png"):
+        FileSource(lst, root).load(1)
+    # label size mismatch
+    cv2.imwrite(os.path.join(root, "SegmentationClassAug", "im2.png"), np.zeros((7, 7), np.uint8))
+    with pytest.raises(ValueError, match="im2.png.*im2.png|size mismatch"):
+        FileSource(lst, root).load(2)
+    # colour (palette-expanded) label
+    p = os.path.join(str(tmp_path), "colour.png")
+    cv2.imwrite(p, np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="colour.png"):
+        read_label(p)
+    with pytest.raises(FileNotFoundError, match="nope.jpg"):
+        read_image(os.path.join(root, "nope.jpg"))
+    # malformed list line
+    bad_list = os.path.join(root, "bad.txt")
+    with open(bad_list, "w") as f:
+        f.write("/a.jpg /a.png\n/b.jpg /b.png extra\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2"):
+        read_list(bad_list, root)
+    with pytest.raises(FileNotFoundError, match="missing_list.txt"):
+        read_list(os.path.join(root, "missing_list.txt"))
+
+
+def test_sampler_resumes_and_shards():
+    full = ResumableSampler(10, seed=4)
+    it = iter(full)
+    first = [next(it) for _ in range(25)]
+    it2 = iter(ResumableSampler(10, seed=4, start=13))
+    assert [next(it2) for _ in range(12)] == first[13:]
+    assert sorted(k[0] for k in first[:10]) == list(range(10))       # an epoch is a permutation
+    assert [k[0] for k in first[:10]] != [k[0] for k in first[10:20]]  # reshuffled each epoch
+    shards = []
+    for r in range(3):
+        s = iter(ResumableSampler(10, seed=4, rank=r, world=3))
+        shards.append([next(s) for _ in range(4)])
+    idx = sorted(k[0] for sh in shards for k in sh)
+    assert set(idx) == set(range(10)) and len(idx) == 12               # padded like DistributedSampler
+    draws = [k[1] for sh in shards for k in sh]
+    assert len(set(draws)) == len(draws)
+
+
+def test_loader_is_independent_of_worker_count():
+    ds = SegDataset(SyntheticSource(6, seed=1, size=33), TransformConfig(crop_size=25), seed=2)
+    a = [b for _, b in zip(range(4), make_loader(ds, 2, workers=0, seed=2))]
+    b = [b for _, b in zip(range(4), make_loader(ds, 2, workers=2, seed=2))]
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    c = [b for _, b in zip(range(2), make_loader(ds, 2, workers=0, seed=2, start_sample=4))]
+    assert torch.equal(c[0][0], a[2][0]) and torch.equal(c[1][1], a[3][1])
+
+
+def test_synthetic_is_deterministic_and_multi_scale():
+    a_img, a_lab = make_sample(5, 3)
+    b_img, b_lab = make_sample(5, 3)
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_lab, b_lab)
+    assert not np.array_equal(make_sample(5, 4)[1], a_lab)
+    small = large = 0
+    for i in range(10):
+        _, lab = make_sample(0, i)
+        assert set(np.unique(lab)) <= {0, 1, 2, 3, 4, 255}
+        n, comp = cv2.connectedComponents(((lab > 0) & (lab < 255)).astype(np.uint8))
+        areas = np.bincount(comp.ravel())[1:]
+        small += int((areas < 150).sum())
+        large += int((areas > 800).sum())
+    assert small >= 20 and large >= 8
+
+
+def _savemat_gtcls(path, seg):
+    import scipy.io
+    scipy.io.savemat(path, {"GTcls": {"Segmentation": seg.astype(np.uint8),
+                                      "CategoriesPresent": np.unique(seg[seg > 0])}})
+
+
+def test_sbd_converter_on_tiny_files(tmp_path):
+    from PIL import Image
+    sbd_dir = tmp_path / "sbd" / "dataset"
+    (sbd_dir / "cls").mkdir(parents=True)
+    voc = tmp_path / "VOC2012"
+    (voc / "SegmentationClass").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    seg_a = np.zeros((6, 8), np.uint8)
+    seg_a[1:4, 2:6] = 15
+    seg_b = np.full((5, 5), 7, np.uint8)
+    _savemat_gtcls(str(sbd_dir / "cls" / "a.mat"), seg_a)
+    _savemat_gtcls(str(sbd_dir / "cls" / "b.mat"), seg_b)
+    _savemat_gtcls(str(sbd_dir / "cls" / "v.mat"), np.ones((4, 4), np.uint8))   # VOC must win for v
+    (sbd_dir / "train.txt").write_text("a\nv\n")
+    (sbd_dir / "val.txt").write_text("b\n")
+    voc_v = np.array([[0, 255, 3, 3], [0, 255, 3, 3], [0, 0, 255, 255], [12, 12, 12, 12]], np.uint8)
+    im = Image.fromarray(voc_v, mode="P")
+    im.putpalette([(i * 37) % 256 for i in range(768)])
+    im.save(str(voc / "SegmentationClass" / "v.png"))
+    im2 = Image.fromarray(np.zeros((3, 3), np.uint8), mode="P")
+    im2.putpalette([0] * 768)
+    im2.save(str(voc / "SegmentationClass" / "t.png"))
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("t\n")
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("v\n")
+    counts = sbd.convert(str(sbd_dir), str(voc), progress=False)
+    assert counts == {"sbd": 3, "voc": 2, "train_aug": 3, "val": 1}
+    out = voc / "SegmentationClassAug"
+    np.testing.assert_array_equal(read_label(str(out / "a.png")), seg_a)
+    np.testing.assert_array_equal(read_label(str(out / "b.png")), seg_b)
+    np.testing.assert_array_equal(read_label(str(out / "v.png")), voc_v)     # palette indices, 255 kept
+    assert (voc / "list" / "train_aug.txt").read_text().split("\n")[0] == \
+        "/JPEGImages/a.jpg /SegmentationClassAug/a.png"
+    assert [ln.split()[0] for ln in (voc / "list" / "train_aug.txt").read_text().split("\n") if ln] == \
+        ["/JPEGImages/a.jpg", "/JPEGImages/b.jpg", "/JPEGImages/t.jpg"]
+    assert (voc / "list" / "val.txt").read_text() == "/JPEGImages/v.jpg /SegmentationClassAug/v.png\n"
+
+
+def test_sbd_bad_mat_names_file(tmp_path):
+    import scipy.io
+    p = str(tmp_path / "x.mat")
+    scipy.io.savemat(p, {"other": np.zeros(3)})
+    with pytest.raises(ValueError, match="x.mat"):
+        sbd.load_sbd_mat(p)
+    q = tmp_path / "y.mat"
+    q.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="y.mat"):
+        sbd.load_sbd_mat(str(q))

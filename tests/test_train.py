@@ -1,0 +1,161 @@
+"""Training: Caffe's SGD rule by hand, step policy, clipping, exact resume, atomic checkpoints, config."""
+import json
+import os
+
+import pytest
+import torch
+
+from attnscale.config import TrainConfig
+from attnscale.train import (CaffeSGD, atomic_save, build_model, caffe_rate, clip_gradients,
+                             init_from_caffemodel, load_checkpoint, main, make_optimizer, set_rate,
+                             train)
+
+
+def test_caffe_sgd_matches_hand_computation_and_differs_from_torch_sgd():
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = CaffeSGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)
+    w.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    opt.step()
+    # v = 0.1 * (g + 0.1 w) = 0.1 * [0.6, 0.3];  w -= v
+    assert torch.allclose(w.data, torch.tensor([0.94, -2.03], dtype=torch.float64), atol=1e-12)
+    set_rate(opt, 0.01)        # Caffe "step": the rate drops 10x
+    w.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    opt.step()
+    # g' = [0.5 + 0.094, 0.5 - 0.203]; v = 0.9 [0.06, 0.03] + 0.01 g' = [0.05994, 0.02997]
+    assert torch.allclose(w.data, torch.tensor([0.88006, -2.05997], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(opt.state[w]["history"], torch.tensor([0.05994, 0.02997], dtype=torch.float64))
+    # torch.optim.SGD keeps lr outside the momentum and lands elsewhere after the step
+    u = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    sgd = torch.optim.SGD([u], lr=0.1, momentum=0.9, weight_decay=0.1)
+    for lr in (0.1, 0.01):
+        for g in sgd.param_groups:
+            g["lr"] = lr
+        u.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
+        sgd.step()
+    assert abs(float(u.data[0]) - 0.88006) > 1e-3
+
+
+def test_step_policy():
+    cfg = TrainConfig()
+    assert [caffe_rate(cfg, i) for i in (0, 1999, 2000, 3999, 4000, 5999)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
+
+
+def test_clip_gradients_caffe_rule():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    assert clip_gradients([p], 10.0) == pytest.approx(5.0)
+    assert torch.equal(p.grad, torch.tensor([3.0, 4.0]))          # under the threshold: untouched
+    assert clip_gradients([p], 2.5, iter_size=2) == pytest.approx(10.0)  # Caffe sees the summed diff
+    assert torch.allclose(p.grad, torch.tensor([0.75, 1.0]))
+
+
+def _tiny(out_dir, **kw):
+    d = dict(dataset="synthetic", scales=[1.0, 0.5], merge="attention", extra_supervision=True,
+             width=1 / 32, use_reference_ops=True, synthetic_size=33, crop_size=25, test_crop_size=33,
+             synthetic_train=6, synthetic_val=2, batch_size=2, iter_size=2, max_iter=4, stepsize=2,
+             snapshot=100, workers=0, out_dir=str(out_dir), seed=3, base_lr=0.01)
+    d.update(kw)
+    return TrainConfig(**d).validate()
+
+
+def test_param_groups_get_caffe_multipliers(tmp_path):
+    cfg = _tiny(tmp_path)
+    m = build_model(cfg)
+    opt = make_optimizer(m, cfg)
+    set_rate(opt, 1e-3)
+    by_name = {g.get("name", i): g for i, g in enumerate(opt.param_groups)}
+    lrs = sorted(round(g["lr"] / 1e-3, 6) for g in opt.param_groups)
+    assert lrs == [1.0, 2.0, 10.0, 20.0]
+    assert all(g["momentum"] == 0.9 for g in by_name.values())
+
+
+def test_resume_is_bit_identical(tmp_path):
+    a = _tiny(tmp_path / "a")
+    ra = train(a, progress=False)
+    b = _tiny(tmp_path / "b")
+    rb1 = train(b, progress=False, stop_at=2)
+    assert rb1.iterations == 2
+    assert load_checkpoint(rb1.checkpoint)["iter"] == 2
+    rb2 = train(b, resume=True, progress=False)
+    assert ra.iterations == rb2.iterations == 4
+    ca, cb = load_checkpoint(ra.checkpoint), load_checkpoint(rb2.checkpoint)
+    init = build_model(_tiny(tmp_path / "c")).state_dict()
+    changed = 0
+    for k, v in ca["model"].items():
+        assert torch.equal(v, cb["model"][k]), k
+        changed += int(not torch.equal(v, init[k]))
+    assert changed > 10                                   # training did move the weights
+    ha = [s["history"] for s in ca["optimizer"]["state"].values()]
+    hb = [s["history"] for s in cb["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(ha, hb))
+    # without resuming, the second half starts from scratch and ends elsewhere
+    c = _tiny(tmp_path / "d")
+    train(c, progress=False, stop_at=2)
+    rc = train(c, resume=False, progress=False)
+    cc = load_checkpoint(rc.checkpoint)
+    assert cc["iter"] == 4
+    assert torch.equal(cc["model"]["conv1_1.weight"], ca["model"]["conv1_1.weight"])  # same seed, same run
+    assert os.path.getsize(os.path.join(a.out_dir, "train.log")) > 0
+
+
+def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    atomic_save({"iter": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        f.write(b"PARTIAL-GARBAGE" * 10)
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"iter": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = load_checkpoint(path)
+    assert ck["iter"] == 1 and torch.equal(ck["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    bad = tmp_path / "torn.pt"
+    bad.write_bytes(b"torn")
+    with pytest.raises(ValueError, match="torn.pt"):
+        load_checkpoint(str(bad))
+
+
+def test_init_copies_layers_by_name(tmp_path):
+    pre = _tiny(tmp_path / "pre", scales=[1.0], merge=None, extra_supervision=False,
+                classifier_name="fc8_pretrain", max_iter=1)
+    r = train(pre, progress=False)
+    cfg = _tiny(tmp_path / "row", init=r.checkpoint)
+    m = build_model(cfg)
+    src = load_checkpoint(r.checkpoint)["model"]
+    assert torch.equal(m.state_dict()["conv1_1.weight"], src["conv1_1.weight"])
+    assert torch.equal(m.state_dict()["fc7.weight"], src["fc7.weight"])
+    assert "fc8_synthetic.weight" in m.state_dict() and "fc8_synthetic.weight" not in src
+    with pytest.raises(FileNotFoundError, match="vgg16_20M.caffemodel"):
+        init_from_caffemodel(m, str(tmp_path / "vgg16_20M.caffemodel"))
+
+
+def test_config_json_round_trip_and_errors(tmp_path):
+    cfg = _tiny(tmp_path, random_scale=(0.5, 1.5))
+    p = str(tmp_path / "c.json")
+    cfg.save(p)
+    assert TrainConfig.load(p) == cfg
+    with open(p, "w") as f:
+        json.dump({"max_iterr": 3}, f)
+    with pytest.raises(ValueError, match="max_iterr"):
+        TrainConfig.load(p)
+    with open(p, "w") as f:
+        f.write("{ not json")
+    with pytest.raises(ValueError, match="c.json"):
+        TrainConfig.load(p)
+    with pytest.raises(ValueError, match="merge"):
+        TrainConfig(scales=[1.0, 0.5], merge=None).validate()
+
+
+def test_cli_trains_from_a_config_file(tmp_path, capsys):
+    cfg = _tiny(tmp_path / "run", scales=[1.0], merge=None, extra_supervision=False, max_iter=2)
+    p = str(tmp_path / "cfg.json")
+    cfg.save(p)
+    assert main([p, "--no-progress"]) == 0
+    assert "done: 2 iterations" in capsys.readouterr().out
+    assert load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))["iter"] == 2
