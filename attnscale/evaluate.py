@@ -163,9 +163,15 @@ def load_model_from_checkpoint(cfg: TrainConfig, checkpoint: str, device: str = 
 def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         attention_dir: str = "", attention_images: int = 10, progress: bool = True) -> Dict[str, object]:
     from .train import build_source, dataset_classes, num_classes
-    model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
-    res = evaluate(model, build_source(cfg, "val"), num_classes(cfg), dataset_classes(cfg),
-                   max_images, attention_dir, attention_images, progress)
+    threads = torch.get_num_threads()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
+        res = evaluate(model, build_source(cfg, "val"), num_classes(cfg), dataset_classes(cfg),
+                       max_images, attention_dir, attention_images, progress)
+    finally:
+        torch.set_num_threads(threads)
     res["checkpoint"] = checkpoint
     res["iteration"] = it
     if out:

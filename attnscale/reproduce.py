@@ -107,9 +107,10 @@ def real_config(spec: TableSpec, row: Row, data_root: str, init: str, iters: int
 
 
 SYNTH = dict(width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65, synthetic_train=400,
-             synthetic_val=60, batch_size=10, iter_size=1, clip_gradients=10.0, display=10, dropout=0.5)
-SYNTH_PRETRAIN_ITERS = 300
-SYNTH_ROW_ITERS = 100
+             synthetic_val=60, batch_size=10, iter_size=1, clip_gradients=10.0, display=10, dropout=0.5,
+             torch_threads=1)   # tiny convs: one thread is fastest, and robust on a busy CPU
+SYNTH_PRETRAIN_ITERS = 600
+SYNTH_ROW_ITERS = 300
 
 
 def synthetic_pretrain_config(run_dir: str, device: str, quick: bool, workers: int) -> TrainConfig:
@@ -118,16 +119,19 @@ def synthetic_pretrain_config(run_dir: str, device: str, quick: bool, workers: i
     that, as with ImageNet's ``fc8``, the rows do not copy it (Caffe copies layers by name)."""
     cfg = TrainConfig(dataset="synthetic", scales=[1.0], merge=None, device=device, out_dir=run_dir,
                       workers=workers, classifier_name="fc8_pretrain", base_lr=0.01,
-                      max_iter=SYNTH_PRETRAIN_ITERS, stepsize=200, snapshot=100, **SYNTH)
+                      max_iter=SYNTH_PRETRAIN_ITERS, stepsize=400, snapshot=200, **SYNTH)
     if quick:
         _quick(cfg)
     return cfg.validate()
 
 
 def _quick(cfg: TrainConfig) -> None:
+    """Seconds-long settings for tests: one 33x33 image per batch at train and test time (the
+    same tensor shapes everywhere, so oneDNN builds its kernels once), 2 iterations."""
     cfg.synthetic_size = cfg.crop_size = cfg.test_crop_size = 33
-    cfg.synthetic_train, cfg.synthetic_val = 8, 2
-    cfg.batch_size, cfg.max_iter, cfg.stepsize, cfg.snapshot = 2, 2, 1, 2
+    cfg.synthetic_train, cfg.synthetic_val = 4, 2
+    cfg.batch_size, cfg.max_iter, cfg.stepsize, cfg.snapshot = 1, 2, 1, 2
+    cfg.width = 1 / 32
     cfg.workers = 0
 
 
@@ -137,7 +141,8 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
     fine-tuned from the synthetic pre-training like the paper's rows from vgg16_20M."""
     cfg = TrainConfig(dataset="synthetic", scales=list(row.scales), merge=row.merge,
                       extra_supervision=row.esupv, device=device, out_dir=run_dir, workers=workers,
-                      init=init, base_lr=3e-3, max_iter=SYNTH_ROW_ITERS, stepsize=70, snapshot=100, **SYNTH)
+                      init=init, base_lr=3e-3, max_iter=SYNTH_ROW_ITERS, stepsize=200, snapshot=SYNTH_ROW_ITERS,
+                      **SYNTH)
     if quick:
         _quick(cfg)
     if iters:

@@ -315,7 +315,17 @@ def _logger(out_dir: str, rank: int) -> logging.Logger:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, model_factory: Optional[Callable] = None) -> TrainResult:
     """Train ``cfg.max_iter`` updates (or stop after update ``stop_at``, checkpointing there --
-    what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``."""
+    what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``.  ``cfg.torch_threads``
+    applies for the duration of the call only."""
+    threads = torch.get_num_threads()
+    try:
+        return _train(cfg, resume, progress, stop_at, model_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int],
+           model_factory: Optional[Callable]) -> TrainResult:
     cfg.validate()
     rank, world, local_rank = _dist_info()
     device = torch.device(cfg.device)

@@ -1,0 +1,65 @@
+"""Table reproduction: the 13 rows, the paper's numbers, the quick synthetic run end to end."""
+import json
+import os
+
+import pytest
+
+from attnscale.reproduce import TABLES, markdown, reproduce, table_rows
+
+
+def test_thirteen_rows_and_paper_numbers():
+    rows = table_rows()
+    assert len(rows) == 13
+    assert rows[0].id == "baseline" and rows[0].scales == (1.0,) and rows[0].merge is None
+    assert {(r.scales, r.merge, r.esupv) for r in rows[1:]} == {
+        (s, m, e) for s in ((1.0, 0.5), (1.0, 0.75, 0.5)) for m in ("max", "avg", "attention")
+        for e in (False, True)}
+    t3 = TABLES[3].paper
+    assert t3["baseline"] == 62.28 and t3["s2-attention"] == 65.27 and t3["s3-attention-esupv"] == 69.08
+    assert t3["s3-avg"] == 63.92 and t3["s2-max-esupv"] == 67.43
+    t1 = TABLES[1].paper
+    assert t1["baseline"] == 51.91 and t1["s3-attention-esupv"] == 56.39 and t1["s2-avg"] == 52.71
+    assert TABLES[5].paper["baseline"] == 67.58 and TABLES[6].paper["s3-attention-esupv"] == 35.78
+    assert TABLES[7].metric == "class_iou:1" and TABLES[7].paper["s2-attention-esupv"] == 72.20
+    for t in TABLES.values():
+        assert set(t.paper) == {r.id for r in rows}
+
+
+def test_markdown_has_paper_ours_and_difference():
+    spec = TABLES[3]
+    ours = {r.id: spec.paper[r.id] - 1.0 for r in table_rows()}
+    md = markdown(spec, ours, synthetic=False, note="n")
+    assert "| Baseline: DeepLab-LargeFOV (1 scale) | 62.28 / 61.28 / -1.00 |" in md
+    assert "| Attention | 64.37 / 63.37 / -1.00 | 69.08 / 68.08 / -1.00 |" in md
+    md_s = markdown(spec, ours, synthetic=True, note="n")
+    assert "SYNTHETIC" in md_s and "NOT comparable" in md_s
+
+
+def test_quick_synthetic_table_end_to_end_and_resumable(tmp_path):
+    lines = []
+    doc = reproduce(3, quick=True, out=str(tmp_path), progress=False, log=lines.append, workers=0)
+    text = "\n".join(lines)
+    assert "SYNTHETIC" in text and "NOT the paper's numbers" in text
+    assert len(doc["rows"]) == 13 and doc["synthetic"] is True
+    for r in table_rows():
+        assert any(f"] {r.id} " in ln for ln in lines), r.id
+    assert all(0.0 <= row["ours"] <= 100.0 for row in doc["rows"])
+    with open(tmp_path / "table3_synthetic_quick.json") as f:
+        assert len(json.load(f)["rows"]) == 13
+    md = (tmp_path / "table3_synthetic_quick.md").read_text()
+    assert md.count("| ours ") == 13
+    assert os.path.isfile(tmp_path / "runs" / "synthetic-quick" / "s3-attention-esupv" / "eval.json")
+    # a second run skips every finished row
+    lines2 = []
+    doc2 = reproduce(3, quick=True, out=str(tmp_path), progress=False, log=lines2.append, workers=0,
+                     rows=["baseline", "s2-max"])
+    assert all(r["skipped"] for r in doc2["rows"])
+    assert sum("already done" in ln for ln in lines2) == 2
+    assert doc2["rows"][0]["ours"] == doc["rows"][0]["ours"]
+
+
+def test_bad_row_and_table_names():
+    with pytest.raises(ValueError, match="s4-max"):
+        reproduce(3, quick=True, rows=["s4-max"], progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="table"):
+        reproduce(4, quick=True, progress=False, log=lambda *_: None)
