@@ -40,8 +40,7 @@ class TrainConfig:
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
-    init: str = ""                       # .caffemodel to start from (e.g. vgg16_20M.caffemodel)
-    init_prototxt: str = ""              # prototxt describing ``init`` ("" : importer's default)
+    init: str = ""                       # weights to start from: .caffemodel(.h5) (e.g. vgg16_20M) or checkpoint.pt
     # --- solver (Caffe SGDSolver) -----------------------------------------------------------
     base_lr: float = 1e-3
     momentum: float = 0.9

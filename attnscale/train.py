@@ -163,41 +163,70 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
                              classifier_name=classifier_name(cfg), dropout=cfg.dropout,
                              test_crop_size=cfg.test_crop_size)
     if cfg.init:
-        init_from_caffemodel(model, cfg.init, cfg.init_prototxt)
+        init_from_caffemodel(model, cfg.init)
     return model
 
 
-def init_from_caffemodel(model: torch.nn.Module, weights: str, prototxt: str = "") -> List[str]:
-    """Copy every parameter of ``weights`` whose name and shape match into ``model`` -- Caffe's
-    ``Net::CopyTrainedLayersFrom`` rule used for DeepLab fine-tuning: layers absent from the file
-    (a classifier with a new name such as ``fc8_voc12``, the attention head) keep their fresh
-    initialisation.  ``weights`` is a ``.caffemodel`` (read through
-    ``prototxt_import.to_attnscale``) or one of our ``checkpoint.pt`` files.  Returns the names
-    copied."""
+def _caffe_shape_equals(blob, shape) -> bool:
+    """Caffe ``Blob::ShapeEquals``: a legacy (num/channels/height/width) blob matches a shape
+    padded on the left to 4 axes; a modern blob must match exactly."""
+    shape = tuple(int(d) for d in shape)
+    if getattr(blob, "legacy", False):
+        if len(shape) > 4:
+            return False
+        return tuple(blob.data.shape) == (1,) * (4 - len(shape)) + shape
+    return tuple(blob.data.shape) == shape
+
+
+def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:
+    """Caffe's ``Net::CopyTrainedLayersFrom`` (``solver --weights``), used for DeepLab
+    fine-tuning: every layer of ``weights`` whose *name* is a layer of ``model`` gives it its blobs
+    (blob 0 -> ``.weight``, blob 1 -> ``.bias``); layers of the file the model lacks are skipped
+    (ImageNet's ``fc8`` when the model's classifier is ``fc8_voc12``), layers of the model the file
+    lacks keep their fresh initialisation (classifier, attention head); a same-named layer whose
+    blob shapes differ is an error, as in Caffe.  ``weights``: a ``.caffemodel`` /
+    ``.caffemodel.h5`` (read with ``prototxt_import.read_weights``) or one of our
+    ``checkpoint.pt`` files.  Returns the parameter names copied."""
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"init weights not found: {weights} (config.init / --init)")
+    own = dict(model.named_parameters())
+    copied: List[str] = []
     if weights.endswith(".pt"):
         state = load_checkpoint(weights)["model"]
+        for k, v in state.items():
+            if k in own:
+                if tuple(own[k].shape) != tuple(v.shape):
+                    raise ValueError(f"{weights}: cannot copy {k}: shape {tuple(v.shape)} in the file, "
+                                     f"{tuple(own[k].shape)} in the model")
+                with torch.no_grad():
+                    own[k].copy_(v.to(own[k].dtype))
+                copied.append(k)
     else:
-        if prototxt and not os.path.isfile(prototxt):
-            raise FileNotFoundError(f"init prototxt not found: {prototxt} (config.init_prototxt)")
         try:
-            from prototxt_import import to_attnscale  # type: ignore
+            from prototxt_import import read_weights  # type: ignore
         except ImportError as e:
-            raise RuntimeError("initialising from a .caffemodel needs prototxt_import.to_attnscale, "
-                               f"which is not available: {e}") from e
-        src = to_attnscale(prototxt or None, weights)
-        state = src.state_dict() if isinstance(src, torch.nn.Module) else dict(src)
-    own = model.state_dict()
-    copied = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+            raise RuntimeError(f"reading {weights} needs prototxt_import.read_weights: {e}") from e
+        layers = dict(model.named_children())
+        for name, blobs in read_weights(weights).by_name().items():
+            layer = layers.get(name)
+            if layer is None or not blobs:
+                continue
+            targets = [("weight", layer.weight), ("bias", layer.bias)][:len(blobs)]
+            if len(blobs) > 2:
+                raise ValueError(f"{weights}: layer {name!r} has {len(blobs)} blobs, expected weight and bias")
+            for (pname, p), blob in zip(targets, blobs):
+                if not _caffe_shape_equals(blob, p.shape):
+                    raise ValueError(f"{weights}: cannot copy layer {name!r} {pname}: shape "
+                                     f"{tuple(blob.data.shape)} in the file, {tuple(p.shape)} in the "
+                                     "model (Caffe: 'shape mismatch'); rename the layer to re-initialise it")
+                with torch.no_grad():
+                    p.copy_(torch.from_numpy(np.ascontiguousarray(blob.data)).reshape(p.shape).to(p.dtype))
+                copied.append(f"{name}.{pname}")
     if not copied:
-        raise ValueError(f"{weights}: no parameter matches the model by name and shape "
-                         f"(file has e.g. {sorted(state)[:4]}, model has {sorted(own)[:4]})")
-    with torch.no_grad():
-        for k in copied:
-            own[k].copy_(torch.as_tensor(state[k]).to(own[k].dtype))
-    logging.getLogger("attnscale.train").info("init: copied %d tensors from %s; kept %d",
-                                              len(copied), weights, len(own) - len(copied))
+        raise ValueError(f"{weights}: no layer of the file has the name of a model layer "
+                         f"(model layers: {sorted(dict(model.named_children()))[:6]} ...)")
+    logging.getLogger("attnscale.train").info("init: copied %d tensors from %s; %d keep their "
+                                              "initialisation", len(copied), weights, len(own) - len(copied))
     return copied
 
 

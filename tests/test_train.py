@@ -159,3 +159,59 @@ def test_cli_trains_from_a_config_file(tmp_path, capsys):
     assert main([p, "--no-progress"]) == 0
     assert "done: 2 iterations" in capsys.readouterr().out
     assert load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))["iter"] == 2
+
+
+def test_torchrun_two_processes_use_ddp(tmp_path):
+    """Multi-process training needs no code change: torchrun sets WORLD_SIZE and train() wraps
+    the model in DistributedDataParallel (gloo on CPU)."""
+    import shutil
+    import subprocess
+    import sys
+    cfg = _tiny(tmp_path / "ddp", max_iter=2, iter_size=1)
+    p = str(tmp_path / "cfg.json")
+    cfg.save(p)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "attnscale.train", p, "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = open(os.path.join(cfg.out_dir, "train.log")).read()
+    assert "x 2 rank(s)" in log
+    ck = load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))
+    assert ck["iter"] == 2 and isinstance(ck["rng"], list) and len(ck["rng"]) == 2
+
+
+def _caffemodel(path, layers):
+    """Write a binary .caffemodel holding ``layers``: [(name, [numpy arrays])]."""
+    from prototxt_import import message_class
+    net = message_class("NetParameter")()
+    for name, arrays in layers:
+        lp = net.layer.add()
+        lp.name, lp.type = name, "Convolution"
+        for a in arrays:
+            b = lp.blobs.add()
+            b.shape.dim.extend(a.shape)
+            b.data.extend(a.ravel().tolist())
+    with open(path, "wb") as f:
+        f.write(net.SerializeToString())
+
+
+def test_init_from_caffemodel_copies_by_layer_name(tmp_path):
+    import numpy as np
+    cfg = _tiny(tmp_path / "r")
+    m = build_model(cfg)
+    w11 = np.random.default_rng(0).normal(size=tuple(m.conv1_1.weight.shape)).astype(np.float32)
+    b11 = np.arange(m.conv1_1.bias.numel(), dtype=np.float32)
+    fc8_before = m.fc8_synthetic.weight.detach().clone()
+    p = str(tmp_path / "vgg16_20M.caffemodel")
+    _caffemodel(p, [("conv1_1", [w11, b11]), ("fc8", [np.ones((1000, 4, 1, 1), np.float32)])])
+    copied = init_from_caffemodel(m, p)
+    assert copied == ["conv1_1.weight", "conv1_1.bias"]
+    assert torch.equal(m.conv1_1.weight.detach(), torch.from_numpy(w11))
+    assert torch.equal(m.conv1_1.bias.detach(), torch.from_numpy(b11))
+    assert torch.equal(m.fc8_synthetic.weight.detach(), fc8_before)   # ImageNet fc8 is not copied
+    bad = str(tmp_path / "bad.caffemodel")
+    _caffemodel(bad, [("conv1_2", [np.zeros((3, 3, 3, 3), np.float32)])])
+    with pytest.raises(ValueError, match="conv1_2.*bad.caffemodel|bad.caffemodel.*conv1_2"):
+        init_from_caffemodel(m, bad)

@@ -88,6 +88,7 @@ class SyntheticSource:
         if n <= 0:
             raise ValueError(f"SyntheticSource: n must be positive, got {n}")
         self.n, self.seed, self.size = int(n), int(seed), int(size)
+        self._cache: dict = {}   # per process (each DataLoader worker keeps its own)
 
     def __len__(self) -> int:
         return self.n
@@ -98,8 +99,10 @@ class SyntheticSource:
     def load(self, i: int):
         if not 0 <= i < self.n:
             raise IndexError(f"SyntheticSource: index {i} out of range 0..{self.n - 1}")
-        img, lab = make_sample(self.seed, i, self.size)
-        return img, lab, self.name(i)
+        if i not in self._cache:
+            self._cache[i] = make_sample(self.seed, i, self.size)
+        img, lab = self._cache[i]
+        return img.copy(), lab.copy(), self.name(i)
 
     def export(self, root: str, list_name: str) -> str:
         """Write the images/labels as JPEG/PNG under ``root`` in DeepLab's layout plus a list
