@@ -63,3 +63,23 @@ def test_bad_row_and_table_names():
         reproduce(3, quick=True, rows=["s4-max"], progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="table"):
         reproduce(4, quick=True, progress=False, log=lambda *_: None)
+
+
+def test_voc_layout_on_disk_trains_and_evaluates(tmp_path):
+    """The real-data path: DeepLab list files + JPEG/PNG files under a data root (here the
+    synthetic images written to disk in VOC's layout)."""
+    from attnscale.config import TrainConfig
+    from attnscale.data import SyntheticSource
+    from attnscale.evaluate import run as run_eval
+    from attnscale.train import train
+    root = str(tmp_path / "VOC2012")
+    SyntheticSource(4, seed=0, size=33).export(root, "train_aug")
+    SyntheticSource(2, seed=1, size=33).export(root, "val")
+    cfg = TrainConfig(dataset="voc12", data_root=root, width=1 / 32, crop_size=33, test_crop_size=33,
+                      batch_size=1, iter_size=1, max_iter=2, workers=0, use_reference_ops=True,
+                      out_dir=str(tmp_path / "run"), torch_threads=1)
+    r = train(cfg, progress=False)
+    res = run_eval(cfg, r.checkpoint, str(tmp_path / "run" / "eval.json"), progress=False)
+    assert res["num_images"] == 2 and len(res["per_class_iou"]) == 21
+    assert res["class_names"][15] == "person"
+    assert os.path.isfile(tmp_path / "run" / "eval.json")
