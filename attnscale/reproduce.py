@@ -15,7 +15,6 @@ numbers demonstrate the machinery and are **not** comparable with the paper's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os

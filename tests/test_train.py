@@ -164,7 +164,6 @@ def test_cli_trains_from_a_config_file(tmp_path, capsys):
 def test_torchrun_two_processes_use_ddp(tmp_path):
     """Multi-process training needs no code change: torchrun sets WORLD_SIZE and train() wraps
     the model in DistributedDataParallel (gloo on CPU)."""
-    import shutil
     import subprocess
     import sys
     cfg = _tiny(tmp_path / "ddp", max_iter=2, iter_size=1)

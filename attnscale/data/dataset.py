@@ -10,7 +10,7 @@ levels, silently producing wrong labels, so it is rejected with a message pointi
 from __future__ import annotations
 
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Tuple
 
 import cv2
 import numpy as np

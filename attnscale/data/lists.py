@@ -13,8 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-from attnscale.caffe import IGNORE_LABEL  # noqa: E402  (255)
-"""DeepLab's ``ignore_label`` (the VOC object border and padding)."""
+from attnscale.caffe import IGNORE_LABEL  # noqa: F401  DeepLab's ignore_label (255), re-exported
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
