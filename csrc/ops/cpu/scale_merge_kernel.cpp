@@ -1,0 +1,544 @@
+// CPU kernels of attnscale::scale_merge and attnscale::scale_merge_backward (float, double).
+//
+// Layout of the work (one pass over the data, no temporaries of size N*S*C*H*W):
+// - Interp tables are built once per call: for every destination row/column its two source
+//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h), and their inverse
+//   (CSR: for every source row/column the destination indices whose footprint touches it, in
+//   increasing order, with the weight).
+// - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
+//   H_s x W0 rows (Caffe's inner w-interpolation), then each output row is a 2-tap blend of two
+//   such rows (contiguous, vectorisable over W).
+// - Backward is a gather through the inverse tables (vertical adjoint into a W0 row buffer,
+//   then horizontal adjoint per source column): no atomics, fixed summation order, so it is
+//   deterministic whatever the thread count.
+// - Reductions over classes (max-mode per-scale counts, attention logit gradients) go through
+//   per-(n, class-chunk) partial buffers of size N*K*S*H0*W0 (K = class_chunks(N, C), chosen
+//   from the shape only) and are summed in a fixed order.
+// - max mode's backward recomputes the argmax scale with the very same (non-inlined) routines
+//   as the forward, so the recomputed values are bit-identical and the gradient goes to the
+//   scale that produced the forward value.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "ops/scale_merge.h"
+#include "ops/scale_merge_interp.h"
+
+namespace attnscale {
+namespace scale_merge {
+namespace {
+
+#if defined(__GNUC__)
+#define ATTNSCALE_NOINLINE __attribute__((noinline))
+#else
+#define ATTNSCALE_NOINLINE
+#endif
+
+// --------------------------------------------------------------------------------------------
+// exp used by the softmax over scales.  Arguments are max-subtracted (<= 0).  The float version
+// is branch-free so that GCC vectorises the loops that call it: x = n ln2 + r, |r| <= ln2/2,
+// e^r by its degree-7 Taylor polynomial (truncation error < 6e-9 relative, below float's
+// epsilon), times 2^n built in the exponent bits.
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+struct Axis {
+  int in = 0, out = 0;
+  std::vector<int> i0, i1;      // per destination index
+  std::vector<T> l0, l1;        // per destination index
+  std::vector<int> off, dst;    // inverse: source j -> entries [off[j], off[j+1])
+  std::vector<T> wt;
+
+  void build(int in_, int out_) {
+    in = in_;
+    out = out_;
+    const float ratio = interp_ratio(in, out);
+    i0.resize(out);
+    i1.resize(out);
+    l0.resize(out);
+    l1.resize(out);
+    std::vector<int> count(in + 1, 0);
+    for (int d = 0; d < out; ++d) {
+      const Tap t = interp_tap(d, in, out, ratio);
+      i0[d] = t.i0;
+      i1[d] = t.i1;
+      l1[d] = static_cast<T>(t.l1);           // Caffe: Dtype h1lambda = h1r - h1 (float)
+      l0[d] = static_cast<T>(1) - l1[d];      //        Dtype h0lambda = 1 - h1lambda
+      count[t.i0 + 1]++;
+      if (t.i1 != t.i0) count[t.i1 + 1]++;
+    }
+    off.assign(in + 1, 0);
+    for (int j = 0; j < in; ++j) off[j + 1] = off[j] + count[j + 1];
+    dst.resize(off[in]);
+    wt.resize(off[in]);
+    std::vector<int> fill(off.begin(), off.end() - 1);
+    for (int d = 0; d < out; ++d) {  // increasing d: each source's list is sorted
+      const Tap t = interp_tap(d, in, out, ratio);
+      dst[fill[t.i0]] = d;
+      wt[fill[t.i0]++] = tap_weight<T>(t, t.i0);
+      if (t.i1 != t.i0) {
+        dst[fill[t.i1]] = d;
+        wt[fill[t.i1]++] = tap_weight<T>(t, t.i1);
+      }
+    }
+  }
+};
+
+template <typename T>
+struct Tables {
+  std::vector<Axis<T>> y, x;  // index 0 unused (scale 0 is not resized)
+  std::vector<int> H, W;
+  std::vector<int64_t> hoff;  // offsets of each scale's H_s x W0 buffer in the per-thread scratch
+  int64_t hsize = 0;
+
+  explicit Tables(const std::vector<at::Tensor>& sc) {
+    const int S = static_cast<int>(sc.size());
+    const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+    y.resize(S);
+    x.resize(S);
+    H.resize(S);
+    W.resize(S);
+    hoff.assign(S, 0);
+    for (int s = 0; s < S; ++s) {
+      H[s] = static_cast<int>(sc[s].size(2));
+      W[s] = static_cast<int>(sc[s].size(3));
+      if (s == 0) continue;
+      y[s].build(H[s], H0);
+      x[s].build(W[s], W0);
+      hoff[s] = hsize;
+      hsize += static_cast<int64_t>(H[s]) * W0;
+    }
+  }
+};
+
+// Horizontal pass of one coarse plane: rows[r][x] = l0[x] f[r][i0[x]] + l1[x] f[r][i1[x]].
+// Not inlined: the forward and the backward's recomputation must produce bit-identical values.
+template <typename T>
+ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const Axis<T>& ax, int W0,
+                                    T* __restrict rows) {
+  const int* __restrict i0 = ax.i0.data();
+  const int* __restrict i1 = ax.i1.data();
+  const T* __restrict l0 = ax.l0.data();
+  const T* __restrict l1 = ax.l1.data();
+  for (int r = 0; r < Hs; ++r) {
+    const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
+    T* __restrict d = rows + static_cast<int64_t>(r) * W0;
+    for (int x = 0; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
+  }
+}
+
+// Vertical blend for destination row y: up[x] = l0[y] rows[i0[y]][x] + l1[y] rows[i1[y]][x].
+template <typename T>
+ATTNSCALE_NOINLINE void resize_row(const T* __restrict rows, int W0, const Axis<T>& ay, int y,
+                                   T* __restrict up) {
+  const T* __restrict a = rows + static_cast<int64_t>(ay.i0[y]) * W0;
+  const T* __restrict b = rows + static_cast<int64_t>(ay.i1[y]) * W0;
+  const T la = ay.l0[y], lb = ay.l1[y];
+  for (int x = 0; x < W0; ++x) up[x] = la * a[x] + lb * b[x];
+}
+
+// Caffe Eltwise MAX over the scales for one row: later scale wins only if strictly greater.
+// Not inlined for the same reason as resize_rows.
+template <typename T>
+ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<const T*>& ups, int W0,
+                                T* __restrict best, uint8_t* __restrict idx) {
+  for (int x = 0; x < W0; ++x) {
+    best[x] = f0row[x];
+    idx[x] = 0;
+  }
+  for (size_t s = 1; s < ups.size(); ++s) {
+    const T* __restrict u = ups[s];
+    const uint8_t sv = static_cast<uint8_t>(s);
+    for (int x = 0; x < W0; ++x) {
+      const bool g = u[x] > best[x];
+      best[x] = g ? u[x] : best[x];
+      idx[x] = g ? sv : idx[x];
+    }
+  }
+}
+
+// Softmax over S of the logits (computed in float for float, double for double), rows
+// [row_begin, row_end) of the flattened (N*H0) rows.
+template <typename T>
+void softmax_rows(const T* logits, T* w, int64_t S, int64_t H0, int64_t W0, int64_t row_begin,
+                  int64_t row_end) {
+  const int64_t P = H0 * W0;
+  std::vector<T> m(W0), sum(W0);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / H0, y = row % H0;
+    const T* l = logits + n * S * P + y * W0;
+    T* o = w + n * S * P + y * W0;
+    T* __restrict mp = m.data();
+    T* __restrict sp = sum.data();
+    for (int64_t x = 0; x < W0; ++x) {
+      mp[x] = l[x];
+      sp[x] = T(0);
+    }
+    for (int64_t s = 1; s < S; ++s) {
+      const T* __restrict ls = l + s * P;
+      for (int64_t x = 0; x < W0; ++x) mp[x] = ls[x] > mp[x] ? ls[x] : mp[x];
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T* __restrict ls = l + s * P;
+      T* __restrict os = o + s * P;
+      for (int64_t x = 0; x < W0; ++x) {
+        os[x] = exp_nonpos(ls[x] - mp[x]);
+        sp[x] += os[x];
+      }
+    }
+    for (int64_t x = 0; x < W0; ++x) sp[x] = T(1) / sp[x];
+    for (int64_t s = 0; s < S; ++s) {
+      T* __restrict os = o + s * P;
+      for (int64_t x = 0; x < W0; ++x) os[x] *= sp[x];
+    }
+  }
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
+  std::vector<at::Tensor> out;
+  out.reserve(scores.size());
+  for (const auto& s : scores) out.push_back(s.contiguous());
+  return out;
+}
+
+void check_cpu(at::TensorList scores, const char* op) {
+  TORCH_CHECK_VALUE(scores[0].device().is_cpu(), op, ": CPU kernel got scores[0] on ", scores[0].device());
+  const auto st = scores[0].scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble, op,
+                    ": scores dtype ", st, " is not supported on CPU (float32 or float64)");
+}
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, Mode mode,
+                  at::Tensor& merged, at::Tensor& weights) {
+  const int S = static_cast<int>(sc.size());
+  const int64_t N = sc[0].size(0), C = sc[0].size(1);
+  const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const Tables<T> tab(sc);
+  std::vector<const T*> fp(S);
+  for (int s = 0; s < S; ++s) fp[s] = sc[s].data_ptr<T>();
+  T* out = merged.data_ptr<T>();
+  T* w = weights.data_ptr<T>();
+
+  if (mode != Mode::kMax) {
+    if (mode == Mode::kAttention) {
+      const T* lg = logits.data_ptr<T>();
+      at::parallel_for(0, N * H0, 8, [&](int64_t b, int64_t e) { softmax_rows<T>(lg, w, S, H0, W0, b, e); });
+    } else {
+      weights.fill_(1.0 / S);
+    }
+    const T inv_s = static_cast<T>(1.0 / S);
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      std::vector<T> rows(tab.hsize), up(W0);
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C;
+        for (int s = 1; s < S; ++s)
+          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                         rows.data() + tab.hoff[s]);
+        for (int y = 0; y < H0; ++y) {
+          T* __restrict o = out + nc * P + static_cast<int64_t>(y) * W0;
+          const T* __restrict f0 = fp[0] + nc * P + static_cast<int64_t>(y) * W0;
+          if (mode == Mode::kAttention) {
+            const T* __restrict w0 = w + n * S * P + static_cast<int64_t>(y) * W0;
+            for (int x = 0; x < W0; ++x) o[x] = w0[x] * f0[x];
+          } else {
+            for (int x = 0; x < W0; ++x) o[x] = f0[x];
+          }
+          for (int s = 1; s < S; ++s) {
+            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, up.data());
+            const T* __restrict u = up.data();
+            if (mode == Mode::kAttention) {
+              const T* __restrict ws = w + (n * S + s) * P + static_cast<int64_t>(y) * W0;
+              for (int x = 0; x < W0; ++x) o[x] += ws[x] * u[x];
+            } else {
+              for (int x = 0; x < W0; ++x) o[x] += u[x];
+            }
+          }
+          if (mode == Mode::kAvg)
+            for (int x = 0; x < W0; ++x) o[x] *= inv_s;
+        }
+      }
+    });
+    return;
+  }
+
+  // max: merged values + per-(n, class chunk) counts of the winning scale.
+  const int64_t K = class_chunks(N, C);
+  const int64_t csz = (C + K - 1) / K;
+  std::vector<T> counts(static_cast<size_t>(N * K * S * P), T(0));
+  at::parallel_for(0, N * K, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0);
+    std::vector<const T*> ups(S);
+    std::vector<uint8_t> idx(W0);
+    for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
+    for (int64_t nk = b; nk < e; ++nk) {
+      const int64_t n = nk / K, k = nk % K;
+      T* cnt = counts.data() + nk * S * P;
+      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+        const int64_t nc = n * C + c;
+        for (int s = 1; s < S; ++s)
+          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                         rows.data() + tab.hoff[s]);
+        for (int y = 0; y < H0; ++y) {
+          for (int s = 1; s < S; ++s)
+            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+          max_row<T>(fp[0] + nc * P + static_cast<int64_t>(y) * W0, ups, W0,
+                     out + nc * P + static_cast<int64_t>(y) * W0, idx.data());
+          const uint8_t* __restrict ip = idx.data();
+          for (int s = 0; s < S; ++s) {
+            T* __restrict cs = cnt + s * P + static_cast<int64_t>(y) * W0;
+            const uint8_t sv = static_cast<uint8_t>(s);
+            for (int x = 0; x < W0; ++x) cs[x] += (ip[x] == sv) ? T(1) : T(0);
+          }
+        }
+      }
+    }
+  });
+  const T inv_c = static_cast<T>(1.0 / static_cast<double>(C));
+  at::parallel_for(0, N * S, 1, [&](int64_t b, int64_t e) {
+    for (int64_t ns = b; ns < e; ++ns) {
+      const int64_t n = ns / S, s = ns % S;
+      T* __restrict o = w + ns * P;
+      for (int64_t p = 0; p < P; ++p) o[p] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* __restrict cs = counts.data() + ((n * K + k) * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) o[p] += cs[p];
+      }
+      for (int64_t p = 0; p < P; ++p) o[p] *= inv_c;
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::vector<at::Tensor>& sc,
+                   const at::Tensor& logits, Mode mode, std::vector<at::Tensor>& grads,
+                   at::Tensor& glogits) {
+  const int S = static_cast<int>(sc.size());
+  const int64_t N = sc[0].size(0), C = sc[0].size(1);
+  const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const Tables<T> tab(sc);
+  std::vector<const T*> fp(S);
+  std::vector<T*> gp(S);
+  for (int s = 0; s < S; ++s) {
+    fp[s] = sc[s].data_ptr<T>();
+    gp[s] = grads[s].data_ptr<T>();
+  }
+  const T* go = gout_t.data_ptr<T>();
+  const bool attention = mode == Mode::kAttention;
+  const int64_t K = class_chunks(N, C);
+  const int64_t csz = (C + K - 1) / K;
+  const T inv_s = static_cast<T>(1.0 / S);
+
+  std::vector<T> wbuf, dots;
+  if (attention) {
+    wbuf.resize(static_cast<size_t>(N * S * P));
+    const T* lg = logits.data_ptr<T>();
+    T* wp = wbuf.data();
+    at::parallel_for(0, N * H0, 8, [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
+    dots.assign(static_cast<size_t>(N * K * S * P), T(0));
+  }
+  const T* w = wbuf.data();
+
+  at::parallel_for(0, N * K, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), trow(W0);
+    std::vector<const T*> ups(S);
+    std::vector<uint8_t> idx(mode == Mode::kMax ? P : 0);
+    for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
+    for (int64_t nk = b; nk < e; ++nk) {
+      const int64_t n = nk / K, k = nk % K;
+      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+        const int64_t nc = n * C + c;
+        const T* g = go + nc * P;
+        // 1) recompute the resized maps where needed: attention (dot products for the logit
+        //    gradient) and max (argmax scale, bit-identical to the forward).
+        if (mode != Mode::kAvg) {
+          for (int s = 1; s < S; ++s)
+            resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                           rows.data() + tab.hoff[s]);
+          for (int y = 0; y < H0; ++y) {
+            const int64_t yo = static_cast<int64_t>(y) * W0;
+            for (int s = 1; s < S; ++s)
+              resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+            if (attention) {
+              const T* __restrict gy = g + yo;
+              T* __restrict d0 = dots.data() + nk * S * P + yo;
+              const T* __restrict f0 = fp[0] + nc * P + yo;
+              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * f0[x];
+              for (int s = 1; s < S; ++s) {
+                T* __restrict ds = dots.data() + (nk * S + s) * P + yo;
+                const T* __restrict u = ups[s];
+                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * u[x];
+              }
+            } else {
+              max_row<T>(fp[0] + nc * P + yo, ups, W0, best.data(), idx.data() + yo);
+            }
+          }
+        }
+        // 2) gradient of every score map.  Scale 0: elementwise.
+        {
+          T* __restrict g0 = gp[0] + nc * P;
+          const T* __restrict gg = g;
+          if (attention) {
+            const T* __restrict w0 = w + n * S * P;
+            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * w0[p];
+          } else if (mode == Mode::kAvg) {
+            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * inv_s;
+          } else {
+            const uint8_t* __restrict ip = idx.data();
+            for (int64_t p = 0; p < P; ++p) g0[p] = ip[p] == 0 ? gg[p] : T(0);
+          }
+        }
+        // Coarser scales: gather through the inverse Interp tables.
+        for (int s = 1; s < S; ++s) {
+          const Axis<T>& ay = tab.y[s];
+          const Axis<T>& ax = tab.x[s];
+          const int Hs = tab.H[s], Ws = tab.W[s];
+          T* gs = gp[s] + nc * Hs * Ws;
+          const T* ws = attention ? w + (n * S + s) * P : nullptr;
+          const uint8_t sv = static_cast<uint8_t>(s);
+          T* __restrict t = trow.data();
+          for (int r = 0; r < Hs; ++r) {
+            for (int x = 0; x < W0; ++x) t[x] = T(0);
+            for (int q = ay.off[r]; q < ay.off[r + 1]; ++q) {
+              const int64_t yo = static_cast<int64_t>(ay.dst[q]) * W0;
+              const T a = ay.wt[q];
+              const T* __restrict gy = g + yo;
+              if (attention) {
+                const T* __restrict wy = ws + yo;
+                for (int x = 0; x < W0; ++x) t[x] += a * (gy[x] * wy[x]);
+              } else if (mode == Mode::kAvg) {
+                const T ai = a * inv_s;
+                for (int x = 0; x < W0; ++x) t[x] += ai * gy[x];
+              } else {
+                const uint8_t* __restrict iy = idx.data() + yo;
+                for (int x = 0; x < W0; ++x) t[x] += iy[x] == sv ? a * gy[x] : T(0);
+              }
+            }
+            T* __restrict grow = gs + static_cast<int64_t>(r) * Ws;
+            const int* __restrict xoff = ax.off.data();
+            const int* __restrict xdst = ax.dst.data();
+            const T* __restrict xwt = ax.wt.data();
+            for (int j = 0; j < Ws; ++j) {
+              T acc = T(0);
+              for (int q = xoff[j]; q < xoff[j + 1]; ++q) acc += xwt[q] * t[xdst[q]];
+              grow[j] = acc;
+            }
+          }
+        }
+      }
+    }
+  });
+
+  if (!attention) return;
+  // 3) logit gradient: softmax backward of g_s = sum_c grad*up_s (+ grad of the weights output).
+  const T* gw = gw_t.defined() ? gw_t.data_ptr<T>() : nullptr;
+  T* gl = glogits.data_ptr<T>();
+  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+    std::vector<T> gsum(static_cast<size_t>(S) * P), dot(P);
+    for (int64_t n = b; n < e; ++n) {
+      for (int s = 0; s < S; ++s) {
+        T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict d = dots.data() + (n * K * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) gs[p] = d[p];
+        for (int64_t k = 1; k < K; ++k) {
+          const T* __restrict dk = dots.data() + ((n * K + k) * S + s) * P;
+          for (int64_t p = 0; p < P; ++p) gs[p] += dk[p];
+        }
+        if (gw) {
+          const T* __restrict gws = gw + (n * S + s) * P;
+          for (int64_t p = 0; p < P; ++p) gs[p] += gws[p];
+        }
+      }
+      T* __restrict dp = dot.data();
+      for (int64_t p = 0; p < P; ++p) dp[p] = T(0);
+      for (int s = 0; s < S; ++s) {
+        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict wsp = w + (n * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) dp[p] += wsp[p] * gs[p];
+      }
+      for (int s = 0; s < S; ++s) {
+        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict wsp = w + (n * S + s) * P;
+        T* __restrict o = gl + (n * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) o[p] = wsp[p] * (gs[p] - dp[p]);
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> scale_merge_cpu(at::TensorList scores_in,
+                                                   const std::optional<at::Tensor>& logits_in,
+                                                   c10::string_view mode_str) {
+  const Mode mode = check_forward_inputs(scores_in, logits_in, mode_str);
+  check_cpu(scores_in, "scale_merge");
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const int64_t N = sc[0].size(0), C = sc[0].size(1), H0 = sc[0].size(2), W0 = sc[0].size(3);
+  const int64_t S = static_cast<int64_t>(sc.size());
+  at::Tensor merged = at::empty({N, C, H0, W0}, sc[0].options());
+  at::Tensor weights = at::empty({N, S, H0, W0}, sc[0].options());
+  if (N == 0) return {merged, weights};
+  AT_DISPATCH_FLOATING_TYPES(sc[0].scalar_type(), "scale_merge_cpu",
+                             [&] { forward_impl<scalar_t>(sc, logits, mode, merged, weights); });
+  return {merged, weights};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cpu(
+    const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights, at::TensorList scores_in,
+    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str) {
+  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
+  check_cpu(scores_in, "scale_merge_backward");
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const at::Tensor gout = grad_merged.contiguous();
+  const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())
+                            ? grad_weights->contiguous()
+                            : at::Tensor();
+  std::vector<at::Tensor> grads;
+  for (const auto& s : sc) grads.push_back(at::empty_like(s));
+  at::Tensor glogits = mode == Mode::kAttention ? at::empty_like(logits) : at::empty({0}, sc[0].options());
+  if (sc[0].size(0) == 0) return {grads, glogits};
+  AT_DISPATCH_FLOATING_TYPES(sc[0].scalar_type(), "scale_merge_backward_cpu", [&] {
+    backward_impl<scalar_t>(gout, gw, sc, logits, mode, grads, glogits);
+  });
+  return {grads, glogits};
+}
+
+}  // namespace
+}  // namespace scale_merge
+}  // namespace attnscale
+
+TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
+  m.impl("scale_merge", &attnscale::scale_merge::scale_merge_cpu);
+  m.impl("scale_merge_backward", &attnscale::scale_merge::scale_merge_backward_cpu);
+}
