@@ -43,11 +43,17 @@ def _check_python_side(scores, logits, mode) -> list[torch.Tensor]:
     for i, s in enumerate(scores):
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"scale_merge: scores[{i}] must be a tensor, got {type(s).__name__}")
+        if s.device != scores[0].device:
+            raise ValueError(f"scale_merge: scores[{i}] is on {s.device} but scores[0] is on "
+                             f"{scores[0].device} (mixed devices)")
     if mode == "attention":
         if logits is None:
             raise ValueError("scale_merge: mode='attention' needs logits of shape (N, S, H0, W0)")
         if not isinstance(logits, torch.Tensor):
             raise TypeError(f"scale_merge: logits must be a tensor, got {type(logits).__name__}")
+        if logits.device != scores[0].device:
+            raise ValueError(f"scale_merge: logits is on {logits.device} but scores[0] is on "
+                             f"{scores[0].device} (mixed devices)")
     return list(scores)
 
 
@@ -112,3 +118,13 @@ if has_extension():
         return list(grads), (glogits if ctx.mode == "attention" else None), None
 
     torch.library.register_autograd("attnscale::scale_merge", _backward, setup_context=_setup_context)
+
+    def _setup_context_bwd(ctx, inputs, output):
+        pass
+
+    def _double_backward(ctx, *grads):
+        raise RuntimeError("scale_merge: double backward (differentiating scale_merge_backward) is not "
+                           "supported; use attnscale.ops.scale_merge_reference for higher-order gradients")
+
+    torch.library.register_autograd("attnscale::scale_merge_backward", _double_backward,
+                                    setup_context=_setup_context_bwd)
