@@ -219,6 +219,13 @@ void softmax_rows(const T* logits, T* w, int64_t S, int64_t H0, int64_t W0, int6
   }
 }
 
+// at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
+// work: tiny problems run inline instead of paying for a parallel region.
+constexpr int64_t kMinWork = 32768;
+inline int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+}
+
 std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
   std::vector<at::Tensor> out;
   out.reserve(scores.size());
@@ -250,12 +257,12 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
   if (mode != Mode::kMax) {
     if (mode == Mode::kAttention) {
       const T* lg = logits.data_ptr<T>();
-      at::parallel_for(0, N * H0, 8, [&](int64_t b, int64_t e) { softmax_rows<T>(lg, w, S, H0, W0, b, e); });
+      at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, w, S, H0, W0, b, e); });
     } else {
       weights.fill_(1.0 / S);
     }
     const T inv_s = static_cast<T>(1.0 / S);
-    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
       std::vector<T> rows(tab.hsize), up(W0);
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C;
@@ -293,7 +300,7 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
   const int64_t K = class_chunks(N, C);
   const int64_t csz = (C + K - 1) / K;
   std::vector<T> counts(static_cast<size_t>(N * K * S * P), T(0));
-  at::parallel_for(0, N * K, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0);
     std::vector<const T*> ups(S);
     std::vector<uint8_t> idx(W0);
@@ -322,7 +329,7 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
     }
   });
   const T inv_c = static_cast<T>(1.0 / static_cast<double>(C));
-  at::parallel_for(0, N * S, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * S, grain_for(K * P), [&](int64_t b, int64_t e) {
     for (int64_t ns = b; ns < e; ++ns) {
       const int64_t n = ns / S, s = ns % S;
       T* __restrict o = w + ns * P;
@@ -363,12 +370,12 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
     wbuf.resize(static_cast<size_t>(N * S * P));
     const T* lg = logits.data_ptr<T>();
     T* wp = wbuf.data();
-    at::parallel_for(0, N * H0, 8, [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
+    at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
     dots.assign(static_cast<size_t>(N * K * S * P), T(0));
   }
   const T* w = wbuf.data();
 
-  at::parallel_for(0, N * K, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), trow(W0);
     std::vector<const T*> ups(S);
     std::vector<uint8_t> idx(mode == Mode::kMax ? P : 0);
@@ -462,7 +469,7 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   // 3) logit gradient: softmax backward of g_s = sum_c grad*up_s (+ grad of the weights output).
   const T* gw = gw_t.defined() ? gw_t.data_ptr<T>() : nullptr;
   T* gl = glogits.data_ptr<T>();
-  at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, N, grain_for((K + 3) * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> gsum(static_cast<size_t>(S) * P), dot(P);
     for (int64_t n = b; n < e; ++n) {
       for (int s = 0; s < S; ++s) {
