@@ -26,7 +26,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "ops/scale_merge.h"
 #include "ops/scale_merge_interp.h"
@@ -39,6 +44,12 @@ namespace {
 #define ATTNSCALE_NOINLINE __attribute__((noinline))
 #else
 #define ATTNSCALE_NOINLINE
+#endif
+// Short gathers vectorise into AVX2 gathers, which are slower than scalar code on many x86 cores.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ATTNSCALE_NOVECTOR __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define ATTNSCALE_NOVECTOR ATTNSCALE_NOINLINE
 #endif
 
 // --------------------------------------------------------------------------------------------
@@ -106,7 +117,40 @@ struct Axis {
         wt[fill[t.i1]++] = tap_weight<T>(t, t.i1);
       }
     }
+    identity = (in == out);
+    // Fixed-width inverse: the destinations of source j are the contiguous range
+    // first[j] .. first[j] + kmax - 1 with weights wpad[j * kmax + k] (zero-padded).
+    kmax = 1;
+    for (int j = 0; j < in; ++j) kmax = std::max(kmax, off[j + 1] - off[j]);
+    first.assign(in, 0);
+    wpad.assign(static_cast<size_t>(in) * kmax, T(0));
+    for (int j = 0; j < in; ++j) {
+      if (off[j + 1] == off[j]) continue;
+      first[j] = dst[off[j]];
+      for (int q = off[j]; q < off[j + 1]; ++q) {
+        TORCH_CHECK(dst[q] == first[j] + (q - off[j]), "scale_merge: internal error (non-contiguous Interp inverse)");
+        wpad[static_cast<size_t>(j) * kmax + (q - off[j])] = wt[q];
+      }
+    }
+    // 8-wide blocks of destinations: i0 - base lies in [0, 7] because the ratio is <= 1.
+    const int nblocks = out / 8;
+    base.assign(nblocks, 0);
+    perm.assign(static_cast<size_t>(nblocks) * 8, 0);
+    for (int b = 0; b < nblocks; ++b) {
+      base[b] = i0[8 * b];
+      for (int k = 0; k < 8; ++k) {
+        perm[8 * b + k] = i0[8 * b + k] - base[b];
+        TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
+      }
+    }
   }
+
+  bool identity = false;
+  int kmax = 1;
+  std::vector<int> first;
+  std::vector<T> wpad;
+  std::vector<int> base;
+  std::vector<int32_t> perm;
 };
 
 template <typename T>
@@ -115,6 +159,8 @@ struct Tables {
   std::vector<int> H, W;
   std::vector<int64_t> hoff;  // offsets of each scale's H_s x W0 buffer in the per-thread scratch
   int64_t hsize = 0;
+  int wmax = 0;   // widest coarse map (pad buffer)
+  int kmax = 1;   // widest fixed-width inverse along x (trow padding)
 
   explicit Tables(const std::vector<at::Tensor>& sc) {
     const int S = static_cast<int>(sc.size());
@@ -130,6 +176,8 @@ struct Tables {
       if (s == 0) continue;
       y[s].build(H[s], H0);
       x[s].build(W[s], W0);
+      wmax = std::max(wmax, W[s]);
+      kmax = std::max(kmax, x[s].kmax);
       hoff[s] = hsize;
       hsize += static_cast<int64_t>(H[s]) * W0;
     }
@@ -138,17 +186,44 @@ struct Tables {
 
 // Horizontal pass of one coarse plane: rows[r][x] = l0[x] f[r][i0[x]] + l1[x] f[r][i1[x]].
 // Not inlined: the forward and the backward's recomputation must produce bit-identical values.
+// Each source row is copied into `pad` (its last element repeated) so that f[i1] = pad[i0 + 1]
+// for every x; with AVX2, 8 outputs are two permutes of two contiguous loads (no gathers).
 template <typename T>
 ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const Axis<T>& ax, int W0,
-                                    T* __restrict rows) {
+                                    T* __restrict rows, T* __restrict pad) {
   const int* __restrict i0 = ax.i0.data();
-  const int* __restrict i1 = ax.i1.data();
   const T* __restrict l0 = ax.l0.data();
   const T* __restrict l1 = ax.l1.data();
+  if (ax.identity) {
+    std::memcpy(rows, f, sizeof(T) * static_cast<size_t>(Hs) * W0);
+    return;
+  }
+  int xv = 0;
+#if defined(__AVX2__)
+  constexpr bool kVec = std::is_same<T, float>::value;
+  if (kVec) xv = (W0 / 8) * 8;
+#endif
   for (int r = 0; r < Hs; ++r) {
     const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
     T* __restrict d = rows + static_cast<int64_t>(r) * W0;
-    for (int x = 0; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
+    std::memcpy(pad, src, sizeof(T) * Ws);
+    for (int k = 0; k < 9; ++k) pad[Ws + k] = src[Ws - 1];
+#if defined(__AVX2__)
+    if constexpr (kVec) {
+      const int* __restrict base = ax.base.data();
+      const int32_t* __restrict perm = ax.perm.data();
+      for (int x = 0; x < xv; x += 8) {
+        const int b = base[x / 8];
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + x));
+        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b), p);
+        const __m256 c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b + 1), p);
+        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
+                                       _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
+        _mm256_storeu_ps(d + x, v);
+      }
+    }
+#endif
+    for (int x = xv; x < W0; ++x) d[x] = l0[x] * pad[i0[x]] + l1[x] * pad[i0[x] + 1];
   }
 }
 
@@ -162,18 +237,56 @@ ATTNSCALE_NOINLINE void resize_row(const T* __restrict rows, int W0, const Axis<
   for (int x = 0; x < W0; ++x) up[x] = la * a[x] + lb * b[x];
 }
 
+// Horizontal adjoint of one row: grow[j] = sum_k wpad[j][k] * t[first[j] + k] (fixed width,
+// zero-padded weights; t must have kmax readable entries past W0).  A gather with a fixed
+// summation order: no atomics, deterministic.
+template <typename T, int K>
+inline void adjoint_cols_k(const T* __restrict t, const int* __restrict first, const T* __restrict wp, int Ws,
+                           T* __restrict grow) {
+  for (int j = 0; j < Ws; ++j) {
+    const T* __restrict tt = t + first[j];
+    const T* __restrict ww = wp + static_cast<int64_t>(j) * K;
+    T acc = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc += ww[k] * tt[k];
+    grow[j] = acc;
+  }
+}
+
+template <typename T>
+ATTNSCALE_NOVECTOR void adjoint_cols(const T* __restrict t, const Axis<T>& ax, T* __restrict grow) {
+  const int Ws = ax.in;
+  const int* first = ax.first.data();
+  const T* wp = ax.wpad.data();
+  switch (ax.kmax) {
+    case 1: return adjoint_cols_k<T, 1>(t, first, wp, Ws, grow);
+    case 2: return adjoint_cols_k<T, 2>(t, first, wp, Ws, grow);
+    case 3: return adjoint_cols_k<T, 3>(t, first, wp, Ws, grow);
+    case 4: return adjoint_cols_k<T, 4>(t, first, wp, Ws, grow);
+    case 5: return adjoint_cols_k<T, 5>(t, first, wp, Ws, grow);
+    case 6: return adjoint_cols_k<T, 6>(t, first, wp, Ws, grow);
+    default: break;
+  }
+  const int K = ax.kmax;
+  for (int j = 0; j < Ws; ++j) {
+    T acc = T(0);
+    for (int k = 0; k < K; ++k) acc += wp[static_cast<int64_t>(j) * K + k] * t[first[j] + k];
+    grow[j] = acc;
+  }
+}
+
 // Caffe Eltwise MAX over the scales for one row: later scale wins only if strictly greater.
 // Not inlined for the same reason as resize_rows.
 template <typename T>
 ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<const T*>& ups, int W0,
-                                T* __restrict best, uint8_t* __restrict idx) {
+                                T* __restrict best, T* __restrict idx) {
   for (int x = 0; x < W0; ++x) {
     best[x] = f0row[x];
-    idx[x] = 0;
+    idx[x] = T(0);
   }
   for (size_t s = 1; s < ups.size(); ++s) {
     const T* __restrict u = ups[s];
-    const uint8_t sv = static_cast<uint8_t>(s);
+    const T sv = static_cast<T>(s);
     for (int x = 0; x < W0; ++x) {
       const bool g = u[x] > best[x];
       best[x] = g ? u[x] : best[x];
@@ -263,12 +376,12 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
     }
     const T inv_s = static_cast<T>(1.0 / S);
     at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
-      std::vector<T> rows(tab.hsize), up(W0);
+      std::vector<T> rows(tab.hsize), up(W0), pad(tab.wmax + 16);
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C;
         for (int s = 1; s < S; ++s)
           resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                         rows.data() + tab.hoff[s]);
+                         rows.data() + tab.hoff[s], pad.data());
         for (int y = 0; y < H0; ++y) {
           T* __restrict o = out + nc * P + static_cast<int64_t>(y) * W0;
           const T* __restrict f0 = fp[0] + nc * P + static_cast<int64_t>(y) * W0;
@@ -301,9 +414,9 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
   const int64_t csz = (C + K - 1) / K;
   std::vector<T> counts(static_cast<size_t>(N * K * S * P), T(0));
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0);
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
-    std::vector<uint8_t> idx(W0);
+    std::vector<T> idx(W0);
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
@@ -312,16 +425,16 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
         const int64_t nc = n * C + c;
         for (int s = 1; s < S; ++s)
           resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                         rows.data() + tab.hoff[s]);
+                         rows.data() + tab.hoff[s], pad.data());
         for (int y = 0; y < H0; ++y) {
           for (int s = 1; s < S; ++s)
             resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
           max_row<T>(fp[0] + nc * P + static_cast<int64_t>(y) * W0, ups, W0,
                      out + nc * P + static_cast<int64_t>(y) * W0, idx.data());
-          const uint8_t* __restrict ip = idx.data();
+          const T* __restrict ip = idx.data();
           for (int s = 0; s < S; ++s) {
             T* __restrict cs = cnt + s * P + static_cast<int64_t>(y) * W0;
-            const uint8_t sv = static_cast<uint8_t>(s);
+            const T sv = static_cast<T>(s);
             for (int x = 0; x < W0; ++x) cs[x] += (ip[x] == sv) ? T(1) : T(0);
           }
         }
@@ -376,9 +489,10 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   const T* w = wbuf.data();
 
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), trow(W0);
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
-    std::vector<uint8_t> idx(mode == Mode::kMax ? P : 0);
+    std::vector<T> idx(mode == Mode::kMax ? P : 0);
+    std::vector<T> trow(W0 + tab.kmax, T(0));  // zero tail: fixed-width adjoint reads past W0
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
@@ -390,7 +504,7 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
         if (mode != Mode::kAvg) {
           for (int s = 1; s < S; ++s)
             resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                           rows.data() + tab.hoff[s]);
+                           rows.data() + tab.hoff[s], pad.data());
           for (int y = 0; y < H0; ++y) {
             const int64_t yo = static_cast<int64_t>(y) * W0;
             for (int s = 1; s < S; ++s)
@@ -420,8 +534,11 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           } else if (mode == Mode::kAvg) {
             for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * inv_s;
           } else {
-            const uint8_t* __restrict ip = idx.data();
-            for (int64_t p = 0; p < P; ++p) g0[p] = ip[p] == 0 ? gg[p] : T(0);
+            const T* __restrict ip = idx.data();
+            for (int64_t p = 0; p < P; ++p) {
+              const T gv = gg[p];
+              g0[p] = (ip[p] == T(0)) ? gv : T(0);
+            }
           }
         }
         // Coarser scales: gather through the inverse Interp tables.
@@ -431,7 +548,7 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           const int Hs = tab.H[s], Ws = tab.W[s];
           T* gs = gp[s] + nc * Hs * Ws;
           const T* ws = attention ? w + (n * S + s) * P : nullptr;
-          const uint8_t sv = static_cast<uint8_t>(s);
+          const T sv = static_cast<T>(s);
           T* __restrict t = trow.data();
           for (int r = 0; r < Hs; ++r) {
             for (int x = 0; x < W0; ++x) t[x] = T(0);
@@ -446,19 +563,15 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
                 const T ai = a * inv_s;
                 for (int x = 0; x < W0; ++x) t[x] += ai * gy[x];
               } else {
-                const uint8_t* __restrict iy = idx.data() + yo;
-                for (int x = 0; x < W0; ++x) t[x] += iy[x] == sv ? a * gy[x] : T(0);
+                const T* __restrict iy = idx.data() + yo;
+                for (int x = 0; x < W0; ++x) {
+                  const T gv = gy[x];
+                  const T sel = (iy[x] == sv) ? gv : T(0);  // select, not a branch: vectorises
+                  t[x] += a * sel;
+                }
               }
             }
-            T* __restrict grow = gs + static_cast<int64_t>(r) * Ws;
-            const int* __restrict xoff = ax.off.data();
-            const int* __restrict xdst = ax.dst.data();
-            const T* __restrict xwt = ax.wt.data();
-            for (int j = 0; j < Ws; ++j) {
-              T acc = T(0);
-              for (int q = xoff[j]; q < xoff[j + 1]; ++q) acc += xwt[q] * t[xdst[q]];
-              grow[j] = acc;
-            }
+            adjoint_cols<T>(t, ax, gs + static_cast<int64_t>(r) * Ws);
           }
         }
       }
