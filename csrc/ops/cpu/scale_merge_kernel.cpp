@@ -57,9 +57,14 @@ namespace {
 // is branch-free so that GCC vectorises the loops that call it: x = n ln2 + r, |r| <= ln2/2,
 // e^r by its degree-7 Taylor polynomial (truncation error < 6e-9 relative, below float's
 // epsilon), times 2^n built in the exponent bits.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")  // lets GCC if-convert the clamp and vectorise the loops
+#endif
 inline float exp_nonpos(float x) {
   x = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x/ln2), x <= 0
+  const float n = static_cast<float>(ni);
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -69,7 +74,7 @@ inline float exp_nonpos(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (ni + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -331,6 +336,9 @@ void softmax_rows(const T* logits, T* w, int64_t S, int64_t H0, int64_t W0, int6
     }
   }
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
 // work: tiny problems run inline instead of paying for a parallel region.
@@ -376,33 +384,47 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
     }
     const T inv_s = static_cast<T>(1.0 / S);
     at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
-      std::vector<T> rows(tab.hsize), up(W0), pad(tab.wmax + 16);
+      std::vector<T> rows(tab.hsize), pad(tab.wmax + 16);
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C;
         for (int s = 1; s < S; ++s)
           resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
                          rows.data() + tab.hoff[s], pad.data());
         for (int y = 0; y < H0; ++y) {
-          T* __restrict o = out + nc * P + static_cast<int64_t>(y) * W0;
-          const T* __restrict f0 = fp[0] + nc * P + static_cast<int64_t>(y) * W0;
-          if (mode == Mode::kAttention) {
-            const T* __restrict w0 = w + n * S * P + static_cast<int64_t>(y) * W0;
-            for (int x = 0; x < W0; ++x) o[x] = w0[x] * f0[x];
-          } else {
+          const int64_t yo = static_cast<int64_t>(y) * W0;
+          T* __restrict o = out + nc * P + yo;
+          const T* __restrict f0 = fp[0] + nc * P + yo;
+          // one pass per scale, the vertical Interp blend fused into the accumulation
+          if (S == 1) {
             for (int x = 0; x < W0; ++x) o[x] = f0[x];
+            continue;
           }
           for (int s = 1; s < S; ++s) {
-            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, up.data());
-            const T* __restrict u = up.data();
+            const Axis<T>& ay = tab.y[s];
+            const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+            const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+            const T la = ay.l0[y], lb = ay.l1[y];
             if (mode == Mode::kAttention) {
-              const T* __restrict ws = w + (n * S + s) * P + static_cast<int64_t>(y) * W0;
-              for (int x = 0; x < W0; ++x) o[x] += ws[x] * u[x];
+              const T* __restrict ws = w + (n * S + s) * P + yo;
+              if (s == 1) {
+                const T* __restrict w0 = w + n * S * P + yo;
+                for (int x = 0; x < W0; ++x) o[x] = w0[x] * f0[x] + ws[x] * (la * a[x] + lb * b[x]);
+              } else {
+                for (int x = 0; x < W0; ++x) o[x] += ws[x] * (la * a[x] + lb * b[x]);
+              }
             } else {
-              for (int x = 0; x < W0; ++x) o[x] += u[x];
+              const bool last = s == S - 1;
+              if (s == 1 && last) {
+                for (int x = 0; x < W0; ++x) o[x] = (f0[x] + (la * a[x] + lb * b[x])) * inv_s;
+              } else if (s == 1) {
+                for (int x = 0; x < W0; ++x) o[x] = f0[x] + (la * a[x] + lb * b[x]);
+              } else if (last) {
+                for (int x = 0; x < W0; ++x) o[x] = (o[x] + (la * a[x] + lb * b[x])) * inv_s;
+              } else {
+                for (int x = 0; x < W0; ++x) o[x] += la * a[x] + lb * b[x];
+              }
             }
           }
-          if (mode == Mode::kAvg)
-            for (int x = 0; x < W0; ++x) o[x] *= inv_s;
         }
       }
     });
@@ -507,19 +529,22 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
                            rows.data() + tab.hoff[s], pad.data());
           for (int y = 0; y < H0; ++y) {
             const int64_t yo = static_cast<int64_t>(y) * W0;
-            for (int s = 1; s < S; ++s)
-              resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
             if (attention) {
               const T* __restrict gy = g + yo;
               T* __restrict d0 = dots.data() + nk * S * P + yo;
               const T* __restrict f0 = fp[0] + nc * P + yo;
               for (int x = 0; x < W0; ++x) d0[x] += gy[x] * f0[x];
-              for (int s = 1; s < S; ++s) {
+              for (int s = 1; s < S; ++s) {  // vertical blend fused into the dot product
+                const Axis<T>& ay = tab.y[s];
+                const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+                const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+                const T la = ay.l0[y], lb = ay.l1[y];
                 T* __restrict ds = dots.data() + (nk * S + s) * P + yo;
-                const T* __restrict u = ups[s];
-                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * u[x];
+                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * (la * a[x] + lb * b[x]);
               }
             } else {
+              for (int s = 1; s < S; ++s)
+                resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
               max_row<T>(fp[0] + nc * P + yo, ups, W0, best.data(), idx.data() + yo);
             }
           }
