@@ -166,6 +166,7 @@ struct Tables {
   int64_t hsize = 0;
   int wmax = 0;   // widest coarse map (pad buffer)
   int kmax = 1;   // widest fixed-width inverse along x (trow padding)
+  int kmax_y = 1; // widest fixed-width inverse along y (G padding)
 
   explicit Tables(const std::vector<at::Tensor>& sc) {
     const int S = static_cast<int>(sc.size());
@@ -183,6 +184,7 @@ struct Tables {
       x[s].build(W[s], W0);
       wmax = std::max(wmax, W[s]);
       kmax = std::max(kmax, x[s].kmax);
+      kmax_y = std::max(kmax_y, y[s].kmax);
       hoff[s] = hsize;
       hsize += static_cast<int64_t>(H[s]) * W0;
     }
@@ -277,6 +279,83 @@ ATTNSCALE_NOVECTOR void adjoint_cols(const T* __restrict t, const Axis<T>& ax, T
     T acc = T(0);
     for (int k = 0; k < K; ++k) acc += wp[static_cast<int64_t>(j) * K + k] * t[first[j] + k];
     grow[j] = acc;
+  }
+}
+
+// Vertical adjoint of source row r: t[x] = sum_k wpad[r][k] * G[first[r] + k][x].  One pass
+// over x (vectorised), fixed summation order.  G needs kmax readable zero rows past H0.
+template <typename T, int K>
+inline void vertical_adjoint_k(const T* __restrict G, int W0, const T* __restrict ww, int64_t y0,
+                               T* __restrict t) {
+  const T* __restrict g0 = G + y0 * W0;
+  for (int x = 0; x < W0; ++x) {
+    T acc = ww[0] * g0[x];
+    for (int k = 1; k < K; ++k) acc += ww[k] * g0[static_cast<int64_t>(k) * W0 + x];
+    t[x] = acc;
+  }
+}
+
+template <typename T>
+inline void vertical_adjoint(const T* __restrict G, int W0, const Axis<T>& ay, int r, T* __restrict t) {
+  const int K = ay.kmax;
+  const T* ww = ay.wpad.data() + static_cast<int64_t>(r) * K;
+  const int64_t y0 = ay.first[r];
+  switch (K) {
+    case 1: return vertical_adjoint_k<T, 1>(G, W0, ww, y0, t);
+    case 2: return vertical_adjoint_k<T, 2>(G, W0, ww, y0, t);
+    case 3: return vertical_adjoint_k<T, 3>(G, W0, ww, y0, t);
+    case 4: return vertical_adjoint_k<T, 4>(G, W0, ww, y0, t);
+    case 5: return vertical_adjoint_k<T, 5>(G, W0, ww, y0, t);
+    case 6: return vertical_adjoint_k<T, 6>(G, W0, ww, y0, t);
+    default: break;
+  }
+  for (int x = 0; x < W0; ++x) {
+    T acc = T(0);
+    for (int k = 0; k < K; ++k) acc += ww[k] * G[(y0 + k) * W0 + x];
+    t[x] = acc;
+  }
+}
+
+// Horizontal adjoint of a block of up to 8 rows stored transposed (tt[x * 8 + lane]):
+// grow[lane][j] = sum_k wpad[j][k] * tt[(first[j] + k) * 8 + lane].  The inner loop over the 8
+// lanes is contiguous and vectorises; fixed summation order (k ascending), no atomics.
+template <typename T, int K>
+inline void adjoint_cols8_k(const T* __restrict tt, const int* __restrict first, const T* __restrict wp, int Ws,
+                            int nrows, T* __restrict grow) {
+  for (int j = 0; j < Ws; ++j) {
+    T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    const T* __restrict tp = tt + static_cast<int64_t>(first[j]) * 8;
+    const T* __restrict ww = wp + static_cast<int64_t>(j) * K;
+    for (int k = 0; k < K; ++k) {
+      const T wk = ww[k];
+      for (int l = 0; l < 8; ++l) acc[l] += wk * tp[k * 8 + l];
+    }
+    for (int l = 0; l < nrows; ++l) grow[static_cast<int64_t>(l) * Ws + j] = acc[l];
+  }
+}
+
+template <typename T>
+ATTNSCALE_NOINLINE void adjoint_cols8(const T* __restrict tt, const Axis<T>& ax, int nrows, T* __restrict grow) {
+  const int Ws = ax.in;
+  const int* first = ax.first.data();
+  const T* wp = ax.wpad.data();
+  switch (ax.kmax) {
+    case 1: return adjoint_cols8_k<T, 1>(tt, first, wp, Ws, nrows, grow);
+    case 2: return adjoint_cols8_k<T, 2>(tt, first, wp, Ws, nrows, grow);
+    case 3: return adjoint_cols8_k<T, 3>(tt, first, wp, Ws, nrows, grow);
+    case 4: return adjoint_cols8_k<T, 4>(tt, first, wp, Ws, nrows, grow);
+    case 5: return adjoint_cols8_k<T, 5>(tt, first, wp, Ws, nrows, grow);
+    case 6: return adjoint_cols8_k<T, 6>(tt, first, wp, Ws, nrows, grow);
+    default: break;
+  }
+  const int K = ax.kmax;
+  for (int j = 0; j < Ws; ++j) {
+    for (int l = 0; l < nrows; ++l) {
+      T acc = T(0);
+      for (int k = 0; k < K; ++k)
+        acc += wp[static_cast<int64_t>(j) * K + k] * tt[static_cast<int64_t>(first[j] + k) * 8 + l];
+      grow[static_cast<int64_t>(l) * Ws + j] = acc;
+    }
   }
 }
 
@@ -514,7 +593,9 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
     std::vector<T> idx(mode == Mode::kMax ? P : 0);
-    std::vector<T> trow(W0 + tab.kmax, T(0));  // zero tail: fixed-width adjoint reads past W0
+    std::vector<T> trow(W0);
+    std::vector<T> gbuf(static_cast<size_t>(H0 + tab.kmax_y) * W0, T(0));
+    std::vector<T> ttr(static_cast<size_t>(W0 + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
@@ -575,28 +656,28 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           const T* ws = attention ? w + (n * S + s) * P : nullptr;
           const T sv = static_cast<T>(s);
           T* __restrict t = trow.data();
-          for (int r = 0; r < Hs; ++r) {
-            for (int x = 0; x < W0; ++x) t[x] = T(0);
-            for (int q = ay.off[r]; q < ay.off[r + 1]; ++q) {
-              const int64_t yo = static_cast<int64_t>(ay.dst[q]) * W0;
-              const T a = ay.wt[q];
-              const T* __restrict gy = g + yo;
-              if (attention) {
-                const T* __restrict wy = ws + yo;
-                for (int x = 0; x < W0; ++x) t[x] += a * (gy[x] * wy[x]);
-              } else if (mode == Mode::kAvg) {
-                const T ai = a * inv_s;
-                for (int x = 0; x < W0; ++x) t[x] += ai * gy[x];
-              } else {
-                const T* __restrict iy = idx.data() + yo;
-                for (int x = 0; x < W0; ++x) {
-                  const T gv = gy[x];
-                  const T sel = (iy[x] == sv) ? gv : T(0);  // select, not a branch: vectorises
-                  t[x] += a * sel;
-                }
-              }
+          T* __restrict tt = ttr.data();
+          // gradient reaching the resized map of scale s, once per plane (rows past H0 stay zero)
+          T* __restrict G = gbuf.data();
+          if (attention) {
+            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * ws[p];
+          } else if (mode == Mode::kAvg) {
+            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * inv_s;
+          } else {
+            const T* __restrict ip = idx.data();
+            for (int64_t p = 0; p < P; ++p) {
+              const T gv = g[p];
+              G[p] = (ip[p] == sv) ? gv : T(0);  // select, not a branch: vectorises
             }
-            adjoint_cols<T>(t, ax, gs + static_cast<int64_t>(r) * Ws);
+          }
+          for (int r = 0; r < Hs; ++r) {
+            const int lane = r % 8;
+            // vertical adjoint: t = sum_k wpad[r][k] * G[first[r] + k] (fixed width, one pass)
+            vertical_adjoint<T>(G, W0, ay, r, t);
+            // transpose into the 8-row block buffer; the horizontal adjoint then runs on 8 rows at once
+            for (int x = 0; x < W0; ++x) tt[x * 8 + lane] = t[x];
+            if (lane == 7 || r == Hs - 1)
+              adjoint_cols8<T>(tt, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
           }
         }
       }
