@@ -316,6 +316,39 @@ inline void vertical_adjoint(const T* __restrict G, int W0, const Axis<T>& ay, i
   }
 }
 
+// Transpose an 8 x W (W a multiple of 8) block of rows with stride W into dst[x * 8 + row].
+template <typename T>
+inline void transpose8(const T* __restrict src, int W, T* __restrict dst) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (int x = 0; x < W; x += 8) {
+      __m256 r[8], u[8], v[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + static_cast<int64_t>(i) * W + x);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      v[0] = _mm256_shuffle_ps(u[0], u[2], 0x44);
+      v[1] = _mm256_shuffle_ps(u[0], u[2], 0xEE);
+      v[2] = _mm256_shuffle_ps(u[1], u[3], 0x44);
+      v[3] = _mm256_shuffle_ps(u[1], u[3], 0xEE);
+      v[4] = _mm256_shuffle_ps(u[4], u[6], 0x44);
+      v[5] = _mm256_shuffle_ps(u[4], u[6], 0xEE);
+      v[6] = _mm256_shuffle_ps(u[5], u[7], 0x44);
+      v[7] = _mm256_shuffle_ps(u[5], u[7], 0xEE);
+      T* d = dst + static_cast<int64_t>(x) * 8;
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(d + i * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+      }
+    }
+    return;
+  }
+#endif
+  for (int x = 0; x < W; ++x)
+    for (int i = 0; i < 8; ++i) dst[static_cast<int64_t>(x) * 8 + i] = src[static_cast<int64_t>(i) * W + x];
+}
+
 // Horizontal adjoint of a block of up to 8 rows stored transposed (tt[x * 8 + lane]):
 // grow[lane][j] = sum_k wpad[j][k] * tt[(first[j] + k) * 8 + lane].  The inner loop over the 8
 // lanes is contiguous and vectorises; fixed summation order (k ascending), no atomics.
@@ -593,9 +626,10 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
     std::vector<T> idx(mode == Mode::kMax ? P : 0);
-    std::vector<T> trow(W0);
+    const int W0s = (W0 + 7) / 8 * 8;
+    std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));  // 8-row block; columns >= W0 stay zero
     std::vector<T> gbuf(static_cast<size_t>(H0 + tab.kmax_y) * W0, T(0));
-    std::vector<T> ttr(static_cast<size_t>(W0 + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
+    std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
@@ -672,12 +706,13 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           }
           for (int r = 0; r < Hs; ++r) {
             const int lane = r % 8;
-            // vertical adjoint: t = sum_k wpad[r][k] * G[first[r] + k] (fixed width, one pass)
-            vertical_adjoint<T>(G, W0, ay, r, t);
-            // transpose into the 8-row block buffer; the horizontal adjoint then runs on 8 rows at once
-            for (int x = 0; x < W0; ++x) tt[x * 8 + lane] = t[x];
-            if (lane == 7 || r == Hs - 1)
+            // vertical adjoint: row `lane` of the 8-row block = sum_k wpad[r][k] * G[first[r] + k]
+            vertical_adjoint<T>(G, W0, ay, r, t + static_cast<int64_t>(lane) * W0s);
+            if (lane == 7 || r == Hs - 1) {
+              // transpose the block (8 x W0s -> W0s x 8); the horizontal adjoint then runs on 8 rows at once
+              transpose8<T>(t, W0s, tt);
               adjoint_cols8<T>(tt, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
+            }
           }
         }
       }
