@@ -2,15 +2,17 @@
 //
 // Layout of the work (one pass over the data, no temporaries of size N*S*C*H*W):
 // - Interp tables are built once per call: for every destination row/column its two source
-//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h), and their inverse
-//   (CSR: for every source row/column the destination indices whose footprint touches it, in
-//   increasing order, with the weight).
+//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h), and their inverse: for
+//   every source row/column the contiguous range of destination indices whose footprint touches
+//   it, as a first index plus a fixed-width, zero-padded weight vector.
 // - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
-//   H_s x W0 rows (Caffe's inner w-interpolation), then each output row is a 2-tap blend of two
-//   such rows (contiguous, vectorisable over W).
-// - Backward is a gather through the inverse tables (vertical adjoint into a W0 row buffer,
-//   then horizontal adjoint per source column): no atomics, fixed summation order, so it is
-//   deterministic whatever the thread count.
+//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 two permutes of two contiguous loads
+//   per 8 outputs, no gathers), then each output row is a 2-tap blend of two such rows fused
+//   into the merge (contiguous, vectorised over W).
+// - Backward is a gather through the inverse tables: the vertical adjoint of each source row is
+//   one fixed-width pass over the destination rows (vectorised over W); blocks of 8 such rows are
+//   transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics, fixed
+//   summation order: deterministic whatever the thread count.
 // - Reductions over classes (max-mode per-scale counts, attention logit gradients) go through
 //   per-(n, class-chunk) partial buffers of size N*K*S*H0*W0 (K = class_chunks(N, C), chosen
 //   from the shape only) and are summed in a fixed order.
