@@ -25,6 +25,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+import torch._dynamo
 import torch.utils.benchmark as tb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -117,7 +118,14 @@ def run(args):
     devices = ["cpu"]
     if torch.cuda.is_available() and has_cuda_kernels() and not args.cpu_only:
         devices.append("cuda")
-    compiled = None if args.no_compile else torch.compile(scale_merge_reference, dynamic=False)
+    compiled = None
+    if not args.no_compile:
+        # one graph per (shape, grad mode, thread count): raise dynamo's recompile limit so that
+        # no configuration silently falls back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        compiled = torch.compile(scale_merge_reference, dynamic=False)
     rows: list[Row] = []
     copy_bw = copy_bandwidth_gbps("cuda") if "cuda" in devices else None
     for device in devices:
