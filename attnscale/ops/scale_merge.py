@@ -1,9 +1,130 @@
-"""Fused scale merge op (placeholder until csrc/ops/scale_merge.cpp lands)."""
+"""Fused scale merge: on-the-fly DeepLab ``Interp`` + attention / average / max over scales.
+
+``torch.ops.attnscale.scale_merge`` (C++/CUDA, csrc/ops/scale_merge.cpp) with its backward
+``torch.ops.attnscale.scale_merge_backward``; this module adds the fake (meta) kernels, the autograd
+formula and a friendly Python entry point :func:`scale_merge`.
+
+Semantics (the spec is :func:`attnscale.ops.reference.scale_merge_reference`):
+
+- ``scores``: S tensors (N, C, H_s, W_s), scale 0 the finest; every coarser map is resized to
+  (H_0, W_0) with DeepLab's Interp layer (bilinear, aligned corners, the source coordinate
+  ``dst * float(in-1)/(out-1)`` computed in float as Caffe does), on the fly, never materialised.
+- ``mode="attention"``: w = softmax over scales of ``logits`` (N, S, H_0, W_0), max-subtracted,
+  computed in fp32 (fp64 for fp64 inputs); out = sum_s w_s up(f_s).
+- ``mode="avg"``: w_s = 1/S (Caffe Eltwise SUM with coeff 1/S).
+- ``mode="max"``: Caffe Eltwise MAX: scales are visited in order and a later scale wins only if
+  strictly greater, so a tie goes to the lowest scale index and the gradient reaches exactly one
+  scale.  The returned weights are, per pixel, the fraction of the C classes whose maximum came from
+  each scale.  The backward recomputes the winning scale with the forward's own routines
+  (bit-identical values), so nothing but the inputs is saved.
+
+Returns ``(merged (N, C, H_0, W_0), weights (N, S, H_0, W_0))``.  The backward is a gather through
+the inverse Interp mapping (no atomics): deterministic on CPU and CUDA.
+"""
 from __future__ import annotations
 
-from ._ext import require_extension
+from typing import Sequence
+
+import torch
+
+from ._ext import has_extension, require_extension
+
+MODES = ("attention", "avg", "max")
 
 
-def scale_merge(scores, logits=None, mode="attention"):
+def _check_python_side(scores, logits, mode) -> list[torch.Tensor]:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"scale_merge: mode must be one of {MODES}, got {mode!r}")
+    if isinstance(scores, torch.Tensor) or not isinstance(scores, (list, tuple)):
+        raise TypeError("scale_merge: scores must be a list of S tensors (N, C, H_s, W_s), "
+                        f"got {type(scores).__name__}")
+    if len(scores) == 0:
+        raise ValueError("scale_merge: scores is an empty list (need at least one scale)")
+    for i, s in enumerate(scores):
+        if not isinstance(s, torch.Tensor):
+            raise TypeError(f"scale_merge: scores[{i}] must be a tensor, got {type(s).__name__}")
+        if s.device != scores[0].device:
+            raise ValueError(f"scale_merge: scores[{i}] is on {s.device} but scores[0] is on "
+                             f"{scores[0].device} (mixed devices)")
+    if mode == "attention":
+        if logits is None:
+            raise ValueError("scale_merge: mode='attention' needs logits of shape (N, S, H0, W0)")
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"scale_merge: logits must be a tensor, got {type(logits).__name__}")
+        if logits.device != scores[0].device:
+            raise ValueError(f"scale_merge: logits is on {logits.device} but scores[0] is on "
+                             f"{scores[0].device} (mixed devices)")
+    return list(scores)
+
+
+def scale_merge(scores: Sequence[torch.Tensor], logits: torch.Tensor | None = None,
+                mode: str = "attention") -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge multi-scale score maps at scale 0's resolution (see the module docstring).
+
+    Args:
+        scores: S score maps (N, C, H_s, W_s); scale 0 is the finest, no map may be larger.
+        logits: (N, S, H_0, W_0) attention logits (required for ``mode="attention"``, ignored
+            otherwise).
+        mode: ``"attention"`` | ``"avg"`` | ``"max"``.
+
+    Returns:
+        ``(merged (N, C, H_0, W_0), weights (N, S, H_0, W_0))``.
+    """
     require_extension()
-    raise NotImplementedError("scale_merge kernel not built yet")
+    scores = _check_python_side(scores, logits, mode)
+    if mode != "attention":
+        logits = None
+    return torch.ops.attnscale.scale_merge(scores, logits, mode)
+
+
+if has_extension():
+
+    @torch.library.register_fake("attnscale::scale_merge")
+    def _scale_merge_fake(scores, logits, mode):
+        torch._check(len(scores) > 0, lambda: "scale_merge: scores is an empty list")
+        torch._check(mode in MODES, lambda: f"scale_merge: mode must be one of {MODES}, got {mode!r}")
+        s0 = scores[0]
+        torch._check(s0.dim() == 4, lambda: "scale_merge: scores[0] must be 4-D (N, C, H, W)")
+        n, c, h, w = s0.shape
+        if mode == "attention":
+            torch._check(logits is not None, lambda: "scale_merge: mode='attention' needs logits")
+        return s0.new_empty((n, c, h, w)), s0.new_empty((n, len(scores), h, w))
+
+    @torch.library.register_fake("attnscale::scale_merge_backward")
+    def _scale_merge_backward_fake(grad_merged, grad_weights, scores, logits, mode):
+        grads = [s.new_empty(s.shape) for s in scores]
+        if mode == "attention":
+            glogits = logits.new_empty(logits.shape)
+        else:
+            glogits = scores[0].new_empty((0,))
+        return grads, glogits
+
+    def _setup_context(ctx, inputs, output):
+        scores, logits, mode = inputs
+        ctx.mode = mode
+        ctx.num_scales = len(scores)
+        ctx.has_logits = logits is not None
+        saved = list(scores) + ([logits] if logits is not None else [])
+        ctx.save_for_backward(*saved)
+
+    def _backward(ctx, grad_merged, grad_weights):
+        saved = ctx.saved_tensors
+        scores = list(saved[:ctx.num_scales])
+        logits = saved[ctx.num_scales] if ctx.has_logits else None
+        if ctx.mode != "attention":
+            grad_weights = None  # avg: constant weights; max: piecewise-constant counts
+        grads, glogits = torch.ops.attnscale.scale_merge_backward(
+            grad_merged.contiguous(), grad_weights, scores, logits, ctx.mode)
+        return list(grads), (glogits if ctx.mode == "attention" else None), None
+
+    torch.library.register_autograd("attnscale::scale_merge", _backward, setup_context=_setup_context)
+
+    def _setup_context_bwd(ctx, inputs, output):
+        pass
+
+    def _double_backward(ctx, *grads):
+        raise RuntimeError("scale_merge: double backward (differentiating scale_merge_backward) is not "
+                           "supported; use attnscale.ops.scale_merge_reference for higher-order gradients")
+
+    torch.library.register_autograd("attnscale::scale_merge_backward", _double_backward,
+                                    setup_context=_setup_context_bwd)

@@ -1,0 +1,191 @@
+"""Benchmark of the fused scale merge (attnscale.ops.scale_merge) against the eager pure-PyTorch
+reference (attnscale.ops.scale_merge_reference) and torch.compile(reference).
+
+Shapes (C = 21 classes, S = 3 scales 1, 0.75, 0.5):
+  train-N10 / train-N30: 321x321 crops -> score maps 41/31/21 (DeepLab-LargeFOV output stride 8)
+  test-N1:               513x513 image -> score maps 65/49/33
+
+CPU: always at 1 and 2 threads (torch.utils.benchmark.Timer(num_threads=...)).  CUDA (when present):
+torch.utils.benchmark (synchronises) plus the achieved bandwidth from the bytes the fused op must move
+and its fraction of a measured device-to-device copy bandwidth.  Every speed-up ratio is computed from
+medians measured in the same run.
+
+    python benchmarks/bench_merge.py                 # attention, all shapes, CPU (+ CUDA)
+    python benchmarks/bench_merge.py --modes all     # attention, avg and max
+    python benchmarks/bench_merge.py --quick         # fast smoke run
+    python benchmarks/bench_merge.py --json results/bench_merge.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+import torch._dynamo
+import torch.utils.benchmark as tb
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
+from attnscale.ops._ext import has_cuda_kernels, require_extension  # noqa: E402
+
+C = 21
+SHAPES = {
+    "train-N10": (10, (41, 31, 21)),
+    "train-N30": (30, (41, 31, 21)),
+    "test-N1": (1, (65, 49, 33)),
+}
+
+
+@dataclass
+class Row:
+    device: str
+    threads: int
+    shape: str
+    mode: str
+    passes: str            # "fwd" or "fwd+bwd"
+    fused_us: float
+    eager_us: float
+    compiled_us: float | None
+    speedup_eager: float   # eager / fused
+    speedup_compiled: float | None
+    gbps: float | None = None        # CUDA: bytes moved by the fused op / time
+    pct_copy_bw: float | None = None  # CUDA: % of measured device-to-device copy bandwidth
+
+
+def make_inputs(n, sizes, device, dtype=torch.float32, requires_grad=False):
+    gen = torch.Generator().manual_seed(0)
+    scores = [torch.randn(n, C, h, h, generator=gen).to(device, dtype) for h in sizes]
+    logits = torch.randn(n, len(sizes), sizes[0], sizes[0], generator=gen).to(device, dtype)
+    for t in (*scores, logits):
+        t.requires_grad_(requires_grad)
+    return scores, logits
+
+
+def bytes_moved(n, sizes, passes, elt=4):
+    """Minimum bytes the fused op reads/writes (each tensor once)."""
+    s = len(sizes)
+    p0 = sizes[0] * sizes[0]
+    scores = sum(n * C * h * h for h in sizes)
+    fwd = scores + n * s * p0 + n * C * p0 + n * s * p0  # scores, logits in; merged, weights out
+    if passes == "fwd":
+        return fwd * elt
+    bwd = n * C * p0 + scores + n * s * p0 + scores + n * s * p0  # grad in, scores+logits in, grads out
+    return (fwd + bwd) * elt
+
+
+def time_us(fn, threads, min_run_time):
+    timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def closures(impl, n, sizes, mode, device, passes):
+    if passes == "fwd":
+        scores, logits = make_inputs(n, sizes, device)
+
+        def fwd():
+            with torch.no_grad():
+                impl(scores, logits, mode)
+        return fwd
+    scores, logits = make_inputs(n, sizes, device, requires_grad=True)
+    grad = torch.randn(n, C, sizes[0], sizes[0], device=device)
+    leaves = [*scores] + ([logits] if mode == "attention" else [])
+
+    def fwd_bwd():
+        out, _ = impl(scores, logits, mode)
+        out.backward(grad)
+        for t in leaves:  # keep accumulation out of the measurement
+            t.grad = None
+    return fwd_bwd
+
+
+def copy_bandwidth_gbps(device):
+    x = torch.empty(64 * 1024 * 1024, device=device)  # 256 MB
+    y = torch.empty_like(x)
+    t = time_us(lambda: y.copy_(x), 1, 0.5)
+    return 2 * x.numel() * 4 / (t * 1e-6) / 1e9
+
+
+def run(args):
+    require_extension()
+    modes = ("attention", "avg", "max") if args.modes == "all" else tuple(args.modes.split(","))
+    shapes = {"train-N10": SHAPES["train-N10"]} if args.quick else SHAPES
+    min_run = 0.05 if args.quick else args.min_run_time
+    devices = ["cpu"]
+    if torch.cuda.is_available() and has_cuda_kernels() and not args.cpu_only:
+        devices.append("cuda")
+    compiled = None
+    if not args.no_compile:
+        # one graph per (shape, grad mode, thread count): raise dynamo's recompile limit so that
+        # no configuration silently falls back to eager
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 256)
+        compiled = torch.compile(scale_merge_reference, dynamic=False)
+    rows: list[Row] = []
+    copy_bw = copy_bandwidth_gbps("cuda") if "cuda" in devices else None
+    for device in devices:
+        thread_list = [int(t) for t in args.threads.split(",")] if device == "cpu" else [1]
+        for threads in thread_list:
+            for shape, (n, sizes) in shapes.items():
+                for mode in modes:
+                    for passes in ("fwd", "fwd+bwd"):
+                        fused = time_us(closures(scale_merge, n, sizes, mode, device, passes), threads, min_run)
+                        eager = time_us(closures(scale_merge_reference, n, sizes, mode, device, passes),
+                                        threads, min_run)
+                        comp = None
+                        if compiled is not None:
+                            fn = closures(compiled, n, sizes, mode, device, passes)
+                            fn()  # compile outside the measurement
+                            comp = time_us(fn, threads, min_run)
+                        gbps = pct = None
+                        if device == "cuda":
+                            gbps = bytes_moved(n, sizes, passes) / (fused * 1e-6) / 1e9
+                            pct = 100.0 * gbps / copy_bw
+                        rows.append(Row(device, threads, shape, mode, passes, fused, eager, comp,
+                                        eager / fused, None if comp is None else comp / fused, gbps, pct))
+                        print_row(rows[-1], header=len(rows) == 1)
+    return rows, copy_bw
+
+
+def print_row(r: Row, header=False):
+    if header:
+        print(f"{'device':6} {'thr':>3} {'shape':10} {'mode':9} {'pass':7} {'fused us':>9} {'eager us':>9} "
+              f"{'compiled us':>11} {'x eager':>8} {'x compiled':>10} {'GB/s':>7} {'%copy':>6}")
+    comp = f"{r.compiled_us:11.1f}" if r.compiled_us is not None else f"{'-':>11}"
+    sc = f"{r.speedup_compiled:10.2f}" if r.speedup_compiled is not None else f"{'-':>10}"
+    gb = f"{r.gbps:7.1f}" if r.gbps is not None else f"{'-':>7}"
+    pc = f"{r.pct_copy_bw:6.1f}" if r.pct_copy_bw is not None else f"{'-':>6}"
+    print(f"{r.device:6} {r.threads:3d} {r.shape:10} {r.mode:9} {r.passes:7} {r.fused_us:9.1f} {r.eager_us:9.1f} "
+          f"{comp} {r.speedup_eager:8.2f} {sc} {gb} {pc}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fast smoke run (one shape, short timings)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    ap.add_argument("--modes", default="attention", help="comma list of attention,avg,max or 'all'")
+    ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
+    ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
+    ap.add_argument("--cpu-only", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs visible; medians of torch.utils.benchmark blocked_autorange")
+    rows, copy_bw = run(args)
+    if copy_bw is not None:
+        print(f"CUDA device-to-device copy bandwidth: {copy_bw:.1f} GB/s ({torch.cuda.get_device_name()})")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "copy_bw_gbps": copy_bw,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,807 @@
+// CPU kernels of attnscale::scale_merge and attnscale::scale_merge_backward (float, double).
+//
+// Layout of the work (one pass over the data, no temporaries of size N*S*C*H*W):
+// - Interp tables are built once per call: for every destination row/column its two source
+//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h), and their inverse: for
+//   every source row/column the contiguous range of destination indices whose footprint touches
+//   it, as a first index plus a fixed-width, zero-padded weight vector.
+// - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
+//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 two permutes of two contiguous loads
+//   per 8 outputs, no gathers), then each output row is a 2-tap blend of two such rows fused
+//   into the merge (contiguous, vectorised over W).
+// - Backward is a gather through the inverse tables: the vertical adjoint of each source row is
+//   one fixed-width pass over the destination rows (vectorised over W); blocks of 8 such rows are
+//   transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics, fixed
+//   summation order: deterministic whatever the thread count.
+// - Reductions over classes (max-mode per-scale counts, attention logit gradients) go through
+//   per-(n, class-chunk) partial buffers of size N*K*S*H0*W0 (K = class_chunks(N, C), chosen
+//   from the shape only) and are summed in a fixed order.
+// - max mode's backward recomputes the argmax scale with the very same (non-inlined) routines
+//   as the forward, so the recomputed values are bit-identical and the gradient goes to the
+//   scale that produced the forward value.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "ops/scale_merge.h"
+#include "ops/scale_merge_interp.h"
+
+namespace attnscale {
+namespace scale_merge {
+namespace {
+
+#if defined(__GNUC__)
+#define ATTNSCALE_NOINLINE __attribute__((noinline))
+#else
+#define ATTNSCALE_NOINLINE
+#endif
+// Short gathers vectorise into AVX2 gathers, which are slower than scalar code on many x86 cores.
+#if defined(__GNUC__) && !defined(__clang__)
+#define ATTNSCALE_NOVECTOR __attribute__((noinline, optimize("no-tree-vectorize")))
+#else
+#define ATTNSCALE_NOVECTOR ATTNSCALE_NOINLINE
+#endif
+
+// --------------------------------------------------------------------------------------------
+// exp used by the softmax over scales.  Arguments are max-subtracted (<= 0).  The float version
+// is branch-free so that GCC vectorises the loops that call it: x = n ln2 + r, |r| <= ln2/2,
+// e^r by its degree-7 Taylor polynomial (truncation error < 6e-9 relative, below float's
+// epsilon), times 2^n built in the exponent bits.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")  // lets GCC if-convert the clamp and vectorise the loops
+#endif
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const int32_t ni = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x/ln2), x <= 0
+  const float n = static_cast<float>(ni);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+struct Axis {
+  int in = 0, out = 0;
+  std::vector<int> i0, i1;      // per destination index
+  std::vector<T> l0, l1;        // per destination index
+  std::vector<int> off, dst;    // inverse: source j -> entries [off[j], off[j+1])
+  std::vector<T> wt;
+
+  void build(int in_, int out_) {
+    in = in_;
+    out = out_;
+    const float ratio = interp_ratio(in, out);
+    i0.resize(out);
+    i1.resize(out);
+    l0.resize(out);
+    l1.resize(out);
+    std::vector<int> count(in + 1, 0);
+    for (int d = 0; d < out; ++d) {
+      const Tap t = interp_tap(d, in, out, ratio);
+      i0[d] = t.i0;
+      i1[d] = t.i1;
+      l1[d] = static_cast<T>(t.l1);           // Caffe: Dtype h1lambda = h1r - h1 (float)
+      l0[d] = static_cast<T>(1) - l1[d];      //        Dtype h0lambda = 1 - h1lambda
+      count[t.i0 + 1]++;
+      if (t.i1 != t.i0) count[t.i1 + 1]++;
+    }
+    off.assign(in + 1, 0);
+    for (int j = 0; j < in; ++j) off[j + 1] = off[j] + count[j + 1];
+    dst.resize(off[in]);
+    wt.resize(off[in]);
+    std::vector<int> fill(off.begin(), off.end() - 1);
+    for (int d = 0; d < out; ++d) {  // increasing d: each source's list is sorted
+      const Tap t = interp_tap(d, in, out, ratio);
+      dst[fill[t.i0]] = d;
+      wt[fill[t.i0]++] = tap_weight<T>(t, t.i0);
+      if (t.i1 != t.i0) {
+        dst[fill[t.i1]] = d;
+        wt[fill[t.i1]++] = tap_weight<T>(t, t.i1);
+      }
+    }
+    identity = (in == out);
+    // Fixed-width inverse: the destinations of source j are the contiguous range
+    // first[j] .. first[j] + kmax - 1 with weights wpad[j * kmax + k] (zero-padded).
+    kmax = 1;
+    for (int j = 0; j < in; ++j) kmax = std::max(kmax, off[j + 1] - off[j]);
+    first.assign(in, 0);
+    wpad.assign(static_cast<size_t>(in) * kmax, T(0));
+    for (int j = 0; j < in; ++j) {
+      if (off[j + 1] == off[j]) continue;
+      first[j] = dst[off[j]];
+      for (int q = off[j]; q < off[j + 1]; ++q) {
+        TORCH_CHECK(dst[q] == first[j] + (q - off[j]), "scale_merge: internal error (non-contiguous Interp inverse)");
+        wpad[static_cast<size_t>(j) * kmax + (q - off[j])] = wt[q];
+      }
+    }
+    // 8-wide blocks of destinations: i0 - base lies in [0, 7] because the ratio is <= 1.
+    const int nblocks = out / 8;
+    base.assign(nblocks, 0);
+    perm.assign(static_cast<size_t>(nblocks) * 8, 0);
+    for (int b = 0; b < nblocks; ++b) {
+      base[b] = i0[8 * b];
+      for (int k = 0; k < 8; ++k) {
+        perm[8 * b + k] = i0[8 * b + k] - base[b];
+        TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
+      }
+    }
+  }
+
+  bool identity = false;
+  int kmax = 1;
+  std::vector<int> first;
+  std::vector<T> wpad;
+  std::vector<int> base;
+  std::vector<int32_t> perm;
+};
+
+template <typename T>
+struct Tables {
+  std::vector<Axis<T>> y, x;  // index 0 unused (scale 0 is not resized)
+  std::vector<int> H, W;
+  std::vector<int64_t> hoff;  // offsets of each scale's H_s x W0 buffer in the per-thread scratch
+  int64_t hsize = 0;
+  int wmax = 0;   // widest coarse map (pad buffer)
+  int kmax = 1;   // widest fixed-width inverse along x (trow padding)
+  int kmax_y = 1; // widest fixed-width inverse along y (G padding)
+
+  explicit Tables(const std::vector<at::Tensor>& sc) {
+    const int S = static_cast<int>(sc.size());
+    const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+    y.resize(S);
+    x.resize(S);
+    H.resize(S);
+    W.resize(S);
+    hoff.assign(S, 0);
+    for (int s = 0; s < S; ++s) {
+      H[s] = static_cast<int>(sc[s].size(2));
+      W[s] = static_cast<int>(sc[s].size(3));
+      if (s == 0) continue;
+      y[s].build(H[s], H0);
+      x[s].build(W[s], W0);
+      wmax = std::max(wmax, W[s]);
+      kmax = std::max(kmax, x[s].kmax);
+      kmax_y = std::max(kmax_y, y[s].kmax);
+      hoff[s] = hsize;
+      hsize += static_cast<int64_t>(H[s]) * W0;
+    }
+  }
+};
+
+// Horizontal pass of one coarse plane: rows[r][x] = l0[x] f[r][i0[x]] + l1[x] f[r][i1[x]].
+// Not inlined: the forward and the backward's recomputation must produce bit-identical values.
+// Each source row is copied into `pad` (its last element repeated) so that f[i1] = pad[i0 + 1]
+// for every x; with AVX2, 8 outputs are two permutes of two contiguous loads (no gathers).
+template <typename T>
+ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const Axis<T>& ax, int W0,
+                                    T* __restrict rows, T* __restrict pad) {
+  const int* __restrict i0 = ax.i0.data();
+  const T* __restrict l0 = ax.l0.data();
+  const T* __restrict l1 = ax.l1.data();
+  if (ax.identity) {
+    std::memcpy(rows, f, sizeof(T) * static_cast<size_t>(Hs) * W0);
+    return;
+  }
+  int xv = 0;
+#if defined(__AVX2__)
+  constexpr bool kVec = std::is_same<T, float>::value;
+  if (kVec) xv = (W0 / 8) * 8;
+#endif
+  for (int r = 0; r < Hs; ++r) {
+    const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
+    T* __restrict d = rows + static_cast<int64_t>(r) * W0;
+    std::memcpy(pad, src, sizeof(T) * Ws);
+    for (int k = 0; k < 9; ++k) pad[Ws + k] = src[Ws - 1];
+#if defined(__AVX2__)
+    if constexpr (kVec) {
+      const int* __restrict base = ax.base.data();
+      const int32_t* __restrict perm = ax.perm.data();
+      for (int x = 0; x < xv; x += 8) {
+        const int b = base[x / 8];
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + x));
+        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b), p);
+        const __m256 c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b + 1), p);
+        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
+                                       _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
+        _mm256_storeu_ps(d + x, v);
+      }
+    }
+#endif
+    for (int x = xv; x < W0; ++x) d[x] = l0[x] * pad[i0[x]] + l1[x] * pad[i0[x] + 1];
+  }
+}
+
+// Vertical blend for destination row y: up[x] = l0[y] rows[i0[y]][x] + l1[y] rows[i1[y]][x].
+template <typename T>
+ATTNSCALE_NOINLINE void resize_row(const T* __restrict rows, int W0, const Axis<T>& ay, int y,
+                                   T* __restrict up) {
+  const T* __restrict a = rows + static_cast<int64_t>(ay.i0[y]) * W0;
+  const T* __restrict b = rows + static_cast<int64_t>(ay.i1[y]) * W0;
+  const T la = ay.l0[y], lb = ay.l1[y];
+  for (int x = 0; x < W0; ++x) up[x] = la * a[x] + lb * b[x];
+}
+
+// Horizontal adjoint of one row: grow[j] = sum_k wpad[j][k] * t[first[j] + k] (fixed width,
+// zero-padded weights; t must have kmax readable entries past W0).  A gather with a fixed
+// summation order: no atomics, deterministic.
+template <typename T, int K>
+inline void adjoint_cols_k(const T* __restrict t, const int* __restrict first, const T* __restrict wp, int Ws,
+                           T* __restrict grow) {
+  for (int j = 0; j < Ws; ++j) {
+    const T* __restrict tt = t + first[j];
+    const T* __restrict ww = wp + static_cast<int64_t>(j) * K;
+    T acc = T(0);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) acc += ww[k] * tt[k];
+    grow[j] = acc;
+  }
+}
+
+template <typename T>
+ATTNSCALE_NOVECTOR void adjoint_cols(const T* __restrict t, const Axis<T>& ax, T* __restrict grow) {
+  const int Ws = ax.in;
+  const int* first = ax.first.data();
+  const T* wp = ax.wpad.data();
+  switch (ax.kmax) {
+    case 1: return adjoint_cols_k<T, 1>(t, first, wp, Ws, grow);
+    case 2: return adjoint_cols_k<T, 2>(t, first, wp, Ws, grow);
+    case 3: return adjoint_cols_k<T, 3>(t, first, wp, Ws, grow);
+    case 4: return adjoint_cols_k<T, 4>(t, first, wp, Ws, grow);
+    case 5: return adjoint_cols_k<T, 5>(t, first, wp, Ws, grow);
+    case 6: return adjoint_cols_k<T, 6>(t, first, wp, Ws, grow);
+    default: break;
+  }
+  const int K = ax.kmax;
+  for (int j = 0; j < Ws; ++j) {
+    T acc = T(0);
+    for (int k = 0; k < K; ++k) acc += wp[static_cast<int64_t>(j) * K + k] * t[first[j] + k];
+    grow[j] = acc;
+  }
+}
+
+// Vertical adjoint of source row r: t[x] = sum_k wpad[r][k] * G[first[r] + k][x].  One pass
+// over x (vectorised), fixed summation order.  G needs kmax readable zero rows past H0.
+template <typename T, int K>
+inline void vertical_adjoint_k(const T* __restrict G, int W0, const T* __restrict ww, int64_t y0,
+                               T* __restrict t) {
+  const T* __restrict g0 = G + y0 * W0;
+  for (int x = 0; x < W0; ++x) {
+    T acc = ww[0] * g0[x];
+    for (int k = 1; k < K; ++k) acc += ww[k] * g0[static_cast<int64_t>(k) * W0 + x];
+    t[x] = acc;
+  }
+}
+
+template <typename T>
+inline void vertical_adjoint(const T* __restrict G, int W0, const Axis<T>& ay, int r, T* __restrict t) {
+  const int K = ay.kmax;
+  const T* ww = ay.wpad.data() + static_cast<int64_t>(r) * K;
+  const int64_t y0 = ay.first[r];
+  switch (K) {
+    case 1: return vertical_adjoint_k<T, 1>(G, W0, ww, y0, t);
+    case 2: return vertical_adjoint_k<T, 2>(G, W0, ww, y0, t);
+    case 3: return vertical_adjoint_k<T, 3>(G, W0, ww, y0, t);
+    case 4: return vertical_adjoint_k<T, 4>(G, W0, ww, y0, t);
+    case 5: return vertical_adjoint_k<T, 5>(G, W0, ww, y0, t);
+    case 6: return vertical_adjoint_k<T, 6>(G, W0, ww, y0, t);
+    default: break;
+  }
+  for (int x = 0; x < W0; ++x) {
+    T acc = T(0);
+    for (int k = 0; k < K; ++k) acc += ww[k] * G[(y0 + k) * W0 + x];
+    t[x] = acc;
+  }
+}
+
+// Transpose an 8 x W (W a multiple of 8) block of rows with stride W into dst[x * 8 + row].
+template <typename T>
+inline void transpose8(const T* __restrict src, int W, T* __restrict dst) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value) {
+    for (int x = 0; x < W; x += 8) {
+      __m256 r[8], u[8], v[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + static_cast<int64_t>(i) * W + x);
+      for (int i = 0; i < 8; i += 2) {
+        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+      }
+      v[0] = _mm256_shuffle_ps(u[0], u[2], 0x44);
+      v[1] = _mm256_shuffle_ps(u[0], u[2], 0xEE);
+      v[2] = _mm256_shuffle_ps(u[1], u[3], 0x44);
+      v[3] = _mm256_shuffle_ps(u[1], u[3], 0xEE);
+      v[4] = _mm256_shuffle_ps(u[4], u[6], 0x44);
+      v[5] = _mm256_shuffle_ps(u[4], u[6], 0xEE);
+      v[6] = _mm256_shuffle_ps(u[5], u[7], 0x44);
+      v[7] = _mm256_shuffle_ps(u[5], u[7], 0xEE);
+      T* d = dst + static_cast<int64_t>(x) * 8;
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(d + i * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
+      }
+    }
+    return;
+  }
+#endif
+  for (int x = 0; x < W; ++x)
+    for (int i = 0; i < 8; ++i) dst[static_cast<int64_t>(x) * 8 + i] = src[static_cast<int64_t>(i) * W + x];
+}
+
+// Horizontal adjoint of a block of up to 8 rows stored transposed (tt[x * 8 + lane]):
+// grow[lane][j] = sum_k wpad[j][k] * tt[(first[j] + k) * 8 + lane].  The inner loop over the 8
+// lanes is contiguous and vectorises; fixed summation order (k ascending), no atomics.
+template <typename T, int K>
+inline void adjoint_cols8_k(const T* __restrict tt, const int* __restrict first, const T* __restrict wp, int Ws,
+                            int nrows, T* __restrict grow) {
+  for (int j = 0; j < Ws; ++j) {
+    T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
+    const T* __restrict tp = tt + static_cast<int64_t>(first[j]) * 8;
+    const T* __restrict ww = wp + static_cast<int64_t>(j) * K;
+    for (int k = 0; k < K; ++k) {
+      const T wk = ww[k];
+      for (int l = 0; l < 8; ++l) acc[l] += wk * tp[k * 8 + l];
+    }
+    for (int l = 0; l < nrows; ++l) grow[static_cast<int64_t>(l) * Ws + j] = acc[l];
+  }
+}
+
+template <typename T>
+ATTNSCALE_NOINLINE void adjoint_cols8(const T* __restrict tt, const Axis<T>& ax, int nrows, T* __restrict grow) {
+  const int Ws = ax.in;
+  const int* first = ax.first.data();
+  const T* wp = ax.wpad.data();
+  switch (ax.kmax) {
+    case 1: return adjoint_cols8_k<T, 1>(tt, first, wp, Ws, nrows, grow);
+    case 2: return adjoint_cols8_k<T, 2>(tt, first, wp, Ws, nrows, grow);
+    case 3: return adjoint_cols8_k<T, 3>(tt, first, wp, Ws, nrows, grow);
+    case 4: return adjoint_cols8_k<T, 4>(tt, first, wp, Ws, nrows, grow);
+    case 5: return adjoint_cols8_k<T, 5>(tt, first, wp, Ws, nrows, grow);
+    case 6: return adjoint_cols8_k<T, 6>(tt, first, wp, Ws, nrows, grow);
+    default: break;
+  }
+  const int K = ax.kmax;
+  for (int j = 0; j < Ws; ++j) {
+    for (int l = 0; l < nrows; ++l) {
+      T acc = T(0);
+      for (int k = 0; k < K; ++k)
+        acc += wp[static_cast<int64_t>(j) * K + k] * tt[static_cast<int64_t>(first[j] + k) * 8 + l];
+      grow[static_cast<int64_t>(l) * Ws + j] = acc;
+    }
+  }
+}
+
+// Caffe Eltwise MAX over the scales for one row: later scale wins only if strictly greater.
+// Not inlined for the same reason as resize_rows.
+template <typename T>
+ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<const T*>& ups, int W0,
+                                T* __restrict best, T* __restrict idx) {
+  for (int x = 0; x < W0; ++x) {
+    best[x] = f0row[x];
+    idx[x] = T(0);
+  }
+  for (size_t s = 1; s < ups.size(); ++s) {
+    const T* __restrict u = ups[s];
+    const T sv = static_cast<T>(s);
+    for (int x = 0; x < W0; ++x) {
+      const bool g = u[x] > best[x];
+      best[x] = g ? u[x] : best[x];
+      idx[x] = g ? sv : idx[x];
+    }
+  }
+}
+
+// Softmax over S of the logits (computed in float for float, double for double), rows
+// [row_begin, row_end) of the flattened (N*H0) rows.
+template <typename T>
+void softmax_rows(const T* logits, T* w, int64_t S, int64_t H0, int64_t W0, int64_t row_begin,
+                  int64_t row_end) {
+  const int64_t P = H0 * W0;
+  std::vector<T> m(W0), sum(W0);
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t n = row / H0, y = row % H0;
+    const T* l = logits + n * S * P + y * W0;
+    T* o = w + n * S * P + y * W0;
+    T* __restrict mp = m.data();
+    T* __restrict sp = sum.data();
+    for (int64_t x = 0; x < W0; ++x) {
+      mp[x] = l[x];
+      sp[x] = T(0);
+    }
+    for (int64_t s = 1; s < S; ++s) {
+      const T* __restrict ls = l + s * P;
+      for (int64_t x = 0; x < W0; ++x) mp[x] = ls[x] > mp[x] ? ls[x] : mp[x];
+    }
+    for (int64_t s = 0; s < S; ++s) {
+      const T* __restrict ls = l + s * P;
+      T* __restrict os = o + s * P;
+      for (int64_t x = 0; x < W0; ++x) {
+        os[x] = exp_nonpos(ls[x] - mp[x]);
+        sp[x] += os[x];
+      }
+    }
+    for (int64_t x = 0; x < W0; ++x) sp[x] = T(1) / sp[x];
+    for (int64_t s = 0; s < S; ++s) {
+      T* __restrict os = o + s * P;
+      for (int64_t x = 0; x < W0; ++x) os[x] *= sp[x];
+    }
+  }
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+// at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
+// work: tiny problems run inline instead of paying for a parallel region.
+constexpr int64_t kMinWork = 32768;
+inline int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_task));
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
+  std::vector<at::Tensor> out;
+  out.reserve(scores.size());
+  for (const auto& s : scores) out.push_back(s.contiguous());
+  return out;
+}
+
+void check_cpu(at::TensorList scores, const char* op) {
+  TORCH_CHECK_VALUE(scores[0].device().is_cpu(), op, ": CPU kernel got scores[0] on ", scores[0].device());
+  const auto st = scores[0].scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble, op,
+                    ": scores dtype ", st, " is not supported on CPU (float32 or float64)");
+}
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, Mode mode,
+                  at::Tensor& merged, at::Tensor& weights) {
+  const int S = static_cast<int>(sc.size());
+  const int64_t N = sc[0].size(0), C = sc[0].size(1);
+  const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const Tables<T> tab(sc);
+  std::vector<const T*> fp(S);
+  for (int s = 0; s < S; ++s) fp[s] = sc[s].data_ptr<T>();
+  T* out = merged.data_ptr<T>();
+  T* w = weights.data_ptr<T>();
+
+  if (mode != Mode::kMax) {
+    if (mode == Mode::kAttention) {
+      const T* lg = logits.data_ptr<T>();
+      at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, w, S, H0, W0, b, e); });
+    } else {
+      weights.fill_(1.0 / S);
+    }
+    const T inv_s = static_cast<T>(1.0 / S);
+    at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
+      std::vector<T> rows(tab.hsize), pad(tab.wmax + 16);
+      for (int64_t nc = b; nc < e; ++nc) {
+        const int64_t n = nc / C;
+        for (int s = 1; s < S; ++s)
+          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                         rows.data() + tab.hoff[s], pad.data());
+        for (int y = 0; y < H0; ++y) {
+          const int64_t yo = static_cast<int64_t>(y) * W0;
+          T* __restrict o = out + nc * P + yo;
+          const T* __restrict f0 = fp[0] + nc * P + yo;
+          // one pass per scale, the vertical Interp blend fused into the accumulation
+          if (S == 1) {
+            for (int x = 0; x < W0; ++x) o[x] = f0[x];
+            continue;
+          }
+          for (int s = 1; s < S; ++s) {
+            const Axis<T>& ay = tab.y[s];
+            const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+            const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+            const T la = ay.l0[y], lb = ay.l1[y];
+            if (mode == Mode::kAttention) {
+              const T* __restrict ws = w + (n * S + s) * P + yo;
+              if (s == 1) {
+                const T* __restrict w0 = w + n * S * P + yo;
+                for (int x = 0; x < W0; ++x) o[x] = w0[x] * f0[x] + ws[x] * (la * a[x] + lb * b[x]);
+              } else {
+                for (int x = 0; x < W0; ++x) o[x] += ws[x] * (la * a[x] + lb * b[x]);
+              }
+            } else {
+              const bool last = s == S - 1;
+              if (s == 1 && last) {
+                for (int x = 0; x < W0; ++x) o[x] = (f0[x] + (la * a[x] + lb * b[x])) * inv_s;
+              } else if (s == 1) {
+                for (int x = 0; x < W0; ++x) o[x] = f0[x] + (la * a[x] + lb * b[x]);
+              } else if (last) {
+                for (int x = 0; x < W0; ++x) o[x] = (o[x] + (la * a[x] + lb * b[x])) * inv_s;
+              } else {
+                for (int x = 0; x < W0; ++x) o[x] += la * a[x] + lb * b[x];
+              }
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+
+  // max: merged values + per-(n, class chunk) counts of the winning scale.
+  const int64_t K = class_chunks(N, C);
+  const int64_t csz = (C + K - 1) / K;
+  std::vector<T> counts(static_cast<size_t>(N * K * S * P), T(0));
+  at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), pad(tab.wmax + 16);
+    std::vector<const T*> ups(S);
+    std::vector<T> idx(W0);
+    for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
+    for (int64_t nk = b; nk < e; ++nk) {
+      const int64_t n = nk / K, k = nk % K;
+      T* cnt = counts.data() + nk * S * P;
+      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+        const int64_t nc = n * C + c;
+        for (int s = 1; s < S; ++s)
+          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                         rows.data() + tab.hoff[s], pad.data());
+        for (int y = 0; y < H0; ++y) {
+          for (int s = 1; s < S; ++s)
+            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+          max_row<T>(fp[0] + nc * P + static_cast<int64_t>(y) * W0, ups, W0,
+                     out + nc * P + static_cast<int64_t>(y) * W0, idx.data());
+          const T* __restrict ip = idx.data();
+          for (int s = 0; s < S; ++s) {
+            T* __restrict cs = cnt + s * P + static_cast<int64_t>(y) * W0;
+            const T sv = static_cast<T>(s);
+            for (int x = 0; x < W0; ++x) cs[x] += (ip[x] == sv) ? T(1) : T(0);
+          }
+        }
+      }
+    }
+  });
+  const T inv_c = static_cast<T>(1.0 / static_cast<double>(C));
+  at::parallel_for(0, N * S, grain_for(K * P), [&](int64_t b, int64_t e) {
+    for (int64_t ns = b; ns < e; ++ns) {
+      const int64_t n = ns / S, s = ns % S;
+      T* __restrict o = w + ns * P;
+      for (int64_t p = 0; p < P; ++p) o[p] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T* __restrict cs = counts.data() + ((n * K + k) * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) o[p] += cs[p];
+      }
+      for (int64_t p = 0; p < P; ++p) o[p] *= inv_c;
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+template <typename T>
+void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::vector<at::Tensor>& sc,
+                   const at::Tensor& logits, Mode mode, std::vector<at::Tensor>& grads,
+                   at::Tensor& glogits) {
+  const int S = static_cast<int>(sc.size());
+  const int64_t N = sc[0].size(0), C = sc[0].size(1);
+  const int H0 = static_cast<int>(sc[0].size(2)), W0 = static_cast<int>(sc[0].size(3));
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const Tables<T> tab(sc);
+  std::vector<const T*> fp(S);
+  std::vector<T*> gp(S);
+  for (int s = 0; s < S; ++s) {
+    fp[s] = sc[s].data_ptr<T>();
+    gp[s] = grads[s].data_ptr<T>();
+  }
+  const T* go = gout_t.data_ptr<T>();
+  const bool attention = mode == Mode::kAttention;
+  const int64_t K = class_chunks(N, C);
+  const int64_t csz = (C + K - 1) / K;
+  const T inv_s = static_cast<T>(1.0 / S);
+
+  std::vector<T> wbuf, dots;
+  if (attention) {
+    wbuf.resize(static_cast<size_t>(N * S * P));
+    const T* lg = logits.data_ptr<T>();
+    T* wp = wbuf.data();
+    at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
+    dots.assign(static_cast<size_t>(N * K * S * P), T(0));
+  }
+  const T* w = wbuf.data();
+
+  at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
+    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
+    std::vector<const T*> ups(S);
+    std::vector<T> idx(mode == Mode::kMax ? P : 0);
+    const int W0s = (W0 + 7) / 8 * 8;
+    std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));  // 8-row block; columns >= W0 stay zero
+    std::vector<T> gbuf(static_cast<size_t>(H0 + tab.kmax_y) * W0, T(0));
+    std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
+    for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
+    for (int64_t nk = b; nk < e; ++nk) {
+      const int64_t n = nk / K, k = nk % K;
+      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+        const int64_t nc = n * C + c;
+        const T* g = go + nc * P;
+        // 1) recompute the resized maps where needed: attention (dot products for the logit
+        //    gradient) and max (argmax scale, bit-identical to the forward).
+        if (mode != Mode::kAvg) {
+          for (int s = 1; s < S; ++s)
+            resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                           rows.data() + tab.hoff[s], pad.data());
+          for (int y = 0; y < H0; ++y) {
+            const int64_t yo = static_cast<int64_t>(y) * W0;
+            if (attention) {
+              const T* __restrict gy = g + yo;
+              T* __restrict d0 = dots.data() + nk * S * P + yo;
+              const T* __restrict f0 = fp[0] + nc * P + yo;
+              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * f0[x];
+              for (int s = 1; s < S; ++s) {  // vertical blend fused into the dot product
+                const Axis<T>& ay = tab.y[s];
+                const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+                const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+                const T la = ay.l0[y], lb = ay.l1[y];
+                T* __restrict ds = dots.data() + (nk * S + s) * P + yo;
+                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * (la * a[x] + lb * b[x]);
+              }
+            } else {
+              for (int s = 1; s < S; ++s)
+                resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+              max_row<T>(fp[0] + nc * P + yo, ups, W0, best.data(), idx.data() + yo);
+            }
+          }
+        }
+        // 2) gradient of every score map.  Scale 0: elementwise.
+        {
+          T* __restrict g0 = gp[0] + nc * P;
+          const T* __restrict gg = g;
+          if (attention) {
+            const T* __restrict w0 = w + n * S * P;
+            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * w0[p];
+          } else if (mode == Mode::kAvg) {
+            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * inv_s;
+          } else {
+            const T* __restrict ip = idx.data();
+            for (int64_t p = 0; p < P; ++p) {
+              const T gv = gg[p];
+              g0[p] = (ip[p] == T(0)) ? gv : T(0);
+            }
+          }
+        }
+        // Coarser scales: gather through the inverse Interp tables.
+        for (int s = 1; s < S; ++s) {
+          const Axis<T>& ay = tab.y[s];
+          const Axis<T>& ax = tab.x[s];
+          const int Hs = tab.H[s], Ws = tab.W[s];
+          T* gs = gp[s] + nc * Hs * Ws;
+          const T* ws = attention ? w + (n * S + s) * P : nullptr;
+          const T sv = static_cast<T>(s);
+          T* __restrict t = trow.data();
+          T* __restrict tt = ttr.data();
+          // gradient reaching the resized map of scale s, once per plane (rows past H0 stay zero)
+          T* __restrict G = gbuf.data();
+          if (attention) {
+            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * ws[p];
+          } else if (mode == Mode::kAvg) {
+            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * inv_s;
+          } else {
+            const T* __restrict ip = idx.data();
+            for (int64_t p = 0; p < P; ++p) {
+              const T gv = g[p];
+              G[p] = (ip[p] == sv) ? gv : T(0);  // select, not a branch: vectorises
+            }
+          }
+          for (int r = 0; r < Hs; ++r) {
+            const int lane = r % 8;
+            // vertical adjoint: row `lane` of the 8-row block = sum_k wpad[r][k] * G[first[r] + k]
+            vertical_adjoint<T>(G, W0, ay, r, t + static_cast<int64_t>(lane) * W0s);
+            if (lane == 7 || r == Hs - 1) {
+              // transpose the block (8 x W0s -> W0s x 8); the horizontal adjoint then runs on 8 rows at once
+              transpose8<T>(t, W0s, tt);
+              adjoint_cols8<T>(tt, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  if (!attention) return;
+  // 3) logit gradient: softmax backward of g_s = sum_c grad*up_s (+ grad of the weights output).
+  const T* gw = gw_t.defined() ? gw_t.data_ptr<T>() : nullptr;
+  T* gl = glogits.data_ptr<T>();
+  at::parallel_for(0, N, grain_for((K + 3) * S * P), [&](int64_t b, int64_t e) {
+    std::vector<T> gsum(static_cast<size_t>(S) * P), dot(P);
+    for (int64_t n = b; n < e; ++n) {
+      for (int s = 0; s < S; ++s) {
+        T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict d = dots.data() + (n * K * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) gs[p] = d[p];
+        for (int64_t k = 1; k < K; ++k) {
+          const T* __restrict dk = dots.data() + ((n * K + k) * S + s) * P;
+          for (int64_t p = 0; p < P; ++p) gs[p] += dk[p];
+        }
+        if (gw) {
+          const T* __restrict gws = gw + (n * S + s) * P;
+          for (int64_t p = 0; p < P; ++p) gs[p] += gws[p];
+        }
+      }
+      T* __restrict dp = dot.data();
+      for (int64_t p = 0; p < P; ++p) dp[p] = T(0);
+      for (int s = 0; s < S; ++s) {
+        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict wsp = w + (n * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) dp[p] += wsp[p] * gs[p];
+      }
+      for (int s = 0; s < S; ++s) {
+        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
+        const T* __restrict wsp = w + (n * S + s) * P;
+        T* __restrict o = gl + (n * S + s) * P;
+        for (int64_t p = 0; p < P; ++p) o[p] = wsp[p] * (gs[p] - dp[p]);
+      }
+    }
+  });
+}
+
+// --------------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor> scale_merge_cpu(at::TensorList scores_in,
+                                                   const std::optional<at::Tensor>& logits_in,
+                                                   c10::string_view mode_str) {
+  const Mode mode = check_forward_inputs(scores_in, logits_in, mode_str);
+  check_cpu(scores_in, "scale_merge");
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const int64_t N = sc[0].size(0), C = sc[0].size(1), H0 = sc[0].size(2), W0 = sc[0].size(3);
+  const int64_t S = static_cast<int64_t>(sc.size());
+  at::Tensor merged = at::empty({N, C, H0, W0}, sc[0].options());
+  at::Tensor weights = at::empty({N, S, H0, W0}, sc[0].options());
+  if (N == 0) return {merged, weights};
+  AT_DISPATCH_FLOATING_TYPES(sc[0].scalar_type(), "scale_merge_cpu",
+                             [&] { forward_impl<scalar_t>(sc, logits, mode, merged, weights); });
+  return {merged, weights};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cpu(
+    const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights, at::TensorList scores_in,
+    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str) {
+  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
+  check_cpu(scores_in, "scale_merge_backward");
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const at::Tensor gout = grad_merged.contiguous();
+  const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())
+                            ? grad_weights->contiguous()
+                            : at::Tensor();
+  std::vector<at::Tensor> grads;
+  for (const auto& s : sc) grads.push_back(at::empty_like(s));
+  at::Tensor glogits = mode == Mode::kAttention ? at::empty_like(logits) : at::empty({0}, sc[0].options());
+  if (sc[0].size(0) == 0) return {grads, glogits};
+  AT_DISPATCH_FLOATING_TYPES(sc[0].scalar_type(), "scale_merge_backward_cpu", [&] {
+    backward_impl<scalar_t>(gout, gw, sc, logits, mode, grads, glogits);
+  });
+  return {grads, glogits};
+}
+
+}  // namespace
+}  // namespace scale_merge
+}  // namespace attnscale
+
+TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
+  m.impl("scale_merge", &attnscale::scale_merge::scale_merge_cpu);
+  m.impl("scale_merge_backward", &attnscale::scale_merge::scale_merge_backward_cpu);
+}

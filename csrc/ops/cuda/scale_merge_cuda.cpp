@@ -1,0 +1,115 @@
+// CUDA glue of attnscale::scale_merge: checks (shared with the CPU kernel, csrc/ops/scale_merge.cpp),
+// contiguity, output allocation, current stream, then the raw-pointer launchers of
+// csrc/ops/cuda/scale_merge_kernel.cu.  Mirrors csrc/ops/cpu/scale_merge_kernel.cpp.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ops/scale_merge.h"
+#include "ops/scale_merge_cuda.h"
+
+namespace attnscale {
+namespace scale_merge {
+namespace {
+
+cuda::DType cuda_dtype(at::ScalarType st, const char* op) {
+  switch (st) {
+    case at::kFloat:
+      return cuda::DType::kFloat32;
+    case at::kHalf:
+      return cuda::DType::kFloat16;
+    case at::kBFloat16:
+      return cuda::DType::kBFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": scores dtype ", st,
+                        " is not supported on CUDA (float32, float16 or bfloat16)");
+  }
+  return cuda::DType::kFloat32;  // unreachable
+}
+
+cuda::Problem make_problem(const std::vector<at::Tensor>& sc, Mode mode, const char* op) {
+  TORCH_CHECK_VALUE(sc[0].is_cuda(), op, ": CUDA kernel got scores[0] on ", sc[0].device());
+  TORCH_CHECK_VALUE(static_cast<int>(sc.size()) <= cuda::kMaxScales, op, ": at most ", cuda::kMaxScales,
+                    " scales are supported on CUDA, got ", sc.size());
+  cuda::Problem p;
+  p.S = static_cast<int>(sc.size());
+  p.N = sc[0].size(0);
+  p.C = sc[0].size(1);
+  for (int s = 0; s < p.S; ++s) {
+    p.H[s] = static_cast<int>(sc[s].size(2));
+    p.W[s] = static_cast<int>(sc[s].size(3));
+  }
+  p.mode = static_cast<int>(mode);
+  p.dtype = cuda_dtype(sc[0].scalar_type(), op);
+  return p;
+}
+
+std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
+  std::vector<at::Tensor> out;
+  out.reserve(scores.size());
+  for (const auto& s : scores) out.push_back(s.contiguous());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_merge_cuda(at::TensorList scores_in,
+                                                    const std::optional<at::Tensor>& logits_in,
+                                                    c10::string_view mode_str) {
+  const Mode mode = check_forward_inputs(scores_in, logits_in, mode_str);
+  const c10::cuda::CUDAGuard guard(scores_in[0].device());
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const cuda::Problem p = make_problem(sc, mode, "scale_merge");
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const int64_t H0 = sc[0].size(2), W0 = sc[0].size(3);
+  at::Tensor merged = at::empty({p.N, p.C, H0, W0}, sc[0].options());
+  at::Tensor weights = at::empty({p.N, static_cast<int64_t>(p.S), H0, W0}, sc[0].options());
+  if (p.N == 0) return {merged, weights};
+  std::vector<const void*> ptrs;
+  for (const auto& s : sc) ptrs.push_back(s.data_ptr());
+  const cudaError_t err =
+      cuda::launch_forward(p, ptrs.data(), logits.defined() ? logits.data_ptr() : nullptr, merged.data_ptr(),
+                           weights.data_ptr(), at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "scale_merge: CUDA forward launch failed: ", cudaGetErrorString(err));
+  return {merged, weights};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
+    const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights, at::TensorList scores_in,
+    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str) {
+  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
+  const c10::cuda::CUDAGuard guard(scores_in[0].device());
+  const std::vector<at::Tensor> sc = contiguous_list(scores_in);
+  const cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
+  const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
+  const at::Tensor gout = grad_merged.contiguous();
+  const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())
+                            ? grad_weights->contiguous()
+                            : at::Tensor();
+  std::vector<at::Tensor> grads;
+  std::vector<const void*> ptrs;
+  std::vector<void*> gptrs;
+  for (const auto& s : sc) {
+    grads.push_back(at::empty_like(s));
+    ptrs.push_back(s.data_ptr());
+    gptrs.push_back(grads.back().data_ptr());
+  }
+  at::Tensor glogits = mode == Mode::kAttention ? at::empty_like(logits) : at::empty({0}, sc[0].options());
+  if (p.N == 0) return {grads, glogits};
+  const cudaError_t err = cuda::launch_backward(
+      p, gout.data_ptr(), gw.defined() ? gw.data_ptr() : nullptr, ptrs.data(),
+      logits.defined() ? logits.data_ptr() : nullptr, gptrs.data(),
+      mode == Mode::kAttention ? glogits.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "scale_merge_backward: CUDA launch failed: ", cudaGetErrorString(err));
+  return {grads, glogits};
+}
+
+}  // namespace
+}  // namespace scale_merge
+}  // namespace attnscale
+
+TORCH_LIBRARY_IMPL(attnscale, CUDA, m) {
+  m.impl("scale_merge", &attnscale::scale_merge::scale_merge_cuda);
+  m.impl("scale_merge_backward", &attnscale::scale_merge::scale_merge_backward_cuda);
+}

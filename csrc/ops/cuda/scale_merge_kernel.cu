@@ -1,0 +1,430 @@
+// CUDA kernels of attnscale::scale_merge (forward: one launch; backward: one launch).
+//
+// No torch headers: raw pointers, sizes and a cudaStream_t (see ops/scale_merge_cuda.h).
+// Element types float, __half, __nv_bfloat16; all arithmetic in fp32.
+//
+// Interp follows DeepLab/Caffe exactly (ops/scale_merge_interp.h): per destination index the
+// two source indices and lambdas come from the float formula, and a resized value is
+//   h0l * (w0l * a + w1l * b) + h1l * (w0l * c + w1l * d)
+// evaluated with __fmul_rn/__fadd_rn so that no FMA contraction makes the forward and the
+// backward's recomputation (max mode re-derives the winning scale) differ by a rounding.
+//
+// Forward: a thread per output pixel (n, y, x) and class chunk (blockIdx.y); the per-scale taps
+// and the softmax weights are computed once per thread and reused across its classes.  In max
+// mode there is one chunk, so a thread sees every class of its pixel and writes the per-scale
+// fraction of classes won (the weights output) without atomics.
+//
+// Backward: one grid over the concatenation of every score-gradient element of every scale and
+// one element per pixel for the logit gradient.  A coarse source element gathers from the
+// destination pixels whose bilinear footprint touches it, found by inverting the same float
+// index arithmetic (binary search over the monotone tap index), so there are no atomics and the
+// summation order is fixed: deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/scale_merge_cuda.h"
+#include "ops/scale_merge_interp.h"
+
+namespace attnscale {
+namespace scale_merge {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kAttention = 0, kAvg = 1, kMax = 2;
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T>
+struct Args {
+  const T* f[kMaxScales];  // score maps
+  const T* logits;         // (N, S, H0, W0) or null
+  const T* gout;           // backward: (N, C, H0, W0)
+  const T* gw;             // backward: (N, S, H0, W0) or null
+  T* out;                  // forward: merged; unused in backward
+  T* w;                    // forward: weights
+  T* g[kMaxScales];        // backward: score grads
+  T* glogits;              // backward: logit grad (attention)
+  int S;
+  int64_t N, C;
+  int H[kMaxScales], W[kMaxScales];
+  float ry[kMaxScales], rx[kMaxScales];  // Interp ratios (scale s -> scale 0)
+  int64_t csz;                             // classes per chunk (forward)
+  int64_t seg[kMaxScales + 2];             // backward: segment starts (scales, logits, end)
+};
+
+// Per-pixel footprint of every coarser scale at destination (y, x).
+struct Foot {
+  int o00[kMaxScales], o01[kMaxScales], o10[kMaxScales], o11[kMaxScales];
+  float wy0[kMaxScales], wy1[kMaxScales], wx0[kMaxScales], wx1[kMaxScales];
+};
+
+template <typename T>
+__device__ __forceinline__ void make_foot(const Args<T>& a, int y, int x, Foot& ft) {
+  const int H0 = a.H[0], W0 = a.W[0];
+#pragma unroll
+  for (int s = 1; s < kMaxScales; ++s) {
+    if (s < a.S) {
+      const Tap ty = interp_tap(y, a.H[s], H0, a.ry[s]);
+      const Tap tx = interp_tap(x, a.W[s], W0, a.rx[s]);
+      const int Ws = a.W[s];
+      ft.o00[s] = ty.i0 * Ws + tx.i0;
+      ft.o01[s] = ty.i0 * Ws + tx.i1;
+      ft.o10[s] = ty.i1 * Ws + tx.i0;
+      ft.o11[s] = ty.i1 * Ws + tx.i1;
+      ft.wy1[s] = ty.l1;
+      ft.wy0[s] = __fsub_rn(1.f, ty.l1);
+      ft.wx1[s] = tx.l1;
+      ft.wx0[s] = __fsub_rn(1.f, tx.l1);
+    }
+  }
+}
+
+__device__ __forceinline__ float blend(float a, float b, float l0, float l1) {
+  return __fadd_rn(__fmul_rn(l0, a), __fmul_rn(l1, b));
+}
+
+// Resized value of scale s (>= 1) of plane `plane` at the footprint's pixel.
+template <typename T>
+__device__ __forceinline__ float up_value(const Args<T>& a, const Foot& ft, int s, int64_t plane) {
+  const T* f = a.f[s] + plane * static_cast<int64_t>(a.H[s]) * a.W[s];
+  const float top = blend(to_f(f[ft.o00[s]]), to_f(f[ft.o01[s]]), ft.wx0[s], ft.wx1[s]);
+  const float bot = blend(to_f(f[ft.o10[s]]), to_f(f[ft.o11[s]]), ft.wx0[s], ft.wx1[s]);
+  return blend(top, bot, ft.wy0[s], ft.wy1[s]);
+}
+
+// Caffe Eltwise MAX: scales in order, a later one wins only if strictly greater.
+template <typename T>
+__device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot& ft, int64_t plane, int64_t p,
+                                            float* best_out) {
+  float best = to_f(a.f[0][plane * static_cast<int64_t>(a.H[0]) * a.W[0] + p]);
+  int idx = 0;
+#pragma unroll
+  for (int s = 1; s < kMaxScales; ++s) {
+    if (s < a.S) {
+      const float u = up_value(a, ft, s, plane);
+      if (u > best) {
+        best = u;
+        idx = s;
+      }
+    }
+  }
+  *best_out = best;
+  return idx;
+}
+
+// Softmax over scales of the logits at pixel (n, p), fp32, max-subtracted.
+template <typename T>
+__device__ __forceinline__ void softmax_at(const Args<T>& a, int64_t n, int64_t p, float* w) {
+  const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
+  const T* l = a.logits + n * a.S * P + p;
+  float m = to_f(l[0]);
+#pragma unroll
+  for (int s = 1; s < kMaxScales; ++s)
+    if (s < a.S) m = fmaxf(m, to_f(l[s * P]));
+  float sum = 0.f;
+#pragma unroll
+  for (int s = 0; s < kMaxScales; ++s) {
+    if (s < a.S) {
+      w[s] = expf(to_f(l[s * P]) - m);
+      sum += w[s];
+    }
+  }
+  const float inv = 1.f / sum;
+#pragma unroll
+  for (int s = 0; s < kMaxScales; ++s)
+    if (s < a.S) w[s] *= inv;
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
+  const int H0 = a.H[0], W0 = a.W[0];
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const int64_t pix = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (pix >= a.N * P) return;
+  const int64_t n = pix / P, p = pix % P;
+  const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
+  Foot ft;
+  make_foot(a, y, x, ft);
+  const int64_t c0 = blockIdx.y * a.csz;
+  const int64_t c1 = (c0 + a.csz < a.C) ? c0 + a.csz : a.C;
+
+  if (MODE == kMax) {
+    int count[kMaxScales];
+#pragma unroll
+    for (int s = 0; s < kMaxScales; ++s) count[s] = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t plane = n * a.C + c;
+      float best;
+      const int idx = argmax_scale(a, ft, plane, p, &best);
+#pragma unroll
+      for (int s = 0; s < kMaxScales; ++s) count[s] += (s == idx) ? 1 : 0;
+      a.out[plane * P + p] = from_f<T>(best);
+    }
+    const float inv_c = 1.f / static_cast<float>(a.C);
+#pragma unroll
+    for (int s = 0; s < kMaxScales; ++s)
+      if (s < a.S) a.w[(n * a.S + s) * P + p] = from_f<T>(static_cast<float>(count[s]) * inv_c);
+    return;
+  }
+
+  float w[kMaxScales];
+  if (MODE == kAttention) {
+    softmax_at(a, n, p, w);
+  } else {
+#pragma unroll
+    for (int s = 0; s < kMaxScales; ++s) w[s] = 1.f / static_cast<float>(a.S);
+  }
+  if (blockIdx.y == 0) {
+#pragma unroll
+    for (int s = 0; s < kMaxScales; ++s)
+      if (s < a.S) a.w[(n * a.S + s) * P + p] = from_f<T>(w[s]);
+  }
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t plane = n * a.C + c;
+    const float f0 = to_f(a.f[0][plane * P + p]);
+    float acc = (MODE == kAttention) ? w[0] * f0 : f0;
+#pragma unroll
+    for (int s = 1; s < kMaxScales; ++s) {
+      if (s < a.S) {
+        const float u = up_value(a, ft, s, plane);
+        acc = (MODE == kAttention) ? fmaf(w[s], u, acc) : acc + u;
+      }
+    }
+    if (MODE == kAvg) acc = acc / static_cast<float>(a.S);
+    a.out[plane * P + p] = from_f<T>(acc);
+  }
+}
+
+// Gradient reaching scale s's resized map at destination (n, c, y, x).
+template <typename T, int MODE>
+__device__ __forceinline__ float dest_grad(const Args<T>& a, int s, int64_t n, int64_t plane, int y, int x) {
+  const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
+  const int64_t p = static_cast<int64_t>(y) * a.W[0] + x;
+  const float g = to_f(a.gout[plane * P + p]);
+  if (MODE == kAvg) return g / static_cast<float>(a.S);
+  if (MODE == kAttention) {
+    float w[kMaxScales];
+    softmax_at(a, n, p, w);
+    float ws = w[0];
+#pragma unroll
+    for (int t = 1; t < kMaxScales; ++t)
+      if (t == s) ws = w[t];
+    return g * ws;
+  }
+  Foot ft;
+  make_foot(a, y, x, ft);
+  float best;
+  return argmax_scale(a, ft, plane, p, &best) == s ? g : 0.f;
+}
+
+template <typename T, int MODE>
+__global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
+  const int H0 = a.H[0], W0 = a.W[0];
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const int64_t total = a.seg[a.S + 1];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int s = 0;
+    while (s < a.S && i >= a.seg[s + 1]) ++s;
+    const int64_t e = i - a.seg[s];
+    if (s < a.S) {
+      // score gradient element (n, c, r, j) of scale s
+      const int Hs = a.H[s], Ws = a.W[s];
+      const int64_t plane = e / (static_cast<int64_t>(Hs) * Ws);
+      const int64_t q = e % (static_cast<int64_t>(Hs) * Ws);
+      const int r = static_cast<int>(q / Ws), j = static_cast<int>(q % Ws);
+      const int64_t n = plane / a.C;
+      float acc;
+      if (s == 0) {
+        acc = dest_grad<T, MODE>(a, 0, n, plane, r, j);
+      } else {
+        int y0, y1, x0, x1;
+        interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
+        interp_source_range(j, Ws, W0, a.rx[s], &x0, &x1);
+        acc = 0.f;
+        for (int y = y0; y < y1; ++y) {
+          const float wy = tap_weight<float>(interp_tap(y, Hs, H0, a.ry[s]), r);
+          if (wy == 0.f) continue;
+          float row = 0.f;
+          for (int x = x0; x < x1; ++x) {
+            const float wx = tap_weight<float>(interp_tap(x, Ws, W0, a.rx[s]), j);
+            if (wx == 0.f) continue;
+            row = fmaf(wx, dest_grad<T, MODE>(a, s, n, plane, y, x), row);
+          }
+          acc = fmaf(wy, row, acc);
+        }
+      }
+      a.g[s][e] = from_f<T>(acc);
+    } else if (MODE == kAttention) {
+      // logit gradient at pixel (n, p): softmax backward of g_s = sum_c grad * up_s (+ grad_w)
+      const int64_t n = e / P, p = e % P;
+      const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
+      Foot ft;
+      make_foot(a, y, x, ft);
+      float w[kMaxScales], gs[kMaxScales];
+      softmax_at(a, n, p, w);
+#pragma unroll
+      for (int t = 0; t < kMaxScales; ++t) gs[t] = 0.f;
+      for (int64_t c = 0; c < a.C; ++c) {
+        const int64_t plane = n * a.C + c;
+        const float g = to_f(a.gout[plane * P + p]);
+        gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
+#pragma unroll
+        for (int t = 1; t < kMaxScales; ++t)
+          if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
+      }
+      float dot = 0.f;
+#pragma unroll
+      for (int t = 0; t < kMaxScales; ++t) {
+        if (t < a.S) {
+          if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
+          dot = fmaf(w[t], gs[t], dot);
+        }
+      }
+#pragma unroll
+      for (int t = 0; t < kMaxScales; ++t)
+        if (t < a.S) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
+    }
+  }
+}
+
+template <typename T>
+Args<T> make_args(const Problem& p) {
+  Args<T> a{};
+  a.S = p.S;
+  a.N = p.N;
+  a.C = p.C;
+  for (int s = 0; s < kMaxScales; ++s) {
+    a.H[s] = s < p.S ? p.H[s] : 1;
+    a.W[s] = s < p.S ? p.W[s] : 1;
+    a.ry[s] = interp_ratio(a.H[s], p.H[0]);
+    a.rx[s] = interp_ratio(a.W[s], p.W[0]);
+  }
+  return a;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+cudaError_t forward_typed(const Problem& p, const void* const* scores, const void* logits, void* merged,
+                          void* weights, cudaStream_t stream) {
+  Args<T> a = make_args<T>(p);
+  for (int s = 0; s < p.S; ++s) a.f[s] = static_cast<const T*>(scores[s]);
+  a.logits = static_cast<const T*>(logits);
+  a.out = static_cast<T*>(merged);
+  a.w = static_cast<T*>(weights);
+  const int64_t pixels = p.N * static_cast<int64_t>(p.H[0]) * p.W[0];
+  if (pixels == 0) return cudaSuccess;
+  // Class chunks: enough threads to fill the device (~128k), one chunk in max mode.
+  int64_t chunks = 1;
+  if (p.mode != kMax) {
+    chunks = ceil_div(131072, pixels);
+    if (chunks > p.C) chunks = p.C;
+    if (chunks > 65535) chunks = 65535;
+    if (chunks < 1) chunks = 1;
+  }
+  a.csz = ceil_div(p.C, chunks);
+  chunks = ceil_div(p.C, a.csz);
+  const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kThreads)), static_cast<unsigned>(chunks));
+  switch (p.mode) {
+    case kAttention:
+      forward_kernel<T, kAttention><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case kAvg:
+      forward_kernel<T, kAvg><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    default:
+      forward_kernel<T, kMax><<<grid, kThreads, 0, stream>>>(a);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void* grad_weights,
+                           const void* const* scores, const void* logits, void* const* grad_scores,
+                           void* grad_logits, cudaStream_t stream) {
+  Args<T> a = make_args<T>(p);
+  for (int s = 0; s < p.S; ++s) {
+    a.f[s] = static_cast<const T*>(scores[s]);
+    a.g[s] = static_cast<T*>(grad_scores[s]);
+  }
+  a.logits = static_cast<const T*>(logits);
+  a.gout = static_cast<const T*>(grad_merged);
+  a.gw = static_cast<const T*>(grad_weights);
+  a.glogits = static_cast<T*>(grad_logits);
+  a.seg[0] = 0;
+  for (int s = 0; s < p.S; ++s) a.seg[s + 1] = a.seg[s] + p.N * p.C * static_cast<int64_t>(p.H[s]) * p.W[s];
+  const int64_t logit_pixels = p.mode == kAttention ? p.N * static_cast<int64_t>(p.H[0]) * p.W[0] : 0;
+  a.seg[p.S + 1] = a.seg[p.S] + logit_pixels;
+  const int64_t total = a.seg[p.S + 1];
+  if (total == 0) return cudaSuccess;
+  int64_t blocks = ceil_div(total, kThreads);
+  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
+  const dim3 grid(static_cast<unsigned>(blocks));
+  switch (p.mode) {
+    case kAttention:
+      backward_kernel<T, kAttention><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    case kAvg:
+      backward_kernel<T, kAvg><<<grid, kThreads, 0, stream>>>(a);
+      break;
+    default:
+      backward_kernel<T, kMax><<<grid, kThreads, 0, stream>>>(a);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_forward(const Problem& p, const void* const* scores, const void* logits, void* merged,
+                           void* weights, cudaStream_t stream) {
+  if (p.S < 1 || p.S > kMaxScales) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return forward_typed<float>(p, scores, logits, merged, weights, stream);
+    case DType::kFloat16:
+      return forward_typed<__half>(p, scores, logits, merged, weights, stream);
+    case DType::kBFloat16:
+      return forward_typed<__nv_bfloat16>(p, scores, logits, merged, weights, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_backward(const Problem& p, const void* grad_merged, const void* grad_weights,
+                            const void* const* scores, const void* logits, void* const* grad_scores,
+                            void* grad_logits, cudaStream_t stream) {
+  if (p.S < 1 || p.S > kMaxScales) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      return backward_typed<float>(p, grad_merged, grad_weights, scores, logits, grad_scores, grad_logits,
+                                   stream);
+    case DType::kFloat16:
+      return backward_typed<__half>(p, grad_merged, grad_weights, scores, logits, grad_scores, grad_logits,
+                                    stream);
+    case DType::kBFloat16:
+      return backward_typed<__nv_bfloat16>(p, grad_merged, grad_weights, scores, logits, grad_scores,
+                                           grad_logits, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace scale_merge
+}  // namespace attnscale

@@ -1,0 +1,320 @@
+"""Tests of the fused scale merge op (attnscale.ops.scale_merge) against its pure-PyTorch spec
+(attnscale.ops.reference.scale_merge_reference): values, gradients, Caffe Eltwise MAX tie rule,
+determinism, schema/fake/autograd registration (opcheck) and input checks.  CUDA tests compare the
+CUDA kernels with the CPU kernels."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnscale.ops import has_extension, scale_merge, scale_merge_reference
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+MODES = ("attention", "avg", "max")
+# (H, W) per scale: exact Interp ratios (9->7->5: (7-1)/(9-1) = 3/4, (5-1)/(9-1) = 1/2), inexact
+# ones (8/6/5: 5/7, 4/7), non-square, and the DeepLab training sizes (321 crop -> 41/31/21).
+EXACT = ((9, 9), (7, 7), (5, 5))
+INEXACT = ((8, 8), (6, 6), (5, 5))
+NONSQUARE = ((9, 11), (7, 6), (5, 4))
+TRAIN = ((41, 41), (31, 31), (21, 21))
+
+
+def _ups(scores):
+    h0, w0 = scores[0].shape[-2:]
+    return [scores[0]] + [F.interpolate(s, size=(h0, w0), mode="bilinear", align_corners=True)
+                          for s in scores[1:]]
+
+
+def _min_gap(scores):
+    """Smallest gap between the best and second-best resized scale over all outputs."""
+    if len(scores) == 1:
+        return float("inf")
+    top2 = torch.stack(_ups(scores), 0).double().topk(2, dim=0).values
+    return (top2[0] - top2[1]).min().item()
+
+
+def make_inputs(sizes, n=2, c=3, dtype=torch.float32, mode="attention", gap=None, seed=0, quantize=None):
+    """Random scores/logits; for max, retry seeds until the argmax has a margin >= gap.
+    ``quantize``: round the values to that dtype first (so CUDA half/bfloat16 inputs are exact)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (lambda t: t.to(quantize).to(dtype)) if quantize is not None else (lambda t: t)
+    for _ in range(500):
+        scores = [q(torch.randn(n, c, h, w, generator=gen, dtype=dtype)) for h, w in sizes]
+        if mode != "max" or gap is None or _min_gap(scores) >= gap:
+            break
+    else:  # pragma: no cover
+        raise AssertionError("could not draw inputs without near-ties")
+    logits = torch.randn(n, len(sizes), *sizes[0], generator=gen, dtype=dtype) * 2
+    return scores, logits
+
+
+def run(fn, scores, logits, mode, gout=None, gw=None):
+    """Forward + backward of fn; returns (merged, weights, score grads, logit grad)."""
+    sc = [s.detach().clone().requires_grad_(True) for s in scores]
+    lg = logits.detach().clone().requires_grad_(True)
+    out, w = fn(sc, lg, mode)
+    g = torch.randn_like(out) if gout is None else gout
+    loss = (out * g).sum()
+    if gw is not None and mode == "attention":
+        loss = loss + (w * gw).sum()
+    loss.backward()
+    return out.detach(), w.detach(), [s.grad for s in sc], lg.grad
+
+
+def close(a, b, tol=1e-6):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [EXACT, INEXACT, NONSQUARE, TRAIN], ids=["exact", "inexact", "nonsquare", "train"])
+def test_matches_reference_fp32(mode, sizes):
+    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
+    gout = torch.randn(2, 3, *sizes[0])
+    gw = torch.randn(2, len(sizes), *sizes[0])
+    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
+    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
+    close(o1, o2)
+    close(w1, w2)
+    for a, b in zip(g1, g2):
+        close(a, b)
+    if mode == "attention":
+        close(l1, l2)
+    else:
+        assert l1 is None
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_scales", [1, 2])
+def test_few_scales(mode, num_scales):
+    sizes = INEXACT[:num_scales]
+    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
+    gout = torch.randn(2, 3, *sizes[0])
+    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout)
+    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout)
+    close(o1, o2)
+    close(w1, w2)
+    for a, b in zip(g1, g2):
+        close(a, b)
+    if mode == "attention":
+        close(l1, l2)
+    if num_scales == 1:
+        assert torch.equal(w1, torch.ones_like(w1))
+
+
+def test_same_size_scale_is_a_copy():
+    """Caffe Interp copies when input and output sizes are equal."""
+    f0 = torch.randn(1, 2, 6, 7)
+    f1 = torch.randn(1, 2, 6, 7)
+    out, _ = scale_merge([f0, f1], None, "max")
+    assert torch.equal(out, torch.maximum(f0, f1))
+
+
+def test_noncontiguous_inputs():
+    scores, logits = make_inputs(EXACT)
+    nc = [s.transpose(2, 3).contiguous().transpose(2, 3) for s in scores]
+    assert not nc[1].is_contiguous()
+    lnc = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    o1, w1 = scale_merge(nc, lnc, "attention")
+    o2, w2 = scale_merge_reference(scores, logits, "attention")
+    close(o1, o2)
+    close(w1, w2)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [EXACT, INEXACT, NONSQUARE], ids=["exact", "inexact", "nonsquare"])
+def test_gradcheck_fp64(mode, sizes):
+    scores, logits = make_inputs(sizes, n=1, c=2, dtype=torch.float64, mode=mode, gap=1e-3)
+    sc = [s.requires_grad_(True) for s in scores]
+    inputs = (*sc, logits.requires_grad_(mode == "attention"))
+    S = len(sc)
+
+    def fn(*args):
+        return scale_merge(list(args[:S]), args[S], mode)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=False)
+
+
+def test_fp64_matches_reference():
+    # the reference computes the softmax in fp32; compare at fp32 precision
+    scores, logits = make_inputs(INEXACT, dtype=torch.float64)
+    o1, w1, g1, l1 = run(scale_merge, scores, logits, "attention")
+    torch.manual_seed(0)
+    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, "attention")
+    torch.testing.assert_close(o1, o2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+def test_opcheck(mode):
+    scores, logits = make_inputs(INEXACT, mode=mode, gap=1e-4)
+    sc = [s.detach().requires_grad_(True) for s in scores]
+    lg = logits.detach().requires_grad_(mode == "attention")
+    torch.library.opcheck(torch.ops.attnscale.scale_merge.default, (sc, lg if mode == "attention" else None, mode))
+    gout = torch.randn(2, 3, *INEXACT[0][:2])
+    gw = torch.randn(2, 3, *INEXACT[0][:2]) if mode == "attention" else None
+    torch.library.opcheck(torch.ops.attnscale.scale_merge_backward.default,
+                          (gout, gw, scores, logits if mode == "attention" else None, mode))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_backward_deterministic(mode):
+    scores, logits = make_inputs(TRAIN, mode=mode)
+    gout = torch.randn(2, 3, 41, 41)
+    a = run(scale_merge, scores, logits, mode, gout)
+    b = run(scale_merge, scores, logits, mode, gout)
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = run(scale_merge, scores, logits, mode, gout)
+    finally:
+        torch.set_num_threads(prev)
+    for other in (b, c):  # bit-identical, also across thread counts
+        for x, y in zip(a[2], other[2]):
+            assert torch.equal(x, y)
+        if mode == "attention":
+            assert torch.equal(a[3], other[3])
+        assert torch.equal(a[0], other[0]) and torch.equal(a[1], other[1])
+
+
+# ----------------------------------------------------------------------------------------------
+def test_max_tie_goes_to_lowest_scale():
+    """Caffe Eltwise MAX: a later scale wins only if strictly greater; the gradient reaches
+    exactly one scale, the lowest tied index."""
+    n, c = 2, 3
+    # all scales equal (zeros resize to exact zeros): scale 0 wins everywhere
+    scores = [torch.zeros(n, c, h, w) for h, w in EXACT]
+    out, w, grads, _ = run(scale_merge, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(w[:, 0], torch.ones(n, 9, 9)) and torch.equal(w[:, 1:], torch.zeros(n, 2, 9, 9))
+    assert torch.equal(grads[0], torch.ones_like(grads[0]))
+    assert torch.equal(grads[1], torch.zeros_like(grads[1]))
+    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+    # scale 0 lower, scales 1 and 2 tied: scale 1 wins, scale 2 gets nothing
+    scores = [torch.full((n, c, 9, 9), -1.0), torch.zeros(n, c, 7, 7), torch.zeros(n, c, 5, 5)]
+    out, w, grads, _ = run(scale_merge, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(w[:, 1], torch.ones(n, 9, 9))
+    assert torch.equal(grads[0], torch.zeros_like(grads[0]))
+    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+    # the interpolation weights of each destination pixel sum to 1: total gradient 81 per plane
+    torch.testing.assert_close(grads[1].sum((2, 3)), torch.full((n, c), 81.0))
+    ref = run(scale_merge_reference, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
+    for a, b in zip(grads, ref[2]):
+        close(a, b)
+
+
+def test_max_weights_are_class_fractions():
+    scores, logits = make_inputs(TRAIN, c=5, mode="max", gap=1e-4)
+    _, w = scale_merge(scores, None, "max")
+    torch.testing.assert_close(w.sum(1), torch.ones(2, 41, 41))
+    assert torch.equal(torch.round(w * 5), w * 5) or torch.allclose(torch.round(w * 5), w * 5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+def _good():
+    scores = [torch.randn(2, 3, 9, 9), torch.randn(2, 3, 7, 7), torch.randn(2, 3, 5, 5)]
+    return scores, torch.randn(2, 3, 9, 9)
+
+
+BAD = {
+    "logits_S_mismatch": (lambda s, l: (s, l[:, :2], "attention"), r"logits has shape"),
+    "N_mismatch": (lambda s, l: ([s[0], s[1], s[2][:1]], l, "attention"), r"scores\[2\].*N=1"),
+    "C_mismatch": (lambda s, l: ([s[0], s[1][:, :2], s[2]], l, "avg"), r"scores\[1\].*C=2"),
+    "coarse_larger": (lambda s, l: ([s[0], torch.randn(2, 3, 10, 7), s[2]], l, "max"), r"scores\[1\].*larger"),
+    "coarse_wider": (lambda s, l: ([s[0], s[1], torch.randn(2, 3, 5, 12)], l, "max"), r"scores\[2\].*larger"),
+    "empty_list": (lambda s, l: ([], l, "avg"), r"empty"),
+    "int_dtype": (lambda s, l: ([s[0], s[1].long(), s[2]], l, "avg"), r"scores\[1\].*floating"),
+    "int_dtype_all": (lambda s, l: ([x.int() for x in s], l.int(), "avg"), r"scores\[0\].*floating"),
+    "mixed_dtype": (lambda s, l: ([s[0], s[1], s[2].double()], l, "avg"), r"scores\[2\].*dtype"),
+    "logits_dtype": (lambda s, l: (s, l.double(), "attention"), r"logits.*dtype"),
+    "non_4d": (lambda s, l: ([s[0], s[1][0], s[2]], l, "avg"), r"scores\[1\].*4-D"),
+    "logits_non_4d": (lambda s, l: (s, l[0], "attention"), r"logits.*4-D"),
+    "bad_mode": (lambda s, l: (s, l, "mean"), r"mode"),
+    "logits_missing": (lambda s, l: (s, None, "attention"), r"logits"),
+    "half_on_cpu": (lambda s, l: ([x.half() for x in s], l.half(), "attention"), r"not supported on CPU"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+@pytest.mark.parametrize("entry", ["python", "op"])
+def test_bad_input_raises(case, entry):
+    make, pattern = BAD[case]
+    scores, logits, mode = make(*_good())
+    fn = scale_merge if entry == "python" else torch.ops.attnscale.scale_merge
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=pattern):
+        fn(scores, logits, mode)
+
+
+def test_mixed_devices_raise():
+    scores, logits = _good()
+    with pytest.raises(ValueError, match=r"scores\[1\].*mixed devices"):
+        scale_merge([scores[0], scores[1].to("meta"), scores[2]], logits, "attention")
+    with pytest.raises(ValueError, match=r"logits.*mixed devices"):
+        scale_merge(scores, logits.to("meta"), "attention")
+
+
+def test_backward_op_checks_grad_shape():
+    scores, logits = _good()
+    with pytest.raises(ValueError, match=r"grad_merged"):
+        torch.ops.attnscale.scale_merge_backward(torch.randn(2, 3, 8, 9), None, scores, logits, "attention")
+    with pytest.raises(ValueError, match=r"grad_weights"):
+        torch.ops.attnscale.scale_merge_backward(torch.randn(2, 3, 9, 9), torch.randn(2, 2, 9, 9), scores,
+                                                 logits, "attention")
+
+
+def test_scores_not_a_list():
+    scores, logits = _good()
+    with pytest.raises(TypeError, match="scores must be a list"):
+        scale_merge(scores[0], logits, "attention")
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
+def test_cuda_matches_cpu(mode, dtype, tol):
+    # max: small maps so that inputs whose argmax has a clear margin can be drawn
+    sizes, n, c = (EXACT, 2, 3) if mode == "max" else (TRAIN, 3, 5)
+    scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-2, quantize=dtype)
+    logits = logits.to(dtype).float()
+    gout = torch.randn(n, c, *sizes[0]).to(dtype).float()
+    gw = torch.randn(n, len(sizes), *sizes[0]).to(dtype).float()
+    cpu = run(scale_merge, scores, logits, mode, gout, gw)
+    dev = run(scale_merge, [s.cuda().to(dtype) for s in scores], logits.cuda().to(dtype), mode,
+              gout.cuda().to(dtype), gw.cuda().to(dtype))
+    for a, b in zip((cpu[0], cpu[1], *cpu[2]), (dev[0], dev[1], *dev[2])):
+        assert b.dtype == dtype and b.is_cuda
+        torch.testing.assert_close(b.float().cpu(), a, rtol=tol, atol=tol)
+    if mode == "attention":
+        torch.testing.assert_close(dev[3].float().cpu(), cpu[3], rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_backward_deterministic(mode):
+    scores, logits = make_inputs(TRAIN, n=3, c=5, mode=mode)
+    scores = [s.cuda() for s in scores]
+    gout = torch.randn(3, 5, 41, 41, device="cuda")
+    a = run(scale_merge, scores, logits.cuda(), mode, gout)
+    b = run(scale_merge, scores, logits.cuda(), mode, gout)
+    for x, y in zip(a[2], b[2]):
+        assert torch.equal(x, y)
+    if mode == "attention":
+        assert torch.equal(a[3], b[3])
+
+
+@pytest.mark.cuda
+def test_cuda_max_tie_rule_and_opcheck():
+    scores = [torch.full((2, 3, 9, 9), -1.0, device="cuda"), torch.zeros(2, 3, 7, 7, device="cuda"),
+              torch.zeros(2, 3, 5, 5, device="cuda")]
+    out, w, grads, _ = run(scale_merge, scores, torch.zeros(2, 3, 9, 9, device="cuda"), "max",
+                           torch.ones(2, 3, 9, 9, device="cuda"))
+    assert torch.equal(w[:, 1], torch.ones(2, 9, 9, device="cuda"))
+    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+    sc, lg = make_inputs(INEXACT)
+    torch.library.opcheck(torch.ops.attnscale.scale_merge.default, ([s.cuda() for s in sc], lg.cuda(), "attention"))
