@@ -102,6 +102,41 @@ def test_matches_conv2d_float32_batched(shape):
         assert _rel_err(a, e) < 1e-5
 
 
+def test_dead_taps_are_skipped():
+    """5x5 input, 3x3 d=12 p=12: only the centre tap ever reads the image.  NaN weights on the
+    other taps would poison a dense convolution (NaN * 0 = NaN) but must not reach our output or
+    grad_x; their grad_weight is exactly 0."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.full((4, 3, 3, 3), float("nan"), dtype=torch.float64)
+    w[:, :, 1, 1] = torch.randn(4, 3, dtype=torch.float64)
+    w.requires_grad_()
+    b = torch.randn(4, dtype=torch.float64)
+    y = dilated_conv2d(x, w, b, 12, 12)
+    assert torch.isnan(F.conv2d(x, w, b, padding=12, dilation=12)).all()  # dense conv touches the NaNs
+    want = F.conv2d(x, w[:, :, 1:2, 1:2].detach(), b)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert torch.isfinite(gx).all()
+    torch.testing.assert_close(gx, w[:, :, 1, 1].detach().sum(0)[None, :, None, None].expand_as(x).contiguous())
+    dead = torch.ones(3, 3, dtype=torch.bool)
+    dead[1, 1] = False
+    assert torch.equal(gw[:, :, dead], torch.zeros_like(gw[:, :, dead]))
+
+
+def test_batch_split_into_chunks():
+    """Large enough that the im2col buffer (16 Mi elements) holds only 2 of the 3 images, so the
+    forward and grad_weight loops run over two batch chunks."""
+    x = torch.randn(3, 64, 120, 120, requires_grad=True)
+    w = (torch.randn(16, 64, 3, 3) * 0.05).requires_grad_()
+    b = torch.randn(16, requires_grad=True)
+    y = dilated_conv2d(x, w, b, 1, 1)
+    ref = F.conv2d(x, w, b, padding=1, dilation=1)
+    assert _rel_err(y, ref) < 1e-5
+    g = torch.randn_like(ref)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        assert _rel_err(a, e) < 1e-5
+
+
 def test_non_contiguous_inputs():
     x = torch.randn(2, 9, 9, 4, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last-like strides
     w = torch.randn(5, 3, 3, 4, dtype=torch.float64).permute(0, 3, 1, 2)
