@@ -124,8 +124,8 @@ def test_dead_taps_are_skipped():
 
 
 def test_batch_split_into_chunks():
-    """Large enough that the im2col buffer (16 Mi elements) holds only 2 of the 3 images, so the
-    forward and grad_weight loops run over two batch chunks."""
+    """Large enough (64 ch x 118^2 live pixels x 9 taps > the 6 Mi-element buffer budget) that the
+    forward and grad_weight loops run over several batch chunks and groups of rectangles."""
     x = torch.randn(3, 64, 120, 120, requires_grad=True)
     w = (torch.randn(16, 64, 3, 3) * 0.05).requires_grad_()
     b = torch.randn(16, requires_grad=True)

@@ -11,7 +11,8 @@
 // GEMM with K = K_rect when all kx are live, else one GEMM per live kernel row
 // (K = live_kx * C) on a strided view of wpack.  GEMMs are MKL (at::mm).
 //
-// Threading: each call runs two parallel regions per batch chunk.  Region 1
+// Threading: two parallel regions per batch chunk and group of rectangles
+// (the buffer is kept near L3 size, see kBufferBudget).  Region 1
 // fills the shared buffer (im2col / gather); in region 2 each thread owns a
 // block of output channels (forward, grad_weight) or input channels
 // (grad_input) and does, for its block, the weight packing, the GEMMs with a
@@ -37,8 +38,9 @@ namespace attnscale {
 namespace dilated_conv {
 namespace {
 
-// Upper bound on the elements of the shared buffer of one batch chunk.
-constexpr int64_t kBufferBudget = int64_t(16) << 20;
+// Target size (elements) of the shared buffer: the batch is processed in chunks and the
+// rectangles in groups so that one buffer (24 MiB in float32) stays near the 32 MiB L3.
+constexpr int64_t kBufferBudget = int64_t(6) << 20;
 
 struct Geometry {
   int64_t N, C, H, W, O, KH, KW, Ho, Wo, d, p;
@@ -88,6 +90,33 @@ Plan make_plan(const Geometry& g, RowsOf rows_of) {
 int64_t batch_chunk(const Plan& plan) {
   const int64_t per_image = std::max<int64_t>(1, plan.per_image);
   return std::max<int64_t>(1, std::min<int64_t>(plan.g.N, kBufferBudget / per_image));
+}
+
+// Splits the rectangles of `full` into consecutive groups whose buffer (for nb images) fits
+// kBufferBudget (a single larger rectangle forms its own group).  The rectangles without live
+// taps go to the first group.  Always returns at least one group.
+std::vector<Plan> split_groups(const Plan& full, int64_t nb) {
+  std::vector<Plan> groups(1, Plan{full.g, {}, full.dead});
+  for (Rect rc : full.live) {
+    Plan* cur = &groups.back();
+    if (!cur->live.empty() && (cur->per_image + rc.rows * rc.P) * nb > kBufferBudget) {
+      groups.push_back(Plan{full.g, {}, {}});
+      cur = &groups.back();
+    }
+    rc.offset = cur->per_image;
+    rc.row_offset = cur->total_rows;
+    cur->per_image += rc.rows * rc.P;
+    cur->total_rows += rc.rows;
+    cur->max_P = std::max(cur->max_P, rc.P);
+    cur->live.push_back(rc);
+  }
+  return groups;
+}
+
+int64_t max_per_image(const std::vector<Plan>& groups) {
+  int64_t m = 1;
+  for (const Plan& p : groups) m = std::max(m, p.per_image);
+  return m;
 }
 
 // Runs f(begin, count) over blocks of [0, M), one block per thread (multiples of 16);
@@ -195,57 +224,62 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                    dilation, padding};
   at::Tensor out = at::empty({g.N, g.O, g.Ho, g.Wo}, x.options());
   if (out.numel() == 0) return out;
-  const Plan plan = make_plan(g, [](const Rect& rc) { return rc.K; });
-  const int64_t nb_max = batch_chunk(plan);
-  at::Tensor col = at::empty({std::max<int64_t>(1, plan.per_image * nb_max)}, x.options());
+  const Plan full = make_plan(g, [](const Rect& rc) { return rc.K; });
+  const int64_t nb_max = batch_chunk(full);
+  const std::vector<Plan> groups = split_groups(full, nb_max);
+  at::Tensor col = at::empty({max_per_image(groups) * nb_max}, x.options());
   at::Tensor wpack = at::empty({g.O, g.KH * g.KW * g.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dilated_conv2d_cpu", [&] {
     const scalar_t* bptr = has_bias ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* optr = out.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < g.N; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, g.N - n0);
-      im2col_all<scalar_t>(x.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), plan, n0, nb);
-      for_channel_blocks(g.O, g.O * plan.per_image * nb, [&](int64_t o0, int64_t oc) {
-        if (n0 == 0) pack_weight_rows<scalar_t>(w.data_ptr<scalar_t>(), wpack.data_ptr<scalar_t>(), g, o0, oc);
-        const at::Tensor wrows = wpack.narrow(0, o0, oc);
-        at::Tensor res = at::empty({oc * nb * std::max<int64_t>(1, plan.max_P)}, x.options());
-        for (const Rect& rc : plan.live) {
-          const int64_t P = rc.P, QL = rc.q.length();
-          at::Tensor resm = res.narrow(0, 0, oc * nb * P).view({oc, nb * P});
-          const at::Tensor colm = block_view(col, rc, nb);
-          if (rc.nkx == g.KW) {  // live taps of consecutive kernel rows are contiguous in wpack
-            at::mm_out(resm, wrows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K), colm);
-          } else {
-            const int64_t kr = rc.nkx * g.C;
-            for (int64_t i = 0; i < rc.nky; ++i) {
-              const at::Tensor wv = wrows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr);
-              if (i == 0) at::mm_out(resm, wv, colm.narrow(0, 0, kr));
-              else resm.addmm_(wv, colm.narrow(0, i * kr, kr));
+      for (size_t gi = 0; gi < groups.size(); ++gi) {
+        const Plan& plan = groups[gi];
+        im2col_all<scalar_t>(x.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), plan, n0, nb);
+        for_channel_blocks(g.O, g.O * plan.per_image * nb, [&](int64_t o0, int64_t oc) {
+          if (n0 == 0 && gi == 0)
+            pack_weight_rows<scalar_t>(w.data_ptr<scalar_t>(), wpack.data_ptr<scalar_t>(), g, o0, oc);
+          const at::Tensor wrows = wpack.narrow(0, o0, oc);
+          at::Tensor res = at::empty({oc * nb * std::max<int64_t>(1, plan.max_P)}, x.options());
+          for (const Rect& rc : plan.live) {
+            const int64_t P = rc.P, QL = rc.q.length();
+            at::Tensor resm = res.narrow(0, 0, oc * nb * P).view({oc, nb * P});
+            const at::Tensor colm = block_view(col, rc, nb);
+            if (rc.nkx == g.KW) {  // live taps of consecutive kernel rows are contiguous in wpack
+              at::mm_out(resm, wrows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K), colm);
+            } else {
+              const int64_t kr = rc.nkx * g.C;
+              for (int64_t i = 0; i < rc.nky; ++i) {
+                const at::Tensor wv = wrows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr);
+                if (i == 0) at::mm_out(resm, wv, colm.narrow(0, 0, kr));
+                else resm.addmm_(wv, colm.narrow(0, i * kr, kr));
+              }
             }
-          }
-          const scalar_t* s = resm.data_ptr<scalar_t>();
-          for (int64_t o = o0; o < o0 + oc; ++o) {
-            const scalar_t bv = bptr ? bptr[o] : scalar_t(0);
-            for (int64_t b = 0; b < nb; ++b) {
-              scalar_t* d = optr + ((n0 + b) * g.O + o) * g.Ho * g.Wo;
-              for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy, s += QL) {
-                scalar_t* drow = d + oy * g.Wo + rc.q.start;
-                for (int64_t i = 0; i < QL; ++i) drow[i] = s[i] + bv;
+            const scalar_t* s = resm.data_ptr<scalar_t>();
+            for (int64_t o = o0; o < o0 + oc; ++o) {
+              const scalar_t bv = bptr ? bptr[o] : scalar_t(0);
+              for (int64_t b = 0; b < nb; ++b) {
+                scalar_t* d = optr + ((n0 + b) * g.O + o) * g.Ho * g.Wo;
+                for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy, s += QL) {
+                  scalar_t* drow = d + oy * g.Wo + rc.q.start;
+                  for (int64_t i = 0; i < QL; ++i) drow[i] = s[i] + bv;
+                }
               }
             }
           }
-        }
-        for (const Rect& rc : plan.dead) {  // no live tap: bias only
-          for (int64_t o = o0; o < o0 + oc; ++o) {
-            const scalar_t bv = bptr ? bptr[o] : scalar_t(0);
-            for (int64_t b = 0; b < nb; ++b) {
-              scalar_t* d = optr + ((n0 + b) * g.O + o) * g.Ho * g.Wo;
-              for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy)
-                for (int64_t ox = rc.q.start; ox < rc.q.end; ++ox) d[oy * g.Wo + ox] = bv;
+          for (const Rect& rc : plan.dead) {  // no live tap: bias only
+            for (int64_t o = o0; o < o0 + oc; ++o) {
+              const scalar_t bv = bptr ? bptr[o] : scalar_t(0);
+              for (int64_t b = 0; b < nb; ++b) {
+                scalar_t* d = optr + ((n0 + b) * g.O + o) * g.Ho * g.Wo;
+                for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy)
+                  for (int64_t ox = rc.q.start; ox < rc.q.end; ++ox) d[oy * g.Wo + ox] = bv;
+              }
             }
           }
-        }
-      });
+        });
+      }
     }
   });
   return out;
@@ -270,42 +304,48 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
                    dilation, padding};
   if (g.N * g.C * g.H * g.W == 0 || g.O == 0) return at::zeros({g.N, g.C, g.H, g.W}, go.options());
   at::Tensor gx = at::empty({g.N, g.C, g.H, g.W}, go.options());
-  const Plan plan = make_plan(g, [&](const Rect&) { return g.O; });
-  const int64_t nb_max = batch_chunk(plan);
-  at::Tensor gbuf = at::empty({std::max<int64_t>(1, plan.per_image * nb_max)}, go.options());
+  const Plan full = make_plan(g, [&](const Rect&) { return g.O; });
+  const int64_t nb_max = batch_chunk(full);
+  const std::vector<Plan> groups = split_groups(full, nb_max);
+  at::Tensor gbuf = at::empty({max_per_image(groups) * nb_max}, go.options());
   const at::Tensor wpack = weight_in.permute({0, 2, 3, 1}).contiguous().view({g.O, g.KH * g.KW * g.C});
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dilated_conv2d_backward_input_cpu", [&] {
     scalar_t* gxp = gx.data_ptr<scalar_t>();
     for (int64_t n0 = 0; n0 < g.N; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, g.N - n0);
-      gather_all<scalar_t>(go.data_ptr<scalar_t>(), gbuf.data_ptr<scalar_t>(), plan, n0, nb);
-      for_channel_blocks(g.C, g.C * plan.per_image * nb, [&](int64_t c0, int64_t cc) {
-        for (int64_t b = 0; b < nb; ++b)
-          std::memset(gxp + ((n0 + b) * g.C + c0) * g.H * g.W, 0, sizeof(scalar_t) * cc * g.H * g.W);
-        at::Tensor dl = at::empty({cc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
-        for (const Rect& rc : plan.live) {
-          const int64_t P = rc.P, QL = rc.q.length();
-          const at::Tensor gm = block_view(gbuf, rc, nb);
-          at::Tensor dm = dl.narrow(0, 0, cc * nb * P).view({cc, nb * P});
-          for (int64_t ky = rc.r.k_begin; ky < rc.r.k_end; ++ky) {
-            for (int64_t kx = rc.q.k_begin; kx < rc.q.k_end; ++kx) {
-              // dcol[c, pix] = sum_o w[o, c, ky, kx] * grad_out_rect[o, pix] for c in the block
-              at::mm_out(dm, wpack.narrow(1, (ky * g.KW + kx) * g.C + c0, cc).t(), gm);
-              const int64_t ix0 = rc.q.start - g.p + kx * g.d;
-              const scalar_t* s = dm.data_ptr<scalar_t>();
-              for (int64_t c = c0; c < c0 + cc; ++c) {
-                for (int64_t b = 0; b < nb; ++b) {
-                  scalar_t* dimg = gxp + ((n0 + b) * g.C + c) * g.H * g.W;
-                  for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy, s += QL) {
-                    scalar_t* drow = dimg + (oy - g.p + ky * g.d) * g.W + ix0;
-                    for (int64_t i = 0; i < QL; ++i) drow[i] += s[i];
+      for (size_t gi = 0; gi < groups.size(); ++gi) {
+        const Plan& plan = groups[gi];
+        gather_all<scalar_t>(go.data_ptr<scalar_t>(), gbuf.data_ptr<scalar_t>(), plan, n0, nb);
+        for_channel_blocks(g.C, g.C * plan.per_image * nb, [&](int64_t c0, int64_t cc) {
+          if (gi == 0) {  // grad_x of this batch chunk starts at zero
+            for (int64_t b = 0; b < nb; ++b)
+              std::memset(gxp + ((n0 + b) * g.C + c0) * g.H * g.W, 0, sizeof(scalar_t) * cc * g.H * g.W);
+          }
+          at::Tensor dl = at::empty({cc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
+          for (const Rect& rc : plan.live) {
+            const int64_t P = rc.P, QL = rc.q.length();
+            const at::Tensor gm = block_view(gbuf, rc, nb);
+            at::Tensor dm = dl.narrow(0, 0, cc * nb * P).view({cc, nb * P});
+            for (int64_t ky = rc.r.k_begin; ky < rc.r.k_end; ++ky) {
+              for (int64_t kx = rc.q.k_begin; kx < rc.q.k_end; ++kx) {
+                // dcol[c, pix] = sum_o w[o, c, ky, kx] * grad_out_rect[o, pix] for c in the block
+                at::mm_out(dm, wpack.narrow(1, (ky * g.KW + kx) * g.C + c0, cc).t(), gm);
+                const int64_t ix0 = rc.q.start - g.p + kx * g.d;
+                const scalar_t* s = dm.data_ptr<scalar_t>();
+                for (int64_t c = c0; c < c0 + cc; ++c) {
+                  for (int64_t b = 0; b < nb; ++b) {
+                    scalar_t* dimg = gxp + ((n0 + b) * g.C + c) * g.H * g.W;
+                    for (int64_t oy = rc.r.start; oy < rc.r.end; ++oy, s += QL) {
+                      scalar_t* drow = dimg + (oy - g.p + ky * g.d) * g.W + ix0;
+                      for (int64_t i = 0; i < QL; ++i) drow[i] += s[i];
+                    }
                   }
                 }
               }
             }
           }
-        }
-      });
+        });
+      }
     }
   });
   return gx;
@@ -331,31 +371,34 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   at::Tensor gbias = go.sum({0, 2, 3});
   at::Tensor gpack = at::zeros({g.O, g.KH * g.KW * g.C}, go.options());
   if (g.N > 0 && g.C > 0 && g.O > 0) {
-    const Plan plan = make_plan(g, [](const Rect& rc) { return rc.K; });
-    const int64_t nb_max = batch_chunk(plan);
-    at::Tensor col = at::empty({std::max<int64_t>(1, plan.per_image * nb_max)}, go.options());
+    const Plan full = make_plan(g, [](const Rect& rc) { return rc.K; });
+    const int64_t nb_max = batch_chunk(full);
+    const std::vector<Plan> groups = split_groups(full, nb_max);
+    at::Tensor col = at::empty({max_per_image(groups) * nb_max}, go.options());
     AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dilated_conv2d_backward_weight_cpu", [&] {
       for (int64_t n0 = 0; n0 < g.N; n0 += nb_max) {
         const int64_t nb = std::min(nb_max, g.N - n0);
-        im2col_all<scalar_t>(x.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), plan, n0, nb);
-        for_channel_blocks(g.O, g.O * plan.per_image * nb, [&](int64_t o0, int64_t oc) {
-          at::Tensor gl = at::empty({oc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
-          at::Tensor grows = gpack.narrow(0, o0, oc);
-          for (const Rect& rc : plan.live) {
-            at::Tensor gm = gl.narrow(0, 0, oc * nb * rc.P).view({oc, nb * rc.P});
-            gather_rect<scalar_t>(go.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), g, rc, n0, nb, o0, oc);
-            const at::Tensor cm = block_view(col, rc, nb);
-            if (rc.nkx == g.KW) {
-              grows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K).addmm_(gm, cm.t());
-            } else {
-              const int64_t kr = rc.nkx * g.C;
-              for (int64_t i = 0; i < rc.nky; ++i) {
-                grows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr)
-                    .addmm_(gm, cm.narrow(0, i * kr, kr).t());
+        for (const Plan& plan : groups) {
+          im2col_all<scalar_t>(x.data_ptr<scalar_t>(), col.data_ptr<scalar_t>(), plan, n0, nb);
+          for_channel_blocks(g.O, g.O * plan.per_image * nb, [&](int64_t o0, int64_t oc) {
+            at::Tensor gl = at::empty({oc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
+            at::Tensor grows = gpack.narrow(0, o0, oc);
+            for (const Rect& rc : plan.live) {
+              at::Tensor gm = gl.narrow(0, 0, oc * nb * rc.P).view({oc, nb * rc.P});
+              gather_rect<scalar_t>(go.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), g, rc, n0, nb, o0, oc);
+              const at::Tensor cm = block_view(col, rc, nb);
+              if (rc.nkx == g.KW) {
+                grows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K).addmm_(gm, cm.t());
+              } else {
+                const int64_t kr = rc.nkx * g.C;
+                for (int64_t i = 0; i < rc.nky; ++i) {
+                  grows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr)
+                      .addmm_(gm, cm.narrow(0, i * kr, kr).t());
+                }
               }
             }
-          }
-        });
+          });
+        }
       }
     });
   }
