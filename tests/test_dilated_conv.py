@@ -124,8 +124,9 @@ def test_dead_taps_are_skipped():
 
 
 def test_batch_split_into_chunks():
-    """Large enough (64 ch x 118^2 live pixels x 9 taps > the 6 Mi-element buffer budget) that the
-    forward and grad_weight loops run over several batch chunks and groups of rectangles."""
+    """Large enough (64 channels x 358^2 live (tap, pixel) pairs = 8.2 Mi im2col elements per image,
+    above the CPU kernel's 6 Mi-element buffer budget) that the forward and grad_weight loops run
+    over several batch chunks and groups of rectangles."""
     x = torch.randn(3, 64, 120, 120, requires_grad=True)
     w = (torch.randn(16, 64, 3, 3) * 0.05).requires_grad_()
     b = torch.randn(16, requires_grad=True)
