@@ -21,6 +21,7 @@ SMALL_SHAPES = [
     (1, 2, 3, 9, 6, 5, 2, 3),     # 5x5 kernel, padding != dilation
     (1, 2, 3, 4, 4, 3, 1, 4),     # border outputs with no live tap at all (bias only)
     (2, 3, 2, 6, 5, 1, 1, 0),     # 1x1 kernel
+    (1, 2, 3, 8, 9, (3, 5), 3, 4),  # kh != kw
 ]
 
 
@@ -31,7 +32,8 @@ def _rand(shape, dtype=torch.float64, device="cpu", grad=False):
 def _inputs(shape, dtype=torch.float64, device="cpu", bias=True, grad=False):
     n, c, o, h, w, k, d, p = shape
     x = _rand((n, c, h, w), dtype, device, grad)
-    wt = _rand((o, c, k, k), dtype, device, grad)
+    kh, kw = k if isinstance(k, tuple) else (k, k)
+    wt = _rand((o, c, kh, kw), dtype, device, grad)
     b = _rand((o,), dtype, device, grad) if bias else None
     return x, wt, b, d, p
 
