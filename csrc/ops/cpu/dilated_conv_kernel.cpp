@@ -140,12 +140,18 @@ const Rect& rect_of_row(const Plan& plan, int64_t row) {
   return plan.live[i];
 }
 
+// Grain of the region-1 loops: copies of less than ~2^17 elements run on one thread.
+int64_t row_grain(const Plan& plan, int64_t nb) {
+  const int64_t elements = plan.per_image * nb;
+  return elements < (int64_t(1) << 17) ? std::max<int64_t>(1, plan.total_rows) : 32;
+}
+
 // Region 1 (forward, grad_weight): im2col of every live rectangle,
 // col_rect[(kyi, kxi, c), b*P + (oy-r0)*QL + (ox-q0)] = x[n0+b, c, oy-p+ky*d, ox-p+kx*d].
 template <typename T>
 void im2col_all(const T* x, T* buf, const Plan& plan, int64_t n0, int64_t nb) {
   const Geometry& g = plan.g;
-  at::parallel_for(0, plan.total_rows, 32, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.total_rows, row_grain(plan, nb), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const Rect& rc = rect_of_row(plan, row);
       const int64_t local = row - rc.row_offset, c = local % g.C, tap = local / g.C;
@@ -184,7 +190,7 @@ void gather_rect(const T* go, T* dst, const Geometry& g, const Rect& rc, int64_t
 template <typename T>
 void gather_all(const T* go, T* buf, const Plan& plan, int64_t n0, int64_t nb) {
   const Geometry& g = plan.g;
-  at::parallel_for(0, plan.total_rows, 32, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.total_rows, row_grain(plan, nb), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const Rect& rc = rect_of_row(plan, row);
       const int64_t o = row - rc.row_offset;
@@ -200,6 +206,34 @@ void pack_weight_rows(const T* w, T* wpack, const Geometry& g, int64_t o0, int64
   for (int64_t o = o0; o < o0 + count; ++o)
     for (int64_t c = 0; c < g.C; ++c)
       for (int64_t t = 0; t < taps; ++t) wpack[o * taps * g.C + t * g.C + c] = w[(o * g.C + c) * taps + t];
+}
+
+// out (=, or += when accumulate) a @ b for 2-D views with any strides.  Small products run in
+// a plain loop: at::mm's fixed cost (and its thread wake-ups on a busy machine) dominates
+// below ~2^15 multiply-adds; larger ones go to MKL.
+template <typename T>
+void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
+  if (M * N * K >= (int64_t(1) << 15)) {
+    if (accumulate) out.addmm_(a, b);
+    else at::mm_out(out, a, b);
+    return;
+  }
+  T* o = out.data_ptr<T>();
+  const T* ap = a.data_ptr<T>();
+  const T* bp = b.data_ptr<T>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), as0 = a.stride(0), as1 = a.stride(1);
+  const int64_t bs0 = b.stride(0), bs1 = b.stride(1);
+  for (int64_t i = 0; i < M; ++i) {
+    T* orow = o + i * os0;
+    if (!accumulate)
+      for (int64_t j = 0; j < N; ++j) orow[j * os1] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T av = ap[i * as0 + k * as1];
+      const T* brow = bp + k * bs0;
+      for (int64_t j = 0; j < N; ++j) orow[j * os1] += av * brow[j * bs1];
+    }
+  }
 }
 
 at::Tensor block_view(const at::Tensor& buf, const Rect& rc, int64_t nb) {
@@ -247,13 +281,12 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
             at::Tensor resm = res.narrow(0, 0, oc * nb * P).view({oc, nb * P});
             const at::Tensor colm = block_view(col, rc, nb);
             if (rc.nkx == g.KW) {  // live taps of consecutive kernel rows are contiguous in wpack
-              at::mm_out(resm, wrows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K), colm);
+              matmul_into<scalar_t>(resm, wrows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K), colm, false);
             } else {
               const int64_t kr = rc.nkx * g.C;
               for (int64_t i = 0; i < rc.nky; ++i) {
                 const at::Tensor wv = wrows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr);
-                if (i == 0) at::mm_out(resm, wv, colm.narrow(0, 0, kr));
-                else resm.addmm_(wv, colm.narrow(0, i * kr, kr));
+                matmul_into<scalar_t>(resm, wv, colm.narrow(0, i * kr, kr), i > 0);
               }
             }
             const scalar_t* s = resm.data_ptr<scalar_t>();
@@ -329,7 +362,7 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
             for (int64_t ky = rc.r.k_begin; ky < rc.r.k_end; ++ky) {
               for (int64_t kx = rc.q.k_begin; kx < rc.q.k_end; ++kx) {
                 // dcol[c, pix] = sum_o w[o, c, ky, kx] * grad_out_rect[o, pix] for c in the block
-                at::mm_out(dm, wpack.narrow(1, (ky * g.KW + kx) * g.C + c0, cc).t(), gm);
+                matmul_into<scalar_t>(dm, wpack.narrow(1, (ky * g.KW + kx) * g.C + c0, cc).t(), gm, false);
                 const int64_t ix0 = rc.q.start - g.p + kx * g.d;
                 const scalar_t* s = dm.data_ptr<scalar_t>();
                 for (int64_t c = c0; c < c0 + cc; ++c) {
@@ -388,12 +421,13 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
               gather_rect<scalar_t>(go.data_ptr<scalar_t>(), gm.data_ptr<scalar_t>(), g, rc, n0, nb, o0, oc);
               const at::Tensor cm = block_view(col, rc, nb);
               if (rc.nkx == g.KW) {
-                grows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K).addmm_(gm, cm.t());
+                at::Tensor gv = grows.narrow(1, rc.r.k_begin * g.KW * g.C, rc.K);
+                matmul_into<scalar_t>(gv, gm, cm.t(), true);
               } else {
                 const int64_t kr = rc.nkx * g.C;
                 for (int64_t i = 0; i < rc.nky; ++i) {
-                  grows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr)
-                      .addmm_(gm, cm.narrow(0, i * kr, kr).t());
+                  at::Tensor gv = grows.narrow(1, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * g.C, kr);
+                  matmul_into<scalar_t>(gv, gm, cm.narrow(0, i * kr, kr).t(), true);
                 }
               }
             }
