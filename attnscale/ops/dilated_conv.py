@@ -1,9 +1,133 @@
-"""Dilated convolution op (placeholder until csrc/ops/dilated_conv.cpp lands)."""
+"""``attnscale.ops.dilated_conv2d``: stride-1 dilated convolution that skips taps on zero padding.
+
+Follows Caffe's ``Convolution`` layer with ``stride: 1``, ``dilation: d``, ``pad: p`` and zero
+padding (DeepLab-LargeFOV's fc6 is 3x3, d=12, p=12, 512 -> 1024): output size
+``H + 2p - d*(k-1)`` per axis, ``out[n,o,y,x] = bias[o] + sum_{c,ky,kx} w[o,c,ky,kx] *
+in[n,c,y-p+ky*d,x-p+kx*d]`` with out-of-image reads equal to zero.  The C++/CUDA kernels
+(``torch.ops.attnscale.dilated_conv2d`` and its two backward ops) never touch those zero reads.
+
+Autograd and fake (meta) implementations are registered here with ``torch.library``.
+"""
 from __future__ import annotations
 
-from ._ext import require_extension
+import torch
+
+from ._ext import has_extension, require_extension
+
+_OPS_REGISTERED = False
 
 
-def dilated_conv2d(x, weight, bias=None, dilation=12, padding=12):
+def _out_size(size: int, k: int, dilation: int, padding: int) -> int:
+    return size + 2 * padding - dilation * (k - 1)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int,
+           padding: int) -> None:
+    """Argument checks with messages naming the argument (the C++ kernels repeat them)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dilated_conv2d: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"dilated_conv2d: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    for name, v in (("dilation", dilation), ("padding", padding)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"dilated_conv2d: {name} must be an int, got {v!r}")
+    if x.dim() != 4:
+        raise ValueError(f"dilated_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"dilated_conv2d: weight must be 4-D (out, in, kh, kw), got shape {tuple(weight.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"dilated_conv2d: x must be floating point, got {x.dtype}")
+    others = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in others:
+        if t.dtype != x.dtype:
+            raise TypeError(f"dilated_conv2d: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"dilated_conv2d: {name} is on {t.device} but x is on {x.device}")
+    if x.device.type == "cpu" and x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dilated_conv2d: x must be float32 or float64 on CPU, got {x.dtype}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"dilated_conv2d: weight has {weight.shape[1]} input channels (dim 1) "
+                         f"but x has {x.shape[1]} channels")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"dilated_conv2d: weight must have odd kernel sizes (kh, kw), got ({kh}, {kw})")
+    if dilation < 1:
+        raise ValueError(f"dilated_conv2d: dilation must be >= 1, got {dilation}")
+    if padding < 0:
+        raise ValueError(f"dilated_conv2d: padding must be >= 0, got {padding}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"dilated_conv2d: bias must have shape ({weight.shape[0]},) to match weight's "
+                         f"out channels, got {tuple(bias.shape)}")
+    ho, wo = (_out_size(x.shape[2], kh, dilation, padding), _out_size(x.shape[3], kw, dilation, padding))
+    if ho < 1 or wo < 1:
+        raise ValueError(f"dilated_conv2d: output size H + 2*padding - dilation*(k-1) is ({ho}, {wo}) for "
+                         f"x of spatial size {tuple(x.shape[2:])}, kernel ({kh}, {kw}), dilation {dilation}, "
+                         f"padding {padding}; it must be >= 1")
+
+
+def _register() -> None:
+    """Fake + autograd registrations of the C++ ops (once, when the extension is loaded)."""
+    global _OPS_REGISTERED
+    if _OPS_REGISTERED or not has_extension():
+        return
+
+    @torch.library.register_fake("attnscale::dilated_conv2d")
+    def _fwd_fake(x, weight, bias=None, dilation=12, padding=12):
+        _check(x, weight, bias, dilation, padding)
+        kh, kw = weight.shape[2], weight.shape[3]
+        return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], kh, dilation, padding),
+                            _out_size(x.shape[3], kw, dilation, padding)))
+
+    @torch.library.register_fake("attnscale::dilated_conv2d_backward_input")
+    def _bwd_input_fake(grad_output, weight, dilation, padding):
+        kh, kw = weight.shape[2], weight.shape[3]
+        h = grad_output.shape[2] - 2 * padding + dilation * (kh - 1)
+        w = grad_output.shape[3] - 2 * padding + dilation * (kw - 1)
+        return grad_output.new_empty((grad_output.shape[0], weight.shape[1], h, w))
+
+    @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
+    def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
+        o = grad_output.shape[1]
+        return (grad_output.new_empty((o, x.shape[1], kernel_h, kernel_w)), grad_output.new_empty((o,)))
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, dilation, padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.dilation, ctx.padding = dilation, padding
+
+    def _backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.attnscale.dilated_conv2d_backward_input(grad_out, weight, ctx.dilation, ctx.padding)
+        if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+            gw, gb = torch.ops.attnscale.dilated_conv2d_backward_weight(
+                grad_out, x, weight.shape[2], weight.shape[3], ctx.dilation, ctx.padding)
+            if not ctx.needs_input_grad[1]:
+                gw = None
+            if not (ctx.has_bias and ctx.needs_input_grad[2]):
+                gb = None
+        return gx, gw, gb, None, None
+
+    torch.library.register_autograd("attnscale::dilated_conv2d", _backward, setup_context=_setup_context)
+    _OPS_REGISTERED = True
+
+
+_register()
+
+
+def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   dilation: int = 12, padding: int = 12) -> torch.Tensor:
+    """Stride-1 dilated convolution (Caffe ``Convolution``, zero padding) that skips padded taps.
+
+    ``x`` (N, C, H, W), ``weight`` (O, C, kh, kw) with odd kh, kw, ``bias`` (O,) or None; returns
+    (N, O, H + 2p - d(kh-1), W + 2p - d(kw-1)).  CPU: float32/float64.  CUDA: float32 (TF32 tensor
+    cores when ``torch.backends.cudnn.allow_tf32``, else exact SIMT), bfloat16/float16 (tensor cores,
+    fp32 accumulation), float64 (SIMT).  Differentiable in x, weight and bias.
+    """
     require_extension()
-    raise NotImplementedError("dilated_conv2d kernel not built yet")
+    _check(x, weight, bias, dilation, padding)
+    return torch.ops.attnscale.dilated_conv2d(x, weight, bias, dilation, padding)

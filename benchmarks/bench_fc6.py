@@ -1,0 +1,262 @@
+"""Benchmark attnscale.ops.dilated_conv2d against F.conv2d on DeepLab-LargeFOV's fc6.
+
+fc6: 3x3 convolution, dilation 12, pad 12, 512 -> 1024 channels at stride-8 resolution
+(41/31/21 for a 321 crop at scales 1/0.75/0.5, 65/49/33 for a 513 test image).
+
+CPU: ours vs oneDNN F.conv2d (float32), per thread count in --threads.
+GPU: ours vs cuDNN (cudnn.benchmark=True) in IEEE fp32, TF32 and bf16 channels_last.
+Timings of all methods are interleaved round by round, so drift hits every method alike; the
+report gives the median, the min-max spread, the speed-up of the medians from the same run,
+TFLOP/s on nominal FLOPs (dense conv incl. zero padding) and on live-tap FLOPs (what our kernel
+computes), and on GPU the % of the dense bf16/TF32 tensor-core peak.
+
+    python benchmarks/bench_fc6.py                      # CPU (or GPU when available), 2 threads
+    python benchmarks/bench_fc6.py --threads 1 2 --json fc6.json
+    python benchmarks/bench_fc6.py --quick              # fewer repeats, 2 shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
+from attnscale.ops import dilated_conv2d  # noqa: E402
+
+C_IN, C_OUT, K, DIL, PAD = 512, 1024, 3, 12, 12
+ALL_SHAPES = [(1, 41), (10, 41), (30, 41), (10, 31), (10, 21), (1, 65), (1, 49), (1, 33)]
+CPU_SHAPES = [(1, 41), (1, 31), (1, 21), (1, 65), (1, 49), (1, 33)]
+QUICK_SHAPES = [(1, 41), (1, 21)]
+
+# Dense tensor-core peaks in TFLOP/s: (bf16, tf32).
+GPU_PEAKS = {"H200": (989.0, 494.0), "H100 SXM": (989.0, 494.0), "H100 HBM3": (989.0, 494.0),
+             "H100 PCIe": (756.0, 378.0), "H100 NVL": (835.0, 418.0), "A100": (312.0, 156.0)}
+
+
+def live_taps_1d(size: int) -> int:
+    """Sum over output positions of the number of kernel taps that read real data (one axis)."""
+    out = size + 2 * PAD - DIL * (K - 1)
+    return sum(sum(1 for k in range(K) if 0 <= o - PAD + k * DIL < size) for o in range(out))
+
+
+def flops(n: int, h: int) -> tuple[float, float]:
+    """(nominal, live) forward FLOPs: 2 * N * O * C * sum of taps."""
+    out = h + 2 * PAD - DIL * (K - 1)
+    nominal = 2.0 * n * C_OUT * C_IN * K * K * out * out
+    live = 2.0 * n * C_OUT * C_IN * live_taps_1d(h) ** 2
+    return nominal, live
+
+
+def gpu_peaks(name: str) -> tuple[float, float] | None:
+    for key, peaks in GPU_PEAKS.items():
+        if all(part in name for part in key.split()):
+            return peaks
+    if "H100" in name:  # unknown H100 variant: assume SXM numbers
+        return GPU_PEAKS["H100 SXM"]
+    return None
+
+
+@dataclass
+class Result:
+    device: str
+    threads: int | None
+    n: int
+    h: int
+    pass_: str          # "fwd" or "fwd+bwd"
+    method: str
+    precision: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    speedup: float | None      # baseline median / this median (same run), None for baselines
+    tflops_nominal: float
+    tflops_live: float
+    pct_peak: float | None
+    max_rel_err: float | None  # forward output vs the fp32/fp64 reference
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _make_call(fn, x, w, b, backward: bool, gout):
+    if not backward:
+        return lambda: fn(x, w, b)
+
+    def step():
+        y = fn(x, w, b)
+        torch.autograd.grad(y, (x, w, b), gout)
+    return step
+
+
+def run_shape(device: str, n: int, h: int, methods: dict, backward: bool, repeats: int, warmup: int,
+              threads: int | None, peaks) -> list[Result]:
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(n, C_IN, h, h, generator=g)
+    w32 = torch.randn(C_OUT, C_IN, K, K, generator=g) * (2.0 / (C_IN * K * K)) ** 0.5
+    b32 = torch.randn(C_OUT, generator=g) * 0.1
+    ref = F.conv2d(x32.double(), w32.double(), b32.double(), padding=PAD, dilation=DIL)
+    out = h + 2 * PAD - DIL * (K - 1)
+    calls, errs = {}, {}
+    for name, (fn, dtype, layout, setup) in methods.items():
+        setup()
+        x = x32.to(device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(backward)
+        w = w32.to(device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(backward)
+        b = b32.to(device=device, dtype=dtype).requires_grad_(backward)
+        gout = torch.randn(n, C_OUT, out, out, generator=g).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            y = fn(x, w, b).double().cpu()
+        errs[name] = ((y - ref).norm() / ref.norm()).item()
+        calls[name] = (_make_call(fn, x, w, b, backward, gout), setup)
+        for _ in range(warmup):
+            calls[name][1]()
+            calls[name][0]()
+        _sync(device)
+    times = {name: [] for name in calls}
+    for _ in range(repeats):  # interleaved rounds
+        for name, (call, setup) in calls.items():
+            setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            call()
+            _sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    nominal, live = flops(n, h)
+    mult = 3.0 if backward else 1.0
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    results = []
+    for name, ts in times.items():
+        baseline = methods[name][3].baseline
+        med = medians[name]
+        speedup = None if baseline is None else medians[baseline] / med
+        precision = methods[name][3].precision
+        pct = None
+        if peaks is not None and precision in ("bf16", "tf32"):
+            peak = peaks[0] if precision == "bf16" else peaks[1]
+            pct = 100.0 * mult * nominal / (med * 1e-3) / 1e12 / peak
+        results.append(Result(device, threads, n, h, "fwd+bwd" if backward else "fwd", name, precision, med,
+                              min(ts), max(ts), speedup, mult * nominal / (med * 1e-3) / 1e12,
+                              mult * live / (med * 1e-3) / 1e12, pct, errs[name]))
+    return results
+
+
+class Setup:
+    """Per-method global state (cuDNN TF32 flags) applied before every call, plus report metadata."""
+
+    def __init__(self, precision: str, baseline: str | None, tf32: bool | None = None):
+        self.precision, self.baseline, self.tf32 = precision, baseline, tf32
+
+    def __call__(self):
+        if self.tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = self.tf32
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+
+
+def conv_ref(x, w, b):
+    return F.conv2d(x, w, b, padding=PAD, dilation=DIL)
+
+
+def ours(x, w, b):
+    return dilated_conv2d(x, w, b, DIL, PAD)
+
+
+def cpu_methods():
+    return {"oneDNN F.conv2d": (conv_ref, torch.float32, torch.contiguous_format, Setup("fp32", None)),
+            "attnscale": (ours, torch.float32, torch.contiguous_format, Setup("fp32", "oneDNN F.conv2d"))}
+
+
+def gpu_methods():
+    cl, cf = torch.channels_last, torch.contiguous_format
+    return {
+        "cuDNN fp32": (conv_ref, torch.float32, cf, Setup("fp32", None, tf32=False)),
+        "attnscale fp32": (ours, torch.float32, cf, Setup("fp32", "cuDNN fp32", tf32=False)),
+        "cuDNN tf32": (conv_ref, torch.float32, cf, Setup("tf32", None, tf32=True)),
+        "attnscale tf32": (ours, torch.float32, cf, Setup("tf32", "cuDNN tf32", tf32=True)),
+        "cuDNN bf16 NHWC": (conv_ref, torch.bfloat16, cl, Setup("bf16", None, tf32=True)),
+        "attnscale bf16": (ours, torch.bfloat16, cf, Setup("bf16", "cuDNN bf16 NHWC", tf32=True)),
+    }
+
+
+def format_table(results: list[Result]) -> str:
+    head = (f"{'dev':4} {'thr':>3} {'N':>3} {'H':>3} {'pass':8} {'method':18} {'median ms':>10} {'min-max ms':>17} "
+            f"{'speed-up':>8} {'TF/s nom':>8} {'TF/s live':>9} {'%peak':>6} {'rel err':>8}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        sp = f"{r.speedup:.2f}x" if r.speedup is not None else "base"
+        pk = f"{r.pct_peak:.1f}" if r.pct_peak is not None else "-"
+        lines.append(f"{r.device:4} {r.threads if r.threads else '-':>3} {r.n:>3} {r.h:>3} {r.pass_:8} {r.method:18} "
+                     f"{r.median_ms:10.2f} {r.min_ms:8.2f}-{r.max_ms:<8.2f} {sp:>8} {r.tflops_nominal:8.3f} "
+                     f"{r.tflops_live:9.3f} {pk:>6} {r.max_rel_err:8.1e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="CPU thread counts (torch.set_num_threads)")
+    ap.add_argument("--shapes", type=str, default=None, help="comma-separated NxH list, e.g. 1x41,10x21")
+    ap.add_argument("--all-shapes", action="store_true", help="on CPU also run the N>1 shapes")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds per shape (default 7 CPU, 30 GPU)")
+    ap.add_argument("--no-backward", action="store_true", help="forward only")
+    ap.add_argument("--quick", action="store_true", help="2 shapes, few repeats")
+    ap.add_argument("--json", type=str, default=None, help="write all results to this JSON file")
+    args = ap.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA GPU is available")
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
+        except ValueError:
+            ap.error(f"--shapes must look like 1x41,10x21, got {args.shapes!r}")
+    elif args.quick:
+        shapes = QUICK_SHAPES
+    else:
+        shapes = ALL_SHAPES if (device == "cuda" or args.all_shapes) else CPU_SHAPES
+    repeats = args.repeats or (3 if args.quick else (7 if device == "cpu" else 30))
+    warmup = 1 if device == "cpu" else 5
+    passes = [False] if args.no_backward else [False, True]
+
+    results: list[Result] = []
+    meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor()
+            or platform.machine(), "repeats": repeats, "shape": "N x 512 x H x H -> 1024, 3x3, d=12, p=12"}
+    if device == "cpu":
+        meta["note"] = "CPU shared with other processes: compare the min-max spreads before trusting ratios"
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for n, h in shapes:
+                for bwd in passes:
+                    results += run_shape("cpu", n, h, cpu_methods(), bwd, repeats, warmup, threads, None)
+                    print(f"done threads={threads} N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
+    else:
+        name = torch.cuda.get_device_name()
+        peaks = gpu_peaks(name)
+        meta.update(gpu=name, peaks_tflops={"bf16": peaks[0], "tf32": peaks[1]} if peaks else None)
+        torch.backends.cudnn.benchmark = True
+        for n, h in shapes:
+            for bwd in passes:
+                results += run_shape("cuda", n, h, gpu_methods(), bwd, repeats, warmup, None, peaks)
+                print(f"done N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
+    print()
+    print(json.dumps(meta))
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

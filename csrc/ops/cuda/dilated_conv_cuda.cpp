@@ -1,0 +1,140 @@
+// CUDA glue of attnscale::dilated_conv2d: checks, weight packing, current
+// stream, launcher calls (kernels in dilated_conv_kernel.cu).
+//
+// float32 uses TF32 tensor cores when torch.backends.cudnn.allow_tf32 is set
+// (the flag F.conv2d follows), otherwise an exact fp32 SIMT path; bf16/fp16
+// use tensor cores with fp32 accumulation; float64 uses the SIMT path.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "ops/dilated_conv_checks.h"
+#include "ops/dilated_conv_cuda.h"
+
+namespace attnscale {
+namespace dilated_conv {
+namespace {
+
+CudaDType cuda_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return CudaDType::kFloat32;
+    case at::kDouble: return CudaDType::kFloat64;
+    case at::kBFloat16: return CudaDType::kBFloat16;
+    case at::kHalf: return CudaDType::kFloat16;
+    default: break;
+  }
+  TORCH_CHECK(false, "dilated_conv2d (CUDA kernel): ", name,
+              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+  return CudaDType::kFloat32;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "dilated_conv2d (CUDA kernel): ", name, " must be a CUDA tensor, got ", t.device());
+}
+
+bool tf32_enabled() { return at::globalContext().allowTF32CuDNN(); }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dilated_conv2d (CUDA kernel): ", what, " failed: ", cudaGetErrorString(err));
+}
+
+ConvShape make_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW,
+                     int64_t dilation, int64_t padding) {
+  return ConvShape{N, C, H, W, O, KH, KW, out_size(H, KH, dilation, padding), out_size(W, KW, dilation, padding),
+                   dilation, padding};
+}
+
+at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
+                        int64_t dilation, int64_t padding) {
+  check_forward(x_in, weight, bias_in, dilation, padding);
+  check_cuda(x_in, "x");
+  const CudaDType dt = cuda_dtype(x_in, "x");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const bool has_bias = bias_in.has_value() && bias_in->defined();
+  const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
+  const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
+                                 weight.size(3), dilation, padding);
+  at::Tensor out = at::empty({s.N, s.O, s.Ho, s.Wo}, x.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor wpack = weight.permute({2, 3, 0, 1}).contiguous();  // [KH][KW][O][C]
+  check_launch(launch_dilated_conv_forward(dt, x.data_ptr(), wpack.data_ptr(), has_bias ? bias.data_ptr() : nullptr,
+                                           out.data_ptr(), s, tf32_enabled(),
+                                           c10::cuda::getCurrentCUDAStream().stream()),
+               "forward launch");
+  return out;
+}
+
+at::Tensor backward_input_cuda(const at::Tensor& grad_out_in, const at::Tensor& weight, int64_t dilation,
+                               int64_t padding) {
+  check_grad_output(grad_out_in, weight, "weight");
+  check_cuda(grad_out_in, "grad_output");
+  TORCH_CHECK(weight.dim() == 4, "dilated_conv2d backward: weight must be 4-D, got ", weight.dim(), "-D");
+  TORCH_CHECK(grad_out_in.size(1) == weight.size(0), "dilated_conv2d backward: grad_output has ",
+              grad_out_in.size(1), " channels but weight has ", weight.size(0), " output channels");
+  check_kernel_size(weight.size(2), weight.size(3));
+  check_params(dilation, padding);
+  const CudaDType dt = cuda_dtype(grad_out_in, "grad_output");
+  const int64_t KH = weight.size(2), KW = weight.size(3);
+  const int64_t H = grad_out_in.size(2) - 2 * padding + dilation * (KH - 1);
+  const int64_t W = grad_out_in.size(3) - 2 * padding + dilation * (KW - 1);
+  TORCH_CHECK(H >= 1 && W >= 1, "dilated_conv2d backward: grad_output spatial size ", grad_out_in.sizes(),
+              " implies an input size (", H, ", ", W, ") < 1");
+  c10::cuda::CUDAGuard guard(grad_out_in.device());
+  const at::Tensor go = grad_out_in.contiguous();
+  const ConvShape s = make_shape(go.size(0), weight.size(1), H, W, weight.size(0), KH, KW, dilation, padding);
+  if (s.N == 0 || s.C == 0) return at::zeros({s.N, s.C, s.H, s.W}, go.options());
+  if (s.O == 0) return at::zeros({s.N, s.C, s.H, s.W}, go.options());
+  at::Tensor gx = at::empty({s.N, s.C, s.H, s.W}, go.options());
+  const at::Tensor wpack_t = weight.permute({2, 3, 1, 0}).contiguous();  // [KH][KW][C][O]
+  check_launch(launch_dilated_conv_backward_input(dt, go.data_ptr(), wpack_t.data_ptr(), gx.data_ptr(), s,
+                                                  tf32_enabled(), c10::cuda::getCurrentCUDAStream().stream()),
+               "backward-input launch");
+  return gx;
+}
+
+std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                        int64_t kernel_h, int64_t kernel_w, int64_t dilation,
+                                                        int64_t padding) {
+  check_grad_output(grad_out_in, x_in, "x");
+  check_cuda(x_in, "x");
+  TORCH_CHECK(x_in.dim() == 4, "dilated_conv2d backward: x must be 4-D, got ", x_in.dim(), "-D");
+  check_kernel_size(kernel_h, kernel_w);
+  check_params(dilation, padding);
+  check_output_size(x_in.size(2), x_in.size(3), kernel_h, kernel_w, dilation, padding);
+  const CudaDType dt = cuda_dtype(x_in, "x");
+  const ConvShape s = make_shape(x_in.size(0), x_in.size(1), x_in.size(2), x_in.size(3), grad_out_in.size(1),
+                                 kernel_h, kernel_w, dilation, padding);
+  TORCH_CHECK(grad_out_in.size(0) == s.N && grad_out_in.size(2) == s.Ho && grad_out_in.size(3) == s.Wo,
+              "dilated_conv2d backward: grad_output has shape ", grad_out_in.sizes(), " but x ", x_in.sizes(),
+              " gives an output of (", s.N, ", ", s.O, ", ", s.Ho, ", ", s.Wo, ")");
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor go = grad_out_in.contiguous();
+  const at::Tensor x = x_in.contiguous();
+  if (s.N == 0) {
+    return {at::zeros({s.O, s.C, s.KH, s.KW}, go.options()), at::zeros({s.O}, go.options())};
+  }
+  at::Tensor gw = at::empty({s.O, s.C, s.KH, s.KW}, go.options());
+  at::Tensor gb = at::empty({s.O}, go.options());
+  const bool tf32 = tf32_enabled();
+  const int64_t ws = dilated_conv_backward_weight_workspace(s, dt, tf32);
+  at::Tensor workspace = at::empty({ws > 0 ? ws : 1}, go.options().dtype(at::kFloat));
+  check_launch(launch_dilated_conv_backward_weight(dt, go.data_ptr(), x.data_ptr(), gw.data_ptr(), gb.data_ptr(),
+                                                   workspace.data_ptr<float>(), s, tf32,
+                                                   c10::cuda::getCurrentCUDAStream().stream()),
+               "backward-weight launch");
+  return {gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnscale, CUDA, m) {
+  m.impl("dilated_conv2d", &forward_cuda);
+  m.impl("dilated_conv2d_backward_input", &backward_input_cuda);
+  m.impl("dilated_conv2d_backward_weight", &backward_weight_cuda);
+}
+
+}  // namespace dilated_conv
+}  // namespace attnscale

@@ -1,0 +1,18 @@
+// Schema of attnscale::dilated_conv2d and its backward ops.
+//
+// dilated_conv2d is Caffe's Convolution layer with stride 1, `dilation: d`,
+// `pad: p` and zero padding (DeepLab-LargeFOV fc6: 3x3, d=12, p=12).  The
+// kernels (csrc/ops/cpu/dilated_conv_kernel.cpp, csrc/ops/cuda/*) skip the
+// taps that read padding.  Autograd is registered in Python
+// (attnscale/ops/dilated_conv.py) on top of the two backward ops:
+//   dilated_conv2d_backward_input : grad_x (input size follows from grad_output
+//       and the kernel: H = Ho - 2p + d*(KH-1))
+//   dilated_conv2d_backward_weight: (grad_weight, grad_bias)
+#include <torch/library.h>
+
+TORCH_LIBRARY_FRAGMENT(attnscale, m) {
+  m.def("dilated_conv2d(Tensor x, Tensor weight, Tensor? bias=None, int dilation=12, int padding=12) -> Tensor");
+  m.def("dilated_conv2d_backward_input(Tensor grad_output, Tensor weight, int dilation, int padding) -> Tensor");
+  m.def("dilated_conv2d_backward_weight(Tensor grad_output, Tensor x, int kernel_h, int kernel_w, "
+        "int dilation, int padding) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,40 @@
+// Launchers of the CUDA kernels of attnscale::dilated_conv2d (raw pointers, no
+// torch headers): implemented in csrc/ops/cuda/dilated_conv_kernel.cu, called by
+// csrc/ops/cuda/dilated_conv_cuda.cpp.  All tensors are contiguous.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace attnscale {
+namespace dilated_conv {
+
+enum class CudaDType { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+// x (N, C, H, W) -> out (N, O, Ho, Wo), weight (O, C, KH, KW); stride 1.
+struct ConvShape {
+  int64_t N, C, H, W, O, KH, KW, Ho, Wo, dilation, padding;
+};
+
+// out = bias + conv(x).  wpack: weight packed tap-major as [KH*KW][O][C]; bias may be null.
+// tensor_cores: float32 -> TF32 wmma; bf16/fp16 always use tensor cores; float64 never.
+cudaError_t launch_dilated_conv_forward(CudaDType dtype, const void* x, const void* wpack, const void* bias,
+                                        void* out, const ConvShape& s, bool tensor_cores, cudaStream_t stream);
+
+// grad_x = conv^T(grad_out).  wpack_t: weight packed as [KH*KW][C][O].
+cudaError_t launch_dilated_conv_backward_input(CudaDType dtype, const void* grad_out, const void* wpack_t,
+                                               void* grad_x, const ConvShape& s, bool tensor_cores,
+                                               cudaStream_t stream);
+
+// Number of float elements of the split-K workspace that launch_dilated_conv_backward_weight needs
+// (0 when the SIMT path is used).
+int64_t dilated_conv_backward_weight_workspace(const ConvShape& s, CudaDType dtype, bool tensor_cores);
+
+// grad_w (O, C, KH, KW) and grad_b (O) (grad_b may be null), both of `dtype`.
+cudaError_t launch_dilated_conv_backward_weight(CudaDType dtype, const void* grad_out, const void* x,
+                                                void* grad_w, void* grad_b, float* workspace,
+                                                const ConvShape& s, bool tensor_cores, cudaStream_t stream);
+
+}  // namespace dilated_conv
+}  // namespace attnscale

@@ -1,0 +1,266 @@
+"""Tests of attnscale.ops.dilated_conv2d (Caffe Convolution, stride 1, dilation d, pad p, zero padding).
+
+CPU tests run everywhere the extension is built; @pytest.mark.cuda tests compare the CUDA kernels
+with F.conv2d at TF32 / bf16 / fp16 / fp64 tolerances (skipped without a GPU).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnscale.ops import dilated_conv2d, dilated_conv2d_reference, has_extension
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+# (N, C, O, H, W, k, dilation, padding)
+SMALL_SHAPES = [
+    (2, 4, 6, 13, 13, 3, 5, 5),   # the issue's example
+    (2, 3, 4, 9, 9, 3, 1, 1),     # attention head: 3x3 d=1 p=1
+    (1, 3, 5, 10, 10, 3, 2, 2),   # conv5: 3x3 d=2 p=2
+    (1, 2, 3, 5, 5, 3, 12, 12),   # only the centre tap is ever live
+    (2, 3, 2, 7, 11, 3, 4, 4),    # H != W
+    (1, 2, 3, 9, 6, 5, 2, 3),     # 5x5 kernel, padding != dilation
+    (1, 2, 3, 4, 4, 3, 1, 4),     # border outputs with no live tap at all (bias only)
+    (2, 3, 2, 6, 5, 1, 1, 0),     # 1x1 kernel
+    (1, 2, 3, 8, 9, (3, 5), 3, 4),  # kh != kw
+]
+
+
+def _rand(shape, dtype=torch.float64, device="cpu", grad=False):
+    return torch.randn(shape, dtype=dtype, device=device, requires_grad=grad)
+
+
+def _inputs(shape, dtype=torch.float64, device="cpu", bias=True, grad=False):
+    n, c, o, h, w, k, d, p = shape
+    x = _rand((n, c, h, w), dtype, device, grad)
+    kh, kw = k if isinstance(k, tuple) else (k, k)
+    wt = _rand((o, c, kh, kw), dtype, device, grad)
+    b = _rand((o,), dtype, device, grad) if bias else None
+    return x, wt, b, d, p
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+def test_gradcheck_float64(shape):
+    x, w, b, d, p = _inputs(shape, grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: dilated_conv2d(x, w, b, d, p), (x, w, b))
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_conv2d_float64(shape, bias):
+    x, w, b, d, p = _inputs(shape, bias=bias, grad=True)
+    y = dilated_conv2d(x, w, b, d, p)
+    ref = F.conv2d(x, w, b, padding=p, dilation=d)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    params = (x, w) + ((b,) if bias else ())
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(ref, params, g)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_opcheck():
+    for shape in [SMALL_SHAPES[0], SMALL_SHAPES[6]]:
+        x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
+        torch.library.opcheck(torch.ops.attnscale.dilated_conv2d.default, (x, w, b, d, p))
+        torch.library.opcheck(torch.ops.attnscale.dilated_conv2d.default, (x, w, None, d, p))
+        y = torch.ops.attnscale.dilated_conv2d(x, w, b, d, p).detach()
+        go = torch.randn_like(y)
+        torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_backward_input.default,
+                              (go, w.detach(), d, p))
+        torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_backward_weight.default,
+                              (go, x.detach(), w.shape[2], w.shape[3], d, p))
+
+
+def _rel_err(a, e):
+    return ((a - e).norm() / e.norm()).item()
+
+
+def test_fc6_shape_float32_forward_backward():
+    """DeepLab-LargeFOV fc6 at the 0.5 scale of a 321 crop: (1,512,21,21) -> 1024, 3x3, d=12, p=12."""
+    x = torch.randn(1, 512, 21, 21, requires_grad=True)
+    w = (torch.randn(1024, 512, 3, 3) * 0.01).requires_grad_()
+    b = torch.randn(1024, requires_grad=True)
+    y = dilated_conv2d(x, w, b, 12, 12)
+    ref = dilated_conv2d_reference(x, w, b, 12, 12)
+    assert y.shape == (1, 1024, 21, 21)
+    assert _rel_err(y, ref) < 1e-4
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    want = torch.autograd.grad(ref, (x, w, b), g)
+    for name, a, e in zip(("x", "weight", "bias"), got, want):
+        assert _rel_err(a, e) < 1e-4, name
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 24, 17, 15, 3, 6, 6), (2, 8, 8, 12, 12, 3, 12, 12)])
+def test_matches_conv2d_float32_batched(shape):
+    x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
+    y = dilated_conv2d(x, w, b, d, p)
+    ref = F.conv2d(x, w, b, padding=p, dilation=d)
+    assert _rel_err(y, ref) < 1e-5
+    g = torch.randn_like(ref)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        assert _rel_err(a, e) < 1e-5
+
+
+def test_dead_taps_are_skipped():
+    """5x5 input, 3x3 d=12 p=12: only the centre tap ever reads the image.  NaN weights on the
+    other taps would poison a dense convolution (NaN * 0 = NaN) but must not reach our output or
+    grad_x; their grad_weight is exactly 0."""
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.full((4, 3, 3, 3), float("nan"), dtype=torch.float64)
+    w[:, :, 1, 1] = torch.randn(4, 3, dtype=torch.float64)
+    w.requires_grad_()
+    b = torch.randn(4, dtype=torch.float64)
+    y = dilated_conv2d(x, w, b, 12, 12)
+    assert torch.isnan(F.conv2d(x, w, b, padding=12, dilation=12)).all()  # dense conv touches the NaNs
+    want = F.conv2d(x, w[:, :, 1:2, 1:2].detach(), b)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    gx, gw = torch.autograd.grad(y, (x, w), torch.ones_like(y))
+    assert torch.isfinite(gx).all()
+    torch.testing.assert_close(gx, w[:, :, 1, 1].detach().sum(0)[None, :, None, None].expand_as(x).contiguous())
+    dead = torch.ones(3, 3, dtype=torch.bool)
+    dead[1, 1] = False
+    assert torch.equal(gw[:, :, dead], torch.zeros_like(gw[:, :, dead]))
+
+
+def test_batch_split_into_chunks():
+    """Large enough (64 channels x 358^2 live (tap, pixel) pairs = 8.2 Mi im2col elements per image,
+    above the CPU kernel's 6 Mi-element buffer budget) that the forward and grad_weight loops run
+    over several batch chunks and groups of rectangles."""
+    x = torch.randn(3, 64, 120, 120, requires_grad=True)
+    w = (torch.randn(16, 64, 3, 3) * 0.05).requires_grad_()
+    b = torch.randn(16, requires_grad=True)
+    y = dilated_conv2d(x, w, b, 1, 1)
+    ref = F.conv2d(x, w, b, padding=1, dilation=1)
+    assert _rel_err(y, ref) < 1e-5
+    g = torch.randn_like(ref)
+    for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        assert _rel_err(a, e) < 1e-5
+
+
+def test_non_contiguous_inputs():
+    x = torch.randn(2, 9, 9, 4, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last-like strides
+    w = torch.randn(5, 3, 3, 4, dtype=torch.float64).permute(0, 3, 1, 2)
+    torch.testing.assert_close(dilated_conv2d(x, w, None, 2, 2), F.conv2d(x, w, padding=2, dilation=2))
+
+
+def test_backward_deterministic():
+    x, w, b, d, p = _inputs((3, 8, 6, 11, 11, 3, 4, 4), dtype=torch.float32, grad=True)
+    g = torch.randn(3, 6, 11, 11)
+    first = torch.autograd.grad(dilated_conv2d(x, w, b, d, p), (x, w, b), g)
+    second = torch.autograd.grad(dilated_conv2d(x, w, b, d, p), (x, w, b), g)
+    for a, e in zip(first, second):
+        assert torch.equal(a, e)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 3, 7, 7, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    y = dilated_conv2d(x, w, None, 2, 2)
+    assert y.shape == (0, 4, 7, 7)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    assert gx.shape == x.shape and torch.count_nonzero(gw) == 0
+
+
+@pytest.mark.parametrize("args, exc, words", [
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3), None, 2, 2), ValueError, "input channels"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 2, 2), None, 2, 2), ValueError, "odd kernel"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 2, -1), ValueError, "padding"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 0, 1), ValueError, "dilation"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 12, 1), ValueError, "output size"),
+    (lambda: (torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half(), None, 2, 2), TypeError,
+     "float32 or float64"),
+    (lambda: (torch.randint(0, 5, (1, 3, 8, 8)), torch.randint(0, 5, (4, 3, 3, 3)), None, 2, 2), TypeError,
+     "x must be floating point"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double(), None, 2, 2), TypeError, "weight has dtype"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(4).double(), 2, 2), TypeError,
+     "bias has dtype"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3, device="meta"), None, 2, 2), ValueError,
+     "weight is on meta"),
+    (lambda: (torch.randn(3, 8, 8), torch.randn(4, 3, 3, 3), None, 2, 2), ValueError, "x must be 4-D"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3), None, 2, 2), ValueError, "weight must be 4-D"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5), 2, 2), ValueError, "bias must have"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 2.0, 2), TypeError, "dilation must be an int"),
+])
+def test_bad_inputs_python(args, exc, words):
+    with pytest.raises(exc, match=words):
+        dilated_conv2d(*args())
+
+
+@pytest.mark.parametrize("args, words", [
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 2, 3, 3), None, 2, 2), "input channels"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 2, 3), None, 2, 2), "odd kernel"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 2, -1), "padding"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), None, 12, 1), "output size"),
+    ((torch.randn(1, 3, 8, 8).half(), torch.randn(4, 3, 3, 3).half(), None, 2, 2), "float32 or float64"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3).double(), None, 2, 2), "weight has dtype"),
+    ((torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(5), 2, 2), "bias must have"),
+    ((torch.randn(8, 8), torch.randn(4, 3, 3, 3), None, 2, 2), "x must be 4-D"),
+])
+def test_bad_inputs_cpp(args, words):
+    """The C++ op checks on its own (direct torch.ops calls bypass the Python wrapper)."""
+    with pytest.raises(RuntimeError, match=words):
+        torch.ops.attnscale.dilated_conv2d(*args)
+
+
+def test_bad_grad_output_cpp():
+    with pytest.raises(RuntimeError, match="grad_output"):
+        torch.ops.attnscale.dilated_conv2d_backward_weight(torch.randn(1, 4, 5, 5), torch.randn(1, 3, 8, 8),
+                                                           3, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="grad_output has 5 channels"):
+        torch.ops.attnscale.dilated_conv2d_backward_input(torch.randn(1, 5, 8, 8), torch.randn(4, 3, 3, 3), 2, 2)
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+CUDA_CASES = [
+    # (dtype, forward rel tol, backward rel tol, cudnn.allow_tf32)
+    (torch.float64, 1e-10, 1e-10, False),
+    (torch.float32, 1e-5, 1e-5, False),   # exact SIMT path
+    (torch.float32, 5e-3, 5e-3, True),    # TF32 tensor cores
+    (torch.bfloat16, 2e-2, 3e-2, True),
+    (torch.float16, 5e-3, 5e-3, True),
+]
+CUDA_SHAPES = SMALL_SHAPES + [(2, 40, 70, 21, 19, 3, 12, 12), (1, 512, 1024, 21, 21, 3, 12, 12)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0]}-tf32{c[3]}")
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_matches_conv2d(case, shape):
+    dtype, tol_f, tol_b, tf32 = case
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        x, w, b, d, p = _inputs(shape, dtype=torch.float64, device="cuda")
+        w = w / (w.shape[1] * w.shape[2] * w.shape[3]) ** 0.5
+        # reference in float64 from the same (rounded) inputs
+        xl, wl, bl = (t.to(dtype).requires_grad_() for t in (x, w, b))
+        xr, wr, br = (t.detach().double().requires_grad_() for t in (xl, wl, bl))
+        y = dilated_conv2d(xl, wl, bl, d, p)
+        ref = F.conv2d(xr, wr, br, padding=p, dilation=d)
+        assert y.dtype == dtype and y.shape == ref.shape
+        assert _rel_err(y.double(), ref) < tol_f
+        g = torch.randn_like(ref)
+        got = torch.autograd.grad(y, (xl, wl, bl), g.to(dtype))
+        want = torch.autograd.grad(ref, (xr, wr, br), g)
+        for name, a, e in zip(("x", "weight", "bias"), got, want):
+            assert _rel_err(a.double(), e) < tol_b, name
+        again = torch.autograd.grad(dilated_conv2d(xl, wl, bl, d, p), (xl, wl, bl), g.to(dtype))
+        for a, e in zip(got, again):
+            assert torch.equal(a, e)  # deterministic: no atomics
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck():
+    x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32, device="cuda", grad=True)
+    torch.library.opcheck(torch.ops.attnscale.dilated_conv2d.default, (x, w, b, d, p))
+
+
+@pytest.mark.cuda
+def test_cuda_mixed_device_error():
+    with pytest.raises(ValueError, match="weight is on"):
+        dilated_conv2d(torch.randn(1, 3, 8, 8, device="cuda"), torch.randn(4, 3, 3, 3), None, 2, 2)
