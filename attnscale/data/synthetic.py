@@ -9,8 +9,8 @@ Why merging scales matters on it (the property the paper's Table 3 measures):
   easier on the 0.5-scale input, where the object is half as big relative to the receptive field.
 - *Small* objects (radius 3..6 px) are discs or squares too; at scale 0.5 they shrink to a
   couple of pixels and the shape cue is gone -- they need the scale-1 input.
-- Every image holds one large object (radius 28..42 % of the image) and several small ones,
-  so a single fixed scale cannot be right everywhere.
+- Every image holds one large object (radius 28..42 % of the image) and several small ones of
+  other classes, so a single fixed scale cannot be right everywhere.
 - Object outlines carry a 1-pixel band of label 255 (ignored), like VOC's object borders.
 
 Image ``i`` of a data set is drawn from ``numpy.random.default_rng([seed, i])``: any image can be
@@ -73,7 +73,8 @@ def make_sample(seed: int, index: int, size: int = 97, n_small: Tuple[int, int] 
     paint(big, int(rng.integers(r_big // 2, W - r_big // 2)), int(rng.integers(r_big // 2, H - r_big // 2)), r_big)
     for _ in range(int(rng.integers(n_small[0], n_small[1] + 1))):
         r = int(rng.integers(3, 7))
-        paint(int(rng.integers(1, 5)), int(rng.integers(r, W - r)), int(rng.integers(r, H - r)), r)
+        cls = int(rng.choice([c for c in (1, 2, 3, 4) if c != big]))   # visible on the large one
+        paint(cls, int(rng.integers(r, W - r)), int(rng.integers(r, H - r)), r)
     img = img + rng.normal(0, 8, size=img.shape)
     lab[boundary] = 255
     return np.clip(img, 0, 255).astype(np.uint8), lab
