@@ -163,19 +163,6 @@ def config_key(cfg: TrainConfig) -> str:
 # ------------------------------------------------------------------------------------------
 # running
 # ------------------------------------------------------------------------------------------
-def compiled_ops_work() -> bool:
-    """True when ``attnscale.ops.dilated_conv2d`` and ``scale_merge`` run (extension built)."""
-    import torch
-    try:
-        from .ops import dilated_conv2d, scale_merge
-        x = torch.zeros(1, 1, 3, 3)
-        dilated_conv2d(x, torch.zeros(1, 1, 3, 3), torch.zeros(1), dilation=2, padding=2)
-        scale_merge([x, x], torch.zeros(1, 2, 3, 3), "attention")
-        return True
-    except Exception:
-        return False
-
-
 def metric_of(res: dict, metric: str) -> float:
     if metric == "miou":
         return 100.0 * float(res["miou"])
@@ -263,7 +250,7 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
 def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
               iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
               synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
-              reference_ops: Optional[bool] = None, progress: bool = True, log=print) -> dict:
+              reference_ops: bool = False, progress: bool = True, log=print) -> dict:
     if table not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
     spec = TABLES[table]
@@ -287,10 +274,6 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     if not synthetic and not init:
         log("warning: no --init weights: the rows train from random initialisation, which is not "
             "the paper's protocol (it fine-tunes vgg16_20M.caffemodel)")
-    if reference_ops is None:
-        reference_ops = not compiled_ops_work()
-        if reference_ops:
-            log("attnscale._C ops not available: using the pure-PyTorch reference ops (slower).")
     # Tables 6 and 7 share their trained models (same data, same rows).
     group = "synthetic" if synthetic else f"{spec.dataset}-" + (
         os.path.splitext(os.path.basename(init))[0] if init else "noinit")
@@ -364,8 +347,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-eval", type=int, default=0, help="evaluate only the first N val images")
     ap.add_argument("--synthetic", action="store_true", help="use the synthetic data set even if data exist")
     ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
-    ap.add_argument("--reference-ops", choices=("auto", "yes", "no"), default="auto",
-                    help="use the pure-PyTorch ops (auto: when attnscale._C is not built)")
+    ap.add_argument("--reference-ops", action="store_true",
+                    help="use the slow pure-PyTorch reference ops instead of attnscale._C's kernels")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.init and not os.path.isfile(a.init):
@@ -375,7 +358,7 @@ def main(argv=None) -> int:
         print("Running on the built-in SYNTHETIC scale data set - these are NOT the paper's numbers.")
     reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
               a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
-              {"auto": None, "yes": True, "no": False}[a.reference_ops], not a.no_progress)
+              a.reference_ops, not a.no_progress)
     return 0
 
 

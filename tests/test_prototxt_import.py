@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 import prototxt_import as pi
 from prototxt_import import CaffeImportError, readers
-from prototxt_import.net import ops_available
 from tests.test_prototxt_import_gen import (SUFFIX, caffemodel_bytes, deeplab_prototxt, net_weights,
                                             randomize, write_h5)
 
@@ -314,7 +313,6 @@ layer { name: "d" type: "Convolution" bottom: "x" top: "d" convolution_param { n
     torch.testing.assert_close(r["d"], torch.nn.functional.conv2d(x, wd, bd, 1, (2, 0), 2))
 
 
-@pytest.mark.skipif(not ops_available(), reason="attnscale's compiled dilated_conv2d op is not built")
 def test_our_ops_path_matches_reference(small_net):
     proto, net, layers = small_net
     ours = pi.load_net(proto, use_ops=True)

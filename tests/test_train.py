@@ -52,7 +52,7 @@ def test_clip_gradients_caffe_rule():
 
 def _tiny(out_dir, **kw):
     d = dict(dataset="synthetic", scales=[1.0, 0.5], merge="attention", extra_supervision=True,
-             width=1 / 32, use_reference_ops=True, synthetic_size=33, crop_size=25, test_crop_size=33,
+             width=1 / 32, use_reference_ops=False, synthetic_size=33, crop_size=25, test_crop_size=33,
              synthetic_train=6, synthetic_val=2, batch_size=2, iter_size=2, max_iter=4, stepsize=2,
              snapshot=100, workers=0, out_dir=str(out_dir), seed=3, base_lr=0.01, torch_threads=1)
     d.update(kw)

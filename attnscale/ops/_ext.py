@@ -29,10 +29,11 @@ def require_extension() -> None:
 
 
 def has_cuda_kernels() -> bool:
-    """True when the extension was built with its CUDA kernels."""
+    """True when the extension was built with the CUDA kernels of every op."""
     if not has_extension():
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::scale_merge", "CUDA")
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
+                   for op in ("scale_merge", "dilated_conv2d"))
     except RuntimeError:  # op not registered (built before the op existed)
         return False
