@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import prototxt_import as pi
 from prototxt_import import CaffeImportError, readers
-from tests.test_prototxt_import_gen import (SUFFIX, caffemodel_bytes, deeplab_prototxt, net_weights,
+from tests.caffe_files import (SUFFIX, caffemodel_bytes, deeplab_prototxt, net_weights,
                                             randomize, write_h5)
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "prototxt"
