@@ -14,6 +14,7 @@ medians measured in the same run.
     python benchmarks/bench_merge.py --modes all     # attention, avg and max
     python benchmarks/bench_merge.py --quick         # fast smoke run
     python benchmarks/bench_merge.py --json results/bench_merge.json
+    python benchmarks/bench_merge.py --cpu-time      # + thread CPU time at 1 thread (shared CPUs)
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,6 +57,10 @@ class Row:
     speedup_compiled: float | None
     gbps: float | None = None        # CUDA: bytes moved by the fused op / time
     pct_copy_bw: float | None = None  # CUDA: % of measured device-to-device copy bandwidth
+    # --cpu-time (CPU, 1 thread): thread CPU time per call, min over blocks; robust on a shared CPU
+    fused_cpu_us: float | None = None
+    eager_cpu_us: float | None = None
+    compiled_cpu_us: float | None = None
 
 
 def make_inputs(n, sizes, device, dtype=torch.float32, requires_grad=False):
@@ -81,6 +87,24 @@ def bytes_moved(n, sizes, passes, elt=4):
 def time_us(fn, threads, min_run_time):
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def cpu_time_us(fn, reps=20, blocks=7):
+    """Thread CPU time per call (min over blocks): time this thread actually ran, so other
+    processes sharing the cores inflate it far less than wall-clock time.  1 thread only."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn()
+        best = float("inf")
+        for _ in range(blocks):
+            t0 = time.thread_time()
+            for _ in range(reps):
+                fn()
+            best = min(best, (time.thread_time() - t0) / reps)
+    finally:
+        torch.set_num_threads(prev)
+    return best * 1e6
 
 
 def closures(impl, n, sizes, mode, device, passes):
@@ -146,8 +170,15 @@ def run(args):
                         if device == "cuda":
                             gbps = bytes_moved(n, sizes, passes) / (fused * 1e-6) / 1e9
                             pct = 100.0 * gbps / copy_bw
-                        rows.append(Row(device, threads, shape, mode, passes, fused, eager, comp,
-                                        eager / fused, None if comp is None else comp / fused, gbps, pct))
+                        row = Row(device, threads, shape, mode, passes, fused, eager, comp,
+                                  eager / fused, None if comp is None else comp / fused, gbps, pct)
+                        if args.cpu_time and device == "cpu" and threads == 1:
+                            row.fused_cpu_us = cpu_time_us(closures(scale_merge, n, sizes, mode, device, passes))
+                            row.eager_cpu_us = cpu_time_us(
+                                closures(scale_merge_reference, n, sizes, mode, device, passes))
+                            if compiled is not None:
+                                row.compiled_cpu_us = cpu_time_us(closures(compiled, n, sizes, mode, device, passes))
+                        rows.append(row)
                         print_row(rows[-1], header=len(rows) == 1)
     return rows, copy_bw
 
@@ -160,8 +191,13 @@ def print_row(r: Row, header=False):
     sc = f"{r.speedup_compiled:10.2f}" if r.speedup_compiled is not None else f"{'-':>10}"
     gb = f"{r.gbps:7.1f}" if r.gbps is not None else f"{'-':>7}"
     pc = f"{r.pct_copy_bw:6.1f}" if r.pct_copy_bw is not None else f"{'-':>6}"
-    print(f"{r.device:6} {r.threads:3d} {r.shape:10} {r.mode:9} {r.passes:7} {r.fused_us:9.1f} {r.eager_us:9.1f} "
-          f"{comp} {r.speedup_eager:8.2f} {sc} {gb} {pc}", flush=True)
+    line = (f"{r.device:6} {r.threads:3d} {r.shape:10} {r.mode:9} {r.passes:7} {r.fused_us:9.1f} {r.eager_us:9.1f} "
+            f"{comp} {r.speedup_eager:8.2f} {sc} {gb} {pc}")
+    if r.fused_cpu_us is not None:
+        line += f"  | cpu-time us: fused {r.fused_cpu_us:.1f} eager {r.eager_cpu_us:.1f} (x{r.eager_cpu_us / r.fused_cpu_us:.2f})"
+        if r.compiled_cpu_us is not None:
+            line += f" compiled {r.compiled_cpu_us:.1f} (x{r.compiled_cpu_us / r.fused_cpu_us:.2f})"
+    print(line, flush=True)
 
 
 def main(argv=None):
@@ -173,6 +209,8 @@ def main(argv=None):
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--cpu-only", action="store_true")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="also report thread CPU time per call at 1 thread (robust on a shared CPU)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs visible; medians of torch.utils.benchmark blocked_autorange")

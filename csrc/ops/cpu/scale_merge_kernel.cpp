@@ -406,10 +406,13 @@ ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<con
   for (size_t s = 1; s < ups.size(); ++s) {
     const T* __restrict u = ups[s];
     const T sv = static_cast<T>(s);
-    for (int x = 0; x < W0; ++x) {
-      const bool g = u[x] > best[x];
-      best[x] = g ? u[x] : best[x];
-      idx[x] = g ? sv : idx[x];
+    for (int x = 0; x < W0; ++x) {  // loads first, unconditional stores: blends, no masked stores
+      const T ux = u[x], bx = best[x], ix = idx[x];
+      const bool g = ux > bx;
+      const T nb = g ? ux : bx;
+      const T ni = g ? sv : ix;
+      best[x] = nb;
+      idx[x] = ni;
     }
   }
 }
