@@ -207,7 +207,10 @@ def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> d
     t0 = time.time()
     tr = train(cfg, resume=resume, progress=progress)
     t1 = time.time()
-    res = run_eval(cfg, tr.checkpoint, "", max_images=max_eval, progress=progress)
+    # Attention / merge-weight maps of the first few val images (the paper's Figs. 4-6).
+    figs = os.path.join(cfg.out_dir, "attention") if len(cfg.scales) > 1 else ""
+    res = run_eval(cfg, tr.checkpoint, "", max_images=max_eval, attention_dir=figs, attention_images=4,
+                   progress=progress)
     t2 = time.time()
     res.update(config_key=key, train_seconds=t1 - t0, eval_seconds=t2 - t1, skipped=False)
     tmp = ev_path + ".tmp"
