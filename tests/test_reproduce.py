@@ -49,6 +49,9 @@ def test_quick_synthetic_table_end_to_end_and_resumable(tmp_path):
     md = (tmp_path / "table3_synthetic_quick.md").read_text()
     assert md.count("| ours ") == 13
     assert os.path.isfile(tmp_path / "runs" / "synthetic-quick" / "s3-attention-esupv" / "eval.json")
+    figs = tmp_path / "runs" / "synthetic-quick" / "s3-attention-esupv" / "attention"
+    assert sorted(p.suffix for p in figs.iterdir()) and all(p.suffix == ".png" for p in figs.iterdir())
+    assert not (tmp_path / "runs" / "synthetic-quick" / "baseline" / "attention").exists()
     # a second run skips every finished row
     lines2 = []
     doc2 = reproduce(3, quick=True, out=str(tmp_path), progress=False, log=lines2.append, workers=0,
