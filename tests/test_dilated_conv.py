@@ -264,3 +264,18 @@ def test_cuda_opcheck():
 def test_cuda_mixed_device_error():
     with pytest.raises(ValueError, match="weight is on"):
         dilated_conv2d(torch.randn(1, 3, 8, 8, device="cuda"), torch.randn(4, 3, 3, 3), None, 2, 2)
+
+
+def test_autocast_cpu_runs_in_float32():
+    """Under CPU autocast (bfloat16) a conv before fc6 hands it bf16 activations with fp32 weights;
+    the op runs in float32 (its CPU kernels' dtype) and matches F.conv2d in float32."""
+    x = torch.randn(1, 4, 9, 9)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = dilated_conv2d(x.to(torch.bfloat16), w, b, dilation=2, padding=2)
+    assert y.dtype == torch.float32
+    ref = F.conv2d(x.to(torch.bfloat16).float(), w, b, padding=2, dilation=2)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and b.grad is not None

@@ -37,3 +37,14 @@ def has_cuda_kernels() -> bool:
                    for op in ("scale_merge", "dilated_conv2d"))
     except RuntimeError:  # op not registered (built before the op existed)
         return False
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype our kernels run in inside an enabled ``torch.autocast`` region, else None.
+
+    On CUDA the region's dtype (bfloat16/float16, the kernels accumulate in fp32); on CPU float32,
+    since the CPU kernels are float32/float64 only (autocast's CPU bfloat16 would be rejected).
+    """
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import has_extension, require_extension
+from ._ext import autocast_dtype, has_extension, require_extension
 
 _OPS_REGISTERED = False
 
@@ -126,8 +126,13 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     ``x`` (N, C, H, W), ``weight`` (O, C, kh, kw) with odd kh, kw, ``bias`` (O,) or None; returns
     (N, O, H + 2p - d(kh-1), W + 2p - d(kw-1)).  CPU: float32/float64.  CUDA: float32 (TF32 tensor
     cores when ``torch.backends.cudnn.allow_tf32``, else exact SIMT), bfloat16/float16 (tensor cores,
-    fp32 accumulation), float64 (SIMT).  Differentiable in x, weight and bias.
+    fp32 accumulation), float64 (SIMT).  Differentiable in x, weight and bias.  Inside
+    ``torch.autocast`` the inputs are cast to the region's dtype on CUDA and to float32 on CPU.
     """
     require_extension()
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
     _check(x, weight, bias, dilation, padding)
     return torch.ops.attnscale.dilated_conv2d(x, weight, bias, dilation, padding)
