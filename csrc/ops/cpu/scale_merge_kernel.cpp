@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -596,6 +597,36 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
 }
 
 // --------------------------------------------------------------------------------------------
+// Logit gradient of one batch item from the per-scale dot products d_s = sum_c grad * up(f_s)
+// (S planes of P, modified in place: the weights' own gradient gw is added to them) and the
+// softmax weights w (S planes of P): glogits_s = w_s * (d_s - sum_t w_t d_t).
+template <typename T>
+void logits_grad_item(T* __restrict d, const T* __restrict w, const T* __restrict gw, int S, int64_t P,
+                      T* __restrict dot, T* __restrict o) {
+  if (gw)
+    for (int64_t i = 0; i < static_cast<int64_t>(S) * P; ++i) d[i] += gw[i];
+  for (int64_t p = 0; p < P; ++p) dot[p] = w[p] * d[p];
+  for (int s = 1; s < S; ++s) {
+    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
+    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
+    for (int64_t p = 0; p < P; ++p) dot[p] += ws[p] * ds[p];
+  }
+  for (int s = 0; s < S; ++s) {
+    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
+    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
+    T* __restrict os = o + static_cast<int64_t>(s) * P;
+    for (int64_t p = 0; p < P; ++p) os[p] = ws[p] * (ds[p] - dot[p]);
+  }
+}
+
+// Number of class chunks per batch item for the attention backward: the logit gradient needs a
+// reduction over classes; with one chunk (N >= 8) it is finished inside the task that owns the
+// batch item, otherwise per-(n, chunk) partials are summed in a fixed order.  Depends on the
+// shape only, never on the thread count.
+inline int64_t attention_class_chunks(int64_t N, int64_t C) {
+  return std::max<int64_t>(1, std::min<int64_t>(C, (8 + N - 1) / std::max<int64_t>(1, N)));
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::vector<at::Tensor>& sc,
                    const at::Tensor& logits, Mode mode, std::vector<at::Tensor>& grads,
@@ -613,102 +644,118 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   }
   const T* go = gout_t.data_ptr<T>();
   const bool attention = mode == Mode::kAttention;
-  const int64_t K = class_chunks(N, C);
+  const int64_t K = attention ? attention_class_chunks(N, C) : class_chunks(N, C);
   const int64_t csz = (C + K - 1) / K;
   const T inv_s = static_cast<T>(1.0 / S);
-
-  std::vector<T> wbuf, dots;
-  if (attention) {
-    wbuf.resize(static_cast<size_t>(N * S * P));
-    const T* lg = logits.data_ptr<T>();
-    T* wp = wbuf.data();
-    at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
-    dots.assign(static_cast<size_t>(N * K * S * P), T(0));
-  }
-  const T* w = wbuf.data();
+  const T* lg = attention ? logits.data_ptr<T>() : nullptr;
+  const T* gw = (attention && gw_t.defined()) ? gw_t.data_ptr<T>() : nullptr;
+  T* gl = attention ? glogits.data_ptr<T>() : nullptr;
+  // attention with K > 1: per-(n, chunk) partial dot products, every entry written before read
+  std::unique_ptr<T[]> dots;
+  if (attention && K > 1) dots.reset(new T[static_cast<size_t>(N * K * S * P)]);
+  const int64_t gplane = static_cast<int64_t>(H0 + tab.kmax_y) * W0;  // rows past H0 stay zero
 
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
-    std::vector<T> idx(mode == Mode::kMax ? P : 0);
+    std::vector<T> idx(mode == Mode::kMax ? W0 : 0);
     const int W0s = (W0 + 7) / 8 * 8;
     std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));  // 8-row block; columns >= W0 stay zero
-    std::vector<T> gbuf(static_cast<size_t>(H0 + tab.kmax_y) * W0, T(0));
+    std::vector<T> gbuf(static_cast<size_t>(std::max(S, 2)) * gplane, T(0));  // avg uses plane 1
     std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
+    std::vector<T> wl(attention ? S * P : 0), dl(attention ? S * P : 0), dot(attention ? P : 0);
+    int64_t wl_n = -1;
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
-      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+      const int64_t c0 = k * csz, c1 = std::min(C, (k + 1) * csz);
+      if (attention && wl_n != n) {  // softmax weights of batch item n (recomputed, not saved)
+        softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
+        wl_n = n;
+      }
+      const T* w = wl.data();
+      for (int64_t c = c0; c < c1; ++c) {
         const int64_t nc = n * C + c;
         const T* g = go + nc * P;
-        // 1) recompute the resized maps where needed: attention (dot products for the logit
-        //    gradient) and max (argmax scale, bit-identical to the forward).
-        if (mode != Mode::kAvg) {
+        const T* f0 = fp[0] + nc * P;
+        T* g0 = gp[0] + nc * P;
+        if (mode != Mode::kAvg)
           for (int s = 1; s < S; ++s)
             resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
                            rows.data() + tab.hoff[s], pad.data());
+        // 1) one sweep over the rows: scale 0's gradient, the gradient reaching every resized
+        //    map (G_s), and (attention) the dot products grad . up(f_s) for the logit gradient,
+        //    the vertical Interp blend fused in; (max) the argmax scale, bit-identical to the
+        //    forward's.
+        if (attention) {
+          const bool first = c == c0;
           for (int y = 0; y < H0; ++y) {
             const int64_t yo = static_cast<int64_t>(y) * W0;
-            if (attention) {
-              const T* __restrict gy = g + yo;
-              T* __restrict d0 = dots.data() + nk * S * P + yo;
-              const T* __restrict f0 = fp[0] + nc * P + yo;
-              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * f0[x];
-              for (int s = 1; s < S; ++s) {  // vertical blend fused into the dot product
-                const Axis<T>& ay = tab.y[s];
-                const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-                const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-                const T la = ay.l0[y], lb = ay.l1[y];
-                T* __restrict ds = dots.data() + (nk * S + s) * P + yo;
-                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * (la * a[x] + lb * b[x]);
-              }
+            const T* __restrict gy = g + yo;
+            const T* __restrict fy = f0 + yo;
+            const T* __restrict w0 = w + yo;
+            T* __restrict d0 = dl.data() + yo;
+            T* __restrict g0y = g0 + yo;
+            if (first) {
+              for (int x = 0; x < W0; ++x) d0[x] = gy[x] * fy[x];
             } else {
-              for (int s = 1; s < S; ++s)
-                resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
-              max_row<T>(fp[0] + nc * P + yo, ups, W0, best.data(), idx.data() + yo);
+              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * fy[x];
+            }
+            for (int x = 0; x < W0; ++x) g0y[x] = gy[x] * w0[x];
+            for (int s = 1; s < S; ++s) {
+              const Axis<T>& ay = tab.y[s];
+              const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+              const T* __restrict bb = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+              const T la = ay.l0[y], lb = ay.l1[y];
+              const T* __restrict ws = w + static_cast<int64_t>(s) * P + yo;
+              T* __restrict ds = dl.data() + static_cast<int64_t>(s) * P + yo;
+              T* __restrict G = gbuf.data() + s * gplane + yo;
+              if (first) {
+                for (int x = 0; x < W0; ++x) {
+                  ds[x] = gy[x] * (la * a[x] + lb * bb[x]);
+                  G[x] = gy[x] * ws[x];
+                }
+              } else {
+                for (int x = 0; x < W0; ++x) {
+                  ds[x] += gy[x] * (la * a[x] + lb * bb[x]);
+                  G[x] = gy[x] * ws[x];
+                }
+              }
             }
           }
-        }
-        // 2) gradient of every score map.  Scale 0: elementwise.
-        {
-          T* __restrict g0 = gp[0] + nc * P;
-          const T* __restrict gg = g;
-          if (attention) {
-            const T* __restrict w0 = w + n * S * P;
-            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * w0[p];
-          } else if (mode == Mode::kAvg) {
-            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * inv_s;
-          } else {
+        } else if (mode == Mode::kAvg) {
+          T* __restrict G = gbuf.data() + gplane;  // the same for every coarse scale
+          for (int64_t p = 0; p < P; ++p) {
+            const T v = g[p] * inv_s;
+            g0[p] = v;
+            G[p] = v;
+          }
+        } else {
+          for (int y = 0; y < H0; ++y) {
+            const int64_t yo = static_cast<int64_t>(y) * W0;
+            for (int s = 1; s < S; ++s)
+              resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+            max_row<T>(f0 + yo, ups, W0, best.data(), idx.data());
             const T* __restrict ip = idx.data();
-            for (int64_t p = 0; p < P; ++p) {
-              const T gv = gg[p];
-              g0[p] = (ip[p] == T(0)) ? gv : T(0);
+            const T* __restrict gy = g + yo;
+            T* __restrict g0y = g0 + yo;
+            for (int x = 0; x < W0; ++x) g0y[x] = (ip[x] == T(0)) ? gy[x] : T(0);
+            for (int s = 1; s < S; ++s) {
+              T* __restrict G = gbuf.data() + s * gplane + yo;
+              const T sv = static_cast<T>(s);
+              for (int x = 0; x < W0; ++x) G[x] = (ip[x] == sv) ? gy[x] : T(0);  // select: vectorises
             }
           }
         }
-        // Coarser scales: gather through the inverse Interp tables.
+        // 2) coarser scales: gather G_s through the inverse Interp tables.
         for (int s = 1; s < S; ++s) {
           const Axis<T>& ay = tab.y[s];
           const Axis<T>& ax = tab.x[s];
           const int Hs = tab.H[s], Ws = tab.W[s];
           T* gs = gp[s] + nc * Hs * Ws;
-          const T* ws = attention ? w + (n * S + s) * P : nullptr;
-          const T sv = static_cast<T>(s);
+          const T* G = gbuf.data() + (mode == Mode::kAvg ? 1 : s) * gplane;
           T* __restrict t = trow.data();
           T* __restrict tt = ttr.data();
-          // gradient reaching the resized map of scale s, once per plane (rows past H0 stay zero)
-          T* __restrict G = gbuf.data();
-          if (attention) {
-            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * ws[p];
-          } else if (mode == Mode::kAvg) {
-            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * inv_s;
-          } else {
-            const T* __restrict ip = idx.data();
-            for (int64_t p = 0; p < P; ++p) {
-              const T gv = g[p];
-              G[p] = (ip[p] == sv) ? gv : T(0);  // select, not a branch: vectorises
-            }
-          }
           for (int r = 0; r < Hs; ++r) {
             const int lane = r % 8;
             // vertical adjoint: row `lane` of the 8-row block = sum_k wpad[r][k] * G[first[r] + k]
@@ -721,46 +768,33 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           }
         }
       }
+      if (attention) {
+        if (K == 1) {  // 3) the logit gradient of batch item n, while its data is hot
+          logits_grad_item<T>(dl.data(), w, gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
+        } else {
+          std::memcpy(dots.get() + nk * S * P, dl.data(), sizeof(T) * static_cast<size_t>(S * P));
+        }
+      }
     }
   });
 
-  if (!attention) return;
-  // 3) logit gradient: softmax backward of g_s = sum_c grad*up_s (+ grad of the weights output).
-  const T* gw = gw_t.defined() ? gw_t.data_ptr<T>() : nullptr;
-  T* gl = glogits.data_ptr<T>();
+  if (!attention || K == 1) return;
+  // 3) logit gradient from the per-(n, chunk) partials, summed in chunk order.
   at::parallel_for(0, N, grain_for((K + 3) * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> gsum(static_cast<size_t>(S) * P), dot(P);
+    std::vector<T> wl(S * P), dsum(S * P), dot(P);
     for (int64_t n = b; n < e; ++n) {
-      for (int s = 0; s < S; ++s) {
-        T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict d = dots.data() + (n * K * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) gs[p] = d[p];
-        for (int64_t k = 1; k < K; ++k) {
-          const T* __restrict dk = dots.data() + ((n * K + k) * S + s) * P;
-          for (int64_t p = 0; p < P; ++p) gs[p] += dk[p];
-        }
-        if (gw) {
-          const T* __restrict gws = gw + (n * S + s) * P;
-          for (int64_t p = 0; p < P; ++p) gs[p] += gws[p];
-        }
+      softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
+      T* __restrict d = dsum.data();
+      const T* __restrict d0 = dots.get() + n * K * S * P;
+      for (int64_t i = 0; i < S * P; ++i) d[i] = d0[i];
+      for (int64_t k = 1; k < K; ++k) {
+        const T* __restrict dk = dots.get() + (n * K + k) * S * P;
+        for (int64_t i = 0; i < S * P; ++i) d[i] += dk[i];
       }
-      T* __restrict dp = dot.data();
-      for (int64_t p = 0; p < P; ++p) dp[p] = T(0);
-      for (int s = 0; s < S; ++s) {
-        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict wsp = w + (n * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) dp[p] += wsp[p] * gs[p];
-      }
-      for (int s = 0; s < S; ++s) {
-        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict wsp = w + (n * S + s) * P;
-        T* __restrict o = gl + (n * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) o[p] = wsp[p] * (gs[p] - dp[p]);
-      }
+      logits_grad_item<T>(d, wl.data(), gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
     }
   });
 }
-
 // --------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> scale_merge_cpu(at::TensorList scores_in,
                                                    const std::optional<at::Tensor>& logits_in,
