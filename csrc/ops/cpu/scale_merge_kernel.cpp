@@ -151,7 +151,27 @@ struct Axis {
         TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
       }
     }
+    // Single-load blocks: both taps of the 8 outputs of block b lie in one 8-wide window
+    // [q, q + 8) inside the source row, so one load + two permutes give them without copying
+    // the row into a padded buffer (whose freshly stored bytes would stall the loads).
+    single = in >= 8 && nblocks > 0;
+    q1.assign(nblocks, 0);
+    p0.assign(static_cast<size_t>(nblocks) * 8, 0);
+    p1.assign(static_cast<size_t>(nblocks) * 8, 0);
+    for (int b = 0; b < nblocks && single; ++b) {
+      const int q = std::min(i0[8 * b], in - 8);
+      q1[b] = q;
+      for (int k = 0; k < 8; ++k) {
+        p0[8 * b + k] = i0[8 * b + k] - q;
+        p1[8 * b + k] = i1[8 * b + k] - q;
+        if (p0[8 * b + k] < 0 || p1[8 * b + k] > 7) single = false;
+      }
+    }
   }
+
+  bool single = false;
+  std::vector<int> q1;
+  std::vector<int32_t> p0, p1;
 
   bool identity = false;
   int kmax = 1;
@@ -212,6 +232,30 @@ ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const
 #if defined(__AVX2__)
   constexpr bool kVec = std::is_same<T, float>::value;
   if (kVec) xv = (W0 / 8) * 8;
+#endif
+#if defined(__AVX2__)
+  if constexpr (kVec) {
+    if (ax.single) {
+      const int* __restrict q1 = ax.q1.data();
+      const int* __restrict i1 = ax.i1.data();
+      const int32_t* __restrict p0 = ax.p0.data();
+      const int32_t* __restrict p1 = ax.p1.data();
+      for (int r = 0; r < Hs; ++r) {
+        const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
+        T* __restrict d = rows + static_cast<int64_t>(r) * W0;
+        for (int x = 0; x < xv; x += 8) {
+          const __m256 v = _mm256_loadu_ps(src + q1[x / 8]);
+          const __m256 a = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + x)));
+          const __m256 c = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + x)));
+          const __m256 o = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
+                                         _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
+          _mm256_storeu_ps(d + x, o);
+        }
+        for (int x = xv; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
+      }
+      return;
+    }
+  }
 #endif
   for (int r = 0; r < Hs; ++r) {
     const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
