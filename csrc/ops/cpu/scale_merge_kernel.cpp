@@ -561,7 +561,25 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
             for (int x = 0; x < W0; ++x) o[x] = f0[x];
             continue;
           }
-          for (int s = 1; s < S; ++s) {
+          int s_from = 1;
+          if (mode == Mode::kAttention && S >= 3) {  // scales 0, 1, 2 in one pass over the row
+            const Axis<T>& ay1 = tab.y[1];
+            const Axis<T>& ay2 = tab.y[2];
+            const T* __restrict a1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i0[y]) * W0;
+            const T* __restrict b1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i1[y]) * W0;
+            const T* __restrict a2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i0[y]) * W0;
+            const T* __restrict b2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i1[y]) * W0;
+            const T la1 = ay1.l0[y], lb1 = ay1.l1[y], la2 = ay2.l0[y], lb2 = ay2.l1[y];
+            const T* __restrict w0 = w + n * S * P + yo;
+            const T* __restrict w1 = w0 + P;
+            const T* __restrict w2 = w0 + 2 * P;
+            for (int x = 0; x < W0; ++x) {
+              const T acc = w0[x] * f0[x] + w1[x] * (la1 * a1[x] + lb1 * b1[x]);
+              o[x] = acc + w2[x] * (la2 * a2[x] + lb2 * b2[x]);
+            }
+            s_from = 3;
+          }
+          for (int s = s_from; s < S; ++s) {
             const Axis<T>& ay = tab.y[s];
             const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
             const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
@@ -638,6 +656,122 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
       for (int64_t p = 0; p < P; ++p) o[p] *= inv_c;
     }
   });
+}
+
+// --------------------------------------------------------------------------------------------
+// One row y of the attention backward sweep for one (n, c) plane: scale 0's gradient
+// g0 = grad * w_0, the gradient reaching each resized map G_s = grad * w_s, and the per-scale
+// dot products d_s (+)= grad * up(f_s) (First: the first class of the chunk, "=" instead of
+// "+=").  Scales 1 and 2 share scale 0's pass over the row.
+template <typename T>
+struct AttRowArgs {
+  const T* g;      // grad of merged, plane (H0, W0)
+  const T* f0;     // scale 0 scores, plane
+  const T* w;      // softmax weights of batch item n, S planes
+  T* g0;           // grad of scale 0, plane
+  T* d;            // dot products, S planes
+  T* gbuf;         // G_s at gbuf + s * gplane
+  int64_t gplane;
+  const T* rows;   // horizontally resized coarse planes
+  const Tables<T>* tab;
+  int S, W0;
+  int64_t P;
+};
+
+// Row kernels with __restrict parameters (so that GCC vectorises them without alias checks).
+template <typename T, bool First>
+inline void att_row_dots3(const T* __restrict gy, const T* __restrict fy, const T* __restrict a1,
+                          const T* __restrict b1, T la1, T lb1, const T* __restrict a2, const T* __restrict b2,
+                          T la2, T lb2, T* __restrict d0, T* __restrict d1, T* __restrict d2, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T gv = gy[x];
+    const T v0 = gv * fy[x];
+    const T v1 = gv * (la1 * a1[x] + lb1 * b1[x]);
+    const T v2 = gv * (la2 * a2[x] + lb2 * b2[x]);
+    if (First) {
+      d0[x] = v0;
+      d1[x] = v1;
+      d2[x] = v2;
+    } else {
+      d0[x] += v0;
+      d1[x] += v1;
+      d2[x] += v2;
+    }
+  }
+}
+
+template <typename T>
+inline void att_row_scale3(const T* __restrict gy, const T* __restrict w0, const T* __restrict w1,
+                           const T* __restrict w2, T* __restrict g0, T* __restrict G1, T* __restrict G2, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T gv = gy[x];
+    g0[x] = gv * w0[x];
+    G1[x] = gv * w1[x];
+    G2[x] = gv * w2[x];
+  }
+}
+
+template <typename T, bool First>
+inline void att_row_one(const T* __restrict gy, const T* __restrict a, const T* __restrict b, T la, T lb,
+                        const T* __restrict ws, T* __restrict ds, T* __restrict G, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T v = gy[x] * (la * a[x] + lb * b[x]);
+    if (First) {
+      ds[x] = v;
+    } else {
+      ds[x] += v;
+    }
+    G[x] = gy[x] * ws[x];
+  }
+}
+
+template <typename T, bool First>
+inline void att_row_zero(const T* __restrict gy, const T* __restrict fy, const T* __restrict w0, T* __restrict d0,
+                         T* __restrict g0, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T v = gy[x] * fy[x];
+    if (First) {
+      d0[x] = v;
+    } else {
+      d0[x] += v;
+    }
+    g0[x] = gy[x] * w0[x];
+  }
+}
+
+template <typename T, bool First>
+inline void attention_backward_row(const AttRowArgs<T>& r, int y) {
+  const int W0 = r.W0;
+  const int64_t yo = static_cast<int64_t>(y) * W0, P = r.P;
+  const T* gy = r.g + yo;
+  const T* w0 = r.w + yo;
+  T* d0 = r.d + yo;
+  auto tap = [&](int s, const T*& a, const T*& b, T& la, T& lb) {
+    const Axis<T>& ay = r.tab->y[s];
+    a = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+    b = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+    la = ay.l0[y];
+    lb = ay.l1[y];
+  };
+  int s_from = 1;
+  if (r.S >= 3) {  // scales 0, 1, 2 share the passes over the row
+    const T *a1, *b1, *a2, *b2;
+    T la1, lb1, la2, lb2;
+    tap(1, a1, b1, la1, lb1);
+    tap(2, a2, b2, la2, lb2);
+    att_row_dots3<T, First>(gy, r.f0 + yo, a1, b1, la1, lb1, a2, b2, la2, lb2, d0, d0 + P, d0 + 2 * P, W0);
+    att_row_scale3<T>(gy, w0, w0 + P, w0 + 2 * P, r.g0 + yo, r.gbuf + r.gplane + yo, r.gbuf + 2 * r.gplane + yo, W0);
+    s_from = 3;
+  } else {
+    att_row_zero<T, First>(gy, r.f0 + yo, w0, d0, r.g0 + yo, W0);
+  }
+  for (int s = s_from; s < r.S; ++s) {
+    const T *a, *b;
+    T la, lb;
+    tap(s, a, b, la, lb);
+    att_row_one<T, First>(gy, a, b, la, lb, w0 + static_cast<int64_t>(s) * P, d0 + static_cast<int64_t>(s) * P,
+                          r.gbuf + s * r.gplane + yo, W0);
+  }
 }
 
 // --------------------------------------------------------------------------------------------
@@ -732,40 +866,11 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
         //    the vertical Interp blend fused in; (max) the argmax scale, bit-identical to the
         //    forward's.
         if (attention) {
-          const bool first = c == c0;
-          for (int y = 0; y < H0; ++y) {
-            const int64_t yo = static_cast<int64_t>(y) * W0;
-            const T* __restrict gy = g + yo;
-            const T* __restrict fy = f0 + yo;
-            const T* __restrict w0 = w + yo;
-            T* __restrict d0 = dl.data() + yo;
-            T* __restrict g0y = g0 + yo;
-            if (first) {
-              for (int x = 0; x < W0; ++x) d0[x] = gy[x] * fy[x];
-            } else {
-              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * fy[x];
-            }
-            for (int x = 0; x < W0; ++x) g0y[x] = gy[x] * w0[x];
-            for (int s = 1; s < S; ++s) {
-              const Axis<T>& ay = tab.y[s];
-              const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-              const T* __restrict bb = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-              const T la = ay.l0[y], lb = ay.l1[y];
-              const T* __restrict ws = w + static_cast<int64_t>(s) * P + yo;
-              T* __restrict ds = dl.data() + static_cast<int64_t>(s) * P + yo;
-              T* __restrict G = gbuf.data() + s * gplane + yo;
-              if (first) {
-                for (int x = 0; x < W0; ++x) {
-                  ds[x] = gy[x] * (la * a[x] + lb * bb[x]);
-                  G[x] = gy[x] * ws[x];
-                }
-              } else {
-                for (int x = 0; x < W0; ++x) {
-                  ds[x] += gy[x] * (la * a[x] + lb * bb[x]);
-                  G[x] = gy[x] * ws[x];
-                }
-              }
-            }
+          const AttRowArgs<T> ra{g, f0, w, g0, dl.data(), gbuf.data(), gplane, rows.data(), &tab, S, W0, P};
+          if (c == c0) {
+            for (int y = 0; y < H0; ++y) attention_backward_row<T, true>(ra, y);
+          } else {
+            for (int y = 0; y < H0; ++y) attention_backward_row<T, false>(ra, y);
           }
         } else if (mode == Mode::kAvg) {
           T* __restrict G = gbuf.data() + gplane;  // the same for every coarse scale
