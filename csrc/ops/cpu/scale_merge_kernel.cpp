@@ -6,16 +6,22 @@
 //   every source row/column the contiguous range of destination indices whose footprint touches
 //   it, as a first index plus a fixed-width, zero-padded weight vector.
 // - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
-//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 two permutes of two contiguous loads
-//   per 8 outputs, no gathers), then each output row is a 2-tap blend of two such rows fused
-//   into the merge (contiguous, vectorised over W).
-// - Backward is a gather through the inverse tables: the vertical adjoint of each source row is
-//   one fixed-width pass over the destination rows (vectorised over W); blocks of 8 such rows are
-//   transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics, fixed
-//   summation order: deterministic whatever the thread count.
-// - Reductions over classes (max-mode per-scale counts, attention logit gradients) go through
-//   per-(n, class-chunk) partial buffers of size N*K*S*H0*W0 (K = class_chunks(N, C), chosen
-//   from the shape only) and are summed in a fixed order.
+//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 each block of 8 outputs is one load
+//   of an in-row 8-wide window and two permutes, no gathers, no padded copy), then each output
+//   row is a 2-tap blend of two such rows fused into the merge (contiguous, vectorised over W;
+//   attention: scales 0-2 in one pass per row).
+// - Backward, per (n, class chunk) task: one sweep over the rows gives scale 0's gradient, the
+//   gradient reaching every resized map (G_s, a per-thread plane) and, for attention, the dot
+//   products grad . up(f_s) of the logit gradient (the resized maps are rebuilt once, in the same
+//   sweep).  G_s is then gathered through the inverse tables: the vertical adjoint of each
+//   source row is one fixed-width pass over the destination rows (vectorised over W); blocks of 8
+//   such rows are transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics,
+//   fixed summation order: deterministic whatever the thread count.
+// - Reductions over classes: attention's logit gradient is finished inside the task when a batch
+//   item is one chunk (N >= 8), otherwise summed from per-(n, chunk) partials in chunk order; the
+//   softmax weights are recomputed per batch item in the task (nothing of size N*S*H0*W0 is
+//   zero-filled).  max-mode counts use per-(n, class-chunk) partial buffers (K = class_chunks(N,
+//   C)).  Chunk counts depend on the shape only, never on the thread count.
 // - max mode's backward recomputes the argmax scale with the very same (non-inlined) routines
 //   as the forward, so the recomputed values are bit-identical and the gradient goes to the
 //   scale that produced the forward value.
