@@ -104,6 +104,9 @@ if has_extension():
         ctx.mode = mode
         ctx.num_scales = len(scores)
         ctx.has_logits = logits is not None
+        # an unused output gets None instead of a materialised zero tensor (the backward op
+        # takes grad_weights as optional and grad_merged is zero-filled below only if needed)
+        ctx.set_materialize_grads(False)
         saved = list(scores) + ([logits] if logits is not None else [])
         ctx.save_for_backward(*saved)
 
@@ -113,8 +116,22 @@ if has_extension():
         logits = saved[ctx.num_scales] if ctx.has_logits else None
         if ctx.mode != "attention":
             grad_weights = None  # avg: constant weights; max: piecewise-constant counts
-        grads, glogits = torch.ops.attnscale.scale_merge_backward(
-            grad_merged.contiguous(), grad_weights, scores, logits, ctx.mode)
+        if grad_merged is None:  # only the weights were used
+            if grad_weights is None:
+                return [None] * len(scores), None, None
+            grad_merged = scores[0].new_zeros(scores[0].shape)
+        if torch.is_grad_enabled():
+            # create_graph=True: go through the autograd key so that differentiating this
+            # backward raises the clear "double backward is not supported" error
+            grads, glogits = torch.ops.attnscale.scale_merge_backward(
+                grad_merged, grad_weights, scores, logits, ctx.mode)
+        else:
+            # plain backward: call the kernel below autograd (skips the Python autograd wrapper
+            # that register_autograd installs on scale_merge_backward; the C++ op makes its
+            # inputs contiguous itself)
+            with torch._C._AutoDispatchBelowAutograd():
+                grads, glogits = torch.ops.attnscale.scale_merge_backward(
+                    grad_merged, grad_weights, scores, logits, ctx.mode)
         return list(grads), (glogits if ctx.mode == "attention" else None), None
 
     torch.library.register_autograd("attnscale::scale_merge", _backward, setup_context=_setup_context)

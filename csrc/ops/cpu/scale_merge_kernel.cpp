@@ -6,16 +6,22 @@
 //   every source row/column the contiguous range of destination indices whose footprint touches
 //   it, as a first index plus a fixed-width, zero-padded weight vector.
 // - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
-//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 two permutes of two contiguous loads
-//   per 8 outputs, no gathers), then each output row is a 2-tap blend of two such rows fused
-//   into the merge (contiguous, vectorised over W).
-// - Backward is a gather through the inverse tables: the vertical adjoint of each source row is
-//   one fixed-width pass over the destination rows (vectorised over W); blocks of 8 such rows are
-//   transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics, fixed
-//   summation order: deterministic whatever the thread count.
-// - Reductions over classes (max-mode per-scale counts, attention logit gradients) go through
-//   per-(n, class-chunk) partial buffers of size N*K*S*H0*W0 (K = class_chunks(N, C), chosen
-//   from the shape only) and are summed in a fixed order.
+//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 each block of 8 outputs is one load
+//   of an in-row 8-wide window and two permutes, no gathers, no padded copy), then each output
+//   row is a 2-tap blend of two such rows fused into the merge (contiguous, vectorised over W;
+//   attention: scales 0-2 in one pass per row).
+// - Backward, per (n, class chunk) task: one sweep over the rows gives scale 0's gradient, the
+//   gradient reaching every resized map (G_s, a per-thread plane) and, for attention, the dot
+//   products grad . up(f_s) of the logit gradient (the resized maps are rebuilt once, in the same
+//   sweep).  G_s is then gathered through the inverse tables: the vertical adjoint of each
+//   source row is one fixed-width pass over the destination rows (vectorised over W); blocks of 8
+//   such rows are transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics,
+//   fixed summation order: deterministic whatever the thread count.
+// - Reductions over classes: attention's logit gradient is finished inside the task when a batch
+//   item is one chunk (N >= 8), otherwise summed from per-(n, chunk) partials in chunk order; the
+//   softmax weights are recomputed per batch item in the task (nothing of size N*S*H0*W0 is
+//   zero-filled).  max-mode counts use per-(n, class-chunk) partial buffers (K = class_chunks(N,
+//   C)).  Chunk counts depend on the shape only, never on the thread count.
 // - max mode's backward recomputes the argmax scale with the very same (non-inlined) routines
 //   as the forward, so the recomputed values are bit-identical and the gradient goes to the
 //   scale that produced the forward value.
@@ -28,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -150,7 +157,27 @@ struct Axis {
         TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
       }
     }
+    // Single-load blocks: both taps of the 8 outputs of block b lie in one 8-wide window
+    // [q, q + 8) inside the source row, so one load + two permutes give them without copying
+    // the row into a padded buffer (whose freshly stored bytes would stall the loads).
+    single = in >= 8 && nblocks > 0;
+    q1.assign(nblocks, 0);
+    p0.assign(static_cast<size_t>(nblocks) * 8, 0);
+    p1.assign(static_cast<size_t>(nblocks) * 8, 0);
+    for (int b = 0; b < nblocks && single; ++b) {
+      const int q = std::min(i0[8 * b], in - 8);
+      q1[b] = q;
+      for (int k = 0; k < 8; ++k) {
+        p0[8 * b + k] = i0[8 * b + k] - q;
+        p1[8 * b + k] = i1[8 * b + k] - q;
+        if (p0[8 * b + k] < 0 || p1[8 * b + k] > 7) single = false;
+      }
+    }
   }
+
+  bool single = false;
+  std::vector<int> q1;
+  std::vector<int32_t> p0, p1;
 
   bool identity = false;
   int kmax = 1;
@@ -211,6 +238,30 @@ ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const
 #if defined(__AVX2__)
   constexpr bool kVec = std::is_same<T, float>::value;
   if (kVec) xv = (W0 / 8) * 8;
+#endif
+#if defined(__AVX2__)
+  if constexpr (kVec) {
+    if (ax.single) {
+      const int* __restrict q1 = ax.q1.data();
+      const int* __restrict i1 = ax.i1.data();
+      const int32_t* __restrict p0 = ax.p0.data();
+      const int32_t* __restrict p1 = ax.p1.data();
+      for (int r = 0; r < Hs; ++r) {
+        const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
+        T* __restrict d = rows + static_cast<int64_t>(r) * W0;
+        for (int x = 0; x < xv; x += 8) {
+          const __m256 v = _mm256_loadu_ps(src + q1[x / 8]);
+          const __m256 a = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + x)));
+          const __m256 c = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + x)));
+          const __m256 o = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
+                                         _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
+          _mm256_storeu_ps(d + x, o);
+        }
+        for (int x = xv; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
+      }
+      return;
+    }
+  }
 #endif
   for (int r = 0; r < Hs; ++r) {
     const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
@@ -516,7 +567,25 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
             for (int x = 0; x < W0; ++x) o[x] = f0[x];
             continue;
           }
-          for (int s = 1; s < S; ++s) {
+          int s_from = 1;
+          if (mode == Mode::kAttention && S >= 3) {  // scales 0, 1, 2 in one pass over the row
+            const Axis<T>& ay1 = tab.y[1];
+            const Axis<T>& ay2 = tab.y[2];
+            const T* __restrict a1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i0[y]) * W0;
+            const T* __restrict b1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i1[y]) * W0;
+            const T* __restrict a2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i0[y]) * W0;
+            const T* __restrict b2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i1[y]) * W0;
+            const T la1 = ay1.l0[y], lb1 = ay1.l1[y], la2 = ay2.l0[y], lb2 = ay2.l1[y];
+            const T* __restrict w0 = w + n * S * P + yo;
+            const T* __restrict w1 = w0 + P;
+            const T* __restrict w2 = w0 + 2 * P;
+            for (int x = 0; x < W0; ++x) {
+              const T acc = w0[x] * f0[x] + w1[x] * (la1 * a1[x] + lb1 * b1[x]);
+              o[x] = acc + w2[x] * (la2 * a2[x] + lb2 * b2[x]);
+            }
+            s_from = 3;
+          }
+          for (int s = s_from; s < S; ++s) {
             const Axis<T>& ay = tab.y[s];
             const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
             const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
@@ -596,6 +665,152 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
 }
 
 // --------------------------------------------------------------------------------------------
+// One row y of the attention backward sweep for one (n, c) plane: scale 0's gradient
+// g0 = grad * w_0, the gradient reaching each resized map G_s = grad * w_s, and the per-scale
+// dot products d_s (+)= grad * up(f_s) (First: the first class of the chunk, "=" instead of
+// "+=").  Scales 1 and 2 share scale 0's pass over the row.
+template <typename T>
+struct AttRowArgs {
+  const T* g;      // grad of merged, plane (H0, W0)
+  const T* f0;     // scale 0 scores, plane
+  const T* w;      // softmax weights of batch item n, S planes
+  T* g0;           // grad of scale 0, plane
+  T* d;            // dot products, S planes
+  T* gbuf;         // G_s at gbuf + s * gplane
+  int64_t gplane;
+  const T* rows;   // horizontally resized coarse planes
+  const Tables<T>* tab;
+  int S, W0;
+  int64_t P;
+};
+
+// Row kernels with __restrict parameters (so that GCC vectorises them without alias checks).
+template <typename T, bool First>
+inline void att_row_dots3(const T* __restrict gy, const T* __restrict fy, const T* __restrict a1,
+                          const T* __restrict b1, T la1, T lb1, const T* __restrict a2, const T* __restrict b2,
+                          T la2, T lb2, T* __restrict d0, T* __restrict d1, T* __restrict d2, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T gv = gy[x];
+    const T v0 = gv * fy[x];
+    const T v1 = gv * (la1 * a1[x] + lb1 * b1[x]);
+    const T v2 = gv * (la2 * a2[x] + lb2 * b2[x]);
+    if (First) {
+      d0[x] = v0;
+      d1[x] = v1;
+      d2[x] = v2;
+    } else {
+      d0[x] += v0;
+      d1[x] += v1;
+      d2[x] += v2;
+    }
+  }
+}
+
+template <typename T>
+inline void att_row_scale3(const T* __restrict gy, const T* __restrict w0, const T* __restrict w1,
+                           const T* __restrict w2, T* __restrict g0, T* __restrict G1, T* __restrict G2, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T gv = gy[x];
+    g0[x] = gv * w0[x];
+    G1[x] = gv * w1[x];
+    G2[x] = gv * w2[x];
+  }
+}
+
+template <typename T, bool First>
+inline void att_row_one(const T* __restrict gy, const T* __restrict a, const T* __restrict b, T la, T lb,
+                        const T* __restrict ws, T* __restrict ds, T* __restrict G, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T v = gy[x] * (la * a[x] + lb * b[x]);
+    if (First) {
+      ds[x] = v;
+    } else {
+      ds[x] += v;
+    }
+    G[x] = gy[x] * ws[x];
+  }
+}
+
+template <typename T, bool First>
+inline void att_row_zero(const T* __restrict gy, const T* __restrict fy, const T* __restrict w0, T* __restrict d0,
+                         T* __restrict g0, int W0) {
+  for (int x = 0; x < W0; ++x) {
+    const T v = gy[x] * fy[x];
+    if (First) {
+      d0[x] = v;
+    } else {
+      d0[x] += v;
+    }
+    g0[x] = gy[x] * w0[x];
+  }
+}
+
+template <typename T, bool First>
+inline void attention_backward_row(const AttRowArgs<T>& r, int y) {
+  const int W0 = r.W0;
+  const int64_t yo = static_cast<int64_t>(y) * W0, P = r.P;
+  const T* gy = r.g + yo;
+  const T* w0 = r.w + yo;
+  T* d0 = r.d + yo;
+  auto tap = [&](int s, const T*& a, const T*& b, T& la, T& lb) {
+    const Axis<T>& ay = r.tab->y[s];
+    a = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+    b = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+    la = ay.l0[y];
+    lb = ay.l1[y];
+  };
+  int s_from = 1;
+  if (r.S >= 3) {  // scales 0, 1, 2 share the passes over the row
+    const T *a1, *b1, *a2, *b2;
+    T la1, lb1, la2, lb2;
+    tap(1, a1, b1, la1, lb1);
+    tap(2, a2, b2, la2, lb2);
+    att_row_dots3<T, First>(gy, r.f0 + yo, a1, b1, la1, lb1, a2, b2, la2, lb2, d0, d0 + P, d0 + 2 * P, W0);
+    att_row_scale3<T>(gy, w0, w0 + P, w0 + 2 * P, r.g0 + yo, r.gbuf + r.gplane + yo, r.gbuf + 2 * r.gplane + yo, W0);
+    s_from = 3;
+  } else {
+    att_row_zero<T, First>(gy, r.f0 + yo, w0, d0, r.g0 + yo, W0);
+  }
+  for (int s = s_from; s < r.S; ++s) {
+    const T *a, *b;
+    T la, lb;
+    tap(s, a, b, la, lb);
+    att_row_one<T, First>(gy, a, b, la, lb, w0 + static_cast<int64_t>(s) * P, d0 + static_cast<int64_t>(s) * P,
+                          r.gbuf + s * r.gplane + yo, W0);
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// Logit gradient of one batch item from the per-scale dot products d_s = sum_c grad * up(f_s)
+// (S planes of P, modified in place: the weights' own gradient gw is added to them) and the
+// softmax weights w (S planes of P): glogits_s = w_s * (d_s - sum_t w_t d_t).
+template <typename T>
+void logits_grad_item(T* __restrict d, const T* __restrict w, const T* __restrict gw, int S, int64_t P,
+                      T* __restrict dot, T* __restrict o) {
+  if (gw)
+    for (int64_t i = 0; i < static_cast<int64_t>(S) * P; ++i) d[i] += gw[i];
+  for (int64_t p = 0; p < P; ++p) dot[p] = w[p] * d[p];
+  for (int s = 1; s < S; ++s) {
+    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
+    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
+    for (int64_t p = 0; p < P; ++p) dot[p] += ws[p] * ds[p];
+  }
+  for (int s = 0; s < S; ++s) {
+    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
+    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
+    T* __restrict os = o + static_cast<int64_t>(s) * P;
+    for (int64_t p = 0; p < P; ++p) os[p] = ws[p] * (ds[p] - dot[p]);
+  }
+}
+
+// Number of class chunks per batch item for the attention backward: the logit gradient needs a
+// reduction over classes; with one chunk (N >= 8) it is finished inside the task that owns the
+// batch item, otherwise per-(n, chunk) partials are summed in a fixed order.  Depends on the
+// shape only, never on the thread count.
+inline int64_t attention_class_chunks(int64_t N, int64_t C) {
+  return std::max<int64_t>(1, std::min<int64_t>(C, (8 + N - 1) / std::max<int64_t>(1, N)));
+}
+
 template <typename T>
 void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::vector<at::Tensor>& sc,
                    const at::Tensor& logits, Mode mode, std::vector<at::Tensor>& grads,
@@ -613,102 +828,89 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   }
   const T* go = gout_t.data_ptr<T>();
   const bool attention = mode == Mode::kAttention;
-  const int64_t K = class_chunks(N, C);
+  const int64_t K = attention ? attention_class_chunks(N, C) : class_chunks(N, C);
   const int64_t csz = (C + K - 1) / K;
   const T inv_s = static_cast<T>(1.0 / S);
-
-  std::vector<T> wbuf, dots;
-  if (attention) {
-    wbuf.resize(static_cast<size_t>(N * S * P));
-    const T* lg = logits.data_ptr<T>();
-    T* wp = wbuf.data();
-    at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, wp, S, H0, W0, b, e); });
-    dots.assign(static_cast<size_t>(N * K * S * P), T(0));
-  }
-  const T* w = wbuf.data();
+  const T* lg = attention ? logits.data_ptr<T>() : nullptr;
+  const T* gw = (attention && gw_t.defined()) ? gw_t.data_ptr<T>() : nullptr;
+  T* gl = attention ? glogits.data_ptr<T>() : nullptr;
+  // attention with K > 1: per-(n, chunk) partial dot products, every entry written before read
+  std::unique_ptr<T[]> dots;
+  if (attention && K > 1) dots.reset(new T[static_cast<size_t>(N * K * S * P)]);
+  const int64_t gplane = static_cast<int64_t>(H0 + tab.kmax_y) * W0;  // rows past H0 stay zero
 
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
     std::vector<const T*> ups(S);
-    std::vector<T> idx(mode == Mode::kMax ? P : 0);
+    std::vector<T> idx(mode == Mode::kMax ? W0 : 0);
     const int W0s = (W0 + 7) / 8 * 8;
     std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));  // 8-row block; columns >= W0 stay zero
-    std::vector<T> gbuf(static_cast<size_t>(H0 + tab.kmax_y) * W0, T(0));
+    std::vector<T> gbuf(static_cast<size_t>(std::max(S, 2)) * gplane, T(0));  // avg uses plane 1
     std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
+    std::vector<T> wl(attention ? S * P : 0), dl(attention ? S * P : 0), dot(attention ? P : 0);
+    int64_t wl_n = -1;
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
-      for (int64_t c = k * csz; c < std::min(C, (k + 1) * csz); ++c) {
+      const int64_t c0 = k * csz, c1 = std::min(C, (k + 1) * csz);
+      if (attention && wl_n != n) {  // softmax weights of batch item n (recomputed, not saved)
+        softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
+        wl_n = n;
+      }
+      const T* w = wl.data();
+      for (int64_t c = c0; c < c1; ++c) {
         const int64_t nc = n * C + c;
         const T* g = go + nc * P;
-        // 1) recompute the resized maps where needed: attention (dot products for the logit
-        //    gradient) and max (argmax scale, bit-identical to the forward).
-        if (mode != Mode::kAvg) {
+        const T* f0 = fp[0] + nc * P;
+        T* g0 = gp[0] + nc * P;
+        if (mode != Mode::kAvg)
           for (int s = 1; s < S; ++s)
             resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
                            rows.data() + tab.hoff[s], pad.data());
+        // 1) one sweep over the rows: scale 0's gradient, the gradient reaching every resized
+        //    map (G_s), and (attention) the dot products grad . up(f_s) for the logit gradient,
+        //    the vertical Interp blend fused in; (max) the argmax scale, bit-identical to the
+        //    forward's.
+        if (attention) {
+          const AttRowArgs<T> ra{g, f0, w, g0, dl.data(), gbuf.data(), gplane, rows.data(), &tab, S, W0, P};
+          if (c == c0) {
+            for (int y = 0; y < H0; ++y) attention_backward_row<T, true>(ra, y);
+          } else {
+            for (int y = 0; y < H0; ++y) attention_backward_row<T, false>(ra, y);
+          }
+        } else if (mode == Mode::kAvg) {
+          T* __restrict G = gbuf.data() + gplane;  // the same for every coarse scale
+          for (int64_t p = 0; p < P; ++p) {
+            const T v = g[p] * inv_s;
+            g0[p] = v;
+            G[p] = v;
+          }
+        } else {
           for (int y = 0; y < H0; ++y) {
             const int64_t yo = static_cast<int64_t>(y) * W0;
-            if (attention) {
-              const T* __restrict gy = g + yo;
-              T* __restrict d0 = dots.data() + nk * S * P + yo;
-              const T* __restrict f0 = fp[0] + nc * P + yo;
-              for (int x = 0; x < W0; ++x) d0[x] += gy[x] * f0[x];
-              for (int s = 1; s < S; ++s) {  // vertical blend fused into the dot product
-                const Axis<T>& ay = tab.y[s];
-                const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-                const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-                const T la = ay.l0[y], lb = ay.l1[y];
-                T* __restrict ds = dots.data() + (nk * S + s) * P + yo;
-                for (int x = 0; x < W0; ++x) ds[x] += gy[x] * (la * a[x] + lb * b[x]);
-              }
-            } else {
-              for (int s = 1; s < S; ++s)
-                resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
-              max_row<T>(fp[0] + nc * P + yo, ups, W0, best.data(), idx.data() + yo);
-            }
-          }
-        }
-        // 2) gradient of every score map.  Scale 0: elementwise.
-        {
-          T* __restrict g0 = gp[0] + nc * P;
-          const T* __restrict gg = g;
-          if (attention) {
-            const T* __restrict w0 = w + n * S * P;
-            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * w0[p];
-          } else if (mode == Mode::kAvg) {
-            for (int64_t p = 0; p < P; ++p) g0[p] = gg[p] * inv_s;
-          } else {
+            for (int s = 1; s < S; ++s)
+              resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+            max_row<T>(f0 + yo, ups, W0, best.data(), idx.data());
             const T* __restrict ip = idx.data();
-            for (int64_t p = 0; p < P; ++p) {
-              const T gv = gg[p];
-              g0[p] = (ip[p] == T(0)) ? gv : T(0);
+            const T* __restrict gy = g + yo;
+            T* __restrict g0y = g0 + yo;
+            for (int x = 0; x < W0; ++x) g0y[x] = (ip[x] == T(0)) ? gy[x] : T(0);
+            for (int s = 1; s < S; ++s) {
+              T* __restrict G = gbuf.data() + s * gplane + yo;
+              const T sv = static_cast<T>(s);
+              for (int x = 0; x < W0; ++x) G[x] = (ip[x] == sv) ? gy[x] : T(0);  // select: vectorises
             }
           }
         }
-        // Coarser scales: gather through the inverse Interp tables.
+        // 2) coarser scales: gather G_s through the inverse Interp tables.
         for (int s = 1; s < S; ++s) {
           const Axis<T>& ay = tab.y[s];
           const Axis<T>& ax = tab.x[s];
           const int Hs = tab.H[s], Ws = tab.W[s];
           T* gs = gp[s] + nc * Hs * Ws;
-          const T* ws = attention ? w + (n * S + s) * P : nullptr;
-          const T sv = static_cast<T>(s);
+          const T* G = gbuf.data() + (mode == Mode::kAvg ? 1 : s) * gplane;
           T* __restrict t = trow.data();
           T* __restrict tt = ttr.data();
-          // gradient reaching the resized map of scale s, once per plane (rows past H0 stay zero)
-          T* __restrict G = gbuf.data();
-          if (attention) {
-            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * ws[p];
-          } else if (mode == Mode::kAvg) {
-            for (int64_t p = 0; p < P; ++p) G[p] = g[p] * inv_s;
-          } else {
-            const T* __restrict ip = idx.data();
-            for (int64_t p = 0; p < P; ++p) {
-              const T gv = g[p];
-              G[p] = (ip[p] == sv) ? gv : T(0);  // select, not a branch: vectorises
-            }
-          }
           for (int r = 0; r < Hs; ++r) {
             const int lane = r % 8;
             // vertical adjoint: row `lane` of the 8-row block = sum_k wpad[r][k] * G[first[r] + k]
@@ -721,46 +923,33 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           }
         }
       }
+      if (attention) {
+        if (K == 1) {  // 3) the logit gradient of batch item n, while its data is hot
+          logits_grad_item<T>(dl.data(), w, gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
+        } else {
+          std::memcpy(dots.get() + nk * S * P, dl.data(), sizeof(T) * static_cast<size_t>(S * P));
+        }
+      }
     }
   });
 
-  if (!attention) return;
-  // 3) logit gradient: softmax backward of g_s = sum_c grad*up_s (+ grad of the weights output).
-  const T* gw = gw_t.defined() ? gw_t.data_ptr<T>() : nullptr;
-  T* gl = glogits.data_ptr<T>();
+  if (!attention || K == 1) return;
+  // 3) logit gradient from the per-(n, chunk) partials, summed in chunk order.
   at::parallel_for(0, N, grain_for((K + 3) * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> gsum(static_cast<size_t>(S) * P), dot(P);
+    std::vector<T> wl(S * P), dsum(S * P), dot(P);
     for (int64_t n = b; n < e; ++n) {
-      for (int s = 0; s < S; ++s) {
-        T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict d = dots.data() + (n * K * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) gs[p] = d[p];
-        for (int64_t k = 1; k < K; ++k) {
-          const T* __restrict dk = dots.data() + ((n * K + k) * S + s) * P;
-          for (int64_t p = 0; p < P; ++p) gs[p] += dk[p];
-        }
-        if (gw) {
-          const T* __restrict gws = gw + (n * S + s) * P;
-          for (int64_t p = 0; p < P; ++p) gs[p] += gws[p];
-        }
+      softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
+      T* __restrict d = dsum.data();
+      const T* __restrict d0 = dots.get() + n * K * S * P;
+      for (int64_t i = 0; i < S * P; ++i) d[i] = d0[i];
+      for (int64_t k = 1; k < K; ++k) {
+        const T* __restrict dk = dots.get() + (n * K + k) * S * P;
+        for (int64_t i = 0; i < S * P; ++i) d[i] += dk[i];
       }
-      T* __restrict dp = dot.data();
-      for (int64_t p = 0; p < P; ++p) dp[p] = T(0);
-      for (int s = 0; s < S; ++s) {
-        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict wsp = w + (n * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) dp[p] += wsp[p] * gs[p];
-      }
-      for (int s = 0; s < S; ++s) {
-        const T* __restrict gs = gsum.data() + static_cast<int64_t>(s) * P;
-        const T* __restrict wsp = w + (n * S + s) * P;
-        T* __restrict o = gl + (n * S + s) * P;
-        for (int64_t p = 0; p < P; ++p) o[p] = wsp[p] * (gs[p] - dp[p]);
-      }
+      logits_grad_item<T>(d, wl.data(), gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
     }
   });
 }
-
 // --------------------------------------------------------------------------------------------
 std::tuple<at::Tensor, at::Tensor> scale_merge_cpu(at::TensorList scores_in,
                                                    const std::optional<at::Tensor>& logits_in,
