@@ -377,3 +377,17 @@ def test_double_backward_raises():
     (g0,) = torch.autograd.grad(out.square().sum(), [sc[0]], create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         g0.sum().backward()
+
+
+def test_autocast_cpu_merges_in_float32():
+    """Under CPU autocast (bfloat16) the score maps arrive in bf16; the op merges in float32 and
+    matches the reference on the same (bf16-rounded) values, with gradients in the inputs' dtype."""
+    sc = [torch.randn(1, 3, h, h).to(torch.bfloat16).requires_grad_() for h in (9, 7, 5)]
+    lg = torch.randn(1, 3, 9, 9, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        merged, w = scale_merge(sc, lg, "attention")
+    assert merged.dtype == torch.float32 and w.dtype == torch.float32
+    ref, rw = scale_merge_reference([s.detach().float() for s in sc], lg.detach(), "attention")
+    torch.testing.assert_close(merged, ref, rtol=1e-6, atol=1e-6)
+    merged.sum().backward()
+    assert all(s.grad is not None and s.grad.dtype == torch.bfloat16 for s in sc) and lg.grad is not None

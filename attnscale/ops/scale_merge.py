@@ -57,6 +57,25 @@ def _check_python_side(scores, logits, mode) -> list[torch.Tensor]:
     return list(scores)
 
 
+def _autocast_inputs(scores, logits):
+    """Inside ``torch.autocast`` the score maps come from autocast convolutions (bf16/fp16) while other
+    inputs may be fp32: merge them all in the widest dtype among them (on CPU at least float32, the
+    CPU kernels' dtype).  Outside autocast, inputs are passed through and mixed dtypes are an error."""
+    if len(scores) == 0 or not isinstance(scores[0], torch.Tensor):
+        return scores, logits
+    device_type = scores[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return scores, logits
+    dt = torch.float32 if device_type == "cpu" else scores[0].dtype
+    for t in list(scores) + ([logits] if logits is not None else []):
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            dt = torch.promote_types(dt, t.dtype)
+    scores = [s.to(dt) if isinstance(s, torch.Tensor) and s.is_floating_point() else s for s in scores]
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+        logits = logits.to(dt)
+    return scores, logits
+
+
 def scale_merge(scores: Sequence[torch.Tensor], logits: torch.Tensor | None = None,
                 mode: str = "attention") -> tuple[torch.Tensor, torch.Tensor]:
     """Merge multi-scale score maps at scale 0's resolution (see the module docstring).
@@ -71,6 +90,7 @@ def scale_merge(scores: Sequence[torch.Tensor], logits: torch.Tensor | None = No
         ``(merged (N, C, H_0, W_0), weights (N, S, H_0, W_0))``.
     """
     require_extension()
+    scores, logits = _autocast_inputs(scores, logits)
     scores = _check_python_side(scores, logits, mode)
     if mode != "attention":
         logits = None
