@@ -87,6 +87,26 @@ def test_matches_reference_fp32(mode, sizes):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n,c", [(1, 21), (1, 5), (3, 10), (8, 21), (1, 1)])
+def test_batch_and_class_counts(mode, n, c):
+    """The backward splits each batch item's classes into chunks (more chunks for small N) whose
+    partial sums are reduced in a fixed order; every split, uneven ones included (N=1, C=21: 8
+    chunks of 3), must give the reference's values and gradients."""
+    sizes = INEXACT if mode == "max" else TRAIN  # max: few outputs, so that no near-tie is drawn
+    scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-4)
+    gout = torch.randn(n, c, *sizes[0])
+    gw = torch.randn(n, 3, *sizes[0])
+    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
+    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
+    close(o1, o2)
+    close(w1, w2)
+    for a, b in zip(g1, g2):
+        close(a, b, tol=2e-6)
+    if mode == "attention":
+        close(l1, l2, tol=2e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_scales", [1, 2])
 def test_few_scales(mode, num_scales):
     sizes = INEXACT[:num_scales]

@@ -146,14 +146,19 @@ struct Axis {
         wpad[static_cast<size_t>(j) * kmax + (q - off[j])] = wt[q];
       }
     }
-    // 8-wide blocks of destinations: i0 - base lies in [0, 7] because the ratio is <= 1.
-    const int nblocks = out / 8;
+    // 8-wide blocks of destinations starting at bx[b] = 0, 8, 16, ... and, when 8 does not
+    // divide out, one last block starting at out - 8 that overlaps its neighbour (the outputs
+    // are pure functions of the destination index, so computing a few twice is harmless and
+    // leaves no scalar tail).  i0 - base lies in [0, 7] because the ratio is <= 1.
+    const int nblocks = out >= 8 ? (out + 7) / 8 : 0;
+    bx.assign(nblocks, 0);
     base.assign(nblocks, 0);
     perm.assign(static_cast<size_t>(nblocks) * 8, 0);
     for (int b = 0; b < nblocks; ++b) {
-      base[b] = i0[8 * b];
+      bx[b] = std::min(8 * b, out - 8);
+      base[b] = i0[bx[b]];
       for (int k = 0; k < 8; ++k) {
-        perm[8 * b + k] = i0[8 * b + k] - base[b];
+        perm[8 * b + k] = i0[bx[b] + k] - base[b];
         TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
       }
     }
@@ -165,15 +170,17 @@ struct Axis {
     p0.assign(static_cast<size_t>(nblocks) * 8, 0);
     p1.assign(static_cast<size_t>(nblocks) * 8, 0);
     for (int b = 0; b < nblocks && single; ++b) {
-      const int q = std::min(i0[8 * b], in - 8);
+      const int q = std::min(i0[bx[b]], in - 8);
       q1[b] = q;
       for (int k = 0; k < 8; ++k) {
-        p0[8 * b + k] = i0[8 * b + k] - q;
-        p1[8 * b + k] = i1[8 * b + k] - q;
+        p0[8 * b + k] = i0[bx[b] + k] - q;
+        p1[8 * b + k] = i1[bx[b] + k] - q;
         if (p0[8 * b + k] < 0 || p1[8 * b + k] > 7) single = false;
       }
     }
   }
+
+  std::vector<int> bx;  // first destination index of each 8-wide block
 
   bool single = false;
   std::vector<int> q1;
@@ -234,56 +241,58 @@ ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const
     std::memcpy(rows, f, sizeof(T) * static_cast<size_t>(Hs) * W0);
     return;
   }
-  int xv = 0;
 #if defined(__AVX2__)
-  constexpr bool kVec = std::is_same<T, float>::value;
-  if (kVec) xv = (W0 / 8) * 8;
-#endif
-#if defined(__AVX2__)
-  if constexpr (kVec) {
+  if constexpr (std::is_same<T, float>::value) {
+    const int nb = static_cast<int>(ax.bx.size());
+    const int* __restrict bx = ax.bx.data();
     if (ax.single) {
       const int* __restrict q1 = ax.q1.data();
-      const int* __restrict i1 = ax.i1.data();
       const int32_t* __restrict p0 = ax.p0.data();
       const int32_t* __restrict p1 = ax.p1.data();
+      // blocks outer, rows inner: a block's permutes and lambdas stay in registers for all rows
+      for (int b = 0; b < nb; ++b) {
+        const int x = bx[b];
+        const __m256i i0v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + 8 * b));
+        const __m256i i1v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + 8 * b));
+        const __m256 l0v = _mm256_loadu_ps(l0 + x), l1v = _mm256_loadu_ps(l1 + x);
+        const T* __restrict src = f + q1[b];
+        T* __restrict d = rows + x;
+        for (int r = 0; r < Hs; ++r) {
+          const __m256 v = _mm256_loadu_ps(src + static_cast<int64_t>(r) * Ws);
+          const __m256 o = _mm256_add_ps(_mm256_mul_ps(l0v, _mm256_permutevar8x32_ps(v, i0v)),
+                                         _mm256_mul_ps(l1v, _mm256_permutevar8x32_ps(v, i1v)));
+          _mm256_storeu_ps(d + static_cast<int64_t>(r) * W0, o);
+        }
+      }
+      return;
+    }
+    if (nb > 0) {
+      const int* __restrict base = ax.base.data();
+      const int32_t* __restrict perm = ax.perm.data();
       for (int r = 0; r < Hs; ++r) {
         const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
         T* __restrict d = rows + static_cast<int64_t>(r) * W0;
-        for (int x = 0; x < xv; x += 8) {
-          const __m256 v = _mm256_loadu_ps(src + q1[x / 8]);
-          const __m256 a = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p0 + x)));
-          const __m256 c = _mm256_permutevar8x32_ps(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p1 + x)));
-          const __m256 o = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
+        std::memcpy(pad, src, sizeof(T) * Ws);
+        for (int k = 0; k < 9; ++k) pad[Ws + k] = src[Ws - 1];
+        for (int b = 0; b < nb; ++b) {
+          const int x = bx[b];
+          const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + 8 * b));
+          const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + base[b]), p);
+          const __m256 c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + base[b] + 1), p);
+          const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
                                          _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
-          _mm256_storeu_ps(d + x, o);
+          _mm256_storeu_ps(d + x, v);
         }
-        for (int x = xv; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
       }
       return;
     }
   }
 #endif
+  const int* __restrict i1 = ax.i1.data();
   for (int r = 0; r < Hs; ++r) {
     const T* __restrict src = f + static_cast<int64_t>(r) * Ws;
     T* __restrict d = rows + static_cast<int64_t>(r) * W0;
-    std::memcpy(pad, src, sizeof(T) * Ws);
-    for (int k = 0; k < 9; ++k) pad[Ws + k] = src[Ws - 1];
-#if defined(__AVX2__)
-    if constexpr (kVec) {
-      const int* __restrict base = ax.base.data();
-      const int32_t* __restrict perm = ax.perm.data();
-      for (int x = 0; x < xv; x += 8) {
-        const int b = base[x / 8];
-        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(perm + x));
-        const __m256 a = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b), p);
-        const __m256 c = _mm256_permutevar8x32_ps(_mm256_loadu_ps(pad + b + 1), p);
-        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(l0 + x), a),
-                                       _mm256_mul_ps(_mm256_loadu_ps(l1 + x), c));
-        _mm256_storeu_ps(d + x, v);
-      }
-    }
-#endif
-    for (int x = xv; x < W0; ++x) d[x] = l0[x] * pad[i0[x]] + l1[x] * pad[i0[x] + 1];
+    for (int x = 0; x < W0; ++x) d[x] = l0[x] * src[i0[x]] + l1[x] * src[i1[x]];
   }
 }
 
@@ -295,78 +304,6 @@ ATTNSCALE_NOINLINE void resize_row(const T* __restrict rows, int W0, const Axis<
   const T* __restrict b = rows + static_cast<int64_t>(ay.i1[y]) * W0;
   const T la = ay.l0[y], lb = ay.l1[y];
   for (int x = 0; x < W0; ++x) up[x] = la * a[x] + lb * b[x];
-}
-
-// Horizontal adjoint of one row: grow[j] = sum_k wpad[j][k] * t[first[j] + k] (fixed width,
-// zero-padded weights; t must have kmax readable entries past W0).  A gather with a fixed
-// summation order: no atomics, deterministic.
-template <typename T, int K>
-inline void adjoint_cols_k(const T* __restrict t, const int* __restrict first, const T* __restrict wp, int Ws,
-                           T* __restrict grow) {
-  for (int j = 0; j < Ws; ++j) {
-    const T* __restrict tt = t + first[j];
-    const T* __restrict ww = wp + static_cast<int64_t>(j) * K;
-    T acc = T(0);
-#pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) acc += ww[k] * tt[k];
-    grow[j] = acc;
-  }
-}
-
-template <typename T>
-ATTNSCALE_NOVECTOR void adjoint_cols(const T* __restrict t, const Axis<T>& ax, T* __restrict grow) {
-  const int Ws = ax.in;
-  const int* first = ax.first.data();
-  const T* wp = ax.wpad.data();
-  switch (ax.kmax) {
-    case 1: return adjoint_cols_k<T, 1>(t, first, wp, Ws, grow);
-    case 2: return adjoint_cols_k<T, 2>(t, first, wp, Ws, grow);
-    case 3: return adjoint_cols_k<T, 3>(t, first, wp, Ws, grow);
-    case 4: return adjoint_cols_k<T, 4>(t, first, wp, Ws, grow);
-    case 5: return adjoint_cols_k<T, 5>(t, first, wp, Ws, grow);
-    case 6: return adjoint_cols_k<T, 6>(t, first, wp, Ws, grow);
-    default: break;
-  }
-  const int K = ax.kmax;
-  for (int j = 0; j < Ws; ++j) {
-    T acc = T(0);
-    for (int k = 0; k < K; ++k) acc += wp[static_cast<int64_t>(j) * K + k] * t[first[j] + k];
-    grow[j] = acc;
-  }
-}
-
-// Vertical adjoint of source row r: t[x] = sum_k wpad[r][k] * G[first[r] + k][x].  One pass
-// over x (vectorised), fixed summation order.  G needs kmax readable zero rows past H0.
-template <typename T, int K>
-inline void vertical_adjoint_k(const T* __restrict G, int W0, const T* __restrict ww, int64_t y0,
-                               T* __restrict t) {
-  const T* __restrict g0 = G + y0 * W0;
-  for (int x = 0; x < W0; ++x) {
-    T acc = ww[0] * g0[x];
-    for (int k = 1; k < K; ++k) acc += ww[k] * g0[static_cast<int64_t>(k) * W0 + x];
-    t[x] = acc;
-  }
-}
-
-template <typename T>
-inline void vertical_adjoint(const T* __restrict G, int W0, const Axis<T>& ay, int r, T* __restrict t) {
-  const int K = ay.kmax;
-  const T* ww = ay.wpad.data() + static_cast<int64_t>(r) * K;
-  const int64_t y0 = ay.first[r];
-  switch (K) {
-    case 1: return vertical_adjoint_k<T, 1>(G, W0, ww, y0, t);
-    case 2: return vertical_adjoint_k<T, 2>(G, W0, ww, y0, t);
-    case 3: return vertical_adjoint_k<T, 3>(G, W0, ww, y0, t);
-    case 4: return vertical_adjoint_k<T, 4>(G, W0, ww, y0, t);
-    case 5: return vertical_adjoint_k<T, 5>(G, W0, ww, y0, t);
-    case 6: return vertical_adjoint_k<T, 6>(G, W0, ww, y0, t);
-    default: break;
-  }
-  for (int x = 0; x < W0; ++x) {
-    T acc = T(0);
-    for (int k = 0; k < K; ++k) acc += ww[k] * G[(y0 + k) * W0 + x];
-    t[x] = acc;
-  }
 }
 
 // Transpose an 8 x W (W a multiple of 8) block of rows with stride W into dst[x * 8 + row].
@@ -468,45 +405,93 @@ ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<con
   }
 }
 
-// Softmax over S of the logits (computed in float for float, double for double), rows
-// [row_begin, row_end) of the flattened (N*H0) rows.
+// Softmax over the S planes of one batch item's logits (l, w: S planes of P), pixels
+// [p_begin, p_end), computed in float for float and double for double, max-subtracted.  Flat
+// loops over pixel blocks of kSoftmaxBlock (the planes are contiguous: no row structure).
+constexpr int64_t kSoftmaxBlock = 512;
 template <typename T>
-void softmax_rows(const T* logits, T* w, int64_t S, int64_t H0, int64_t W0, int64_t row_begin,
-                  int64_t row_end) {
-  const int64_t P = H0 * W0;
-  std::vector<T> m(W0), sum(W0);
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t n = row / H0, y = row % H0;
-    const T* l = logits + n * S * P + y * W0;
-    T* o = w + n * S * P + y * W0;
-    T* __restrict mp = m.data();
-    T* __restrict sp = sum.data();
-    for (int64_t x = 0; x < W0; ++x) {
-      mp[x] = l[x];
-      sp[x] = T(0);
+void softmax_pixels(const T* __restrict l, T* __restrict w, int64_t S, int64_t P, int64_t p_begin, int64_t p_end) {
+  T m[kSoftmaxBlock], sum[kSoftmaxBlock];
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kSoftmaxBlock) {
+    const int64_t n = std::min(kSoftmaxBlock, p_end - p0);
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = l[p0 + i];
+      sum[i] = T(0);
     }
     for (int64_t s = 1; s < S; ++s) {
-      const T* __restrict ls = l + s * P;
-      for (int64_t x = 0; x < W0; ++x) mp[x] = ls[x] > mp[x] ? ls[x] : mp[x];
+      const T* __restrict ls = l + s * P + p0;
+      for (int64_t i = 0; i < n; ++i) m[i] = ls[i] > m[i] ? ls[i] : m[i];
     }
     for (int64_t s = 0; s < S; ++s) {
-      const T* __restrict ls = l + s * P;
-      T* __restrict os = o + s * P;
-      for (int64_t x = 0; x < W0; ++x) {
-        os[x] = exp_nonpos(ls[x] - mp[x]);
-        sp[x] += os[x];
+      const T* __restrict ls = l + s * P + p0;
+      T* __restrict os = w + s * P + p0;
+      for (int64_t i = 0; i < n; ++i) {
+        const T e = exp_nonpos(ls[i] - m[i]);
+        os[i] = e;
+        sum[i] += e;
       }
     }
-    for (int64_t x = 0; x < W0; ++x) sp[x] = T(1) / sp[x];
+    for (int64_t i = 0; i < n; ++i) sum[i] = T(1) / sum[i];
     for (int64_t s = 0; s < S; ++s) {
-      T* __restrict os = o + s * P;
-      for (int64_t x = 0; x < W0; ++x) os[x] *= sp[x];
+      T* __restrict os = w + s * P + p0;
+      for (int64_t i = 0; i < n; ++i) os[i] *= sum[i];
     }
   }
 }
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
+
+// --------------------------------------------------------------------------------------------
+// Eight lanes of T: one AVX2 register for float, plain loops otherwise (double, non-AVX2 builds).
+// The block kernels below are written once against it; their accumulators stay in registers.
+template <typename T>
+struct Vec8 {
+  T v[8];
+  static Vec8 load(const T* p) {
+    Vec8 r;
+    for (int l = 0; l < 8; ++l) r.v[l] = p[l];
+    return r;
+  }
+  static Vec8 set1(T a) {
+    Vec8 r;
+    for (int l = 0; l < 8; ++l) r.v[l] = a;
+    return r;
+  }
+  void store(T* p) const {
+    for (int l = 0; l < 8; ++l) p[l] = v[l];
+  }
+  friend Vec8 operator+(const Vec8& a, const Vec8& b) {
+    Vec8 r;
+    for (int l = 0; l < 8; ++l) r.v[l] = a.v[l] + b.v[l];
+    return r;
+  }
+  friend Vec8 operator-(const Vec8& a, const Vec8& b) {
+    Vec8 r;
+    for (int l = 0; l < 8; ++l) r.v[l] = a.v[l] - b.v[l];
+    return r;
+  }
+  friend Vec8 operator*(const Vec8& a, const Vec8& b) {
+    Vec8 r;
+    for (int l = 0; l < 8; ++l) r.v[l] = a.v[l] * b.v[l];
+    return r;
+  }
+  friend Vec8 fmadd(const Vec8& a, const Vec8& b, const Vec8& c) { return a * b + c; }  // a * b + c
+};
+#if defined(__AVX2__) && defined(__FMA__)
+template <>
+struct Vec8<float> {
+  __m256 v;
+  static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  friend Vec8 operator+(const Vec8& a, const Vec8& b) { return {_mm256_add_ps(a.v, b.v)}; }
+  friend Vec8 operator-(const Vec8& a, const Vec8& b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  friend Vec8 operator*(const Vec8& a, const Vec8& b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  friend Vec8 fmadd(const Vec8& a, const Vec8& b, const Vec8& c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#endif
+
 
 // at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
 // work: tiny problems run inline instead of paying for a parallel region.
@@ -529,6 +514,112 @@ void check_cpu(at::TensorList scores, const char* op) {
                     ": scores dtype ", st, " is not supported on CPU (float32 or float64)");
 }
 
+// Where the values of destination row y come from, per scale: rows i0(y) and i1(y) of the
+// horizontally resized coarse plane and their lambdas (scale 0: not resized), and (attention)
+// the row of each scale's softmax weights.
+template <typename T>
+struct RowSrc {
+  std::vector<const T*> a, b, w;
+  std::vector<T> la, lb;
+  explicit RowSrc(int S) : a(S, nullptr), b(S, nullptr), w(S, nullptr), la(S, T(0)), lb(S, T(0)) {}
+  void set(const Tables<T>& tab, const T* rows, int y, int W0) {
+    for (size_t s = 1; s < a.size(); ++s) {
+      const Axis<T>& ay = tab.y[s];
+      a[s] = rows + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+      b[s] = rows + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+      la[s] = ay.l0[y];
+      lb[s] = ay.l1[y];
+    }
+  }
+};
+
+// Calls full(x) for 8-wide blocks x = 0, 8, ... and, when 8 does not divide W, once more at
+// W - 8 (overlapping: only for computations whose outputs are pure functions of x); rows
+// narrower than 8 go one element at a time through one(x).
+template <typename Full, typename One>
+inline void for_blocks(int W, Full&& full, One&& one) {
+  if (W < 8) {
+    for (int x = 0; x < W; ++x) one(x);
+    return;
+  }
+  for (int x = 0; x + 8 <= W; x += 8) full(x);
+  if (W % 8) full(W - 8);
+}
+
+// Calls fn(std::integral_constant<int, NS>) with NS = S - 1 coarse scales when S <= 4 (the
+// per-scale loops are then unrolled and their pointers and lambdas kept in registers), else
+// with NS = -1 (any S, runtime loops).
+template <typename Fn>
+inline void dispatch_coarse(int S, Fn&& fn) {
+  switch (S) {
+    case 1: return fn(std::integral_constant<int, 0>());
+    case 2: return fn(std::integral_constant<int, 1>());
+    case 3: return fn(std::integral_constant<int, 2>());
+    case 4: return fn(std::integral_constant<int, 3>());
+    default: return fn(std::integral_constant<int, -1>());
+  }
+}
+
+// One merged row: attention sum_s w_s up(f_s) (accumulated in scale order), avg
+// (sum_s up(f_s)) / S.  NS coarse scales (-1: S - 1 at run time).  The row's pointers and lambdas
+// are copied to locals first so that the compiler keeps them in registers (the output store
+// could otherwise alias RowSrc's arrays and force a reload per block).
+template <typename T, bool Attention, int NS>
+inline void merge_row(int S, int W0, const T* __restrict f0, const RowSrc<T>& src, T inv_s, T* __restrict o) {
+  using V = Vec8<T>;
+  constexpr int kLocal = NS >= 0 ? NS + 1 : 1;
+  if constexpr (NS < 0) {  // any S: runtime loops over RowSrc
+    auto block = [&](int x) {
+      V acc = Attention ? V::load(src.w[0] + x) * V::load(f0 + x) : V::load(f0 + x);
+      for (int s = 1; s < S; ++s) {
+        const V up = fmadd(V::set1(src.la[s]), V::load(src.a[s] + x), V::set1(src.lb[s]) * V::load(src.b[s] + x));
+        acc = Attention ? fmadd(V::load(src.w[s] + x), up, acc) : acc + up;
+      }
+      if (!Attention) acc = acc * V::set1(inv_s);
+      acc.store(o + x);
+    };
+    auto one = [&](int x) {
+      T acc = Attention ? src.w[0][x] * f0[x] : f0[x];
+      for (int s = 1; s < S; ++s) {
+        const T up = src.la[s] * src.a[s][x] + src.lb[s] * src.b[s][x];
+        acc += Attention ? src.w[s][x] * up : up;
+      }
+      o[x] = Attention ? acc : acc * inv_s;
+    };
+    for_blocks(W0, block, one);
+  } else {
+    const T* a[kLocal];
+    const T* b[kLocal];
+    const T* w[kLocal];
+    T la[kLocal], lb[kLocal];
+    for (int s = 0; s <= NS; ++s) {
+      a[s] = src.a[s];
+      b[s] = src.b[s];
+      w[s] = src.w[s];
+      la[s] = src.la[s];
+      lb[s] = src.lb[s];
+    }
+    auto block = [&](int x) {
+      V acc = Attention ? V::load(w[0] + x) * V::load(f0 + x) : V::load(f0 + x);
+      for (int s = 1; s <= NS; ++s) {
+        const V up = fmadd(V::set1(la[s]), V::load(a[s] + x), V::set1(lb[s]) * V::load(b[s] + x));
+        acc = Attention ? fmadd(V::load(w[s] + x), up, acc) : acc + up;
+      }
+      if (!Attention && NS > 0) acc = acc * V::set1(inv_s);
+      acc.store(o + x);
+    };
+    auto one = [&](int x) {
+      T acc = Attention ? w[0][x] * f0[x] : f0[x];
+      for (int s = 1; s <= NS; ++s) {
+        const T up = la[s] * a[s][x] + lb[s] * b[s][x];
+        acc += Attention ? w[s][x] * up : up;
+      }
+      o[x] = (!Attention && NS > 0) ? acc * inv_s : acc;
+    };
+    for_blocks(W0, block, one);
+  }
+}
+
 // --------------------------------------------------------------------------------------------
 template <typename T>
 void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, Mode mode,
@@ -546,13 +637,21 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
   if (mode != Mode::kMax) {
     if (mode == Mode::kAttention) {
       const T* lg = logits.data_ptr<T>();
-      at::parallel_for(0, N * H0, grain_for(S * W0), [&](int64_t b, int64_t e) { softmax_rows<T>(lg, w, S, H0, W0, b, e); });
+      const int64_t nb = (P + kSoftmaxBlock - 1) / kSoftmaxBlock;
+      at::parallel_for(0, N * nb, grain_for(S * kSoftmaxBlock), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / nb, p0 = (i % nb) * kSoftmaxBlock;
+          softmax_pixels<T>(lg + n * S * P, w + n * S * P, S, P, p0, std::min(P, p0 + kSoftmaxBlock));
+        }
+      });
     } else {
       weights.fill_(1.0 / S);
     }
+    const bool attention = mode == Mode::kAttention;
     const T inv_s = static_cast<T>(1.0 / S);
     at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
       std::vector<T> rows(tab.hsize), pad(tab.wmax + 16);
+      RowSrc<T> src(S);
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C;
         for (int s = 1; s < S; ++s)
@@ -560,57 +659,18 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
                          rows.data() + tab.hoff[s], pad.data());
         for (int y = 0; y < H0; ++y) {
           const int64_t yo = static_cast<int64_t>(y) * W0;
-          T* __restrict o = out + nc * P + yo;
-          const T* __restrict f0 = fp[0] + nc * P + yo;
-          // one pass per scale, the vertical Interp blend fused into the accumulation
-          if (S == 1) {
-            for (int x = 0; x < W0; ++x) o[x] = f0[x];
-            continue;
-          }
-          int s_from = 1;
-          if (mode == Mode::kAttention && S >= 3) {  // scales 0, 1, 2 in one pass over the row
-            const Axis<T>& ay1 = tab.y[1];
-            const Axis<T>& ay2 = tab.y[2];
-            const T* __restrict a1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i0[y]) * W0;
-            const T* __restrict b1 = rows.data() + tab.hoff[1] + static_cast<int64_t>(ay1.i1[y]) * W0;
-            const T* __restrict a2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i0[y]) * W0;
-            const T* __restrict b2 = rows.data() + tab.hoff[2] + static_cast<int64_t>(ay2.i1[y]) * W0;
-            const T la1 = ay1.l0[y], lb1 = ay1.l1[y], la2 = ay2.l0[y], lb2 = ay2.l1[y];
-            const T* __restrict w0 = w + n * S * P + yo;
-            const T* __restrict w1 = w0 + P;
-            const T* __restrict w2 = w0 + 2 * P;
-            for (int x = 0; x < W0; ++x) {
-              const T acc = w0[x] * f0[x] + w1[x] * (la1 * a1[x] + lb1 * b1[x]);
-              o[x] = acc + w2[x] * (la2 * a2[x] + lb2 * b2[x]);
-            }
-            s_from = 3;
-          }
-          for (int s = s_from; s < S; ++s) {
-            const Axis<T>& ay = tab.y[s];
-            const T* __restrict a = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-            const T* __restrict b = rows.data() + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-            const T la = ay.l0[y], lb = ay.l1[y];
-            if (mode == Mode::kAttention) {
-              const T* __restrict ws = w + (n * S + s) * P + yo;
-              if (s == 1) {
-                const T* __restrict w0 = w + n * S * P + yo;
-                for (int x = 0; x < W0; ++x) o[x] = w0[x] * f0[x] + ws[x] * (la * a[x] + lb * b[x]);
-              } else {
-                for (int x = 0; x < W0; ++x) o[x] += ws[x] * (la * a[x] + lb * b[x]);
-              }
+          src.set(tab, rows.data(), y, W0);
+          for (int s = 0; s < S && attention; ++s) src.w[s] = w + (n * S + s) * P + yo;
+          const T* f0 = fp[0] + nc * P + yo;
+          T* o = out + nc * P + yo;
+          // one pass over the row for all scales, the vertical Interp blend fused in
+          dispatch_coarse(S, [&](auto ns) {
+            if (attention) {
+              merge_row<T, true, decltype(ns)::value>(S, W0, f0, src, inv_s, o);
             } else {
-              const bool last = s == S - 1;
-              if (s == 1 && last) {
-                for (int x = 0; x < W0; ++x) o[x] = (f0[x] + (la * a[x] + lb * b[x])) * inv_s;
-              } else if (s == 1) {
-                for (int x = 0; x < W0; ++x) o[x] = f0[x] + (la * a[x] + lb * b[x]);
-              } else if (last) {
-                for (int x = 0; x < W0; ++x) o[x] = (o[x] + (la * a[x] + lb * b[x])) * inv_s;
-              } else {
-                for (int x = 0; x < W0; ++x) o[x] += la * a[x] + lb * b[x];
-              }
+              merge_row<T, false, decltype(ns)::value>(S, W0, f0, src, inv_s, o);
             }
-          }
+          });
         }
       }
     });
@@ -665,148 +725,221 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
 }
 
 // --------------------------------------------------------------------------------------------
-// One row y of the attention backward sweep for one (n, c) plane: scale 0's gradient
-// g0 = grad * w_0, the gradient reaching each resized map G_s = grad * w_s, and the per-scale
-// dot products d_s (+)= grad * up(f_s) (First: the first class of the chunk, "=" instead of
-// "+=").  Scales 1 and 2 share scale 0's pass over the row.
+// Backward.  For a coarse scale s the gradient reaching the resized map is G_s = grad * w_s
+// (attention), grad / S (avg) or grad where scale s won (max); the score map's gradient is
+// Interp^T G_s, applied separably: the vertical adjoint of every source row r (a fixed number of
+// destination rows, fixed order), 8 such rows transposed, then the horizontal adjoint on 8 rows at
+// once.  G_s is read through a "source" giving 8 of its values at (row, x); attention and avg form
+// them on the fly from grad and the weights, so no G plane is written.
 template <typename T>
-struct AttRowArgs {
-  const T* g;      // grad of merged, plane (H0, W0)
-  const T* f0;     // scale 0 scores, plane
-  const T* w;      // softmax weights of batch item n, S planes
-  T* g0;           // grad of scale 0, plane
-  T* d;            // dot products, S planes
-  T* gbuf;         // G_s at gbuf + s * gplane
-  int64_t gplane;
-  const T* rows;   // horizontally resized coarse planes
+struct SrcWeighted {  // attention: grad * w_s
+  const T* g;
+  const T* w;
+  int W0;
+  Vec8<T> load(int y, int x) const {
+    const int64_t o = static_cast<int64_t>(y) * W0 + x;
+    return Vec8<T>::load(g + o) * Vec8<T>::load(w + o);
+  }
+  T at(int y, int x) const { return g[static_cast<int64_t>(y) * W0 + x] * w[static_cast<int64_t>(y) * W0 + x]; }
+};
+template <typename T>
+struct SrcScaled {  // avg: grad / S
+  const T* g;
+  T c;
+  int W0;
+  Vec8<T> load(int y, int x) const { return Vec8<T>::load(g + static_cast<int64_t>(y) * W0 + x) * Vec8<T>::set1(c); }
+  T at(int y, int x) const { return g[static_cast<int64_t>(y) * W0 + x] * c; }
+};
+template <typename T>
+struct SrcPlane {  // max: a materialised G plane
+  const T* G;
+  int W0;
+  Vec8<T> load(int y, int x) const { return Vec8<T>::load(G + static_cast<int64_t>(y) * W0 + x); }
+  T at(int y, int x) const { return G[static_cast<int64_t>(y) * W0 + x]; }
+};
+
+// Vertical adjoint of source row r: t[x] = sum_q wt[q] G(first + q, x) over the CNT destination
+// rows that touch r (CNT < 0: cnt at run time), q ascending.
+template <typename T, int CNT, typename Src>
+inline void vertical_adjoint_row(const Src& src, int W0, const T* __restrict wt, int first, int cnt, T* __restrict t) {
+  using V = Vec8<T>;
+  const int n = CNT >= 0 ? CNT : cnt;
+  for_blocks(
+      W0,
+      [&](int x) {
+        V acc = V::set1(wt[0]) * src.load(first, x);
+        for (int q = 1; q < n; ++q) acc = fmadd(V::set1(wt[q]), src.load(first + q, x), acc);
+        acc.store(t + x);
+      },
+      [&](int x) {
+        T acc = wt[0] * src.at(first, x);
+        for (int q = 1; q < n; ++q) acc += wt[q] * src.at(first + q, x);
+        t[x] = acc;
+      });
+}
+
+// Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  trow: 8 x W0s scratch whose columns
+// >= W0 are zero; ttr: (W0s + kmax) x 8 scratch with a zero tail (the horizontal adjoint reads
+// past W0 with zero weights).
+template <typename T, typename Src>
+void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
+                   T* __restrict ttr, T* __restrict gs) {
+  const int Hs = ay.in, Ws = ax.in;
+  for (int r = 0; r < Hs; ++r) {
+    const int lane = r % 8;
+    T* t = trow + static_cast<int64_t>(lane) * W0s;
+    const int cnt = ay.off[r + 1] - ay.off[r];  // >= 1: every source row is touched (ratio <= 1)
+    const T* wt = ay.wt.data() + ay.off[r];
+    const int first = cnt > 0 ? ay.dst[ay.off[r]] : 0;
+    switch (cnt) {
+      case 0: std::fill(t, t + W0, T(0)); break;
+      case 1: vertical_adjoint_row<T, 1>(src, W0, wt, first, cnt, t); break;
+      case 2: vertical_adjoint_row<T, 2>(src, W0, wt, first, cnt, t); break;
+      case 3: vertical_adjoint_row<T, 3>(src, W0, wt, first, cnt, t); break;
+      case 4: vertical_adjoint_row<T, 4>(src, W0, wt, first, cnt, t); break;
+      case 5: vertical_adjoint_row<T, 5>(src, W0, wt, first, cnt, t); break;
+      default: vertical_adjoint_row<T, -1>(src, W0, wt, first, cnt, t); break;
+    }
+    if (lane == 7 || r == Hs - 1) {
+      transpose8<T>(trow, W0s, ttr);
+      adjoint_cols8<T>(ttr, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
+    }
+  }
+}
+
+// One class chunk of one batch item in attention mode: classes c0 .. c0 + ncls - 1, whose coarse
+// planes were resized horizontally into rows + c * hsize (c relative to c0).
+template <typename T>
+struct AttChunk {
+  const T* g;     // grad of merged, first class of the chunk
+  const T* f0;    // scale 0 scores, first class
+  T* g0;          // grad of scale 0, first class
+  const T* rows;  // resized coarse planes, class stride hsize
+  int64_t hsize;
+  int ncls;
+  const T* w;     // softmax weights of the item, S planes
+  const T* gw;    // grad of the weights output, S planes, or null
+  T* gl;          // logit gradient (S planes) when the chunk holds every class, else null
+  T* dpart;       // else: the chunk's partial dot products, S planes
   const Tables<T>* tab;
   int S, W0;
   int64_t P;
 };
 
-// Row kernels with __restrict parameters (so that GCC vectorises them without alias checks).
-template <typename T, bool First>
-inline void att_row_dots3(const T* __restrict gy, const T* __restrict fy, const T* __restrict a1,
-                          const T* __restrict b1, T la1, T lb1, const T* __restrict a2, const T* __restrict b2,
-                          T la2, T lb2, T* __restrict d0, T* __restrict d1, T* __restrict d2, int W0) {
-  for (int x = 0; x < W0; ++x) {
-    const T gv = gy[x];
-    const T v0 = gv * fy[x];
-    const T v1 = gv * (la1 * a1[x] + lb1 * b1[x]);
-    const T v2 = gv * (la2 * a2[x] + lb2 * b2[x]);
-    if (First) {
-      d0[x] = v0;
-      d1[x] = v1;
-      d2[x] = v2;
-    } else {
-      d0[x] += v0;
-      d1[x] += v1;
-      d2[x] += v2;
-    }
-  }
-}
-
-template <typename T>
-inline void att_row_scale3(const T* __restrict gy, const T* __restrict w0, const T* __restrict w1,
-                           const T* __restrict w2, T* __restrict g0, T* __restrict G1, T* __restrict G2, int W0) {
-  for (int x = 0; x < W0; ++x) {
-    const T gv = gy[x];
-    g0[x] = gv * w0[x];
-    G1[x] = gv * w1[x];
-    G2[x] = gv * w2[x];
-  }
-}
-
-template <typename T, bool First>
-inline void att_row_one(const T* __restrict gy, const T* __restrict a, const T* __restrict b, T la, T lb,
-                        const T* __restrict ws, T* __restrict ds, T* __restrict G, int W0) {
-  for (int x = 0; x < W0; ++x) {
-    const T v = gy[x] * (la * a[x] + lb * b[x]);
-    if (First) {
-      ds[x] = v;
-    } else {
-      ds[x] += v;
-    }
-    G[x] = gy[x] * ws[x];
-  }
-}
-
-template <typename T, bool First>
-inline void att_row_zero(const T* __restrict gy, const T* __restrict fy, const T* __restrict w0, T* __restrict d0,
-                         T* __restrict g0, int W0) {
-  for (int x = 0; x < W0; ++x) {
-    const T v = gy[x] * fy[x];
-    if (First) {
-      d0[x] = v;
-    } else {
-      d0[x] += v;
-    }
-    g0[x] = gy[x] * w0[x];
-  }
-}
-
-template <typename T, bool First>
-inline void attention_backward_row(const AttRowArgs<T>& r, int y) {
-  const int W0 = r.W0;
-  const int64_t yo = static_cast<int64_t>(y) * W0, P = r.P;
-  const T* gy = r.g + yo;
-  const T* w0 = r.w + yo;
-  T* d0 = r.d + yo;
-  auto tap = [&](int s, const T*& a, const T*& b, T& la, T& lb) {
-    const Axis<T>& ay = r.tab->y[s];
-    a = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-    b = r.rows + r.tab->hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-    la = ay.l0[y];
-    lb = ay.l1[y];
-  };
-  int s_from = 1;
-  if (r.S >= 3) {  // scales 0, 1, 2 share the passes over the row
-    const T *a1, *b1, *a2, *b2;
-    T la1, lb1, la2, lb2;
-    tap(1, a1, b1, la1, lb1);
-    tap(2, a2, b2, la2, lb2);
-    att_row_dots3<T, First>(gy, r.f0 + yo, a1, b1, la1, lb1, a2, b2, la2, lb2, d0, d0 + P, d0 + 2 * P, W0);
-    att_row_scale3<T>(gy, w0, w0 + P, w0 + 2 * P, r.g0 + yo, r.gbuf + r.gplane + yo, r.gbuf + 2 * r.gplane + yo, W0);
-    s_from = 3;
-  } else {
-    att_row_zero<T, First>(gy, r.f0 + yo, w0, d0, r.g0 + yo, W0);
-  }
-  for (int s = s_from; s < r.S; ++s) {
-    const T *a, *b;
-    T la, lb;
-    tap(s, a, b, la, lb);
-    att_row_one<T, First>(gy, a, b, la, lb, w0 + static_cast<int64_t>(s) * P, d0 + static_cast<int64_t>(s) * P,
-                          r.gbuf + s * r.gplane + yo, W0);
-  }
-}
-
-// --------------------------------------------------------------------------------------------
-// Logit gradient of one batch item from the per-scale dot products d_s = sum_c grad * up(f_s)
-// (S planes of P, modified in place: the weights' own gradient gw is added to them) and the
-// softmax weights w (S planes of P): glogits_s = w_s * (d_s - sum_t w_t d_t).
-template <typename T>
-void logits_grad_item(T* __restrict d, const T* __restrict w, const T* __restrict gw, int S, int64_t P,
-                      T* __restrict dot, T* __restrict o) {
-  if (gw)
-    for (int64_t i = 0; i < static_cast<int64_t>(S) * P; ++i) d[i] += gw[i];
-  for (int64_t p = 0; p < P; ++p) dot[p] = w[p] * d[p];
-  for (int s = 1; s < S; ++s) {
-    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
-    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
-    for (int64_t p = 0; p < P; ++p) dot[p] += ws[p] * ds[p];
-  }
+// Row y of the attention sweep, classes innermost: per 8 pixels, the dot products
+// d_s = sum_c grad_c * up(f_s)_c (classes in order) stay in registers, scale 0's gradient
+// grad_c * w_0 is stored on the way, and the logit gradient w_s (d_s + gw_s - sum_t w_t (d_t + gw_t))
+// is finished right there when the chunk holds every class.  NS coarse scales (-1: at run time).
+template <typename T, int NS>
+void attention_sweep_row(const AttChunk<T>& A, int y) {
+  using V = Vec8<T>;
+  constexpr int kL = NS >= 0 ? NS + 1 : 16;
+  const int S = NS >= 0 ? NS + 1 : A.S;
+  const int W0 = A.W0;
+  const int64_t P = A.P, yo = static_cast<int64_t>(y) * W0;
+  int64_t ra[kL], rb[kL];
+  T la[kL], lb[kL];
+  const T* w[kL];
   for (int s = 0; s < S; ++s) {
-    const T* __restrict ws = w + static_cast<int64_t>(s) * P;
-    const T* __restrict ds = d + static_cast<int64_t>(s) * P;
-    T* __restrict os = o + static_cast<int64_t>(s) * P;
-    for (int64_t p = 0; p < P; ++p) os[p] = ws[p] * (ds[p] - dot[p]);
+    w[s] = A.w + s * P + yo;
+    if (s == 0) continue;
+    const Axis<T>& ay = A.tab->y[s];
+    ra[s] = A.tab->hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+    rb[s] = A.tab->hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+    la[s] = ay.l0[y];
+    lb[s] = ay.l1[y];
   }
+  const T* g = A.g + yo;
+  const T* f0 = A.f0 + yo;
+  T* g0 = A.g0 + yo;
+  // The classes are 3 x ncls interleaved streams (grad, scores, scale 0's gradient), too many for
+  // the hardware prefetcher: fetch the lines of row y + 2 ahead.
+  if (y + 2 < A.P / W0) {
+    const int64_t ahead = 2 * static_cast<int64_t>(W0);
+    const int64_t lines = (static_cast<int64_t>(W0) * sizeof(T) + 63) / 64 + 1;
+    const int64_t step = 64 / sizeof(T);
+    for (int c = 0; c < A.ncls; ++c) {
+      const int64_t co = static_cast<int64_t>(c) * P + ahead;
+      for (int64_t q = 0; q < lines; ++q) {
+        __builtin_prefetch(g + co + q * step, 0, 3);
+        __builtin_prefetch(f0 + co + q * step, 0, 3);
+        __builtin_prefetch(g0 + co + q * step, 1, 3);
+      }
+    }
+  }
+  auto block = [&](int x) {
+    V d[kL];
+    for (int s = 0; s < S; ++s) d[s] = V::set1(T(0));
+    const V w0 = V::load(w[0] + x);
+    const T* rc = A.rows + x;
+    for (int c = 0; c < A.ncls; ++c, rc += A.hsize) {
+      const int64_t co = static_cast<int64_t>(c) * P + x;
+      const V gv = V::load(g + co);
+      d[0] = fmadd(gv, V::load(f0 + co), d[0]);
+      (gv * w0).store(g0 + co);
+      for (int s = 1; s < S; ++s) {
+        const V up = fmadd(V::set1(la[s]), V::load(rc + ra[s]), V::set1(lb[s]) * V::load(rc + rb[s]));
+        d[s] = fmadd(gv, up, d[s]);
+      }
+    }
+    if (A.gl) {
+      V dot = V::set1(T(0));
+      for (int s = 0; s < S; ++s) {
+        if (A.gw) d[s] = d[s] + V::load(A.gw + s * P + yo + x);
+        dot = fmadd(V::load(w[s] + x), d[s], dot);
+      }
+      for (int s = 0; s < S; ++s) (V::load(w[s] + x) * (d[s] - dot)).store(A.gl + s * P + yo + x);
+    } else {
+      for (int s = 0; s < S; ++s) d[s].store(A.dpart + s * P + yo + x);
+    }
+  };
+  auto one = [&](int x) {
+    T d[kL];
+    for (int s = 0; s < S; ++s) d[s] = T(0);
+    const T* rc = A.rows + x;
+    for (int c = 0; c < A.ncls; ++c, rc += A.hsize) {
+      const int64_t co = static_cast<int64_t>(c) * P + x;
+      const T gv = g[co];
+      d[0] += gv * f0[co];
+      g0[co] = gv * w[0][x];
+      for (int s = 1; s < S; ++s) d[s] += gv * (la[s] * rc[ra[s]] + lb[s] * rc[rb[s]]);
+    }
+    if (A.gl) {
+      T dot = T(0);
+      for (int s = 0; s < S; ++s) {
+        if (A.gw) d[s] += A.gw[s * P + yo + x];
+        dot += w[s][x] * d[s];
+      }
+      for (int s = 0; s < S; ++s) A.gl[s * P + yo + x] = w[s][x] * (d[s] - dot);
+    } else {
+      for (int s = 0; s < S; ++s) A.dpart[s * P + yo + x] = d[s];
+    }
+  };
+  for_blocks(W0, block, one);
 }
 
-// Number of class chunks per batch item for the attention backward: the logit gradient needs a
-// reduction over classes; with one chunk (N >= 8) it is finished inside the task that owns the
-// batch item, otherwise per-(n, chunk) partials are summed in a fixed order.  Depends on the
-// shape only, never on the thread count.
+// Logit gradient of one batch item from the per-chunk partial dot products (K chunks, summed in
+// chunk order), the weights w and the weights' own gradient gw (or null):
+// glogits_s = w_s (d_s + gw_s - sum_t w_t (d_t + gw_t)).
+template <typename T>
+void logits_grad_from_partials(const T* __restrict parts, int64_t K, const T* __restrict w, const T* __restrict gw,
+                               int S, int64_t P, T* __restrict gl) {
+  std::vector<T> d(static_cast<size_t>(S) * P), dot(P, T(0));
+  for (int64_t i = 0; i < S * P; ++i) d[i] = parts[i];
+  for (int64_t k = 1; k < K; ++k)
+    for (int64_t i = 0; i < S * P; ++i) d[i] += parts[k * S * P + i];
+  if (gw)
+    for (int64_t i = 0; i < S * P; ++i) d[i] += gw[i];
+  for (int s = 0; s < S; ++s)
+    for (int64_t p = 0; p < P; ++p) dot[p] += w[s * P + p] * d[s * P + p];
+  for (int s = 0; s < S; ++s)
+    for (int64_t p = 0; p < P; ++p) gl[s * P + p] = w[s * P + p] * (d[s * P + p] - dot[p]);
+}
+
+// Number of class chunks per batch item in the attention and max backward: the logit gradient
+// (and max's counts) need a reduction over classes; with one chunk (N >= 8 for attention) it is
+// finished inside the task that owns the batch item, otherwise per-(n, chunk) partials are summed
+// in a fixed order.  Depends on the shape only, never on the thread count.
 inline int64_t attention_class_chunks(int64_t N, int64_t C) {
   return std::max<int64_t>(1, std::min<int64_t>(C, (8 + N - 1) / std::max<int64_t>(1, N)));
 }
@@ -828,8 +961,9 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   }
   const T* go = gout_t.data_ptr<T>();
   const bool attention = mode == Mode::kAttention;
-  const int64_t K = attention ? attention_class_chunks(N, C) : class_chunks(N, C);
-  const int64_t csz = (C + K - 1) / K;
+  const int64_t want = attention ? attention_class_chunks(N, C) : class_chunks(N, C);
+  const int64_t csz = (C + want - 1) / want;
+  const int64_t K = (C + csz - 1) / csz;  // no empty chunk (their partials would be summed)
   const T inv_s = static_cast<T>(1.0 / S);
   const T* lg = attention ? logits.data_ptr<T>() : nullptr;
   const T* gw = (attention && gw_t.defined()) ? gw_t.data_ptr<T>() : nullptr;
@@ -837,98 +971,82 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   // attention with K > 1: per-(n, chunk) partial dot products, every entry written before read
   std::unique_ptr<T[]> dots;
   if (attention && K > 1) dots.reset(new T[static_cast<size_t>(N * K * S * P)]);
-  const int64_t gplane = static_cast<int64_t>(H0 + tab.kmax_y) * W0;  // rows past H0 stay zero
+  const int W0s = (W0 + 7) / 8 * 8;
 
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), best(W0), pad(tab.wmax + 16);
+    std::vector<T> pad(tab.wmax + 16);
+    std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));            // columns >= W0 stay zero
+    std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail
+    // attention: the chunk's horizontally resized coarse planes and its item's softmax weights
+    std::vector<T> rows(attention ? csz * tab.hsize : tab.hsize), wl(attention ? S * P : 0);
+    // max: per class, the resized rows of the current output row, the argmax and the G planes
+    std::vector<T> upbuf(mode == Mode::kMax ? S * W0 : 0), best(mode == Mode::kMax ? W0 : 0),
+        idx(mode == Mode::kMax ? W0 : 0), gbuf(mode == Mode::kMax ? S * P : 0);
     std::vector<const T*> ups(S);
-    std::vector<T> idx(mode == Mode::kMax ? W0 : 0);
-    const int W0s = (W0 + 7) / 8 * 8;
-    std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));  // 8-row block; columns >= W0 stay zero
-    std::vector<T> gbuf(static_cast<size_t>(std::max(S, 2)) * gplane, T(0));  // avg uses plane 1
-    std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail: adjoint reads past W0
-    std::vector<T> wl(attention ? S * P : 0), dl(attention ? S * P : 0), dot(attention ? P : 0);
-    int64_t wl_n = -1;
     for (int s = 1; s < S; ++s) ups[s] = upbuf.data() + static_cast<int64_t>(s) * W0;
+    int64_t wl_n = -1;
     for (int64_t nk = b; nk < e; ++nk) {
       const int64_t n = nk / K, k = nk % K;
       const int64_t c0 = k * csz, c1 = std::min(C, (k + 1) * csz);
-      if (attention && wl_n != n) {  // softmax weights of batch item n (recomputed, not saved)
-        softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
-        wl_n = n;
+      if (attention) {
+        if (wl_n != n) {  // softmax weights of batch item n (recomputed, not saved)
+          softmax_pixels<T>(lg + n * S * P, wl.data(), S, P, 0, P);
+          wl_n = n;
+        }
+        // 1) resize every class of the chunk horizontally, then one sweep over the rows with the
+        //    classes innermost: scale 0's gradient and the logit gradient (or its partials)
+        for (int64_t c = c0; c < c1; ++c)
+          for (int s = 1; s < S; ++s)
+            resize_rows<T>(fp[s] + (n * C + c) * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                           rows.data() + (c - c0) * tab.hsize + tab.hoff[s], pad.data());
+        const AttChunk<T> A{go + (n * C + c0) * P, fp[0] + (n * C + c0) * P, gp[0] + (n * C + c0) * P,
+                            rows.data(), tab.hsize, static_cast<int>(c1 - c0), wl.data(),
+                            (K == 1 && gw) ? gw + n * S * P : nullptr, K == 1 ? gl + n * S * P : nullptr,
+                            K == 1 ? nullptr : dots.get() + nk * S * P, &tab, S, W0, P};
+        dispatch_coarse(S, [&](auto ns) {
+          for (int y = 0; y < H0; ++y) attention_sweep_row<T, decltype(ns)::value>(A, y);
+        });
+        // 2) coarser scales: Interp^T (grad_c * w_s)
+        for (int64_t c = c0; c < c1; ++c)
+          for (int s = 1; s < S; ++s)
+            adjoint_plane<T>(SrcWeighted<T>{go + (n * C + c) * P, wl.data() + s * P, W0}, tab.y[s], tab.x[s], W0,
+                             W0s, trow.data(), ttr.data(), gp[s] + (n * C + c) * tab.H[s] * tab.W[s]);
+        continue;
       }
-      const T* w = wl.data();
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t nc = n * C + c;
         const T* g = go + nc * P;
-        const T* f0 = fp[0] + nc * P;
         T* g0 = gp[0] + nc * P;
-        if (mode != Mode::kAvg)
+        if (mode == Mode::kAvg) {
+          for (int64_t p = 0; p < P; ++p) g0[p] = g[p] * inv_s;
           for (int s = 1; s < S; ++s)
-            resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                           rows.data() + tab.hoff[s], pad.data());
-        // 1) one sweep over the rows: scale 0's gradient, the gradient reaching every resized
-        //    map (G_s), and (attention) the dot products grad . up(f_s) for the logit gradient,
-        //    the vertical Interp blend fused in; (max) the argmax scale, bit-identical to the
-        //    forward's.
-        if (attention) {
-          const AttRowArgs<T> ra{g, f0, w, g0, dl.data(), gbuf.data(), gplane, rows.data(), &tab, S, W0, P};
-          if (c == c0) {
-            for (int y = 0; y < H0; ++y) attention_backward_row<T, true>(ra, y);
-          } else {
-            for (int y = 0; y < H0; ++y) attention_backward_row<T, false>(ra, y);
-          }
-        } else if (mode == Mode::kAvg) {
-          T* __restrict G = gbuf.data() + gplane;  // the same for every coarse scale
-          for (int64_t p = 0; p < P; ++p) {
-            const T v = g[p] * inv_s;
-            g0[p] = v;
-            G[p] = v;
-          }
-        } else {
-          for (int y = 0; y < H0; ++y) {
-            const int64_t yo = static_cast<int64_t>(y) * W0;
-            for (int s = 1; s < S; ++s)
-              resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
-            max_row<T>(f0 + yo, ups, W0, best.data(), idx.data());
-            const T* __restrict ip = idx.data();
-            const T* __restrict gy = g + yo;
-            T* __restrict g0y = g0 + yo;
-            for (int x = 0; x < W0; ++x) g0y[x] = (ip[x] == T(0)) ? gy[x] : T(0);
-            for (int s = 1; s < S; ++s) {
-              T* __restrict G = gbuf.data() + s * gplane + yo;
-              const T sv = static_cast<T>(s);
-              for (int x = 0; x < W0; ++x) G[x] = (ip[x] == sv) ? gy[x] : T(0);  // select: vectorises
-            }
+            adjoint_plane<T>(SrcScaled<T>{g, inv_s, W0}, tab.y[s], tab.x[s], W0, W0s, trow.data(), ttr.data(),
+                             gp[s] + nc * tab.H[s] * tab.W[s]);
+          continue;
+        }
+        // max: recompute the argmax scale, bit-identical to the forward's (same routines)
+        const T* f0 = fp[0] + nc * P;
+        for (int s = 1; s < S; ++s)
+          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                         rows.data() + tab.hoff[s], pad.data());
+        for (int y = 0; y < H0; ++y) {
+          const int64_t yo = static_cast<int64_t>(y) * W0;
+          for (int s = 1; s < S; ++s)
+            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+          max_row<T>(f0 + yo, ups, W0, best.data(), idx.data());
+          const T* __restrict ip = idx.data();
+          const T* __restrict gy = g + yo;
+          T* __restrict g0y = g0 + yo;
+          for (int x = 0; x < W0; ++x) g0y[x] = (ip[x] == T(0)) ? gy[x] : T(0);
+          for (int s = 1; s < S; ++s) {
+            T* __restrict G = gbuf.data() + s * P + yo;
+            const T sv = static_cast<T>(s);
+            for (int x = 0; x < W0; ++x) G[x] = (ip[x] == sv) ? gy[x] : T(0);  // select: vectorises
           }
         }
-        // 2) coarser scales: gather G_s through the inverse Interp tables.
-        for (int s = 1; s < S; ++s) {
-          const Axis<T>& ay = tab.y[s];
-          const Axis<T>& ax = tab.x[s];
-          const int Hs = tab.H[s], Ws = tab.W[s];
-          T* gs = gp[s] + nc * Hs * Ws;
-          const T* G = gbuf.data() + (mode == Mode::kAvg ? 1 : s) * gplane;
-          T* __restrict t = trow.data();
-          T* __restrict tt = ttr.data();
-          for (int r = 0; r < Hs; ++r) {
-            const int lane = r % 8;
-            // vertical adjoint: row `lane` of the 8-row block = sum_k wpad[r][k] * G[first[r] + k]
-            vertical_adjoint<T>(G, W0, ay, r, t + static_cast<int64_t>(lane) * W0s);
-            if (lane == 7 || r == Hs - 1) {
-              // transpose the block (8 x W0s -> W0s x 8); the horizontal adjoint then runs on 8 rows at once
-              transpose8<T>(t, W0s, tt);
-              adjoint_cols8<T>(tt, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
-            }
-          }
-        }
-      }
-      if (attention) {
-        if (K == 1) {  // 3) the logit gradient of batch item n, while its data is hot
-          logits_grad_item<T>(dl.data(), w, gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
-        } else {
-          std::memcpy(dots.get() + nk * S * P, dl.data(), sizeof(T) * static_cast<size_t>(S * P));
-        }
+        for (int s = 1; s < S; ++s)
+          adjoint_plane<T>(SrcPlane<T>{gbuf.data() + s * P, W0}, tab.y[s], tab.x[s], W0, W0s, trow.data(),
+                           ttr.data(), gp[s] + nc * tab.H[s] * tab.W[s]);
       }
     }
   });
@@ -936,17 +1054,11 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   if (!attention || K == 1) return;
   // 3) logit gradient from the per-(n, chunk) partials, summed in chunk order.
   at::parallel_for(0, N, grain_for((K + 3) * S * P), [&](int64_t b, int64_t e) {
-    std::vector<T> wl(S * P), dsum(S * P), dot(P);
+    std::vector<T> wl(S * P);
     for (int64_t n = b; n < e; ++n) {
-      softmax_rows<T>(lg + n * S * P, wl.data(), S, H0, W0, 0, H0);
-      T* __restrict d = dsum.data();
-      const T* __restrict d0 = dots.get() + n * K * S * P;
-      for (int64_t i = 0; i < S * P; ++i) d[i] = d0[i];
-      for (int64_t k = 1; k < K; ++k) {
-        const T* __restrict dk = dots.get() + (n * K + k) * S * P;
-        for (int64_t i = 0; i < S * P; ++i) d[i] += dk[i];
-      }
-      logits_grad_item<T>(d, wl.data(), gw ? gw + n * S * P : nullptr, S, P, dot.data(), gl + n * S * P);
+      softmax_pixels<T>(lg + n * S * P, wl.data(), S, P, 0, P);
+      logits_grad_from_partials<T>(dots.get() + n * K * S * P, K, wl.data(), gw ? gw + n * S * P : nullptr, S, P,
+                                   gl + n * S * P);
     }
   });
 }
