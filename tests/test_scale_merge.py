@@ -124,6 +124,29 @@ def test_few_scales(mode, num_scales):
         assert torch.equal(w1, torch.ones_like(w1))
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_many_scales(mode):
+    """Five scales: the CPU kernels' runtime loop over scales (S - 1 > 3 coarse maps)."""
+    sizes = ((12, 11), (10, 9), (8, 8), (6, 7), (4, 5))
+    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
+    gout = torch.randn(2, 3, *sizes[0])
+    gw = torch.randn(2, len(sizes), *sizes[0])
+    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
+    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
+    close(o1, o2)
+    close(w1, w2)
+    for a, b in zip(g1, g2):
+        close(a, b)
+    if mode == "attention":
+        close(l1, l2)
+
+
+def test_too_many_scales_for_cpu_kernel():
+    scores = [torch.randn(1, 2, 4, 4) for _ in range(17)]
+    with pytest.raises(ValueError, match="at most 16 scales"):
+        scale_merge(scores, torch.randn(1, 17, 4, 4), "attention")
+
+
 def test_same_size_scale_is_a_copy():
     """Caffe Interp copies when input and output sizes are equal."""
     f0 = torch.randn(1, 2, 6, 7)

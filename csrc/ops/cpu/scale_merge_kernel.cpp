@@ -507,29 +507,36 @@ std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
   return out;
 }
 
+// The CPU kernels keep per-scale pointers and accumulators in fixed arrays of kMaxScales.
+constexpr int64_t kMaxScales = 16;
+
 void check_cpu(at::TensorList scores, const char* op) {
+  TORCH_CHECK_VALUE(static_cast<int64_t>(scores.size()) <= kMaxScales, op, ": the CPU kernel merges at most ",
+                    kMaxScales, " scales, got ", scores.size());
   TORCH_CHECK_VALUE(scores[0].device().is_cpu(), op, ": CPU kernel got scores[0] on ", scores[0].device());
   const auto st = scores[0].scalar_type();
   TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble, op,
                     ": scores dtype ", st, " is not supported on CPU (float32 or float64)");
 }
 
-// Where the values of destination row y come from, per scale: rows i0(y) and i1(y) of the
-// horizontally resized coarse plane and their lambdas (scale 0: not resized), and (attention)
-// the row of each scale's softmax weights.
+// Where the values of destination row y come from, per coarse scale s: rows i0(y) and i1(y) of
+// the horizontally resized plane (offsets into the per-plane scratch) and their lambdas.  Built
+// once per call, entry y * S + s.
 template <typename T>
-struct RowSrc {
-  std::vector<const T*> a, b, w;
+struct RowTaps {
+  std::vector<int64_t> ra, rb;
   std::vector<T> la, lb;
-  explicit RowSrc(int S) : a(S, nullptr), b(S, nullptr), w(S, nullptr), la(S, T(0)), lb(S, T(0)) {}
-  void set(const Tables<T>& tab, const T* rows, int y, int W0) {
-    for (size_t s = 1; s < a.size(); ++s) {
-      const Axis<T>& ay = tab.y[s];
-      a[s] = rows + tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
-      b[s] = rows + tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
-      la[s] = ay.l0[y];
-      lb[s] = ay.l1[y];
-    }
+  RowTaps(const Tables<T>& tab, int S, int H0, int W0)
+      : ra(static_cast<size_t>(H0) * S, 0), rb(ra.size(), 0), la(ra.size(), T(0)), lb(ra.size(), T(0)) {
+    for (int y = 0; y < H0; ++y)
+      for (int s = 1; s < S; ++s) {
+        const Axis<T>& ay = tab.y[s];
+        const size_t i = static_cast<size_t>(y) * S + s;
+        ra[i] = tab.hoff[s] + static_cast<int64_t>(ay.i0[y]) * W0;
+        rb[i] = tab.hoff[s] + static_cast<int64_t>(ay.i1[y]) * W0;
+        la[i] = ay.l0[y];
+        lb[i] = ay.l1[y];
+      }
   }
 };
 
@@ -560,61 +567,49 @@ inline void dispatch_coarse(int S, Fn&& fn) {
   }
 }
 
-// One merged row: attention sum_s w_s up(f_s) (accumulated in scale order), avg
-// (sum_s up(f_s)) / S.  NS coarse scales (-1: S - 1 at run time).  The row's pointers and lambdas
-// are copied to locals first so that the compiler keeps them in registers (the output store
-// could otherwise alias RowSrc's arrays and force a reload per block).
+// One merged (n, c) plane, row by row: attention sum_s w_s up(f_s) (accumulated in scale order),
+// avg (sum_s up(f_s)) / S, the vertical Interp blend fused in.  NS coarse scales (-1: S - 1 at run
+// time).  rows: the plane's horizontally resized coarse maps; w: the item's S weight planes.  Each
+// row's pointers and lambdas are copied to locals so that they stay in registers.
 template <typename T, bool Attention, int NS>
-inline void merge_row(int S, int W0, const T* __restrict f0, const RowSrc<T>& src, T inv_s, T* __restrict o) {
+void merge_plane(int S, int H0, int W0, const T* __restrict f0, const T* rows, const RowTaps<T>& taps,
+                 const T* w, T inv_s, T* __restrict o) {
   using V = Vec8<T>;
-  constexpr int kLocal = NS >= 0 ? NS + 1 : 1;
-  if constexpr (NS < 0) {  // any S: runtime loops over RowSrc
-    auto block = [&](int x) {
-      V acc = Attention ? V::load(src.w[0] + x) * V::load(f0 + x) : V::load(f0 + x);
-      for (int s = 1; s < S; ++s) {
-        const V up = fmadd(V::set1(src.la[s]), V::load(src.a[s] + x), V::set1(src.lb[s]) * V::load(src.b[s] + x));
-        acc = Attention ? fmadd(V::load(src.w[s] + x), up, acc) : acc + up;
-      }
-      if (!Attention) acc = acc * V::set1(inv_s);
-      acc.store(o + x);
-    };
-    auto one = [&](int x) {
-      T acc = Attention ? src.w[0][x] * f0[x] : f0[x];
-      for (int s = 1; s < S; ++s) {
-        const T up = src.la[s] * src.a[s][x] + src.lb[s] * src.b[s][x];
-        acc += Attention ? src.w[s][x] * up : up;
-      }
-      o[x] = Attention ? acc : acc * inv_s;
-    };
-    for_blocks(W0, block, one);
-  } else {
-    const T* a[kLocal];
-    const T* b[kLocal];
-    const T* w[kLocal];
-    T la[kLocal], lb[kLocal];
-    for (int s = 0; s <= NS; ++s) {
-      a[s] = src.a[s];
-      b[s] = src.b[s];
-      w[s] = src.w[s];
-      la[s] = src.la[s];
-      lb[s] = src.lb[s];
+  constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
+  const int ns = NS >= 0 ? NS : S - 1;
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  for (int y = 0; y < H0; ++y) {
+    const int64_t yo = static_cast<int64_t>(y) * W0;
+    const T* a[kL];
+    const T* b[kL];
+    const T* ws[kL];
+    T la[kL], lb[kL];
+    for (int s = 0; s <= ns; ++s) {
+      const size_t i = static_cast<size_t>(y) * S + s;
+      a[s] = rows + taps.ra[i];
+      b[s] = rows + taps.rb[i];
+      la[s] = taps.la[i];
+      lb[s] = taps.lb[i];
+      ws[s] = Attention ? w + s * P + yo : nullptr;
     }
+    const T* fy = f0 + yo;
+    T* oy = o + yo;
     auto block = [&](int x) {
-      V acc = Attention ? V::load(w[0] + x) * V::load(f0 + x) : V::load(f0 + x);
-      for (int s = 1; s <= NS; ++s) {
+      V acc = Attention ? V::load(ws[0] + x) * V::load(fy + x) : V::load(fy + x);
+      for (int s = 1; s <= ns; ++s) {
         const V up = fmadd(V::set1(la[s]), V::load(a[s] + x), V::set1(lb[s]) * V::load(b[s] + x));
-        acc = Attention ? fmadd(V::load(w[s] + x), up, acc) : acc + up;
+        acc = Attention ? fmadd(V::load(ws[s] + x), up, acc) : acc + up;
       }
-      if (!Attention && NS > 0) acc = acc * V::set1(inv_s);
-      acc.store(o + x);
+      if (!Attention && S > 1) acc = acc * V::set1(inv_s);
+      acc.store(oy + x);
     };
     auto one = [&](int x) {
-      T acc = Attention ? w[0][x] * f0[x] : f0[x];
-      for (int s = 1; s <= NS; ++s) {
+      T acc = Attention ? ws[0][x] * fy[x] : fy[x];
+      for (int s = 1; s <= ns; ++s) {
         const T up = la[s] * a[s][x] + lb[s] * b[s][x];
-        acc += Attention ? w[s][x] * up : up;
+        acc += Attention ? ws[s][x] * up : up;
       }
-      o[x] = (!Attention && NS > 0) ? acc * inv_s : acc;
+      oy[x] = (!Attention && S > 1) ? acc * inv_s : acc;
     };
     for_blocks(W0, block, one);
   }
@@ -649,29 +644,22 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
     }
     const bool attention = mode == Mode::kAttention;
     const T inv_s = static_cast<T>(1.0 / S);
+    const RowTaps<T> taps(tab, S, H0, W0);
     at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
       std::vector<T> rows(tab.hsize), pad(tab.wmax + 16);
-      RowSrc<T> src(S);
       for (int64_t nc = b; nc < e; ++nc) {
         const int64_t n = nc / C;
         for (int s = 1; s < S; ++s)
           resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
                          rows.data() + tab.hoff[s], pad.data());
-        for (int y = 0; y < H0; ++y) {
-          const int64_t yo = static_cast<int64_t>(y) * W0;
-          src.set(tab, rows.data(), y, W0);
-          for (int s = 0; s < S && attention; ++s) src.w[s] = w + (n * S + s) * P + yo;
-          const T* f0 = fp[0] + nc * P + yo;
-          T* o = out + nc * P + yo;
-          // one pass over the row for all scales, the vertical Interp blend fused in
-          dispatch_coarse(S, [&](auto ns) {
-            if (attention) {
-              merge_row<T, true, decltype(ns)::value>(S, W0, f0, src, inv_s, o);
-            } else {
-              merge_row<T, false, decltype(ns)::value>(S, W0, f0, src, inv_s, o);
-            }
-          });
-        }
+        dispatch_coarse(S, [&](auto ns) {
+          constexpr int NS = decltype(ns)::value;
+          if (attention) {
+            merge_plane<T, true, NS>(S, H0, W0, fp[0] + nc * P, rows.data(), taps, w + n * S * P, inv_s, out + nc * P);
+          } else {
+            merge_plane<T, false, NS>(S, H0, W0, fp[0] + nc * P, rows.data(), taps, nullptr, inv_s, out + nc * P);
+          }
+        });
       }
     });
     return;
@@ -833,7 +821,7 @@ struct AttChunk {
 template <typename T, int NS>
 void attention_sweep_row(const AttChunk<T>& A, int y) {
   using V = Vec8<T>;
-  constexpr int kL = NS >= 0 ? NS + 1 : 16;
+  constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
   const int S = NS >= 0 ? NS + 1 : A.S;
   const int W0 = A.W0;
   const int64_t P = A.P, yo = static_cast<int64_t>(y) * W0;
@@ -852,27 +840,15 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
   const T* g = A.g + yo;
   const T* f0 = A.f0 + yo;
   T* g0 = A.g0 + yo;
-  // The classes are 3 x ncls interleaved streams (grad, scores, scale 0's gradient), too many for
-  // the hardware prefetcher: fetch the lines of row y + 2 ahead.
-  if (y + 2 < A.P / W0) {
-    const int64_t ahead = 2 * static_cast<int64_t>(W0);
-    const int64_t lines = (static_cast<int64_t>(W0) * sizeof(T) + 63) / 64 + 1;
-    const int64_t step = 64 / sizeof(T);
-    for (int c = 0; c < A.ncls; ++c) {
-      const int64_t co = static_cast<int64_t>(c) * P + ahead;
-      for (int64_t q = 0; q < lines; ++q) {
-        __builtin_prefetch(g + co + q * step, 0, 3);
-        __builtin_prefetch(f0 + co + q * step, 0, 3);
-        __builtin_prefetch(g0 + co + q * step, 1, 3);
-      }
-    }
-  }
+  const T* rows = A.rows;
+  const int64_t hsize = A.hsize;
+  const int ncls = A.ncls;
   auto block = [&](int x) {
     V d[kL];
     for (int s = 0; s < S; ++s) d[s] = V::set1(T(0));
     const V w0 = V::load(w[0] + x);
-    const T* rc = A.rows + x;
-    for (int c = 0; c < A.ncls; ++c, rc += A.hsize) {
+    const T* rc = rows + x;
+    for (int c = 0; c < ncls; ++c, rc += hsize) {
       const int64_t co = static_cast<int64_t>(c) * P + x;
       const V gv = V::load(g + co);
       d[0] = fmadd(gv, V::load(f0 + co), d[0]);
