@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +88,22 @@ def bytes_moved(n, sizes, passes, elt=4):
 def time_us(fn, threads, min_run_time):
     timer = tb.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e6
+
+
+def time_interleaved_us(fns: dict, threads, min_run_time, rounds=9):
+    """Median time per call of each closure, measured in interleaved rounds (fused, eager, compiled,
+    fused, eager, ...) of about min_run_time / rounds each, so that a slow phase of a shared machine
+    hits every implementation alike and the speed-up ratios stay meaningful."""
+    timers = {k: tb.Timer(stmt="fn()", globals={"fn": f}, num_threads=threads) for k, f in fns.items()}
+    number = {}
+    for k, t in timers.items():  # calibrate the calls per block (and warm up)
+        m = t.blocked_autorange(min_run_time=min_run_time / rounds)
+        number[k] = max(1, round(min_run_time / rounds / m.median))
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, t in timers.items():
+            samples[k].append(t.timeit(number[k]).median)
+    return {k: statistics.median(v) * 1e6 for k, v in samples.items()}
 
 
 def cpu_time_us(fn, reps=20, blocks=7):
@@ -158,14 +175,13 @@ def run(args):
             for shape, (n, sizes) in shapes.items():
                 for mode in modes:
                     for passes in ("fwd", "fwd+bwd"):
-                        fused = time_us(closures(scale_merge, n, sizes, mode, device, passes), threads, min_run)
-                        eager = time_us(closures(scale_merge_reference, n, sizes, mode, device, passes),
-                                        threads, min_run)
-                        comp = None
+                        fns = {"fused": closures(scale_merge, n, sizes, mode, device, passes),
+                               "eager": closures(scale_merge_reference, n, sizes, mode, device, passes)}
                         if compiled is not None:
-                            fn = closures(compiled, n, sizes, mode, device, passes)
-                            fn()  # compile outside the measurement
-                            comp = time_us(fn, threads, min_run)
+                            fns["compiled"] = closures(compiled, n, sizes, mode, device, passes)
+                            fns["compiled"]()  # compile outside the measurement
+                        t = time_interleaved_us(fns, threads, min_run)
+                        fused, eager, comp = t["fused"], t["eager"], t.get("compiled")
                         gbps = pct = None
                         if device == "cuda":
                             gbps = bytes_moved(n, sizes, passes) / (fused * 1e-6) / 1e9
