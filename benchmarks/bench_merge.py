@@ -8,7 +8,8 @@ Shapes (C = 21 classes, S = 3 scales 1, 0.75, 0.5):
 CPU: always at 1 and 2 threads (torch.utils.benchmark.Timer(num_threads=...)).  CUDA (when present):
 torch.utils.benchmark (synchronises) plus the achieved bandwidth from the bytes the fused op must move
 and its fraction of a measured device-to-device copy bandwidth.  Every speed-up ratio is computed from
-medians measured in the same run.
+medians measured in the same run, in interleaved rounds (fused, eager, compiled, fused, ...) so that a
+slow phase of a shared machine hits every implementation alike.
 
     python benchmarks/bench_merge.py                 # attention, all shapes, CPU (+ CUDA)
     python benchmarks/bench_merge.py --modes all     # attention, avg and max
@@ -229,7 +230,7 @@ def main(argv=None):
                     help="also report thread CPU time per call at 1 thread (robust on a shared CPU)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs visible; medians of torch.utils.benchmark blocked_autorange")
+          f"{os.cpu_count()} CPUs visible; medians of 9 interleaved torch.utils.benchmark rounds")
     rows, copy_bw = run(args)
     if copy_bw is not None:
         print(f"CUDA device-to-device copy bandwidth: {copy_bw:.1f} GB/s ({torch.cuda.get_device_name()})")

@@ -2,29 +2,28 @@
 //
 // Layout of the work (one pass over the data, no temporaries of size N*S*C*H*W):
 // - Interp tables are built once per call: for every destination row/column its two source
-//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h), and their inverse: for
-//   every source row/column the contiguous range of destination indices whose footprint touches
-//   it, as a first index plus a fixed-width, zero-padded weight vector.
-// - A coarse plane is resized separably: horizontal pass into a small per-thread buffer of
-//   H_s x W0 rows (Caffe's inner w-interpolation; with AVX2 each block of 8 outputs is one load
-//   of an in-row 8-wide window and two permutes, no gathers, no padded copy), then each output
-//   row is a 2-tap blend of two such rows fused into the merge (contiguous, vectorised over W;
-//   attention: scales 0-2 in one pass per row).
-// - Backward, per (n, class chunk) task: one sweep over the rows gives scale 0's gradient, the
-//   gradient reaching every resized map (G_s, a per-thread plane) and, for attention, the dot
-//   products grad . up(f_s) of the logit gradient (the resized maps are rebuilt once, in the same
-//   sweep).  G_s is then gathered through the inverse tables: the vertical adjoint of each
-//   source row is one fixed-width pass over the destination rows (vectorised over W); blocks of 8
-//   such rows are transposed so that the horizontal adjoint runs on 8 rows at once.  No atomics,
-//   fixed summation order: deterministic whatever the thread count.
-// - Reductions over classes: attention's logit gradient is finished inside the task when a batch
-//   item is one chunk (N >= 8), otherwise summed from per-(n, chunk) partials in chunk order; the
-//   softmax weights are recomputed per batch item in the task (nothing of size N*S*H0*W0 is
-//   zero-filled).  max-mode counts use per-(n, class-chunk) partial buffers (K = class_chunks(N,
-//   C)).  Chunk counts depend on the shape only, never on the thread count.
-// - max mode's backward recomputes the argmax scale with the very same (non-inlined) routines
-//   as the forward, so the recomputed values are bit-identical and the gradient goes to the
-//   scale that produced the forward value.
+//   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h) and their inverse (for every
+//   source row/column the contiguous range of destination indices that touch it, with weights).
+// - A coarse plane is resized separably: a horizontal pass into a small per-thread buffer of
+//   H_s x W0 rows (with AVX2 each block of 8 outputs is one in-row 8-wide load and two permutes),
+//   then each output row is a 2-tap blend of two such rows fused into the merge.  Rows are
+//   processed in 8-wide blocks (Vec8: one AVX2 register for float); when 8 does not divide W0 a
+//   last block at W0 - 8 overlaps its neighbour, which is harmless because every such block
+//   computes pure functions of its pixels.
+// - Forward, per (n, c) plane: the row taps of every scale come from a table built once per call;
+//   one pass per row accumulates all scales in registers.
+// - Backward (attention), per (n, class chunk) task: the chunk's coarse planes are resized
+//   horizontally, then one sweep over the rows with the classes innermost keeps the dot products
+//   d_s = sum_c grad_c . up(f_s)_c in registers, stores scale 0's gradient on the way and finishes
+//   the logit gradient w_s (d_s - sum_t w_t d_t) right there when the chunk holds every class
+//   (N >= 8); otherwise per-chunk partials are summed in chunk order.  Each coarser score map's
+//   gradient is Interp^T (grad_c * w_s), with grad * w formed on the fly: the vertical adjoint of
+//   every source row (its fixed set of destination rows, fixed order), 8 rows transposed, then the
+//   horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
+//   depend on the shape only: deterministic whatever the thread count.
+// - avg: grad / S for scale 0 and through Interp^T.  max: the backward recomputes the argmax
+//   scale with the very same (non-inlined) routines as the forward, so the gradient goes to the
+//   scale that produced the forward value; the weights are per-(n, class chunk) partial counts.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -202,7 +201,6 @@ struct Tables {
   int64_t hsize = 0;
   int wmax = 0;   // widest coarse map (pad buffer)
   int kmax = 1;   // widest fixed-width inverse along x (trow padding)
-  int kmax_y = 1; // widest fixed-width inverse along y (G padding)
 
   explicit Tables(const std::vector<at::Tensor>& sc) {
     const int S = static_cast<int>(sc.size());
@@ -220,7 +218,6 @@ struct Tables {
       x[s].build(W[s], W0);
       wmax = std::max(wmax, W[s]);
       kmax = std::max(kmax, x[s].kmax);
-      kmax_y = std::max(kmax_y, y[s].kmax);
       hoff[s] = hsize;
       hsize += static_cast<int64_t>(H[s]) * W0;
     }
@@ -229,8 +226,9 @@ struct Tables {
 
 // Horizontal pass of one coarse plane: rows[r][x] = l0[x] f[r][i0[x]] + l1[x] f[r][i1[x]].
 // Not inlined: the forward and the backward's recomputation must produce bit-identical values.
-// Each source row is copied into `pad` (its last element repeated) so that f[i1] = pad[i0 + 1]
-// for every x; with AVX2, 8 outputs are two permutes of two contiguous loads (no gathers).
+// With AVX2, 8 outputs are two permutes of one in-row 8-wide load when both taps of the block fit
+// in one window (always for the DeepLab sizes), else of two loads from a copy of the row padded
+// with its last element (f[i1] = pad[i0 + 1]); no gathers.
 template <typename T>
 ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const Axis<T>& ax, int W0,
                                     T* __restrict rows, T* __restrict pad) {
