@@ -841,6 +841,22 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
   const T* rows = A.rows;
   const int64_t hsize = A.hsize;
   const int ncls = A.ncls;
+  // The classes are 3 x ncls interleaved streams (grad, scores, scale 0's gradient), too many for
+  // the hardware prefetchers; when the data comes from DRAM (large N) their latency dominates, so
+  // fetch the lines of row y + 2 of every class ahead.
+  if (y + 2 < A.P / W0) {
+    const int64_t ahead = 2 * static_cast<int64_t>(W0), step = 64 / sizeof(T);
+    const int64_t last = ahead + W0 - 1;
+    for (int c = 0; c < ncls; ++c) {
+      const int64_t co = static_cast<int64_t>(c) * P;
+      for (int64_t q = ahead; q <= last + step - 1; q += step) {
+        const int64_t o = co + std::min(q, last);
+        __builtin_prefetch(g + o, 0, 3);
+        __builtin_prefetch(f0 + o, 0, 3);
+        __builtin_prefetch(g0 + o, 1, 3);
+      }
+    }
+  }
   auto block = [&](int x) {
     V d[kL];
     for (int s = 0; s < S; ++s) d[s] = V::set1(T(0));
