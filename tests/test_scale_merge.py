@@ -67,23 +67,30 @@ def close(a, b, tol=1e-6):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-# ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("sizes", [EXACT, INEXACT, NONSQUARE, TRAIN], ids=["exact", "inexact", "nonsquare", "train"])
-def test_matches_reference_fp32(mode, sizes):
-    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
-    gout = torch.randn(2, 3, *sizes[0])
-    gw = torch.randn(2, len(sizes), *sizes[0])
+def check_matches_reference(sizes, mode, n=2, c=3, tol=1e-6, grad_weights=True):
+    """Values, weights and every gradient of the op against the reference (with a gradient
+    reaching the weights output too unless grad_weights=False); returns the op's weights."""
+    scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-4)
+    gout = torch.randn(n, c, *sizes[0])
+    gw = torch.randn(n, len(sizes), *sizes[0]) if grad_weights else None
     o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
     o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
     close(o1, o2)
     close(w1, w2)
     for a, b in zip(g1, g2):
-        close(a, b)
+        close(a, b, tol)
     if mode == "attention":
-        close(l1, l2)
+        close(l1, l2, tol)
     else:
         assert l1 is None
+    return w1
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [EXACT, INEXACT, NONSQUARE, TRAIN], ids=["exact", "inexact", "nonsquare", "train"])
+def test_matches_reference_fp32(mode, sizes):
+    check_matches_reference(sizes, mode)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -93,52 +100,21 @@ def test_batch_and_class_counts(mode, n, c):
     partial sums are reduced in a fixed order; every split, uneven ones included (N=1, C=21: 8
     chunks of 3), must give the reference's values and gradients."""
     sizes = INEXACT if mode == "max" else TRAIN  # max: few outputs, so that no near-tie is drawn
-    scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-4)
-    gout = torch.randn(n, c, *sizes[0])
-    gw = torch.randn(n, 3, *sizes[0])
-    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
-    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
-    close(o1, o2)
-    close(w1, w2)
-    for a, b in zip(g1, g2):
-        close(a, b, tol=2e-6)
-    if mode == "attention":
-        close(l1, l2, tol=2e-6)
+    check_matches_reference(sizes, mode, n=n, c=c, tol=2e-6)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_scales", [1, 2])
 def test_few_scales(mode, num_scales):
-    sizes = INEXACT[:num_scales]
-    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
-    gout = torch.randn(2, 3, *sizes[0])
-    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout)
-    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout)
-    close(o1, o2)
-    close(w1, w2)
-    for a, b in zip(g1, g2):
-        close(a, b)
-    if mode == "attention":
-        close(l1, l2)
+    w = check_matches_reference(INEXACT[:num_scales], mode, grad_weights=False)
     if num_scales == 1:
-        assert torch.equal(w1, torch.ones_like(w1))
+        assert torch.equal(w, torch.ones_like(w))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_many_scales(mode):
     """Five scales: the CPU kernels' runtime loop over scales (S - 1 > 3 coarse maps)."""
-    sizes = ((12, 11), (10, 9), (8, 8), (6, 7), (4, 5))
-    scores, logits = make_inputs(sizes, mode=mode, gap=1e-4)
-    gout = torch.randn(2, 3, *sizes[0])
-    gw = torch.randn(2, len(sizes), *sizes[0])
-    o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
-    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
-    close(o1, o2)
-    close(w1, w2)
-    for a, b in zip(g1, g2):
-        close(a, b)
-    if mode == "attention":
-        close(l1, l2)
+    check_matches_reference(((12, 11), (10, 9), (8, 8), (6, 7), (4, 5)), mode)
 
 
 def test_too_many_scales_for_cpu_kernel():
