@@ -18,7 +18,8 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
     bilinear with aligned corners (src = dst * (in-1)/(out-1)), which is
     ``F.interpolate(align_corners=True)``.  Then
 
-    - ``attention``: w = softmax over scales of ``logits`` (computed in fp32), out = sum_s w_s f_s;
+    - ``attention``: w = softmax over scales of ``logits`` (computed in fp32, fp64 for fp64 inputs),
+      out = sum_s w_s f_s;
     - ``avg``: w_s = 1/S, out = mean_s f_s (Caffe Eltwise SUM with coeff 1/S);
     - ``max``: out = max_s f_s with Caffe Eltwise MAX's tie rule: scales are visited in order and a
       later scale wins only if strictly greater, so a tie goes to the lowest scale index and the
@@ -39,7 +40,8 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
     if mode == "attention":
         if logits is None:
             raise ValueError("scale_merge: mode='attention' needs logits (N, S, H0, W0)")
-        w = torch.softmax(logits.float(), dim=1).to(scores[0].dtype)
+        # fp32 for half/bfloat16/float32 logits, fp64 for fp64 (as the kernels)
+        w = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1).to(scores[0].dtype)
         out = sum(w[:, s:s + 1] * ups[s] for s in range(S))
         return out, w
     if mode == "avg":
