@@ -6,6 +6,8 @@ with F.conv2d at TF32 / bf16 / fp16 / fp64 tolerances (skipped without a GPU).
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from attnscale.ops import dilated_conv2d, dilated_conv2d_reference, has_extension
 
@@ -58,6 +60,32 @@ def test_matches_conv2d_float64(shape, bias):
     want = torch.autograd.grad(ref, params, g)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_random_shapes_match_conv2d_float64(data):
+    """Random batch, channel counts (off the kernels' block sizes), map sizes, kernel sizes,
+    dilations and paddings: output and all three gradients equal F.conv2d's in float64."""
+    n = data.draw(st.integers(1, 3), label="N")
+    c = data.draw(st.integers(1, 37), label="C")
+    o = data.draw(st.integers(1, 37), label="O")
+    h = data.draw(st.integers(1, 18), label="H")
+    w = data.draw(st.integers(1, 18), label="W")
+    kh = data.draw(st.sampled_from([1, 3, 5]), label="kh")  # odd sizes only (a documented limit)
+    kw = data.draw(st.sampled_from([1, 3, 5]), label="kw")
+    d = data.draw(st.integers(1, 7), label="dilation")
+    p = data.draw(st.integers(0, 8), label="padding")
+    assume(h + 2 * p - d * (kh - 1) >= 1 and w + 2 * p - d * (kw - 1) >= 1)
+    bias = data.draw(st.booleans(), label="bias")
+    x, wt, b, d, p = _inputs((n, c, o, h, w, (kh, kw), d, p), bias=bias, grad=True)
+    y = dilated_conv2d(x, wt, b, d, p)
+    ref = F.conv2d(x, wt, b, padding=p, dilation=d)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(ref)
+    params = (x, wt) + ((b,) if bias else ())
+    for a, e in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
 def test_opcheck():
