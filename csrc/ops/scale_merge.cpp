@@ -8,7 +8,8 @@
 //   max:       out = max_s up(f_s)                       (Caffe Eltwise MAX: a tie goes to the
 //                                                         lowest scale index)
 // The backward pass is a separate registered op (scale_merge_backward) so that it can be
-// opchecked and so that autograd (registered from Python) stays a thin wrapper.
+// opchecked and so that the autograd kernel (csrc/ops/autograd/scale_merge_autograd.cpp) stays a
+// thin wrapper.
 #include "ops/scale_merge.h"
 
 #include <torch/library.h>
@@ -107,8 +108,8 @@ Mode check_backward_inputs(const at::Tensor& grad_merged, const std::optional<at
 }  // namespace attnscale
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
-  // (no default for mode: the dispatcher drops defaulted args, which breaks
-  // register_autograd's Tensor[] bookkeeping)
+  // (no default for mode: the Python entry point attnscale.ops.scale_merge is the one place that
+  // defaults it)
   m.def("scale_merge(Tensor[] scores, Tensor? logits, str mode) -> (Tensor, Tensor)");
   // grads for every score map at its own resolution, then the logits grad (an empty tensor
   // unless mode == 'attention').
