@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -28,12 +29,17 @@ Mode check_backward_inputs(const at::Tensor& grad_merged, const std::optional<at
                            at::TensorList scores, const std::optional<at::Tensor>& logits,
                            std::string_view mode);
 
-// Number of class chunks a batch item is split into for the partial reductions over classes
-// (max-mode counts, attention logit gradients).  Depends on the shape only, never on the thread
-// count, so results are bit-identical whatever the parallelism.
-inline int64_t class_chunks(int64_t N, int64_t C) {
-  const int64_t want = (16 + N - 1) / (N > 0 ? N : 1);
-  return std::max<int64_t>(1, std::min<int64_t>(C, want));
+// How a batch item's classes are split into chunks for the partial reductions over classes
+// (max-mode counts, attention logit gradients): chunk k holds classes [k * size, min(C, (k + 1) *
+// size)), about `want` chunks and never an empty one (its partial would be summed too).  Depends on
+// the shape only, never on the thread count, so results are bit-identical whatever the parallelism.
+struct ClassSplit {
+  int64_t chunks, size;
+};
+inline ClassSplit split_classes(int64_t C, int64_t want) {
+  want = std::max<int64_t>(1, std::min<int64_t>(C, want));
+  const int64_t size = (C + want - 1) / want;
+  return {(C + size - 1) / size, size};
 }
 
 }  // namespace scale_merge

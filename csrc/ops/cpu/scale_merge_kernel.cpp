@@ -664,8 +664,8 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
   }
 
   // max: merged values + per-(n, class chunk) counts of the winning scale.
-  const int64_t K = class_chunks(N, C);
-  const int64_t csz = (C + K - 1) / K;
+  const ClassSplit split = split_classes(C, (16 + N - 1) / N);  // ~16 tasks
+  const int64_t K = split.chunks, csz = split.size;
   std::vector<T> counts(static_cast<size_t>(N * K * S * P), T(0));
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> rows(tab.hsize), upbuf(static_cast<size_t>(S) * W0), pad(tab.wmax + 16);
@@ -926,14 +926,6 @@ void logits_grad_from_partials(const T* __restrict parts, int64_t K, const T* __
     for (int64_t p = 0; p < P; ++p) gl[s * P + p] = w[s * P + p] * (d[s * P + p] - dot[p]);
 }
 
-// Number of class chunks per batch item in the attention and max backward: the logit gradient
-// (and max's counts) need a reduction over classes; with one chunk (N >= 8 for attention) it is
-// finished inside the task that owns the batch item, otherwise per-(n, chunk) partials are summed
-// in a fixed order.  Depends on the shape only, never on the thread count.
-inline int64_t attention_class_chunks(int64_t N, int64_t C) {
-  return std::max<int64_t>(1, std::min<int64_t>(C, (8 + N - 1) / std::max<int64_t>(1, N)));
-}
-
 template <typename T>
 void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::vector<at::Tensor>& sc,
                    const at::Tensor& logits, Mode mode, std::vector<at::Tensor>& grads,
@@ -951,9 +943,11 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   }
   const T* go = gout_t.data_ptr<T>();
   const bool attention = mode == Mode::kAttention;
-  const int64_t want = attention ? attention_class_chunks(N, C) : class_chunks(N, C);
-  const int64_t csz = (C + want - 1) / want;
-  const int64_t K = (C + csz - 1) / csz;  // no empty chunk (their partials would be summed)
+  // Class chunks per batch item: attention's logit gradient needs a reduction over classes; with
+  // one chunk (N >= 8) it is finished inside the task that owns the batch item, otherwise
+  // per-(n, chunk) partials are summed in chunk order.  ~8 tasks for attention, ~16 otherwise.
+  const ClassSplit split = split_classes(C, ((attention ? 8 : 16) + N - 1) / N);
+  const int64_t K = split.chunks, csz = split.size;
   const T inv_s = static_cast<T>(1.0 / S);
   const T* lg = attention ? logits.data_ptr<T>() : nullptr;
   const T* gw = (attention && gw_t.defined()) ? gw_t.data_ptr<T>() : nullptr;
