@@ -69,15 +69,22 @@ def close(a, b, tol=1e-6):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
-def check_matches_reference(sizes, mode, n=2, c=3, tol=1e-6, grad_weights=True, dtype=torch.float32):
+def check_matches_reference(sizes, mode, n=2, c=3, tol=1e-6, grad_weights=True, dtype=torch.float32,
+                            ref_dtype=None):
     """Values, weights and every gradient of the op against the reference (with a gradient
-    reaching the weights output too unless grad_weights=False); returns the op's weights."""
+    reaching the weights output too unless grad_weights=False); returns the op's weights.
+    ``ref_dtype``: run the reference on the same inputs cast to that dtype (float64: the exact
+    answer to compare a float32 op with)."""
     scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-4, dtype=dtype)
     gen = torch.Generator().manual_seed(1)
     gout = torch.randn(n, c, *sizes[0], dtype=dtype, generator=gen)
     gw = torch.randn(n, len(sizes), *sizes[0], dtype=dtype, generator=gen) if grad_weights else None
     o1, w1, g1, l1 = run(scale_merge, scores, logits, mode, gout, gw)
-    o2, w2, g2, l2 = run(scale_merge_reference, scores, logits, mode, gout, gw)
+    rd = ref_dtype or dtype
+    cast = lambda t: None if t is None else t.to(rd)  # noqa: E731
+    o2, w2, g2, l2 = run(scale_merge_reference, [cast(s) for s in scores], cast(logits), mode, cast(gout), cast(gw))
+    o2, w2, g2, l2 = (o2.to(dtype), w2.to(dtype), [g.to(dtype) for g in g2],
+                                  None if l2 is None else l2.to(dtype))
     close(o1, o2, tol)
     close(w1, w2, tol)
     for a, b in zip(g1, g2):
@@ -140,6 +147,24 @@ def test_random_shapes_match_reference(data):
     if mode == "max":  # few outputs, so that a draw without near-ties is found quickly
         n, c = min(n, 2), min(c, 3)
     check_matches_reference(tuple(sizes), mode, n=n, c=c, tol=2e-5, dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_random_shapes_float32_kernels(data):
+    """The float32 kernels (AVX2 8-wide blocks where the machine has them: overlapping last blocks,
+    in-register transposes, rows narrower than a block) over random sizes up to 48, against the
+    float64 reference of the same inputs.  A float32 tolerance: an indexing slip is off by O(1)."""
+    mode = data.draw(st.sampled_from(MODES), label="mode")
+    n = data.draw(st.integers(1, 4), label="n")
+    c = data.draw(st.integers(1, 12), label="c")
+    h0 = data.draw(st.integers(1, 48), label="h0")
+    w0 = data.draw(st.integers(1, 48), label="w0")
+    num = data.draw(st.integers(1, 4), label="S")
+    sizes = [(h0, w0)] + [(data.draw(st.integers(1, h0)), data.draw(st.integers(1, w0))) for _ in range(num - 1)]
+    if mode == "max":
+        n, c = min(n, 2), min(c, 3)
+    check_matches_reference(tuple(sizes), mode, n=n, c=c, tol=1e-4, ref_dtype=torch.float64)
 
 
 def test_too_many_scales_for_cpu_kernel():

@@ -304,31 +304,39 @@ ATTNSCALE_NOINLINE void resize_row(const T* __restrict rows, int W0, const Axis<
   for (int x = 0; x < W0; ++x) up[x] = la * a[x] + lb * b[x];
 }
 
+#if defined(__AVX2__)
+// In-register 8 x 8 transpose: r[i] lane j  ->  r[j] lane i.
+inline void transpose8x8(__m256 r[8]) {
+  __m256 u[8], v[8];
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  v[0] = _mm256_shuffle_ps(u[0], u[2], 0x44);
+  v[1] = _mm256_shuffle_ps(u[0], u[2], 0xEE);
+  v[2] = _mm256_shuffle_ps(u[1], u[3], 0x44);
+  v[3] = _mm256_shuffle_ps(u[1], u[3], 0xEE);
+  v[4] = _mm256_shuffle_ps(u[4], u[6], 0x44);
+  v[5] = _mm256_shuffle_ps(u[4], u[6], 0xEE);
+  v[6] = _mm256_shuffle_ps(u[5], u[7], 0x44);
+  v[7] = _mm256_shuffle_ps(u[5], u[7], 0xEE);
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(v[i], v[i + 4], 0x31);
+  }
+}
+#endif
+
 // Transpose an 8 x W (W a multiple of 8) block of rows with stride W into dst[x * 8 + row].
 template <typename T>
 inline void transpose8(const T* __restrict src, int W, T* __restrict dst) {
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
     for (int x = 0; x < W; x += 8) {
-      __m256 r[8], u[8], v[8];
+      __m256 r[8];
       for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + static_cast<int64_t>(i) * W + x);
-      for (int i = 0; i < 8; i += 2) {
-        u[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-        u[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-      }
-      v[0] = _mm256_shuffle_ps(u[0], u[2], 0x44);
-      v[1] = _mm256_shuffle_ps(u[0], u[2], 0xEE);
-      v[2] = _mm256_shuffle_ps(u[1], u[3], 0x44);
-      v[3] = _mm256_shuffle_ps(u[1], u[3], 0xEE);
-      v[4] = _mm256_shuffle_ps(u[4], u[6], 0x44);
-      v[5] = _mm256_shuffle_ps(u[4], u[6], 0xEE);
-      v[6] = _mm256_shuffle_ps(u[5], u[7], 0x44);
-      v[7] = _mm256_shuffle_ps(u[5], u[7], 0xEE);
-      T* d = dst + static_cast<int64_t>(x) * 8;
-      for (int i = 0; i < 4; ++i) {
-        _mm256_storeu_ps(d + i * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x20));
-        _mm256_storeu_ps(d + (i + 4) * 8, _mm256_permute2f128_ps(v[i], v[i + 4], 0x31));
-      }
+      transpose8x8(r);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + static_cast<int64_t>(x) * 8 + i * 8, r[i]);
     }
     return;
   }
@@ -338,11 +346,34 @@ inline void transpose8(const T* __restrict src, int W, T* __restrict dst) {
 }
 
 // Horizontal adjoint of a block of up to 8 rows stored transposed (tt[x * 8 + lane]):
-// grow[lane][j] = sum_k wpad[j][k] * tt[(first[j] + k) * 8 + lane].  The inner loop over the 8
-// lanes is contiguous and vectorises; fixed summation order (k ascending), no atomics.
+// grow[lane][j] = sum_k wpad[j][k] * tt[(first[j] + k) * 8 + lane].  Fixed summation order (k
+// ascending), no atomics.  With AVX2 the sums of 8 columns j are 8 registers (lanes = rows),
+// transposed back in registers and stored as 8-wide row pieces; when 8 does not divide Ws the
+// last block overlaps its neighbour (each column's value is a pure function of j).
 template <typename T, int K>
 inline void adjoint_cols8_k(const T* __restrict tt, const int* __restrict first, const T* __restrict wp, int Ws,
                             int nrows, T* __restrict grow) {
+#if defined(__AVX2__) && defined(__FMA__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (Ws >= 8) {
+      for (int jb = 0; jb < Ws; jb += 8) {
+        const int j0 = std::min(jb, Ws - 8);
+        __m256 acc[8];
+        for (int i = 0; i < 8; ++i) {
+          const int j = j0 + i;
+          const float* tp = tt + static_cast<int64_t>(first[j]) * 8;
+          const float* ww = wp + static_cast<int64_t>(j) * K;
+          __m256 a = _mm256_mul_ps(_mm256_set1_ps(ww[0]), _mm256_loadu_ps(tp));
+          for (int k = 1; k < K; ++k) a = _mm256_fmadd_ps(_mm256_set1_ps(ww[k]), _mm256_loadu_ps(tp + k * 8), a);
+          acc[i] = a;
+        }
+        transpose8x8(acc);
+        for (int l = 0; l < nrows; ++l) _mm256_storeu_ps(grow + static_cast<int64_t>(l) * Ws + j0, acc[l]);
+      }
+      return;
+    }
+  }
+#endif
   for (int j = 0; j < Ws; ++j) {
     T acc[8] = {T(0), T(0), T(0), T(0), T(0), T(0), T(0), T(0)};
     const T* __restrict tp = tt + static_cast<int64_t>(first[j]) * 8;

@@ -2,7 +2,7 @@
 // contiguity, output allocation, current stream, then the raw-pointer launchers of
 // csrc/ops/cuda/scale_merge_kernel.cu.  Mirrors csrc/ops/cpu/scale_merge_kernel.cpp.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> scale_merge_cuda(at::TensorList scores_in,
   for (const auto& s : sc) ptrs.push_back(s.data_ptr());
   const cudaError_t err =
       cuda::launch_forward(p, ptrs.data(), logits.defined() ? logits.data_ptr() : nullptr, merged.data_ptr(),
-                           weights.data_ptr(), at::cuda::getCurrentCUDAStream());
+                           weights.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "scale_merge: CUDA forward launch failed: ", cudaGetErrorString(err));
   return {merged, weights};
 }
@@ -100,7 +100,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
   const cudaError_t err = cuda::launch_backward(
       p, gout.data_ptr(), gw.defined() ? gw.data_ptr() : nullptr, ptrs.data(),
       logits.defined() ? logits.data_ptr() : nullptr, gptrs.data(),
-      mode == Mode::kAttention ? glogits.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream());
+      mode == Mode::kAttention ? glogits.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "scale_merge_backward: CUDA launch failed: ", cudaGetErrorString(err));
   return {grads, glogits};
 }
