@@ -16,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import caffe
-from .ops import dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference
+from .ops import (dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference, winograd_applies,
+                  winograd_conv2d, winograd_weight)
 
 __all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "scale_suffix"]
 
@@ -36,6 +37,7 @@ FC6 = dict(out=1024, kernel=3, pad=12, dilation=12)
 FC7_OUT = 1024
 ATT1_OUT = 512
 MERGES = ("attention", "max", "avg")
+CONV_IMPLS = ("torch", "winograd")
 
 
 def scale_suffix(scale: float) -> str:
@@ -70,6 +72,11 @@ class AttentionToScale(nn.Module):
         extra_supervision: add one loss per scale on its own-resolution scores (E-Supv).
         width: multiplies every trunk/head channel count (tiny nets for tests); 1.0 is the real net.
         use_reference_ops: pure-PyTorch references instead of the C++ ops ``scale_merge``/``dilated_conv2d``.
+        conv_impl: the 3x3 convolutions of the trunk (conv1_1 .. conv5_3) and of the attention head:
+            "torch" (``nn.Conv2d``: oneDNN / cuDNN) or "winograd" (:func:`attnscale.ops.winograd_conv2d`,
+            Winograd F(2x2, 3x3), 2.25x less arithmetic, on CPU float32/float64 inputs; the dilated conv5
+            layers by polyphase components; anything else still runs through ``nn.Conv2d``).  Each weight's
+            Winograd transform is kept until the weight changes, so the scales of one forward share it.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
@@ -79,7 +86,7 @@ class AttentionToScale(nn.Module):
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
-                 dropout: float = 0.5, test_crop_size: int = 513):
+                 dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "torch"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -92,6 +99,8 @@ class AttentionToScale(nn.Module):
             raise ValueError(f"one scale has nothing to merge: use merge=None (got merge={merge!r})")
         if len(scales) > 1 and merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES} for {len(scales)} scales, got {merge!r}")
+        if conv_impl not in CONV_IMPLS:
+            raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
         if not (width > 0):
             raise ValueError(f"width must be > 0, got {width}")
         if not (0 <= dropout < 1):
@@ -106,6 +115,8 @@ class AttentionToScale(nn.Module):
         self.extra_supervision = bool(extra_supervision)
         self.width = float(width)
         self.use_reference_ops = bool(use_reference_ops)
+        self.conv_impl = conv_impl
+        self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
         self.test_crop_size = test_crop_size
@@ -192,6 +203,20 @@ class AttentionToScale(nn.Module):
         fn = dilated_conv2d_reference if self.use_reference_ops else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
+    def _conv(self, x, name: str):
+        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd F(2x2, 3x3) when ``conv_impl`` says so and
+        :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1 convolution on a CPU float input), else
+        ``nn.Conv2d``."""
+        conv = getattr(self, name)
+        if self.conv_impl != "winograd" or not winograd_applies(x, conv):
+            return conv(x)
+        w = conv.weight
+        hit = self._winograd_cache.get(name)
+        if hit is None or hit[0] is not w or hit[1] != w._version:  # a new tensor, or updated in place
+            hit = (w, w._version, winograd_weight(w))
+            self._winograd_cache[name] = hit
+        return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0])
+
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
@@ -199,7 +224,7 @@ class AttentionToScale(nn.Module):
         """One scale through the shared net: returns (fc7 after relu7/drop7, classifier scores)."""
         for spec in self._layers:
             if spec[0] == "conv":
-                x = F.relu(getattr(self, spec[1])(x))
+                x = F.relu(self._conv(x, spec[1]))
             else:
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
@@ -233,7 +258,7 @@ class AttentionToScale(nn.Module):
         if self.merge == "attention":
             # fc7_concat: fc7 of every scale Interp'ed to the scale-1 size (fc7_res075_interp, ...).
             cat = torch.cat([fc7s[0]] + [caffe.interp(f, size) for f in fc7s[1:]], dim=1)
-            a = self._drop(F.relu(self.att_conv1(cat)))
+            a = self._drop(F.relu(self._conv(cat, "att_conv1")))
             logits = self.att_conv2(a)
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
         merged, weights = merge_fn(scores, logits, self.merge)

@@ -155,7 +155,7 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
 def config_key(cfg: TrainConfig) -> str:
     """Hash of everything that changes the result (not the device / worker count / out_dir)."""
     d = cfg.to_dict()
-    for k in ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops"):
+    for k in ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl"):
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -253,7 +253,7 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
 def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
               iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
               synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
-              reference_ops: bool = False, progress: bool = True, log=print) -> dict:
+              reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "torch") -> dict:
     if table not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
     spec = TABLES[table]
@@ -287,7 +287,7 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     pre_ck = ""
     if synthetic:
         pre = synthetic_pretrain_config(os.path.join(out, "runs", group, "pretrain"), device, quick, workers)
-        pre.use_reference_ops = bool(reference_ops)
+        pre.use_reference_ops, pre.conv_impl = bool(reference_ops), conv_impl
         from .train import CHECKPOINT, train
         pre_ck = os.path.join(pre.out_dir, CHECKPOINT)
         _drop_stale_checkpoint(pre, log)
@@ -299,7 +299,7 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         run_dir = os.path.join(out, "runs", group, row.id)
         cfg = (synthetic_config(row, iters, device, run_dir, quick, workers, pre_ck) if synthetic
                else real_config(spec, row, data_root, init, iters, device, run_dir, workers))
-        cfg.use_reference_ops = bool(reference_ops)
+        cfg.use_reference_ops, cfg.conv_impl = bool(reference_ops), conv_impl
         t0 = time.time()
         res = run_row(cfg, progress, max_eval if not quick else 0, log)
         val = metric_of(res, "class_iou:1" if synthetic and table == 7 else spec.metric)
@@ -352,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
     ap.add_argument("--reference-ops", action="store_true",
                     help="use the slow pure-PyTorch reference ops instead of attnscale._C's kernels")
+    ap.add_argument("--conv", default="torch", choices=("torch", "winograd"),
+                    help="3x3 convolutions: torch (oneDNN/cuDNN) or winograd (CPU, attnscale.ops.winograd_conv2d)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.init and not os.path.isfile(a.init):
@@ -361,7 +363,7 @@ def main(argv=None) -> int:
         print("Running on the built-in SYNTHETIC scale data set - these are NOT the paper's numbers.")
     reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
               a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
-              a.reference_ops, not a.no_progress)
+              a.reference_ops, not a.no_progress, conv_impl=a.conv)
     return 0
 
 

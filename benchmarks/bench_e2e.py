@@ -1,7 +1,8 @@
 """End-to-end benchmark of the 3-scale attention model (VGG-16 widths) on random data.
 
 Measures, each with our C++/CUDA ops and with the pure-PyTorch references (``use_reference_ops``) in
-the same run, so the ops' gain shows as a ratio:
+the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 convolutions through
+``winograd_conv2d``, variant ``ops+winograd``):
 
 - inference: ms per 513x513 image, 3 scales, eval mode (the paper: 350 ms on a K40; real Caffe with
   OpenBLAS on a 2-core CPU: ~4.3 s);
@@ -32,7 +33,7 @@ from attnscale.model import AttentionToScale
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+winograd" (CPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -54,29 +55,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn, device: str, warmup: int, reps: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
+def _time_interleaved(steps: dict, device: str, warmup: int, reps: int) -> dict:
+    """Seconds per call of each step, timed in interleaved rounds (one call of each variant per
+    round), so that a slow phase of a shared machine (this one drifts by +-30 % over minutes) hits
+    every variant alike and the ratios stay meaningful."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
     _sync(device)
-    out = []
+    out = {k: [] for k in steps}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        out.append(time.perf_counter() - t0)
+        for k, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out[k].append(time.perf_counter() - t0)
     return out
 
 
 def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
+    parts = variant.split("+")
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
-                         use_reference_ops=(variant == "reference")).to(device)
+                         use_reference_ops=(parts[0] == "reference"),
+                         conv_impl="winograd" if "winograd" in parts else "torch").to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
 
 
-def bench_infer(variant, precision, device, size, warmup, reps, channels_last) -> Row:
-    m = _model(variant.split("+")[0], device, channels_last).eval()
+def infer_step(variant, precision, device, size, channels_last):
+    m = _model(variant, device, channels_last).eval()
     fwd = torch.compile(m) if variant.endswith("compile") else m
     x = torch.randn(1, 3, size, size, device=device)
     if channels_last:
@@ -86,13 +94,11 @@ def bench_infer(variant, precision, device, size, warmup, reps, channels_last) -
     def step():
         with torch.no_grad(), ac:
             fwd(x)
-
-    t = _time(step, device, warmup, reps)
-    return Row("infer", variant, precision, 1, size, statistics.median(t), min(t), reps)
+    return step
 
 
-def bench_train(variant, precision, device, size, batch, warmup, reps, channels_last) -> Row:
-    m = _model(variant.split("+")[0], device, channels_last).train()
+def train_step(variant, precision, device, size, batch, channels_last):
+    m = _model(variant, device, channels_last).train()
     fwd = torch.compile(m) if variant.endswith("compile") else m
     opt = torch.optim.SGD(m.param_groups(1e-3, 5e-4), lr=1e-3, momentum=0.9)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -108,9 +114,7 @@ def bench_train(variant, precision, device, size, batch, warmup, reps, channels_
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-
-    t = _time(step, device, warmup, reps)
-    return Row("train", variant, precision, batch, size, statistics.median(t), min(t), reps)
+    return step
 
 
 def main(argv=None) -> int:
@@ -137,7 +141,8 @@ def main(argv=None) -> int:
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     reps = args.reps or (10 if cuda else 3)
-    variants = ["reference", "ops"] + (["ops+compile"] if args.compile else [])
+    # ops+winograd: also the 3x3 trunk / attention convolutions through winograd_conv2d (CPU only)
+    variants = ["reference", "ops"] + ([] if cuda else ["ops+winograd"]) + (["ops+compile"] if args.compile else [])
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv)}
@@ -150,11 +155,17 @@ def main(argv=None) -> int:
             torch.backends.cudnn.allow_tf32 = prec == "tf32"
             torch.backends.cudnn.benchmark = True
         for job in args.jobs:
+            if job == "infer":
+                steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last) for v in variants}
+                n, size = 1, args.infer_size
+            else:
+                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants}
+                n, size = batch, args.train_size
+            times = _time_interleaved(steps, dev, warmup, reps)
+            del steps
             for v in variants:
-                if job == "infer":
-                    r = bench_infer(v, prec, dev, args.infer_size, warmup, reps, args.channels_last)
-                else:
-                    r = bench_train(v, prec, dev, args.train_size, batch, warmup, reps, args.channels_last)
+                t = times[v]
+                r = Row(job, v, prec, n, size, statistics.median(t), min(t), reps)
                 rows.append(r)
                 print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
                       f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)

@@ -304,6 +304,45 @@ def test_model_with_ops_equals_references(merge):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
+def test_winograd_convs_equal_torch_convs():
+    """conv_impl="winograd" runs every 3x3 layer (conv1_1 .. conv5_3, conv5 dilated, and att_conv1)
+    through winograd_conv2d and gives nn.Conv2d's values and gradients (float64).  Each weight's
+    transform is reused across the scales and renewed when the weight changes."""
+    torch.manual_seed(0)
+    ref = tiny(merge="attention", dropout=0.0).double()
+    win = tiny(merge="attention", dropout=0.0, conv_impl="winograd").double()
+    win.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 45, 41, dtype=torch.float64)
+    lab = torch.randint(0, 5, (2, 45, 41))
+
+    def run(m):
+        out = m(x)
+        loss, _ = m.loss(out, lab)
+        grads = torch.autograd.grad(loss, [p for p in m.parameters()])
+        return out, grads
+
+    (a, ga), (b, gb) = run(ref), run(win)
+    torch.testing.assert_close(b.merged, a.merged, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(b.attention, a.attention, rtol=1e-10, atol=1e-10)
+    for u, v in zip(gb, ga):
+        torch.testing.assert_close(u, v, rtol=1e-9, atol=1e-9)
+    wino_layers = {spec[1] for spec in win._layers if spec[0] == "conv"} | {"att_conv1"}
+    assert set(win._winograd_cache) == wino_layers and "conv5_3" in wino_layers
+    before = {n: e[2] for n, e in win._winograd_cache.items()}
+    win(x)  # same weights: the transforms are reused
+    assert all(win._winograd_cache[n][2] is before[n] for n in before)
+    with torch.no_grad():
+        for m in (ref, win):
+            m.conv1_1.weight.mul_(-0.5)
+    torch.testing.assert_close(win(x).merged, ref(x).merged, rtol=1e-10, atol=1e-10)
+    assert win._winograd_cache["conv1_1"][2] is not before["conv1_1"]
+
+
+def test_conv_impl_is_checked():
+    with pytest.raises(ValueError, match="conv_impl must be one of"):
+        tiny(conv_impl="fft")
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_training_steps_decrease_loss():
     """A learnable fixed batch (class = colour + noise), tiny net, Caffe param groups, SGD momentum 0.9."""

@@ -1,0 +1,199 @@
+"""``attnscale.ops.winograd_conv2d``: 3x3, stride-1 convolution by Winograd's F(2x2, 3x3), CPU.
+
+The same function as Caffe's ``Convolution`` with ``kernel_size: 3``, ``pad: p``, stride 1, no dilation
+(every DeepLab trunk layer conv1_1 .. conv4_3, and the attention head's 3x3 layer): output size
+``H + 2p - 2`` per axis, zero padding.  Each 2x2 output tile takes 16 multiplies per channel pair
+instead of 36 (``Y = A^T [(G g G^T) . (B^T d B)] A``), so on a CPU, where oneDNN's direct
+convolution already runs near the FMA peak, it does 2.25x less arithmetic.  Float32 rounding is no
+worse than the direct convolution's: F(2x2, 3x3) uses only the interpolation points 0, +-1 and
+infinity, whose transforms have entries 0, +-1/2 and +-1 (tests/test_winograd_conv.py measures it
+against float64).
+
+CPU only (float32, float64): on CUDA, cuDNN already picks Winograd kernels itself.  The weight
+transform is its own op (:func:`winograd_weight`) so that a caller transforms a weight once and
+reuses it (the model does, across its scales).  Differentiable in x, weight and bias: d/dx is the
+3x3 convolution of the output gradient with the flipped, transposed weight (this op again when
+``p <= 2``), d/dweight is oneDNN's.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._ext import autocast_dtype, has_extension, require_extension
+
+_OPS_REGISTERED = False
+
+
+def _out_size(size: int, padding: int) -> int:
+    return size + 2 * padding - 2
+
+
+def _check(x, weight, bias, padding, weight_winograd) -> None:
+    """Argument checks with messages naming the argument (the C++ kernel repeats them)."""
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"winograd_conv2d: {name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("weight_winograd", weight_winograd)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"winograd_conv2d: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if isinstance(padding, bool) or not isinstance(padding, int):
+        raise TypeError(f"winograd_conv2d: padding must be an int, got {padding!r}")
+    if x.dim() != 4:
+        raise ValueError(f"winograd_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_conv2d: weight must be (out, in, 3, 3), got shape {tuple(weight.shape)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"winograd_conv2d: x is on {x.device}; the op is CPU only (on CUDA use F.conv2d: "
+                         "cuDNN picks Winograd kernels itself)")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"winograd_conv2d: x must be float32 or float64, got {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("weight_winograd", weight_winograd)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"winograd_conv2d: {name} has dtype {t.dtype} but x has dtype {x.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"winograd_conv2d: {name} is on {t.device} but x is on {x.device}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"winograd_conv2d: weight has {weight.shape[1]} input channels (dim 1) "
+                         f"but x has {x.shape[1]} channels")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"winograd_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if weight_winograd is not None and tuple(weight_winograd.shape) != (16, weight.shape[0], weight.shape[1]):
+        raise ValueError(f"winograd_conv2d: weight_winograd must be winograd_weight(weight), of shape "
+                         f"(16, {weight.shape[0]}, {weight.shape[1]}), got {tuple(weight_winograd.shape)}")
+    if padding < 0:
+        raise ValueError(f"winograd_conv2d: padding must be >= 0, got {padding}")
+    ho, wo = _out_size(x.shape[2], padding), _out_size(x.shape[3], padding)
+    if ho < 1 or wo < 1:
+        raise ValueError(f"winograd_conv2d: output size H + 2*padding - 2 is ({ho}, {wo}) for x of spatial size "
+                         f"{tuple(x.shape[2:])} and padding {padding}; it must be >= 1")
+
+
+def _register() -> None:
+    """Fake + autograd registrations of the C++ ops (once, when the extension is loaded)."""
+    global _OPS_REGISTERED
+    if _OPS_REGISTERED or not has_extension():
+        return
+
+    @torch.library.register_fake("attnscale::winograd_weight")
+    def _weight_fake(weight):
+        return weight.new_empty((16, weight.shape[0], weight.shape[1]))
+
+    @torch.library.register_fake("attnscale::winograd_conv2d")
+    def _conv_fake(x, weight, weight_winograd, bias=None, padding=1):
+        _check(x, weight, bias, padding, weight_winograd)
+        return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], padding),
+                            _out_size(x.shape[3], padding)))
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, _, bias, padding = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.padding = padding
+
+    def _backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        p = ctx.padding
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            if p <= 2:  # a 3x3 convolution with padding 2 - p gives back H = Ho + 2 (2 - p) - 2
+                wt = weight.flip(2, 3).transpose(0, 1).contiguous()
+                with torch.no_grad():
+                    ut = torch.ops.attnscale.winograd_weight(wt)
+                gx = torch.ops.attnscale.winograd_conv2d(grad_out.contiguous(), wt, ut, None, 2 - p)
+            else:
+                gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=p)
+        if ctx.needs_input_grad[1]:
+            gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, padding=p)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = grad_out.sum((0, 2, 3))
+        return gx, gw, None, gb, None
+
+    torch.library.register_autograd("attnscale::winograd_conv2d", _backward, setup_context=_setup_context)
+    _OPS_REGISTERED = True
+
+
+_register()
+
+
+def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The Winograd F(2x2, 3x3) transform ``U = G g G^T`` of a (out, in, 3, 3) weight, as (16, out, in):
+    ``U[4a + b, o, c] = (G w[o, c] G^T)[a, b]``, ``G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]``.
+    Not differentiable (the convolution's gradient goes to ``weight`` directly)."""
+    require_extension()
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError("winograd_weight: weight must be a (out, in, 3, 3) tensor, got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    with torch.no_grad():
+        return torch.ops.attnscale.winograd_weight(weight.detach())
+
+
+def _component_sizes_ok(h: int, w: int, padding: int, dilation: int) -> bool:
+    """Every polyphase component x[..., a::d, b::d] (ceil((H - a) / d) rows) has an output, with
+    padding p / d: at least one row and column each."""
+    d, q = dilation, padding // dilation
+    return all(-(-(n - a) // d) + 2 * q - 2 >= 1 for n in (h, w) for a in range(d))
+
+
+def winograd_applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
+    """Whether ``conv(x)`` is a computation :func:`winograd_conv2d` does: a CPU float32/float64 input,
+    a 3x3 kernel, stride 1, one group, zero padding and dilation equal on both axes, the padding a
+    multiple of the dilation (DeepLab: conv1_1 .. conv4_3 pad 1, conv5_x dilation 2 pad 2)."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and isinstance(conv.padding, tuple)
+            and conv.padding[0] == conv.padding[1] and conv.dilation[0] == conv.dilation[1]
+            and conv.padding[0] % conv.dilation[0] == 0 and conv.weight.dtype == x.dtype):
+        return False
+    return _component_sizes_ok(x.shape[2], x.shape[3], conv.padding[0], conv.dilation[0])
+
+
+def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
+                    weight_winograd: torch.Tensor | None = None, dilation: int = 1) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)`` for a 3x3 weight, computed by
+    Winograd F(2x2, 3x3).
+
+    ``x`` (N, C, H, W) on the CPU, float32 or float64; ``weight`` (O, C, 3, 3); ``bias`` (O,) or None;
+    ``weight_winograd``: ``winograd_weight(weight)`` when the caller keeps it (else computed here).
+    Returns (N, O, H + 2p - 2d, W + 2p - 2d).  A dilation d > 1 needs p = d q: the output pixels (i, j)
+    with i = a, j = b mod d read only the input's polyphase component x[..., a::d, b::d], so the op runs
+    undilated with padding q on each of the d^2 components (each must have an output).  Inside a CPU
+    ``torch.autocast`` region the inputs run in float32."""
+    require_extension()
+    dt = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
+    if dt is not None:
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        weight_winograd = None if weight_winograd is None else weight_winograd.to(dt)
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"winograd_conv2d: dilation must be an int >= 1, got {dilation!r}")
+    _check(x, weight, bias, padding, weight_winograd)
+    d = dilation
+    if d > 1:
+        if padding % d:
+            raise ValueError(f"winograd_conv2d: padding ({padding}) must be a multiple of the dilation ({d})")
+        if not _component_sizes_ok(x.shape[2], x.shape[3], padding, d):
+            raise ValueError(f"winograd_conv2d: x of spatial size {tuple(x.shape[2:])} with dilation {d} and "
+                             f"padding {padding} leaves a polyphase component without output; use F.conv2d")
+    if weight_winograd is None:
+        weight_winograd = winograd_weight(weight)
+    if d == 1:
+        return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding)
+    q = padding // d
+    parts = [torch.ops.attnscale.winograd_conv2d(x[:, :, a::d, b::d].contiguous(), weight, weight_winograd, bias, q)
+             for a in range(d) for b in range(d)]
+    n, o = x.shape[0], weight.shape[0]
+    h, w = x.shape[2] + 2 * padding - 2 * d, x.shape[3] + 2 * padding - 2 * d
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        out = x.new_empty((n, o, h, w))
+        for i, y in enumerate(parts):
+            out[:, :, i // d::d, i % d::d] = y
+        return out
+    # with autograd: interleave without in-place writes (pad every component to ceil(h / d) rows and
+    # ceil(w / d) columns, stack, permute, crop)
+    hh, ww = -(-h // d), -(-w // d)
+    grid = torch.stack([F.pad(y, (0, ww - y.shape[3], 0, hh - y.shape[2])) for y in parts], 0)
+    grid = grid.view(d, d, n, o, hh, ww).permute(2, 3, 4, 0, 5, 1)  # (n, o, i, a, j, b)
+    return grid.reshape(n, o, hh * d, ww * d)[:, :, :h, :w]

@@ -1,0 +1,117 @@
+"""3x3 convolutions of the share-net: ``winograd_conv2d`` (Winograd F(2x2, 3x3), CPU) vs ``F.conv2d``
+(oneDNN's direct convolution), forward and forward+backward, on the layer shapes of the 513x513 test
+image at scale 1 (conv1_2 .. conv4_3 at their sizes, and the attention head's 3072 -> 512 layer).
+
+Both are timed in interleaved rounds (median of each), so a slow phase of a shared machine hits both
+alike.  GFLOP/s are nominal: the direct convolution's 2 * H * W * C * K * 9 multiply-adds, for both, so
+the Winograd figure can exceed the machine's FMA peak (it does 16/36 of the multiplies).
+
+    python benchmarks/bench_winograd.py                  # 2 and 1 threads
+    python benchmarks/bench_winograd.py --threads 2 --json results/winograd.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torch.utils.benchmark as tb
+
+from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
+
+# (name, C, K, H=W) at the 513x513 input's scale 1
+LAYERS = [
+    ("conv1_2", 64, 64, 513),
+    ("conv2_2", 128, 128, 257),
+    ("conv3_2", 256, 256, 129),
+    ("conv4_2", 512, 512, 65),
+    ("att_conv1", 3072, 512, 65),
+]
+
+
+def interleaved(fns: dict, threads: int, rounds: int) -> dict:
+    timers = {k: tb.Timer("f()", globals={"f": f}, num_threads=threads) for k, f in fns.items()}
+    for t in timers.values():
+        t.timeit(1)  # warm-up
+    out = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, t in timers.items():
+            out[k].append(t.timeit(1).median)
+    return {k: statistics.median(v) * 1e3 for k, v in out.items()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--layers", default="", help="comma-separated names (default all)")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    require_extension()
+    layers = [lay for lay in LAYERS if not args.layers or lay[0] in args.layers.split(",")]
+    env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d")}
+    print(f"# bench_winograd: {env}")
+    rows = []
+    for threads in args.threads:
+        for name, c, k, hw in layers:
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(1, c, hw, hw, generator=gen)
+            w = torch.randn(k, c, 3, 3, generator=gen) * (2.0 / (9 * c)) ** 0.5
+            b = torch.randn(k, generator=gen)
+            u = winograd_weight(w)
+            gflop = 2 * hw * hw * c * k * 9 / 1e9
+
+            def direct():
+                with torch.no_grad():
+                    F.conv2d(x, w, b, padding=1)
+
+            def wino():
+                with torch.no_grad():
+                    winograd_conv2d(x, w, b, 1, weight_winograd=u)
+
+            fns = {"direct": direct, "winograd": wino}
+            if not args.no_backward:
+                xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+                g = torch.randn(1, k, hw, hw, generator=gen)
+
+                def direct_fb():
+                    F.conv2d(xg, wg, bg, padding=1).backward(g)
+                    xg.grad = wg.grad = bg.grad = None
+
+                def wino_fb():
+                    winograd_conv2d(xg, wg, bg, 1, weight_winograd=u).backward(g)
+                    xg.grad = wg.grad = bg.grad = None
+
+                fns |= {"direct_fb": direct_fb, "winograd_fb": wino_fb}
+            ms = interleaved(fns, threads, args.rounds)
+            for p in ("fwd", "fwd+bwd"):
+                if p == "fwd+bwd" and args.no_backward:
+                    continue
+                d, wv = (ms["direct"], ms["winograd"]) if p == "fwd" else (ms["direct_fb"], ms["winograd_fb"])
+                flop = gflop if p == "fwd" else 3 * gflop
+                rows.append({"threads": threads, "layer": name, "C": c, "K": k, "hw": hw, "pass": p,
+                             "onednn_ms": d, "winograd_ms": wv, "speedup": d / wv,
+                             "onednn_gflops": flop / d * 1e3, "winograd_gflops_nominal": flop / wv * 1e3})
+                r = rows[-1]
+                print(f"  thr {threads} {name:9s} {c:4d}->{k:4d} {hw:3d}px {p:7s}  oneDNN {d:8.1f} ms "
+                      f"({r['onednn_gflops']:5.0f} GFLOP/s)  winograd {wv:8.1f} ms ({r['winograd_gflops_nominal']:5.0f} "
+                      f"nominal)  {r['speedup']:.2f}x", flush=True)
+    print("\n| threads | layer | C -> K | H=W | pass | oneDNN ms | winograd ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['threads']} | {r['layer']} | {r['C']} -> {r['K']} | {r['hw']} | {r['pass']} | "
+              f"{r['onednn_ms']:.1f} | {r['winograd_ms']:.1f} | {r['speedup']:.2f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

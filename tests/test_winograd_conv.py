@@ -1,0 +1,185 @@
+"""Tests of attnscale.ops.winograd_conv2d (3x3, stride 1, zero padding, by Winograd F(2x2, 3x3)) and
+winograd_weight: values and gradients against F.conv2d, float32 rounding against float64, the band
+structure of the kernel, registration (opcheck) and input checks.  CPU only: the op has no CUDA kernel."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnscale.ops import has_extension, winograd_applies, winograd_conv2d, winograd_weight
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+
+
+def test_weight_transform_is_g_w_gt():
+    w = torch.randn(5, 3, 3, 3, dtype=torch.float64)
+    want = torch.einsum("ai,kcij,bj->abkc", G, w, G).reshape(16, 5, 3)
+    torch.testing.assert_close(winograd_weight(w), want, rtol=0, atol=1e-15)
+    torch.testing.assert_close(winograd_weight(w.float()), want.float(), rtol=0, atol=1e-6)
+
+
+# (N, C, O, H, W, padding)
+SHAPES = [
+    (2, 3, 5, 9, 8, 1),    # even and odd output sizes
+    (1, 4, 2, 1, 1, 1),    # one pixel: every tap but the centre reads padding
+    (1, 2, 3, 5, 4, 0),    # no padding
+    (3, 6, 7, 8, 8, 2),    # DeepLab conv5's padding (with dilation 1 here)
+    (1, 2, 2, 3, 7, 4),    # padding wider than the kernel: border outputs are bias only
+    (1, 1, 1, 3, 3, 0),    # one output
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_conv2d_float64(shape, bias):
+    n, c, o, h, w, p = shape
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(o, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(o, dtype=torch.float64, requires_grad=True) if bias else None
+    y = winograd_conv2d(x, wt, b, p)
+    ref = F.conv2d(x, wt, b, padding=p)
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    params = (x, wt) + ((b,) if bias else ())
+    for a, e in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,d,p", [((2, 3, 4, 13, 12), 2, 2), ((1, 2, 3, 11, 14), 3, 3),
+                                       ((1, 2, 2, 9, 10), 2, 4), ((1, 3, 2, 7, 8), 2, 0)])
+def test_dilated_by_polyphase_matches_conv2d(shape, d, p):
+    """Dilation d with padding p = d q (DeepLab conv5: d = 2, p = 2) through the d^2 polyphase components:
+    values, and gradients of x, weight and bias, equal F.conv2d's."""
+    n, c, o, h, w = shape
+    x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(o, c, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(o, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, wt, b, padding=p, dilation=d)
+    with torch.no_grad():  # the in-place assembly
+        torch.testing.assert_close(winograd_conv2d(x, wt, b, p, dilation=d), ref, rtol=1e-12, atol=1e-12)
+    y = winograd_conv2d(x, wt, b, p, dilation=d)  # the differentiable assembly
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, e in zip(torch.autograd.grad(y, (x, wt, b), g), torch.autograd.grad(ref, (x, wt, b), g)):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_dilation_errors():
+    x, w = torch.randn(1, 2, 9, 9), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="multiple of the dilation"):
+        winograd_conv2d(x, w, None, 3, dilation=2)
+    with pytest.raises(ValueError, match="polyphase component without output"):
+        winograd_conv2d(torch.randn(1, 2, 3, 3), w, None, 0, dilation=2)
+    assert not winograd_applies(torch.randn(1, 2, 3, 3), torch.nn.Conv2d(2, 3, 3, dilation=2))
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3])
+def test_gradcheck(p):
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: winograd_conv2d(x, w, b, p), (x, w, b))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_random_shapes_match_conv2d_float64(data):
+    n = data.draw(st.integers(1, 3), label="N")
+    c = data.draw(st.integers(1, 20), label="C")
+    o = data.draw(st.integers(1, 20), label="O")
+    h = data.draw(st.integers(1, 30), label="H")
+    w = data.draw(st.integers(1, 30), label="W")
+    p = data.draw(st.integers(0, 3), label="padding")
+    if h + 2 * p - 2 < 1 or w + 2 * p - 2 < 1:
+        p = 1
+    x = torch.randn(n, c, h, w, dtype=torch.float64)
+    wt = torch.randn(o, c, 3, 3, dtype=torch.float64)
+    b = torch.randn(o, dtype=torch.float64)
+    torch.testing.assert_close(winograd_conv2d(x, wt, b, p), F.conv2d(x, wt, b, padding=p), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c,o,hw", [(64, 64, 97), (256, 96, 33), (3, 16, 60)])
+def test_float32_rounding_no_worse_than_direct(c, o, hw):
+    """Against the float64 convolution, the float32 Winograd result errs no more than the float32
+    direct convolution (oneDNN) does, within a factor 2: the F(2x2, 3x3) transforms only add and halve."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, c, hw, hw, generator=gen)
+    w = torch.randn(o, c, 3, 3, generator=gen) * (2.0 / (9 * c)) ** 0.5
+    b = torch.randn(o, generator=gen)
+    exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+    err_wino = (winograd_conv2d(x, w, b, 1).double() - exact).abs().max().item()
+    err_direct = (F.conv2d(x, w, b, padding=1).double() - exact).abs().max().item()
+    assert err_wino <= 2 * err_direct + 1e-6, (err_wino, err_direct)
+
+
+def test_bands_and_batch_float64():
+    """Batch 2 with 64 -> 64 channels on 97x97: the kernel splits each image into bands of tile rows
+    (about 8 MiB of transformed tiles each: in float64 four bands of 10 of the 49 tile rows and a
+    shorter last one), so band edges are crossed in both images."""
+    x = torch.randn(2, 64, 97, 97, dtype=torch.float64)
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float64) / 24
+    torch.testing.assert_close(winograd_conv2d(x, w, None, 1), F.conv2d(x, w, padding=1), rtol=1e-12, atol=1e-12)
+
+
+def test_precomputed_weight_is_used():
+    x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
+    w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    u = winograd_weight(w)
+    torch.testing.assert_close(winograd_conv2d(x, w, None, 1, weight_winograd=u), F.conv2d(x, w, padding=1))
+    # a different transform gives a different result: the kernel reads weight_winograd, not weight
+    assert not torch.allclose(winograd_conv2d(x, w, None, 1, weight_winograd=2 * u), F.conv2d(x, w, padding=1))
+
+
+def test_opcheck():
+    x = torch.randn(2, 3, 7, 6)
+    w = torch.randn(4, 3, 3, 3)
+    u = winograd_weight(w)
+    b = torch.randn(4)
+    torch.library.opcheck(torch.ops.attnscale.winograd_weight.default, (w,))
+    torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (x, w, u, b, 1))
+    xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg, wg, u, bg, 1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_applies():
+    x = torch.randn(1, 3, 8, 8)
+    assert winograd_applies(x, torch.nn.Conv2d(3, 4, 3, padding=1))
+    assert winograd_applies(x, torch.nn.Conv2d(3, 4, 3, padding=2, dilation=2))
+    assert not winograd_applies(x, torch.nn.Conv2d(3, 4, 3, padding=1, dilation=2))
+    assert not winograd_applies(x, torch.nn.Conv2d(3, 4, 3, stride=2))
+    assert not winograd_applies(x, torch.nn.Conv2d(3, 4, 1))
+    assert not winograd_applies(x.double(), torch.nn.Conv2d(3, 4, 3, padding=1))  # dtype mismatch
+
+
+@pytest.mark.parametrize("args,exc,match", [
+    (lambda: (torch.randn(3, 8, 8), torch.randn(2, 3, 3, 3)), ValueError, "x must be 4-D"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(2, 3, 5, 5)), ValueError, r"weight must be \(out, in, 3, 3\)"),
+    (lambda: (torch.randn(1, 4, 8, 8), torch.randn(2, 3, 3, 3)), ValueError, "input channels"),
+    (lambda: (torch.randn(1, 3, 8, 8).half(), torch.randn(2, 3, 3, 3).half()), TypeError, "float32 or float64"),
+    (lambda: (torch.randn(1, 3, 8, 8), torch.randn(2, 3, 3, 3).double()), TypeError, "weight has dtype"),
+    (lambda: (torch.randint(0, 3, (1, 3, 8, 8)), torch.randn(2, 3, 3, 3)), TypeError, "float32 or float64"),
+])
+def test_bad_inputs(args, exc, match):
+    x, w = args()
+    with pytest.raises(exc, match=match):
+        winograd_conv2d(x, w)
+
+
+def test_bad_padding_size_and_transform():
+    x, w = torch.randn(1, 3, 1, 1), torch.randn(2, 3, 3, 3)
+    with pytest.raises(ValueError, match="output size"):
+        winograd_conv2d(x, w, None, 0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        winograd_conv2d(torch.randn(1, 3, 8, 8), w, None, -1)
+    with pytest.raises(ValueError, match="weight_winograd must be"):
+        winograd_conv2d(torch.randn(1, 3, 8, 8), w, None, 1, weight_winograd=torch.randn(16, 3, 2))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        winograd_conv2d(torch.randn(1, 3, 8, 8), w, torch.randn(3), 1)
+    # the C++ op checks too (a direct call past the Python wrapper)
+    with pytest.raises(ValueError, match="weight_winograd must be"):
+        torch.ops.attnscale.winograd_conv2d(torch.randn(1, 3, 8, 8), w, torch.randn(16, 3, 2), None, 1)
