@@ -127,6 +127,20 @@ def test_many_scales(mode):
     check_matches_reference(((12, 11), (10, 9), (8, 8), (6, 7), (4, 5)), mode)
 
 
+def draw_case(data, max_n, max_c, max_hw, max_s):
+    """A random (mode, N, C, sizes): scale 0 up to max_hw square-or-not, each coarser scale no larger."""
+    mode = data.draw(st.sampled_from(MODES), label="mode")
+    n = data.draw(st.integers(1, max_n), label="n")
+    c = data.draw(st.integers(1, max_c), label="c")
+    h0 = data.draw(st.integers(1, max_hw), label="h0")
+    w0 = data.draw(st.integers(1, max_hw), label="w0")
+    num = data.draw(st.integers(1, max_s), label="S")
+    sizes = [(h0, w0)] + [(data.draw(st.integers(1, h0)), data.draw(st.integers(1, w0))) for _ in range(num - 1)]
+    if mode == "max":  # few outputs, so that a draw without near-ties is found quickly
+        n, c = min(n, 2), min(c, 3)
+    return mode, n, c, tuple(sizes)
+
+
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_random_shapes_match_reference(data):
@@ -137,16 +151,8 @@ def test_random_shapes_match_reference(data):
     noise.  What remains is the Interp source coordinate, which the op computes in float as Caffe does
     (an absolute error of ~6e-8 times the coordinate in each lambda, so ~1e-6 on these values), far
     below what any indexing slip would give."""
-    mode = data.draw(st.sampled_from(MODES), label="mode")
-    n = data.draw(st.integers(1, 9), label="n")
-    c = data.draw(st.integers(1, 25), label="c")
-    h0 = data.draw(st.integers(1, 20), label="h0")
-    w0 = data.draw(st.integers(1, 20), label="w0")
-    num = data.draw(st.integers(1, 5), label="S")
-    sizes = [(h0, w0)] + [(data.draw(st.integers(1, h0)), data.draw(st.integers(1, w0))) for _ in range(num - 1)]
-    if mode == "max":  # few outputs, so that a draw without near-ties is found quickly
-        n, c = min(n, 2), min(c, 3)
-    check_matches_reference(tuple(sizes), mode, n=n, c=c, tol=2e-5, dtype=torch.float64)
+    mode, n, c, sizes = draw_case(data, max_n=9, max_c=25, max_hw=20, max_s=5)
+    check_matches_reference(sizes, mode, n=n, c=c, tol=2e-5, dtype=torch.float64)
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -155,16 +161,8 @@ def test_random_shapes_float32_kernels(data):
     """The float32 kernels (AVX2 8-wide blocks where the machine has them: overlapping last blocks,
     in-register transposes, rows narrower than a block) over random sizes up to 48, against the
     float64 reference of the same inputs.  A float32 tolerance: an indexing slip is off by O(1)."""
-    mode = data.draw(st.sampled_from(MODES), label="mode")
-    n = data.draw(st.integers(1, 4), label="n")
-    c = data.draw(st.integers(1, 12), label="c")
-    h0 = data.draw(st.integers(1, 48), label="h0")
-    w0 = data.draw(st.integers(1, 48), label="w0")
-    num = data.draw(st.integers(1, 4), label="S")
-    sizes = [(h0, w0)] + [(data.draw(st.integers(1, h0)), data.draw(st.integers(1, w0))) for _ in range(num - 1)]
-    if mode == "max":
-        n, c = min(n, 2), min(c, 3)
-    check_matches_reference(tuple(sizes), mode, n=n, c=c, tol=1e-4, ref_dtype=torch.float64)
+    mode, n, c, sizes = draw_case(data, max_n=4, max_c=12, max_hw=48, max_s=4)
+    check_matches_reference(sizes, mode, n=n, c=c, tol=1e-4, ref_dtype=torch.float64)
 
 
 def test_too_many_scales_for_cpu_kernel():
