@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .ops.pooling import caffe_max_pool2d, caffe_max_pool2d_applies
+
 __all__ = [
     "MEAN_BGR", "IGNORE_LABEL",
     "pool_output_size", "pool_output_shape", "ave_pool_divisor", "pool2d",
@@ -102,7 +104,9 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     - AVE: sum over the window clipped to the image divided by :func:`ave_pool_divisor` (padding cells up
       to ``H + pad`` count, cells beyond do not).
 
-    Implemented with ``F.max_pool2d`` / ``F.avg_pool2d(divisor_override=1)`` on an explicitly padded input
+    MAX without a gradient on the CPU runs :func:`attnscale.ops.pooling.caffe_max_pool2d` (the same values;
+    PyTorch's NCHW CPU max pooling is a scalar loop).  Otherwise this is
+    ``F.max_pool2d`` / ``F.avg_pool2d(divisor_override=1)`` on an explicitly padded input
     whenever torch's own ceil-mode size could differ from Caffe's; AVE always divides the window sums by
     the explicit Caffe divisor map, so it never relies on torch's ``count_include_pad`` rules.
     """
@@ -121,6 +125,8 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     torch_ok = 2 * pad <= kernel and all(
         _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
     if method == "max":
+        if caffe_max_pool2d_applies(x):  # inference on the CPU: the vectorised C++ kernel, same values
+            return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
         if torch_ok:
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
         xp = F.pad(x, (pad, _window_reach(W, ow, kernel, stride, pad),

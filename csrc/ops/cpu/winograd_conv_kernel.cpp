@@ -17,13 +17,9 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
+#include "ops/cpu/even_odd.h"
 #include "ops/winograd_conv.h"
 
 namespace attnscale {
@@ -64,25 +60,7 @@ void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0,
         e[t] = at(2 * t - pad);
         o[t] = at(2 * t + 1 - pad);
       }
-      const T* __restrict xs = xr - pad;
-      int t = t_lo;
-#if defined(__AVX2__)
-      if constexpr (std::is_same<T, float>::value) {
-        // 16 consecutive floats -> 8 even + 8 odd (two in-lane shuffles and a cross-lane permute;
-        // the compiler's own version of this loop uses gathers, which are slow on many x86 cores)
-        for (; t + 8 <= t_hi; t += 8) {
-          const __m256 a = _mm256_loadu_ps(xs + 2 * t), b = _mm256_loadu_ps(xs + 2 * t + 8);
-          const __m256 ev = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));  // a0 a2 b0 b2 | a4 a6 b4 b6
-          const __m256 ov = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1));
-          _mm256_storeu_ps(e + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
-          _mm256_storeu_ps(o + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ov), 0xD8)));
-        }
-      }
-#endif
-      for (; t < t_hi; ++t) {
-        e[t] = xs[2 * t];
-        o[t] = xs[2 * t + 1];
-      }
+      split_even_odd(xr - pad + 2 * t_lo, t_hi - t_lo, e + t_lo, o + t_lo);
       for (int t = t_hi; t < L; ++t) {
         e[t] = at(2 * t - pad);
         o[t] = at(2 * t + 1 - pad);

@@ -1,0 +1,125 @@
+// CPU kernel of attnscale::caffe_max_pool2d (float, double), NCHW, one (n, c) plane per task.
+// Per output row: the running maximum of the window's input rows (contiguous, vectorised), then the
+// horizontal window over that row; for stride 2 the row is first split into even and odd columns so
+// that every window position reads unit-stride arrays; other strides take a scalar loop.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "ops/cpu/even_odd.h"
+
+namespace attnscale {
+namespace max_pool {
+namespace {
+
+// Caffe: the maximum starts at -FLT_MAX and a value replaces it only if strictly greater, so a NaN never
+// wins (here the start is -inf: a window of NaNs gives -inf where Caffe gives -FLT_MAX).
+template <typename T>
+inline T take_max(T m, T v) {
+  return v > m ? v : m;
+}
+
+template <typename T>
+void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH, int OW, T* __restrict out,
+                std::vector<T>& buf) {
+  const T lowest = -std::numeric_limits<T>::infinity();
+  // row buffer with room for the window's reach past the right border (filled with -inf)
+  const int span = std::max(W, (OW - 1) * s - p + k) + 2 * k + 16;
+  buf.assign(static_cast<size_t>(2) * span, lowest);
+  T* vm = buf.data();     // vertical maximum of the window's rows (columns >= W: -inf)
+  T* ev = vm + span;      // its even columns (stride 2)
+  T* od = ev + span / 2;  // its odd columns
+  // output columns whose window lies inside [0, W): j_lo .. j_hi - 1
+  int j_lo = 0;
+  while (j_lo < OW && j_lo * s - p < 0) ++j_lo;
+  int j_hi = j_lo;
+  while (j_hi < OW && j_hi * s - p + k <= W) ++j_hi;
+  for (int i = 0; i < OH; ++i) {
+    const int hs = std::max(i * s - p, 0), he = std::min(i * s - p + k, H);
+    {
+      const T* __restrict r0 = x + static_cast<int64_t>(hs) * W;
+      for (int c = 0; c < W; ++c) vm[c] = take_max(lowest, r0[c]);
+      for (int r = hs + 1; r < he; ++r) {
+        const T* __restrict rr = x + static_cast<int64_t>(r) * W;
+        for (int c = 0; c < W; ++c) vm[c] = take_max(vm[c], rr[c]);
+      }
+    }
+    T* __restrict o = out + static_cast<int64_t>(i) * OW;
+    auto clipped = [&](int j) {  // window clipped to [0, W), scanned left to right
+      const int ws = std::max(j * s - p, 0), we = std::min(j * s - p + k, W);
+      T m = lowest;
+      for (int c = ws; c < we; ++c) m = take_max(m, vm[c]);
+      o[j] = m;
+    };
+    for (int j = 0; j < j_lo; ++j) clipped(j);
+    if (s == 2 && j_hi > j_lo) {
+      // columns 2 j - p + t of the interior windows: even ones at ev[j + (t - p) / 2], odd ones at
+      // od[j + (t - p - 1) / 2]; split the columns [2 j_lo - p, 2 j_hi - p + k) once
+      const int c0 = 2 * j_lo - p;  // even, relative column 0
+      const int n = (2 * (j_hi - j_lo) + k) / 2 + 1;
+      split_even_odd(vm + c0, n, ev, od);
+      const int m = j_hi - j_lo;
+      T* __restrict oo = o + j_lo;
+      for (int q = 0; q < m; ++q) oo[q] = take_max(lowest, ev[q]);  // t = 0: column c0 + 2q
+      for (int t = 1; t < k; ++t) {
+        const T* __restrict src = (t % 2 == 0) ? ev + t / 2 : od + t / 2;
+        for (int q = 0; q < m; ++q) oo[q] = take_max(oo[q], src[q]);
+      }
+    } else {
+      for (int j = j_lo; j < j_hi; ++j) {
+        const T* __restrict w = vm + (j * s - p);
+        T m = lowest;
+        for (int t = 0; t < k; ++t) m = take_max(m, w[t]);
+        o[j] = m;
+      }
+    }
+    for (int j = std::max(j_hi, j_lo); j < OW; ++j) clipped(j);
+  }
+}
+
+at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                                int64_t out_w) {
+  TORCH_CHECK_VALUE(x_in.dim() == 4, "caffe_max_pool2d: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+                    "caffe_max_pool2d: x dtype ", x_in.scalar_type(), " is not supported (float32 or float64)");
+  TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && pad >= 0 && pad < kernel,
+                    "caffe_max_pool2d: need kernel >= 1, stride >= 1, 0 <= pad < kernel; got kernel ", kernel,
+                    ", stride ", stride, ", pad ", pad);
+  const int64_t H = x_in.size(2), W = x_in.size(3);
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1 && out_h >= 1 && out_w >= 1, "caffe_max_pool2d: empty input (", H, ", ", W,
+                    ") or output (", out_h, ", ", out_w, ")");
+  // every window must hold at least one input pixel (Caffe's size rule guarantees it)
+  TORCH_CHECK_VALUE((out_h - 1) * stride - pad < H && (out_w - 1) * stride - pad < W,
+                    "caffe_max_pool2d: output size (", out_h, ", ", out_w, ") puts windows outside the input (", H,
+                    ", ", W, ") for kernel ", kernel, ", stride ", stride, ", pad ", pad);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
+  const int64_t planes = x.size(0) * x.size(1);
+  if (planes == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "caffe_max_pool2d_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> buf;
+      for (int64_t q = b; q < e; ++q)
+        pool_plane<scalar_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
+                             static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
+                             static_cast<int>(out_w), op + q * out_h * out_w, buf);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace max_pool
+}  // namespace attnscale
+
+TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
+  m.impl("caffe_max_pool2d", &attnscale::max_pool::caffe_max_pool2d_cpu);
+}

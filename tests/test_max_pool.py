@@ -1,0 +1,72 @@
+"""attnscale.ops.caffe_max_pool2d (Caffe MAX Pooling forward, CPU): bit-identical to the F.max_pool2d
+path of attnscale.caffe.pool2d over kernels, strides, pads and sizes (every border case of Caffe's
+size rule), Caffe's NaN rule, the dispatch inside pool2d, and its input checks."""
+import pytest
+import torch
+
+from attnscale import caffe
+from attnscale.ops import has_extension
+from attnscale.ops.pooling import caffe_max_pool2d, caffe_max_pool2d_applies
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+CONFIGS = [(3, 2, 1), (3, 1, 1), (2, 2, 0), (3, 3, 0), (5, 2, 2), (3, 2, 0), (2, 1, 0), (4, 3, 1)]
+
+
+@pytest.mark.parametrize("k,s,p", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_torch_path(k, s, p, dtype):
+    """pool2d without a gradient (the C++ kernel) == pool2d with one (F.max_pool2d), bit for bit."""
+    gen = torch.Generator().manual_seed(k * 100 + s * 10 + p)
+    checked = 0
+    for h in range(1, 14):
+        for w in (1, 2, 3, 5, 8, 17, 33, 40):
+            x = torch.randn(2, 3, h, w, generator=gen, dtype=dtype)
+            try:
+                ref = caffe.pool2d(x.clone().requires_grad_(), k, s, p, "max").detach()
+            except ValueError:  # Caffe's size rule refuses this one
+                continue
+            assert caffe_max_pool2d_applies(x)
+            got = caffe.pool2d(x, k, s, p, "max")
+            assert torch.equal(got, ref), (k, s, p, h, w)
+            checked += 1
+    assert checked > 50
+
+
+def test_deeplab_sizes_and_ties():
+    """pool1 at 513 (stride 2) and pool4 at 65 (stride 1), on data with many ties (few distinct values)."""
+    for c, hw, s in ((4, 513, 2), (8, 65, 1)):
+        x = torch.randint(0, 4, (1, c, hw, hw)).float()
+        oh, ow = caffe.pool_output_shape((hw, hw), 3, s, 1)
+        ref = caffe.pool2d(x.clone().requires_grad_(), 3, s, 1, "max").detach()
+        assert torch.equal(caffe_max_pool2d(x, 3, s, 1, (oh, ow)), ref)
+
+
+def test_nan_never_wins():
+    """Caffe's `if (bottom > top)`: a NaN never replaces the running maximum."""
+    x = torch.tensor([[[[1.0, float("nan"), 3.0], [0.0, 2.0, float("nan")], [5.0, 0.0, 1.0]]]])
+    out = caffe_max_pool2d(x, 3, 1, 1, (3, 3))
+    assert not torch.isnan(out).any()
+    assert out[0, 0, 1, 1].item() == 5.0
+
+
+def test_dispatch_keeps_gradients():
+    x = torch.randn(1, 2, 9, 9, requires_grad=True)
+    assert not caffe_max_pool2d_applies(x)
+    y = caffe.pool2d(x, 3, 2, 1, "max")
+    y.sum().backward()
+    assert x.grad is not None and x.grad.sum().item() == y.numel()  # one winner per window
+    with torch.no_grad():
+        assert caffe_max_pool2d_applies(x)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: caffe_max_pool2d(torch.randn(3, 8, 8), 3, 2, 1, (4, 4)), "4-D"),
+    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8).half(), 3, 2, 1, (4, 4)), "float32 or float64"),
+    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 3, (4, 4)), "pad < kernel"),
+    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 1, (9, 4)), "outside the input"),
+    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 1, (0, 4)), "empty"),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
