@@ -37,7 +37,7 @@ FC6 = dict(out=1024, kernel=3, pad=12, dilation=12)
 FC7_OUT = 1024
 ATT1_OUT = 512
 MERGES = ("attention", "max", "avg")
-CONV_IMPLS = ("torch", "winograd")
+CONV_IMPLS = ("torch", "winograd", "winograd4")
 
 
 def scale_suffix(scale: float) -> str:
@@ -73,10 +73,12 @@ class AttentionToScale(nn.Module):
         width: multiplies every trunk/head channel count (tiny nets for tests); 1.0 is the real net.
         use_reference_ops: pure-PyTorch references instead of the C++ ops ``scale_merge``/``dilated_conv2d``.
         conv_impl: the 3x3 convolutions of the trunk (conv1_1 .. conv5_3) and of the attention head:
-            "torch" (``nn.Conv2d``: oneDNN / cuDNN) or "winograd" (:func:`attnscale.ops.winograd_conv2d`,
-            Winograd F(2x2, 3x3), 2.25x less arithmetic, on CPU float32/float64 inputs; the dilated conv5
-            layers by polyphase components; anything else still runs through ``nn.Conv2d``).  Each weight's
-            Winograd transform is kept until the weight changes, so the scales of one forward share it.
+            "torch" (``nn.Conv2d``: oneDNN / cuDNN), "winograd" (:func:`attnscale.ops.winograd_conv2d`,
+            Winograd F(2x2, 3x3), 2.25x less arithmetic, float32 rounding no worse than direct) or "winograd4"
+            (F(4x4, 3x3), 4x less arithmetic, float32 errors a few times the direct convolution's), on CPU
+            float32/float64 inputs; the dilated conv5 layers by polyphase components; anything else still runs
+            through ``nn.Conv2d``.  Each weight's Winograd transform is kept until the weight changes, so the
+            scales of one forward share it.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
@@ -208,12 +210,12 @@ class AttentionToScale(nn.Module):
         :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1 convolution on a CPU float input), else
         ``nn.Conv2d``."""
         conv = getattr(self, name)
-        if self.conv_impl != "winograd" or not winograd_applies(x, conv):
+        if self.conv_impl == "torch" or not winograd_applies(x, conv):
             return conv(x)
         w = conv.weight
         hit = self._winograd_cache.get(name)
         if hit is None or hit[0] is not w or hit[1] != w._version:  # a new tensor, or updated in place
-            hit = (w, w._version, winograd_weight(w))
+            hit = (w, w._version, winograd_weight(w, 4 if self.conv_impl == "winograd4" else 2))
             self._winograd_cache[name] = hit
         return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0])
 

@@ -352,8 +352,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
     ap.add_argument("--reference-ops", action="store_true",
                     help="use the slow pure-PyTorch reference ops instead of attnscale._C's kernels")
-    ap.add_argument("--conv", default="torch", choices=("torch", "winograd"),
-                    help="3x3 convolutions: torch (oneDNN/cuDNN) or winograd (CPU, attnscale.ops.winograd_conv2d)")
+    ap.add_argument("--conv", default="torch", choices=("torch", "winograd", "winograd4"),
+                    help="3x3 convolutions: torch (oneDNN/cuDNN) or, on a CPU, Winograd F(2x2,3x3) / F(4x4,3x3) "
+                         "(attnscale.ops.winograd_conv2d)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.init and not os.path.isfile(a.init):

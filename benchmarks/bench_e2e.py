@@ -2,7 +2,7 @@
 
 Measures, each with our C++/CUDA ops and with the pure-PyTorch references (``use_reference_ops``) in
 the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 convolutions through
-``winograd_conv2d``, variant ``ops+winograd``):
+``winograd_conv2d``: variants ``ops+winograd`` (F(2x2, 3x3)) and ``ops+winograd4`` (F(4x4, 3x3))):
 
 - inference: ms per 513x513 image, 3 scales, eval mode (the paper: 350 ms on a K40; real Caffe with
   OpenBLAS on a 2-core CPU: ~4.3 s);
@@ -33,7 +33,7 @@ from attnscale.model import AttentionToScale
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+winograd" (CPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -77,7 +77,7 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
     parts = variant.split("+")
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
                          use_reference_ops=(parts[0] == "reference"),
-                         conv_impl="winograd" if "winograd" in parts else "torch").to(device)
+                         conv_impl=next((q for q in parts if q.startswith("winograd")), "torch")).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -141,8 +141,10 @@ def main(argv=None) -> int:
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     reps = args.reps or (10 if cuda else 3)
-    # ops+winograd: also the 3x3 trunk / attention convolutions through winograd_conv2d (CPU only)
-    variants = ["reference", "ops"] + ([] if cuda else ["ops+winograd"]) + (["ops+compile"] if args.compile else [])
+    # ops+winograd(4): also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or
+    # F(4x4, 3x3) (CPU only)
+    variants = (["reference", "ops"] + ([] if cuda else ["ops+winograd", "ops+winograd4"])
+                + (["ops+compile"] if args.compile else []))
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv)}

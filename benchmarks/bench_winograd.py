@@ -1,10 +1,11 @@
-"""3x3 convolutions of the share-net: ``winograd_conv2d`` (Winograd F(2x2, 3x3), CPU) vs ``F.conv2d``
+"""3x3 convolutions of the share-net: ``winograd_conv2d`` (Winograd F(2x2, 3x3) and F(4x4, 3x3), CPU) vs
+``F.conv2d``
 (oneDNN's direct convolution), forward and forward+backward, on the layer shapes of the 513x513 test
 image at scale 1 (conv1_2 .. conv4_3 at their sizes, and the attention head's 3072 -> 512 layer).
 
 Both are timed in interleaved rounds (median of each), so a slow phase of a shared machine hits both
 alike.  GFLOP/s are nominal: the direct convolution's 2 * H * W * C * K * 9 multiply-adds, for both, so
-the Winograd figure can exceed the machine's FMA peak (it does 16/36 of the multiplies).
+the Winograd figures can exceed the machine's FMA peak (they do 16/36 and 9/36 of the multiplies).
 
     python benchmarks/bench_winograd.py                  # 2 and 1 threads
     python benchmarks/bench_winograd.py --threads 2 --json results/winograd.json
@@ -64,18 +65,22 @@ def main(argv=None) -> int:
             x = torch.randn(1, c, hw, hw, generator=gen)
             w = torch.randn(k, c, 3, 3, generator=gen) * (2.0 / (9 * c)) ** 0.5
             b = torch.randn(k, generator=gen)
-            u = winograd_weight(w)
+            u2, u4 = winograd_weight(w, 2), winograd_weight(w, 4)
             gflop = 2 * hw * hw * c * k * 9 / 1e9
 
             def direct():
                 with torch.no_grad():
                     F.conv2d(x, w, b, padding=1)
 
-            def wino():
+            def wino2():
                 with torch.no_grad():
-                    winograd_conv2d(x, w, b, 1, weight_winograd=u)
+                    winograd_conv2d(x, w, b, 1, weight_winograd=u2)
 
-            fns = {"direct": direct, "winograd": wino}
+            def wino4():
+                with torch.no_grad():
+                    winograd_conv2d(x, w, b, 1, weight_winograd=u4)
+
+            fns = {"direct": direct, "winograd": wino2, "winograd4": wino4}
             if not args.no_backward:
                 xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
                 g = torch.randn(1, k, hw, hw, generator=gen)
@@ -84,29 +89,35 @@ def main(argv=None) -> int:
                     F.conv2d(xg, wg, bg, padding=1).backward(g)
                     xg.grad = wg.grad = bg.grad = None
 
-                def wino_fb():
-                    winograd_conv2d(xg, wg, bg, 1, weight_winograd=u).backward(g)
+                def wino2_fb():
+                    winograd_conv2d(xg, wg, bg, 1, weight_winograd=u2).backward(g)
                     xg.grad = wg.grad = bg.grad = None
 
-                fns |= {"direct_fb": direct_fb, "winograd_fb": wino_fb}
+                def wino4_fb():
+                    winograd_conv2d(xg, wg, bg, 1, weight_winograd=u4).backward(g)
+                    xg.grad = wg.grad = bg.grad = None
+
+                fns |= {"direct_fb": direct_fb, "winograd_fb": wino2_fb, "winograd4_fb": wino4_fb}
             ms = interleaved(fns, threads, args.rounds)
             for p in ("fwd", "fwd+bwd"):
                 if p == "fwd+bwd" and args.no_backward:
                     continue
-                d, wv = (ms["direct"], ms["winograd"]) if p == "fwd" else (ms["direct_fb"], ms["winograd_fb"])
+                sfx = "" if p == "fwd" else "_fb"
+                d, w2, w4 = ms["direct" + sfx], ms["winograd" + sfx], ms["winograd4" + sfx]
                 flop = gflop if p == "fwd" else 3 * gflop
                 rows.append({"threads": threads, "layer": name, "C": c, "K": k, "hw": hw, "pass": p,
-                             "onednn_ms": d, "winograd_ms": wv, "speedup": d / wv,
-                             "onednn_gflops": flop / d * 1e3, "winograd_gflops_nominal": flop / wv * 1e3})
-                r = rows[-1]
+                             "onednn_ms": d, "winograd_ms": w2, "winograd4_ms": w4, "speedup": d / w2,
+                             "speedup4": d / w4, "onednn_gflops": flop / d * 1e3})
                 print(f"  thr {threads} {name:9s} {c:4d}->{k:4d} {hw:3d}px {p:7s}  oneDNN {d:8.1f} ms "
-                      f"({r['onednn_gflops']:5.0f} GFLOP/s)  winograd {wv:8.1f} ms ({r['winograd_gflops_nominal']:5.0f} "
-                      f"nominal)  {r['speedup']:.2f}x", flush=True)
-    print("\n| threads | layer | C -> K | H=W | pass | oneDNN ms | winograd ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+                      f"({flop / d * 1e3:5.0f} GFLOP/s)  F(2x2) {w2:8.1f} ms {d / w2:.2f}x  F(4x4) {w4:8.1f} ms "
+                      f"{d / w4:.2f}x", flush=True)
+    print("\n| threads | layer | C -> K | H=W | pass | oneDNN ms (GFLOP/s) | F(2x2,3x3) ms | speed-up | "
+          "F(4x4,3x3) ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['layer']} | {r['C']} -> {r['K']} | {r['hw']} | {r['pass']} | "
-              f"{r['onednn_ms']:.1f} | {r['winograd_ms']:.1f} | {r['speedup']:.2f}x |")
+              f"{r['onednn_ms']:.1f} ({r['onednn_gflops']:.0f}) | {r['winograd_ms']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['winograd4_ms']:.1f} | {r['speedup4']:.2f}x |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": env, "rows": rows}, f, indent=2)

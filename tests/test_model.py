@@ -304,13 +304,14 @@ def test_model_with_ops_equals_references(merge):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
 
 
-def test_winograd_convs_equal_torch_convs():
-    """conv_impl="winograd" runs every 3x3 layer (conv1_1 .. conv5_3, conv5 dilated, and att_conv1)
-    through winograd_conv2d and gives nn.Conv2d's values and gradients (float64).  Each weight's
+@pytest.mark.parametrize("impl", ["winograd", "winograd4"])
+def test_winograd_convs_equal_torch_convs(impl):
+    """conv_impl="winograd" / "winograd4" runs every 3x3 layer (conv1_1 .. conv5_3, conv5 dilated, and
+    att_conv1) through winograd_conv2d and gives nn.Conv2d's values and gradients (float64).  Each weight's
     transform is reused across the scales and renewed when the weight changes."""
     torch.manual_seed(0)
     ref = tiny(merge="attention", dropout=0.0).double()
-    win = tiny(merge="attention", dropout=0.0, conv_impl="winograd").double()
+    win = tiny(merge="attention", dropout=0.0, conv_impl=impl).double()
     win.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 45, 41, dtype=torch.float64)
     lab = torch.randint(0, 5, (2, 45, 41))

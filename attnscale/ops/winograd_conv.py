@@ -1,4 +1,4 @@
-"""``attnscale.ops.winograd_conv2d``: 3x3, stride-1 convolution by Winograd's F(2x2, 3x3), CPU.
+"""``attnscale.ops.winograd_conv2d``: 3x3, stride-1 convolution by Winograd's F(2x2, 3x3) or F(4x4, 3x3), CPU.
 
 The same function as Caffe's ``Convolution`` with ``kernel_size: 3``, ``pad: p``, stride 1, no dilation
 (every DeepLab trunk layer conv1_1 .. conv4_3, and the attention head's 3x3 layer): output size
@@ -7,7 +7,9 @@ instead of 36 (``Y = A^T [(G g G^T) . (B^T d B)] A``), so on a CPU, where oneDNN
 convolution already runs near the FMA peak, it does 2.25x less arithmetic.  Float32 rounding is no
 worse than the direct convolution's: F(2x2, 3x3) uses only the interpolation points 0, +-1 and
 infinity, whose transforms have entries 0, +-1/2 and +-1 (tests/test_winograd_conv.py measures it
-against float64).
+against float64).  ``tile=4`` selects F(4x4, 3x3): 36 multiplies per 4x4 tile (4x less than direct),
+points 0, +-1, +-2, infinity, whose larger transform entries (up to 8, 1/24) give float32 errors
+several times the direct convolution's (about 1e-5 relative on VGG-like layers; the tests bound it).
 
 CPU only (float32, float64): on CUDA, cuDNN already picks Winograd kernels itself.  The weight
 transform is its own op (:func:`winograd_weight`) so that a caller transforms a weight once and
@@ -23,13 +25,14 @@ import torch.nn.functional as F
 from ._ext import autocast_dtype, has_extension, require_extension
 
 _OPS_REGISTERED = False
+TILES = (2, 4)  # F(2x2, 3x3) and F(4x4, 3x3)
 
 
 def _out_size(size: int, padding: int) -> int:
     return size + 2 * padding - 2
 
 
-def _check(x, weight, bias, padding, weight_winograd) -> None:
+def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
     """Argument checks with messages naming the argument (the C++ kernel repeats them)."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -60,9 +63,14 @@ def _check(x, weight, bias, padding, weight_winograd) -> None:
                          f"but x has {x.shape[1]} channels")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"winograd_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if weight_winograd is not None and tuple(weight_winograd.shape) != (16, weight.shape[0], weight.shape[1]):
-        raise ValueError(f"winograd_conv2d: weight_winograd must be winograd_weight(weight), of shape "
-                         f"(16, {weight.shape[0]}, {weight.shape[1]}), got {tuple(weight_winograd.shape)}")
+    if tile is not None and tile not in TILES:
+        raise ValueError(f"winograd_conv2d: tile must be one of {TILES}, got {tile!r}")
+    planes = (16, 36) if tile is None else ((tile + 2) ** 2,)
+    if weight_winograd is not None and (weight_winograd.dim() != 3 or weight_winograd.shape[0] not in planes
+                                        or tuple(weight_winograd.shape[1:]) != tuple(weight.shape[:2])):
+        raise ValueError(f"winograd_conv2d: weight_winograd must be winograd_weight(weight, tile), of shape "
+                         f"({' or '.join(map(str, planes))}, {weight.shape[0]}, {weight.shape[1]}), "
+                         f"got {tuple(weight_winograd.shape)}")
     if padding < 0:
         raise ValueError(f"winograd_conv2d: padding must be >= 0, got {padding}")
     ho, wo = _out_size(x.shape[2], padding), _out_size(x.shape[3], padding)
@@ -78,8 +86,8 @@ def _register() -> None:
         return
 
     @torch.library.register_fake("attnscale::winograd_weight")
-    def _weight_fake(weight):
-        return weight.new_empty((16, weight.shape[0], weight.shape[1]))
+    def _weight_fake(weight, tile=2):
+        return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
 
     @torch.library.register_fake("attnscale::winograd_conv2d")
     def _conv_fake(x, weight, weight_winograd, bias=None, padding=1):
@@ -88,10 +96,11 @@ def _register() -> None:
                             _out_size(x.shape[3], padding)))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, _, bias, padding = inputs
+        x, weight, weight_winograd, bias, padding = inputs
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         ctx.padding = padding
+        ctx.tile = 2 if weight_winograd.shape[0] == 16 else 4
 
     def _backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
@@ -101,7 +110,7 @@ def _register() -> None:
             if p <= 2:  # a 3x3 convolution with padding 2 - p gives back H = Ho + 2 (2 - p) - 2
                 wt = weight.flip(2, 3).transpose(0, 1).contiguous()
                 with torch.no_grad():
-                    ut = torch.ops.attnscale.winograd_weight(wt)
+                    ut = torch.ops.attnscale.winograd_weight(wt, ctx.tile)
                 gx = torch.ops.attnscale.winograd_conv2d(grad_out.contiguous(), wt, ut, None, 2 - p)
             else:
                 gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=p)
@@ -118,16 +127,20 @@ def _register() -> None:
 _register()
 
 
-def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The Winograd F(2x2, 3x3) transform ``U = G g G^T`` of a (out, in, 3, 3) weight, as (16, out, in):
-    ``U[4a + b, o, c] = (G w[o, c] G^T)[a, b]``, ``G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]``.
-    Not differentiable (the convolution's gradient goes to ``weight`` directly)."""
+def winograd_weight(weight: torch.Tensor, tile: int = 2) -> torch.Tensor:
+    """The Winograd transform ``U = G g G^T`` of a (out, in, 3, 3) weight for F(tile x tile, 3x3), as
+    ((tile + 2)^2, out, in): ``U[n a + b, o, c] = (G w[o, c] G^T)[a, b]`` with n = tile + 2 and
+    ``G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]`` (tile 2) or
+    ``[1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]`` (tile 4), computed in
+    float64 and rounded once.  Not differentiable (the convolution's gradient goes to ``weight``)."""
     require_extension()
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
         raise ValueError("winograd_weight: weight must be a (out, in, 3, 3) tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if tile not in TILES:
+        raise ValueError(f"winograd_weight: tile must be one of {TILES}, got {tile!r}")
     with torch.no_grad():
-        return torch.ops.attnscale.winograd_weight(weight.detach())
+        return torch.ops.attnscale.winograd_weight(weight.detach(), tile)
 
 
 def _component_sizes_ok(h: int, w: int, padding: int, dilation: int) -> bool:
@@ -151,12 +164,15 @@ def winograd_applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
-                    weight_winograd: torch.Tensor | None = None, dilation: int = 1) -> torch.Tensor:
+                    weight_winograd: torch.Tensor | None = None, dilation: int = 1, tile: int | None = None
+                    ) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)`` for a 3x3 weight, computed by
-    Winograd F(2x2, 3x3).
+    Winograd F(tile x tile, 3x3).
 
     ``x`` (N, C, H, W) on the CPU, float32 or float64; ``weight`` (O, C, 3, 3); ``bias`` (O,) or None;
-    ``weight_winograd``: ``winograd_weight(weight)`` when the caller keeps it (else computed here).
+    ``weight_winograd``: ``winograd_weight(weight, tile)`` when the caller keeps it (else computed here);
+    ``tile``: 2 (F(2x2, 3x3), the default) or 4 (F(4x4, 3x3): 2.25 instead of 4 multiplies per output,
+    float32 errors a few times the direct convolution's); implied by ``weight_winograd`` when given.
     Returns (N, O, H + 2p - 2d, W + 2p - 2d).  A dilation d > 1 needs p = d q: the output pixels (i, j)
     with i = a, j = b mod d read only the input's polyphase component x[..., a::d, b::d], so the op runs
     undilated with padding q on each of the d^2 components (each must have an output).  Inside a CPU
@@ -169,7 +185,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         weight_winograd = None if weight_winograd is None else weight_winograd.to(dt)
     if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
         raise ValueError(f"winograd_conv2d: dilation must be an int >= 1, got {dilation!r}")
-    _check(x, weight, bias, padding, weight_winograd)
+    _check(x, weight, bias, padding, weight_winograd, tile)
     d = dilation
     if d > 1:
         if padding % d:
@@ -178,7 +194,7 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             raise ValueError(f"winograd_conv2d: x of spatial size {tuple(x.shape[2:])} with dilation {d} and "
                              f"padding {padding} leaves a polyphase component without output; use F.conv2d")
     if weight_winograd is None:
-        weight_winograd = winograd_weight(weight)
+        weight_winograd = winograd_weight(weight, tile or 2)
     if d == 1:
         return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding)
     q = padding // d

@@ -16,6 +16,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
-  m.def("winograd_weight(Tensor weight) -> Tensor");
+  m.def("winograd_weight(Tensor weight, int tile=2) -> Tensor");
   m.def("winograd_conv2d(Tensor x, Tensor weight, Tensor weight_winograd, Tensor? bias=None, int padding=1) -> Tensor");
 }

@@ -25,10 +25,11 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
   TORCH_CHECK_VALUE(w.scalar_type() == x.scalar_type() && w.device() == x.device(),
                     "winograd_conv2d: weight must have x's dtype and device, got ", w.scalar_type(), " on ",
                     w.device(), " for x ", x.scalar_type(), " on ", x.device());
-  TORCH_CHECK_VALUE(u.dim() == 3 && u.size(0) == 16 && u.size(1) == w.size(0) && u.size(2) == w.size(1),
-                    "winograd_conv2d: weight_winograd must be (16, out, in) = (16, ", w.size(0), ", ", w.size(1),
-                    ") for weight of shape ", w.sizes(), " (attnscale.ops.winograd_weight(weight)), got shape ",
-                    u.sizes());
+  TORCH_CHECK_VALUE(u.dim() == 3 && (u.size(0) == 16 || u.size(0) == 36) && u.size(1) == w.size(0) &&
+                        u.size(2) == w.size(1),
+                    "winograd_conv2d: weight_winograd must be (16 or 36, out, in) = (16 or 36, ", w.size(0), ", ",
+                    w.size(1), ") for weight of shape ", w.sizes(),
+                    " (attnscale.ops.winograd_weight(weight, tile)), got shape ", u.sizes());
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), "winograd_conv2d: x must be floating point, got ",
                     x.scalar_type());
   TORCH_CHECK_VALUE(u.scalar_type() == x.scalar_type(), "winograd_conv2d: weight_winograd has dtype ",

@@ -145,32 +145,209 @@ void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int 
   }
 }
 
+// ------------------------------------------------------------------------------------------------
+// F(4x4, 3x3): 6x6 input tiles at stride 4 (points 0, +-1, +-2, infinity).
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+//   G   = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+// One 1-D B^T over n lanes: out_i[t] = sum_r B^T[i][r] d_r[t].
+template <typename T>
+inline void bt6(const T* const d[6], T* const o[6], int n) {
+  const T* __restrict d0 = d[0];
+  const T* __restrict d1 = d[1];
+  const T* __restrict d2 = d[2];
+  const T* __restrict d3 = d[3];
+  const T* __restrict d4 = d[4];
+  const T* __restrict d5 = d[5];
+  T* __restrict o0 = o[0];
+  T* __restrict o1 = o[1];
+  T* __restrict o2 = o[2];
+  T* __restrict o3 = o[3];
+  T* __restrict o4 = o[4];
+  T* __restrict o5 = o[5];
+  for (int t = 0; t < n; ++t) {
+    const T a = d4[t] - T(4) * d2[t], b = d3[t] - T(4) * d1[t];  // rows 1, 2: d4 - 4 d2 -+ (4 d1 - d3)
+    const T c = d4[t] - d2[t], e = T(2) * (d3[t] - d1[t]);       // rows 3, 4: d4 - d2 +- 2 (d3 - d1)
+    o0[t] = T(4) * d0[t] - T(5) * d2[t] + d4[t];
+    o1[t] = a + b;
+    o2[t] = a - b;
+    o3[t] = c + e;
+    o4[t] = c - e;
+    o5[t] = T(4) * d1[t] - T(5) * d3[t] + d5[t];
+  }
+}
+
+// Input transform of tile rows [ty0, ty1) of one channel (H, W) into V: entry (6 i + j) of tile (ty, tx) at
+// V[(6 i + j) * v_plane + (ty - ty0) * Tw + tx].  Each of the tile row's 6 input rows is copied into a
+// zero-padded row and split into its 4 column phases (x[4 t + m]); B^T runs over the rows on the phase
+// arrays, then over the columns: tile tx's columns are phases 0..3 at t = tx and phases 0, 1 at tx + 1.
+template <typename T>
+void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0, int ty1, int Tw,
+                           T* __restrict V, int64_t v_plane, std::vector<T>& buf) {
+  const int L = Tw + 1;             // phase entries per row
+  const int R = 4 * L + 8;          // padded row (room for the 2-level even/odd split)
+  const int E = 2 * L + 4;          // even/odd halves
+  buf.assign(static_cast<size_t>(R + 2 * E + 6 * 4 * L + 6 * 4 * L), T(0));
+  T* prow = buf.data();
+  T* ev = prow + R;
+  T* od = ev + E;
+  T* ph = od + E;                   // ph[(r * 4 + m) * L + t]: input row r, phase m
+  T* uu = ph + 6 * 4 * L;           // uu[(i * 4 + m) * L + t]: B^T over the rows
+  const int lo = std::max(0, pad), hi = std::min(4 * L + 2, W + pad);  // prow[q] = x[q - pad] for q in [lo, hi)
+  for (int ty = ty0; ty < ty1; ++ty) {
+    for (int r = 0; r < 6; ++r) {
+      const int row = 4 * ty - pad + r;
+      T* p0 = ph + static_cast<size_t>(r * 4) * L;
+      if (row < 0 || row >= H) {
+        std::fill(p0, p0 + 4 * L, T(0));
+        continue;
+      }
+      std::fill(prow, prow + R, T(0));
+      if (hi > lo) std::copy(x + static_cast<int64_t>(row) * W + (lo - pad), x + static_cast<int64_t>(row) * W + (hi - pad), prow + lo);
+      split_even_odd(prow, 2 * L, ev, od);                  // x[2u], x[2u + 1]
+      split_even_odd(ev, L, p0 + 0 * L, p0 + 2 * L);        // phases 0, 2
+      split_even_odd(od, L, p0 + 1 * L, p0 + 3 * L);        // phases 1, 3
+    }
+    for (int m = 0; m < 4; ++m) {
+      const T* d[6];
+      T* o[6];
+      for (int r = 0; r < 6; ++r) {
+        d[r] = ph + static_cast<size_t>(r * 4 + m) * L;
+        o[r] = uu + static_cast<size_t>(r * 4 + m) * L;
+      }
+      bt6(d, o, L);
+    }
+    const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
+    for (int i = 0; i < 6; ++i) {
+      const T* u = uu + static_cast<size_t>(i * 4) * L;
+      const T* d[6] = {u, u + L, u + 2 * L, u + 3 * L, u + 1, u + L + 1};
+      T* o[6];
+      for (int j = 0; j < 6; ++j) o[j] = V + (6 * i + j) * v_plane + to;
+      bt6(d, o, Tw);
+    }
+  }
+}
+
+// Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
+template <typename T>
+void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias,
+                            T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
+  buf.resize(static_cast<size_t>(24 + 16) * Tw);
+  T* rr = buf.data();        // rr[(a * 6 + j) * Tw + t]: row a of A^T M
+  T* yy = rr + 24 * Tw;      // yy[(a * 4 + b) * Tw + t]
+  for (int ty = ty0; ty < ty1; ++ty) {
+    const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
+    for (int j = 0; j < 6; ++j) {
+      const T* __restrict m0 = M + (0 + j) * m_plane + to;
+      const T* __restrict m1 = M + (6 + j) * m_plane + to;
+      const T* __restrict m2 = M + (12 + j) * m_plane + to;
+      const T* __restrict m3 = M + (18 + j) * m_plane + to;
+      const T* __restrict m4 = M + (24 + j) * m_plane + to;
+      const T* __restrict m5 = M + (30 + j) * m_plane + to;
+      T* __restrict r0 = rr + (0 * 6 + j) * Tw;
+      T* __restrict r1 = rr + (1 * 6 + j) * Tw;
+      T* __restrict r2 = rr + (2 * 6 + j) * Tw;
+      T* __restrict r3 = rr + (3 * 6 + j) * Tw;
+      for (int t = 0; t < Tw; ++t) {
+        const T s12 = m1[t] + m2[t], d12 = m1[t] - m2[t], s34 = m3[t] + m4[t], d34 = m3[t] - m4[t];
+        r0[t] = m0[t] + s12 + s34;
+        r1[t] = d12 + T(2) * d34;
+        r2[t] = s12 + T(4) * s34;
+        r3[t] = d12 + T(8) * d34 + m5[t];
+      }
+    }
+    for (int a = 0; a < 4; ++a) {
+      const T* __restrict q0 = rr + (a * 6 + 0) * Tw;
+      const T* __restrict q1 = rr + (a * 6 + 1) * Tw;
+      const T* __restrict q2 = rr + (a * 6 + 2) * Tw;
+      const T* __restrict q3 = rr + (a * 6 + 3) * Tw;
+      const T* __restrict q4 = rr + (a * 6 + 4) * Tw;
+      const T* __restrict q5 = rr + (a * 6 + 5) * Tw;
+      T* __restrict y0 = yy + (a * 4 + 0) * Tw;
+      T* __restrict y1 = yy + (a * 4 + 1) * Tw;
+      T* __restrict y2 = yy + (a * 4 + 2) * Tw;
+      T* __restrict y3 = yy + (a * 4 + 3) * Tw;
+      for (int t = 0; t < Tw; ++t) {
+        const T s12 = q1[t] + q2[t], d12 = q1[t] - q2[t], s34 = q3[t] + q4[t], d34 = q3[t] - q4[t];
+        y0[t] = q0[t] + s12 + s34 + bias;
+        y1[t] = d12 + T(2) * d34 + bias;
+        y2[t] = s12 + T(4) * s34 + bias;
+        y3[t] = d12 + T(8) * d34 + q5[t] + bias;
+      }
+    }
+    for (int a = 0; a < 4; ++a) {
+      const int y = 4 * ty + a;
+      if (y >= Ho) break;
+      T* __restrict orow = out + static_cast<int64_t>(y) * Wo;
+      const T* __restrict y0 = yy + (a * 4 + 0) * Tw;
+      const T* __restrict y1 = yy + (a * 4 + 1) * Tw;
+      const T* __restrict y2 = yy + (a * 4 + 2) * Tw;
+      const T* __restrict y3 = yy + (a * 4 + 3) * Tw;
+      const int full = Wo / 4;
+      for (int t = 0; t < full; ++t) {
+        orow[4 * t] = y0[t];
+        orow[4 * t + 1] = y1[t];
+        orow[4 * t + 2] = y2[t];
+        orow[4 * t + 3] = y3[t];
+      }
+      const T* ys[4] = {y0, y1, y2, y3};
+      for (int b = 0; b < Wo - 4 * full; ++b) orow[4 * full + b] = ys[b][full];
+    }
+  }
+}
+
+// The two tile sizes: F(2x2, 3x3) and F(4x4, 3x3).
+template <typename T, int Tile>
+struct Winograd;
+template <typename T>
+struct Winograd<T, 2> {
+  static constexpr int kPlanes = 16;
+  static void input(const T* x, int H, int W, int pad, int ty0, int ty1, int Tw, T* V, int64_t vp, std::vector<T>& b) {
+    input_transform_rows<T>(x, H, W, pad, ty0, ty1, Tw, V, vp, b);
+  }
+  static void output(const T* M, int64_t mp, int ty0, int ty1, int Tw, T bias, T* out, int Ho, int Wo, std::vector<T>& b) {
+    output_transform_rows<T>(M, mp, ty0, ty1, Tw, bias, out, Ho, Wo, b);
+  }
+};
+template <typename T>
+struct Winograd<T, 4> {
+  static constexpr int kPlanes = 36;
+  static void input(const T* x, int H, int W, int pad, int ty0, int ty1, int Tw, T* V, int64_t vp, std::vector<T>& b) {
+    input_transform_rows4<T>(x, H, W, pad, ty0, ty1, Tw, V, vp, b);
+  }
+  static void output(const T* M, int64_t mp, int ty0, int ty1, int Tw, T bias, T* out, int Ho, int Wo, std::vector<T>& b) {
+    output_transform_rows4<T>(M, mp, ty0, ty1, Tw, bias, out, Ho, Wo, b);
+  }
+};
+
 // Tile rows per band: V and M of a band take about kBandBytes together (a share of L3), and at least
 // kMinTiles tiles so that the GEMMs stay wide enough for MKL's kernels (tuned on a 2-core Zen 3 with
 // the VGG-16 shapes: the speed is flat within ~10 % from 4 to 8 MiB and from 256 to 512 tiles).
 constexpr int64_t kBandBytes = 8 << 20;
 constexpr int kMinTiles = 384;
 
-template <typename T>
+template <typename T, int Tile>
 void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, at::Tensor& out) {
+  using Wg = Winograd<T, Tile>;
+  constexpr int P = Wg::kPlanes;
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
   const int64_t K = U.size(1);
   const int Ho = static_cast<int>(out.size(2)), Wo = static_cast<int>(out.size(3));
-  const int Th = (Ho + 1) / 2, Tw = (Wo + 1) / 2;
-  const int64_t per_row = 16 * (C + K) * static_cast<int64_t>(Tw) * static_cast<int64_t>(sizeof(T));
+  const int Th = (Ho + Tile - 1) / Tile, Tw = (Wo + Tile - 1) / Tile;
+  const int64_t per_row = P * (C + K) * static_cast<int64_t>(Tw) * static_cast<int64_t>(sizeof(T));
   int band = static_cast<int>(std::max<int64_t>(1, kBandBytes / per_row));
   band = std::max(band, (kMinTiles + Tw - 1) / Tw);
   band = std::min(band, Th);
   const int64_t pb = static_cast<int64_t>(band) * Tw;  // tiles per full band: the planes' stride
-  at::Tensor Vt = at::empty({16, C, pb}, x.options());
-  at::Tensor Mt = at::empty({16, K, pb}, x.options());
+  at::Tensor Vt = at::empty({P, C, pb}, x.options());
+  at::Tensor Mt = at::empty({P, K, pb}, x.options());
   const T* xp = x.data_ptr<T>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
   T* vp = Vt.data_ptr<T>();
   const T* mp = Mt.data_ptr<T>();
-  const int64_t grain_c = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, 16 * pb));
+  const int64_t grain_c = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, P * pb));
   for (int64_t n = 0; n < N; ++n) {
     for (int ty0 = 0; ty0 < Th; ty0 += band) {
       const int ty1 = std::min(Th, ty0 + band);
@@ -178,9 +355,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       at::parallel_for(0, C, grain_c, [&](int64_t c0, int64_t c1) {
         std::vector<T> buf;
         for (int64_t c = c0; c < c1; ++c)
-          input_transform_rows<T>(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * pb, C * pb, buf);
+          Wg::input(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * pb, C * pb, buf);
       });
-      // M_q = U_q V_q for the 16 entries q of the tile, on the band's tiles (a narrowed view when
+      // M_q = U_q V_q for the P entries q of the tile, on the band's tiles (a narrowed view when
       // the last band is shorter: leading dimension pb)
       at::Tensor Mb = Mt.narrow(2, 0, tiles);
       at::bmm_out(Mb, U, Vt.narrow(2, 0, tiles));
@@ -189,44 +366,52 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          output_transform_rows<T>(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0),
-                                   op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
+          Wg::output(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0),
+                     op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
       });
     }
   }
 }
 
-// U[4a + b][k][c] = (G g_kc G^T)[a][b]: rows of G are (1, 0, 0), (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1).
+// U[n a + b][k][c] = (G g_kc G^T)[a][b] with G the n x 3 matrix of the tile (n = 4 for F(2x2, 3x3):
+// rows (1, 0, 0), (1/2, 1/2, 1/2), (1/2, -1/2, 1/2), (0, 0, 1); n = 6 for F(4x4, 3x3), see above).
+// Computed in double, rounded once.
 template <typename T>
-void weight_transform(const T* __restrict w, int64_t KC, T* __restrict u) {
+void weight_transform(const T* __restrict w, int64_t KC, int tile, T* __restrict u) {
+  static const double G2[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
+  static const double G4[6][3] = {{0.25, 0, 0},
+                                  {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                  {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                  {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                                  {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                                  {0, 0, 1}};
+  const int n = tile + 2;
+  const double(*G)[3] = tile == 2 ? G2 : G4;
   at::parallel_for(0, KC, 4096, [&](int64_t b, int64_t e) {
     for (int64_t q = b; q < e; ++q) {
       const T* g = w + q * 9;
-      T t[4][3];  // G g
-      for (int j = 0; j < 3; ++j) {
-        t[0][j] = g[j];
-        t[1][j] = T(0.5) * (g[j] + g[3 + j] + g[6 + j]);
-        t[2][j] = T(0.5) * (g[j] - g[3 + j] + g[6 + j]);
-        t[3][j] = g[6 + j];
-      }
-      for (int a = 0; a < 4; ++a) {  // (G g) G^T
-        u[(4 * a + 0) * KC + q] = t[a][0];
-        u[(4 * a + 1) * KC + q] = T(0.5) * (t[a][0] + t[a][1] + t[a][2]);
-        u[(4 * a + 2) * KC + q] = T(0.5) * (t[a][0] - t[a][1] + t[a][2]);
-        u[(4 * a + 3) * KC + q] = t[a][2];
-      }
+      double t[6][3];  // G g
+      for (int a = 0; a < n; ++a)
+        for (int j = 0; j < 3; ++j)
+          t[a][j] = G[a][0] * g[j] + G[a][1] * g[3 + j] + G[a][2] * g[6 + j];
+      for (int a = 0; a < n; ++a)  // (G g) G^T
+        for (int c = 0; c < n; ++c)
+          u[(n * a + c) * KC + q] = static_cast<T>(t[a][0] * G[c][0] + t[a][1] * G[c][1] + t[a][2] * G[c][2]);
     }
   });
 }
 
-at::Tensor winograd_weight_cpu(const at::Tensor& w_in) {
+at::Tensor winograd_weight_cpu(const at::Tensor& w_in, int64_t tile) {
   check_weight(w_in, "winograd_weight");
+  TORCH_CHECK_VALUE(tile == 2 || tile == 4, "winograd_weight: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ",
+                    tile);
   TORCH_CHECK_VALUE(w_in.scalar_type() == at::kFloat || w_in.scalar_type() == at::kDouble,
                     "winograd_weight: weight dtype ", w_in.scalar_type(), " is not supported on CPU (float32 or float64)");
   const at::Tensor w = w_in.contiguous();
-  at::Tensor u = at::empty({16, w.size(0), w.size(1)}, w.options());
+  at::Tensor u = at::empty({(tile + 2) * (tile + 2), w.size(0), w.size(1)}, w.options());
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "winograd_weight_cpu", [&] {
-    weight_transform<scalar_t>(w.data_ptr<scalar_t>(), w.size(0) * w.size(1), u.data_ptr<scalar_t>());
+    weight_transform<scalar_t>(w.data_ptr<scalar_t>(), w.size(0) * w.size(1), static_cast<int>(tile),
+                               u.data_ptr<scalar_t>());
   });
   return u;
 }
@@ -243,7 +428,11 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, c
   at::Tensor out = at::empty({x.size(0), U.size(1), Ho, Wo}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv2d_cpu", [&] {
-    forward_impl<scalar_t>(x, U, bias, static_cast<int>(padding), out);
+    if (U.size(0) == 16) {
+      forward_impl<scalar_t, 2>(x, U, bias, static_cast<int>(padding), out);
+    } else {
+      forward_impl<scalar_t, 4>(x, U, bias, static_cast<int>(padding), out);
+    }
   });
   return out;
 }
