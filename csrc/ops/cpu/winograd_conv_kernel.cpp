@@ -1,15 +1,18 @@
-// CPU kernel of attnscale::winograd_conv2d: F(2x2, 3x3) Winograd convolution, stride 1, zero padding.
+// CPU kernel of attnscale::winograd_conv2d: Winograd F(2x2, 3x3) and F(4x4, 3x3) convolution, stride 1,
+// zero padding.
 //
-// Output tile (ty, tx) covers output rows 2ty, 2ty + 1 and columns 2tx, 2tx + 1; it reads the 4x4
-// input tile at rows 2ty - p .. 2ty - p + 3, columns 2tx - p .. 2tx - p + 3 (zero outside the image).
+// F(2x2, 3x3): output tile (ty, tx) covers output rows 2ty, 2ty + 1 and columns 2tx, 2tx + 1; it reads
+// the 4x4 input tile at rows 2ty - p .. 2ty - p + 3, columns 2tx - p .. 2tx - p + 3 (zero outside).
 //   input transform   V = B^T d B,   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1]
 //   products          M_ij = U_ij V_ij summed over input channels: 16 GEMMs (out x in) @ (in x tiles)
 //   output transform  Y = A^T M A,   A^T = [1 1 1 0; 0 1 -1 -1]
-// The image is processed in bands of tile rows; per band the input transform writes V (16, C, tiles),
-// at::bmm computes M (16, K, tiles), and the output transform adds the bias and writes the band's
+// F(4x4, 3x3) likewise with 6x6 input tiles at stride 4 and 36 GEMMs (matrices further down).
+// The image is processed in bands of tile rows; per band the input transform writes V (P, C, tiles),
+// at::bmm computes M (P, K, tiles), and the output transform adds the bias and writes the band's
 // output rows.  Each transform is a loop over one channel's rows (parallel over channels) whose inner
 // loops run over contiguous arrays, so the compiler vectorises them: the input rows are split into
-// their even and odd columns first, which turns the stride-2 tile reads into unit-stride ones.
+// their even and odd columns (F(4x4): their 4 column phases) first, which turns the strided tile reads
+// into unit-stride ones.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -296,40 +299,18 @@ void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int
   }
 }
 
-// The two tile sizes: F(2x2, 3x3) and F(4x4, 3x3).
-template <typename T, int Tile>
-struct Winograd;
-template <typename T>
-struct Winograd<T, 2> {
-  static constexpr int kPlanes = 16;
-  static void input(const T* x, int H, int W, int pad, int ty0, int ty1, int Tw, T* V, int64_t vp, std::vector<T>& b) {
-    input_transform_rows<T>(x, H, W, pad, ty0, ty1, Tw, V, vp, b);
-  }
-  static void output(const T* M, int64_t mp, int ty0, int ty1, int Tw, T bias, T* out, int Ho, int Wo, std::vector<T>& b) {
-    output_transform_rows<T>(M, mp, ty0, ty1, Tw, bias, out, Ho, Wo, b);
-  }
-};
-template <typename T>
-struct Winograd<T, 4> {
-  static constexpr int kPlanes = 36;
-  static void input(const T* x, int H, int W, int pad, int ty0, int ty1, int Tw, T* V, int64_t vp, std::vector<T>& b) {
-    input_transform_rows4<T>(x, H, W, pad, ty0, ty1, Tw, V, vp, b);
-  }
-  static void output(const T* M, int64_t mp, int ty0, int ty1, int Tw, T bias, T* out, int Ho, int Wo, std::vector<T>& b) {
-    output_transform_rows4<T>(M, mp, ty0, ty1, Tw, bias, out, Ho, Wo, b);
-  }
-};
-
 // Tile rows per band: V and M of a band take about kBandBytes together (a share of L3), and at least
 // kMinTiles tiles so that the GEMMs stay wide enough for MKL's kernels (tuned on a 2-core Zen 3 with
 // the VGG-16 shapes: the speed is flat within ~10 % from 4 to 8 MiB and from 256 to 512 tiles).
 constexpr int64_t kBandBytes = 8 << 20;
 constexpr int kMinTiles = 384;
 
+// Tile = 2: F(2x2, 3x3), 16 planes; Tile = 4: F(4x4, 3x3), 36 planes.
 template <typename T, int Tile>
 void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, at::Tensor& out) {
-  using Wg = Winograd<T, Tile>;
-  constexpr int P = Wg::kPlanes;
+  constexpr int P = (Tile + 2) * (Tile + 2);
+  constexpr auto input_transform = Tile == 2 ? &input_transform_rows<T> : &input_transform_rows4<T>;
+  constexpr auto output_transform = Tile == 2 ? &output_transform_rows<T> : &output_transform_rows4<T>;
   const int64_t N = x.size(0), C = x.size(1);
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
   const int64_t K = U.size(1);
@@ -355,7 +336,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       at::parallel_for(0, C, grain_c, [&](int64_t c0, int64_t c1) {
         std::vector<T> buf;
         for (int64_t c = c0; c < c1; ++c)
-          Wg::input(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * pb, C * pb, buf);
+          input_transform(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * pb, C * pb, buf);
       });
       // M_q = U_q V_q for the P entries q of the tile, on the band's tiles (a narrowed view when
       // the last band is shorter: leading dimension pb)
@@ -366,7 +347,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          Wg::output(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0),
+          output_transform(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0),
                      op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
       });
     }
