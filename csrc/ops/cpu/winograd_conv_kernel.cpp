@@ -368,16 +368,24 @@ void weight_transform(const T* __restrict w, int64_t KC, int tile, T* __restrict
                                   {0, 0, 1}};
   const int n = tile + 2;
   const double(*G)[3] = tile == 2 ? G2 : G4;
-  at::parallel_for(0, KC, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t q = b; q < e; ++q) {
-      const T* g = w + q * 9;
-      double t[6][3];  // G g
-      for (int a = 0; a < n; ++a)
+  // blocks of B (out, in) pairs, the pairs innermost so that the loops vectorise (the backward
+  // transforms the flipped weight at every call: 1.6M pairs per VGG-16 trunk)
+  constexpr int B = 128;
+  at::parallel_for(0, KC, 2048, [&](int64_t b, int64_t e) {
+    double g[9][B], t[6][3][B];
+    for (int64_t q0 = b; q0 < e; q0 += B) {
+      const int nb = static_cast<int>(std::min<int64_t>(B, e - q0));
+      for (int q = 0; q < nb; ++q)
+        for (int r = 0; r < 9; ++r) g[r][q] = static_cast<double>(w[(q0 + q) * 9 + r]);
+      for (int a = 0; a < n; ++a)  // G g
         for (int j = 0; j < 3; ++j)
-          t[a][j] = G[a][0] * g[j] + G[a][1] * g[3 + j] + G[a][2] * g[6 + j];
+          for (int q = 0; q < nb; ++q) t[a][j][q] = G[a][0] * g[j][q] + G[a][1] * g[3 + j][q] + G[a][2] * g[6 + j][q];
       for (int a = 0; a < n; ++a)  // (G g) G^T
-        for (int c = 0; c < n; ++c)
-          u[(n * a + c) * KC + q] = static_cast<T>(t[a][0] * G[c][0] + t[a][1] * G[c][1] + t[a][2] * G[c][2]);
+        for (int c = 0; c < n; ++c) {
+          T* __restrict o = u + (n * a + c) * KC + q0;
+          for (int q = 0; q < nb; ++q)
+            o[q] = static_cast<T>(t[a][0][q] * G[c][0] + t[a][1][q] * G[c][1] + t[a][2][q] * G[c][2]);
+        }
     }
   });
 }
