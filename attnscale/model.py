@@ -206,9 +206,9 @@ class AttentionToScale(nn.Module):
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
     def _conv(self, x, name: str):
-        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd F(2x2, 3x3) when ``conv_impl`` says so and
-        :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1 convolution on a CPU float input), else
-        ``nn.Conv2d``."""
+        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd (F(2x2, 3x3) for "winograd", F(4x4, 3x3) for
+        "winograd4") when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
+        convolution on a CPU float input), else ``nn.Conv2d``."""
         conv = getattr(self, name)
         if self.conv_impl == "torch" or not winograd_applies(x, conv):
             return conv(x)
