@@ -96,6 +96,27 @@ def test_gradcheck(p, tile):
     assert torch.autograd.gradcheck(lambda x, w, b: winograd_conv2d(x, w, b, p, tile=tile), (x, w, b))
 
 
+def test_backward_follows_in_place_weight_updates():
+    """d/dx keeps the flipped weight's transform per weight version: after an in-place update (an
+    optimizer step) the next backward uses the new weight."""
+    x = torch.randn(1, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(1, 4, 7, 7, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(2):  # twice per version: the second backward reuses the transform
+            got, = torch.autograd.grad(winograd_conv2d(x, w, None, 1), x, g)
+            want, = torch.autograd.grad(F.conv2d(x, w, None, padding=1), x, g)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            w.mul_(-2.0)
+
+
+def test_double_backward():
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w: winograd_conv2d(x, w, None, 1), (x, w))
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(data=st.data())
 def test_random_shapes_match_conv2d_float64(data):

@@ -19,6 +19,8 @@ reuses it (the model does, across its scales).  Differentiable in x, weight and 
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +81,30 @@ def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
                          f"{tuple(x.shape[2:])} and padding {padding}; it must be >= 1")
 
 
+# id(weight) -> (weak reference to it, its version, tile, flipped transposed weight, its transform)
+_FLIPPED: dict[int, tuple] = {}
+
+
+def _flipped(weight: torch.Tensor, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight for d/dx (flipped in both spatial axes, in and out swapped) and its transform.  Kept per
+    weight and version, so that the calls of one backward (one per scale in the share-net) transform it
+    once; not kept when the backward itself is differentiated (create_graph), where it must track
+    ``weight``."""
+    if torch.is_grad_enabled():
+        wt = weight.flip(2, 3).transpose(0, 1).contiguous()
+        with torch.no_grad():
+            return wt, torch.ops.attnscale.winograd_weight(wt, tile)
+    hit = _FLIPPED.get(id(weight))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version and hit[2] == tile:
+        return hit[3], hit[4]
+    wt = weight.flip(2, 3).transpose(0, 1).contiguous()
+    ut = torch.ops.attnscale.winograd_weight(wt, tile)
+    for k in [k for k, v in _FLIPPED.items() if v[0]() is None]:  # weights that no longer exist
+        del _FLIPPED[k]
+    _FLIPPED[id(weight)] = (weakref.ref(weight), weight._version, tile, wt, ut)
+    return wt, ut
+
+
 def _register() -> None:
     """Fake + autograd registrations of the C++ ops (once, when the extension is loaded)."""
     global _OPS_REGISTERED
@@ -108,9 +134,7 @@ def _register() -> None:
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             if p <= 2:  # a 3x3 convolution with padding 2 - p gives back H = Ho + 2 (2 - p) - 2
-                wt = weight.flip(2, 3).transpose(0, 1).contiguous()
-                with torch.no_grad():
-                    ut = torch.ops.attnscale.winograd_weight(wt, ctx.tile)
+                wt, ut = _flipped(weight, ctx.tile)
                 gx = torch.ops.attnscale.winograd_conv2d(grad_out.contiguous(), wt, ut, None, 2 - p)
             else:
                 gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=p)
