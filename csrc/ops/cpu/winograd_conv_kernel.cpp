@@ -29,45 +29,45 @@ namespace attnscale {
 namespace winograd {
 namespace {
 
+// prow[q] = x[row][q - pad] for q in [0, n): one input row with its zero padding (all zero outside
+// the image).
+template <typename T>
+inline void padded_row(const T* __restrict x, int H, int W, int pad, int row, int n, T* __restrict prow) {
+  std::fill(prow, prow + n, T(0));
+  if (row < 0 || row >= H) return;
+  const int lo = std::min(pad, n), hi = std::min(n, W + pad);
+  if (hi > lo) std::copy(x + static_cast<int64_t>(row) * W + (lo - pad), x + static_cast<int64_t>(row) * W + (hi - pad), prow + lo);
+}
+
+// One output row from its NP column phases: orow[NP t + b] = ys[b][t] for the Wo columns.
+template <int NP, typename T>
+inline void store_phases(const T* const ys[NP], int Wo, T* __restrict orow) {
+  const int full = Wo / NP;
+  for (int t = 0; t < full; ++t)
+    for (int b = 0; b < NP; ++b) orow[NP * t + b] = ys[b][t];
+  for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = ys[b][full];
+}
+
 // Input transform of tile rows [ty0, ty1) of channel c of one image x (H, W) into V: entry
 // (i * 4 + j) of tile (ty, tx) at V[(i * 4 + j) * v_plane + (ty - ty0) * Tw + tx].
 template <typename T>
 void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0, int ty1, int Tw,
                           T* __restrict V, int64_t v_plane, std::vector<T>& buf) {
   const int L = Tw + 1;  // tile tx reads even/odd columns tx and tx + 1
-  buf.resize(static_cast<size_t>(16) * L);
+  buf.resize(static_cast<size_t>(12) * L);
+  T* prow = buf.data();                                // one padded input row (2 L)
   T* ev[4];
   T* od[4];
   for (int r = 0; r < 4; ++r) {
-    ev[r] = buf.data() + static_cast<size_t>(2 * r) * L;
-    od[r] = buf.data() + static_cast<size_t>(2 * r + 1) * L;
+    ev[r] = buf.data() + static_cast<size_t>(2 + r) * L;
+    od[r] = buf.data() + static_cast<size_t>(6 + r) * L;
   }
-  T* ue = buf.data() + static_cast<size_t>(8) * L;   // one transformed row, even columns
-  T* uo = buf.data() + static_cast<size_t>(12) * L;  // and odd columns
-  // columns 2t - pad (even slot) and 2t + 1 - pad (odd slot) are inside the image for t in [t_lo, t_hi)
-  const int t_lo = std::min(L, (pad + 1) / 2);
-  const int t_hi = std::max(t_lo, std::min(L, (W + pad) / 2));  // 2t + 1 - pad <= W - 1
+  T* ue = prow;                                        // one transformed row, even columns (reuses prow)
+  T* uo = prow + L;                                    // and odd columns
   for (int ty = ty0; ty < ty1; ++ty) {
     for (int r = 0; r < 4; ++r) {
-      const int row = 2 * ty - pad + r;
-      T* __restrict e = ev[r];
-      T* __restrict o = od[r];
-      if (row < 0 || row >= H) {
-        std::fill(e, e + L, T(0));
-        std::fill(o, o + L, T(0));
-        continue;
-      }
-      const T* __restrict xr = x + static_cast<int64_t>(row) * W;
-      auto at = [&](int col) { return (col >= 0 && col < W) ? xr[col] : T(0); };
-      for (int t = 0; t < t_lo; ++t) {
-        e[t] = at(2 * t - pad);
-        o[t] = at(2 * t + 1 - pad);
-      }
-      split_even_odd(xr - pad + 2 * t_lo, t_hi - t_lo, e + t_lo, o + t_lo);
-      for (int t = t_hi; t < L; ++t) {
-        e[t] = at(2 * t - pad);
-        o[t] = at(2 * t + 1 - pad);
-      }
+      padded_row(x, H, W, pad, 2 * ty - pad + r, 2 * L, prow);
+      split_even_odd(prow, L, ev[r], od[r]);
     }
     const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
     for (int i = 0; i < 4; ++i) {
@@ -135,15 +135,8 @@ void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int 
     for (int dy = 0; dy < 2; ++dy) {
       const int y = 2 * ty + dy;
       if (y >= Ho) break;
-      const T* __restrict ye = dy == 0 ? y00 : y10;
-      const T* __restrict yo = dy == 0 ? y01 : y11;
-      T* __restrict orow = out + static_cast<int64_t>(y) * Wo;
-      const int full = Wo / 2;
-      for (int t = 0; t < full; ++t) {
-        orow[2 * t] = ye[t];
-        orow[2 * t + 1] = yo[t];
-      }
-      if (Wo % 2) orow[Wo - 1] = ye[full];
+      const T* ys[2] = {dy == 0 ? y00 : y10, dy == 0 ? y01 : y11};
+      store_phases<2>(ys, Wo, out + static_cast<int64_t>(y) * Wo);
     }
   }
 }
@@ -182,31 +175,24 @@ inline void bt6(const T* const d[6], T* const o[6], int n) {
 
 // Input transform of tile rows [ty0, ty1) of one channel (H, W) into V: entry (6 i + j) of tile (ty, tx) at
 // V[(6 i + j) * v_plane + (ty - ty0) * Tw + tx].  Each of the tile row's 6 input rows is copied into a
-// zero-padded row and split into its 4 column phases (x[4 t + m]); B^T runs over the rows on the phase
+// zero-padded row (padded_row) and split into its 4 column phases (x[4 t + m]); B^T runs over the rows on the phase
 // arrays, then over the columns: tile tx's columns are phases 0..3 at t = tx and phases 0, 1 at tx + 1.
 template <typename T>
 void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0, int ty1, int Tw,
                            T* __restrict V, int64_t v_plane, std::vector<T>& buf) {
   const int L = Tw + 1;             // phase entries per row
-  const int R = 4 * L + 8;          // padded row (room for the 2-level even/odd split)
-  const int E = 2 * L + 4;          // even/odd halves
-  buf.assign(static_cast<size_t>(R + 2 * E + 6 * 4 * L + 6 * 4 * L), T(0));
+  const int R = 4 * L;              // padded row
+  const int E = 2 * L;              // its even / odd halves
+  buf.resize(static_cast<size_t>(R + 2 * E + 6 * 4 * L + 6 * 4 * L));
   T* prow = buf.data();
   T* ev = prow + R;
   T* od = ev + E;
   T* ph = od + E;                   // ph[(r * 4 + m) * L + t]: input row r, phase m
   T* uu = ph + 6 * 4 * L;           // uu[(i * 4 + m) * L + t]: B^T over the rows
-  const int lo = std::max(0, pad), hi = std::min(4 * L + 2, W + pad);  // prow[q] = x[q - pad] for q in [lo, hi)
   for (int ty = ty0; ty < ty1; ++ty) {
     for (int r = 0; r < 6; ++r) {
-      const int row = 4 * ty - pad + r;
       T* p0 = ph + static_cast<size_t>(r * 4) * L;
-      if (row < 0 || row >= H) {
-        std::fill(p0, p0 + 4 * L, T(0));
-        continue;
-      }
-      std::fill(prow, prow + R, T(0));
-      if (hi > lo) std::copy(x + static_cast<int64_t>(row) * W + (lo - pad), x + static_cast<int64_t>(row) * W + (hi - pad), prow + lo);
+      padded_row(x, H, W, pad, 4 * ty - pad + r, 4 * L, prow);
       split_even_odd(prow, 2 * L, ev, od);                  // x[2u], x[2u + 1]
       split_even_odd(ev, L, p0 + 0 * L, p0 + 2 * L);        // phases 0, 2
       split_even_odd(od, L, p0 + 1 * L, p0 + 3 * L);        // phases 1, 3
@@ -281,20 +267,8 @@ void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int
     for (int a = 0; a < 4; ++a) {
       const int y = 4 * ty + a;
       if (y >= Ho) break;
-      T* __restrict orow = out + static_cast<int64_t>(y) * Wo;
-      const T* __restrict y0 = yy + (a * 4 + 0) * Tw;
-      const T* __restrict y1 = yy + (a * 4 + 1) * Tw;
-      const T* __restrict y2 = yy + (a * 4 + 2) * Tw;
-      const T* __restrict y3 = yy + (a * 4 + 3) * Tw;
-      const int full = Wo / 4;
-      for (int t = 0; t < full; ++t) {
-        orow[4 * t] = y0[t];
-        orow[4 * t + 1] = y1[t];
-        orow[4 * t + 2] = y2[t];
-        orow[4 * t + 3] = y3[t];
-      }
-      const T* ys[4] = {y0, y1, y2, y3};
-      for (int b = 0; b < Wo - 4 * full; ++b) orow[4 * full + b] = ys[b][full];
+      const T* ys[4] = {yy + (a * 4 + 0) * Tw, yy + (a * 4 + 1) * Tw, yy + (a * 4 + 2) * Tw, yy + (a * 4 + 3) * Tw};
+      store_phases<4>(ys, Wo, out + static_cast<int64_t>(y) * Wo);
     }
   }
 }
