@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .ops.interp import caffe_interp, caffe_interp_applies
 from .ops.pooling import caffe_max_pool2d, caffe_max_pool2d_applies
 
 __all__ = [
@@ -256,7 +257,9 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
     Follows ``caffe_cpu_interp2``: if the (cropped) input already has the output size the values are
     copied; otherwise ``out = l0h * (l0w * x[h0,w0] + l1w * x[h0,w1]) + l1h * (l0w * x[h1,w0] + l1w * x[h1,w1])``
     with the coefficients of :func:`interp_coefficients` (computed in float32 even for double inputs, as
-    Caffe does, then cast to the input dtype).  Differentiable (gather; backward scatters like Caffe).
+    Caffe does, then cast to the input dtype; ``l0 = 1 - l1`` in the input dtype).  Differentiable (gather;
+    backward scatters like Caffe).  Without a gradient on the CPU it runs
+    :func:`attnscale.ops.interp.caffe_interp` (the same values, from a C++ kernel).
     """
     if x.dim() != 4:
         raise ValueError(f"interp: expected an (N,C,H,W) tensor, got shape {tuple(x.shape)}")
@@ -266,9 +269,12 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
         x = x[..., top:top + eh, left:left + ew]
     if (eh, ew) == (oh, ow):
         return x.clone()
-    h0, h1, lh0, lh1 = interp_coefficients(eh, oh, x.device)
-    w0, w1, lw0, lw1 = interp_coefficients(ew, ow, x.device)
-    lh0, lh1, lw0, lw1 = (t.to(x.dtype) for t in (lh0, lh1, lw0, lw1))
+    if caffe_interp_applies(x):  # inference on the CPU: the C++ kernel, same values
+        return caffe_interp(x, (oh, ow))
+    h0, h1, _, lh1 = interp_coefficients(eh, oh, x.device)
+    w0, w1, _, lw1 = interp_coefficients(ew, ow, x.device)
+    lh1, lw1 = lh1.to(x.dtype), lw1.to(x.dtype)
+    lh0, lw0 = 1 - lh1, 1 - lw1  # Caffe: Dtype h0lambda = Dtype(1.) - h1lambda, in the blob's dtype
     r0 = x.index_select(-2, h0)
     r1 = x.index_select(-2, h1)
     top_row = lw0 * r0.index_select(-1, w0) + lw1 * r0.index_select(-1, w1)

@@ -5,6 +5,7 @@
 - :func:`winograd_conv2d` — 3x3 stride-1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3) (CPU; its
   reference is ``F.conv2d``), with :func:`winograd_weight` (the weight transform, kept by callers).
 - :func:`caffe_max_pool2d` — Caffe MAX pooling forward for inference (CPU; used by ``caffe.pool2d``).
+- :func:`caffe_interp` — DeepLab Interp forward for inference (CPU; used by ``caffe.interp``).
 
 Each op needs the compiled extension ``attnscale._C`` (``pip install -e . --no-build-isolation``);
 without it a call raises a RuntimeError that says how to build it.  The references in
@@ -12,6 +13,7 @@ without it a call raises a RuntimeError that says how to build it.  The referenc
 """
 from ._ext import has_cuda_kernels, has_extension, require_extension
 from .dilated_conv import dilated_conv2d
+from .interp import caffe_interp
 from .pooling import caffe_max_pool2d
 from .reference import dilated_conv2d_reference, scale_merge_reference
 from .scale_merge import scale_merge
@@ -19,6 +21,6 @@ from .winograd_conv import winograd_applies, winograd_conv2d, winograd_weight
 
 __all__ = [
     "scale_merge", "scale_merge_reference", "dilated_conv2d", "dilated_conv2d_reference",
-    "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d",
+    "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp",
     "has_extension", "has_cuda_kernels", "require_extension",
 ]
