@@ -37,7 +37,7 @@ class TrainConfig:
     extra_supervision: bool = False
     width: float = 1.0
     use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
-    conv_impl: str = "torch"             # 3x3 convs: "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
+    conv_impl: str = "auto"              # 3x3 convs: "auto" (winograd without grads, else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
@@ -62,8 +62,8 @@ class TrainConfig:
     torch_threads: int = 0               # 0: leave torch's default
 
     def validate(self) -> "TrainConfig":
-        if self.conv_impl not in ("torch", "winograd", "winograd4"):
-            raise ValueError(f"config.conv_impl must be 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
+        if self.conv_impl not in ("auto", "torch", "winograd", "winograd4"):
+            raise ValueError(f"config.conv_impl must be 'auto', 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
         if self.merge not in (None, "max", "avg", "attention"):
             raise ValueError(f"config.merge must be null, 'max', 'avg' or 'attention', got {self.merge!r}")
         if not self.scales:

@@ -37,7 +37,7 @@ FC6 = dict(out=1024, kernel=3, pad=12, dilation=12)
 FC7_OUT = 1024
 ATT1_OUT = 512
 MERGES = ("attention", "max", "avg")
-CONV_IMPLS = ("torch", "winograd", "winograd4")
+CONV_IMPLS = ("auto", "torch", "winograd", "winograd4")
 
 
 def scale_suffix(scale: float) -> str:
@@ -77,8 +77,11 @@ class AttentionToScale(nn.Module):
             Winograd F(2x2, 3x3), 2.25x less arithmetic, float32 rounding no worse than direct) or "winograd4"
             (F(4x4, 3x3), 4x less arithmetic, float32 errors a few times the direct convolution's), on CPU
             float32/float64 inputs; the dilated conv5 layers by polyphase components; anything else still runs
-            through ``nn.Conv2d``.  Each weight's Winograd transform is kept until the weight changes, so the
-            scales of one forward share it.
+            through ``nn.Conv2d``.  "auto" (the default) is "winograd" where no gradient is needed (inference
+            on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) and "torch" otherwise, and always
+            "torch" with ``use_reference_ops``.  Each weight's Winograd transform is kept until the weight
+            changes, so the scales of one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full
+            net).
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
@@ -88,7 +91,7 @@ class AttentionToScale(nn.Module):
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
-                 dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "torch"):
+                 dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -206,16 +209,21 @@ class AttentionToScale(nn.Module):
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
     def _conv(self, x, name: str):
-        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd (F(2x2, 3x3) for "winograd", F(4x4, 3x3) for
-        "winograd4") when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
+        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd (F(2x2, 3x3) for "winograd" and for "auto"
+        without gradients, F(4x4, 3x3) for "winograd4") when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
         convolution on a CPU float input), else ``nn.Conv2d``."""
         conv = getattr(self, name)
-        if self.conv_impl == "torch" or not winograd_applies(x, conv):
+        impl = self.conv_impl
+        if impl == "auto":
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+            impl = "torch" if self.use_reference_ops or needs_grad else "winograd"
+        if impl == "torch" or not winograd_applies(x, conv):
             return conv(x)
         w = conv.weight
+        tile = 4 if impl == "winograd4" else 2
         hit = self._winograd_cache.get(name)
-        if hit is None or hit[0] is not w or hit[1] != w._version:  # a new tensor, or updated in place
-            hit = (w, w._version, winograd_weight(w, 4 if self.conv_impl == "winograd4" else 2))
+        if hit is None or hit[0] is not w or hit[1] != w._version or hit[2].shape[0] != (tile + 2) ** 2:
+            hit = (w, w._version, winograd_weight(w, tile))
             self._winograd_cache[name] = hit
         return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0])
 

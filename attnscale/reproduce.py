@@ -253,7 +253,7 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
 def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
               iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
               synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
-              reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "torch") -> dict:
+              reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "auto") -> dict:
     if table not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
     spec = TABLES[table]
@@ -352,9 +352,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
     ap.add_argument("--reference-ops", action="store_true",
                     help="use the slow pure-PyTorch reference ops instead of attnscale._C's kernels")
-    ap.add_argument("--conv", default="torch", choices=("torch", "winograd", "winograd4"),
+    ap.add_argument("--conv", default="auto", choices=("auto", "torch", "winograd", "winograd4"),
                     help="3x3 convolutions: torch (oneDNN/cuDNN) or, on a CPU, Winograd F(2x2,3x3) / F(4x4,3x3) "
-                         "(attnscale.ops.winograd_conv2d)")
+                         "(attnscale.ops.winograd_conv2d); auto (default): Winograd F(2x2,3x3) where no gradient "
+                         "is needed (evaluation on a CPU), torch for training")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     if a.init and not os.path.isfile(a.init):

@@ -339,6 +339,29 @@ def test_winograd_convs_equal_torch_convs(impl):
     assert win._winograd_cache["conv1_1"][2] is not before["conv1_1"]
 
 
+def test_auto_conv_impl_uses_winograd_only_without_gradients():
+    """conv_impl="auto" (the default) runs the 3x3 layers through Winograd F(2x2, 3x3) where no gradient
+    is needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops."""
+    torch.manual_seed(0)
+    auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
+    assert auto.conv_impl == "auto"
+    ref = tiny(merge="attention", dropout=0.0, use_reference_ops=False, conv_impl="torch")
+    ref.load_state_dict(auto.state_dict())
+    x = torch.randn(1, 3, 45, 41)
+    out = auto(x)  # parameters require grad: the direct convolution
+    assert auto._winograd_cache == {}
+    with torch.no_grad():
+        a, b = auto(x), ref(x)
+    assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {16}  # F(2x2, 3x3) transforms
+    assert "att_conv1" in auto._winograd_cache and ref._winograd_cache == {}
+    torch.testing.assert_close(a.merged, b.merged, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out.merged.detach(), b.merged, rtol=1e-5, atol=1e-5)
+    refops = tiny(merge="attention", dropout=0.0, use_reference_ops=True)
+    with torch.no_grad():
+        refops(x)
+    assert refops._winograd_cache == {}
+
+
 def test_conv_impl_is_checked():
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         tiny(conv_impl="fft")
