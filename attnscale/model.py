@@ -208,24 +208,26 @@ class AttentionToScale(nn.Module):
         fn = dilated_conv2d_reference if self.use_reference_ops else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
-    def _conv(self, x, name: str):
-        """Layer ``name`` (an ``nn.Conv2d``) on x: through Winograd (F(2x2, 3x3) for "winograd" and for "auto"
-        without gradients, F(4x4, 3x3) for "winograd4") when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
-        convolution on a CPU float input), else ``nn.Conv2d``."""
+    def _conv(self, x, name: str, relu: bool = False):
+        """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
+        (F(2x2, 3x3) for "winograd" and for "auto" without gradients, F(4x4, 3x3) for "winograd4", the ReLU
+        fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
+        convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             impl = "torch" if self.use_reference_ops or needs_grad else "winograd"
         if impl == "torch" or not winograd_applies(x, conv):
-            return conv(x)
+            return F.relu(conv(x)) if relu else conv(x)
         w = conv.weight
         tile = 4 if impl == "winograd4" else 2
         hit = self._winograd_cache.get(name)
         if hit is None or hit[0] is not w or hit[1] != w._version or hit[2].shape[0] != (tile + 2) ** 2:
             hit = (w, w._version, winograd_weight(w, tile))
             self._winograd_cache[name] = hit
-        return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0])
+        return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0],
+                               relu=relu)
 
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -234,7 +236,7 @@ class AttentionToScale(nn.Module):
         """One scale through the shared net: returns (fc7 after relu7/drop7, classifier scores)."""
         for spec in self._layers:
             if spec[0] == "conv":
-                x = F.relu(self._conv(x, spec[1]))
+                x = self._conv(x, spec[1], relu=True)
             else:
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
@@ -268,7 +270,7 @@ class AttentionToScale(nn.Module):
         if self.merge == "attention":
             # fc7_concat: fc7 of every scale Interp'ed to the scale-1 size (fc7_res075_interp, ...).
             cat = torch.cat([fc7s[0]] + [caffe.interp(f, size) for f in fc7s[1:]], dim=1)
-            a = self._drop(F.relu(self._conv(cat, "att_conv1")))
+            a = self._drop(self._conv(cat, "att_conv1", relu=True))
             logits = self.att_conv2(a)
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
         merged, weights = merge_fn(scores, logits, self.merge)

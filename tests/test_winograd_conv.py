@@ -176,6 +176,33 @@ def test_precomputed_weight_is_used():
     assert not torch.allclose(winograd_conv2d(x, w, None, 1, weight_winograd=2 * u), F.conv2d(x, w, padding=1))
 
 
+@pytest.mark.parametrize("d,p", [(1, 1), (1, 0), (2, 2)])
+@TILE_PARAMS
+def test_fused_relu(d, p, tile):
+    """relu=True gives F.relu(F.conv2d(...)): values with and without autograd (the in-place and the
+    differentiable polyphase assembly), and the gradients of x, weight and bias, also through the op
+    itself (its autograd formula masks the gradient where the output is zero)."""
+    x = torch.randn(2, 3, 11, 10, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ref = F.relu(F.conv2d(x, wt, b, padding=p, dilation=d))
+    assert (ref == 0).float().mean() > 0.2  # the ReLU cuts a good part
+    with torch.no_grad():
+        torch.testing.assert_close(winograd_conv2d(x, wt, b, p, dilation=d, tile=tile, relu=True), ref,
+                                   rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(ref)
+    expect = torch.autograd.grad(ref, (x, wt, b), g)
+    ys = [winograd_conv2d(x, wt, b, p, dilation=d, tile=tile, relu=True)]
+    if d == 1:
+        ys.append(torch.ops.attnscale.winograd_conv2d(x, wt, winograd_weight(wt, tile), b, p, True))
+    for y in ys:
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for a, e in zip(torch.autograd.grad(y, (x, wt, b), g), expect):
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="relu must be a bool"):
+        winograd_conv2d(x, wt, b, p, dilation=d, relu=1)
+
+
 @TILE_PARAMS
 def test_opcheck(tile):
     x = torch.randn(2, 3, 7, 6)
@@ -186,6 +213,8 @@ def test_opcheck(tile):
     torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (x, w, u, b, 1))
     xg, wg, bg = (t.clone().requires_grad_() for t in (x, w, b))
     torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg, wg, u, bg, 1),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg, wg, u, bg, 1, True),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

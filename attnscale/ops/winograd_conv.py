@@ -116,20 +116,22 @@ def _register() -> None:
         return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
 
     @torch.library.register_fake("attnscale::winograd_conv2d")
-    def _conv_fake(x, weight, weight_winograd, bias=None, padding=1):
+    def _conv_fake(x, weight, weight_winograd, bias=None, padding=1, relu=False):
         _check(x, weight, bias, padding, weight_winograd)
         return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], padding),
                             _out_size(x.shape[3], padding)))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, weight_winograd, bias, padding = inputs
-        ctx.save_for_backward(x, weight)
+        x, weight, weight_winograd, bias, padding, relu = inputs
+        ctx.save_for_backward(x, weight, output if relu else None)
         ctx.has_bias = bias is not None
         ctx.padding = padding
         ctx.tile = 2 if weight_winograd.shape[0] == 16 else 4
 
     def _backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+        x, weight, out = ctx.saved_tensors
+        if out is not None:  # the fused ReLU: torch.relu's gradient (zero where the output is zero)
+            grad_out = grad_out * (out > 0).to(grad_out.dtype)
         p = ctx.padding
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
@@ -142,7 +144,7 @@ def _register() -> None:
             gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, padding=p)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             gb = grad_out.sum((0, 2, 3))
-        return gx, gw, None, gb, None
+        return gx, gw, None, gb, None, None
 
     torch.library.register_autograd("attnscale::winograd_conv2d", _backward, setup_context=_setup_context)
     _OPS_REGISTERED = True
@@ -188,8 +190,8 @@ def winograd_applies(x: torch.Tensor, conv: torch.nn.Conv2d) -> bool:
 
 
 def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, padding: int = 1,
-                    weight_winograd: torch.Tensor | None = None, dilation: int = 1, tile: int | None = None
-                    ) -> torch.Tensor:
+                    weight_winograd: torch.Tensor | None = None, dilation: int = 1, tile: int | None = None,
+                    relu: bool = False) -> torch.Tensor:
     """``F.conv2d(x, weight, bias, padding=padding, dilation=dilation)`` for a 3x3 weight, computed by
     Winograd F(tile x tile, 3x3).
 
@@ -199,7 +201,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     float32 errors a few times the direct convolution's); implied by ``weight_winograd`` when given.
     Returns (N, O, H + 2p - 2d, W + 2p - 2d).  A dilation d > 1 needs p = d q: the output pixels (i, j)
     with i = a, j = b mod d read only the input's polyphase component x[..., a::d, b::d], so the op runs
-    undilated with padding q on each of the d^2 components (each must have an output).  Inside a CPU
+    undilated with padding q on each of the d^2 components (each must have an output).  ``relu=True``
+    returns ``F.relu`` of the convolution, fused into the output transform.  Inside a CPU
     ``torch.autocast`` region the inputs run in float32."""
     require_extension()
     dt = autocast_dtype(x.device.type) if isinstance(x, torch.Tensor) else None
@@ -217,12 +220,15 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if not _component_sizes_ok(x.shape[2], x.shape[3], padding, d):
             raise ValueError(f"winograd_conv2d: x of spatial size {tuple(x.shape[2:])} with dilation {d} and "
                              f"padding {padding} leaves a polyphase component without output; use F.conv2d")
+    if not isinstance(relu, bool):
+        raise TypeError(f"winograd_conv2d: relu must be a bool, got {relu!r}")
     if weight_winograd is None:
         weight_winograd = winograd_weight(weight, tile or 2)
     if d == 1:
-        return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding)
+        return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding, relu)
     q = padding // d
-    parts = [torch.ops.attnscale.winograd_conv2d(x[:, :, a::d, b::d].contiguous(), weight, weight_winograd, bias, q)
+    parts = [torch.ops.attnscale.winograd_conv2d(x[:, :, a::d, b::d].contiguous(), weight, weight_winograd, bias, q,
+                                                 relu)
              for a in range(d) for b in range(d)]
     n, o = x.shape[0], weight.shape[0]
     h, w = x.shape[2] + 2 * padding - 2 * d, x.shape[3] + 2 * padding - 2 * d

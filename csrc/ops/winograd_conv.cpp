@@ -17,5 +17,8 @@
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("winograd_weight(Tensor weight, int tile=2) -> Tensor");
-  m.def("winograd_conv2d(Tensor x, Tensor weight, Tensor weight_winograd, Tensor? bias=None, int padding=1) -> Tensor");
+  // relu: the ReLU that follows every such layer in DeepLab, fused into the output transform
+  m.def(
+      "winograd_conv2d(Tensor x, Tensor weight, Tensor weight_winograd, Tensor? bias=None, int padding=1, "
+      "bool relu=False) -> Tensor");
 }

@@ -39,10 +39,23 @@ inline void padded_row(const T* __restrict x, int H, int W, int pad, int row, in
   if (hi > lo) std::copy(x + static_cast<int64_t>(row) * W + (lo - pad), x + static_cast<int64_t>(row) * W + (hi - pad), prow + lo);
 }
 
-// One output row from its NP column phases: orow[NP t + b] = ys[b][t] for the Wo columns.
+// torch.relu's value: 0 for v < 0, v otherwise (NaN propagates: the comparison is false).
+template <typename T>
+inline T relu_of(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// One output row from its NP column phases: orow[NP t + b] = ys[b][t] for the Wo columns, through the fused
+// ReLU when asked (torch.relu's values, NaN stays NaN).
 template <int NP, typename T>
-inline void store_phases(const T* const ys[NP], int Wo, T* __restrict orow) {
+inline void store_phases(const T* const ys[NP], int Wo, bool relu, T* __restrict orow) {
   const int full = Wo / NP;
+  if (relu) {
+    for (int t = 0; t < full; ++t)
+      for (int b = 0; b < NP; ++b) orow[NP * t + b] = relu_of(ys[b][t]);
+    for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = relu_of(ys[b][full]);
+    return;
+  }
   for (int t = 0; t < full; ++t)
     for (int b = 0; b < NP; ++b) orow[NP * t + b] = ys[b][t];
   for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = ys[b][full];
@@ -104,7 +117,7 @@ void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0,
 
 // Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
 template <typename T>
-void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias,
+void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias, bool relu,
                            T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(4) * Tw);
   T* y00 = buf.data();
@@ -136,7 +149,7 @@ void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int 
       const int y = 2 * ty + dy;
       if (y >= Ho) break;
       const T* ys[2] = {dy == 0 ? y00 : y10, dy == 0 ? y01 : y11};
-      store_phases<2>(ys, Wo, out + static_cast<int64_t>(y) * Wo);
+      store_phases<2>(ys, Wo, relu, out + static_cast<int64_t>(y) * Wo);
     }
   }
 }
@@ -219,7 +232,7 @@ void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0
 
 // Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
 template <typename T>
-void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias,
+void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias, bool relu,
                             T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(24 + 16) * Tw);
   T* rr = buf.data();        // rr[(a * 6 + j) * Tw + t]: row a of A^T M
@@ -268,7 +281,7 @@ void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int
       const int y = 4 * ty + a;
       if (y >= Ho) break;
       const T* ys[4] = {yy + (a * 4 + 0) * Tw, yy + (a * 4 + 1) * Tw, yy + (a * 4 + 2) * Tw, yy + (a * 4 + 3) * Tw};
-      store_phases<4>(ys, Wo, out + static_cast<int64_t>(y) * Wo);
+      store_phases<4>(ys, Wo, relu, out + static_cast<int64_t>(y) * Wo);
     }
   }
 }
@@ -281,7 +294,8 @@ constexpr int kMinTiles = 384;
 
 // Tile = 2: F(2x2, 3x3), 16 planes; Tile = 4: F(4x4, 3x3), 36 planes.
 template <typename T, int Tile>
-void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, at::Tensor& out) {
+void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, bool relu,
+                  at::Tensor& out) {
   constexpr int P = (Tile + 2) * (Tile + 2);
   constexpr auto input_transform = Tile == 2 ? &input_transform_rows<T> : &input_transform_rows4<T>;
   constexpr auto output_transform = Tile == 2 ? &output_transform_rows<T> : &output_transform_rows4<T>;
@@ -321,7 +335,7 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          output_transform(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0),
+          output_transform(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
                      op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
       });
     }
@@ -380,7 +394,7 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in, int64_t tile) {
 }
 
 at::Tensor winograd_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& u_in,
-                               const std::optional<at::Tensor>& bias_in, int64_t padding) {
+                               const std::optional<at::Tensor>& bias_in, int64_t padding, bool relu) {
   check_forward(x_in, w_in, u_in, bias_in, padding);
   TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
                     "winograd_conv2d: x dtype ", x_in.scalar_type(), " is not supported on CPU (float32 or float64)");
@@ -392,9 +406,9 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, c
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv2d_cpu", [&] {
     if (U.size(0) == 16) {
-      forward_impl<scalar_t, 2>(x, U, bias, static_cast<int>(padding), out);
+      forward_impl<scalar_t, 2>(x, U, bias, static_cast<int>(padding), relu, out);
     } else {
-      forward_impl<scalar_t, 4>(x, U, bias, static_cast<int>(padding), out);
+      forward_impl<scalar_t, 4>(x, U, bias, static_cast<int>(padding), relu, out);
     }
   });
   return out;
