@@ -271,6 +271,13 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
         return x.clone()
     if caffe_interp_applies(x):  # inference on the CPU: the C++ kernel, same values
         return caffe_interp(x, (oh, ow))
+    return interp_gather(x, (oh, ow))
+
+
+def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """The differentiable pure-PyTorch body of :func:`interp` (no cropping, sizes differ): two index_selects
+    per axis and Caffe's blends, on any device; autograd's backward of the gathers is Caffe's scatter."""
+    (eh, ew), (oh, ow) = x.shape[-2:], out_hw
     h0, h1, _, lh1 = interp_coefficients(eh, oh, x.device)
     w0, w1, _, lw1 = interp_coefficients(ew, ow, x.device)
     lh1, lw1 = lh1.to(x.dtype), lw1.to(x.dtype)

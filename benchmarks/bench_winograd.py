@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-import torch.utils.benchmark as tb
 
 from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
+from timing import interleaved_ms
 
 # (name, C, K, H=W) at the 513x513 input's scale 1
 LAYERS = [
@@ -32,17 +31,6 @@ LAYERS = [
     ("conv4_2", 512, 512, 65),
     ("att_conv1", 3072, 512, 65),
 ]
-
-
-def interleaved(fns: dict, threads: int, rounds: int) -> dict:
-    timers = {k: tb.Timer("f()", globals={"f": f}, num_threads=threads) for k, f in fns.items()}
-    for t in timers.values():
-        t.timeit(1)  # warm-up
-    out = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, t in timers.items():
-            out[k].append(t.timeit(1).median)
-    return {k: statistics.median(v) * 1e3 for k, v in out.items()}
 
 
 def main(argv=None) -> int:
@@ -98,7 +86,7 @@ def main(argv=None) -> int:
                     xg.grad = wg.grad = bg.grad = None
 
                 fns |= {"direct_fb": direct_fb, "winograd_fb": wino2_fb, "winograd4_fb": wino4_fb}
-            ms = interleaved(fns, threads, args.rounds)
+            ms = interleaved_ms(fns, threads, args.rounds)
             for p in ("fwd", "fwd+bwd"):
                 if p == "fwd+bwd" and args.no_backward:
                     continue
