@@ -6,8 +6,15 @@ the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 conv
 
 - inference: ms per 513x513 image, 3 scales, eval mode (the paper: 350 ms on a K40; real Caffe with
   OpenBLAS on a 2-core CPU: ~4.3 s);
+- predict (``--jobs predict``): ms per ``model.predict`` call on a 500x375 image (padding to 513, the net,
+  the x8 Interp, argmax: what evaluation runs per image);
 - training: images/s of forward + backward + SGD step at 321x321 (batch 30 on a GPU, smaller on a CPU),
   E-Supv loss.
+
+Without gradients every variant, "reference" included, uses the CPU inference kernels of
+``caffe.pool2d`` (max pooling) and ``caffe.interp``, so on a CPU "reference" is faster than plain eager
+PyTorch there.  "ops" passes ``conv_impl="torch"``; the default ``conv_impl="auto"`` is "ops+winograd"
+in inference and "ops" in training.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
 ``torch.compile`` of our model is measured with ``--compile``.
@@ -97,6 +104,19 @@ def infer_step(variant, precision, device, size, channels_last):
     return step
 
 
+def predict_step(variant, precision, device, channels_last):
+    """``model.predict`` on a VOC-sized 500x375 BGR image: mean subtraction, padding to 513, the net, the
+    x8 Interp of the scores and attention maps, crop and argmax (what evaluation runs per image)."""
+    m = _model(variant, device, channels_last).eval()
+    img = (torch.rand(500, 375, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
+
+    def step():
+        with ac:
+            m.predict(img)
+    return step
+
+
 def train_step(variant, precision, device, size, batch, channels_last):
     m = _model(variant, device, channels_last).train()
     fwd = torch.compile(m) if variant.endswith("compile") else m
@@ -120,7 +140,7 @@ def train_step(variant, precision, device, size, batch, channels_last):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--jobs", nargs="+", default=["infer", "train"], choices=["infer", "train"])
+    ap.add_argument("--jobs", nargs="+", default=["infer", "train"], choices=["infer", "predict", "train"])
     ap.add_argument("--infer-size", type=int, default=513)
     ap.add_argument("--train-size", type=int, default=321)
     ap.add_argument("--train-batch", type=int, default=None, help="default 30 on CUDA, 2 on CPU")
@@ -160,12 +180,16 @@ def main(argv=None) -> int:
             if job == "infer":
                 steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last) for v in variants}
                 n, size = 1, args.infer_size
+            elif job == "predict":
+                steps = {v: predict_step(v, prec, dev, args.channels_last) for v in variants
+                         if not v.endswith("compile")}
+                n, size = 1, 513
             else:
                 steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
             del steps
-            for v in variants:
+            for v in times:
                 t = times[v]
                 r = Row(job, v, prec, n, size, statistics.median(t), min(t), reps)
                 rows.append(r)
