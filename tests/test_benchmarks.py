@@ -1,0 +1,59 @@
+"""Smoke runs of the benchmark scripts (tiny settings, a few seconds each): they must keep running and
+writing their JSON, so that a session with a GPU, or a user, never meets a broken benchmark first.  No
+timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from attnscale.ops import has_extension
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script, *args, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args, "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        return json.load(f), proc.stdout
+
+
+def test_bench_merge(tmp_path):
+    data, _ = run_bench("bench_merge.py", "--quick", "--threads", "1", "--no-compile", "--cpu-only",
+                        tmp_path=tmp_path)
+    rows = data["rows"]
+    assert {(r["passes"], r["mode"]) for r in rows} == {("fwd", "attention"), ("fwd+bwd", "attention")}
+    assert all(r["fused_us"] > 0 and r["eager_us"] > 0 for r in rows)
+
+
+def test_bench_fc6(tmp_path):
+    data, out = run_bench("bench_fc6.py", "--quick", "--threads", "1", "--no-backward", "--device", "cpu",
+                          tmp_path=tmp_path)
+    assert "oneDNN" in out and data
+
+
+def test_bench_winograd(tmp_path):
+    data, _ = run_bench("bench_winograd.py", "--threads", "1", "--rounds", "1", "--layers", "conv4_2",
+                        "--no-backward", tmp_path=tmp_path)
+    assert [r["layer"] for r in data["rows"]] == ["conv4_2"]
+    assert all(r["winograd_ms"] > 0 and r["onednn_ms"] > 0 for r in data["rows"])
+
+
+def test_bench_interp(tmp_path):
+    data, _ = run_bench("bench_interp.py", "--threads", "1", "--rounds", "1", tmp_path=tmp_path)
+    assert {r["case"] for r in data["rows"]} == {"zoom8", "fc7_res075", "fc7_res05", "input075"}
+
+
+def test_bench_e2e(tmp_path):
+    data, _ = run_bench("bench_e2e.py", "--device", "cpu", "--threads", "1", "--jobs", "infer", "train",
+                        "--infer-size", "65", "--train-size", "65", "--train-batch", "1", "--reps", "1",
+                        "--warmup", "0", tmp_path=tmp_path)
+    got = {(r["job"], r["variant"]) for r in data["rows"]}
+    variants = {"reference", "ops", "ops+winograd", "ops+winograd4"}
+    assert got == {(j, v) for j in ("infer", "train") for v in variants}
