@@ -57,3 +57,27 @@ def test_bench_e2e(tmp_path):
     got = {(r["job"], r["variant"]) for r in data["rows"]}
     variants = {"reference", "ops", "ops+winograd", "ops+winograd4"}
     assert got == {(j, v) for j in ("infer", "train") for v in variants}
+
+
+def test_cuda_sanitize_dry_run():
+    """The compute-sanitizer driver of issue 7, with the CPU kernels on both sides; without a GPU its
+    normal run refuses with exit code 2."""
+    script = os.path.join(ROOT, "benchmarks", "cuda_sanitize.py")
+    proc = subprocess.run([sys.executable, script, "--cpu-dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("ok  scale_merge") == 27 and proc.stdout.count("ok  dilated_conv2d") == 3
+    import torch
+    from attnscale.ops import has_cuda_kernels
+    if not (torch.cuda.is_available() and has_cuda_kernels()):
+        assert subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True).returncode == 2
+
+
+def test_gpu_proof_script(tmp_path):
+    """benchmarks/gpu_proof.sh parses, and an unknown phase fails with a message in its log."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_proof.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    proc = subprocess.run(["bash", script, "nophase"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 1
+    assert "unknown phase 'nophase'" in (tmp_path / "proof.log").read_text()

@@ -1,0 +1,107 @@
+"""One forward and one backward of every CUDA op, small shapes, for ``compute-sanitizer`` (issue 7):
+
+    compute-sanitizer --tool memcheck  python3 benchmarks/cuda_sanitize.py
+    compute-sanitizer --tool racecheck python3 benchmarks/cuda_sanitize.py
+
+scale_merge in its three modes (float32, bfloat16, float16; exact and inexact Interp ratios, a map of the
+same size as scale 0) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; float32 and
+bfloat16), each with every input requiring a gradient.  After each op it synchronises (a kernel fault
+surfaces at the op that made it) and compares with the CPU kernels, loosely (the tests do it exactly), so
+that a launch that silently wrote nothing is caught too.  Exits 1 on any mismatch.  ``--cpu-dry-run``
+runs the same script with the CPU kernels on both sides (float32), so that CI keeps it working.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from attnscale.ops import dilated_conv2d, has_cuda_kernels, scale_merge
+
+DEV = "cuda"  # "cpu" with --cpu-dry-run
+
+
+def dev_dtype(dev: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of one side: the CPU kernels take float32 (the reference side, and a dry run)."""
+    return dtype if dev == "cuda" else torch.float32
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+    a, b = a.double().cpu(), b.double().cpu()
+    return bool(torch.isfinite(a).all()) and (a - b).norm().item() <= tol * max(b.norm().item(), 1e-30)
+
+
+def check_scale_merge(failures: list) -> None:
+    for sizes in ((9, 7, 5), (8, 6, 5), (13, 13, 7)):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+            for mode in ("attention", "avg", "max"):
+                gen = torch.Generator().manual_seed(0)
+                cpu = [torch.randn(2, 5, h, h + 1, generator=gen) for h in sizes]
+                lg = torch.randn(2, len(sizes), sizes[0], sizes[0] + 1, generator=gen)
+                g = torch.randn(2, 5, sizes[0], sizes[0] + 1, generator=gen)
+                res = {}
+                for side, dev in (("ref", "cpu"), ("dev", DEV)):
+                    sc = [t.to(dev, dev_dtype(dev, dtype)).requires_grad_() for t in cpu]
+                    lgd = lg.to(dev, dev_dtype(dev, dtype)).requires_grad_()
+                    out, w = scale_merge(sc, lgd if mode == "attention" else None, mode)
+                    out.backward(g.to(dev, out.dtype))
+                    sync(dev)
+                    res[side] = [out, w] + [t.grad for t in sc] + ([lgd.grad] if mode == "attention" else [])
+                name = f"scale_merge {mode} {dtype} {sizes}"
+                for i, (a, b) in enumerate(zip(res["dev"], res["ref"])):
+                    if mode == "max" and i > 1:
+                        continue  # a near-tie may pick another scale in low precision; the tests check it
+                    if not close(a, b, tol):
+                        failures.append(f"{name}: output {i} differs from the CPU kernel")
+                print(f"ok  {name}", flush=True)
+
+
+def check_dilated_conv(failures: list) -> None:
+    for (n, c, k, h, w, d), dtype, tol in (((1, 32, 24, 21, 21, 12), torch.float32, 5e-3),
+                                           ((1, 32, 24, 21, 21, 12), torch.bfloat16, 3e-2),
+                                           ((2, 5, 7, 9, 11, 3), torch.float32, 5e-3)):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(n, c, h, w, generator=gen)
+        wt = torch.randn(k, c, 3, 3, generator=gen) * 0.1
+        b = torch.randn(k, generator=gen)
+        res = {}
+        for side, dev in (("ref", "cpu"), ("dev", DEV)):
+            xs, ws, bs = (t.to(dev, dev_dtype(dev, dtype)).requires_grad_() for t in (x, wt, b))
+            y = dilated_conv2d(xs, ws, bs, dilation=d, padding=d)
+            y.backward(torch.ones_like(y))
+            sync(dev)
+            res[side] = [y, xs.grad, ws.grad, bs.grad]
+        name = f"dilated_conv2d {dtype} {(n, c, k, h, w, d)}"
+        for i, (a, e) in enumerate(zip(res["dev"], res["ref"])):
+            if not close(a, e, tol):
+                failures.append(f"{name}: output {i} differs from the CPU kernel")
+        print(f"ok  {name}", flush=True)
+
+
+def main(argv=None) -> int:
+    global DEV
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--cpu-dry-run"]:
+        DEV = "cpu"
+    elif argv:
+        print(f"cuda_sanitize: unknown arguments {argv} (only --cpu-dry-run)", file=sys.stderr)
+        return 2
+    elif not (torch.cuda.is_available() and has_cuda_kernels()):
+        print("cuda_sanitize: needs a CUDA GPU and attnscale built with its CUDA kernels "
+              "(pip install -e . --no-build-isolation with a CUDA torch and nvcc)", file=sys.stderr)
+        return 2
+    failures: list[str] = []
+    check_scale_merge(failures)
+    check_dilated_conv(failures)
+    for f in failures:
+        print("FAIL", f)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
