@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "ops/scale_merge.h"
@@ -39,6 +41,10 @@ cuda::Problem make_problem(const std::vector<at::Tensor>& sc, Mode mode, const c
   p.N = sc[0].size(0);
   p.C = sc[0].size(1);
   for (int s = 0; s < p.S; ++s) {
+    // the kernels index within one plane in 32-bit arithmetic (tap offsets i * W + j)
+    TORCH_CHECK_VALUE(sc[s].size(2) * sc[s].size(3) <= std::numeric_limits<int32_t>::max(), op, ": scores[", s,
+                      "] has ", sc[s].size(2), "x", sc[s].size(3), " pixels per plane, more than the CUDA kernel's ",
+                      "32-bit plane indexing allows (2^31 - 1)");
     p.H[s] = static_cast<int>(sc[s].size(2));
     p.W[s] = static_cast<int>(sc[s].size(3));
   }
