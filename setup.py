@@ -40,7 +40,8 @@ def _extension():
         print("attnscale: building C++ CPU kernels AND CUDA kernels "
               f"({len(cuda_sources)} CUDA sources, CUDA_HOME={cpp_extension.CUDA_HOME})")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                "-gencode=arch=compute_90,code=compute_90"]  # + PTX, so newer GPUs JIT the kernels
         return cpp_extension.CUDAExtension(
             "attnscale._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("ATTNSCALE_WITH_CUDA", "1")],

@@ -116,6 +116,9 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
   if (s.N == 0) {
     return {at::zeros({s.O, s.C, s.KH, s.KW}, go.options()), at::zeros({s.O}, go.options())};
   }
+  if (s.C == 0 || s.O == 0) {  // an empty weight: nothing to launch (the split-K sizing divides by O * C)
+    return {at::zeros({s.O, s.C, s.KH, s.KW}, go.options()), go.sum({0, 2, 3})};
+  }
   at::Tensor gw = at::empty({s.O, s.C, s.KH, s.KW}, go.options());
   at::Tensor gb = at::empty({s.O}, go.options());
   const bool tf32 = tf32_enabled();

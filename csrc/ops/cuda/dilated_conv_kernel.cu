@@ -421,6 +421,7 @@ int64_t wgrad_splits(const ConvShape& s) {
   const int64_t taps = s.KH * s.KW;
   const int64_t base = ceil_div(s.O, BM) * ceil_div(s.C, BN) * taps;
   const int64_t tiles = s.N * ceil_div(s.Ho, TH) * ceil_div(s.Wo, TW);
+  if (base == 0 || tiles == 0) return 1;  // empty weight or output: nothing to split
   int64_t splits = ceil_div(1024, base);
   if (splits > tiles) splits = tiles;
   const int64_t cap = (int64_t(256) << 20) / int64_t(sizeof(float)) / (taps * s.O * s.C > 0 ? taps * s.O * s.C : 1);
