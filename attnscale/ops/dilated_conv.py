@@ -3,8 +3,11 @@
 Follows Caffe's ``Convolution`` layer with ``stride: 1``, ``dilation: d``, ``pad: p`` and zero
 padding (DeepLab-LargeFOV's fc6 is 3x3, d=12, p=12, 512 -> 1024): output size
 ``H + 2p - d*(k-1)`` per axis, ``out[n,o,y,x] = bias[o] + sum_{c,ky,kx} w[o,c,ky,kx] *
-in[n,c,y-p+ky*d,x-p+kx*d]`` with out-of-image reads equal to zero.  The C++/CUDA kernels
-(``torch.ops.attnscale.dilated_conv2d`` and its two backward ops) never touch those zero reads.
+in[n,c,y-p+ky*d,x-p+kx*d]`` with out-of-image reads equal to zero.  The CPU kernels
+(``torch.ops.attnscale.dilated_conv2d`` and its two backward ops) never touch those zero reads; the CUDA
+tensor-core kernels skip a tap where it reads only padding over a whole 8x8 output tile and multiply
+the zeros where it is live for part of the tile, so with a non-finite weight on such a tap the padded
+outputs of that tile become NaN, as they would with ``F.conv2d`` (finite values agree either way).
 
 Autograd and fake (meta) implementations are registered here with ``torch.library``.
 """
