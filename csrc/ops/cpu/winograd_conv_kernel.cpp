@@ -50,15 +50,10 @@ inline T relu_of(T v) {
 template <int NP, typename T>
 inline void store_phases(const T* const ys[NP], int Wo, bool relu, T* __restrict orow) {
   const int full = Wo / NP;
-  if (relu) {
-    for (int t = 0; t < full; ++t)
-      for (int b = 0; b < NP; ++b) orow[NP * t + b] = relu_of(ys[b][t]);
-    for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = relu_of(ys[b][full]);
-    return;
-  }
+  const auto val = [relu](T v) { return relu ? relu_of(v) : v; };  // loop-invariant: unswitched by the compiler
   for (int t = 0; t < full; ++t)
-    for (int b = 0; b < NP; ++b) orow[NP * t + b] = ys[b][t];
-  for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = ys[b][full];
+    for (int b = 0; b < NP; ++b) orow[NP * t + b] = val(ys[b][t]);
+  for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = val(ys[b][full]);
 }
 
 // Input transform of tile rows [ty0, ty1) of channel c of one image x (H, W) into V: entry
