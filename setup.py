@@ -8,11 +8,42 @@ or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` drops ``-march=native``.
 import glob
 import os
 import platform
+import shutil
+import subprocess
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _locate_cuda_home() -> None:
+    """torch guesses CUDA_HOME as the folder above the ``nvcc`` on PATH.  Where that ``nvcc`` is a
+    wrapper script (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``) the guess has
+    no ``include/cuda_runtime.h`` and the build fails deep inside torch's headers.  Unless the user
+    set CUDA_HOME / CUDA_PATH, ask nvcc itself where its toolkit is (the ``TOP`` of ``--dryrun``)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return
+    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+        return
+    try:
+        out = subprocess.run([nvcc, "-x", "cu", "-E", "--dryrun", os.devnull], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
+    for line in (out.stdout + out.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.normpath(line[len("#$ TOP="):].strip())
+            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
+                os.environ["CUDA_HOME"] = top
+            return
+
+
+_locate_cuda_home()
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 
 def _want_cuda() -> bool:
