@@ -18,27 +18,29 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def _locate_cuda_home() -> None:
     """torch guesses CUDA_HOME as the folder above the ``nvcc`` on PATH.  Where that ``nvcc`` is a
-    wrapper script (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``) the guess has
-    no ``include/cuda_runtime.h`` and the build fails deep inside torch's headers.  Unless the user
-    set CUDA_HOME / CUDA_PATH, ask nvcc itself where its toolkit is (the ``TOP`` of ``--dryrun``)."""
+    symlink or a wrapper script (``/usr/local/bin/nvcc`` running ``/usr/local/cuda-13.0/bin/nvcc``)
+    the guess has no ``include/cuda_runtime.h`` and the build fails deep inside torch's headers.
+    Unless the user set CUDA_HOME / CUDA_PATH, follow the link, or else ask nvcc itself where its
+    toolkit is (the ``TOP`` of ``nvcc --dryrun``)."""
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
         return
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         return
-    guess = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists(os.path.join(guess, "include", "cuda_runtime.h")):
+    has_headers = lambda home: os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))  # noqa: E731
+    if has_headers(os.path.dirname(os.path.dirname(nvcc))):  # torch's own guess works
         return
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
     try:
         out = subprocess.run([nvcc, "-x", "cu", "-E", "--dryrun", os.devnull], capture_output=True,
                              text=True, timeout=60)
+        candidates += [os.path.normpath(line[len("#$ TOP="):].strip())
+                       for line in (out.stdout + out.stderr).splitlines() if line.startswith("#$ TOP=")]
     except (OSError, subprocess.SubprocessError):
-        return
-    for line in (out.stdout + out.stderr).splitlines():
-        if line.startswith("#$ TOP="):
-            top = os.path.normpath(line[len("#$ TOP="):].strip())
-            if os.path.exists(os.path.join(top, "include", "cuda_runtime.h")):
-                os.environ["CUDA_HOME"] = top
+        pass
+    for home in candidates:
+        if has_headers(home):
+            os.environ["CUDA_HOME"] = home
             return
 
 
