@@ -1,7 +1,7 @@
 """Image/label sources, the training ``Dataset``, a resumable sampler and the DataLoader.
 
 Files are decoded as DeepLab's ``ImageSegData`` does: the image with OpenCV in colour (BGR
-order, ``cv::IMREAD_COLOR``), the label as a one-channel 8-bit PNG whose values are the class
+order, ``cv::IMREAD_COLOR``, EXIF orientation ignored as OpenCV 2.4 did), the label as a one-channel 8-bit PNG whose values are the class
 indices (DeepLab reads it with ``is_color=false``).  A label that decodes to three channels is a
 colour/palette PNG (e.g. VOC's ``SegmentationClass``): OpenCV would turn its palette into grey
 levels, silently producing wrong labels, so it is rejected with a message pointing at
@@ -22,10 +22,14 @@ from .transforms import TransformConfig, transform_test, transform_train
 
 
 def read_image(path: str) -> np.ndarray:
-    """Decode an image as uint8 HxWx3 BGR; missing or corrupt files raise naming the file."""
+    """Decode an image as uint8 HxWx3 BGR; missing or corrupt files raise naming the file.
+
+    The stored pixel grid, as Caffe's OpenCV 2.4 ``CV_LOAD_IMAGE_COLOR`` decoded it: newer OpenCV's
+    ``IMREAD_COLOR`` turns a JPEG by its EXIF Orientation tag, which the label never is, so the tag
+    is ignored (``IMREAD_IGNORE_ORIENTATION``)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image file not found: {path}")
-    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    img = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise ValueError(f"cannot decode image file (corrupt or not an image): {path}")
     return img

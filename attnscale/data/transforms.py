@@ -2,9 +2,11 @@
 
 Follows DeepLab's ``DataTransformer::TransformImgAndSeg`` step by step:
 
-1. (optional, DeepLab-v2 style augmentation) rescale the pair by a random factor: image with
-   bilinear interpolation (``cv::INTER_LINEAR``), label with nearest neighbour (labels must never
-   be blended);
+1. (optional; the paper's "randomly scaling input images (from 0.6 to 1.4)", Sec. 4.1) rescale
+   the pair by a factor drawn uniformly from ``random_scale``, new size ``round(size * f)``: image
+   with bilinear interpolation (``cv::INTER_LINEAR``), label with nearest neighbour (labels must
+   never be blended).  This is our reading of the paper, not DeepLab-v2's ``scale_factors`` (a
+   discrete list, drawn after the mirror flag, sizes truncated);
 2. image to float; if smaller than ``crop_size`` pad at the **bottom and right only**
    (``cv::copyMakeBorder(img, 0, pad_h, 0, pad_w)``) with the *mean pixel* for the image and
    ``ignore_label`` (255) for the label -- the padded image pixels become exactly 0 after the mean
@@ -13,8 +15,9 @@ Follows DeepLab's ``DataTransformer::TransformImgAndSeg`` step by step:
    1)``; TEST phase the centre crop ``(H - crop) / 2``;
 4. mirror horizontally with probability 1/2 (``mirror && Rand(2)``, drawn before the crop offsets
    as in Caffe);
-5. ``(pixel - mean[c]) * scale`` per BGR channel, written in CHW order; labels copied unchanged
-   (255 stays 255).
+5. ``(pixel - mean[c]) * scale`` per BGR channel in float32, as Caffe's ``Dtype`` arithmetic
+   (:func:`attnscale.caffe.subtract_mean`), written in CHW order; labels copied unchanged (255 stays
+   255).
 
 Randomness comes from an explicit ``numpy.random.Generator`` so that every sample's crop can be
 re-derived from (seed, draw number): this is what makes data loading deterministic under any
@@ -30,7 +33,7 @@ import numpy as np
 
 from .lists import IGNORE_LABEL
 
-from attnscale.caffe import MEAN_BGR  # DeepLab's mean_value lines (B, G, R)
+from attnscale.caffe import MEAN_BGR, subtract_mean  # DeepLab's mean_value lines (B, G, R)
 
 
 @dataclass
@@ -101,9 +104,8 @@ def transform_train(img: np.ndarray, lab: np.ndarray, cfg: TransformConfig,
     if do_mirror:
         img = img[:, ::-1]
         lab = lab[:, ::-1]
-    out = (img - np.asarray(cfg.mean, dtype=np.float64)) * cfg.scale
-    return (np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32),
-            np.ascontiguousarray(lab, dtype=np.int64))
+    out = subtract_mean(img, cfg.mean, cfg.scale)
+    return np.ascontiguousarray(out.transpose(2, 0, 1)), np.ascontiguousarray(lab, dtype=np.int64)
 
 
 def transform_test(img: np.ndarray, lab: np.ndarray, cfg: TransformConfig, name: str = ""
@@ -118,6 +120,5 @@ def transform_test(img: np.ndarray, lab: np.ndarray, cfg: TransformConfig, name:
         h_off, w_off = (h - c) // 2, (w - c) // 2
         img = img[h_off:h_off + c, w_off:w_off + c]
         lab = lab[h_off:h_off + c, w_off:w_off + c]
-    out = (img - np.asarray(cfg.mean, dtype=np.float64)) * cfg.scale
-    return (np.ascontiguousarray(out.transpose(2, 0, 1), dtype=np.float32),
-            np.ascontiguousarray(lab, dtype=np.int64))
+    out = subtract_mean(img, cfg.mean, cfg.scale)
+    return np.ascontiguousarray(out.transpose(2, 0, 1)), np.ascontiguousarray(lab, dtype=np.int64)
