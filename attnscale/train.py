@@ -103,11 +103,30 @@ def clip_gradients(params, clip: float, iter_size: int = 1) -> float:
     return norm
 
 
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
 def caffe_rate(cfg: TrainConfig, it: int) -> float:
-    """Caffe ``GetLearningRate`` for the ``step`` / ``fixed`` policies at update ``it``."""
+    """Caffe ``GetLearningRate`` for the ``step`` / ``fixed`` policies at update ``it``:
+    ``base_lr() * pow(gamma(), iter_ / stepsize)``.  ``base_lr`` and ``gamma`` are proto *floats*
+    (0.001 is 0.0010000000474974513), the product is formed in double; :func:`set_rate` rounds it
+    to the parameters' ``Dtype``, as Caffe's ``Dtype rate = ...`` does."""
     if cfg.lr_policy == "fixed":
-        return cfg.base_lr
-    return cfg.base_lr * math.pow(cfg.gamma, math.floor(it / cfg.stepsize))
+        return _f32(cfg.base_lr)
+    return _f32(cfg.base_lr) * math.pow(_f32(cfg.gamma), it // cfg.stepsize)
+
+
+def _is_float32(group: dict) -> bool:
+    return all(p.dtype == torch.float32 for p in group["params"])
+
+
+def _local(value: float, mult: float, float32: bool) -> float:
+    """Caffe's ``local_rate = rate * net_params_lr[id]`` / ``local_decay = weight_decay *
+    net_params_weight_decay[id]``: a ``Dtype`` times a ``float``, in float32 for a float net."""
+    if float32:
+        return float(np.float32(value) * np.float32(mult))
+    return value * _f32(mult)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
@@ -120,6 +139,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
         lr = g.get("lr", cfg.base_lr)
         g.setdefault("lr_mult", lr / cfg.base_lr if cfg.base_lr else 1.0)
         g.setdefault("weight_decay", cfg.weight_decay)
+        if "decay_mult" in g:
+            g["weight_decay"] = _local(_f32(cfg.weight_decay), g["decay_mult"], _is_float32(g))
         g["lr"] = lr
         g["momentum"] = cfg.momentum
         out.append(g)
@@ -127,8 +148,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
 
 
 def set_rate(opt: torch.optim.Optimizer, rate: float) -> None:
+    """Each group's local rate ``rate * lr_mult``, with Caffe's rounding (:func:`_local`)."""
     for g in opt.param_groups:
-        g["lr"] = rate * g.get("lr_mult", 1.0)
+        g["lr"] = _local(rate, g.get("lr_mult", 1.0), _is_float32(g))
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,30 @@ def test_step_policy():
         [1e-3, 1e-3, 1e-4, 1e-4, 1e-5, 1e-5])
 
 
+def test_local_rates_are_rounded_as_caffe_does(tmp_path):
+    """Caffe: ``Dtype rate = base_lr() * pow(gamma(), step)`` (proto floats, product in double, then
+    Dtype), ``local_rate = rate * lr_mult`` and ``local_decay = weight_decay * decay_mult`` in float
+    for a float net.  With base_lr 0.001 the x10 classifier's rate is 0.010000001, not 0.01."""
+    f32 = np.float32
+    cfg = _tiny(tmp_path, base_lr=0.001, gamma=0.1, stepsize=2000)
+    assert caffe_rate(cfg, 0) == float(f32(0.001))
+    assert caffe_rate(cfg, 2000) == float(f32(0.001)) * float(f32(0.1))
+    opt = make_optimizer(build_model(cfg), cfg)
+    for it in (0, 2000, 4000):
+        rate = caffe_rate(cfg, it)
+        set_rate(opt, rate)
+        for g in opt.param_groups:
+            want = f32(f32(rate) * f32(g["lr_mult"]))
+            assert g["lr"] == float(want), (it, g["name"], g["lr"], want)
+            assert g["weight_decay"] == float(f32(f32(cfg.weight_decay) * f32(g["decay_mult"])))
+    assert float(f32(f32(0.001) * f32(10))) != float(f32(0.01))   # the rounding the test pins down
+    # a float64 net (Caffe Dtype = double) keeps the double product
+    w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt64 = CaffeSGD([{"params": [w], "lr_mult": 10.0}], lr=0.1)
+    set_rate(opt64, caffe_rate(cfg, 0))
+    assert opt64.param_groups[0]["lr"] == float(f32(0.001)) * 10.0
+
+
 def test_clip_gradients_caffe_rule():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, 4.0])
@@ -65,7 +90,7 @@ def test_param_groups_get_caffe_multipliers(tmp_path):
     opt = make_optimizer(m, cfg)
     set_rate(opt, 1e-3)
     by_name = {g.get("name", i): g for i, g in enumerate(opt.param_groups)}
-    lrs = sorted(round(g["lr"] / 1e-3, 6) for g in opt.param_groups)
+    lrs = sorted(round(g["lr"] / 1e-3, 5) for g in opt.param_groups)
     assert lrs == [1.0, 2.0, 10.0, 20.0]
     assert all(g["momentum"] == 0.9 for g in by_name.values())
 
