@@ -350,9 +350,10 @@ def _check_crop(crop, name: str) -> None:
 def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int = caffe.IGNORE_LABEL):
     """Caffe ``SoftmaxWithLoss`` with ``ignore_label`` and the default normalization ``VALID``: the sum of
     ``-log softmax`` at the label over non-ignored pixels of the whole batch divided by their count
-    (``max(count, 1)``, as Caffe's ``get_normalizer``).  Caffe clamps probabilities at FLT_MIN before the log;
-    we use log-softmax (differs only where a probability is below 1.2e-38).  Labels other than
-    ``ignore_label`` must lie in [0, C)."""
+    (``max(count, 1)``, as Caffe's ``get_normalizer``).  Caffe's forward takes ``-log(max(prob, FLT_MIN))``,
+    so a pixel adds at most ``-log(FLT_MIN)`` = 87.34 to the loss, while its backward is ``prob - 1``
+    unclamped: the per-pixel value is clamped here too and the gradient is left alone.  Computed in float32
+    (float64 for float64 scores).  Labels other than ``ignore_label`` must lie in [0, C)."""
     if scores.shape[0] != labels.shape[0] or scores.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"softmax_loss: scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ")
     C = scores.shape[1]
@@ -362,5 +363,11 @@ def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int =
         if bool(bad.any()):
             raise ValueError(f"softmax_loss: label values {labels[bad].unique().tolist()[:8]} are outside "
                              f"[0, {C}) and not the ignore label {ignore_label}")
-    total = F.cross_entropy(scores.float(), labels.long(), ignore_index=ignore_label, reduction="sum")
+    x = scores if scores.dtype == torch.float64 else scores.float()
+    nll = F.cross_entropy(x, labels.long(), ignore_index=ignore_label, reduction="none")
+    nll = nll - (nll - nll.clamp(max=_MAX_PIXEL_LOSS)).detach()   # the value clamped, the gradient not
+    total = nll.sum()
     return total / valid.sum().clamp(min=1).to(total.dtype)
+
+
+_MAX_PIXEL_LOSS = -math.log(float(np.finfo(np.float32).tiny))   # Caffe: -log(FLT_MIN)

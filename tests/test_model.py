@@ -171,7 +171,7 @@ def _caffe_loss(scores, lab):
     lab = lab.numpy()
     tot, cnt = 0.0, 0
     for n, h, w in zip(*np.nonzero(lab != 255)):
-        tot -= np.log(max(p[n, lab[n, h, w], h, w], np.finfo(np.float32).tiny))
+        tot -= np.log(max(p[n, lab[n, h, w], h, w], float(np.finfo(np.float32).tiny)))  # Dtype(FLT_MIN)
         cnt += 1
     return tot / max(cnt, 1)
 
@@ -186,6 +186,25 @@ def test_softmax_loss_valid_normalisation_and_ignore():
     bad[1, 0, 0] = 7
     with pytest.raises(ValueError, match="outside"):
         softmax_loss(scores, bad)
+
+
+def test_softmax_loss_clamps_the_value_like_caffe_not_the_gradient():
+    """Caffe's forward: -log(max(prob, FLT_MIN)), at most 87.3365 per pixel; its backward: prob - 1."""
+    scores = torch.zeros(1, 3, 1, 2, dtype=torch.float64)
+    scores[0, 1, 0, 0] = 200.0       # pixel 0: label 0 has prob e^-200 < FLT_MIN
+    scores[0, 2, 0, 1] = 3.0         # pixel 1: an ordinary pixel
+    lab = torch.tensor([[[0, 0]]])
+    x = scores.clone().requires_grad_(True)
+    loss = softmax_loss(x, lab)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(_caffe_loss(scores, lab), rel=1e-12)
+    assert loss.item() == pytest.approx((-np.log(float(np.finfo(np.float32).tiny)) + np.log(2 + np.exp(3.0))) / 2,
+                                        rel=1e-12)
+    loss.backward()
+    p = torch.softmax(scores, 1)
+    onehot = torch.zeros_like(p)
+    onehot[:, 0] = 1
+    torch.testing.assert_close(x.grad, (p - onehot) / 2, rtol=1e-12, atol=1e-15)
 
 
 @pytest.mark.parametrize("merge", ["attention", "max", "avg"])
