@@ -341,8 +341,10 @@ class SpatialProduct(nn.Module):
 
 
 class Eltwise(nn.Module):
-    """Caffe ``Eltwise``: SUM (with ``coeff``, one per bottom), PROD, MAX (ties go to the first
-    bottom: a later bottom wins only when strictly greater, as in Caffe's forward/backward)."""
+    """Caffe ``Eltwise``: SUM (with ``coeff``, one per bottom), PROD, MAX with the CPU layer's rule: bottom
+    1 wins over bottom 0 unless bottom 0 is greater (``a > b ? 0 : 1``), a later bottom only when strictly
+    greater; the gradient goes to the winner, as Caffe's mask does.  (Caffe's GPU kernel gives a tie to
+    the last tied bottom instead.)"""
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
@@ -366,8 +368,8 @@ class Eltwise(nn.Module):
             for x in xs[1:]:
                 out = out * x
             return [out]
-        out = xs[0]
-        for x in xs[1:]:
+        out = torch.where(xs[0] > xs[1], xs[0], xs[1])
+        for x in xs[2:]:
             out = torch.where(x > out, x, out)
         return [out]
 

@@ -249,30 +249,47 @@ def test_backward_deterministic(mode):
 
 
 # ----------------------------------------------------------------------------------------------
-def test_max_tie_goes_to_lowest_scale():
-    """Caffe Eltwise MAX: a later scale wins only if strictly greater; the gradient reaches
-    exactly one scale, the lowest tied index."""
+def test_max_tie_rule_is_caffe_cpu_eltwise():
+    """Caffe's CPU EltwiseLayer MAX: ``a > b ? 0 : 1`` for bottoms 0 and 1, then a later bottom wins only
+    if strictly greater; the gradient reaches exactly one scale (the mask's)."""
     n, c = 2, 3
-    # all scales equal (zeros resize to exact zeros): scale 0 wins everywhere
-    scores = [torch.zeros(n, c, h, w) for h, w in EXACT]
-    out, w, grads, _ = run(scale_merge, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
-    assert torch.equal(out, torch.zeros_like(out))
-    assert torch.equal(w[:, 0], torch.ones(n, 9, 9)) and torch.equal(w[:, 1:], torch.zeros(n, 2, 9, 9))
-    assert torch.equal(grads[0], torch.ones_like(grads[0]))
-    assert torch.equal(grads[1], torch.zeros_like(grads[1]))
-    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
-    # scale 0 lower, scales 1 and 2 tied: scale 1 wins, scale 2 gets nothing
-    scores = [torch.full((n, c, 9, 9), -1.0), torch.zeros(n, c, 7, 7), torch.zeros(n, c, 5, 5)]
-    out, w, grads, _ = run(scale_merge, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
-    assert torch.equal(out, torch.zeros_like(out))
-    assert torch.equal(w[:, 1], torch.ones(n, 9, 9))
-    assert torch.equal(grads[0], torch.zeros_like(grads[0]))
-    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
-    # the interpolation weights of each destination pixel sum to 1: total gradient 81 per plane
-    torch.testing.assert_close(grads[1].sum((2, 3)), torch.full((n, c), 81.0))
-    ref = run(scale_merge_reference, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
-    for a, b in zip(grads, ref[2]):
-        close(a, b)
+    ones = torch.ones(n, 9, 9)
+
+    def check(scores, winner):
+        out, w, grads, _ = run(scale_merge, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
+        ref = run(scale_merge_reference, scores, torch.zeros(n, 3, 9, 9), "max", torch.ones(n, c, 9, 9))
+        assert torch.equal(out, torch.zeros_like(out))
+        for s in range(3):
+            assert torch.equal(w[:, s], ones if s == winner else 0 * ones), (winner, s)
+            total = grads[s].sum((2, 3))   # each destination pixel's Interp weights sum to 1
+            torch.testing.assert_close(total, torch.full((n, c), 81.0 if s == winner else 0.0))
+            if s != winner:
+                assert torch.equal(grads[s], torch.zeros_like(grads[s]))
+            close(grads[s], ref[2][s])
+            assert torch.equal(w, ref[1])
+
+    z = [torch.zeros(n, c, h, w) for h, w in EXACT]   # zeros resize to exact zeros
+    check(z, 1)                                                        # all tied: bottom 1 (a > b ? 0 : 1)
+    check([z[0] - 1, z[1], z[2]], 1)                                   # 1 and 2 tied above 0: the earlier, 1
+    check([z[0], z[1] - 1, z[2]], 0)                                   # 0 above 1, tied with 2: 0 keeps it
+    check([z[0] - 1, z[1] - 1, z[2]], 2)                               # 2 strictly greatest
+
+
+def test_max_tie_rule_of_the_importer_eltwise():
+    """prototxt_import's Eltwise MAX follows the same rule, gradient included."""
+    from types import SimpleNamespace
+    from prototxt_import.layers import Eltwise
+    lp = SimpleNamespace(eltwise_param=SimpleNamespace(operation=2, coeff=[]))
+    layer = Eltwise(lp, [(1, 4)] * 3, None)
+    xs = [torch.tensor([[0.0, 0.0, 1.0, -1.0]]), torch.tensor([[0.0, -1.0, 1.0, -1.0]]),
+          torch.tensor([[0.0, 0.0, 0.0, 0.0]])]
+    xs = [x.requires_grad_(True) for x in xs]
+    out = layer(*xs)[0]
+    out.sum().backward()
+    assert out.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    # column 0: all tied -> bottom 1; column 1: 0 > 1, tie with 2 -> 0; column 2: 0, 1 tied above 2 -> 1;
+    # column 3: 2 greatest
+    assert [x.grad.tolist()[0] for x in xs] == [[0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]
 
 
 def test_max_weights_are_class_fractions():
@@ -377,12 +394,17 @@ def test_cuda_backward_deterministic(mode):
 
 @pytest.mark.cuda
 def test_cuda_max_tie_rule_and_opcheck():
-    scores = [torch.full((2, 3, 9, 9), -1.0, device="cuda"), torch.zeros(2, 3, 7, 7, device="cuda"),
-              torch.zeros(2, 3, 5, 5, device="cuda")]
-    out, w, grads, _ = run(scale_merge, scores, torch.zeros(2, 3, 9, 9, device="cuda"), "max",
-                           torch.ones(2, 3, 9, 9, device="cuda"))
-    assert torch.equal(w[:, 1], torch.ones(2, 9, 9, device="cuda"))
-    assert torch.equal(grads[2], torch.zeros_like(grads[2]))
+    """The CUDA kernel's ties as the CPU kernel's (Caffe's CPU EltwiseLayer rule), all four cases."""
+    z = [torch.zeros(2, 3, h, w) for h, w in EXACT]
+    for scores, winner in (([z[0], z[1], z[2]], 1), ([z[0] - 1, z[1], z[2]], 1), ([z[0], z[1] - 1, z[2]], 0),
+                           ([z[0] - 1, z[1] - 1, z[2]], 2)):
+        cpu = run(scale_merge, scores, torch.zeros(2, 3, 9, 9), "max", torch.ones(2, 3, 9, 9))
+        out, w, grads, _ = run(scale_merge, [s.cuda() for s in scores], torch.zeros(2, 3, 9, 9, device="cuda"),
+                               "max", torch.ones(2, 3, 9, 9, device="cuda"))
+        assert torch.equal(w[:, winner], torch.ones(2, 9, 9, device="cuda"))
+        assert torch.equal(w.cpu(), cpu[1])
+        for g, gc in zip(grads, cpu[2]):
+            torch.testing.assert_close(g.cpu(), gc)
     sc, lg = make_inputs(INEXACT)
     torch.library.opcheck(torch.ops.attnscale.scale_merge.default, ([s.cuda() for s in sc], lg.cuda(), "attention"))
 

@@ -21,9 +21,10 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
     - ``attention``: w = softmax over scales of ``logits`` (computed in fp32, fp64 for fp64 inputs),
       out = sum_s w_s f_s;
     - ``avg``: w_s = 1/S, out = mean_s f_s (Caffe Eltwise SUM with coeff 1/S);
-    - ``max``: out = max_s f_s with Caffe Eltwise MAX's tie rule: scales are visited in order and a
-      later scale wins only if strictly greater, so a tie goes to the lowest scale index and the
-      gradient reaches exactly one scale.  The returned weights are, per pixel, the fraction of
+    - ``max``: out = max_s f_s with the tie rule of Caffe's CPU ``EltwiseLayer`` (MAX): scale 1 wins
+      over scale 0 unless scale 0 is strictly greater (``a > b ? 0 : 1``), and every later scale
+      wins only if strictly greater, so the gradient reaches exactly one scale.  (Caffe's GPU
+      kernel differs: there a tie goes to the last tied bottom.)  The returned weights are, per pixel, the fraction of
       the C classes whose maximum came from each scale (what a max-merge "attends" to).
 
     Returns ``(merged (N,C,H0,W0), weights (N,S,H0,W0))``.
@@ -52,7 +53,9 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
     out = ups[0]
     idx = torch.zeros_like(ups[0], dtype=torch.long)
     for s in range(1, S):
-        greater = ups[s] > out
+        # Caffe's CPU EltwiseLayer: bottom 1 wins over bottom 0 unless bottom 0 is greater
+        # (``a > b ? 0 : 1``); a later bottom wins only if strictly greater
+        greater = ~(out > ups[s]) if s == 1 else ups[s] > out
         out = torch.where(greater, ups[s], out)
         idx = torch.where(greater, torch.full_like(idx, s), idx)
     w = torch.stack([(idx == s).to(out.dtype).mean(1) for s in range(S)], dim=1)

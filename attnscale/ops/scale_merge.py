@@ -13,9 +13,10 @@ Semantics (the spec is :func:`attnscale.ops.reference.scale_merge_reference`):
 - ``mode="attention"``: w = softmax over scales of ``logits`` (N, S, H_0, W_0), max-subtracted,
   computed in fp32 (fp64 for fp64 inputs); out = sum_s w_s up(f_s).
 - ``mode="avg"``: w_s = 1/S (Caffe Eltwise SUM with coeff 1/S).
-- ``mode="max"``: Caffe Eltwise MAX: scales are visited in order and a later scale wins only if
-  strictly greater, so a tie goes to the lowest scale index and the gradient reaches exactly one
-  scale.  The returned weights are, per pixel, the fraction of the C classes whose maximum came from
+- ``mode="max"``: Caffe Eltwise MAX with the tie rule of Caffe's CPU layer: scale 1 wins over
+  scale 0 unless scale 0 is strictly greater (``a > b ? 0 : 1``), every later scale only if strictly
+  greater, so the gradient reaches exactly one scale.  (Caffe's GPU kernel gives a tie to the last
+  tied bottom instead.)  The returned weights are, per pixel, the fraction of the C classes whose maximum came from
   each scale.  The backward recomputes the winning scale with the forward's own routines
   (bit-identical values), so nothing but the inputs is saved.
 

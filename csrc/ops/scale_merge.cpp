@@ -5,8 +5,9 @@
 // aligned corners, float index arithmetic) on the fly, never materialised, and merged by
 //   attention: out = sum_s softmax_s(logits)_s * up(f_s)
 //   avg:       out = mean_s up(f_s)                      (Caffe Eltwise SUM, coeff 1/S)
-//   max:       out = max_s up(f_s)                       (Caffe Eltwise MAX: a tie goes to the
-//                                                         lowest scale index)
+//   max:       out = max_s up(f_s)                       (Caffe's CPU Eltwise MAX: scale 1 beats
+//                                                         scale 0 unless 0 > 1, later ones only
+//                                                         if strictly greater)
 // The backward pass is a separate registered op (scale_merge_backward) so that it can be
 // opchecked and so that the autograd kernel (csrc/ops/autograd/scale_merge_autograd.cpp) stays a
 // thin wrapper.

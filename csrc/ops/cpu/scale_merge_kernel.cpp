@@ -411,7 +411,9 @@ ATTNSCALE_NOINLINE void adjoint_cols8(const T* __restrict tt, const Axis<T>& ax,
   }
 }
 
-// Caffe Eltwise MAX over the scales for one row: later scale wins only if strictly greater.
+// Caffe Eltwise MAX over the scales for one row, with the CPU EltwiseLayer's rule: scale 1 wins over
+// scale 0 unless scale 0 is greater (``a > b ? 0 : 1``, so also when either is NaN), a later scale
+// only if strictly greater.
 // Not inlined for the same reason as resize_rows.
 template <typename T>
 ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<const T*>& ups, int W0,
@@ -425,7 +427,7 @@ ATTNSCALE_NOINLINE void max_row(const T* __restrict f0row, const std::vector<con
     const T sv = static_cast<T>(s);
     for (int x = 0; x < W0; ++x) {  // loads first, unconditional stores: blends, no masked stores
       const T ux = u[x], bx = best[x], ix = idx[x];
-      const bool g = ux > bx;
+      const bool g = s == 1 ? !(bx > ux) : ux > bx;
       const T nb = g ? ux : bx;
       const T ni = g ? sv : ix;
       best[x] = nb;

@@ -107,7 +107,8 @@ __device__ __forceinline__ float up_value(const Args<T>& a, const Foot& ft, int 
   return blend(top, bot, ft.wy0[s], ft.wy1[s]);
 }
 
-// Caffe Eltwise MAX: scales in order, a later one wins only if strictly greater.
+// Caffe Eltwise MAX with the CPU EltwiseLayer's rule (as the CPU kernel): scale 1 wins over scale 0
+// unless scale 0 is greater (``a > b ? 0 : 1``), a later scale only if strictly greater.
 template <typename T>
 __device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot& ft, int64_t plane, int64_t p,
                                             float* best_out) {
@@ -117,7 +118,7 @@ __device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot& ft, in
   for (int s = 1; s < kMaxScales; ++s) {
     if (s < a.S) {
       const float u = up_value(a, ft, s, plane);
-      if (u > best) {
+      if (s == 1 ? !(best > u) : u > best) {
         best = u;
         idx = s;
       }
