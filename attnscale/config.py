@@ -44,6 +44,8 @@ class TrainConfig:
     init: str = ""                       # weights to start from: .caffemodel(.h5) (e.g. vgg16_20M) or checkpoint.pt
     # --- solver (Caffe SGDSolver) -----------------------------------------------------------
     base_lr: float = 1e-3
+    lr_mults: str = "paper"              # "paper": classifier + attention head x10; "prototxt": those of
+                                         # attention3_train_esupv.prototxt (model.param_groups)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_policy: str = "step"
@@ -70,6 +72,8 @@ class TrainConfig:
             raise ValueError("config.scales must hold at least one scale")
         if len(self.scales) > 1 and self.merge is None:
             raise ValueError(f"config.scales={self.scales} needs a merge ('max', 'avg', 'attention')")
+        if self.lr_mults not in ("paper", "prototxt"):
+            raise ValueError(f"config.lr_mults must be 'paper' or 'prototxt', got {self.lr_mults!r}")
         if self.lr_policy not in ("step", "fixed"):
             raise ValueError(f"config.lr_policy: only Caffe 'step' and 'fixed' are supported, got {self.lr_policy!r}")
         for k in ("max_iter", "batch_size", "iter_size", "stepsize"):

@@ -173,27 +173,37 @@ class AttentionToScale(nn.Module):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_in))
             nn.init.zeros_(m.bias)
 
-    def param_groups(self, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0) -> list[dict]:
+    def param_groups(self, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0,
+                     scheme: str = "paper") -> list[dict]:
         """Parameter groups for ``torch.optim.SGD`` with Caffe's ``lr_mult``/``decay_mult``.
 
-        Weights ``lr_mult 1, decay_mult 1``; biases ``lr_mult 2, decay_mult 0``; the classifier and the
-        attention head ×``head_lr_mult`` (paper: 0.01 for the final classifier with base 0.001, i.e. weights
-        10, biases 20).  Each group carries ``lr`` (= base_lr × lr_mult), ``weight_decay`` (= weight_decay ×
-        decay_mult), ``lr_mult``, ``decay_mult`` and ``name`` so a step scheduler can rescale by ``lr_mult``.
-        Note: the shared ``attention3_train_esupv.prototxt`` instead gives the classifier 1/2 and declares no
-        ``param`` for att_conv*, i.e. Caffe's default 1/1 with decay 1 on their biases; pass
-        ``head_lr_mult=1`` to get that for the classifier.
+        ``scheme="paper"``: weights ``lr_mult 1, decay_mult 1``; biases ``lr_mult 2, decay_mult 0``; the
+        classifier and the attention head ×``head_lr_mult`` (paper: 0.01 for the final classifier with base
+        0.001, i.e. weights 10, biases 20; the paper says nothing of the attention head, which is new like
+        the classifier and gets the same).
+        ``scheme="prototxt"``: exactly the ``param`` lines of ``attention3_train_esupv.prototxt``: every
+        layer 1/2 with bias decay 0, the classifier included, and att_conv* (no ``param`` lines) Caffe's
+        default 1 and decay 1 for weights and biases alike.
+        Each group carries ``lr`` (= base_lr × lr_mult), ``weight_decay`` (= weight_decay × decay_mult),
+        ``lr_mult``, ``decay_mult`` and ``name`` so a step scheduler can rescale by ``lr_mult``.
         """
+        if scheme not in ("paper", "prototxt"):
+            raise ValueError(f"param_groups: scheme must be 'paper' or 'prototxt', got {scheme!r}")
         head = set(self.head_layer_names())
         buckets: dict[str, list] = {"weights": [], "biases": [], "head_weights": [], "head_biases": []}
         for name, m in self.named_children():
             if not isinstance(m, nn.Conv2d):
                 continue
-            pre = "head_" if name in head else ""
+            if scheme == "paper":
+                pre = "head_" if name in head else ""
+            else:
+                pre = "head_" if name in ("att_conv1", "att_conv2") else ""
             buckets[pre + "weights"].append(m.weight)
             buckets[pre + "biases"].append(m.bias)
         mults = {"weights": (1.0, 1.0), "biases": (2.0, 0.0),
                  "head_weights": (head_lr_mult, 1.0), "head_biases": (2.0 * head_lr_mult, 0.0)}
+        if scheme == "prototxt":
+            mults["head_weights"] = mults["head_biases"] = (1.0, 1.0)   # Caffe's ParamSpec defaults
         groups = []
         for key, params in buckets.items():
             if not params:

@@ -132,7 +132,7 @@ def _local(value: float, mult: float, float32: bool) -> float:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
     """Groups from ``model.param_groups`` (Caffe ``lr_mult`` / ``decay_mult``); each group keeps
     its ``lr_mult`` so :func:`set_rate` can apply the schedule."""
-    groups = model.param_groups(base_lr=cfg.base_lr, weight_decay=cfg.weight_decay)
+    groups = model.param_groups(base_lr=cfg.base_lr, weight_decay=cfg.weight_decay, scheme=cfg.lr_mults)
     out = []
     for g in groups:
         g = dict(g)

@@ -95,6 +95,38 @@ def test_param_groups_get_caffe_multipliers(tmp_path):
     assert all(g["momentum"] == 0.9 for g in by_name.values())
 
 
+def test_prototxt_lr_mults_are_those_of_the_training_prototxt(tmp_path):
+    """``lr_mults="prototxt"``: every parameter's (lr_mult, decay_mult) as attention3_train_esupv.prototxt
+    declares them (``param`` lines; Caffe's defaults 1/1 where a layer has none)."""
+    from prototxt_import.readers import read_net, upgraded_layers
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "prototxt", "attention3_train_esupv.prototxt")
+    if not os.path.exists(path):
+        pytest.skip("the shared reference prototxts are not beside the checkout")
+    want = {}
+    for lp in upgraded_layers(read_net(path)):
+        if lp.type == "Convolution" and "_res0" not in lp.name:   # the other scales share these params
+            specs = [(p.lr_mult if p.HasField("lr_mult") else 1.0, p.decay_mult if p.HasField("decay_mult") else 1.0)
+                     for p in lp.param]
+            specs += [(1.0, 1.0)] * (2 - len(specs))
+            want[lp.name] = specs
+    cfg = _tiny(tmp_path, lr_mults="prototxt", merge="attention", scales=[1.0, 0.75, 0.5],
+                classifier_name="fc8_voc12")
+    model = build_model(cfg)
+    got = {}
+    for g in make_optimizer(model, cfg).param_groups:
+        for p in g["params"]:
+            got[id(p)] = (g["lr_mult"], g["decay_mult"])
+    seen = 0
+    for name, m in model.named_children():
+        if isinstance(m, torch.nn.Conv2d):
+            assert [got[id(m.weight)], got[id(m.bias)]] == want[name], name
+            seen += 1
+    assert seen == len(want) == 18     # 13 trunk + fc6, fc7, fc8 + att_conv1, att_conv2
+    assert want["att_conv1"] == [(1.0, 1.0), (1.0, 1.0)] and want["fc8_voc12"] == [(1.0, 1.0), (2.0, 0.0)]
+    with pytest.raises(ValueError, match="lr_mults"):
+        _tiny(tmp_path, lr_mults="caffe")
+
+
 def test_resume_is_bit_identical(tmp_path):
     a = _tiny(tmp_path / "a")
     ra = train(a, progress=False)
