@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
         acc = (MODE == kAttention) ? fmaf(w[s], u, acc) : acc + u;
       }
     }
-    if (MODE == kAvg) acc = acc / static_cast<float>(a.S);
+    if (MODE == kAvg) acc = acc * (1.f / static_cast<float>(a.S));  // as the CPU kernel: times float(1/S)
     a.out[plane * P + p] = from_f<T>(acc);
   }
 }
@@ -217,7 +217,7 @@ __device__ __forceinline__ float dest_grad(const Args<T>& a, int s, int64_t n, i
   const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
   const int64_t p = static_cast<int64_t>(y) * a.W[0] + x;
   const float g = to_f(a.gout[plane * P + p]);
-  if (MODE == kAvg) return g / static_cast<float>(a.S);
+  if (MODE == kAvg) return g * (1.f / static_cast<float>(a.S));  // Caffe Eltwise SUM backward: coeff * diff
   if (MODE == kAttention) {
     float w[kMaxScales];
     softmax_at(a, n, p, w);
