@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -112,6 +113,18 @@ SYNTH = dict(width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65, s
 SYNTH_PRETRAIN_ITERS = 800
 SYNTH_ROW_ITERS = 250
 
+
+
+def _strict_json(x):
+    """NaN / inf (an IoU of a class absent from the evaluated images) as JSON ``null``: strict JSON,
+    which ``json.dumps`` would otherwise break with a bare ``NaN``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_strict_json(v) for v in x]
+    return x
 
 def synthetic_pretrain_config(run_dir: str, device: str, quick: bool, workers: int) -> TrainConfig:
     """The synthetic stand-in for ImageNet pre-training (``vgg16_20M.caffemodel``): one
@@ -215,7 +228,7 @@ def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> d
     res.update(config_key=key, train_seconds=t1 - t0, eval_seconds=t2 - t1, skipped=False)
     tmp = ev_path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(res, f, indent=1)
+        json.dump(_strict_json(res), f, indent=1, allow_nan=False)
     os.replace(tmp, ev_path)
     return res
 
@@ -324,7 +337,7 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     doc = {"table": table, "title": spec.title, "dataset": "synthetic" if synthetic else spec.dataset,
            "synthetic": synthetic, "metric": spec.metric, "rows": per_row, "seconds": total,
            "note": note}
-    for ext, text in (("json", json.dumps(doc, indent=1)), ("md", md)):
+    for ext, text in (("json", json.dumps(_strict_json(doc), indent=1, allow_nan=False)), ("md", md)):
         p = os.path.join(out, f"{name}.{ext}")
         with open(p + ".tmp", "w") as f:
             f.write(text)
@@ -343,7 +356,7 @@ def main(argv=None) -> int:
     ap.add_argument("--init", default="", help="initial weights, e.g. vgg16_20M.caffemodel")
     ap.add_argument("--rows", default="", help="comma-separated row ids (default all 13): "
                     + ",".join(r.id for r in table_rows()))
-    ap.add_argument("--iters", type=int, default=0, help="iterations per row (default: paper 6000 / synthetic 100)")
+    ap.add_argument("--iters", type=int, default=0, help=f"iterations per row (default: paper 6000 / synthetic {SYNTH_ROW_ITERS})")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="results")
     ap.add_argument("--workers", type=int, default=2)

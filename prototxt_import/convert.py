@@ -156,7 +156,8 @@ def analyse(net_param, source: str = "<net>") -> dict:
     dropout = float(drops[0].dropout_param.dropout_ratio) if drops else 0.0
     per_scale_loss = any(lp.type == "SoftmaxWithLoss" and lp.bottom and
                          producers.get(lp.bottom[0]) is not None and
-                         producers[lp.bottom[0]].name.startswith(clf.name) for lp in train_lps)
+                         producers[lp.bottom[0]].type == "Convolution" and   # a scale's own scores,
+                         producers[lp.bottom[0]].name.startswith(clf.name) for lp in train_lps)  # not a merge
     has_loss = any(lp.type == "SoftmaxWithLoss" for lp in train_lps)
     return dict(num_classes=num_classes, scales=tuple(scales), merge=merge,
                 extra_supervision=per_scale_loss if has_loss else None, width=width,

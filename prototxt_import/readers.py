@@ -289,9 +289,16 @@ def read_caffemodel(path: str | os.PathLike) -> WeightFile:
         blobs = [blob_to_array(b, f"{path}: layer {layer.name!r} blob {i}") for i, b in enumerate(layer.blobs)]
         out.layers.append((layer.name, layer.type, blobs))
     for v1 in net.layers:  # no full upgrade needed: only name, type and blobs are used
+        if not v1.HasField("name") and not v1.HasField("type"):
+            raise CaffeImportError(f"{path}: a legacy 'layers' entry has neither name nor type (a V0 "
+                                   "caffemodel with nested 'layer' blocks: upgrade it with Caffe's "
+                                   "upgrade_net_proto_binary first)")
         blobs = [blob_to_array(b, f"{path}: layer {v1.name!r} blob {i}") for i, b in enumerate(v1.blobs)]
         ev = type_enum.values_by_number.get(v1.type)
         out.layers.append((v1.name, V1_TYPE_NAMES.get(ev.name, ev.name) if ev else "", blobs))
+    if not any(blobs for _, _, blobs in out.layers):
+        raise CaffeImportError(f"{path}: no layer holds any weights (not a trained .caffemodel: a deploy "
+                               "net or a mean .binaryproto?)")
     return out
 
 

@@ -560,3 +560,36 @@ def test_fuzz_text_reader(data):
         pi.CaffeNet(net, "<fuzz>", use_ops=False, max_param_count=2_000_000, max_blob_count=50_000_000)
     except CaffeImportError:
         pass
+
+
+def test_weights_files_that_map_nothing_are_refused(tmp_path):
+    """A V0 caffemodel (``layers { layer { ... } }``, which Caffe upgrades first) and a file with no
+    weights at all (a mean .binaryproto, a deploy net) raise instead of leaving every layer fresh."""
+    from tests.caffe_files import _varint, blob_bytes
+
+    def ld(field, payload):
+        return _varint(field << 3 | 2) + _varint(len(payload)) + payload
+
+    v0 = ld(1, b"conv1_1") + ld(2, b"conv") + ld(50, blob_bytes(np.zeros((2, 3, 3, 3), np.float32)))
+    path = _write(tmp_path, "v0.caffemodel", ld(2, ld(1, v0)))      # NetParameter.layers -> .layer (V0)
+    with pytest.raises(CaffeImportError, match="V0"):
+        pi.read_weights(path)
+    mean = _write(tmp_path, "mean.caffemodel", blob_bytes(np.zeros((1, 3, 4, 4), np.float32)))
+    with pytest.raises(CaffeImportError, match="no layer holds any weights"):
+        pi.read_weights(mean)
+
+
+def test_extra_supervision_needs_a_loss_on_a_scale_not_on_the_merge():
+    """A single loss on the merged ``fc8_max`` (an Eltwise) is no extra supervision, even when the
+    classifier is named ``fc8`` and the merge's name starts with it."""
+    from prototxt_import.convert import analyse
+    text = Path(SHARED / "max3_deploy.prototxt").read_text() if (SHARED / "max3_deploy.prototxt").exists() else None
+    if text is None:
+        pytest.skip("the shared reference prototxts are not beside the checkout")
+    text = text.replace("fc8_voc12", "fc8")
+    merged = re.findall(r'top: "(fc8_\w*max\w*)"', text)
+    assert merged, "max3_deploy has no fc8_*max* blob"
+    text += ('\nlayer { name: "label" type: "Input" top: "label" input_param { shape { dim: 1 dim: 1 dim: 65 dim: 65 } } }'
+             f'\nlayer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{merged[-1]}" bottom: "label" top: "loss" }}\n')
+    info = analyse(pi.readers.parse_text(text, source="max3+loss"), "max3+loss")
+    assert info["merge"] == "max" and info["extra_supervision"] is False
