@@ -254,10 +254,11 @@ class AttentionToScale(nn.Module):
         fc7 = self._drop(F.relu(self.fc7(x)))
         return fc7, self.classifier(fc7)
 
-    def output_size(self, hw: Sequence[int]) -> tuple[int, int]:
+    @staticmethod
+    def output_size(hw: Sequence[int]) -> tuple[int, int]:
         """Output (h, w) of the trunk for an input (H, W), by Caffe's pooling formulas."""
         h, w = int(hw[0]), int(hw[1])
-        for spec in self._layers:
+        for spec in TRUNK:
             if spec[0] == "pool":
                 h, w = caffe.pool_output_shape((h, w), spec[3], spec[4], spec[5])
         return h, w

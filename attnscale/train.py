@@ -54,6 +54,7 @@ CHECKPOINT = "checkpoint.pt"
 class CaffeSGD(torch.optim.Optimizer):
     """Caffe's ``SGDSolver`` update: ``v = m v + lr (g + wd w); w -= v``.
 
+    Every parameter is updated, as in Caffe, where a parameter no loss reached has a zero diff.
     Each param group holds ``lr`` (the *current* local rate, i.e. ``rate * lr_mult``),
     ``weight_decay`` (``weight_decay * decay_mult``) and ``momentum``.  The history ``v`` is
     stored per parameter as ``state[p]['history']`` (Caffe's ``history_``).
@@ -74,9 +75,8 @@ class CaffeSGD(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
+                # Caffe's diff of a parameter no loss reached is zero, not absent: decay and momentum still act
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
                 if wd != 0:
                     g = g.add(p, alpha=wd)
                 st = self.state[p]
@@ -189,17 +189,6 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     return model
 
 
-def _caffe_shape_equals(blob, shape) -> bool:
-    """Caffe ``Blob::ShapeEquals``: a legacy (num/channels/height/width) blob matches a shape
-    padded on the left to 4 axes; a modern blob must match exactly."""
-    shape = tuple(int(d) for d in shape)
-    if getattr(blob, "legacy", False):
-        if len(shape) > 4:
-            return False
-        return tuple(blob.data.shape) == (1,) * (4 - len(shape)) + shape
-    return tuple(blob.data.shape) == shape
-
-
 def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:
     """Caffe's ``Net::CopyTrainedLayersFrom`` (``solver --weights``), used for DeepLab
     fine-tuning: every layer of ``weights`` whose *name* is a layer of ``model`` gives it its blobs
@@ -237,7 +226,9 @@ def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:
             if len(blobs) > 2:
                 raise ValueError(f"{weights}: layer {name!r} has {len(blobs)} blobs, expected weight and bias")
             for (pname, p), blob in zip(targets, blobs):
-                if not _caffe_shape_equals(blob, p.shape):
+                if blob is None:  # an HDF5 file's shared copy (Net::ToHDF5 writes owned blobs only)
+                    continue
+                if not blob.fits(p.shape):
                     raise ValueError(f"{weights}: cannot copy layer {name!r} {pname}: shape "
                                      f"{tuple(blob.data.shape)} in the file, {tuple(p.shape)} in the "
                                      "model (Caffe: 'shape mismatch'); rename the layer to re-initialise it")

@@ -1,34 +1,40 @@
 """Map a DeepLab-LargeFOV or attention-to-scale Caffe net (+ weights) onto
 :class:`attnscale.AttentionToScale` (``to_attnscale``).
 
-What is read from the prototxt (names as in ``/work/shared/prototxt``):
+The prototxt (TEST phase) is followed as data flows, not by layer names: from the image, through
+every layer of the VGG-16 LargeFOV trunk (conv: kernel, pad, dilation, stride 1, group 1, bias;
+ReLU; pooling: method, kernel, stride, pad; optional Dropout), to the classifier, for scale 1 and for
+every ``Interp`` on the image; then back from the scores to the merge.  Anything attnscale's model
+would compute differently is an error naming the layer and the field.
 
-- scales: ``Interp`` layers on the image input; ``zoom_factor / shrink_factor`` is the scale
-  (shrink 4 + zoom 3 -> 0.75, shrink 2 -> 0.5); scale 1 is the trunk on the image itself;
-- merge: an ``Eltwise`` whose inputs come from ``SpatialProduct`` layers weighted by a
-  ``Softmax`` -> ``"attention"``; ``Eltwise MAX`` -> ``"max"``; ``Eltwise SUM`` with ``coeff``
-  1/S -> ``"avg"``; one scale -> ``None``;
+- scales: the ``Interp`` on the image (shrink 4 + zoom 3 -> 0.75, shrink 2 -> 0.5, with
+  ``InterpLayer::Reshape``'s precedence); its size, and the size of the Interp taking the scores back,
+  must be what the model makes at the net's input size.  The model's scale order is the merge's
+  bottom order (the Concat's for attention, which fixes att_conv1's input channels); scale 1 first;
+- merge: ``SpatialProduct(score_s, Slice(Softmax(att_conv2(ReLU(att_conv1(Concat(fc7_s)))))))``
+  summed by an ``Eltwise SUM`` -> ``"attention"`` (Slice top k must weight the scale of Concat block
+  k); ``Eltwise MAX`` -> ``"max"``; ``Eltwise SUM`` with ``coeff`` 1/S -> ``"avg"``; one scale -> None;
 - classes / classifier name: the ``Convolution`` on the scale-1 ``fc7`` (``fc8_voc12``);
-- width: ``conv1_1``'s ``num_output`` / 64 (every other layer is checked against it);
-- dropout: ``drop6``'s ratio (0 when the net has no Dropout, as the training prototxt);
+- width: the first convolution's ``num_output`` / 64 (every other layer is checked against it);
+- dropout: scale 1's ``drop6`` ratio (0 when the net has no Dropout, as the training prototxt); other
+  ratios that differ are noted in the report;
 - extra supervision: a loss on a per-scale classifier output (training nets); deploy nets say
   nothing, so the default (True, the paper's E-Supv) is kept unless given.
 
-Weights: every model layer takes the blobs of the Caffe layer of the same name (scale copies
-``<name>_res075`` ... hold equal shared blobs and are used when the plain name is absent).  A
-classifier whose shape does not fit (e.g. ImageNet's 1000-way ``fc8``) and an absent attention head
-stay freshly initialised; a trunk layer that does not fit is an error.
+Weights follow ``Net::CopyTrainedLayersFrom`` on that net (see :func:`_load`).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
+from . import layers as L
 from .errors import CaffeImportError
-from .net import layer_included
+from .net import check_blob_count, layer_included
 from .readers import WeightFile, net_inputs, read_net, read_weights, upgraded_layers
 
 
@@ -60,108 +66,369 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _scale_of_interp(lp, in_hw, source) -> float:
-    ip = lp.interp_param
-    if ip.HasField("height") or ip.HasField("width"):
+class _Graph:
+    """A net's data flow as Caffe runs it: a node is one output (layer index, top index) or a net input;
+    a bottom reads the latest node of its blob (an in-place layer makes a new one); a ``Split``'s tops
+    are its bottom."""
+
+    def __init__(self, lps, inputs: list[str], source: str):
+        self.lps, self.source = lps, source
+        self.bottoms: list[list] = []
+        self.consumers: dict = defaultdict(list)
+        self.blob: dict = {}
+        self.first: dict[str, object] = {}
+        cur: dict[str, object] = {}
+        for i, lp in enumerate(lps):
+            nodes = []
+            for b in lp.bottom:
+                if b not in cur and b in inputs:
+                    cur[b] = self.first[b] = ("input", b)
+                    self.blob[cur[b]] = b
+                if b not in cur:
+                    raise CaffeImportError(f"{source}: layer {lp.name!r} ({lp.type}): bottom blob {b!r} is not "
+                                           "produced by any earlier layer or net input")
+                nodes.append(cur[b])
+            self.bottoms.append(nodes)
+            if lp.type == "Split" and len(nodes) == 1:
+                for t in lp.top:
+                    cur[t] = nodes[0]
+                continue
+            for n in dict.fromkeys(nodes):
+                self.consumers[n].append(i)
+            for k, t in enumerate(lp.top):
+                cur[t] = (i, k)
+                self.blob[(i, k)] = t
+                self.first.setdefault(t, (i, k))
+
+    def name(self, node) -> str:
+        return repr(self.blob[node])
+
+    def consumer(self, node, type_: str, role: str, optional: bool = False, chain: bool = True) -> int | None:
+        """The one layer of type ``type_`` reading ``node`` (with ``chain``: checked to have one bottom
+        and one top)."""
+        found = [i for i in self.consumers[node] if self.lps[i].type == type_]
+        if optional and not found:
+            return None
+        if len(found) != 1:
+            readers = ", ".join(f"{self.lps[i].name!r} ({self.lps[i].type})" for i in self.consumers[node])
+            raise CaffeImportError(f"{self.source}: {role}: expected one {type_} layer reading blob "
+                                   f"{self.name(node)}, found {len(found)} (its readers: {readers or 'none'})")
+        return self.single(found[0], role) if chain else found[0]
+
+    def producer(self, node, type_: str, role: str) -> int:
+        """The layer of type ``type_`` that made ``node``."""
+        if not isinstance(node[0], int) or self.lps[node[0]].type != type_:
+            what = "a net input" if not isinstance(node[0], int) else (
+                f"layer {self.lps[node[0]].name!r} ({self.lps[node[0]].type})")
+            raise CaffeImportError(f"{self.source}: {role}: expected blob {self.name(node)} to come from "
+                                   f"a {type_} layer, it comes from {what}")
+        return node[0]
+
+    def single(self, i: int, role: str) -> int:
+        lp = self.lps[i]
+        if len(lp.bottom) != 1 or len(lp.top) != 1:
+            raise CaffeImportError(f"{self.source}: layer {lp.name!r} ({lp.type}, {role}) must have one "
+                                   f"bottom and one top, it has {len(lp.bottom)} and {len(lp.top)}")
+        return i
+
+
+def _geometry(g: _Graph, i: int, fn):
+    try:
+        return fn(g.lps[i])
+    except L.LayerError as exc:
+        raise L.wrap_error(exc, g.source, g.lps[i]) from None
+
+
+def _expect(g: _Graph, i: int, role: str, got, want) -> None:
+    """Raise naming every field in which the layer differs from attnscale's model."""
+    if got != want:
+        diffs = [f"{f.name} {getattr(got, f.name)} where attnscale's model has {getattr(want, f.name)}"
+                 for f in fields(got) if getattr(got, f.name) != getattr(want, f.name)]
+        raise CaffeImportError(f"{g.source}: layer {g.lps[i].name!r} (taken as {role}): {'; '.join(diffs)}")
+
+
+def _conv(g: _Graph, node, role: str, out: int | None, k: int, pad: int = 0, dil: int = 1) -> int:
+    """The Convolution reading ``node``: stride 1, group 1, with bias, and the given geometry."""
+    i = g.consumer(node, "Convolution", role)
+    got = _geometry(g, i, L.conv_geometry)
+    want = L.ConvGeometry(got.num_output if out is None else out, (k, k), (1, 1), (pad, pad), (dil, dil), 1, True)
+    _expect(g, i, role, got, want)
+    return i
+
+
+def _relu(g: _Graph, node, role: str):
+    i = g.consumer(node, "ReLU", f"the ReLU after {role}")
+    if g.lps[i].relu_param.negative_slope != 0:
+        raise CaffeImportError(f"{g.source}: layer {g.lps[i].name!r}: negative_slope "
+                               f"{g.lps[i].relu_param.negative_slope} (attnscale's model: a plain ReLU)")
+    return (i, 0)
+
+
+def _dropout(g: _Graph, node, role: str, ratios: list):
+    """An optional Dropout on ``node`` (identity at test time); its ratio is appended to ``ratios``."""
+    i = g.consumer(node, "Dropout", f"the Dropout after {role}", optional=True)
+    ratios.append((float(g.lps[i].dropout_param.dropout_ratio), g.lps[i].name) if i is not None else (0.0, role))
+    return node if i is None else (i, 0)
+
+
+@dataclass
+class _Branch:
+    scale: float
+    convs: dict[str, int]  # model layer -> layer index ("classifier" for the classifier)
+    fc7: object            # node of fc7 after relu7 / drop7
+    scores: object         # node of the classifier's output
+
+
+def _walk_branch(g: _Graph, start, scale: float, width: float, num_classes: int | None, ratios: list) -> _Branch:
+    """Follow one scale through the VGG-16 LargeFOV trunk from ``start``, checking every layer."""
+    from attnscale.model import FC6, FC7_OUT, TRUNK, _ch
+
+    at = f"scale {scale:g}"
+    convs: dict[str, int] = {}
+    x = start
+    for spec in TRUNK:
+        if spec[0] == "conv":
+            _, name, cout, k, pad, dil = spec
+            i = convs[name] = _conv(g, x, f"{name}, {at}", _ch(cout, width), k, pad, dil)
+            x = _relu(g, (i, 0), f"{name}, {at}")
+        else:
+            _, name, method, k, stride, pad = spec
+            i = g.consumer(x, "Pooling", f"{name}, {at}")
+            _expect(g, i, f"{name}, {at}", _geometry(g, i, L.pool_geometry),
+                    L.PoolGeometry(method, k, stride, pad, False))
+            x = (i, 0)
+    for name, out, k, pad, dil in (("fc6", FC6["out"], FC6["kernel"], FC6["pad"], FC6["dilation"]),
+                                   ("fc7", FC7_OUT, 1, 0, 1)):
+        i = convs[name] = _conv(g, x, f"{name}, {at}", _ch(out, width), k, pad, dil)
+        x = _dropout(g, _relu(g, (i, 0), f"{name}, {at}"), f"{name}, {at}", ratios)
+    i = convs["classifier"] = _conv(g, x, f"the classifier on fc7, {at}", num_classes, 1)
+    return _Branch(scale, convs, x, (i, 0))
+
+
+def _scale_of_interp(g: _Graph, i: int, in_hw) -> float:
+    """The input scale an ``Interp`` on the image makes, with ``InterpLayer::Reshape``'s precedence
+    (zoom only, shrink only, explicit height and width, shrink then zoom)."""
+    lp = g.lps[i]
+    p = L.interp_params(lp)
+    if p.pad_beg or p.pad_end:
+        raise CaffeImportError(f"{g.source}: layer {lp.name!r}: pad_beg/pad_end crop the image; attnscale's "
+                               "model resizes the whole image")
+    z, s = p.zoom_factor, p.shrink_factor
+    if (z is None) != (s is None):
+        scale = (z or 1) / (s or 1)
+    elif p.height is not None and p.width is not None:
         if in_hw is None or in_hw[0] < 2:
-            raise CaffeImportError(f"{source}: layer {lp.name!r}: an Interp with explicit height/width "
-                                   "needs the input shape to give a scale")
-        return (ip.height - 1) / (in_hw[0] - 1)
-    zoom = ip.zoom_factor if ip.HasField("zoom_factor") else 1
-    shrink = ip.shrink_factor if ip.HasField("shrink_factor") else 1
-    if zoom < 1 or shrink < 1:
-        raise CaffeImportError(f"{source}: layer {lp.name!r}: zoom/shrink factors must be >= 1")
-    return zoom / shrink
+            raise CaffeImportError(f"{g.source}: layer {lp.name!r}: an Interp with explicit height/width "
+                                   "needs the net's input shape to give a scale")
+        scale = (p.height - 1) / (in_hw[0] - 1)
+    elif z is not None:
+        scale = z / s
+    else:
+        raise CaffeImportError(f"{g.source}: layer {lp.name!r}: an Interp needs zoom_factor, shrink_factor "
+                               "or both height and width")
+    if not 0 < scale < 1 or min(z or 1, s or 1) < 1:
+        raise CaffeImportError(f"{g.source}: layer {lp.name!r}: input scale {scale:g} is not in (0, 1)")
+    return round(scale, 6)
 
 
-def _fits(blob, shape) -> bool:
-    src = tuple(blob.data.shape)
-    shape = tuple(shape)
-    if blob.legacy:
-        return len(shape) <= 4 and (1,) * (4 - len(shape)) + shape == src
-    return src == shape
+def _check_sizes(g: _Graph, scale: float, down: int, up: int, probes) -> None:
+    """The Interp ``down`` (image to ``scale``) must give the input attnscale's model makes, and ``up``
+    (scores back) the scale-1 score size, at the net's input size (or 321 and 513 when it has none)."""
+    from attnscale import caffe
+    from attnscale.model import AttentionToScale
+
+    for hw in probes:
+        want_in = caffe.scaled_input_shape(hw, scale)
+        want_out = AttentionToScale.output_size(hw)
+        try:
+            got_in = caffe.interp_output_shape(hw, L.interp_params(g.lps[down]))
+            got_out = caffe.interp_output_shape(AttentionToScale.output_size(got_in), L.interp_params(g.lps[up]))
+        except ValueError as exc:
+            raise CaffeImportError(f"{g.source}: scale {scale:g}: {exc}") from None
+        if got_in != want_in:
+            raise CaffeImportError(f"{g.source}: layer {g.lps[down].name!r}: gives a {got_in} image from a "
+                                   f"{tuple(hw)} input, attnscale's scale {scale:g} gives {want_in}")
+        if got_out != want_out:
+            raise CaffeImportError(f"{g.source}: layer {g.lps[up].name!r}: gives {got_out} scores at input "
+                                   f"{tuple(hw)}, but the scale-1 scores are {want_out}: the merge cannot add them")
+
+
+def _order(g: _Graph, i: int, by_node: dict, role: str) -> list[float]:
+    """The scales in the order of layer ``i``'s bottoms, which must be ``by_node``'s nodes, once each."""
+    bottoms = g.bottoms[i]
+    if len(bottoms) != len(by_node) or set(bottoms) != set(by_node):
+        raise CaffeImportError(f"{g.source}: layer {g.lps[i].name!r} ({role}) reads "
+                               f"{[g.blob[b] for b in bottoms]}, expected one each of "
+                               f"{[g.blob[b] for b in by_node]}")
+    return [by_node[b] for b in bottoms]
+
+
+def _axis1(axis: int, role: str, g: _Graph, i: int) -> None:
+    if axis not in (1, -3):
+        raise CaffeImportError(f"{g.source}: layer {g.lps[i].name!r} ({role}): axis {axis}, attnscale's "
+                               "model works on the channel axis (1)")
+
+
+def _attention_head(g: _Graph, scores: dict, feats: dict, width: float, ratios: list):
+    """Trace the attention pattern back from the scores: SpatialProduct(score_s, slice_k) -> Eltwise SUM;
+    Slice <- Softmax <- att_conv2 <- [Dropout] <- ReLU <- att_conv1 <- Concat(fc7 of every scale).
+    Returns (scales in Concat order, Eltwise index, {"att_conv1": i, "att_conv2": i})."""
+    from attnscale.model import ATT1_OUT, _ch
+
+    S = len(scores)
+    prods = {}
+    for node, s in scores.items():
+        found = [i for i in g.consumers[node] if g.lps[i].type == "SpatialProduct" and g.bottoms[i][0] == node]
+        if len(found) != 1:
+            raise CaffeImportError(f"{g.source}: attention merge: expected one SpatialProduct weighting the "
+                                   f"scale-{s:g} scores {g.name(node)}, found {len(found)}")
+        prods[s] = found[0]
+    total = g.consumer((prods[1.0], 0), "Eltwise", "the attention merge's sum", chain=False)
+    _order(g, total, {(i, 0): s for s, i in prods.items()}, "the attention merge's sum")
+    ep = g.lps[total].eltwise_param
+    if ep.operation != 1 or any(c != 1 for c in ep.coeff):
+        raise CaffeImportError(f"{g.source}: layer {g.lps[total].name!r}: the attention merge must be an "
+                               "Eltwise SUM with coefficients 1")
+    slices = {g.bottoms[prods[s]][1] for s in prods}
+    sl = g.producer(next(iter(slices)), "Slice", "the attention weights")
+    if {n[0] for n in slices} != {sl} or len(g.lps[sl].top) != S or len(g.lps[sl].bottom) != 1:
+        raise CaffeImportError(f"{g.source}: attention merge: the {S} SpatialProducts must take the {S} "
+                               f"tops of one Slice layer, once each")
+    sp = g.lps[sl].slice_param
+    _axis1(sp.slice_dim if sp.HasField("slice_dim") else sp.axis, "the attention Slice", g, sl)
+    if len(sp.slice_point) and list(sp.slice_point) != list(range(1, S)):
+        raise CaffeImportError(f"{g.source}: layer {g.lps[sl].name!r}: slice_point {list(sp.slice_point)}, "
+                               f"expected one channel per scale")
+    sm = g.single(g.producer(g.bottoms[sl][0], "Softmax", "the attention Slice's input"), "attention softmax")
+    _axis1(g.lps[sm].softmax_param.axis, "the attention Softmax", g, sm)
+    a2 = g.single(g.producer(g.bottoms[sm][0], "Convolution", "the attention Softmax's input"), "att_conv2")
+    _expect(g, a2, "att_conv2", _geometry(g, a2, L.conv_geometry), L.ConvGeometry(S, (1, 1), (1, 1), (0, 0), (1, 1), 1, True))
+    x = g.bottoms[a2][0]
+    if isinstance(x[0], int) and g.lps[x[0]].type == "Dropout":
+        ratios.append((float(g.lps[x[0]].dropout_param.dropout_ratio), g.lps[x[0]].name))
+        x = g.bottoms[g.single(x[0], "att_drop1")][0]
+    else:
+        ratios.append((0.0, "att_conv1"))
+    relu = g.single(g.producer(x, "ReLU", "att_conv2's input"), "att_relu1")
+    if g.lps[relu].relu_param.negative_slope != 0:
+        raise CaffeImportError(f"{g.source}: layer {g.lps[relu].name!r}: a leaky ReLU; attnscale's model has a plain one")
+    a1 = g.single(g.producer(g.bottoms[relu][0], "Convolution", "the attention ReLU's input"), "att_conv1")
+    _expect(g, a1, "att_conv1", _geometry(g, a1, L.conv_geometry),
+            L.ConvGeometry(_ch(ATT1_OUT, width), (3, 3), (1, 1), (1, 1), (1, 1), 1, True))
+    cat = g.producer(g.bottoms[a1][0], "Concat", "att_conv1's input")
+    cp = g.lps[cat].concat_param
+    _axis1(cp.concat_dim if cp.HasField("concat_dim") else cp.axis, "the fc7 Concat", g, cat)
+    order = _order(g, cat, {n: s for s, n in feats.items()}, "the Concat of the scales' fc7")
+    for s, i in prods.items():
+        k = g.bottoms[i][1][1]
+        if order[k] != s:
+            raise CaffeImportError(f"{g.source}: layer {g.lps[i].name!r} weights the scale-{s:g} scores with "
+                                   f"attention channel {k}, but {g.lps[cat].name!r} puts scale {order[k]:g} "
+                                   f"in block {k}")
+    return order, total, {"att_conv1": a1, "att_conv2": a2}
+
+
+@dataclass
+class _Layout:
+    """Which Caffe layers make each layer of attnscale's model (every scale's copy, in scale order)."""
+    copies: dict[str, list] = field(default_factory=dict)
+    param_owner: dict[str, str] = field(default_factory=dict)  # shared param name -> first layer declaring it
+    net_names: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+
+
+def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
+    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST")]
+    train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN")]
+    inputs = net_inputs(net_param, source)
+    g = _Graph(lps, inputs.names, source)
+    data = inputs.names[0] if inputs.names else next(
+        (lp.top[0] for lp in lps if lp.type in L.DATA_TYPES and lp.top), None)
+    if data is None or data not in g.first:
+        raise CaffeImportError(f"{source}: no image input found" if data is None else
+                               f"{source}: no layer reads the image input {data!r}")
+    in_hw = tuple(inputs.shapes[0][-2:]) if inputs.names and inputs.shapes[0] else None
+    probes = [in_hw] if in_hw else [(321, 321), (513, 513)]
+    image = g.first[data]
+
+    first = g.consumer(image, "Convolution", "conv1_1 (the first layer on the image)")
+    width = _geometry(g, first, L.conv_geometry).num_output / 64.0
+    ratios: list = []
+    main = _walk_branch(g, image, 1.0, width, None, ratios)
+    clf = lps[main.convs["classifier"]]
+    num_classes = int(clf.convolution_param.num_output)
+    branches = {1.0: main}
+    down, up = {}, {}
+    for i in g.consumers[image]:
+        if lps[i].type != "Interp":
+            continue
+        s = _scale_of_interp(g, g.single(i, "an input scale"), in_hw)
+        if s in branches:
+            raise CaffeImportError(f"{source}: layer {lps[i].name!r}: a second branch at scale {s:g}")
+        b = branches[s] = _walk_branch(g, (i, 0), s, width, num_classes, ratios)
+        down[s], up[s] = i, g.consumer(b.scores, "Interp", f"the Interp of the scale-{s:g} scores to scale 1")
+        _check_sizes(g, s, i, up[s], probes)
+    head: dict[str, int] = {}
+    merge, scales = None, [1.0]
+    if len(branches) > 1:
+        scores = {main.scores: 1.0, **{(up[s], 0): s for s in up}}
+        users = {lps[i].type for i in g.consumers[main.scores]}
+        if "SpatialProduct" in users and "Eltwise" not in users:
+            feats = {1.0: main.fc7}
+            for s in up:
+                i = g.consumer(branches[s].fc7, "Interp", f"the Interp of the scale-{s:g} fc7 to scale 1")
+                _check_sizes(g, s, down[s], i, probes)
+                feats[s] = (i, 0)
+            scales, _, head = _attention_head(g, scores, feats, width, ratios)
+            merge = "attention"
+        elif "Eltwise" in users and "SpatialProduct" not in users:
+            e = g.consumer(main.scores, "Eltwise", "the merge of the scales", chain=False)
+            scales = _order(g, e, scores, "the merge of the scales")
+            ep = lps[e].eltwise_param
+            S = len(scales)
+            if ep.operation == 2 and not len(ep.coeff):
+                merge = "max"
+            elif ep.operation == 1 and len(ep.coeff) == S and all(abs(c - 1.0 / S) < 1e-6 for c in ep.coeff):
+                merge = "avg"
+            else:
+                raise CaffeImportError(f"{source}: layer {lps[e].name!r}: cannot tell the merge (expected "
+                                       "Eltwise MAX, SUM with coeff 1/S, or the attention pattern)")
+        else:
+            raise CaffeImportError(f"{source}: {len(branches)} scales, but the scale-1 scores "
+                                   f"{g.name(main.scores)} go to {sorted(users) or 'nothing'}: expected one "
+                                   "Eltwise (max / avg merge) or SpatialProducts (attention merge)")
+        if scales[0] != 1.0:
+            raise CaffeImportError(f"{source}: the merge lists the scales as {scales}; attnscale's model "
+                                   "needs the scale-1 branch first (it sets the merge resolution)")
+    layout = _Layout(net_names={lp.name for lp in lps})
+    for name in main.convs:
+        layout.copies[clf.name if name == "classifier" else name] = [lps[branches[s].convs[name]] for s in scales]
+    layout.copies.update({name: [lps[i]] for name, i in head.items()})
+    for lp in lps:
+        for p in lp.param:
+            if p.name:
+                layout.param_owner.setdefault(p.name, lp.name)
+    counts = Counter(lp.name for lp in lps)
+    dup = sorted({lp.name for lst in layout.copies.values() for lp in lst if counts[lp.name] > 1})
+    if dup:
+        raise CaffeImportError(f"{source}: layer name(s) {dup} used more than once: weights are copied by name")
+    dropout = ratios[0][0]
+    if any(r != dropout for r, _ in ratios):
+        layout.notes.append("dropout ratios differ: " + ", ".join(f"{n} {r:g}" for r, n in ratios) +
+                            f"; attnscale's model uses {dropout:g} everywhere (training only: Dropout is the "
+                            "identity at test time)")
+    clf_tops = {lp.top[0] for lp in layout.copies[clf.name]}
+    per_scale_loss = any(lp.type == "SoftmaxWithLoss" and lp.bottom and lp.bottom[0] in clf_tops for lp in train_lps)
+    has_loss = any(lp.type == "SoftmaxWithLoss" for lp in train_lps)
+    cfg = dict(num_classes=num_classes, scales=tuple(scales), merge=merge,
+               extra_supervision=per_scale_loss if has_loss else None, width=width,
+               classifier_name=clf.name, dropout=dropout)
+    return cfg, layout
 
 
 def analyse(net_param, source: str = "<net>") -> dict:
     """Detect the ``AttentionToScale`` configuration of a Caffe net (see the module docstring)."""
-    from attnscale.model import FC6, FC7_OUT, TRUNK, _ch
-
-    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST")]
-    train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN")]
-    by_name = {lp.name: lp for lp in lps}
-    producers = {}
-    for lp in lps:
-        for t in lp.top:
-            producers.setdefault(t, lp)
-    inputs = net_inputs(net_param, source)
-    data = inputs.names[0] if inputs.names else next(
-        (lp.top[0] for lp in lps if lp.type in ("Input", "Data", "ImageSegData", "ImageData", "MemoryData")), None)
-    if data is None:
-        raise CaffeImportError(f"{source}: no image input found")
-    in_shape = inputs.shapes[0] if inputs.names else None
-    in_hw = tuple(in_shape[-2:]) if in_shape else None
-
-    for needed in ("conv1_1", "fc6", "fc7"):
-        if needed not in by_name or by_name[needed].type != "Convolution":
-            raise CaffeImportError(f"{source}: not a DeepLab-LargeFOV net: no Convolution layer {needed!r}")
-    if list(by_name["conv1_1"].bottom) != [data]:
-        raise CaffeImportError(f"{source}: layer 'conv1_1' must read the image input {data!r}")
-    classifiers = [lp for lp in lps if lp.type == "Convolution" and list(lp.bottom) == ["fc7"]]
-    if len(classifiers) != 1:
-        raise CaffeImportError(f"{source}: expected exactly one Convolution on 'fc7' (the classifier), "
-                               f"found {[lp.name for lp in classifiers]}")
-    clf = classifiers[0]
-    num_classes = int(clf.convolution_param.num_output)
-
-    width = by_name["conv1_1"].convolution_param.num_output / 64.0
-    expected = {spec[1]: spec[2] for spec in TRUNK if spec[0] == "conv"}
-    expected.update(fc6=FC6["out"], fc7=FC7_OUT)
-    for name, full in expected.items():
-        lp = by_name.get(name)
-        if lp is None or lp.type != "Convolution":
-            raise CaffeImportError(f"{source}: not a DeepLab-LargeFOV net: no Convolution layer {name!r}")
-        if lp.convolution_param.num_output != _ch(full, width):
-            raise CaffeImportError(f"{source}: layer {name!r} has num_output "
-                                   f"{lp.convolution_param.num_output}, but width {width:g} (from conv1_1) "
-                                   f"gives {_ch(full, width)}")
-
-    scales = [1.0]
-    for lp in lps:
-        if lp.type == "Interp" and list(lp.bottom) == [data]:
-            s = _scale_of_interp(lp, in_hw, source)
-            if not 0 < s < 1:
-                raise CaffeImportError(f"{source}: layer {lp.name!r}: input scale {s:g} is not in (0, 1)")
-            scales.append(round(s, 6))
-
-    types = {lp.type for lp in lps}
-    merge = None
-    if len(scales) > 1:
-        if "SpatialProduct" in types and "Softmax" in types:
-            merge = "attention"
-        else:
-            elt = [lp for lp in lps if lp.type == "Eltwise"]
-            if not elt:
-                raise CaffeImportError(f"{source}: {len(scales)} scales but no merge layer "
-                                       "(Eltwise / SpatialProduct) found")
-            op = elt[-1].eltwise_param.operation
-            if op == 2:
-                merge = "max"
-            elif op == 1 and len(elt[-1].eltwise_param.coeff) and all(
-                    abs(c - 1.0 / len(scales)) < 1e-6 for c in elt[-1].eltwise_param.coeff):
-                merge = "avg"
-            else:
-                raise CaffeImportError(f"{source}: layer {elt[-1].name!r}: cannot tell the merge "
-                                       "(expected Eltwise MAX, SUM with coeff 1/S, or the attention pattern)")
-    drops = [lp for lp in lps if lp.type == "Dropout"]
-    dropout = float(drops[0].dropout_param.dropout_ratio) if drops else 0.0
-    per_scale_loss = any(lp.type == "SoftmaxWithLoss" and lp.bottom and
-                         producers.get(lp.bottom[0]) is not None and
-                         producers[lp.bottom[0]].type == "Convolution" and   # a scale's own scores,
-                         producers[lp.bottom[0]].name.startswith(clf.name) for lp in train_lps)  # not a merge
-    has_loss = any(lp.type == "SoftmaxWithLoss" for lp in train_lps)
-    return dict(num_classes=num_classes, scales=tuple(scales), merge=merge,
-                extra_supervision=per_scale_loss if has_loss else None, width=width,
-                classifier_name=clf.name, dropout=dropout)
+    return _analyse(net_param, source)[0]
 
 
 def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
@@ -179,8 +446,8 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
     net_param = prototxt if hasattr(prototxt, "DESCRIPTOR") else read_net(prototxt)
     source = "<NetParameter>" if hasattr(prototxt, "DESCRIPTOR") else (
         os.fspath(prototxt) if not isinstance(prototxt, str) or os.path.exists(prototxt) else "<string>")
-    cfg = analyse(net_param, source)
-    notes = []
+    cfg, layout = _analyse(net_param, source)
+    notes = list(layout.notes)
     if extra_supervision is not None:
         cfg["extra_supervision"] = bool(extra_supervision)
     elif cfg["extra_supervision"] is None:
@@ -198,92 +465,94 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
         raise CaffeImportError(f"{source}: the detected configuration {cfg} is not a valid "
                                f"AttentionToScale: {exc}") from None
     model.eval()
-    _check_structure(model, net_param, source)
     wf = None
     if weights is not None:
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
     report = ConversionReport(source, wf.path if wf is not None else None,
                               dict(cfg, use_reference_ops=use_reference_ops), notes=notes)
-    _load(model, wf, report)
+    _load(model, layout, wf, report)
     return model, report
 
 
-def _model_layers(model) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in model.named_children() if isinstance(m, torch.nn.Conv2d)}
+def _params(conv: torch.nn.Conv2d) -> list[tuple[str, torch.nn.Parameter]]:
+    return [("weight", conv.weight), ("bias", conv.bias)]
 
 
-def _check_structure(model, net_param, source) -> None:
-    """Every model layer must exist in the prototxt with the same kernel/pad/dilation/channels."""
-    lps = {lp.name: lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST")}
-    for name, conv in _model_layers(model).items():
-        lp = lps.get(name)
-        if lp is None:
-            raise CaffeImportError(f"{source}: the detected model needs a layer {name!r} the prototxt lacks")
-        cp = lp.convolution_param
-        k = cp.kernel_size[0] if len(cp.kernel_size) else cp.kernel_h
-        pad = cp.pad[0] if len(cp.pad) else cp.pad_h
-        dil = cp.dilation[0] if len(cp.dilation) else 1
-        got = (int(cp.num_output), int(k), int(pad), int(dil))
-        want = (conv.out_channels, conv.kernel_size[0], conv.padding[0], conv.dilation[0])
-        if got != want:
-            raise CaffeImportError(f"{source}: layer {name!r} is (num_output, kernel, pad, dilation) = "
-                                   f"{got} but attnscale's model has {want}")
+def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionReport) -> None:
+    """Caffe's ``Net::CopyTrainedLayersFrom`` (.caffemodel) / ``CopyTrainedLayersFromHDF5`` onto the net the
+    prototxt describes, then onto attnscale's model.
 
-
-def _load(model, wf: WeightFile | None, report: ConversionReport) -> None:
-    layers = _model_layers(model)
+    Source layers are copied in file order into the layer of the same name; a blob shared by
+    ``param { name }`` is one blob, so the last copy written wins.  Blob counts and shapes are Caffe's
+    checks (an HDF5 layer may lack the blobs it shares with an earlier layer); the one exception is a
+    classifier whose shapes do not fit (ImageNet's 1000-way ``fc8``), which stays fresh.  Scale copies
+    that do not share a blob must end up equal, since attnscale's model runs one set of weights."""
     head = set(model.head_layer_names())
     if wf is None:
-        report.fresh += [(f"{n}.{p}", "no weights given") for n in layers for p in ("weight", "bias")]
+        report.fresh += [(f"{n}.{p}", "no weights given") for n in layout.copies for p in ("weight", "bias")]
         return
-    file_layers = wf.by_name()
-    suffixes = ("_res075", "_res05", "_res1") + tuple(f"_res{str(s).replace('.', '')}" for s in model.scales)
-    used: set[str] = set()
-    loaded: set[str] = set()
-    for name, conv in layers.items():
-        params = [("weight", conv.weight), ("bias", conv.bias)]
-        src_name = name if name in file_layers else next(
-            (name + suf for suf in suffixes if name + suf in file_layers), None)
-        if src_name is None:
-            why = ("new head layer, not in the weights" if name in head
-                   else "absent from the weights")
-            report.fresh += [(f"{name}.{p}", why) for p, _ in params]
+    target = {lp.name: (m, lp) for m, lps in layout.copies.items() for lp in lps}
+
+    def slot(lp, j):
+        name = lp.param[j].name if j < len(lp.param) else ""
+        return ("param", name) if name else ("layer", lp.name, j)
+
+    writes: dict[tuple, list[tuple[str, np.ndarray]]] = defaultdict(list)
+    kept_fresh: dict[str, str] = {}
+    for name, _type, blobs in wf.layers:
+        if name not in target:
+            if any(b is not None for b in blobs):
+                report.unmapped.append((name, "a layer of the prototxt outside attnscale's model"
+                                        if name in layout.net_names else "no such layer in the prototxt"))
             continue
-        blobs = file_layers[src_name]
-        fits = len(blobs) == 2 and all(_fits(b, p.shape) for b, (_, p) in zip(blobs, params))
-        if not fits:
-            shapes = [tuple(b.data.shape) for b in blobs]
-            if name == model.classifier_name:
-                report.fresh += [(f"{name}.{p}", f"classifier shapes {shapes} in the weights do not fit "
-                                  f"{model.num_classes} classes (e.g. ImageNet's)") for p, _ in params]
-                report.unmapped.append((src_name, f"classifier of another task, shapes {shapes}"))
-                used.add(src_name)
+        m, lp = target[name]
+        params = _params(getattr(model, m))
+        check_blob_count(wf, name, "the prototxt layer", blobs, len(params), lambda j: slot(lp, j)[0] == "param"
+                         and layout.param_owner[slot(lp, j)[1]] != name)
+        present = [(j, b) for j, b in enumerate(blobs) if b is not None]
+        bad = [(j, b) for j, b in present if not b.fits(params[j][1].shape)]
+        if bad:
+            shapes = [tuple(b.data.shape) for _, b in present]
+            if m == model.classifier_name:
+                why = f"classifier shapes {shapes} in the weights do not fit {model.num_classes} classes (e.g. ImageNet's)"
+                kept_fresh[m] = why
+                report.unmapped.append((name, f"classifier of another task, shapes {shapes}; kept fresh "
+                                        "(Caffe would stop on the shape mismatch)"))
                 continue
-            want = [tuple(p.shape) for _, p in params]
-            raise CaffeImportError(f"{wf.path}: layer {src_name!r}: blobs {shapes} do not fit the "
-                                   f"model's {name} {want}")
-        with torch.no_grad():
-            for i, (b, (pname, p)) in enumerate(zip(blobs, params)):
-                p.copy_(torch.from_numpy(np.ascontiguousarray(b.data)).reshape(p.shape))
-                report.mapped.append((f"{src_name}[{i}]", f"{name}.{pname}", tuple(p.shape)))
-        used.add(src_name)
-        loaded.add(name)
-    # scale copies: equal shared blobs, recorded (and checked) rather than silently dropped
-    for lname, blobs in file_layers.items():
-        if lname in used:
-            continue
-        base = next((lname[:-len(s)] for s in suffixes if lname.endswith(s) and lname[:-len(s)] in layers), None)
-        if base is not None and len(blobs) == 2 and base in loaded:
-            conv = layers[base]
-            same = all(_fits(b, p.shape) and np.array_equal(
-                b.data.reshape(p.shape), p.detach().numpy()) for b, p in zip(blobs, (conv.weight, conv.bias)))
-            if same:
-                for i, pname in enumerate(("weight", "bias")):
-                    report.mapped.append((f"{lname}[{i}]", f"{base}.{pname} (shared copy)",
-                                          tuple(blobs[i].data.shape)))
-            else:
-                report.unmapped.append((lname, f"scale copy of {base!r} whose blobs differ from "
-                                        f"{base!r}'s; {base!r}'s were used"))
-            continue
-        if blobs:
-            report.unmapped.append((lname, "no such layer in attnscale's model"))
+            j, b = bad[0]
+            raise CaffeImportError(f"{wf.path}: layer {name!r}: cannot copy blob {j}: shape mismatch, file "
+                                   f"{tuple(b.data.shape)} vs the model's {m}.{params[j][0]} "
+                                   f"{tuple(params[j][1].shape)}")
+        for j, b in present:
+            writes[slot(lp, j)].append((f"{name}[{j}]", b.data))
+    if not writes and not kept_fresh:
+        raise CaffeImportError(f"{wf.path}: no layer of the weights file is a layer of the net "
+                               f"(file layers: {[n for n, _, _ in wf.layers][:8]} ...)")
+    for m, lps in layout.copies.items():
+        for j, (pname, p) in enumerate(_params(getattr(model, m))):
+            slots = list(dict.fromkeys(slot(lp, j) for lp in lps))
+            finals = [writes[sl][-1] if writes.get(sl) else None for sl in slots]
+            if all(f is None for f in finals):
+                report.fresh.append((f"{m}.{pname}", kept_fresh.get(m) or (
+                    "new head layer, not in the weights" if m in head else "absent from the weights")))
+                continue
+            for sl, f in zip(slots[1:], finals[1:]):  # scale copies that do not share the blob
+                if f is None or finals[0] is None or not np.array_equal(f[1], finals[0][1]):
+                    other = sl[1] if sl[0] == "layer" else sl
+                    raise CaffeImportError(
+                        f"{wf.path}: layers {lps[0].name!r} and {other!r} do not share blob {j} in the prototxt "
+                        "(no common param { name }), and the weights give them "
+                        + ("different values" if f is not None and finals[0] is not None else "a value only for one")
+                        + ": Caffe would run different weights at different scales, attnscale's share-net one set")
+            src, value = finals[0]
+            with torch.no_grad():
+                p.copy_(torch.from_numpy(np.ascontiguousarray(value)).reshape(p.shape))
+            first = f"{lps[0].name}[{j}]"
+            for sl in slots:
+                for w_src, w_val in writes.get(sl, []):
+                    if np.array_equal(w_val.reshape(p.shape), value.reshape(p.shape)):
+                        copy = "" if w_src == first else (" (shared copy)" if len(slots) == 1 else " (equal copy)")
+                        report.mapped.append((w_src, f"{m}.{pname}{copy}", tuple(p.shape)))
+                    else:
+                        report.unmapped.append((w_src, f"overwritten by {src} (Caffe copies layers in file "
+                                                "order: the last write to a shared blob wins)"))

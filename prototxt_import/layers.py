@@ -121,6 +121,78 @@ def _axis(axis: int, ndim: int, what: str) -> int:
     return axis % ndim
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A ``convolution_param`` as Caffe reads it (``BaseConvolutionLayer::LayerSetUp``), 2-D."""
+    num_output: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    pad: tuple[int, int]
+    dilation: tuple[int, int]
+    group: int
+    bias_term: bool
+
+
+def conv_geometry(lp) -> ConvGeometry:
+    cp = lp.convolution_param
+    _check(cp.axis in (1, -3), "only 2-D convolution on (N,C,H,W) blobs (axis 1) is supported")
+    kernel = _spatial(cp.kernel_size, _opt(cp, "kernel_h"), _opt(cp, "kernel_w"), 0, "kernel")
+    _check(min(kernel) > 0, "kernel size must be given and positive")
+    stride = _spatial(cp.stride, _opt(cp, "stride_h"), _opt(cp, "stride_w"), 1, "stride")
+    pad = _spatial(cp.pad, _opt(cp, "pad_h"), _opt(cp, "pad_w"), 0, "pad")
+    dilation = _spatial(cp.dilation, None, None, 1, "dilation")
+    _check(min(stride) > 0 and min(dilation) > 0, "stride and dilation must be positive")
+    num_output, group = int(cp.num_output), int(cp.group)
+    _check(num_output > 0, "num_output must be positive")
+    _check(group > 0 and num_output % group == 0, f"num_output {num_output} must be a multiple of group {group}")
+    return ConvGeometry(num_output, kernel, stride, pad, dilation, group, bool(cp.bias_term))
+
+
+@dataclass(frozen=True)
+class PoolGeometry:
+    """A ``pooling_param`` as Caffe reads it (``PoolingLayer::LayerSetUp``), square windows only."""
+    method: str  # "max" | "ave"
+    kernel: int
+    stride: int
+    pad: int
+    global_pooling: bool
+
+
+def pool_geometry(lp) -> PoolGeometry:
+    pp = lp.pooling_param
+    _check(pp.pool in (0, 1), "only MAX and AVE pooling are supported (STOCHASTIC is not)")
+    method = "max" if pp.pool == 0 else "ave"
+    if pp.global_pooling:
+        _check(not pp.HasField("kernel_size") and not pp.HasField("kernel_h"),
+               "with global_pooling, kernel size cannot be specified")
+        _check(pp.pad == 0 and pp.pad_h == 0 and pp.pad_w == 0 and pp.stride == 1,
+               "with global_pooling, pad must be 0 and stride 1")
+        return PoolGeometry(method, 0, 1, 0, True)
+    if pp.HasField("kernel_size"):
+        _check(not pp.HasField("kernel_h") and not pp.HasField("kernel_w"),
+               "give either kernel_size or kernel_h/kernel_w")
+        kh = kw = pp.kernel_size
+    else:
+        _check(pp.HasField("kernel_h") and pp.HasField("kernel_w"),
+               "kernel_size or both kernel_h and kernel_w are required")
+        kh, kw = pp.kernel_h, pp.kernel_w
+    ph, pw = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") or pp.HasField("pad_w") else (pp.pad, pp.pad)
+    if pp.HasField("stride_h") or pp.HasField("stride_w"):
+        sh, sw = pp.stride_h, pp.stride_w
+    else:
+        sh = sw = pp.stride
+    _check(kh == kw and ph == pw and sh == sw, "only square pooling (kernel, pad, stride) is supported")
+    return PoolGeometry(method, int(kh), int(sh), int(ph), False)
+
+
+def interp_params(lp) -> "caffe_math.InterpParams":
+    """An ``interp_param`` with unset fields as None (``InterpLayer`` tells set from default)."""
+    ip = lp.interp_param
+    return caffe_math.InterpParams(
+        zoom_factor=_opt(ip, "zoom_factor"), shrink_factor=_opt(ip, "shrink_factor"),
+        height=_opt(ip, "height"), width=_opt(ip, "width"), pad_beg=int(ip.pad_beg), pad_end=int(ip.pad_end))
+
+
 # ----------------------------------------------------------------------------------------- layers
 class Convolution(nn.Module):
     """Caffe ``Convolution`` (2-D, ``group``, ``dilation``, ``bias_term``); output size
@@ -130,28 +202,18 @@ class Convolution(nn.Module):
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
-        cp = lp.convolution_param
         _check(len(in_shapes) >= 1, "Convolution needs a bottom")
-        _check(cp.axis in (1, -3) and all(len(s) == 4 for s in in_shapes),
-               "only 2-D convolution on (N,C,H,W) blobs is supported")
+        g = conv_geometry(lp)
+        _check(all(len(s) == 4 for s in in_shapes), "only 2-D convolution on (N,C,H,W) blobs is supported")
         n, c, h, w = in_shapes[0]
         _check(all(s == in_shapes[0] for s in in_shapes), "all bottoms must have the same shape")
-        self.kernel = _spatial(cp.kernel_size, _opt(cp, "kernel_h"), _opt(cp, "kernel_w"), 0, "kernel")
-        _check(min(self.kernel) > 0, "kernel size must be given and positive")
-        self.stride = _spatial(cp.stride, _opt(cp, "stride_h"), _opt(cp, "stride_w"), 1, "stride")
-        pad_h = _opt(cp, "pad_h")
-        pad_w = _opt(cp, "pad_w")
-        self.pad = _spatial(cp.pad, pad_h, pad_w, 0, "pad")
-        self.dilation = _spatial(cp.dilation, None, None, 1, "dilation")
-        _check(min(self.stride) > 0 and min(self.dilation) > 0, "stride and dilation must be positive")
-        self.group = int(cp.group)
-        num_output = int(cp.num_output)
-        _check(num_output > 0, "num_output must be positive")
-        _check(self.group > 0 and c % self.group == 0 and num_output % self.group == 0,
-               f"channels {c} and num_output {num_output} must be multiples of group {self.group}")
+        self.kernel, self.stride, self.pad, self.dilation, self.group = g.kernel, g.stride, g.pad, g.dilation, g.group
+        num_output = g.num_output
+        _check(c % self.group == 0, f"channels {c} must be a multiple of group {self.group}")
+        cp = lp.convolution_param
         wshape = (num_output, c // self.group) + self.kernel
         self.weight = _param(lp, 0, wshape, cp.weight_filler if cp.HasField("weight_filler") else None, ctx)
-        if cp.bias_term:
+        if g.bias_term:
             self.bias = _param(lp, 1, (num_output,), cp.bias_filler if cp.HasField("bias_filler") else None, ctx)
         else:
             self.bias = None
@@ -229,34 +291,14 @@ class Pooling(nn.Module):
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
-        pp = lp.pooling_param
         _check(len(in_shapes) == 1 and len(in_shapes[0]) == 4, "Pooling takes one (N,C,H,W) bottom")
-        _check(pp.pool in (0, 1), "only MAX and AVE pooling are supported (STOCHASTIC is not)")
-        self.method = "max" if pp.pool == 0 else "ave"
+        g = pool_geometry(lp)
         n, c, h, w = in_shapes[0]
-        self.global_pool = bool(pp.global_pooling)
+        self.method, self.global_pool = g.method, g.global_pooling
         if self.global_pool:
-            _check(not pp.HasField("kernel_size") and not pp.HasField("kernel_h"),
-                   "with global_pooling, kernel size cannot be specified")
-            _check(pp.pad == 0 and pp.pad_h == 0 and pp.pad_w == 0 and pp.stride == 1,
-                   "with global_pooling, pad must be 0 and stride 1")
             self.out_shapes = [(n, c, 1, 1)]
             return
-        if pp.HasField("kernel_size"):
-            _check(not pp.HasField("kernel_h") and not pp.HasField("kernel_w"),
-                   "give either kernel_size or kernel_h/kernel_w")
-            kh = kw = pp.kernel_size
-        else:
-            _check(pp.HasField("kernel_h") and pp.HasField("kernel_w"),
-                   "kernel_size or both kernel_h and kernel_w are required")
-            kh, kw = pp.kernel_h, pp.kernel_w
-        ph, pw = (pp.pad_h, pp.pad_w) if pp.HasField("pad_h") or pp.HasField("pad_w") else (pp.pad, pp.pad)
-        if pp.HasField("stride_h") or pp.HasField("stride_w"):
-            sh, sw = pp.stride_h, pp.stride_w
-        else:
-            sh = sw = pp.stride
-        _check(kh == kw and ph == pw and sh == sw, "only square pooling (kernel, pad, stride) is supported")
-        self.kernel, self.pad, self.stride = int(kh), int(ph), int(sh)
+        self.kernel, self.pad, self.stride = g.kernel, g.pad, g.stride
         try:
             oh, ow = caffe_math.pool_output_shape((h, w), self.kernel, self.stride, self.pad)
         except (ValueError, TypeError) as exc:
@@ -294,13 +336,9 @@ class Interp(nn.Module):
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
-        ip = lp.interp_param
         _check(len(in_shapes) == 1 and len(in_shapes[0]) == 4,
                "Interp takes one (N,C,H,W) bottom (a second 'size' bottom is not supported)")
-        self.params = caffe_math.InterpParams(
-            zoom_factor=_opt(ip, "zoom_factor"), shrink_factor=_opt(ip, "shrink_factor"),
-            height=_opt(ip, "height"), width=_opt(ip, "width"),
-            pad_beg=int(ip.pad_beg), pad_end=int(ip.pad_end))
+        self.params = interp_params(lp)
         n, c, h, w = in_shapes[0]
         try:
             oh, ow = caffe_math.interp_output_shape((h, w), self.params)

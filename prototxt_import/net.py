@@ -85,6 +85,19 @@ def _module_key(name: str, taken: set[str]) -> str:
     return key
 
 
+def check_blob_count(wf: WeightFile, name: str, target: str, blobs, n_params: int, shared_copy) -> None:
+    """Caffe's blob-count check: a .caffemodel layer has exactly the target's number of blobs; an HDF5
+    layer may lack blob ``j`` only when ``shared_copy(j)`` (the target shares it with an earlier layer)."""
+    ok = len(blobs) <= n_params and all(
+        j < len(blobs) and blobs[j] is not None or (wf.hdf5 and shared_copy(j)) for j in range(n_params))
+    if not ok:
+        raise CaffeImportError(
+            f"{wf.path}: layer {name!r}: incompatible number of blobs: the file has "
+            f"{sum(b is not None for b in blobs)}, {target} needs {n_params}"
+            + (" (an HDF5 file may omit only the blobs shared with an earlier layer by param { name })"
+               if wf.hdf5 else ""))
+
+
 class CaffeNet(nn.Module):
     """A Caffe net as a module.  ``net(*inputs)`` returns the output blob (or a tuple of them, in
     production order); ``net(*inputs, return_blobs=True)`` returns every blob by name, as Caffe's
@@ -240,30 +253,40 @@ class CaffeNet(nn.Module):
     def load_caffe_weights(self, weights) -> "WeightLoadReport":
         """Caffe ``Net::CopyTrainedLayersFrom``: copy every source layer's blobs into the layer of
         the same name (later duplicates win, shared blobs are written through every sharer);
-        source layers absent here are ignored (listed in the report)."""
+        source layers absent here are ignored (listed in the report).
+
+        A .caffemodel layer must have exactly the target's number of blobs, each ``ShapeEquals`` the
+        target's, and goes to the first layer of that name.  An HDF5 layer
+        (``CopyTrainedLayersFromHDF5``) goes to the last layer of that name, may lack the blobs the
+        target layer shares with an earlier layer (``Net::ToHDF5`` writes only owned parameters), and
+        its shapes must be equal."""
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
         report = WeightLoadReport(wf.path)
-        targets = {r.name: r for r in self.records if r.key is not None}
+        run = [r for r in self.records if r.key is not None]
+        targets = {r.name: r for r in (run if wf.hdf5 else reversed(run))}
+        owner: dict[str, str] = {}  # shared param name -> the first layer that declares it
+        for r in run:
+            for pname in r.param_names:
+                if pname:
+                    owner.setdefault(pname, r.name)
         for name, _type, blobs in wf.layers:
             rec = targets.get(name)
             if rec is None:
                 report.ignored.append(name)
                 continue
-            params = self.layer_blobs(name)
-            if len(blobs) != len(params):
-                raise CaffeImportError(f"{wf.path}: layer {name!r}: incompatible number of blobs: the "
-                                       f"file has {len(blobs)}, the prototxt layer ({rec.type}) "
-                                       f"needs {len(params)}")
-            for i, (blob, p) in enumerate(zip(blobs, params)):
+            mod = self.layers[rec.key]
+            params = mod.blobs() if hasattr(mod, "blobs") else []
+            check_blob_count(wf, name, f"the prototxt layer ({rec.type})", blobs, len(params),
+                             lambda j: j < len(rec.param_names) and bool(rec.param_names[j])
+                             and owner[rec.param_names[j]] != rec.name)
+            for j, blob in enumerate(blobs):
+                if blob is None:  # a shared copy's blob, not written by Net::ToHDF5
+                    continue
+                p = params[j]
                 target = tuple(p.shape)
-                src = tuple(blob.data.shape)
-                if blob.legacy:
-                    ok = len(target) <= 4 and (1,) * (4 - len(target)) + target == src
-                else:
-                    ok = target == src
-                if not ok:
-                    raise CaffeImportError(f"{wf.path}: layer {name!r}: cannot copy blob {i}: shape "
-                                           f"mismatch, file {src} vs prototxt layer {target}")
+                if not blob.fits(target):
+                    raise CaffeImportError(f"{wf.path}: layer {name!r}: cannot copy blob {j}: shape "
+                                           f"mismatch, file {tuple(blob.data.shape)} vs prototxt layer {target}")
                 with torch.no_grad():
                     p.copy_(torch.from_numpy(np.ascontiguousarray(blob.data)).reshape(target))
             report.loaded.append(name)

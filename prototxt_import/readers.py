@@ -9,10 +9,13 @@ Caffe facts followed here:
   with ``UpgradeV1Net`` (enum type -> string type, ``param: "name"`` -> ``ParamSpec``,
   ``blobs_lr`` -> ``lr_mult``, ``weight_decay`` -> ``decay_mult``).  :func:`upgrade_net` does the same.
 - ``input_dim`` comes in groups of four per ``input`` (``UpgradeNetInput``).
-- A blob's shape is ``shape.dim`` when present, else the legacy ``(num, channels, height, width)``;
-  its values are ``double_data`` when non-empty, else ``data`` (``Blob::FromProto``), and their
-  count must equal the shape's product.
-- HDF5 weights (``Net::ToHDF5``) hold ``/data/<layer name>/<i>`` datasets, ``i`` = blob index.
+- A blob's shape is the legacy ``(num, channels, height, width)`` when any of the four is set, else
+  ``shape.dim`` (no axes at all: a scalar); its values are ``double_data`` when non-empty, else ``data``
+  (``Blob::FromProto``), and their count must equal the shape's product.  A legacy shape matches a
+  parameter shape padded on the left with 1s to four axes (``Blob::ShapeEquals``).
+- HDF5 weights (``Net::ToHDF5``) hold ``/data/<layer name>/<i>`` datasets, ``i`` = blob index; a layer
+  whose parameters are shared copies of another layer's (``param { name }``, not the owner) has an
+  empty group, or lacks the shared indices.
 """
 from __future__ import annotations
 
@@ -238,11 +241,19 @@ class CaffeBlob:
     data: np.ndarray
     legacy: bool = False
 
+    def fits(self, shape) -> bool:
+        """Caffe ``Blob::ShapeEquals`` against a parameter of shape ``shape``."""
+        shape = tuple(int(d) for d in shape)
+        if self.legacy:
+            return len(shape) <= 4 and (1,) * (4 - len(shape)) + shape == tuple(self.data.shape)
+        return tuple(self.data.shape) == shape
+
 
 def blob_shape(blob) -> tuple[tuple[int, ...], bool]:
-    if blob.HasField("shape"):
-        return tuple(int(d) for d in blob.shape.dim), False
-    return (int(blob.num), int(blob.channels), int(blob.height), int(blob.width)), True
+    """Caffe ``Blob::FromProto``: the legacy 4-axis shape whenever any legacy field is set."""
+    if any(blob.HasField(f) for f in ("num", "channels", "height", "width")):
+        return (int(blob.num), int(blob.channels), int(blob.height), int(blob.width)), True
+    return tuple(int(d) for d in blob.shape.dim), False
 
 
 def blob_to_array(blob, where: str) -> CaffeBlob:
@@ -263,12 +274,15 @@ def blob_to_array(blob, where: str) -> CaffeBlob:
 
 @dataclass
 class WeightFile:
-    """Trained blobs by layer, in the file's layer order (a name may repeat; later wins)."""
+    """Trained blobs by layer, in the order Caffe copies them: a .caffemodel's layer order, an HDF5
+    file's name order (a name may repeat in a .caffemodel; later wins).  In an HDF5 file a blob index
+    may be missing (``None``): ``Net::ToHDF5`` writes only the parameters a layer owns."""
     path: str
-    layers: list[tuple[str, str, list[CaffeBlob]]] = field(default_factory=list)
+    layers: list[tuple[str, str, list[CaffeBlob | None]]] = field(default_factory=list)
+    hdf5: bool = False
 
-    def by_name(self) -> dict[str, list[CaffeBlob]]:
-        out: dict[str, list[CaffeBlob]] = {}
+    def by_name(self) -> dict[str, list[CaffeBlob | None]]:
+        out: dict[str, list[CaffeBlob | None]] = {}
         for name, _type, blobs in self.layers:
             out[name] = blobs
         return out
@@ -313,7 +327,7 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
         raise CaffeImportError(f"{path}: cannot read HDF5 weights: {exc.strerror or exc}") from None
     if size > MAX_BINARY_BYTES * 8:
         raise CaffeImportError(f"{path}: HDF5 weights file is {size} bytes, too large")
-    out = WeightFile(path)
+    out = WeightFile(path, hdf5=True)
     try:
         with h5py.File(path, "r") as f:
             if "data" not in f or not isinstance(f["data"], h5py.Group):
@@ -323,20 +337,22 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
                 if not isinstance(group, h5py.Group):
                     raise CaffeImportError(f"{path}: /data/{lname} is not a group")
                 keys = list(group.keys())
-                if not all(k.isdigit() for k in keys) or sorted(int(k) for k in keys) != list(range(len(keys))):
-                    raise CaffeImportError(f"{path}: /data/{lname} must hold datasets named 0..n-1, "
-                                           f"found {sorted(keys)}")
-                blobs = []
-                for i in range(len(keys)):
-                    ds = group[str(i)]
-                    where = f"{path}: layer {lname!r} blob {i}"
+                if not all(k.isdigit() and str(int(k)) == k for k in keys):
+                    raise CaffeImportError(f"{path}: /data/{lname} must hold datasets named by blob "
+                                           f"index 0, 1, ..., found {sorted(keys)}")
+                blobs: list[CaffeBlob | None] = [None] * (max((int(k) for k in keys), default=-1) + 1)
+                for k in keys:
+                    ds = group[k]
+                    where = f"{path}: layer {lname!r} blob {k}"
                     if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
                         raise CaffeImportError(f"{where}: not a floating-point dataset")
                     nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
-                    if nbytes > size:
-                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes, more than "
-                                               f"the file's {size}")
-                    blobs.append(CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape)))
+                    # a compressed (chunked) dataset may unpack to more than the file holds, within limits
+                    stored = ds.id.get_storage_size() if ds.chunks else nbytes
+                    if stored > size or nbytes > MAX_BINARY_BYTES * 8:
+                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes ({stored} stored), "
+                                               f"more than the file's {size}")
+                    blobs[int(k)] = CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape))
                 out.layers.append((lname, "", blobs))
     except CaffeImportError:
         raise

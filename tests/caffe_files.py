@@ -64,25 +64,29 @@ def _trunk(sfx, bottom, width, classes, share, dropout=True, clf="fc8_voc12"):
     return out
 
 
-def deeplab_prototxt(scales=(1.0,), merge=None, width=1.0, classes=21, size=513, v1=False) -> str:
+def deeplab_prototxt(scales=(1.0,), merge=None, width=1.0, classes=21, size=513, v1=False,
+                     order=None, listing=None) -> str:
     """The shared prototxts' structure (``deeplab_largefov_deploy``, ``attention3_deploy``, ...)
-    with every channel count multiplied by ``width`` (rounded like attnscale's model)."""
+    with every channel count multiplied by ``width`` (rounded like attnscale's model).  ``order``: the
+    scales in the merge's (Concat / Slice / Eltwise) order; ``listing``: the order in which the
+    coarser branches are written (both default to ``scales``)."""
     multi = len(scales) > 1
     name = "DeepLab-LargeFOV" if not multi else f"DeepLab-LargeFOV-MSc-{merge}"
     head = f'name: "{name}"\ninput: "data"\n'
     head += ("input_dim: 1\ninput_dim: 3\ninput_dim: {0}\ninput_dim: {0}\n".format(size) if v1
              else f"input_shape {{ dim: 1 dim: 3 dim: {size} dim: {size} }}\n")
     body = _trunk("", "data", width, classes, multi)
-    for s in scales[1:]:
+    for s in (listing or scales[1:]):
         sfx = SUFFIX[s]
         body.append(_simple(f"shrink{sfx}", "Interp", "data", f"data{sfx}", f" interp_param {{ {SHRINK[s]} }}"))
         body += _trunk(sfx, f"data{sfx}", width, classes, True)
         for blob in (f"fc8_voc12{sfx}", f"fc7{sfx}"):
             body.append(_simple(f"{blob}_interp", "Interp", blob, f"{blob}_interp", f" interp_param {{ {GROW[s]} }}"))
-    scores = ["fc8_voc12"] + [f"fc8_voc12{SUFFIX[s]}_interp" for s in scales[1:]]
+    order = order or scales
+    scores = [f"fc8_voc12{SUFFIX[s]}_interp" if s != 1 else "fc8_voc12" for s in order]
     S = len(scales)
     if merge == "attention":
-        feats = ["fc7"] + [f"fc7{SUFFIX[s]}_interp" for s in scales[1:]]
+        feats = [f"fc7{SUFFIX[s]}_interp" if s != 1 else "fc7" for s in order]
         body.append('layer { name: "fc7_concat" type: "Concat" ' + " ".join(f'bottom: "{f}"' for f in feats)
                     + ' top: "fc7_concat" }\n')
         body.append(_conv("att_conv1", "fc7_concat", "att_conv1", ch(512, width), 3, 1))
@@ -188,13 +192,23 @@ def net_weights(net):
     return out
 
 
-def write_h5(path, layers) -> None:
+def write_h5(path, layers, owned_only=None, **dataset_kw) -> None:
+    """HDF5 weights as ``Net::ToHDF5`` lays them out.  ``owned_only``: a CaffeNet whose shared
+    parameters' copies get an empty group (Caffe writes a dataset only for the owner, the first layer
+    declaring a ``param { name }``)."""
+    seen: set[str] = set()
+    shared = {}
+    for rec in (owned_only.records if owned_only is not None else []):
+        shared[rec.name] = [bool(n) and n in seen for n in rec.param_names]
+        seen.update(n for n in rec.param_names if n)
     with h5py.File(path, "w") as f:
         g = f.create_group("data")
         for name, _type, arrays in layers:
             lg = g.create_group(name)
             for i, a in enumerate(arrays):
-                lg.create_dataset(str(i), data=np.asarray(a, dtype=np.float32))
+                if i < len(shared.get(name, [])) and shared[name][i]:
+                    continue
+                lg.create_dataset(str(i), data=np.asarray(a, dtype=np.float32), **dataset_kw)
 
 
 def randomize(net, seed=0):

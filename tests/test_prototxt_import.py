@@ -374,7 +374,7 @@ def test_imagenet_init(tmp_path):
     model, report = pi.to_attnscale(proto, _write(tmp_path, "init.caffemodel", caffemodel_bytes(layers)))
     for name, _, arrays in layers[:-1]:
         np.testing.assert_array_equal(getattr(model, name).weight.detach().numpy(), arrays[0])
-    assert ("fc8", "no such layer in attnscale's model") in report.unmapped
+    assert ("fc8", "no such layer in the prototxt") in report.unmapped
     fresh = dict(report.fresh)
     assert set(fresh) == {f"{n}.{p}" for n in ("fc8_voc12", "att_conv1", "att_conv2") for p in ("weight", "bias")}
     assert float(model.att_conv1.weight.detach().abs().sum()) > 0  # fresh gaussian, not zeros
@@ -387,7 +387,7 @@ def test_imagenet_init(tmp_path):
 
 
 def test_to_attnscale_rejects_non_deeplab(tmp_path):
-    with pytest.raises(CaffeImportError, match="no Convolution layer 'conv1_1'"):
+    with pytest.raises(CaffeImportError, match=r"conv1_1 \(the first layer on the image\): expected one Convolution layer reading blob 'data'"):
         pi.to_attnscale('input: "data" input_shape { dim: 1 dim: 3 dim: 9 dim: 9 }\n'
                         'layer { name: "r" type: "ReLU" bottom: "data" top: "r" }')
     text = deeplab_prototxt(width=W, size=SIZE).replace("num_output: 8 kernel_size: 3 pad: 1 } }\n"
@@ -593,3 +593,221 @@ def test_extra_supervision_needs_a_loss_on_a_scale_not_on_the_merge():
              f'\nlayer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{merged[-1]}" bottom: "label" top: "loss" }}\n')
     info = analyse(pi.readers.parse_text(text, source="max3+loss"), "max3+loss")
     assert info["merge"] == "max" and info["extra_supervision"] is False
+
+
+# ------------------------------------------------- converter: structure, scale order, Caffe's copy rules
+def _sub(text: str, old: str, new: str, count: int = 1) -> str:
+    assert text.count(old) >= count, f"{old!r} not in the generated prototxt"
+    return text.replace(old, new, count)
+
+
+def _pool(name, stride):
+    return f'top: "{name}"\n  pooling_param {{ pool: MAX kernel_size: 3 stride: {stride} pad: 1 }}'
+
+
+# each edit makes a net attnscale's model would compute differently; each converted silently before
+STRUCTURE_EDITS = {
+    "strided conv1_1": (lambda t: _sub(t, "num_output: 4 kernel_size: 3 pad: 1 }", "num_output: 4 kernel_size: 3 pad: 1 stride: 2 }"),
+                        r"'conv1_1' \(taken as conv1_1, scale 1\): stride \(2, 2\) where attnscale's model has \(1, 1\)"),
+    "DeepLab-v1 pool4 stride 2": (lambda t: _sub(t, _pool("pool4", 1), _pool("pool4", 2)),
+                                  r"'pool4' .*stride 2 where attnscale's model has 1"),
+    "pool5a MAX": (lambda t: _sub(t, "pool: AVE", "pool: MAX"), r"'pool5a' .*method max where attnscale's model has ave"),
+    "grouped conv1_2": (lambda t: _sub(t, "num_output: 4 kernel_size: 3 pad: 1 } }\nlayer { name: \"relu1_2\"",
+                                       "num_output: 4 kernel_size: 3 pad: 1 group: 2 } }\nlayer { name: \"relu1_2\""),
+                        r"'conv1_2' .*group 2 where attnscale's model has 1"),
+    "no bias on fc7": (lambda t: _sub(t, "num_output: 64 kernel_size: 1 }", "num_output: 64 kernel_size: 1 bias_term: false }"),
+                       r"'fc7' .*bias_term False where attnscale's model has True"),
+    "fc6 skipped": (lambda t: _sub(t, 'name: "fc7" type: "Convolution" bottom: "fc6"', 'name: "fc7" type: "Convolution" bottom: "pool5a"'),
+                    r"fc6, scale 1: expected one Convolution layer reading blob 'pool5a', found 2"),
+    "leaky relu6": (lambda t: _sub(t, 'name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6"',
+                                   'name: "relu6" type: "ReLU" bottom: "fc6" top: "fc6" relu_param { negative_slope: 0.1 }'),
+                    r"'relu6': negative_slope 0.1"),
+    "0.75 branch made by shrink 5 zoom 3": (
+        lambda t: _sub(_sub(t, "interp_param { shrink_factor: 4 zoom_factor: 3 }", "interp_param { shrink_factor: 5 zoom_factor: 3 }"),
+                       "interp_param { zoom_factor: 4 shrink_factor: 3 }", "interp_param { height: 9 width: 9 }", count=2),
+        r"'shrink_res075': gives a \(37, 37\) image from a \(65, 65\) input, attnscale's scale 0.6 gives \(39, 39\)"),
+    "attention Slice pairs scales wrongly": (
+        lambda t: _sub(_sub(t, 'bottom: "fc8_voc12_res075_interp" bottom: "attention2"', 'bottom: "fc8_voc12_res075_interp" bottom: "attention3"'),
+                       'bottom: "fc8_voc12_res05_interp" bottom: "attention3"', 'bottom: "fc8_voc12_res05_interp" bottom: "attention2"'),
+        r"weights the scale-0.75 scores with attention channel 2, but 'fc7_concat' puts scale 0.5 in block 2"),
+    "softmax over the wrong axis": (lambda t: _sub(t, 'type: "Softmax" bottom: "att_conv2" top: "attention"',
+                                                   'type: "Softmax" bottom: "att_conv2" top: "attention" softmax_param { axis: 2 }'),
+                                    r"'attention' \(the attention Softmax\): axis 2"),
+}
+
+
+@pytest.mark.parametrize("edit", list(STRUCTURE_EDITS))
+def test_to_attnscale_checks_every_layer_on_the_way(edit):
+    """Strides, groups, pooling, wiring, Interp sizes and the attention pattern are checked, each error
+    naming the layer and field (the edited nets still run in Caffe, computing something else)."""
+    change, message = STRUCTURE_EDITS[edit]
+    trunk_edit = list(STRUCTURE_EDITS).index(edit) < 7  # one scale: the edit leaves no unedited copy
+    text = change(deeplab_prototxt(*(((1.0,), None) if trunk_edit else ((1.0, 0.75, 0.5), "attention")),
+                                   width=W, size=SIZE))
+    pi.load_net(text, use_ops=False)  # a valid Caffe net ...
+    with pytest.raises(CaffeImportError, match=message):  # ... but not attnscale's model
+        pi.to_attnscale(text, use_reference_ops=True)
+
+
+def _compare(net, model, x, merged_blob):
+    with torch.no_grad():
+        blobs = net(x, return_blobs=True)
+        out = model(x)
+    torch.testing.assert_close(out.merged, blobs[merged_blob], rtol=1e-5, atol=1e-5)
+    return blobs, out
+
+
+@pytest.mark.parametrize("merge", ["attention", "max"])
+def test_scale_order_is_the_merge_order_not_the_file_order(tmp_path, merge):
+    """Branches written 0.5 first, and a merge listing the scales as (1, 0.5, 0.75): the model's scales
+    follow the merge (att_conv1's input blocks, att_conv2's outputs, Caffe's max tie order), not the file."""
+    merged = {"attention": "fc8_attention", "max": "fc8_max"}[merge]
+    for order, listing in (((1.0, 0.75, 0.5), (0.5, 0.75)), ((1.0, 0.5, 0.75), (0.75, 0.5))):
+        text = deeplab_prototxt((1.0, 0.75, 0.5), merge, width=W, size=SIZE, order=order, listing=listing)
+        net = pi.load_net(text, use_ops=False)
+        randomize(net, seed=7)
+        wpath = _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(net)))
+        model, report = pi.to_attnscale(text, wpath, use_reference_ops=True)
+        assert model.scales == order and not report.fresh
+        blobs, out = _compare(net, model, torch.randn(1, 3, SIZE, SIZE), merged)
+        if merge == "attention":
+            torch.testing.assert_close(out.attention, blobs["attention"], rtol=1e-5, atol=1e-5)
+    text = deeplab_prototxt((1.0, 0.75, 0.5), merge, width=W, size=SIZE, order=(0.75, 1.0, 0.5))
+    with pytest.raises(CaffeImportError, match=r"lists the scales as \[0.75, 1.0, 0.5\].*scale-1 branch first"):
+        pi.to_attnscale(text, use_reference_ops=True)
+
+
+def test_caffe_written_hdf5_of_a_share_net(tmp_path):
+    """``Net::ToHDF5`` writes a dataset only for the owner of a shared parameter: the scale copies'
+    groups are empty.  Caffe loads such a file, and so do load_net and to_attnscale; a missing blob
+    that is not shared is still an error."""
+    text = deeplab_prototxt((1.0, 0.5), "max", width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    randomize(net, seed=8)
+    h5 = tmp_path / "shared.caffemodel.h5"
+    write_h5(h5, net_weights(net), owned_only=net)
+    with readers_h5(h5) as f:
+        assert len(f["data/conv1_1_res05"]) == 0 and len(f["data/conv1_1"]) == 2
+    fresh = pi.load_net(text, weights=h5, use_ops=False)
+    model, report = pi.to_attnscale(text, h5, use_reference_ops=True)
+    assert not report.fresh and not report.unmapped
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    _compare(net, model, x, "fc8_max")
+    # the unshared single-scale net: an empty group is an incompatible blob count, as in Caffe
+    single = deeplab_prototxt(width=W, size=SIZE)
+    layers = net_weights(pi.load_net(single, use_ops=False))
+    layers = [(n, t, [] if n == "conv2_1" else a) for n, t, a in layers]
+    write_h5(tmp_path / "gap.h5", layers)
+    for load in (lambda: pi.load_net(single, weights=tmp_path / "gap.h5"),
+                 lambda: pi.to_attnscale(single, tmp_path / "gap.h5")):
+        with pytest.raises(CaffeImportError, match=r"'conv2_1': incompatible number of blobs.*only the blobs shared"):
+            load()
+
+
+def readers_h5(path):
+    import h5py
+    return h5py.File(path, "r")
+
+
+def test_scale_copies_follow_caffe_copy_order(tmp_path):
+    """Shared copies: Caffe writes each source layer into the one shared blob, the last wins (as
+    load_net).  Unshared copies (no ``param { name }``): equal values are fine, different ones are an
+    error, since Caffe would then run different weights per scale."""
+    text = deeplab_prototxt((1.0, 0.5), "avg", width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    randomize(net, seed=9)
+    layers = net_weights(net)
+    layers = [(n, t, [a[0] + 1.0, a[1]] if n == "conv1_1_res05" else a) for n, t, a in layers]
+    wpath = _write(tmp_path, "w.caffemodel", caffemodel_bytes(layers))
+    net.load_caffe_weights(wpath)
+    model, report = pi.to_attnscale(text, wpath, use_reference_ops=True)
+    assert ("conv1_1[0]", "overwritten by conv1_1_res05[0] (Caffe copies layers in file order: the last "
+            "write to a shared blob wins)") in report.unmapped
+    np.testing.assert_array_equal(model.conv1_1.weight.detach().numpy(), net.layer_blobs("conv1_1")[0].detach().numpy())
+    _compare(net, model, torch.randn(1, 3, SIZE, SIZE), "fc8_avg")
+    unshared = re.sub(r' param \{[^}]*\}', "", text)
+    with pytest.raises(CaffeImportError, match=r"'conv1_1' and 'conv1_1_res05' do not share blob 0 .*different values"):
+        pi.to_attnscale(unshared, wpath)
+    equal = _write(tmp_path, "eq.caffemodel", caffemodel_bytes(net_weights(net)))
+    model, report = pi.to_attnscale(unshared, equal, use_reference_ops=True)
+    assert ("conv1_1_res05[0]", "conv1_1.weight (equal copy)", tuple(model.conv1_1.weight.shape)) in report.mapped
+
+
+def test_weights_that_caffe_refuses(tmp_path):
+    """A classifier with one blob (Caffe: "Incompatible number of blobs"), and a file none of whose
+    layers is in the net, are errors, not fresh layers."""
+    text = deeplab_prototxt(width=W, size=SIZE)
+    layers = net_weights(pi.load_net(text, use_ops=False))
+    one = [(n, t, a[:1] if n == "fc8_voc12" else a) for n, t, a in layers]
+    with pytest.raises(CaffeImportError, match=r"'fc8_voc12': incompatible number of blobs: the file has 1"):
+        pi.to_attnscale(text, _write(tmp_path, "one.caffemodel", caffemodel_bytes(one)))
+    other = [("x" + n, t, a) for n, t, a in layers]
+    with pytest.raises(CaffeImportError, match="no layer of the weights file is a layer of the net"):
+        pi.to_attnscale(text, _write(tmp_path, "other.caffemodel", caffemodel_bytes(other)))
+
+
+def test_blob_shape_follows_blob_from_proto():
+    """Caffe's ``Blob::FromProto``: any legacy num/channels/height/width wins over ``shape``; a blob
+    with neither is a scalar (0 axes, one value)."""
+    blob = message_class_blob()
+    blob.num, blob.channels, blob.height, blob.width = 1, 1, 1, 4
+    blob.shape.dim.extend([2, 2])
+    blob.data.extend([1, 2, 3, 4])
+    b = readers.blob_to_array(blob, "b")
+    assert b.data.shape == (1, 1, 1, 4) and b.legacy and b.fits((4,)) and not b.fits((2, 2))
+    scalar = message_class_blob()
+    scalar.data.append(5.0)
+    b = readers.blob_to_array(scalar, "s")
+    assert b.data.shape == () and float(b.data) == 5.0
+
+
+def message_class_blob():
+    from prototxt_import.schema import message_class
+    return message_class("BlobProto")()
+
+
+def test_compressed_hdf5_weights(tmp_path):
+    """A gzip-compressed HDF5 file (h5py can write one) holds more values than bytes: accepted."""
+    text = deeplab_prototxt(width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    layers = [(n, t, [np.zeros_like(x) for x in a]) for n, t, a in net_weights(net)]
+    layers[0] = (layers[0][0], layers[0][1], [np.zeros((4096, 64), np.float32)])
+    h5 = tmp_path / "gz.h5"
+    write_h5(h5, layers, compression="gzip")
+    wf = pi.read_weights(h5)
+    assert wf.hdf5 and wf.layers[0][2][0].data.nbytes > h5.stat().st_size
+
+
+EQUIVALENT_EDITS = {
+    "0.75 image by explicit height/width": lambda t: _sub(t, "interp_param { shrink_factor: 4 zoom_factor: 3 }",
+                                                          "interp_param { height: 49 width: 49 }"),
+    "explicit Split of fc7": lambda t: _sub(
+        _sub(_sub(t, 'name: "fc8_voc12" type: "Convolution" bottom: "fc7"', 'name: "fc8_voc12" type: "Convolution" bottom: "fc7_a"'),
+             'type: "Concat" bottom: "fc7"', 'type: "Concat" bottom: "fc7_b"'),
+        'layer { name: "fc8_voc12" ', 'layer { name: "fc7_split" type: "Split" bottom: "fc7" top: "fc7_a" top: "fc7_b" }\n'
+                                      'layer { name: "fc8_voc12" '),
+    "ReLU not in place": lambda t: _sub(_sub(t, 'name: "relu1_1" type: "ReLU" bottom: "conv1_1" top: "conv1_1"',
+                                             'name: "relu1_1" type: "ReLU" bottom: "conv1_1" top: "relu1_1"'),
+                                        'type: "Convolution" bottom: "conv1_1" top: "conv1_2"', 'type: "Convolution" bottom: "relu1_1" top: "conv1_2"'),
+    "no att_drop1": lambda t: _sub(t, 'layer { name: "att_drop1" type: "Dropout" bottom: "att_conv1" top: "att_conv1" '
+                                      'dropout_param { dropout_ratio: 0.5 } }\n', ""),
+}
+
+
+@pytest.mark.parametrize("edit", list(EQUIVALENT_EDITS))
+def test_to_attnscale_follows_the_data_not_the_names(tmp_path, edit):
+    """Spellings Caffe runs the same way (explicit Interp size, a Split, a ReLU out of place) convert to
+    the same model; a Dropout missing at one site is noted (it only matters in training)."""
+    text = EQUIVALENT_EDITS[edit](deeplab_prototxt((1.0, 0.75, 0.5), "attention", width=W, size=SIZE))
+    net = pi.load_net(text, use_ops=False)
+    randomize(net, seed=10)
+    model, report = pi.to_attnscale(text, _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(net))),
+                                    use_reference_ops=True)
+    assert model.scales == (1.0, 0.75, 0.5) and not report.fresh and not report.unmapped
+    _compare(net, model, torch.randn(1, 3, SIZE, SIZE), "fc8_attention")
+    differ = [n for n in report.notes if n.startswith("dropout ratios differ")]
+    assert bool(differ) == (edit == "no att_drop1") and model.dropout == 0.5
+    if differ:
+        assert "att_conv1 0" in differ[0]

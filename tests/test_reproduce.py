@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from attnscale.reproduce import TABLES, markdown, reproduce, table_rows
 
@@ -49,6 +50,16 @@ def test_quick_synthetic_table_end_to_end_and_resumable(tmp_path):
     md = (tmp_path / "table3_synthetic_quick.md").read_text()
     assert md.count("| ours ") == 13
     assert os.path.isfile(tmp_path / "runs" / "synthetic-quick" / "s3-attention-esupv" / "eval.json")
+    # every row trained its own model: its scales, merge and E-Supv, in the config and in the weights
+    for r in table_rows():
+        run = tmp_path / "runs" / "synthetic-quick" / r.id
+        with open(run / "config.json") as f:
+            cfg = json.load(f)
+        assert (tuple(cfg["scales"]), cfg["merge"], cfg["extra_supervision"]) == (r.scales, r.merge, r.esupv), r.id
+        state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["model"]
+        assert ("att_conv2.weight" in state) == (r.merge == "attention"), r.id
+        if r.merge == "attention":
+            assert state["att_conv2.weight"].shape[0] == len(r.scales), r.id
     figs = tmp_path / "runs" / "synthetic-quick" / "s3-attention-esupv" / "attention"
     assert sorted(p.suffix for p in figs.iterdir()) and all(p.suffix == ".png" for p in figs.iterdir())
     assert not (tmp_path / "runs" / "synthetic-quick" / "baseline" / "attention").exists()

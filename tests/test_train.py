@@ -12,6 +12,18 @@ from attnscale.train import (CaffeSGD, atomic_save, build_model, caffe_rate, cli
                              train)
 
 
+def test_caffe_sgd_updates_a_parameter_without_gradient():
+    """Caffe clears every diff to zero and regularises and steps every parameter, whether or not a
+    loss reached it; torch's ``grad is None`` is that zero diff, not a skipped parameter."""
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    opt = CaffeSGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)
+    w.grad = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    opt.step()                  # v = [0.06, 0.03], w = [0.94, -2.03]
+    w.grad = None
+    opt.step()                  # v = 0.9 v + 0.1 * 0.1 w = [0.0634, 0.0067]
+    assert torch.allclose(w.data, torch.tensor([0.8766, -2.0367], dtype=torch.float64), atol=1e-12)
+
+
 def test_caffe_sgd_matches_hand_computation_and_differs_from_torch_sgd():
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
     opt = CaffeSGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)
