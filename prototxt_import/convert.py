@@ -103,12 +103,10 @@ class _Graph:
     def name(self, node) -> str:
         return repr(self.blob[node])
 
-    def consumer(self, node, type_: str, role: str, optional: bool = False, chain: bool = True) -> int | None:
+    def consumer(self, node, type_: str, role: str, chain: bool = True) -> int:
         """The one layer of type ``type_`` reading ``node`` (with ``chain``: checked to have one bottom
         and one top)."""
         found = [i for i in self.consumers[node] if self.lps[i].type == type_]
-        if optional and not found:
-            return None
         if len(found) != 1:
             readers = ", ".join(f"{self.lps[i].name!r} ({self.lps[i].type})" for i in self.consumers[node])
             raise CaffeImportError(f"{self.source}: {role}: expected one {type_} layer reading blob "
@@ -166,7 +164,8 @@ def _relu(g: _Graph, node, role: str):
 
 def _dropout(g: _Graph, node, role: str, ratios: list):
     """An optional Dropout on ``node`` (identity at test time); its ratio is appended to ``ratios``."""
-    i = g.consumer(node, "Dropout", f"the Dropout after {role}", optional=True)
+    read = [i for i in g.consumers[node] if g.lps[i].type == "Dropout" and g.consumers[(i, 0)]]
+    i = g.single(read[0], f"the Dropout after {role}") if len(read) == 1 else None
     ratios.append((float(g.lps[i].dropout_param.dropout_ratio), g.lps[i].name) if i is not None else (0.0, role))
     return node if i is None else (i, 0)
 
@@ -214,8 +213,10 @@ def _scale_of_interp(g: _Graph, i: int, in_hw) -> float:
         raise CaffeImportError(f"{g.source}: layer {lp.name!r}: pad_beg/pad_end crop the image; attnscale's "
                                "model resizes the whole image")
     z, s = p.zoom_factor, p.shrink_factor
+    if min(f for f in (z, s, 1) if f is not None) < 1:
+        raise CaffeImportError(f"{g.source}: layer {lp.name!r}: zoom_factor and shrink_factor must be >= 1")
     if (z is None) != (s is None):
-        scale = (z or 1) / (s or 1)
+        scale = (z if z is not None else 1) / (s if s is not None else 1)
     elif p.height is not None and p.width is not None:
         if in_hw is None or in_hw[0] < 2:
             raise CaffeImportError(f"{g.source}: layer {lp.name!r}: an Interp with explicit height/width "
@@ -226,7 +227,7 @@ def _scale_of_interp(g: _Graph, i: int, in_hw) -> float:
     else:
         raise CaffeImportError(f"{g.source}: layer {lp.name!r}: an Interp needs zoom_factor, shrink_factor "
                                "or both height and width")
-    if not 0 < scale < 1 or min(z or 1, s or 1) < 1:
+    if not 0 < scale < 1:
         raise CaffeImportError(f"{g.source}: layer {lp.name!r}: input scale {scale:g} is not in (0, 1)")
     return round(scale, 6)
 
@@ -238,9 +239,9 @@ def _check_sizes(g: _Graph, scale: float, down: int, up: int, probes) -> None:
     from attnscale.model import AttentionToScale
 
     for hw in probes:
-        want_in = caffe.scaled_input_shape(hw, scale)
-        want_out = AttentionToScale.output_size(hw)
         try:
+            want_in = caffe.scaled_input_shape(hw, scale)
+            want_out = AttentionToScale.output_size(hw)
             got_in = caffe.interp_output_shape(hw, L.interp_params(g.lps[down]))
             got_out = caffe.interp_output_shape(AttentionToScale.output_size(got_in), L.interp_params(g.lps[up]))
         except ValueError as exc:
@@ -278,7 +279,8 @@ def _attention_head(g: _Graph, scores: dict, feats: dict, width: float, ratios: 
     S = len(scores)
     prods = {}
     for node, s in scores.items():
-        found = [i for i in g.consumers[node] if g.lps[i].type == "SpatialProduct" and g.bottoms[i][0] == node]
+        found = [i for i in g.consumers[node] if g.lps[i].type == "SpatialProduct" and len(g.bottoms[i]) == 2
+                 and len(g.lps[i].top) == 1 and g.bottoms[i][0] == node]
         if len(found) != 1:
             raise CaffeImportError(f"{g.source}: attention merge: expected one SpatialProduct weighting the "
                                    f"scale-{s:g} scores {g.name(node)}, found {len(found)}")
@@ -338,8 +340,11 @@ class _Layout:
 
 
 def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
-    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST")]
-    train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN")]
+    # Net::FilterNet with the phase given and the file's own state { level stage }, as Caffe's Net(file, phase)
+    state = net_param.state if net_param.HasField("state") else None
+    rule = dict(level=state.level if state else 0, stages=tuple(state.stage) if state else ())
+    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST", **rule)]
+    train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN", **rule)]
     inputs = net_inputs(net_param, source)
     g = _Graph(lps, inputs.names, source)
     data = inputs.names[0] if inputs.names else next(
@@ -347,7 +352,18 @@ def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
     if data is None or data not in g.first:
         raise CaffeImportError(f"{source}: no image input found" if data is None else
                                f"{source}: no layer reads the image input {data!r}")
-    in_hw = tuple(inputs.shapes[0][-2:]) if inputs.names and inputs.shapes[0] else None
+    if inputs.names:
+        in_shape = inputs.shapes[0]
+    else:
+        lp = next(lp for lp in lps if data in lp.top)
+        try:
+            in_shape = L.data_layer_shapes(lp)[list(lp.top).index(data)]
+        except L.LayerError as exc:
+            raise L.wrap_error(exc, source, lp) from None
+    if in_shape is not None and (len(in_shape) != 4 or in_shape[1] != 3 or min(in_shape[-2:]) < 1):
+        raise CaffeImportError(f"{source}: the image input {data!r} has shape {tuple(in_shape)}; attnscale's "
+                               "model takes (N, 3, H, W) with H, W >= 1")
+    in_hw = tuple(in_shape[-2:]) if in_shape is not None else None
     probes = [in_hw] if in_hw else [(321, 321), (513, 513)]
     image = g.first[data]
 
@@ -408,6 +424,14 @@ def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
         for p in lp.param:
             if p.name:
                 layout.param_owner.setdefault(p.name, lp.name)
+    inside = {lp.name for lst in layout.copies.values() for lp in lst}
+    model_params = {p.name for lst in layout.copies.values() for lp in lst for p in lp.param if p.name}
+    for lp in lps:
+        shared = sorted({p.name for p in lp.param if p.name in model_params})
+        if lp.name not in inside and shared:
+            raise CaffeImportError(f"{source}: layer {lp.name!r} lies outside attnscale's model but shares its "
+                                   f"parameter(s) {shared} (param {{ name }}): Caffe would copy weights into them "
+                                   "through it too")
     counts = Counter(lp.name for lp in lps)
     dup = sorted({lp.name for lst in layout.copies.values() for lp in lst if counts[lp.name] > 1})
     if dup:
@@ -525,6 +549,9 @@ def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionRepor
                                    f"{tuple(params[j][1].shape)}")
         for j, b in present:
             writes[slot(lp, j)].append((f"{name}[{j}]", b.data))
+            if b.reshape and tuple(b.data.shape) != tuple(params[j][1].shape):
+                report.notes.append(f"{name}[{j}]: HDF5 shape {tuple(b.data.shape)} read as {tuple(params[j][1].shape)} "
+                                    "(DeepLab's Caffe reshapes the blob to the dataset: same values in the same order)")
     if not writes and not kept_fresh:
         raise CaffeImportError(f"{wf.path}: no layer of the weights file is a layer of the net "
                                f"(file layers: {[n for n, _, _ in wf.layers][:8]} ...)")

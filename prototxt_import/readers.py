@@ -15,7 +15,8 @@ Caffe facts followed here:
   parameter shape padded on the left with 1s to four axes (``Blob::ShapeEquals``).
 - HDF5 weights (``Net::ToHDF5``) hold ``/data/<layer name>/<i>`` datasets, ``i`` = blob index; a layer
   whose parameters are shared copies of another layer's (``param { name }``, not the owner) has an
-  empty group, or lacks the shared indices.
+  empty group, or lacks the shared indices.  Caffe reads the layers in name order, float or integer
+  datasets, and (DeepLab-v2's ``hdf5_load_nd_dataset``) reshapes the blob to the dataset's shape.
 """
 from __future__ import annotations
 
@@ -240,10 +241,15 @@ class CaffeBlob:
     came from num/channels/height/width (Caffe then compares shapes padded to 4 axes)."""
     data: np.ndarray
     legacy: bool = False
+    #: from HDF5: DeepLab-v2's ``hdf5_load_nd_dataset`` reshapes the target blob to the dataset, so any
+    #: shape with the parameter's element count runs the same
+    reshape: bool = False
 
     def fits(self, shape) -> bool:
-        """Caffe ``Blob::ShapeEquals`` against a parameter of shape ``shape``."""
+        """Caffe ``Blob::ShapeEquals`` against a parameter of shape ``shape`` (HDF5: the same count)."""
         shape = tuple(int(d) for d in shape)
+        if self.reshape:
+            return self.data.size == math.prod(shape)
         if self.legacy:
             return len(shape) <= 4 and (1,) * (4 - len(shape)) + shape == tuple(self.data.shape)
         return tuple(self.data.shape) == shape
@@ -333,7 +339,10 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
             if "data" not in f or not isinstance(f["data"], h5py.Group):
                 raise CaffeImportError(f"{path}: no /data group (Caffe's HDF5 weight layout is "
                                        "/data/<layer>/<blob index>)")
-            for lname, group in f["data"].items():
+            # CopyTrainedLayersFromHDF5 visits /data by name (H5_INDEX_NAME): byte order, whatever the
+            # file's creation order; with shared blobs, the last layer written wins
+            for lname in sorted(f["data"].keys(), key=lambda n: n.encode("utf-8", "surrogateescape")):
+                group = f["data"][lname]
                 if not isinstance(group, h5py.Group):
                     raise CaffeImportError(f"{path}: /data/{lname} is not a group")
                 keys = list(group.keys())
@@ -344,15 +353,15 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
                 for k in keys:
                     ds = group[k]
                     where = f"{path}: layer {lname!r} blob {k}"
-                    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind != "f":
-                        raise CaffeImportError(f"{where}: not a floating-point dataset")
+                    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":  # H5T_FLOAT, H5T_INTEGER
+                        raise CaffeImportError(f"{where}: not a numeric dataset")
                     nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
                     # a compressed (chunked) dataset may unpack to more than the file holds, within limits
                     stored = ds.id.get_storage_size() if ds.chunks else nbytes
                     if stored > size or nbytes > MAX_BINARY_BYTES * 8:
                         raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes ({stored} stored), "
                                                f"more than the file's {size}")
-                    blobs[int(k)] = CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape))
+                    blobs[int(k)] = CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape), reshape=True)
                 out.layers.append((lname, "", blobs))
     except CaffeImportError:
         raise

@@ -791,6 +791,8 @@ EQUIVALENT_EDITS = {
     "ReLU not in place": lambda t: _sub(_sub(t, 'name: "relu1_1" type: "ReLU" bottom: "conv1_1" top: "conv1_1"',
                                              'name: "relu1_1" type: "ReLU" bottom: "conv1_1" top: "relu1_1"'),
                                         'type: "Convolution" bottom: "conv1_1" top: "conv1_2"', 'type: "Convolution" bottom: "relu1_1" top: "conv1_2"'),
+    "unused drop7 at 0.75": lambda t: _sub(t, 'name: "drop7_res075" type: "Dropout" bottom: "fc7_res075" top: "fc7_res075"',
+                                           'name: "drop7_res075" type: "Dropout" bottom: "fc7_res075" top: "unused"'),
     "no att_drop1": lambda t: _sub(t, 'layer { name: "att_drop1" type: "Dropout" bottom: "att_conv1" top: "att_conv1" '
                                       'dropout_param { dropout_ratio: 0.5 } }\n', ""),
 }
@@ -798,8 +800,9 @@ EQUIVALENT_EDITS = {
 
 @pytest.mark.parametrize("edit", list(EQUIVALENT_EDITS))
 def test_to_attnscale_follows_the_data_not_the_names(tmp_path, edit):
-    """Spellings Caffe runs the same way (explicit Interp size, a Split, a ReLU out of place) convert to
-    the same model; a Dropout missing at one site is noted (it only matters in training)."""
+    """Spellings Caffe runs the same way (explicit Interp size, a Split, a ReLU out of place, a Dropout
+    whose output nothing reads) convert to the same model; a Dropout missing at one site is noted (it
+    only matters in training)."""
     text = EQUIVALENT_EDITS[edit](deeplab_prototxt((1.0, 0.75, 0.5), "attention", width=W, size=SIZE))
     net = pi.load_net(text, use_ops=False)
     randomize(net, seed=10)
@@ -808,6 +811,74 @@ def test_to_attnscale_follows_the_data_not_the_names(tmp_path, edit):
     assert model.scales == (1.0, 0.75, 0.5) and not report.fresh and not report.unmapped
     _compare(net, model, torch.randn(1, 3, SIZE, SIZE), "fc8_attention")
     differ = [n for n in report.notes if n.startswith("dropout ratios differ")]
-    assert bool(differ) == (edit == "no att_drop1") and model.dropout == 0.5
+    assert bool(differ) == (edit in ("no att_drop1", "unused drop7 at 0.75")) and model.dropout == 0.5
     if differ:
-        assert "att_conv1 0" in differ[0]
+        assert ("att_conv1 0" if edit == "no att_drop1" else "fc7, scale 0.75 0") in differ[0]
+
+
+def test_a_layer_outside_the_model_sharing_its_blobs_is_refused():
+    """Caffe copies weights into a shared blob through every layer that names it, on the model's path
+    or not (and ``Net::ToHDF5`` stores it under the first): such a net is refused, not half loaded."""
+    text = _sub(deeplab_prototxt((1.0, 0.5), "max", width=W, size=SIZE), 'layer { name: "drop7" ',
+                'layer { name: "extra" type: "Convolution" bottom: "fc7" top: "extra" param { name: "fc8_voc12_w" } '
+                'param { name: "fc8_voc12_b" } convolution_param { num_output: 21 kernel_size: 1 } }\n'
+                'layer { name: "drop7" ')
+    pi.load_net(text, use_ops=False)
+    with pytest.raises(CaffeImportError, match=r"'extra' lies outside attnscale's model but shares .*fc8_voc12_w"):
+        pi.to_attnscale(text)
+
+
+def test_the_nets_own_state_selects_its_layers():
+    """``Net(file, TEST)`` filters with the file's ``state { stage level }``: the deploy-stage classifier
+    is the one converted, as load_net runs it."""
+    text = deeplab_prototxt(width=W, size=SIZE)
+    text = _sub(text, 'layer { name: "fc8_voc12" type: "Convolution" bottom: "fc7" top: "fc8_voc12"',
+                'layer { name: "fc8_other" type: "Convolution" bottom: "fc7" top: "fc8_other" '
+                'exclude { stage: "deploy" } convolution_param { num_output: 5 kernel_size: 1 } }\n'
+                'layer { name: "fc8_voc12" type: "Convolution" bottom: "fc7" top: "fc8_voc12" include { stage: "deploy" }')
+    text = 'state { stage: "deploy" }\n' + text
+    assert pi.load_net(text, use_ops=False).output_names == ["fc8_voc12"]
+    model, _ = pi.to_attnscale(text, use_reference_ops=True)
+    assert model.classifier_name == "fc8_voc12" and model.num_classes == 21
+
+
+def test_hdf5_read_as_caffe_reads_it(tmp_path):
+    """Caffe (DeepLab-v2) visits /data in name order whatever the creation order, takes integer as well as
+    float datasets, and reshapes each blob to its dataset, so a bias stored (1,1,1,C) loads."""
+    import h5py
+    text = deeplab_prototxt((1.0, 0.5), "max", width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    randomize(net, seed=11)
+    layers = net_weights(net)
+    h5 = tmp_path / "w.h5"
+    with h5py.File(h5, "w", track_order=True) as f:
+        g = f.create_group("data", track_order=True)
+        for name, _t, arrays in sorted(layers, key=lambda l: l[0], reverse=True):  # conv1_1_res05 before conv1_1
+            lg = g.create_group(name)
+            for i, a in enumerate(arrays):
+                if name == "conv1_1_res05" and i == 0:
+                    a = np.round(a * 100).astype(np.int32)  # an integer dataset, and the last writer by name
+                lg.create_dataset(str(i), data=a.reshape(1, 1, 1, -1) if (name == "fc7" and i == 1) else a)
+    wf = pi.read_weights(h5)
+    names = [n for n, _, _ in wf.layers]
+    assert names == sorted(names) and names.index("conv1_1_res05") > names.index("conv1_1")
+    ref = pi.load_net(text, weights=h5, use_ops=False)
+    model, report = pi.to_attnscale(text, h5, use_reference_ops=True)
+    want = np.round(net.layer_blobs("conv1_1")[0].detach().numpy() * 100)
+    np.testing.assert_array_equal(ref.layer_blobs("conv1_1")[0].detach().numpy(), want)
+    np.testing.assert_array_equal(model.conv1_1.weight.detach().numpy(), want)
+    _compare(ref, model, torch.randn(1, 3, SIZE, SIZE), "fc8_max")
+    assert any(n.startswith("fc7[1]: HDF5 shape (1, 1, 1, 64) read as (64,)") for n in report.notes)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: _sub(t, "dim: 1 dim: 3 dim: 65 dim: 65", "dim: 65"), r"image input 'data' has shape \(65,\)"),
+    (lambda t: _sub(t, "dim: 1 dim: 3 dim: 65 dim: 65", "dim: 1 dim: 3 dim: 0 dim: 0"), r"has shape \(1, 3, 0, 0\)"),
+    (lambda t: _sub(t, "dim: 1 dim: 3 dim: 65 dim: 65", "dim: 1 dim: 1 dim: 65 dim: 65"), r"has shape \(1, 1, 65, 65\)"),
+    (lambda t: _sub(t, "interp_param { shrink_factor: 2 }", "interp_param { zoom_factor: 0 }"), "must be >= 1"),
+    (lambda t: _sub(t, 'bottom: "fc8_voc12" bottom: "attention1"', 'bottom: "fc8_voc12"'),
+     r"expected one SpatialProduct weighting the scale-1 scores"),
+], ids=["1-D input", "0x0 input", "1 channel", "zoom 0", "1-bottom SpatialProduct"])
+def test_malformed_nets_raise_caffe_import_error(edit, message):
+    with pytest.raises(CaffeImportError, match=message):
+        pi.to_attnscale(edit(deeplab_prototxt((1.0, 0.5), "attention", width=W, size=SIZE)))
