@@ -442,7 +442,9 @@ def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
                             f"; attnscale's model uses {dropout:g} everywhere (training only: Dropout is the "
                             "identity at test time)")
     clf_tops = {lp.top[0] for lp in layout.copies[clf.name]}
-    per_scale_loss = any(lp.type == "SoftmaxWithLoss" and lp.bottom and lp.bottom[0] in clf_tops for lp in train_lps)
+    # E-Supv: losses on the scales' own scores besides the merged one (one scale: its loss is the only one)
+    per_scale_loss = len(scales) > 1 and any(
+        lp.type == "SoftmaxWithLoss" and lp.bottom and lp.bottom[0] in clf_tops for lp in train_lps)
     has_loss = any(lp.type == "SoftmaxWithLoss" for lp in train_lps)
     cfg = dict(num_classes=num_classes, scales=tuple(scales), merge=merge,
                extra_supervision=per_scale_loss if has_loss else None, width=width,

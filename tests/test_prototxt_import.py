@@ -593,6 +593,11 @@ def test_extra_supervision_needs_a_loss_on_a_scale_not_on_the_merge():
              f'\nlayer {{ name: "loss" type: "SoftmaxWithLoss" bottom: "{merged[-1]}" bottom: "label" top: "loss" }}\n')
     info = analyse(pi.readers.parse_text(text, source="max3+loss"), "max3+loss")
     assert info["merge"] == "max" and info["extra_supervision"] is False
+    # one scale: the loss on its scores is the main loss, not an extra one
+    single = deeplab_prototxt(width=W, size=SIZE) + (
+        'layer { name: "label" type: "Input" top: "label" input_param { shape { dim: 1 dim: 1 dim: 9 dim: 9 } } }\n'
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "fc8_voc12" bottom: "label" top: "loss" }\n')
+    assert analyse(pi.readers.parse_text(single, source="single+loss"))["extra_supervision"] is False
 
 
 # ------------------------------------------------- converter: structure, scale order, Caffe's copy rules
