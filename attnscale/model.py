@@ -1,6 +1,7 @@
 """Share-net *Attention to Scale* on a VGG-16 DeepLab-LargeFOV trunk, Caffe-faithful.
 
-Layer (module/parameter) names equal the Caffe layer names of ``/work/shared/prototxt``: ``conv1_1`` …
+Layer (module/parameter) names equal the Caffe layer names of the reference prototxts
+(``attention3_deploy.prototxt`` and the others the README lists): ``conv1_1`` …
 ``conv5_3``, ``fc6``, ``fc7``, the classifier (``classifier_name``, e.g. ``fc8_voc12``), ``att_conv1``,
 ``att_conv2``.  One parameter set serves every scale (the prototxts share blobs by ``param { name }``).
 """

@@ -5,7 +5,7 @@ Every row of a table is a :class:`~attnscale.config.TrainConfig` (baseline DeepL
 supervision = 13 rows).  Each row is trained (``attnscale.train``) and evaluated
 (``attnscale.evaluate``) in its own run folder; a row whose evaluation already exists for the
 same config is skipped, a row with a partial checkpoint resumes -- so the command can be
-interrupted and re-run.  Results go to ``OUT/table<N>.json`` and ``OUT/table<N>.md`` with the
+interrupted and re-run.  Results go to ``OUT/table<N>[_synthetic][_quick].json`` and ``.md`` with the
 paper's number, ours and the difference in every cell.
 
 Without data (no ``--data-root`` and no VOC found) the same protocol runs on the built-in
@@ -285,6 +285,8 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
                 "on the built-in SYNTHETIC scale data set (reduced-width net) - these are NOT the paper's numbers.")
         else:
             data_root = found
+            log(f"Found {spec.dataset} data at {found} (no --data-root given): running the real protocol "
+                "(pass --synthetic for the synthetic data set).")
     if not synthetic and not os.path.isdir(data_root):
         raise FileNotFoundError(f"--data-root: not a folder: {data_root}")
     if not synthetic and not init:

@@ -25,7 +25,6 @@ Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -35,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from attnscale.model import AttentionToScale
+from timing import write_json
 
 
 @dataclass
@@ -203,10 +203,8 @@ def main(argv=None) -> int:
         print(f"| {r.job} {r.size}px | {r.precision} | {r.variant} | {r.batch} | {r.per_image_ms:.1f} | "
               f"{r.images_per_s:.2f} | {ref.median_s / r.median_s:.2f}x |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": [asdict(r) | {"ms_per_image": r.per_image_ms,
-                                                          "images_per_s": r.images_per_s} for r in rows]},
-                      f, indent=2)
+        write_json(args.json, {"env": env, "rows": [asdict(r) | {"ms_per_image": r.per_image_ms,
+                                                                 "images_per_s": r.images_per_s} for r in rows]})
     return 0
 
 

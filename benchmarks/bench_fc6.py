@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 from attnscale.ops import dilated_conv2d  # noqa: E402
+from timing import write_json  # noqa: E402
 
 C_IN, C_OUT, K, DIL, PAD = 512, 1024, 3, 12, 12
 ALL_SHAPES = [(1, 41), (10, 41), (30, 41), (10, 31), (10, 21), (1, 65), (1, 49), (1, 33)]
@@ -252,9 +253,7 @@ def main(argv=None) -> int:
     print(json.dumps(meta))
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"meta": meta, "results": [asdict(r) for r in results]})
     return 0
 
 

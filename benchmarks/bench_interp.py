@@ -15,7 +15,6 @@ Medians of interleaved rounds (benchmarks/timing.py).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from attnscale import caffe
 from attnscale.ops import caffe_interp, require_extension
-from timing import interleaved_ms
+from timing import interleaved_ms, write_json
 
 CASES = [("zoom8", (1, 21, 65, 65), (513, 513)),
          ("fc7_res075", (1, 1024, 49, 49), (65, 65)),
@@ -73,8 +72,7 @@ def main(argv=None) -> int:
               f"{r['kernel']:.2f} | {r['gather']:.2f} | {r['vs_gather']:.1f}x | {r['interpolate']:.2f} | "
               f"{r['vs_interpolate']:.1f}x |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=1)
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

@@ -5,7 +5,7 @@ Shapes (C = 21 classes, S = 3 scales 1, 0.75, 0.5):
   train-N10 / train-N30: 321x321 crops -> score maps 41/31/21 (DeepLab-LargeFOV output stride 8)
   test-N1:               513x513 image -> score maps 65/49/33
 
-CPU: always at 1 and 2 threads (torch.utils.benchmark.Timer(num_threads=...)).  CUDA (when present):
+CPU: at the ``--threads`` counts, 1 and 2 by default (torch.utils.benchmark.Timer(num_threads=...)).  CUDA (when present):
 torch.utils.benchmark (synchronises) plus the achieved bandwidth from the bytes the fused op must move
 and its fraction of a measured device-to-device copy bandwidth.  Every speed-up ratio is computed from
 medians measured in the same run, in interleaved rounds (fused, eager, compiled, fused, ...) so that a
@@ -20,7 +20,6 @@ slow phase of a shared machine hits every implementation alike.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -36,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
 from attnscale.ops._ext import has_cuda_kernels, require_extension  # noqa: E402
+from timing import write_json  # noqa: E402
 
 C = 21
 SHAPES = {
@@ -235,11 +235,8 @@ def main(argv=None):
     if copy_bw is not None:
         print(f"CUDA device-to-device copy bandwidth: {copy_bw:.1f} GB/s ({torch.cuda.get_device_name()})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"torch": torch.__version__, "copy_bw_gbps": copy_bw,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, {"torch": torch.__version__, "copy_bw_gbps": copy_bw,
+                               "rows": [asdict(r) for r in rows]})
 
 
 if __name__ == "__main__":

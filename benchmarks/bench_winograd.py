@@ -13,7 +13,6 @@ the Winograd figures can exceed the machine's FMA peak (they do 16/36 and 9/36 o
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
-from timing import interleaved_ms
+from timing import interleaved_ms, write_json
 
 # (name, C, K, H=W) at the 513x513 input's scale 1
 LAYERS = [
@@ -107,8 +106,7 @@ def main(argv=None) -> int:
               f"{r['onednn_ms']:.1f} ({r['onednn_gflops']:.0f}) | {r['winograd_ms']:.1f} | {r['speedup']:.2f}x | "
               f"{r['winograd4_ms']:.1f} | {r['speedup4']:.2f}x |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "rows": rows}, f, indent=2)
+        write_json(args.json, {"env": env, "rows": rows})
     return 0
 
 

@@ -7,7 +7,8 @@ Caffe facts followed here:
   .caffemodel files are the serialized ``NetParameter`` (``ReadProtoFromBinaryFile``).
 - Legacy nets use ``layers { type: CONVOLUTION ... }`` (``V1LayerParameter``); Caffe upgrades them
   with ``UpgradeV1Net`` (enum type -> string type, ``param: "name"`` -> ``ParamSpec``,
-  ``blobs_lr`` -> ``lr_mult``, ``weight_decay`` -> ``decay_mult``).  :func:`upgrade_net` does the same.
+  ``blobs_lr`` -> ``lr_mult``, ``weight_decay`` -> ``decay_mult``).  :func:`upgrade_v1_layer` does the same
+  (:func:`upgraded_layers` for a whole net).
 - ``input_dim`` comes in groups of four per ``input`` (``UpgradeNetInput``).
 - A blob's shape is the legacy ``(num, channels, height, width)`` when any of the four is set, else
   ``shape.dim`` (no axes at all: a scalar); its values are ``double_data`` when non-empty, else ``data``

@@ -6,7 +6,7 @@ import torch
 _BUILD_HINT = (
     "attnscale's C++/CUDA extension (attnscale._C) is not built. Build it with\n"
     "    pip install -e . --no-build-isolation\n"
-    "from the repository root (see README.md), or pass use_reference=True / call the\n"
+    "from the repository root (see README.md), or pass use_reference_ops=True (--reference-ops) / call the\n"
     "pure-PyTorch reference in attnscale.ops.reference explicitly."
 )
 
