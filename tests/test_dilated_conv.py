@@ -307,3 +307,35 @@ def test_autocast_cpu_runs_in_float32():
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32 and b.grad is not None
+
+
+def test_double_backward_matches_conv2d():
+    """Both backward ops have their own derivatives (they are bilinear: the three ops again), so
+    second-order gradients are right, not silently zero."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 6, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, w, b: dilated_conv2d(x, w, b, 2, 2), (x, w, b))
+    gx, = torch.autograd.grad((dilated_conv2d(x, w, None, 2, 2) ** 2).sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    xr, wr = x.detach().requires_grad_(), w.detach().clone().requires_grad_()
+    gr, = torch.autograd.grad((F.conv2d(xr, wr, None, padding=2, dilation=2) ** 2).sum(), xr, create_graph=True)
+    gr.pow(2).sum().backward()
+    torch.testing.assert_close(w.grad, wr.grad)
+
+
+def test_direct_op_calls_refuse_mixed_devices_and_huge_geometry():
+    """A meta tensor among CPU ones must not reach the fake kernel (which would return uninitialised
+    CPU memory); a dilation or padding whose products overflow is an error naming it."""
+    ops = torch.ops.attnscale
+    x, w, gy = torch.randn(1, 2, 8, 8), torch.randn(3, 2, 3, 3), torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="one dtype and device"):
+        ops.dilated_conv2d_backward_input(gy, w.to("meta"), 2, 2)
+    with pytest.raises(RuntimeError, match="one dtype and device"):
+        ops.dilated_conv2d_backward_weight(gy, x.to("meta"), 3, 3, 2, 2)
+    for dilation, padding in ((2 ** 63 - 1, 0), (2 ** 62 + 1, 0), (2, 2 ** 61)):
+        with pytest.raises(RuntimeError, match="dilation must be in|padding must be in"):
+            ops.dilated_conv2d(x, w, None, dilation, padding)
+        with pytest.raises(ValueError, match="dilation must be in|padding must be in"):
+            dilated_conv2d(x, w, None, dilation, padding)

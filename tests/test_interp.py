@@ -91,3 +91,10 @@ def test_input_errors():
 def test_opcheck():
     x = torch.randn(2, 3, 7, 5)
     torch.library.opcheck(torch.ops.attnscale.caffe_interp, (x, 13, 9), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_forward_only():
+    """A backward through ``caffe_interp`` is an error, not a silently missing gradient."""
+    y = caffe_interp(torch.randn(1, 2, 4, 4, requires_grad=True), (7, 7))
+    with pytest.raises(RuntimeError, match="forward only"):
+        y.sum().backward()

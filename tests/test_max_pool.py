@@ -70,3 +70,17 @@ def test_dispatch_keeps_gradients():
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_forward_only_and_argument_bounds():
+    """No silent gradient loss: a backward through the op is an error.  Arguments are bounded before any
+    int arithmetic (kernel 2^32 + 3 was truncated to 3; stride 2^62 + 1 wrapped the window check), and a
+    kernel reaching past the image pools the clipped window, as Caffe does."""
+    x = torch.randn(1, 1, 5, 5)
+    y = caffe_max_pool2d(x.clone().requires_grad_(), 3, 1, 1, (5, 5))
+    with pytest.raises(RuntimeError, match="forward only"):
+        y.sum().backward()
+    for args in ((2 ** 32 + 3, 1, 0, (1, 1)), (2, 2 ** 62 + 1, 0, (3, 3)), (2 ** 31 + 1, 1, 0, (1, 1))):
+        with pytest.raises(ValueError, match="more than 16777216"):
+            caffe_max_pool2d(x, *args)
+    assert caffe_max_pool2d(x, 1000, 1, 0, (1, 1)).item() == x.max().item()

@@ -480,3 +480,23 @@ def test_autocast_cpu_merges_in_float32():
     torch.testing.assert_close(merged, ref, rtol=1e-6, atol=1e-6)
     merged.sum().backward()
     assert all(s.grad is not None and s.grad.dtype == torch.bfloat16 for s in sc) and lg.grad is not None
+
+
+def test_direct_calls_refuse_meta_tensors_among_cpu_ones_and_fakes_check_shapes():
+    """The dispatcher sends a call with any meta tensor to the fake kernel: it must check devices (it
+    returned uninitialised CPU memory), and it checks shapes as the C++ kernel does, so tracing refuses
+    what running refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ops = torch.ops.attnscale
+    a, b = torch.ones(1, 1, 3, 3), torch.ones(1, 1, 2, 2)
+    with pytest.raises(ValueError, match="mixed devices"):
+        ops.scale_merge([a, b.to("meta")], None, "avg")
+    with pytest.raises(ValueError, match="mixed devices"):
+        ops.scale_merge([a, b], torch.zeros(1, 2, 3, 3, device="meta"), "attention")
+    with pytest.raises(RuntimeError, match="grad_merged must be"):
+        ops.scale_merge_backward(torch.ones(1, 1, 3, 3, device="meta"), None, [a, b], None, "avg")
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match=r"scores\[1\] must be \(1, 1, <= 3, <= 3\)"):
+            ops.scale_merge([torch.ones(1, 1, 3, 3), torch.ones(2, 1, 2, 2)], None, "avg")
+        with pytest.raises(RuntimeError, match="logits must be"):
+            ops.scale_merge([torch.ones(1, 1, 3, 3), torch.ones(1, 1, 2, 2)], torch.ones(1, 3, 3, 3), "attention")

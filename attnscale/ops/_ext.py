@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+#: bound on padding / dilation / kernel / stride / sizes given to the ops (csrc/ops/limits.h kMaxGeometry)
+MAX_GEOMETRY = 1 << 24
+
 _BUILD_HINT = (
     "attnscale's C++/CUDA extension (attnscale._C) is not built. Build it with\n"
     "    pip install -e . --no-build-isolation\n"

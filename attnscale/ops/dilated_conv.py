@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import autocast_dtype, has_extension, require_extension
+from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, require_extension
 
 _OPS_REGISTERED = False
 
@@ -55,10 +55,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dil
     kh, kw = weight.shape[2], weight.shape[3]
     if kh % 2 == 0 or kw % 2 == 0:
         raise ValueError(f"dilated_conv2d: weight must have odd kernel sizes (kh, kw), got ({kh}, {kw})")
-    if dilation < 1:
-        raise ValueError(f"dilated_conv2d: dilation must be >= 1, got {dilation}")
-    if padding < 0:
-        raise ValueError(f"dilated_conv2d: padding must be >= 0, got {padding}")
+    if not 1 <= dilation <= MAX_GEOMETRY:
+        raise ValueError(f"dilated_conv2d: dilation must be in [1, {MAX_GEOMETRY}], got {dilation}")
+    if not 0 <= padding <= MAX_GEOMETRY:
+        raise ValueError(f"dilated_conv2d: padding must be in [0, {MAX_GEOMETRY}], got {padding}")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"dilated_conv2d: bias must have shape ({weight.shape[0]},) to match weight's "
                          f"out channels, got {tuple(bias.shape)}")
@@ -67,6 +67,20 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dil
         raise ValueError(f"dilated_conv2d: output size H + 2*padding - dilation*(k-1) is ({ho}, {wo}) for "
                          f"x of spatial size {tuple(x.shape[2:])}, kernel ({kh}, {kw}), dilation {dilation}, "
                          f"padding {padding}; it must be >= 1")
+
+
+def _check_backward(grad_output, ref_name: str, ref, channels: int, dilation: int, padding: int) -> None:
+    """The C++ backward ops' checks, for their fake kernels (tracing must refuse what running refuses)."""
+    torch._check(grad_output.dim() == 4 and ref.dim() == 4, lambda: "dilated_conv2d backward: grad_output and "
+                 f"{ref_name} must be 4-D, got {grad_output.dim()}-D and {ref.dim()}-D")
+    torch._check(grad_output.dtype == ref.dtype and grad_output.device == ref.device,
+                 lambda: f"dilated_conv2d backward: grad_output ({grad_output.dtype}, {grad_output.device}) and "
+                 f"{ref_name} ({ref.dtype}, {ref.device}) must have one dtype and device")
+    torch._check(grad_output.shape[1] == channels, lambda: f"dilated_conv2d backward: grad_output has "
+                 f"{grad_output.shape[1]} channels, {ref_name} gives {channels}")
+    torch._check(1 <= dilation <= MAX_GEOMETRY and 0 <= padding <= MAX_GEOMETRY, lambda: "dilated_conv2d "
+                 f"backward: dilation must be in [1, {MAX_GEOMETRY}] and padding in [0, {MAX_GEOMETRY}], got "
+                 f"{dilation}, {padding}")
 
 
 def _register() -> None:
@@ -84,6 +98,7 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_input")
     def _bwd_input_fake(grad_output, weight, dilation, padding):
+        _check_backward(grad_output, "weight", weight, weight.shape[0], dilation, padding)
         kh, kw = weight.shape[2], weight.shape[3]
         h = grad_output.shape[2] - 2 * padding + dilation * (kh - 1)
         w = grad_output.shape[3] - 2 * padding + dilation * (kw - 1)
@@ -91,6 +106,7 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
     def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
+        _check_backward(grad_output, "x", x, grad_output.shape[1] if grad_output.dim() == 4 else -1, dilation, padding)
         o = grad_output.shape[1]
         return (grad_output.new_empty((o, x.shape[1], kernel_h, kernel_w)), grad_output.new_empty((o,)))
 
@@ -116,6 +132,43 @@ def _register() -> None:
         return gx, gw, gb, None, None
 
     torch.library.register_autograd("attnscale::dilated_conv2d", _backward, setup_context=_setup_context)
+
+    # Double backward: both backward ops are bilinear, so their derivatives are the three ops again.
+    def _bwd_input_setup(ctx, inputs, output):
+        grad_output, weight, ctx.dilation, ctx.padding = inputs
+        ctx.save_for_backward(grad_output, weight)
+
+    def _bwd_input_backward(ctx, ggx):  # gx = B_in(g, w): <ggx, gx> = <F(ggx, w), g>
+        g, w = ctx.saved_tensors
+        ggx = ggx.contiguous()
+        d_g = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_g = torch.ops.attnscale.dilated_conv2d(ggx, w, None, ctx.dilation, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            d_w = torch.ops.attnscale.dilated_conv2d_backward_weight(
+                g, ggx, w.shape[2], w.shape[3], ctx.dilation, ctx.padding)[0]
+        return d_g, d_w, None, None
+
+    def _bwd_weight_setup(ctx, inputs, output):
+        grad_output, x, ctx.kh, ctx.kw, ctx.dilation, ctx.padding = inputs
+        ctx.save_for_backward(grad_output, x)
+
+    def _bwd_weight_backward(ctx, ggw, ggb):  # (gw, gb) = B_w(g, x): <ggw, gw> + <ggb, gb> = <g, F(x, ggw, ggb)>
+        g, x = ctx.saved_tensors
+        if ggw is None:
+            ggw = g.new_zeros((g.shape[1], x.shape[1], ctx.kh, ctx.kw))
+        ggw = ggw.contiguous()
+        d_g = d_x = None
+        if ctx.needs_input_grad[0]:
+            d_g = torch.ops.attnscale.dilated_conv2d(x, ggw, ggb, ctx.dilation, ctx.padding)
+        if ctx.needs_input_grad[1]:
+            d_x = torch.ops.attnscale.dilated_conv2d_backward_input(g, ggw, ctx.dilation, ctx.padding)
+        return d_g, d_x, None, None, None, None
+
+    torch.library.register_autograd("attnscale::dilated_conv2d_backward_input", _bwd_input_backward,
+                                    setup_context=_bwd_input_setup)
+    torch.library.register_autograd("attnscale::dilated_conv2d_backward_weight", _bwd_weight_backward,
+                                    setup_context=_bwd_weight_setup)
     _OPS_REGISTERED = True
 
 

@@ -24,8 +24,18 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::caffe_interp")
     def _fake(x, out_h, out_w):
+        torch._check(x.dim() == 4 and out_h >= 1 and out_w >= 1,
+                     lambda: f"caffe_interp: x must be 4-D and the output size positive, got {x.dim()}-D and ({out_h}, {out_w})")
         return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
+    def _setup(ctx, inputs, output):
+        pass
+
+    def _no_backward(ctx, grad):
+        raise RuntimeError("caffe_interp is forward only (inference); for a gradient use attnscale.caffe.interp, which takes a "
+                           "differentiable path whenever one is needed")
+
+    torch.library.register_autograd("attnscale::caffe_interp", _no_backward, setup_context=_setup)
     _REGISTERED = True
 
 

@@ -59,6 +59,25 @@ def _check_python_side(scores, logits, mode) -> list[torch.Tensor]:
     return list(scores)
 
 
+def _check_fake(scores, logits, mode) -> None:
+    """The C++ kernels' checks (csrc/ops/scale_merge.cpp), for the fake kernels: tracing must refuse what
+    running refuses, and a mixed device call (e.g. CPU and meta) must not reach the meta kernel."""
+    _check_python_side(scores, logits, mode)
+    s0 = scores[0]
+    torch._check(s0.dim() == 4 and s0.is_floating_point(),
+                 lambda: f"scale_merge: scores[0] must be a 4-D floating-point tensor, got {s0.dim()}-D {s0.dtype}")
+    n, c, h, w = s0.shape
+    for i, s in enumerate(scores):
+        torch._check(s.dim() == 4 and s.dtype == s0.dtype and s.shape[0] == n and s.shape[1] == c
+                     and s.shape[2] <= h and s.shape[3] <= w,
+                     lambda: f"scale_merge: scores[{i}] must be ({n}, {c}, <= {h}, <= {w}) {s0.dtype}, got "
+                     f"{tuple(s.shape)} {s.dtype}")
+    if mode == "attention":
+        torch._check(tuple(logits.shape) == (n, len(scores), h, w) and logits.dtype == s0.dtype,
+                     lambda: f"scale_merge: logits must be ({n}, {len(scores)}, {h}, {w}) {s0.dtype}, got "
+                     f"{tuple(logits.shape)} {logits.dtype}")
+
+
 def _autocast_inputs(scores, logits):
     """Inside ``torch.autocast`` the score maps come from autocast convolutions (bf16/fp16) while other
     inputs may be fp32: merge them all in the widest dtype among them (on CPU at least float32, the
@@ -103,17 +122,20 @@ if has_extension():
 
     @torch.library.register_fake("attnscale::scale_merge")
     def _scale_merge_fake(scores, logits, mode):
-        torch._check(len(scores) > 0, lambda: "scale_merge: scores is an empty list")
-        torch._check(mode in MODES, lambda: f"scale_merge: mode must be one of {MODES}, got {mode!r}")
-        s0 = scores[0]
-        torch._check(s0.dim() == 4, lambda: "scale_merge: scores[0] must be 4-D (N, C, H, W)")
-        n, c, h, w = s0.shape
-        if mode == "attention":
-            torch._check(logits is not None, lambda: "scale_merge: mode='attention' needs logits")
-        return s0.new_empty((n, c, h, w)), s0.new_empty((n, len(scores), h, w))
+        _check_fake(scores, logits, mode)
+        n, c, h, w = scores[0].shape
+        return scores[0].new_empty((n, c, h, w)), scores[0].new_empty((n, len(scores), h, w))
 
     @torch.library.register_fake("attnscale::scale_merge_backward")
     def _scale_merge_backward_fake(grad_merged, grad_weights, scores, logits, mode):
+        _check_fake(scores, logits, mode)
+        n, c, h, w = scores[0].shape
+        for name, t, shape in (("grad_merged", grad_merged, (n, c, h, w)), ("grad_weights", grad_weights, (n, len(scores), h, w))):
+            if t is None:  # grad_weights is optional
+                continue
+            torch._check(tuple(t.shape) == shape and t.device == scores[0].device and t.dtype == scores[0].dtype,
+                         lambda: f"scale_merge_backward: {name} must be {shape} ({scores[0].dtype} on {scores[0].device}), "
+                         f"got {tuple(t.shape)} ({t.dtype} on {t.device})")
         grads = [s.new_empty(s.shape) for s in scores]
         if mode == "attention":
             glogits = logits.new_empty(logits.shape)

@@ -24,7 +24,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from ._ext import autocast_dtype, has_extension, require_extension
+from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, require_extension
 
 _OPS_REGISTERED = False
 TILES = (2, 4)  # F(2x2, 3x3) and F(4x4, 3x3)
@@ -73,8 +73,8 @@ def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
         raise ValueError(f"winograd_conv2d: weight_winograd must be winograd_weight(weight, tile), of shape "
                          f"({' or '.join(map(str, planes))}, {weight.shape[0]}, {weight.shape[1]}), "
                          f"got {tuple(weight_winograd.shape)}")
-    if padding < 0:
-        raise ValueError(f"winograd_conv2d: padding must be >= 0, got {padding}")
+    if not 0 <= padding <= MAX_GEOMETRY:
+        raise ValueError(f"winograd_conv2d: padding must be in [0, {MAX_GEOMETRY}], got {padding}")
     ho, wo = _out_size(x.shape[2], padding), _out_size(x.shape[3], padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"winograd_conv2d: output size H + 2*padding - 2 is ({ho}, {wo}) for x of spatial size "

@@ -6,17 +6,20 @@
 #include <c10/util/Optional.h>
 
 #include "ops/dilated_conv_geometry.h"
+#include "ops/limits.h"
 
 namespace attnscale {
 namespace dilated_conv {
 
 inline void check_params(int64_t dilation, int64_t padding) {
-  TORCH_CHECK(dilation >= 1, "dilated_conv2d: dilation must be >= 1, got ", dilation);
-  TORCH_CHECK(padding >= 0, "dilated_conv2d: padding must be >= 0, got ", padding);
+  TORCH_CHECK(dilation >= 1 && dilation <= kMaxGeometry, "dilated_conv2d: dilation must be in [1, ", kMaxGeometry,
+              "], got ", dilation);
+  TORCH_CHECK(padding >= 0 && padding <= kMaxGeometry, "dilated_conv2d: padding must be in [0, ", kMaxGeometry,
+              "], got ", padding);
 }
 
 inline void check_kernel_size(int64_t kh, int64_t kw) {
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1,
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1 && kh <= kMaxGeometry && kw <= kMaxGeometry,
               "dilated_conv2d: weight must have odd kernel sizes (kh, kw), got (", kh, ", ", kw, ")");
 }
 

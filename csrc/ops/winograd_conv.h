@@ -5,6 +5,8 @@
 
 #include <optional>
 
+#include "ops/limits.h"
+
 namespace attnscale {
 namespace winograd {
 
@@ -38,7 +40,8 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
                     " but x is on ", x.device());
   TORCH_CHECK_VALUE(w.size(1) == x.size(1), "winograd_conv2d: weight has ", w.size(1),
                     " input channels (dim 1) but x has ", x.size(1), " channels");
-  TORCH_CHECK_VALUE(padding >= 0, "winograd_conv2d: padding must be >= 0, got ", padding);
+  TORCH_CHECK_VALUE(padding >= 0 && padding <= kMaxGeometry, "winograd_conv2d: padding must be in [0, ",
+                    kMaxGeometry, "], got ", padding);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK_VALUE(bias->scalar_type() == x.scalar_type() && bias->device() == x.device(),
                       "winograd_conv2d: bias must have x's dtype and device, got ", bias->scalar_type(), " on ",

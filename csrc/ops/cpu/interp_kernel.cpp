@@ -13,6 +13,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ops/limits.h"
 #include "ops/scale_merge_interp.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -98,7 +99,7 @@ at::Tensor caffe_interp_cpu(const at::Tensor& x_in, int64_t out_h, int64_t out_w
   TORCH_CHECK_VALUE(H >= 1 && W >= 1, "caffe_interp: x has an empty spatial size ", x_in.sizes());
   TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, "caffe_interp: output size (", out_h, ", ", out_w,
                     ") must be positive");
-  TORCH_CHECK_VALUE(H < (1 << 24) && W < (1 << 24) && out_h < (1 << 24) && out_w < (1 << 24),
+  TORCH_CHECK_VALUE(H < kMaxGeometry && W < kMaxGeometry && out_h < kMaxGeometry && out_w < kMaxGeometry,
                     "caffe_interp: sizes too large for Caffe's float index arithmetic");
   const at::Tensor x = x_in.contiguous();
   if (H == out_h && W == out_w) return x.clone();  // Caffe: same size -> copy

@@ -10,7 +10,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
+
+#include "ops/limits.h"
 
 #include "ops/cpu/even_odd.h"
 
@@ -91,7 +94,12 @@ at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t 
   TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && pad >= 0 && pad < kernel,
                     "caffe_max_pool2d: need kernel >= 1, stride >= 1, 0 <= pad < kernel; got kernel ", kernel,
                     ", stride ", stride, ", pad ", pad);
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"kernel", kernel}, {"stride", stride}, {"pad", pad},
+                                {"out_h", out_h}, {"out_w", out_w}, {"H", x_in.size(2)}, {"W", x_in.size(3)}})
+    TORCH_CHECK_VALUE(v <= kMaxGeometry, "caffe_max_pool2d: ", name, " is ", v, ", more than ", kMaxGeometry);
   const int64_t H = x_in.size(2), W = x_in.size(3);
+  // a window reaching past the image is clipped to it: a kernel beyond max(H, W) + pad gives the same windows
+  kernel = std::min(kernel, std::max(H, W) + pad);
   TORCH_CHECK_VALUE(H >= 1 && W >= 1 && out_h >= 1 && out_w >= 1, "caffe_max_pool2d: empty input (", H, ", ", W,
                     ") or output (", out_h, ", ", out_w, ")");
   // every window must hold at least one input pixel (Caffe's size rule guarantees it)
