@@ -259,3 +259,13 @@ def test_bad_padding_size_and_transform():
     # the C++ op checks too (a direct call past the Python wrapper)
     with pytest.raises(ValueError, match="weight_winograd must be"):
         torch.ops.attnscale.winograd_conv2d(torch.randn(1, 3, 8, 8), w, torch.randn(16, 3, 2), None, 1)
+
+
+def test_weight_transform_fake_checks_as_the_kernel():
+    """Tracing refuses what running refuses: a tile other than 2 or 4, a kernel other than 3x3."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        with pytest.raises(RuntimeError, match="tile must be 2"):
+            torch.ops.attnscale.winograd_weight(torch.ones(2, 2, 3, 3), 3)
+        with pytest.raises(RuntimeError, match=r"weight must be a floating-point \(out, in, 3, 3\)"):
+            torch.ops.attnscale.winograd_weight(torch.ones(2, 2, 5, 5), 2)

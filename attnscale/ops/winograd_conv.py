@@ -113,6 +113,10 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::winograd_weight")
     def _weight_fake(weight, tile=2):
+        torch._check(tile in (2, 4), lambda: f"winograd_weight: tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got {tile}")
+        torch._check(weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and weight.is_floating_point(),
+                     lambda: f"winograd_weight: weight must be a floating-point (out, in, 3, 3), got {tuple(weight.shape)} "
+                     f"{weight.dtype}")
         return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
 
     @torch.library.register_fake("attnscale::winograd_conv2d")
