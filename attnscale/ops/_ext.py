@@ -51,3 +51,16 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type) if device_type == "cuda" else torch.float32
+
+
+def register_forward_only(op: str, alternative: str) -> None:
+    """An autograd formula for an inference-only op ``attnscale::<op>`` that raises on a backward, so a
+    gradient is never silently dropped; ``alternative`` names the differentiable function to use."""
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{op} is forward only (inference); for a gradient use {alternative}, which takes "
+                           "a differentiable path whenever one is needed")
+
+    torch.library.register_autograd(f"attnscale::{op}", backward, setup_context=setup)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import has_extension, require_extension
+from ._ext import has_extension, register_forward_only, require_extension
 
 _REGISTERED = False
 
@@ -28,14 +28,7 @@ def _register() -> None:
                      lambda: f"caffe_interp: x must be 4-D and the output size positive, got {x.dim()}-D and ({out_h}, {out_w})")
         return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
 
-    def _setup(ctx, inputs, output):
-        pass
-
-    def _no_backward(ctx, grad):
-        raise RuntimeError("caffe_interp is forward only (inference); for a gradient use attnscale.caffe.interp, which takes a "
-                           "differentiable path whenever one is needed")
-
-    torch.library.register_autograd("attnscale::caffe_interp", _no_backward, setup_context=_setup)
+    register_forward_only("caffe_interp", "attnscale.caffe.interp")
     _REGISTERED = True
 
 
