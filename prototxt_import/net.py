@@ -259,7 +259,8 @@ class CaffeNet(nn.Module):
         target's, and goes to the first layer of that name.  An HDF5 layer
         (``CopyTrainedLayersFromHDF5``) goes to the last layer of that name, may lack the blobs the
         target layer shares with an earlier layer (``Net::ToHDF5`` writes only owned parameters), and
-        its shapes must be equal."""
+        its blobs need only the target's element count (DeepLab-v2's Caffe reshapes the blob to the
+        dataset: :meth:`CaffeBlob.fits`)."""
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
         report = WeightLoadReport(wf.path)
         run = [r for r in self.records if r.key is not None]

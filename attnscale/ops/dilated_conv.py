@@ -69,14 +69,14 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dil
                          f"padding {padding}; it must be >= 1")
 
 
-def _check_backward(grad_output, ref_name: str, ref, channels: int, dilation: int, padding: int) -> None:
+def _check_backward(grad_output, ref_name: str, ref, channels: int | None, dilation: int, padding: int) -> None:
     """The C++ backward ops' checks, for their fake kernels (tracing must refuse what running refuses)."""
     torch._check(grad_output.dim() == 4 and ref.dim() == 4, lambda: "dilated_conv2d backward: grad_output and "
                  f"{ref_name} must be 4-D, got {grad_output.dim()}-D and {ref.dim()}-D")
     torch._check(grad_output.dtype == ref.dtype and grad_output.device == ref.device,
                  lambda: f"dilated_conv2d backward: grad_output ({grad_output.dtype}, {grad_output.device}) and "
                  f"{ref_name} ({ref.dtype}, {ref.device}) must have one dtype and device")
-    torch._check(grad_output.shape[1] == channels, lambda: f"dilated_conv2d backward: grad_output has "
+    torch._check(channels is None or grad_output.shape[1] == channels, lambda: f"dilated_conv2d backward: grad_output has "
                  f"{grad_output.shape[1]} channels, {ref_name} gives {channels}")
     torch._check(1 <= dilation <= MAX_GEOMETRY and 0 <= padding <= MAX_GEOMETRY, lambda: "dilated_conv2d "
                  f"backward: dilation must be in [1, {MAX_GEOMETRY}] and padding in [0, {MAX_GEOMETRY}], got "
@@ -106,7 +106,7 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
     def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
-        _check_backward(grad_output, "x", x, grad_output.shape[1] if grad_output.dim() == 4 else -1, dilation, padding)
+        _check_backward(grad_output, "x", x, None, dilation, padding)
         o = grad_output.shape[1]
         return (grad_output.new_empty((o, x.shape[1], kernel_h, kernel_w)), grad_output.new_empty((o,)))
 
