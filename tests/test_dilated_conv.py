@@ -339,3 +339,31 @@ def test_direct_op_calls_refuse_mixed_devices_and_huge_geometry():
             ops.dilated_conv2d(x, w, None, dilation, padding)
         with pytest.raises(ValueError, match="dilation must be in|padding must be in"):
             dilated_conv2d(x, w, None, dilation, padding)
+
+
+def test_backward_fakes_refuse_what_the_kernels_refuse():
+    """Tracing the backward ops (meta tensors run the fake kernels) must refuse an even kernel, a
+    grad_output that implies an empty input, and a grad_output whose shape x does not produce, as
+    the C++ kernels do, instead of returning a tensor of a wrong or negative shape."""
+    ops = torch.ops.attnscale
+    meta = dict(device="meta")
+    cases = [
+        (lambda: ops.dilated_conv2d_backward_input(torch.empty(1, 3, 8, 8, **meta), torch.empty(3, 2, 2, 3, **meta),
+                                                   2, 2), "odd kernel sizes"),
+        (lambda: ops.dilated_conv2d_backward_weight(torch.empty(1, 3, 8, 8, **meta), torch.empty(1, 2, 8, 8, **meta),
+                                                    3, 4, 2, 2), "odd kernel sizes"),
+        (lambda: ops.dilated_conv2d_backward_input(torch.empty(1, 3, 1, 1, **meta), torch.empty(3, 2, 3, 3, **meta),
+                                                   1, 5), "implies an input size"),
+        (lambda: ops.dilated_conv2d_backward_weight(torch.empty(1, 3, 7, 8, **meta), torch.empty(1, 2, 8, 8, **meta),
+                                                    3, 3, 2, 2), "grad_output has shape"),
+        (lambda: ops.dilated_conv2d_backward_weight(torch.empty(1, 3, 8, 8, **meta), torch.empty(1, 2, 2, 2, **meta),
+                                                    3, 3, 4, 0), "output size"),
+    ]
+    for call, words in cases:
+        with pytest.raises(RuntimeError, match=words):
+            call()
+    # and the CPU kernels say the same
+    with pytest.raises(RuntimeError, match="odd kernel sizes"):
+        ops.dilated_conv2d_backward_input(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 2, 3), 2, 2)
+    with pytest.raises(RuntimeError, match="grad_output has shape"):
+        ops.dilated_conv2d_backward_weight(torch.randn(1, 3, 7, 8), torch.randn(1, 2, 8, 8), 3, 3, 2, 2)

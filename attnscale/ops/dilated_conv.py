@@ -69,7 +69,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dil
                          f"padding {padding}; it must be >= 1")
 
 
-def _check_backward(grad_output, ref_name: str, ref, channels: int | None, dilation: int, padding: int) -> None:
+def _check_backward(grad_output, ref_name: str, ref, channels: int | None, kh: int, kw: int, dilation: int,
+                    padding: int) -> None:
     """The C++ backward ops' checks, for their fake kernels (tracing must refuse what running refuses)."""
     torch._check(grad_output.dim() == 4 and ref.dim() == 4, lambda: "dilated_conv2d backward: grad_output and "
                  f"{ref_name} must be 4-D, got {grad_output.dim()}-D and {ref.dim()}-D")
@@ -78,6 +79,8 @@ def _check_backward(grad_output, ref_name: str, ref, channels: int | None, dilat
                  f"{ref_name} ({ref.dtype}, {ref.device}) must have one dtype and device")
     torch._check(channels is None or grad_output.shape[1] == channels, lambda: f"dilated_conv2d backward: grad_output has "
                  f"{grad_output.shape[1]} channels, {ref_name} gives {channels}")
+    torch._check(1 <= kh <= MAX_GEOMETRY and 1 <= kw <= MAX_GEOMETRY and kh % 2 == 1 and kw % 2 == 1,
+                 lambda: f"dilated_conv2d: weight must have odd kernel sizes (kh, kw), got ({kh}, {kw})")
     torch._check(1 <= dilation <= MAX_GEOMETRY and 0 <= padding <= MAX_GEOMETRY, lambda: "dilated_conv2d "
                  f"backward: dilation must be in [1, {MAX_GEOMETRY}] and padding in [0, {MAX_GEOMETRY}], got "
                  f"{dilation}, {padding}")
@@ -98,15 +101,23 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_input")
     def _bwd_input_fake(grad_output, weight, dilation, padding):
-        _check_backward(grad_output, "weight", weight, weight.shape[0], dilation, padding)
         kh, kw = weight.shape[2], weight.shape[3]
+        _check_backward(grad_output, "weight", weight, weight.shape[0], kh, kw, dilation, padding)
         h = grad_output.shape[2] - 2 * padding + dilation * (kh - 1)
         w = grad_output.shape[3] - 2 * padding + dilation * (kw - 1)
+        torch._check(h >= 1 and w >= 1, lambda: f"dilated_conv2d backward: grad_output spatial size "
+                     f"{tuple(grad_output.shape)} implies an input size ({h}, {w}) < 1")
         return grad_output.new_empty((grad_output.shape[0], weight.shape[1], h, w))
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
     def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
-        _check_backward(grad_output, "x", x, None, dilation, padding)
+        _check_backward(grad_output, "x", x, None, kernel_h, kernel_w, dilation, padding)
+        ho, wo = (_out_size(x.shape[2], kernel_h, dilation, padding), _out_size(x.shape[3], kernel_w, dilation, padding))
+        torch._check(ho >= 1 and wo >= 1, lambda: f"dilated_conv2d: output size H + 2*padding - dilation*(k-1) "
+                     f"is ({ho}, {wo}) for x of spatial size {tuple(x.shape[2:])}; it must be >= 1")
+        torch._check((grad_output.shape[0], grad_output.shape[2], grad_output.shape[3]) == (x.shape[0], ho, wo),
+                     lambda: f"dilated_conv2d backward: grad_output has shape {tuple(grad_output.shape)} but x "
+                     f"{tuple(x.shape)} gives an output of ({x.shape[0]}, {grad_output.shape[1]}, {ho}, {wo})")
         o = grad_output.shape[1]
         return (grad_output.new_empty((o, x.shape[1], kernel_h, kernel_w)), grad_output.new_empty((o,)))
 
