@@ -3,7 +3,11 @@
 The CPU kernels (csrc/**/*.cpp outside cuda/) are always built.  The CUDA
 kernels (csrc/**/cuda/*.cu and their csrc/**/cuda/*.cpp glue) are built when
 the installed torch is a CUDA build and nvcc is found; ``ATTNSCALE_CUDA=0``
-or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` drops ``-march=native``.
+or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` drops ``-march=native``;
+``ATTNSCALE_MARCH=x86-64-v3`` (say) builds for that target instead, for a build that
+runs on another machine (benchmarks/gpu_prebuild.sh).  ``ATTNSCALE_CUDA_ARCHS`` lists
+the compute capabilities to build for (default ``80,90``; the last one's PTX is
+embedded too, so newer GPUs JIT the kernels).
 """
 import glob
 import os
@@ -57,6 +61,16 @@ def _want_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _gencode(archs: str) -> list:
+    """nvcc flags for the compute capabilities in ``archs`` ("80,90"): machine code for each, and the
+    last one's PTX, so that newer GPUs JIT the kernels."""
+    caps = [a.strip().replace(".", "") for a in archs.split(",") if a.strip()]
+    if not caps or not all(c.isdigit() for c in caps):
+        raise SystemExit(f"attnscale: ATTNSCALE_CUDA_ARCHS must list compute capabilities such as 80,90; got {archs!r}")
+    ptx = f"-gencode=arch=compute_{caps[-1]},code=compute_{caps[-1]}"
+    return [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps] + [ptx]
+
+
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     all_cpp = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
@@ -66,15 +80,16 @@ def _extension():
         + glob.glob(os.path.join(ROOT, "csrc", "**", "cuda", "*.cpp"), recursive=True)
     )
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATTNSCALE_NATIVE", "1") == "1":
-        cxx.append("-march=native")
+    march = os.environ.get("ATTNSCALE_MARCH", "native")
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATTNSCALE_NATIVE", "1") == "1" and march:
+        cxx.append(f"-march={march}")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
+        archs = os.environ.get("ATTNSCALE_CUDA_ARCHS", "80,90")
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + _gencode(archs)
         print("attnscale: building C++ CPU kernels AND CUDA kernels "
-              f"({len(cuda_sources)} CUDA sources, CUDA_HOME={cpp_extension.CUDA_HOME})")
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
-                "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
-                "-gencode=arch=compute_90,code=compute_90"]  # + PTX, so newer GPUs JIT the kernels
+              f"({len(cuda_sources)} CUDA sources, CUDA_HOME={cpp_extension.CUDA_HOME}, compute capabilities "
+              f"{archs}, host {' '.join(cxx[3:]) or 'generic'})")
         return cpp_extension.CUDAExtension(
             "attnscale._C", cpu_sources + cuda_sources, include_dirs=include_dirs,
             define_macros=[("ATTNSCALE_WITH_CUDA", "1")],

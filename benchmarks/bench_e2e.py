@@ -25,6 +25,7 @@ Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -32,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
 from attnscale.model import AttentionToScale
 from timing import write_json

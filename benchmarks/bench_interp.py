@@ -15,11 +15,15 @@ Medians of interleaved rounds (benchmarks/timing.py).
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
 from attnscale import caffe
 from attnscale.ops import caffe_interp, require_extension

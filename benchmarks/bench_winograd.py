@@ -13,11 +13,15 @@ the Winograd figures can exceed the machine's FMA peak (they do 16/36 and 9/36 o
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
 from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
 from timing import interleaved_ms, write_json

@@ -12,9 +12,12 @@ runs the same script with the CPU kernels on both sides (float32), so that CI ke
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
 from attnscale.ops import dilated_conv2d, has_cuda_kernels, scale_merge
 

@@ -6,15 +6,22 @@
 #   sanitize  compute-sanitizer memcheck and racecheck on benchmarks/cuda_sanitize.py (one forward and
 #             backward of every CUDA op)
 #   bench     bench_merge.py, bench_fc6.py, bench_e2e.py (fp32, TF32, bf16; then channels_last) on the GPU
-# For example (each device call runs at most 10 minutes; a machine that went back must build again):
-#   run: bash benchmarks/gpu_proof.sh build test sanitize
-#   run: bash benchmarks/gpu_proof.sh build bench
+# For example (each device call runs at most 10 minutes; a machine that went back must build again, so
+# build here first, at no device time, and carry the result):
+#   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
+#   run: bash benchmarks/gpu_proof.sh build test sanitize   carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
+#   run: bash benchmarks/gpu_proof.sh build bench           (same carry)
+# Without a carried build (or if it does not load there) the build phase compiles on the machine, for
+# sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise.
 # Everything goes to $OUT (the folder the device tool returns; ./gpu_out elsewhere): proof.log (all phases),
 # build.log and the benchmarks' JSON files.  Exits non-zero if any phase failed.
 set -uo pipefail
+cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# a carried build is not pip-installed: the scripts in benchmarks/ import this checkout's attnscale
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/proof.log"
 failed=()
@@ -33,9 +40,12 @@ for phase in "$@"; do
     build)
       run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
       run "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())'
-      if ! "$PY" -c 'import sys, attnscale.ops as o; sys.exit(0 if o.has_cuda_kernels() else 1)' 2>/dev/null; then
-        say "building (log: build.log)"
-        if ! MAX_JOBS=$(nproc) ATTNSCALE_CUDA=1 "$PY" -m pip install -v --no-deps --no-build-isolation -e . \
+      if "$PY" -c 'import sys, attnscale.ops as o; sys.exit(0 if o.has_cuda_kernels() else 1)' 2>>"$LOG"; then
+        say "using the carried build: $("$PY" -c 'import attnscale._C as c; print(c.__file__)')"
+      else
+        say "no carried build that loads here: building (log: build.log)"
+        if ! MAX_JOBS=$(nproc) ATTNSCALE_CUDA=1 ATTNSCALE_CUDA_ARCHS=${ATTNSCALE_CUDA_ARCHS:-90} \
+            "$PY" -m pip install -v --no-deps --no-build-isolation -e . \
             >"$OUT/build.log" 2>&1; then
           tail -40 "$OUT/build.log" | tee -a "$LOG"
           failed+=("build: pip install")

@@ -81,3 +81,4 @@ def test_gpu_proof_script(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
     assert proc.returncode == 1
     assert "unknown phase 'nophase'" in (tmp_path / "proof.log").read_text()
+    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_prebuild.sh")]).returncode == 0
