@@ -14,6 +14,13 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 
+# Fields that do not change what a run computes (where and how fast it runs, how much it logs).
+RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl")
+# ... and those that may also change when a run is resumed: how often it snapshots, how long it runs
+# on, where its data and its (already used) init weights now lie.
+RESUME_FREE_FIELDS = RUN_FIELDS + ("snapshot", "max_iter", "data_root", "init")
+
+
 @dataclass
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------
@@ -64,6 +71,7 @@ class TrainConfig:
     torch_threads: int = 0               # 0: leave torch's default
 
     def validate(self) -> "TrainConfig":
+        self._check_types()
         if self.conv_impl not in ("auto", "torch", "winograd", "winograd4"):
             raise ValueError(f"config.conv_impl must be 'auto', 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
         if self.merge not in (None, "max", "avg", "attention"):
@@ -72,18 +80,61 @@ class TrainConfig:
             raise ValueError("config.scales must hold at least one scale")
         if len(self.scales) > 1 and self.merge is None:
             raise ValueError(f"config.scales={self.scales} needs a merge ('max', 'avg', 'attention')")
+        if len(self.scales) == 1 and (self.merge is not None or self.extra_supervision):
+            raise ValueError(f"config.scales={self.scales} is one scale: merge must be null and "
+                             f"extra_supervision false (got {self.merge!r}, {self.extra_supervision})")
+        if any(not 0 < s for s in self.scales):
+            raise ValueError(f"config.scales must be positive, got {self.scales}")
         if self.lr_mults not in ("paper", "prototxt"):
             raise ValueError(f"config.lr_mults must be 'paper' or 'prototxt', got {self.lr_mults!r}")
         if self.lr_policy not in ("step", "fixed"):
             raise ValueError(f"config.lr_policy: only Caffe 'step' and 'fixed' are supported, got {self.lr_policy!r}")
-        for k in ("max_iter", "batch_size", "iter_size", "stepsize"):
+        for k in ("max_iter", "batch_size", "iter_size", "stepsize", "display", "test_crop_size",
+                  "synthetic_train", "synthetic_val"):
             if getattr(self, k) <= 0:
                 raise ValueError(f"config.{k} must be positive, got {getattr(self, k)}")
+        for k in ("crop_size", "snapshot", "workers", "torch_threads", "num_classes", "base_lr", "momentum",
+                  "weight_decay"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"config.{k} must be >= 0, got {getattr(self, k)}")
+        if not self.gamma > 0 or not self.width > 0:
+            raise ValueError(f"config.gamma and config.width must be positive, got {self.gamma}, {self.width}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"config.dropout must be in [0, 1), got {self.dropout}")
+        if self.synthetic_size < 14:
+            raise ValueError(f"config.synthetic_size must be >= 14 (the synthetic scenes' smallest size), "
+                             f"got {self.synthetic_size}")
         if self.random_scale is not None:
+            if len(self.random_scale) != 2:
+                raise ValueError(f"config.random_scale must be [lo, hi], got {list(self.random_scale)}")
             lo, hi = self.random_scale
             if not 0 < lo <= hi:
                 raise ValueError(f"config.random_scale must be [lo, hi] with 0 < lo <= hi, got {self.random_scale}")
         return self
+
+    def _check_types(self) -> None:
+        """Each field holds the type of its default (a JSON file may hold "321" for 321)."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "scales":
+                ok = isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)
+                want = "a list of numbers"
+            elif f.name == "random_scale":
+                ok = v is None or (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v))
+                want = "null or [lo, hi]"
+            elif f.name == "merge":
+                ok, want = v is None or isinstance(v, str), "null or a string"
+            else:
+                t = type(f.default)
+                ok = (_is_number(v) if t is float else isinstance(v, t) and not (t is int and isinstance(v, bool)))
+                want = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[t]
+            if not ok:
+                raise ValueError(f"config.{f.name} must be {want}, got {v!r}")
+
+    def differences(self, other: "TrainConfig", ignore: Tuple[str, ...] = ()) -> List[Tuple[str, object, object]]:
+        """``(field, self's value, other's value)`` for every field that differs, except ``ignore``."""
+        a, b = self.to_dict(), other.to_dict()
+        return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]]
 
     # JSON round trip ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -96,9 +147,9 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown config field(s) {unknown}; known: {sorted(names)}")
         d = dict(d)
-        if d.get("random_scale") is not None:
+        if isinstance(d.get("random_scale"), list):
             d["random_scale"] = tuple(d["random_scale"])
-        if "scales" in d:
+        if isinstance(d.get("scales"), list) and all(_is_number(s) for s in d["scales"]):
             d["scales"] = [float(s) for s in d["scales"]]
         return cls(**d).validate()
 
@@ -119,3 +170,7 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a config must be a JSON object")
         return cls.from_dict(d, source=path)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

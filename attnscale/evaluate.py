@@ -4,15 +4,19 @@ DeepLab's protocol: every validation image is segmented *whole* by ``model.predi
 test-time net: pad with the mean, run all scales, merge, upsample, crop back), predictions are
 accumulated into one confusion matrix over all pixels whose ground truth is not 255, and the
 score is the PASCAL VOC IoU of every class, ``TP / (TP + FP + FN)``, averaged over the classes
-(``mIoU``).  A class that never occurs in the ground truth nor in a prediction has no IoU and is
-left out of the mean (reported as ``null``).  Optionally writes, per image, a PNG with the
-image, the ground truth, the prediction and one attention heat map per scale (the paper's
+(``mIoU``) as DeepLab's ``matlab/my_script/MyVOCevalseg.m`` (which gave the paper's numbers) does: a
+class that occurs neither in the ground truth nor in a prediction scores 0 and still counts in the
+mean (its ``per_class_iou`` entry is ``null``; ``miou_present_classes`` is the mean over the other
+classes).  On the full VOC val set every class occurs, so this matters for subsets
+(``--max-images``), small data sets and rare classes.  Optionally writes, per image, a PNG with the
+image, the ground truth, the prediction and one heat map of merge weights per scale (the paper's
 Figs. 4-6).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Dict, Optional, Sequence
@@ -45,7 +49,8 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
 
 def iou_from_confusion(cm: np.ndarray) -> Dict[str, object]:
     """Per-class IoU ``TP/(TP+FP+FN)`` (None where the class has no pixel in gt or prediction),
-    their mean over defined classes, and pixel accuracy."""
+    ``miou`` as MyVOCevalseg.m computes it (``denom = 1`` for such a class, so it scores 0, and the
+    sum divided by all classes), the mean over the other classes, and pixel accuracy."""
     cm = np.asarray(cm, dtype=np.float64)
     if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
         raise ValueError(f"iou_from_confusion: expected a square matrix, got shape {cm.shape}")
@@ -57,7 +62,8 @@ def iou_from_confusion(cm: np.ndarray) -> Dict[str, object]:
     total = cm.sum()
     return {
         "per_class_iou": [None if np.isnan(v) else float(v) for v in iou],
-        "miou": float(iou[defined].mean()) if defined.any() else float("nan"),
+        "miou": float(np.where(defined, iou, 0.0).sum() / len(iou)) if len(iou) else float("nan"),
+        "miou_present_classes": float(iou[defined].mean()) if defined.any() else float("nan"),
         "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
     }
 
@@ -80,6 +86,8 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
              progress: bool = True) -> Dict[str, object]:
     """Run ``model.predict`` over ``source`` (``load(i) -> (bgr uint8, label uint8, name)``)."""
     model.eval()
+    if max_images < 0:
+        raise ValueError(f"max_images must be >= 0 (0: all), got {max_images}")
     n = len(source) if not max_images else min(max_images, len(source))
     cm = np.zeros((num_classes, num_classes), np.int64)
     it = range(n)
@@ -91,10 +99,14 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         lab, att = _unpack_prediction(model.predict(img))
         if lab.shape != gt.shape:
             raise ValueError(f"{name}: prediction is {lab.shape}, ground truth {gt.shape}")
-        cm += confusion_matrix(lab, gt, num_classes)
+        try:
+            cm += confusion_matrix(lab, gt, num_classes)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         if attention_dir and i < attention_images:
-            save_attention_png(os.path.join(attention_dir, os.path.basename(str(name)).rsplit(".", 1)[0] + ".png"),
-                               img, gt, lab, att, getattr(model, "scales", None))
+            stem = os.path.basename(str(name)).rsplit(".", 1)[0]
+            save_attention_png(os.path.join(attention_dir, f"{i:04d}_{stem}.png"), img, gt, lab, att,
+                               getattr(model, "scales", None), getattr(model, "merge", "attention"))
     res = iou_from_confusion(cm)
     res["num_images"] = n
     res["confusion_matrix"] = cm.tolist()
@@ -119,8 +131,11 @@ def color_map(n: int = 256) -> np.ndarray:
 
 
 def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.ndarray,
-                       attention: Optional[np.ndarray], scales: Optional[Sequence[float]] = None) -> None:
-    """Image | ground truth | prediction | one heat map per scale (Figs. 4-6), via matplotlib (Agg)."""
+                       attention: Optional[np.ndarray], scales: Optional[Sequence[float]] = None,
+                       merge: Optional[str] = "attention") -> None:
+    """Image | ground truth | prediction | one heat map of merge weights per scale (Figs. 4-6: the
+    attention weights; for max / avg merging the share of classes each scale won / 1/S), via
+    matplotlib (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,7 +145,8 @@ def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.
     if attention is not None:
         for s in range(attention.shape[0]):
             sc = scales[s] if scales is not None and s < len(scales) else s
-            panels.append((f"scale-{sc:g} attention", attention[s], "jet"))
+            panels.append((f"scale-{sc:g} {'attention' if merge in (None, 'attention') else merge + ' weight'}",
+                           attention[s], "jet"))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6))
     for ax, (title, im, cm) in zip(np.atleast_1d(axes), panels):
         if cm is None:
@@ -175,12 +191,29 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
     res["checkpoint"] = checkpoint
     res["iteration"] = it
     if out:
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        write_json(out, res)
     return res
+
+
+def strict_json(x):
+    """NaN / inf (an IoU of a class absent from the evaluated images) as JSON ``null``: strict JSON,
+    which ``json.dumps`` would otherwise break with a bare ``NaN``."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    return x
+
+
+def write_json(path: str, obj) -> None:
+    """``obj`` as strict JSON, written atomically (temporary file + ``os.replace``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(strict_json(obj), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -206,7 +239,8 @@ def main(argv=None) -> int:
     names = res.get("class_names") or [str(i) for i in range(len(res["per_class_iou"]))]
     for n, v in zip(names, res["per_class_iou"]):
         print(f"{n:>14s}: {'  n/a' if v is None else f'{100 * v:6.2f}'}")
-    print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images -> {out}")
+    print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images (MyVOCevalseg; "
+          f"{100 * res['miou_present_classes']:.2f} over the classes present) -> {out}")
     return 0
 
 

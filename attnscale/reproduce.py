@@ -4,9 +4,10 @@ Every row of a table is a :class:`~attnscale.config.TrainConfig` (baseline DeepL
 {1, 0.5} and {1, 0.75, 0.5}; max / average / attention merging; without and with extra
 supervision = 13 rows).  Each row is trained (``attnscale.train``) and evaluated
 (``attnscale.evaluate``) in its own run folder; a row whose evaluation already exists for the
-same config is skipped, a row with a partial checkpoint resumes -- so the command can be
-interrupted and re-run.  Results go to ``OUT/table<N>[_synthetic][_quick].json`` and ``.md`` with the
-paper's number, ours and the difference in every cell.
+same config and the same val images is skipped, a row with a partial checkpoint resumes -- so the
+command can be interrupted and re-run.  Results go to ``OUT/table<N>[_synthetic][_quick].json`` and
+``.md`` with the paper's number, ours and the difference in every cell; with ``--rows``, the other
+rows' earlier results fill their cells.
 
 Without data (no ``--data-root`` and no VOC found) the same protocol runs on the built-in
 synthetic scale data set (:mod:`attnscale.data.synthetic`) with a reduced-width network: those
@@ -17,14 +18,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import TrainConfig
+from .config import RUN_FIELDS, TrainConfig
 from .data.lists import find_voc_root
 
 # (scales, merge, extra supervision) of each row, in the paper's order.
@@ -114,18 +114,6 @@ SYNTH_PRETRAIN_ITERS = 800
 SYNTH_ROW_ITERS = 250
 
 
-
-def _strict_json(x):
-    """NaN / inf (an IoU of a class absent from the evaluated images) as JSON ``null``: strict JSON,
-    which ``json.dumps`` would otherwise break with a bare ``NaN``."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _strict_json(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_strict_json(v) for v in x]
-    return x
-
 def synthetic_pretrain_config(run_dir: str, device: str, quick: bool, workers: int) -> TrainConfig:
     """The synthetic stand-in for ImageNet pre-training (``vgg16_20M.caffemodel``): one
     single-scale net trained once on the synthetic set; its classifier is named ``fc8_pretrain`` so
@@ -166,9 +154,9 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
 
 
 def config_key(cfg: TrainConfig) -> str:
-    """Hash of everything that changes the result (not the device / worker count / out_dir)."""
+    """Hash of everything that changes the result (not ``RUN_FIELDS``: device, worker count, out_dir, ...)."""
     d = cfg.to_dict()
-    for k in ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl"):
+    for k in RUN_FIELDS:
         d.pop(k, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -185,36 +173,57 @@ def metric_of(res: dict, metric: str) -> float:
 
 
 def _drop_stale_checkpoint(cfg: TrainConfig, log=print) -> bool:
-    """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it); a checkpoint
-    of another config is deleted."""
+    """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it).  A checkpoint of
+    another config, or one that cannot be read, is kept as ``checkpoint.pt.stale`` (never deleted:
+    it may be hours of training) and the row retrains."""
     from .train import CHECKPOINT, load_checkpoint
     ck = os.path.join(cfg.out_dir, CHECKPOINT)
     if not os.path.isfile(ck):
         return False
-    old = load_checkpoint(ck).get("config", {})
     try:
+        old = load_checkpoint(ck).get("config", {})
         same = bool(old) and config_key(TrainConfig.from_dict(old)) == config_key(cfg)
-    except (TypeError, ValueError):
-        same = False
+        why = "is from a different config"
+    except (TypeError, ValueError) as e:
+        same, why = False, f"cannot be used ({e})"
     if not same:
-        log(f"  {cfg.out_dir}: checkpoint is from a different config, retraining")
-        os.remove(ck)
+        log(f"  {ck} {why}: kept as {CHECKPOINT}.stale, retraining")
+        os.replace(ck, ck + ".stale")
     return same
 
 
-def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> dict:
-    """Train (resuming) + evaluate one row unless ``eval.json`` already matches its config."""
-    from .evaluate import run as run_eval
-    from .train import train
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    key = config_key(cfg)
+def eval_images(cfg: TrainConfig, max_eval: int) -> int:
+    """How many val images an evaluation of ``cfg`` with ``max_eval`` (0: all) covers."""
+    from .train import build_source
+    n = len(build_source(cfg, "val"))
+    return min(max_eval, n) if max_eval else n
+
+
+def reusable_eval(cfg: TrainConfig, max_eval: int) -> Optional[dict]:
+    """``out_dir/eval.json`` if it was made by this config over the images this evaluation would
+    cover (a quick ``--max-eval`` look is never taken for the full evaluation), else None."""
     ev_path = os.path.join(cfg.out_dir, "eval.json")
-    if os.path.isfile(ev_path):
+    if not os.path.isfile(ev_path):
+        return None
+    try:
         with open(ev_path) as f:
             res = json.load(f)
-        if res.get("config_key") == key:
-            res["skipped"] = True
-            return res
+    except (OSError, ValueError):
+        return None
+    if res.get("config_key") != config_key(cfg) or res.get("num_images") != eval_images(cfg, max_eval):
+        return None
+    return res
+
+
+def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> dict:
+    """Train (resuming) + evaluate one row unless ``eval.json`` already holds its result."""
+    from .evaluate import run as run_eval, write_json
+    from .train import train
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    res = reusable_eval(cfg, max_eval)
+    if res is not None:
+        res["skipped"] = True
+        return res
     resume = _drop_stale_checkpoint(cfg, log)
     cfg.save(os.path.join(cfg.out_dir, "config.json"))
     t0 = time.time()
@@ -225,11 +234,8 @@ def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> d
     res = run_eval(cfg, tr.checkpoint, "", max_images=max_eval, attention_dir=figs, attention_images=4,
                    progress=progress)
     t2 = time.time()
-    res.update(config_key=key, train_seconds=t1 - t0, eval_seconds=t2 - t1, skipped=False)
-    tmp = ev_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(_strict_json(res), f, indent=1, allow_nan=False)
-    os.replace(tmp, ev_path)
+    res.update(config_key=config_key(cfg), train_seconds=t1 - t0, eval_seconds=t2 - t1, skipped=False)
+    write_json(os.path.join(cfg.out_dir, "eval.json"), res)
     return res
 
 
@@ -244,7 +250,8 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
         ours = results[rid]
         if synthetic:
             return f"ours {_fmt(ours)}"
-        return f"{_fmt(spec.paper[rid])} / {_fmt(ours)} / {ours - spec.paper[rid]:+.2f}"
+        diff = "–" if ours is None or ours != ours else f"{ours - spec.paper[rid]:+.2f}"
+        return f"{_fmt(spec.paper[rid])} / {_fmt(ours)} / {diff}"
 
     head = "ours" if synthetic else "paper / ours / Δ"
     lines = [f"### Table {spec.number}: {spec.title}" + (" — SYNTHETIC DATA" if synthetic else ""), "",
@@ -263,6 +270,16 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
     return "\n".join(lines) + "\n"
 
 
+def run_group(spec: TableSpec, synthetic: bool, init: str, quick: bool = False) -> str:
+    """The folder under ``OUT/runs`` that holds a table's row runs.  Tables 6 and 7 share theirs
+    (same data, same rows); runs from different init files get different folders, even when the
+    files share a name (the folder name holds a hash of the file's absolute path)."""
+    group = "synthetic" if synthetic else f"{spec.dataset}-" + (
+        os.path.splitext(os.path.basename(init))[0] + "-" +
+        hashlib.sha256(os.path.abspath(init).encode()).hexdigest()[:8] if init else "noinit")
+    return group + ("-quick" if quick else "")
+
+
 def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
               iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
               synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
@@ -271,12 +288,12 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
     spec = TABLES[table]
     all_rows = table_rows()
+    requested = {r.id for r in all_rows}
     if rows:
-        known = {r.id for r in all_rows}
-        bad = [r for r in rows if r not in known]
+        bad = [r for r in rows if r not in requested]
         if bad:
             raise ValueError(f"--rows: unknown row(s) {bad}; rows are {[r.id for r in all_rows]}")
-        all_rows = [r for r in all_rows if r.id in set(rows)]
+        requested = set(rows)
     if synthetic is None:
         found = data_root or (find_voc_root() if spec.dataset == "voc12" else "")
         synthetic = not found
@@ -292,11 +309,8 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     if not synthetic and not init:
         log("warning: no --init weights: the rows train from random initialisation, which is not "
             "the paper's protocol (it fine-tunes vgg16_20M.caffemodel)")
-    # Tables 6 and 7 share their trained models (same data, same rows).
-    group = "synthetic" if synthetic else f"{spec.dataset}-" + (
-        os.path.splitext(os.path.basename(init))[0] if init else "noinit")
-    if quick:
-        group += "-quick"
+    group = run_group(spec, synthetic, init, quick)
+    max_eval = 0 if quick else max_eval
     results, per_row = {}, []
     t_start = time.time()
     pre_ck = ""
@@ -308,42 +322,58 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         _drop_stale_checkpoint(pre, log)
         t0 = time.time()
         r = train(pre, resume=True, progress=progress)
-        log(f"[0/{len(all_rows)}] synthetic pre-training (stand-in for ImageNet init): "
+        log(f"[0/{len(requested)}] synthetic pre-training (stand-in for ImageNet init): "
             f"{r.iterations} iterations ({time.time() - t0:.0f} s)")
-    for i, row in enumerate(all_rows):
+    done = 0
+    full_val = None
+    for row in all_rows:
         run_dir = os.path.join(out, "runs", group, row.id)
         cfg = (synthetic_config(row, iters, device, run_dir, quick, workers, pre_ck) if synthetic
                else real_config(spec, row, data_root, init, iters, device, run_dir, workers))
         cfg.use_reference_ops, cfg.conv_impl = bool(reference_ops), conv_impl
+        if full_val is None:
+            full_val = eval_images(cfg, 0)
         t0 = time.time()
-        res = run_row(cfg, progress, max_eval if not quick else 0, log)
+        if row.id in requested:
+            res = run_row(cfg, progress, max_eval, log)
+            done += 1
+        else:  # not asked for: its earlier result, if one matches, still fills its cell
+            res = reusable_eval(cfg, max_eval)
+            if res is None:
+                continue
+            res["skipped"] = True
         val = metric_of(res, "class_iou:1" if synthetic and table == 7 else spec.metric)
         results[row.id] = val
         entry = {"id": row.id, "scales": list(row.scales), "merge": row.merge, "extra_supervision": row.esupv,
                  "ours": val, "paper": spec.paper[row.id],
                  "diff": None if synthetic else val - spec.paper[row.id],
-                 "run_dir": run_dir, "skipped": res.get("skipped", False),
+                 "num_images": res.get("num_images"), "run_dir": run_dir, "skipped": res.get("skipped", False),
                  "train_seconds": res.get("train_seconds"), "eval_seconds": res.get("eval_seconds"),
                  "iterations": cfg.max_iter}
         per_row.append(entry)
-        log(f"[{i + 1}/{len(all_rows)}] {row.id:<22s} ours {_fmt(val):>6s}   paper {_fmt(spec.paper[row.id]):>6s}"
-            + ("   (already done)" if entry["skipped"] else f"   ({time.time() - t0:.0f} s)"))
+        if row.id in requested:
+            log(f"[{done}/{len(requested)}] {row.id:<22s} ours {_fmt(val):>6s}   paper {_fmt(spec.paper[row.id]):>6s}"
+                + ("   (already done)" if entry["skipped"] else f"   ({time.time() - t0:.0f} s)"))
     total = time.time() - t_start
     note = (f"Synthetic scale data set, {per_row and per_row[0]['iterations']} iterations per row, "
             "reduced-width network; numbers show the protocol works and are not the paper's."
             if synthetic else f"{spec.dataset}, init {init or 'none (random!)'}, "
             f"{per_row and per_row[0]['iterations']} iterations per row.")
+    partial = sorted({e["num_images"] for e in per_row if e["num_images"] != full_val})
+    if partial:
+        note += (f" Evaluated on the first {', '.join(map(str, partial))} of the {full_val} val images "
+                 "(--max-eval), not the whole set.")
     md = markdown(spec, results, synthetic, note)
-    os.makedirs(out, exist_ok=True)
     name = f"table{table}" + ("_synthetic" if synthetic else "") + ("_quick" if quick else "")
     doc = {"table": table, "title": spec.title, "dataset": "synthetic" if synthetic else spec.dataset,
-           "synthetic": synthetic, "metric": spec.metric, "rows": per_row, "seconds": total,
-           "note": note}
-    for ext, text in (("json", json.dumps(_strict_json(doc), indent=1, allow_nan=False)), ("md", md)):
-        p = os.path.join(out, f"{name}.{ext}")
-        with open(p + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(p + ".tmp", p)
+           "synthetic": synthetic, "metric": spec.metric, "val_images": full_val, "rows": per_row,
+           "seconds": total, "note": note}
+    from .evaluate import write_json
+    write_json(os.path.join(out, f"{name}.json"), doc)
+    p = os.path.join(out, f"{name}.md")
+    with open(p + ".tmp", "w") as f:
+        f.write(md)
+    os.replace(p + ".tmp", p)
     log("")
     log(md)
     log(f"wrote {os.path.join(out, name + '.json')} and .md ({total:.0f} s)")

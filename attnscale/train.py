@@ -4,8 +4,9 @@ Caffe ``SGDSolver`` semantics, exactly:
 
 - learning rate, ``lr_policy: "step"``: ``rate = base_lr * gamma ^ floor(iter / stepsize)``
   where ``iter`` is the number of updates already done (Caffe's ``iter_`` in ``ApplyUpdate``);
-- ``iter_size`` forward/backward passes are accumulated per update and the summed gradient is
-  divided by ``iter_size`` (``SGDSolver::Normalize``), i.e. the loss is averaged over them;
+- ``iter_size`` forward/backward passes accumulate their *unscaled* gradients per update; the sum
+  is clipped (``ClipGradients``, if on) and then multiplied by the float ``1 / iter_size``
+  (``SGDSolver::Normalize``), in Caffe's order, i.e. the loss is averaged over the passes;
 - per parameter (``Regularize`` + ``ComputeUpdateValue`` + ``Blob::Update``)::
 
       g     += decay_mult * weight_decay * w         (L2)
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
+from .config import RESUME_FREE_FIELDS, TrainConfig
 from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get_spec,
                    make_loader)
 from .data.lists import join_root
@@ -88,19 +89,29 @@ class CaffeSGD(torch.optim.Optimizer):
         return loss
 
 
-def clip_gradients(params, clip: float, iter_size: int = 1) -> float:
-    """Caffe ``SGDSolver::ClipGradients``: if the L2 norm of all (accumulated) diffs exceeds
-    ``clip``, scale every diff by ``clip / norm``.  Caffe clips *before* ``Normalize`` divides by
-    ``iter_size``; our gradients are already divided, so the norm Caffe sees is ``iter_size``
-    times ours.  Returns that norm."""
+def clip_gradients(params, clip: float) -> float:
+    """Caffe ``SGDSolver::ClipGradients``: if the L2 norm of all diffs (summed over the
+    ``iter_size`` passes: Caffe clips *before* ``Normalize``) exceeds ``clip``, scale every diff by
+    ``clip / norm``.  Returns the norm."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads))) * iter_size
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
     if clip >= 0 and norm > clip:
         for g in grads:
             g.mul_(clip / norm)
     return norm
+
+
+def normalize_gradients(params, iter_size: int) -> None:
+    """Caffe ``SGDSolver::Normalize``: the accumulated diff times ``Dtype(1) / iter_size`` (that
+    float, not an exact division); nothing when ``iter_size`` is 1."""
+    if iter_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            scale = float(np.float32(1) / np.float32(iter_size)) if p.grad.dtype == torch.float32 else 1.0 / iter_size
+            p.grad.mul_(scale)
 
 
 def _f32(x: float) -> float:
@@ -220,11 +231,13 @@ def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:
         layers = dict(model.named_children())
         for name, blobs in read_weights(weights).by_name().items():
             layer = layers.get(name)
-            if layer is None or not blobs:
+            if layer is None:
                 continue
-            targets = [("weight", layer.weight), ("bias", layer.bias)][:len(blobs)]
-            if len(blobs) > 2:
-                raise ValueError(f"{weights}: layer {name!r} has {len(blobs)} blobs, expected weight and bias")
+            targets = [(n, p) for n, p in layer.named_parameters(recurse=False) if n in ("weight", "bias")]
+            if len(blobs) != len(targets):  # Caffe: CHECK_EQ(target_blobs.size(), source_layer.blobs_size())
+                raise ValueError(f"{weights}: layer {name!r} has {len(blobs)} blob(s) where the model's has "
+                                 f"{len(targets)} ({', '.join(n for n, _ in targets) or 'none'}): Caffe's "
+                                 "'Incompatible number of blobs for layer'")
             for (pname, p), blob in zip(targets, blobs):
                 if blob is None:  # an HDF5 file's shared copy (Net::ToHDF5 writes owned blobs only)
                     continue
@@ -253,11 +266,28 @@ def build_source(cfg: TrainConfig, split: str):
         return SyntheticSource(n, seed=cfg.synthetic_seed + (0 if split == "train" else 1),
                                size=cfg.synthetic_size)
     spec = get_spec(cfg.dataset)
-    lst = cfg.train_list if split == "train" else cfg.val_list
-    lst = lst or (spec.train_list if split == "train" else spec.val_list)
-    if not os.path.isabs(lst) and not os.path.isfile(lst):
-        lst = join_root(cfg.data_root, lst)
-    return FileSource(lst, cfg.data_root)
+    given = cfg.train_list if split == "train" else cfg.val_list
+    lst = resolve_list(given, spec.train_list if split == "train" else spec.val_list, cfg.data_root,
+                       f"config.{split}_list")
+    logging.getLogger("attnscale.train").info("%s list: %s", split, os.path.abspath(lst))
+    return FileSource(lst, cfg.data_root, num_classes(cfg))
+
+
+def resolve_list(given: str, default: str, data_root: str, what: str) -> str:
+    """The list file to read.  The data set's default list is the data root's (``list/val.txt``
+    under ``data_root``).  A given absolute path is used as is; a given relative one may name a file
+    under ``data_root`` or from the working directory (as Caffe's ``source`` does), but not two
+    different files, which would silently pick a split."""
+    if not given:
+        return join_root(data_root, default)
+    if os.path.isabs(given) or not data_root:
+        return given
+    under_root = join_root(data_root, given)
+    found = [p for p in (under_root, given) if os.path.isfile(p)]
+    if len(found) == 2 and not os.path.samefile(*found):
+        raise ValueError(f"{what}={given!r} names two different files, {os.path.abspath(given)} (from the working "
+                         f"directory) and {under_root} (under data_root): give an absolute path")
+    return found[0] if found else under_root
 
 
 def transform_config(cfg: TrainConfig) -> TransformConfig:
@@ -309,13 +339,25 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def load_checkpoint(path: str, map_location="cpu") -> dict:
+RESUME_KEYS = ("iter", "model", "optimizer", "rng", "config")
+
+
+def load_checkpoint(path: str, map_location="cpu", keys=("model",)) -> dict:
+    """One of our checkpoints, as a dict holding at least ``keys`` (a bare ``state_dict`` of tensors
+    counts as ``{"model": state_dict}``).  Anything else raises naming the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        ck = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    if isinstance(ck, dict) and ck and all(torch.is_tensor(v) for v in ck.values()) and "model" not in ck:
+        ck = {"model": ck}
+    missing = [k for k in keys if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        found = sorted(map(str, ck))[:8] if isinstance(ck, dict) else type(ck).__name__
+        raise ValueError(f"{path}: not an attnscale checkpoint: it lacks {missing} (holds {found})")
+    return ck
 
 
 # ------------------------------------------------------------------------------------------
@@ -386,8 +428,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     opt = make_optimizer(model, cfg)
     it = 0
     if resume and os.path.isfile(ckpt_path):
-        ck = load_checkpoint(ckpt_path, map_location=device)
-        model.load_state_dict(ck["model"])
+        ck = load_checkpoint(ckpt_path, map_location=device, keys=RESUME_KEYS)
+        diff = cfg.differences(TrainConfig.from_dict(ck["config"], source=ckpt_path), ignore=RESUME_FREE_FIELDS)
+        if diff:
+            raise ValueError(f"--resume: {ckpt_path} was written by another config: " + "; ".join(
+                f"{k} {old!r} there, {new!r} now" for k, new, old in diff) + " (resume with the same settings, "
+                f"or train into a new out_dir; only {', '.join(RESUME_FREE_FIELDS)} may change)")
+        try:
+            model.load_state_dict(ck["model"])
+        except RuntimeError as e:
+            raise ValueError(f"--resume: {ckpt_path} does not fit the model: {e}") from e
         opt.load_state_dict(ck["optimizer"])
         it = int(ck["iter"])
         set_rng_state(ck["rng"][rank] if isinstance(ck["rng"], list) else ck["rng"])
@@ -445,15 +495,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
             with ctx:
                 out = net(x)
                 loss, parts = model.loss(out, y)
-                (loss / cfg.iter_size).backward()
+                loss.backward()
             total += float(loss.detach()) / cfg.iter_size
             for n, v in parts.items():
                 parts_sum[n] = parts_sum.get(n, 0.0) + float(v) / cfg.iter_size
         if not math.isfinite(total):
             raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
+        params = [p for g in opt.param_groups for p in g["params"]]
         if cfg.clip_gradients >= 0:
-            clip_gradients([p for g in opt.param_groups for p in g["params"]],
-                           cfg.clip_gradients, cfg.iter_size)
+            clip_gradients(params, cfg.clip_gradients)
+        normalize_gradients(params, cfg.iter_size)
         opt.step()
         it += 1
         last = total
@@ -461,8 +512,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{rate:.1e}")
         if it % cfg.display == 0 or it == end:
-            log.info("iter %d lr %.3g loss %.5f %s", it, rate, total,
-                     " ".join(f"{n} {v:.5f}" for n, v in sorted(parts_sum.items())))
+            log.info("iter %d lr %.3g total loss %.5f (%s)", it, rate, total,
+                     ", ".join(f"{n} {v:.5f}" for n, v in sorted(parts_sum.items())))
         if (cfg.snapshot and it % cfg.snapshot == 0) or it == end:
             save()
     if bar is not None:

@@ -172,9 +172,14 @@ def test_bad_files_give_errors_naming_the_file(tmp_path):
         f.write(b"not an image at all")
     with pytest.raises(ValueError, match="im0.png"):
         FileSource(lst, root).load(0)
-    os.remove(os.path.join(root, "JPEGImages", "im1.png"))
-    with pytest.raises(FileNotFoundError, match="im1.png"):
-        FileSource(lst, root).load(1)
+    im1 = os.path.join(root, "JPEGImages", "im1.png")
+    saved = open(im1, "rb").read()
+    os.remove(im1)
+    # found when the list is read (not when the sampler reaches it), naming the list line
+    with pytest.raises(FileNotFoundError, match=r"train.txt:2: image file not found: .*im1.png"):
+        FileSource(lst, root)
+    with open(im1, "wb") as f:
+        f.write(saved)
     # label size mismatch
     cv2.imwrite(os.path.join(root, "SegmentationClassAug", "im2.png"), np.zeros((7, 7), np.uint8))
     with pytest.raises(ValueError, match="im2.png.*im2.png|size mismatch"):
@@ -293,3 +298,27 @@ def test_sbd_bad_mat_names_file(tmp_path):
     q.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="y.mat"):
         sbd.load_sbd_mat(str(q))
+
+
+def test_label_values_are_checked_naming_file_and_line(tmp_path):
+    """A label holding ids that are neither a class nor 255 is refused when loaded, naming the label
+    file and its list line; training would otherwise see only the pixels label shrinking samples."""
+    root = str(tmp_path)
+    lst, _ = _write_voc_like(root)
+    lab = cv2.imread(os.path.join(root, "SegmentationClassAug", "im1.png"), cv2.IMREAD_UNCHANGED)
+    lab[1::2, 1::2] = 40
+    cv2.imwrite(os.path.join(root, "SegmentationClassAug", "im1.png"), lab)
+    FileSource(lst, root).load(1)                 # no class count: not checked
+    src = FileSource(lst, root, num_classes=21)
+    src.load(0)
+    with pytest.raises(ValueError, match=r"im1.png \(.*train.txt:2\).*class id\(s\) \[40\] outside 0..20"):
+        src.load(1)
+
+
+def test_list_encoding_bom_and_latin1(tmp_path):
+    p = tmp_path / "l.txt"
+    p.write_bytes(b"\xef\xbb\xbf/a.jpg /a.png\n/b.jpg /b.png\n")
+    assert read_list(str(p), "/data") == [("/data/a.jpg", "/data/a.png"), ("/data/b.jpg", "/data/b.png")]
+    p.write_bytes(b"/a.jpg /a.png\n/caf\xe9.jpg /caf\xe9.png\n")
+    with pytest.raises(ValueError, match=r"l.txt:2: not UTF-8"):
+        read_list(str(p))

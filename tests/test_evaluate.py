@@ -1,4 +1,5 @@
 """Evaluation: confusion matrix, IoU on hand-made matrices, the evaluate loop, attention PNGs."""
+import json
 import os
 
 import numpy as np
@@ -26,11 +27,14 @@ def test_iou_by_hand():
     assert r["pixel_accuracy"] == pytest.approx(7 / 10)
 
 
-def test_absent_class_is_left_out_of_the_mean():
+def test_absent_class_scores_zero_as_in_myvocevalseg():
+    """DeepLab's MyVOCevalseg.m (the paper's numbers): a class in neither ground truth nor prediction
+    gets denom = 1, so IoU 0, and the mean divides by every class."""
     cm = np.array([[5, 0, 0], [0, 0, 0], [1, 0, 2]])
     r = iou_from_confusion(cm)
     assert r["per_class_iou"][1] is None
-    assert r["miou"] == pytest.approx((5 / 6 + 2 / 3) / 2)
+    assert r["miou"] == pytest.approx((5 / 6 + 0 + 2 / 3) / 3)
+    assert r["miou_present_classes"] == pytest.approx((5 / 6 + 2 / 3) / 2)
     # a class only predicted (never in gt) counts, with IoU 0
     r2 = iou_from_confusion(np.array([[1, 1], [0, 0]]))
     assert r2["per_class_iou"] == [0.5, 0.0] and r2["miou"] == pytest.approx(0.25)
@@ -79,8 +83,8 @@ def test_evaluate_loop_and_attention_pngs(tmp_path):
     r = evaluate(m, src, 3, ["a", "b", "c"], attention_dir=str(tmp_path), progress=False)
     assert r["miou"] == pytest.approx(1.0) and r["num_images"] == 3
     pngs = sorted(os.listdir(tmp_path))
-    assert pngs == ["img0.png", "img1.png", "img2.png"]
-    assert os.path.getsize(tmp_path / "img0.png") > 1000
+    assert pngs == ["0000_img0.png", "0001_img1.png", "0002_img2.png"]  # list order: names may repeat
+    assert os.path.getsize(tmp_path / "0000_img0.png") > 1000
     m0 = _Model("zeros")
     m0.src = src
     r0 = evaluate(m0, src, 3, progress=False, max_images=2)
@@ -93,3 +97,24 @@ def test_evaluate_loop_and_attention_pngs(tmp_path):
 def test_voc_palette():
     cm = color_map()
     assert tuple(cm[1]) == (128, 0, 0) and tuple(cm[15]) == (192, 128, 128) and tuple(cm[255]) == (255, 255, 255)
+
+
+def test_evaluate_errors_name_the_image_and_bad_counts_are_refused():
+    src = _Src()
+    m = _Model("perfect")
+    m.src = src
+    src.items[1][1][0, 0] = 7                   # a class id outside 0..2 in img1's ground truth
+    with pytest.raises(ValueError, match=r"img1.jpg: confusion_matrix: ground-truth label 7"):
+        evaluate(m, src, 3, progress=False)
+    with pytest.raises(ValueError, match="max_images must be >= 0"):
+        evaluate(m, src, 3, max_images=-1, progress=False)
+
+
+def test_results_json_is_strict(tmp_path):
+    """A NaN (no image evaluated, a class never seen) is written as null, not as a bare NaN that
+    strict JSON readers refuse."""
+    from attnscale.evaluate import write_json
+    p = tmp_path / "r" / "eval.json"
+    write_json(str(p), {"miou": float("nan"), "per_class_iou": [0.5, None, float("inf")]})
+    assert json.loads(p.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "miou": None, "per_class_iou": [0.5, None, None]}

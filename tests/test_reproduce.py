@@ -70,6 +70,48 @@ def test_quick_synthetic_table_end_to_end_and_resumable(tmp_path):
     assert all(r["skipped"] for r in doc2["rows"])
     assert sum("already done" in ln for ln in lines2) == 2
     assert doc2["rows"][0]["ours"] == doc["rows"][0]["ours"]
+    # the rows not asked for keep their finished results in the rewritten table
+    assert [r["ours"] for r in doc2["rows"]] == [r["ours"] for r in doc["rows"]]
+    assert (tmp_path / "table3_synthetic_quick.md").read_text().count("| ours ") == 13
+    # an evaluation over fewer val images (--max-eval) is never reused for the full one, nor the reverse
+    from attnscale.config import TrainConfig
+    from attnscale.reproduce import reusable_eval
+    run = tmp_path / "runs" / "synthetic-quick" / "baseline"
+    cfg = TrainConfig.load(str(run / "config.json"))
+    assert reusable_eval(cfg, 0)["num_images"] == 2 and reusable_eval(cfg, 5) is not None
+    assert reusable_eval(cfg, 1) is None
+    ev = json.loads((run / "eval.json").read_text())
+    (run / "eval.json").write_text(json.dumps(dict(ev, num_images=1)))
+    assert reusable_eval(cfg, 0) is None and reusable_eval(cfg, 1) is not None
+
+
+def test_stale_or_unreadable_checkpoint_is_kept_aside_not_deleted(tmp_path):
+    from attnscale.config import TrainConfig
+    from attnscale.reproduce import _drop_stale_checkpoint
+    from attnscale.train import atomic_save
+    cfg = TrainConfig(dataset="synthetic", out_dir=str(tmp_path), max_iter=3)
+    ck = tmp_path / "checkpoint.pt"
+    atomic_save({"iter": 1, "model": {}, "config": TrainConfig(dataset="synthetic", max_iter=4).to_dict()}, str(ck))
+    assert _drop_stale_checkpoint(cfg, log=lambda *_: None) is False
+    assert not ck.exists() and (tmp_path / "checkpoint.pt.stale").exists()
+    ck.write_bytes(b"torn")
+    assert _drop_stale_checkpoint(cfg, log=lambda *_: None) is False
+    assert (tmp_path / "checkpoint.pt.stale").read_bytes() == b"torn"
+    atomic_save({"iter": 1, "model": {}, "config": cfg.to_dict()}, str(ck))
+    assert _drop_stale_checkpoint(cfg, log=lambda *_: None) is True and ck.exists()
+
+
+def test_run_folders_of_same_named_init_files_differ(tmp_path):
+    from attnscale.reproduce import run_group
+    a, b = tmp_path / "a" / "init.caffemodel", tmp_path / "b" / "init.caffemodel"
+    ga, gb = run_group(TABLES[3], False, str(a)), run_group(TABLES[5], False, str(b))
+    assert ga.startswith("voc12-init-") and gb.startswith("voc12-init-") and ga != gb
+    assert run_group(TABLES[3], False, str(a)) == ga and run_group(TABLES[3], True, "", True) == "synthetic-quick"
+
+
+def test_markdown_without_a_value_has_no_nan_difference():
+    md = markdown(TABLES[3], {"baseline": float("nan")}, synthetic=False, note="n")
+    assert "| Baseline: DeepLab-LargeFOV (1 scale) | 62.28 / – / – |" in md and "nan" not in md
 
 
 def test_bad_row_and_table_names():

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from attnscale.config import TrainConfig
-from attnscale.train import (CaffeSGD, atomic_save, build_model, caffe_rate, clip_gradients,
-                             init_from_caffemodel, load_checkpoint, main, make_optimizer, set_rate,
-                             train)
+from attnscale.data import SegDataset, make_loader
+from attnscale.train import (CaffeSGD, atomic_save, build_model, build_source, caffe_rate, clip_gradients,
+                             init_from_caffemodel, load_checkpoint, main, make_optimizer, normalize_gradients,
+                             set_rate, train, transform_config)
 
 
 def test_caffe_sgd_updates_a_parameter_without_gradient():
@@ -83,8 +84,40 @@ def test_clip_gradients_caffe_rule():
     p.grad = torch.tensor([3.0, 4.0])
     assert clip_gradients([p], 10.0) == pytest.approx(5.0)
     assert torch.equal(p.grad, torch.tensor([3.0, 4.0]))          # under the threshold: untouched
-    assert clip_gradients([p], 2.5, iter_size=2) == pytest.approx(10.0)  # Caffe sees the summed diff
-    assert torch.allclose(p.grad, torch.tensor([0.75, 1.0]))
+    assert clip_gradients([p], 2.5) == pytest.approx(5.0)
+    assert torch.equal(p.grad, torch.tensor([1.5, 2.0]))
+    normalize_gradients([p], 3)            # Caffe's Normalize: times Dtype(1) / iter_size, a float
+    assert torch.equal(p.grad, torch.tensor([1.5, 2.0]) * torch.tensor(np.float32(1) / np.float32(3)))
+
+
+def test_iter_size_accumulates_unscaled_then_normalizes(tmp_path):
+    """Caffe's order (Solver::Step, SGDSolver::ApplyUpdate): the iter_size passes' unscaled diffs are
+    summed, then scaled by the float 1/iter_size.  Back-propagating loss / iter_size instead gives the
+    same maths with other roundings; the first update's momentum history (lr * g) shows which."""
+    cfg = _tiny(tmp_path, iter_size=3, batch_size=1, dropout=0.0, weight_decay=0.0, momentum=0.0)
+    ck = load_checkpoint(train(cfg, progress=False, stop_at=1).checkpoint)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.torch_threads)  # as train() ran: oneDNN's sums depend on the thread count
+    try:
+        _check_first_update(cfg, ck)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_first_update(cfg, ck):
+    torch.manual_seed(cfg.seed)
+    m = build_model(cfg)
+    m.train()
+    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
+    batches = iter(make_loader(ds, cfg.batch_size, 0, cfg.seed))
+    for _ in range(cfg.iter_size):
+        x, y = next(batches)
+        m.loss(m(x), y)[0].backward()
+    params = [p for g in make_optimizer(m, cfg).param_groups for p in g["params"]]
+    normalize_gradients(params, cfg.iter_size)
+    lrs = [g["lr"] for g in ck["optimizer"]["param_groups"] for _ in g["params"]]
+    hist = [ck["optimizer"]["state"][i]["history"] for i in range(len(params))]
+    assert all(torch.equal(h, torch.zeros_like(p).add_(p.grad, alpha=lr)) for h, p, lr in zip(hist, params, lrs))
 
 
 def _tiny(out_dir, **kw):
@@ -181,7 +214,7 @@ def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"iter": 2, "w": torch.zeros(3)}, path)
     monkeypatch.setattr(torch, "save", real_save)
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, keys=("iter", "w"))
     assert ck["iter"] == 1 and torch.equal(ck["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     bad = tmp_path / "torn.pt"
@@ -283,3 +316,78 @@ def test_init_from_caffemodel_copies_by_layer_name(tmp_path):
     _caffemodel(bad, [("conv1_2", [np.zeros((3, 3, 3, 3), np.float32)])])
     with pytest.raises(ValueError, match="conv1_2.*bad.caffemodel|bad.caffemodel.*conv1_2"):
         init_from_caffemodel(m, bad)
+
+
+def test_init_refuses_a_layer_with_another_blob_count(tmp_path):
+    """Caffe's CopyTrainedLayersFrom: 'Incompatible number of blobs for layer' when a same-named
+    layer has another number of blobs (here a weight without its bias, or none at all); layers
+    without parameters (ReLU, pooling: 0 blobs) still pass."""
+    import numpy as np
+    m = build_model(_tiny(tmp_path / "r"))
+    w = np.zeros(tuple(m.conv1_1.weight.shape), np.float32)
+    for layers in ([("conv1_1", [w])], [("conv1_1", [w, np.zeros(m.conv1_1.bias.shape, np.float32)]), ("conv1_2", [])]):
+        p = str(tmp_path / "one.caffemodel")
+        _caffemodel(p, layers)
+        with pytest.raises(ValueError, match=r"one.caffemodel: layer 'conv1_[12]' has [01] blob\(s\) where the model's has 2"):
+            init_from_caffemodel(m, p)
+    _caffemodel(p, [("conv1_1", [w, np.zeros(m.conv1_1.bias.shape, np.float32)]), ("relu1_1", []), ("pool1", [])])
+    assert init_from_caffemodel(m, p) == ["conv1_1.weight", "conv1_1.bias"]
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    m = build_model(_tiny(tmp_path / "r"))
+    p = str(tmp_path / "other.pt")
+    torch.save({"epoch": 3, "net": {}}, p)
+    with pytest.raises(ValueError, match=r"other.pt: not an attnscale checkpoint: it lacks \['model'\]"):
+        init_from_caffemodel(m, p)
+    torch.save(m.state_dict(), p)   # a bare state_dict is taken as the model's weights
+    assert "conv1_1.weight" in init_from_caffemodel(m, p)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    """--resume continues the same run: a changed batch, iter_size or weight decay would silently mix
+    two configs (the data position and the optimizer's groups come from the checkpoint); only the
+    run fields (device, threads, snapshot, max_iter, ...) may change."""
+    cfg = _tiny(tmp_path / "run", max_iter=4)
+    train(cfg, progress=False, stop_at=2)
+    for change in (dict(batch_size=3), dict(weight_decay=0.05), dict(scales=[1.0], merge=None,
+                                                                      extra_supervision=False)):
+        other = _tiny(tmp_path / "run", max_iter=4, **change)
+        with pytest.raises(ValueError, match=r"--resume: .*checkpoint.pt was written by another config: "
+                                             + list(change)[0]):
+            train(other, resume=True, progress=False)
+    more = _tiny(tmp_path / "run", max_iter=5, snapshot=1, display=1)
+    assert train(more, resume=True, progress=False).iterations == 5
+
+
+def test_list_paths_resolve_under_the_data_root(tmp_path, monkeypatch):
+    """The data set's default list is the data root's, whatever the working directory holds; a
+    given relative list may be under the root or the working directory, not both."""
+    from attnscale.data import SyntheticSource
+    from attnscale.train import resolve_list
+    root = tmp_path / "VOC"
+    SyntheticSource(3, seed=0, size=33).export(str(root), "val")
+    cwd = tmp_path / "elsewhere"
+    (cwd / "list").mkdir(parents=True)
+    (cwd / "list" / "val.txt").write_text("/JPEGImages/other.jpg /SegmentationClassAug/other.png\n")
+    monkeypatch.chdir(cwd)
+    cfg = TrainConfig(dataset="voc12", data_root=str(root))
+    assert len(build_source(cfg, "val")) == 3
+    assert resolve_list("", "list/val.txt", str(root), "x") == str(root) + "/list/val.txt"
+    with pytest.raises(ValueError, match="names two different files"):
+        resolve_list("list/val.txt", "list/val.txt", str(root), "config.val_list")
+    assert resolve_list("list/only_here.txt", "", str(root), "x") == str(root) + "/list/only_here.txt"
+
+
+def test_config_validation_names_the_field():
+    for bad, words in ((dict(display=0), "display must be positive"), (dict(crop_size=-8), "crop_size must be >= 0"),
+                       (dict(crop_size="25"), "crop_size must be an integer"),
+                       (dict(random_scale=(0.5,)), r"random_scale must be \[lo, hi\]"),
+                       (dict(synthetic_size=12), "synthetic_size must be >= 14"),
+                       (dict(merge="attention"), "one scale: merge must be null"),
+                       (dict(extra_supervision=True), "one scale"), (dict(mirror=1), "mirror must be true or false"),
+                       (dict(dropout=1.0), "dropout")):
+        with pytest.raises(ValueError, match=words):
+            TrainConfig(**bad).validate()
+    with pytest.raises(ValueError, match="scales must be a list of numbers"):
+        TrainConfig.from_dict({"scales": [1, "a"], "merge": "max"})

@@ -4,8 +4,12 @@ Files are decoded as DeepLab's ``ImageSegData`` does: the image with OpenCV in c
 order, ``cv::IMREAD_COLOR``, EXIF orientation ignored as OpenCV 2.4 did), the label as a one-channel 8-bit PNG whose values are the class
 indices (DeepLab reads it with ``is_color=false``).  A label that decodes to three channels is a
 colour/palette PNG (e.g. VOC's ``SegmentationClass``): OpenCV would turn its palette into grey
-levels, silently producing wrong labels, so it is rejected with a message pointing at
-``python -m attnscale.data.sbd``, which writes proper ``SegmentationClassAug`` index PNGs.
+levels, silently producing wrong labels, so it is rejected (for VOC + SBD,
+``python -m attnscale.data.sbd`` writes proper ``SegmentationClassAug`` index PNGs).  Given the
+class count, a source also rejects a label file holding class ids that are neither a class nor
+the ignore label (Caffe does not check: ``SoftmaxWithLoss`` reads out of bounds in a release
+build), naming the file and its list line: training sees only the pixels the label shrinking
+samples, so such a file could otherwise train without any error.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .lists import read_list
+from .lists import IGNORE_LABEL, read_list_lines
 from .transforms import TransformConfig, transform_test, transform_train
 
 
@@ -44,19 +48,33 @@ def read_label(path: str) -> np.ndarray:
         raise ValueError(f"cannot decode label file (corrupt or not an image): {path}")
     if lab.ndim == 3:
         raise ValueError(f"label file {path} has {lab.shape[2]} channels: expected a one-channel "
-                         "index PNG (SegmentationClassAug). Colour/palette PNGs must be converted "
-                         "with `python -m attnscale.data.sbd`.")
+                         "PNG of class indices (255 = ignore). Colour/palette PNGs must be converted to "
+                         "index PNGs first (for VOC + SBD: `python -m attnscale.data.sbd`).")
     if lab.dtype != np.uint8:
         raise ValueError(f"label file {path} has dtype {lab.dtype}; expected 8-bit class indices")
     return lab
 
 
-class FileSource:
-    """(image, label) pairs from a DeepLab list file."""
+def check_label_values(lab: np.ndarray, num_classes: int, where: str) -> None:
+    """Every value of ``lab`` must be a class id ``< num_classes`` or the ignore label."""
+    counts = np.bincount(lab.ravel(), minlength=256)
+    bad = [v for v in np.flatnonzero(counts) if v >= num_classes and v != IGNORE_LABEL]
+    if bad:
+        n = int(sum(counts[v] for v in bad))
+        raise ValueError(f"{where}: {n} pixel(s) hold class id(s) {[int(v) for v in bad[:8]]} outside "
+                         f"0..{num_classes - 1} that are not the ignore label {IGNORE_LABEL}")
 
-    def __init__(self, list_path: str, root: str = ""):
+
+class FileSource:
+    """(image, label) pairs from a DeepLab list file; every listed file must exist.  With
+    ``num_classes``, each label's values are checked when it is loaded."""
+
+    def __init__(self, list_path: str, root: str = "", num_classes: int = 0):
         self.list_path = list_path
-        self.pairs = read_list(list_path, root, need_labels=True)
+        self.num_classes = num_classes
+        entries = read_list_lines(list_path, root, need_labels=True, check_files=True)
+        self.pairs = [pair for pair, _ in entries]
+        self.lines = [line for _, line in entries]
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -71,6 +89,8 @@ class FileSource:
         if img.shape[:2] != lab.shape:
             raise ValueError(f"size mismatch: image {img_path} is {img.shape[1]}x{img.shape[0]} "
                              f"but label {lab_path} is {lab.shape[1]}x{lab.shape[0]} (WxH)")
+        if self.num_classes:
+            check_label_values(lab, self.num_classes, f"label file {lab_path} ({self.list_path}:{self.lines[i]})")
         return img, lab, img_path
 
 

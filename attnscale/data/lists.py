@@ -73,18 +73,34 @@ def join_root(root: str, rel: str) -> str:
     return root.rstrip("/") + "/" + rel.lstrip("/")
 
 
-def read_list(list_path: str, root: str = "", need_labels: bool = True
+def read_list(list_path: str, root: str = "", need_labels: bool = True, check_files: bool = False
               ) -> List[Tuple[str, Optional[str]]]:
     """Parse a DeepLab list file into ``[(image_path, label_path or None), ...]``.
 
-    Paths are joined onto ``root``.  A line with other than one or two fields, or a missing label
-    when ``need_labels`` is true, raises ``ValueError`` naming the file and the line number.
+    Paths are joined onto ``root``.  A line with other than one or two fields, a missing label
+    when ``need_labels`` is true, a line that is not UTF-8 text or, with ``check_files``, a path
+    that is not a file raises naming the file and the line number (so a missing image shows up
+    before training, not when the sampler reaches it hours in).  A UTF-8 byte-order mark is
+    dropped.
     """
+    return [pair for pair, _ in read_list_lines(list_path, root, need_labels, check_files)]
+
+
+def read_list_lines(list_path: str, root: str = "", need_labels: bool = True, check_files: bool = False
+                    ) -> List[Tuple[Tuple[str, Optional[str]], int]]:
+    """:func:`read_list` with each pair's line number: ``[((image, label), line), ...]``."""
     if not os.path.isfile(list_path):
         raise FileNotFoundError(f"list file not found: {list_path}")
-    pairs: List[Tuple[str, Optional[str]]] = []
-    with open(list_path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    out: List[Tuple[Tuple[str, Optional[str]], int]] = []
+    with open(list_path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{list_path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                                 "line)") from None
             fields = line.split()
             if not fields:
                 continue
@@ -96,10 +112,14 @@ def read_list(list_path: str, root: str = "", need_labels: bool = True
                                  f"({line.strip()!r}); training/evaluation needs labels")
             img = join_root(root, fields[0])
             lab = join_root(root, fields[1]) if len(fields) == 2 else None
-            pairs.append((img, lab))
-    if not pairs:
+            if check_files:
+                for what, path in (("image", img), ("label", lab)):
+                    if path is not None and not os.path.isfile(path):
+                        raise FileNotFoundError(f"{list_path}:{lineno}: {what} file not found: {path}")
+            out.append(((img, lab), lineno))
+    if not out:
         raise ValueError(f"list file is empty: {list_path}")
-    return pairs
+    return out
 
 
 def write_list(list_path: str, names: Sequence[str], image_dir: str = "JPEGImages",
