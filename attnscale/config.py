@@ -132,9 +132,11 @@ class TrainConfig:
                 raise ValueError(f"config.{f.name} must be {want}, got {v!r}")
 
     def differences(self, other: "TrainConfig", ignore: Tuple[str, ...] = ()) -> List[Tuple[str, object, object]]:
-        """``(field, self's value, other's value)`` for every field that differs, except ``ignore``."""
+        """``(field, self's value, other's value)`` for every field that differs, except ``ignore``
+        (a tuple equals the list with its values: JSON keeps no tuples)."""
         a, b = self.to_dict(), other.to_dict()
-        return [(k, a[k], b[k]) for k in a if k not in ignore and a[k] != b[k]]
+        same = lambda x, y: (list(x) if isinstance(x, tuple) else x) == (list(y) if isinstance(y, tuple) else y)  # noqa: E731
+        return [(k, a[k], b[k]) for k in a if k not in ignore and not same(a[k], b[k])]
 
     # JSON round trip ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
