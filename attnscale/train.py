@@ -269,7 +269,6 @@ def build_source(cfg: TrainConfig, split: str):
     given = cfg.train_list if split == "train" else cfg.val_list
     lst = resolve_list(given, spec.train_list if split == "train" else spec.val_list, cfg.data_root,
                        f"config.{split}_list")
-    logging.getLogger("attnscale.train").info("%s list: %s", split, os.path.abspath(lst))
     return FileSource(lst, cfg.data_root, num_classes(cfg))
 
 
@@ -453,6 +452,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
+    if isinstance(ds.source, FileSource):
+        log.info("train list: %s (%d images)", os.path.abspath(ds.source.list_path), len(ds.source))
     per_update = cfg.batch_size * cfg.iter_size
     loader = make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, start_sample=it * per_update,
                          rank=rank, world=world)
