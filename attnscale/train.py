@@ -331,11 +331,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
+    """The states :func:`rng_state` saved (torch takes its generator states as CPU byte tensors,
+    wherever a checkpoint was loaded to)."""
+    torch.set_rng_state(st["torch"].cpu())
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in st["cuda"]])
 
 
 RESUME_KEYS = ("iter", "model", "optimizer", "rng", "config")
@@ -370,12 +372,13 @@ class TrainResult:
     last_loss: float
 
 
-def _dist_info():
+def _dist_info(device_type: str = "cpu"):
+    """(rank, world size, local rank); under torchrun, joins the process group with the backend of
+    the training device (NCCL for CUDA, gloo for a CPU run, also on a machine that has GPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
         return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
 
@@ -410,8 +413,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
 def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int],
            model_factory: Optional[Callable]) -> TrainResult:
     cfg.validate()
-    rank, world, local_rank = _dist_info()
     device = torch.device(cfg.device)
+    rank, world, local_rank = _dist_info(device.type)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -427,7 +430,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     opt = make_optimizer(model, cfg)
     it = 0
     if resume and os.path.isfile(ckpt_path):
-        ck = load_checkpoint(ckpt_path, map_location=device, keys=RESUME_KEYS)
+        ck = load_checkpoint(ckpt_path, keys=RESUME_KEYS)  # on the CPU: load_state_dict moves what it takes
         diff = cfg.differences(TrainConfig.from_dict(ck["config"], source=ckpt_path), ignore=RESUME_FREE_FIELDS)
         if diff:
             raise ValueError(f"--resume: {ckpt_path} was written by another config: " + "; ".join(

@@ -198,6 +198,8 @@ def main(argv=None) -> int:
                 rows.append(r)
                 print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
                       f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
+            if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
+                save_json(args.json, env, rows, complete=False)
 
     print("\n| job | precision | variant | batch | ms / image | images / s | speed-up vs reference |")
     print("|---|---|---|---|---|---|---|")
@@ -206,9 +208,14 @@ def main(argv=None) -> int:
         print(f"| {r.job} {r.size}px | {r.precision} | {r.variant} | {r.batch} | {r.per_image_ms:.1f} | "
               f"{r.images_per_s:.2f} | {ref.median_s / r.median_s:.2f}x |")
     if args.json:
-        write_json(args.json, {"env": env, "rows": [asdict(r) | {"ms_per_image": r.per_image_ms,
-                                                                 "images_per_s": r.images_per_s} for r in rows]})
+        save_json(args.json, env, rows)
     return 0
+
+
+def save_json(path: str, env: dict, rows: list, complete: bool = True) -> None:
+    write_json(path, {"env": env, "complete": complete,
+                      "rows": [asdict(r) | {"ms_per_image": r.per_image_ms, "images_per_s": r.images_per_s}
+                               for r in rows]}, quiet=not complete)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Issue 7 on a lent GPU machine (device tool), in few calls.  Phases, run in the order given:
-#   build     pip install -e . against the machine's CUDA torch (no downloads: --no-deps), check the CUDA
-#             kernels are in, record device / driver / torch versions
-#   test      pytest: the CUDA tests (must all run: a skip fails the phase), then the whole suite
-#   sanitize  compute-sanitizer memcheck and racecheck on benchmarks/cuda_sanitize.py (one forward and
-#             backward of every CUDA op)
-#   bench     bench_merge.py, bench_fc6.py, bench_e2e.py (fp32, TF32, bf16; then channels_last) on the GPU
-# For example (each device call runs at most 10 minutes; a machine that went back must build again, so
-# build here first, at no device time, and carry the result):
+#   build        use the carried build (see below) or pip install -e . against the machine's CUDA torch
+#                (no downloads: --no-deps); check the CUDA kernels are in; record device / driver / torch
+#   test         pytest -m cuda: every CUDA test must run (a skip fails the phase) and pass
+#   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
+#   bench        the issues' target numbers: bench_merge.py (attention, vs eager and torch.compile),
+#                bench_fc6.py (fp32 / TF32 / bf16 vs cuDNN), bench_e2e.py (training and inference, fp32 /
+#                TF32 / bf16, ours vs the references); each under a time limit, 420 s in all
+#   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last (about 2 minutes)
+#   sanitize     compute-sanitizer memcheck (without PyTorch's caching allocator), racecheck and synccheck
+#                on benchmarks/cuda_sanitize.py (one forward and backward of every CUDA kernel path),
+#                after checking that compute-sanitizer runs on the machine at all
+# A session has about 15 device minutes, machine starts included, and each call at most 10.  Build here
+# first, at no device time, and carry the result; then, most important first:
 #   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
-#   run: bash benchmarks/gpu_proof.sh build test sanitize   carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
-#   run: bash benchmarks/gpu_proof.sh build bench           (same carry)
+#   run:  bash benchmarks/gpu_proof.sh build test bench          carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
+#   run:  bash benchmarks/gpu_proof.sh build sanitize bench_extra   (same carry, if device time is left)
 # Without a carried build (or if it does not load there) the build phase compiles on the machine, for
 # sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise.
 # Everything goes to $OUT (the folder the device tool returns; ./gpu_out elsewhere): proof.log (all phases),
@@ -61,21 +66,40 @@ for phase in "$@"; do
         failed+=("test: CUDA tests skipped")
         say "FAILED: CUDA tests were skipped"
       fi
-      run "$PY" -m pytest -q tests
+      ;;
+    test_all)
+      run "$PY" -m pytest -q -m "not cuda" tests
       ;;
     sanitize)
-      for tool in memcheck racecheck; do
-        run compute-sanitizer --tool "$tool" --error-exitcode 1 "$PY" benchmarks/cuda_sanitize.py
-      done
+      # Does compute-sanitizer work on this machine at all (it refused the device under gVisor)?
+      if ! timeout 120 compute-sanitizer --tool memcheck --error-exitcode 86 "$PY" -c \
+          'import torch; torch.ones(1, device="cuda").sum().item()' >>"$LOG" 2>&1; then
+        failed+=("sanitize: compute-sanitizer does not run on this machine (log: proof.log); kernels not checked")
+        say "compute-sanitizer unusable here: sanitize phase skipped"
+        continue
+      fi
+      # exit 86: the sanitizer found an error; 1: cuda_sanitize.py's own comparison failed; 124: timeout.
+      # memcheck without PyTorch's caching allocator, whose 2 MB blocks would hide small overruns.
+      run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 86 \
+        "$PY" benchmarks/cuda_sanitize.py
+      run timeout 180 compute-sanitizer --tool racecheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
+      run timeout 90 compute-sanitizer --tool synccheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
       ;;
     bench)
-      run "$PY" benchmarks/bench_merge.py --modes all --json "$OUT/merge.json"
-      run "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"
-      run "$PY" benchmarks/bench_e2e.py --device cuda --json "$OUT/e2e.json"
-      run "$PY" benchmarks/bench_e2e.py --device cuda --channels-last --precisions bf16 --json "$OUT/e2e_channels_last.json"
+      # each under a time limit (420 s in all); the JSON files hold what was measured
+      run timeout 150 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
+        --json "$OUT/merge.json"
+      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"
+      run timeout 170 "$PY" benchmarks/bench_e2e.py --device cuda --json "$OUT/e2e.json"
+      ;;
+    bench_extra)
+      run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \
+        --json "$OUT/merge_avg_max.json"
+      run timeout 75 "$PY" benchmarks/bench_e2e.py --device cuda --channels-last --precisions bf16 \
+        --json "$OUT/e2e_channels_last.json"
       ;;
     *)
-      say "unknown phase '$phase' (build, test, sanitize, bench)"
+      say "unknown phase '$phase' (build, test, test_all, bench, bench_extra, sanitize)"
       failed+=("unknown phase $phase")
       ;;
   esac

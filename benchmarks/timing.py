@@ -5,8 +5,6 @@ rounds (a, b, c, a, b, c, ...) and only ratios of medians from the same run are 
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
 
 import torch.utils.benchmark as tb
@@ -25,10 +23,10 @@ def interleaved_ms(fns: dict, threads: int, rounds: int, number: int = 1) -> dic
     return {k: statistics.median(v) * 1e3 for k, v in out.items()}
 
 
-def write_json(path: str, doc: dict) -> None:
-    """``--json PATH``: the results, written atomically (temp file, rename), folders created."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+def write_json(path: str, doc: dict, quiet: bool = False) -> None:
+    """``--json PATH``: the results as strict JSON (NaN as null), written atomically (temp file,
+    rename), folders created (``attnscale.evaluate.write_json``)."""
+    from attnscale.evaluate import write_json as write
+    write(path, doc)
+    if not quiet:
+        print(f"wrote {path}")

@@ -344,6 +344,22 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     assert "conv1_1.weight" in init_from_caffemodel(m, p)
 
 
+@pytest.mark.cuda
+def test_resume_on_cuda(tmp_path):
+    """A CUDA run resumes: the checkpoint's RNG states go back to torch as CPU byte tensors and the
+    momentum history to the parameters' device; the resumed run ends where an uninterrupted one does
+    (up to cuDNN's non-deterministic sums)."""
+    a = _tiny(tmp_path / "a", device="cuda")
+    ra = train(a, progress=False)
+    b = _tiny(tmp_path / "b", device="cuda")
+    train(b, progress=False, stop_at=2)
+    rb = train(b, resume=True, progress=False)
+    assert ra.iterations == rb.iterations == 4
+    ca, cb = load_checkpoint(ra.checkpoint), load_checkpoint(rb.checkpoint)
+    for k, v in ca["model"].items():
+        torch.testing.assert_close(cb["model"][k], v, rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     """--resume continues the same run: a changed batch, iter_size or weight decay would silently mix
     two configs (the data position and the optimizer's groups come from the checkpoint); only the
