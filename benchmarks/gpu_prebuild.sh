@@ -29,7 +29,9 @@ find_python() {
   return 1
 }
 
-if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
+# a venv is ready when it holds that torch and the other requirements (an interrupted set-up is redone)
+if ! "$VENV/bin/python" -c "import sys, torch, numpy, scipy, h5py, cv2, google.protobuf, pytest, hypothesis
+sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
   PY=$(find_python) || { echo "gpu_prebuild: no Python 3.12 here (the GPU machines run 3.12); set GPU_PYTHON" >&2; exit 2; }
   echo "== gpu_prebuild: venv $VENV ($("$PY" --version)), torch $TORCH"
   "$PY" -m venv "$VENV"
