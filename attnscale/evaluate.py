@@ -8,8 +8,9 @@ score is the PASCAL VOC IoU of every class, ``TP / (TP + FP + FN)``, averaged ov
 class that occurs neither in the ground truth nor in a prediction scores 0 and still counts in the
 mean (its ``per_class_iou`` entry is ``null``; ``miou_present_classes`` is the mean over the other
 classes).  On the full VOC val set every class occurs, so this matters for subsets
-(``--max-images``), small data sets and rare classes.  Optionally writes, per image, a PNG with the
-image, the ground truth, the prediction and one heat map of merge weights per scale (the paper's
+(``--max-images``), small data sets and rare classes.  With ``--attention-dir``, writes for each of the
+first ``--attention-images`` (10) images a PNG ``NNNN_<image>.png``: image, ground truth, prediction and
+one heat map of merge weights per scale (the attention weights, or the max / avg merge's; the paper's
 Figs. 4-6).
 """
 from __future__ import annotations
@@ -223,8 +224,9 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default="", help="default: OUT_DIR/checkpoint.pt of the config")
     ap.add_argument("--out", default="", help="JSON results file (default OUT_DIR/eval.json)")
     ap.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only")
-    ap.add_argument("--attention-dir", default="", help="write attention-map PNGs here")
-    ap.add_argument("--attention-images", type=int, default=10)
+    ap.add_argument("--attention-dir", default="", help="write merge-weight figures (PNG) here")
+    ap.add_argument("--attention-images", type=int, default=10, help="how many images, from the first, get a "
+                    "figure (default 10)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-root", default=None, help="override config.data_root")
     a = ap.parse_args(argv)

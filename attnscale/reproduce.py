@@ -4,7 +4,7 @@ Every row of a table is a :class:`~attnscale.config.TrainConfig` (baseline DeepL
 {1, 0.5} and {1, 0.75, 0.5}; max / average / attention merging; without and with extra
 supervision = 13 rows).  Each row is trained (``attnscale.train``) and evaluated
 (``attnscale.evaluate``) in its own run folder; a row whose evaluation already exists for the
-same config and the same val images is skipped, a row with a partial checkpoint resumes -- so the
+same config and the same number of val images is skipped, a row with a partial checkpoint resumes -- so the
 command can be interrupted and re-run.  Results go to ``OUT/table<N>[_synthetic][_quick].json`` and
 ``.md`` with the paper's number, ours and the difference in every cell; with ``--rows``, the other
 rows' earlier results fill their cells.
@@ -174,8 +174,8 @@ def metric_of(res: dict, metric: str) -> float:
 
 def _drop_stale_checkpoint(cfg: TrainConfig, log=print) -> bool:
     """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it).  A checkpoint of
-    another config, or one that cannot be read, is kept as ``checkpoint.pt.stale`` (never deleted:
-    it may be hours of training) and the row retrains."""
+    another config, or one that cannot be read, is kept as ``checkpoint.pt.stale`` (``.stale.1``, ...
+    beside older ones; never deleted: it may be hours of training) and the row retrains."""
     from .train import CHECKPOINT, load_checkpoint
     ck = os.path.join(cfg.out_dir, CHECKPOINT)
     if not os.path.isfile(ck):
@@ -187,8 +187,13 @@ def _drop_stale_checkpoint(cfg: TrainConfig, log=print) -> bool:
     except (TypeError, ValueError) as e:
         same, why = False, f"cannot be used ({e})"
     if not same:
-        log(f"  {ck} {why}: kept as {CHECKPOINT}.stale, retraining")
-        os.replace(ck, ck + ".stale")
+        stale = ck + ".stale"
+        k = 0
+        while os.path.exists(stale):
+            k += 1
+            stale = f"{ck}.stale.{k}"
+        log(f"  {ck} {why}: kept as {os.path.basename(stale)}, retraining")
+        os.replace(ck, stale)
     return same
 
 

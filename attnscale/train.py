@@ -20,9 +20,11 @@ Caffe ``SGDSolver`` semantics, exactly:
 
 Checkpoints are atomic (temporary file + fsync + ``os.replace``) and hold the model, the momentum
 history, the iteration, the torch/numpy/python RNG states and the data position, so
-``--resume`` continues bit-for-bit as if never interrupted.  Under ``torchrun`` (``WORLD_SIZE >
-1``) the model is wrapped in DistributedDataParallel and every rank reads its own shard of each
-epoch's permutation; nothing changes otherwise.
+``--resume`` continues bit-for-bit as if never interrupted (and refuses a checkpoint written by
+another config).  Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel (NCCL for a CUDA device, gloo otherwise) and every rank reads its own shard of
+each epoch's permutation; each rank draws ``batch_size x iter_size`` images per update, so the batch
+grows with the rank count.
 """
 from __future__ import annotations
 
@@ -206,9 +208,9 @@ def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:
     (blob 0 -> ``.weight``, blob 1 -> ``.bias``); layers of the file the model lacks are skipped
     (ImageNet's ``fc8`` when the model's classifier is ``fc8_voc12``), layers of the model the file
     lacks keep their fresh initialisation (classifier, attention head); a same-named layer whose
-    blob shapes differ is an error, as in Caffe.  ``weights``: a ``.caffemodel`` /
-    ``.caffemodel.h5`` (read with ``prototxt_import.read_weights``) or one of our
-    ``checkpoint.pt`` files.  Returns the parameter names copied."""
+    blob count or shapes differ is an error, as in Caffe.  ``weights``: a ``.caffemodel`` /
+    ``.caffemodel.h5`` (read with ``prototxt_import.read_weights``) or a ``.pt`` (one of our
+    checkpoints, or a bare ``state_dict``).  Returns the parameter names copied."""
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"init weights not found: {weights} (config.init / --init)")
     own = dict(model.named_parameters())

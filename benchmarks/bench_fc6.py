@@ -88,7 +88,7 @@ class Result:
     tflops_nominal: float
     tflops_live: float
     pct_peak: float | None
-    max_rel_err: float | None  # forward output vs the fp32/fp64 reference
+    max_rel_err: float | None  # forward output's norm-wise relative error against a float64 convolution
 
 
 def _sync(device: str) -> None:
@@ -257,6 +257,7 @@ def main(argv=None) -> int:
                 for bwd in passes:
                     results += run_shape("cpu", n, h, cpu_methods(), bwd, repeats, warmup, threads, None)
                     print(f"done threads={threads} N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
+                    save_json(args.json, meta, results, complete=False)
     else:
         name = torch.cuda.get_device_name()
         peaks = gpu_peaks(name)
@@ -266,17 +267,28 @@ def main(argv=None) -> int:
             for bwd in passes:
                 results += run_shape("cuda", n, h, gpu_methods(), bwd, repeats, warmup, None, peaks)
                 print(f"done N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
+                save_json(args.json, meta, results, complete=False)
     print()
     print(json.dumps(meta))
     print(format_table(results))
-    bad = [r for r in results if not r.max_rel_err <= MAX_REL_ERR[r.precision]]
+    bad = wrong(results)
     for r in bad:
         print(f"WRONG RESULT: {r.method} N={r.n} H={r.h}: relative error {r.max_rel_err:.1e} > "
               f"{MAX_REL_ERR[r.precision]:.0e} ({r.precision})")
-    if args.json:
-        write_json(args.json, {"meta": meta, "results": [asdict(r) for r in results],
-                               "wrong_results": [asdict(r) for r in bad]})
+    save_json(args.json, meta, results)
     return 1 if bad else 0
+
+
+def wrong(results: list) -> list:
+    """The results whose forward error exceeds their precision's bound (``MAX_REL_ERR``)."""
+    return [r for r in results if not r.max_rel_err <= MAX_REL_ERR[r.precision]]
+
+
+def save_json(path, meta: dict, results: list, complete: bool = True) -> None:
+    """``--json``: written after every shape too, so a run stopped by a time limit keeps its rows."""
+    if path:
+        write_json(path, {"meta": meta, "complete": complete, "results": [asdict(r) for r in results],
+                          "wrong_results": [asdict(r) for r in wrong(results)]}, quiet=not complete)
 
 
 if __name__ == "__main__":

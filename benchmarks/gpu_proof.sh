@@ -72,7 +72,7 @@ for phase in "$@"; do
       ;;
     sanitize)
       # Does compute-sanitizer work on this machine at all (it refused the device under gVisor)?
-      if ! timeout 120 compute-sanitizer --tool memcheck --error-exitcode 86 "$PY" -c \
+      if ! timeout 60 compute-sanitizer --tool memcheck --error-exitcode 86 "$PY" -c \
           'import torch; torch.ones(1, device="cuda").sum().item()' >>"$LOG" 2>&1; then
         failed+=("sanitize: compute-sanitizer does not run on this machine (log: proof.log); kernels not checked")
         say "compute-sanitizer unusable here: sanitize phase skipped"
@@ -80,13 +80,15 @@ for phase in "$@"; do
       fi
       # exit 86: the sanitizer found an error; 1: cuda_sanitize.py's own comparison failed; 124: timeout.
       # memcheck without PyTorch's caching allocator, whose 2 MB blocks would hide small overruns.
-      run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 180 compute-sanitizer --tool memcheck --error-exitcode 86 \
+      # (360 s in all: with bench_extra, within one 600 s device call)
+      run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 86 \
         "$PY" benchmarks/cuda_sanitize.py
-      run timeout 180 compute-sanitizer --tool racecheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
-      run timeout 90 compute-sanitizer --tool synccheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
+      run timeout 150 compute-sanitizer --tool racecheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
+      run timeout 60 compute-sanitizer --tool synccheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
       ;;
     bench)
-      # each under a time limit (420 s in all); the JSON files hold what was measured
+      # each under a time limit (420 s in all); the JSON files are written as the rows come, so a run
+      # stopped by its limit keeps what it measured
       run timeout 150 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
       run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"

@@ -96,7 +96,8 @@ def test_stale_or_unreadable_checkpoint_is_kept_aside_not_deleted(tmp_path):
     assert not ck.exists() and (tmp_path / "checkpoint.pt.stale").exists()
     ck.write_bytes(b"torn")
     assert _drop_stale_checkpoint(cfg, log=lambda *_: None) is False
-    assert (tmp_path / "checkpoint.pt.stale").read_bytes() == b"torn"
+    assert (tmp_path / "checkpoint.pt.stale.1").read_bytes() == b"torn"   # beside the older one
+    assert (tmp_path / "checkpoint.pt.stale").stat().st_size > 100
     atomic_save({"iter": 1, "model": {}, "config": cfg.to_dict()}, str(ck))
     assert _drop_stale_checkpoint(cfg, log=lambda *_: None) is True and ck.exists()
 
