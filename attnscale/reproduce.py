@@ -206,7 +206,8 @@ def eval_images(cfg: TrainConfig, max_eval: int) -> int:
 
 def reusable_eval(cfg: TrainConfig, max_eval: int) -> Optional[dict]:
     """``out_dir/eval.json`` if it was made by this config over the images this evaluation would
-    cover (a quick ``--max-eval`` look is never taken for the full evaluation), else None."""
+    cover (a quick ``--max-eval`` look is never taken for the full evaluation) and with the current
+    mIoU rule (MyVOCevalseg's, which added ``miou_present_classes``), else None."""
     ev_path = os.path.join(cfg.out_dir, "eval.json")
     if not os.path.isfile(ev_path):
         return None
@@ -215,7 +216,8 @@ def reusable_eval(cfg: TrainConfig, max_eval: int) -> Optional[dict]:
             res = json.load(f)
     except (OSError, ValueError):
         return None
-    if res.get("config_key") != config_key(cfg) or res.get("num_images") != eval_images(cfg, max_eval):
+    if (res.get("config_key") != config_key(cfg) or res.get("num_images") != eval_images(cfg, max_eval)
+            or "miou_present_classes" not in res):
         return None
     return res
 

@@ -83,6 +83,9 @@ def test_quick_synthetic_table_end_to_end_and_resumable(tmp_path):
     ev = json.loads((run / "eval.json").read_text())
     (run / "eval.json").write_text(json.dumps(dict(ev, num_images=1)))
     assert reusable_eval(cfg, 0) is None and reusable_eval(cfg, 1) is not None
+    # an evaluation made before MyVOCevalseg's mIoU rule is redone
+    (run / "eval.json").write_text(json.dumps({k: v for k, v in ev.items() if k != "miou_present_classes"}))
+    assert reusable_eval(cfg, 0) is None
 
 
 def test_stale_or_unreadable_checkpoint_is_kept_aside_not_deleted(tmp_path):
