@@ -162,6 +162,15 @@ def _relu(g: _Graph, node, role: str):
     return (i, 0)
 
 
+def _relu_dropout(g: _Graph, node, role: str, ratios: list):
+    """ReLU then an optional Dropout, or the Dropout first: the same function (Dropout's mask times
+    1 / (1 - ratio) is non-negative, so it commutes with the ReLU; identity at test time)."""
+    types = {g.lps[i].type for i in g.consumers[node]}
+    if "ReLU" not in types and "Dropout" in types:
+        return _relu(g, _dropout(g, node, role, ratios), role)
+    return _dropout(g, _relu(g, node, role), role, ratios)
+
+
 def _dropout(g: _Graph, node, role: str, ratios: list):
     """An optional Dropout on ``node`` (identity at test time); its ratio is appended to ``ratios``."""
     read = [i for i in g.consumers[node] if g.lps[i].type == "Dropout" and g.consumers[(i, 0)]]
@@ -199,7 +208,7 @@ def _walk_branch(g: _Graph, start, scale: float, width: float, num_classes: int 
     for name, out, k, pad, dil in (("fc6", FC6["out"], FC6["kernel"], FC6["pad"], FC6["dilation"]),
                                    ("fc7", FC7_OUT, 1, 0, 1)):
         i = convs[name] = _conv(g, x, f"{name}, {at}", _ch(out, width), k, pad, dil)
-        x = _dropout(g, _relu(g, (i, 0), f"{name}, {at}"), f"{name}, {at}", ratios)
+        x = _relu_dropout(g, (i, 0), f"{name}, {at}", ratios)
     i = convs["classifier"] = _conv(g, x, f"the classifier on fc7, {at}", num_classes, 1)
     return _Branch(scale, convs, x, (i, 0))
 
@@ -272,7 +281,8 @@ def _axis1(axis: int, role: str, g: _Graph, i: int) -> None:
 
 def _attention_head(g: _Graph, scores: dict, feats: dict, width: float, ratios: list):
     """Trace the attention pattern back from the scores: SpatialProduct(score_s, slice_k) -> Eltwise SUM;
-    Slice <- Softmax <- att_conv2 <- [Dropout] <- ReLU <- att_conv1 <- Concat(fc7 of every scale).
+    Slice <- Softmax <- att_conv2 <- [Dropout] <- ReLU <- att_conv1 <- Concat(fc7 of every scale)
+    (the Dropout may also come before the ReLU: the same function).
     Returns (scales in Concat order, Eltwise index, {"att_conv1": i, "att_conv2": i})."""
     from attnscale.model import ATT1_OUT, _ch
 
@@ -305,16 +315,20 @@ def _attention_head(g: _Graph, scores: dict, feats: dict, width: float, ratios: 
     _axis1(g.lps[sm].softmax_param.axis, "the attention Softmax", g, sm)
     a2 = g.single(g.producer(g.bottoms[sm][0], "Convolution", "the attention Softmax's input"), "att_conv2")
     _expect(g, a2, "att_conv2", _geometry(g, a2, L.conv_geometry), L.ConvGeometry(S, (1, 1), (1, 1), (0, 0), (1, 1), 1, True))
-    x = g.bottoms[a2][0]
-    if isinstance(x[0], int) and g.lps[x[0]].type == "Dropout":
-        ratios.append((float(g.lps[x[0]].dropout_param.dropout_ratio), g.lps[x[0]].name))
-        x = g.bottoms[g.single(x[0], "att_drop1")][0]
-    else:
-        ratios.append((0.0, "att_conv1"))
+    def dropout_before(x):  # an optional Dropout producing x: (its ratio, name) and its input, else None
+        if isinstance(x[0], int) and g.lps[x[0]].type == "Dropout":
+            return (float(g.lps[x[0]].dropout_param.dropout_ratio), g.lps[x[0]].name), g.bottoms[g.single(x[0], "att_drop1")][0]
+        return None, x
+
+    drop, x = dropout_before(g.bottoms[a2][0])
     relu = g.single(g.producer(x, "ReLU", "att_conv2's input"), "att_relu1")
     if g.lps[relu].relu_param.negative_slope != 0:
         raise CaffeImportError(f"{g.source}: layer {g.lps[relu].name!r}: a leaky ReLU; attnscale's model has a plain one")
-    a1 = g.single(g.producer(g.bottoms[relu][0], "Convolution", "the attention ReLU's input"), "att_conv1")
+    x = g.bottoms[relu][0]
+    if drop is None:
+        drop, x = dropout_before(x)
+    ratios.append(drop or (0.0, "att_conv1"))
+    a1 = g.single(g.producer(x, "Convolution", "the attention ReLU's input"), "att_conv1")
     _expect(g, a1, "att_conv1", _geometry(g, a1, L.conv_geometry),
             L.ConvGeometry(_ch(ATT1_OUT, width), (3, 3), (1, 1), (1, 1), (1, 1), 1, True))
     cat = g.producer(g.bottoms[a1][0], "Concat", "att_conv1's input")

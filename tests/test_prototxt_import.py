@@ -800,13 +800,23 @@ EQUIVALENT_EDITS = {
                                            'name: "drop7_res075" type: "Dropout" bottom: "fc7_res075" top: "unused"'),
     "no att_drop1": lambda t: _sub(t, 'layer { name: "att_drop1" type: "Dropout" bottom: "att_conv1" top: "att_conv1" '
                                       'dropout_param { dropout_ratio: 0.5 } }\n', ""),
+    "Dropout before ReLU": lambda t: _swap(_swap(t, "relu6_res05", "drop6_res05"), "att_relu1", "att_drop1"),
 }
+
+
+def _swap(text: str, first: str, second: str) -> str:
+    """Exchange the lines of two (in-place) layers, so that ``second`` runs before ``first``."""
+    lines = text.splitlines(keepends=True)
+    i = next(k for k, ln in enumerate(lines) if f'name: "{first}"' in ln)
+    j = next(k for k, ln in enumerate(lines) if f'name: "{second}"' in ln)
+    lines[i], lines[j] = lines[j], lines[i]
+    return "".join(lines)
 
 
 @pytest.mark.parametrize("edit", list(EQUIVALENT_EDITS))
 def test_to_attnscale_follows_the_data_not_the_names(tmp_path, edit):
     """Spellings Caffe runs the same way (explicit Interp size, a Split, a ReLU out of place, a Dropout
-    whose output nothing reads) convert to the same model; a Dropout missing at one site is noted (it
+    whose output nothing reads, a Dropout before its ReLU) convert to the same model; a Dropout missing at one site is noted (it
     only matters in training)."""
     text = EQUIVALENT_EDITS[edit](deeplab_prototxt((1.0, 0.75, 0.5), "attention", width=W, size=SIZE))
     net = pi.load_net(text, use_ops=False)
