@@ -3,8 +3,8 @@
 The CPU kernels (csrc/**/*.cpp outside cuda/) are always built.  The CUDA
 kernels (csrc/**/cuda/*.cu and their csrc/**/cuda/*.cpp glue) are built when
 the installed torch is a CUDA build and nvcc is found; ``ATTNSCALE_CUDA=0``
-or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` drops ``-march=native``;
-``ATTNSCALE_MARCH=x86-64-v3`` (say) builds for that target instead, for a build that
+or ``=1`` forces the choice.  ``ATTNSCALE_NATIVE=0`` builds with no ``-march`` at all;
+``ATTNSCALE_MARCH=x86-64-v3`` (say) builds for that target instead of ``native``, for a build that
 runs on another machine (benchmarks/gpu_prebuild.sh).  ``ATTNSCALE_CUDA_ARCHS`` lists
 the compute capabilities to build for (default ``80,90``; the last one's PTX is
 embedded too, so newer GPUs JIT the kernels).

@@ -293,6 +293,8 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
               reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "auto") -> dict:
     if table not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
+    if max_eval < 0:
+        raise ValueError(f"--max-eval must be >= 0 (0: every val image), got {max_eval}")
     spec = TABLES[table]
     all_rows = table_rows()
     requested = {r.id for r in all_rows}

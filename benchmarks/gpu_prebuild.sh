@@ -13,7 +13,8 @@
 #   bash benchmarks/gpu_prebuild.sh --check  # and run the op and benchmark smoke tests under that torch
 #
 # GPU_VENV=path picks the venv, GPU_PYTHON=path the interpreter (default: a Python 3.12 found on PATH or
-# under pyenv).  Exit status 3: pip found no torch 2.11.0 wheel (no index or network here).
+# under pyenv).  Exit status 3: pip found no torch 2.11.0 wheel (no index or network here); 2: no Python
+# 3.12, or a cp312 build it did not make is in the way (GPU_PREBUILD_FORCE=1 replaces it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH=2.11.0
@@ -45,6 +46,13 @@ sys.exit(torch.__version__.split('+')[0] != '$TORCH')" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q -r "$WORK/requirements-no-torch.txt"
 fi
 
+SO=attnscale/_C.cpython-312-x86_64-linux-gnu.so
+# On a machine whose own Python is 3.12 the local build has this very name: never replace it unasked.
+if [ -f "$SO" ] && ! sha256sum -c --status "$WORK/stamp" 2>/dev/null && [ "${GPU_PREBUILD_FORCE:-0}" != 1 ]; then
+  echo "gpu_prebuild: $SO exists and was not made by this script (a local Python 3.12 build?);" \
+       "GPU_PREBUILD_FORCE=1 replaces it" >&2
+  exit 2
+fi
 echo "== gpu_prebuild: building attnscale._C (CUDA sm_90, CPU x86-64-v3; log: $WORK/build.log)"
 rm -f attnscale/_C.cpython-312-*.so
 if ! ATTNSCALE_CUDA=1 ATTNSCALE_CUDA_ARCHS=90 ATTNSCALE_MARCH=x86-64-v3 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
@@ -55,6 +63,7 @@ if ! ATTNSCALE_CUDA=1 ATTNSCALE_CUDA_ARCHS=90 ATTNSCALE_MARCH=x86-64-v3 MAX_JOBS
   exit 1
 fi
 grep "attnscale: building" "$WORK/build.log"
+sha256sum "$SO" >"$WORK/stamp"
 "$VENV/bin/python" - <<'PY'
 import torch
 import attnscale.ops as o

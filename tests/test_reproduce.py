@@ -123,6 +123,8 @@ def test_bad_row_and_table_names():
         reproduce(3, quick=True, rows=["s4-max"], progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="table"):
         reproduce(4, quick=True, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--max-eval must be >= 0"):   # before any row trains
+        reproduce(3, quick=True, max_eval=-1, progress=False, log=lambda *_: None)
 
 
 def test_voc_layout_on_disk_trains_and_evaluates(tmp_path):
