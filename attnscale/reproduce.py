@@ -106,7 +106,9 @@ def real_config(spec: TableSpec, row: Row, data_root: str, init: str, iters: int
     return cfg.validate()
 
 
-SYNTH = dict(width=1 / 16, synthetic_size=65, crop_size=65, test_crop_size=65, synthetic_train=400,
+# 161 px images: at 65 px the net's receptive field covers every object at scale 1 and merging scales
+# gains nothing; at 161 px the direction of the paper's effect shows (benchmarks/RESULTS.md, seventh session).
+SYNTH = dict(width=1 / 16, synthetic_size=161, crop_size=161, test_crop_size=161, synthetic_train=400,
              synthetic_val=60, batch_size=10, iter_size=1, clip_gradients=10.0, display=10,
              dropout=0.0,        # at 1/16 width, dropout 0.5 on 64-channel fc6/fc7 stalls learning
              torch_threads=1)    # tiny convs: one thread is fastest, and robust on a busy CPU
@@ -138,7 +140,7 @@ def _quick(cfg: TrainConfig) -> None:
 
 def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: bool,
                      workers: int, init: str = "") -> TrainConfig:
-    """Reduced-width net on the built-in synthetic set, sized for a 2-core CPU (<= 10 min / 13 rows),
+    """Reduced-width net on the built-in synthetic set, sized for a 2-core CPU (about 15 min / 13 rows),
     fine-tuned from the synthetic pre-training like the paper's rows from vgg16_20M."""
     cfg = TrainConfig(dataset="synthetic", scales=list(row.scales), merge=row.merge,
                       extra_supervision=row.esupv, device=device, out_dir=run_dir, workers=workers,
