@@ -39,6 +39,7 @@ FC7_OUT = 1024
 ATT1_OUT = 512
 MERGES = ("attention", "max", "avg")
 CONV_IMPLS = ("auto", "torch", "winograd", "winograd4")
+FC6_IMPLS = ("auto", "ops", "torch")
 
 
 def scale_suffix(scale: float) -> str:
@@ -83,6 +84,10 @@ class AttentionToScale(nn.Module):
             "torch" with ``use_reference_ops``.  Each weight's Winograd transform is kept until the weight
             changes, so the scales of one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full
             net).
+        fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
+            the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
+            CPU, where it beats oneDNN, and "torch" on a GPU, where cuDNN ran fc6 5-23x faster than our CUDA
+            kernel on an H200 (benchmarks/RESULTS.md, 2026-11-26).  Ignored with ``use_reference_ops``.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
@@ -92,7 +97,8 @@ class AttentionToScale(nn.Module):
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
-                 dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto"):
+                 dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
+                 fc6_impl: str = "auto"):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -107,6 +113,8 @@ class AttentionToScale(nn.Module):
             raise ValueError(f"merge must be one of {MERGES} for {len(scales)} scales, got {merge!r}")
         if conv_impl not in CONV_IMPLS:
             raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}")
+        if fc6_impl not in FC6_IMPLS:
+            raise ValueError(f"fc6_impl must be one of {FC6_IMPLS}, got {fc6_impl!r}")
         if not (width > 0):
             raise ValueError(f"width must be > 0, got {width}")
         if not (0 <= dropout < 1):
@@ -122,6 +130,7 @@ class AttentionToScale(nn.Module):
         self.width = float(width)
         self.use_reference_ops = bool(use_reference_ops)
         self.conv_impl = conv_impl
+        self.fc6_impl = fc6_impl
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
@@ -216,7 +225,10 @@ class AttentionToScale(nn.Module):
 
     # ----------------------------------------------------------------------------------- forward
     def _dilated(self, x, conv: nn.Conv2d):
-        fn = dilated_conv2d_reference if self.use_reference_ops else dilated_conv2d
+        impl = self.fc6_impl
+        if impl == "auto":
+            impl = "torch" if x.is_cuda else "ops"
+        fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
     def _conv(self, x, name: str, relu: bool = False):

@@ -14,7 +14,8 @@ the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 conv
 Without gradients every variant, "reference" included, uses the CPU inference kernels of
 ``caffe.pool2d`` (max pooling) and ``caffe.interp``, so on a CPU "reference" is faster than plain eager
 PyTorch there.  "ops" passes ``conv_impl="torch"``; the default ``conv_impl="auto"`` is "ops+winograd"
-in inference and "ops" in training.
+in inference and "ops" in training.  "ops" also keeps the model's default ``fc6_impl="auto"``: our
+``dilated_conv2d`` on a CPU, cuDNN on a GPU; on a GPU, "ops+fc6" runs fc6 through our CUDA kernel.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
 ``torch.compile`` of our model is measured with ``--compile``.
@@ -43,7 +44,7 @@ from timing import write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+fc6" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -87,7 +88,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
     parts = variant.split("+")
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
                          use_reference_ops=(parts[0] == "reference"),
-                         conv_impl=next((q for q in parts if q.startswith("winograd")), "torch")).to(device)
+                         conv_impl=next((q for q in parts if q.startswith("winograd")), "torch"),
+                         fc6_impl="ops" if "fc6" in parts else "auto").to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -166,7 +168,7 @@ def main(argv=None) -> int:
     reps = args.reps or (10 if cuda else 3)
     # ops+winograd(4): also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or
     # F(4x4, 3x3) (CPU only)
-    variants = (["reference", "ops"] + ([] if cuda else ["ops+winograd", "ops+winograd4"])
+    variants = (["reference", "ops"] + (["ops+fc6"] if cuda else ["ops+winograd", "ops+winograd4"])
                 + (["ops+compile"] if args.compile else []))
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),

@@ -38,6 +38,12 @@ def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t.to(dtype).to(torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def leaf(t: torch.Tensor, dev: str, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh leaf copy of ``t`` on one side: its own ``.grad``, never shared with the other side's
+    (``t.to`` returns ``t`` itself when nothing changes, and a non-leaf once ``t`` requires grad)."""
+    return t.detach().to(dev, dev_dtype(dev, dtype), copy=True).requires_grad_()
+
+
 def report(failures: list, name: str, bad: list) -> None:
     failures.extend(f"{name}: output {i} differs from the CPU kernel" for i in bad)
     print(f"{'FAIL' if bad else 'ok  '}{name}", flush=True)
@@ -48,7 +54,9 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
-def close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:
+def close(a: torch.Tensor | None, b: torch.Tensor | None, tol: float) -> bool:
+    if a is None or b is None:  # a gradient that was never written
+        return False
     a, b = a.double().cpu(), b.double().cpu()
     return bool(torch.isfinite(a).all()) and (a - b).norm().item() <= tol * max(b.norm().item(), 1e-30)
 
@@ -63,8 +71,8 @@ def check_scale_merge(failures: list) -> None:
                 g = rounded(torch.randn(2, 5, sizes[0], sizes[0] + 1, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                    sc = [t.to(dev, dev_dtype(dev, dtype)).requires_grad_() for t in cpu]
-                    lgd = lg.to(dev, dev_dtype(dev, dtype)).requires_grad_()
+                    sc = [leaf(t, dev, dtype) for t in cpu]
+                    lgd = leaf(lg, dev, dtype)
                     out, w = scale_merge(sc, lgd if mode == "attention" else None, mode)
                     out.backward(g.to(dev, out.dtype))
                     sync(dev)
@@ -92,7 +100,7 @@ def check_dilated_conv(failures: list) -> None:
         torch.backends.cudnn.allow_tf32 = allow_tf32   # the CUDA float32 kernel's choice (TF32 or SIMT)
         try:
             for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                xs, ws, bs = (t.to(dev, dev_dtype(dev, dtype)).requires_grad_() for t in (x, wt, b))
+                xs, ws, bs = (leaf(t, dev, dtype) for t in (x, wt, b))
                 y = dilated_conv2d(xs, ws, bs, dilation=d, padding=d)
                 y.backward(gy.to(dev, y.dtype))
                 sync(dev)

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Issue 7 on a lent GPU machine (device tool), in few calls.  Phases, run in the order given:
+# Issue 7 on a lent GPU machine (device tool), in one call.  Phases, run in the order given:
 #   build        use the carried build (see below) or pip install -e . against the machine's CUDA torch
 #                (no downloads: --no-deps); check the CUDA kernels are in; record device / driver / torch
 #   test         pytest -m cuda: every CUDA test must run (a skip fails the phase) and pass
+#   sanitize     compute-sanitizer memcheck (without PyTorch's caching allocator), racecheck and synccheck,
+#                at once (three processes), on benchmarks/cuda_sanitize.py (one forward and backward of
+#                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
+#   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
+#                log in sanitize.log; at most about 200 s
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        the issues' target numbers: bench_merge.py (attention, vs eager and torch.compile),
-#                bench_fc6.py (fp32 / TF32 / bf16 vs cuDNN), bench_e2e.py (training and inference, fp32 /
-#                TF32 / bf16, ours vs the references); each under a time limit, 420 s in all
+#                merge_kernels.py (kernel launches and GPU time by the profiler), bench_fc6.py (fp32 /
+#                TF32 / bf16 vs cuDNN), bench_e2e.py (training and inference, fp32 / TF32 / bf16, ours
+#                vs the references); each under a time limit, 350 s in all
 #   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last (about 2 minutes)
-#   sanitize     compute-sanitizer memcheck (without PyTorch's caching allocator), racecheck and synccheck
-#                on benchmarks/cuda_sanitize.py (one forward and backward of every CUDA kernel path),
-#                after checking that compute-sanitizer runs on the machine at all
-# A session has about 15 device minutes, machine starts included, and each call at most 10.  Build here
-# first, at no device time, and carry the result; then, most important first:
+# A session has about 15 device minutes, machine start included, and a call at most 10: so one call.
+# Build here first, at no device time, and carry the result:
 #   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
-#   run:  bash benchmarks/gpu_proof.sh build test bench          carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
-#   run:  bash benchmarks/gpu_proof.sh build sanitize bench_extra   (same carry, if device time is left)
+#   run:  bash benchmarks/gpu_proof.sh build check bench     carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
+#         (timeout_s 590: about 30 + 200 + 350 s at most)
+#   then, only in a session with device time left:  bash benchmarks/gpu_proof.sh build bench_extra test_all
 # Without a carried build (or if it does not load there) the build phase compiles on the machine, for
-# sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise.
-# Everything goes to $OUT (the folder the device tool returns; ./gpu_out elsewhere): proof.log (all phases),
-# build.log and the benchmarks' JSON files.  Exits non-zero if any phase failed.
+# sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise (minutes: the other phases' limits then cut them).
+# Everything goes to $OUT (the folder the device tool returns; ./gpu_out elsewhere): proof.log (all phases
+# but sanitize's under check), sanitize.log, build.log and the benchmarks' JSON files.  Exits non-zero if
+# any phase failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -28,7 +33,7 @@ export PYTHONUNBUFFERED=1
 # a carried build is not pip-installed: the scripts in benchmarks/ import this checkout's attnscale
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
-LOG="$OUT/proof.log"
+LOG="$OUT/${PROOF_LOG:-proof.log}"
 failed=()
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
@@ -72,27 +77,51 @@ for phase in "$@"; do
       ;;
     sanitize)
       # Does compute-sanitizer work on this machine at all (it refused the device under gVisor)?
-      if ! timeout 60 compute-sanitizer --tool memcheck --error-exitcode 86 "$PY" -c \
+      if ! timeout 40 compute-sanitizer --tool memcheck --error-exitcode 86 "$PY" -c \
           'import torch; torch.ones(1, device="cuda").sum().item()' >>"$LOG" 2>&1; then
-        failed+=("sanitize: compute-sanitizer does not run on this machine (log: proof.log); kernels not checked")
+        failed+=("sanitize: compute-sanitizer does not run on this machine (log: $LOG); kernels not checked")
         say "compute-sanitizer unusable here: sanitize phase skipped"
         continue
       fi
-      # exit 86: the sanitizer found an error; 1: cuda_sanitize.py's own comparison failed; 124: timeout.
-      # memcheck without PyTorch's caching allocator, whose 2 MB blocks would hide small overruns.
-      # (360 s in all: with bench_extra, within one 600 s device call)
-      run env PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 86 \
-        "$PY" benchmarks/cuda_sanitize.py
-      run timeout 150 compute-sanitizer --tool racecheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
-      run timeout 60 compute-sanitizer --tool synccheck --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py
+      # The three tools at once, each its own process and log; exit 86: the sanitizer found an error,
+      # 1: cuda_sanitize.py's own comparison failed, 124: timeout.  memcheck without PyTorch's caching
+      # allocator, whose 2 MB blocks would hide small overruns.  SANITIZE_TIMEOUT=seconds (default 150) limits each tool.
+      tmp=$(mktemp -d)
+      declare -A pid=()
+      for tool in memcheck racecheck synccheck; do
+        env $([ $tool = memcheck ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1) timeout "${SANITIZE_TIMEOUT:-150}" \
+          compute-sanitizer --tool $tool --error-exitcode 86 "$PY" benchmarks/cuda_sanitize.py \
+          >"$tmp/$tool.log" 2>&1 &
+        pid[$tool]=$!
+      done
+      for tool in memcheck racecheck synccheck; do
+        wait "${pid[$tool]}"; rc=$?
+        say "compute-sanitizer --tool $tool: exit $rc"
+        cat "$tmp/$tool.log" >>"$LOG"
+        [ "$rc" -eq 0 ] || failed+=("sanitize: $tool (exit $rc)")
+      done
+      rm -rf "$tmp"
+      ;;
+    check)
+      # correctness only, so the sanitizers may share the GPU with the tests
+      PROOF_LOG=sanitize.log bash "$0" sanitize >/dev/null 2>&1 &
+      spid=$!
+      run timeout 200 "$PY" -m pytest -q -m cuda -rs tests
+      if grep -q "skipped" <(tail -3 "$LOG"); then
+        failed+=("check: CUDA tests skipped")
+        say "FAILED: CUDA tests were skipped"
+      fi
+      wait "$spid" || failed+=("check: sanitize failed (exit $?; log: sanitize.log)")
+      grep -E "^== |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
       ;;
     bench)
-      # each under a time limit (420 s in all); the JSON files are written as the rows come, so a run
+      # each under a time limit (350 s in all); the JSON files are written as the rows come, so a run
       # stopped by its limit keeps what it measured
-      run timeout 150 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
+      run timeout 110 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
-      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"
-      run timeout 170 "$PY" benchmarks/bench_e2e.py --device cuda --json "$OUT/e2e.json"
+      run timeout 30 "$PY" benchmarks/merge_kernels.py --json "$OUT/merge_kernels.json"
+      run timeout 80 "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"
+      run timeout 130 "$PY" benchmarks/bench_e2e.py --device cuda --json "$OUT/e2e.json"
       ;;
     bench_extra)
       run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \
@@ -101,7 +130,7 @@ for phase in "$@"; do
         --json "$OUT/e2e_channels_last.json"
       ;;
     *)
-      say "unknown phase '$phase' (build, test, test_all, bench, bench_extra, sanitize)"
+      say "unknown phase '$phase' (build, test, sanitize, check, test_all, bench, bench_extra)"
       failed+=("unknown phase $phase")
       ;;
   esac

@@ -73,6 +73,35 @@ def test_cuda_sanitize_dry_run():
         assert subprocess.run([sys.executable, script], cwd=ROOT, capture_output=True).returncode == 2
 
 
+def test_cuda_sanitize_sides_are_independent_leaves():
+    """Each side of cuda_sanitize.py's comparison gets its own leaf copy: on the H200 (2026-11-26) the CPU
+    side's ``requires_grad_()`` made the GPU side's ``.to("cuda")`` a non-leaf whose ``.grad`` stayed None
+    (the script crashed), and in the dry run both sides shared one tensor and so one ``.grad``."""
+    import importlib.util
+    import torch
+    spec = importlib.util.spec_from_file_location("cuda_sanitize", os.path.join(ROOT, "benchmarks", "cuda_sanitize.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    t = torch.randn(3)
+    a = mod.leaf(t, "cpu", torch.float32)
+    b = mod.leaf(t, "cpu", torch.float32)
+    assert a is not t and b is not a and a.is_leaf and b.is_leaf and a.requires_grad
+    (a * 2).sum().backward()
+    assert b.grad is None and t.grad is None
+    assert not mod.close(None, a.grad, 1.0) and mod.close(a.grad, a.grad.clone(), 1e-12)
+
+
+def test_merge_kernels_dry_run(tmp_path):
+    """benchmarks/merge_kernels.py (kernel launches and GPU time of the merge, issue 2's CUDA target) on CPU
+    counts the attnscale ops instead of kernels: one per forward, forward + backward for fwd+bwd."""
+    data, _ = run_bench("merge_kernels.py", "--device", "cpu", "--reps", "1", tmp_path=tmp_path)
+    rows = data["rows"]
+    assert len(rows) == 6
+    for r in rows:
+        assert r["fused_kernels"] == (1 if r["pass"] == "fwd" else 2), r
+        assert r["eager_kernels"] == 0, r
+
+
 def test_gpu_proof_script(tmp_path):
     """benchmarks/gpu_proof.sh parses, and an unknown phase fails with a message in its log."""
     script = os.path.join(ROOT, "benchmarks", "gpu_proof.sh")

@@ -386,6 +386,26 @@ def test_conv_impl_is_checked():
         tiny(conv_impl="fft")
 
 
+@pytest.mark.parametrize("impl,device,ours", [("auto", "cpu", True), ("ops", "cpu", True), ("torch", "cpu", False),
+                                              ("auto", "cuda", False), ("ops", "cuda", True)])
+def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, ours):
+    """fc6_impl: "auto" is our dilated_conv2d on a CPU and cuDNN (F.conv2d) on a GPU, where our CUDA
+    kernel lost to cuDNN by 5-23x on an H200; "ops" / "torch" force one.  The choice follows the input's
+    device."""
+    import types
+    import attnscale.model as model_mod
+    calls = []
+    monkeypatch.setattr(model_mod, "dilated_conv2d", lambda *a, **k: calls.append("ops"))
+    monkeypatch.setattr(model_mod, "dilated_conv2d_reference", lambda *a, **k: calls.append("torch"))
+    m = tiny(merge=None, scales=(1.0,), extra_supervision=False, use_reference_ops=False, fc6_impl=impl)
+    # only the input's device matters to the choice: a stand-in for a CUDA tensor here
+    x = types.SimpleNamespace(is_cuda=True) if device == "cuda" else torch.randn(1, m.fc6.in_channels, 5, 5)
+    m._dilated(x, m.fc6)
+    assert calls == (["ops"] if ours else ["torch"])
+    with pytest.raises(ValueError, match="fc6_impl must be one of"):
+        tiny(fc6_impl="cudnn")
+
+
 # ------------------------------------------------------------------------------------------ training
 def test_training_steps_decrease_loss():
     """A learnable fixed batch (class = colour + noise), tiny net, Caffe param groups, SGD momentum 0.9."""

@@ -380,6 +380,25 @@ def test_cuda_matches_cpu(mode, dtype, tol):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sizes", [((9, 11), (7, 6)), ((13, 13), (10, 10), (7, 7), (5, 5), (4, 4))],
+                         ids=["S2", "S5"])
+def test_cuda_matches_cpu_other_scale_counts(mode, sizes):
+    """The CUDA kernels have an instance for up to 3 scales (fewer registers) and one for up to 8: both
+    against the CPU kernel, float32."""
+    n, c = 2, 3
+    scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-3)
+    gout = torch.randn(n, c, *sizes[0])
+    gw = torch.randn(n, len(sizes), *sizes[0])
+    cpu = run(scale_merge, scores, logits, mode, gout, gw)
+    dev = run(scale_merge, [s.cuda() for s in scores], logits.cuda(), mode, gout.cuda(), gw.cuda())
+    for a, b in zip((cpu[0], cpu[1], *cpu[2]), (dev[0], dev[1], *dev[2])):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    if mode == "attention":
+        torch.testing.assert_close(dev[3].cpu(), cpu[3], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", MODES)
 def test_cuda_backward_deterministic(mode):
     scores, logits = make_inputs(TRAIN, n=3, c=5, mode=mode)
     scores = [s.cuda() for s in scores]

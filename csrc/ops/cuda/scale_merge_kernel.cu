@@ -9,13 +9,17 @@
 // evaluated with __fmul_rn/__fadd_rn so that no FMA contraction makes the forward and the
 // backward's recomputation (max mode re-derives the winning scale) differ by a rounding.
 //
+// Each kernel has two instances: for at most 3 scales (the paper's share-nets; per-scale arrays 3 long,
+// 64 registers in the attention backward instead of 128, so twice the occupancy) and for up to
+// kMaxScales.
+//
 // Forward: a thread per output pixel (n, y, x) and class chunk (blockIdx.y); the per-scale taps
 // and the softmax weights are computed once per thread and reused across its classes.  In max
 // mode there is one chunk, so a thread sees every class of its pixel and writes the per-scale
 // fraction of classes won (the weights output) without atomics.
 //
 // Backward: one grid over the concatenation of every score-gradient element of every scale and
-// one element per pixel for the logit gradient.  A coarse source element gathers from the
+// one element per pixel for the logit gradient, walked from its end (the longest threads first).  A coarse source element gathers from the
 // destination pixels whose bilinear footprint touches it, found by inverting the same float
 // index arithmetic (binary search over the monotone tap index), so there are no atomics and the
 // summation order is fixed: deterministic.
@@ -67,17 +71,20 @@ struct Args {
   int64_t seg[kMaxScales + 2];             // backward: segment starts (scales, logits, end)
 };
 
-// Per-pixel footprint of every coarser scale at destination (y, x).
+// Per-pixel footprint of every coarser scale at destination (y, x).  MS: the most scales the kernel
+// instance handles (3 for the paper's share-nets, kMaxScales otherwise): every per-scale array and
+// unrolled loop is MS long, so the common case keeps its registers (and its occupancy).
+template <int MS>
 struct Foot {
-  int o00[kMaxScales], o01[kMaxScales], o10[kMaxScales], o11[kMaxScales];
-  float wy0[kMaxScales], wy1[kMaxScales], wx0[kMaxScales], wx1[kMaxScales];
+  int o00[MS], o01[MS], o10[MS], o11[MS];
+  float wy0[MS], wy1[MS], wx0[MS], wx1[MS];
 };
 
-template <typename T>
-__device__ __forceinline__ void make_foot(const Args<T>& a, int y, int x, Foot& ft) {
+template <typename T, int MS>
+__device__ __forceinline__ void make_foot(const Args<T>& a, int y, int x, Foot<MS>& ft) {
   const int H0 = a.H[0], W0 = a.W[0];
 #pragma unroll
-  for (int s = 1; s < kMaxScales; ++s) {
+  for (int s = 1; s < MS; ++s) {
     if (s < a.S) {
       const Tap ty = interp_tap(y, a.H[s], H0, a.ry[s]);
       const Tap tx = interp_tap(x, a.W[s], W0, a.rx[s]);
@@ -99,8 +106,8 @@ __device__ __forceinline__ float blend(float a, float b, float l0, float l1) {
 }
 
 // Resized value of scale s (>= 1) of plane `plane` at the footprint's pixel.
-template <typename T>
-__device__ __forceinline__ float up_value(const Args<T>& a, const Foot& ft, int s, int64_t plane) {
+template <typename T, int MS>
+__device__ __forceinline__ float up_value(const Args<T>& a, const Foot<MS>& ft, int s, int64_t plane) {
   const T* f = a.f[s] + plane * static_cast<int64_t>(a.H[s]) * a.W[s];
   const float top = blend(to_f(f[ft.o00[s]]), to_f(f[ft.o01[s]]), ft.wx0[s], ft.wx1[s]);
   const float bot = blend(to_f(f[ft.o10[s]]), to_f(f[ft.o11[s]]), ft.wx0[s], ft.wx1[s]);
@@ -109,13 +116,13 @@ __device__ __forceinline__ float up_value(const Args<T>& a, const Foot& ft, int 
 
 // Caffe Eltwise MAX with the CPU EltwiseLayer's rule (as the CPU kernel): scale 1 wins over scale 0
 // unless scale 0 is greater (``a > b ? 0 : 1``), a later scale only if strictly greater.
-template <typename T>
-__device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot& ft, int64_t plane, int64_t p,
+template <typename T, int MS>
+__device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot<MS>& ft, int64_t plane, int64_t p,
                                             float* best_out) {
   float best = to_f(a.f[0][plane * static_cast<int64_t>(a.H[0]) * a.W[0] + p]);
   int idx = 0;
 #pragma unroll
-  for (int s = 1; s < kMaxScales; ++s) {
+  for (int s = 1; s < MS; ++s) {
     if (s < a.S) {
       const float u = up_value(a, ft, s, plane);
       if (s == 1 ? !(best > u) : u > best) {
@@ -129,17 +136,17 @@ __device__ __forceinline__ int argmax_scale(const Args<T>& a, const Foot& ft, in
 }
 
 // Softmax over scales of the logits at pixel (n, p), fp32, max-subtracted.
-template <typename T>
+template <typename T, int MS>
 __device__ __forceinline__ void softmax_at(const Args<T>& a, int64_t n, int64_t p, float* w) {
   const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
   const T* l = a.logits + n * a.S * P + p;
   float m = to_f(l[0]);
 #pragma unroll
-  for (int s = 1; s < kMaxScales; ++s)
+  for (int s = 1; s < MS; ++s)
     if (s < a.S) m = fmaxf(m, to_f(l[s * P]));
   float sum = 0.f;
 #pragma unroll
-  for (int s = 0; s < kMaxScales; ++s) {
+  for (int s = 0; s < MS; ++s) {
     if (s < a.S) {
       w[s] = expf(to_f(l[s * P]) - m);
       sum += w[s];
@@ -147,11 +154,11 @@ __device__ __forceinline__ void softmax_at(const Args<T>& a, int64_t n, int64_t 
   }
   const float inv = 1.f / sum;
 #pragma unroll
-  for (int s = 0; s < kMaxScales; ++s)
+  for (int s = 0; s < MS; ++s)
     if (s < a.S) w[s] *= inv;
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, int MS>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
   const int H0 = a.H[0], W0 = a.W[0];
   const int64_t P = static_cast<int64_t>(H0) * W0;
@@ -159,40 +166,40 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
   if (pix >= a.N * P) return;
   const int64_t n = pix / P, p = pix % P;
   const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
-  Foot ft;
+  Foot<MS> ft;
   make_foot(a, y, x, ft);
   const int64_t c0 = blockIdx.y * a.csz;
   const int64_t c1 = (c0 + a.csz < a.C) ? c0 + a.csz : a.C;
 
   if (MODE == kMax) {
-    int count[kMaxScales];
+    int count[MS];
 #pragma unroll
-    for (int s = 0; s < kMaxScales; ++s) count[s] = 0;
+    for (int s = 0; s < MS; ++s) count[s] = 0;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t plane = n * a.C + c;
       float best;
       const int idx = argmax_scale(a, ft, plane, p, &best);
 #pragma unroll
-      for (int s = 0; s < kMaxScales; ++s) count[s] += (s == idx) ? 1 : 0;
+      for (int s = 0; s < MS; ++s) count[s] += (s == idx) ? 1 : 0;
       a.out[plane * P + p] = from_f<T>(best);
     }
     const float inv_c = 1.f / static_cast<float>(a.C);
 #pragma unroll
-    for (int s = 0; s < kMaxScales; ++s)
+    for (int s = 0; s < MS; ++s)
       if (s < a.S) a.w[(n * a.S + s) * P + p] = from_f<T>(static_cast<float>(count[s]) * inv_c);
     return;
   }
 
-  float w[kMaxScales];
+  float w[MS];
   if (MODE == kAttention) {
-    softmax_at(a, n, p, w);
+    softmax_at<T, MS>(a, n, p, w);
   } else {
 #pragma unroll
-    for (int s = 0; s < kMaxScales; ++s) w[s] = 1.f / static_cast<float>(a.S);
+    for (int s = 0; s < MS; ++s) w[s] = 1.f / static_cast<float>(a.S);
   }
   if (blockIdx.y == 0) {
 #pragma unroll
-    for (int s = 0; s < kMaxScales; ++s)
+    for (int s = 0; s < MS; ++s)
       if (s < a.S) a.w[(n * a.S + s) * P + p] = from_f<T>(w[s]);
   }
   for (int64_t c = c0; c < c1; ++c) {
@@ -200,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
     const float f0 = to_f(a.f[0][plane * P + p]);
     float acc = (MODE == kAttention) ? w[0] * f0 : f0;
 #pragma unroll
-    for (int s = 1; s < kMaxScales; ++s) {
+    for (int s = 1; s < MS; ++s) {
       if (s < a.S) {
         const float u = up_value(a, ft, s, plane);
         acc = (MODE == kAttention) ? fmaf(w[s], u, acc) : acc + u;
@@ -212,34 +219,37 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
 }
 
 // Gradient reaching scale s's resized map at destination (n, c, y, x).
-template <typename T, int MODE>
+template <typename T, int MODE, int MS>
 __device__ __forceinline__ float dest_grad(const Args<T>& a, int s, int64_t n, int64_t plane, int y, int x) {
   const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
   const int64_t p = static_cast<int64_t>(y) * a.W[0] + x;
   const float g = to_f(a.gout[plane * P + p]);
   if (MODE == kAvg) return g * (1.f / static_cast<float>(a.S));  // Caffe Eltwise SUM backward: coeff * diff
   if (MODE == kAttention) {
-    float w[kMaxScales];
-    softmax_at(a, n, p, w);
+    float w[MS];
+    softmax_at<T, MS>(a, n, p, w);
     float ws = w[0];
 #pragma unroll
-    for (int t = 1; t < kMaxScales; ++t)
+    for (int t = 1; t < MS; ++t)
       if (t == s) ws = w[t];
     return g * ws;
   }
-  Foot ft;
+  Foot<MS> ft;
   make_foot(a, y, x, ft);
   float best;
   return argmax_scale(a, ft, plane, p, &best) == s ? g : 0.f;
 }
 
-template <typename T, int MODE>
+template <typename T, int MODE, int MS>
 __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
   const int H0 = a.H[0], W0 = a.W[0];
   const int64_t P = static_cast<int64_t>(H0) * W0;
   const int64_t total = a.seg[a.S + 1];
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    // Last segment first: the logit-gradient threads (a loop over every class) and the coarsest scale's
+    // (the widest gather) are the longest, so they start first instead of forming the tail.
+    const int64_t i = total - 1 - k;
     int s = 0;
     while (s < a.S && i >= a.seg[s + 1]) ++s;
     const int64_t e = i - a.seg[s];
@@ -252,7 +262,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
       const int64_t n = plane / a.C;
       float acc;
       if (s == 0) {
-        acc = dest_grad<T, MODE>(a, 0, n, plane, r, j);
+        acc = dest_grad<T, MODE, MS>(a, 0, n, plane, r, j);
       } else {
         int y0, y1, x0, x1;
         interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
@@ -265,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
           for (int x = x0; x < x1; ++x) {
             const float wx = tap_weight<float>(interp_tap(x, Ws, W0, a.rx[s]), j);
             if (wx == 0.f) continue;
-            row = fmaf(wx, dest_grad<T, MODE>(a, s, n, plane, y, x), row);
+            row = fmaf(wx, dest_grad<T, MODE, MS>(a, s, n, plane, y, x), row);
           }
           acc = fmaf(wy, row, acc);
         }
@@ -275,30 +285,31 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
       // logit gradient at pixel (n, p): softmax backward of g_s = sum_c grad * up_s (+ grad_w)
       const int64_t n = e / P, p = e % P;
       const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
-      Foot ft;
+      Foot<MS> ft;
       make_foot(a, y, x, ft);
-      float w[kMaxScales], gs[kMaxScales];
-      softmax_at(a, n, p, w);
+      float w[MS], gs[MS];
+      softmax_at<T, MS>(a, n, p, w);
 #pragma unroll
-      for (int t = 0; t < kMaxScales; ++t) gs[t] = 0.f;
+      for (int t = 0; t < MS; ++t) gs[t] = 0.f;
+#pragma unroll 4
       for (int64_t c = 0; c < a.C; ++c) {
         const int64_t plane = n * a.C + c;
         const float g = to_f(a.gout[plane * P + p]);
         gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
 #pragma unroll
-        for (int t = 1; t < kMaxScales; ++t)
+        for (int t = 1; t < MS; ++t)
           if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
       }
       float dot = 0.f;
 #pragma unroll
-      for (int t = 0; t < kMaxScales; ++t) {
+      for (int t = 0; t < MS; ++t) {
         if (t < a.S) {
           if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
           dot = fmaf(w[t], gs[t], dot);
         }
       }
 #pragma unroll
-      for (int t = 0; t < kMaxScales; ++t)
+      for (int t = 0; t < MS; ++t)
         if (t < a.S) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
     }
   }
@@ -320,6 +331,14 @@ Args<T> make_args(const Problem& p) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The instance for at most kFewScales scales where S allows (the paper's 2- and 3-scale nets), else the
+// general one.
+constexpr int kFewScales = 3;
+template <typename T, int MODE>
+void launch(void (*few)(Args<T>), void (*general)(Args<T>), const Args<T>& a, dim3 grid, cudaStream_t stream) {
+  (a.S <= kFewScales ? few : general)<<<grid, kThreads, 0, stream>>>(a);
+}
 
 template <typename T>
 cudaError_t forward_typed(const Problem& p, const void* const* scores, const void* logits, void* merged,
@@ -344,13 +363,13 @@ cudaError_t forward_typed(const Problem& p, const void* const* scores, const voi
   const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kThreads)), static_cast<unsigned>(chunks));
   switch (p.mode) {
     case kAttention:
-      forward_kernel<T, kAttention><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kAttention>(forward_kernel<T, kAttention, kFewScales>, forward_kernel<T, kAttention, kMaxScales>, a, grid, stream);
       break;
     case kAvg:
-      forward_kernel<T, kAvg><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kAvg>(forward_kernel<T, kAvg, kFewScales>, forward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
       break;
     default:
-      forward_kernel<T, kMax><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kMax>(forward_kernel<T, kMax, kFewScales>, forward_kernel<T, kMax, kMaxScales>, a, grid, stream);
       break;
   }
   return cudaGetLastError();
@@ -380,13 +399,13 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (p.mode) {
     case kAttention:
-      backward_kernel<T, kAttention><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>, a, grid, stream);
       break;
     case kAvg:
-      backward_kernel<T, kAvg><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
       break;
     default:
-      backward_kernel<T, kMax><<<grid, kThreads, 0, stream>>>(a);
+      launch<T, kMax>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>, a, grid, stream);
       break;
   }
   return cudaGetLastError();
