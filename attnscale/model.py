@@ -86,7 +86,7 @@ class AttentionToScale(nn.Module):
             net).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
             the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
-            CPU, where it beats oneDNN, and "torch" on a GPU, where cuDNN ran fc6 5-23x faster than our CUDA
+            CPU, where it beats oneDNN, and "torch" on a GPU, where cuDNN ran fc6 4-23x faster than our CUDA
             kernel on an H200 (benchmarks/RESULTS.md, 2026-11-26).  Ignored with ``use_reference_ops``.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training

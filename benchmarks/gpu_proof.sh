@@ -7,18 +7,19 @@
 #                at once (three processes), on benchmarks/cuda_sanitize.py (one forward and backward of
 #                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
 #   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
-#                log in sanitize.log; at most about 200 s
+#                log in sanitize.log; 30 s on the H200 (limits: 200 s)
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        the issues' target numbers: bench_merge.py (attention, vs eager and torch.compile),
-#                merge_kernels.py (kernel launches and GPU time by the profiler), bench_fc6.py (fp32 /
-#                TF32 / bf16 vs cuDNN), bench_e2e.py (training and inference, fp32 / TF32 / bf16, ours
-#                vs the references); each under a time limit, 350 s in all
-#   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last (about 2 minutes)
+#                merge_kernels.py (kernel launches and GPU time by the profiler), bench_fc6.py at 1x41 and
+#                10x41 (fp32 / TF32 / bf16 vs cuDNN), bench_e2e.py bf16 (training and inference, ours vs
+#                the references); each under a time limit, 330 s in all
+#   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last and fp32 / TF32, bench_fc6.py
+#                at the other shapes (up to 8 minutes: a call of its own)
 # A session has about 15 device minutes, machine start included, and a call at most 10: so one call.
 # Build here first, at no device time, and carry the result:
 #   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
 #   run:  bash benchmarks/gpu_proof.sh build check bench     carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
-#         (timeout_s 590: about 30 + 200 + 350 s at most)
+#         (timeout_s 590: about 30 + 200 + 330 s at most)
 #   then, only in a session with device time left:  bash benchmarks/gpu_proof.sh build bench_extra test_all
 # Without a carried build (or if it does not load there) the build phase compiles on the machine, for
 # sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise (minutes: the other phases' limits then cut them).
@@ -26,7 +27,8 @@
 # but sanitize's under check), sanitize.log, build.log and the benchmarks' JSON files.  Exits non-zero if
 # any phase failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+SELF=$(realpath "$0")   # check re-runs this script for its sanitize half
+cd "$(dirname "$SELF")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -42,6 +44,13 @@ run() {  # run a command, its output into the log; record a failure
   local rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || { failed+=("$phase: $* (exit $rc)"); say "FAILED ($rc): $*"; }
   return "$rc"
+}
+cuda_tests() {  # every CUDA test must run (a skip fails the phase) and pass
+  run timeout 200 "$PY" -m pytest -q -m cuda -rs tests
+  if grep -q "skipped" <(tail -3 "$LOG"); then
+    failed+=("$phase: CUDA tests skipped")
+    say "FAILED: CUDA tests were skipped"
+  fi
 }
 
 for phase in "$@"; do
@@ -66,11 +75,7 @@ for phase in "$@"; do
       run "$PY" -c 'import attnscale.ops as o; assert o.has_cuda_kernels(), "the CUDA kernels are not built"; print("CUDA kernels: built")' || break
       ;;
     test)
-      run "$PY" -m pytest -q -m cuda -rs tests
-      if grep -q "skipped" <(tail -3 "$LOG"); then
-        failed+=("test: CUDA tests skipped")
-        say "FAILED: CUDA tests were skipped"
-      fi
+      cuda_tests
       ;;
     test_all)
       run "$PY" -m pytest -q -m "not cuda" tests
@@ -104,30 +109,29 @@ for phase in "$@"; do
       ;;
     check)
       # correctness only, so the sanitizers may share the GPU with the tests
-      PROOF_LOG=sanitize.log bash "$0" sanitize >/dev/null 2>&1 &
+      PROOF_LOG=sanitize.log bash "$SELF" sanitize >/dev/null 2>&1 &
       spid=$!
-      run timeout 200 "$PY" -m pytest -q -m cuda -rs tests
-      if grep -q "skipped" <(tail -3 "$LOG"); then
-        failed+=("check: CUDA tests skipped")
-        say "FAILED: CUDA tests were skipped"
-      fi
+      cuda_tests
       wait "$spid" || failed+=("check: sanitize failed (exit $?; log: sanitize.log)")
-      grep -E "^== |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
+      grep -E "^== |^  |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
       ;;
     bench)
-      # each under a time limit (350 s in all); the JSON files are written as the rows come, so a run
-      # stopped by its limit keeps what it measured
+      # each under a time limit (330 s in all; sized by the H200 runs of 2026-11-26); the JSON files are
+      # written as the rows come, so a run stopped by its limit keeps what it measured
       run timeout 110 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
       run timeout 30 "$PY" benchmarks/merge_kernels.py --json "$OUT/merge_kernels.json"
-      run timeout 80 "$PY" benchmarks/bench_fc6.py --device cuda --json "$OUT/fc6.json"
-      run timeout 130 "$PY" benchmarks/bench_e2e.py --device cuda --json "$OUT/e2e.json"
+      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
+      run timeout 90 "$PY" benchmarks/bench_e2e.py --device cuda --precisions bf16 --json "$OUT/e2e.json"
       ;;
     bench_extra)
       run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \
         --json "$OUT/merge_avg_max.json"
       run timeout 75 "$PY" benchmarks/bench_e2e.py --device cuda --channels-last --precisions bf16 \
         --json "$OUT/e2e_channels_last.json"
+      run timeout 180 "$PY" benchmarks/bench_e2e.py --device cuda --precisions fp32 tf32 --json "$OUT/e2e_fp32.json"
+      run timeout 180 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 30x41,10x31,10x21,1x65 \
+        --json "$OUT/fc6_more.json"
       ;;
     *)
       say "unknown phase '$phase' (build, test, sanitize, check, test_all, bench, bench_extra)"

@@ -102,6 +102,30 @@ def test_merge_kernels_dry_run(tmp_path):
         assert r["eager_kernels"] == 0, r
 
 
+def test_gpu_proof_check_reports_a_sanitizer_finding(tmp_path):
+    """gpu_proof.sh's check phase (CUDA tests and the sanitizers at once), started as benchmarks/'s ./gpu_proof.sh:
+    a sanitizer finding (exit 86 from racecheck) fails the script and is named in proof.log.  Stubs stand
+    in for compute-sanitizer and Python."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "compute-sanitizer").write_text(
+        '#!/bin/bash\ncase "$*" in *racecheck*) echo "planted hazard"; exit 86;; esac\nexit 0\n')
+    (stub / "python").write_text('#!/bin/bash\necho "3 passed in 0.10s"\n')
+    for f in stub.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    # a relative script path from benchmarks/ (the script changes folder before it re-runs itself)
+    proc = subprocess.run(["bash", "gpu_proof.sh", "check"], cwd=os.path.join(ROOT, "benchmarks"),
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(out), "PYTHON": str(stub / "python"),
+                               "PATH": f"{stub}:{os.environ['PATH']}"})
+    log = (out / "proof.log").read_text()
+    assert proc.returncode == 1, log
+    assert "3 passed" in log and "check: sanitize failed" in log
+    assert "sanitize: racecheck (exit 86)" in log and "memcheck: exit 0" in log
+    assert "planted hazard" in (out / "sanitize.log").read_text()
+
+
 def test_gpu_proof_script(tmp_path):
     """benchmarks/gpu_proof.sh parses, and an unknown phase fails with a message in its log."""
     script = os.path.join(ROOT, "benchmarks", "gpu_proof.sh")

@@ -380,11 +380,13 @@ def test_cuda_matches_cpu(mode, dtype, tol):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("sizes", [((9, 11), (7, 6)), ((13, 13), (10, 10), (7, 7), (5, 5), (4, 4))],
-                         ids=["S2", "S5"])
+@pytest.mark.parametrize("sizes", [((9, 11), (7, 6)), ((9, 11), (8, 9), (7, 6), (5, 4)),
+                                   ((13, 13), (10, 10), (7, 7), (5, 5), (4, 4)),
+                                   ((11, 11), (10, 10), (9, 9), (8, 8), (7, 7), (6, 6), (5, 5), (4, 4))],
+                         ids=["S2", "S4", "S5", "S8"])
 def test_cuda_matches_cpu_other_scale_counts(mode, sizes):
-    """The CUDA kernels have an instance for up to 3 scales (fewer registers) and one for up to 8: both
-    against the CPU kernel, float32."""
+    """The CUDA kernels have an instance for up to 3 scales (fewer registers) and one for up to 8
+    (kMaxScales): both against the CPU kernel, float32, on either side of the switch and at the most."""
     n, c = 2, 3
     scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-3)
     gout = torch.randn(n, c, *sizes[0])
