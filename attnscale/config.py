@@ -15,7 +15,8 @@ from typing import List, Optional, Tuple
 
 
 # Fields that do not change what a run computes (where and how fast it runs, how much it logs).
-RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl")
+RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl",
+              "fc6_impl")
 # ... and those that may also change when a run is resumed: how often it snapshots, how long it runs
 # on, where its data and its (already used) init weights now lie.
 RESUME_FREE_FIELDS = RUN_FIELDS + ("snapshot", "max_iter", "data_root", "init")
@@ -45,6 +46,7 @@ class TrainConfig:
     width: float = 1.0
     use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
     conv_impl: str = "auto"              # 3x3 convs: "auto" (winograd without grads, else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
+    fc6_impl: str = "auto"               # fc6: "auto" (our op on CPU, cuDNN on GPU), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
@@ -74,6 +76,8 @@ class TrainConfig:
         self._check_types()
         if self.conv_impl not in ("auto", "torch", "winograd", "winograd4"):
             raise ValueError(f"config.conv_impl must be 'auto', 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
+        if self.fc6_impl not in ("auto", "ops", "torch"):
+            raise ValueError(f"config.fc6_impl must be 'auto', 'ops' or 'torch', got {self.fc6_impl!r}")
         if self.merge not in (None, "max", "avg", "attention"):
             raise ValueError(f"config.merge must be null, 'max', 'avg' or 'attention', got {self.merge!r}")
         if not self.scales:

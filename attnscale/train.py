@@ -194,7 +194,7 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
     merge = cfg.merge if len(cfg.scales) > 1 else None
     model = AttentionToScale(num_classes=num_classes(cfg), scales=tuple(cfg.scales), merge=merge,
                              extra_supervision=cfg.extra_supervision, width=cfg.width,
-                             use_reference_ops=cfg.use_reference_ops, conv_impl=cfg.conv_impl,
+                             use_reference_ops=cfg.use_reference_ops, conv_impl=cfg.conv_impl, fc6_impl=cfg.fc6_impl,
                              classifier_name=classifier_name(cfg), dropout=cfg.dropout,
                              test_crop_size=cfg.test_crop_size)
     if cfg.init:

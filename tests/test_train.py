@@ -395,6 +395,14 @@ def test_list_paths_resolve_under_the_data_root(tmp_path, monkeypatch):
     assert resolve_list("list/only_here.txt", "", str(root), "x") == str(root) + "/list/only_here.txt"
 
 
+def test_config_fc6_impl_reaches_the_model():
+    """config.fc6_impl (a run field: resuming may change it) is the model's fc6_impl."""
+    from attnscale.config import RUN_FIELDS
+    assert "fc6_impl" in RUN_FIELDS
+    cfg = TrainConfig(width=0.0625, fc6_impl="ops").validate()
+    assert build_model(cfg).fc6_impl == "ops" and build_model(TrainConfig(width=0.0625)).fc6_impl == "auto"
+
+
 def test_config_validation_names_the_field():
     for bad, words in ((dict(display=0), "display must be positive"), (dict(crop_size=-8), "crop_size must be >= 0"),
                        (dict(crop_size="25"), "crop_size must be an integer"),
@@ -402,7 +410,7 @@ def test_config_validation_names_the_field():
                        (dict(synthetic_size=12), "synthetic_size must be >= 14"),
                        (dict(merge="attention"), "one scale: merge must be null"),
                        (dict(extra_supervision=True), "one scale"), (dict(mirror=1), "mirror must be true or false"),
-                       (dict(dropout=1.0), "dropout")):
+                       (dict(dropout=1.0), "dropout"), (dict(fc6_impl="cudnn"), "fc6_impl must be")):
         with pytest.raises(ValueError, match=words):
             TrainConfig(**bad).validate()
     with pytest.raises(ValueError, match="scales must be a list of numbers"):
