@@ -19,10 +19,10 @@
 // fraction of classes won (the weights output) without atomics.
 //
 // Backward: one grid over the concatenation of every score-gradient element of every scale and
-// one element per pixel for the logit gradient, walked from its end (the longest threads first).  A coarse source element gathers from the
-// destination pixels whose bilinear footprint touches it, found by inverting the same float
-// index arithmetic (binary search over the monotone tap index), so there are no atomics and the
-// summation order is fixed: deterministic.
+// one element per pixel for the logit gradient, walked from its end (the longest threads first).
+// A coarse source element gathers from the destination pixels whose bilinear footprint touches it,
+// found by inverting the same float index arithmetic (binary search over the monotone tap index),
+// so there are no atomics and the summation order is fixed: deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -363,13 +363,16 @@ cudaError_t forward_typed(const Problem& p, const void* const* scores, const voi
   const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kThreads)), static_cast<unsigned>(chunks));
   switch (p.mode) {
     case kAttention:
-      launch<T, kAttention>(forward_kernel<T, kAttention, kFewScales>, forward_kernel<T, kAttention, kMaxScales>, a, grid, stream);
+      launch<T, kAttention>(forward_kernel<T, kAttention, kFewScales>, forward_kernel<T, kAttention, kMaxScales>,
+                     a, grid, stream);
       break;
     case kAvg:
-      launch<T, kAvg>(forward_kernel<T, kAvg, kFewScales>, forward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
+      launch<T, kAvg>(forward_kernel<T, kAvg, kFewScales>, forward_kernel<T, kAvg, kMaxScales>,
+                     a, grid, stream);
       break;
     default:
-      launch<T, kMax>(forward_kernel<T, kMax, kFewScales>, forward_kernel<T, kMax, kMaxScales>, a, grid, stream);
+      launch<T, kMax>(forward_kernel<T, kMax, kFewScales>, forward_kernel<T, kMax, kMaxScales>,
+                     a, grid, stream);
       break;
   }
   return cudaGetLastError();
@@ -399,13 +402,16 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (p.mode) {
     case kAttention:
-      launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>, a, grid, stream);
+      launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>,
+                     a, grid, stream);
       break;
     case kAvg:
-      launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
+      launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>,
+                     a, grid, stream);
       break;
     default:
-      launch<T, kMax>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>, a, grid, stream);
+      launch<T, kMax>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>,
+                     a, grid, stream);
       break;
   }
   return cudaGetLastError();
