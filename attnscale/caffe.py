@@ -9,6 +9,7 @@ Nothing here depends on the model: the prototxt importer and the model both impo
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -139,9 +140,36 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
         xp = F.pad(x, (pad, _window_reach(W, ow, kernel, stride, pad),
                        pad, _window_reach(H, oh, kernel, stride, pad)))
         sums = F.avg_pool2d(xp, kernel, stride, 0, divisor_override=1)[..., :oh, :ow]
-    dh = torch.tensor(ave_pool_divisor(H, kernel, stride, pad), dtype=x.dtype, device=x.device)
-    dw = torch.tensor(ave_pool_divisor(W, kernel, stride, pad), dtype=x.dtype, device=x.device)
-    return sums / (dh[:, None] * dw[None, :])
+    divisor, = host_constants(_ave_divisor_map, H, W, kernel, stride, pad, x.dtype, device=x.device)
+    return sums / divisor
+
+
+def _ave_divisor_map(H: int, W: int, kernel: int, stride: int, pad: int, dtype: torch.dtype):
+    """The (oh, ow) map of Caffe's AVE divisors: the outer product of :func:`ave_pool_divisor`'s lists."""
+    dh = torch.tensor(ave_pool_divisor(H, kernel, stride, pad), dtype=torch.float64)
+    dw = torch.tensor(ave_pool_divisor(W, kernel, stride, pad), dtype=torch.float64)
+    return ((dh[:, None] * dw[None, :]).to(dtype),)  # small integers: exact in every float dtype
+
+
+def host_constants(build, *args, device=None) -> tuple:
+    """``build(*args)``, a tuple of CPU tensors computed on the host (as Caffe computes such tables), moved to
+    ``device`` and cached per (build, args, device): the tensors are shared, never modify them in place.
+
+    On a GPU this keeps a forward free of host-to-device copies after its first call: such a copy of a
+    fresh CPU tensor synchronises the stream (the GPU drains its queue while the host waits), and it cannot
+    be captured in a CUDA graph.  Built as plain tensors whatever mode the first caller is in
+    (inference_mode, no_grad); built inline, uncached, while torch.compile traces.
+    """
+    device = torch.device("cpu" if device is None else device)
+    if torch.compiler.is_compiling():
+        return tuple(t.to(device) for t in build(*args))
+    return _host_constants_cached(build, args, device)
+
+
+@functools.lru_cache(maxsize=1024)
+def _host_constants_cached(build, args: tuple, device: torch.device) -> tuple:
+    with torch.inference_mode(False), torch.no_grad():
+        return tuple(t.to(device) for t in build(*args))
 
 
 def _torch_ceil_size(size: int, kernel: int, stride: int, pad: int) -> int:
@@ -216,15 +244,22 @@ def interp_coefficients(size_in: int, size_out: int, device=None):
 
     ``rheight = (out > 1) ? float(in - 1) / (out - 1) : 0.f; h1r = rheight * h2; h1 = int(h1r);
     h1p = (h1 < in - 1) ? 1 : 0; lambda1 = h1r - h1; lambda0 = 1 - lambda1``.
-    Returns ``(i0, i1 = i0 + h1p, lambda0, lambda1)``: two int64 index tensors and two float32 tensors.
+    Returns ``(i0, i1 = i0 + h1p, lambda0, lambda1)``: two int64 index tensors and two float32 tensors,
+    on ``device``, shared (:func:`host_constants`: do not modify them in place).  They are computed on the
+    CPU, as Caffe's GPU Interp also takes ``rheight`` from the host (on a GPU PyTorch divides a tensor by a
+    Python number as a product with its reciprocal, which can be 1 ulp off the quotient).
     """
     if size_in < 1 or size_out < 1:
         raise ValueError(f"Interp: sizes must be positive, got in={size_in}, out={size_out}")
+    return host_constants(_interp_coefficients_cpu, int(size_in), int(size_out), device=device)
+
+
+def _interp_coefficients_cpu(size_in: int, size_out: int):
     if size_out > 1:
-        r = torch.tensor(float(size_in - 1), dtype=torch.float32, device=device) / float(size_out - 1)
+        r = torch.tensor(float(size_in - 1), dtype=torch.float32) / float(size_out - 1)
     else:
-        r = torch.zeros((), dtype=torch.float32, device=device)
-    pos = r * torch.arange(size_out, dtype=torch.float32, device=device)
+        r = torch.zeros((), dtype=torch.float32)
+    pos = r * torch.arange(size_out, dtype=torch.float32)
     i0 = pos.to(torch.int64)  # C++ int truncation (pos >= 0)
     i1 = i0 + (i0 < size_in - 1).to(torch.int64)
     lam1 = pos - i0.to(torch.float32)

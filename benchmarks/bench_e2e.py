@@ -18,7 +18,15 @@ in inference and "ops" in training.  "ops" also keeps the model's default ``fc6_
 ``dilated_conv2d`` on a CPU, cuDNN on a GPU; on a GPU, "ops+fc6" runs fc6 through our CUDA kernel.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
-``torch.compile`` of our model is measured with ``--compile``.
+``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
+the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
+every image to).
+
+``--profile`` then runs two more steps of each job's "ops" variant (first precision) under torch.profiler and
+prints where the time goes: wall time vs the device's busy time (a step that keeps the GPU busy well
+under its wall time is bound by launches or the host, not by kernels), the top operators by self time
+with their input shapes (the convolutions' shapes name the layers), and on CUDA the top kernels; the
+JSON gets them under "profile".
 
     python benchmarks/bench_e2e.py                      # CPU: inference N=1, training batch 2
     python benchmarks/bench_e2e.py --device cuda --json results/e2e.json
@@ -44,7 +52,7 @@ from timing import write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+fc6" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+fc6" | "ops+graph" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -106,7 +114,24 @@ def infer_step(variant, precision, device, size, channels_last):
     def step():
         with torch.no_grad(), ac:
             fwd(x)
-    return step
+    return cuda_graph(step) if variant.endswith("graph") else step
+
+
+def cuda_graph(step):
+    """The step captured once as a CUDA graph and replayed: one launch for the ~200 kernels of a 3-scale
+    forward, so the host's per-operator cost (dispatch, autocast, launches) is gone.  The input is a fixed
+    tensor, as in evaluation, where every image is padded to 513x513.  Warm-up on a side stream first (cuDNN
+    picks its algorithms and the caching allocator settles), as torch.cuda.graph requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def predict_step(variant, precision, device, channels_last):
@@ -156,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--profile", action="store_true", help="also profile the \"ops\" variant of each job")
     args = ap.parse_args(argv)
 
     dev = args.device
@@ -170,12 +196,15 @@ def main(argv=None) -> int:
     # F(4x4, 3x3) (CPU only)
     variants = (["reference", "ops"] + (["ops+fc6"] if cuda else ["ops+winograd", "ops+winograd4"])
                 + (["ops+compile"] if args.compile else []))
+    # inference only: the "ops" forward as one CUDA graph
+    graph_variants = ["ops+graph"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv)}
     print(f"# bench_e2e: {env}")
 
     rows: list[Row] = []
+    profiles: list[dict] = []
     for prec in precisions:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
@@ -183,7 +212,8 @@ def main(argv=None) -> int:
             torch.backends.cudnn.benchmark = True
         for job in args.jobs:
             if job == "infer":
-                steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last) for v in variants}
+                steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last)
+                         for v in variants + graph_variants}
                 n, size = 1, args.infer_size
             elif job == "predict":
                 steps = {v: predict_step(v, prec, dev, args.channels_last) for v in variants
@@ -193,6 +223,9 @@ def main(argv=None) -> int:
                 steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
+            if args.profile and prec == precisions[0]:
+                profiles.append(profile_step(steps["ops"], dev) | {"job": job, "variant": "ops", "precision": prec,
+                                                                   "batch": n, "size": size})
             del steps
             for v in times:
                 t = times[v]
@@ -201,7 +234,7 @@ def main(argv=None) -> int:
                 print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
                       f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
             if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
-                save_json(args.json, env, rows, complete=False)
+                save_json(args.json, env, rows, profiles, complete=False)
 
     print("\n| job | precision | variant | batch | ms / image | images / s | speed-up vs reference |")
     print("|---|---|---|---|---|---|---|")
@@ -210,14 +243,64 @@ def main(argv=None) -> int:
         print(f"| {r.job} {r.size}px | {r.precision} | {r.variant} | {r.batch} | {r.per_image_ms:.1f} | "
               f"{r.images_per_s:.2f} | {ref.median_s / r.median_s:.2f}x |")
     if args.json:
-        save_json(args.json, env, rows)
+        save_json(args.json, env, rows, profiles)
     return 0
 
 
-def save_json(path: str, env: dict, rows: list, complete: bool = True) -> None:
+def profile_step(step, device: str, steps: int = 2, top: int = 20) -> dict:
+    """Profile ``steps`` calls of an already warmed-up step: wall and busy time per step, the top operators
+    by self time (grouped by input shapes) and, on CUDA, the top kernels.  Printed and returned."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(device)
+    with profile(activities=acts, record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    if cuda:
+        kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy_ms = sum(e.device_time for e in kernels) / 1e3 / steps
+        by_name: dict = {}
+        for e in kernels:
+            c, t = by_name.get(e.name, (0, 0.0))
+            by_name[e.name] = (c + 1, t + e.device_time)
+        top_kernels = [{"name": k, "calls": c / steps, "ms": t / 1e3 / steps}
+                       for k, (c, t) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]]
+    else:
+        busy_ms, top_kernels = None, []
+
+    def self_us(a):
+        if not cuda:
+            return a.self_cpu_time_total
+        return getattr(a, "self_device_time_total", None) or getattr(a, "self_cuda_time_total", 0.0)
+
+    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda a: -self_us(a))
+    top_ops = [{"name": a.key, "shapes": str(a.input_shapes)[:160], "calls": a.count / steps,
+                "self_ms": self_us(a) / 1e3 / steps} for a in ops[:top] if self_us(a) > 0]
+    what = "device" if cuda else "CPU"
+    print(f"  profile: wall {wall_ms:.1f} ms per step" +
+          (f", GPU busy {busy_ms:.1f} ms ({100 * busy_ms / wall_ms:.0f} %)" if cuda else ""))
+    print(f"  | operator | input shapes | calls / step | self {what} ms / step |")
+    print("  |---|---|---|---|")
+    for o in top_ops:
+        print(f"  | {o['name']} | {o['shapes']} | {o['calls']:g} | {o['self_ms']:.2f} |")
+    if top_kernels:
+        print("  | kernel | calls / step | ms / step |")
+        print("  |---|---|---|")
+        for k in top_kernels:
+            print(f"  | {k['name'][:120]} | {k['calls']:g} | {k['ms']:.2f} |")
+    return {"wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": top_ops, "top_kernels": top_kernels}
+
+
+def save_json(path: str, env: dict, rows: list, profiles: list, complete: bool = True) -> None:
     write_json(path, {"env": env, "complete": complete,
                       "rows": [asdict(r) | {"ms_per_image": r.per_image_ms, "images_per_s": r.images_per_s}
-                               for r in rows]}, quiet=not complete)
+                               for r in rows], "profile": profiles}, quiet=not complete)
 
 
 if __name__ == "__main__":

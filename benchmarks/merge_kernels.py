@@ -10,6 +10,10 @@ Per shape of bench_merge.py and pass (fwd, fwd+bwd): kernels per call and GPU mi
 median over --reps profiled calls, for both implementations, and the ratio eager / fused.  The fused
 kernels' names are printed, so a stray copy or fill kernel shows.  On CPU (no CUDA) it only checks
 that it runs: it counts the attnscale ops called per pass instead of kernels.
+
+``--logit-groups 1 2 4 8`` also times the attention forward+backward with each number of warp lanes per
+pixel in the backward's logit gradient (ATTNSCALE_MERGE_LOGIT_GROUPS; the default is the kernel's own
+rule, written without a GPU), so one run shows which to make the rule.
 """
 from __future__ import annotations
 
@@ -53,13 +57,42 @@ def profile_calls(fn, device: str, reps: int):
     return statistics.median(counts), statistics.median(times), names
 
 
+def sweep_logit_groups(args) -> list:
+    """Fused attention forward+backward GPU time per number of lanes per pixel of the logit gradient."""
+    rows = []
+    print("\n| shape | lanes per pixel | fused fwd+bwd GPU us |")
+    print("|---|---|---|")
+    before = os.environ.get("ATTNSCALE_MERGE_LOGIT_GROUPS")
+    try:
+        for shape, (n, sizes) in SHAPES.items():
+            for g in args.logit_groups:
+                os.environ["ATTNSCALE_MERGE_LOGIT_GROUPS"] = str(g)
+                k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device, "fwd+bwd"),
+                                        args.device, args.reps)
+                rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention", "logit_groups": g,
+                             "fused_kernels": k, "fused_gpu_us": t})
+                print(f"| {shape} | {g} | {t:.1f} |", flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("ATTNSCALE_MERGE_LOGIT_GROUPS", None)
+        else:
+            os.environ["ATTNSCALE_MERGE_LOGIT_GROUPS"] = before
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--mode", default="attention", choices=("attention", "avg", "max"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--logit-groups", nargs="*", default=[], type=int, metavar="G",
+                    help="attention: also time forward+backward with G lanes per pixel (powers of two, 1 to 32)")
     args = ap.parse_args(argv)
+    if any(g < 1 or g > 32 or g & (g - 1) for g in args.logit_groups):
+        ap.error(f"--logit-groups: powers of two from 1 to 32, got {args.logit_groups}")
+    if args.logit_groups and args.mode != "attention":
+        ap.error("--logit-groups is for --mode attention (the other modes have no logit gradient)")
     rows = []
     print("| shape | pass | fused kernels | eager kernels | fused GPU us | eager GPU us | eager / fused |")
     print("|---|---|---|---|---|---|---|")
@@ -78,6 +111,8 @@ def main(argv=None) -> int:
                   f"{'-' if ratio is None else f'{ratio:.2f}x'} |", flush=True)
             if passes == "fwd+bwd":
                 print(f"  fused kernels: {fnames}", flush=True)
+    if args.logit_groups:
+        rows += sweep_logit_groups(args)
     if args.json:
         write_json(args.json, {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
                                "torch": torch.__version__, "reps": args.reps, "rows": rows})

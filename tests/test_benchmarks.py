@@ -53,10 +53,17 @@ def test_bench_interp(tmp_path):
 def test_bench_e2e(tmp_path):
     data, _ = run_bench("bench_e2e.py", "--device", "cpu", "--threads", "1", "--jobs", "infer", "train",
                         "--infer-size", "65", "--train-size", "65", "--train-batch", "1", "--reps", "1",
-                        "--warmup", "0", tmp_path=tmp_path)
+                        "--warmup", "0", "--profile", tmp_path=tmp_path)
     got = {(r["job"], r["variant"]) for r in data["rows"]}
     variants = {"reference", "ops", "ops+winograd", "ops+winograd4"}
     assert got == {(j, v) for j in ("infer", "train") for v in variants}
+    # --profile: where the "ops" variant's time goes, per job (operators by self time, with shapes)
+    assert [(p["job"], p["variant"]) for p in data["profile"]] == [("infer", "ops"), ("train", "ops")]
+    for p in data["profile"]:
+        assert p["wall_ms"] > 0 and p["busy_ms"] is None and p["top_kernels"] == []
+        names = [o["name"] for o in p["top_ops"]]
+        assert any("conv" in n for n in names), names
+        assert all(o["self_ms"] > 0 for o in p["top_ops"])
 
 
 def test_cuda_sanitize_dry_run():
@@ -94,12 +101,14 @@ def test_cuda_sanitize_sides_are_independent_leaves():
 def test_merge_kernels_dry_run(tmp_path):
     """benchmarks/merge_kernels.py (kernel launches and GPU time of the merge, issue 2's CUDA target) on CPU
     counts the attnscale ops instead of kernels: one per forward, forward + backward for fwd+bwd."""
-    data, _ = run_bench("merge_kernels.py", "--device", "cpu", "--reps", "1", tmp_path=tmp_path)
-    rows = data["rows"]
-    assert len(rows) == 6
+    data, _ = run_bench("merge_kernels.py", "--device", "cpu", "--reps", "1", "--logit-groups", "1", "8",
+                        tmp_path=tmp_path)
+    rows, sweep = data["rows"][:6], data["rows"][6:]
     for r in rows:
         assert r["fused_kernels"] == (1 if r["pass"] == "fwd" else 2), r
         assert r["eager_kernels"] == 0, r
+    assert [(r["shape"], r["logit_groups"], r["fused_kernels"]) for r in sweep] == \
+        [(shape, g, 2) for shape in ("train-N10", "train-N30", "test-N1") for g in (1, 8)]
 
 
 def test_gpu_proof_check_reports_a_sanitizer_finding(tmp_path):

@@ -236,6 +236,41 @@ def test_interp_float32_coefficients_like_caffe():
     assert y[0, 0, 0, 41].item() == float(np.float32(pos)) != 1.0
 
 
+def test_host_constants_cached_as_plain_tensors():
+    """Interp coefficients and AVE divisors are computed once per (arguments, device) and shared; a first
+    call under inference_mode still caches ordinary tensors, so a training forward after it can save them."""
+    caffe._host_constants_cached.cache_clear()
+    with torch.inference_mode():
+        first = caffe.interp_coefficients(7, 13)
+        caffe.interp(torch.randn(1, 1, 7, 7), (13, 13))
+        caffe.pool2d(torch.randn(1, 1, 7, 7), 3, 1, 1, "ave")
+    assert caffe._host_constants_cached.cache_info().currsize == 2
+    assert not any(t.is_inference() for t in first)
+    assert all(a is b for a, b in zip(first, caffe.interp_coefficients(7, 13)))
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: caffe.pool2d(t, 3, 1, 1, "ave"), (x,))
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: caffe.interp_gather(t, (13, 13)), (x,))
+    with pytest.raises(ValueError, match="sizes must be positive"):
+        caffe.interp_coefficients(0, 3)
+
+
+@pytest.mark.cuda
+def test_cuda_interp_coefficients_equal_the_cpu_ones():
+    """On a GPU the ratio is still divided on the host (as Caffe's GPU Interp takes it): the CUDA
+    coefficients are the CPU ones bit for bit (PyTorch's CUDA tensor / number multiplies by the reciprocal,
+    which is 1 ulp off for some sizes), and so is the CUDA interp of a CPU-exact input."""
+    for size_in in range(2, 70):
+        for size_out in (size_in * 2 - 1, 41, 65, 97, 513):
+            cpu = caffe.interp_coefficients(size_in, size_out)
+            dev = caffe.interp_coefficients(size_in, size_out, "cuda")
+            for a, b in zip(cpu, dev):
+                assert b.is_cuda and torch.equal(b.cpu(), a), (size_in, size_out)
+    x = torch.randn(2, 3, 31, 23)
+    torch.testing.assert_close(caffe.interp_gather(x.cuda(), (41, 45)).cpu(), caffe.interp_gather(x, (41, 45)),
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_interp_equals_caffe_loop_and_grad():
     rng = np.random.default_rng(0)
     for (ih, iw), (oh, ow) in [((5, 7), (13, 9)), ((31, 31), (41, 41)), ((8, 8), (4, 3)), ((7, 5), (7, 5)),

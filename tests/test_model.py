@@ -473,3 +473,40 @@ def test_autocast_bf16_training_step_with_ops():
     loss.backward()
     assert torch.isfinite(loss) and abs(loss.item() - ref.item()) < 0.05 * abs(ref.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_cuda_graph_capture_of_inference(bf16):
+    """The 3-scale attention forward with our ops (merge, Interp, fc6 on its default path) can be captured
+    as one CUDA graph (no host-device copy or sync inside: benchmarks/bench_e2e.py's "ops+graph" variant),
+    and a replay on a new input equals the eager forward."""
+    m = tiny(use_reference_ops=False, merge="attention").cuda().eval()
+    x = torch.randn(1, 3, 97, 97, device="cuda")
+    ac = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+
+    def fwd():
+        with torch.no_grad(), ac:
+            out = m(x)
+        return out.merged, out.attention
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fwd()
+    torch.cuda.current_stream().wait_stream(side)
+    # after the first call nothing in the forward synchronises with the host (cached Interp coefficients
+    # and AVE divisors, no host-device copies): a sync here would name the operator
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fwd()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        merged, attention = fwd()
+    x.copy_(torch.randn(1, 3, 97, 97, device="cuda"))
+    graph.replay()
+    want_merged, want_attention = fwd()
+    torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-5)

@@ -414,6 +414,36 @@ def test_cuda_backward_deterministic(mode):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("groups", ["", "1", "2", "4", "8", "16", "32"])
+@pytest.mark.parametrize("sizes,n", [(TRAIN, 3), (NONSQUARE, 1)], ids=["train", "odd"])
+def test_cuda_logit_gradient_lane_groups(monkeypatch, groups, sizes, n):
+    """The attention backward splits each pixel's sum over classes between G lanes of a warp (a
+    shuffle butterfly; the segment padded to whole warps): every G, the kernel's own rule ("") included,
+    matches the CPU kernel with 21 classes (uneven classes per lane; 9x11 = 99 pixels, so the padding
+    lanes are exercised) and is deterministic."""
+    monkeypatch.setenv("ATTNSCALE_MERGE_LOGIT_GROUPS", groups)
+    c = 21
+    scores, logits = make_inputs(sizes, n=n, c=c)
+    gout = torch.randn(n, c, *sizes[0])
+    gw = torch.randn(n, len(sizes), *sizes[0])
+    cpu = run(scale_merge, scores, logits, "attention", gout, gw)
+    dev = [run(scale_merge, [s.cuda() for s in scores], logits.cuda(), "attention", gout.cuda(), gw.cuda())
+           for _ in range(2)]
+    for a, b in zip(cpu[2] + [cpu[3]], dev[0][2] + [dev[0][3]]):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+    assert torch.equal(dev[0][3], dev[1][3])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("groups", ["3", "64", "0", "x"])
+def test_cuda_logit_groups_env_checked(monkeypatch, groups):
+    monkeypatch.setenv("ATTNSCALE_MERGE_LOGIT_GROUPS", groups)
+    scores, logits = make_inputs(EXACT)
+    with pytest.raises(ValueError, match="ATTNSCALE_MERGE_LOGIT_GROUPS=" + groups):
+        run(scale_merge, [s.cuda() for s in scores], logits.cuda(), "attention")
+
+
+@pytest.mark.cuda
 def test_cuda_max_tie_rule_and_opcheck():
     """The CUDA kernel's ties as the CPU kernel's (Caffe's CPU EltwiseLayer rule), all four cases."""
     z = [torch.zeros(2, 3, h, w) for h, w in EXACT]

@@ -23,6 +23,8 @@ struct Problem {
   int W[kMaxScales] = {0};
   int mode = 0;
   DType dtype = DType::kFloat32;
+  int logit_groups = 0;      // backward, attention: lanes per pixel of the logit gradient (a power of two
+                             // up to 32); 0: the kernel's own rule
 };
 
 // One kernel launch.  scores: S device pointers to contiguous (N, C, H_s, W_s) maps; logits:

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -53,6 +54,19 @@ cuda::Problem make_problem(const std::vector<at::Tensor>& sc, Mode mode, const c
   return p;
 }
 
+// ATTNSCALE_MERGE_LOGIT_GROUPS: lanes per pixel of the attention backward's logit gradient, a tuning
+// knob for benchmarks/merge_kernels.py (--logit-groups); unset or empty: the kernel's own rule.
+int logit_groups_from_env() {
+  const char* v = std::getenv("ATTNSCALE_MERGE_LOGIT_GROUPS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long g = std::strtol(v, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && g >= 1 && g <= 32 && (g & (g - 1)) == 0,
+                    "scale_merge_backward: ATTNSCALE_MERGE_LOGIT_GROUPS=", v,
+                    " is not a power of two from 1 to 32");
+  return static_cast<int>(g);
+}
+
 std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
   std::vector<at::Tensor> out;
   out.reserve(scores.size());
@@ -87,7 +101,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
   const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
   const c10::cuda::CUDAGuard guard(scores_in[0].device());
   const std::vector<at::Tensor> sc = contiguous_list(scores_in);
-  const cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
+  cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
+  p.logit_groups = logit_groups_from_env();
   const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
   const at::Tensor gout = grad_merged.contiguous();
   const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())

@@ -19,7 +19,10 @@
 // fraction of classes won (the weights output) without atomics.
 //
 // Backward: one grid over the concatenation of every score-gradient element of every scale and
-// one element per pixel for the logit gradient, walked from its end (the longest threads first).
+// G lanes per pixel for the logit gradient, walked from its end (the longest threads first).  The
+// logit gradient is a sum over all classes at each pixel; G aligned lanes of a warp split the classes
+// (lane q takes q, q + G, ...) and combine their partial sums by a butterfly of warp shuffles, the same
+// fixed order in every run, so the chain of dependent loads per thread is C / G classes long.
 // A coarse source element gathers from the destination pixels whose bilinear footprint touches it,
 // found by inverting the same float index arithmetic (binary search over the monotone tap index),
 // so there are no atomics and the summation order is fixed: deterministic.
@@ -69,6 +72,7 @@ struct Args {
   float ry[kMaxScales], rx[kMaxScales];  // Interp ratios (scale s -> scale 0)
   int64_t csz;                             // classes per chunk (forward)
   int64_t seg[kMaxScales + 2];             // backward: segment starts (scales, logits, end)
+  int lgshift;                             // backward: log2 of the lanes per pixel of the logit gradient
 };
 
 // Per-pixel footprint of every coarser scale at destination (y, x).  MS: the most scales the kernel
@@ -282,35 +286,53 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
       }
       a.g[s][e] = from_f<T>(acc);
     } else if (MODE == kAttention) {
-      // logit gradient at pixel (n, p): softmax backward of g_s = sum_c grad * up_s (+ grad_w)
-      const int64_t n = e / P, p = e % P;
-      const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
-      Foot<MS> ft;
-      make_foot(a, y, x, ft);
-      float w[MS], gs[MS];
-      softmax_at<T, MS>(a, n, p, w);
+      // Logit gradient at pixel (n, p): softmax backward of g_s = sum_c grad * up_s (+ grad_w).  The segment
+      // holds G = 2^lgshift lanes per pixel, padded to whole warps, and starts on a warp boundary of the
+      // reversed walk (the host pads it to a multiple of 32 and it is the first part walked), so every
+      // lane of a warp is in this branch at once and the G lanes of a pixel are G aligned lanes of one
+      // warp: a butterfly of shuffles over them gives every lane the same sums in a fixed order.
+      const int G = 1 << a.lgshift;
+      const int64_t pix = e >> a.lgshift;
+      const int q = static_cast<int>(e) & (G - 1);
+      const bool live = pix < a.N * P;  // padding lanes only join the shuffles
+      const int64_t n = live ? pix / P : 0, p = live ? pix % P : 0;
+      float gs[MS];
 #pragma unroll
       for (int t = 0; t < MS; ++t) gs[t] = 0.f;
-#pragma unroll 4
-      for (int64_t c = 0; c < a.C; ++c) {
-        const int64_t plane = n * a.C + c;
-        const float g = to_f(a.gout[plane * P + p]);
-        gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
+      if (live) {
+        const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
+        Foot<MS> ft;
+        make_foot(a, y, x, ft);
+#pragma unroll 2
+        for (int64_t c = q; c < a.C; c += G) {
+          const int64_t plane = n * a.C + c;
+          const float g = to_f(a.gout[plane * P + p]);
+          gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
 #pragma unroll
-        for (int t = 1; t < MS; ++t)
-          if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
-      }
-      float dot = 0.f;
-#pragma unroll
-      for (int t = 0; t < MS; ++t) {
-        if (t < a.S) {
-          if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
-          dot = fmaf(w[t], gs[t], dot);
+          for (int t = 1; t < MS; ++t)
+            if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
         }
       }
+      for (int o = G >> 1; o > 0; o >>= 1) {
 #pragma unroll
-      for (int t = 0; t < MS; ++t)
-        if (t < a.S) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
+        for (int t = 0; t < MS; ++t)
+          if (t < a.S) gs[t] += __shfl_xor_sync(0xffffffffu, gs[t], o);
+      }
+      if (live) {
+        float w[MS];
+        softmax_at<T, MS>(a, n, p, w);
+        float dot = 0.f;
+#pragma unroll
+        for (int t = 0; t < MS; ++t) {
+          if (t < a.S) {
+            if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
+            dot = fmaf(w[t], gs[t], dot);
+          }
+        }
+#pragma unroll
+        for (int t = 0; t < MS; ++t)  // lane q writes the scales t = q mod G
+          if (t < a.S && (t & (G - 1)) == q) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
+      }
     }
   }
 }
@@ -331,6 +353,16 @@ Args<T> make_args(const Problem& p) {
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Lanes per pixel of the attention backward's logit gradient when Problem::logit_groups is 0: doubled
+// (up to 8) while every lane keeps at least 2 classes and the segment stays within 2^18 lanes (beyond
+// that the score-gradient threads fill the device anyway).  A first rule, written without a GPU: to be
+// tuned with benchmarks/merge_kernels.py --logit-groups.
+int default_logit_groups(int64_t pixels, int64_t C) {
+  int g = 1;
+  while (g < 8 && C >= 4 * g && pixels * 2 * g <= (int64_t{1} << 18)) g *= 2;
+  return g;
+}
 
 // The instance for at most kFewScales scales where S allows (the paper's 2- and 3-scale nets), else the
 // general one.
@@ -394,7 +426,12 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   a.seg[0] = 0;
   for (int s = 0; s < p.S; ++s) a.seg[s + 1] = a.seg[s] + p.N * p.C * static_cast<int64_t>(p.H[s]) * p.W[s];
   const int64_t logit_pixels = p.mode == kAttention ? p.N * static_cast<int64_t>(p.H[0]) * p.W[0] : 0;
-  a.seg[p.S + 1] = a.seg[p.S] + logit_pixels;
+  const int groups = p.logit_groups > 0 ? p.logit_groups : default_logit_groups(logit_pixels, p.C);
+  if (groups > 32 || (groups & (groups - 1)) != 0) return cudaErrorInvalidValue;
+  a.lgshift = 0;
+  while ((1 << a.lgshift) < groups) ++a.lgshift;
+  // whole warps: the walk is reversed, so the logit segment is walked first and starts on a warp boundary
+  a.seg[p.S + 1] = a.seg[p.S] + ceil_div(logit_pixels * groups, 32) * 32;
   const int64_t total = a.seg[p.S + 1];
   if (total == 0) return cudaSuccess;
   int64_t blocks = ceil_div(total, kThreads);
