@@ -146,9 +146,9 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
 
 def _ave_divisor_map(H: int, W: int, kernel: int, stride: int, pad: int, dtype: torch.dtype):
     """The (oh, ow) map of Caffe's AVE divisors: the outer product of :func:`ave_pool_divisor`'s lists."""
-    dh = torch.tensor(ave_pool_divisor(H, kernel, stride, pad), dtype=torch.float64)
-    dw = torch.tensor(ave_pool_divisor(W, kernel, stride, pad), dtype=torch.float64)
-    return ((dh[:, None] * dw[None, :]).to(dtype),)  # small integers: exact in every float dtype
+    dh = torch.tensor(ave_pool_divisor(H, kernel, stride, pad), dtype=torch.float64, device="cpu")
+    dw = torch.tensor(ave_pool_divisor(W, kernel, stride, pad), dtype=torch.float64, device="cpu")
+    return ((dh[:, None] * dw[None, :]).to(dtype),)  # integers: exact up to 256 in bfloat16, 2048 in half
 
 
 def host_constants(build, *args, device=None) -> tuple:
@@ -158,10 +158,13 @@ def host_constants(build, *args, device=None) -> tuple:
     On a GPU this keeps a forward free of host-to-device copies after its first call: such a copy of a
     fresh CPU tensor synchronises the stream (the GPU drains its queue while the host waits), and it cannot
     be captured in a CUDA graph.  Built as plain tensors whatever mode the first caller is in
-    (inference_mode, no_grad); built inline, uncached, while torch.compile traces.
+    (inference_mode, no_grad); built inline, uncached, while torch.compile traces or a dispatch mode is
+    active (FakeTensorMode, make_fx), so that no fake tensor is cached nor a cached real one traced.
     """
     device = torch.device("cpu" if device is None else device)
-    if torch.compiler.is_compiling():
+    if device.type == "cuda" and device.index is None:  # "cuda": the current device, not whichever was
+        device = torch.device("cuda", torch.cuda.current_device())
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return tuple(t.to(device) for t in build(*args))
     return _host_constants_cached(build, args, device)
 
@@ -256,10 +259,10 @@ def interp_coefficients(size_in: int, size_out: int, device=None):
 
 def _interp_coefficients_cpu(size_in: int, size_out: int):
     if size_out > 1:
-        r = torch.tensor(float(size_in - 1), dtype=torch.float32) / float(size_out - 1)
+        r = torch.tensor(float(size_in - 1), dtype=torch.float32, device="cpu") / float(size_out - 1)
     else:
-        r = torch.zeros((), dtype=torch.float32)
-    pos = r * torch.arange(size_out, dtype=torch.float32)
+        r = torch.zeros((), dtype=torch.float32, device="cpu")
+    pos = r * torch.arange(size_out, dtype=torch.float32, device="cpu")
     i0 = pos.to(torch.int64)  # C++ int truncation (pos >= 0)
     i1 = i0 + (i0 < size_in - 1).to(torch.int64)
     lam1 = pos - i0.to(torch.float32)

@@ -23,8 +23,8 @@ the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 in
 every image to).
 
 ``--profile`` then runs two more steps of each job's "ops" variant (first precision) under torch.profiler and
-prints where the time goes: wall time vs the device's busy time (a step that keeps the GPU busy well
-under its wall time is bound by launches or the host, not by kernels), the top operators by self time
+prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
+well under its wall time is bound by launches or the host, not by kernels), the top operators by self time
 with their input shapes (the convolutions' shapes name the layers), and on CUDA the top kernels; the
 JSON gets them under "profile".
 
@@ -223,10 +223,6 @@ def main(argv=None) -> int:
                 steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
-            if args.profile and prec == precisions[0]:
-                profiles.append(profile_step(steps["ops"], dev) | {"job": job, "variant": "ops", "precision": prec,
-                                                                   "batch": n, "size": size})
-            del steps
             for v in times:
                 t = times[v]
                 r = Row(job, v, prec, n, size, statistics.median(t), min(t), reps)
@@ -235,6 +231,12 @@ def main(argv=None) -> int:
                       f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
             if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
                 save_json(args.json, env, rows, profiles, complete=False)
+            if args.profile and prec == precisions[0]:
+                profiles.append(profile_step(steps["ops"], dev, 1e3 * statistics.median(times["ops"]))
+                                | {"job": job, "variant": "ops", "precision": prec, "batch": n, "size": size})
+                if args.json:
+                    save_json(args.json, env, rows, profiles, complete=False)
+            del steps
 
     print("\n| job | precision | variant | batch | ms / image | images / s | speed-up vs reference |")
     print("|---|---|---|---|---|---|---|")
@@ -247,9 +249,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def profile_step(step, device: str, steps: int = 2, top: int = 20) -> dict:
-    """Profile ``steps`` calls of an already warmed-up step: wall and busy time per step, the top operators
-    by self time (grouped by input shapes) and, on CUDA, the top kernels.  Printed and returned."""
+def profile_step(step, device: str, wall_ms: float, steps: int = 2, top: int = 20) -> dict:
+    """Profile ``steps`` calls of an already warmed-up step: the device's busy time per step beside the
+    step's timed (unprofiled) median ``wall_ms``, the top operators by self time (grouped by input shapes;
+    device time on CUDA, CPU time on a CPU) and, on CUDA, the top kernels.  Printed and returned."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -257,11 +260,9 @@ def profile_step(step, device: str, steps: int = 2, top: int = 20) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(device)
     with profile(activities=acts, record_shapes=True) as prof:
-        t0 = time.perf_counter()
         for _ in range(steps):
             step()
         _sync(device)
-        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     if cuda:
         kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
         busy_ms = sum(e.device_time for e in kernels) / 1e3 / steps
@@ -275,16 +276,16 @@ def profile_step(step, device: str, steps: int = 2, top: int = 20) -> dict:
         busy_ms, top_kernels = None, []
 
     def self_us(a):
-        if not cuda:
-            return a.self_cpu_time_total
-        return getattr(a, "self_device_time_total", None) or getattr(a, "self_cuda_time_total", 0.0)
+        return a.self_device_time_total if cuda else a.self_cpu_time_total
 
-    ops = sorted(prof.key_averages(group_by_input_shape=True), key=lambda a: -self_us(a))
+    # operators only (on CUDA the averages also list the kernels themselves)
+    ops = sorted((a for a in prof.key_averages(group_by_input_shape=True) if a.device_type == DeviceType.CPU),
+                 key=lambda a: -self_us(a))
     top_ops = [{"name": a.key, "shapes": str(a.input_shapes)[:160], "calls": a.count / steps,
                 "self_ms": self_us(a) / 1e3 / steps} for a in ops[:top] if self_us(a) > 0]
     what = "device" if cuda else "CPU"
-    print(f"  profile: wall {wall_ms:.1f} ms per step" +
-          (f", GPU busy {busy_ms:.1f} ms ({100 * busy_ms / wall_ms:.0f} %)" if cuda else ""))
+    print(f"  profile: {wall_ms:.1f} ms per step (timed)" +
+          (f", GPU busy {busy_ms:.1f} ms of it ({100 * busy_ms / wall_ms:.0f} %)" if cuda else ""))
     print(f"  | operator | input shapes | calls / step | self {what} ms / step |")
     print("  |---|---|---|---|")
     for o in top_ops:

@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python3 benchmarks/cuda_sanitize.py
 
 scale_merge in its three modes (float32, bfloat16, float16; exact and inexact Interp ratios, a map of the
-same size as scale 0) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; every kernel
+same size as scale 0; in float32 also the backward's pixel layout and 32 logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; every kernel
 path: float32 on TF32 tensor cores and exact SIMT, bfloat16, float16, float64), each with every input
 requiring a gradient.  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
@@ -65,23 +65,44 @@ def check_scale_merge(failures: list) -> None:
     for sizes in ((9, 7, 5), (8, 6, 5), (13, 13, 7)):
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
             for mode in ("attention", "avg", "max"):
-                gen = torch.Generator().manual_seed(0)
-                cpu = [rounded(torch.randn(2, 5, h, h + 1, generator=gen), dtype) for h in sizes]
-                lg = rounded(torch.randn(2, len(sizes), sizes[0], sizes[0] + 1, generator=gen), dtype)
-                g = rounded(torch.randn(2, 5, sizes[0], sizes[0] + 1, generator=gen), dtype)
-                res = {}
-                for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                    sc = [leaf(t, dev, dtype) for t in cpu]
-                    lgd = leaf(lg, dev, dtype)
-                    out, w = scale_merge(sc, lgd if mode == "attention" else None, mode)
-                    out.backward(g.to(dev, out.dtype))
-                    sync(dev)
-                    res[side] = [out, w] + [t.grad for t in sc] + ([lgd.grad] if mode == "attention" else [])
-                # max: a near-tie in the merged values may still pick another scale for the gradients
-                # in low precision; the tests check them
-                report(failures, f"scale_merge {mode} {dtype} {sizes}",
-                       [i for i, (a, b) in enumerate(zip(res["dev"], res["ref"]))
-                        if not (mode == "max" and i > 1) and not close(a, b, tol)])
+                merge_case(failures, sizes, dtype, tol, mode)
+        # the backward's other layout (a thread per pixel and class chunk) and its widest logit lane groups
+        for mode in ("attention", "avg"):
+            merge_case(failures, sizes, torch.float32, 1e-5, mode, {"ATTNSCALE_MERGE_BACKWARD": "pixel"})
+        merge_case(failures, sizes, torch.float32, 1e-5, "attention", {"ATTNSCALE_MERGE_LOGIT_GROUPS": "32"})
+
+
+def merge_case(failures: list, sizes, dtype, tol, mode, env=None) -> None:
+    """One forward and backward of scale_merge on both sides, under the environment variables ``env``
+    (the CUDA backward's knobs; the CPU kernels ignore them)."""
+    env = env or {}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        cpu = [rounded(torch.randn(2, 5, h, h + 1, generator=gen), dtype) for h in sizes]
+        lg = rounded(torch.randn(2, len(sizes), sizes[0], sizes[0] + 1, generator=gen), dtype)
+        g = rounded(torch.randn(2, 5, sizes[0], sizes[0] + 1, generator=gen), dtype)
+        res = {}
+        for side, dev in (("ref", "cpu"), ("dev", DEV)):
+            sc = [leaf(t, dev, dtype) for t in cpu]
+            lgd = leaf(lg, dev, dtype)
+            out, w = scale_merge(sc, lgd if mode == "attention" else None, mode)
+            out.backward(g.to(dev, out.dtype))
+            sync(dev)
+            res[side] = [out, w] + [t.grad for t in sc] + ([lgd.grad] if mode == "attention" else [])
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    # max: a near-tie in the merged values may still pick another scale for the gradients in low precision;
+    # the tests check them
+    knobs = "".join(f" {k}={v}" for k, v in env.items())
+    report(failures, f"scale_merge {mode} {dtype} {sizes}{knobs}",
+           [i for i, (a, b) in enumerate(zip(res["dev"], res["ref"]))
+            if not (mode == "max" and i > 1) and not close(a, b, tol)])
 
 
 def check_dilated_conv(failures: list) -> None:

@@ -10,17 +10,19 @@
 #                log in sanitize.log; 30 s on the H200 (limits: 200 s)
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        the issues' target numbers: bench_merge.py (attention, vs eager and torch.compile),
-#                merge_kernels.py (kernel launches and GPU time by the profiler, and the backward's lanes
-#                per pixel 1, 2, 4, 8 of the logit gradient), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32
-#                / bf16 vs cuDNN), bench_e2e.py bf16 (training and inference, ours vs the references, and
-#                a profile of where the time goes); each under a time limit, 370 s in all
+#                merge_kernels.py (kernel launches and GPU time by the profiler; the backward's two layouts
+#                x 1, 2, 4, 8 lanes per pixel of the logit gradient), bench_e2e.py bf16 (training and
+#                inference, ours vs the references, the inference as a CUDA graph, and a profile of where
+#                the time goes), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32 / bf16 vs cuDNN); each under
+#                a time limit, 370 s in all
 #   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last and fp32 / TF32, bench_fc6.py
 #                at the other shapes (up to 8 minutes: a call of its own)
 # A session has about 15 device minutes, machine start included, and a call at most 10: so one call.
 # Build here first, at no device time, and carry the result:
 #   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
 #   run:  bash benchmarks/gpu_proof.sh build check bench     carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
-#         (timeout_s 590: the phases' limits add up to 30 + 200 + 370 s, the H200 needed about 5 minutes)
+#         (timeout_s 590; the phases' limits add up to 30 + 200 + 370 = 600 s, but the H200 needed about
+#         5 minutes for them: only a run near every limit would lose the last bench step, bench_fc6)
 #   then, only in a session with device time left:  bash benchmarks/gpu_proof.sh build bench_extra test_all
 # Without a carried build (or if it does not load there) the build phase compiles on the machine, for
 # sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise (minutes: the other phases' limits then cut them).
@@ -117,13 +119,16 @@ for phase in "$@"; do
       grep -E "^== |^  |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
       ;;
     bench)
-      # each under a time limit (370 s in all; sized by the H200 runs of 2026-11-26); the JSON files are
-      # written as the rows come, so a run stopped by its limit keeps what it measured
+      # each under a time limit (370 s in all; sized by the H200 runs of 2026-11-26, the merge_kernels sweep
+      # and the e2e profile and graph variant guessed); the JSON files are written as the rows come, so a
+      # run stopped by its limit keeps what it measured.  fc6 last: measured on the H200 already, the first
+      # to lose if the call's own limit comes first.
       run timeout 110 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
-      run timeout 60 "$PY" benchmarks/merge_kernels.py --logit-groups 1 2 4 8 --json "$OUT/merge_kernels.json"
-      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
+      run timeout 60 "$PY" benchmarks/merge_kernels.py --backward element pixel --logit-groups 1 2 4 8 \
+        --json "$OUT/merge_kernels.json"
       run timeout 100 "$PY" benchmarks/bench_e2e.py --device cuda --precisions bf16 --profile --json "$OUT/e2e.json"
+      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
       ;;
     bench_extra)
       run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \

@@ -11,9 +11,11 @@ median over --reps profiled calls, for both implementations, and the ratio eager
 kernels' names are printed, so a stray copy or fill kernel shows.  On CPU (no CUDA) it only checks
 that it runs: it counts the attnscale ops called per pass instead of kernels.
 
-``--logit-groups 1 2 4 8`` also times the attention forward+backward with each number of warp lanes per
-pixel in the backward's logit gradient (ATTNSCALE_MERGE_LOGIT_GROUPS; the default is the kernel's own
-rule, written without a GPU), so one run shows which to make the rule.
+``--logit-groups 1 2 4 8`` and/or ``--backward element pixel`` also time the attention forward+backward
+with each number of warp lanes per pixel in the backward's logit gradient (ATTNSCALE_MERGE_LOGIT_GROUPS;
+the default is the kernel's own rule) and each backward layout (ATTNSCALE_MERGE_BACKWARD: a thread per
+gradient element, the default, or per pixel and class chunk), every combination: both were written
+without a GPU, so one run shows which to make the defaults.
 """
 from __future__ import annotations
 
@@ -57,27 +59,31 @@ def profile_calls(fn, device: str, reps: int):
     return statistics.median(counts), statistics.median(times), names
 
 
-def sweep_logit_groups(args) -> list:
-    """Fused attention forward+backward GPU time per number of lanes per pixel of the logit gradient."""
-    rows = []
-    print("\n| shape | lanes per pixel | fused fwd+bwd GPU us |")
-    print("|---|---|---|")
-    before = os.environ.get("ATTNSCALE_MERGE_LOGIT_GROUPS")
+def sweep_backward(args, rows: list) -> None:
+    """Fused attention forward+backward GPU time per backward layout and lanes per pixel of the logit
+    gradient (unset: the default layout, the kernel's rule), appended to ``rows``."""
+    knobs = ("ATTNSCALE_MERGE_BACKWARD", "ATTNSCALE_MERGE_LOGIT_GROUPS")
+    print("\n| shape | backward | lanes per pixel | fused fwd+bwd GPU us |")
+    print("|---|---|---|---|")
+    before = {k: os.environ.get(k) for k in knobs}
     try:
         for shape, (n, sizes) in SHAPES.items():
-            for g in args.logit_groups:
-                os.environ["ATTNSCALE_MERGE_LOGIT_GROUPS"] = str(g)
-                k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device, "fwd+bwd"),
-                                        args.device, args.reps)
-                rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention", "logit_groups": g,
-                             "fused_kernels": k, "fused_gpu_us": t})
-                print(f"| {shape} | {g} | {t:.1f} |", flush=True)
+            for layout in args.backward or [""]:
+                for g in args.logit_groups or [""]:
+                    os.environ.update(zip(knobs, (layout, str(g))))
+                    k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device, "fwd+bwd"),
+                                            args.device, args.reps)
+                    rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention",
+                                 "backward": layout or "element", "logit_groups": g or "rule",
+                                 "fused_kernels": k, "fused_gpu_us": t})
+                    print(f"| {shape} | {layout or 'element'} | {g or 'rule'} | {t:.1f} |", flush=True)
+                    save(args, rows, complete=False)
     finally:
-        if before is None:
-            os.environ.pop("ATTNSCALE_MERGE_LOGIT_GROUPS", None)
-        else:
-            os.environ["ATTNSCALE_MERGE_LOGIT_GROUPS"] = before
-    return rows
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None) -> int:
@@ -88,11 +94,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--logit-groups", nargs="*", default=[], type=int, metavar="G",
                     help="attention: also time forward+backward with G lanes per pixel (powers of two, 1 to 32)")
+    ap.add_argument("--backward", nargs="*", default=[], choices=("element", "pixel"),
+                    help="attention: also time forward+backward with these backward layouts")
     args = ap.parse_args(argv)
     if any(g < 1 or g > 32 or g & (g - 1) for g in args.logit_groups):
         ap.error(f"--logit-groups: powers of two from 1 to 32, got {args.logit_groups}")
-    if args.logit_groups and args.mode != "attention":
-        ap.error("--logit-groups is for --mode attention (the other modes have no logit gradient)")
+    if (args.logit_groups or args.backward) and args.mode != "attention":
+        ap.error("--logit-groups and --backward are for --mode attention")
     rows = []
     print("| shape | pass | fused kernels | eager kernels | fused GPU us | eager GPU us | eager / fused |")
     print("|---|---|---|---|---|---|---|")
@@ -111,12 +119,19 @@ def main(argv=None) -> int:
                   f"{'-' if ratio is None else f'{ratio:.2f}x'} |", flush=True)
             if passes == "fwd+bwd":
                 print(f"  fused kernels: {fnames}", flush=True)
-    if args.logit_groups:
-        rows += sweep_logit_groups(args)
+            save(args, rows, complete=False)
+    if args.logit_groups or args.backward:
+        sweep_backward(args, rows)
+    save(args, rows)
+    return 0
+
+
+def save(args, rows: list, complete: bool = True) -> None:
+    """The rows so far (as they come: a run stopped by a time limit keeps what it measured)."""
     if args.json:
         write_json(args.json, {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                               "torch": torch.__version__, "reps": args.reps, "rows": rows})
-    return 0
+                               "torch": torch.__version__, "reps": args.reps, "complete": complete, "rows": rows},
+                   quiet=not complete)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,8 @@ def test_cuda_sanitize_dry_run():
     proc = subprocess.run([sys.executable, script, "--cpu-dry-run"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("ok  scale_merge") == 27 and proc.stdout.count("ok  dilated_conv2d") == 6
+    assert proc.stdout.count("ok  scale_merge") == 36 and proc.stdout.count("ok  dilated_conv2d") == 6
+    assert proc.stdout.count("ATTNSCALE_MERGE_BACKWARD=pixel") == 6
     import torch
     from attnscale.ops import has_cuda_kernels
     if not (torch.cuda.is_available() and has_cuda_kernels()):
@@ -102,13 +103,14 @@ def test_merge_kernels_dry_run(tmp_path):
     """benchmarks/merge_kernels.py (kernel launches and GPU time of the merge, issue 2's CUDA target) on CPU
     counts the attnscale ops instead of kernels: one per forward, forward + backward for fwd+bwd."""
     data, _ = run_bench("merge_kernels.py", "--device", "cpu", "--reps", "1", "--logit-groups", "1", "8",
-                        tmp_path=tmp_path)
+                        "--backward", "element", "pixel", tmp_path=tmp_path)
     rows, sweep = data["rows"][:6], data["rows"][6:]
     for r in rows:
         assert r["fused_kernels"] == (1 if r["pass"] == "fwd" else 2), r
         assert r["eager_kernels"] == 0, r
-    assert [(r["shape"], r["logit_groups"], r["fused_kernels"]) for r in sweep] == \
-        [(shape, g, 2) for shape in ("train-N10", "train-N30", "test-N1") for g in (1, 8)]
+    assert [(r["shape"], r["backward"], r["logit_groups"], r["fused_kernels"]) for r in sweep] == \
+        [(shape, b, g, 2) for shape in ("train-N10", "train-N30", "test-N1") for b in ("element", "pixel")
+         for g in (1, 8)]
 
 
 def test_gpu_proof_check_reports_a_sanitizer_finding(tmp_path):

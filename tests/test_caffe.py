@@ -255,17 +255,40 @@ def test_host_constants_cached_as_plain_tensors():
         caffe.interp_coefficients(0, 3)
 
 
+def test_host_constants_under_fake_and_meta_tensors():
+    """Nothing fake is cached nor a cached real tensor traced: Interp and AVE pooling under FakeTensorMode
+    (tracing, opcheck) work whether the real call came first or not; the tables are built on the CPU even
+    under a meta default device."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    x = torch.randn(1, 2, 7, 7)
+    want = caffe.interp_gather(x, (13, 13)), caffe.pool2d(x, 3, 1, 1, "ave")
+    for _ in range(2):  # real first, then fake, then real again
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(x)
+            got = caffe.interp_gather(fx, (13, 13)), caffe.pool2d(fx, 3, 1, 1, "ave")
+        assert all(isinstance(t, FakeTensor) and t.shape == w.shape for t, w in zip(got, want))
+        caffe._host_constants_cached.cache_clear()
+    assert not any(isinstance(t, FakeTensor) for t in caffe.interp_coefficients(7, 13))
+    torch.testing.assert_close(caffe.interp_gather(x, (13, 13)), want[0], rtol=0, atol=0)
+    torch.testing.assert_close(caffe.pool2d(x, 3, 1, 1, "ave"), want[1], rtol=0, atol=0)
+    with torch.device("meta"):
+        i0, _, _, lam1 = caffe.interp_coefficients(7, 12, "cpu")
+    assert i0.device.type == "cpu" and lam1.dtype == torch.float32
+
+
 @pytest.mark.cuda
 def test_cuda_interp_coefficients_equal_the_cpu_ones():
     """On a GPU the ratio is still divided on the host (as Caffe's GPU Interp takes it): the CUDA
     coefficients are the CPU ones bit for bit (PyTorch's CUDA tensor / number multiplies by the reciprocal,
-    which is 1 ulp off for some sizes), and so is the CUDA interp of a CPU-exact input."""
+    which is 1 ulp off for some sizes), under the current device's index for "cuda"; and the CUDA Interp
+    matches the CPU one."""
     for size_in in range(2, 70):
         for size_out in (size_in * 2 - 1, 41, 65, 97, 513):
             cpu = caffe.interp_coefficients(size_in, size_out)
             dev = caffe.interp_coefficients(size_in, size_out, "cuda")
             for a, b in zip(cpu, dev):
-                assert b.is_cuda and torch.equal(b.cpu(), a), (size_in, size_out)
+                assert b.device == torch.device("cuda", torch.cuda.current_device()), b.device
+                assert torch.equal(b.cpu(), a), (size_in, size_out)
     x = torch.randn(2, 3, 31, 23)
     torch.testing.assert_close(caffe.interp_gather(x.cuda(), (41, 45)).cpu(), caffe.interp_gather(x, (41, 45)),
                                rtol=1e-6, atol=1e-6)

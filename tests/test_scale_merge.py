@@ -21,6 +21,7 @@ EXACT = ((9, 9), (7, 7), (5, 5))
 INEXACT = ((8, 8), (6, 6), (5, 5))
 NONSQUARE = ((9, 11), (7, 6), (5, 4))
 TRAIN = ((41, 41), (31, 31), (21, 21))
+S8 = ((11, 11), (10, 10), (9, 9), (8, 8), (7, 7), (6, 6), (5, 5), (4, 4))  # the most scales on CUDA
 
 
 def _ups(scores):
@@ -358,10 +359,18 @@ def test_scores_not_a_list():
 
 
 # ----------------------------------------------------------------------------------------------
+@pytest.fixture(params=["element", "pixel"])
+def cuda_backward_layout(request, monkeypatch):
+    """Both layouts of the CUDA backward (ATTNSCALE_MERGE_BACKWARD): a thread per gradient element (the
+    default) or a thread per pixel and class chunk (attention and avg; max keeps the element layout)."""
+    monkeypatch.setenv("ATTNSCALE_MERGE_BACKWARD", request.param)
+    return request.param
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 1e-2)])
-def test_cuda_matches_cpu(mode, dtype, tol):
+def test_cuda_matches_cpu(mode, dtype, tol, cuda_backward_layout):
     # max: small maps so that inputs whose argmax has a clear margin can be drawn
     sizes, n, c = (EXACT, 2, 3) if mode == "max" else (TRAIN, 3, 5)
     scores, logits = make_inputs(sizes, n=n, c=c, mode=mode, gap=1e-2, quantize=dtype)
@@ -382,9 +391,9 @@ def test_cuda_matches_cpu(mode, dtype, tol):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sizes", [((9, 11), (7, 6)), ((9, 11), (8, 9), (7, 6), (5, 4)),
                                    ((13, 13), (10, 10), (7, 7), (5, 5), (4, 4)),
-                                   ((11, 11), (10, 10), (9, 9), (8, 8), (7, 7), (6, 6), (5, 5), (4, 4))],
+                                   S8],
                          ids=["S2", "S4", "S5", "S8"])
-def test_cuda_matches_cpu_other_scale_counts(mode, sizes):
+def test_cuda_matches_cpu_other_scale_counts(mode, sizes, cuda_backward_layout):
     """The CUDA kernels have an instance for up to 3 scales (fewer registers) and one for up to 8
     (kMaxScales): both against the CPU kernel, float32, on either side of the switch and at the most."""
     n, c = 2, 3
@@ -401,7 +410,7 @@ def test_cuda_matches_cpu_other_scale_counts(mode, sizes):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", MODES)
-def test_cuda_backward_deterministic(mode):
+def test_cuda_backward_deterministic(mode, cuda_backward_layout):
     scores, logits = make_inputs(TRAIN, n=3, c=5, mode=mode)
     scores = [s.cuda() for s in scores]
     gout = torch.randn(3, 5, 41, 41, device="cuda")
@@ -415,12 +424,15 @@ def test_cuda_backward_deterministic(mode):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("groups", ["", "1", "2", "4", "8", "16", "32"])
-@pytest.mark.parametrize("sizes,n", [(TRAIN, 3), (NONSQUARE, 1)], ids=["train", "odd"])
-def test_cuda_logit_gradient_lane_groups(monkeypatch, groups, sizes, n):
+@pytest.mark.parametrize("sizes,n", [(TRAIN, 8), (NONSQUARE, 1), (NONSQUARE[:2], 2), (S8, 2)],
+                         ids=["train", "odd", "S2", "S8"])
+def test_cuda_logit_gradient_lane_groups(monkeypatch, groups, sizes, n, cuda_backward_layout):
     """The attention backward splits each pixel's sum over classes between G lanes of a warp (a
     shuffle butterfly; the segment padded to whole warps): every G, the kernel's own rule ("") included,
     matches the CPU kernel with 21 classes (uneven classes per lane; 9x11 = 99 pixels, so the padding
-    lanes are exercised) and is deterministic."""
+    lanes are exercised; 2 and 8 scales, both kernel instances) and is deterministic.  In the pixel layout
+    the train shape gets chunks of 4 classes and a last one of 1, and S8's coarse maps (ratios below 1/2)
+    take the wide-footprint path."""
     monkeypatch.setenv("ATTNSCALE_MERGE_LOGIT_GROUPS", groups)
     c = 21
     scores, logits = make_inputs(sizes, n=n, c=c)
@@ -435,11 +447,12 @@ def test_cuda_logit_gradient_lane_groups(monkeypatch, groups, sizes, n):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("groups", ["3", "64", "0", "x"])
-def test_cuda_logit_groups_env_checked(monkeypatch, groups):
-    monkeypatch.setenv("ATTNSCALE_MERGE_LOGIT_GROUPS", groups)
+@pytest.mark.parametrize("var,value", [("ATTNSCALE_MERGE_LOGIT_GROUPS", v) for v in ("3", "64", "0", "x")]
+                         + [("ATTNSCALE_MERGE_BACKWARD", "pixels")])
+def test_cuda_backward_env_checked(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
     scores, logits = make_inputs(EXACT)
-    with pytest.raises(ValueError, match="ATTNSCALE_MERGE_LOGIT_GROUPS=" + groups):
+    with pytest.raises(ValueError, match=f"{var}={value}"):
         run(scale_merge, [s.cuda() for s in scores], logits.cuda(), "attention")
 
 

@@ -25,6 +25,8 @@ struct Problem {
   DType dtype = DType::kFloat32;
   int logit_groups = 0;      // backward, attention: lanes per pixel of the logit gradient (a power of two
                              // up to 32); 0: the kernel's own rule
+  int backward_layout = 0;   // backward: 0 a thread per gradient element; 1 a thread per pixel and class
+                             // chunk (attention and avg; max mode always uses 0)
 };
 
 // One kernel launch.  scores: S device pointers to contiguous (N, C, H_s, W_s) maps; logits:

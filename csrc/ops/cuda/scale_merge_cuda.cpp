@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -67,6 +68,17 @@ int logit_groups_from_env() {
   return static_cast<int>(g);
 }
 
+// ATTNSCALE_MERGE_BACKWARD: the backward kernel's layout, "element" (a thread per gradient element; unset or
+// empty: the default) or "pixel" (a thread per pixel and class chunk, attention and avg), for
+// benchmarks/merge_kernels.py (--backward) and the CUDA tests.
+int backward_layout_from_env() {
+  const char* v = std::getenv("ATTNSCALE_MERGE_BACKWARD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "element") == 0) return 0;
+  TORCH_CHECK_VALUE(std::strcmp(v, "pixel") == 0, "scale_merge_backward: ATTNSCALE_MERGE_BACKWARD=", v,
+                    " is neither 'element' nor 'pixel'");
+  return 1;
+}
+
 std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
   std::vector<at::Tensor> out;
   out.reserve(scores.size());
@@ -102,7 +114,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
   const c10::cuda::CUDAGuard guard(scores_in[0].device());
   const std::vector<at::Tensor> sc = contiguous_list(scores_in);
   cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
-  p.logit_groups = logit_groups_from_env();
+  p.logit_groups = mode == Mode::kAttention ? logit_groups_from_env() : 0;
+  p.backward_layout = mode != Mode::kMax ? backward_layout_from_env() : 0;
   const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
   const at::Tensor gout = grad_merged.contiguous();
   const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())

@@ -70,7 +70,8 @@ struct Args {
   int64_t N, C;
   int H[kMaxScales], W[kMaxScales];
   float ry[kMaxScales], rx[kMaxScales];  // Interp ratios (scale s -> scale 0)
-  int64_t csz;                             // classes per chunk (forward)
+  int64_t csz;                             // classes per chunk (forward; backward, pixel layout)
+  int64_t kchunks;                         // backward, pixel layout: class chunks
   int64_t seg[kMaxScales + 2];             // backward: segment starts (scales, logits, end)
   int lgshift;                             // backward: log2 of the lanes per pixel of the logit gradient
 };
@@ -222,32 +223,119 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
   }
 }
 
+// Weight of scale s at destination pixel p of item n (attention: softmax w_s; avg: 1/S).
+template <typename T, int MODE, int MS>
+__device__ __forceinline__ float dest_weight(const Args<T>& a, int s, int64_t n, int64_t p) {
+  if (MODE == kAvg) return 1.f / static_cast<float>(a.S);  // Caffe Eltwise SUM backward: coeff * diff
+  float w[MS];
+  softmax_at<T, MS>(a, n, p, w);
+  float ws = w[0];
+#pragma unroll
+  for (int t = 1; t < MS; ++t)
+    if (t == s) ws = w[t];
+  return ws;
+}
+
 // Gradient reaching scale s's resized map at destination (n, c, y, x).
 template <typename T, int MODE, int MS>
 __device__ __forceinline__ float dest_grad(const Args<T>& a, int s, int64_t n, int64_t plane, int y, int x) {
   const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
   const int64_t p = static_cast<int64_t>(y) * a.W[0] + x;
   const float g = to_f(a.gout[plane * P + p]);
-  if (MODE == kAvg) return g * (1.f / static_cast<float>(a.S));  // Caffe Eltwise SUM backward: coeff * diff
-  if (MODE == kAttention) {
-    float w[MS];
-    softmax_at<T, MS>(a, n, p, w);
-    float ws = w[0];
-#pragma unroll
-    for (int t = 1; t < MS; ++t)
-      if (t == s) ws = w[t];
-    return g * ws;
-  }
+  if (MODE != kMax) return g * dest_weight<T, MODE, MS>(a, s, n, p);
   Foot<MS> ft;
   make_foot(a, y, x, ft);
   float best;
   return argmax_scale(a, ft, plane, p, &best) == s ? g : 0.f;
 }
 
+// Gradient of coarse scale s's score element (plane, r, j): the weighted gather over the destination pixels
+// whose bilinear footprint touches it (zero-weight taps skipped), rows then columns, a fixed order.
 template <typename T, int MODE, int MS>
-__global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
+__device__ __forceinline__ float coarse_gather(const Args<T>& a, int s, int64_t n, int64_t plane, int r, int j) {
+  const int H0 = a.H[0], W0 = a.W[0], Hs = a.H[s], Ws = a.W[s];
+  int y0, y1, x0, x1;
+  interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
+  interp_source_range(j, Ws, W0, a.rx[s], &x0, &x1);
+  float acc = 0.f;
+  for (int y = y0; y < y1; ++y) {
+    const float wy = tap_weight<float>(interp_tap(y, Hs, H0, a.ry[s]), r);
+    if (wy == 0.f) continue;
+    float row = 0.f;
+    for (int x = x0; x < x1; ++x) {
+      const float wx = tap_weight<float>(interp_tap(x, Ws, W0, a.rx[s]), j);
+      if (wx == 0.f) continue;
+      row = fmaf(wx, dest_grad<T, MODE, MS>(a, s, n, plane, y, x), row);
+    }
+    acc = fmaf(wy, row, acc);
+  }
+  return acc;
+}
+
+// Logit gradient, element e of its segment: softmax backward of g_s = sum_c grad * up_s (+ grad_w) at a
+// pixel (n, p).  The segment holds G = 2^lgshift lanes per pixel, padded to whole warps, and starts on a
+// warp boundary of the reversed walk (the host pads it to a multiple of 32 and it is the first part
+// walked), so every lane of a warp is here at once and the G lanes of a pixel are G aligned lanes of one
+// warp: a butterfly of shuffles over them gives every lane the same sums in a fixed order.
+template <typename T, int MS>
+__device__ __forceinline__ void logit_grad_unit(const Args<T>& a, int64_t e) {
+  const int W0 = a.W[0];
+  const int64_t P = static_cast<int64_t>(a.H[0]) * W0;
+  const int G = 1 << a.lgshift;
+  const int64_t pix = e >> a.lgshift;
+  const int q = static_cast<int>(e) & (G - 1);
+  const bool live = pix < a.N * P;  // padding lanes only join the shuffles
+  const int64_t n = live ? pix / P : 0, p = live ? pix % P : 0;
+  float gs[MS];
+#pragma unroll
+  for (int t = 0; t < MS; ++t) gs[t] = 0.f;
+  if (live) {
+    const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
+    Foot<MS> ft;
+    make_foot(a, y, x, ft);
+#pragma unroll 2
+    for (int64_t c = q; c < a.C; c += G) {
+      const int64_t plane = n * a.C + c;
+      const float g = to_f(a.gout[plane * P + p]);
+      gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
+#pragma unroll
+      for (int t = 1; t < MS; ++t)
+        if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
+    }
+  }
+  for (int o = G >> 1; o > 0; o >>= 1) {
+#pragma unroll
+    for (int t = 0; t < MS; ++t)
+      if (t < a.S) gs[t] += __shfl_xor_sync(0xffffffffu, gs[t], o);
+  }
+  if (live) {
+    float w[MS];
+    softmax_at<T, MS>(a, n, p, w);
+    float dot = 0.f;
+#pragma unroll
+    for (int t = 0; t < MS; ++t) {
+      if (t < a.S) {
+        if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
+        dot = fmaf(w[t], gs[t], dot);
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < MS; ++t)  // lane q writes the scales t = q mod G
+      if (t < a.S && (t & (G - 1)) == q) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
+  }
+}
+
+// The attention instance for at most 3 scales is held to the 64 registers it had before its logit
+// gradient moved into logit_grad_unit (4 blocks of 256 per multiprocessor, no spills by -Xptxas -v; 71
+// without the bound); 0 leaves the others to ptxas.
+template <int MODE, int MS>
+constexpr int backward_min_blocks() {
+  return MODE == kAttention && MS <= 3 ? 4 : 0;
+}
+
+template <typename T, int MODE, int MS>
+__global__ void __launch_bounds__(kThreads, (backward_min_blocks<MODE, MS>())) backward_kernel(const Args<T> a) {
   const int H0 = a.H[0], W0 = a.W[0];
-  const int64_t P = static_cast<int64_t>(H0) * W0;
   const int64_t total = a.seg[a.S + 1];
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -286,53 +374,84 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(const Args<T> a) {
       }
       a.g[s][e] = from_f<T>(acc);
     } else if (MODE == kAttention) {
-      // Logit gradient at pixel (n, p): softmax backward of g_s = sum_c grad * up_s (+ grad_w).  The segment
-      // holds G = 2^lgshift lanes per pixel, padded to whole warps, and starts on a warp boundary of the
-      // reversed walk (the host pads it to a multiple of 32 and it is the first part walked), so every
-      // lane of a warp is in this branch at once and the G lanes of a pixel are G aligned lanes of one
-      // warp: a butterfly of shuffles over them gives every lane the same sums in a fixed order.
-      const int G = 1 << a.lgshift;
-      const int64_t pix = e >> a.lgshift;
-      const int q = static_cast<int>(e) & (G - 1);
-      const bool live = pix < a.N * P;  // padding lanes only join the shuffles
-      const int64_t n = live ? pix / P : 0, p = live ? pix % P : 0;
-      float gs[MS];
+      logit_grad_unit<T, MS>(a, e);
+    }
+  }
+}
+
+// Backward, "pixel" layout (ATTNSCALE_MERGE_BACKWARD=pixel; attention and avg): a thread per (item, pixel of
+// scale s, class chunk) instead of per gradient element.  Everything that does not depend on the class
+// is done once per thread: the source ranges, the footprint's Interp weights and the destination
+// pixels' softmax weights (the element layout recomputes them for every class), kept as up to kFoot
+// coefficients in registers; then each class of the chunk is a dot product of those coefficients with
+// its incoming gradient.  A footprint wider than kFootAxis per axis (ratios below about 1/2) falls back
+// to the element layout's gather per class.  Max mode keeps the element layout (its weights depend on
+// the class).  The logit gradient is the same as there.
+constexpr int kFootAxis = 4;
+
+template <typename T, int MODE, int MS>
+__global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> a) {
+  const int H0 = a.H[0], W0 = a.W[0];
+  const int64_t P = static_cast<int64_t>(H0) * W0;
+  const int64_t total = a.seg[a.S + 1];
+  for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
+       k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = total - 1 - k;  // the logit gradient (a loop over classes) and coarse scales first
+    int s = 0;
+    while (s < a.S && i >= a.seg[s + 1]) ++s;
+    const int64_t e = i - a.seg[s];
+    if (s == a.S) {
+      if (MODE == kAttention) logit_grad_unit<T, MS>(a, e);
+      continue;
+    }
+    // unit (n, chunk, pixel q of scale s), pixels fastest: a warp reads neighbouring pixels of one class
+    const int Hs = a.H[s], Ws = a.W[s];
+    const int64_t Ps = static_cast<int64_t>(Hs) * Ws;
+    const int64_t q = e % Ps, nk = e / Ps;
+    const int64_t n = nk / a.kchunks, c0 = (nk % a.kchunks) * a.csz;
+    const int64_t c1 = (c0 + a.csz < a.C) ? c0 + a.csz : a.C;
+    const T* go = a.gout + n * a.C * P;   // class c at go + c * P
+    T* gs = a.g[s] + n * a.C * Ps + q;    // class c at gs[c * Ps]
+    if (s == 0) {
+      const float wgt = dest_weight<T, MODE, MS>(a, 0, n, q);
+      for (int64_t c = c0; c < c1; ++c) gs[c * Ps] = from_f<T>(to_f(go[c * P + q]) * wgt);
+      continue;
+    }
+    const int r = static_cast<int>(q / Ws), j = static_cast<int>(q % Ws);
+    int y0, y1, x0, x1;
+    interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
+    interp_source_range(j, Ws, W0, a.rx[s], &x0, &x1);
+    if (y1 - y0 > kFootAxis || x1 - x0 > kFootAxis) {  // a wide footprint: the element layout's gather
+      for (int64_t c = c0; c < c1; ++c) gs[c * Ps] = from_f<T>(coarse_gather<T, MODE, MS>(a, s, n, n * a.C + c, r, j));
+      continue;
+    }
+    // the footprint's coefficients wy * wx * w_s(y, x) (zero where a tap does not touch this pixel) at
+    // destination offsets base + v * W0 + u
+    float coef[kFootAxis * kFootAxis];
+    float wx[kFootAxis];
 #pragma unroll
-      for (int t = 0; t < MS; ++t) gs[t] = 0.f;
-      if (live) {
-        const int y = static_cast<int>(p / W0), x = static_cast<int>(p % W0);
-        Foot<MS> ft;
-        make_foot(a, y, x, ft);
-#pragma unroll 2
-        for (int64_t c = q; c < a.C; c += G) {
-          const int64_t plane = n * a.C + c;
-          const float g = to_f(a.gout[plane * P + p]);
-          gs[0] = fmaf(g, to_f(a.f[0][plane * P + p]), gs[0]);
+    for (int u = 0; u < kFootAxis; ++u)
+      wx[u] = (x0 + u < x1) ? tap_weight<float>(interp_tap(x0 + u, Ws, W0, a.rx[s]), j) : 0.f;
+    const int64_t base = static_cast<int64_t>(y0) * W0 + x0;
 #pragma unroll
-          for (int t = 1; t < MS; ++t)
-            if (t < a.S) gs[t] = fmaf(g, up_value(a, ft, t, plane), gs[t]);
-        }
+    for (int v = 0; v < kFootAxis; ++v) {
+      const float wy = (y0 + v < y1) ? tap_weight<float>(interp_tap(y0 + v, Hs, H0, a.ry[s]), r) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kFootAxis; ++u) {
+        const float w = wy * wx[u];
+        coef[v * kFootAxis + u] = w != 0.f ? w * dest_weight<T, MODE, MS>(a, s, n, base + v * W0 + u) : 0.f;
       }
-      for (int o = G >> 1; o > 0; o >>= 1) {
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* gc = go + c * P + base;
+      float acc = 0.f;
 #pragma unroll
-        for (int t = 0; t < MS; ++t)
-          if (t < a.S) gs[t] += __shfl_xor_sync(0xffffffffu, gs[t], o);
+      for (int v = 0; v < kFootAxis; ++v) {
+#pragma unroll
+        for (int u = 0; u < kFootAxis; ++u)
+          if (coef[v * kFootAxis + u] != 0.f) acc = fmaf(coef[v * kFootAxis + u], to_f(gc[v * W0 + u]), acc);
       }
-      if (live) {
-        float w[MS];
-        softmax_at<T, MS>(a, n, p, w);
-        float dot = 0.f;
-#pragma unroll
-        for (int t = 0; t < MS; ++t) {
-          if (t < a.S) {
-            if (a.gw != nullptr) gs[t] += to_f(a.gw[(n * a.S + t) * P + p]);
-            dot = fmaf(w[t], gs[t], dot);
-          }
-        }
-#pragma unroll
-        for (int t = 0; t < MS; ++t)  // lane q writes the scales t = q mod G
-          if (t < a.S && (t & (G - 1)) == q) a.glogits[(n * a.S + t) * P + p] = from_f<T>(w[t] * (gs[t] - dot));
-      }
+      gs[c * Ps] = from_f<T>(acc);
     }
   }
 }
@@ -423,8 +542,23 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   a.gout = static_cast<const T*>(grad_merged);
   a.gw = static_cast<const T*>(grad_weights);
   a.glogits = static_cast<T*>(grad_logits);
+  // Layout: a thread per gradient element, or (Problem::backward_layout 1; attention and avg) a thread per
+  // pixel and class chunk, the chunks sized as the forward's: enough threads to fill the device (~128k).
+  const bool pixel = p.backward_layout == 1 && p.mode != kMax;
+  a.csz = p.C;
+  a.kchunks = 1;
+  if (pixel && p.C > 0) {
+    int64_t pixels = 0;
+    for (int s = 0; s < p.S; ++s) pixels += p.N * static_cast<int64_t>(p.H[s]) * p.W[s];
+    int64_t chunks = ceil_div(131072, pixels > 0 ? pixels : 1);
+    if (chunks > p.C) chunks = p.C;
+    if (chunks < 1) chunks = 1;
+    a.csz = ceil_div(p.C, chunks);
+    a.kchunks = ceil_div(p.C, a.csz);
+  }
+  const int64_t units = pixel ? (p.C > 0 ? a.kchunks : 0) : p.C;  // per pixel of every scale
   a.seg[0] = 0;
-  for (int s = 0; s < p.S; ++s) a.seg[s + 1] = a.seg[s] + p.N * p.C * static_cast<int64_t>(p.H[s]) * p.W[s];
+  for (int s = 0; s < p.S; ++s) a.seg[s + 1] = a.seg[s] + p.N * units * static_cast<int64_t>(p.H[s]) * p.W[s];
   const int64_t logit_pixels = p.mode == kAttention ? p.N * static_cast<int64_t>(p.H[0]) * p.W[0] : 0;
   const int groups = p.logit_groups > 0 ? p.logit_groups : default_logit_groups(logit_pixels, p.C);
   if (groups > 32 || (groups & (groups - 1)) != 0) return cudaErrorInvalidValue;
@@ -439,12 +573,22 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   const dim3 grid(static_cast<unsigned>(blocks));
   switch (p.mode) {
     case kAttention:
-      launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>,
-                     a, grid, stream);
+      if (pixel) {
+        launch<T, kAttention>(backward_pixel_kernel<T, kAttention, kFewScales>,
+                              backward_pixel_kernel<T, kAttention, kMaxScales>, a, grid, stream);
+      } else {
+        launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>,
+                              a, grid, stream);
+      }
       break;
     case kAvg:
-      launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>,
-                     a, grid, stream);
+      if (pixel) {
+        launch<T, kAvg>(backward_pixel_kernel<T, kAvg, kFewScales>, backward_pixel_kernel<T, kAvg, kMaxScales>,
+                        a, grid, stream);
+      } else {
+        launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>,
+                        a, grid, stream);
+      }
       break;
     default:
       launch<T, kMax>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>,
