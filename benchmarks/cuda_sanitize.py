@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python3 benchmarks/cuda_sanitize.py
 
 scale_merge in its three modes (float32, bfloat16, float16; exact and inexact Interp ratios, a map of the
-same size as scale 0; in float32 also the backward's pixel layout and 32 logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; every kernel
+same size as scale 0; in float32 also the backward's pixel layout, with a ratio below 1/2 too, and 32
+logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; every kernel
 path: float32 on TF32 tensor cores and exact SIMT, bfloat16, float16, float64), each with every input
 requiring a gradient.  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
@@ -70,6 +71,9 @@ def check_scale_merge(failures: list) -> None:
         for mode in ("attention", "avg"):
             merge_case(failures, sizes, torch.float32, 1e-5, mode, {"ATTNSCALE_MERGE_BACKWARD": "pixel"})
         merge_case(failures, sizes, torch.float32, 1e-5, "attention", {"ATTNSCALE_MERGE_LOGIT_GROUPS": "32"})
+    # ratios below 1/2: the pixel layout's wide-footprint path
+    for mode in ("attention", "avg"):
+        merge_case(failures, (13, 9, 4), torch.float32, 1e-5, mode, {"ATTNSCALE_MERGE_BACKWARD": "pixel"})
 
 
 def merge_case(failures: list, sizes, dtype, tol, mode, env=None) -> None:

@@ -125,10 +125,10 @@ for phase in "$@"; do
       # to lose if the call's own limit comes first.
       run timeout 110 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
-      run timeout 60 "$PY" benchmarks/merge_kernels.py --backward element pixel --logit-groups 1 2 4 8 \
+      run timeout 70 "$PY" benchmarks/merge_kernels.py --reps 10 --backward element pixel --logit-groups 1 2 4 8 \
         --json "$OUT/merge_kernels.json"
       run timeout 100 "$PY" benchmarks/bench_e2e.py --device cuda --precisions bf16 --profile --json "$OUT/e2e.json"
-      run timeout 100 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
+      run timeout 90 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
       ;;
     bench_extra)
       run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \

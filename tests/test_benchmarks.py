@@ -73,8 +73,8 @@ def test_cuda_sanitize_dry_run():
     proc = subprocess.run([sys.executable, script, "--cpu-dry-run"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("ok  scale_merge") == 36 and proc.stdout.count("ok  dilated_conv2d") == 6
-    assert proc.stdout.count("ATTNSCALE_MERGE_BACKWARD=pixel") == 6
+    assert proc.stdout.count("ok  scale_merge") == 38 and proc.stdout.count("ok  dilated_conv2d") == 6
+    assert proc.stdout.count("ATTNSCALE_MERGE_BACKWARD=pixel") == 8
     import torch
     from attnscale.ops import has_cuda_kernels
     if not (torch.cuda.is_available() and has_cuda_kernels()):

@@ -10,8 +10,8 @@
 // backward's recomputation (max mode re-derives the winning scale) differ by a rounding.
 //
 // Each kernel has two instances: for at most 3 scales (the paper's share-nets; per-scale arrays 3 long,
-// 64 registers in the attention backward instead of 128, so twice the occupancy) and for up to
-// kMaxScales.
+// 64 registers in the element layout's attention backward instead of 128, so twice the occupancy) and
+// for up to kMaxScales.
 //
 // Forward: a thread per output pixel (n, y, x) and class chunk (blockIdx.y); the per-scale taps
 // and the softmax weights are computed once per thread and reused across its classes.  In max
@@ -325,12 +325,13 @@ __device__ __forceinline__ void logit_grad_unit(const Args<T>& a, int64_t e) {
   }
 }
 
-// The attention instance for at most 3 scales is held to the 64 registers it had before its logit
-// gradient moved into logit_grad_unit (4 blocks of 256 per multiprocessor, no spills by -Xptxas -v; 71
-// without the bound); 0 leaves the others to ptxas.
+// The attention instances are held to the registers they had before their logit gradient moved into
+// logit_grad_unit (-Xptxas -v, sm_90): 64 for at most 3 scales (4 blocks of 256 per multiprocessor, no
+// spills; 71 without the bound), 128 for up to 8 (2 blocks; 24-40 bytes of spill stores, against 166-170
+// registers and 1 block without the bound).  0 leaves the other modes to ptxas.
 template <int MODE, int MS>
 constexpr int backward_min_blocks() {
-  return MODE == kAttention && MS <= 3 ? 4 : 0;
+  return MODE != kAttention ? 0 : (MS <= 3 ? 4 : 2);
 }
 
 template <typename T, int MODE, int MS>
@@ -425,9 +426,11 @@ __global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> 
       for (int64_t c = c0; c < c1; ++c) gs[c * Ps] = from_f<T>(coarse_gather<T, MODE, MS>(a, s, n, n * a.C + c, r, j));
       continue;
     }
-    // the footprint's coefficients wy * wx * w_s(y, x) (zero where a tap does not touch this pixel) at
-    // destination offsets base + v * W0 + u
+    // the footprint's coefficients wy * wx * w_s(y, x) at destination offsets base + v * W0 + u, and the
+    // mask of the taps that touch this pixel (wy * wx != 0): the element layout's skip rule, so that a
+    // non-finite gradient still spreads where only the softmax weight is 0
     float coef[kFootAxis * kFootAxis];
+    unsigned mask = 0;
     float wx[kFootAxis];
 #pragma unroll
     for (int u = 0; u < kFootAxis; ++u)
@@ -440,6 +443,7 @@ __global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> 
       for (int u = 0; u < kFootAxis; ++u) {
         const float w = wy * wx[u];
         coef[v * kFootAxis + u] = w != 0.f ? w * dest_weight<T, MODE, MS>(a, s, n, base + v * W0 + u) : 0.f;
+        mask |= (w != 0.f ? 1u : 0u) << (v * kFootAxis + u);
       }
     }
     for (int64_t c = c0; c < c1; ++c) {
@@ -449,7 +453,7 @@ __global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> 
       for (int v = 0; v < kFootAxis; ++v) {
 #pragma unroll
         for (int u = 0; u < kFootAxis; ++u)
-          if (coef[v * kFootAxis + u] != 0.f) acc = fmaf(coef[v * kFootAxis + u], to_f(gc[v * W0 + u]), acc);
+          if (mask & (1u << (v * kFootAxis + u))) acc = fmaf(coef[v * kFootAxis + u], to_f(gc[v * W0 + u]), acc);
       }
       gs[c * Ps] = from_f<T>(acc);
     }
