@@ -447,6 +447,27 @@ def test_cuda_logit_gradient_lane_groups(monkeypatch, groups, sizes, n, cuda_bac
 
 
 @pytest.mark.cuda
+def test_cuda_backward_layouts_spread_non_finite_gradients_alike(monkeypatch):
+    """Where a coarse scale's softmax weight underflows to exactly 0 (expf on the GPU; the CPU's exp is
+    clamped at e^-87, so the CPU is no judge here) a non-finite incoming gradient still reaches that
+    scale's gradient (0 * inf = NaN) in both CUDA layouts: the pixel layout skips a tap by its Interp
+    weight, as the element layout does, never by a zero softmax weight."""
+    scores, logits = make_inputs(TRAIN, n=2, c=3)
+    logits[:, 0] += 200.0  # w_1 = w_2 = 0 at every pixel
+    gout = torch.randn(2, 3, 41, 41)
+    gout[0, 1, 10, 11] = float("inf")
+    gout[1, 2, 25, 3] = float("nan")
+    got = {}
+    for layout in ("element", "pixel"):
+        monkeypatch.setenv("ATTNSCALE_MERGE_BACKWARD", layout)
+        got[layout] = run(scale_merge, [s.cuda() for s in scores], logits.cuda(), "attention", gout.cuda())[2]
+    assert got["element"][1].isnan().any() and got["element"][2].isnan().any()
+    for a, b in zip(got["element"], got["pixel"]):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
+        torch.testing.assert_close(b.nan_to_num(0, 0, 0), a.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("var,value", [("ATTNSCALE_MERGE_LOGIT_GROUPS", v) for v in ("3", "64", "0", "x")]
                          + [("ATTNSCALE_MERGE_BACKWARD", "pixels")])
 def test_cuda_backward_env_checked(monkeypatch, var, value):
