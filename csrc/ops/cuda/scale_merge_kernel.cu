@@ -336,7 +336,6 @@ constexpr int backward_min_blocks() {
 
 template <typename T, int MODE, int MS>
 __global__ void __launch_bounds__(kThreads, (backward_min_blocks<MODE, MS>())) backward_kernel(const Args<T> a) {
-  const int H0 = a.H[0], W0 = a.W[0];
   const int64_t total = a.seg[a.S + 1];
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < total;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -353,27 +352,8 @@ __global__ void __launch_bounds__(kThreads, (backward_min_blocks<MODE, MS>())) b
       const int64_t q = e % (static_cast<int64_t>(Hs) * Ws);
       const int r = static_cast<int>(q / Ws), j = static_cast<int>(q % Ws);
       const int64_t n = plane / a.C;
-      float acc;
-      if (s == 0) {
-        acc = dest_grad<T, MODE, MS>(a, 0, n, plane, r, j);
-      } else {
-        int y0, y1, x0, x1;
-        interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
-        interp_source_range(j, Ws, W0, a.rx[s], &x0, &x1);
-        acc = 0.f;
-        for (int y = y0; y < y1; ++y) {
-          const float wy = tap_weight<float>(interp_tap(y, Hs, H0, a.ry[s]), r);
-          if (wy == 0.f) continue;
-          float row = 0.f;
-          for (int x = x0; x < x1; ++x) {
-            const float wx = tap_weight<float>(interp_tap(x, Ws, W0, a.rx[s]), j);
-            if (wx == 0.f) continue;
-            row = fmaf(wx, dest_grad<T, MODE, MS>(a, s, n, plane, y, x), row);
-          }
-          acc = fmaf(wy, row, acc);
-        }
-      }
-      a.g[s][e] = from_f<T>(acc);
+      a.g[s][e] = from_f<T>(s == 0 ? dest_grad<T, MODE, MS>(a, 0, n, plane, r, j)
+                                   : coarse_gather<T, MODE, MS>(a, s, n, plane, r, j));
     } else if (MODE == kAttention) {
       logit_grad_unit<T, MS>(a, e);
     }
