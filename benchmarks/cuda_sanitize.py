@@ -25,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale.ops import dilated_conv2d, has_cuda_kernels, scale_merge
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when imported by a test
+from timing import environ  # noqa: E402
+
 DEV = "cuda"  # "cpu" with --cpu-dry-run
 
 
@@ -80,9 +83,7 @@ def merge_case(failures: list, sizes, dtype, tol, mode, env=None) -> None:
     """One forward and backward of scale_merge on both sides, under the environment variables ``env``
     (the CUDA backward's knobs; the CPU kernels ignore them)."""
     env = env or {}
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         gen = torch.Generator().manual_seed(0)
         cpu = [rounded(torch.randn(2, 5, h, h + 1, generator=gen), dtype) for h in sizes]
         lg = rounded(torch.randn(2, len(sizes), sizes[0], sizes[0] + 1, generator=gen), dtype)
@@ -95,12 +96,6 @@ def merge_case(failures: list, sizes, dtype, tol, mode, env=None) -> None:
             out.backward(g.to(dev, out.dtype))
             sync(dev)
             res[side] = [out, w] + [t.grad for t in sc] + ([lgd.grad] if mode == "attention" else [])
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     # max: a near-tie in the merged values may still pick another scale for the gradients in low precision;
     # the tests check them
     knobs = "".join(f" {k}={v}" for k, v in env.items())

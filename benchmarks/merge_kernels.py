@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
 from bench_merge import SHAPES, closures  # noqa: E402
-from timing import write_json  # noqa: E402
+from timing import environ, write_json  # noqa: E402
 
 
 def profile_calls(fn, device: str, reps: int):
@@ -62,28 +62,19 @@ def profile_calls(fn, device: str, reps: int):
 def sweep_backward(args, rows: list) -> None:
     """Fused attention forward+backward GPU time per backward layout and lanes per pixel of the logit
     gradient (unset: the default layout, the kernel's rule), appended to ``rows``."""
-    knobs = ("ATTNSCALE_MERGE_BACKWARD", "ATTNSCALE_MERGE_LOGIT_GROUPS")
     print("\n| shape | backward | lanes per pixel | fused fwd+bwd GPU us |")
     print("|---|---|---|---|")
-    before = {k: os.environ.get(k) for k in knobs}
-    try:
-        for shape, (n, sizes) in SHAPES.items():
-            for layout in args.backward or [""]:
-                for g in args.logit_groups or [""]:
-                    os.environ.update(zip(knobs, (layout, str(g))))
+    for shape, (n, sizes) in SHAPES.items():
+        for layout in args.backward or [""]:
+            for g in args.logit_groups or [""]:
+                with environ({"ATTNSCALE_MERGE_BACKWARD": layout, "ATTNSCALE_MERGE_LOGIT_GROUPS": str(g)}):
                     k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device, "fwd+bwd"),
                                             args.device, args.reps)
-                    rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention",
-                                 "backward": layout or "element", "logit_groups": g or "rule",
-                                 "fused_kernels": k, "fused_gpu_us": t})
-                    print(f"| {shape} | {layout or 'element'} | {g or 'rule'} | {t:.1f} |", flush=True)
-                    save(args, rows, complete=False)
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+                rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention",
+                             "backward": layout or "element", "logit_groups": g or "rule",
+                             "fused_kernels": k, "fused_gpu_us": t})
+                print(f"| {shape} | {layout or 'element'} | {g or 'rule'} | {t:.1f} |", flush=True)
+                save(args, rows, complete=False)
 
 
 def main(argv=None) -> int:

@@ -1,10 +1,13 @@
-"""Helpers shared by the benchmarks: medians over interleaved rounds (CPU), and the ``--json`` writer.
+"""Helpers shared by the benchmarks: medians over interleaved rounds (CPU), the ``--json`` writer, and
+environment variables set for a block.
 
 This machine type drifts by up to +-30 % over minutes, so every variant of a comparison is timed in
 rounds (a, b, c, a, b, c, ...) and only ratios of medians from the same run are reported.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 
 import torch.utils.benchmark as tb
@@ -30,3 +33,19 @@ def write_json(path: str, doc: dict, quiet: bool = False) -> None:
     write(path, doc)
     if not quiet:
         print(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def environ(values: dict):
+    """Environment variables set for a block, then restored: the CUDA kernels' knobs
+    (ATTNSCALE_MERGE_BACKWARD, ATTNSCALE_MERGE_LOGIT_GROUPS), which the C++ glue reads at every call."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
