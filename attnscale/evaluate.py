@@ -27,6 +27,7 @@ import torch
 
 from .config import TrainConfig
 from .data.lists import IGNORE_LABEL
+from .malloc import keep_freed_memory
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -230,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-root", default=None, help="override config.data_root")
     a = ap.parse_args(argv)
+    keep_freed_memory()
     cfg = TrainConfig.load(a.config)
     if a.device:
         cfg.device = a.device

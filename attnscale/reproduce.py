@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .config import RUN_FIELDS, TrainConfig
 from .data.lists import find_voc_root
+from .malloc import keep_freed_memory
 
 # (scales, merge, extra supervision) of each row, in the paper's order.
 S2, S3 = (1.0, 0.5), (1.0, 0.75, 0.5)
@@ -414,6 +415,7 @@ def main(argv=None) -> int:
                          "is needed (evaluation on a CPU), torch for training")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    keep_freed_memory()
     if a.init and not os.path.isfile(a.init):
         raise SystemExit(f"--init: file not found: {a.init}")
     synthetic = True if (a.synthetic or a.quick) else None

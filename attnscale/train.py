@@ -47,6 +47,7 @@ from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get
                    make_loader)
 from .data.lists import join_root
 from .data.synthetic import SYNTHETIC_CLASSES
+from .malloc import keep_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -548,6 +549,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="override config.out_dir")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
+    keep_freed_memory()
     cfg = TrainConfig.load(a.config)
     if a.device:
         cfg.device = a.device

@@ -18,6 +18,8 @@ in inference and "ops" in training.  "ops" also keeps the model's default ``fc6_
 ``dilated_conv2d`` on a CPU, cuDNN on a GPU; on a GPU, "ops+fc6" runs fc6 through our CUDA kernel.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
+Like the train / evaluate / reproduce entry points it keeps freed memory in the process
+(:func:`attnscale.malloc.keep_freed_memory`; ``--default-malloc`` leaves glibc's settings alone).
 ``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to).
@@ -45,6 +47,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
+from attnscale.malloc import keep_freed_memory
 from attnscale.model import AttentionToScale
 from timing import write_json
 
@@ -182,7 +185,11 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--profile", action="store_true", help="also profile the \"ops\" variant of each job")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc's settings alone (default: attnscale.malloc.keep_freed_memory, as the "
+                         "train / evaluate / reproduce entry points)")
     args = ap.parse_args(argv)
+    malloc_tuned = not args.default_malloc and keep_freed_memory()
 
     dev = args.device
     cuda = dev == "cuda"
@@ -200,7 +207,7 @@ def main(argv=None) -> int:
     graph_variants = ["ops+graph"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv)}
+           "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}
     print(f"# bench_e2e: {env}")
 
     rows: list[Row] = []
