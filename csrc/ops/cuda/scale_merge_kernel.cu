@@ -363,11 +363,11 @@ __global__ void __launch_bounds__(kThreads, (backward_min_blocks<MODE, MS>())) b
 // Backward, "pixel" layout (ATTNSCALE_MERGE_BACKWARD=pixel; attention and avg): a thread per (item, pixel of
 // scale s, class chunk) instead of per gradient element.  Everything that does not depend on the class
 // is done once per thread: the source ranges, the footprint's Interp weights and the destination
-// pixels' softmax weights (the element layout recomputes them for every class), kept as up to kFoot
-// coefficients in registers; then each class of the chunk is a dot product of those coefficients with
-// its incoming gradient.  A footprint wider than kFootAxis per axis (ratios below about 1/2) falls back
-// to the element layout's gather per class.  Max mode keeps the element layout (its weights depend on
-// the class).  The logit gradient is the same as there.
+// pixels' softmax weights (the element layout recomputes them for every class), kept as up to
+// kFootAxis x kFootAxis coefficients in registers; then each class of the chunk is a dot product of those
+// coefficients with its incoming gradient.  A footprint wider than kFootAxis per axis (ratios below about
+// 1/2) falls back to the element layout's gather per class.  Max mode keeps the element layout (its
+// weights depend on the class).  The logit gradient is the same as there.
 constexpr int kFootAxis = 4;
 
 template <typename T, int MODE, int MS>
@@ -403,7 +403,8 @@ __global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> 
     interp_source_range(r, Hs, H0, a.ry[s], &y0, &y1);
     interp_source_range(j, Ws, W0, a.rx[s], &x0, &x1);
     if (y1 - y0 > kFootAxis || x1 - x0 > kFootAxis) {  // a wide footprint: the element layout's gather
-      for (int64_t c = c0; c < c1; ++c) gs[c * Ps] = from_f<T>(coarse_gather<T, MODE, MS>(a, s, n, n * a.C + c, r, j));
+      for (int64_t c = c0; c < c1; ++c)
+        gs[c * Ps] = from_f<T>(coarse_gather<T, MODE, MS>(a, s, n, n * a.C + c, r, j));
       continue;
     }
     // the footprint's coefficients wy * wx * w_s(y, x) at destination offsets base + v * W0 + u, and the
@@ -433,7 +434,8 @@ __global__ void __launch_bounds__(kThreads) backward_pixel_kernel(const Args<T> 
       for (int v = 0; v < kFootAxis; ++v) {
 #pragma unroll
         for (int u = 0; u < kFootAxis; ++u)
-          if (mask & (1u << (v * kFootAxis + u))) acc = fmaf(coef[v * kFootAxis + u], to_f(gc[v * W0 + u]), acc);
+          if (mask & (1u << (v * kFootAxis + u)))
+            acc = fmaf(coef[v * kFootAxis + u], to_f(gc[v * W0 + u]), acc);
       }
       gs[c * Ps] = from_f<T>(acc);
     }
