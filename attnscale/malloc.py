@@ -6,9 +6,10 @@ of 32 MB or more (less, until its dynamic threshold has grown) with a fresh ``mm
 or a 513x513 forward frees and re-allocates tens to hundreds of megabytes of activations, so the
 kernel maps, zero-fills and page-faults that memory again at every step: a 64 MB tensor costs 16k page
 faults each time.  :func:`keep_freed_memory` raises the mmap and trim thresholds (``mallopt``) so that
-freed memory stays in the process and the next step reuses it: on the 2-core CI machine a CPU training
-step ran 8-20 % faster and a 513x513 inference 6-20 % (benchmarks/RESULTS.md).  The price is resident
-memory: up to ``threshold`` bytes of freed memory are kept instead of returned to the system.
+freed memory mostly stays in the process and the next step reuses it: on the 2-core CI machine 13x fewer
+page faults per CPU training step and 23x per 513x513 inference, 4-12 % less time (benchmarks/RESULTS.md).
+The price is resident memory: up to ``threshold`` bytes of freed memory are kept instead of returned to
+the system.
 
 What jemalloc or tcmalloc (``LD_PRELOAD``) would also do, without a preload: the entry points call it
 once, a library import never does.  ``ATTNSCALE_MALLOC_TUNING=0`` turns it off.
