@@ -10,8 +10,9 @@
 //   processed in 8-wide blocks (Vec8: one AVX2 register for float); when 8 does not divide W0 a
 //   last block at W0 - 8 overlaps its neighbour, which is harmless because every such block
 //   computes pure functions of its pixels.
-// - Forward, per (n, c) plane: the row taps of every scale come from a table built once per call;
-//   one pass per row accumulates all scales in registers.
+// - Forward, per (n, class chunk): the row taps of every scale come from a table built once per
+//   call; per row, set up once for the chunk's classes, one pass per class accumulates all scales
+//   in registers.
 // - Backward (attention), per (n, class chunk) task: the chunk's coarse planes are resized
 //   horizontally, then one sweep over the rows with the classes innermost keeps the dot products
 //   d_s = sum_c grad_c . up(f_s)_c in registers, stores scale 0's gradient on the way and finishes
@@ -598,13 +599,14 @@ inline void dispatch_coarse(int S, Fn&& fn) {
   }
 }
 
-// One merged (n, c) plane, row by row: attention sum_s w_s up(f_s) (accumulated in scale order),
-// avg (sum_s up(f_s)) / S, the vertical Interp blend fused in.  NS coarse scales (-1: S - 1 at run
-// time).  rows: the plane's horizontally resized coarse maps; w: the item's S weight planes.  Each
-// row's pointers and lambdas are copied to locals so that they stay in registers.
+// The merged planes of ncls consecutive classes of one batch item, row by row and the classes
+// innermost, so that a row's Interp taps, lambdas and weight rows are set up once for all of them:
+// attention sum_s w_s up(f_s) (accumulated in scale order), avg (sum_s up(f_s)) / S, the vertical
+// Interp blend fused in.  NS coarse scales (-1: S - 1 at run time).  rows: the classes' horizontally
+// resized coarse maps (class stride hsize); w: the item's S weight planes.
 template <typename T, bool Attention, int NS>
-void merge_plane(int S, int H0, int W0, const T* __restrict f0, const T* rows, const RowTaps<T>& taps,
-                 const T* w, T inv_s, T* __restrict o) {
+void merge_rows(int S, int H0, int W0, int ncls, const T* __restrict f0, const T* rows, int64_t hsize,
+                const RowTaps<T>& taps, const T* w, T inv_s, T* __restrict o) {
   using V = Vec8<T>;
   constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
   const int ns = NS >= 0 ? NS : S - 1;
@@ -623,26 +625,29 @@ void merge_plane(int S, int H0, int W0, const T* __restrict f0, const T* rows, c
       lb[s] = taps.lb[i];
       ws[s] = Attention ? w + s * P + yo : nullptr;
     }
-    const T* fy = f0 + yo;
-    T* oy = o + yo;
-    auto block = [&](int x) {
-      V acc = Attention ? V::load(ws[0] + x) * V::load(fy + x) : V::load(fy + x);
-      for (int s = 1; s <= ns; ++s) {
-        const V up = fmadd(V::set1(la[s]), V::load(a[s] + x), V::set1(lb[s]) * V::load(b[s] + x));
-        acc = Attention ? fmadd(V::load(ws[s] + x), up, acc) : acc + up;
-      }
-      if (!Attention && S > 1) acc = acc * V::set1(inv_s);
-      acc.store(oy + x);
-    };
-    auto one = [&](int x) {
-      T acc = Attention ? ws[0][x] * fy[x] : fy[x];
-      for (int s = 1; s <= ns; ++s) {
-        const T up = la[s] * a[s][x] + lb[s] * b[s][x];
-        acc += Attention ? ws[s][x] * up : up;
-      }
-      oy[x] = (!Attention && S > 1) ? acc * inv_s : acc;
-    };
-    for_blocks(W0, block, one);
+    for (int c = 0; c < ncls; ++c) {
+      const T* fy = f0 + c * P + yo;
+      T* oy = o + c * P + yo;
+      const int64_t rc = c * hsize;
+      auto block = [&](int x) {
+        V acc = Attention ? V::load(ws[0] + x) * V::load(fy + x) : V::load(fy + x);
+        for (int s = 1; s <= ns; ++s) {
+          const V up = fmadd(V::set1(la[s]), V::load(a[s] + rc + x), V::set1(lb[s]) * V::load(b[s] + rc + x));
+          acc = Attention ? fmadd(V::load(ws[s] + x), up, acc) : acc + up;
+        }
+        if (!Attention && S > 1) acc = acc * V::set1(inv_s);
+        acc.store(oy + x);
+      };
+      auto one = [&](int x) {
+        T acc = Attention ? ws[0][x] * fy[x] : fy[x];
+        for (int s = 1; s <= ns; ++s) {
+          const T up = la[s] * a[s][rc + x] + lb[s] * b[s][rc + x];
+          acc += Attention ? ws[s][x] * up : up;
+        }
+        oy[x] = (!Attention && S > 1) ? acc * inv_s : acc;
+      };
+      for_blocks(W0, block, one);
+    }
   }
 }
 
@@ -676,19 +681,29 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
     const bool attention = mode == Mode::kAttention;
     const T inv_s = static_cast<T>(1.0 / S);
     const RowTaps<T> taps(tab, S, H0, W0);
-    at::parallel_for(0, N * C, grain_for(S * P), [&](int64_t b, int64_t e) {
-      std::vector<T> rows(tab.hsize), pad(tab.wmax + 16);
-      for (int64_t nc = b; nc < e; ++nc) {
-        const int64_t n = nc / C;
-        for (int s = 1; s < S; ++s)
-          resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                         rows.data() + tab.hoff[s], pad.data());
+    // ~32 tasks: even shares for a few threads (N = 1: one class per task), and for N >= 8 chunks of
+    // several classes that share each row's set-up
+    const ClassSplit split = split_classes(C, (32 + N - 1) / N);
+    const int64_t K = split.chunks, csz = split.size;
+    at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
+      // the chunk's horizontally resized coarse planes (resize_rows writes every entry: no zero fill)
+      const std::unique_ptr<T[]> rows(new T[csz * tab.hsize]);
+      std::vector<T> pad(tab.wmax + 16);
+      for (int64_t nk = b; nk < e; ++nk) {
+        const int64_t n = nk / K, c0 = (nk % K) * csz, c1 = std::min(C, c0 + csz);
+        for (int64_t c = c0; c < c1; ++c)
+          for (int s = 1; s < S; ++s)
+            resize_rows<T>(fp[s] + (n * C + c) * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
+                           rows.get() + (c - c0) * tab.hsize + tab.hoff[s], pad.data());
+        const int ncls = static_cast<int>(c1 - c0);
+        const T* f0 = fp[0] + (n * C + c0) * P;
+        T* o = out + (n * C + c0) * P;
         dispatch_coarse(S, [&](auto ns) {
           constexpr int NS = decltype(ns)::value;
           if (attention) {
-            merge_plane<T, true, NS>(S, H0, W0, fp[0] + nc * P, rows.data(), taps, w + n * S * P, inv_s, out + nc * P);
+            merge_rows<T, true, NS>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, w + n * S * P, inv_s, o);
           } else {
-            merge_plane<T, false, NS>(S, H0, W0, fp[0] + nc * P, rows.data(), taps, nullptr, inv_s, out + nc * P);
+            merge_rows<T, false, NS>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, nullptr, inv_s, o);
           }
         });
       }
@@ -995,7 +1010,9 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
     std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));            // columns >= W0 stay zero
     std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail
     // attention: the chunk's horizontally resized coarse planes and its item's softmax weights
-    std::vector<T> rows(attention ? csz * tab.hsize : tab.hsize), wl(attention ? S * P : 0);
+    // (resize_rows writes every entry of rows: no zero fill)
+    const std::unique_ptr<T[]> rows(new T[attention ? csz * tab.hsize : tab.hsize]);
+    std::vector<T> wl(attention ? S * P : 0);
     // max: per class, the resized rows of the current output row, the argmax and the G planes
     std::vector<T> upbuf(mode == Mode::kMax ? S * W0 : 0), best(mode == Mode::kMax ? W0 : 0),
         idx(mode == Mode::kMax ? W0 : 0), gbuf(mode == Mode::kMax ? S * P : 0);
@@ -1015,9 +1032,9 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
         for (int64_t c = c0; c < c1; ++c)
           for (int s = 1; s < S; ++s)
             resize_rows<T>(fp[s] + (n * C + c) * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                           rows.data() + (c - c0) * tab.hsize + tab.hoff[s], pad.data());
+                           rows.get() + (c - c0) * tab.hsize + tab.hoff[s], pad.data());
         const AttChunk<T> A{go + (n * C + c0) * P, fp[0] + (n * C + c0) * P, gp[0] + (n * C + c0) * P,
-                            rows.data(), tab.hsize, static_cast<int>(c1 - c0), wl.data(),
+                            rows.get(), tab.hsize, static_cast<int>(c1 - c0), wl.data(),
                             (K == 1 && gw) ? gw + n * S * P : nullptr, K == 1 ? gl + n * S * P : nullptr,
                             K == 1 ? nullptr : dots.get() + nk * S * P, &tab, S, W0, P};
         dispatch_coarse(S, [&](auto ns) {
@@ -1045,11 +1062,11 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
         const T* f0 = fp[0] + nc * P;
         for (int s = 1; s < S; ++s)
           resize_rows<T>(fp[s] + nc * tab.H[s] * tab.W[s], tab.H[s], tab.W[s], tab.x[s], W0,
-                         rows.data() + tab.hoff[s], pad.data());
+                         rows.get() + tab.hoff[s], pad.data());
         for (int y = 0; y < H0; ++y) {
           const int64_t yo = static_cast<int64_t>(y) * W0;
           for (int s = 1; s < S; ++s)
-            resize_row<T>(rows.data() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
+            resize_row<T>(rows.get() + tab.hoff[s], W0, tab.y[s], y, upbuf.data() + static_cast<int64_t>(s) * W0);
           max_row<T>(f0 + yo, ups, W0, best.data(), idx.data());
           const T* __restrict ip = idx.data();
           const T* __restrict gy = g + yo;
