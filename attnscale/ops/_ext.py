@@ -64,3 +64,17 @@ def register_forward_only(op: str, alternative: str) -> None:
                            "a differentiable path whenever one is needed")
 
     torch.library.register_autograd(f"attnscale::{op}", backward, setup_context=setup)
+
+
+def cpu_inference_kernel_applies(x: torch.Tensor) -> bool:
+    """Whether a forward-only CPU kernel (``caffe_interp``, ``caffe_max_pool2d``) can serve x: the
+    extension is built, x is a 4-D CPU float32/float64 tensor, and no gradient has to flow through it."""
+    return (has_extension() and x.dim() == 4 and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def fake_nchw_output(op: str, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """The fake-tensor result of an op that maps x (N, C, H, W) to (N, C, out_h, out_w)."""
+    torch._check(x.dim() == 4 and out_h >= 1 and out_w >= 1,
+                 lambda: f"{op}: x must be 4-D and the output size positive, got {x.dim()}-D and ({out_h}, {out_w})")
+    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))

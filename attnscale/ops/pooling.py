@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import has_extension, register_forward_only, require_extension
+from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, register_forward_only,
+                   require_extension)
 
 _REGISTERED = False
 
@@ -24,9 +25,7 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::caffe_max_pool2d")
     def _fake(x, kernel, stride, pad, out_h, out_w):
-        torch._check(x.dim() == 4 and out_h >= 1 and out_w >= 1,
-                     lambda: f"caffe_max_pool2d: x must be 4-D and the output size positive, got {x.dim()}-D and ({out_h}, {out_w})")
-        return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+        return fake_nchw_output("caffe_max_pool2d", x, out_h, out_w)
 
     register_forward_only("caffe_max_pool2d", "attnscale.caffe.pool2d")
     _REGISTERED = True
@@ -35,11 +34,9 @@ def _register() -> None:
 _register()
 
 
-def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
-    """Whether :func:`caffe_max_pool2d` can serve a MAX pooling of x: the extension is built, x is a
-    4-D CPU float32/float64 tensor, and no gradient has to flow through it."""
-    return (has_extension() and x.dim() == 4 and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad))
+#: Whether :func:`caffe_max_pool2d` can serve a MAX pooling of x (built, 4-D CPU float32/float64, no
+#: gradient).
+caffe_max_pool2d_applies = cpu_inference_kernel_applies
 
 
 def caffe_max_pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, out_hw: tuple[int, int]) -> torch.Tensor:
