@@ -124,9 +124,11 @@ def test_few_scales(mode, num_scales):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_many_scales(mode):
-    """Five scales: the CPU kernels' runtime loop over scales (S - 1 > 3 coarse maps)."""
-    check_matches_reference(((12, 11), (10, 9), (8, 8), (6, 7), (4, 5)), mode)
+@pytest.mark.parametrize("n,c", [(2, 3), (8, 21)])
+def test_many_scales(mode, n, c):
+    """Five scales: the CPU kernels' runtime loop over scales (S - 1 > 3 coarse maps), one class per
+    forward task (N=2) and chunks of 6, 6, 6 and 3 classes (N=8, C=21)."""
+    check_matches_reference(((12, 11), (10, 9), (8, 8), (6, 7), (4, 5)), mode, n=n, c=c, tol=2e-6)
 
 
 def draw_case(data, max_n, max_c, max_hw, max_s):
