@@ -86,6 +86,46 @@ template <> struct Mma<__half> {
   __device__ static S zero() { return __float2half(0.f); }
 };
 
+// A warp's share of a block's BM x BN product: the 32 x 32 piece at (wm * 32, wn * 32), four 16 x 16
+// fp32 accumulator tiles.
+template <typename Tr>
+__device__ __forceinline__ void zero_acc(typename Tr::FragC (&acc)[2][2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+}
+
+// acc += As[warp's rows][0, BK) x Bs[0, BK)[warp's columns]: one staged BK slice, Tr::K at a time.
+template <typename Tr>
+__device__ __forceinline__ void mma_slice(const typename Tr::S* As, const typename Tr::S* Bs, int wm, int wn,
+                                          typename Tr::FragC (&acc)[2][2]) {
+#pragma unroll
+  for (int kk = 0; kk < BK; kk += Tr::K) {
+    typename Tr::FragA fa[2];
+    typename Tr::FragB fb[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * A_LD + kk, A_LD);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + kk * B_LD + wn * 32 + j * 16, B_LD);
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+  }
+}
+
+// The warp's accumulators into the block's fp32 staging tile Cs (row-major, leading dimension C_LD).
+template <typename Tr>
+__device__ __forceinline__ void store_acc(const typename Tr::FragC (&acc)[2][2], int wm, int wn, float* Cs) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * C_LD + wn * 32 + j * 16, acc[i][j], C_LD,
+                              wmma::mem_row_major);
+}
+
 // dst = bias + A (x) src, see the file comment.
 struct IgemmArgs {
   const void* src;   // (N, Kc, Hs, Ws)
@@ -125,10 +165,7 @@ __global__ void __launch_bounds__(kThreads) igemm_tc_kernel(IgemmArgs p) {
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
 
   typename Tr::FragC acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  zero_acc<Tr>(acc);
 
   const T* src_n = src + n * p.Kc * p.Hs * p.Ws;
   for (int64_t tap = 0; tap < p.KH * p.KW; ++tap) {
@@ -156,28 +193,11 @@ __global__ void __launch_bounds__(kThreads) igemm_tc_kernel(IgemmArgs p) {
         Bs[ki * B_LD + ni] = v;
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += Tr::K) {
-        typename Tr::FragA fa[2];
-        typename Tr::FragB fb[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * A_LD + kk, A_LD);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + kk * B_LD + wn * 32 + j * 16, B_LD);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+      mma_slice<Tr>(As, Bs, wm, wn, acc);
       __syncthreads();
     }
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * C_LD + wn * 32 + j * 16, acc[i][j], C_LD,
-                              wmma::mem_row_major);
+  store_acc<Tr>(acc, wm, wn, Cs);
   __syncthreads();
   for (int e = 0; e < BM * BN / kThreads; ++e) {
     const int idx = tid + e * kThreads, mi = idx / BN, ni = idx % BN;
@@ -239,10 +259,7 @@ __global__ void __launch_bounds__(kThreads) wgrad_tc_kernel(WgradArgs p) {
   const int tid = threadIdx.x, warp = tid / 32, wm = warp / 2, wn = warp % 2;
 
   typename Tr::FragC acc[2][2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  zero_acc<Tr>(acc);
 
   const int64_t total_tiles = p.N * p.tiles_y * p.tiles_x;
   for (int64_t t = split; t < total_tiles; t += p.splits) {
@@ -270,28 +287,11 @@ __global__ void __launch_bounds__(kThreads) wgrad_tc_kernel(WgradArgs p) {
         Bs[ki * B_LD + ni] = v;
       }
       __syncthreads();
-#pragma unroll
-      for (int kk = 0; kk < BK; kk += Tr::K) {
-        typename Tr::FragA fa[2];
-        typename Tr::FragB fb[2];
-#pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], As + (wm * 32 + i * 16) * A_LD + kk, A_LD);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], Bs + kk * B_LD + wn * 32 + j * 16, B_LD);
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-      }
+      mma_slice<Tr>(As, Bs, wm, wn, acc);
       __syncthreads();
     }
   }
-#pragma unroll
-  for (int i = 0; i < 2; ++i)
-#pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * C_LD + wn * 32 + j * 16, acc[i][j], C_LD,
-                              wmma::mem_row_major);
+  store_acc<Tr>(acc, wm, wn, Cs);
   __syncthreads();
   float* out = p.partial + (split * taps + tap) * p.O * p.C;
   for (int e = 0; e < BM * BN / kThreads; ++e) {
