@@ -472,7 +472,7 @@ int default_logit_groups(int64_t pixels, int64_t C) {
 // The instance for at most kFewScales scales where S allows (the paper's 2- and 3-scale nets), else the
 // general one.
 constexpr int kFewScales = 3;
-template <typename T, int MODE>
+template <typename T>
 void launch(void (*few)(Args<T>), void (*general)(Args<T>), const Args<T>& a, dim3 grid, cudaStream_t stream) {
   (a.S <= kFewScales ? few : general)<<<grid, kThreads, 0, stream>>>(a);
 }
@@ -500,16 +500,13 @@ cudaError_t forward_typed(const Problem& p, const void* const* scores, const voi
   const dim3 grid(static_cast<unsigned>(ceil_div(pixels, kThreads)), static_cast<unsigned>(chunks));
   switch (p.mode) {
     case kAttention:
-      launch<T, kAttention>(forward_kernel<T, kAttention, kFewScales>, forward_kernel<T, kAttention, kMaxScales>,
-                     a, grid, stream);
+      launch<T>(forward_kernel<T, kAttention, kFewScales>, forward_kernel<T, kAttention, kMaxScales>, a, grid, stream);
       break;
     case kAvg:
-      launch<T, kAvg>(forward_kernel<T, kAvg, kFewScales>, forward_kernel<T, kAvg, kMaxScales>,
-                     a, grid, stream);
+      launch<T>(forward_kernel<T, kAvg, kFewScales>, forward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
       break;
     default:
-      launch<T, kMax>(forward_kernel<T, kMax, kFewScales>, forward_kernel<T, kMax, kMaxScales>,
-                     a, grid, stream);
+      launch<T>(forward_kernel<T, kMax, kFewScales>, forward_kernel<T, kMax, kMaxScales>, a, grid, stream);
       break;
   }
   return cudaGetLastError();
@@ -560,25 +557,23 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   switch (p.mode) {
     case kAttention:
       if (pixel) {
-        launch<T, kAttention>(backward_pixel_kernel<T, kAttention, kFewScales>,
-                              backward_pixel_kernel<T, kAttention, kMaxScales>, a, grid, stream);
+        launch<T>(backward_pixel_kernel<T, kAttention, kFewScales>, backward_pixel_kernel<T, kAttention, kMaxScales>,
+                  a, grid, stream);
       } else {
-        launch<T, kAttention>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>,
-                              a, grid, stream);
+        launch<T>(backward_kernel<T, kAttention, kFewScales>, backward_kernel<T, kAttention, kMaxScales>, a, grid,
+                  stream);
       }
       break;
     case kAvg:
       if (pixel) {
-        launch<T, kAvg>(backward_pixel_kernel<T, kAvg, kFewScales>, backward_pixel_kernel<T, kAvg, kMaxScales>,
-                        a, grid, stream);
+        launch<T>(backward_pixel_kernel<T, kAvg, kFewScales>, backward_pixel_kernel<T, kAvg, kMaxScales>, a, grid,
+                  stream);
       } else {
-        launch<T, kAvg>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>,
-                        a, grid, stream);
+        launch<T>(backward_kernel<T, kAvg, kFewScales>, backward_kernel<T, kAvg, kMaxScales>, a, grid, stream);
       }
       break;
     default:
-      launch<T, kMax>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>,
-                     a, grid, stream);
+      launch<T>(backward_kernel<T, kMax, kFewScales>, backward_kernel<T, kMax, kMaxScales>, a, grid, stream);
       break;
   }
   return cudaGetLastError();
