@@ -108,9 +108,9 @@ def test_matches_reference_fp32(mode, sizes):
 @pytest.mark.parametrize("n,c", [(1, 21), (1, 5), (3, 10), (8, 21), (1, 1)])
 def test_batch_and_class_counts(mode, n, c):
     """The forward and the backward split each batch item's classes into chunks (more chunks for
-    small N; the backward reduces its partial sums in a fixed order); every split, uneven ones
-    included (backward N=1, C=21: 8 chunks of 3; forward N=8, C=21: 6, 6, 6, 3), must give the
-    reference's values and gradients."""
+    small N; the backward reduces its partial sums in a fixed order); every split must give the
+    reference's values and gradients, uneven ones included: backward N=1, C=21: 7 chunks of 3 for
+    attention, ten of 2 and one of 1 otherwise; forward N=8, C=21: 6, 6, 6 and 3."""
     sizes = INEXACT if mode == "max" else TRAIN  # max: few outputs, so that no near-tie is drawn
     check_matches_reference(sizes, mode, n=n, c=c, tol=2e-6)
 
