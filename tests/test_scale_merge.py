@@ -365,7 +365,8 @@ def test_scores_not_a_list():
 @pytest.fixture(params=["element", "pixel"])
 def cuda_backward_layout(request, monkeypatch):
     """Both layouts of the CUDA backward (ATTNSCALE_MERGE_BACKWARD): a thread per gradient element (the
-    default) or a thread per pixel and class chunk (attention and avg; max keeps the element layout)."""
+    default for avg) or a thread per pixel and class chunk (the default for attention; max keeps the
+    element layout)."""
     monkeypatch.setenv("ATTNSCALE_MERGE_BACKWARD", request.param)
     return request.param
 

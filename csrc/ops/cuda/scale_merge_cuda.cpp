@@ -68,12 +68,14 @@ int logit_groups_from_env() {
   return static_cast<int>(g);
 }
 
-// ATTNSCALE_MERGE_BACKWARD: the backward kernel's layout, "element" (a thread per gradient element; unset or
-// empty: the default) or "pixel" (a thread per pixel and class chunk, attention and avg), for
-// benchmarks/merge_kernels.py (--backward) and the CUDA tests.
-int backward_layout_from_env() {
+// ATTNSCALE_MERGE_BACKWARD: the backward kernel's layout, "element" (a thread per gradient element) or "pixel"
+// (a thread per pixel and class chunk, attention and avg), for benchmarks/merge_kernels.py (--backward) and
+// the CUDA tests.  Unset or empty: pixel for attention (measured on an H100, 2026-11-26: 1.5x / 2.1x /
+// 1.06x less GPU time at N=10 / N=30 / N=1, benchmarks/RESULTS.md), element otherwise (avg not timed).
+int backward_layout_from_env(Mode mode) {
   const char* v = std::getenv("ATTNSCALE_MERGE_BACKWARD");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "element") == 0) return 0;
+  if (v == nullptr || *v == '\0') return mode == Mode::kAttention ? 1 : 0;
+  if (std::strcmp(v, "element") == 0) return 0;
   TORCH_CHECK_VALUE(std::strcmp(v, "pixel") == 0, "scale_merge_backward: ATTNSCALE_MERGE_BACKWARD=", v,
                     " is neither 'element' nor 'pixel'");
   return 1;
@@ -115,7 +117,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
   const std::vector<at::Tensor> sc = contiguous_list(scores_in);
   cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
   p.logit_groups = mode == Mode::kAttention ? logit_groups_from_env() : 0;
-  p.backward_layout = mode != Mode::kMax ? backward_layout_from_env() : 0;
+  p.backward_layout = mode != Mode::kMax ? backward_layout_from_env(mode) : 0;
   const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
   const at::Tensor gout = grad_merged.contiguous();
   const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())

@@ -459,14 +459,12 @@ Args<T> make_args(const Problem& p) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Lanes per pixel of the attention backward's logit gradient when Problem::logit_groups is 0: doubled
-// (up to 8) while every lane keeps at least 2 classes and the segment stays within 2^18 lanes (beyond
-// that the score-gradient threads fill the device anyway).  A first rule, written without a GPU: to be
-// tuned with benchmarks/merge_kernels.py --logit-groups.
+// Lanes per pixel of the attention backward's logit gradient when Problem::logit_groups is 0: 2 while
+// the logit pixels are few (at most 2^15) and every lane keeps at least 4 classes, else 1.  From
+// benchmarks/merge_kernels.py --logit-groups 1 2 4 8 on an H100 (2026-11-26, RESULTS.md): with the pixel
+// layout 2 lanes were best at N=1 (65x65) and N=10 (41x41), 1 lane at N=30; more lanes were slower.
 int default_logit_groups(int64_t pixels, int64_t C) {
-  int g = 1;
-  while (g < 8 && C >= 4 * g && pixels * 2 * g <= (int64_t{1} << 18)) g *= 2;
-  return g;
+  return (pixels <= (int64_t{1} << 15) && C >= 8) ? 2 : 1;
 }
 
 // The instance for at most kFewScales scales where S allows (the paper's 2- and 3-scale nets), else the
