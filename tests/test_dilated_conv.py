@@ -1,12 +1,15 @@
 """Tests of attnscale.ops.dilated_conv2d (Caffe Convolution, stride 1, dilation d, pad p, zero padding).
 
 CPU tests run everywhere the extension is built; @pytest.mark.cuda tests compare the CUDA kernels
-with F.conv2d at TF32 / bf16 / fp16 / fp64 tolerances (skipped without a GPU).
+with F.conv2d at TF32 / bf16 / fp16 / fp64 tolerances (skipped without a GPU).  Tests that take the
+``algo`` fixture run once per implementation (ATTNSCALE_DILATED_CONV_ALGO): the hand-written kernels
+("direct", the CPU default) and the GEMMs over rectangles of live taps ("gemm", the CUDA default,
+written with ATen ops, so it runs on a CPU too).
 """
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from attnscale.ops import dilated_conv2d, dilated_conv2d_reference, has_extension
@@ -27,6 +30,12 @@ SMALL_SHAPES = [
 ]
 
 
+@pytest.fixture(params=["direct", "gemm"])
+def algo(request, monkeypatch):
+    monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", request.param)
+    return request.param
+
+
 def _rand(shape, dtype=torch.float64, device="cpu", grad=False):
     return torch.randn(shape, dtype=dtype, device=device, requires_grad=grad)
 
@@ -40,12 +49,14 @@ def _inputs(shape, dtype=torch.float64, device="cpu", bias=True, grad=False):
     return x, wt, b, d, p
 
 
+@pytest.mark.usefixtures("algo")
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 def test_gradcheck_float64(shape):
     x, w, b, d, p = _inputs(shape, grad=True)
     assert torch.autograd.gradcheck(lambda x, w, b: dilated_conv2d(x, w, b, d, p), (x, w, b))
 
 
+@pytest.mark.usefixtures("algo")
 @pytest.mark.parametrize("shape", SMALL_SHAPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_conv2d_float64(shape, bias):
@@ -62,7 +73,8 @@ def test_matches_conv2d_float64(shape, bias):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@pytest.mark.usefixtures("algo")
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_random_shapes_match_conv2d_float64(data):
     """Random batch, channel counts (off the kernels' block sizes), map sizes, kernel sizes,
@@ -88,6 +100,7 @@ def test_random_shapes_match_conv2d_float64(data):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.usefixtures("algo")
 def test_opcheck():
     for shape in [SMALL_SHAPES[0], SMALL_SHAPES[6]]:
         x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
@@ -105,6 +118,7 @@ def _rel_err(a, e):
     return ((a - e).norm() / e.norm()).item()
 
 
+@pytest.mark.usefixtures("algo")
 def test_fc6_shape_float32_forward_backward():
     """DeepLab-LargeFOV fc6 at the 0.5 scale of a 321 crop: (1,512,21,21) -> 1024, 3x3, d=12, p=12."""
     x = torch.randn(1, 512, 21, 21, requires_grad=True)
@@ -121,6 +135,7 @@ def test_fc6_shape_float32_forward_backward():
         assert _rel_err(a, e) < 1e-4, name
 
 
+@pytest.mark.usefixtures("algo")
 @pytest.mark.parametrize("shape", [(3, 16, 24, 17, 15, 3, 6, 6), (2, 8, 8, 12, 12, 3, 12, 12)])
 def test_matches_conv2d_float32_batched(shape):
     x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
@@ -132,6 +147,7 @@ def test_matches_conv2d_float32_batched(shape):
         assert _rel_err(a, e) < 1e-5
 
 
+@pytest.mark.usefixtures("algo")
 def test_dead_taps_are_skipped():
     """5x5 input, 3x3 d=12 p=12: only the centre tap ever reads the image.  NaN weights on the
     other taps would poison a dense convolution (NaN * 0 = NaN) but must not reach our output or
@@ -153,6 +169,7 @@ def test_dead_taps_are_skipped():
     assert torch.equal(gw[:, :, dead], torch.zeros_like(gw[:, :, dead]))
 
 
+@pytest.mark.usefixtures("algo")
 def test_batch_split_into_chunks():
     """Large enough (64 channels x 358^2 live (tap, pixel) pairs = 8.2 Mi im2col elements per image,
     above the CPU kernel's 6 Mi-element buffer budget) that the forward and grad_weight loops run
@@ -168,12 +185,14 @@ def test_batch_split_into_chunks():
         assert _rel_err(a, e) < 1e-5
 
 
+@pytest.mark.usefixtures("algo")
 def test_non_contiguous_inputs():
     x = torch.randn(2, 9, 9, 4, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last-like strides
     w = torch.randn(5, 3, 3, 4, dtype=torch.float64).permute(0, 3, 1, 2)
     torch.testing.assert_close(dilated_conv2d(x, w, None, 2, 2), F.conv2d(x, w, padding=2, dilation=2))
 
 
+@pytest.mark.usefixtures("algo")
 def test_backward_deterministic():
     x, w, b, d, p = _inputs((3, 8, 6, 11, 11, 3, 4, 4), dtype=torch.float32, grad=True)
     g = torch.randn(3, 6, 11, 11)
@@ -183,6 +202,7 @@ def test_backward_deterministic():
         assert torch.equal(a, e)
 
 
+@pytest.mark.usefixtures("algo")
 def test_empty_batch():
     x = torch.randn(0, 3, 7, 7, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, requires_grad=True)
@@ -253,6 +273,7 @@ CUDA_CASES = [
 CUDA_SHAPES = SMALL_SHAPES + [(2, 40, 70, 21, 19, 3, 12, 12), (1, 512, 1024, 21, 21, 3, 12, 12)]
 
 
+@pytest.mark.usefixtures("algo")
 @pytest.mark.cuda
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0]}-tf32{c[3]}")
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
@@ -282,6 +303,7 @@ def test_cuda_matches_conv2d(case, shape):
         torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.mark.usefixtures("algo")
 @pytest.mark.cuda
 def test_cuda_opcheck():
     x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32, device="cuda", grad=True)
@@ -294,6 +316,7 @@ def test_cuda_mixed_device_error():
         dilated_conv2d(torch.randn(1, 3, 8, 8, device="cuda"), torch.randn(4, 3, 3, 3), None, 2, 2)
 
 
+@pytest.mark.usefixtures("algo")
 def test_autocast_cpu_runs_in_float32():
     """Under CPU autocast (bfloat16) a conv before fc6 hands it bf16 activations with fp32 weights;
     the op runs in float32 (its CPU kernels' dtype) and matches F.conv2d in float32."""
@@ -309,6 +332,7 @@ def test_autocast_cpu_runs_in_float32():
     assert w.grad is not None and w.grad.dtype == torch.float32 and b.grad is not None
 
 
+@pytest.mark.usefixtures("algo")
 def test_double_backward_matches_conv2d():
     """Both backward ops have their own derivatives (they are bilinear: the three ops again), so
     second-order gradients are right, not silently zero."""
@@ -367,3 +391,27 @@ def test_backward_fakes_refuse_what_the_kernels_refuse():
         ops.dilated_conv2d_backward_input(torch.randn(1, 3, 8, 8), torch.randn(3, 2, 2, 3), 2, 2)
     with pytest.raises(RuntimeError, match="grad_output has shape"):
         ops.dilated_conv2d_backward_weight(torch.randn(1, 3, 7, 8), torch.randn(1, 2, 8, 8), 3, 3, 2, 2)
+
+
+def test_algo_variable_is_checked(monkeypatch):
+    x, w = torch.randn(1, 2, 8, 8), torch.randn(3, 2, 3, 3)
+    monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", "fast")
+    with pytest.raises(RuntimeError, match="ATTNSCALE_DILATED_CONV_ALGO must be 'gemm' or 'direct'.*'fast'"):
+        dilated_conv2d(x, w, None, 2, 2)
+
+
+def test_gemm_and_direct_agree_on_fc6_float32(monkeypatch):
+    """The two implementations on fc6's geometry at the 0.5 scale of a 321 crop, batch 2 (nine
+    rectangles of live taps, three of them with all nine taps live only in the middle): each output and
+    gradient within float32 rounding of the other."""
+    x = torch.randn(2, 64, 21, 21, requires_grad=True)
+    w = (torch.randn(96, 64, 3, 3) * 0.05).requires_grad_()
+    b = torch.randn(96, requires_grad=True)
+    g = torch.randn(2, 96, 21, 21)
+    res = {}
+    for algo in ("direct", "gemm"):
+        monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", algo)
+        y = dilated_conv2d(x, w, b, 12, 12)
+        res[algo] = (y,) + torch.autograd.grad(y, (x, w, b), g)
+    for name, a, e in zip(("out", "x", "weight", "bias"), res["gemm"], res["direct"]):
+        assert _rel_err(a, e) < 1e-6, name

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "ops/dilated_conv_checks.h"
+#include "ops/dilated_conv_gemm.h"
 #include "ops/dilated_conv_geometry.h"
 
 namespace attnscale {
@@ -250,6 +251,7 @@ at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                        const c10::optional<at::Tensor>& bias_in, int64_t dilation, int64_t padding) {
   check_forward(x_in, weight_in, bias_in, dilation, padding);
   check_cpu(x_in, "x");
+  if (use_gemm(x_in)) return gemm_forward(x_in, weight_in, bias_in, dilation, padding);
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
@@ -332,6 +334,7 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
   const int64_t W = grad_out_in.size(3) - 2 * padding + dilation * (KW - 1);
   TORCH_CHECK(H >= 1 && W >= 1, "dilated_conv2d backward: grad_output spatial size ",
               grad_out_in.sizes(), " implies an input size (", H, ", ", W, ") < 1");
+  if (use_gemm(grad_out_in)) return gemm_backward_input(grad_out_in, weight_in, dilation, padding);
   const at::Tensor go = grad_out_in.contiguous();
   const Geometry g{go.size(0), weight_in.size(1), H, W, weight_in.size(0), KH, KW, go.size(2), go.size(3),
                    dilation, padding};
@@ -399,6 +402,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   TORCH_CHECK(grad_out_in.size(0) == g.N && grad_out_in.size(2) == g.Ho && grad_out_in.size(3) == g.Wo,
               "dilated_conv2d backward: grad_output has shape ", grad_out_in.sizes(), " but x ", x_in.sizes(),
               " gives an output of (", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, ")");
+  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding);
   const at::Tensor go = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   at::Tensor gbias = go.sum({0, 2, 3});

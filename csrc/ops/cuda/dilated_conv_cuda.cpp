@@ -12,6 +12,7 @@
 
 #include "ops/dilated_conv_checks.h"
 #include "ops/dilated_conv_cuda.h"
+#include "ops/dilated_conv_gemm.h"
 
 namespace attnscale {
 namespace dilated_conv {
@@ -52,6 +53,7 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
   check_cuda(x_in, "x");
   const CudaDType dt = cuda_dtype(x_in, "x");
   c10::cuda::CUDAGuard guard(x_in.device());
+  if (use_gemm(x_in)) return gemm_forward(x_in, weight, bias_in, dilation, padding);
   const at::Tensor x = x_in.contiguous();
   const bool has_bias = bias_in.has_value() && bias_in->defined();
   const at::Tensor bias = has_bias ? bias_in->contiguous() : at::Tensor();
@@ -83,6 +85,7 @@ at::Tensor backward_input_cuda(const at::Tensor& grad_out_in, const at::Tensor& 
   TORCH_CHECK(H >= 1 && W >= 1, "dilated_conv2d backward: grad_output spatial size ", grad_out_in.sizes(),
               " implies an input size (", H, ", ", W, ") < 1");
   c10::cuda::CUDAGuard guard(grad_out_in.device());
+  if (use_gemm(grad_out_in)) return gemm_backward_input(grad_out_in, weight, dilation, padding);
   const at::Tensor go = grad_out_in.contiguous();
   const ConvShape s = make_shape(go.size(0), weight.size(1), H, W, weight.size(0), KH, KW, dilation, padding);
   if (s.N == 0 || s.C == 0) return at::zeros({s.N, s.C, s.H, s.W}, go.options());
@@ -111,6 +114,7 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
               "dilated_conv2d backward: grad_output has shape ", grad_out_in.sizes(), " but x ", x_in.sizes(),
               " gives an output of (", s.N, ", ", s.O, ", ", s.Ho, ", ", s.Wo, ")");
   c10::cuda::CUDAGuard guard(x_in.device());
+  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding);
   const at::Tensor go = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   if (s.N == 0) {

@@ -1,0 +1,29 @@
+// attnscale::dilated_conv2d as GEMMs over rectangles of live taps, written with ATen ops only, so one
+// implementation serves every device: at::mm is cuBLAS on a GPU (tensor cores, fp32 accumulation) and
+// MKL on a CPU.  The CUDA dispatch uses it by default; the CPU dispatch keeps its own kernel
+// (cpu/dilated_conv_kernel.cpp, cache-blocked and threaded) unless asked.  Callers run the argument
+// checks (dilated_conv_checks.h) first.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace attnscale {
+namespace dilated_conv {
+
+// ATTNSCALE_DILATED_CONV_ALGO = "gemm" | "direct" picks the implementation for every call; unset or
+// empty: "gemm" on CUDA, "direct" (the hand-written kernels) on a CPU.  Any other value is an error.
+bool use_gemm(const at::Tensor& t);
+
+at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                        int64_t dilation, int64_t padding);
+at::Tensor gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, int64_t dilation,
+                               int64_t padding);
+std::tuple<at::Tensor, at::Tensor> gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& x,
+                                                        int64_t kernel_h, int64_t kernel_w, int64_t dilation,
+                                                        int64_t padding);
+
+}  // namespace dilated_conv
+}  // namespace attnscale
