@@ -4,7 +4,11 @@ fc6: 3x3 convolution, dilation 12, pad 12, 512 -> 1024 channels at stride-8 reso
 (41/31/21 for a 321 crop at scales 1/0.75/0.5, 65/49/33 for a 513 test image).
 
 CPU: ours vs oneDNN F.conv2d (float32), per thread count in --threads.
-GPU: ours vs cuDNN (cudnn.benchmark=True) in IEEE fp32, TF32 and bf16 channels_last.
+GPU: ours vs cuDNN (cudnn.benchmark=True) in IEEE fp32, TF32 and bf16 channels_last (--precisions).
+Ours runs each implementation in --algos (ATTNSCALE_DILATED_CONV_ALGO): "gemm", GEMMs over rectangles
+of live taps (the CUDA default), and "direct", the hand-written kernels (the CPU default); defaults:
+the device's default.  --profile adds, on a GPU, the kernels of 3 forward+backward calls of each of
+ours in bf16 at the first shape, by GPU time (torch.profiler).
 Timings of all methods are interleaved round by round, so drift hits every method alike; the
 report gives the median, the min-max spread, the speed-up of the medians from the same run,
 TFLOP/s on nominal FLOPs (dense conv incl. zero padding) and on live-tap FLOPs (what our kernel
@@ -170,13 +174,15 @@ def run_shape(device: str, n: int, h: int, methods: dict, backward: bool, repeat
 class Setup:
     """Per-method global state (cuDNN TF32 flags) applied before every call, plus report metadata."""
 
-    def __init__(self, precision: str, baseline: str | None, tf32: bool | None = None):
-        self.precision, self.baseline, self.tf32 = precision, baseline, tf32
+    def __init__(self, precision: str, baseline: str | None, tf32: bool | None = None, algo: str | None = None):
+        self.precision, self.baseline, self.tf32, self.algo = precision, baseline, tf32, algo
 
     def __call__(self):
         if self.tf32 is not None:
             torch.backends.cudnn.allow_tf32 = self.tf32
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        if self.algo is not None:  # read by the C++ op at every call
+            os.environ["ATTNSCALE_DILATED_CONV_ALGO"] = self.algo
 
 
 def conv_ref(x, w, b):
@@ -187,21 +193,53 @@ def ours(x, w, b):
     return dilated_conv2d(x, w, b, DIL, PAD)
 
 
-def cpu_methods():
-    return {"oneDNN F.conv2d": (conv_ref, torch.float32, torch.contiguous_format, Setup("fp32", None)),
-            "attnscale": (ours, torch.float32, torch.contiguous_format, Setup("fp32", "oneDNN F.conv2d"))}
+def cpu_methods(algos=("direct",)):
+    methods = {"oneDNN F.conv2d": (conv_ref, torch.float32, torch.contiguous_format, Setup("fp32", None))}
+    for algo in algos:
+        name = "attnscale" if algo == "direct" else f"attnscale {algo}"
+        methods[name] = (ours, torch.float32, torch.contiguous_format, Setup("fp32", "oneDNN F.conv2d", algo=algo))
+    return methods
 
 
-def gpu_methods():
-    cl, cf = torch.channels_last, torch.contiguous_format
-    return {
-        "cuDNN fp32": (conv_ref, torch.float32, cf, Setup("fp32", None, tf32=False)),
-        "attnscale fp32": (ours, torch.float32, cf, Setup("fp32", "cuDNN fp32", tf32=False)),
-        "cuDNN tf32": (conv_ref, torch.float32, cf, Setup("tf32", None, tf32=True)),
-        "attnscale tf32": (ours, torch.float32, cf, Setup("tf32", "cuDNN tf32", tf32=True)),
-        "cuDNN bf16 NHWC": (conv_ref, torch.bfloat16, cl, Setup("bf16", None, tf32=True)),
-        "attnscale bf16": (ours, torch.bfloat16, cf, Setup("bf16", "cuDNN bf16 NHWC", tf32=True)),
-    }
+GPU_BASELINES = {  # precision: (cuDNN method, dtype, cuDNN's layout, TF32)
+    "fp32": ("cuDNN fp32", torch.float32, torch.contiguous_format, False),
+    "tf32": ("cuDNN tf32", torch.float32, torch.contiguous_format, True),
+    "bf16": ("cuDNN bf16 NHWC", torch.bfloat16, torch.channels_last, True),
+}
+
+
+def gpu_methods(precisions=("fp32", "tf32", "bf16"), algos=("gemm",)):
+    methods = {}
+    for prec in precisions:
+        base, dtype, layout, tf32 = GPU_BASELINES[prec]
+        methods[base] = (conv_ref, dtype, layout, Setup(prec, None, tf32=tf32))
+        for algo in algos:  # ours on NCHW, the op's layout
+            methods[f"{algo} {prec}"] = (ours, dtype, torch.contiguous_format, Setup(prec, base, tf32=tf32, algo=algo))
+    return methods
+
+
+def profile_ours(n: int, h: int, algos, rows: int = 12) -> str:
+    """The CUDA kernels of 3 forward+backward calls of ours in bf16, by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, C_IN, h, h, generator=g).cuda().bfloat16().requires_grad_()
+    w = (torch.randn(C_OUT, C_IN, K, K, generator=g) * 0.02).cuda().bfloat16().requires_grad_()
+    b = torch.zeros(C_OUT, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = h + 2 * PAD - DIL * (K - 1)
+    gout = torch.randn(n, C_OUT, out, out, device="cuda", dtype=torch.bfloat16)
+    text = []
+    for algo in algos:
+        os.environ["ATTNSCALE_DILATED_CONV_ALGO"] = algo
+        step = _make_call(ours, x, w, b, True, gout)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        text.append(f"-- {algo}, N={n} H={h}, bf16 forward+backward x3, CUDA kernels by GPU time:\n"
+                    + prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
+    return "\n".join(text)
 
 
 def format_table(results: list[Result]) -> str:
@@ -227,6 +265,11 @@ def main(argv=None) -> int:
                     help="timed rounds per shape (default 7 CPU, 10 GPU; a GPU sample times 10 calls with CUDA events)")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--quick", action="store_true", help="2 shapes, few repeats")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "tf32", "bf16"), default=["fp32", "tf32", "bf16"],
+                    help="GPU precisions (default all three)")
+    ap.add_argument("--algos", nargs="+", choices=("gemm", "direct"), default=None,
+                    help="our implementations to time (default: the device's default, gemm on CUDA, direct on CPU)")
+    ap.add_argument("--profile", action="store_true", help="GPU: kernels of ours (bf16 fwd+bwd) at the first shape")
     ap.add_argument("--json", type=str, default=None, help="write all results to this JSON file")
     args = ap.parse_args(argv)
 
@@ -245,6 +288,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else (7 if device == "cpu" else 10))
     warmup = 1 if device == "cpu" else 5
     passes = [False] if args.no_backward else [False, True]
+    algos = tuple(args.algos or (("gemm",) if device == "cuda" else ("direct",)))
 
     results: list[Result] = []
     meta = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.processor()
@@ -255,7 +299,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
             for n, h in shapes:
                 for bwd in passes:
-                    results += run_shape("cpu", n, h, cpu_methods(), bwd, repeats, warmup, threads, None)
+                    results += run_shape("cpu", n, h, cpu_methods(algos), bwd, repeats, warmup, threads, None)
                     print(f"done threads={threads} N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
                     save_json(args.json, meta, results, complete=False)
     else:
@@ -265,12 +309,15 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
         for n, h in shapes:
             for bwd in passes:
-                results += run_shape("cuda", n, h, gpu_methods(), bwd, repeats, warmup, None, peaks)
+                results += run_shape("cuda", n, h, gpu_methods(args.precisions, algos), bwd, repeats, warmup, None, peaks)
                 print(f"done N={n} H={h} {'fwd+bwd' if bwd else 'fwd'}", flush=True)
                 save_json(args.json, meta, results, complete=False)
     print()
     print(json.dumps(meta))
     print(format_table(results))
+    if args.profile and device == "cuda":
+        meta["profile"] = profile_ours(*shapes[0], algos)
+        print(meta["profile"])
     bad = wrong(results)
     for r in bad:
         print(f"WRONG RESULT: {r.method} N={r.n} H={r.h}: relative error {r.max_rel_err:.1e} > "

@@ -106,29 +106,36 @@ def merge_case(failures: list, sizes, dtype, tol, mode, env=None) -> None:
 
 def check_dilated_conv(failures: list) -> None:
     fc6, odd = (1, 32, 24, 21, 21, 12), (2, 5, 7, 9, 11, 3)
-    # (shape, dtype, tolerance, TF32): each CUDA kernel path once at fc6's geometry
+    # (shape, dtype, tolerance, TF32): each CUDA kernel path once at fc6's geometry, for both
+    # implementations (ATTNSCALE_DILATED_CONV_ALGO: the GEMM path's copy kernels + cuBLAS, and the
+    # hand-written kernels)
     cases = ((fc6, torch.float32, 5e-3, True), (fc6, torch.float32, 1e-5, False), (fc6, torch.bfloat16, 3e-2, True),
              (fc6, torch.float16, 5e-3, True), (fc6, torch.float64, 1e-10, True), (odd, torch.float32, 5e-3, True))
-    tf32 = torch.backends.cudnn.allow_tf32
-    for (n, c, k, h, w, d), dtype, tol, allow_tf32 in cases:
-        gen = torch.Generator().manual_seed(1)
-        x = rounded(torch.randn(n, c, h, w, generator=gen), dtype)
-        wt = rounded(torch.randn(k, c, 3, 3, generator=gen) * 0.1, dtype)
-        b = rounded(torch.randn(k, generator=gen), dtype)
-        gy = rounded(torch.randn(n, k, h, w, generator=gen), dtype)
-        res = {}
-        torch.backends.cudnn.allow_tf32 = allow_tf32   # the CUDA float32 kernel's choice (TF32 or SIMT)
-        try:
-            for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                xs, ws, bs = (leaf(t, dev, dtype) for t in (x, wt, b))
-                y = dilated_conv2d(xs, ws, bs, dilation=d, padding=d)
-                y.backward(gy.to(dev, y.dtype))
-                sync(dev)
-                res[side] = [y, xs.grad, ws.grad, bs.grad]
-        finally:
-            torch.backends.cudnn.allow_tf32 = tf32
-        report(failures, f"dilated_conv2d {dtype}{'' if allow_tf32 or dtype != torch.float32 else ' no-TF32'} "
-               f"{(n, c, k, h, w, d)}", [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, tol)])
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    for algo in ("gemm", "direct"):
+        for (n, c, k, h, w, d), dtype, tol, allow_tf32 in cases:
+            gen = torch.Generator().manual_seed(1)
+            x = rounded(torch.randn(n, c, h, w, generator=gen), dtype)
+            wt = rounded(torch.randn(k, c, 3, 3, generator=gen) * 0.1, dtype)
+            b = rounded(torch.randn(k, generator=gen), dtype)
+            gy = rounded(torch.randn(n, k, h, w, generator=gen), dtype)
+            res = {}
+            # the CUDA float32 paths' choice (TF32 or exact): cuDNN's flag for the hand-written
+            # kernels, cuBLAS's for the GEMM path
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+            try:
+                for side, dev in (("ref", "cpu"), ("dev", DEV)):
+                    with environ({"ATTNSCALE_DILATED_CONV_ALGO": algo if side == "dev" else "direct"}):
+                        xs, ws, bs = (leaf(t, dev, dtype) for t in (x, wt, b))
+                        y = dilated_conv2d(xs, ws, bs, dilation=d, padding=d)
+                        y.backward(gy.to(dev, y.dtype))
+                        sync(dev)
+                    res[side] = [y, xs.grad, ws.grad, bs.grad]
+            finally:
+                torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+            report(failures, f"dilated_conv2d {algo} {dtype}{'' if allow_tf32 or dtype != torch.float32 else ' no-TF32'} "
+                   f"{(n, c, k, h, w, d)}",
+                   [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, tol)])
 
 
 def main(argv=None) -> int:

@@ -15,6 +15,8 @@
 #                inference, ours vs the references, the inference as a CUDA graph, and a profile of where
 #                the time goes), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32 / bf16 vs cuDNN); each under
 #                a time limit, 370 s in all
+#   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 10x41, 1x41
+#                and 30x41, with a profile of ours by kernel (150 s)
 #   bench_extra  bench_merge.py avg / max, bench_e2e.py bf16 channels_last and fp32 / TF32, bench_fc6.py
 #                at the other shapes (up to 8 minutes: a call of its own)
 # A session has about 15 device minutes, machine start included, and a call at most 10: so one call.
@@ -130,6 +132,10 @@ for phase in "$@"; do
       run timeout 100 "$PY" benchmarks/bench_e2e.py --device cuda --precisions bf16 --profile --json "$OUT/e2e.json"
       run timeout 90 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
       ;;
+    fc6)
+      run timeout 150 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 10x41,1x41,30x41 --precisions bf16 tf32 \
+        --profile --json "$OUT/fc6_gemm.json"
+      ;;
     bench_extra)
       run timeout 45 "$PY" benchmarks/bench_merge.py --cuda-only --modes avg,max --no-compile --min-run-time 0.3 \
         --json "$OUT/merge_avg_max.json"
@@ -140,7 +146,7 @@ for phase in "$@"; do
         --json "$OUT/fc6_more.json"
       ;;
     *)
-      say "unknown phase '$phase' (build, test, sanitize, check, test_all, bench, bench_extra)"
+      say "unknown phase '$phase' (build, test, sanitize, check, test_all, bench, fc6, bench_extra)"
       failed+=("unknown phase $phase")
       ;;
   esac

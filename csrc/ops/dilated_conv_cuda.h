@@ -36,5 +36,16 @@ cudaError_t launch_dilated_conv_backward_weight(CudaDType dtype, const void* gra
                                                 void* grad_w, void* grad_b, float* workspace,
                                                 const ConvShape& s, bool tensor_cores, cudaStream_t stream);
 
+struct PackPlan;  // dilated_conv_pack.h
+
+// The GEMM path's copies (cuda/dilated_conv_pack_kernel.cu), one launch per plan: the column blocks
+// from x (N, C, H, W); the product blocks from grad_output (N, O, Ho, Wo); the product blocks (+ bias,
+// which may be null) into out (N, O, Ho, Wo).
+cudaError_t launch_pack_columns(CudaDType dtype, const void* x, void* cols, const PackPlan& plan, cudaStream_t stream);
+cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, const PackPlan& plan,
+                                 cudaStream_t stream);
+cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out,
+                                  const PackPlan& plan, cudaStream_t stream);
+
 }  // namespace dilated_conv
 }  // namespace attnscale

@@ -13,6 +13,20 @@
 namespace attnscale {
 namespace dilated_conv {
 
+struct PackPlan;  // dilated_conv_pack.h
+
+// The copies around the matrix products, per device: the column blocks from x, the product blocks
+// from grad_output, and the product blocks (+ bias, which may be undefined) into out.  All tensors
+// contiguous, of the op's dtype.
+struct PackKernels {
+  void (*columns)(const at::Tensor& x, at::Tensor& cols, const PackPlan& plan);
+  void (*gather_output)(const at::Tensor& grad, at::Tensor& prod, const PackPlan& plan);
+  void (*scatter_output)(const at::Tensor& prod, const at::Tensor& bias, at::Tensor& out, const PackPlan& plan);
+};
+const PackKernels& cpu_pack_kernels();  // cpu/dilated_conv_pack_kernel.cpp
+// The CUDA glue (cuda/dilated_conv_cuda.cpp) registers its kernels when the library loads.
+void register_cuda_pack_kernels(const PackKernels* kernels);
+
 // ATTNSCALE_DILATED_CONV_ALGO = "gemm" | "direct" picks the implementation for every call; unset or
 // empty: "gemm" on CUDA, "direct" (the hand-written kernels) on a CPU.  Any other value is an error.
 bool use_gemm(const at::Tensor& t);

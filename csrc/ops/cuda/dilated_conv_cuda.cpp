@@ -13,6 +13,7 @@
 #include "ops/dilated_conv_checks.h"
 #include "ops/dilated_conv_cuda.h"
 #include "ops/dilated_conv_gemm.h"
+#include "ops/dilated_conv_pack.h"
 
 namespace attnscale {
 namespace dilated_conv {
@@ -134,6 +135,32 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
                "backward-weight launch");
   return {gw, gb};
 }
+
+// The GEMM path's copies (dilated_conv_gemm.cpp; kernels in dilated_conv_pack_kernel.cu).
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void pack_columns_cuda(const at::Tensor& x, at::Tensor& cols, const PackPlan& plan) {
+  check_launch(launch_pack_columns(cuda_dtype(x, "x"), x.data_ptr(), cols.data_ptr(), plan, stream()),
+               "column packing launch");
+}
+
+void gather_output_cuda(const at::Tensor& grad, at::Tensor& prod, const PackPlan& plan) {
+  check_launch(launch_gather_output(cuda_dtype(grad, "grad_output"), grad.data_ptr(), prod.data_ptr(), plan,
+                                    stream()),
+               "grad_output packing launch");
+}
+
+void scatter_output_cuda(const at::Tensor& prod, const at::Tensor& bias, at::Tensor& out, const PackPlan& plan) {
+  check_launch(launch_scatter_output(cuda_dtype(prod, "x"), prod.data_ptr(), bias.defined() ? bias.data_ptr() : nullptr,
+                                     out.data_ptr(), plan, stream()),
+               "output unpacking launch");
+}
+
+const PackKernels kCudaPackKernels{&pack_columns_cuda, &gather_output_cuda, &scatter_output_cuda};
+
+struct RegisterPackKernels {
+  RegisterPackKernels() { register_cuda_pack_kernels(&kCudaPackKernels); }
+} register_pack_kernels;
 
 }  // namespace
 
