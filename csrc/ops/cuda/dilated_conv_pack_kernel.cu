@@ -29,56 +29,82 @@ __device__ __forceinline__ T add_bias(T v, T b) { return from_f<T>(to_f(v) + to_
 template <>
 __device__ __forceinline__ double add_bias<double>(double v, double b) { return v + b; }
 
+// Each block copies kRowsPerBlock rows of one block (columns: k; products: o) over a stretch of m,
+// at least 4 blocks of 256 threads per multiprocessor (64 registers):
+// the position of m in the image is worked out once for all those rows, and their loads are
+// independent, so a thread keeps kRowsPerBlock of them in flight.  (One row per block made ~500k
+// blocks of one element per thread at fc6's size: 1 ms per call, latency-bound.)
+constexpr int kRowsPerBlock = 8;
+
 template <typename T>
-__global__ void __launch_bounds__(kPackThreads) pack_columns_kernel(const T* __restrict__ x, T* __restrict__ cols,
+__global__ void __launch_bounds__(kPackThreads, 4) pack_columns_kernel(const T* __restrict__ x, T* __restrict__ cols,
                                                                     PackPlan p) {
   const PackRect& r = p.rects[blockIdx.z];
   const int64_t M = block_size(p, r), K = column_rows(p, r);
-  for (int64_t k = blockIdx.y; k < K; k += gridDim.y) {
-    const int64_t row_source = column_row_source(p, r, uint32_t(k));
-    T* out = cols + r.col_offset + k * M;
+  for (int64_t k0 = int64_t(blockIdx.y) * kRowsPerBlock; k0 < K; k0 += int64_t(gridDim.y) * kRowsPerBlock) {
+    const int rows = K - k0 < kRowsPerBlock ? int(K - k0) : kRowsPerBlock;
+    int64_t source[kRowsPerBlock];
+#pragma unroll
+    for (int i = 0; i < kRowsPerBlock; ++i) source[i] = i < rows ? column_row_source(p, r, uint32_t(k0 + i)) : 0;
+    T* out = cols + r.col_offset + k0 * M;
     for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
-      out[m] = x[column_source(p, r, row_source, uint32_t(m))];
+      const int64_t pos = block_position(r, uint32_t(m), p.C, p.H, p.W);
+      T v[kRowsPerBlock];
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i) {
+        if (i < rows) v[i] = x[source[i] + pos];
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i) {
+        if (i < rows) out[i * M + m] = v[i];
+      }
     }
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kPackThreads) gather_output_kernel(const T* __restrict__ grad, T* __restrict__ prod,
-                                                                     PackPlan p) {
+// Element (o, m) of the product blocks <-> out[n, o, y, x]; TO_OUTPUT: product (+ bias) -> out, else
+// out -> product.
+template <typename T, bool TO_OUTPUT>
+__global__ void __launch_bounds__(kPackThreads, 4) output_blocks_kernel(const T* __restrict__ src,
+                                                                     const T* __restrict__ bias,
+                                                                     T* __restrict__ dst, PackPlan p) {
   const PackRect& r = p.rects[blockIdx.z];
   const int64_t M = block_size(p, r);
-  for (int64_t o = blockIdx.y; o < p.O; o += gridDim.y) {
-    T* out = prod + r.prod_offset + o * M;
+  for (int64_t o0 = int64_t(blockIdx.y) * kRowsPerBlock; o0 < p.O; o0 += int64_t(gridDim.y) * kRowsPerBlock) {
+    const int rows = p.O - o0 < kRowsPerBlock ? int(p.O - o0) : kRowsPerBlock;
+    const int64_t plane = p.Ho * p.Wo;
+    const int64_t base = (o0 * p.Ho + r.out_y) * p.Wo + r.out_x;  // out offset of (n=0, o0, first row, column)
+    const int64_t prod0 = r.prod_offset + o0 * M;
     for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
-      out[m] = grad[output_offset(p, r, o, uint32_t(m))];
-    }
-  }
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kPackThreads) scatter_output_kernel(const T* __restrict__ prod,
-                                                                      const T* __restrict__ bias,
-                                                                      T* __restrict__ out, PackPlan p) {
-  const PackRect& r = p.rects[blockIdx.z];
-  const int64_t M = block_size(p, r);
-  for (int64_t o = blockIdx.y; o < p.O; o += gridDim.y) {
-    const T* in = prod + r.prod_offset + o * M;
-    for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
-      const T v = in[m];
-      out[output_offset(p, r, o, uint32_t(m))] = bias ? add_bias(v, bias[o]) : v;
+      const int64_t pos = base + block_position(r, uint32_t(m), p.O, p.Ho, p.Wo);
+      T v[kRowsPerBlock];
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i) {
+        if (i < rows) v[i] = TO_OUTPUT ? src[prod0 + i * M + m] : src[pos + i * plane];
+      }
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i) {
+        if (i < rows) {
+          if (TO_OUTPUT) {
+            dst[pos + i * plane] = bias ? add_bias(v[i], bias[o0 + i]) : v[i];
+          } else {
+            dst[prod0 + i * M + m] = v[i];
+          }
+        }
+      }
     }
   }
 }
 
 // Grid of a plan: x covers the largest block's M (at most 64 blocks of threads; the loop covers
-// the rest), y the block rows (grid-stride beyond 65535), z the rectangles.
+// the rest), y the block rows in groups of kRowsPerBlock (grid-stride beyond 65535 groups), z the
+// rectangles.
 dim3 pack_grid(const PackPlan& p, int64_t rows_of_largest) {
   int64_t m_max = 1;
   for (int i = 0; i < p.num_rects; ++i) m_max = std::max(m_max, block_size(p, p.rects[i]));
   const int64_t gx = std::min<int64_t>((m_max + kPackThreads - 1) / kPackThreads, 64);
-  return dim3(unsigned(gx), unsigned(std::min<int64_t>(std::max<int64_t>(rows_of_largest, 1), kMaxGridY)),
-              unsigned(p.num_rects));
+  const int64_t gy = (std::max<int64_t>(rows_of_largest, 1) + kRowsPerBlock - 1) / kRowsPerBlock;
+  return dim3(unsigned(gx), unsigned(std::min<int64_t>(gy, kMaxGridY)), unsigned(p.num_rects));
 }
 
 template <typename F>
@@ -110,8 +136,8 @@ cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, 
   if (p.num_rects == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
-    gather_output_kernel<T><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(static_cast<const T*>(grad),
-                                                                           static_cast<T*>(prod), p);
+    output_blocks_kernel<T, false><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(
+        static_cast<const T*>(grad), nullptr, static_cast<T*>(prod), p);
   });
 }
 
@@ -120,7 +146,7 @@ cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void*
   if (p.num_rects == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
-    scatter_output_kernel<T><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(
+    output_blocks_kernel<T, true><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(
         static_cast<const T*>(prod), static_cast<const T*>(bias), static_cast<T*>(out), p);
   });
 }
