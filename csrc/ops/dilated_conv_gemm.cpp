@@ -64,20 +64,21 @@ struct Rect {
 
 // Every live rectangle of a convolution with its blocks in one column and one product buffer.
 struct Blocks {
+  int64_t n = 0;
   std::vector<Rect> rects;
-  std::vector<int64_t> col_offset, prod_offset;
+  std::vector<int64_t> col_offset, prod_offset, ld;
   std::vector<PackPlan> plans;  // the same blocks, kMaxPackRects per copy launch
   int64_t col_size = 0, prod_size = 0, covered = 0;
 
+  int64_t m(size_t i) const { return n * rects[i].pixels(); }
+  // (rows, M) views with row stride ld[i]
+  at::Tensor block(const at::Tensor& buf, int64_t offset, int64_t rows, size_t i) const {
+    return buf.narrow(0, offset, rows * ld[i]).view({rows, ld[i]}).narrow(1, 0, m(i));
+  }
   at::Tensor columns(const at::Tensor& buf, size_t i, int64_t C) const {
-    const int64_t M = buf_m(i);
-    return buf.narrow(0, col_offset[i], rects[i].taps() * C * M).view({rects[i].taps() * C, M});
+    return block(buf, col_offset[i], rects[i].taps() * C, i);
   }
-  at::Tensor product(const at::Tensor& buf, size_t i, int64_t O) const {
-    return buf.narrow(0, prod_offset[i], O * buf_m(i)).view({O, buf_m(i)});
-  }
-  int64_t buf_m(size_t i) const { return n * rects[i].pixels(); }
-  int64_t n = 0;
+  at::Tensor product(const at::Tensor& buf, size_t i, int64_t O) const { return block(buf, prod_offset[i], O, i); }
 };
 
 // N, C, O >= 1.  x (N, C, H, W) -> out (N, O, Ho, Wo).
@@ -96,8 +97,8 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_
   base.N = N, base.C = C, base.H = H, base.W = W, base.O = O, base.Ho = Ho, base.Wo = Wo, base.dilation = l.d;
   base.channels = make_fast_div(uint32_t(C));
   for (const Rect& rc : b.rects) {
-    const int64_t M = N * rc.pixels(), K = rc.taps() * C;
-    TORCH_CHECK(M < kIndexLimit && K < kIndexLimit, "dilated_conv2d (gemm path): a block of ", K, " x ", M,
+    const int64_t M = N * rc.pixels(), K = rc.taps() * C, ld = (M + 7) / 8 * 8;
+    TORCH_CHECK(ld < kIndexLimit && K < kIndexLimit, "dilated_conv2d (gemm path): a block of ", K, " x ", M,
                 " (live taps x channels, batch x rectangle) exceeds 2^31 per side; split the batch or set "
                 "ATTNSCALE_DILATED_CONV_ALGO=direct");
     if (b.plans.empty() || b.plans.back().num_rects == kMaxPackRects) b.plans.push_back(base);
@@ -105,13 +106,14 @@ Blocks make_blocks(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_
     plan.rects[plan.num_rects++] = PackRect{
         rc.rows.start, rc.cols.start,
         rc.rows.start - l.pad_y + rc.rows.k_begin * l.d, rc.cols.start - l.pad_x + rc.cols.k_begin * l.d,
-        rc.rows.taps(), rc.cols.taps(), b.col_size, b.prod_size,
+        rc.rows.taps(), rc.cols.taps(), b.col_size, b.prod_size, ld,
         make_fast_div(uint32_t(rc.cols.length())), make_fast_div(uint32_t(rc.rows.length())),
         make_fast_div(uint32_t(rc.cols.taps()))};
     b.col_offset.push_back(b.col_size);
     b.prod_offset.push_back(b.prod_size);
-    b.col_size += K * M;
-    b.prod_size += O * M;
+    b.ld.push_back(ld);
+    b.col_size += K * ld;
+    b.prod_size += O * ld;
     b.covered += rc.pixels();
   }
   return b;

@@ -4,7 +4,8 @@
 // C++ (no torch headers) for nvcc.
 //
 // A rectangle of output positions with one fixed set of live taps (dilated_conv_geometry.h) owns
-//   a column block (taps_y * taps_x * C, M), M = N * rows * cols: element (k, m) with
+//   a column block (taps_y * taps_x * C, M), M = N * rows * cols, rows ld >= M elements apart (M
+//   rounded up to 8, so that every row starts 16-byte aligned, as cuBLAS's Hopper kernels need): element (k, m) with
 //       k = (ty * taps_x + tx) * C + c and m = (n * rows + yy) * cols + xx
 //     holds x[n, c, in_y + yy + ty * d, in_x + xx + tx * d] (Caffe's im2col over the live taps), and
 //   a product block (O, M): element (o, m) is the output out[n, o, out_y + yy, out_x + xx].
@@ -50,6 +51,7 @@ struct PackRect {
   int64_t taps_y, taps_x;  // live kernel rows and columns
   int64_t col_offset;      // element offset of its column block in the column buffer
   int64_t prod_offset;     // element offset of its product block in the product buffer
+  int64_t ld;              // row stride of both blocks
   FastDiv cols, rows;      // its size, as divisors of m
   FastDiv taps_x_div;      // taps_x, as a divisor of the tap index
 };

@@ -30,7 +30,7 @@ void columns_cpu(const at::Tensor& x, at::Tensor& cols, const PackPlan& p) {
     scalar_t* dst = cols.data_ptr<scalar_t>();
     for_block_rows(p, false, [&](const PackRect& r, int64_t k, int64_t M) {
       const int64_t row_source = column_row_source(p, r, uint32_t(k));
-      scalar_t* out = dst + r.col_offset + k * M;
+      scalar_t* out = dst + r.col_offset + k * r.ld;
       for (int64_t m = 0; m < M; ++m) out[m] = src[column_source(p, r, row_source, uint32_t(m))];
     });
   });
@@ -41,7 +41,7 @@ void gather_output_cpu(const at::Tensor& grad, at::Tensor& prod, const PackPlan&
     const scalar_t* src = grad.data_ptr<scalar_t>();
     scalar_t* dst = prod.data_ptr<scalar_t>();
     for_block_rows(p, true, [&](const PackRect& r, int64_t o, int64_t M) {
-      scalar_t* out = dst + r.prod_offset + o * M;
+      scalar_t* out = dst + r.prod_offset + o * r.ld;
       for (int64_t m = 0; m < M; ++m) out[m] = src[output_offset(p, r, o, uint32_t(m))];
     });
   });
@@ -53,7 +53,7 @@ void scatter_output_cpu(const at::Tensor& prod, const at::Tensor& bias, at::Tens
     const scalar_t* b = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* dst = out.data_ptr<scalar_t>();
     for_block_rows(p, true, [&](const PackRect& r, int64_t o, int64_t M) {
-      const scalar_t* in = src + r.prod_offset + o * M;
+      const scalar_t* in = src + r.prod_offset + o * r.ld;
       const scalar_t add = b ? b[o] : scalar_t(0);
       for (int64_t m = 0; m < M; ++m) dst[output_offset(p, r, o, uint32_t(m))] = in[m] + add;
     });

@@ -33,7 +33,7 @@ __device__ __forceinline__ double add_bias<double>(double v, double b) { return 
 // at least 4 blocks of 256 threads per multiprocessor (64 registers):
 // the position of m in the image is worked out once for all those rows, and their loads are
 // independent, so a thread keeps kRowsPerBlock of them in flight.  (One row per block made ~500k
-// blocks of one element per thread at fc6's size: 1 ms per call, latency-bound.)
+// blocks of one element per thread at fc6's size: 1 ms per call on an H100, latency-bound.)
 constexpr int kRowsPerBlock = 8;
 
 template <typename T>
@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kPackThreads, 4) pack_columns_kernel(const T* 
     int64_t source[kRowsPerBlock];
 #pragma unroll
     for (int i = 0; i < kRowsPerBlock; ++i) source[i] = i < rows ? column_row_source(p, r, uint32_t(k0 + i)) : 0;
-    T* out = cols + r.col_offset + k0 * M;
+    T* out = cols + r.col_offset + k0 * r.ld;
     for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
       const int64_t pos = block_position(r, uint32_t(m), p.C, p.H, p.W);
       T v[kRowsPerBlock];
@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(kPackThreads, 4) pack_columns_kernel(const T* 
       }
 #pragma unroll
       for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) out[i * M + m] = v[i];
+        if (i < rows) out[i * r.ld + m] = v[i];
       }
     }
   }
@@ -74,13 +74,13 @@ __global__ void __launch_bounds__(kPackThreads, 4) output_blocks_kernel(const T*
     const int rows = p.O - o0 < kRowsPerBlock ? int(p.O - o0) : kRowsPerBlock;
     const int64_t plane = p.Ho * p.Wo;
     const int64_t base = (o0 * p.Ho + r.out_y) * p.Wo + r.out_x;  // out offset of (n=0, o0, first row, column)
-    const int64_t prod0 = r.prod_offset + o0 * M;
+    const int64_t prod0 = r.prod_offset + o0 * r.ld;
     for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
       const int64_t pos = base + block_position(r, uint32_t(m), p.O, p.Ho, p.Wo);
       T v[kRowsPerBlock];
 #pragma unroll
       for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) v[i] = TO_OUTPUT ? src[prod0 + i * M + m] : src[pos + i * plane];
+        if (i < rows) v[i] = TO_OUTPUT ? src[prod0 + i * r.ld + m] : src[pos + i * plane];
       }
 #pragma unroll
       for (int i = 0; i < kRowsPerBlock; ++i) {
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kPackThreads, 4) output_blocks_kernel(const T*
           if (TO_OUTPUT) {
             dst[pos + i * plane] = bias ? add_bias(v[i], bias[o0 + i]) : v[i];
           } else {
-            dst[prod0 + i * M + m] = v[i];
+            dst[prod0 + i * r.ld + m] = v[i];
           }
         }
       }
@@ -96,15 +96,19 @@ __global__ void __launch_bounds__(kPackThreads, 4) output_blocks_kernel(const T*
   }
 }
 
-// Grid of a plan: x covers the largest block's M (at most 64 blocks of threads; the loop covers
-// the rest), y the block rows in groups of kRowsPerBlock (grid-stride beyond 65535 groups), z the
-// rectangles.
+// Grid of a plan: z the rectangles, y groups of kRowsPerBlock block rows, x stretches of m; each block
+// loops over further groups and stretches.  About kTargetBlocks blocks in all, so that each thread
+// copies hundreds of elements (fc6: ~440) rather than a few: short blocks left the copy latency-bound.
+constexpr int64_t kTargetBlocks = 2048;
+
 dim3 pack_grid(const PackPlan& p, int64_t rows_of_largest) {
   int64_t m_max = 1;
   for (int i = 0; i < p.num_rects; ++i) m_max = std::max(m_max, block_size(p, p.rects[i]));
-  const int64_t gx = std::min<int64_t>((m_max + kPackThreads - 1) / kPackThreads, 64);
-  const int64_t gy = (std::max<int64_t>(rows_of_largest, 1) + kRowsPerBlock - 1) / kRowsPerBlock;
-  return dim3(unsigned(gx), unsigned(std::min<int64_t>(gy, kMaxGridY)), unsigned(p.num_rects));
+  const int64_t groups = (std::max<int64_t>(rows_of_largest, 1) + kRowsPerBlock - 1) / kRowsPerBlock;
+  const int64_t gy = std::min<int64_t>({groups, std::max<int64_t>(1, kTargetBlocks / p.num_rects), kMaxGridY});
+  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>((kTargetBlocks + gy * p.num_rects - 1) / (gy * p.num_rects),
+                                                            (m_max + kPackThreads - 1) / kPackThreads));
+  return dim3(unsigned(gx), unsigned(gy), unsigned(p.num_rects));
 }
 
 template <typename F>
