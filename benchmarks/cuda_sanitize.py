@@ -5,8 +5,9 @@
 
 scale_merge in its three modes (float32, bfloat16, float16; exact and inexact Interp ratios, a map of the
 same size as scale 0; in float32 also the backward's pixel layout, with a ratio below 1/2 too, and 32
-logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; every kernel
-path: float32 on TF32 tensor cores and exact SIMT, bfloat16, float16, float64), each with every input
+logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; both
+implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
+float64), each with every input
 requiring a gradient.  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1

@@ -263,9 +263,9 @@ def test_bad_grad_output_cpp():
 
 # --------------------------------------------------------------------------------------------- CUDA
 CUDA_CASES = [
-    # (dtype, forward rel tol, backward rel tol, cudnn.allow_tf32)
+    # (dtype, forward rel tol, backward rel tol, TF32 allowed)
     (torch.float64, 1e-10, 1e-10, False),
-    (torch.float32, 1e-5, 1e-5, False),   # exact SIMT path
+    (torch.float32, 1e-5, 1e-5, False),   # exact (direct: SIMT; gemm: cuBLAS fp32)
     (torch.float32, 5e-3, 5e-3, True),    # TF32 tensor cores
     (torch.bfloat16, 2e-2, 3e-2, True),
     (torch.float16, 5e-3, 5e-3, True),
@@ -279,8 +279,9 @@ CUDA_SHAPES = SMALL_SHAPES + [(2, 40, 70, 21, 19, 3, 12, 12), (1, 512, 1024, 21,
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
 def test_cuda_matches_conv2d(case, shape):
     dtype, tol_f, tol_b, tf32 = case
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = tf32
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    # the direct kernels follow cuDNN's TF32 flag, the GEMM path cuBLAS's
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         x, w, b, d, p = _inputs(shape, dtype=torch.float64, device="cuda")
         w = w / (w.shape[1] * w.shape[2] * w.shape[3]) ** 0.5
@@ -300,7 +301,7 @@ def test_cuda_matches_conv2d(case, shape):
         for a, e in zip(got, again):
             assert torch.equal(a, e)  # deterministic: no atomics
     finally:
-        torch.backends.cudnn.allow_tf32 = old
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.mark.usefixtures("algo")

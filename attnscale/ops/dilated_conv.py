@@ -191,9 +191,10 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """Stride-1 dilated convolution (Caffe ``Convolution``, zero padding) that skips padded taps.
 
     ``x`` (N, C, H, W), ``weight`` (O, C, kh, kw) with odd kh, kw, ``bias`` (O,) or None; returns
-    (N, O, H + 2p - d(kh-1), W + 2p - d(kw-1)).  CPU: float32/float64.  CUDA: float32 (TF32 tensor
-    cores when ``torch.backends.cudnn.allow_tf32``, else exact SIMT), bfloat16/float16 (tensor cores,
-    fp32 accumulation), float64 (SIMT).  Differentiable in x, weight and bias.  Inside
+    (N, O, H + 2p - d(kh-1), W + 2p - d(kw-1)).  CPU: float32/float64.  CUDA: float32 (TF32 when the
+    running library's flag allows it: ``torch.backends.cuda.matmul.allow_tf32`` for the GEMM path,
+    ``torch.backends.cudnn.allow_tf32`` for the direct kernels; else exact), bfloat16/float16 (tensor
+    cores, fp32 accumulation), float64.  Differentiable in x, weight and bias.  Inside
     ``torch.autocast`` the inputs are cast to the region's dtype on CUDA and to float32 on CPU.
     """
     require_extension()

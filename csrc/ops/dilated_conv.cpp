@@ -2,8 +2,9 @@
 //
 // dilated_conv2d is Caffe's Convolution layer with stride 1, `dilation: d`,
 // `pad: p` and zero padding (DeepLab-LargeFOV fc6: 3x3, d=12, p=12).  The
-// kernels (csrc/ops/cpu/dilated_conv_kernel.cpp, csrc/ops/cuda/*) skip the
-// taps that read padding.  Autograd is registered in Python
+// kernels (csrc/ops/cpu/dilated_conv_kernel.cpp, csrc/ops/cuda/*, and the GEMM
+// path of every device, csrc/ops/dilated_conv_gemm.cpp) skip the taps that
+// read padding.  Autograd is registered in Python
 // (attnscale/ops/dilated_conv.py) on top of the two backward ops:
 //   dilated_conv2d_backward_input : grad_x (input size follows from grad_output
 //       and the kernel: H = Ho - 2p + d*(KH-1))

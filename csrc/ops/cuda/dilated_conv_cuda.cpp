@@ -1,8 +1,10 @@
-// CUDA glue of attnscale::dilated_conv2d: checks, weight packing, current
-// stream, launcher calls (kernels in dilated_conv_kernel.cu).
+// CUDA glue of attnscale::dilated_conv2d: checks, then the GEMM path
+// (dilated_conv_gemm.cpp, the default; its copy kernels in dilated_conv_pack_kernel.cu
+// are registered here) or, with ATTNSCALE_DILATED_CONV_ALGO=direct, weight packing,
+// current stream and launcher calls of the direct kernels (dilated_conv_kernel.cu).
 //
-// float32 uses TF32 tensor cores when torch.backends.cudnn.allow_tf32 is set
-// (the flag F.conv2d follows), otherwise an exact fp32 SIMT path; bf16/fp16
+// Direct kernels: float32 uses TF32 tensor cores when torch.backends.cudnn.allow_tf32
+// is set (the flag F.conv2d follows), otherwise an exact fp32 SIMT path; bf16/fp16
 // use tensor cores with fp32 accumulation; float64 uses the SIMT path.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
