@@ -14,11 +14,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define ATTNSCALE_HD __host__ __device__ __forceinline__
-#else
-#define ATTNSCALE_HD inline
-#endif
+#include "ops/host_device.h"
 
 namespace attnscale {
 namespace dilated_conv {

@@ -17,11 +17,7 @@
 // touch a given source index) is derived from the very same numbers.
 #pragma once
 
-#if defined(__CUDACC__)
-#define ATTNSCALE_HD __host__ __device__ __forceinline__
-#else
-#define ATTNSCALE_HD inline
-#endif
+#include "ops/host_device.h"
 
 namespace attnscale {
 namespace scale_merge {
