@@ -1,5 +1,7 @@
 // CPU loops of the GEMM path's copies (index maps in dilated_conv_pack.h, the same functions the
-// CUDA kernels in cuda/dilated_conv_pack_kernel.cu run).  All tensors are contiguous.
+// CUDA kernels in cuda/dilated_conv_pack_kernel.cu run, per element, so that the CPU tests check the
+// GPU's arithmetic; not tuned for speed: the CPU's default is the direct kernel).  All tensors are
+// contiguous.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
