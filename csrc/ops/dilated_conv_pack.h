@@ -89,7 +89,8 @@ ATTNSCALE_HD int64_t block_position(const PackRect& r, uint32_t m, int64_t chann
   return (int64_t(n) * channels * height + yy) * width + xx;
 }
 
-// Offset in out (N, O, Ho, Wo) of element (o, m) of a rectangle's product block.
+// Offset in out (N, O, Ho, Wo) of element (o, m) of a rectangle's product block.  (The CUDA kernel
+// adds the same two terms, the block_position of m once for a group of rows o.)
 ATTNSCALE_HD int64_t output_offset(const PackPlan& p, const PackRect& r, int64_t o, uint32_t m) {
   return (o * p.Ho + r.out_y) * p.Wo + r.out_x + block_position(r, m, p.O, p.Ho, p.Wo);
 }
