@@ -105,6 +105,19 @@ def test_matches_reference_fp32(mode, sizes):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("num_scales", [3, 4])
+@pytest.mark.parametrize("w0", [12, 16, 33, 65, 70, 97])
+def test_matches_reference_every_row_width_path(mode, num_scales, w0):
+    """The CPU kernels pick their inner loops by row width: 8-wide vectors below 16 pixels; on
+    AVX-512 builds 16-wide ones, the whole row held in 1 to 5 registers (16, 33, 65; 70 with 3
+    scales) or block by block (70 with 4 scales, 97).  Each path against the reference, with batch
+    items whose chunks hold every class (n = 8) and not (n = 2)."""
+    sizes = [(5, w0), (4, w0 * 3 // 4), (3, w0 // 2), (2, w0 // 3)][:num_scales]
+    for n in (2, 8):
+        check_matches_reference(sizes, mode, n=n, c=5, tol=2e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("n,c", [(1, 21), (1, 5), (3, 10), (8, 21), (1, 1)])
 def test_batch_and_class_counts(mode, n, c):
     """The forward and the backward split each batch item's classes into chunks (more chunks for

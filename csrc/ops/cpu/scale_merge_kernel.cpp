@@ -5,11 +5,13 @@
 //   indices and lambdas (Caffe float arithmetic, scale_merge_interp.h) and their inverse (for every
 //   source row/column the contiguous range of destination indices that touch it, with weights).
 // - A coarse plane is resized separably: a horizontal pass into a small per-thread buffer of
-//   H_s x W0 rows (with AVX2 each block of 8 outputs is one in-row 8-wide load and two permutes),
-//   then each output row is a 2-tap blend of two such rows fused into the merge.  Rows are
-//   processed in 8-wide blocks (Vec8: one AVX2 register for float); when 8 does not divide W0 a
-//   last block at W0 - 8 overlaps its neighbour, which is harmless because every such block
-//   computes pure functions of its pixels.
+//   H_s x W0 rows (with AVX2 each block of 8 outputs is one in-row 8-wide load and two permutes,
+//   with AVX-512 16 outputs), then each output row is a 2-tap blend of two such rows fused into the
+//   merge.  Rows are processed in blocks of 8 (Vec8: one AVX2 register for float) or, for float rows
+//   of 16 or more on AVX-512 builds, 16 (Vec16f: lane by lane the same arithmetic, so the results are
+//   bit-identical); when the width does not divide W0 a last block at W0 - width overlaps its
+//   neighbour, which is harmless because every such block computes pure functions of its pixels.
+//   With 16 lanes a row of up to 5 blocks stays in registers while the classes loop around it.
 // - Forward, per (n, class chunk): the row taps of every scale come from a table built once per
 //   call; per row, set up once for the chunk's classes, one pass per class accumulates all scales
 //   in registers.
@@ -19,8 +21,9 @@
 //   the logit gradient w_s (d_s - sum_t w_t d_t) right there when the chunk holds every class
 //   (N >= 8); otherwise per-chunk partials are summed in chunk order.  Each coarser score map's
 //   gradient is Interp^T (grad_c * w_s), with grad * w formed on the fly: the vertical adjoint of
-//   every source row (its fixed set of destination rows, fixed order), 8 rows transposed, then the
-//   horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
+//   every source row (its fixed set of destination rows, fixed order; with a row in registers, one
+//   pass over the destination rows feeding the two source rows each touches), 8 rows transposed,
+//   then the horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
 //   depend on the shape only: deterministic whatever the thread count.
 // - avg: grad / S for scale 0 and through Interp^T.  max: the backward recomputes the argmax
 //   scale with the very same (non-inlined) routines as the forward, so the gradient goes to the
@@ -146,45 +149,51 @@ struct Axis {
         wpad[static_cast<size_t>(j) * kmax + (q - off[j])] = wt[q];
       }
     }
-    // 8-wide blocks of destinations starting at bx[b] = 0, 8, 16, ... and, when 8 does not
-    // divide out, one last block starting at out - 8 that overlaps its neighbour (the outputs
-    // are pure functions of the destination index, so computing a few twice is harmless and
-    // leaves no scalar tail).  i0 - base lies in [0, 7] because the ratio is <= 1.
-    const int nblocks = out >= 8 ? (out + 7) / 8 : 0;
-    bx.assign(nblocks, 0);
-    base.assign(nblocks, 0);
-    perm.assign(static_cast<size_t>(nblocks) * 8, 0);
-    for (int b = 0; b < nblocks; ++b) {
-      bx[b] = std::min(8 * b, out - 8);
+    win8.build(8, *this);
+    win16.build(16, *this);
+    // Blocks read from a padded copy of the row when win8 is not ok: i0 - base lies in [0, 7]
+    // because the ratio is <= 1.
+    const std::vector<int>& bx = win8.bx;
+    base.assign(bx.size(), 0);
+    perm.assign(bx.size() * 8, 0);
+    for (size_t b = 0; b < bx.size(); ++b) {
       base[b] = i0[bx[b]];
       for (int k = 0; k < 8; ++k) {
         perm[8 * b + k] = i0[bx[b] + k] - base[b];
         TORCH_CHECK(perm[8 * b + k] >= 0 && perm[8 * b + k] < 8, "scale_merge: internal error (Interp block)");
       }
     }
-    // Single-load blocks: both taps of the 8 outputs of block b lie in one 8-wide window
-    // [q, q + 8) inside the source row, so one load + two permutes give them without copying
-    // the row into a padded buffer (whose freshly stored bytes would stall the loads).
-    single = in >= 8 && nblocks > 0;
-    q1.assign(nblocks, 0);
-    p0.assign(static_cast<size_t>(nblocks) * 8, 0);
-    p1.assign(static_cast<size_t>(nblocks) * 8, 0);
-    for (int b = 0; b < nblocks && single; ++b) {
-      const int q = std::min(i0[bx[b]], in - 8);
-      q1[b] = q;
-      for (int k = 0; k < 8; ++k) {
-        p0[8 * b + k] = i0[bx[b] + k] - q;
-        p1[8 * b + k] = i1[bx[b] + k] - q;
-        if (p0[8 * b + k] < 0 || p1[8 * b + k] > 7) single = false;
-      }
-    }
   }
 
-  std::vector<int> bx;  // first destination index of each 8-wide block
-
-  bool single = false;
-  std::vector<int> q1;
-  std::vector<int32_t> p0, p1;
+  // L-wide blocks of destinations starting at bx[b] = 0, L, 2L, ... and, when L does not divide
+  // out, one last block starting at out - L that overlaps its neighbour (the outputs are pure
+  // functions of the destination index, so computing a few twice is harmless and leaves no scalar
+  // tail).  Single-load blocks: when both taps of the L outputs of every block lie in one L-wide
+  // window [q[b], q[b] + L) inside the source row (ok), one load + two permutes give them without
+  // copying the row into a padded buffer (whose freshly stored bytes would stall the loads).
+  struct Windows {
+    bool ok = false;
+    std::vector<int> bx, q;
+    std::vector<int32_t> p0, p1;  // tap positions in the window, L per block
+    void build(int L, const Axis& a) {
+      const int nb = a.out >= L ? (a.out + L - 1) / L : 0;
+      ok = a.in >= L && nb > 0;
+      bx.assign(nb, 0);
+      q.assign(nb, 0);
+      p0.assign(static_cast<size_t>(nb) * L, 0);
+      p1.assign(static_cast<size_t>(nb) * L, 0);
+      for (int b = 0; b < nb; ++b) bx[b] = std::min(L * b, a.out - L);
+      for (int b = 0; b < nb && ok; ++b) {
+        q[b] = std::min(a.i0[bx[b]], a.in - L);
+        for (int k = 0; k < L; ++k) {
+          p0[L * b + k] = a.i0[bx[b] + k] - q[b];
+          p1[L * b + k] = a.i1[bx[b] + k] - q[b];
+          if (p0[L * b + k] < 0 || p1[L * b + k] >= L) ok = false;
+        }
+      }
+    }
+  };
+  Windows win8, win16;
 
   bool identity = false;
   int kmax = 1;
@@ -240,14 +249,36 @@ ATTNSCALE_NOINLINE void resize_rows(const T* __restrict f, int Hs, int Ws, const
     std::memcpy(rows, f, sizeof(T) * static_cast<size_t>(Hs) * W0);
     return;
   }
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (ax.win16.ok) {  // as the 8-wide single-load blocks below, 16 outputs at a time
+      const auto& wn = ax.win16;
+      for (size_t b = 0; b < wn.bx.size(); ++b) {
+        const int x = wn.bx[b];
+        const __m512i i0v = _mm512_loadu_si512(wn.p0.data() + 16 * b);
+        const __m512i i1v = _mm512_loadu_si512(wn.p1.data() + 16 * b);
+        const __m512 l0v = _mm512_loadu_ps(l0 + x), l1v = _mm512_loadu_ps(l1 + x);
+        const T* __restrict src = f + wn.q[b];
+        T* __restrict d = rows + x;
+        for (int r = 0; r < Hs; ++r) {
+          const __m512 v = _mm512_loadu_ps(src + static_cast<int64_t>(r) * Ws);
+          const __m512 o = _mm512_add_ps(_mm512_mul_ps(l0v, _mm512_permutexvar_ps(i0v, v)),
+                                         _mm512_mul_ps(l1v, _mm512_permutexvar_ps(i1v, v)));
+          _mm512_storeu_ps(d + static_cast<int64_t>(r) * W0, o);
+        }
+      }
+      return;
+    }
+  }
+#endif
 #if defined(__AVX2__)
   if constexpr (std::is_same<T, float>::value) {
-    const int nb = static_cast<int>(ax.bx.size());
-    const int* __restrict bx = ax.bx.data();
-    if (ax.single) {
-      const int* __restrict q1 = ax.q1.data();
-      const int32_t* __restrict p0 = ax.p0.data();
-      const int32_t* __restrict p1 = ax.p1.data();
+    const int nb = static_cast<int>(ax.win8.bx.size());
+    const int* __restrict bx = ax.win8.bx.data();
+    if (ax.win8.ok) {
+      const int* __restrict q1 = ax.win8.q.data();
+      const int32_t* __restrict p0 = ax.win8.p0.data();
+      const int32_t* __restrict p1 = ax.win8.p1.data();
       // blocks outer, rows inner: a block's permutes and lambdas stay in registers for all rows
       for (int b = 0; b < nb; ++b) {
         const int x = bx[b];
@@ -479,6 +510,7 @@ void softmax_pixels(const T* __restrict l, T* __restrict w, int64_t S, int64_t P
 // The block kernels below are written once against it; their accumulators stay in registers.
 template <typename T>
 struct Vec8 {
+  static constexpr int kLanes = 8;
   T v[8];
   static Vec8 load(const T* p) {
     Vec8 r;
@@ -513,6 +545,7 @@ struct Vec8 {
 #if defined(__AVX2__) && defined(__FMA__)
 template <>
 struct Vec8<float> {
+  static constexpr int kLanes = 8;
   __m256 v;
   static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
   static Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
@@ -523,6 +556,39 @@ struct Vec8<float> {
   friend Vec8 fmadd(const Vec8& a, const Vec8& b, const Vec8& c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 };
 #endif
+
+// Sixteen float lanes: one AVX-512 register.  Lane by lane the same operations as Vec8<float>, so
+// the kernels give bit-identical results with either; rows of 16 or more use it (half the
+// instructions on cores with 512-bit data paths), narrower rows Vec8.
+#if defined(__AVX512F__)
+struct Vec16f {
+  static constexpr int kLanes = 16;
+  __m512 v;
+  static Vec16f load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec16f set1(float a) { return {_mm512_set1_ps(a)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  friend Vec16f operator+(const Vec16f& a, const Vec16f& b) { return {_mm512_add_ps(a.v, b.v)}; }
+  friend Vec16f operator-(const Vec16f& a, const Vec16f& b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  friend Vec16f operator*(const Vec16f& a, const Vec16f& b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  friend Vec16f fmadd(const Vec16f& a, const Vec16f& b, const Vec16f& c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+};
+#endif
+
+template <typename V>
+struct VecTag {
+  using type = V;
+};
+// Calls fn(VecTag<V>()) with V the widest vector of T whose lanes fit in a row of W elements
+// (Vec16f for float rows of 16 or more on AVX-512 builds), else Vec8<T>.
+template <typename T, typename Fn>
+inline void dispatch_vec(int W, Fn&& fn) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value) {
+    if (W >= Vec16f::kLanes) return fn(VecTag<Vec16f>());
+  }
+#endif
+  fn(VecTag<Vec8<T>>());
+}
 
 
 // at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
@@ -572,17 +638,17 @@ struct RowTaps {
   }
 };
 
-// Calls full(x) for 8-wide blocks x = 0, 8, ... and, when 8 does not divide W, once more at
-// W - 8 (overlapping: only for computations whose outputs are pure functions of x); rows
-// narrower than 8 go one element at a time through one(x).
-template <typename Full, typename One>
+// Calls full(x) for L-wide blocks x = 0, L, ... and, when L does not divide W, once more at
+// W - L (overlapping: only for computations whose outputs are pure functions of x); rows
+// narrower than L go one element at a time through one(x).
+template <int L, typename Full, typename One>
 inline void for_blocks(int W, Full&& full, One&& one) {
-  if (W < 8) {
+  if (W < L) {
     for (int x = 0; x < W; ++x) one(x);
     return;
   }
-  for (int x = 0; x + 8 <= W; x += 8) full(x);
-  if (W % 8) full(W - 8);
+  for (int x = 0; x + L <= W; x += L) full(x);
+  if (W % L) full(W - L);
 }
 
 // Calls fn(std::integral_constant<int, NS>) with NS = S - 1 coarse scales when S <= 4 (the
@@ -599,55 +665,118 @@ inline void dispatch_coarse(int S, Fn&& fn) {
   }
 }
 
+// Calls fn(std::integral_constant<int, NB>) with NB the number of V blocks in a row of W elements when
+// V has 16 lanes (AVX-512: 32 vector registers) and a kernel keeping PerBlock registers per block plus
+// Fixed more fits in 26 of them, NB <= 5; else with NB = 0 (the kernels' block-by-block loops).
+template <typename V, int PerBlock, int Fixed, int NB = 5, typename Fn>
+inline void dispatch_row_blocks(int W, Fn&& fn) {
+  if constexpr (NB == 0) {
+    fn(std::integral_constant<int, 0>());
+  } else {
+    if constexpr (V::kLanes == 16 && NB * PerBlock + Fixed <= 26) {
+      if ((W + 15) / 16 == NB) return fn(std::integral_constant<int, NB>());
+    }
+    dispatch_row_blocks<V, PerBlock, Fixed, NB - 1>(W, std::forward<Fn>(fn));
+  }
+}
+
 // The merged planes of ncls consecutive classes of one batch item, row by row and the classes
 // innermost, so that a row's Interp taps, lambdas and weight rows are set up once for all of them:
 // attention sum_s w_s up(f_s) (accumulated in scale order), avg (sum_s up(f_s)) / S, the vertical
 // Interp blend fused in.  NS coarse scales (-1: S - 1 at run time).  rows: the classes' horizontally
-// resized coarse maps (class stride hsize); w: the item's S weight planes.
-template <typename T, bool Attention, int NS>
+// resized coarse maps (class stride hsize); w: the item's S weight planes.  V: the vector type.
+// NB > 0: each row is NB blocks of V (the last one at W0 - lanes) whose weights stay in registers
+// while the classes loop outside them; NB = 0: any width, block by block.
+template <typename T, typename V, bool Attention, int NS, int NB>
 void merge_rows(int S, int H0, int W0, int ncls, const T* __restrict f0, const T* rows, int64_t hsize,
                 const RowTaps<T>& taps, const T* w, T inv_s, T* __restrict o) {
-  using V = Vec8<T>;
   constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
   const int ns = NS >= 0 ? NS : S - 1;
   const int64_t P = static_cast<int64_t>(H0) * W0;
   for (int y = 0; y < H0; ++y) {
     const int64_t yo = static_cast<int64_t>(y) * W0;
-    const T* a[kL];
-    const T* b[kL];
+    int64_t ra[kL], rb[kL];
     const T* ws[kL];
     T la[kL], lb[kL];
     for (int s = 0; s <= ns; ++s) {
       const size_t i = static_cast<size_t>(y) * S + s;
-      a[s] = rows + taps.ra[i];
-      b[s] = rows + taps.rb[i];
+      ra[s] = taps.ra[i];
+      rb[s] = taps.rb[i];
       la[s] = taps.la[i];
       lb[s] = taps.lb[i];
       ws[s] = Attention ? w + s * P + yo : nullptr;
     }
-    for (int c = 0; c < ncls; ++c) {
-      const T* fy = f0 + c * P + yo;
-      T* oy = o + c * P + yo;
-      const int64_t rc = c * hsize;
-      auto block = [&](int x) {
-        V acc = Attention ? V::load(ws[0] + x) * V::load(fy + x) : V::load(fy + x);
+    if constexpr (NB > 0) {
+      // block b starts at b * lanes (a constant), the last one at W0 - lanes
+      constexpr int L = V::kLanes;
+      const int xlast = W0 - L;
+      V wv[NB][kL], lav[kL], lbv[kL];
+      const T* pa[kL];
+      const T* pb[kL];
+      if (Attention)
+        for (int b = 0; b < NB; ++b)
+          for (int s = 0; s <= ns; ++s) wv[b][s] = V::load(ws[s] + (b < NB - 1 ? b * L : xlast));
+      for (int s = 1; s <= ns; ++s) {
+        lav[s] = V::set1(la[s]);
+        lbv[s] = V::set1(lb[s]);
+        pa[s] = rows + ra[s];
+        pb[s] = rows + rb[s];
+      }
+      const T* fy = f0 + yo;
+      T* oy = o + yo;
+      for (int c = 0; c < ncls; ++c, fy += P, oy += P) {
+        for (int b = 0; b < NB; ++b) {
+          const int x = b < NB - 1 ? b * L : xlast;
+          V acc = Attention ? wv[b][0] * V::load(fy + x) : V::load(fy + x);
+          for (int s = 1; s <= ns; ++s) {
+            const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
+            acc = Attention ? fmadd(wv[b][s], up, acc) : acc + up;
+          }
+          if (!Attention && S > 1) acc = acc * V::set1(inv_s);
+          acc.store(oy + x);
+        }
         for (int s = 1; s <= ns; ++s) {
-          const V up = fmadd(V::set1(la[s]), V::load(a[s] + rc + x), V::set1(lb[s]) * V::load(b[s] + rc + x));
-          acc = Attention ? fmadd(V::load(ws[s] + x), up, acc) : acc + up;
+          pa[s] += hsize;
+          pb[s] += hsize;
+        }
+      }
+      continue;
+    }
+    // per block of pixels the classes innermost: the block's weights and the row's lambdas stay in
+    // registers, each class costs its loads, blends and one store
+    auto block = [&](int x) {
+      V wv[kL], lav[kL], lbv[kL];
+      for (int s = 0; s <= ns; ++s) {
+        if (Attention) wv[s] = V::load(ws[s] + x);
+        lav[s] = V::set1(la[s]);
+        lbv[s] = V::set1(lb[s]);
+      }
+      const T* fy = f0 + yo + x;
+      T* oy = o + yo + x;
+      const T* rc = rows + x;
+      for (int c = 0; c < ncls; ++c, fy += P, oy += P, rc += hsize) {
+        V acc = Attention ? wv[0] * V::load(fy) : V::load(fy);
+        for (int s = 1; s <= ns; ++s) {
+          const V up = fmadd(lav[s], V::load(rc + ra[s]), lbv[s] * V::load(rc + rb[s]));
+          acc = Attention ? fmadd(wv[s], up, acc) : acc + up;
         }
         if (!Attention && S > 1) acc = acc * V::set1(inv_s);
-        acc.store(oy + x);
-      };
-      auto one = [&](int x) {
+        acc.store(oy);
+      }
+    };
+    auto one = [&](int x) {
+      for (int c = 0; c < ncls; ++c) {
+        const T* fy = f0 + c * P + yo;
+        const T* rc = rows + c * hsize + x;
         T acc = Attention ? ws[0][x] * fy[x] : fy[x];
         for (int s = 1; s <= ns; ++s) {
-          const T up = la[s] * a[s][rc + x] + lb[s] * b[s][rc + x];
+          const T up = la[s] * rc[ra[s]] + lb[s] * rc[rb[s]];
           acc += Attention ? ws[s][x] * up : up;
         }
-        oy[x] = (!Attention && S > 1) ? acc * inv_s : acc;
-      };
-      for_blocks(W0, block, one);
-    }
+        o[c * P + yo + x] = (!Attention && S > 1) ? acc * inv_s : acc;
+      }
+    };
+    for_blocks<V::kLanes>(W0, block, one);
   }
 }
 
@@ -698,13 +827,22 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
         const int ncls = static_cast<int>(c1 - c0);
         const T* f0 = fp[0] + (n * C + c0) * P;
         T* o = out + (n * C + c0) * P;
-        dispatch_coarse(S, [&](auto ns) {
-          constexpr int NS = decltype(ns)::value;
-          if (attention) {
-            merge_rows<T, true, NS>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, w + n * S * P, inv_s, o);
-          } else {
-            merge_rows<T, false, NS>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, nullptr, inv_s, o);
-          }
+        dispatch_vec<T>(W0, [&](auto vt) {
+          using V = typename decltype(vt)::type;
+          dispatch_coarse(S, [&](auto ns) {
+            constexpr int NS = decltype(ns)::value;
+            // registers: NS + 1 weights per block, 2 NS lambdas
+            dispatch_row_blocks<V, NS >= 0 ? NS + 1 : 99, 2 * NS>(W0, [&](auto nb) {
+              constexpr int NB = decltype(nb)::value;
+              if (attention) {
+                merge_rows<T, V, true, NS, NB>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, w + n * S * P,
+                                               inv_s, o);
+              } else {
+                merge_rows<T, V, false, NS, NB>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, nullptr, inv_s,
+                                                o);
+              }
+            });
+          });
         });
       }
     });
@@ -770,9 +908,10 @@ struct SrcWeighted {  // attention: grad * w_s
   const T* g;
   const T* w;
   int W0;
-  Vec8<T> load(int y, int x) const {
+  template <typename V>
+  V load(int y, int x) const {
     const int64_t o = static_cast<int64_t>(y) * W0 + x;
-    return Vec8<T>::load(g + o) * Vec8<T>::load(w + o);
+    return V::load(g + o) * V::load(w + o);
   }
   T at(int y, int x) const { return g[static_cast<int64_t>(y) * W0 + x] * w[static_cast<int64_t>(y) * W0 + x]; }
 };
@@ -781,28 +920,29 @@ struct SrcScaled {  // avg: grad / S
   const T* g;
   T c;
   int W0;
-  Vec8<T> load(int y, int x) const { return Vec8<T>::load(g + static_cast<int64_t>(y) * W0 + x) * Vec8<T>::set1(c); }
+  template <typename V>
+  V load(int y, int x) const { return V::load(g + static_cast<int64_t>(y) * W0 + x) * V::set1(c); }
   T at(int y, int x) const { return g[static_cast<int64_t>(y) * W0 + x] * c; }
 };
 template <typename T>
 struct SrcPlane {  // max: a materialised G plane
   const T* G;
   int W0;
-  Vec8<T> load(int y, int x) const { return Vec8<T>::load(G + static_cast<int64_t>(y) * W0 + x); }
+  template <typename V>
+  V load(int y, int x) const { return V::load(G + static_cast<int64_t>(y) * W0 + x); }
   T at(int y, int x) const { return G[static_cast<int64_t>(y) * W0 + x]; }
 };
 
 // Vertical adjoint of source row r: t[x] = sum_q wt[q] G(first + q, x) over the CNT destination
-// rows that touch r (CNT < 0: cnt at run time), q ascending.
-template <typename T, int CNT, typename Src>
+// rows that touch r (CNT < 0: cnt at run time), q ascending.  V: the vector type.
+template <typename T, typename V, int CNT, typename Src>
 inline void vertical_adjoint_row(const Src& src, int W0, const T* __restrict wt, int first, int cnt, T* __restrict t) {
-  using V = Vec8<T>;
   const int n = CNT >= 0 ? CNT : cnt;
-  for_blocks(
+  for_blocks<V::kLanes>(
       W0,
       [&](int x) {
-        V acc = V::set1(wt[0]) * src.load(first, x);
-        for (int q = 1; q < n; ++q) acc = fmadd(V::set1(wt[q]), src.load(first + q, x), acc);
+        V acc = V::set1(wt[0]) * src.template load<V>(first, x);
+        for (int q = 1; q < n; ++q) acc = fmadd(V::set1(wt[q]), src.template load<V>(first + q, x), acc);
         acc.store(t + x);
       },
       [&](int x) {
@@ -812,13 +952,59 @@ inline void vertical_adjoint_row(const Src& src, int W0, const T* __restrict wt,
       });
 }
 
-// Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  trow: 8 x W0s scratch whose columns
-// >= W0 are zero; ttr: (W0s + kmax) x 8 scratch with a zero tail (the horizontal adjoint reads
-// past W0 with zero weights).
-template <typename T, typename Src>
-void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
-                   T* __restrict ttr, T* __restrict gs) {
+// Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  trow: scratch of H_s rounded up to 8
+// rows of W0s, whose columns >= W0 are zero and whose rows are finite; ttr: (W0s + kmax) x 8 scratch
+// with a zero tail (the horizontal adjoint reads past W0 with zero weights).  V: the vector type of
+// the vertical adjoint.  NB > 0: a row of G is NB blocks of V (the last one at W0 - lanes); the
+// vertical adjoint streams over G's rows once, keeping the two source rows they touch in registers,
+// into all H_s rows of trow, then every 8 rows are transposed and adjoined horizontally.  NB = 0: per
+// source row, from its list of destination rows, 8 rows of trow at a time.  Both sum every source
+// row's terms in increasing destination row order.
+template <typename T, typename V, int NB, typename Src>
+void adjoint_plane_impl(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
+                        T* __restrict ttr, T* __restrict gs) {
   const int Hs = ay.in, Ws = ax.in;
+  if constexpr (NB > 0) {
+    constexpr int L = V::kLanes;
+    const int xlast = W0 - L;
+    V cur[NB], nxt[NB];  // source rows r and r + 1
+    for (int b = 0; b < NB; ++b) cur[b] = nxt[b] = V::set1(T(0));
+    int r = 0;
+    for (int y = 0; y < ay.out; ++y) {
+      const int i0 = ay.i0[y];
+      for (; r < i0; ++r) {  // source row r is complete
+        T* t = trow + static_cast<int64_t>(r) * W0s;
+        for (int b = 0; b < NB; ++b) {
+          cur[b].store(t + (b < NB - 1 ? b * L : xlast));
+          cur[b] = nxt[b];
+          nxt[b] = V::set1(T(0));
+        }
+      }
+      if (ay.i1[y] == i0) {  // one source row, weight (1 - l1) + l1 as in the inverse table
+        const V wv = V::set1(ay.l0[y] + ay.l1[y]);
+        for (int b = 0; b < NB; ++b) cur[b] = fmadd(wv, src.template load<V>(y, b < NB - 1 ? b * L : xlast), cur[b]);
+      } else {
+        const V w0 = V::set1(ay.l0[y]), w1 = V::set1(ay.l1[y]);
+        for (int b = 0; b < NB; ++b) {
+          const V gv = src.template load<V>(y, b < NB - 1 ? b * L : xlast);
+          cur[b] = fmadd(w0, gv, cur[b]);
+          nxt[b] = fmadd(w1, gv, nxt[b]);
+        }
+      }
+    }
+    for (; r < Hs; ++r) {
+      T* t = trow + static_cast<int64_t>(r) * W0s;
+      for (int b = 0; b < NB; ++b) {
+        cur[b].store(t + (b < NB - 1 ? b * L : xlast));
+        cur[b] = nxt[b];
+      }
+    }
+    for (int r0 = 0; r0 < Hs; r0 += 8) {
+      transpose8<T>(trow + static_cast<int64_t>(r0) * W0s, W0s, ttr);
+      adjoint_cols8<T>(ttr, ax, std::min(8, Hs - r0), gs + static_cast<int64_t>(r0) * Ws);
+    }
+    return;
+  }
   for (int r = 0; r < Hs; ++r) {
     const int lane = r % 8;
     T* t = trow + static_cast<int64_t>(lane) * W0s;
@@ -827,18 +1013,30 @@ void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0,
     const int first = cnt > 0 ? ay.dst[ay.off[r]] : 0;
     switch (cnt) {
       case 0: std::fill(t, t + W0, T(0)); break;
-      case 1: vertical_adjoint_row<T, 1>(src, W0, wt, first, cnt, t); break;
-      case 2: vertical_adjoint_row<T, 2>(src, W0, wt, first, cnt, t); break;
-      case 3: vertical_adjoint_row<T, 3>(src, W0, wt, first, cnt, t); break;
-      case 4: vertical_adjoint_row<T, 4>(src, W0, wt, first, cnt, t); break;
-      case 5: vertical_adjoint_row<T, 5>(src, W0, wt, first, cnt, t); break;
-      default: vertical_adjoint_row<T, -1>(src, W0, wt, first, cnt, t); break;
+      case 1: vertical_adjoint_row<T, V, 1>(src, W0, wt, first, cnt, t); break;
+      case 2: vertical_adjoint_row<T, V, 2>(src, W0, wt, first, cnt, t); break;
+      case 3: vertical_adjoint_row<T, V, 3>(src, W0, wt, first, cnt, t); break;
+      case 4: vertical_adjoint_row<T, V, 4>(src, W0, wt, first, cnt, t); break;
+      case 5: vertical_adjoint_row<T, V, 5>(src, W0, wt, first, cnt, t); break;
+      default: vertical_adjoint_row<T, V, -1>(src, W0, wt, first, cnt, t); break;
     }
     if (lane == 7 || r == Hs - 1) {
       transpose8<T>(trow, W0s, ttr);
       adjoint_cols8<T>(ttr, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
     }
   }
+}
+
+template <typename T, typename Src>
+void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
+                   T* __restrict ttr, T* __restrict gs) {
+  dispatch_vec<T>(W0, [&](auto vt) {
+    using V = typename decltype(vt)::type;
+    // registers: two source rows per block, a few more
+    dispatch_row_blocks<V, 2, 4>(W0, [&](auto nb) {
+      adjoint_plane_impl<T, V, decltype(nb)::value>(src, ay, ax, W0, W0s, trow, ttr, gs);
+    });
+  });
 }
 
 // One class chunk of one batch item in attention mode: classes c0 .. c0 + ncls - 1, whose coarse
@@ -863,10 +1061,12 @@ struct AttChunk {
 // Row y of the attention sweep, classes innermost: per 8 pixels, the dot products
 // d_s = sum_c grad_c * up(f_s)_c (classes in order) stay in registers, scale 0's gradient
 // grad_c * w_0 is stored on the way, and the logit gradient w_s (d_s + gw_s - sum_t w_t (d_t + gw_t))
-// is finished right there when the chunk holds every class.  NS coarse scales (-1: at run time).
-template <typename T, int NS>
+// is finished right there when the chunk holds every class.  NS coarse scales (-1: at run time),
+// V the vector type.  NB > 0: the row is NB blocks of V (the last one at W0 - lanes, overlapping)
+// and the classes loop outside the blocks, so that all NB x S dot products stay in registers and each
+// class sets up its pointers once for the whole row; NB = 0: any width, block by block.
+template <typename T, typename V, int NS, int NB>
 void attention_sweep_row(const AttChunk<T>& A, int y) {
-  using V = Vec8<T>;
   constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
   const int S = NS >= 0 ? NS + 1 : A.S;
   const int W0 = A.W0;
@@ -905,6 +1105,59 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
       }
     }
   }
+  // the logit gradient of 8 or 16 pixels from their dot products d (or the chunk's partials)
+  auto finish = [&](int x, V* d) {
+    if (A.gl) {
+      V dot = V::set1(T(0));
+      for (int s = 0; s < S; ++s) {
+        if (A.gw) d[s] = d[s] + V::load(A.gw + s * P + yo + x);
+        dot = fmadd(V::load(w[s] + x), d[s], dot);
+      }
+      for (int s = 0; s < S; ++s) (V::load(w[s] + x) * (d[s] - dot)).store(A.gl + s * P + yo + x);
+    } else {
+      for (int s = 0; s < S; ++s) d[s].store(A.dpart + s * P + yo + x);
+    }
+  };
+  if constexpr (NB > 0) {
+    // block b starts at b * lanes (a constant), the last one at W0 - lanes
+    constexpr int L = V::kLanes;
+    const int xlast = W0 - L;
+    V d[NB][kL], w0[NB];
+    for (int b = 0; b < NB; ++b) {
+      for (int s = 0; s < S; ++s) d[b][s] = V::set1(T(0));
+      w0[b] = V::load(w[0] + (b < NB - 1 ? b * L : xlast));
+    }
+    V lav[kL], lbv[kL];
+    const T* pa[kL];
+    const T* pb[kL];
+    for (int s = 1; s < S; ++s) {
+      lav[s] = V::set1(la[s]);
+      lbv[s] = V::set1(lb[s]);
+      pa[s] = rows + ra[s];
+      pb[s] = rows + rb[s];
+    }
+    const T* gc = g;
+    const T* fc = f0;
+    T* g0c = g0;
+    for (int c = 0; c < ncls; ++c, gc += P, fc += P, g0c += P) {
+      for (int b = 0; b < NB; ++b) {
+        const int x = b < NB - 1 ? b * L : xlast;
+        const V gv = V::load(gc + x);
+        d[b][0] = fmadd(gv, V::load(fc + x), d[b][0]);
+        (gv * w0[b]).store(g0c + x);
+        for (int s = 1; s < S; ++s) {
+          const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
+          d[b][s] = fmadd(gv, up, d[b][s]);
+        }
+      }
+      for (int s = 1; s < S; ++s) {
+        pa[s] += hsize;
+        pb[s] += hsize;
+      }
+    }
+    for (int b = 0; b < NB; ++b) finish(b < NB - 1 ? b * L : xlast, d[b]);
+    return;
+  }
   auto block = [&](int x) {
     V d[kL];
     for (int s = 0; s < S; ++s) d[s] = V::set1(T(0));
@@ -920,16 +1173,7 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
         d[s] = fmadd(gv, up, d[s]);
       }
     }
-    if (A.gl) {
-      V dot = V::set1(T(0));
-      for (int s = 0; s < S; ++s) {
-        if (A.gw) d[s] = d[s] + V::load(A.gw + s * P + yo + x);
-        dot = fmadd(V::load(w[s] + x), d[s], dot);
-      }
-      for (int s = 0; s < S; ++s) (V::load(w[s] + x) * (d[s] - dot)).store(A.gl + s * P + yo + x);
-    } else {
-      for (int s = 0; s < S; ++s) d[s].store(A.dpart + s * P + yo + x);
-    }
+    finish(x, d);
   };
   auto one = [&](int x) {
     T d[kL];
@@ -953,7 +1197,7 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
       for (int s = 0; s < S; ++s) A.dpart[s * P + yo + x] = d[s];
     }
   };
-  for_blocks(W0, block, one);
+  for_blocks<V::kLanes>(W0, block, one);
 }
 
 // Logit gradient of one batch item from the per-chunk partial dot products (K chunks, summed in
@@ -1007,7 +1251,8 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
 
   at::parallel_for(0, N * K, grain_for(csz * S * P), [&](int64_t b, int64_t e) {
     std::vector<T> pad(tab.wmax + 16);
-    std::vector<T> trow(static_cast<size_t>(8) * W0s, T(0));            // columns >= W0 stay zero
+    // columns >= W0 stay zero
+    std::vector<T> trow(static_cast<size_t>((*std::max_element(tab.H.begin(), tab.H.end()) + 7) / 8 * 8) * W0s, T(0));
     std::vector<T> ttr(static_cast<size_t>(W0s + tab.kmax) * 8, T(0));  // zero tail
     // attention: the chunk's horizontally resized coarse planes and its item's softmax weights
     // (resize_rows writes every entry of rows: no zero fill)
@@ -1037,8 +1282,15 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
                             rows.get(), tab.hsize, static_cast<int>(c1 - c0), wl.data(),
                             (K == 1 && gw) ? gw + n * S * P : nullptr, K == 1 ? gl + n * S * P : nullptr,
                             K == 1 ? nullptr : dots.get() + nk * S * P, &tab, S, W0, P};
-        dispatch_coarse(S, [&](auto ns) {
-          for (int y = 0; y < H0; ++y) attention_sweep_row<T, decltype(ns)::value>(A, y);
+        dispatch_vec<T>(W0, [&](auto vt) {
+          using V = typename decltype(vt)::type;
+          dispatch_coarse(S, [&](auto ns) {
+            constexpr int NS = decltype(ns)::value;
+            // registers: NS + 1 dot products and scale 0's weights per block, 2 NS lambdas
+            dispatch_row_blocks<V, NS >= 0 ? NS + 2 : 99, 2 * NS>(W0, [&](auto nb) {
+              for (int y = 0; y < H0; ++y) attention_sweep_row<T, V, NS, decltype(nb)::value>(A, y);
+            });
+          });
         });
         // 2) coarser scales: Interp^T (grad_c * w_s)
         for (int64_t c = c0; c < c1; ++c)
