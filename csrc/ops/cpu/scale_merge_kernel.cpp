@@ -20,10 +20,9 @@
 //   d_s = sum_c grad_c . up(f_s)_c in registers, stores scale 0's gradient on the way and finishes
 //   the logit gradient w_s (d_s - sum_t w_t d_t) right there when the chunk holds every class
 //   (N >= 8); otherwise per-chunk partials are summed in chunk order.  Each coarser score map's
-//   gradient is Interp^T (grad_c * w_s), with grad * w formed on the fly: the vertical adjoint of
-//   every source row (its fixed set of destination rows, fixed order; with a row in registers, one
-//   pass over the destination rows feeding the two source rows each touches), 8 rows transposed,
-//   then the horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
+//   gradient is Interp^T (grad_c * w_s), with grad * w formed on the fly: the vertical adjoint in
+//   one pass over the destination rows, each feeding the two source rows it touches (held in
+//   registers), 8 source rows transposed, then the horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
 //   depend on the shape only: deterministic whatever the thread count.
 // - avg: grad / S for scale 0 and through Interp^T.  max: the backward recomputes the argmax
 //   scale with the very same (non-inlined) routines as the forward, so the gradient goes to the
@@ -34,6 +33,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -899,9 +899,9 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
 // --------------------------------------------------------------------------------------------
 // Backward.  For a coarse scale s the gradient reaching the resized map is G_s = grad * w_s
 // (attention), grad / S (avg) or grad where scale s won (max); the score map's gradient is
-// Interp^T G_s, applied separably: the vertical adjoint of every source row r (a fixed number of
-// destination rows, fixed order), 8 such rows transposed, then the horizontal adjoint on 8 rows at
-// once.  G_s is read through a "source" giving 8 of its values at (row, x); attention and avg form
+// Interp^T G_s, applied separably: the vertical adjoint (one pass over G's rows, every source row
+// summed in a fixed order), 8 of its rows transposed, then the horizontal adjoint on 8 rows at once.
+// G_s is read through a "source" giving a vector of its values at (row, x); attention and avg form
 // them on the fly from grad and the weights, so no G plane is written.
 template <typename T>
 struct SrcWeighted {  // attention: grad * w_s
@@ -933,97 +933,88 @@ struct SrcPlane {  // max: a materialised G plane
   T at(int y, int x) const { return G[static_cast<int64_t>(y) * W0 + x]; }
 };
 
-// Vertical adjoint of source row r: t[x] = sum_q wt[q] G(first + q, x) over the CNT destination
-// rows that touch r (CNT < 0: cnt at run time), q ascending.  V: the vector type.
-template <typename T, typename V, int CNT, typename Src>
-inline void vertical_adjoint_row(const Src& src, int W0, const T* __restrict wt, int first, int cnt, T* __restrict t) {
-  const int n = CNT >= 0 ? CNT : cnt;
-  for_blocks<V::kLanes>(
-      W0,
-      [&](int x) {
-        V acc = V::set1(wt[0]) * src.template load<V>(first, x);
-        for (int q = 1; q < n; ++q) acc = fmadd(V::set1(wt[q]), src.template load<V>(first + q, x), acc);
-        acc.store(t + x);
-      },
-      [&](int x) {
-        T acc = wt[0] * src.at(first, x);
-        for (int q = 1; q < n; ++q) acc += wt[q] * src.at(first + q, x);
-        t[x] = acc;
-      });
-}
-
-// Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  trow: scratch of H_s rounded up to 8
-// rows of W0s, whose columns >= W0 are zero and whose rows are finite; ttr: (W0s + kmax) x 8 scratch
-// with a zero tail (the horizontal adjoint reads past W0 with zero weights).  V: the vector type of
-// the vertical adjoint.  NB > 0: a row of G is NB blocks of V (the last one at W0 - lanes); the
-// vertical adjoint streams over G's rows once, keeping the two source rows they touch in registers,
-// into all H_s rows of trow, then every 8 rows are transposed and adjoined horizontally.  NB = 0: per
-// source row, from its list of destination rows, 8 rows of trow at a time.  Both sum every source
-// row's terms in increasing destination row order.
+// Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  The vertical adjoint makes one pass over
+// the destination rows y, each adding its weighted G row into the two source rows i0(y), i1(y) that it
+// touches, kept in registers (source rows complete in order, as the ratio is <= 1): every source row
+// sums its terms in increasing y, as the inverse table lists them.  It covers the whole row at once
+// when the row is NB > 0 blocks of V (see dispatch_row_blocks), else block by block of columns (V: the
+// vector type; rows narrower than its lanes column by column).  Its rows go to trow (H_s rounded up
+// to 8 rows of W0s, columns >= W0 zero, rows finite); then every 8 rows are transposed into ttr
+// ((W0s + kmax) x 8, zero tail: the horizontal adjoint reads past W0 with zero weights) and adjoined
+// horizontally 8 rows at once.
 template <typename T, typename V, int NB, typename Src>
 void adjoint_plane_impl(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
                         T* __restrict ttr, T* __restrict gs) {
   const int Hs = ay.in, Ws = ax.in;
-  if constexpr (NB > 0) {
-    constexpr int L = V::kLanes;
-    const int xlast = W0 - L;
-    V cur[NB], nxt[NB];  // source rows r and r + 1
-    for (int b = 0; b < NB; ++b) cur[b] = nxt[b] = V::set1(T(0));
+  const int* __restrict i0 = ay.i0.data();
+  const int* __restrict i1 = ay.i1.data();
+  const T* __restrict l0 = ay.l0.data();
+  const T* __restrict l1 = ay.l1.data();
+  // U: V or T; load(y) gives G at row y, store(r, u) writes source row r, fma(w, g, acc) = acc + w g
+  auto stream = [&](auto zero, auto load, auto store, auto fma) {
+    auto cur = zero, nxt = zero;  // source rows r and r + 1
     int r = 0;
     for (int y = 0; y < ay.out; ++y) {
-      const int i0 = ay.i0[y];
-      for (; r < i0; ++r) {  // source row r is complete
-        T* t = trow + static_cast<int64_t>(r) * W0s;
-        for (int b = 0; b < NB; ++b) {
-          cur[b].store(t + (b < NB - 1 ? b * L : xlast));
-          cur[b] = nxt[b];
-          nxt[b] = V::set1(T(0));
-        }
+      for (; r < i0[y]; ++r) {
+        store(r, cur);
+        cur = nxt;
+        nxt = zero;
       }
-      if (ay.i1[y] == i0) {  // one source row, weight (1 - l1) + l1 as in the inverse table
-        const V wv = V::set1(ay.l0[y] + ay.l1[y]);
-        for (int b = 0; b < NB; ++b) cur[b] = fmadd(wv, src.template load<V>(y, b < NB - 1 ? b * L : xlast), cur[b]);
+      const auto gv = load(y);
+      if (i1[y] == i0[y]) {  // one source row, weight (1 - l1) + l1 as in the inverse table
+        cur = fma(l0[y] + l1[y], gv, cur);
       } else {
-        const V w0 = V::set1(ay.l0[y]), w1 = V::set1(ay.l1[y]);
-        for (int b = 0; b < NB; ++b) {
-          const V gv = src.template load<V>(y, b < NB - 1 ? b * L : xlast);
-          cur[b] = fmadd(w0, gv, cur[b]);
-          nxt[b] = fmadd(w1, gv, nxt[b]);
-        }
+        cur = fma(l0[y], gv, cur);
+        nxt = fma(l1[y], gv, nxt);
       }
     }
     for (; r < Hs; ++r) {
-      T* t = trow + static_cast<int64_t>(r) * W0s;
-      for (int b = 0; b < NB; ++b) {
-        cur[b].store(t + (b < NB - 1 ? b * L : xlast));
-        cur[b] = nxt[b];
-      }
+      store(r, cur);
+      cur = nxt;
+      nxt = zero;
     }
-    for (int r0 = 0; r0 < Hs; r0 += 8) {
-      transpose8<T>(trow + static_cast<int64_t>(r0) * W0s, W0s, ttr);
-      adjoint_cols8<T>(ttr, ax, std::min(8, Hs - r0), gs + static_cast<int64_t>(r0) * Ws);
-    }
-    return;
+  };
+  if constexpr (NB > 0) {
+    using Row = std::array<V, NB>;  // block b at b * lanes, the last one at W0 - lanes
+    constexpr int L = V::kLanes;
+    const int xlast = W0 - L;
+    Row zero;
+    zero.fill(V::set1(T(0)));
+    stream(
+        zero,
+        [&](int y) {
+          Row g;
+          for (int b = 0; b < NB; ++b) g[b] = src.template load<V>(y, b < NB - 1 ? b * L : xlast);
+          return g;
+        },
+        [&](int r, const Row& u) {
+          T* t = trow + static_cast<int64_t>(r) * W0s;
+          for (int b = 0; b < NB; ++b) u[b].store(t + (b < NB - 1 ? b * L : xlast));
+        },
+        [](T w, const Row& g, const Row& acc) {
+          Row o;
+          for (int b = 0; b < NB; ++b) o[b] = fmadd(V::set1(w), g[b], acc[b]);
+          return o;
+        });
+  } else {
+    for_blocks<V::kLanes>(
+        W0,
+        [&](int x) {
+          stream(
+              V::set1(T(0)), [&](int y) { return src.template load<V>(y, x); },
+              [&](int r, const V& u) { u.store(trow + static_cast<int64_t>(r) * W0s + x); },
+              [](T w, const V& g, const V& acc) { return fmadd(V::set1(w), g, acc); });
+        },
+        [&](int x) {
+          stream(
+              T(0), [&](int y) { return src.at(y, x); },
+              [&](int r, T u) { trow[static_cast<int64_t>(r) * W0s + x] = u; },
+              [](T w, T g, T acc) { return acc + w * g; });
+        });
   }
-  for (int r = 0; r < Hs; ++r) {
-    const int lane = r % 8;
-    T* t = trow + static_cast<int64_t>(lane) * W0s;
-    const int cnt = ay.off[r + 1] - ay.off[r];  // >= 1: every source row is touched (ratio <= 1)
-    const T* wt = ay.wt.data() + ay.off[r];
-    const int first = cnt > 0 ? ay.dst[ay.off[r]] : 0;
-    switch (cnt) {
-      case 0: std::fill(t, t + W0, T(0)); break;
-      case 1: vertical_adjoint_row<T, V, 1>(src, W0, wt, first, cnt, t); break;
-      case 2: vertical_adjoint_row<T, V, 2>(src, W0, wt, first, cnt, t); break;
-      case 3: vertical_adjoint_row<T, V, 3>(src, W0, wt, first, cnt, t); break;
-      case 4: vertical_adjoint_row<T, V, 4>(src, W0, wt, first, cnt, t); break;
-      case 5: vertical_adjoint_row<T, V, 5>(src, W0, wt, first, cnt, t); break;
-      default: vertical_adjoint_row<T, V, -1>(src, W0, wt, first, cnt, t); break;
-    }
-    if (lane == 7 || r == Hs - 1) {
-      transpose8<T>(trow, W0s, ttr);
-      adjoint_cols8<T>(ttr, ax, lane + 1, gs + static_cast<int64_t>(r - lane) * Ws);
-    }
+  for (int r0 = 0; r0 < Hs; r0 += 8) {
+    transpose8<T>(trow + static_cast<int64_t>(r0) * W0s, W0s, ttr);
+    adjoint_cols8<T>(ttr, ax, std::min(8, Hs - r0), gs + static_cast<int64_t>(r0) * Ws);
   }
 }
 
@@ -1032,8 +1023,8 @@ void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0,
                    T* __restrict ttr, T* __restrict gs) {
   dispatch_vec<T>(W0, [&](auto vt) {
     using V = typename decltype(vt)::type;
-    // registers: two source rows per block, a few more
-    dispatch_row_blocks<V, 2, 4>(W0, [&](auto nb) {
+    // registers: two source rows and a G row per block
+    dispatch_row_blocks<V, 3, 2>(W0, [&](auto nb) {
       adjoint_plane_impl<T, V, decltype(nb)::value>(src, ay, ax, W0, W0s, trow, ttr, gs);
     });
   });
