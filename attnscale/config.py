@@ -45,8 +45,8 @@ class TrainConfig:
     extra_supervision: bool = False
     width: float = 1.0
     use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
-    conv_impl: str = "auto"              # 3x3 convs: "auto" (winograd without grads, else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
-    fc6_impl: str = "auto"               # fc6: "auto" (our op on CPU, cuDNN on GPU), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
+    conv_impl: str = "auto"              # 3x3 convs: "auto" (winograd without grads on an AVX2 CPU, else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
+    fc6_impl: str = "auto"               # fc6: "auto" (our op on an AVX2 CPU, else oneDNN / cuDNN), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict

@@ -14,8 +14,10 @@ the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 conv
 Without gradients every variant, "reference" included, uses the CPU inference kernels of
 ``caffe.pool2d`` (max pooling) and ``caffe.interp``, so on a CPU "reference" is faster than plain eager
 PyTorch there.  "ops" passes ``conv_impl="torch"``; the default ``conv_impl="auto"`` is "ops+winograd"
-in inference and "ops" in training.  "ops" also keeps the model's default ``fc6_impl="auto"``: our
-``dilated_conv2d`` on a CPU, cuDNN on a GPU; on a GPU, "ops+fc6" runs fc6 through our CUDA kernel.
+in inference on an AVX2 CPU, and "ops" in training and on an AVX-512 CPU
+(:func:`attnscale.model.cpu_prefers_onednn`).  "ops" also keeps the model's default ``fc6_impl="auto"``:
+our ``dilated_conv2d`` on an AVX2 CPU, oneDNN on an AVX-512 CPU, cuDNN on a GPU; "ops+fc6" runs fc6
+through our kernel whatever the device.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
 Like the train / evaluate / reproduce entry points it keeps freed memory in the process
@@ -55,7 +57,7 @@ from timing import write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+fc6" | "ops+graph" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+graph" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -199,9 +201,9 @@ def main(argv=None) -> int:
     precisions = args.precisions or (["fp32", "tf32", "bf16"] if cuda else ["fp32"])
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     reps = args.reps or (10 if cuda else 3)
-    # ops+winograd(4): also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or
-    # F(4x4, 3x3) (CPU only)
-    variants = (["reference", "ops"] + (["ops+fc6"] if cuda else ["ops+winograd", "ops+winograd4"])
+    # ops+fc6: fc6 through our dilated_conv2d whatever fc6_impl="auto" picks on this device; ops+winograd(4):
+    # also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or F(4x4, 3x3) (CPU only)
+    variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4"])
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph
     graph_variants = ["ops+graph"] if cuda else []

@@ -55,7 +55,7 @@ def test_bench_e2e(tmp_path):
                         "--infer-size", "65", "--train-size", "65", "--train-batch", "1", "--reps", "1",
                         "--warmup", "0", "--profile", tmp_path=tmp_path)
     got = {(r["job"], r["variant"]) for r in data["rows"]}
-    variants = {"reference", "ops", "ops+winograd", "ops+winograd4"}
+    variants = {"reference", "ops", "ops+fc6", "ops+winograd", "ops+winograd4"}
     assert got == {(j, v) for j in ("infer", "train") for v in variants}
     # --profile: where the "ops" variant's time goes, per job (operators by self time, with shapes)
     assert [(p["job"], p["variant"]) for p in data["profile"]] == [("infer", "ops"), ("train", "ops")]

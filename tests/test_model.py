@@ -358,9 +358,13 @@ def test_winograd_convs_equal_torch_convs(impl):
     assert win._winograd_cache["conv1_1"][2] is not before["conv1_1"]
 
 
-def test_auto_conv_impl_uses_winograd_only_without_gradients():
+@pytest.mark.parametrize("avx512", [False, True])
+def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512):
     """conv_impl="auto" (the default) runs the 3x3 layers through Winograd F(2x2, 3x3) where no gradient
-    is needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops."""
+    is needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops; on
+    AVX-512 CPUs, where oneDNN is faster (cpu_prefers_onednn), always through nn.Conv2d."""
+    import attnscale.model as model_mod
+    monkeypatch.setattr(model_mod, "cpu_prefers_onednn", lambda: avx512)
     torch.manual_seed(0)
     auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
     assert auto.conv_impl == "auto"
@@ -371,8 +375,12 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients():
     assert auto._winograd_cache == {}
     with torch.no_grad():
         a, b = auto(x), ref(x)
-    assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {16}  # F(2x2, 3x3) transforms
-    assert "att_conv1" in auto._winograd_cache and ref._winograd_cache == {}
+    if avx512:
+        assert auto._winograd_cache == {}
+        torch.testing.assert_close(a.merged, b.merged, rtol=0, atol=0)
+    else:
+        assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {16}  # F(2x2, 3x3) transforms
+        assert "att_conv1" in auto._winograd_cache and ref._winograd_cache == {}
     torch.testing.assert_close(a.merged, b.merged, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.merged.detach(), b.merged, rtol=1e-5, atol=1e-5)
     refops = tiny(merge="attention", dropout=0.0, use_reference_ops=True)
@@ -386,14 +394,16 @@ def test_conv_impl_is_checked():
         tiny(conv_impl="fft")
 
 
-@pytest.mark.parametrize("impl,device,ours", [("auto", "cpu", True), ("ops", "cpu", True), ("torch", "cpu", False),
-                                              ("auto", "cuda", False), ("ops", "cuda", True)])
-def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, ours):
-    """fc6_impl: "auto" is our dilated_conv2d on a CPU and cuDNN (F.conv2d) on a GPU, where our CUDA
-    kernel lost to cuDNN by 4-23x on an H200; "ops" / "torch" force one.  The choice follows the input's
-    device."""
+@pytest.mark.parametrize("impl,device,avx512,ours", [
+    ("auto", "cpu", False, True), ("auto", "cpu", True, False), ("ops", "cpu", True, True),
+    ("torch", "cpu", False, False), ("auto", "cuda", False, False), ("ops", "cuda", False, True)])
+def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, ours):
+    """fc6_impl: "auto" is our dilated_conv2d on an AVX2 CPU, oneDNN (F.conv2d) on an AVX-512 CPU
+    (cpu_prefers_onednn) and cuDNN on a GPU, where each ran fc6 faster than ours; "ops" / "torch" force
+    one.  The choice follows the input's device."""
     import types
     import attnscale.model as model_mod
+    monkeypatch.setattr(model_mod, "cpu_prefers_onednn", lambda: avx512)
     calls = []
     monkeypatch.setattr(model_mod, "dilated_conv2d", lambda *a, **k: calls.append("ops"))
     monkeypatch.setattr(model_mod, "dilated_conv2d_reference", lambda *a, **k: calls.append("torch"))
