@@ -590,7 +590,6 @@ inline void dispatch_vec(int W, Fn&& fn) {
   fn(VecTag<Vec8<T>>());
 }
 
-
 // at::parallel_for grain (in tasks) such that a chunk carries at least ~kMinWork elements of
 // work: tiny problems run inline instead of paying for a parallel region.
 constexpr int64_t kMinWork = 32768;
