@@ -11,7 +11,9 @@
 //   of 16 or more on AVX-512 builds, 16 (Vec16f: lane by lane the same arithmetic, so the results are
 //   bit-identical); when the width does not divide W0 a last block at W0 - width overlaps its
 //   neighbour, which is harmless because every such block computes pure functions of its pixels.
-//   With 16 lanes a row of up to 5 blocks stays in registers while the classes loop around it.
+//   Groups of up to 5 blocks (as many as the vector registers hold: a whole 41- or 65-wide row with
+//   AVX-512's 32, half a 41-wide row with AVX2's 16) stay in registers while the classes or rows loop
+//   around them.
 // - Forward, per (n, class chunk): the row taps of every scale come from a table built once per
 //   call; per row, set up once for the chunk's classes, one pass per class accumulates all scales
 //   in registers.
@@ -22,8 +24,9 @@
 //   (N >= 8); otherwise per-chunk partials are summed in chunk order.  Each coarser score map's
 //   gradient is Interp^T (grad_c * w_s), with grad * w formed on the fly: the vertical adjoint in
 //   one pass over the destination rows, each feeding the two source rows it touches (held in
-//   registers), 8 source rows transposed, then the horizontal adjoint on 8 rows at once.  No atomics, fixed summation orders, chunk counts that
-//   depend on the shape only: deterministic whatever the thread count.
+//   registers), 8 source rows transposed, then the horizontal adjoint on 8 rows at once.  No atomics,
+//   fixed summation orders, chunk counts that depend on the shape only: deterministic whatever the
+//   thread count.
 // - avg: grad / S for scale 0 and through Interp^T.  max: the backward recomputes the argmax
 //   scale with the very same (non-inlined) routines as the forward, so the gradient goes to the
 //   scale that produced the forward value; the weights are per-(n, class chunk) partial counts.
@@ -511,6 +514,7 @@ void softmax_pixels(const T* __restrict l, T* __restrict w, int64_t S, int64_t P
 template <typename T>
 struct Vec8 {
   static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 0;  // an array, not a register: no row-in-registers paths
   T v[8];
   static Vec8 load(const T* p) {
     Vec8 r;
@@ -546,6 +550,7 @@ struct Vec8 {
 template <>
 struct Vec8<float> {
   static constexpr int kLanes = 8;
+  static constexpr int kRegisters = 16;  // AVX2
   __m256 v;
   static Vec8 load(const float* p) { return {_mm256_loadu_ps(p)}; }
   static Vec8 set1(float a) { return {_mm256_set1_ps(a)}; }
@@ -563,6 +568,7 @@ struct Vec8<float> {
 #if defined(__AVX512F__)
 struct Vec16f {
   static constexpr int kLanes = 16;
+  static constexpr int kRegisters = 32;  // AVX-512
   __m512 v;
   static Vec16f load(const float* p) { return {_mm512_loadu_ps(p)}; }
   static Vec16f set1(float a) { return {_mm512_set1_ps(a)}; }
@@ -664,18 +670,37 @@ inline void dispatch_coarse(int S, Fn&& fn) {
   }
 }
 
-// Calls fn(std::integral_constant<int, NB>) with NB the number of V blocks in a row of W elements when
-// V has 16 lanes (AVX-512: 32 vector registers) and a kernel keeping PerBlock registers per block plus
-// Fixed more fits in 26 of them, NB <= 5; else with NB = 0 (the kernels' block-by-block loops).
-template <typename V, int PerBlock, int Fixed, int NB = 5, typename Fn>
-inline void dispatch_row_blocks(int W, Fn&& fn) {
-  if constexpr (NB == 0) {
+// Row groups: the kernels below can hold G blocks of V (a group) in registers while the classes or rows
+// loop around them, each class or row setting up its pointers once per group.  The groups cover the
+// row: group g starts at xg = min(g G lanes, W - G lanes); when one group covers the whole row
+// (G = ceil(W / lanes)) its last block starts at W - lanes, overlapping the one before.  Block b of a group
+// starts at xg + block_offset(b) (constant offsets but for that last block).
+template <int G, int L>
+struct RowGroups {
+  int W;
+  int count() const { return (W + G * L - 1) / (G * L); }
+  int start(int g) const { return std::min(g * G * L, W - G * L > 0 ? W - G * L : 0); }
+  int last(int xg) const { return std::min((G - 1) * L, W - L - xg); }  // offset of block G - 1
+};
+
+// Calls fn(std::integral_constant<int, G>) with G the number of blocks of V per group for a kernel keeping
+// PerBlock registers per block and Fixed more: as many as fit in 13 of AVX2's 16 or 26 of AVX-512's 32
+// vector registers, at most 5, and no more than the row needs; G = 0 (the kernels' block-by-block
+// loops) for rows narrower than one block and for Vec8<double> and the other non-register types.
+template <typename V, int PerBlock, int Fixed, int G = 5, typename Fn>
+inline void dispatch_row_groups(int W, Fn&& fn) {
+  if constexpr (G == 0) {
     fn(std::integral_constant<int, 0>());
   } else {
-    if constexpr (V::kLanes == 16 && NB * PerBlock + Fixed <= 26) {
-      if ((W + 15) / 16 == NB) return fn(std::integral_constant<int, NB>());
+    constexpr int budget = V::kRegisters == 32 ? 26 : V::kRegisters == 16 ? 13 : 0;
+    if constexpr (G * PerBlock + Fixed <= budget) {
+      constexpr int L = V::kLanes;
+      if (W >= L && (G == 1 || (W + L - 1) / L >= G)) {
+        // G fits and the row has at least G blocks: G, unless the row needs fewer than the budget allows
+        return fn(std::integral_constant<int, G>());
+      }
     }
-    dispatch_row_blocks<V, PerBlock, Fixed, NB - 1>(W, std::forward<Fn>(fn));
+    dispatch_row_groups<V, PerBlock, Fixed, G - 1>(W, std::forward<Fn>(fn));
   }
 }
 
@@ -684,9 +709,9 @@ inline void dispatch_row_blocks(int W, Fn&& fn) {
 // attention sum_s w_s up(f_s) (accumulated in scale order), avg (sum_s up(f_s)) / S, the vertical
 // Interp blend fused in.  NS coarse scales (-1: S - 1 at run time).  rows: the classes' horizontally
 // resized coarse maps (class stride hsize); w: the item's S weight planes.  V: the vector type.
-// NB > 0: each row is NB blocks of V (the last one at W0 - lanes) whose weights stay in registers
-// while the classes loop outside them; NB = 0: any width, block by block.
-template <typename T, typename V, bool Attention, int NS, int NB>
+// G > 0: per group of G blocks of V (RowGroups), the group's weights stay in registers while the
+// classes loop around it; G = 0: block by block.
+template <typename T, typename V, bool Attention, int NS, int G>
 void merge_rows(int S, int H0, int W0, int ncls, const T* __restrict f0, const T* rows, int64_t hsize,
                 const RowTaps<T>& taps, const T* w, T inv_s, T* __restrict o) {
   constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
@@ -705,38 +730,43 @@ void merge_rows(int S, int H0, int W0, int ncls, const T* __restrict f0, const T
       lb[s] = taps.lb[i];
       ws[s] = Attention ? w + s * P + yo : nullptr;
     }
-    if constexpr (NB > 0) {
-      // block b starts at b * lanes (a constant), the last one at W0 - lanes
+    if constexpr (G > 0) {
       constexpr int L = V::kLanes;
-      const int xlast = W0 - L;
-      V wv[NB][kL], lav[kL], lbv[kL];
-      const T* pa[kL];
-      const T* pb[kL];
-      if (Attention)
-        for (int b = 0; b < NB; ++b)
-          for (int s = 0; s <= ns; ++s) wv[b][s] = V::load(ws[s] + (b < NB - 1 ? b * L : xlast));
+      const RowGroups<G, L> groups{W0};
+      V lav[kL], lbv[kL];
       for (int s = 1; s <= ns; ++s) {
         lav[s] = V::set1(la[s]);
         lbv[s] = V::set1(lb[s]);
-        pa[s] = rows + ra[s];
-        pb[s] = rows + rb[s];
       }
-      const T* fy = f0 + yo;
-      T* oy = o + yo;
-      for (int c = 0; c < ncls; ++c, fy += P, oy += P) {
-        for (int b = 0; b < NB; ++b) {
-          const int x = b < NB - 1 ? b * L : xlast;
-          V acc = Attention ? wv[b][0] * V::load(fy + x) : V::load(fy + x);
-          for (int s = 1; s <= ns; ++s) {
-            const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
-            acc = Attention ? fmadd(wv[b][s], up, acc) : acc + up;
-          }
-          if (!Attention && S > 1) acc = acc * V::set1(inv_s);
-          acc.store(oy + x);
-        }
+      for (int gi = 0; gi < groups.count(); ++gi) {
+        const int xg = groups.start(gi), xlast = groups.last(xg);
+        V wv[G][kL];
+        const T* pa[kL];
+        const T* pb[kL];
+        if (Attention)
+          for (int b = 0; b < G; ++b)
+            for (int s = 0; s <= ns; ++s) wv[b][s] = V::load(ws[s] + xg + (b < G - 1 ? b * L : xlast));
         for (int s = 1; s <= ns; ++s) {
-          pa[s] += hsize;
-          pb[s] += hsize;
+          pa[s] = rows + ra[s] + xg;
+          pb[s] = rows + rb[s] + xg;
+        }
+        const T* fy = f0 + yo + xg;
+        T* oy = o + yo + xg;
+        for (int c = 0; c < ncls; ++c, fy += P, oy += P) {
+          for (int b = 0; b < G; ++b) {
+            const int x = b < G - 1 ? b * L : xlast;
+            V acc = Attention ? wv[b][0] * V::load(fy + x) : V::load(fy + x);
+            for (int s = 1; s <= ns; ++s) {
+              const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
+              acc = Attention ? fmadd(wv[b][s], up, acc) : acc + up;
+            }
+            if (!Attention && S > 1) acc = acc * V::set1(inv_s);
+            acc.store(oy + x);
+          }
+          for (int s = 1; s <= ns; ++s) {
+            pa[s] += hsize;
+            pb[s] += hsize;
+          }
         }
       }
       continue;
@@ -831,14 +861,14 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
           dispatch_coarse(S, [&](auto ns) {
             constexpr int NS = decltype(ns)::value;
             // registers: NS + 1 weights per block, 2 NS lambdas
-            dispatch_row_blocks<V, NS >= 0 ? NS + 1 : 99, 2 * NS>(W0, [&](auto nb) {
-              constexpr int NB = decltype(nb)::value;
+            dispatch_row_groups<V, NS >= 0 ? NS + 1 : 99, 2 * NS>(W0, [&](auto ng) {
+              constexpr int G = decltype(ng)::value;
               if (attention) {
-                merge_rows<T, V, true, NS, NB>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, w + n * S * P,
-                                               inv_s, o);
+                merge_rows<T, V, true, NS, G>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, w + n * S * P,
+                                              inv_s, o);
               } else {
-                merge_rows<T, V, false, NS, NB>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, nullptr, inv_s,
-                                                o);
+                merge_rows<T, V, false, NS, G>(S, H0, W0, ncls, f0, rows.get(), tab.hsize, taps, nullptr, inv_s,
+                                               o);
               }
             });
           });
@@ -935,13 +965,13 @@ struct SrcPlane {  // max: a materialised G plane
 // Interp^T of one G_s plane into the (H_s, W_s) gradient gs.  The vertical adjoint makes one pass over
 // the destination rows y, each adding its weighted G row into the two source rows i0(y), i1(y) that it
 // touches, kept in registers (source rows complete in order, as the ratio is <= 1): every source row
-// sums its terms in increasing y, as the inverse table lists them.  It covers the whole row at once
-// when the row is NB > 0 blocks of V (see dispatch_row_blocks), else block by block of columns (V: the
-// vector type; rows narrower than its lanes column by column).  Its rows go to trow (H_s rounded up
+// sums its terms in increasing y, as the inverse table lists them.  It covers a group of G > 0 blocks
+// of V at once (RowGroups), else (G = 0) block by block of columns (V: the vector type; rows narrower
+// than its lanes column by column).  Its rows go to trow (H_s rounded up
 // to 8 rows of W0s, columns >= W0 zero, rows finite); then every 8 rows are transposed into ttr
 // ((W0s + kmax) x 8, zero tail: the horizontal adjoint reads past W0 with zero weights) and adjoined
 // horizontally 8 rows at once.
-template <typename T, typename V, int NB, typename Src>
+template <typename T, typename V, int G, typename Src>
 void adjoint_plane_impl(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0, int W0s, T* __restrict trow,
                         T* __restrict ttr, T* __restrict gs) {
   const int Hs = ay.in, Ws = ax.in;
@@ -973,28 +1003,31 @@ void adjoint_plane_impl(const Src& src, const Axis<T>& ay, const Axis<T>& ax, in
       nxt = zero;
     }
   };
-  if constexpr (NB > 0) {
-    using Row = std::array<V, NB>;  // block b at b * lanes, the last one at W0 - lanes
+  if constexpr (G > 0) {
+    using Group = std::array<V, G>;
     constexpr int L = V::kLanes;
-    const int xlast = W0 - L;
-    Row zero;
+    const RowGroups<G, L> groups{W0};
+    Group zero;
     zero.fill(V::set1(T(0)));
-    stream(
-        zero,
-        [&](int y) {
-          Row g;
-          for (int b = 0; b < NB; ++b) g[b] = src.template load<V>(y, b < NB - 1 ? b * L : xlast);
-          return g;
-        },
-        [&](int r, const Row& u) {
-          T* t = trow + static_cast<int64_t>(r) * W0s;
-          for (int b = 0; b < NB; ++b) u[b].store(t + (b < NB - 1 ? b * L : xlast));
-        },
-        [](T w, const Row& g, const Row& acc) {
-          Row o;
-          for (int b = 0; b < NB; ++b) o[b] = fmadd(V::set1(w), g[b], acc[b]);
-          return o;
-        });
+    for (int gi = 0; gi < groups.count(); ++gi) {
+      const int xg = groups.start(gi), xlast = groups.last(xg);
+      stream(
+          zero,
+          [&](int y) {
+            Group g;
+            for (int b = 0; b < G; ++b) g[b] = src.template load<V>(y, xg + (b < G - 1 ? b * L : xlast));
+            return g;
+          },
+          [&](int r, const Group& u) {
+            T* t = trow + static_cast<int64_t>(r) * W0s + xg;
+            for (int b = 0; b < G; ++b) u[b].store(t + (b < G - 1 ? b * L : xlast));
+          },
+          [](T w, const Group& g, const Group& acc) {
+            Group o;
+            for (int b = 0; b < G; ++b) o[b] = fmadd(V::set1(w), g[b], acc[b]);
+            return o;
+          });
+    }
   } else {
     for_blocks<V::kLanes>(
         W0,
@@ -1023,8 +1056,8 @@ void adjoint_plane(const Src& src, const Axis<T>& ay, const Axis<T>& ax, int W0,
   dispatch_vec<T>(W0, [&](auto vt) {
     using V = typename decltype(vt)::type;
     // registers: two source rows and a G row per block
-    dispatch_row_blocks<V, 3, 2>(W0, [&](auto nb) {
-      adjoint_plane_impl<T, V, decltype(nb)::value>(src, ay, ax, W0, W0s, trow, ttr, gs);
+    dispatch_row_groups<V, 3, 2>(W0, [&](auto ng) {
+      adjoint_plane_impl<T, V, decltype(ng)::value>(src, ay, ax, W0, W0s, trow, ttr, gs);
     });
   });
 }
@@ -1052,10 +1085,10 @@ struct AttChunk {
 // d_s = sum_c grad_c * up(f_s)_c (classes in order) stay in registers, scale 0's gradient
 // grad_c * w_0 is stored on the way, and the logit gradient w_s (d_s + gw_s - sum_t w_t (d_t + gw_t))
 // is finished right there when the chunk holds every class.  NS coarse scales (-1: at run time),
-// V the vector type.  NB > 0: the row is NB blocks of V (the last one at W0 - lanes, overlapping)
-// and the classes loop outside the blocks, so that all NB x S dot products stay in registers and each
-// class sets up its pointers once for the whole row; NB = 0: any width, block by block.
-template <typename T, typename V, int NS, int NB>
+// V the vector type.  G > 0: per group of G blocks of V (RowGroups) the classes loop around the group,
+// so that its G x S dot products stay in registers and each class sets up its pointers once per group;
+// G = 0: block by block.
+template <typename T, typename V, int NS, int G>
 void attention_sweep_row(const AttChunk<T>& A, int y) {
   constexpr int kL = NS >= 0 ? NS + 1 : static_cast<int>(kMaxScales);
   const int S = NS >= 0 ? NS + 1 : A.S;
@@ -1108,44 +1141,48 @@ void attention_sweep_row(const AttChunk<T>& A, int y) {
       for (int s = 0; s < S; ++s) d[s].store(A.dpart + s * P + yo + x);
     }
   };
-  if constexpr (NB > 0) {
-    // block b starts at b * lanes (a constant), the last one at W0 - lanes
+  if constexpr (G > 0) {
     constexpr int L = V::kLanes;
-    const int xlast = W0 - L;
-    V d[NB][kL], w0[NB];
-    for (int b = 0; b < NB; ++b) {
-      for (int s = 0; s < S; ++s) d[b][s] = V::set1(T(0));
-      w0[b] = V::load(w[0] + (b < NB - 1 ? b * L : xlast));
-    }
+    const RowGroups<G, L> groups{W0};
     V lav[kL], lbv[kL];
-    const T* pa[kL];
-    const T* pb[kL];
     for (int s = 1; s < S; ++s) {
       lav[s] = V::set1(la[s]);
       lbv[s] = V::set1(lb[s]);
-      pa[s] = rows + ra[s];
-      pb[s] = rows + rb[s];
     }
-    const T* gc = g;
-    const T* fc = f0;
-    T* g0c = g0;
-    for (int c = 0; c < ncls; ++c, gc += P, fc += P, g0c += P) {
-      for (int b = 0; b < NB; ++b) {
-        const int x = b < NB - 1 ? b * L : xlast;
-        const V gv = V::load(gc + x);
-        d[b][0] = fmadd(gv, V::load(fc + x), d[b][0]);
-        (gv * w0[b]).store(g0c + x);
+    for (int gi = 0; gi < groups.count(); ++gi) {
+      const int xg = groups.start(gi), xlast = groups.last(xg);
+      V d[G][kL], w0[G];
+      for (int b = 0; b < G; ++b) {
+        for (int s = 0; s < S; ++s) d[b][s] = V::set1(T(0));
+        w0[b] = V::load(w[0] + xg + (b < G - 1 ? b * L : xlast));
+      }
+      const T* pa[kL];
+      const T* pb[kL];
+      for (int s = 1; s < S; ++s) {
+        pa[s] = rows + ra[s] + xg;
+        pb[s] = rows + rb[s] + xg;
+      }
+      const T* gc = g + xg;
+      const T* fc = f0 + xg;
+      T* g0c = g0 + xg;
+      for (int c = 0; c < ncls; ++c, gc += P, fc += P, g0c += P) {
+        for (int b = 0; b < G; ++b) {
+          const int x = b < G - 1 ? b * L : xlast;
+          const V gv = V::load(gc + x);
+          d[b][0] = fmadd(gv, V::load(fc + x), d[b][0]);
+          (gv * w0[b]).store(g0c + x);
+          for (int s = 1; s < S; ++s) {
+            const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
+            d[b][s] = fmadd(gv, up, d[b][s]);
+          }
+        }
         for (int s = 1; s < S; ++s) {
-          const V up = fmadd(lav[s], V::load(pa[s] + x), lbv[s] * V::load(pb[s] + x));
-          d[b][s] = fmadd(gv, up, d[b][s]);
+          pa[s] += hsize;
+          pb[s] += hsize;
         }
       }
-      for (int s = 1; s < S; ++s) {
-        pa[s] += hsize;
-        pb[s] += hsize;
-      }
+      for (int b = 0; b < G; ++b) finish(xg + (b < G - 1 ? b * L : xlast), d[b]);
     }
-    for (int b = 0; b < NB; ++b) finish(b < NB - 1 ? b * L : xlast, d[b]);
     return;
   }
   auto block = [&](int x) {
@@ -1277,8 +1314,8 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
           dispatch_coarse(S, [&](auto ns) {
             constexpr int NS = decltype(ns)::value;
             // registers: NS + 1 dot products and scale 0's weights per block, 2 NS lambdas
-            dispatch_row_blocks<V, NS >= 0 ? NS + 2 : 99, 2 * NS>(W0, [&](auto nb) {
-              for (int y = 0; y < H0; ++y) attention_sweep_row<T, V, NS, decltype(nb)::value>(A, y);
+            dispatch_row_groups<V, NS >= 0 ? NS + 2 : 99, 2 * NS>(W0, [&](auto ng) {
+              for (int y = 0; y < H0; ++y) attention_sweep_row<T, V, NS, decltype(ng)::value>(A, y);
             });
           });
         });
