@@ -98,9 +98,8 @@ class AttentionToScale(nn.Module):
             through ``nn.Conv2d``.  "auto" (the default) is "winograd" where no gradient is needed (inference
             on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) and "torch" otherwise, and always
             "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster (:func:`cpu_prefers_onednn`:
-            AVX-512).  Each weight's Winograd transform is kept until the weight
-            changes, so the scales of one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full
-            net).
+            AVX-512).  Each weight's Winograd transform is kept until the weight changes, so the scales of
+            one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full net).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
             the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on an
             AVX2 CPU, where it beats oneDNN, "torch" on an AVX-512 CPU (:func:`cpu_prefers_onednn`) and on a
@@ -252,9 +251,8 @@ class AttentionToScale(nn.Module):
     def _conv(self, x, name: str, relu: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
         (F(2x2, 3x3) for "winograd" and for "auto" without gradients on an AVX2 CPU, F(4x4, 3x3) for
-        "winograd4", the ReLU
-        fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
-        convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
+        "winograd4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
+        (a 3x3 stride-1 convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl == "auto":
