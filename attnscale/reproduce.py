@@ -412,7 +412,7 @@ def main(argv=None) -> int:
     ap.add_argument("--conv", default="auto", choices=("auto", "torch", "winograd", "winograd4"),
                     help="3x3 convolutions: torch (oneDNN/cuDNN) or, on a CPU, Winograd F(2x2,3x3) / F(4x4,3x3) "
                          "(attnscale.ops.winograd_conv2d); auto (default): Winograd F(2x2,3x3) where no gradient "
-                         "is needed (evaluation on a CPU), torch for training")
+                         "is needed (evaluation on an AVX2 CPU), torch for training and on AVX-512 CPUs")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     keep_freed_memory()
