@@ -105,14 +105,15 @@ def test_matches_reference_fp32(mode, sizes):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("num_scales", [3, 4])
+@pytest.mark.parametrize("num_scales", [3, 4, 5])
 @pytest.mark.parametrize("w0", [12, 16, 33, 65, 70, 97])
 def test_matches_reference_every_row_width_path(mode, num_scales, w0):
-    """The CPU kernels pick their inner loops by row width: 8-wide vectors below 16 pixels; on
-    AVX-512 builds 16-wide ones, the whole row held in 1 to 5 registers (16, 33, 65; 70 with 3
-    scales) or block by block (70 with 4 scales, 97).  Each path against the reference, with batch
-    items whose chunks hold every class (n = 8) and not (n = 2)."""
-    sizes = [(5, w0), (4, w0 * 3 // 4), (3, w0 // 2), (2, w0 // 3)][:num_scales]
+    """The CPU kernels pick their inner loops by row width and scale count: 8-wide vectors below 16
+    pixels, else (AVX-512 builds) 16-wide ones; groups of as many blocks as the registers hold (the whole
+    row at 16, 33, 65 and 70; several groups at 97, in the sweep at 70 with 4 scales, or with AVX2's 16
+    registers) or block by block (5 scales: run-time scale loops).  Each path against the reference, with batch items whose chunks hold every
+    class (n = 8) and not (n = 2)."""
+    sizes = [(5, w0), (4, w0 * 3 // 4), (3, w0 // 2), (2, w0 // 3), (2, w0 // 4)][:num_scales]
     for n in (2, 8):
         check_matches_reference(sizes, mode, n=n, c=5, tol=2e-6)
 
