@@ -674,7 +674,7 @@ inline void dispatch_coarse(int S, Fn&& fn) {
 // loop around them, each class or row setting up its pointers once per group.  The groups cover the
 // row: group g starts at xg = min(g G lanes, W - G lanes); when one group covers the whole row
 // (G = ceil(W / lanes)) its last block starts at W - lanes, overlapping the one before.  Block b of a group
-// starts at xg + block_offset(b) (constant offsets but for that last block).
+// starts at xg + b lanes, the last one at xg + last(xg): constant offsets but for that last block.
 template <int G, int L>
 struct RowGroups {
   int W;
