@@ -34,7 +34,7 @@ import torch
 
 from . import layers as L
 from .errors import CaffeImportError
-from .net import check_blob_count, layer_included
+from .net import blobs_to_copy, layer_included
 from .readers import WeightFile, net_inputs, read_net, read_weights, upgraded_layers
 
 
@@ -547,9 +547,8 @@ def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionRepor
             continue
         m, lp = target[name]
         params = _params(getattr(model, m))
-        check_blob_count(wf, name, "the prototxt layer", blobs, len(params), lambda j: slot(lp, j)[0] == "param"
-                         and layout.param_owner[slot(lp, j)[1]] != name)
-        present = [(j, b) for j, b in enumerate(blobs) if b is not None]
+        present = blobs_to_copy(wf, name, "the prototxt layer", blobs, len(params),
+                                lambda j: slot(lp, j)[0] == "param" and layout.param_owner[slot(lp, j)[1]] != name)
         bad = [(j, b) for j, b in present if not b.fits(params[j][1].shape)]
         if bad:
             shapes = [tuple(b.data.shape) for _, b in present]

@@ -85,17 +85,25 @@ def _module_key(name: str, taken: set[str]) -> str:
     return key
 
 
-def check_blob_count(wf: WeightFile, name: str, target: str, blobs, n_params: int, shared_copy) -> None:
-    """Caffe's blob-count check: a .caffemodel layer has exactly the target's number of blobs; an HDF5
-    layer may lack blob ``j`` only when ``shared_copy(j)`` (the target shares it with an earlier layer)."""
-    ok = len(blobs) <= n_params and all(
-        j < len(blobs) and blobs[j] is not None or (wf.hdf5 and shared_copy(j)) for j in range(n_params))
+def blobs_to_copy(wf: WeightFile, name: str, target: str, blobs, n_params: int, shared_copy) -> list:
+    """Caffe's blob-count check, then the ``(index, blob)`` pairs it copies.  A .caffemodel layer has
+    exactly the target's number of blobs.  An HDF5 layer (``CopyTrainedLayersFromHDF5``) has at most that
+    many links, may lack dataset ``j`` only when ``shared_copy(j)`` (the target shares it with an earlier
+    layer), and only datasets ``0 .. n_params-1`` are read."""
+    if wf.hdf5:
+        count = wf.hdf5_links.get(name, sum(b is not None for b in blobs))
+        ok = count <= n_params and all(j < len(blobs) and blobs[j] is not None or shared_copy(j)
+                                       for j in range(n_params))
+    else:
+        count = len(blobs)
+        ok = count == n_params
     if not ok:
         raise CaffeImportError(
             f"{wf.path}: layer {name!r}: incompatible number of blobs: the file has "
-            f"{sum(b is not None for b in blobs)}, {target} needs {n_params}"
+            f"{count}, {target} needs {n_params}"
             + (" (an HDF5 file may omit only the blobs shared with an earlier layer by param { name })"
                if wf.hdf5 else ""))
+    return [(j, b) for j, b in enumerate(blobs[:n_params]) if b is not None]
 
 
 class CaffeNet(nn.Module):
@@ -277,12 +285,10 @@ class CaffeNet(nn.Module):
                 continue
             mod = self.layers[rec.key]
             params = mod.blobs() if hasattr(mod, "blobs") else []
-            check_blob_count(wf, name, f"the prototxt layer ({rec.type})", blobs, len(params),
-                             lambda j: j < len(rec.param_names) and bool(rec.param_names[j])
-                             and owner[rec.param_names[j]] != rec.name)
-            for j, blob in enumerate(blobs):
-                if blob is None:  # a shared copy's blob, not written by Net::ToHDF5
-                    continue
+            copied = blobs_to_copy(wf, name, f"the prototxt layer ({rec.type})", blobs, len(params),
+                                   lambda j: j < len(rec.param_names) and bool(rec.param_names[j])
+                                   and owner[rec.param_names[j]] != rec.name)
+            for j, blob in copied:
                 p = params[j]
                 target = tuple(p.shape)
                 if not blob.fits(target):

@@ -36,6 +36,8 @@ from .schema import message_class
 MAX_TEXT_BYTES = 64 << 20
 #: the largest binary file read (protobuf's own 2 GiB message limit)
 MAX_BINARY_BYTES = (2 << 30) - 1
+#: more blobs than any Caffe layer has: HDF5 datasets named by a larger index are never read
+MAX_LAYER_BLOBS = 64
 
 V1_TYPE_NAMES = {
     "ABSVAL": "AbsVal", "ACCURACY": "Accuracy", "ARGMAX": "ArgMax", "BNLL": "BNLL",
@@ -283,10 +285,12 @@ def blob_to_array(blob, where: str) -> CaffeBlob:
 class WeightFile:
     """Trained blobs by layer, in the order Caffe copies them: a .caffemodel's layer order, an HDF5
     file's name order (a name may repeat in a .caffemodel; later wins).  In an HDF5 file a blob index
-    may be missing (``None``): ``Net::ToHDF5`` writes only the parameters a layer owns."""
+    may be missing (``None``): ``Net::ToHDF5`` writes only the parameters a layer owns; and Caffe's
+    blob-count check counts a group's links (``hdf5_links``), whatever their names."""
     path: str
     layers: list[tuple[str, str, list[CaffeBlob | None]]] = field(default_factory=list)
     hdf5: bool = False
+    hdf5_links: dict[str, int] = field(default_factory=dict)
 
     def by_name(self) -> dict[str, list[CaffeBlob | None]]:
         out: dict[str, list[CaffeBlob | None]] = {}
@@ -347,9 +351,10 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
                 if not isinstance(group, h5py.Group):
                     raise CaffeImportError(f"{path}: /data/{lname} is not a group")
                 keys = list(group.keys())
-                if not all(k.isdigit() and str(int(k)) == k for k in keys):
-                    raise CaffeImportError(f"{path}: /data/{lname} must hold datasets named by blob "
-                                           f"index 0, 1, ..., found {sorted(keys)}")
+                # Caffe counts every link (CHECK_LE against the layer's blob count), then opens datasets
+                # "0", "1", ... below that count: other names are counted, never read
+                out.hdf5_links[lname] = len(keys)
+                keys = [k for k in keys if k.isdigit() and str(int(k)) == k and int(k) < MAX_LAYER_BLOBS]
                 blobs: list[CaffeBlob | None] = [None] * (max((int(k) for k in keys), default=-1) + 1)
                 for k in keys:
                     ds = group[k]

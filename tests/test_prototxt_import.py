@@ -711,6 +711,32 @@ def test_caffe_written_hdf5_of_a_share_net(tmp_path):
             load()
 
 
+def test_hdf5_blob_count_counts_links(tmp_path):
+    """``CopyTrainedLayersFromHDF5`` checks a group's link count (any names) against the layer's blob
+    count, then opens only datasets "0" .. "n-1": a shared copy's group may hold other links (even an
+    index far beyond any layer's blobs, never allocated for), an owner's group may not exceed its count."""
+    import h5py
+    text = deeplab_prototxt((1.0, 0.5), "max", width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    randomize(net, seed=12)
+    h5 = tmp_path / "links.h5"
+    write_h5(h5, net_weights(net), owned_only=net)
+    with h5py.File(h5, "a") as f:
+        f["data/conv1_1_res05"].create_dataset("4000000000", data=np.zeros(3, np.float32))
+        f["data/conv1_2_res05"].create_dataset("note", data=np.zeros(1, np.float32))
+    model, report = pi.to_attnscale(text, h5, use_reference_ops=True)
+    fresh = pi.load_net(text, weights=h5, use_ops=False)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), net(x), rtol=0, atol=0)
+    _compare(net, model, x, "fc8_max")
+    with h5py.File(h5, "a") as f:
+        f["data/conv2_1"].create_dataset("01", data=np.zeros(1, np.float32))
+    for load in (lambda: pi.load_net(text, weights=h5), lambda: pi.to_attnscale(text, h5)):
+        with pytest.raises(CaffeImportError, match=r"'conv2_1': incompatible number of blobs: the file has 3, "):
+            load()
+
+
 def readers_h5(path):
     import h5py
     return h5py.File(path, "r")
