@@ -157,10 +157,24 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
 
 
 def config_key(cfg: TrainConfig) -> str:
-    """Hash of everything that changes the result (not ``RUN_FIELDS``: device, worker count, out_dir, ...)."""
+    """Hash of everything that changes the result (not ``RUN_FIELDS``: device, worker count, out_dir, ...).
+    The data enter by what the train and val lists say, not by where they lie: a data root moved
+    (or lists given by another path) keeps a row's checkpoint and its evaluation."""
     d = cfg.to_dict()
     for k in RUN_FIELDS:
         d.pop(k, None)
+    if cfg.dataset != "synthetic":
+        from .train import build_list_paths
+        lists = {}
+        for split, path in build_list_paths(cfg).items():
+            try:
+                with open(path, "rb") as f:
+                    lists[split] = hashlib.sha256(f.read()).hexdigest()
+            except OSError:  # no list (yet): the path stands for it
+                lists[split] = path
+        for k in ("data_root", "train_list", "val_list"):
+            d.pop(k)
+        d["lists"] = lists
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

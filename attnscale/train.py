@@ -268,11 +268,15 @@ def build_source(cfg: TrainConfig, split: str):
         # train and val are disjoint: different seeds
         return SyntheticSource(n, seed=cfg.synthetic_seed + (0 if split == "train" else 1),
                                size=cfg.synthetic_size)
+    return FileSource(build_list_paths(cfg)[split], cfg.data_root, num_classes(cfg))
+
+
+def build_list_paths(cfg: TrainConfig) -> dict[str, str]:
+    """The list files of a file data set, by split (``resolve_list`` of the config's or the data set's)."""
     spec = get_spec(cfg.dataset)
-    given = cfg.train_list if split == "train" else cfg.val_list
-    lst = resolve_list(given, spec.train_list if split == "train" else spec.val_list, cfg.data_root,
-                       f"config.{split}_list")
-    return FileSource(lst, cfg.data_root, num_classes(cfg))
+    return {split: resolve_list(given, default, cfg.data_root, f"config.{split}_list")
+            for split, given, default in (("train", cfg.train_list, spec.train_list),
+                                          ("val", cfg.val_list, spec.val_list))}
 
 
 def resolve_list(given: str, default: str, data_root: str, what: str) -> str:

@@ -145,3 +145,31 @@ def test_voc_layout_on_disk_trains_and_evaluates(tmp_path):
     assert res["num_images"] == 2 and len(res["per_class_iou"]) == 21
     assert res["class_names"][15] == "person"
     assert os.path.isfile(tmp_path / "run" / "eval.json")
+
+
+def test_moved_data_root_keeps_the_rows_result(tmp_path):
+    """A row's checkpoint and evaluation are keyed by what the data lists say, not by where the data
+    root lies: the same data moved is reused; a changed list retrains."""
+    import shutil
+    from attnscale.config import TrainConfig
+    from attnscale.data import SyntheticSource
+    from attnscale.reproduce import config_key, run_row
+    root = tmp_path / "a" / "VOC2012"
+    SyntheticSource(3, seed=0, size=33).export(str(root), "train_aug")
+    SyntheticSource(2, seed=1, size=33).export(str(root), "val")
+
+    def cfg(data_root):
+        return TrainConfig(dataset="voc12", data_root=str(data_root), width=1 / 32, crop_size=33,
+                           test_crop_size=33, batch_size=1, iter_size=1, max_iter=1, snapshot=1, workers=0,
+                           out_dir=str(tmp_path / "run"), torch_threads=1)
+    first = run_row(cfg(root), progress=False, log=lambda *_: None)
+    assert first["skipped"] is False and first["num_images"] == 2
+    moved = tmp_path / "b" / "VOC2012"
+    shutil.copytree(root, moved)
+    shutil.rmtree(tmp_path / "a")
+    assert config_key(cfg(moved)) == first["config_key"]
+    again = run_row(cfg(moved), progress=False, log=lambda *_: None)
+    assert again["skipped"] is True and again["miou"] == first["miou"]
+    val = next(moved.rglob("val.txt"))
+    val.write_text("\n".join(val.read_text().splitlines()[:1]) + "\n")
+    assert config_key(cfg(moved)) != first["config_key"]
