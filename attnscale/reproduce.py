@@ -189,17 +189,27 @@ def metric_of(res: dict, metric: str) -> float:
     return float("nan") if v is None else 100.0 * float(v)
 
 
+#: beside a row's checkpoint: the config key it trains under (its lists may since have moved)
+KEY_FILE = "config_key.txt"
+
+
 def _drop_stale_checkpoint(cfg: TrainConfig, log=print) -> bool:
-    """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it).  A checkpoint of
-    another config, or one that cannot be read, is kept as ``checkpoint.pt.stale`` (``.stale.1``, ...
-    beside older ones; never deleted: it may be hours of training) and the row retrains."""
+    """True if ``cfg.out_dir`` holds a checkpoint of this very config (resume it): by ``KEY_FILE``,
+    else by the checkpoint's config.  A checkpoint of another config, or one that cannot be read, is
+    kept as ``checkpoint.pt.stale`` (``.stale.1``, ... beside older ones; never deleted: it may be hours
+    of training) and the row retrains."""
     from .train import CHECKPOINT, load_checkpoint
     ck = os.path.join(cfg.out_dir, CHECKPOINT)
     if not os.path.isfile(ck):
         return False
     try:
         old = load_checkpoint(ck).get("config", {})
-        same = bool(old) and config_key(TrainConfig.from_dict(old)) == config_key(cfg)
+        try:
+            with open(os.path.join(cfg.out_dir, KEY_FILE)) as f:
+                old_key = f.read().strip()
+        except OSError:
+            old_key = config_key(TrainConfig.from_dict(old)) if old else ""
+        same = bool(old) and old_key == config_key(cfg)
         why = "is from a different config"
     except (TypeError, ValueError) as e:
         same, why = False, f"cannot be used ({e})"
@@ -250,6 +260,9 @@ def run_row(cfg: TrainConfig, progress: bool, max_eval: int = 0, log=print) -> d
         return res
     resume = _drop_stale_checkpoint(cfg, log)
     cfg.save(os.path.join(cfg.out_dir, "config.json"))
+    with open(os.path.join(cfg.out_dir, KEY_FILE + ".tmp"), "w") as f:
+        f.write(config_key(cfg) + "\n")
+    os.replace(os.path.join(cfg.out_dir, KEY_FILE + ".tmp"), os.path.join(cfg.out_dir, KEY_FILE))
     t0 = time.time()
     tr = train(cfg, resume=resume, progress=progress)
     t1 = time.time()

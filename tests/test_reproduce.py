@@ -170,6 +170,14 @@ def test_moved_data_root_keeps_the_rows_result(tmp_path):
     assert config_key(cfg(moved)) == first["config_key"]
     again = run_row(cfg(moved), progress=False, log=lambda *_: None)
     assert again["skipped"] is True and again["miou"] == first["miou"]
+    # an interrupted row (checkpoint, no evaluation yet) resumes after a move: its checkpoint is not stale
+    os.remove(tmp_path / "run" / "eval.json")
+    moved_again = tmp_path / "c" / "VOC2012"
+    shutil.move(moved, moved_again)
+    resumed = run_row(cfg(moved_again), progress=False, log=lambda *_: None)
+    assert resumed["skipped"] is False and resumed["miou"] == first["miou"]
+    assert not list((tmp_path / "run").glob("*.stale*"))
+    moved = moved_again
     val = next(moved.rglob("val.txt"))
     val.write_text("\n".join(val.read_text().splitlines()[:1]) + "\n")
     assert config_key(cfg(moved)) != first["config_key"]
