@@ -11,7 +11,8 @@ classes).  On the full VOC val set every class occurs, so this matters for subse
 (``--max-images``), small data sets and rare classes.  With ``--attention-dir``, writes for each of the
 first ``--attention-images`` (10) images a PNG ``NNNN_<image>.png``: image, ground truth, prediction and
 one heat map of merge weights per scale (the attention weights, or the max / avg merge's; the paper's
-Figs. 4-6).
+Figs. 4-6).  With ``--predictions DIR``, writes every prediction as ``DIR/<image>.png`` in VOC's indexed
+format; ``--list`` runs another list, and a list of images only (VOC test) is predicted, not scored.
 """
 from __future__ import annotations
 
@@ -85,20 +86,31 @@ def _unpack_prediction(res):
 @torch.no_grad()
 def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str]] = None,
              max_images: int = 0, attention_dir: str = "", attention_images: int = 10,
-             progress: bool = True) -> Dict[str, object]:
-    """Run ``model.predict`` over ``source`` (``load(i) -> (bgr uint8, label uint8, name)``)."""
+             progress: bool = True, predictions_dir: str = "") -> Dict[str, object]:
+    """Run ``model.predict`` over ``source`` (``load(i) -> (bgr uint8, label uint8, name)``).
+    ``predictions_dir``: also write each prediction as ``<image>.png`` (:func:`save_label_png`).  A
+    source without labels (``has_labels`` False, e.g. VOC test) is predicted only: no scores."""
     model.eval()
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0 (0: all), got {max_images}")
+    scored = getattr(source, "has_labels", True)
+    if not scored and not predictions_dir:
+        raise ValueError(f"{getattr(source, 'list_path', 'the source')}: no labels to score against; "
+                         "give a predictions folder to write the predictions to")
     n = len(source) if not max_images else min(max_images, len(source))
     cm = np.zeros((num_classes, num_classes), np.int64)
     it = range(n)
     if progress:
         from tqdm import tqdm
-        it = tqdm(it, desc="eval", file=sys.stderr, leave=False, dynamic_ncols=True)
+        it = tqdm(it, desc="eval" if scored else "predict", file=sys.stderr, leave=False, dynamic_ncols=True)
     for i in it:
         img, gt, name = source.load(i)
         lab, att = _unpack_prediction(model.predict(img))
+        stem = os.path.basename(str(name)).rsplit(".", 1)[0]
+        if predictions_dir:
+            save_label_png(os.path.join(predictions_dir, stem + ".png"), lab)
+        if not scored:
+            continue
         if lab.shape != gt.shape:
             raise ValueError(f"{name}: prediction is {lab.shape}, ground truth {gt.shape}")
         try:
@@ -106,12 +118,14 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
         if attention_dir and i < attention_images:
-            stem = os.path.basename(str(name)).rsplit(".", 1)[0]
             save_attention_png(os.path.join(attention_dir, f"{i:04d}_{stem}.png"), img, gt, lab, att,
                                getattr(model, "scales", None), getattr(model, "merge", "attention"))
-    res = iou_from_confusion(cm)
+    res = iou_from_confusion(cm) if scored else {}
     res["num_images"] = n
-    res["confusion_matrix"] = cm.tolist()
+    if scored:
+        res["confusion_matrix"] = cm.tolist()
+    if predictions_dir:
+        res["predictions_dir"] = os.path.abspath(predictions_dir)
     if class_names is not None:
         res["class_names"] = list(class_names)
     return res
@@ -130,6 +144,23 @@ def color_map(n: int = 256) -> np.ndarray:
         cmap[i] = (r, g, b)
     cmap[255] = (255, 255, 255)
     return cmap
+
+
+def save_label_png(path: str, lab: np.ndarray) -> None:
+    """A label map (class ids 0..255) as an 8-bit indexed PNG with VOC's palette (:func:`color_map`),
+    the format of VOC's ``SegmentationClass`` files and of its evaluation server's results, written
+    atomically (Pillow: OpenCV cannot write a palette)."""
+    from PIL import Image
+    lab = np.asarray(lab)
+    if lab.ndim != 2 or lab.size == 0 or not np.issubdtype(lab.dtype, np.integer) or lab.min() < 0 or lab.max() > 255:
+        raise ValueError(f"{path}: a label PNG needs a non-empty 2-D map of class ids 0..255, got "
+                         f"{lab.dtype} of shape {lab.shape}")
+    im = Image.fromarray(np.ascontiguousarray(lab, dtype=np.uint8))
+    im.putpalette(color_map().tobytes())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
 
 
 def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.ndarray,
@@ -179,15 +210,21 @@ def load_model_from_checkpoint(cfg: TrainConfig, checkpoint: str, device: str = 
 
 
 def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
-        attention_dir: str = "", attention_images: int = 10, progress: bool = True) -> Dict[str, object]:
-    from .train import build_source, dataset_classes, num_classes
+        attention_dir: str = "", attention_images: int = 10, progress: bool = True,
+        predictions_dir: str = "", list_path: str = "") -> Dict[str, object]:
+    """Evaluate (or, for a list without labels, predict) ``cfg``'s model from ``checkpoint`` on the
+    val list, or on ``list_path`` (DeepLab form, paths under ``cfg.data_root``)."""
+    from .data import FileSource
+    from .train import build_source, dataset_classes, num_classes, resolve_list
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
+        source = (FileSource(resolve_list(list_path, "", cfg.data_root, "--list"), cfg.data_root, num_classes(cfg),
+                             need_labels=False) if list_path else build_source(cfg, "val"))
         model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
-        res = evaluate(model, build_source(cfg, "val"), num_classes(cfg), dataset_classes(cfg),
-                       max_images, attention_dir, attention_images, progress)
+        res = evaluate(model, source, num_classes(cfg), dataset_classes(cfg),
+                       max_images, attention_dir, attention_images, progress, predictions_dir)
     finally:
         torch.set_num_threads(threads)
     res["checkpoint"] = checkpoint
@@ -223,11 +260,15 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="the TrainConfig JSON the model was trained with")
     ap.add_argument("--checkpoint", default="", help="default: OUT_DIR/checkpoint.pt of the config")
-    ap.add_argument("--out", default="", help="JSON results file (default OUT_DIR/eval.json)")
+    ap.add_argument("--out", default="", help="JSON results file (default OUT_DIR/eval.json; none with --list)")
     ap.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only")
     ap.add_argument("--attention-dir", default="", help="write merge-weight figures (PNG) here")
     ap.add_argument("--attention-images", type=int, default=10, help="how many images, from the first, get a "
                     "figure (default 10)")
+    ap.add_argument("--predictions", default="", metavar="DIR", help="write every prediction here as "
+                    "<image>.png, an indexed PNG with VOC's palette (VOC's evaluation server format)")
+    ap.add_argument("--list", default="", help="a DeepLab list to run instead of the val list; a list of "
+                    "images only (VOC test) is predicted, not scored, and needs --predictions")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-root", default=None, help="override config.data_root")
     a = ap.parse_args(argv)
@@ -238,13 +279,18 @@ def main(argv=None) -> int:
     if a.data_root is not None:
         cfg.data_root = a.data_root
     ck = a.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
-    out = a.out or os.path.join(cfg.out_dir, "eval.json")
-    res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images)
+    # the val evaluation's file (reproduce reuses it) is never written by a run of another list
+    out = a.out or ("" if a.list else os.path.join(cfg.out_dir, "eval.json"))
+    res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images, predictions_dir=a.predictions,
+              list_path=a.list)
+    if "miou" not in res:
+        print(f"{res['num_images']} predictions (no labels to score) -> {res['predictions_dir']}")
+        return 0
     names = res.get("class_names") or [str(i) for i in range(len(res["per_class_iou"]))]
     for n, v in zip(names, res["per_class_iou"]):
         print(f"{n:>14s}: {'  n/a' if v is None else f'{100 * v:6.2f}'}")
     print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images (MyVOCevalseg; "
-          f"{100 * res['miou_present_classes']:.2f} over the classes present) -> {out}")
+          f"{100 * res['miou_present_classes']:.2f} over the classes present)" + (f" -> {out}" if out else ""))
     return 0
 
 

@@ -118,3 +118,68 @@ def test_results_json_is_strict(tmp_path):
     write_json(str(p), {"miou": float("nan"), "per_class_iou": [0.5, None, float("inf")]})
     assert json.loads(p.read_text(), parse_constant=lambda c: pytest.fail(c)) == {
         "miou": None, "per_class_iou": [0.5, None, None]}
+
+
+def test_label_png_is_voc_indexed_and_reads_back(tmp_path):
+    """Predictions are written as VOC's own label files are: 8-bit palette PNGs whose indices are the
+    class ids (the evaluation server's format); the VOC label reader gets the same ids back."""
+    from PIL import Image
+    from attnscale.data.sbd import load_voc_png
+    from attnscale.evaluate import save_label_png
+    lab = np.random.default_rng(3).integers(0, 21, (7, 13)).astype(np.int64)
+    lab[0, :3] = 255
+    p = tmp_path / "sub" / "x.png"
+    save_label_png(str(p), lab)
+    with Image.open(p) as im:
+        assert im.mode == "P" and im.size == (13, 7)
+        assert np.array_equal(np.asarray(im), lab)
+        assert np.array_equal(np.asarray(im.getpalette(), np.uint8).reshape(-1, 3), color_map())
+    assert np.array_equal(load_voc_png(str(p)), lab) and not list(tmp_path.rglob("*.tmp"))
+    for bad in (np.zeros((2, 2, 3), np.uint8), np.full((2, 2), 256), np.zeros((2, 2), np.float32)):
+        with pytest.raises(ValueError, match="x.png: a label PNG needs"):
+            save_label_png(str(p), bad)
+
+
+def test_predictions_of_val_and_of_an_unlabelled_list(tmp_path, capsys):
+    """``evaluate --predictions``: the val run writes one palette PNG per image, equal to
+    ``model.predict``, beside unchanged scores; a list of images only (VOC test) is predicted, not scored,
+    and leaves the val run's eval.json alone; a list mixing the two kinds of line is refused."""
+    import torch
+    from PIL import Image
+    from attnscale.config import TrainConfig
+    from attnscale.data import FileSource, SyntheticSource
+    from attnscale.evaluate import load_model_from_checkpoint, main
+    from attnscale.train import train
+    root = tmp_path / "VOC2012"
+    SyntheticSource(2, seed=0, size=33).export(str(root), "train_aug")
+    SyntheticSource(3, seed=1, size=33).export(str(root), "val")
+    cfg = TrainConfig(dataset="voc12", data_root=str(root), scales=[1.0, 0.5], merge="attention", width=1 / 32,
+                      crop_size=33, test_crop_size=33, batch_size=1, iter_size=1, max_iter=1, workers=0,
+                      out_dir=str(tmp_path / "run"), torch_threads=1)
+    train(cfg, progress=False)
+    cfg.save(str(tmp_path / "cfg.json"))
+    assert main([str(tmp_path / "cfg.json"), "--predictions", str(tmp_path / "val_pred")]) == 0
+    scored = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert scored["num_images"] == 3 and "miou" in scored
+    model, _ = load_model_from_checkpoint(cfg, str(tmp_path / "run" / "checkpoint.pt"))
+    val = FileSource(str(root / "list" / "val.txt"), str(root))
+    for i in range(len(val)):
+        img, _, name = val.load(i)
+        with torch.no_grad():
+            want = np.asarray(model.predict(img)[0])
+        with Image.open(tmp_path / "val_pred" / (val.name(i) + ".png")) as im:
+            assert im.mode == "P" and np.array_equal(np.asarray(im), want), name
+    test_list = root / "list" / "test.txt"
+    test_list.write_text("".join(ln.split()[0] + "\n" for ln in (root / "list" / "val.txt").read_text().splitlines()))
+    assert main([str(tmp_path / "cfg.json"), "--list", "list/test.txt", "--predictions", str(tmp_path / "test_pred")]) == 0
+    assert "3 predictions (no labels to score)" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "test_pred")) == sorted(os.listdir(tmp_path / "val_pred"))
+    for f in os.listdir(tmp_path / "test_pred"):
+        assert (tmp_path / "test_pred" / f).read_bytes() == (tmp_path / "val_pred" / f).read_bytes()
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == scored
+    with pytest.raises(ValueError, match="no labels to score against"):
+        main([str(tmp_path / "cfg.json"), "--list", str(test_list)])
+    lines = (root / "list" / "val.txt").read_text().splitlines()
+    test_list.write_text(lines[0] + "\n" + lines[1].split()[0] + "\n")
+    with pytest.raises(ValueError, match=r"test.txt:2: this line lacks a label path, line 1 has one"):
+        main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "p")])

@@ -14,7 +14,7 @@ samples, so such a file could otherwise train without any error.
 from __future__ import annotations
 
 import os
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -67,14 +67,22 @@ def check_label_values(lab: np.ndarray, num_classes: int, where: str) -> None:
 
 class FileSource:
     """(image, label) pairs from a DeepLab list file; every listed file must exist.  With
-    ``num_classes``, each label's values are checked when it is loaded."""
+    ``num_classes``, each label's values are checked when it is loaded.  ``need_labels=False`` also
+    takes a list of images only (VOC test): then ``has_labels`` is False and ``load`` gives None as
+    the label; a list must not mix the two kinds of line."""
 
-    def __init__(self, list_path: str, root: str = "", num_classes: int = 0):
+    def __init__(self, list_path: str, root: str = "", num_classes: int = 0, need_labels: bool = True):
         self.list_path = list_path
         self.num_classes = num_classes
-        entries = read_list_lines(list_path, root, need_labels=True, check_files=True)
+        entries = read_list_lines(list_path, root, need_labels=need_labels, check_files=True)
         self.pairs = [pair for pair, _ in entries]
         self.lines = [line for _, line in entries]
+        self.has_labels = self.pairs[0][1] is not None
+        odd = next((line for (_, lab), line in entries if (lab is not None) != self.has_labels), None)
+        if odd is not None:
+            raise ValueError(f"{list_path}:{odd}: this line {'lacks' if self.has_labels else 'has'} a label path, "
+                             f"line {self.lines[0]} {'has' if self.has_labels else 'lacks'} one: a list gives "
+                             "labels on every line or on none")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -82,10 +90,12 @@ class FileSource:
     def name(self, i: int) -> str:
         return os.path.splitext(os.path.basename(self.pairs[i][0]))[0]
 
-    def load(self, i: int) -> Tuple[np.ndarray, np.ndarray, str]:
+    def load(self, i: int) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
         img_path, lab_path = self.pairs[i]
         img = read_image(img_path)
-        lab = read_label(lab_path)  # type: ignore[arg-type]
+        if lab_path is None:
+            return img, None, img_path
+        lab = read_label(lab_path)
         if img.shape[:2] != lab.shape:
             raise ValueError(f"size mismatch: image {img_path} is {img.shape[1]}x{img.shape[0]} "
                              f"but label {lab_path} is {lab.shape[1]}x{lab.shape[0]} (WxH)")
