@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import caffe
-from .ops import (dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference, winograd_applies,
-                  winograd_conv2d, winograd_weight)
+from .ops import (cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference,
+                  winograd_applies, winograd_conv2d, winograd_weight)
 
 __all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "scale_suffix"]
 
@@ -44,14 +44,15 @@ MERGES = ("attention", "max", "avg")
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-def cpu_prefers_onednn() -> bool:
-    """Whether ``conv_impl="auto"`` and ``fc6_impl="auto"`` leave a CPU's convolutions to oneDNN: on CPUs
-    with AVX-512 (``torch.backends.cpu.get_cpu_capability()``), where oneDNN's kernels ran fc6 1.5-1.9x and
-    the 3x3 layers 1.03-1.33x faster than :func:`attnscale.ops.dilated_conv2d` and Winograd F(2x2, 3x3), and
-    the 513x513 inference took 1.38 s with oneDNN against 1.86 s with ours (AMD EPYC Zen 5, 2 threads,
-    benchmarks/RESULTS.md, 2026-11-26).  On AVX2 CPUs ours won (fc6 1.3-1.8x, inference 2.5-2.7 s against
-    4.1-4.5 s)."""
-    return _AVX512
+def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
+    """Whether ``conv_impl="auto"`` / ``fc6_impl="auto"`` leave a CPU layer to oneDNN's convolution.  Never on
+    AVX2 CPUs, where ours won (fc6 1.3-1.8x, inference 2.5-2.7 s against 4.1-4.5 s).  On CPUs with AVX-512
+    (``torch.backends.cpu.get_cpu_capability()``): when our kernels' GEMMs run on the BLAS
+    (:func:`attnscale.ops.cpu_gemm`; MKL runs its AVX2 code on AMD CPUs), and for a layer that needs a
+    gradient (fc6: ours forward+backward 0.78-1.01x of oneDNN).  With oneDNN GEMMs, Winograd F(2x2, 3x3) ran
+    the 3x3 layers 1.26-1.87x and our fc6 forward 1.05-1.38x faster than oneDNN's convolution, and the
+    513x513 inference took 1.10 s against 1.39 s (AMD EPYC Zen 5, 2 threads, benchmarks/RESULTS.md)."""
+    return _AVX512 and (needs_grad or cpu_gemm() == "blas")
 
 
 CONV_IMPLS = ("auto", "torch", "winograd", "winograd4")
@@ -98,12 +99,12 @@ class AttentionToScale(nn.Module):
             through ``nn.Conv2d``.  "auto" (the default) is "winograd" where no gradient is needed (inference
             on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) and "torch" otherwise, and always
             "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster (:func:`cpu_prefers_onednn`:
-            AVX-512).  Each weight's Winograd transform is kept until the weight changes, so the scales of
+            AVX-512 with BLAS GEMMs).  Each weight's Winograd transform is kept until the weight changes, so the scales of
             one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full net).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
-            the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on an
-            AVX2 CPU, where it beats oneDNN, "torch" on an AVX-512 CPU (:func:`cpu_prefers_onednn`) and on a
-            GPU, where cuDNN ran fc6 faster than our CUDA kernels (benchmarks/RESULTS.md, 2026-11-26).
+            the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
+            CPU unless :func:`cpu_prefers_onednn` (AVX-512 and a gradient, or BLAS GEMMs), "torch" on a GPU,
+            where cuDNN ran fc6 faster than our CUDA kernels (benchmarks/RESULTS.md, 2026-11-26).
             Ignored with ``use_reference_ops``.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
@@ -244,14 +245,15 @@ class AttentionToScale(nn.Module):
     def _dilated(self, x, conv: nn.Conv2d):
         impl = self.fc6_impl
         if impl == "auto":
-            impl = "torch" if x.is_cuda or cpu_prefers_onednn() else "ops"
+            impl = "torch" if x.is_cuda or cpu_prefers_onednn(
+                torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)) else "ops"
         fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
     def _conv(self, x, name: str, relu: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
-        (F(2x2, 3x3) for "winograd" and for "auto" without gradients on an AVX2 CPU, F(4x4, 3x3) for
-        "winograd4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
+        (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn`,
+        F(4x4, 3x3) for "winograd4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
         (a 3x3 stride-1 convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
         conv = getattr(self, name)
         impl = self.conv_impl

@@ -14,10 +14,10 @@ the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 conv
 Without gradients every variant, "reference" included, uses the CPU inference kernels of
 ``caffe.pool2d`` (max pooling) and ``caffe.interp``, so on a CPU "reference" is faster than plain eager
 PyTorch there.  "ops" passes ``conv_impl="torch"``; the default ``conv_impl="auto"`` is "ops+winograd"
-in inference on an AVX2 CPU, and "ops" in training and on an AVX-512 CPU
-(:func:`attnscale.model.cpu_prefers_onednn`).  "ops" also keeps the model's default ``fc6_impl="auto"``:
-our ``dilated_conv2d`` on an AVX2 CPU, oneDNN on an AVX-512 CPU, cuDNN on a GPU; "ops+fc6" runs fc6
-through our kernel whatever the device.
+in inference on a CPU, and "ops" in training (and on an AVX-512 CPU whose GEMMs run on the BLAS:
+:func:`attnscale.model.cpu_prefers_onednn`, ``ATTNSCALE_CPU_GEMM``).  "ops" also keeps the model's default
+``fc6_impl="auto"``: our ``dilated_conv2d`` on a CPU (oneDNN for training on an AVX-512 CPU), cuDNN on a
+GPU; "ops+fc6" runs fc6 through our kernel whatever the device.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
 Like the train / evaluate / reproduce entry points it keeps freed memory in the process

@@ -1,11 +1,53 @@
 // Python entry point of attnscale._C.  The ops themselves register with the
 // dispatcher (TORCH_LIBRARY_FRAGMENT in csrc/ops/*.cpp) when this library is
-// loaded; the module object carries no functions of its own.
+// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h).
 #include <Python.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstring>
+
+#include "ops/cpu/gemm.h"
+
+namespace {
+
+namespace g = attnscale::cpu_gemm;
+
+PyObject* cpu_gemm(PyObject*, PyObject*) {
+  try {  // the first call reads ATTNSCALE_CPU_GEMM, which may be bad
+    return PyUnicode_FromString(g::name(g::backend()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* set_cpu_gemm(PyObject*, PyObject* arg) {
+  const char* s = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : nullptr;
+  if (s == nullptr || (std::strcmp(s, "blas") != 0 && std::strcmp(s, "onednn") != 0)) {
+    PyErr_SetString(PyExc_ValueError, "set_cpu_gemm: backend must be 'blas' or 'onednn'");
+    return nullptr;
+  }
+  try {
+    return PyUnicode_FromString(g::name(g::set_backend(std::strcmp(s, "onednn") == 0 ? g::Backend::kOneDnn
+                                                                                    : g::Backend::kBlas)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyMethodDef methods[] = {
+    {"cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM backend of the Winograd and fc6 kernels: 'onednn' or 'blas'."},
+    {"set_cpu_gemm", set_cpu_gemm, METH_O, "Set the CPU GEMM backend ('onednn' or 'blas'); returns the previous one."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
 
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "attnscale C++/CUDA ops (see torch.ops.attnscale)", -1, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "attnscale C++/CUDA ops (see torch.ops.attnscale)", -1, methods,
   };
   return PyModule_Create(&module_def);
 }

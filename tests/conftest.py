@@ -15,3 +15,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["blas", "onednn"])
+def cpu_gemm_backend(request):
+    """Run a test with the CPU kernels' GEMMs on each backend (attnscale.ops.set_cpu_gemm), then restore."""
+    from attnscale.ops import has_extension, set_cpu_gemm
+    if not has_extension():
+        pytest.skip("attnscale._C is not built")
+    if request.param == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("this PyTorch has no oneDNN")
+    prev = set_cpu_gemm(request.param)
+    yield request.param
+    set_cpu_gemm(prev)

@@ -118,7 +118,7 @@ def _rel_err(a, e):
     return ((a - e).norm() / e.norm()).item()
 
 
-@pytest.mark.usefixtures("algo")
+@pytest.mark.usefixtures("algo", "cpu_gemm_backend")
 def test_fc6_shape_float32_forward_backward():
     """DeepLab-LargeFOV fc6 at the 0.5 scale of a 321 crop: (1,512,21,21) -> 1024, 3x3, d=12, p=12."""
     x = torch.randn(1, 512, 21, 21, requires_grad=True)

@@ -358,13 +358,24 @@ def test_winograd_convs_equal_torch_convs(impl):
     assert win._winograd_cache["conv1_1"][2] is not before["conv1_1"]
 
 
-@pytest.mark.parametrize("avx512", [False, True])
-def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512):
+def cpu_kind(monkeypatch, avx512: bool, gemm: str) -> None:
+    """Make the model see a CPU with or without AVX-512 whose kernels' GEMMs run on ``gemm``."""
+    import attnscale.model as model_mod
+    monkeypatch.setattr(model_mod, "_AVX512", avx512)
+    monkeypatch.setattr(model_mod, "cpu_gemm", lambda: gemm)
+
+
+CPU_KINDS = [(False, "blas"), (True, "blas"), (True, "onednn")]
+
+
+@pytest.mark.parametrize("avx512,gemm", CPU_KINDS)
+def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512, gemm):
     """conv_impl="auto" (the default) runs the 3x3 layers through Winograd F(2x2, 3x3) where no gradient
     is needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops; on
-    AVX-512 CPUs, where oneDNN is faster (cpu_prefers_onednn), always through nn.Conv2d."""
-    import attnscale.model as model_mod
-    monkeypatch.setattr(model_mod, "cpu_prefers_onednn", lambda: avx512)
+    AVX-512 CPUs whose GEMMs would run on the BLAS, where oneDNN is faster (cpu_prefers_onednn), always
+    through nn.Conv2d."""
+    cpu_kind(monkeypatch, avx512, gemm)
+    onednn_wins = avx512 and gemm == "blas"
     torch.manual_seed(0)
     auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
     assert auto.conv_impl == "auto"
@@ -375,7 +386,7 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
     assert auto._winograd_cache == {}
     with torch.no_grad():
         a, b = auto(x), ref(x)
-    if avx512:
+    if onednn_wins:
         assert auto._winograd_cache == {}
         torch.testing.assert_close(a.merged, b.merged, rtol=0, atol=0)
     else:
@@ -394,23 +405,27 @@ def test_conv_impl_is_checked():
         tiny(conv_impl="fft")
 
 
-@pytest.mark.parametrize("impl,device,avx512,ours", [
-    ("auto", "cpu", False, True), ("auto", "cpu", True, False), ("ops", "cpu", True, True),
-    ("torch", "cpu", False, False), ("auto", "cuda", False, False), ("ops", "cuda", False, True)])
-def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, ours):
-    """fc6_impl: "auto" is our dilated_conv2d on an AVX2 CPU, oneDNN (F.conv2d) on an AVX-512 CPU
-    (cpu_prefers_onednn) and cuDNN on a GPU, where each ran fc6 faster than ours; "ops" / "torch" force
-    one.  The choice follows the input's device."""
+@pytest.mark.parametrize("impl,device,avx512,gemm,grad,ours", [
+    ("auto", "cpu", False, "blas", True, True), ("auto", "cpu", True, "blas", False, False),
+    ("auto", "cpu", True, "onednn", False, True), ("auto", "cpu", True, "onednn", True, False),
+    ("ops", "cpu", True, "blas", True, True), ("torch", "cpu", False, "blas", False, False),
+    ("auto", "cuda", False, "blas", False, False), ("ops", "cuda", False, "blas", False, True)])
+def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, gemm, grad, ours):
+    """fc6_impl: "auto" is our dilated_conv2d on a CPU except where oneDNN ran fc6 faster
+    (cpu_prefers_onednn: on an AVX-512 CPU with a gradient to compute or with BLAS GEMMs), cuDNN on a
+    GPU; "ops" / "torch" force one.  The choice follows the input's device and whether a gradient is
+    needed."""
     import types
     import attnscale.model as model_mod
-    monkeypatch.setattr(model_mod, "cpu_prefers_onednn", lambda: avx512)
+    cpu_kind(monkeypatch, avx512, gemm)
     calls = []
     monkeypatch.setattr(model_mod, "dilated_conv2d", lambda *a, **k: calls.append("ops"))
     monkeypatch.setattr(model_mod, "dilated_conv2d_reference", lambda *a, **k: calls.append("torch"))
     m = tiny(merge=None, scales=(1.0,), extra_supervision=False, use_reference_ops=False, fc6_impl=impl)
     # only the input's device matters to the choice: a stand-in for a CUDA tensor here
     x = types.SimpleNamespace(is_cuda=True) if device == "cuda" else torch.randn(1, m.fc6.in_channels, 5, 5)
-    m._dilated(x, m.fc6)
+    with torch.set_grad_enabled(grad):
+        m._dilated(x, m.fc6)
     assert calls == (["ops"] if ours else ["torch"])
 
 

@@ -136,6 +136,7 @@ def test_random_shapes_match_conv2d_float64(data):
                                rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.usefixtures("cpu_gemm_backend")
 @pytest.mark.parametrize("c,o,hw", [(64, 64, 97), (256, 96, 33), (3, 16, 60)])
 @pytest.mark.parametrize("tile,factor", [(2, 2), (4, 12)])
 def test_float32_rounding_against_direct(c, o, hw, tile, factor):
@@ -269,3 +270,44 @@ def test_weight_transform_fake_checks_as_the_kernel():
             torch.ops.attnscale.winograd_weight(torch.ones(2, 2, 3, 3), 3)
         with pytest.raises(RuntimeError, match=r"weight must be a floating-point \(out, in, 3, 3\)"):
             torch.ops.attnscale.winograd_weight(torch.ones(2, 2, 5, 5), 2)
+
+
+@pytest.mark.parametrize("tile", [2, 4])
+def test_gemm_backends_on_bands(tile):
+    """256 -> 256 channels on 66x66 in float32: several bands of tile rows and a shorter last one, each
+    product over 2^22 multiply-adds (so the oneDNN backend takes it); both GEMM backends agree with the
+    float64 convolution within a few times the float32 direct convolution's error, and with each other."""
+    from attnscale.ops import set_cpu_gemm
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 256, 66, 66, generator=gen)
+    w = torch.randn(256, 256, 3, 3, generator=gen) / 48
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    rel = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    bound = (4 if tile == 2 else 20) * rel(F.conv2d(x, w, padding=1))  # measured: 2.2x and 14x direct's
+    outs = {}
+    for backend in ("blas", "onednn"):
+        prev = set_cpu_gemm(backend)
+        try:
+            outs[backend] = winograd_conv2d(x, w, None, 1, tile=tile)
+        finally:
+            set_cpu_gemm(prev)
+        assert rel(outs[backend]) < bound, (backend, rel(outs[backend]), bound)
+    assert ((outs["onednn"] - outs["blas"]).norm() / exact.norm()).item() < 2 * bound
+
+
+def test_set_cpu_gemm():
+    """The backend switch names its choices, refuses others (also from ATTNSCALE_CPU_GEMM, at import) and
+    returns the previous backend."""
+    import subprocess
+    import sys
+    from attnscale.ops import cpu_gemm, set_cpu_gemm
+    first = cpu_gemm()
+    assert first in ("blas", "onednn")
+    assert set_cpu_gemm("blas") == first and cpu_gemm() == "blas"
+    assert set_cpu_gemm(first) == "blas" and cpu_gemm() == first
+    with pytest.raises(ValueError, match="backend must be 'blas' or 'onednn'"):
+        set_cpu_gemm("mkl")
+    assert cpu_gemm() == first
+    run = subprocess.run([sys.executable, "-c", "import attnscale.ops"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "ATTNSCALE_CPU_GEMM": "mkl"})
+    assert run.returncode != 0 and "ATTNSCALE_CPU_GEMM must be 'blas' or 'onednn', got 'mkl'" in run.stderr

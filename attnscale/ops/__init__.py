@@ -7,11 +7,13 @@
 - :func:`caffe_max_pool2d` — Caffe MAX pooling forward for inference (CPU; used by ``caffe.pool2d``).
 - :func:`caffe_interp` — DeepLab Interp forward for inference (CPU; used by ``caffe.interp``).
 
+The CPU kernels' large GEMMs run on oneDNN or the BLAS (:func:`cpu_gemm`, :func:`set_cpu_gemm`).
+
 Each op needs the compiled extension ``attnscale._C`` (``pip install -e . --no-build-isolation``);
 without it a call raises a RuntimeError that says how to build it.  The references in
 :mod:`attnscale.ops.reference` need nothing but torch.
 """
-from ._ext import has_cuda_kernels, has_extension, require_extension
+from ._ext import cpu_gemm, has_cuda_kernels, has_extension, require_extension, set_cpu_gemm
 from .dilated_conv import dilated_conv2d
 from .interp import caffe_interp
 from .pooling import caffe_max_pool2d
@@ -22,5 +24,5 @@ from .winograd_conv import winograd_applies, winograd_conv2d, winograd_weight
 __all__ = [
     "scale_merge", "scale_merge_reference", "dilated_conv2d", "dilated_conv2d_reference",
     "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp",
-    "has_extension", "has_cuda_kernels", "require_extension",
+    "has_extension", "has_cuda_kernels", "require_extension", "cpu_gemm", "set_cpu_gemm",
 ]

@@ -31,6 +31,30 @@ def require_extension() -> None:
         raise RuntimeError(f"{_BUILD_HINT}\n(import error: {EXTENSION_ERROR})")
 
 
+#: the CPU GEMM backend of the Winograd and fc6 kernels, mirrored here so that torch.compile reads a
+#: constant (set_cpu_gemm keeps both in step)
+_CPU_GEMM = _C.cpu_gemm() if EXTENSION_ERROR is None else "blas"
+
+
+def cpu_gemm() -> str:
+    """The backend of the large float32 GEMMs in our CPU kernels (Winograd's products, fc6's live-tap
+    products): ``"onednn"`` (oneDNN's AVX-512 JIT kernels, through PyTorch's ``mkldnn::_linear_pointwise``) or
+    ``"blas"`` (``at::mm``: MKL on the x86 wheels).  Default: oneDNN on CPUs with AVX-512, where MKL runs
+    its AVX2 code on AMD CPUs (2.1x slower GEMMs on a Zen 5 EPYC), else the BLAS;
+    ``ATTNSCALE_CPU_GEMM=blas|onednn`` overrides it (csrc/ops/cpu/gemm.h)."""
+    return _CPU_GEMM
+
+
+def set_cpu_gemm(backend: str) -> str:
+    """Switch :func:`cpu_gemm` for this process (``"onednn"`` or ``"blas"``); returns the previous one.
+    Models built before keep running; their ``auto`` choices follow the new backend."""
+    global _CPU_GEMM
+    require_extension()
+    prev = _C.set_cpu_gemm(backend)
+    _CPU_GEMM = backend
+    return prev
+
+
 def has_cuda_kernels() -> bool:
     """True when the extension was built with the CUDA kernels of every op."""
     if not has_extension():

@@ -9,7 +9,7 @@
 //   wpack[o, (ky, kx, c)]                     (O x KH*KW*C, row-major).
 // The live kx of one kernel row are consecutive in wpack, so a rectangle is one
 // GEMM with K = K_rect when all kx are live, else one GEMM per live kernel row
-// (K = live_kx * C) on a strided view of wpack.  GEMMs are MKL (at::mm).
+// (K = live_kx * C) on a strided view of wpack.  GEMMs: ops/cpu/gemm.h (oneDNN or MKL).
 //
 // Threading: two parallel regions per batch chunk and group of rectangles
 // (the buffer is kept near L3 size, see kBufferBudget).  Region 1
@@ -31,6 +31,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ops/cpu/gemm.h"
 #include "ops/dilated_conv_checks.h"
 #include "ops/dilated_conv_gemm.h"
 #include "ops/dilated_conv_geometry.h"
@@ -211,13 +212,12 @@ void pack_weight_rows(const T* w, T* wpack, const Geometry& g, int64_t o0, int64
 
 // out (=, or += when accumulate) a @ b for 2-D views with any strides.  Small products run in
 // a plain loop: at::mm's fixed cost (and its thread wake-ups on a busy machine) dominates
-// below ~2^15 multiply-adds; larger ones go to MKL.
+// below ~2^15 multiply-adds; larger ones go to cpu_gemm (oneDNN or MKL).
 template <typename T>
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (M * N * K >= (int64_t(1) << 15)) {
-    if (accumulate) out.addmm_(a, b);
-    else at::mm_out(out, a, b);
+    cpu_gemm::matmul_into(out, a, b, accumulate);
     return;
   }
   T* o = out.data_ptr<T>();

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "ops/cpu/even_odd.h"
+#include "ops/cpu/gemm.h"
 #include "ops/winograd_conv.h"
 
 namespace attnscale {
@@ -303,9 +304,9 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
   int band = static_cast<int>(std::max<int64_t>(1, kBandBytes / per_row));
   band = std::max(band, (kMinTiles + Tw - 1) / Tw);
   band = std::min(band, Th);
-  const int64_t pb = static_cast<int64_t>(band) * Tw;  // tiles per full band: the planes' stride
-  at::Tensor Vt = at::empty({P, C, pb}, x.options());
-  at::Tensor Mt = at::empty({P, K, pb}, x.options());
+  const int64_t pb = static_cast<int64_t>(band) * Tw;  // tiles per full band
+  at::Tensor Vt = at::empty({P * C * pb}, x.options());
+  at::Tensor Mt = at::empty({P * K * pb}, x.options());
   const T* xp = x.data_ptr<T>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
@@ -315,22 +316,23 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
   for (int64_t n = 0; n < N; ++n) {
     for (int ty0 = 0; ty0 < Th; ty0 += band) {
       const int ty1 = std::min(Th, ty0 + band);
+      // the band's planes are dense (P, C, tiles) and (P, K, tiles), also in a shorter last band:
+      // oneDNN's products are slow on other layouts
       const int64_t tiles = static_cast<int64_t>(ty1 - ty0) * Tw;
       at::parallel_for(0, C, grain_c, [&](int64_t c0, int64_t c1) {
         std::vector<T> buf;
         for (int64_t c = c0; c < c1; ++c)
-          input_transform(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * pb, C * pb, buf);
+          input_transform(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * tiles, C * tiles, buf);
       });
-      // M_q = U_q V_q for the P entries q of the tile, on the band's tiles (a narrowed view when
-      // the last band is shorter: leading dimension pb)
-      at::Tensor Mb = Mt.narrow(2, 0, tiles);
-      at::bmm_out(Mb, U, Vt.narrow(2, 0, tiles));
-      TORCH_CHECK(Mb.data_ptr() == Mt.data_ptr() && Mb.stride(2) == 1 && Mb.stride(1) == pb,
-                  "winograd_conv2d: internal error (bmm_out did not write in place)");
+      // M_q = U_q V_q for the P entries q of the tile, on the band's tiles
+      at::Tensor Mb = Mt.narrow(0, 0, P * K * tiles).view({P, K, tiles});
+      cpu_gemm::bmm_into(Mb, U, Vt.narrow(0, 0, P * C * tiles).view({P, C, tiles}));
+      TORCH_CHECK(Mb.data_ptr() == Mt.data_ptr() && Mb.is_contiguous(),
+                  "winograd_conv2d: internal error (the batched product did not write in place)");
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          output_transform(mp + k * pb, K * pb, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
+          output_transform(mp + k * tiles, K * tiles, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
                      op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
       });
     }
