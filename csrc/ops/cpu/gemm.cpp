@@ -92,16 +92,15 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool
   else at::mm_out(out, a, b);
 }
 
-void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+std::vector<at::Tensor> batched_products(const at::Tensor& a, const at::Tensor& b, at::Tensor& out) {
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
-  if (out.scalar_type() != at::kFloat || backend() != Backend::kOneDnn || M * N * K < kOneDnnMin) {
-    at::bmm_out(out, a, b);
-    return;
-  }
-  for (int64_t i = 0; i < a.size(0); ++i) {
-    at::Tensor oi = out.select(0, i);
-    matmul_into(oi, a.select(0, i), b.select(0, i), false);
-  }
+  std::vector<at::Tensor> prods;
+  prods.reserve(static_cast<size_t>(a.size(0)));
+  const bool onednn = out.scalar_type() == at::kFloat && backend() == Backend::kOneDnn && M * N * K >= kOneDnnMin;
+  if (!onednn) at::bmm_out(out, a, b);
+  for (int64_t i = 0; i < a.size(0); ++i)
+    prods.push_back(onednn ? onednn_mm(a.select(0, i), b.select(0, i)) : out.select(0, i));
+  return prods;
 }
 
 }  // namespace cpu_gemm

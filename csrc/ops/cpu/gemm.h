@@ -4,10 +4,13 @@
 // Why two: on AMD CPUs with AVX-512 MKL runs its AVX2 code (about 105 GFLOP/s per core on a Zen 5 EPYC)
 // while oneDNN's JIT kernels run AVX-512 (about 230), so there oneDNN; on AVX2 CPUs MKL.  oneDNN is
 // reached through PyTorch's own operator mkldnn::_linear_pointwise (its symbols are not exported):
-// Y = X W^T for a row-major X and any-strided W, float32, IEEE arithmetic (no reduced-precision mode).
+// Y = X W^T for X with unit column stride and a dense (row- or column-major) W, float32, IEEE arithmetic
+// (no reduced-precision mode).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace attnscale {
 namespace cpu_gemm {
@@ -27,8 +30,9 @@ const char* name(Backend b);
 // and MKL then run on the calling thread).
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
-// out[i] = a[i] @ b[i] for 3-D views (at::bmm_out with the BLAS, one oneDNN product per i otherwise).
-void bmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+// The products a[i] @ b[i] of 3-D tensors, each a dense row-major matrix: with the BLAS the slices of
+// `out` (at::bmm_out), with oneDNN its own results (no copy into `out`).
+std::vector<at::Tensor> batched_products(const at::Tensor& a, const at::Tensor& b, at::Tensor& out);
 
 }  // namespace cpu_gemm
 }  // namespace attnscale

@@ -8,7 +8,7 @@
 //   output transform  Y = A^T M A,   A^T = [1 1 1 0; 0 1 -1 -1]
 // F(4x4, 3x3) likewise with 6x6 input tiles at stride 4 and 36 GEMMs (matrices further down).
 // The image is processed in bands of tile rows; per band the input transform writes V (P, C, tiles),
-// at::bmm computes M (P, K, tiles), and the output transform adds the bias and writes the band's
+// P GEMMs compute M_q (K, tiles) (ops/cpu/gemm.h), and the output transform adds the bias and writes the band's
 // output rows.  Each transform is a loop over one channel's rows (parallel over channels) whose inner
 // loops run over contiguous arrays, so the compiler vectorises them: the input rows are split into
 // their even and odd columns (F(4x4): their 4 column phases) first, which turns the strided tile reads
@@ -112,8 +112,9 @@ void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0,
 }
 
 // Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
+// Entry q of the band's tile t of channel k is planes[q][off + t] (off = k * tiles).
 template <typename T>
-void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias, bool relu,
+void output_transform_rows(const T* const* planes, int64_t off, int ty0, int ty1, int Tw, T bias, bool relu,
                            T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(4) * Tw);
   T* y00 = buf.data();
@@ -123,7 +124,7 @@ void output_transform_rows(const T* __restrict M, int64_t m_plane, int ty0, int 
   for (int ty = ty0; ty < ty1; ++ty) {
     const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
     const T* m[16];
-    for (int q = 0; q < 16; ++q) m[q] = M + q * m_plane + to;
+    for (int q = 0; q < 16; ++q) m[q] = planes[q] + off + to;
     {
       T* __restrict a00 = y00;
       T* __restrict a01 = y01;
@@ -226,9 +227,10 @@ void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0
   }
 }
 
-// Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
+// Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo),
+// planes and off as in output_transform_rows.
 template <typename T>
-void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int ty1, int Tw, T bias, bool relu,
+void output_transform_rows4(const T* const* planes, int64_t off, int ty0, int ty1, int Tw, T bias, bool relu,
                             T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(24 + 16) * Tw);
   T* rr = buf.data();        // rr[(a * 6 + j) * Tw + t]: row a of A^T M
@@ -236,12 +238,12 @@ void output_transform_rows4(const T* __restrict M, int64_t m_plane, int ty0, int
   for (int ty = ty0; ty < ty1; ++ty) {
     const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
     for (int j = 0; j < 6; ++j) {
-      const T* __restrict m0 = M + (0 + j) * m_plane + to;
-      const T* __restrict m1 = M + (6 + j) * m_plane + to;
-      const T* __restrict m2 = M + (12 + j) * m_plane + to;
-      const T* __restrict m3 = M + (18 + j) * m_plane + to;
-      const T* __restrict m4 = M + (24 + j) * m_plane + to;
-      const T* __restrict m5 = M + (30 + j) * m_plane + to;
+      const T* __restrict m0 = planes[0 + j] + off + to;
+      const T* __restrict m1 = planes[6 + j] + off + to;
+      const T* __restrict m2 = planes[12 + j] + off + to;
+      const T* __restrict m3 = planes[18 + j] + off + to;
+      const T* __restrict m4 = planes[24 + j] + off + to;
+      const T* __restrict m5 = planes[30 + j] + off + to;
       T* __restrict r0 = rr + (0 * 6 + j) * Tw;
       T* __restrict r1 = rr + (1 * 6 + j) * Tw;
       T* __restrict r2 = rr + (2 * 6 + j) * Tw;
@@ -311,28 +313,33 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
   T* vp = Vt.data_ptr<T>();
-  const T* mp = Mt.data_ptr<T>();
   const int64_t grain_c = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, P * pb));
   for (int64_t n = 0; n < N; ++n) {
     for (int ty0 = 0; ty0 < Th; ty0 += band) {
       const int ty1 = std::min(Th, ty0 + band);
-      // the band's planes are dense (P, C, tiles) and (P, K, tiles), also in a shorter last band:
-      // oneDNN's products are slow on other layouts
+      // the band's planes are dense (P, C, tiles), also in a shorter last band: oneDNN's products are
+      // slow on other layouts
       const int64_t tiles = static_cast<int64_t>(ty1 - ty0) * Tw;
       at::parallel_for(0, C, grain_c, [&](int64_t c0, int64_t c1) {
         std::vector<T> buf;
         for (int64_t c = c0; c < c1; ++c)
           input_transform(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * tiles, C * tiles, buf);
       });
-      // M_q = U_q V_q for the P entries q of the tile, on the band's tiles
+      // M_q = U_q V_q (K x tiles, row-major) for the P entries q of the tile, on the band's tiles: in Mt
+      // or where oneDNN put them
       at::Tensor Mb = Mt.narrow(0, 0, P * K * tiles).view({P, K, tiles});
-      cpu_gemm::bmm_into(Mb, U, Vt.narrow(0, 0, P * C * tiles).view({P, C, tiles}));
-      TORCH_CHECK(Mb.data_ptr() == Mt.data_ptr() && Mb.is_contiguous(),
-                  "winograd_conv2d: internal error (the batched product did not write in place)");
+      const std::vector<at::Tensor> prods =
+          cpu_gemm::batched_products(U, Vt.narrow(0, 0, P * C * tiles).view({P, C, tiles}), Mb);
+      std::vector<const T*> planes(P);
+      for (int q = 0; q < P; ++q) {
+        TORCH_CHECK(prods[q].is_contiguous() && prods[q].size(0) == K && prods[q].size(1) == tiles,
+                    "winograd_conv2d: internal error (a product is not a dense K x tiles matrix)");
+        planes[q] = prods[q].data_ptr<T>();
+      }
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          output_transform(mp + k * tiles, K * tiles, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
+          output_transform(planes.data(), k * tiles, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
                      op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
       });
     }
