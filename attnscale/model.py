@@ -51,7 +51,7 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     (:func:`attnscale.ops.cpu_gemm`; MKL runs its AVX2 code on AMD CPUs), and for a layer that needs a
     gradient (fc6: ours forward+backward 0.78-1.01x of oneDNN).  With oneDNN GEMMs, Winograd F(2x2, 3x3) ran
     the 3x3 layers 1.26-1.87x and our fc6 forward 1.05-1.38x faster than oneDNN's convolution, and the
-    513x513 inference took 1.10 s against 1.39 s (AMD EPYC Zen 5, 2 threads, benchmarks/RESULTS.md)."""
+    513x513 inference took 1.08 s against 1.34 s (AMD EPYC Zen 5, 2 threads, benchmarks/RESULTS.md)."""
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
 
 
