@@ -73,6 +73,8 @@ const char* name(Backend b) { return b == Backend::kOneDnn ? "onednn" : "blas"; 
 
 Backend backend() { return static_cast<Backend>(current().load(std::memory_order_relaxed)); }
 
+bool uses_onednn(at::ScalarType dtype) { return dtype == at::kFloat && backend() == Backend::kOneDnn; }
+
 Backend set_backend(Backend b) {
   TORCH_CHECK(b != Backend::kOneDnn || onednn_available(),
               "attnscale: oneDNN GEMMs need PyTorch's mkldnn::_linear_pointwise, which this PyTorch lacks");
@@ -81,8 +83,7 @@ Backend set_backend(Backend b) {
 
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
-  if (out.scalar_type() == at::kFloat && backend() == Backend::kOneDnn && M * N * K >= kOneDnnMin && M > 0 &&
-      N > 0 && K > 0) {
+  if (uses_onednn(out.scalar_type()) && M * N * K >= kOneDnnMin) {
     const at::Tensor y = onednn_mm(a, b);
     if (accumulate) out.add_(y);
     else out.copy_(y);
@@ -96,7 +97,7 @@ std::vector<at::Tensor> batched_products(const at::Tensor& a, const at::Tensor& 
   const int64_t M = a.size(1), K = a.size(2), N = b.size(2);
   std::vector<at::Tensor> prods;
   prods.reserve(static_cast<size_t>(a.size(0)));
-  const bool onednn = out.scalar_type() == at::kFloat && backend() == Backend::kOneDnn && M * N * K >= kOneDnnMin;
+  const bool onednn = uses_onednn(out.scalar_type()) && M * N * K >= kOneDnnMin;
   if (!onednn) at::bmm_out(out, a, b);
   for (int64_t i = 0; i < a.size(0); ++i)
     prods.push_back(onednn ? onednn_mm(a.select(0, i), b.select(0, i)) : out.select(0, i));

@@ -24,6 +24,8 @@ Backend backend();
 Backend set_backend(Backend b);
 bool onednn_available();
 const char* name(Backend b);
+// Whether large products of this dtype go to oneDNN now (float32 and the oneDNN backend).
+bool uses_onednn(at::ScalarType dtype);
 
 // out = a @ b (accumulate: out += a @ b) for 2-D float32 / float64 views with any strides; float64
 // and products under ~2^22 multiply-adds always take at::mm.  Safe inside at::parallel_for (oneDNN
