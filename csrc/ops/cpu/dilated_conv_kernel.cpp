@@ -344,9 +344,13 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
   const int64_t nb_max = batch_chunk(full);
   const std::vector<Plan> groups = split_groups(full, nb_max);
   at::Tensor gbuf = at::empty({max_per_image(groups) * nb_max}, go.options());
-  const at::Tensor wpack = weight_in.permute({0, 2, 3, 1}).contiguous().view({g.O, g.KH * g.KW * g.C});
+  // wt[(ky, kx, c), o] = w[o, c, ky, kx]: each thread packs its channel block tap-major (wb below), so
+  // that the live taps of one kernel row (of all rows when every kx is live) are consecutive rows
+  const at::Tensor wt = weight_in.permute({2, 3, 1, 0}).contiguous().view({g.KH * g.KW * g.C, g.O});
   AT_DISPATCH_FLOATING_TYPES(go.scalar_type(), "dilated_conv2d_backward_input_cpu", [&] {
     scalar_t* gxp = gx.data_ptr<scalar_t>();
+    const scalar_t* wtp = wt.data_ptr<scalar_t>();
+    const int64_t taps = g.KH * g.KW;
     for (int64_t n0 = 0; n0 < g.N; n0 += nb_max) {
       const int64_t nb = std::min(nb_max, g.N - n0);
       for (size_t gi = 0; gi < groups.size(); ++gi) {
@@ -357,17 +361,34 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
             for (int64_t b = 0; b < nb; ++b)
               std::memset(gxp + ((n0 + b) * g.C + c0) * g.H * g.W, 0, sizeof(scalar_t) * cc * g.H * g.W);
           }
-          at::Tensor dl = at::empty({cc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
+          // wb[(t, c - c0), o] for the block's channels (t = ky * KW + kx)
+          at::Tensor wb = at::empty({taps * cc, g.O}, go.options());
+          scalar_t* wbp = wb.data_ptr<scalar_t>();
+          for (int64_t t = 0; t < taps; ++t)
+            std::memcpy(wbp + t * cc * g.O, wtp + (t * g.C + c0) * g.O, sizeof(scalar_t) * cc * g.O);
+          at::Tensor dl = at::empty({taps * cc * nb * std::max<int64_t>(1, plan.max_P)}, go.options());
           for (const Rect& rc : plan.live) {
             const int64_t P = rc.P, QL = rc.q.length();
             const at::Tensor gm = block_view(gbuf, rc, nb);
-            at::Tensor dm = dl.narrow(0, 0, cc * nb * P).view({cc, nb * P});
+            // dcol[(tap, c), pix] = sum_o w[o, c, ky, kx] * grad_out_rect[o, pix] for the rectangle's live
+            // taps (row-major in ky, kx) and the block's channels: one product for all of them when every
+            // kx is live, else one per kernel row
+            const int64_t rows = rc.nky * rc.nkx * cc;
+            at::Tensor dm = dl.narrow(0, 0, rows * nb * P).view({rows, nb * P});
+            if (rc.nkx == g.KW) {
+              matmul_into<scalar_t>(dm, wb.narrow(0, rc.r.k_begin * g.KW * cc, rows), gm, false);
+            } else {
+              const int64_t kr = rc.nkx * cc;
+              for (int64_t i = 0; i < rc.nky; ++i) {
+                at::Tensor di = dm.narrow(0, i * kr, kr);
+                matmul_into<scalar_t>(di, wb.narrow(0, ((rc.r.k_begin + i) * g.KW + rc.q.k_begin) * cc, kr), gm,
+                                      false);
+              }
+            }
+            const scalar_t* s = dm.data_ptr<scalar_t>();
             for (int64_t ky = rc.r.k_begin; ky < rc.r.k_end; ++ky) {
               for (int64_t kx = rc.q.k_begin; kx < rc.q.k_end; ++kx) {
-                // dcol[c, pix] = sum_o w[o, c, ky, kx] * grad_out_rect[o, pix] for c in the block
-                matmul_into<scalar_t>(dm, wpack.narrow(1, (ky * g.KW + kx) * g.C + c0, cc).t(), gm, false);
                 const int64_t ix0 = rc.q.start - g.p + kx * g.d;
-                const scalar_t* s = dm.data_ptr<scalar_t>();
                 for (int64_t c = c0; c < c0 + cc; ++c) {
                   for (int64_t b = 0; b < nb; ++b) {
                     scalar_t* dimg = gxp + ((n0 + b) * g.C + c) * g.H * g.W;
