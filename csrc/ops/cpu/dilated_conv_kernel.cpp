@@ -22,8 +22,9 @@
 //
 // Backward: grad_weight accumulates grad_out_rect @ col_rect^T into the live
 // columns of a packed gradient (rectangles and batch chunks in a fixed order);
-// grad_input computes dcol = wpack_tap^T @ grad_out_rect per live tap and
-// adds it back into grad_x (col2im); grad_bias is a sum.
+// grad_input computes dcol = w_rect^T @ grad_out_rect for all live taps of a
+// rectangle at once (the weight packed tap-major per channel block) and adds
+// each tap's rows back into grad_x (col2im); grad_bias is a sum.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
