@@ -18,9 +18,19 @@ namespace {
 // W) is then a visible part of the product.
 constexpr int64_t kOneDnnMin = int64_t(1) << 22;
 
+// PyTorch's oneDNN linear, if this PyTorch has it with the schema onednn_mm calls it by:
+// (Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor.
 std::optional<c10::OperatorHandle> linear_op() {
-  static const std::optional<c10::OperatorHandle> op =
-      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  static const std::optional<c10::OperatorHandle> op = []() -> std::optional<c10::OperatorHandle> {
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    if (!h.has_value() || !h->hasKernelForDispatchKey(c10::DispatchKey::CPU)) return std::nullopt;
+    const auto& args = h->schema().arguments();
+    const char* names[] = {"X", "W", "B", "attr", "scalars", "algorithm"};
+    if (args.size() != 6 || h->schema().returns().size() != 1) return std::nullopt;
+    for (size_t i = 0; i < 6; ++i)
+      if (args[i].name() != names[i]) return std::nullopt;
+    return h;
+  }();
   return op;
 }
 
