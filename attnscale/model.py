@@ -20,7 +20,7 @@ from . import caffe
 from .ops import (cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference,
                   winograd_applies, winograd_conv2d, winograd_weight)
 
-__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "scale_suffix"]
+__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "scale_suffix", "winograd_pays"]
 
 #: VGG-16 DeepLab-LargeFOV trunk: (name, out channels, kernel, pad, dilation) and pools
 #: (name, method, kernel, stride, pad), in Caffe order.
@@ -54,6 +54,20 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     oneDNN's convolution, and the 513x513 inference took 1.08 s against 1.34 s (AMD EPYC Zen 5, 2 threads,
     benchmarks/RESULTS.md)."""
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
+
+
+def winograd_pays(in_channels: int, out_channels: int) -> bool:
+    """Whether ``conv_impl="auto"`` runs a 3x3 inference layer with these channel counts by Winograd F(2x2, 3x3)
+    (where :func:`cpu_prefers_onednn` leaves the choice to us) rather than by oneDNN's convolution.  Winograd's
+    16 products, (out x in) @ (in x tiles), save multiplies, but its transforms read and write every tile
+    once per input and once per output channel: their share of the work goes as 1/in + 1/out, so the
+    rule is ``in * out / (in + out)`` above a threshold.  On AVX-512 36 (oneDNN's convolution at 400-470
+    GFLOP/s on 2 Zen 5 cores): conv1_1 (2.9) ran at 0.28-0.34x of oneDNN, conv1_2 (32) at 0.62-0.85x,
+    conv2_1 (43) at 0.9-1.06x, conv2_2 (64) at 0.94-1.25x, conv3_1 (85) and the wider layers at 1.07-1.65x,
+    and a 513x513 inference with the threshold at 36 or 64 took 7 % less time than with every layer on
+    Winograd, at 20 3 % less.  On AVX2 16: conv1_1 ran at 0.69x, conv1_2 and up at 1.30-1.54x (oneDNN held
+    to AVX2 on the same machine).  benchmarks/RESULTS.md, 2026-11-26, fourteenth session."""
+    return in_channels * out_channels > (36 if _AVX512 else 16) * (in_channels + out_channels)
 
 
 CONV_IMPLS = ("auto", "torch", "winograd", "winograd4")
@@ -98,9 +112,10 @@ class AttentionToScale(nn.Module):
             (F(4x4, 3x3), 4x less arithmetic, float32 errors a few times the direct convolution's), on CPU
             float32/float64 inputs; the dilated conv5 layers by polyphase components; anything else still runs
             through ``nn.Conv2d``.  "auto" (the default) is "winograd" where no gradient is needed (inference
-            on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) and "torch" otherwise, and always
-            "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster (:func:`cpu_prefers_onednn`:
-            AVX-512 with BLAS GEMMs).  Each weight's Winograd transform is kept until the weight changes, so the scales of
+            on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) for the layers with channels enough
+            (:func:`winograd_pays`: conv2_1 and up on AVX-512, conv1_2 and up on AVX2) and "torch" otherwise,
+            and always "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster
+            (:func:`cpu_prefers_onednn`: AVX-512 with BLAS GEMMs).  Each weight's Winograd transform is kept until the weight changes, so the scales of
             one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full net).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
             the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
@@ -253,14 +268,15 @@ class AttentionToScale(nn.Module):
 
     def _conv(self, x, name: str, relu: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
-        (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn`,
-        F(4x4, 3x3) for "winograd4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
+        (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn` or
+        :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
         (a 3x3 stride-1 convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-            impl = "torch" if self.use_reference_ops or needs_grad or cpu_prefers_onednn() else "winograd"
+            impl = "torch" if (self.use_reference_ops or needs_grad or cpu_prefers_onednn()
+                               or not winograd_pays(conv.in_channels, conv.out_channels)) else "winograd"
         if impl == "torch" or not winograd_applies(x, conv):
             return F.relu(conv(x)) if relu else conv(x)
         w = conv.weight
@@ -376,7 +392,9 @@ class AttentionToScale(nn.Module):
             self.train(was_training)
         zoom = caffe.InterpParams(zoom_factor=8)
         scores = caffe.interp(out.merged.float(), zoom)[0, :, :H, :W]
-        label = scores.argmax(0).cpu().numpy()
+        # the first maximal class where several tie, like argmax (NaN counting as the maximum, like argmax);
+        # torch.max's indices over the class axis take 4 ms for 21 x 500 x 375 on 2 CPU threads, argmax 36 ms
+        label = scores.max(0).indices.cpu().numpy()
         label = label.astype(np.uint8 if self.num_classes <= 256 else np.int64)
         att = None
         if out.attention is not None:

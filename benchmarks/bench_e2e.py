@@ -13,11 +13,12 @@ the same run, so the ops' gain shows as a ratio (on a CPU also with the 3x3 conv
 
 Without gradients every variant, "reference" included, uses the CPU inference kernels of
 ``caffe.pool2d`` (max pooling) and ``caffe.interp``, so on a CPU "reference" is faster than plain eager
-PyTorch there.  "ops" passes ``conv_impl="torch"``; the default ``conv_impl="auto"`` is "ops+winograd"
-in inference on a CPU, and "ops" in training (and on an AVX-512 CPU whose GEMMs run on the BLAS:
-:func:`attnscale.model.cpu_prefers_onednn`, ``ATTNSCALE_CPU_GEMM``).  "ops" also keeps the model's default
-``fc6_impl="auto"``: our ``dilated_conv2d`` on a CPU (oneDNN for training on an AVX-512 CPU), cuDNN on a
-GPU; "ops+fc6" runs fc6 through our kernel whatever the device.
+PyTorch there.  "ops" passes ``conv_impl="torch"``; "auto" (CPU) is the model as a user gets it,
+``conv_impl="auto"``: in inference Winograd F(2x2, 3x3) for the layers whose channels pay
+(:func:`attnscale.model.winograd_pays`), oneDNN for the others, and "ops" in training (and on an AVX-512
+CPU whose GEMMs run on the BLAS: :func:`attnscale.model.cpu_prefers_onednn`, ``ATTNSCALE_CPU_GEMM``).
+"ops" and "auto" keep the model's default ``fc6_impl="auto"``: our ``dilated_conv2d`` on a CPU (oneDNN for
+training on an AVX-512 CPU), cuDNN on a GPU; "ops+fc6" runs fc6 through our kernel whatever the device.
 
 Precisions: fp32 everywhere; on CUDA also TF32 and bf16 autocast (channels_last with ``--channels-last``).
 Like the train / evaluate / reproduce entry points it keeps freed memory in the process
@@ -26,7 +27,7 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to).
 
-``--profile`` then runs two more steps of each job's "ops" variant (first precision) under torch.profiler and
+``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
 well under its wall time is bound by launches or the host, not by kernels), the top operators by self time
 with their input shapes (the convolutions' shapes name the layers), and on CUDA the top kernels; the
@@ -49,15 +50,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
-from attnscale.malloc import keep_freed_memory
 from attnscale.model import AttentionToScale
-from timing import write_json
+from timing import add_malloc_option, tune_malloc, write_json
 
 
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" (CPU) | "ops+graph" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" (CPU) | "ops+graph" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -101,7 +101,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
     parts = variant.split("+")
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
                          use_reference_ops=(parts[0] == "reference"),
-                         conv_impl=next((q for q in parts if q.startswith("winograd")), "torch"),
+                         conv_impl="auto" if parts[0] == "auto" else next(
+                             (q for q in parts if q.startswith("winograd")), "torch"),
                          fc6_impl="ops" if "fc6" in parts else "auto").to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
@@ -187,11 +188,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--profile", action="store_true", help="also profile the \"ops\" variant of each job")
-    ap.add_argument("--default-malloc", action="store_true",
-                    help="leave glibc malloc's settings alone (default: attnscale.malloc.keep_freed_memory, as the "
-                         "train / evaluate / reproduce entry points)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
-    malloc_tuned = not args.default_malloc and keep_freed_memory()
+    malloc_tuned = tune_malloc(args)
 
     dev = args.device
     cuda = dev == "cuda"
@@ -203,7 +202,7 @@ def main(argv=None) -> int:
     reps = args.reps or (10 if cuda else 3)
     # ops+fc6: fc6 through our dilated_conv2d whatever fc6_impl="auto" picks on this device; ops+winograd(4):
     # also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or F(4x4, 3x3) (CPU only)
-    variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4"])
+    variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4", "auto"])
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph
     graph_variants = ["ops+graph"] if cuda else []
@@ -229,7 +228,9 @@ def main(argv=None) -> int:
                          if not v.endswith("compile")}
                 n, size = 1, 513
             else:
-                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants}
+                # "auto" trains as "ops" does (oneDNN's convolutions where gradients are needed): not run twice
+                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants
+                         if v != "auto"}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
             for v in times:
@@ -241,8 +242,9 @@ def main(argv=None) -> int:
             if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
                 save_json(args.json, env, rows, profiles, complete=False)
             if args.profile and prec == precisions[0]:
-                profiles.append(profile_step(steps["ops"], dev, 1e3 * statistics.median(times["ops"]))
-                                | {"job": job, "variant": "ops", "precision": prec, "batch": n, "size": size})
+                pv = "auto" if "auto" in steps else "ops"
+                profiles.append(profile_step(steps[pv], dev, 1e3 * statistics.median(times[pv]))
+                                | {"job": job, "variant": pv, "precision": prec, "batch": n, "size": size})
                 if args.json:
                     save_json(args.json, env, rows, profiles, complete=False)
             del steps

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 from attnscale.ops import dilated_conv2d  # noqa: E402
-from timing import write_json  # noqa: E402
+from timing import add_malloc_option, tune_malloc, write_json  # noqa: E402
 
 C_IN, C_OUT, K, DIL, PAD = 512, 1024, 3, 12, 12
 ALL_SHAPES = [(1, 41), (10, 41), (30, 41), (10, 31), (10, 21), (1, 65), (1, 49), (1, 33)]
@@ -271,6 +271,7 @@ def main(argv=None) -> int:
                     help="our implementations to time (default: the device's default, gemm on CUDA, direct on CPU)")
     ap.add_argument("--profile", action="store_true", help="GPU: kernels of ours (bf16 fwd+bwd) at the first shape")
     ap.add_argument("--json", type=str, default=None, help="write all results to this JSON file")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
 
     device = args.device
@@ -295,6 +296,7 @@ def main(argv=None) -> int:
             or platform.machine(), "repeats": repeats, "shape": "N x 512 x H x H -> 1024, 3x3, d=12, p=12"}
     if device == "cpu":
         meta["note"] = "CPU shared with other processes: compare the min-max spreads before trusting ratios"
+        meta["malloc_tuned"] = tune_malloc(args)
         for threads in args.threads:
             torch.set_num_threads(threads)
             for n, h in shapes:

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
 from attnscale.ops._ext import has_cuda_kernels, require_extension  # noqa: E402
-from timing import write_json  # noqa: E402
+from timing import add_malloc_option, tune_malloc, write_json  # noqa: E402
 
 C = 21
 SHAPES = {
@@ -203,12 +203,12 @@ def run(args):
                         rows.append(row)
                         print_row(rows[-1], header=len(rows) == 1)
                         if args.json:  # row by row: a run stopped by a time limit keeps what it measured
-                            save_json(args.json, rows, copy_bw, complete=False)
+                            save_json(args.json, rows, copy_bw, args.malloc_tuned, complete=False)
     return rows, copy_bw
 
 
-def save_json(path: str, rows: list, copy_bw, complete: bool = True) -> None:
-    write_json(path, {"torch": torch.__version__, "copy_bw_gbps": copy_bw, "complete": complete,
+def save_json(path: str, rows: list, copy_bw, malloc_tuned: bool, complete: bool = True) -> None:
+    write_json(path, {"torch": torch.__version__, "copy_bw_gbps": copy_bw, "malloc_tuned": malloc_tuned, "complete": complete,
                       "rows": [asdict(r) for r in rows]}, quiet=not complete)
 
 
@@ -241,14 +241,17 @@ def main(argv=None):
     ap.add_argument("--cuda-only", action="store_true", help="GPU rows only (a GPU machine's time is short)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="also report thread CPU time per call at 1 thread (robust on a shared CPU)")
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
+    args.malloc_tuned = tune_malloc(args)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs visible; medians of 9 interleaved torch.utils.benchmark rounds")
+          f"{os.cpu_count()} CPUs visible; medians of 9 interleaved torch.utils.benchmark rounds; "
+          f"malloc {'tuned (attnscale.malloc.keep_freed_memory)' if args.malloc_tuned else 'as glibc sets it'}")
     rows, copy_bw = run(args)
     if copy_bw is not None:
         print(f"CUDA device-to-device copy bandwidth: {copy_bw:.1f} GB/s ({torch.cuda.get_device_name()})")
     if args.json:
-        save_json(args.json, rows, copy_bw)
+        save_json(args.json, rows, copy_bw, args.malloc_tuned)
 
 
 if __name__ == "__main__":

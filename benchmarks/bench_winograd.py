@@ -1,11 +1,14 @@
 """3x3 convolutions of the share-net: ``winograd_conv2d`` (Winograd F(2x2, 3x3) and F(4x4, 3x3), CPU) vs
 ``F.conv2d``
 (oneDNN's direct convolution), forward and forward+backward, on the layer shapes of the 513x513 test
-image at scale 1 (conv1_2 .. conv4_3 at their sizes, and the attention head's 3072 -> 512 layer).
+image at scale 1 (one layer of each channel pair from conv1_1 to conv4_2 at its size, and the attention
+head's 3072 -> 512 layer).  The column "auto" says which one ``conv_impl="auto"`` runs for the layer in
+inference on this CPU (:func:`attnscale.model.cpu_prefers_onednn`, :func:`attnscale.model.winograd_pays`).
 
-Both are timed in interleaved rounds (median of each), so a slow phase of a shared machine hits both
-alike.  GFLOP/s are nominal: the direct convolution's 2 * H * W * C * K * 9 multiply-adds, for both, so
-the Winograd figures can exceed the machine's FMA peak (they do 16/36 and 9/36 of the multiplies).
+All are timed in interleaved rounds (median of each), so a slow phase of a shared machine hits them
+alike, under the entry points' malloc setting (``--default-malloc``: glibc's; timing.tune_malloc).
+GFLOP/s are nominal: the direct convolution's 2 * H * W * C * K * 9 multiply-adds, for both, so the
+Winograd figures can exceed the machine's FMA peak (they do 16/36 and 9/36 of the multiplies).
 
     python benchmarks/bench_winograd.py                  # 2 and 1 threads
     python benchmarks/bench_winograd.py --threads 2 --json results/winograd.json
@@ -23,13 +26,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
+from attnscale.model import cpu_prefers_onednn, winograd_pays
 from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
-from timing import interleaved_ms, write_json
+from timing import add_malloc_option, interleaved_ms, tune_malloc, write_json
 
 # (name, C, K, H=W) at the 513x513 input's scale 1
 LAYERS = [
+    ("conv1_1", 3, 64, 513),
     ("conv1_2", 64, 64, 513),
+    ("conv2_1", 64, 128, 257),
     ("conv2_2", 128, 128, 257),
+    ("conv3_1", 128, 256, 129),
     ("conv3_2", 256, 256, 129),
     ("conv4_2", 512, 512, 65),
     ("att_conv1", 3072, 512, 65),
@@ -43,11 +50,12 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="", help="comma-separated names (default all)")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--json", default=None)
+    add_malloc_option(ap)
     args = ap.parse_args(argv)
     require_extension()
     layers = [lay for lay in LAYERS if not args.layers or lay[0] in args.layers.split(",")]
     env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d")}
+           "date": time.strftime("%Y-%m-%d"), "malloc_tuned": tune_malloc(args)}
     print(f"# bench_winograd: {env}")
     rows = []
     for threads in args.threads:
@@ -96,19 +104,20 @@ def main(argv=None) -> int:
                 sfx = "" if p == "fwd" else "_fb"
                 d, w2, w4 = ms["direct" + sfx], ms["winograd" + sfx], ms["winograd4" + sfx]
                 flop = gflop if p == "fwd" else 3 * gflop
+                auto = "oneDNN" if p == "fwd+bwd" or cpu_prefers_onednn() or not winograd_pays(c, k) else "F(2x2)"
                 rows.append({"threads": threads, "layer": name, "C": c, "K": k, "hw": hw, "pass": p,
                              "onednn_ms": d, "winograd_ms": w2, "winograd4_ms": w4, "speedup": d / w2,
-                             "speedup4": d / w4, "onednn_gflops": flop / d * 1e3})
+                             "speedup4": d / w4, "onednn_gflops": flop / d * 1e3, "auto": auto})
                 print(f"  thr {threads} {name:9s} {c:4d}->{k:4d} {hw:3d}px {p:7s}  oneDNN {d:8.1f} ms "
                       f"({flop / d * 1e3:5.0f} GFLOP/s)  F(2x2) {w2:8.1f} ms {d / w2:.2f}x  F(4x4) {w4:8.1f} ms "
-                      f"{d / w4:.2f}x", flush=True)
+                      f"{d / w4:.2f}x  auto: {auto}", flush=True)
     print("\n| threads | layer | C -> K | H=W | pass | oneDNN ms (GFLOP/s) | F(2x2,3x3) ms | speed-up | "
-          "F(4x4,3x3) ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "F(4x4,3x3) ms | speed-up | auto |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['threads']} | {r['layer']} | {r['C']} -> {r['K']} | {r['hw']} | {r['pass']} | "
               f"{r['onednn_ms']:.1f} ({r['onednn_gflops']:.0f}) | {r['winograd_ms']:.1f} | {r['speedup']:.2f}x | "
-              f"{r['winograd4_ms']:.1f} | {r['speedup4']:.2f}x |")
+              f"{r['winograd4_ms']:.1f} | {r['speedup4']:.2f}x | {r['auto']} |")
     if args.json:
         write_json(args.json, {"env": env, "rows": rows})
     return 0

@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmarks: medians over interleaved rounds (CPU), the ``--json`` writer, and
-environment variables set for a block.
+"""Helpers shared by the benchmarks: medians over interleaved rounds (CPU), the ``--json`` writer,
+environment variables set for a block, and the allocator setting of the CPU benchmarks.
 
 This machine type drifts by up to +-30 % over minutes, so every variant of a comparison is timed in
 rounds (a, b, c, a, b, c, ...) and only ratios of medians from the same run are reported.
@@ -24,6 +24,22 @@ def interleaved_ms(fns: dict, threads: int, rounds: int, number: int = 1) -> dic
         for k, t in timers.items():
             out[k].append(t.timeit(number).median)
     return {k: statistics.median(v) * 1e3 for k, v in out.items()}
+
+
+def add_malloc_option(ap) -> None:
+    """``--default-malloc`` on a benchmark's argument parser (see :func:`tune_malloc`)."""
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc malloc's settings alone (default: attnscale.malloc.keep_freed_memory, as the "
+                         "train / evaluate / reproduce entry points)")
+
+
+def tune_malloc(args) -> bool:
+    """The CPU benchmarks time what the product's entry points run: under
+    :func:`attnscale.malloc.keep_freed_memory`, unless ``--default-malloc``.  With glibc's defaults every large
+    output is a fresh ``mmap`` whose page faults are timed with the kernel that writes it (oneDNN's 64 -> 64
+    convolution at 513x513: 46 ms tuned, about 100 ms not).  Returns whether the setting took."""
+    from attnscale.malloc import keep_freed_memory
+    return not args.default_malloc and keep_freed_memory()
 
 
 def write_json(path: str, doc: dict, quiet: bool = False) -> None:

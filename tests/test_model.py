@@ -294,6 +294,12 @@ def test_predict_protocol():
     np.testing.assert_array_equal(label, scores[0, :, :30, :41].argmax(0).numpy())
     np.testing.assert_allclose(att, caffe.interp(out.attention, InterpParams(zoom_factor=8))[0, :, :30, :41],
                                rtol=1e-6, atol=1e-7)
+    # tied classes: the first of them, everywhere (classes 1, 2 and 4 score 3 at every pixel)
+    tied = tiny()
+    with torch.no_grad():
+        tied.classifier.weight.zero_()
+        tied.classifier.bias.copy_(torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0]))
+    assert (tied.predict(img, crop_size=49)[0] == 1).all()
     # larger than the crop: padded to the next 8k+1 (50 -> 57), still the image size back
     big = np.zeros((50, 20, 3), np.uint8)
     label2, _ = m.predict(big, crop_size=33)
@@ -370,11 +376,14 @@ CPU_KINDS = [(False, "blas"), (True, "blas"), (True, "onednn")]
 
 @pytest.mark.parametrize("avx512,gemm", CPU_KINDS)
 def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512, gemm):
-    """conv_impl="auto" (the default) runs the 3x3 layers through Winograd F(2x2, 3x3) where no gradient
-    is needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops; on
-    AVX-512 CPUs whose GEMMs would run on the BLAS, where oneDNN is faster (cpu_prefers_onednn), always
-    through nn.Conv2d."""
+    """conv_impl="auto" (the default) runs the 3x3 layers whose channels pay (winograd_pays, stood in for
+    here: the tiny net's layers are all too narrow) through Winograd F(2x2, 3x3) where no gradient is
+    needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops; on AVX-512
+    CPUs whose GEMMs would run on the BLAS, where oneDNN is faster (cpu_prefers_onednn), always through
+    nn.Conv2d."""
+    import attnscale.model as model_mod
     cpu_kind(monkeypatch, avx512, gemm)
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k: c > 3)  # all but conv1_1
     onednn_wins = avx512 and gemm == "blas"
     torch.manual_seed(0)
     auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
@@ -392,12 +401,41 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
     else:
         assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {16}  # F(2x2, 3x3) transforms
         assert "att_conv1" in auto._winograd_cache and ref._winograd_cache == {}
+        assert "conv1_1" not in auto._winograd_cache and "conv1_2" in auto._winograd_cache
     torch.testing.assert_close(a.merged, b.merged, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out.merged.detach(), b.merged, rtol=1e-5, atol=1e-5)
     refops = tiny(merge="attention", dropout=0.0, use_reference_ops=True)
     with torch.no_grad():
         refops(x)
     assert refops._winograd_cache == {}
+
+
+@pytest.mark.parametrize("avx512", [False, True])
+def test_winograd_pays_for_the_wide_layers(monkeypatch, avx512):
+    """winograd_pays on the real net's 3x3 layers (benchmarks/RESULTS.md, fourteenth session): with AVX-512
+    oneDNN's convolution keeps conv1_1 and conv1_2 (at most 32 by in * out / (in + out)), Winograd takes
+    conv2_1 and up and the attention head; on AVX2 only conv1_1 (3 input channels) stays with oneDNN.
+    And the model asks it with each layer's channels (a full-width net's auto inference)."""
+    import attnscale.model as model_mod
+    from attnscale.model import ATT1_OUT, FC7_OUT, TRUNK, winograd_pays
+    monkeypatch.setattr(model_mod, "_AVX512", avx512)
+    layers, c = [], 3
+    for spec in TRUNK:
+        if spec[0] == "conv":
+            layers.append((spec[1], c, spec[2]))
+            c = spec[2]
+    layers.append(("att_conv1", 3 * FC7_OUT, ATT1_OUT))
+    picked = [name for name, cin, cout in layers if winograd_pays(cin, cout)]
+    first = "conv2_1" if avx512 else "conv1_2"
+    assert picked == [name for name, _, _ in layers][[n for n, _, _ in layers].index(first):]
+    cpu_kind(monkeypatch, avx512, "onednn")
+    asked = []
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda cin, cout: asked.append((cin, cout)) or False)
+    m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention")
+    with torch.no_grad():
+        m._conv(torch.randn(1, 3, 9, 9), "conv1_1")
+        m._conv(torch.randn(1, 3 * FC7_OUT, 3, 3), "att_conv1")
+    assert asked == [(3, 64), (3 * FC7_OUT, ATT1_OUT)] and m._winograd_cache == {}
 
 
 def test_conv_impl_is_checked():
