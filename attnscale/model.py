@@ -20,7 +20,8 @@ from . import caffe
 from .ops import (cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference,
                   winograd_applies, winograd_conv2d, winograd_weight)
 
-__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "scale_suffix", "winograd_pays"]
+__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "dilated_pays", "scale_suffix",
+           "winograd_pays"]
 
 #: VGG-16 DeepLab-LargeFOV trunk: (name, out channels, kernel, pad, dilation) and pools
 #: (name, method, kernel, stride, pad), in Caffe order.
@@ -56,18 +57,37 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
 
 
-def winograd_pays(in_channels: int, out_channels: int) -> bool:
-    """Whether ``conv_impl="auto"`` runs a 3x3 inference layer with these channel counts by Winograd F(2x2, 3x3)
-    (where :func:`cpu_prefers_onednn` leaves the choice to us) rather than by oneDNN's convolution.  Winograd's
-    16 products, (out x in) @ (in x tiles), save multiplies, but its transforms read and write every tile
-    once per input and once per output channel: their share of the work goes as 1/in + 1/out, so the
+def winograd_pays(in_channels: int, out_channels: int, out_hw: Sequence[int], dilation: int = 1) -> bool:
+    """Whether ``conv_impl="auto"`` runs a 3x3 inference layer by Winograd F(2x2, 3x3) (where
+    :func:`cpu_prefers_onednn` leaves the choice to us) rather than by oneDNN's convolution, given its channel
+    counts, its output size ``out_hw`` and its dilation.
+
+    Winograd's 16 products, (out x in) @ (in x tiles), save multiplies, but its transforms read and write every
+    tile once per input and once per output channel: their share of the work goes as 1/in + 1/out, so the
     rule is ``in * out / (in + out)`` above a threshold.  On AVX-512 36 (oneDNN's convolution at 400-470
     GFLOP/s on 2 Zen 5 cores): conv1_1 (2.9) ran at 0.28-0.34x of oneDNN, conv1_2 (32) at 0.62-0.85x,
     conv2_1 (43) at 0.9-1.06x, conv2_2 (64) at 0.94-1.25x, conv3_1 (85) and the wider layers at 1.07-1.65x,
     and a 513x513 inference with the threshold at 36 or 64 took 7 % less time than with every layer on
     Winograd, at 20 3 % less.  On AVX2 16: conv1_1 ran at 0.69x, conv1_2 and up at 1.30-1.54x (oneDNN held
-    to AVX2 on the same machine).  benchmarks/RESULTS.md, 2026-11-26, fourteenth session."""
-    return in_channels * out_channels > (36 if _AVX512 else 16) * (in_channels + out_channels)
+    to AVX2 on the same machine).  And the maps must not be small: each of the d x d polyphase components
+    of a dilated layer is its own convolution with its own 16 products, which read the transformed
+    weights again for a few tiles (conv5 at 9x9, d = 2: 0.21x of oneDNN, at 17x17 0.74x, at 33x33 1.05x,
+    49x49 1.23x); undilated 256 -> 256 at 9x9 0.63x, 128 -> 128 at 17x17 0.68x.  So Winograd needs an output
+    of at least 20 d pixels a side.  benchmarks/RESULTS.md, 2026-11-26, fourteenth session."""
+    return (in_channels * out_channels > (36 if _AVX512 else 16) * (in_channels + out_channels)
+            and min(out_hw) >= 20 * dilation)
+
+
+def dilated_pays(hw: Sequence[int], dilation: int) -> bool:
+    """Whether ``fc6_impl="auto"`` runs a CPU inference fc6 of input size ``hw`` through our ``dilated_conv2d``
+    (where :func:`cpu_prefers_onednn` leaves the choice to us) rather than oneDNN's convolution.  Ours splits
+    the output into rectangles with one set of live taps each (the others read padding) and runs one
+    product per rectangle: on a map with no or a thin region where all nine taps are live those products
+    are small, and oneDNN's convolution ran faster on AVX-512 (fc6, 512 -> 1024, d = 12, 2 Zen 5 cores:
+    9x9 0.81x, 13x13 to 25x25 0.48-0.59x, 33x33 1.12x, 49x49 1.17x, 65x65 1.17-1.21x).  So that region must
+    be at least 9 pixels a side there (``min(hw) - 2 d >= 9``: 33 for fc6).  On AVX2 ours won at every
+    size (1.15-1.37x from 9x9 to 49x49, oneDNN held to AVX2).  benchmarks/RESULTS.md, fourteenth session."""
+    return not _AVX512 or min(hw) - 2 * dilation >= 9
 
 
 CONV_IMPLS = ("auto", "torch", "winograd", "winograd4")
@@ -113,13 +133,15 @@ class AttentionToScale(nn.Module):
             float32/float64 inputs; the dilated conv5 layers by polyphase components; anything else still runs
             through ``nn.Conv2d``.  "auto" (the default) is "winograd" where no gradient is needed (inference
             on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) for the layers with channels enough
-            (:func:`winograd_pays`: conv2_1 and up on AVX-512, conv1_2 and up on AVX2) and "torch" otherwise,
+            (:func:`winograd_pays`: conv2_1 and up on AVX-512, conv1_2 and up on AVX2, on maps not too small)
+            and "torch" otherwise,
             and always "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster
             (:func:`cpu_prefers_onednn`: AVX-512 with BLAS GEMMs).  Each weight's Winograd transform is kept until the weight changes, so the scales of
             one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full net).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
             the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
-            CPU unless :func:`cpu_prefers_onednn` (AVX-512 and a gradient, or BLAS GEMMs), "torch" on a GPU,
+            CPU unless :func:`cpu_prefers_onednn` (AVX-512 and a gradient, or BLAS GEMMs) or the map is small
+            (:func:`dilated_pays`: under 33x33 for fc6 on AVX-512), "torch" on a GPU,
             where cuDNN ran fc6 faster than our CUDA kernels (benchmarks/RESULTS.md, 2026-11-26).
             Ignored with ``use_reference_ops``.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
@@ -261,8 +283,9 @@ class AttentionToScale(nn.Module):
     def _dilated(self, x, conv: nn.Conv2d):
         impl = self.fc6_impl
         if impl == "auto":
-            impl = "torch" if x.is_cuda or cpu_prefers_onednn(
-                torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)) else "ops"
+            needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+            impl = "torch" if (x.is_cuda or cpu_prefers_onednn(needs_grad)
+                               or not dilated_pays(x.shape[-2:], conv.dilation[0])) else "ops"
         fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
 
@@ -275,8 +298,10 @@ class AttentionToScale(nn.Module):
         impl = self.conv_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
+            d, p = conv.dilation[0], conv.padding[0]
+            out_hw = (x.shape[-2] + 2 * p - 2 * d, x.shape[-1] + 2 * p - 2 * d)
             impl = "torch" if (self.use_reference_ops or needs_grad or cpu_prefers_onednn()
-                               or not winograd_pays(conv.in_channels, conv.out_channels)) else "winograd"
+                               or not winograd_pays(conv.in_channels, conv.out_channels, out_hw, d)) else "winograd"
         if impl == "torch" or not winograd_applies(x, conv):
             return F.relu(conv(x)) if relu else conv(x)
         w = conv.weight

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                 sfx = "" if p == "fwd" else "_fb"
                 d, w2, w4 = ms["direct" + sfx], ms["winograd" + sfx], ms["winograd4" + sfx]
                 flop = gflop if p == "fwd" else 3 * gflop
-                auto = "oneDNN" if p == "fwd+bwd" or cpu_prefers_onednn() or not winograd_pays(c, k) else "F(2x2)"
+                auto = "oneDNN" if p == "fwd+bwd" or cpu_prefers_onednn() or not winograd_pays(c, k, (hw, hw)) else "F(2x2)"
                 rows.append({"threads": threads, "layer": name, "C": c, "K": k, "hw": hw, "pass": p,
                              "onednn_ms": d, "winograd_ms": w2, "winograd4_ms": w4, "speedup": d / w2,
                              "speedup4": d / w4, "onednn_gflops": flop / d * 1e3, "auto": auto})

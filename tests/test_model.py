@@ -383,7 +383,7 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
     nn.Conv2d."""
     import attnscale.model as model_mod
     cpu_kind(monkeypatch, avx512, gemm)
-    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k: c > 3)  # all but conv1_1
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k, hw, d: c > 3)  # all but conv1_1
     onednn_wins = avx512 and gemm == "blas"
     torch.manual_seed(0)
     auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
@@ -411,31 +411,37 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
 
 
 @pytest.mark.parametrize("avx512", [False, True])
-def test_winograd_pays_for_the_wide_layers(monkeypatch, avx512):
+def test_winograd_pays_for_the_wide_layers_on_large_maps(monkeypatch, avx512):
     """winograd_pays on the real net's 3x3 layers (benchmarks/RESULTS.md, fourteenth session): with AVX-512
     oneDNN's convolution keeps conv1_1 and conv1_2 (at most 32 by in * out / (in + out)), Winograd takes
     conv2_1 and up and the attention head; on AVX2 only conv1_1 (3 input channels) stays with oneDNN.
-    And the model asks it with each layer's channels (a full-width net's auto inference)."""
+    Small maps stay with oneDNN: outputs under 20 pixels a side, 20 per polyphase component of a dilated
+    layer (conv5 of the 513x513 image's 0.5 scale, 33x33 with dilation 2).  The model asks it with each
+    layer's channels, output size and dilation."""
     import attnscale.model as model_mod
     from attnscale.model import ATT1_OUT, FC7_OUT, TRUNK, winograd_pays
     monkeypatch.setattr(model_mod, "_AVX512", avx512)
     layers, c = [], 3
     for spec in TRUNK:
         if spec[0] == "conv":
-            layers.append((spec[1], c, spec[2]))
+            layers.append((spec[1], c, spec[2], spec[4]))
             c = spec[2]
-    layers.append(("att_conv1", 3 * FC7_OUT, ATT1_OUT))
-    picked = [name for name, cin, cout in layers if winograd_pays(cin, cout)]
-    first = "conv2_1" if avx512 else "conv1_2"
-    assert picked == [name for name, _, _ in layers][[n for n, _, _ in layers].index(first):]
+    layers.append(("att_conv1", 3 * FC7_OUT, ATT1_OUT, 1))
+    names = [name for name, _, _, _ in layers]
+    picked = [name for name, cin, cout, _ in layers if winograd_pays(cin, cout, (65, 65))]
+    assert picked == names[names.index("conv2_1" if avx512 else "conv1_2"):]
+    assert winograd_pays(512, 512, (49, 49), 2) and not winograd_pays(512, 512, (33, 33), 2)
+    assert winograd_pays(512, 512, (65, 20)) and not winograd_pays(512, 512, (19, 65))
     cpu_kind(monkeypatch, avx512, "onednn")
     asked = []
-    monkeypatch.setattr(model_mod, "winograd_pays", lambda cin, cout: asked.append((cin, cout)) or False)
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda *a: asked.append(a) or False)
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention")
     with torch.no_grad():
-        m._conv(torch.randn(1, 3, 9, 9), "conv1_1")
+        m._conv(torch.randn(1, 3, 9, 7), "conv1_1")
+        m._conv(torch.randn(1, 512, 11, 13), "conv5_1")
         m._conv(torch.randn(1, 3 * FC7_OUT, 3, 3), "att_conv1")
-    assert asked == [(3, 64), (3 * FC7_OUT, ATT1_OUT)] and m._winograd_cache == {}
+    assert asked == [(3, 64, (9, 7), 1), (512, 512, (11, 13), 2), (3 * FC7_OUT, ATT1_OUT, (3, 3), 1)]
+    assert m._winograd_cache == {}
 
 
 def test_conv_impl_is_checked():
@@ -443,16 +449,17 @@ def test_conv_impl_is_checked():
         tiny(conv_impl="fft")
 
 
-@pytest.mark.parametrize("impl,device,avx512,gemm,grad,ours", [
-    ("auto", "cpu", False, "blas", True, True), ("auto", "cpu", True, "blas", False, False),
-    ("auto", "cpu", True, "onednn", False, True), ("auto", "cpu", True, "onednn", True, False),
-    ("ops", "cpu", True, "blas", True, True), ("torch", "cpu", False, "blas", False, False),
-    ("auto", "cuda", False, "blas", False, False), ("ops", "cuda", False, "blas", False, True)])
-def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, gemm, grad, ours):
+@pytest.mark.parametrize("impl,device,avx512,gemm,grad,ours,size", [
+    ("auto", "cpu", False, "blas", True, True, 33), ("auto", "cpu", True, "blas", False, False, 33),
+    ("auto", "cpu", True, "onednn", False, True, 33), ("auto", "cpu", True, "onednn", True, False, 33),
+    ("auto", "cpu", True, "onednn", False, False, 32), ("auto", "cpu", False, "blas", False, True, 9),
+    ("ops", "cpu", True, "blas", True, True, 9), ("torch", "cpu", False, "blas", False, False, 33),
+    ("auto", "cuda", False, "blas", False, False, 33), ("ops", "cuda", False, "blas", False, True, 33)])
+def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, gemm, grad, ours, size):
     """fc6_impl: "auto" is our dilated_conv2d on a CPU except where oneDNN ran fc6 faster
-    (cpu_prefers_onednn: on an AVX-512 CPU with a gradient to compute or with BLAS GEMMs), cuDNN on a
-    GPU; "ops" / "torch" force one.  The choice follows the input's device and whether a gradient is
-    needed."""
+    (cpu_prefers_onednn: on an AVX-512 CPU with a gradient to compute or with BLAS GEMMs; dilated_pays: on
+    an AVX-512 CPU, maps under 33x33), cuDNN on a GPU; "ops" / "torch" force one.  The choice follows the
+    input's device and size and whether a gradient is needed."""
     import types
     import attnscale.model as model_mod
     cpu_kind(monkeypatch, avx512, gemm)
@@ -461,7 +468,8 @@ def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, gemm, grad
     monkeypatch.setattr(model_mod, "dilated_conv2d_reference", lambda *a, **k: calls.append("torch"))
     m = tiny(merge=None, scales=(1.0,), extra_supervision=False, use_reference_ops=False, fc6_impl=impl)
     # only the input's device matters to the choice: a stand-in for a CUDA tensor here
-    x = types.SimpleNamespace(is_cuda=True) if device == "cuda" else torch.randn(1, m.fc6.in_channels, 5, 5)
+    x = (types.SimpleNamespace(is_cuda=True, shape=(1, 1, size, size)) if device == "cuda"
+         else torch.randn(1, m.fc6.in_channels, size, size + 4))
     with torch.set_grad_enabled(grad):
         m._dilated(x, m.fc6)
     assert calls == (["ops"] if ours else ["torch"])
