@@ -51,9 +51,10 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     (``torch.backends.cpu.get_cpu_capability()``): when our kernels' GEMMs run on the BLAS
     (:func:`attnscale.ops.cpu_gemm`; MKL runs its AVX2 code on AMD CPUs), and for a layer that needs a
     gradient (fc6: ours forward+backward 0.91-1.11x of oneDNN, parity at the training sizes).  With oneDNN
-    GEMMs, Winograd F(2x2, 3x3) ran the 3x3 layers 1.26-1.87x and our fc6 forward 1.06-1.40x faster than
-    oneDNN's convolution, and the 513x513 inference took 1.08 s against 1.34 s (AMD EPYC Zen 5, 2 threads,
-    benchmarks/RESULTS.md)."""
+    GEMMs, Winograd F(2x2, 3x3) ran the 3x3 layers from conv2_1 up 1.04-1.69x faster than oneDNN's
+    convolution (:func:`winograd_pays` for the others) and our fc6 forward 1.10-1.21x at the 513x513 image's
+    sizes (:func:`dilated_pays` for small maps), and the 513x513 inference took 1.07 s against 1.35 s (AMD
+    EPYC Zen 5, 2 threads, benchmarks/RESULTS.md)."""
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
 
 
