@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 
 # Fields that do not change what a run computes (where and how fast it runs, how much it logs).
 RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_reference_ops", "conv_impl",
-              "fc6_impl")
+              "fc6_impl", "channels_last")
 # ... and those that may also change when a run is resumed: how often it snapshots, how long it runs
 # on, where its data and its (already used) init weights now lie.
 RESUME_FREE_FIELDS = RUN_FIELDS + ("snapshot", "max_iter", "data_root", "init")
@@ -45,8 +45,8 @@ class TrainConfig:
     extra_supervision: bool = False
     width: float = 1.0
     use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
-    conv_impl: str = "auto"              # 3x3 convs: "auto" (winograd without grads on an AVX2 CPU, else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
-    fc6_impl: str = "auto"               # fc6: "auto" (our op on an AVX2 CPU, else oneDNN / cuDNN), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
+    conv_impl: str = "auto"              # 3x3 convs: "auto" (CPU inference: Winograd where it pays, model.winograd_pays; else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
+    fc6_impl: str = "auto"               # fc6: "auto" (our op on a CPU where it pays, model.cpu_prefers_onednn / dilated_pays; cuDNN on a GPU), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
@@ -71,6 +71,11 @@ class TrainConfig:
     snapshot: int = 2000                 # checkpoint every N iterations (and at the end)
     display: int = 20                    # log every N iterations
     torch_threads: int = 0               # 0: leave torch's default
+    precision: str = "fp32"              # "fp32" (IEEE float32 as Caffe; on CUDA TF32 off), "tf32" (CUDA: TF32
+                                         # convolutions and matmuls), "bf16" (bfloat16 autocast forward; weights,
+                                         # losses, gradients' accumulation and the solver in float32)
+    channels_last: bool = False          # model and batches in channels_last (NHWC) memory: faster cuDNN;
+                                         # dropout draws its masks in memory order, so other masks than NCHW
 
     def validate(self) -> "TrainConfig":
         self._check_types()
@@ -78,6 +83,10 @@ class TrainConfig:
             raise ValueError(f"config.conv_impl must be 'auto', 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
         if self.fc6_impl not in ("auto", "ops", "torch"):
             raise ValueError(f"config.fc6_impl must be 'auto', 'ops' or 'torch', got {self.fc6_impl!r}")
+        if self.precision not in ("fp32", "tf32", "bf16"):
+            raise ValueError(f"config.precision must be 'fp32', 'tf32' or 'bf16', got {self.precision!r}")
+        if self.precision == "tf32" and not self.device.startswith("cuda"):
+            raise ValueError(f"config.precision 'tf32' is a CUDA mode (TF32 tensor cores); device is {self.device!r}")
         if self.merge not in (None, "max", "avg", "attention"):
             raise ValueError(f"config.merge must be null, 'max', 'avg' or 'attention', got {self.merge!r}")
         if not self.scales:

@@ -363,19 +363,23 @@ class AttentionToScale(nn.Module):
         return ModelOutput(merged=merged, scales=scores, attention=weights)
 
     # -------------------------------------------------------------------------------------- loss
-    def loss(self, out: ModelOutput, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def loss(self, out: ModelOutput, labels: torch.Tensor, labels_checked: bool = False) -> tuple[torch.Tensor, dict]:
         """Caffe ``SoftmaxWithLoss`` (ignore_label 255, normalization VALID) on the merged scores, plus,
         with extra supervision and several scales, one per scale on its own-resolution scores; weight 1 each.
 
         ``labels`` (N,H,W) int at input resolution; each loss gets ``caffe.shrink_label(labels, its size)``.
-        Parts are named like the prototxt's loss layers: ``loss`` (merged), ``loss_res1``, ``loss_res075``,
-        ``loss_res05``.
-        """
+        Returns the total and its parts, named like the prototxt's loss layers: ``loss`` (merged),
+        ``loss_res1``, ``loss_res075``, ``loss_res05``; each part a detached 0-dim tensor (``float()`` reads
+        it), so that a GPU step does not wait for them.  The labels are checked once
+        (:func:`check_labels`: one host sync on a GPU) unless ``labels_checked`` (the training loop checks
+        each batch on the CPU before it goes to the device)."""
         if labels.dim() == 4 and labels.shape[1] == 1:
             labels = labels[:, 0]
         if labels.dim() != 3 or labels.is_floating_point():
             raise ValueError(f"loss: labels must be an integer (N,H,W) tensor, got {labels.dtype} "
                              f"{tuple(labels.shape)}")
+        if not labels_checked:
+            check_labels(labels, out.merged.shape[1])  # shrinking only picks some of them
         terms = [("loss", out.merged)]
         if self.extra_supervision and len(self.scales) > 1:
             terms += [(f"loss_res{scale_suffix(s)}", f) for s, f in zip(self.scales, out.scales)]
@@ -383,8 +387,8 @@ class AttentionToScale(nn.Module):
         parts = {}
         for name, scores in terms:
             lab = caffe.shrink_label(labels, tuple(scores.shape[-2:]))
-            value = softmax_loss(scores, lab)
-            parts[name] = float(value.detach())
+            value = softmax_loss(scores, lab, check=False)
+            parts[name] = value.detach()
             total = value if total is None else total + value
         return total, parts
 
@@ -435,22 +439,34 @@ def _check_crop(crop, name: str) -> None:
         raise ValueError(f"{name} must be a positive int of the form 8k+1 (e.g. 513, 641), got {crop!r}")
 
 
-def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int = caffe.IGNORE_LABEL):
+def check_labels(labels: torch.Tensor, num_classes: int, ignore_label: int = caffe.IGNORE_LABEL) -> None:
+    """ValueError unless every label is ``ignore_label`` or in [0, num_classes) (one host sync for a GPU
+    tensor; nothing while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_label) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(f"label values {labels[bad].unique().tolist()[:8]} are outside [0, {num_classes}) and "
+                         f"not the ignore label {ignore_label}")
+
+
+def softmax_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_label: int = caffe.IGNORE_LABEL,
+                 check: bool = True):
     """Caffe ``SoftmaxWithLoss`` with ``ignore_label`` and the default normalization ``VALID``: the sum of
     ``-log softmax`` at the label over non-ignored pixels of the whole batch divided by their count
     (``max(count, 1)``, as Caffe's ``get_normalizer``).  Caffe's forward takes ``-log(max(prob, FLT_MIN))``,
     so a pixel adds at most ``-log(FLT_MIN)`` = 87.34 to the loss, while its backward is ``prob - 1``
     unclamped: the per-pixel value is clamped here too and the gradient is left alone.  Computed in float32
-    (float64 for float64 scores).  Labels other than ``ignore_label`` must lie in [0, C)."""
+    (float64 for float64 scores).  Labels other than ``ignore_label`` must lie in [0, C) (checked unless
+    ``check=False``: :func:`check_labels`)."""
     if scores.shape[0] != labels.shape[0] or scores.shape[-2:] != labels.shape[-2:]:
         raise ValueError(f"softmax_loss: scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ")
-    C = scores.shape[1]
     valid = labels != ignore_label
-    if not torch.compiler.is_compiling():
-        bad = valid & ((labels < 0) | (labels >= C))
-        if bool(bad.any()):
-            raise ValueError(f"softmax_loss: label values {labels[bad].unique().tolist()[:8]} are outside "
-                             f"[0, {C}) and not the ignore label {ignore_label}")
+    if check:
+        try:
+            check_labels(labels, scores.shape[1], ignore_label)
+        except ValueError as e:
+            raise ValueError(f"softmax_loss: {e}") from None
     x = scores if scores.dtype == torch.float64 else scores.float()
     nll = F.cross_entropy(x, labels.long(), ignore_index=ignore_label, reduction="none")
     nll = nll - (nll - nll.clamp(max=_MAX_PIXEL_LOSS)).detach()   # the value clamped, the gradient not

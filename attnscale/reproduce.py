@@ -16,6 +16,7 @@ numbers demonstrate the machinery and are **not** comparable with the paper's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -156,6 +157,10 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
     return cfg.validate()
 
 
+#: config fields added after rows were first keyed, with the value that computes what the rows did before
+KEY_LATER_FIELDS = {"precision": "fp32"}
+
+
 def config_key(cfg: TrainConfig) -> str:
     """Hash of everything that changes the result (not ``RUN_FIELDS``: device, worker count, out_dir, ...).
     The data enter by what the train and val lists say, not by where they lie: a data root moved
@@ -163,6 +168,9 @@ def config_key(cfg: TrainConfig) -> str:
     d = cfg.to_dict()
     for k in RUN_FIELDS:
         d.pop(k, None)
+    for k, default in KEY_LATER_FIELDS.items():  # fields newer than a row's key leave it as it was at their default
+        if d.get(k) == default:
+            d.pop(k)
     if cfg.dataset != "synthetic":
         from .train import build_list_paths
         lists = {}
@@ -307,22 +315,25 @@ def markdown(spec: TableSpec, results: Dict[str, float], synthetic: bool, note: 
     return "\n".join(lines) + "\n"
 
 
-def run_group(spec: TableSpec, synthetic: bool, init: str, quick: bool = False) -> str:
+def run_group(spec: TableSpec, synthetic: bool, init: str, quick: bool = False, precision: str = "fp32") -> str:
     """The folder under ``OUT/runs`` that holds a table's row runs.  Tables 6 and 7 share theirs
     (same data, same rows); runs from different init files get different folders, even when the
-    files share a name (the folder name holds a hash of the file's absolute path)."""
+    files share a name (the folder name holds a hash of the file's absolute path), and so do runs in
+    another precision than float32 (``-bf16``, ``-tf32``)."""
     group = "synthetic" if synthetic else f"{spec.dataset}-" + (
         os.path.splitext(os.path.basename(init))[0] + "-" +
         hashlib.sha256(os.path.abspath(init).encode()).hexdigest()[:8] if init else "noinit")
-    return group + ("-quick" if quick else "")
+    return group + ("" if precision == "fp32" else f"-{precision}") + ("-quick" if quick else "")
 
 
 def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Sequence[str]] = None,
               iters: int = 0, device: str = "cpu", out: str = "results", quick: bool = False,
               synthetic: Optional[bool] = None, workers: int = 2, max_eval: int = 0,
-              reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "auto") -> dict:
+              reference_ops: bool = False, progress: bool = True, log=print, conv_impl: str = "auto",
+              precision: str = "fp32", channels_last: bool = False) -> dict:
     if table not in TABLES:
         raise ValueError(f"--table must be one of {sorted(TABLES)}, got {table}")
+    TrainConfig(device=device, precision=precision).validate()  # a bad --precision fails before any work
     if max_eval < 0:
         raise ValueError(f"--max-eval must be >= 0 (0: every val image), got {max_eval}")
     spec = TABLES[table]
@@ -348,14 +359,16 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     if not synthetic and not init:
         log("warning: no --init weights: the rows train from random initialisation, which is not "
             "the paper's protocol (it fine-tunes vgg16_20M.caffemodel)")
-    group = run_group(spec, synthetic, init, quick)
+    group = run_group(spec, synthetic, init, quick, precision)
+    run_fields = dict(use_reference_ops=bool(reference_ops), conv_impl=conv_impl, precision=precision,
+                      channels_last=bool(channels_last))
     max_eval = 0 if quick else max_eval
     results, per_row = {}, []
     t_start = time.time()
     pre_ck = ""
     if synthetic:
         pre = synthetic_pretrain_config(os.path.join(out, "runs", group, "pretrain"), device, quick, workers)
-        pre.use_reference_ops, pre.conv_impl = bool(reference_ops), conv_impl
+        pre = dataclasses.replace(pre, **run_fields).validate()
         from .train import CHECKPOINT, train
         pre_ck = os.path.join(pre.out_dir, CHECKPOINT)
         _drop_stale_checkpoint(pre, log)
@@ -369,7 +382,7 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         run_dir = os.path.join(out, "runs", group, row.id)
         cfg = (synthetic_config(row, iters, device, run_dir, quick, workers, pre_ck) if synthetic
                else real_config(spec, row, data_root, init, iters, device, run_dir, workers))
-        cfg.use_reference_ops, cfg.conv_impl = bool(reference_ops), conv_impl
+        cfg = dataclasses.replace(cfg, **run_fields).validate()
         if full_val is None:
             full_val = eval_images(cfg, 0)
         t0 = time.time()
@@ -403,10 +416,11 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         note += (f" Evaluated on the first {', '.join(map(str, partial))} of the {full_val} val images "
                  "(--max-eval), not the whole set.")
     md = markdown(spec, results, synthetic, note)
-    name = f"table{table}" + ("_synthetic" if synthetic else "") + ("_quick" if quick else "")
+    name = (f"table{table}" + ("_synthetic" if synthetic else "") + ("" if precision == "fp32" else f"_{precision}")
+            + ("_quick" if quick else ""))
     doc = {"table": table, "title": spec.title, "dataset": "synthetic" if synthetic else spec.dataset,
            "synthetic": synthetic, "metric": spec.metric, "val_images": full_val, "rows": per_row,
-           "seconds": total, "note": note}
+           "seconds": total, "precision": precision, "note": note}
     from .evaluate import write_json
     write_json(os.path.join(out, f"{name}.json"), doc)
     p = os.path.join(out, f"{name}.md")
@@ -439,7 +453,12 @@ def main(argv=None) -> int:
     ap.add_argument("--conv", default="auto", choices=("auto", "torch", "winograd", "winograd4"),
                     help="3x3 convolutions: torch (oneDNN/cuDNN) or, on a CPU, Winograd F(2x2,3x3) / F(4x4,3x3) "
                          "(attnscale.ops.winograd_conv2d); auto (default): Winograd F(2x2,3x3) where no gradient "
-                         "is needed (evaluation on an AVX2 CPU), torch for training and on AVX-512 CPUs")
+                         "is needed and it is faster (evaluation: attnscale.model.winograd_pays), torch for training")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
+                    help="training precision (config.precision): fp32 as Caffe (default), tf32 (CUDA), bf16 autocast; "
+                         "rows in another precision than fp32 train in runs/<group>-<precision> and report in "
+                         "table<N>_<precision>.json")
+    ap.add_argument("--channels-last", action="store_true", help="NHWC memory for training (faster cuDNN)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     keep_freed_memory()
@@ -450,7 +469,8 @@ def main(argv=None) -> int:
         print("Running on the built-in SYNTHETIC scale data set - these are NOT the paper's numbers.")
     reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
               a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
-              a.reference_ops, not a.no_progress, conv_impl=a.conv)
+              a.reference_ops, not a.no_progress, conv_impl=a.conv, precision=a.precision,
+              channels_last=a.channels_last)
     return 0
 
 

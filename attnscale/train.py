@@ -48,6 +48,7 @@ from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get
 from .data.lists import join_root
 from .data.synthetic import SYNTHETIC_CLASSES
 from .malloc import keep_freed_memory
+from .model import check_labels
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -409,12 +410,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, model_factory: Optional[Callable] = None) -> TrainResult:
     """Train ``cfg.max_iter`` updates (or stop after update ``stop_at``, checkpointing there --
     what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``.  ``cfg.torch_threads``
-    applies for the duration of the call only."""
+    and ``cfg.precision``'s TF32 switches apply for the duration of the call only."""
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
+        # float32 as Caffe computed it unless the config asks for TF32 (PyTorch's default lets cuDNN use it)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
         return _train(cfg, resume, progress, stop_at, model_factory)
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int],
@@ -434,6 +439,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed + rank)
     model = (model_factory or build_model)(cfg).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     it = 0
     if resume and os.path.isfile(ckpt_path):
@@ -466,7 +473,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         log.info("train list: %s (%d images)", os.path.abspath(ds.source.list_path), len(ds.source))
     per_update = cfg.batch_size * cfg.iter_size
     loader = make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, start_sample=it * per_update,
-                         rank=rank, world=world)
+                         rank=rank, world=world, pin_memory=device.type == "cuda")
     batches = iter(loader)
 
     bar = None
@@ -479,6 +486,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     model.train()
     t0 = time.time()
     last = float("nan")
+    n_classes = model.num_classes
+
+    def forward_precision():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else _Null()
 
     def save():
         rngs = rng_state()
@@ -496,20 +507,25 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         rate = caffe_rate(cfg, it)
         set_rate(opt, rate)
         opt.zero_grad(set_to_none=True)
-        total = 0.0
-        parts_sum: Dict[str, float] = {}
+        sums: Dict[str, torch.Tensor] = {}   # the passes' losses, on the device until the update's end
         for k in range(cfg.iter_size):
             x, y = next(batches)
+            check_labels(y, n_classes)  # here, on the CPU: no device sync
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = world == 1 or k == cfg.iter_size - 1
             ctx = net.no_sync() if (world > 1 and not sync) else _Null()
             with ctx:
-                out = net(x)
-                loss, parts = model.loss(out, y)
+                with forward_precision():
+                    out = net(x)
+                loss, parts = model.loss(out, y, labels_checked=True)
                 loss.backward()
-            total += float(loss.detach()) / cfg.iter_size
-            for n, v in parts.items():
-                parts_sum[n] = parts_sum.get(n, 0.0) + float(v) / cfg.iter_size
+            for n, v in (("total", loss.detach()), *parts.items()):
+                sums[n] = sums[n] + v if n in sums else v
+        # the update's one device sync: the losses, averaged over the passes, for the log and the check
+        values = (torch.stack(list(sums.values())).double() / cfg.iter_size).tolist()
+        total, parts_sum = values[0], dict(zip(list(sums)[1:], values[1:]))
         if not math.isfinite(total):
             raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
         params = [p for g in opt.param_groups for p in g["params"]]

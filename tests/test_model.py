@@ -222,8 +222,9 @@ def test_esupv_loss_is_sum_of_independent_losses(merge):
               "loss_res1": _caffe_loss(out.scales[0], lab[:, ::8, ::8]),
               "loss_res075": _caffe_loss(out.scales[1], caffe.shrink_label(lab, 7)),
               "loss_res05": _caffe_loss(out.scales[2], lab[:, ::16, ::16])}
-    for k, v in expect.items():
-        assert parts[k] == pytest.approx(v, rel=1e-5), k
+    for k, v in expect.items():  # the parts: detached 0-dim tensors (no host sync until read)
+        assert parts[k].dim() == 0 and not parts[k].requires_grad
+        assert float(parts[k]) == pytest.approx(v, rel=1e-5), k
     assert total.item() == pytest.approx(sum(expect.values()), rel=1e-5)
     # without E-Supv: only the merged loss, and it is the same number
     m.extra_supervision = False
@@ -243,8 +244,8 @@ def test_merge_choice_changes_the_loss():
         m.load_state_dict(ref.state_dict(), strict=False)
         losses[merge] = m.loss(m(x), lab)[1]
     # per-scale losses are identical (same shared weights), the merged ones differ
-    assert losses["max"]["loss_res05"] == pytest.approx(losses["avg"]["loss_res05"], rel=1e-6)
-    assert len({round(v["loss"], 7) for v in losses.values()}) == 3
+    assert float(losses["max"]["loss_res05"]) == pytest.approx(float(losses["avg"]["loss_res05"]), rel=1e-6)
+    assert len({round(float(v["loss"]), 7) for v in losses.values()}) == 3
 
 
 def test_scale_suffix():
@@ -442,6 +443,23 @@ def test_winograd_pays_for_the_wide_layers_on_large_maps(monkeypatch, avx512):
         m._conv(torch.randn(1, 3 * FC7_OUT, 3, 3), "att_conv1")
     assert asked == [(3, 64, (9, 7), 1), (512, 512, (11, 13), 2), (3 * FC7_OUT, ATT1_OUT, (3, 3), 1)]
     assert m._winograd_cache == {}
+
+
+@pytest.mark.parametrize("conv_impl", ["torch", "winograd"])
+def test_channels_last_model_computes_what_nchw_does(conv_impl):
+    """The model and its input in channels_last (NHWC) memory (config.channels_last): every op, ours
+    included (Winograd, the fused merge, Caffe pooling and Interp), takes it; eval outputs equal NCHW's."""
+    torch.manual_seed(0)
+    a = tiny(merge="attention", extra_supervision=True, use_reference_ops=False, conv_impl=conv_impl).eval()
+    b = tiny(merge="attention", extra_supervision=True, use_reference_ops=False, conv_impl=conv_impl)
+    b.load_state_dict(a.state_dict())
+    b = b.to(memory_format=torch.channels_last).eval()
+    assert b.conv1_1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 57, 49)
+    with torch.no_grad():
+        oa, ob = a(x), b(x.contiguous(memory_format=torch.channels_last))
+    for u, v in [(oa.merged, ob.merged), (oa.attention, ob.attention), *zip(oa.scales, ob.scales)]:
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
 
 
 def test_conv_impl_is_checked():

@@ -113,6 +113,29 @@ def test_run_folders_of_same_named_init_files_differ(tmp_path):
     assert run_group(TABLES[3], False, str(a)) == ga and run_group(TABLES[3], True, "", True) == "synthetic-quick"
 
 
+def test_precision_keeps_old_keys_and_runs_apart(tmp_path):
+    """config.precision is part of a row's key, but at "fp32" (what every row trained before the field
+    existed) the key is the one it had (the value below, from the code before it); a bf16 table trains in
+    its own folders and reports to its own files; --precision tf32 is refused on a CPU before any work."""
+    from attnscale.config import TrainConfig
+    from attnscale.reproduce import config_key, run_group
+    c = TrainConfig(dataset="synthetic", scales=[1.0, 0.5], merge="attention", extra_supervision=True, max_iter=7)
+    assert config_key(c) == "41c9efa57acdb2ea"
+    bf = TrainConfig(**dict(c.to_dict(), precision="bf16"))
+    assert config_key(bf) != config_key(c)
+    assert config_key(TrainConfig(**dict(c.to_dict(), channels_last=True))) == config_key(c)   # a run field
+    assert run_group(TABLES[3], True, "", True, "bf16") == "synthetic-bf16-quick"
+    doc = reproduce(3, quick=True, out=str(tmp_path), progress=False, log=lambda *_: None, workers=0,
+                    rows=["baseline"], precision="bf16", channels_last=True)
+    assert doc["precision"] == "bf16" and (tmp_path / "table3_synthetic_bf16_quick.json").exists()
+    with open(tmp_path / "runs" / "synthetic-bf16-quick" / "baseline" / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["precision"] == "bf16" and cfg["channels_last"] is True
+    with pytest.raises(ValueError, match="'tf32' is a CUDA mode"):
+        reproduce(3, quick=True, out=str(tmp_path / "t"), progress=False, log=lambda *_: None, precision="tf32")
+    assert not (tmp_path / "t").exists()
+
+
 def test_markdown_without_a_value_has_no_nan_difference():
     md = markdown(TABLES[3], {"baseline": float("nan")}, synthetic=False, note="n")
     assert "| Baseline: DeepLab-LargeFOV (1 scale) | 62.28 / – / – |" in md and "nan" not in md

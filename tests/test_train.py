@@ -1,11 +1,13 @@
 """Training: Caffe's SGD rule by hand, step policy, clipping, exact resume, atomic checkpoints, config."""
 import json
+import math
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import attnscale.train as train_mod
 from attnscale.config import TrainConfig
 from attnscale.data import SegDataset, make_loader
 from attnscale.train import (CaffeSGD, atomic_save, build_model, build_source, caffe_rate, clip_gradients,
@@ -360,6 +362,27 @@ def test_resume_on_cuda(tmp_path):
         torch.testing.assert_close(cb["model"][k], v, rtol=1e-3, atol=1e-5, msg=k)
 
 
+@pytest.mark.cuda
+def test_cuda_training_passes_do_not_sync(tmp_path):
+    """On a GPU the passes of an update queue their work without waiting for it: the losses are read once
+    per update and the labels are checked on the CPU, so a run with 3 passes per update makes as many
+    synchronising calls (torch.cuda.set_sync_debug_mode) as one with 1 pass, for the same updates."""
+    import warnings
+    counts = []
+    for i, iter_size in enumerate((1, 3)):
+        cfg = _tiny(tmp_path / str(i), device="cuda", iter_size=iter_size, max_iter=3, dropout=0.0)
+        train(_tiny(tmp_path / "warm", device="cuda", max_iter=1), progress=False)  # CUDA and cuDNN set up
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train(cfg, progress=False)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1], counts
+
+
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
     """--resume continues the same run: a changed batch, iter_size or weight decay would silently mix
     two configs (the data position and the optimizer's groups come from the checkpoint); only the
@@ -410,8 +433,69 @@ def test_config_validation_names_the_field():
                        (dict(synthetic_size=12), "synthetic_size must be >= 14"),
                        (dict(merge="attention"), "one scale: merge must be null"),
                        (dict(extra_supervision=True), "one scale"), (dict(mirror=1), "mirror must be true or false"),
-                       (dict(dropout=1.0), "dropout"), (dict(fc6_impl="cudnn"), "fc6_impl must be")):
+                       (dict(dropout=1.0), "dropout"), (dict(fc6_impl="cudnn"), "fc6_impl must be"),
+                       (dict(precision="fp16"), "precision must be 'fp32', 'tf32' or 'bf16'"),
+                       (dict(precision="tf32"), "'tf32' is a CUDA mode.*'cpu'")):
         with pytest.raises(ValueError, match=words):
             TrainConfig(**bad).validate()
     with pytest.raises(ValueError, match="scales must be a list of numbers"):
         TrainConfig.from_dict({"scales": [1, "a"], "merge": "max"})
+
+
+def test_precision_and_memory_layout(tmp_path, monkeypatch):
+    """config.precision "bf16" runs the forward under bfloat16 autocast (the losses, gradients and solver in
+    float32): the run trains and ends near, not at, the float32 one; config.channels_last (a run field) keeps
+    the model and batches in NHWC memory and computes what NCHW does; TF32 is off during a run unless asked
+    for, and the switches are restored after it; each update reads its losses from the device once."""
+    from attnscale.config import RUN_FIELDS
+    assert "channels_last" in RUN_FIELDS and "precision" not in RUN_FIELDS
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    seen = []
+    real_train = train_mod._train
+    monkeypatch.setattr(train_mod, "_train", lambda *a: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or real_train(*a))
+    torch.backends.cudnn.allow_tf32 = True   # PyTorch's default: a run in float32 turns it off
+    try:
+        r32 = train(_tiny(tmp_path / "fp32"), progress=False)
+        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert len(reads) == 4  # one per update (4 updates of 2 passes)
+    # one update each (the tiny net's later ones are chaotic: its loss jumps to ~90 and back); no dropout:
+    # its masks are drawn in memory order, so NHWC draws others
+    one32, onebf, onecl = (train(_tiny(tmp_path / f"one{i}", max_iter=1, dropout=0.0, **kw), progress=False)
+                           for i, kw in enumerate((dict(), dict(precision="bf16"), dict(channels_last=True))))
+    w32, wbf, wcl = (load_checkpoint(r.checkpoint)["model"] for r in (one32, onebf, onecl))
+    for k, v in w32.items():
+        torch.testing.assert_close(wcl[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    assert math.isfinite(onebf.last_loss) and onebf.last_loss != one32.last_loss
+    assert onebf.last_loss == pytest.approx(one32.last_loss, rel=0.01)
+    init = build_model(_tiny(tmp_path / "init")).state_dict()
+    for k in ("conv1_1.weight", "fc6.weight", "att_conv2.weight"):
+        assert wbf[k].dtype == torch.float32
+        step32, stepbf = w32[k] - init[k], wbf[k] - init[k]
+        assert not torch.equal(stepbf, step32) and step32.abs().max() > 0
+        torch.testing.assert_close(stepbf, step32, rtol=0.1, atol=0.03 * float(step32.abs().max()), msg=k)
+    # precision is part of what a run computes: resuming with another one is refused
+    with pytest.raises(ValueError, match="written by another config: precision 'fp32' there, 'bf16' now"):
+        train(_tiny(tmp_path / "fp32", precision="bf16", max_iter=5), resume=True, progress=False)
+    assert train(_tiny(tmp_path / "fp32", channels_last=True, max_iter=5), resume=True,
+                 progress=False).iterations == 5
+
+
+def test_a_bad_label_is_refused_before_the_batch_leaves_the_cpu(tmp_path, monkeypatch):
+    """The training loop checks each batch's labels on the CPU (model.check_labels), so the device step
+    needs no sync for it; a class id outside [0, C) that is not 255 stops the run with its values."""
+    import attnscale.data.synthetic as synth
+    real = synth.SyntheticSource.load
+
+    def bad_load(self, i):
+        img, lab, name = real(self, i)
+        lab[lab != 255] = 40
+        return img, lab, name
+    monkeypatch.setattr(synth.SyntheticSource, "load", bad_load)
+    with pytest.raises(ValueError, match=r"^label values \[40\] are outside \[0, "):  # not the loss's check
+        train(_tiny(tmp_path / "bad"), progress=False)

@@ -168,11 +168,12 @@ class ResumableSampler(Sampler):
 
 
 def make_loader(dataset: SegDataset, batch_size: int, workers: int = 0, seed: int = 0,
-                start_sample: int = 0, rank: int = 0, world: int = 1) -> DataLoader:
-    """An endless DataLoader over ``dataset`` starting after ``start_sample`` samples."""
+                start_sample: int = 0, rank: int = 0, world: int = 1, pin_memory: bool = False) -> DataLoader:
+    """An endless DataLoader over ``dataset`` starting after ``start_sample`` samples; ``pin_memory`` (for a
+    CUDA run) puts its batches in page-locked memory, so that their copies to the GPU run asynchronously."""
     sampler = ResumableSampler(len(dataset), seed, start_sample, rank, world)
     # A private generator: creating the iterator draws a base seed from it, which would otherwise
     # come from (and shift) the global torch RNG that dropout uses -- breaking exact resume.
     gen = torch.Generator().manual_seed(int(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=True, persistent_workers=False, pin_memory=False, generator=gen)
+                      drop_last=True, persistent_workers=False, pin_memory=pin_memory, generator=gen)
