@@ -213,9 +213,11 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         attention_dir: str = "", attention_images: int = 10, progress: bool = True,
         predictions_dir: str = "", list_path: str = "") -> Dict[str, object]:
     """Evaluate (or, for a list without labels, predict) ``cfg``'s model from ``checkpoint`` on the
-    val list, or on ``list_path`` (DeepLab form, paths under ``cfg.data_root``)."""
+    val list, or on ``list_path`` (DeepLab form, paths under ``cfg.data_root``), in ``cfg.precision``
+    (bf16: the forward under bfloat16 autocast; TF32 on a GPU only for "tf32")."""
     from .data import FileSource
-    from .train import build_source, dataset_classes, num_classes, resolve_list
+    from .train import (build_source, dataset_classes, forward_precision, num_classes, resolve_list,
+                        tf32_switches)
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -223,8 +225,10 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         source = (FileSource(resolve_list(list_path, "", cfg.data_root, "--list"), cfg.data_root, num_classes(cfg),
                              need_labels=False) if list_path else build_source(cfg, "val"))
         model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
-        res = evaluate(model, source, num_classes(cfg), dataset_classes(cfg),
-                       max_images, attention_dir, attention_images, progress, predictions_dir)
+        # the run's arithmetic (config.precision), as in training
+        with tf32_switches(cfg.precision), forward_precision(cfg.precision, torch.device(cfg.device).type):
+            res = evaluate(model, source, num_classes(cfg), dataset_classes(cfg),
+                           max_images, attention_dir, attention_images, progress, predictions_dir)
     finally:
         torch.set_num_threads(threads)
     res["checkpoint"] = checkpoint

@@ -29,6 +29,7 @@ grows with the rank count.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -412,14 +413,31 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
     what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``.  ``cfg.torch_threads``
     and ``cfg.precision``'s TF32 switches apply for the duration of the call only."""
     threads = torch.get_num_threads()
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        # float32 as Caffe computed it unless the config asks for TF32 (PyTorch's default lets cuDNN use it)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.precision == "tf32"
-        return _train(cfg, resume, progress, stop_at, model_factory)
+        with tf32_switches(cfg.precision):
+            return _train(cfg, resume, progress, stop_at, model_factory)
     finally:
         torch.set_num_threads(threads)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+@contextlib.contextmanager
+def tf32_switches(precision: str):
+    """cuDNN's and cuBLAS's TF32 switches on for ``precision`` "tf32" only, for the block (a run, an
+    evaluation), then restored: float32 as Caffe computed it otherwise (PyTorch's default lets cuDNN use
+    TF32)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def forward_precision(precision: str, device_type: str):
+    """The context of a forward pass: bfloat16 autocast for ``precision`` "bf16", else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int],
@@ -488,9 +506,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     last = float("nan")
     n_classes = model.num_classes
 
-    def forward_precision():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.precision == "bf16" else _Null()
-
     def save():
         rngs = rng_state()
         if world > 1:  # every rank takes part in the gather; rank 0 writes
@@ -515,9 +530,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
                 x = x.contiguous(memory_format=torch.channels_last)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             sync = world == 1 or k == cfg.iter_size - 1
-            ctx = net.no_sync() if (world > 1 and not sync) else _Null()
+            ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
-                with forward_precision():
+                with forward_precision(cfg.precision, device.type):
                     out = net(x)
                 loss, parts = model.loss(out, y, labels_checked=True)
                 loss.backward()
@@ -550,14 +565,6 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     if world > 1:
         dist.barrier()
     return TrainResult(ckpt_path, it, secs, last)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def main(argv=None) -> int:

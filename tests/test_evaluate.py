@@ -183,3 +183,30 @@ def test_predictions_of_val_and_of_an_unlabelled_list(tmp_path, capsys):
     test_list.write_text(lines[0] + "\n" + lines[1].split()[0] + "\n")
     with pytest.raises(ValueError, match=r"test.txt:2: this line lacks a label path, line 1 has one"):
         main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "p")])
+
+
+def test_evaluation_runs_in_the_configs_precision(tmp_path, monkeypatch):
+    """evaluate.run computes in config.precision, as training does: the forward under bfloat16 autocast for
+    "bf16" (nothing for "fp32"), TF32 off unless "tf32", the switches restored after."""
+    import dataclasses
+    import torch
+    import attnscale.model as model_mod
+    from attnscale.config import TrainConfig
+    from attnscale.evaluate import run
+    from attnscale.train import train
+    cfg = TrainConfig(dataset="synthetic", scales=[1.0, 0.5], merge="attention", width=1 / 32, crop_size=33,
+                      test_crop_size=33, synthetic_size=33, synthetic_train=2, synthetic_val=2, batch_size=1,
+                      iter_size=1, max_iter=1, workers=0, out_dir=str(tmp_path / "run"), torch_threads=1)
+    train(cfg, progress=False)
+    seen = []
+    real_forward = model_mod.AttentionToScale.forward
+    monkeypatch.setattr(model_mod.AttentionToScale, "forward", lambda self, x: seen.append(
+        (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), torch.backends.cudnn.allow_tf32))
+        or real_forward(self, x))
+    ck = str(tmp_path / "run" / "checkpoint.pt")
+    torch.backends.cudnn.allow_tf32 = True
+    r32 = run(cfg, ck, progress=False)
+    rbf = run(dataclasses.replace(cfg, precision="bf16"), ck, progress=False)
+    assert seen == [(False, torch.bfloat16, False)] * 2 + [(True, torch.bfloat16, False)] * 2
+    assert torch.backends.cudnn.allow_tf32 and not torch.is_autocast_enabled("cpu")
+    assert rbf["num_images"] == r32["num_images"] == 2 and 0 <= rbf["miou"] <= 1
