@@ -58,10 +58,10 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
 
 
-def winograd_pays(in_channels: int, out_channels: int, out_hw: Sequence[int], dilation: int = 1) -> bool:
+def winograd_pays(in_channels: int, out_channels: int, out_hw: Sequence[int]) -> bool:
     """Whether ``conv_impl="auto"`` runs a 3x3 inference layer by Winograd F(2x2, 3x3) (where
     :func:`cpu_prefers_onednn` leaves the choice to us) rather than by oneDNN's convolution, given its channel
-    counts, its output size ``out_hw`` and its dilation.
+    counts and its output size ``out_hw``.
 
     Winograd's 16 products, (out x in) @ (in x tiles), save multiplies, but its transforms read and write every
     tile once per input and once per output channel: their share of the work goes as 1/in + 1/out, so the
@@ -70,13 +70,11 @@ def winograd_pays(in_channels: int, out_channels: int, out_hw: Sequence[int], di
     conv2_1 (43) at 0.9-1.06x, conv2_2 (64) at 0.94-1.25x, conv3_1 (85) and the wider layers at 1.07-1.65x,
     and a 513x513 inference with the threshold at 36 or 64 took 7 % less time than with every layer on
     Winograd, at 20 3 % less.  On AVX2 16: conv1_1 ran at 0.69x, conv1_2 and up at 1.30-1.54x (oneDNN held
-    to AVX2 on the same machine).  And the maps must not be small: each of the d x d polyphase components
-    of a dilated layer is its own convolution with its own 16 products, which read the transformed
-    weights again for a few tiles (conv5 at 9x9, d = 2: 0.21x of oneDNN, at 17x17 0.74x, at 33x33 1.05x,
-    49x49 1.23x); undilated 256 -> 256 at 9x9 0.63x, 128 -> 128 at 17x17 0.68x.  So Winograd needs an output
-    of at least 20 d pixels a side.  benchmarks/RESULTS.md, 2026-11-26, fourteenth session."""
+    to AVX2 on the same machine).  And the maps must not be small, at least 20 pixels a side: 256 -> 256 at
+    9x9 ran at 0.63x, 128 -> 128 at 17x17 0.68x, conv5 (dilation 2) at 17x17 0.9-1.1x and at 9x9 0.8-1.0x.
+    benchmarks/RESULTS.md, 2026-11-26, fourteenth session."""
     return (in_channels * out_channels > (36 if _AVX512 else 16) * (in_channels + out_channels)
-            and min(out_hw) >= 20 * dilation)
+            and min(out_hw) >= 20)
 
 
 def dilated_pays(hw: Sequence[int], dilation: int) -> bool:
@@ -302,7 +300,7 @@ class AttentionToScale(nn.Module):
             d, p = conv.dilation[0], conv.padding[0]
             out_hw = (x.shape[-2] + 2 * p - 2 * d, x.shape[-1] + 2 * p - 2 * d)
             impl = "torch" if (self.use_reference_ops or needs_grad or cpu_prefers_onednn()
-                               or not winograd_pays(conv.in_channels, conv.out_channels, out_hw, d)) else "winograd"
+                               or not winograd_pays(conv.in_channels, conv.out_channels, out_hw)) else "winograd"
         if impl == "torch" or not winograd_applies(x, conv):
             return F.relu(conv(x)) if relu else conv(x)
         w = conv.weight

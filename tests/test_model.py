@@ -384,7 +384,7 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
     nn.Conv2d."""
     import attnscale.model as model_mod
     cpu_kind(monkeypatch, avx512, gemm)
-    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k, hw, d: c > 3)  # all but conv1_1
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k, hw: c > 3)  # all but conv1_1
     onednn_wins = avx512 and gemm == "blas"
     torch.manual_seed(0)
     auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
@@ -416,9 +416,8 @@ def test_winograd_pays_for_the_wide_layers_on_large_maps(monkeypatch, avx512):
     """winograd_pays on the real net's 3x3 layers (benchmarks/RESULTS.md, fourteenth session): with AVX-512
     oneDNN's convolution keeps conv1_1 and conv1_2 (at most 32 by in * out / (in + out)), Winograd takes
     conv2_1 and up and the attention head; on AVX2 only conv1_1 (3 input channels) stays with oneDNN.
-    Small maps stay with oneDNN: outputs under 20 pixels a side, 20 per polyphase component of a dilated
-    layer (conv5 of the 513x513 image's 0.5 scale, 33x33 with dilation 2).  The model asks it with each
-    layer's channels, output size and dilation."""
+    Small maps stay with oneDNN: outputs under 20 pixels a side.  The model asks it with each layer's
+    channels and output size."""
     import attnscale.model as model_mod
     from attnscale.model import ATT1_OUT, FC7_OUT, TRUNK, winograd_pays
     monkeypatch.setattr(model_mod, "_AVX512", avx512)
@@ -431,7 +430,6 @@ def test_winograd_pays_for_the_wide_layers_on_large_maps(monkeypatch, avx512):
     names = [name for name, _, _, _ in layers]
     picked = [name for name, cin, cout, _ in layers if winograd_pays(cin, cout, (65, 65))]
     assert picked == names[names.index("conv2_1" if avx512 else "conv1_2"):]
-    assert winograd_pays(512, 512, (49, 49), 2) and not winograd_pays(512, 512, (33, 33), 2)
     assert winograd_pays(512, 512, (65, 20)) and not winograd_pays(512, 512, (19, 65))
     cpu_kind(monkeypatch, avx512, "onednn")
     asked = []
@@ -441,7 +439,7 @@ def test_winograd_pays_for_the_wide_layers_on_large_maps(monkeypatch, avx512):
         m._conv(torch.randn(1, 3, 9, 7), "conv1_1")
         m._conv(torch.randn(1, 512, 11, 13), "conv5_1")
         m._conv(torch.randn(1, 3 * FC7_OUT, 3, 3), "att_conv1")
-    assert asked == [(3, 64, (9, 7), 1), (512, 512, (11, 13), 2), (3 * FC7_OUT, ATT1_OUT, (3, 3), 1)]
+    assert asked == [(3, 64, (9, 7)), (512, 512, (11, 13)), (3 * FC7_OUT, ATT1_OUT, (3, 3))]
     assert m._winograd_cache == {}
 
 

@@ -115,6 +115,9 @@ def test_double_backward():
     x = torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True)
     w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda x, w: winograd_conv2d(x, w, None, 1), (x, w))
+    x2 = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)  # dilation 2: d/dx by the op, dilated
+    assert torch.autograd.gradcheck(lambda x, w: winograd_conv2d(x, w, None, 2, dilation=2), (x2, w))
+    assert torch.autograd.gradgradcheck(lambda x, w: winograd_conv2d(x, w, None, 2, dilation=2), (x2, w))
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -168,6 +171,34 @@ def test_bands_and_batch_float64(tile):
                                rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("d,hw", [(2, (97, 94)), (3, (50, 61))])
+@TILE_PARAMS
+def test_dilated_bands_cross_components_float64(d, hw, tile):
+    """Dilation by polyphase components, in place: the d x d components' tile rows follow one another and
+    the bands run over all of them, so a band holds the end of one component and the start of the next
+    (64 -> 64 channels, batch 2, float64: bands of 18 to 46 tile rows over components of 8 to 25 tile rows,
+    uneven components on both axes); with the fused ReLU too."""
+    x = torch.randn(2, 64, *hw, dtype=torch.float64)
+    w = torch.randn(64, 64, 3, 3, dtype=torch.float64) / 24
+    b = torch.randn(64, dtype=torch.float64)
+    ref = F.conv2d(x, w, b, padding=d, dilation=d)
+    torch.testing.assert_close(winograd_conv2d(x, w, b, d, dilation=d, tile=tile), ref, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(winograd_conv2d(x, w, b, d, dilation=d, tile=tile, relu=True), F.relu(ref),
+                               rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.usefixtures("cpu_gemm_backend")
+def test_dilated_float32_on_both_gemm_backends():
+    """conv5's shape at the 513x513 image's scale 1 (512 -> 512 at 65x65, dilation 2), float32: its products
+    go to oneDNN or the BLAS; against the float64 convolution within the undilated layer's bound."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 512, 65, 65, generator=gen)
+    w = torch.randn(512, 512, 3, 3, generator=gen) * (2.0 / (9 * 512)) ** 0.5
+    exact = F.conv2d(x.double(), w.double(), padding=2, dilation=2)
+    err = (winograd_conv2d(x, w, None, 2, dilation=2).double() - exact).abs().max().item()
+    assert err <= 2e-6 * exact.abs().max().item(), err
+
+
 def test_precomputed_weight_is_used():
     x = torch.randn(1, 3, 6, 6, dtype=torch.float64)
     w = torch.randn(2, 3, 3, 3, dtype=torch.float64)
@@ -216,6 +247,11 @@ def test_opcheck(tile):
     torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg, wg, u, bg, 1),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg, wg, u, bg, 1, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    x2 = torch.randn(2, 3, 9, 8)  # dilation 2, padding 2: four components
+    torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (x2, w, u, b, 2, False, 2))
+    xg2 = x2.clone().requires_grad_()
+    torch.library.opcheck(torch.ops.attnscale.winograd_conv2d.default, (xg2, wg, u, bg, 2, True, 2),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, require_extension
 
@@ -30,11 +29,11 @@ _OPS_REGISTERED = False
 TILES = (2, 4)  # F(2x2, 3x3) and F(4x4, 3x3)
 
 
-def _out_size(size: int, padding: int) -> int:
-    return size + 2 * padding - 2
+def _out_size(size: int, padding: int, dilation: int = 1) -> int:
+    return size + 2 * padding - 2 * dilation
 
 
-def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
+def _check(x, weight, bias, padding, weight_winograd, tile=None, dilation=1) -> None:
     """Argument checks with messages naming the argument (the C++ kernel repeats them)."""
     for name, t in (("x", x), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
@@ -44,6 +43,8 @@ def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
             raise TypeError(f"winograd_conv2d: {name} must be a torch.Tensor or None, got {type(t).__name__}")
     if isinstance(padding, bool) or not isinstance(padding, int):
         raise TypeError(f"winograd_conv2d: padding must be an int, got {padding!r}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"winograd_conv2d: dilation must be an int >= 1, got {dilation!r}")
     if x.dim() != 4:
         raise ValueError(f"winograd_conv2d: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
@@ -75,10 +76,17 @@ def _check(x, weight, bias, padding, weight_winograd, tile=None) -> None:
                          f"got {tuple(weight_winograd.shape)}")
     if not 0 <= padding <= MAX_GEOMETRY:
         raise ValueError(f"winograd_conv2d: padding must be in [0, {MAX_GEOMETRY}], got {padding}")
-    ho, wo = _out_size(x.shape[2], padding), _out_size(x.shape[3], padding)
+    if dilation > MAX_GEOMETRY:
+        raise ValueError(f"winograd_conv2d: dilation must be in [1, {MAX_GEOMETRY}], got {dilation}")
+    if padding % dilation:
+        raise ValueError(f"winograd_conv2d: padding ({padding}) must be a multiple of the dilation ({dilation})")
+    if dilation > 1 and not _component_sizes_ok(x.shape[2], x.shape[3], padding, dilation):
+        raise ValueError(f"winograd_conv2d: x of spatial size {tuple(x.shape[2:])} with dilation {dilation} and "
+                         f"padding {padding} leaves a polyphase component without output; use F.conv2d")
+    ho, wo = _out_size(x.shape[2], padding, dilation), _out_size(x.shape[3], padding, dilation)
     if ho < 1 or wo < 1:
-        raise ValueError(f"winograd_conv2d: output size H + 2*padding - 2 is ({ho}, {wo}) for x of spatial size "
-                         f"{tuple(x.shape[2:])} and padding {padding}; it must be >= 1")
+        raise ValueError(f"winograd_conv2d: output size H + 2*padding - 2*dilation is ({ho}, {wo}) for x of spatial "
+                         f"size {tuple(x.shape[2:])}, padding {padding} and dilation {dilation}; it must be >= 1")
 
 
 # id(weight) -> (weak reference to it, its version, tile, flipped transposed weight, its transform)
@@ -120,35 +128,37 @@ def _register() -> None:
         return weight.new_empty(((tile + 2) ** 2, weight.shape[0], weight.shape[1]))
 
     @torch.library.register_fake("attnscale::winograd_conv2d")
-    def _conv_fake(x, weight, weight_winograd, bias=None, padding=1, relu=False):
-        _check(x, weight, bias, padding, weight_winograd)
-        return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], padding),
-                            _out_size(x.shape[3], padding)))
+    def _conv_fake(x, weight, weight_winograd, bias=None, padding=1, relu=False, dilation=1):
+        _check(x, weight, bias, padding, weight_winograd, dilation=dilation)
+        return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], padding, dilation),
+                            _out_size(x.shape[3], padding, dilation)))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, weight_winograd, bias, padding, relu = inputs
+        x, weight, weight_winograd, bias, padding, relu, dilation = inputs
         ctx.save_for_backward(x, weight, output if relu else None)
         ctx.has_bias = bias is not None
-        ctx.padding = padding
+        ctx.padding, ctx.dilation = padding, dilation
         ctx.tile = 2 if weight_winograd.shape[0] == 16 else 4
 
     def _backward(ctx, grad_out):
         x, weight, out = ctx.saved_tensors
         if out is not None:  # the fused ReLU: torch.relu's gradient (zero where the output is zero)
             grad_out = grad_out * (out > 0).to(grad_out.dtype)
-        p = ctx.padding
+        p, d = ctx.padding, ctx.dilation
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            if p <= 2:  # a 3x3 convolution with padding 2 - p gives back H = Ho + 2 (2 - p) - 2
+            # a 3x3 convolution, dilation d, padding 2d - p, gives back H = Ho + 2 (2d - p) - 2d; each of its
+            # components has an output where the forward's had an input
+            if p <= 2 * d and _component_sizes_ok(grad_out.shape[2], grad_out.shape[3], 2 * d - p, d):
                 wt, ut = _flipped(weight, ctx.tile)
-                gx = torch.ops.attnscale.winograd_conv2d(grad_out.contiguous(), wt, ut, None, 2 - p)
+                gx = torch.ops.attnscale.winograd_conv2d(grad_out.contiguous(), wt, ut, None, 2 * d - p, False, d)
             else:
-                gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=p)
+                gx = torch.nn.grad.conv2d_input(x.shape, weight, grad_out, padding=p, dilation=d)
         if ctx.needs_input_grad[1]:
-            gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, padding=p)
+            gw = torch.nn.grad.conv2d_weight(x, weight.shape, grad_out, padding=p, dilation=d)
         if ctx.has_bias and ctx.needs_input_grad[3]:
             gb = grad_out.sum((0, 2, 3))
-        return gx, gw, None, gb, None, None
+        return gx, gw, None, gb, None, None, None
 
     torch.library.register_autograd("attnscale::winograd_conv2d", _backward, setup_context=_setup_context)
     _OPS_REGISTERED = True
@@ -205,7 +215,8 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     float32 errors a few times the direct convolution's); implied by ``weight_winograd`` when given.
     Returns (N, O, H + 2p - 2d, W + 2p - 2d).  A dilation d > 1 needs p = d q: the output pixels (i, j)
     with i = a, j = b mod d read only the input's polyphase component x[..., a::d, b::d], so the op runs
-    undilated with padding q on each of the d^2 components (each must have an output).  ``relu=True``
+    undilated with padding q on each of the d^2 components (each must have an output), reading and writing
+    them in place, all components' tiles in the same products.  ``relu=True``
     returns ``F.relu`` of the convolution, fused into the output transform.  Inside a CPU
     ``torch.autocast`` region the inputs run in float32."""
     require_extension()
@@ -214,36 +225,9 @@ def winograd_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
         weight_winograd = None if weight_winograd is None else weight_winograd.to(dt)
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f"winograd_conv2d: dilation must be an int >= 1, got {dilation!r}")
-    _check(x, weight, bias, padding, weight_winograd, tile)
-    d = dilation
-    if d > 1:
-        if padding % d:
-            raise ValueError(f"winograd_conv2d: padding ({padding}) must be a multiple of the dilation ({d})")
-        if not _component_sizes_ok(x.shape[2], x.shape[3], padding, d):
-            raise ValueError(f"winograd_conv2d: x of spatial size {tuple(x.shape[2:])} with dilation {d} and "
-                             f"padding {padding} leaves a polyphase component without output; use F.conv2d")
+    _check(x, weight, bias, padding, weight_winograd, tile, dilation)
     if not isinstance(relu, bool):
         raise TypeError(f"winograd_conv2d: relu must be a bool, got {relu!r}")
     if weight_winograd is None:
         weight_winograd = winograd_weight(weight, tile or 2)
-    if d == 1:
-        return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding, relu)
-    q = padding // d
-    parts = [torch.ops.attnscale.winograd_conv2d(x[:, :, a::d, b::d].contiguous(), weight, weight_winograd, bias, q,
-                                                 relu)
-             for a in range(d) for b in range(d)]
-    n, o = x.shape[0], weight.shape[0]
-    h, w = x.shape[2] + 2 * padding - 2 * d, x.shape[3] + 2 * padding - 2 * d
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))):
-        out = x.new_empty((n, o, h, w))
-        for i, y in enumerate(parts):
-            out[:, :, i // d::d, i % d::d] = y
-        return out
-    # with autograd: interleave without in-place writes (pad every component to ceil(h / d) rows and
-    # ceil(w / d) columns, stack, permute, crop)
-    hh, ww = -(-h // d), -(-w // d)
-    grid = torch.stack([F.pad(y, (0, ww - y.shape[3], 0, hh - y.shape[2])) for y in parts], 0)
-    grid = grid.view(d, d, n, o, hh, ww).permute(2, 3, 4, 0, 5, 1)  # (n, o, i, a, j, b)
-    return grid.reshape(n, o, hh * d, ww * d)[:, :, :h, :w]
+    return torch.ops.attnscale.winograd_conv2d(x, weight, weight_winograd, bias, padding, relu, dilation)

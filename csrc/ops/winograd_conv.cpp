@@ -1,6 +1,6 @@
-// Schema of attnscale::winograd_conv2d: a 3x3, stride-1, dilation-1 convolution with zero padding
-// (Caffe Convolution with kernel_size 3, pad p: every DeepLab trunk layer conv1_1 .. conv4_3 and
-// the attention head's 3x3 layer) computed with Winograd's minimal filtering F(2x2, 3x3).
+// Schema of attnscale::winograd_conv2d: a 3x3, stride-1 convolution with zero padding (Caffe Convolution
+// with kernel_size 3, pad p, dilation d: every DeepLab trunk layer conv1_1 .. conv5_3 and the attention
+// head's 3x3 layer) computed with Winograd's minimal filtering F(2x2, 3x3) or F(4x4, 3x3).
 //
 //   Y = A^T [ (G g G^T) (.) (B^T d B) ] A   per 2x2 output tile, 4x4 input tile d
 //
@@ -17,8 +17,9 @@
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("winograd_weight(Tensor weight, int tile=2) -> Tensor");
-  // relu: the ReLU that follows every such layer in DeepLab, fused into the output transform
+  // relu: the ReLU that follows every such layer in DeepLab, fused into the output transform; dilation d
+  // (padding d q): the d x d polyphase components, each an undilated convolution with padding q (conv5)
   m.def(
       "winograd_conv2d(Tensor x, Tensor weight, Tensor weight_winograd, Tensor? bias=None, int padding=1, "
-      "bool relu=False) -> Tensor");
+      "bool relu=False, int dilation=1) -> Tensor");
 }

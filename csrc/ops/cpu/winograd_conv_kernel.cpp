@@ -7,6 +7,9 @@
 //   products          M_ij = U_ij V_ij summed over input channels: 16 GEMMs (out x in) @ (in x tiles)
 //   output transform  Y = A^T M A,   A^T = [1 1 1 0; 0 1 -1 -1]
 // F(4x4, 3x3) likewise with 6x6 input tiles at stride 4 and 36 GEMMs (matrices further down).
+// Dilation d (padding d q) by the d x d polyphase components x[a::d, b::d], each an undilated convolution
+// with padding q whose outputs are the pixels (a + i d, b + j d): their tile rows follow one another in
+// the bands below (see forward_impl).
 // The image is processed in bands of tile rows; per band the input transform writes V (P, C, tiles),
 // P GEMMs compute M_q (K, tiles) (ops/cpu/gemm.h), and the output transform adds the bias and writes the band's
 // output rows.  Each transform is a loop over one channel's rows (parallel over channels) whose inner
@@ -30,14 +33,26 @@ namespace attnscale {
 namespace winograd {
 namespace {
 
-// prow[q] = x[row][q - pad] for q in [0, n): one input row with its zero padding (all zero outside
-// the image).
+// A plane of T: element (r, c) at p[r * rs + c * cs] for r in [0, h), c in [0, w).  One channel of an image
+// (rs = its width, cs = 1) or one polyphase component of it, x[a::d, b::d] (rs = d * width, cs = d).
 template <typename T>
-inline void padded_row(const T* __restrict x, int H, int W, int pad, int row, int n, T* __restrict prow) {
+struct Plane {
+  T* p;
+  int h, w;
+  int64_t rs;
+  int cs;
+};
+
+// prow[q] = x[row][q - pad] for q in [0, n): one input row with its zero padding (all zero outside
+// the plane).  Input planes have dense rows (cs = 1: a dilated layer's input is split into its components
+// first).
+template <typename T>
+inline void padded_row(const Plane<const T>& x, int pad, int row, int n, T* __restrict prow) {
   std::fill(prow, prow + n, T(0));
-  if (row < 0 || row >= H) return;
-  const int lo = std::min(pad, n), hi = std::min(n, W + pad);
-  if (hi > lo) std::copy(x + static_cast<int64_t>(row) * W + (lo - pad), x + static_cast<int64_t>(row) * W + (hi - pad), prow + lo);
+  if (row < 0 || row >= x.h) return;
+  const int lo = std::min(pad, n), hi = std::min(n, x.w + pad);
+  const T* __restrict src = x.p + static_cast<int64_t>(row) * x.rs;
+  if (hi > lo) std::copy(src + (lo - pad), src + (hi - pad), prow + lo);
 }
 
 // torch.relu's value: 0 for v < 0, v otherwise (NaN propagates: the comparison is false).
@@ -46,21 +61,26 @@ inline T relu_of(T v) {
   return v < T(0) ? T(0) : v;
 }
 
-// One output row from its NP column phases: orow[NP t + b] = ys[b][t] for the Wo columns, through the fused
-// ReLU when asked (torch.relu's values, NaN stays NaN).
+// One output row from its NP column phases: orow[(NP t + b) cs] = ys[b][t] for the Wo columns, through the
+// fused ReLU when asked (torch.relu's values, NaN stays NaN).
 template <int NP, typename T>
-inline void store_phases(const T* const ys[NP], int Wo, bool relu, T* __restrict orow) {
+inline void store_phases(const T* const ys[NP], int Wo, bool relu, T* __restrict orow, int cs) {
   const int full = Wo / NP;
   const auto val = [relu](T v) { return relu ? relu_of(v) : v; };  // loop-invariant: unswitched by the compiler
-  for (int t = 0; t < full; ++t)
-    for (int b = 0; b < NP; ++b) orow[NP * t + b] = val(ys[b][t]);
-  for (int b = 0; b < Wo - NP * full; ++b) orow[NP * full + b] = val(ys[b][full]);
+  if (cs == 1) {
+    for (int t = 0; t < full; ++t)
+      for (int b = 0; b < NP; ++b) orow[NP * t + b] = val(ys[b][t]);
+  } else {
+    for (int t = 0; t < full; ++t)
+      for (int b = 0; b < NP; ++b) orow[static_cast<int64_t>(NP * t + b) * cs] = val(ys[b][t]);
+  }
+  for (int b = 0; b < Wo - NP * full; ++b) orow[static_cast<int64_t>(NP * full + b) * cs] = val(ys[b][full]);
 }
 
-// Input transform of tile rows [ty0, ty1) of channel c of one image x (H, W) into V: entry
-// (i * 4 + j) of tile (ty, tx) at V[(i * 4 + j) * v_plane + (ty - ty0) * Tw + tx].
+// Input transform of tile rows [ty0, ty1) of one input plane x (a channel or a component of it) into V:
+// entry (i * 4 + j) of tile (ty, tx) at V[(i * 4 + j) * v_plane + (ty - ty0) * Tw + tx].
 template <typename T>
-void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0, int ty1, int Tw,
+void input_transform_rows(const Plane<const T>& x, int pad, int ty0, int ty1, int Tw,
                           T* __restrict V, int64_t v_plane, std::vector<T>& buf) {
   const int L = Tw + 1;  // tile tx reads even/odd columns tx and tx + 1
   buf.resize(static_cast<size_t>(12) * L);
@@ -75,7 +95,7 @@ void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0,
   T* uo = prow + L;                                    // and odd columns
   for (int ty = ty0; ty < ty1; ++ty) {
     for (int r = 0; r < 4; ++r) {
-      padded_row(x, H, W, pad, 2 * ty - pad + r, 2 * L, prow);
+      padded_row(x, pad, 2 * ty - pad + r, 2 * L, prow);
       split_even_odd(prow, L, ev[r], od[r]);
     }
     const int64_t to = static_cast<int64_t>(ty - ty0) * Tw;
@@ -111,11 +131,12 @@ void input_transform_rows(const T* __restrict x, int H, int W, int pad, int ty0,
   }
 }
 
-// Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo).
-// Entry q of the band's tile t of channel k is planes[q][off + t] (off = k * tiles).
+// Output transform of tile rows [ty0, ty1) of one output plane (a channel, or a component of it, of
+// size out.h x out.w): Y = A^T M A + bias.  Entry q of the band's tile t of channel k is planes[q][off + t]
+// (off = k * tiles + the rows' first tile in the band).
 template <typename T>
 void output_transform_rows(const T* const* planes, int64_t off, int ty0, int ty1, int Tw, T bias, bool relu,
-                           T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
+                           const Plane<T>& out, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(4) * Tw);
   T* y00 = buf.data();
   T* y01 = y00 + Tw;
@@ -144,9 +165,9 @@ void output_transform_rows(const T* const* planes, int64_t off, int ty0, int ty1
     }
     for (int dy = 0; dy < 2; ++dy) {
       const int y = 2 * ty + dy;
-      if (y >= Ho) break;
+      if (y >= out.h) break;
       const T* ys[2] = {dy == 0 ? y00 : y10, dy == 0 ? y01 : y11};
-      store_phases<2>(ys, Wo, relu, out + static_cast<int64_t>(y) * Wo);
+      store_phases<2>(ys, out.w, relu, out.p + static_cast<int64_t>(y) * out.rs, out.cs);
     }
   }
 }
@@ -183,12 +204,12 @@ inline void bt6(const T* const d[6], T* const o[6], int n) {
   }
 }
 
-// Input transform of tile rows [ty0, ty1) of one channel (H, W) into V: entry (6 i + j) of tile (ty, tx) at
+// Input transform of tile rows [ty0, ty1) of one input plane into V: entry (6 i + j) of tile (ty, tx) at
 // V[(6 i + j) * v_plane + (ty - ty0) * Tw + tx].  Each of the tile row's 6 input rows is copied into a
 // zero-padded row (padded_row) and split into its 4 column phases (x[4 t + m]); B^T runs over the rows on the phase
 // arrays, then over the columns: tile tx's columns are phases 0..3 at t = tx and phases 0, 1 at tx + 1.
 template <typename T>
-void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0, int ty1, int Tw,
+void input_transform_rows4(const Plane<const T>& x, int pad, int ty0, int ty1, int Tw,
                            T* __restrict V, int64_t v_plane, std::vector<T>& buf) {
   const int L = Tw + 1;             // phase entries per row
   const int R = 4 * L;              // padded row
@@ -202,7 +223,7 @@ void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0
   for (int ty = ty0; ty < ty1; ++ty) {
     for (int r = 0; r < 6; ++r) {
       T* p0 = ph + static_cast<size_t>(r * 4) * L;
-      padded_row(x, H, W, pad, 4 * ty - pad + r, 4 * L, prow);
+      padded_row(x, pad, 4 * ty - pad + r, 4 * L, prow);
       split_even_odd(prow, 2 * L, ev, od);                  // x[2u], x[2u + 1]
       split_even_odd(ev, L, p0 + 0 * L, p0 + 2 * L);        // phases 0, 2
       split_even_odd(od, L, p0 + 1 * L, p0 + 3 * L);        // phases 1, 3
@@ -227,11 +248,11 @@ void input_transform_rows4(const T* __restrict x, int H, int W, int pad, int ty0
   }
 }
 
-// Output transform of tile rows [ty0, ty1) of output channel k: Y = A^T M A + bias into out (Ho, Wo),
-// planes and off as in output_transform_rows.
+// Output transform of tile rows [ty0, ty1) of one output plane: Y = A^T M A + bias, planes and off as in
+// output_transform_rows.
 template <typename T>
 void output_transform_rows4(const T* const* planes, int64_t off, int ty0, int ty1, int Tw, T bias, bool relu,
-                            T* __restrict out, int Ho, int Wo, std::vector<T>& buf) {
+                            const Plane<T>& out, std::vector<T>& buf) {
   buf.resize(static_cast<size_t>(24 + 16) * Tw);
   T* rr = buf.data();        // rr[(a * 6 + j) * Tw + t]: row a of A^T M
   T* yy = rr + 24 * Tw;      // yy[(a * 4 + b) * Tw + t]
@@ -277,9 +298,9 @@ void output_transform_rows4(const T* const* planes, int64_t off, int ty0, int ty
     }
     for (int a = 0; a < 4; ++a) {
       const int y = 4 * ty + a;
-      if (y >= Ho) break;
+      if (y >= out.h) break;
       const T* ys[4] = {yy + (a * 4 + 0) * Tw, yy + (a * 4 + 1) * Tw, yy + (a * 4 + 2) * Tw, yy + (a * 4 + 3) * Tw};
-      store_phases<4>(ys, Wo, relu, out + static_cast<int64_t>(y) * Wo);
+      store_phases<4>(ys, out.w, relu, out.p + static_cast<int64_t>(y) * out.rs, out.cs);
     }
   }
 }
@@ -293,9 +314,51 @@ constexpr int kMinTiles = 384;
 // layers' narrower bands ran 15-20 % slower (a 2-core Zen 5; the larger layers are unchanged).
 constexpr int64_t kOneDnnProductMacs = int64_t(1) << 24;
 
-// Tile = 2: F(2x2, 3x3), 16 planes; Tile = 4: F(4x4, 3x3), 36 planes.
+// One polyphase component (a, b) of a dilated convolution (d > 1, padding d q): the output pixels (a + i d,
+// b + j d) read only x[a::d, b::d], through the undilated 3x3 kernel with padding q.  With d = 1 the one
+// component is the image.  first: its first tile row among all components' (the "virtual" tile rows that
+// the bands run over).
+struct Component {
+  int a, b;
+  int h, w;    // its input rows and columns
+  int ho, wo;  // its output rows and columns
+  int th;      // its tile rows
+  int first;
+  int64_t at;  // its offset in a channel of the split input (the components one after another)
+};
+
+// One channel of x (H, W) split into its d x d polyphase components, each dense (h, w) at dst + c.at: the
+// transforms then read unit-stride rows.  d = 2 through split_even_odd (the even and odd columns of a row
+// at once).
+template <typename T>
+void split_components(const T* __restrict x, int H, int W, int d, const std::vector<Component>& comps,
+                      T* __restrict dst) {
+  if (d == 2) {
+    for (int a = 0; a < 2; ++a) {
+      const Component& c0 = comps[2 * a];
+      const Component& c1 = comps[2 * a + 1];
+      for (int i = 0; i < c0.h; ++i) {
+        const T* row = x + static_cast<int64_t>(a + 2 * i) * W;
+        split_even_odd(row, c1.w, dst + c0.at + static_cast<int64_t>(i) * c0.w, dst + c1.at + static_cast<int64_t>(i) * c1.w);
+        if (c0.w > c1.w) dst[c0.at + static_cast<int64_t>(i) * c0.w + c1.w] = row[2 * c1.w];  // odd W: one more even
+      }
+    }
+    return;
+  }
+  for (const Component& c : comps)
+    for (int i = 0; i < c.h; ++i) {
+      const T* row = x + static_cast<int64_t>(c.a + d * i) * W + c.b;
+      T* o = dst + c.at + static_cast<int64_t>(i) * c.w;
+      for (int j = 0; j < c.w; ++j) o[j] = row[static_cast<int64_t>(j) * d];
+    }
+}
+
+// Tile = 2: F(2x2, 3x3), 16 planes; Tile = 4: F(4x4, 3x3), 36 planes.  Dilation d: each image's channels
+// are split into their d x d components once (split_components), the components' tile rows follow one
+// another in the bands, so that every product spans all of them (as wide as the undilated layer's), and
+// the output transform writes each component's pixels in place (every d-th row and column).
 template <typename T, int Tile>
-void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, bool relu,
+void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bias, int pad, int d, bool relu,
                   at::Tensor& out) {
   constexpr int P = (Tile + 2) * (Tile + 2);
   constexpr auto input_transform = Tile == 2 ? &input_transform_rows<T> : &input_transform_rows4<T>;
@@ -304,7 +367,22 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
   const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3));
   const int64_t K = U.size(1);
   const int Ho = static_cast<int>(out.size(2)), Wo = static_cast<int>(out.size(3));
-  const int Th = (Ho + Tile - 1) / Tile, Tw = (Wo + Tile - 1) / Tile;
+  const int q = pad / d;
+  std::vector<Component> comps;
+  int Th = 0;        // tile rows of all components
+  int64_t at = 0;    // entries of all components: H W
+  for (int a = 0; a < d; ++a)
+    for (int b = 0; b < d; ++b) {
+      Component c{a, b, (H - a + d - 1) / d, (W - b + d - 1) / d, 0, 0, 0, Th, at};
+      at += static_cast<int64_t>(c.h) * c.w;
+      c.ho = c.h + 2 * q - 2;
+      c.wo = c.w + 2 * q - 2;
+      TORCH_CHECK(c.ho >= 1 && c.wo >= 1, "winograd_conv2d: internal error (a polyphase component without output)");
+      c.th = (c.ho + Tile - 1) / Tile;
+      Th += c.th;
+      comps.push_back(c);
+    }
+  const int Tw = (comps[0].wo + Tile - 1) / Tile;  // the widest component's (b = 0); narrower ones store fewer
   const int64_t per_row = P * (C + K) * static_cast<int64_t>(Tw) * static_cast<int64_t>(sizeof(T));
   int band = static_cast<int>(std::max<int64_t>(1, kBandBytes / per_row));
   band = std::max(band, (kMinTiles + Tw - 1) / Tw);
@@ -321,16 +399,40 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
   T* op = out.data_ptr<T>();
   T* vp = Vt.data_ptr<T>();
   const int64_t grain_c = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, P * pb));
+  // d > 1: each image's channels split into their components first (strided reads there, once)
+  at::Tensor Xs = d > 1 ? at::empty({C * H * W}, x.options()) : at::Tensor();
+  T* xs = d > 1 ? Xs.data_ptr<T>() : nullptr;
+  // the part of a component in the band [r0, r1): its tile rows [ty0, ty1), their first tile in the band
+  struct Piece {
+    const Component* c;
+    int ty0, ty1;
+    int64_t off;
+  };
+  std::vector<Piece> pieces;
   for (int64_t n = 0; n < N; ++n) {
-    for (int ty0 = 0; ty0 < Th; ty0 += band) {
-      const int ty1 = std::min(Th, ty0 + band);
+    if (d > 1)
+      at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+        for (int64_t ch = c0; ch < c1; ++ch)
+          split_components(xp + (n * C + ch) * H * W, H, W, d, comps, xs + ch * H * W);
+      });
+    for (int r0 = 0; r0 < Th; r0 += band) {
+      const int r1 = std::min(Th, r0 + band);
+      pieces.clear();
+      for (const Component& c : comps) {
+        const int lo = std::max(r0, c.first), hi = std::min(r1, c.first + c.th);
+        if (lo < hi) pieces.push_back({&c, lo - c.first, hi - c.first, static_cast<int64_t>(lo - r0) * Tw});
+      }
       // the band's planes are dense (P, C, tiles), also in a shorter last band: oneDNN's products are
       // slow on other layouts
-      const int64_t tiles = static_cast<int64_t>(ty1 - ty0) * Tw;
+      const int64_t tiles = static_cast<int64_t>(r1 - r0) * Tw;
       at::parallel_for(0, C, grain_c, [&](int64_t c0, int64_t c1) {
         std::vector<T> buf;
-        for (int64_t c = c0; c < c1; ++c)
-          input_transform(xp + (n * C + c) * H * W, H, W, pad, ty0, ty1, Tw, vp + c * tiles, C * tiles, buf);
+        for (int64_t ch = c0; ch < c1; ++ch)
+          for (const Piece& pc : pieces) {
+            const Plane<const T> in = d > 1 ? Plane<const T>{xs + ch * H * W + pc.c->at, pc.c->h, pc.c->w, pc.c->w, 1}
+                                            : Plane<const T>{xp + (n * C + ch) * H * W, H, W, W, 1};
+            input_transform(in, q, pc.ty0, pc.ty1, Tw, vp + ch * tiles + pc.off, C * tiles, buf);
+          }
       });
       // M_q = U_q V_q (K x tiles, row-major) for the P entries q of the tile, on the band's tiles: in Mt
       // or where oneDNN put them
@@ -338,16 +440,20 @@ void forward_impl(const at::Tensor& x, const at::Tensor& U, const at::Tensor& bi
       const std::vector<at::Tensor> prods =
           cpu_gemm::batched_products(U, Vt.narrow(0, 0, P * C * tiles).view({P, C, tiles}), Mb);
       std::vector<const T*> planes(P);
-      for (int q = 0; q < P; ++q) {
-        TORCH_CHECK(prods[q].is_contiguous() && prods[q].size(0) == K && prods[q].size(1) == tiles,
+      for (int e = 0; e < P; ++e) {
+        TORCH_CHECK(prods[e].is_contiguous() && prods[e].size(0) == K && prods[e].size(1) == tiles,
                     "winograd_conv2d: internal error (a product is not a dense K x tiles matrix)");
-        planes[q] = prods[q].data_ptr<T>();
+        planes[e] = prods[e].data_ptr<T>();
       }
       at::parallel_for(0, K, grain_c, [&](int64_t k0, int64_t k1) {
         std::vector<T> buf;
         for (int64_t k = k0; k < k1; ++k)
-          output_transform(planes.data(), k * tiles, ty0, ty1, Tw, bp ? bp[k] : T(0), relu,
-                     op + (n * K + k) * static_cast<int64_t>(Ho) * Wo, Ho, Wo, buf);
+          for (const Piece& pc : pieces) {
+            const Plane<T> o{op + (n * K + k) * static_cast<int64_t>(Ho) * Wo + static_cast<int64_t>(pc.c->a) * Wo +
+                                 pc.c->b,
+                             pc.c->ho, pc.c->wo, static_cast<int64_t>(d) * Wo, d};
+            output_transform(planes.data(), k * tiles + pc.off, pc.ty0, pc.ty1, Tw, bp ? bp[k] : T(0), relu, o, buf);
+          }
       });
     }
   }
@@ -405,21 +511,22 @@ at::Tensor winograd_weight_cpu(const at::Tensor& w_in, int64_t tile) {
 }
 
 at::Tensor winograd_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& u_in,
-                               const std::optional<at::Tensor>& bias_in, int64_t padding, bool relu) {
-  check_forward(x_in, w_in, u_in, bias_in, padding);
+                               const std::optional<at::Tensor>& bias_in, int64_t padding, bool relu, int64_t dilation) {
+  check_forward(x_in, w_in, u_in, bias_in, padding, dilation);
   TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
                     "winograd_conv2d: x dtype ", x_in.scalar_type(), " is not supported on CPU (float32 or float64)");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor U = u_in.contiguous();
   const at::Tensor bias = (bias_in.has_value() && bias_in->defined()) ? bias_in->contiguous() : at::Tensor();
-  const int64_t Ho = out_size(x.size(2), padding), Wo = out_size(x.size(3), padding);
+  const int64_t Ho = out_size(x.size(2), padding, dilation), Wo = out_size(x.size(3), padding, dilation);
   at::Tensor out = at::empty({x.size(0), U.size(1), Ho, Wo}, x.options());
   if (out.numel() == 0) return out;
+  const int p = static_cast<int>(padding), d = static_cast<int>(dilation);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "winograd_conv2d_cpu", [&] {
     if (U.size(0) == 16) {
-      forward_impl<scalar_t, 2>(x, U, bias, static_cast<int>(padding), relu, out);
+      forward_impl<scalar_t, 2>(x, U, bias, p, d, relu, out);
     } else {
-      forward_impl<scalar_t, 4>(x, U, bias, static_cast<int>(padding), relu, out);
+      forward_impl<scalar_t, 4>(x, U, bias, p, d, relu, out);
     }
   });
   return out;
