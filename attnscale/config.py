@@ -45,7 +45,7 @@ class TrainConfig:
     extra_supervision: bool = False
     width: float = 1.0
     use_reference_ops: bool = False      # True: pure-PyTorch reference ops instead of attnscale._C
-    conv_impl: str = "auto"              # 3x3 convs: "auto" (CPU inference: Winograd where it pays, model.winograd_pays; else torch), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3))
+    conv_impl: str = "auto"              # 3x3 convs: "auto" (CPU inference: Winograd F(2x2,3x3) where it pays, model.winograd_pays; else torch), "auto4" (the same with F(4x4,3x3)), "torch" (oneDNN/cuDNN), "winograd" / "winograd4" (CPU F(2x2,3x3) / F(4x4,3x3) on every layer)
     fc6_impl: str = "auto"               # fc6: "auto" (our op on a CPU where it pays, model.cpu_prefers_onednn / dilated_pays; cuDNN on a GPU), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
@@ -79,8 +79,9 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         self._check_types()
-        if self.conv_impl not in ("auto", "torch", "winograd", "winograd4"):
-            raise ValueError(f"config.conv_impl must be 'auto', 'torch', 'winograd' or 'winograd4', got {self.conv_impl!r}")
+        if self.conv_impl not in ("auto", "auto4", "torch", "winograd", "winograd4"):
+            raise ValueError(f"config.conv_impl must be 'auto', 'auto4', 'torch', 'winograd' or 'winograd4', "
+                             f"got {self.conv_impl!r}")
         if self.fc6_impl not in ("auto", "ops", "torch"):
             raise ValueError(f"config.fc6_impl must be 'auto', 'ops' or 'torch', got {self.fc6_impl!r}")
         if self.precision not in ("fp32", "tf32", "bf16"):

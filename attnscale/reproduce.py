@@ -450,10 +450,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny synthetic run (seconds) for tests")
     ap.add_argument("--reference-ops", action="store_true",
                     help="use the slow pure-PyTorch reference ops instead of attnscale._C's kernels")
-    ap.add_argument("--conv", default="auto", choices=("auto", "torch", "winograd", "winograd4"),
+    ap.add_argument("--conv", default="auto", choices=("auto", "auto4", "torch", "winograd", "winograd4"),
                     help="3x3 convolutions: torch (oneDNN/cuDNN) or, on a CPU, Winograd F(2x2,3x3) / F(4x4,3x3) "
                          "(attnscale.ops.winograd_conv2d); auto (default): Winograd F(2x2,3x3) where no gradient "
-                         "is needed and it is faster (evaluation: attnscale.model.winograd_pays), torch for training")
+                         "is needed and it is faster (evaluation: attnscale.model.winograd_pays), torch for training; "
+                         "auto4: the same with F(4x4,3x3)")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"),
                     help="training precision (config.precision): fp32 as Caffe (default), tf32 (CUDA), bf16 autocast; "
                          "rows in another precision than fp32 train in runs/<group>-<precision> and report in "

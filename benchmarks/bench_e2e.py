@@ -16,7 +16,8 @@ Without gradients every variant, "reference" included, uses the CPU inference ke
 PyTorch there.  "ops" passes ``conv_impl="torch"``; "auto" (CPU) is the model as a user gets it,
 ``conv_impl="auto"``: in inference Winograd F(2x2, 3x3) for the layers whose channels pay
 (:func:`attnscale.model.winograd_pays`), oneDNN for the others, and "ops" in training (and on an AVX-512
-CPU whose GEMMs run on the BLAS: :func:`attnscale.model.cpu_prefers_onednn`, ``ATTNSCALE_CPU_GEMM``).
+CPU whose GEMMs run on the BLAS: :func:`attnscale.model.cpu_prefers_onednn`, ``ATTNSCALE_CPU_GEMM``);
+"auto4" (CPU) the same layers by F(4x4, 3x3).
 "ops" and "auto" keep the model's default ``fc6_impl="auto"``: our ``dilated_conv2d`` on a CPU (oneDNN for
 training on an AVX-512 CPU), cuDNN on a GPU; "ops+fc6" runs fc6 through our kernel whatever the device.
 
@@ -57,7 +58,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" (CPU) | "ops+graph" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -101,7 +102,7 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
     parts = variant.split("+")
     m = AttentionToScale(21, (1.0, 0.75, 0.5), "attention", extra_supervision=True,
                          use_reference_ops=(parts[0] == "reference"),
-                         conv_impl="auto" if parts[0] == "auto" else next(
+                         conv_impl=parts[0] if parts[0] in ("auto", "auto4") else next(
                              (q for q in parts if q.startswith("winograd")), "torch"),
                          fc6_impl="ops" if "fc6" in parts else "auto").to(device)
     if channels_last:
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     reps = args.reps or (10 if cuda else 3)
     # ops+fc6: fc6 through our dilated_conv2d whatever fc6_impl="auto" picks on this device; ops+winograd(4):
     # also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or F(4x4, 3x3) (CPU only)
-    variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4", "auto"])
+    variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4", "auto", "auto4"])
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph
     graph_variants = ["ops+graph"] if cuda else []
@@ -229,9 +230,9 @@ def main(argv=None) -> int:
                          if not v.endswith("compile")}
                 n, size = 1, 513
             else:
-                # "auto" trains as "ops" does (oneDNN's convolutions where gradients are needed): not run twice
+                # "auto" / "auto4" train as "ops" does (oneDNN's convolutions where gradients are needed)
                 steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants
-                         if v != "auto"}
+                         if not v.startswith("auto")}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
             for v in times:

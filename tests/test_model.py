@@ -375,20 +375,21 @@ def cpu_kind(monkeypatch, avx512: bool, gemm: str) -> None:
 CPU_KINDS = [(False, "blas"), (True, "blas"), (True, "onednn")]
 
 
+@pytest.mark.parametrize("impl,planes", [("auto", 16), ("auto4", 36)])
 @pytest.mark.parametrize("avx512,gemm", CPU_KINDS)
-def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512, gemm):
+def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512, gemm, impl, planes):
     """conv_impl="auto" (the default) runs the 3x3 layers whose channels pay (winograd_pays, stood in for
     here: the tiny net's layers are all too narrow) through Winograd F(2x2, 3x3) where no gradient is
     needed (inference on a CPU) and through nn.Conv2d when one is, or with use_reference_ops; on AVX-512
     CPUs whose GEMMs would run on the BLAS, where oneDNN is faster (cpu_prefers_onednn), always through
-    nn.Conv2d."""
+    nn.Conv2d.  "auto4" the same with F(4x4, 3x3)."""
     import attnscale.model as model_mod
     cpu_kind(monkeypatch, avx512, gemm)
     monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k, hw: c > 3)  # all but conv1_1
     onednn_wins = avx512 and gemm == "blas"
     torch.manual_seed(0)
-    auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False)
-    assert auto.conv_impl == "auto"
+    auto = tiny(merge="attention", dropout=0.0, use_reference_ops=False, conv_impl=impl)
+    assert tiny().conv_impl == "auto"
     ref = tiny(merge="attention", dropout=0.0, use_reference_ops=False, conv_impl="torch")
     ref.load_state_dict(auto.state_dict())
     x = torch.randn(1, 3, 45, 41)
@@ -400,7 +401,7 @@ def test_auto_conv_impl_uses_winograd_only_without_gradients(monkeypatch, avx512
         assert auto._winograd_cache == {}
         torch.testing.assert_close(a.merged, b.merged, rtol=0, atol=0)
     else:
-        assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {16}  # F(2x2, 3x3) transforms
+        assert {e[2].shape[0] for e in auto._winograd_cache.values()} == {planes}  # F(2x2) / F(4x4) transforms
         assert "att_conv1" in auto._winograd_cache and ref._winograd_cache == {}
         assert "conv1_1" not in auto._winograd_cache and "conv1_2" in auto._winograd_cache
     torch.testing.assert_close(a.merged, b.merged, rtol=1e-4, atol=1e-4)
