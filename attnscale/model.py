@@ -294,8 +294,9 @@ class AttentionToScale(nn.Module):
     def _conv(self, x, name: str, relu: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
         (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn` or
-        :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused) when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies`
-        (a 3x3 stride-1 convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
+        :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused)
+        when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
+        convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl in ("auto", "auto4"):
