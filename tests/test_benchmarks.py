@@ -50,6 +50,18 @@ def test_bench_interp(tmp_path):
     assert {r["case"] for r in data["rows"]} == {"zoom8", "fc7_res075", "fc7_res05", "input075"}
 
 
+def test_bench_train(tmp_path):
+    """The product's training loop timed from its own log (updates 2 to 4 of a tiny run read from JPEG/PNG
+    files), beside the loader alone, in bf16 NHWC here to run those paths too."""
+    data, out = run_bench("bench_train.py", "--device", "cpu", "--threads", "1", "--workers", "0", "--width", "0.0625",
+                          "--crop", "65", "--batch", "2", "--iter-size", "2", "--warmup", "2", "--iters", "2",
+                          "--images", "8", "--precision", "bf16", "--channels-last", tmp_path=tmp_path)
+    row, = data["rows"]
+    assert row["images_per_update"] == 4 and row["iters"] == 2 and row["precision"] == "bf16"
+    assert row["seconds"] > 0 and row["images_per_s"] > 0 and row["loader_images_per_s"] > 0
+    assert "train loop" in out
+
+
 def test_bench_e2e(tmp_path):
     data, _ = run_bench("bench_e2e.py", "--device", "cpu", "--threads", "1", "--jobs", "infer", "train",
                         "--infer-size", "65", "--train-size", "65", "--train-batch", "1", "--reps", "1",

@@ -1,0 +1,122 @@
+"""Throughput of the product's own training loop, ``attnscale.train.train``: images per second of Caffe's
+SGD updates on the 3-scale attention model with E-Supv (VGG-16 widths), read from disk like VOC (JPEG
+images, PNG labels: the synthetic set exported to a temporary DeepLab layout), cropped, mirrored, batched
+by the loader's workers, checked and copied to the device, forward (in the chosen precision), backward,
+update.  ``bench_e2e.py`` times a bare step on one fixed batch; this is what ``python -m attnscale.train``
+runs, so the data pipeline and the per-update host work count.
+
+Timing: the loop logs every update (``display: 1``) after its one device sync per update; the time from
+the log line of update ``warmup`` to that of update ``warmup + iters`` is the measured span (the final
+checkpoint is written after the last line).  The loader alone (same workers, no model) is timed too: if
+it is slower than the loop, the data are the limit.
+
+    python benchmarks/bench_train.py                                      # CPU: tiny settings
+    python benchmarks/bench_train.py --device cuda --precision bf16 --channels-last --workers 12
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
+
+from attnscale.config import TrainConfig
+from attnscale.data import SegDataset, SyntheticSource, make_loader
+from attnscale.train import build_source, train, transform_config
+from timing import add_malloc_option, tune_malloc, write_json
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) iter (\d+) ")
+
+
+def update_times(log_path: str) -> dict:
+    """Update number -> the time its log line was written (``train.log``'s asctime, millisecond clock)."""
+    out = {}
+    with open(log_path) as f:
+        for line in f:
+            m = LOG_LINE.match(line)
+            if m:
+                out[int(m.group(2))] = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return out
+
+
+def loader_images_per_s(cfg: TrainConfig, batches: int) -> float:
+    """The training loader alone (the run's workers, data and transforms), after one batch of warm-up."""
+    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
+    it = iter(make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=cfg.device.startswith("cuda")))
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(next(it)[0].shape[0] for _ in range(batches))
+    return n / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--width", type=float, default=None, help="channel multiplier (default 1 on CUDA, 1/8 on CPU)")
+    ap.add_argument("--crop", type=int, default=None, help="training crop (default 321 on CUDA, 97 on CPU)")
+    ap.add_argument("--batch", type=int, default=10, help="images per pass (the paper: 10 x iter_size 3)")
+    ap.add_argument("--iter-size", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3, help="updates before the timed span")
+    ap.add_argument("--iters", type=int, default=None, help="timed updates (default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--workers", type=int, default=None, help="loader workers (default: CPUs - 2, at most 12)")
+    ap.add_argument("--images", type=int, default=120, help="images exported for the run")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the training process")
+    ap.add_argument("--json", default=None)
+    add_malloc_option(ap)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA GPU is available")
+    width = args.width or (1.0 if cuda else 0.125)
+    crop = args.crop or (321 if cuda else 97)
+    iters = args.iters or (20 if cuda else 3)
+    workers = args.workers if args.workers is not None else max(0, min(12, (os.cpu_count() or 2) - 2))
+    env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
+           "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv),
+           "malloc_tuned": tune_malloc(args), "cpus": os.cpu_count()}
+    print(f"# bench_train: {env}")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "VOC2012")
+        # square synthetic scenes a little larger than the crop, stored as JPEG + PNG (VOC images are 500x375)
+        SyntheticSource(args.images, seed=0, size=max(crop + 32, 97)).export(root, "train_aug")
+        cfg = TrainConfig(dataset="voc12", data_root=root, scales=[1.0, 0.75, 0.5], merge="attention",
+                          extra_supervision=True, width=width, crop_size=crop, batch_size=args.batch,
+                          iter_size=args.iter_size, max_iter=args.warmup + iters, stepsize=10 ** 6, snapshot=0,
+                          base_lr=1e-5,  # random weights: a small rate keeps the loss finite (the time is the point)
+                          display=1, workers=workers, device=args.device, precision=args.precision,
+                          channels_last=args.channels_last, out_dir=os.path.join(tmp, "run"),
+                          torch_threads=args.threads or 0).validate()
+        per_update = args.batch * args.iter_size
+        loader = loader_images_per_s(cfg, max(2, min(20, iters * args.iter_size)))
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        result = train(cfg, progress=False)
+        times = update_times(os.path.join(cfg.out_dir, "train.log"))
+    span = times[args.warmup + iters] - times[args.warmup]
+    row = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last, "width": width,
+           "crop": crop, "images_per_update": per_update, "workers": workers, "warmup": args.warmup, "iters": iters,
+           "seconds": span, "s_per_update": span / iters, "images_per_s": iters * per_update / span,
+           "loader_images_per_s": loader, "final_loss": result.last_loss}
+    print(f"  train loop  {args.precision:5s} {'NHWC' if args.channels_last else 'NCHW'}  width {width:g}  crop {crop}  "
+          f"{per_update} img/update  {workers} workers:  {row['s_per_update'] * 1e3:8.1f} ms/update  "
+          f"{row['images_per_s']:7.1f} img/s   (loader alone {loader:7.1f} img/s)")
+    if cuda:
+        mins = 6000 * per_update / row["images_per_s"] / 60
+        print(f"  the paper's 6000 updates of {per_update} images at this rate: {mins:.1f} minutes")
+    if args.json:
+        write_json(args.json, {"env": env, "rows": [row]})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
