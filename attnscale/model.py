@@ -20,8 +20,8 @@ from . import caffe
 from .ops import (cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference,
                   winograd_applies, winograd_conv2d, winograd_weight)
 
-__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_prefers_onednn", "dilated_pays", "scale_suffix",
-           "winograd_pays"]
+__all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_autocast", "cpu_prefers_onednn", "dilated_pays",
+           "scale_suffix", "winograd_pays"]
 
 #: VGG-16 DeepLab-LargeFOV trunk: (name, out channels, kernel, pad, dilation) and pools
 #: (name, method, kernel, stride, pad), in Caffe order.
@@ -56,6 +56,16 @@ def cpu_prefers_onednn(needs_grad: bool = False) -> bool:
     sizes (:func:`dilated_pays` for small maps), and the 513x513 inference took 1.07 s against 1.35 s (AMD
     EPYC Zen 5, 2 threads, benchmarks/RESULTS.md)."""
     return _AVX512 and (needs_grad or cpu_gemm() == "blas")
+
+
+def cpu_autocast(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CPU tensor inside an enabled CPU ``torch.autocast`` region (bfloat16: a config's
+    ``precision="bf16"``).  oneDNN runs its convolutions in that precision there, our CPU kernels in float32
+    (they take float32/float64 only), so ``conv_impl="auto"`` and ``fc6_impl="auto"`` leave the layers to
+    oneDNN: a 513x513 inference in bf16 took 951 ms that way, 1020 ms with the float32 Winograd and fc6
+    kernels inside autocast (2 Zen 5 cores with AVX512-BF16; float32 ``auto`` 1018-1103 ms;
+    benchmarks/RESULTS.md, fourteenth session)."""
+    return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
 def winograd_pays(in_channels: int, out_channels: int, out_hw: Sequence[int]) -> bool:
@@ -134,16 +144,18 @@ class AttentionToScale(nn.Module):
             on a CPU: :meth:`predict`, evaluation, ``torch.no_grad()``) for the layers with channels enough
             (:func:`winograd_pays`: conv2_1 and up on AVX-512, conv1_2 and up on AVX2, on maps not too small)
             and "torch" otherwise,
-            and always "torch" with ``use_reference_ops`` or on a CPU where oneDNN is faster
-            (:func:`cpu_prefers_onednn`: AVX-512 with BLAS GEMMs).  "auto4" chooses the same layers and runs
+            and always "torch" with ``use_reference_ops``, on a CPU where oneDNN is faster
+            (:func:`cpu_prefers_onednn`: AVX-512 with BLAS GEMMs) and inside CPU autocast
+            (:func:`cpu_autocast`: oneDNN computes in bfloat16, our kernels in float32).  "auto4" chooses the same layers and runs
             them by "winograd4": the fastest CPU inference (513x513: 1.14x "auto"), float32 errors a few
             times the direct convolution's.  Each weight's Winograd transform is kept until the weight
             changes, so the scales of one forward share it (16/9 of the 3x3 weights: ~0.2 GB for the full
             net; 4x for F(4x4, 3x3)).
         fc6_impl: fc6 (the dilated 3x3 convolution): "ops" (:func:`attnscale.ops.dilated_conv2d`, which skips
             the taps on padding), "torch" (``F.conv2d``: oneDNN / cuDNN) or "auto" (the default): "ops" on a
-            CPU unless :func:`cpu_prefers_onednn` (AVX-512 and a gradient, or BLAS GEMMs) or the map is small
-            (:func:`dilated_pays`: under 33x33 for fc6 on AVX-512), "torch" on a GPU,
+            CPU unless :func:`cpu_prefers_onednn` (AVX-512 and a gradient, or BLAS GEMMs), the map is small
+            (:func:`dilated_pays`: under 33x33 for fc6 on AVX-512) or inside CPU autocast
+            (:func:`cpu_autocast`), "torch" on a GPU,
             where cuDNN ran fc6 faster than our CUDA kernels (benchmarks/RESULTS.md, 2026-11-26).
             Ignored with ``use_reference_ops``.
         classifier_name: Caffe name of the classifier layer (``fc8_voc12``).
@@ -286,7 +298,7 @@ class AttentionToScale(nn.Module):
         impl = self.fc6_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
-            impl = "torch" if (x.is_cuda or cpu_prefers_onednn(needs_grad)
+            impl = "torch" if (x.is_cuda or cpu_prefers_onednn(needs_grad) or cpu_autocast(x)
                                or not dilated_pays(x.shape[-2:], conv.dilation[0])) else "ops"
         fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
         return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
@@ -303,7 +315,7 @@ class AttentionToScale(nn.Module):
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             d, p = conv.dilation[0], conv.padding[0]
             out_hw = (x.shape[-2] + 2 * p - 2 * d, x.shape[-1] + 2 * p - 2 * d)
-            impl = "torch" if (self.use_reference_ops or needs_grad or cpu_prefers_onednn()
+            impl = "torch" if (self.use_reference_ops or needs_grad or cpu_prefers_onednn() or cpu_autocast(x)
                                or not winograd_pays(conv.in_channels, conv.out_channels, out_hw)) else (
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):

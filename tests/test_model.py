@@ -461,6 +461,28 @@ def test_channels_last_model_computes_what_nchw_does(conv_impl):
         torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_leaves_cpu_autocast_to_onednn(monkeypatch):
+    """Inside CPU autocast (precision "bf16") oneDNN computes in bfloat16 and our kernels in float32, so
+    conv_impl="auto" and fc6_impl="auto" leave every layer to nn.Conv2d / F.conv2d there (cpu_autocast);
+    outside it the same model runs them through Winograd and our fc6."""
+    import attnscale.model as model_mod
+    cpu_kind(monkeypatch, False, "blas")
+    monkeypatch.setattr(model_mod, "winograd_pays", lambda c, k, hw: True)
+    calls = []
+    real_fc6 = model_mod.dilated_conv2d
+    monkeypatch.setattr(model_mod, "dilated_conv2d", lambda *a, **k: calls.append("ops") or real_fc6(*a, **k))
+    m = tiny(merge="attention", use_reference_ops=False).eval()
+    x = torch.randn(1, 3, 65, 65)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model_mod.cpu_autocast(x)
+        m(x)
+    assert m._winograd_cache == {} and calls == []
+    with torch.no_grad():
+        assert not model_mod.cpu_autocast(x)
+        m(x)
+    assert "conv2_2" in m._winograd_cache and calls == ["ops"] * 3
+
+
 def test_conv_impl_is_checked():
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         tiny(conv_impl="fft")
