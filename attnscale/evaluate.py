@@ -216,8 +216,8 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
     val list, or on ``list_path`` (DeepLab form, paths under ``cfg.data_root``), in ``cfg.precision``
     (bf16: the forward under bfloat16 autocast; TF32 on a GPU only for "tf32")."""
     from .data import FileSource
-    from .train import (build_source, dataset_classes, forward_precision, num_classes, resolve_list,
-                        tf32_switches)
+    from .train import (backend_switches, build_source, dataset_classes, forward_precision, num_classes,
+                        resolve_list)
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
@@ -226,7 +226,7 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
                              need_labels=False) if list_path else build_source(cfg, "val"))
         model, it = load_model_from_checkpoint(cfg, checkpoint, cfg.device)
         # the run's arithmetic (config.precision), as in training
-        with tf32_switches(cfg.precision), forward_precision(cfg.precision, torch.device(cfg.device).type):
+        with backend_switches(cfg.precision), forward_precision(cfg.precision, torch.device(cfg.device).type):
             res = evaluate(model, source, num_classes(cfg), dataset_classes(cfg),
                            max_images, attention_dir, attention_images, progress, predictions_dir)
     finally:

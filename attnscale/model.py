@@ -162,13 +162,18 @@ class AttentionToScale(nn.Module):
         dropout: ratio of ``drop6``/``drop7``/``att_drop1`` (0.5 in the deploy prototxts; the training
             prototxt used for gradient comparison has no Dropout layers: pass 0).
         test_crop_size: DeepLab test crop (513 for VOC, 641 for COCO; must be 8k+1) used by :meth:`predict`.
+        scale_streams: on a GPU without gradients (inference, evaluation), run the coarser scales' trunks on
+            side CUDA streams beside the finest one's (they are independent until the merge), so that the small
+            maps' kernels fill the multiprocessors the large ones leave idle; mostly a gain when the forward is
+            replayed as a CUDA graph, where the launches cost nothing.  The same kernels as one stream, so the
+            same numbers.  Ignored on a CPU and where a gradient is needed (training keeps one stream).
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
                  dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
-                 fc6_impl: str = "auto"):
+                 fc6_impl: str = "auto", scale_streams: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -201,6 +206,7 @@ class AttentionToScale(nn.Module):
         self.use_reference_ops = bool(use_reference_ops)
         self.conv_impl = conv_impl
         self.fc6_impl = fc6_impl
+        self.scale_streams = bool(scale_streams)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
@@ -344,6 +350,34 @@ class AttentionToScale(nn.Module):
         fc7 = self._drop(F.relu(self.fc7(x)))
         return fc7, self.classifier(fc7)
 
+    def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(fc7, scores) of every scale: the input Interp'ed to the scale (the prototxts' shrink/zoom
+        Interp), then :meth:`trunk`.  With ``scale_streams`` on a GPU without gradients the coarser scales
+        run on side streams: each waits for the current stream first (so that ``x`` and everything before
+        is ready, and memory they freed back to a side stream's pool earlier is no longer read), and the
+        current stream waits for all of them before the merge.  CUDA graph capture follows the fork and
+        the join, so a captured forward runs the scales concurrently too."""
+        hw = (int(x.shape[-2]), int(x.shape[-1]))
+
+        def one(s: float):
+            p = caffe.scale_interp_params(s, hw)
+            return self.trunk(x if p is None else caffe.interp(x, p))
+
+        if not (self.scale_streams and x.is_cuda and len(self.scales) > 1 and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return [one(s) for s in self.scales]
+        main = torch.cuda.current_stream(x.device)
+        sides = _side_streams(x.device, len(self.scales) - 1)
+        for st in sides:
+            st.wait_stream(main)
+        outs = [one(self.scales[0])]                 # the finest scale, most of the work, on the current stream
+        for st, s in zip(sides, self.scales[1:]):
+            with torch.cuda.stream(st):
+                outs.append(one(s))
+        for st in sides:
+            main.wait_stream(st)
+        return outs
+
     @staticmethod
     def output_size(hw: Sequence[int]) -> tuple[int, int]:
         """Output (h, w) of the trunk for an input (H, W), by Caffe's pooling formulas."""
@@ -356,14 +390,7 @@ class AttentionToScale(nn.Module):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"AttentionToScale: x must be (N,3,H,W) BGR mean-subtracted, got {tuple(x.shape)}")
-        hw = (int(x.shape[-2]), int(x.shape[-1]))
-        fc7s, scores = [], []
-        for s in self.scales:
-            p = caffe.scale_interp_params(s, hw)
-            xs = x if p is None else caffe.interp(x, p)
-            f7, f8 = self.trunk(xs)
-            fc7s.append(f7)
-            scores.append(f8)
+        fc7s, scores = map(list, zip(*self._scale_trunks(x)))
         if len(self.scales) == 1:
             return ModelOutput(merged=scores[0], scales=scores, attention=None)
         size = tuple(scores[0].shape[-2:])
@@ -445,6 +472,19 @@ class AttentionToScale(nn.Module):
         if out.attention is not None:
             att = caffe.interp(out.attention.float(), zoom)[0, :, :H, :W].cpu().numpy()
         return label, att
+
+
+_SIDE_STREAMS: dict = {}   # device index -> side CUDA streams of AttentionToScale's scale_streams
+
+
+def _side_streams(device: torch.device, n: int) -> list:
+    """``n`` side streams of ``device``, made once per process and shared by every model (each use waits
+    for the caller's stream first, so that sharing them orders nothing wrongly)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    have = _SIDE_STREAMS.setdefault(index, [])
+    while len(have) < n:
+        have.append(torch.cuda.Stream(device=index))
+    return have[:n]
 
 
 def _check_crop(crop, name: str) -> None:

@@ -411,26 +411,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True,
           stop_at: Optional[int] = None, model_factory: Optional[Callable] = None) -> TrainResult:
     """Train ``cfg.max_iter`` updates (or stop after update ``stop_at``, checkpointing there --
     what an interruption looks like), writing ``cfg.out_dir/checkpoint.pt``.  ``cfg.torch_threads``
-    and ``cfg.precision``'s TF32 switches apply for the duration of the call only."""
+    and the backend switches (``cfg.precision``'s TF32, cuDNN's benchmark mode: :func:`backend_switches`)
+    apply for the duration of the call only."""
     threads = torch.get_num_threads()
     try:
-        with tf32_switches(cfg.precision):
+        with backend_switches(cfg.precision):
             return _train(cfg, resume, progress, stop_at, model_factory)
     finally:
         torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager
-def tf32_switches(precision: str):
-    """cuDNN's and cuBLAS's TF32 switches on for ``precision`` "tf32" only, for the block (a run, an
-    evaluation), then restored: float32 as Caffe computed it otherwise (PyTorch's default lets cuDNN use
-    TF32)."""
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def backend_switches(precision: str):
+    """For the block (a run, an evaluation), then restored: cuDNN's and cuBLAS's TF32 switches on for
+    ``precision`` "tf32" only (float32 as Caffe computed it otherwise; PyTorch's default lets cuDNN use
+    TF32), and ``cudnn.benchmark`` on: every batch has the crop's size (evaluation pads to the test crop),
+    so cuDNN times its algorithms once per layer shape and keeps the fastest (Caffe's cuDNN layers took
+    cuDNN's heuristic choice; the arithmetic is the same convolution either way)."""
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+              torch.backends.cudnn.benchmark)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = before
 
 
 def forward_precision(precision: str, device_type: str):

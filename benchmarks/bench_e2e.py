@@ -26,7 +26,8 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 (:func:`attnscale.malloc.keep_freed_memory`; ``--default-malloc`` leaves glibc's settings alone).
 ``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
-every image to).
+every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
+"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio.
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -58,7 +59,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -104,7 +105,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
                          use_reference_ops=(parts[0] == "reference"),
                          conv_impl=parts[0] if parts[0] in ("auto", "auto4") else next(
                              (q for q in parts if q.startswith("winograd")), "torch"),
-                         fc6_impl="ops" if "fc6" in parts else "auto").to(device)
+                         fc6_impl="ops" if "fc6" in parts else "auto",
+                         scale_streams="serial" not in parts).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -206,8 +208,9 @@ def main(argv=None) -> int:
     # also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or F(4x4, 3x3) (CPU only)
     variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4", "auto", "auto4"])
                 + (["ops+compile"] if args.compile else []))
-    # inference only: the "ops" forward as one CUDA graph
-    graph_variants = ["ops+graph"] if cuda else []
+    # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
+    # stream (the model's scale_streams=False), eager and as a graph
+    graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}

@@ -15,7 +15,8 @@ that it runs: it counts the attnscale ops called per pass instead of kernels.
 with each number of warp lanes per pixel in the backward's logit gradient (ATTNSCALE_MERGE_LOGIT_GROUPS;
 the default is the kernel's own rule) and each backward layout (ATTNSCALE_MERGE_BACKWARD: a thread per
 gradient element or per pixel and class chunk, the attention default since an H100 run of this sweep),
-every combination.
+every combination; ``--chunk-threads`` likewise the pixel layout's class chunks
+(ATTNSCALE_MERGE_BACKWARD_THREADS: chunks sized for about that many threads in all, 131072 by default).
 """
 from __future__ import annotations
 
@@ -62,19 +63,22 @@ def profile_calls(fn, device: str, reps: int):
 def sweep_backward(args, rows: list) -> None:
     """Fused attention forward+backward GPU time per backward layout and lanes per pixel of the logit
     gradient (unset: the default layout, the kernel's rule), appended to ``rows``."""
-    print("\n| shape | backward | lanes per pixel | fused fwd+bwd GPU us |")
-    print("|---|---|---|---|")
+    print("\n| shape | backward | lanes per pixel | pixel layout's threads | fused fwd+bwd GPU us |")
+    print("|---|---|---|---|---|")
     for shape, (n, sizes) in SHAPES.items():
         for layout in args.backward or [""]:
             for g in args.logit_groups or [""]:
-                with environ({"ATTNSCALE_MERGE_BACKWARD": layout, "ATTNSCALE_MERGE_LOGIT_GROUPS": str(g)}):
-                    k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device, "fwd+bwd"),
-                                            args.device, args.reps)
-                rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention",
-                             "backward": layout or "element", "logit_groups": g or "rule",
-                             "fused_kernels": k, "fused_gpu_us": t})
-                print(f"| {shape} | {layout or 'element'} | {g or 'rule'} | {t:.1f} |", flush=True)
-                save(args, rows, complete=False)
+                for threads in (args.chunk_threads if layout != "element" else []) or [""]:
+                    with environ({"ATTNSCALE_MERGE_BACKWARD": layout, "ATTNSCALE_MERGE_LOGIT_GROUPS": str(g),
+                                  "ATTNSCALE_MERGE_BACKWARD_THREADS": str(threads)}):
+                        k, t, _ = profile_calls(closures(scale_merge, n, sizes, "attention", args.device,
+                                                         "fwd+bwd"), args.device, args.reps)
+                    rows.append({"shape": shape, "pass": "fwd+bwd", "mode": "attention",
+                                 "backward": layout or "pixel", "logit_groups": g or "rule",
+                                 "chunk_threads": threads or "rule", "fused_kernels": k, "fused_gpu_us": t})
+                    print(f"| {shape} | {layout or 'pixel'} | {g or 'rule'} | {threads or 'rule'} | {t:.1f} |",
+                          flush=True)
+                    save(args, rows, complete=False)
 
 
 def main(argv=None) -> int:
@@ -87,11 +91,16 @@ def main(argv=None) -> int:
                     help="attention: also time forward+backward with G lanes per pixel (powers of two, 1 to 32)")
     ap.add_argument("--backward", nargs="*", default=[], choices=("element", "pixel"),
                     help="attention: also time forward+backward with these backward layouts")
+    ap.add_argument("--chunk-threads", nargs="*", default=[], type=int, metavar="T",
+                    help="attention, pixel layout: also time forward+backward with its class chunks sized for "
+                         "about T threads (ATTNSCALE_MERGE_BACKWARD_THREADS; 1: one chunk of every class)")
     args = ap.parse_args(argv)
+    if any(t < 1 or t > 1 << 30 for t in args.chunk_threads):
+        ap.error(f"--chunk-threads: integers from 1 to 2^30, got {args.chunk_threads}")
     if any(g < 1 or g > 32 or g & (g - 1) for g in args.logit_groups):
         ap.error(f"--logit-groups: powers of two from 1 to 32, got {args.logit_groups}")
-    if (args.logit_groups or args.backward) and args.mode != "attention":
-        ap.error("--logit-groups and --backward are for --mode attention")
+    if (args.logit_groups or args.backward or args.chunk_threads) and args.mode != "attention":
+        ap.error("--logit-groups, --backward and --chunk-threads are for --mode attention")
     rows = []
     print("| shape | pass | fused kernels | eager kernels | fused GPU us | eager GPU us | eager / fused |")
     print("|---|---|---|---|---|---|---|")
@@ -111,7 +120,7 @@ def main(argv=None) -> int:
             if passes == "fwd+bwd":
                 print(f"  fused kernels: {fnames}", flush=True)
             save(args, rows, complete=False)
-    if args.logit_groups or args.backward:
+    if args.logit_groups or args.backward or args.chunk_threads:
         sweep_backward(args, rows)
     save(args, rows)
     return 0

@@ -116,14 +116,16 @@ def test_merge_kernels_dry_run(tmp_path):
     """benchmarks/merge_kernels.py (kernel launches and GPU time of the merge, issue 2's CUDA target) on CPU
     counts the attnscale ops instead of kernels: one per forward, forward + backward for fwd+bwd."""
     data, _ = run_bench("merge_kernels.py", "--device", "cpu", "--reps", "1", "--logit-groups", "1", "8",
-                        "--backward", "element", "pixel", tmp_path=tmp_path)
+                        "--backward", "element", "pixel", "--chunk-threads", "1", "65536", tmp_path=tmp_path)
     rows, sweep = data["rows"][:6], data["rows"][6:]
     for r in rows:
         assert r["fused_kernels"] == (1 if r["pass"] == "fwd" else 2), r
         assert r["eager_kernels"] == 0, r
-    assert [(r["shape"], r["backward"], r["logit_groups"], r["fused_kernels"]) for r in sweep] == \
-        [(shape, b, g, 2) for shape in ("train-N10", "train-N30", "test-N1") for b in ("element", "pixel")
-         for g in (1, 8)]
+    # the chunk sizes only for the pixel layout (the element layout has no class chunks)
+    assert [(r["shape"], r["backward"], r["logit_groups"], r["chunk_threads"], r["fused_kernels"])
+            for r in sweep] == \
+        [(shape, b, g, t, 2) for shape in ("train-N10", "train-N30", "test-N1") for b in ("element", "pixel")
+         for g in (1, 8) for t in (("rule",) if b == "element" else (1, 65536))]
 
 
 def test_gpu_proof_check_reports_a_sanitizer_finding(tmp_path):

@@ -585,12 +585,52 @@ def test_autocast_bf16_training_step_with_ops():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
+def test_scale_streams_ignored_on_cpu():
+    """``scale_streams`` is a GPU matter: on a CPU the scales run one after another either way, with the
+    same result, and no CUDA stream is made."""
+    from attnscale import model as model_mod
+    x = torch.randn(1, 3, 49, 49)
+    a, b = (tiny(use_reference_ops=False, scale_streams=flag).eval() for flag in (True, False))
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    assert torch.equal(ya.merged, yb.merged) and not model_mod._SIDE_STREAMS
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_cuda_scale_streams_equal_one_stream(bf16):
+    """Inference with the coarser scales on side streams (``scale_streams``, the default) gives what one
+    stream gives (the same kernels on the same data), uses the side streams only without gradients, and
+    leaves the caller's stream ordered after them (the outputs are read right away, no sync)."""
+    from attnscale import model as model_mod
+    m = tiny(use_reference_ops=False, merge="attention").cuda().eval()
+    x = torch.randn(2, 3, 97, 97, device="cuda")
+    ac = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)
+    model_mod._SIDE_STREAMS.clear()
+    with torch.no_grad(), ac:
+        m.scale_streams = False
+        want = m(x)
+        assert not model_mod._SIDE_STREAMS
+        m.scale_streams = True
+        got = m(x)
+    assert len(model_mod._SIDE_STREAMS[torch.cuda.current_device()]) == 2
+    for a, b in zip([want.merged, want.attention, *want.scales], [got.merged, got.attention, *got.scales]):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    model_mod._SIDE_STREAMS.clear()
+    m.train()
+    with ac:
+        m(x)   # a gradient is needed: one stream
+    assert not model_mod._SIDE_STREAMS
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 def test_cuda_graph_capture_of_inference(bf16):
     """The 3-scale attention forward with our ops (merge, Interp, fc6 on its default path) can be captured
     as one CUDA graph (no host-device copy or sync inside: benchmarks/bench_e2e.py's "ops+graph" variant),
-    and a replay on a new input equals the eager forward."""
+    the coarser scales forked onto side streams and joined again (``scale_streams``), and a replay on a new
+    input equals the eager forward."""
     m = tiny(use_reference_ops=False, merge="attention").cuda().eval()
     x = torch.randn(1, 3, 97, 97, device="cuda")
     ac = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16)

@@ -486,8 +486,29 @@ def test_cuda_backward_layouts_spread_non_finite_gradients_alike(monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("threads", ["1", "10000", "1073741824"], ids=["one-chunk", "some", "a-chunk-per-class"])
+@pytest.mark.parametrize("mode", ["attention", "avg"])
+def test_cuda_pixel_backward_chunk_threads(monkeypatch, threads, mode):
+    """The pixel layout's class chunks (ATTNSCALE_MERGE_BACKWARD_THREADS: sized for about that many threads
+    in all): one chunk of all 21 classes, two uneven chunks (10000 threads over 41^2 + 31^2 + 21^2 pixels
+    x 2 items: 2 chunks of 11 and 10 classes) and one class per chunk all match the CPU kernel."""
+    monkeypatch.setenv("ATTNSCALE_MERGE_BACKWARD", "pixel")
+    monkeypatch.setenv("ATTNSCALE_MERGE_BACKWARD_THREADS", threads)
+    c, n = 21, 2
+    scores, logits = make_inputs(TRAIN, n=n, c=c)
+    gout = torch.randn(n, c, *TRAIN[0])
+    gw = torch.randn(n, len(TRAIN), *TRAIN[0])
+    cpu = run(scale_merge, scores, logits, mode, gout, gw)
+    dev = run(scale_merge, [s.cuda() for s in scores], logits.cuda(), mode, gout.cuda(), gw.cuda())
+    for a, b in zip(cpu[2] + ([cpu[3]] if mode == "attention" else []),
+                    dev[2] + ([dev[3]] if mode == "attention" else [])):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("var,value", [("ATTNSCALE_MERGE_LOGIT_GROUPS", v) for v in ("3", "64", "0", "x")]
-                         + [("ATTNSCALE_MERGE_BACKWARD", "pixels")])
+                         + [("ATTNSCALE_MERGE_BACKWARD", "pixels")]
+                         + [("ATTNSCALE_MERGE_BACKWARD_THREADS", v) for v in ("0", "-3", "x", "2000000000")])
 def test_cuda_backward_env_checked(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     scores, logits = make_inputs(EXACT)

@@ -452,17 +452,21 @@ def test_precision_and_memory_layout(tmp_path, monkeypatch):
     reads = []
     real_tolist = torch.Tensor.tolist
     monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t.shape) or real_tolist(t))
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
     seen = []
     real_train = train_mod._train
     monkeypatch.setattr(train_mod, "_train", lambda *a: seen.append(
-        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)) or real_train(*a))
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark))
+        or real_train(*a))
     torch.backends.cudnn.allow_tf32 = True   # PyTorch's default: a run in float32 turns it off
+    torch.backends.cudnn.benchmark = False   # PyTorch's default: a run (fixed crop size) turns it on
     try:
         r32 = train(_tiny(tmp_path / "fp32"), progress=False)
-        assert seen == [(False, False)] and torch.backends.cudnn.allow_tf32
+        assert seen == [(False, False, True)] and torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = before
     assert len(reads) == 4  # one per update (4 updates of 2 passes)
     # one update each (the tiny net's later ones are chaotic: its loss jumps to ~90 and back); no dropout:
     # its masks are drawn in memory order, so NHWC draws others

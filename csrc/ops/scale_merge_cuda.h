@@ -27,6 +27,9 @@ struct Problem {
                              // up to 32); 0: the kernel's own rule
   int backward_layout = 0;   // backward: 0 a thread per gradient element; 1 a thread per pixel and class
                              // chunk (attention and avg; max mode always uses 0)
+  int64_t chunk_threads = 0;  // backward, pixel layout: the class chunks are sized for about this many
+                             // threads in all (fewer, longer chunks reuse each pixel's coefficients more);
+                             // 0: the kernel's own rule
 };
 
 // One kernel launch.  scores: S device pointers to contiguous (N, C, H_s, W_s) maps; logits:

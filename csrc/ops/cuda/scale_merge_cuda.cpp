@@ -81,6 +81,19 @@ int backward_layout_from_env(Mode mode) {
   return 1;
 }
 
+// ATTNSCALE_MERGE_BACKWARD_THREADS: the pixel layout's class chunks sized for about this many threads in all
+// (1: one chunk of every class per pixel), a tuning knob for benchmarks/merge_kernels.py (--chunk-threads);
+// unset or empty: the kernel's own rule (131072).
+int64_t chunk_threads_from_env() {
+  const char* v = std::getenv("ATTNSCALE_MERGE_BACKWARD_THREADS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long long t = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(*end == '\0' && t >= 1 && t <= (1LL << 30),
+                    "scale_merge_backward: ATTNSCALE_MERGE_BACKWARD_THREADS=", v, " is not an integer from 1 to 2^30");
+  return static_cast<int64_t>(t);
+}
+
 std::vector<at::Tensor> contiguous_list(at::TensorList scores) {
   std::vector<at::Tensor> out;
   out.reserve(scores.size());
@@ -118,6 +131,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
   cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
   p.logit_groups = mode == Mode::kAttention ? logit_groups_from_env() : 0;
   p.backward_layout = mode != Mode::kMax ? backward_layout_from_env(mode) : 0;
+  p.chunk_threads = p.backward_layout == 1 ? chunk_threads_from_env() : 0;
   const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();
   const at::Tensor gout = grad_merged.contiguous();
   const at::Tensor gw = (mode == Mode::kAttention && grad_weights.has_value() && grad_weights->defined())

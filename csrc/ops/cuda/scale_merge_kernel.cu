@@ -531,7 +531,7 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   if (pixel && p.C > 0) {
     int64_t pixels = 0;
     for (int s = 0; s < p.S; ++s) pixels += p.N * static_cast<int64_t>(p.H[s]) * p.W[s];
-    int64_t chunks = ceil_div(131072, pixels > 0 ? pixels : 1);
+    int64_t chunks = ceil_div(p.chunk_threads > 0 ? p.chunk_threads : 131072, pixels > 0 ? pixels : 1);
     if (chunks > p.C) chunks = p.C;
     if (chunks < 1) chunks = 1;
     a.csz = ceil_div(p.C, chunks);
