@@ -244,6 +244,9 @@ def test_opcheck(mode):
     gw = torch.randn(2, 3, *INEXACT[0][:2]) if mode == "attention" else None
     torch.library.opcheck(torch.ops.attnscale.scale_merge_backward.default,
                           (gout, gw, scores, logits if mode == "attention" else None, mode))
+    weights = torch.ops.attnscale.scale_merge(scores, logits if mode == "attention" else None, mode)[1]
+    torch.library.opcheck(torch.ops.attnscale.scale_merge_backward.default,
+                          (gout, gw, scores, logits if mode == "attention" else None, mode, weights))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -367,6 +370,28 @@ def test_backward_op_checks_grad_shape():
     with pytest.raises(ValueError, match=r"grad_weights"):
         torch.ops.attnscale.scale_merge_backward(torch.randn(2, 3, 9, 9), torch.randn(2, 2, 9, 9), scores,
                                                  logits, "attention")
+    with pytest.raises(ValueError, match=r"weights \(the forward's weights output\) has shape"):
+        torch.ops.attnscale.scale_merge_backward(torch.randn(2, 3, 9, 9), None, scores, logits, "attention",
+                                                 torch.randn(2, 2, 9, 9))
+    with pytest.raises(ValueError, match=r"weights must have the dtype/device"):
+        torch.ops.attnscale.scale_merge_backward(torch.randn(2, 3, 9, 9), None, scores, logits, "attention",
+                                                 torch.randn(2, 3, 9, 9, dtype=torch.float64))
+
+
+def test_weights_output_is_saved_for_the_backward():
+    """For attention the autograd kernel keeps the forward's weights output for the backward (the CUDA kernels
+    read the float32 softmax from it), so changing it in place before backward is PyTorch's usual error
+    instead of a silently wrong gradient; the other modes save no output."""
+    scores, logits = make_inputs(EXACT)
+    sc = [s.clone().requires_grad_(True) for s in scores]
+    merged, weights = scale_merge(sc, logits.clone().requires_grad_(True), "attention")
+    weights.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        merged.sum().backward()
+    merged, weights = scale_merge(sc, None, "avg")
+    weights.mul_(2)
+    merged.sum().backward()
+    assert all(s.grad is not None for s in sc)
 
 
 def test_scores_not_a_list():
@@ -483,6 +508,29 @@ def test_cuda_backward_layouts_spread_non_finite_gradients_alike(monkeypatch):
     for a, b in zip(got["element"], got["pixel"]):
         assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf())
         torch.testing.assert_close(b.nan_to_num(0, 0, 0), a.nan_to_num(0, 0, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sizes,n", [(TRAIN, 3), (S8, 2)], ids=["train", "S8"])
+def test_cuda_backward_reads_the_saved_weights(dtype, sizes, n, cuda_backward_layout):
+    """Given the forward's weights output (what the autograd kernel passes), the float32 CUDA backward reads
+    the softmax from it instead of recomputing it: the same values, so every gradient is bit-identical to the
+    recomputing backward (weights=None), through the op and through autograd; bfloat16 recomputes (its
+    weights output is rounded), so it is bit-identical too."""
+    c = 21
+    scores, logits = make_inputs(sizes, n=n, c=c)
+    sc = [s.cuda().to(dtype) for s in scores]
+    lg = logits.cuda().to(dtype)
+    gout = torch.randn(n, c, *sizes[0], device="cuda").to(dtype)
+    gw = torch.randn(n, len(sizes), *sizes[0], device="cuda").to(dtype)
+    weights = torch.ops.attnscale.scale_merge(sc, lg, "attention")[1]
+    bwd = torch.ops.attnscale.scale_merge_backward
+    want = bwd(gout, gw, sc, lg, "attention")
+    got = bwd(gout, gw, sc, lg, "attention", weights)
+    auto = run(scale_merge, sc, lg, "attention", gout, gw)
+    for a, b, d in zip(want[0] + [want[1]], got[0] + [got[1]], auto[2] + [auto[3]]):
+        assert torch.equal(a, b) and torch.equal(a, d)
 
 
 @pytest.mark.cuda

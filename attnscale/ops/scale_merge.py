@@ -127,11 +127,13 @@ if has_extension():
         return scores[0].new_empty((n, c, h, w)), scores[0].new_empty((n, len(scores), h, w))
 
     @torch.library.register_fake("attnscale::scale_merge_backward")
-    def _scale_merge_backward_fake(grad_merged, grad_weights, scores, logits, mode):
+    def _scale_merge_backward_fake(grad_merged, grad_weights, scores, logits, mode, weights=None):
         _check_fake(scores, logits, mode)
         n, c, h, w = scores[0].shape
-        for name, t, shape in (("grad_merged", grad_merged, (n, c, h, w)), ("grad_weights", grad_weights, (n, len(scores), h, w))):
-            if t is None:  # grad_weights is optional
+        for name, t, shape in (("grad_merged", grad_merged, (n, c, h, w)),
+                               ("grad_weights", grad_weights, (n, len(scores), h, w)),
+                               ("weights", weights, (n, len(scores), h, w))):
+            if t is None:  # grad_weights and weights are optional
                 continue
             torch._check(tuple(t.shape) == shape and t.device == scores[0].device and t.dtype == scores[0].dtype,
                          lambda: f"scale_merge_backward: {name} must be {shape} ({scores[0].dtype} on {scores[0].device}), "

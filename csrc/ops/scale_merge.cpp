@@ -84,7 +84,7 @@ Mode check_forward_inputs(at::TensorList scores, const std::optional<at::Tensor>
 
 Mode check_backward_inputs(const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights,
                            at::TensorList scores, const std::optional<at::Tensor>& logits,
-                           std::string_view mode_str) {
+                           std::string_view mode_str, const std::optional<at::Tensor>& weights) {
   const Mode mode = check_forward_inputs(scores, logits, mode_str);
   const at::Tensor& f0 = scores[0];
   const int64_t S = static_cast<int64_t>(scores.size());
@@ -102,6 +102,15 @@ Mode check_backward_inputs(const at::Tensor& grad_merged, const std::optional<at
     TORCH_CHECK_VALUE(gw.scalar_type() == f0.scalar_type() && gw.device() == f0.device(),
                       "scale_merge_backward: grad_weights must have the dtype/device of scores[0]");
   }
+  if (weights.has_value() && weights->defined()) {
+    const at::Tensor& w = *weights;
+    TORCH_CHECK_VALUE(w.dim() == 4 && w.size(0) == f0.size(0) && w.size(1) == S && w.size(2) == f0.size(2) &&
+                          w.size(3) == f0.size(3),
+                      "scale_merge_backward: weights (the forward's weights output) has shape ", w.sizes(),
+                      " but should have shape (N, S, H0, W0)");
+    TORCH_CHECK_VALUE(w.scalar_type() == f0.scalar_type() && w.device() == f0.device(),
+                      "scale_merge_backward: weights must have the dtype/device of scores[0]");
+  }
   return mode;
 }
 
@@ -114,7 +123,9 @@ TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("scale_merge(Tensor[] scores, Tensor? logits, str mode) -> (Tensor, Tensor)");
   // grads for every score map at its own resolution, then the logits grad (an empty tensor
   // unless mode == 'attention').
+  // weights: the forward's weights output, optional; the CUDA kernels read the attention softmax from it
+  // in float32 instead of recomputing it (the same values), the CPU kernels recompute.
   m.def(
       "scale_merge_backward(Tensor grad_merged, Tensor? grad_weights, Tensor[] scores, Tensor? logits, "
-      "str mode) -> (Tensor[], Tensor)");
+      "str mode, Tensor? weights=None) -> (Tensor[], Tensor)");
 }

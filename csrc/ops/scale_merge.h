@@ -24,10 +24,11 @@ Mode parse_mode(std::string_view mode);
 Mode check_forward_inputs(at::TensorList scores, const std::optional<at::Tensor>& logits,
                           std::string_view mode);
 
-// Checks the backward arguments on top of check_forward_inputs.
+// Checks the backward arguments on top of check_forward_inputs (weights: the forward's weights output, if
+// given: (N, S, H0, W0) of scores[0]'s dtype and device).
 Mode check_backward_inputs(const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights,
                            at::TensorList scores, const std::optional<at::Tensor>& logits,
-                           std::string_view mode);
+                           std::string_view mode, const std::optional<at::Tensor>& weights);
 
 // How a batch item's classes are split into chunks for the partial reductions over classes
 // (max-mode counts, attention logit gradients): chunk k holds classes [k * size, min(C, (k + 1) *

@@ -39,10 +39,12 @@ cudaError_t launch_forward(const Problem& p, const void* const* scores, const vo
                            void* weights, cudaStream_t stream);
 
 // One kernel launch over the outputs of all scales plus the logit gradient.  grad_weights may be
-// null; grad_logits is written for attention only (may be null otherwise).  No atomics.
+// null; grad_logits is written for attention only (may be null otherwise).  weights: the forward's
+// weights output (N, S, H0, W0), or null; read instead of recomputing the softmax for attention in float32
+// only (the same values there; a half / bfloat16 output is rounded, so those recompute).  No atomics.
 cudaError_t launch_backward(const Problem& p, const void* grad_merged, const void* grad_weights,
-                            const void* const* scores, const void* logits, void* const* grad_scores,
-                            void* grad_logits, cudaStream_t stream);
+                            const void* const* scores, const void* logits, const void* weights,
+                            void* const* grad_scores, void* grad_logits, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace scale_merge

@@ -4,8 +4,9 @@
 // the two kernels take well under a millisecond, and the Python autograd wrapper that
 // register_autograd installs (pytree flattening of the Tensor[] argument, a Python
 // autograd.Function per call) cost ~0.3 ms on top, measured by benchmarks/bench_merge.py.  This
-// kernel does the same bookkeeping in C++.  It saves the inputs (the backward recomputes the
-// resized maps and the softmax, nothing of size N*C*H0*W0 is kept) and calls the registered
+// kernel does the same bookkeeping in C++.  It saves the inputs and, for attention, the weights output
+// (N, S, H0, W0: the CUDA backward reads the float32 softmax from it instead of recomputing it; the
+// resized maps are recomputed, nothing of size N*C*H0*W0 is kept) and calls the registered
 // backward op, scale_merge_backward, whose own autograd formula (registered from Python in
 // attnscale/ops/scale_merge.py) raises the clear "double backward is not supported" error.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -36,13 +37,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> call_backward(const at::Tensor& 
                                                               const std::optional<at::Tensor>& grad_weights,
                                                               at::TensorList scores,
                                                               const std::optional<at::Tensor>& logits,
-                                                              c10::string_view mode) {
+                                                              c10::string_view mode,
+                                                              const std::optional<at::Tensor>& weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("attnscale::scale_merge_backward", "")
                        .typed<std::tuple<std::vector<at::Tensor>, at::Tensor>(
                            const at::Tensor&, const std::optional<at::Tensor>&, at::TensorList,
-                           const std::optional<at::Tensor>&, c10::string_view)>();
-  return op.call(grad_merged, grad_weights, scores, logits, mode);
+                           const std::optional<at::Tensor>&, c10::string_view, const std::optional<at::Tensor>&)>();
+  return op.call(grad_merged, grad_weights, scores, logits, mode, weights);
 }
 
 class ScaleMergeFunction : public torch::autograd::Function<ScaleMergeFunction> {
@@ -62,7 +64,10 @@ class ScaleMergeFunction : public torch::autograd::Function<ScaleMergeFunction> 
     // an unused output gets an undefined gradient instead of a materialised zero tensor
     ctx->set_materialize_grads(false);
     variable_list saved(scores.begin(), scores.end());
-    if (has_logits) saved.push_back(*logits);
+    if (has_logits) {
+      saved.push_back(*logits);
+      saved.push_back(weights);  // an output: saved as one (no reference cycle)
+    }
     ctx->save_for_backward(saved);
     return {merged, weights};
   }
@@ -74,6 +79,7 @@ class ScaleMergeFunction : public torch::autograd::Function<ScaleMergeFunction> 
     const variable_list saved = ctx->get_saved_variables();
     const std::vector<at::Tensor> scores(saved.begin(), saved.begin() + S);
     const std::optional<at::Tensor> logits = has_logits ? std::optional<at::Tensor>(saved[S]) : std::nullopt;
+    const std::optional<at::Tensor> weights = has_logits ? std::optional<at::Tensor>(saved[S + 1]) : std::nullopt;
     const bool attention = mode == "attention";
 
     at::Tensor grad_merged = grad_outputs[0];
@@ -92,10 +98,10 @@ class ScaleMergeFunction : public torch::autograd::Function<ScaleMergeFunction> 
     if (at::GradMode::is_enabled()) {
       // create_graph=True: through the autograd key, so that differentiating this backward
       // raises scale_merge_backward's "double backward is not supported" error
-      std::tie(grads, glogits) = call_backward(grad_merged, gw, scores, logits, mode);
+      std::tie(grads, glogits) = call_backward(grad_merged, gw, scores, logits, mode, weights);
     } else {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(grads, glogits) = call_backward(grad_merged, gw, scores, logits, mode);
+      std::tie(grads, glogits) = call_backward(grad_merged, gw, scores, logits, mode, weights);
     }
     for (int64_t s = 0; s < S; ++s) result[s] = grads[s];
     if (attention) result[S] = glogits;

@@ -1395,8 +1395,9 @@ std::tuple<at::Tensor, at::Tensor> scale_merge_cpu(at::TensorList scores_in,
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cpu(
     const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights, at::TensorList scores_in,
-    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str) {
-  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
+    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str, const std::optional<at::Tensor>& weights) {
+  // weights (the forward's output) is checked but not read: the CPU kernels recompute the softmax per pixel
+  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str, weights);
   check_cpu(scores_in, "scale_merge_backward");
   const std::vector<at::Tensor> sc = contiguous_list(scores_in);
   const at::Tensor logits = mode == Mode::kAttention ? logits_in->contiguous() : at::Tensor();

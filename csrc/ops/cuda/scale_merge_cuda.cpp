@@ -124,8 +124,8 @@ std::tuple<at::Tensor, at::Tensor> scale_merge_cuda(at::TensorList scores_in,
 
 std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
     const at::Tensor& grad_merged, const std::optional<at::Tensor>& grad_weights, at::TensorList scores_in,
-    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str) {
-  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str);
+    const std::optional<at::Tensor>& logits_in, c10::string_view mode_str, const std::optional<at::Tensor>& weights_in) {
+  const Mode mode = check_backward_inputs(grad_merged, grad_weights, scores_in, logits_in, mode_str, weights_in);
   const c10::cuda::CUDAGuard guard(scores_in[0].device());
   const std::vector<at::Tensor> sc = contiguous_list(scores_in);
   cuda::Problem p = make_problem(sc, mode, "scale_merge_backward");
@@ -146,10 +146,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> scale_merge_backward_cuda(
     gptrs.push_back(grads.back().data_ptr());
   }
   at::Tensor glogits = mode == Mode::kAttention ? at::empty_like(logits) : at::empty({0}, sc[0].options());
+  // the forward's softmax weights, read instead of recomputed (attention, float32: launch_backward)
+  const at::Tensor weights = (mode == Mode::kAttention && weights_in.has_value() && weights_in->defined() &&
+                              sc[0].scalar_type() == at::kFloat)
+                                 ? weights_in->contiguous()
+                                 : at::Tensor();
   if (p.N == 0) return {grads, glogits};
   const cudaError_t err = cuda::launch_backward(
       p, gout.data_ptr(), gw.defined() ? gw.data_ptr() : nullptr, ptrs.data(),
-      logits.defined() ? logits.data_ptr() : nullptr, gptrs.data(),
+      logits.defined() ? logits.data_ptr() : nullptr, weights.defined() ? weights.data_ptr() : nullptr, gptrs.data(),
       mode == Mode::kAttention ? glogits.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "scale_merge_backward: CUDA launch failed: ", cudaGetErrorString(err));
   return {grads, glogits};

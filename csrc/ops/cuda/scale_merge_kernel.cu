@@ -62,6 +62,7 @@ struct Args {
   const T* logits;         // (N, S, H0, W0) or null
   const T* gout;           // backward: (N, C, H0, W0)
   const T* gw;             // backward: (N, S, H0, W0) or null
+  const float* wsaved;     // backward, attention, float32: the forward's weights (N, S, H0, W0), or null
   T* out;                  // forward: merged; unused in backward
   T* w;                    // forward: weights
   T* g[kMaxScales];        // backward: score grads
@@ -223,10 +224,25 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const Args<T> a) {
   }
 }
 
+// The softmax weights at pixel (n, p) in the backward: the forward's own float32 output where the op was
+// given it (the same values: written from softmax_at's registers unrounded), else recomputed by softmax_at.
+template <typename T, int MS>
+__device__ __forceinline__ void backward_softmax_at(const Args<T>& a, int64_t n, int64_t p, float* w) {
+  if (a.wsaved != nullptr) {
+    const int64_t P = static_cast<int64_t>(a.H[0]) * a.W[0];
+#pragma unroll
+    for (int s = 0; s < MS; ++s)
+      if (s < a.S) w[s] = a.wsaved[(n * a.S + s) * P + p];
+    return;
+  }
+  softmax_at<T, MS>(a, n, p, w);
+}
+
 // Weight of scale s at destination pixel p of item n (attention: softmax w_s; avg: 1/S).
 template <typename T, int MODE, int MS>
 __device__ __forceinline__ float dest_weight(const Args<T>& a, int s, int64_t n, int64_t p) {
   if (MODE == kAvg) return 1.f / static_cast<float>(a.S);  // Caffe Eltwise SUM backward: coeff * diff
+  if (a.wsaved != nullptr) return a.wsaved[(n * a.S + s) * static_cast<int64_t>(a.H[0]) * a.W[0] + p];
   float w[MS];
   softmax_at<T, MS>(a, n, p, w);
   float ws = w[0];
@@ -310,7 +326,7 @@ __device__ __forceinline__ void logit_grad_unit(const Args<T>& a, int64_t e) {
   }
   if (live) {
     float w[MS];
-    softmax_at<T, MS>(a, n, p, w);
+    backward_softmax_at<T, MS>(a, n, p, w);
     float dot = 0.f;
 #pragma unroll
     for (int t = 0; t < MS; ++t) {
@@ -512,8 +528,8 @@ cudaError_t forward_typed(const Problem& p, const void* const* scores, const voi
 
 template <typename T>
 cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void* grad_weights,
-                           const void* const* scores, const void* logits, void* const* grad_scores,
-                           void* grad_logits, cudaStream_t stream) {
+                           const void* const* scores, const void* logits, const float* weights,
+                           void* const* grad_scores, void* grad_logits, cudaStream_t stream) {
   Args<T> a = make_args<T>(p);
   for (int s = 0; s < p.S; ++s) {
     a.f[s] = static_cast<const T*>(scores[s]);
@@ -523,6 +539,7 @@ cudaError_t backward_typed(const Problem& p, const void* grad_merged, const void
   a.gout = static_cast<const T*>(grad_merged);
   a.gw = static_cast<const T*>(grad_weights);
   a.glogits = static_cast<T*>(grad_logits);
+  a.wsaved = p.mode == kAttention ? weights : nullptr;
   // Layout: a thread per gradient element, or (Problem::backward_layout 1; attention and avg) a thread per
   // pixel and class chunk, the chunks sized as the forward's: enough threads to fill the device (~128k).
   const bool pixel = p.backward_layout == 1 && p.mode != kMax;
@@ -594,18 +611,18 @@ cudaError_t launch_forward(const Problem& p, const void* const* scores, const vo
 }
 
 cudaError_t launch_backward(const Problem& p, const void* grad_merged, const void* grad_weights,
-                            const void* const* scores, const void* logits, void* const* grad_scores,
-                            void* grad_logits, cudaStream_t stream) {
+                            const void* const* scores, const void* logits, const void* weights,
+                            void* const* grad_scores, void* grad_logits, cudaStream_t stream) {
   if (p.S < 1 || p.S > kMaxScales) return cudaErrorInvalidValue;
   switch (p.dtype) {
     case DType::kFloat32:
-      return backward_typed<float>(p, grad_merged, grad_weights, scores, logits, grad_scores, grad_logits,
-                                   stream);
-    case DType::kFloat16:
-      return backward_typed<__half>(p, grad_merged, grad_weights, scores, logits, grad_scores, grad_logits,
+      return backward_typed<float>(p, grad_merged, grad_weights, scores, logits, static_cast<const float*>(weights),
+                                   grad_scores, grad_logits, stream);
+    case DType::kFloat16:  // weights rounded to half: recomputed in fp32 instead
+      return backward_typed<__half>(p, grad_merged, grad_weights, scores, logits, nullptr, grad_scores, grad_logits,
                                     stream);
     case DType::kBFloat16:
-      return backward_typed<__nv_bfloat16>(p, grad_merged, grad_weights, scores, logits, grad_scores,
+      return backward_typed<__nv_bfloat16>(p, grad_merged, grad_weights, scores, logits, nullptr, grad_scores,
                                            grad_logits, stream);
   }
   return cudaErrorInvalidValue;
