@@ -352,16 +352,21 @@ class AttentionToScale(nn.Module):
 
     def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(fc7, scores) of every scale: the input Interp'ed to the scale (the prototxts' shrink/zoom
-        Interp), then :meth:`trunk`.  With ``scale_streams`` on a GPU without gradients the coarser scales
+        Interp), then :meth:`trunk`; for attention each fc7 Interp'ed to the finest scale's size (the
+        concatenation's input).  With ``scale_streams`` on a GPU without gradients the coarser scales
         run on side streams: each waits for the current stream first (so that ``x`` and everything before
         is ready, and memory they freed back to a side stream's pool earlier is no longer read), and the
         current stream waits for all of them before the merge.  CUDA graph capture follows the fork and
         the join, so a captured forward runs the scales concurrently too."""
         hw = (int(x.shape[-2]), int(x.shape[-1]))
+        size = self.output_size(hw)   # the finest scale's output: the merge resolution
 
         def one(s: float):
             p = caffe.scale_interp_params(s, hw)
-            return self.trunk(x if p is None else caffe.interp(x, p))
+            fc7, scores = self.trunk(x if p is None else caffe.interp(x, p))
+            if self.merge == "attention" and tuple(fc7.shape[-2:]) != size:
+                fc7 = caffe.interp(fc7, size)  # fc7_res075_interp, ...: on the branch's own stream
+            return fc7, scores
 
         if not (self.scale_streams and x.is_cuda and len(self.scales) > 1 and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
@@ -393,11 +398,10 @@ class AttentionToScale(nn.Module):
         fc7s, scores = map(list, zip(*self._scale_trunks(x)))
         if len(self.scales) == 1:
             return ModelOutput(merged=scores[0], scales=scores, attention=None)
-        size = tuple(scores[0].shape[-2:])
         logits = None
         if self.merge == "attention":
-            # fc7_concat: fc7 of every scale Interp'ed to the scale-1 size (fc7_res075_interp, ...).
-            cat = torch.cat([fc7s[0]] + [caffe.interp(f, size) for f in fc7s[1:]], dim=1)
+            # fc7_concat: fc7 of every scale, Interp'ed to the scale-1 size by _scale_trunks
+            cat = torch.cat(fc7s, dim=1)
             a = self._drop(self._conv(cat, "att_conv1", relu=True))
             logits = self.att_conv2(a)
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge

@@ -27,7 +27,9 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 ``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
-"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio.
+"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio.  Training on
+CUDA also runs "ops+scatter": the Interp layers' backward by autograd's ``index_add_`` (float atomics;
+:func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint.
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -41,6 +43,7 @@ JSON gets them under "profile".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -52,6 +55,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
+from attnscale import caffe
 from attnscale.model import AttentionToScale, check_labels
 from timing import add_malloc_option, tune_malloc, write_json
 
@@ -59,7 +63,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+scatter" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -167,12 +171,16 @@ def train_step(variant, precision, device, size, batch, channels_last):
     check_labels(y, 21)  # once: the step then runs without a host sync, as attnscale.train's does
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
+    # "scatter": the Interp layers' backward by autograd's own index_add_ (caffe.interp_scatter_backward)
+    interp_bwd = caffe.interp_scatter_backward if "scatter" in variant.split("+") else contextlib.nullcontext
+
     def step():
-        with ac:
-            out = fwd(x)
-        loss, _ = m.loss(out, y, labels_checked=True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with interp_bwd():
+            with ac:
+                out = fwd(x)
+            loss, _ = m.loss(out, y, labels_checked=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
     return step
 
@@ -211,6 +219,8 @@ def main(argv=None) -> int:
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
     graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph"] if cuda else []
+    # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU)
+    scatter_variants = ["ops+scatter"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}
@@ -234,8 +244,8 @@ def main(argv=None) -> int:
                 n, size = 1, 513
             else:
                 # "auto" / "auto4" train as "ops" does (oneDNN's convolutions where gradients are needed)
-                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last) for v in variants
-                         if not v.startswith("auto")}
+                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last)
+                         for v in variants + scatter_variants if not v.startswith("auto")}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
             for v in times:

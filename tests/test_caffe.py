@@ -1,5 +1,6 @@
 """attnscale.caffe: Caffe/DeepLab arithmetic against hand-computed numbers and literal transcriptions of
 Caffe's loops (PoolingLayer::Forward_cpu, caffe_cpu_interp2)."""
+import contextlib
 import itertools
 import math
 
@@ -307,6 +308,94 @@ def test_interp_equals_caffe_loop_and_grad():
     a = caffe.interp(x.float(), (14, 4))
     b = F.interpolate(x.float(), size=(14, 4), mode="bilinear", align_corners=True)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def caffe_interp_backward_loop(g: np.ndarray, ih: int, iw: int) -> np.ndarray:
+    """caffe_cpu_interp2_backward (one channel, sizes differ): every tap of every output pixel adds
+    ``lambda_h * lambda_w * diff`` to its source, zero weights included; float64 sums."""
+    oh, ow = g.shape
+    f32 = np.float32
+    rh = f32(ih - 1) / f32(oh - 1) if oh > 1 else f32(0)
+    rw = f32(iw - 1) / f32(ow - 1) if ow > 1 else f32(0)
+    out = np.zeros((ih, iw), np.float64)
+    for h2 in range(oh):
+        h1r = f32(rh * f32(h2))
+        h1 = int(h1r)
+        h1p = 1 if h1 < ih - 1 else 0
+        l1h = float(f32(h1r - f32(h1)))
+        for w2 in range(ow):
+            w1r = f32(rw * f32(w2))
+            w1 = int(w1r)
+            w1p = 1 if w1 < iw - 1 else 0
+            l1w = float(f32(w1r - f32(w1)))
+            d = float(g[h2, w2])
+            out[h1, w1] += (1 - l1h) * (1 - l1w) * d
+            out[h1, w1 + w1p] += (1 - l1h) * l1w * d
+            out[h1 + h1p, w1] += l1h * (1 - l1w) * d
+            out[h1 + h1p, w1 + w1p] += l1h * l1w * d
+    return out
+
+
+@pytest.mark.parametrize("sizes", [((31, 31), (41, 41)), ((21, 21), (41, 41)), ((41, 41), (41, 31)), ((2, 3), (42, 9)),
+                                   ((7, 5), (13, 5)), ((9, 11), (4, 3))])
+def test_interp_backward_is_caffes_scatter_as_a_gather(sizes):
+    """interp_gather's backward (per axis, each source summing its outputs' contributions through index
+    tables) gives Caffe's backward loop's values (float32 within rounding of the float64 loop), autograd's
+    own backward of the gathers (interp_scatter_backward) likewise, and spreads a non-finite gradient to the
+    same sources as Caffe's loop does (zero-weight taps included); bfloat16 sums in float32, so it lands
+    closer to the exact values than the bfloat16 scatter."""
+    (ih, iw), (oh, ow) = sizes
+    gen = torch.Generator().manual_seed(ih * 100 + ow)
+    x = torch.randn(2, 3, ih, iw, generator=gen)
+    g = torch.randn(2, 3, oh, ow, generator=gen)
+    want = np.stack([[caffe_interp_backward_loop(g[n, c].numpy(), ih, iw) for c in range(3)] for n in range(2)])
+
+    def grad(dtype, scatter=False):
+        xt = x.to(dtype, copy=True).requires_grad_(True)
+        with caffe.interp_scatter_backward() if scatter else contextlib.nullcontext():
+            caffe.interp_gather(xt, (oh, ow)).backward(g.to(dtype))
+        return xt.grad
+
+    got = grad(torch.float32)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
+    np.testing.assert_allclose(grad(torch.float32, scatter=True).numpy(), want, rtol=0,
+                               atol=1e-5 * max(1.0, np.abs(want).max()))
+    torch.testing.assert_close(grad(torch.float64), torch.from_numpy(want), rtol=1e-12, atol=1e-12)
+    err_new = (grad(torch.bfloat16).double() - torch.from_numpy(want)).abs().max()
+    err_old = (grad(torch.bfloat16, scatter=True).double() - torch.from_numpy(want)).abs().max()
+    assert err_new <= err_old
+    # a non-finite gradient: the same sources as Caffe's loop
+    g[0, 1, oh // 2, ow // 3] = float("inf")
+    g[1, 2, oh - 1, ow - 1] = float("nan")
+    want = np.stack([[caffe_interp_backward_loop(g[n, c].numpy(), ih, iw) for c in range(3)] for n in range(2)])
+    got = grad(torch.float32)
+    assert np.array_equal(np.isnan(got.numpy()), np.isnan(want)) and np.array_equal(np.isinf(got.numpy()),
+                                                                                   np.isinf(want))
+
+
+def test_interp_backward_twice_differentiable():
+    x = torch.randn(1, 2, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: caffe.interp_gather(t, (13, 4)), (x,))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_interp_backward_equals_cpu_and_is_deterministic(dtype):
+    """The gather-form Interp backward on the GPU: the CPU's values (the same tables and order of sums;
+    float32 within rounding of fused multiply-adds), the same bits on a rerun, channels_last too."""
+    x = torch.randn(3, 64, 31, 21)
+    g = torch.randn(3, 64, 41, 41)
+    grads = []
+    for dev, fmt in (("cpu", torch.contiguous_format), ("cuda", torch.contiguous_format), ("cuda", torch.contiguous_format),
+                     ("cuda", torch.channels_last)):
+        xt = x.to(dev, dtype, copy=True).contiguous(memory_format=fmt).requires_grad_(True)
+        caffe.interp_gather(xt, (41, 41)).backward(g.to(dev, dtype).contiguous(memory_format=fmt))
+        grads.append(xt.grad)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(grads[1].cpu(), grads[0], rtol=tol, atol=tol)
+    assert torch.equal(grads[1], grads[2])
+    torch.testing.assert_close(grads[3], grads[1], rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------------------- scales
