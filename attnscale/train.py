@@ -524,17 +524,28 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
                      "rng": rngs, "config": cfg.to_dict(), "samples_per_update": per_update},
                     ckpt_path)
 
+    def device_batch():
+        """The next batch: its labels checked on the CPU (no device sync), copied to the device (from pinned
+        memory on a GPU: asynchronous) and put in NHWC order there if asked (after the copy, so that the
+        CPU does no layout copy and the pinned batch is what travels)."""
+        x, y = next(batches)
+        check_labels(y, n_classes)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    # Each pass's batch is prepared while the device still runs the pass before (after its backward is
+    # queued, before the update's sync): the CPU's share of a batch (the label check, the copy's launch)
+    # no longer leaves the GPU idle between updates.  The data order is the loader's, as before.
+    nxt = device_batch() if it < end else None
     while it < end:
         rate = caffe_rate(cfg, it)
         set_rate(opt, rate)
         opt.zero_grad(set_to_none=True)
         sums: Dict[str, torch.Tensor] = {}   # the passes' losses, on the device until the update's end
         for k in range(cfg.iter_size):
-            x, y = next(batches)
-            check_labels(y, n_classes)  # here, on the CPU: no device sync
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = nxt
             sync = world == 1 or k == cfg.iter_size - 1
             ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
@@ -542,6 +553,8 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
                     out = net(x)
                 loss, parts = model.loss(out, y, labels_checked=True)
                 loss.backward()
+            del x, y, out
+            nxt = device_batch() if (it + 1 < end or k + 1 < cfg.iter_size) else None
             for n, v in (("total", loss.detach()), *parts.items()):
                 sums[n] = sums[n] + v if n in sums else v
         # the update's one device sync: the losses, averaged over the passes, for the log and the check

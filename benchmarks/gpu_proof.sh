@@ -13,7 +13,7 @@
 #                merge_kernels.py (kernel launches and GPU time by the profiler; the pixel layout's class
 #                chunks sized for 1 to 524288 threads), bench_e2e.py bf16 channels_last (training and
 #                inference, ours vs the references, the inference as a CUDA graph, the scales on side streams
-#                or one, and a profile of where the time goes), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32 /
+#                or one, training with the old Interp backward, and a profile of where the time goes), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32 /
 #                bf16 vs cuDNN), bench_train.py (the product's training loop, bf16 NHWC, images/s and its
 #                loader alone); each under a time limit, 480 s in all
 #   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 10x41, 1x41
