@@ -319,8 +319,9 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     (every tap of every output pixel adds ``lambda * diff`` to its source, zero-weight taps included, so a
     non-finite gradient spreads as in Caffe) written as a gather, per axis: each source index sums its
     few (at most 3-5 at the model's ratios) outputs' contributions through index tables, in the outputs'
-    order, without atomics: deterministic, and on a GPU ~10x faster than autograd's own backward of the
-    gathers (``index_add_``, float atomics; :func:`interp_scatter_backward` restores it, for comparison).
+    order, without atomics: deterministic, and faster on a GPU than autograd's own backward of the gathers
+    (``index_add_``, float atomics: 12.7 of the 93 ms of a bf16 training step on an H100, which ran 1.14x
+    faster without it; :func:`interp_scatter_backward` restores it, for comparison).
     While torch.compile traces, autograd's backward too (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
     if _INTERP_SCATTER_BACKWARD[0] or torch.compiler.is_compiling():

@@ -51,29 +51,29 @@ def caffe_pool_loop(x: np.ndarray, k: int, s: int, p: int, method: str):
     return out, arg
 
 
+def caffe_interp_taps(size_in: int, size_out: int):
+    """caffe_cpu_interp2's per-axis taps in its float32 arithmetic: for each output index (i0, i1, lambda1)."""
+    f32 = np.float32
+    r = f32(size_in - 1) / f32(size_out - 1) if size_out > 1 else f32(0)
+    taps = []
+    for o in range(size_out):
+        pos = f32(r * f32(o))
+        i0 = int(pos)
+        taps.append((i0, i0 + (1 if i0 < size_in - 1 else 0), f32(pos - f32(i0))))
+    return taps
+
+
 def caffe_interp_loop(x: np.ndarray, oh: int, ow: int):
     """caffe_cpu_interp2 (one channel, no crop), float32 coefficient arithmetic."""
     ih, iw = x.shape
     if (ih, iw) == (oh, ow):
         return x.copy()
-    f32 = np.float32
-    rh = f32(ih - 1) / f32(oh - 1) if oh > 1 else f32(0)
-    rw = f32(iw - 1) / f32(ow - 1) if ow > 1 else f32(0)
     out = np.zeros((oh, ow), np.float32)
-    for h2 in range(oh):
-        h1r = f32(rh * f32(h2))
-        h1 = int(h1r)
-        h1p = 1 if h1 < ih - 1 else 0
-        l1h = f32(h1r - f32(h1))
-        l0h = f32(1) - l1h
-        for w2 in range(ow):
-            w1r = f32(rw * f32(w2))
-            w1 = int(w1r)
-            w1p = 1 if w1 < iw - 1 else 0
-            l1w = f32(w1r - f32(w1))
-            l0w = f32(1) - l1w
-            out[h2, w2] = l0h * (l0w * x[h1, w1] + l1w * x[h1, w1 + w1p]) + \
-                l1h * (l0w * x[h1 + h1p, w1] + l1w * x[h1 + h1p, w1 + w1p])
+    for h2, (h0, h1, l1h) in enumerate(caffe_interp_taps(ih, oh)):
+        l0h = np.float32(1) - l1h
+        for w2, (w0, w1, l1w) in enumerate(caffe_interp_taps(iw, ow)):
+            l0w = np.float32(1) - l1w
+            out[h2, w2] = l0h * (l0w * x[h0, w0] + l1w * x[h0, w1]) + l1h * (l0w * x[h1, w0] + l1w * x[h1, w1])
     return out
 
 
@@ -314,25 +314,14 @@ def caffe_interp_backward_loop(g: np.ndarray, ih: int, iw: int) -> np.ndarray:
     """caffe_cpu_interp2_backward (one channel, sizes differ): every tap of every output pixel adds
     ``lambda_h * lambda_w * diff`` to its source, zero weights included; float64 sums."""
     oh, ow = g.shape
-    f32 = np.float32
-    rh = f32(ih - 1) / f32(oh - 1) if oh > 1 else f32(0)
-    rw = f32(iw - 1) / f32(ow - 1) if ow > 1 else f32(0)
     out = np.zeros((ih, iw), np.float64)
-    for h2 in range(oh):
-        h1r = f32(rh * f32(h2))
-        h1 = int(h1r)
-        h1p = 1 if h1 < ih - 1 else 0
-        l1h = float(f32(h1r - f32(h1)))
-        for w2 in range(ow):
-            w1r = f32(rw * f32(w2))
-            w1 = int(w1r)
-            w1p = 1 if w1 < iw - 1 else 0
-            l1w = float(f32(w1r - f32(w1)))
-            d = float(g[h2, w2])
-            out[h1, w1] += (1 - l1h) * (1 - l1w) * d
-            out[h1, w1 + w1p] += (1 - l1h) * l1w * d
-            out[h1 + h1p, w1] += l1h * (1 - l1w) * d
-            out[h1 + h1p, w1 + w1p] += l1h * l1w * d
+    for h2, (h0, h1, l1h) in enumerate(caffe_interp_taps(ih, oh)):
+        for w2, (w0, w1, l1w) in enumerate(caffe_interp_taps(iw, ow)):
+            l1h_, l1w_, d = float(l1h), float(l1w), float(g[h2, w2])
+            out[h0, w0] += (1 - l1h_) * (1 - l1w_) * d
+            out[h0, w1] += (1 - l1h_) * l1w_ * d
+            out[h1, w0] += l1h_ * (1 - l1w_) * d
+            out[h1, w1] += l1h_ * l1w_ * d
     return out
 
 
