@@ -107,8 +107,8 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     - AVE: sum over the window clipped to the image divided by :func:`ave_pool_divisor` (padding cells up
       to ``H + pad`` count, cells beyond do not).
 
-    MAX without a gradient on the CPU runs :func:`attnscale.ops.pooling.caffe_max_pool2d` (the same values;
-    PyTorch's NCHW CPU max pooling is a scalar loop).  Otherwise this is
+    MAX without a gradient runs :func:`attnscale.ops.pooling.caffe_max_pool2d` (the same values; PyTorch's
+    NCHW CPU max pooling is a scalar loop, and its CUDA one writes an int64 index per output).  Otherwise this is
     ``F.max_pool2d`` / ``F.avg_pool2d(divisor_override=1)`` on an explicitly padded input
     whenever torch's own ceil-mode size could differ from Caffe's; AVE always divides the window sums by
     the explicit Caffe divisor map, so it never relies on torch's ``count_include_pad`` rules.
@@ -128,7 +128,7 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     torch_ok = 2 * pad <= kernel and all(
         _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
     if method == "max":
-        if caffe_max_pool2d_applies(x):  # inference on the CPU: the vectorised C++ kernel, same values
+        if caffe_max_pool2d_applies(x) and not _TORCH_MAX_POOL[0]:  # inference (CPU or CUDA): our kernel
             return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
         if torch_ok:
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
@@ -143,6 +143,21 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
         sums = F.avg_pool2d(xp, kernel, stride, 0, divisor_override=1)[..., :oh, :ow]
     divisor, = host_constants(_ave_divisor_map, H, W, kernel, stride, pad, x.dtype, device=x.device)
     return sums / divisor
+
+
+_TORCH_MAX_POOL = [False]
+
+
+@contextlib.contextmanager
+def torch_max_pool():
+    """Within the block :func:`pool2d` MAX always takes ``F.max_pool2d`` (the same values, NaNs aside), never
+    :func:`attnscale.ops.pooling.caffe_max_pool2d`: for benchmarks/bench_e2e.py's comparison."""
+    before = _TORCH_MAX_POOL[0]
+    _TORCH_MAX_POOL[0] = True
+    try:
+        yield
+    finally:
+        _TORCH_MAX_POOL[0] = before
 
 
 def _ave_divisor_map(H: int, W: int, kernel: int, stride: int, pad: int, dtype: torch.dtype):

@@ -27,7 +27,8 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 ``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
-"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio.  Training on
+"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
+"ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel.  Training on
 CUDA also runs "ops+scatter": the Interp layers' backward by autograd's ``index_add_`` (float atomics;
 :func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint.
 
@@ -63,7 +64,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+scatter" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool+graph" | "ops+scatter" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -123,9 +124,11 @@ def infer_step(variant, precision, device, size, channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
+    # "torchpool": MAX pooling by F.max_pool2d instead of our inference kernel (caffe.torch_max_pool)
+    pool = caffe.torch_max_pool if "torchpool" in variant.split("+") else contextlib.nullcontext
 
     def step():
-        with torch.no_grad(), ac:
+        with torch.no_grad(), ac, pool():
             fwd(x)
     return cuda_graph(step) if variant.endswith("graph") else step
 
@@ -218,7 +221,7 @@ def main(argv=None) -> int:
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
-    graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph"] if cuda else []
+    graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph"] if cuda else []
     # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU)
     scatter_variants = ["ops+scatter"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),

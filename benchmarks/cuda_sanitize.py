@@ -8,7 +8,8 @@ same size as scale 0; in float32 also the backward's pixel layout, with a ratio 
 logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; both
 implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
 float64), each with every input
-requiring a gradient.  After each op it synchronises (a kernel fault surfaces at the op that made it)
+requiring a gradient; and caffe_max_pool2d (forward only: pool1's and pool4's geometry, NCHW and
+channels_last, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI
@@ -24,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
+from attnscale import caffe
 from attnscale.ops import dilated_conv2d, has_cuda_kernels, scale_merge
+from attnscale.ops.pooling import caffe_max_pool2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when imported by a test
 from timing import environ  # noqa: E402
@@ -139,6 +142,26 @@ def check_dilated_conv(failures: list) -> None:
                    [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, tol)])
 
 
+def check_max_pool(failures: list) -> None:
+    """caffe_max_pool2d (inference, no backward): DeepLab's pool1 geometry (3, 2, 1) and pool4's (3, 1, 1) on
+    odd sizes, NCHW and channels_last, every CUDA dtype; the maximum is an input value, so exact."""
+    for (k, s, p) in ((3, 2, 1), (3, 1, 1)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for channels_last in (False, True):
+                gen = torch.Generator().manual_seed(2)
+                x = rounded(torch.randn(2, 5, 13, 10, generator=gen), dtype)
+                oh, ow = caffe.pool_output_shape((13, 10), k, s, p)
+                res = {}
+                for side, dev in (("ref", "cpu"), ("dev", DEV)):
+                    xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
+                    if channels_last:
+                        xs = xs.contiguous(memory_format=torch.channels_last)
+                    res[side] = [caffe_max_pool2d(xs, k, s, p, (oh, ow))]
+                    sync(dev)
+                report(failures, f"caffe_max_pool2d {dtype} {(k, s, p)}{' channels_last' if channels_last else ''}",
+                       [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, 0.0)])
+
+
 def main(argv=None) -> int:
     global DEV
     argv = sys.argv[1:] if argv is None else argv
@@ -154,6 +177,7 @@ def main(argv=None) -> int:
     failures: list[str] = []
     check_scale_merge(failures)
     check_dilated_conv(failures)
+    check_max_pool(failures)
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

@@ -71,7 +71,7 @@ import attnscale._C as c
 assert c.__file__.endswith(".cpython-312-x86_64-linux-gnu.so"), c.__file__
 assert o.has_cuda_kernels(), "attnscale._C was built without its CUDA kernels"
 for op in ("scale_merge", "scale_merge_backward", "dilated_conv2d", "dilated_conv2d_backward_input",
-           "dilated_conv2d_backward_weight"):
+           "dilated_conv2d_backward_weight", "caffe_max_pool2d"):
     assert torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::" + op, "CUDA"), f"{op}: no CUDA kernel"
 print("torch", torch.__version__, "| CUDA kernels built and registered |", c.__file__)
 PY

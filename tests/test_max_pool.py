@@ -1,6 +1,7 @@
-"""attnscale.ops.caffe_max_pool2d (Caffe MAX Pooling forward, CPU): bit-identical to the F.max_pool2d
+"""attnscale.ops.caffe_max_pool2d (Caffe MAX Pooling forward, CPU and CUDA): bit-identical to the F.max_pool2d
 path of attnscale.caffe.pool2d over kernels, strides, pads and sizes (every border case of Caffe's
-size rule), Caffe's NaN rule, the dispatch inside pool2d, and its input checks."""
+size rule), Caffe's NaN rule, the dispatch inside pool2d, and its input checks; the CUDA kernel against the
+CPU one."""
 import pytest
 import torch
 
@@ -84,3 +85,68 @@ def test_forward_only_and_argument_bounds():
         with pytest.raises(ValueError, match="more than 16777216"):
             caffe_max_pool2d(x, *args)
     assert caffe_max_pool2d(x, 1000, 1, 0, (1, 1)).item() == x.max().item()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("k,s,p", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_equals_cpu(k, s, p, dtype, channels_last):
+    """The CUDA kernel (a thread per output, NCHW or channels_last) gives the CPU kernel's values bit for bit
+    (a maximum is one of the inputs; half / bfloat16 compared on the CPU in float32, which keeps their order),
+    with many ties and NaNs among the values, the output in the input's layout."""
+    gen = torch.Generator().manual_seed(k * 100 + s * 10 + p)
+    checked = 0
+    for h in (1, 2, 5, 8, 13, 33):
+        for w in (1, 3, 8, 17, 40):
+            try:
+                oh, ow = caffe.pool_output_shape((h, w), k, s, p)
+                if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
+                    continue
+            except ValueError:
+                continue
+            x = torch.randint(-3, 4, (2, 5, h, w), generator=gen).to(dtype)
+            x[0, 1, h // 2, w // 2] = float("nan")
+            xd = x.cuda()
+            if channels_last:
+                xd = xd.contiguous(memory_format=torch.channels_last)
+            got = caffe_max_pool2d(xd, k, s, p, (oh, ow))
+            assert got.dtype == dtype and got.is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+            want = caffe_max_pool2d(x.to(ref_dtype), k, s, p, (oh, ow))
+            assert torch.equal(got.cpu().to(ref_dtype), want), (k, s, p, h, w)
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.cuda
+def test_cuda_pool2d_dispatch_and_checks():
+    """pool2d on a GPU without a gradient takes the CUDA kernel (Caffe's NaN rule: a NaN never wins, where
+    F.max_pool2d would propagate it); with a gradient F.max_pool2d, so training keeps its backward.  Bad
+    dtypes are refused by name."""
+    x = torch.randn(1, 2, 9, 9, device="cuda")
+    x[0, 0, 4, 4] = float("nan")
+    with torch.no_grad():
+        assert caffe_max_pool2d_applies(x)
+        y = caffe.pool2d(x, 3, 2, 1, "max")
+    assert not torch.isnan(y).any()
+    xg = x.clone().requires_grad_()
+    assert not caffe_max_pool2d_applies(xg)
+    assert torch.isnan(caffe.pool2d(xg, 3, 2, 1, "max")).any()
+    with pytest.raises(ValueError, match="not supported on CUDA"):
+        caffe_max_pool2d(torch.ones(1, 1, 8, 8, device="cuda", dtype=torch.int32), 3, 2, 1, (4, 4))
+    with pytest.raises(ValueError, match="outside the input"):
+        caffe_max_pool2d(x, 3, 2, 1, (9, 4))
+
+
+def test_torch_max_pool_switch(monkeypatch):
+    """caffe.torch_max_pool() (bench_e2e's comparison) sends MAX pooling to F.max_pool2d inside the block only."""
+    x = torch.randn(1, 2, 9, 9)
+    want = caffe.pool2d(x, 3, 2, 1, "max")
+    monkeypatch.setattr(caffe, "caffe_max_pool2d", lambda *a: pytest.fail("the inference kernel was called"))
+    with torch.no_grad(), caffe.torch_max_pool():
+        assert torch.equal(caffe.pool2d(x, 3, 2, 1, "max"), want)
+    with pytest.raises(pytest.fail.Exception):
+        caffe.pool2d(x, 3, 2, 1, "max")

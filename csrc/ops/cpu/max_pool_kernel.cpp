@@ -13,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "ops/limits.h"
+#include "ops/max_pool.h"
 
 #include "ops/cpu/even_odd.h"
 
@@ -88,24 +88,10 @@ void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH
 
 at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
                                 int64_t out_w) {
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "caffe_max_pool2d: x must be 4-D (N, C, H, W), got ", x_in.dim(), "-D");
+  kernel = check_args(x_in, kernel, stride, pad, out_h, out_w);
   TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-                    "caffe_max_pool2d: x dtype ", x_in.scalar_type(), " is not supported (float32 or float64)");
-  TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && pad >= 0 && pad < kernel,
-                    "caffe_max_pool2d: need kernel >= 1, stride >= 1, 0 <= pad < kernel; got kernel ", kernel,
-                    ", stride ", stride, ", pad ", pad);
-  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"kernel", kernel}, {"stride", stride}, {"pad", pad},
-                                {"out_h", out_h}, {"out_w", out_w}, {"H", x_in.size(2)}, {"W", x_in.size(3)}})
-    TORCH_CHECK_VALUE(v <= kMaxGeometry, "caffe_max_pool2d: ", name, " is ", v, ", more than ", kMaxGeometry);
+                    "caffe_max_pool2d: x dtype ", x_in.scalar_type(), " is not supported on the CPU (float32 or float64)");
   const int64_t H = x_in.size(2), W = x_in.size(3);
-  // a window reaching past the image is clipped to it: a kernel beyond max(H, W) + pad gives the same windows
-  kernel = std::min(kernel, std::max(H, W) + pad);
-  TORCH_CHECK_VALUE(H >= 1 && W >= 1 && out_h >= 1 && out_w >= 1, "caffe_max_pool2d: empty input (", H, ", ", W,
-                    ") or output (", out_h, ", ", out_w, ")");
-  // every window must hold at least one input pixel (Caffe's size rule guarantees it)
-  TORCH_CHECK_VALUE((out_h - 1) * stride - pad < H && (out_w - 1) * stride - pad < W,
-                    "caffe_max_pool2d: output size (", out_h, ", ", out_w, ") puts windows outside the input (", H,
-                    ", ", W, ") for kernel ", kernel, ", stride ", stride, ", pad ", pad);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
   const int64_t planes = x.size(0) * x.size(1);

@@ -1,0 +1,19 @@
+// attnscale::caffe_max_pool2d — the argument checks shared by the CPU kernel and the CUDA glue, so that
+// every backend raises the same messages ("caffe_max_pool2d: ...").
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace attnscale {
+namespace max_pool {
+
+// Checks x (4-D), the geometry (kernel >= 1, stride >= 1, 0 <= pad < kernel, all bounded by kMaxGeometry),
+// a non-empty input and output, and that every window holds an input pixel (Caffe's size rule guarantees
+// it).  Returns the kernel clipped to max(H, W) + pad (a window reaching past the image is clipped to it
+// anyway, so the windows are the same).  Dtype and device are the backend's to check.
+int64_t check_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h, int64_t out_w);
+
+}  // namespace max_pool
+}  // namespace attnscale

@@ -1,0 +1,25 @@
+// Raw-pointer launcher of the CUDA caffe_max_pool2d kernel (csrc/ops/cuda/max_pool_kernel.cu).
+// Torch-free: included by the .cu (built by a bare nvcc) and by the torch glue (csrc/ops/cuda/max_pool_cuda.cpp).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace attnscale {
+namespace max_pool {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// One launch.  x: (N, C, H, W) contiguous in NCHW order, or in NHWC order (channels_last) when
+// channels_last; y: (N, C, OH, OW) in the same order.  Output (i, j) is the maximum over rows
+// max(i s - p, 0) .. min(i s - p + k, H) - 1 and the same columns (Caffe's clipped window), scanned as the
+// CPU kernel does (each column's rows, then the columns, left to right), a value replacing the running
+// maximum only if strictly greater (NaN never wins; a window of NaNs gives -inf).
+cudaError_t launch_max_pool2d(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH,
+                              int OW, int k, int s, int p, bool channels_last, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace max_pool
+}  // namespace attnscale
