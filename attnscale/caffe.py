@@ -128,7 +128,7 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     torch_ok = 2 * pad <= kernel and all(
         _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
     if method == "max":
-        if caffe_max_pool2d_applies(x) and not _TORCH_MAX_POOL[0]:  # inference (CPU or CUDA): our kernel
+        if caffe_max_pool2d_applies(x) and not _SWITCHES["torch_max_pool"]:  # inference (CPU or CUDA): our kernel
             return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
         if torch_ok:
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
@@ -145,19 +145,24 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     return sums / divisor
 
 
-_TORCH_MAX_POOL = [False]
+# Comparison switches for benchmarks/bench_e2e.py: the path a layer took before our faster one (same values)
+_SWITCHES = {"torch_max_pool": False, "interp_scatter_backward": False}
 
 
 @contextlib.contextmanager
-def torch_max_pool():
-    """Within the block :func:`pool2d` MAX always takes ``F.max_pool2d`` (the same values, NaNs aside), never
-    :func:`attnscale.ops.pooling.caffe_max_pool2d`: for benchmarks/bench_e2e.py's comparison."""
-    before = _TORCH_MAX_POOL[0]
-    _TORCH_MAX_POOL[0] = True
+def _switched_on(name: str):
+    before = _SWITCHES[name]
+    _SWITCHES[name] = True
     try:
         yield
     finally:
-        _TORCH_MAX_POOL[0] = before
+        _SWITCHES[name] = before
+
+
+def torch_max_pool():
+    """Within the block :func:`pool2d` MAX always takes ``F.max_pool2d`` (the same values, NaNs aside), never
+    :func:`attnscale.ops.pooling.caffe_max_pool2d`: for benchmarks/bench_e2e.py's comparison."""
+    return _switched_on("torch_max_pool")
 
 
 def _ave_divisor_map(H: int, W: int, kernel: int, stride: int, pad: int, dtype: torch.dtype):
@@ -339,7 +344,7 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     faster without it; :func:`interp_scatter_backward` restores it, for comparison).
     While torch.compile traces, autograd's backward too (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
-    if _INTERP_SCATTER_BACKWARD[0] or torch.compiler.is_compiling():
+    if _SWITCHES["interp_scatter_backward"] or torch.compiler.is_compiling():
         return _interp_blend(x, out_hw)
     return _InterpGather.apply(x, out_hw)
 
@@ -357,20 +362,11 @@ def _interp_blend(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return lh0[:, None] * top_row + lh1[:, None] * bot_row
 
 
-_INTERP_SCATTER_BACKWARD = [False]
-
-
-@contextlib.contextmanager
 def interp_scatter_backward():
     """Within the block :func:`interp_gather` takes autograd's own backward of its gathers (``index_add_``:
     float atomics on a GPU, the order of additions not fixed) instead of the gather-form adjoint: the same
     sums, for benchmarks/bench_e2e.py's comparison."""
-    before = _INTERP_SCATTER_BACKWARD[0]
-    _INTERP_SCATTER_BACKWARD[0] = True
-    try:
-        yield
-    finally:
-        _INTERP_SCATTER_BACKWARD[0] = before
+    return _switched_on("interp_scatter_backward")
 
 
 def _interp_adjoint_tables(size_in: int, size_out: int, dtype: torch.dtype):
