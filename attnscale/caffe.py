@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .ops.interp import caffe_interp, caffe_interp_applies
-from .ops.pooling import caffe_max_pool2d, caffe_max_pool2d_applies
+from .ops.pooling import (caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
+                           caffe_max_pool2d_train_applies)
 
 __all__ = [
     "MEAN_BGR", "IGNORE_LABEL",
@@ -108,7 +109,9 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
       to ``H + pad`` count, cells beyond do not).
 
     MAX without a gradient runs :func:`attnscale.ops.pooling.caffe_max_pool2d` (the same values; PyTorch's
-    NCHW CPU max pooling is a scalar loop, and its CUDA one writes an int64 index per output).  Otherwise this is
+    NCHW CPU max pooling is a scalar loop, and its CUDA one writes an int64 index per output); with one on a
+    GPU :func:`attnscale.ops.pooling.caffe_max_pool2d_train` (a byte of mask per output, Caffe's backward
+    gather).  Otherwise this is
     ``F.max_pool2d`` / ``F.avg_pool2d(divisor_override=1)`` on an explicitly padded input
     whenever torch's own ceil-mode size could differ from Caffe's; AVE always divides the window sums by
     the explicit Caffe divisor map, so it never relies on torch's ``count_include_pad`` rules.
@@ -128,8 +131,11 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     torch_ok = 2 * pad <= kernel and all(
         _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
     if method == "max":
-        if caffe_max_pool2d_applies(x) and not _SWITCHES["torch_max_pool"]:  # inference (CPU or CUDA): our kernel
-            return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
+        if not _SWITCHES["torch_max_pool"]:
+            if caffe_max_pool2d_applies(x):  # inference (CPU or CUDA): our kernel
+                return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
+            if caffe_max_pool2d_train_applies(x, kernel):  # training on a GPU: our kernels, a byte of mask
+                return caffe_max_pool2d_train(x, kernel, stride, pad, (oh, ow))
         if torch_ok:
             return F.max_pool2d(x, kernel, stride, pad, ceil_mode=True)
         xp = F.pad(x, (pad, _window_reach(W, ow, kernel, stride, pad),
@@ -161,7 +167,8 @@ def _switched_on(name: str):
 
 def torch_max_pool():
     """Within the block :func:`pool2d` MAX always takes ``F.max_pool2d`` (the same values, NaNs aside), never
-    :func:`attnscale.ops.pooling.caffe_max_pool2d`: for benchmarks/bench_e2e.py's comparison."""
+    our kernels (:func:`attnscale.ops.pooling.caffe_max_pool2d` and ``caffe_max_pool2d_train``): for
+    benchmarks/bench_e2e.py's comparison."""
     return _switched_on("torch_max_pool")
 
 

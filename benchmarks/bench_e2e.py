@@ -30,7 +30,8 @@ every image to); the model runs its coarser scales on side streams there (``scal
 "ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
 "ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel.  Training on
 CUDA also runs "ops+scatter": the Interp layers' backward by autograd's ``index_add_`` (float atomics;
-:func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint.
+:func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint, and
+"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output).
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -64,7 +65,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool+graph" | "ops+scatter" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+scatter" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -174,11 +175,14 @@ def train_step(variant, precision, device, size, batch, channels_last):
     check_labels(y, 21)  # once: the step then runs without a host sync, as attnscale.train's does
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
-    # "scatter": the Interp layers' backward by autograd's own index_add_ (caffe.interp_scatter_backward)
-    interp_bwd = caffe.interp_scatter_backward if "scatter" in variant.split("+") else contextlib.nullcontext
+    # "scatter": the Interp layers' backward by autograd's own index_add_ (caffe.interp_scatter_backward);
+    # "torchpool": MAX pooling by F.max_pool2d (int64 indices) instead of our training kernels
+    parts = variant.split("+")
+    interp_bwd = caffe.interp_scatter_backward if "scatter" in parts else contextlib.nullcontext
+    pool = caffe.torch_max_pool if "torchpool" in parts else contextlib.nullcontext
 
     def step():
-        with interp_bwd():
+        with interp_bwd(), pool():
             with ac:
                 out = fwd(x)
             loss, _ = m.loss(out, y, labels_checked=True)
@@ -222,8 +226,9 @@ def main(argv=None) -> int:
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
     graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph"] if cuda else []
-    # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU)
-    scatter_variants = ["ops+scatter"] if cuda else []
+    # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU); MAX
+    # pooling by F.max_pool2d
+    train_variants = ["ops+scatter", "ops+torchpool"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}
@@ -248,7 +253,7 @@ def main(argv=None) -> int:
             else:
                 # "auto" / "auto4" train as "ops" does (oneDNN's convolutions where gradients are needed)
                 steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last)
-                         for v in variants + scatter_variants if not v.startswith("auto")}
+                         for v in variants + train_variants if not v.startswith("auto")}
                 n, size = batch, args.train_size
             times = _time_interleaved(steps, dev, warmup, reps)
             for v in times:

@@ -8,8 +8,8 @@ same size as scale 0; in float32 also the backward's pixel layout, with a ratio 
 logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; both
 implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
 float64), each with every input
-requiring a gradient; and caffe_max_pool2d (forward only: pool1's and pool4's geometry, NCHW and
-channels_last, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
+requiring a gradient; and caffe_max_pool2d (inference) with the training pair caffe_max_pool2d_with_mask /
+caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI
@@ -143,23 +143,30 @@ def check_dilated_conv(failures: list) -> None:
 
 
 def check_max_pool(failures: list) -> None:
-    """caffe_max_pool2d (inference, no backward): DeepLab's pool1 geometry (3, 2, 1) and pool4's (3, 1, 1) on
-    odd sizes, NCHW and channels_last, every CUDA dtype; the maximum is an input value, so exact."""
+    """caffe_max_pool2d (inference) and the training pair caffe_max_pool2d_with_mask / _backward: DeepLab's
+    pool1 geometry (3, 2, 1) and pool4's (3, 1, 1) on odd sizes, NCHW and channels_last, every CUDA dtype;
+    the maximum is an input value and the mask an offset, so exact; the gradient loosely."""
     for (k, s, p) in ((3, 2, 1), (3, 1, 1)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for channels_last in (False, True):
                 gen = torch.Generator().manual_seed(2)
                 x = rounded(torch.randn(2, 5, 13, 10, generator=gen), dtype)
                 oh, ow = caffe.pool_output_shape((13, 10), k, s, p)
+                grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
                     xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
                     if channels_last:
                         xs = xs.contiguous(memory_format=torch.channels_last)
-                    res[side] = [caffe_max_pool2d(xs, k, s, p, (oh, ow))]
+                    out, mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(xs, k, s, p, oh, ow)
+                    g = grad.to(dev, out.dtype)
+                    gx = torch.ops.attnscale.caffe_max_pool2d_backward(g, mask, k, s, p, 13, 10)
+                    res[side] = [caffe_max_pool2d(xs, k, s, p, (oh, ow)), out, mask.float(), gx]
                     sync(dev)
-                report(failures, f"caffe_max_pool2d {dtype} {(k, s, p)}{' channels_last' if channels_last else ''}",
-                       [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, 0.0)])
+                report(failures, f"caffe_max_pool2d (+ with_mask, backward) {dtype} {(k, s, p)}"
+                       f"{' channels_last' if channels_last else ''}",
+                       [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"]))
+                        if not close(a, e, 0.0 if i < 3 else 1e-2)])
 
 
 def main(argv=None) -> int:

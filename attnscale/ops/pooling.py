@@ -1,4 +1,5 @@
-"""``attnscale.ops.caffe_max_pool2d``: Caffe's MAX ``Pooling`` forward on the CPU and on CUDA, for inference.
+"""``attnscale.ops.caffe_max_pool2d``: Caffe's MAX ``Pooling`` forward on the CPU and on CUDA, for inference;
+``caffe_max_pool2d_train``: the same with a gradient.
 
 Same values as :func:`attnscale.caffe.pool2d` (``method="max"``), which calls it whenever no gradient is
 needed: the window clipped to the image (padding never wins), a value replaces the running maximum
@@ -6,9 +7,15 @@ only if strictly greater.  PyTorch's NCHW CPU max pooling is a scalar loop (88 m
 513x513 on 2 cores, 16 ms in channels_last); this kernel takes the vertical maximum of whole rows and
 splits stride-2 rows into even and odd columns, so its loops vectorise.  On CUDA (float32/float64/float16/
 bfloat16, NCHW or channels_last, the output in the input's layout) a thread per output: PyTorch's CUDA max
-pooling writes an int64 index per output even without a gradient, twice the bytes of a bfloat16 output.  No autograd: with a gradient,
-``pool2d`` uses ``F.max_pool2d``.  NaN inputs: like Caffe, a NaN never replaces a maximum (F.max_pool2d
-propagates it); a window of NaNs only gives -inf (Caffe: -FLT_MAX).
+pooling writes an int64 index per output even without a gradient, twice the bytes of a bfloat16 output.  No
+autograd: with a gradient, ``pool2d`` uses ``caffe_max_pool2d_train`` on a GPU and ``F.max_pool2d`` on the
+CPU.  NaN inputs: like Caffe, a NaN never replaces a maximum (F.max_pool2d propagates it); a window of NaNs
+only gives -inf (Caffe: -FLT_MAX).
+
+``caffe_max_pool2d_train`` is the differentiable twin that ``pool2d`` takes on a GPU when a gradient is needed
+(``caffe_max_pool2d_with_mask`` + ``caffe_max_pool2d_backward``, CPU and CUDA kernels): it saves a one-byte
+window offset per output where ``F.max_pool2d`` writes and reads back an int64 index (8x the bytes), and its
+backward is Caffe's gather.
 """
 from __future__ import annotations
 
@@ -32,7 +39,45 @@ def _register() -> None:
         return fake_nchw_output("caffe_max_pool2d", x, out_h, out_w)
 
     register_forward_only("caffe_max_pool2d", "attnscale.caffe.pool2d")
+
+    @torch.library.register_fake("attnscale::caffe_max_pool2d_with_mask")
+    def _fake_mask(x, kernel, stride, pad, out_h, out_w):
+        k = min(kernel, max(x.shape[-2:]) + pad)  # the C++ checks clip it so
+        torch._check(k * k <= _MASK_NONE, lambda: f"caffe_max_pool2d_with_mask: kernel {k} is more than 15")
+        out = _in_layout(fake_nchw_output("caffe_max_pool2d_with_mask", x, out_h, out_w), x)
+        return out, _in_layout(out.new_empty(out.shape, dtype=torch.uint8), x)
+
+    @torch.library.register_fake("attnscale::caffe_max_pool2d_backward")
+    def _fake_backward(grad, mask, kernel, stride, pad, in_h, in_w):
+        torch._check(grad.dim() == 4 and grad.shape == mask.shape and mask.dtype == torch.uint8,
+                     lambda: f"caffe_max_pool2d_backward: grad {tuple(grad.shape)} and mask {tuple(mask.shape)} "
+                     f"({mask.dtype}) must be 4-D of one shape, the mask uint8")
+        return _in_layout(grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w)), mask)
+
+    def _setup(ctx, inputs, output):
+        x, kernel, stride, pad, _, _ = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(output[1])
+        ctx.geometry = (kernel, stride, pad, x.shape[-2], x.shape[-1])
+
+    def _backward(ctx, grad, _grad_mask):
+        mask, = ctx.saved_tensors
+        gx = torch.ops.attnscale.caffe_max_pool2d_backward(grad, mask, *ctx.geometry)
+        return gx, None, None, None, None, None
+
+    torch.library.register_autograd("attnscale::caffe_max_pool2d_with_mask", _backward, setup_context=_setup)
     _REGISTERED = True
+
+
+#: csrc/ops/max_pool_window.h kMaskNone: the mask value of a window without a winner
+_MASK_NONE = 255
+
+
+def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t (a fake result) in the memory layout the CUDA kernels give: like's when like is channels_last on CUDA."""
+    if like.device.type == "cuda" and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
 
 
 _register()
@@ -41,9 +86,9 @@ _register()
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
-def _has_cuda_kernel() -> bool:
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::caffe_max_pool2d", "CUDA")
+@functools.lru_cache(maxsize=None)
+def _has_cuda_kernel(op: str = "caffe_max_pool2d") -> bool:
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
 
 
 def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
@@ -54,6 +99,26 @@ def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
         return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
                 and _has_cuda_kernel())
     return cpu_inference_kernel_applies(x)
+
+
+def caffe_max_pool2d_train_applies(x: torch.Tensor, kernel: int) -> bool:
+    """Whether :func:`caffe_max_pool2d_train` serves a MAX pooling of x: x is 4-D on CUDA in float32/float64/
+    float16/bfloat16, the extension has the CUDA kernels, and the window offsets fit the one-byte mask
+    (kernel <= 15).  On the CPU training keeps ``F.max_pool2d`` (the op's CPU kernels are plain loops, its
+    twin for the tests)."""
+    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES and kernel * kernel <= _MASK_NONE
+            and _has_cuda_kernel("caffe_max_pool2d_with_mask"))
+
+
+def caffe_max_pool2d_train(x: torch.Tensor, kernel: int, stride: int, pad: int,
+                           out_hw: tuple[int, int]) -> torch.Tensor:
+    """Caffe MAX pooling with a gradient: ``caffe_max_pool2d_with_mask`` (the output and a uint8 mask, the
+    winner's offset in its window: Caffe's row-major scan, strict ``>``) and, in backward,
+    ``caffe_max_pool2d_backward`` (Caffe's MaxPoolBackward: each input sums the gradients of the covering
+    outputs whose mask names it).  The same values and gradients as ``F.max_pool2d`` on finite inputs, with a
+    byte of mask per output where PyTorch saves an int64 index."""
+    require_extension()
+    return torch.ops.attnscale.caffe_max_pool2d_with_mask(x, kernel, stride, pad, int(out_hw[0]), int(out_hw[1]))[0]
 
 
 def caffe_max_pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, out_hw: tuple[int, int]) -> torch.Tensor:

@@ -20,21 +20,53 @@
 namespace attnscale {
 namespace max_pool {
 
+namespace {
+
+// The geometry checks of every caffe_max_pool2d op, for an input of (H, W) and an output of (out_h, out_w).
+int64_t check_geometry(const char* op, int64_t H, int64_t W, int64_t kernel, int64_t stride, int64_t pad,
+                       int64_t out_h, int64_t out_w) {
+  TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && pad >= 0 && pad < kernel, op,
+                    ": need kernel >= 1, stride >= 1, 0 <= pad < kernel; got kernel ", kernel, ", stride ", stride,
+                    ", pad ", pad);
+  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"kernel", kernel}, {"stride", stride}, {"pad", pad},
+                                {"out_h", out_h}, {"out_w", out_w}, {"H", H}, {"W", W}})
+    TORCH_CHECK_VALUE(v <= kMaxGeometry, op, ": ", name, " is ", v, ", more than ", kMaxGeometry);
+  kernel = std::min(kernel, std::max(H, W) + pad);
+  TORCH_CHECK_VALUE(H >= 1 && W >= 1 && out_h >= 1 && out_w >= 1, op, ": empty input (", H, ", ", W,
+                    ") or output (", out_h, ", ", out_w, ")");
+  TORCH_CHECK_VALUE((out_h - 1) * stride - pad < H && (out_w - 1) * stride - pad < W, op, ": output size (", out_h,
+                    ", ", out_w, ") puts windows outside the input (", H, ", ", W, ") for kernel ", kernel,
+                    ", stride ", stride, ", pad ", pad);
+  return kernel;
+}
+
+}  // namespace
+
 int64_t check_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h, int64_t out_w) {
   TORCH_CHECK_VALUE(x.dim() == 4, "caffe_max_pool2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(kernel >= 1 && stride >= 1 && pad >= 0 && pad < kernel,
-                    "caffe_max_pool2d: need kernel >= 1, stride >= 1, 0 <= pad < kernel; got kernel ", kernel,
-                    ", stride ", stride, ", pad ", pad);
-  for (const auto& [name, v] : {std::pair<const char*, int64_t>{"kernel", kernel}, {"stride", stride}, {"pad", pad},
-                                {"out_h", out_h}, {"out_w", out_w}, {"H", x.size(2)}, {"W", x.size(3)}})
-    TORCH_CHECK_VALUE(v <= kMaxGeometry, "caffe_max_pool2d: ", name, " is ", v, ", more than ", kMaxGeometry);
-  const int64_t H = x.size(2), W = x.size(3);
-  kernel = std::min(kernel, std::max(H, W) + pad);
-  TORCH_CHECK_VALUE(H >= 1 && W >= 1 && out_h >= 1 && out_w >= 1, "caffe_max_pool2d: empty input (", H, ", ", W,
-                    ") or output (", out_h, ", ", out_w, ")");
-  TORCH_CHECK_VALUE((out_h - 1) * stride - pad < H && (out_w - 1) * stride - pad < W,
-                    "caffe_max_pool2d: output size (", out_h, ", ", out_w, ") puts windows outside the input (", H,
-                    ", ", W, ") for kernel ", kernel, ", stride ", stride, ", pad ", pad);
+  return check_geometry("caffe_max_pool2d", x.size(2), x.size(3), kernel, stride, pad, out_h, out_w);
+}
+
+int64_t check_mask_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                        int64_t out_w) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "caffe_max_pool2d_with_mask: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  kernel = check_geometry("caffe_max_pool2d_with_mask", x.size(2), x.size(3), kernel, stride, pad, out_h, out_w);
+  TORCH_CHECK_VALUE(kernel * kernel <= kMaskNone, "caffe_max_pool2d_with_mask: kernel ", kernel,
+                    " has more window offsets than the uint8 mask holds (kernel <= 15)");
+  return kernel;
+}
+
+int64_t check_backward_args(const at::Tensor& grad, const at::Tensor& mask, int64_t kernel, int64_t stride,
+                            int64_t pad, int64_t in_h, int64_t in_w) {
+  constexpr const char* op = "caffe_max_pool2d_backward";
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.sizes() == mask.sizes(), op, ": grad ", grad.sizes(), " and mask ",
+                    mask.sizes(), " must be 4-D (N, C, OH, OW) of one shape");
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kByte, op, ": mask must be uint8 (caffe_max_pool2d_with_mask's), got ",
+                    mask.scalar_type());
+  TORCH_CHECK_VALUE(grad.is_floating_point(), op, ": grad must be floating point, got ", grad.scalar_type());
+  TORCH_CHECK_VALUE(grad.device() == mask.device(), op, ": grad is on ", grad.device(), ", mask on ", mask.device());
+  kernel = check_geometry(op, in_h, in_w, kernel, stride, pad, grad.size(2), grad.size(3));
+  TORCH_CHECK_VALUE(kernel * kernel <= kMaskNone, op, ": kernel ", kernel, " is more than 15");
   return kernel;
 }
 
@@ -43,4 +75,11 @@ int64_t check_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t 
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("caffe_max_pool2d(Tensor x, int kernel, int stride, int pad, int out_h, int out_w) -> Tensor");
+  // Training: the output and a uint8 mask (the winner's offset in its window, row-major scan as Caffe's
+  // forward, kMaskNone for none); the backward sends each output's gradient to its winner (Caffe's
+  // MaxPoolBackward as a gather, float sums in (ph, pw) order).
+  m.def("caffe_max_pool2d_with_mask(Tensor x, int kernel, int stride, int pad, int out_h, int out_w) -> "
+        "(Tensor, Tensor)");
+  m.def("caffe_max_pool2d_backward(Tensor grad, Tensor mask, int kernel, int stride, int pad, int in_h, "
+        "int in_w) -> Tensor");
 }

@@ -2,14 +2,17 @@
 // Per output row: the running maximum of the window's input rows (contiguous, vectorised), then the
 // horizontal window over that row; for stride 2 the row is first split into even and odd columns so
 // that every window position reads unit-stride arrays; other strides take a scalar loop.
+// Also the CPU twins of the training op's CUDA kernels (caffe_max_pool2d_with_mask and its backward).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -110,10 +113,117 @@ at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t 
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------- training
+// The CPU twin of the CUDA training kernels (the model trains through F.max_pool2d on the CPU): plain loops
+// over one (n, c) plane, in the CUDA kernels' order, so that their results can be compared bit for bit.
+
+// Caffe's MaxPoolForward scan: rows, then columns, of the clipped window; strict '>' from -inf.
+template <typename T>
+void pool_plane_mask(const T* __restrict x, int H, int W, int k, int s, int p, int OH, int OW, T* __restrict out,
+                     uint8_t* __restrict mask) {
+  for (int i = 0; i < OH; ++i) {
+    const int h0 = i * s - p, hs = std::max(h0, 0), he = std::min(h0 + k, H);
+    for (int j = 0; j < OW; ++j) {
+      const int w0 = j * s - p, ws = std::max(w0, 0), we = std::min(w0 + k, W);
+      T m = -std::numeric_limits<T>::infinity();
+      int arg = kMaskNone;
+      for (int h = hs; h < he; ++h)
+        for (int w = ws; w < we; ++w) {
+          const T v = x[static_cast<int64_t>(h) * W + w];
+          if (v > m) {
+            m = v;
+            arg = (h - h0) * k + (w - w0);
+          }
+        }
+      out[static_cast<int64_t>(i) * OW + j] = m;
+      mask[static_cast<int64_t>(i) * OW + j] = static_cast<uint8_t>(arg);
+    }
+  }
+}
+
+// Caffe's MaxPoolBackward (the GPU form: a gather per input pixel over the outputs whose window covers it,
+// ph then pw), summed in the accumulation type of T.
+template <typename T>
+void unpool_plane(const T* __restrict g, const uint8_t* __restrict mask, int H, int W, int k, int s, int p, int OH,
+                  int OW, T* __restrict gx) {
+  using acc_t = at::opmath_type<T>;
+  for (int h = 0; h < H; ++h) {
+    int ilo, ihi;
+    covering_outputs(h, k, s, p, OH, &ilo, &ihi);
+    for (int w = 0; w < W; ++w) {
+      int jlo, jhi;
+      covering_outputs(w, k, s, p, OW, &jlo, &jhi);
+      acc_t sum = 0;
+      for (int i = ilo; i < ihi; ++i)
+        for (int j = jlo; j < jhi; ++j) {
+          const int64_t o = static_cast<int64_t>(i) * OW + j;
+          if (mask[o] == (h - (i * s - p)) * k + (w - (j * s - p))) sum += static_cast<acc_t>(g[o]);
+        }
+      gx[static_cast<int64_t>(h) * W + w] = static_cast<T>(sum);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> caffe_max_pool2d_with_mask_cpu(const at::Tensor& x_in, int64_t kernel,
+                                                                  int64_t stride, int64_t pad, int64_t out_h,
+                                                                  int64_t out_w) {
+  kernel = check_mask_args(x_in, kernel, stride, pad, out_h, out_w);
+  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+                    "caffe_max_pool2d_with_mask: x dtype ", x_in.scalar_type(),
+                    " is not supported on the CPU (float32 or float64)");
+  const int64_t H = x_in.size(2), W = x_in.size(3);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
+  at::Tensor mask = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().dtype(at::kByte));
+  const int64_t planes = x.size(0) * x.size(1);
+  if (planes == 0) return {out, mask};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "caffe_max_pool2d_with_mask_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    uint8_t* mp = mask.data_ptr<uint8_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        pool_plane_mask<scalar_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
+                                  static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
+                                  static_cast<int>(out_w), op + q * out_h * out_w, mp + q * out_h * out_w);
+    });
+  });
+  return {out, mask};
+}
+
+at::Tensor caffe_max_pool2d_backward_cpu(const at::Tensor& grad_in, const at::Tensor& mask_in, int64_t kernel,
+                                         int64_t stride, int64_t pad, int64_t in_h, int64_t in_w) {
+  kernel = check_backward_args(grad_in, mask_in, kernel, stride, pad, in_h, in_w);
+  TORCH_CHECK_VALUE(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble,
+                    "caffe_max_pool2d_backward: grad dtype ", grad_in.scalar_type(),
+                    " is not supported on the CPU (float32 or float64)");
+  TORCH_CHECK_VALUE(grad_in.device().is_cpu() && mask_in.device().is_cpu(),
+                    "caffe_max_pool2d_backward: grad and mask must be on the CPU here");
+  const at::Tensor g = grad_in.contiguous(), mask = mask_in.contiguous();
+  const int64_t OH = g.size(2), OW = g.size(3);
+  at::Tensor gx = at::empty({g.size(0), g.size(1), in_h, in_w}, g.options());
+  const int64_t planes = g.size(0) * g.size(1);
+  if (planes == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "caffe_max_pool2d_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const uint8_t* mp = mask.data_ptr<uint8_t>();
+    scalar_t* xp = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (in_h * in_w)), [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        unpool_plane<scalar_t>(gp + q * OH * OW, mp + q * OH * OW, static_cast<int>(in_h), static_cast<int>(in_w),
+                               static_cast<int>(kernel), static_cast<int>(stride), static_cast<int>(pad),
+                               static_cast<int>(OH), static_cast<int>(OW), xp + q * in_h * in_w);
+    });
+  });
+  return gx;
+}
+
 }  // namespace
 }  // namespace max_pool
 }  // namespace attnscale
 
 TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
   m.impl("caffe_max_pool2d", &attnscale::max_pool::caffe_max_pool2d_cpu);
+  m.impl("caffe_max_pool2d_with_mask", &attnscale::max_pool::caffe_max_pool2d_with_mask_cpu);
+  m.impl("caffe_max_pool2d_backward", &attnscale::max_pool::caffe_max_pool2d_backward_cpu);
 }

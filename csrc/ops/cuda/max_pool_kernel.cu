@@ -1,4 +1,6 @@
-// CUDA kernel of attnscale::caffe_max_pool2d (inference): a thread per output element, NCHW or NHWC.
+// CUDA kernels of attnscale::caffe_max_pool2d (inference): a thread per output element, NCHW or NHWC;
+// and of the training op caffe_max_pool2d_with_mask (a thread per output, writing a one-byte mask) and
+// its backward (a thread per input element gathering from the outputs whose window covers it).
 //
 // No torch headers: raw pointers, sizes and a cudaStream_t (see ops/max_pool_cuda.h).  Unlike
 // F.max_pool2d's CUDA kernel it writes no index per output (nothing is differentiated here), so it moves
@@ -11,6 +13,7 @@
 #include <cstdint>
 
 #include "ops/max_pool_cuda.h"
+#include "ops/max_pool_window.h"
 
 namespace attnscale {
 namespace max_pool {
@@ -44,6 +47,41 @@ __device__ __forceinline__ __half minus_inf<__half>() { return __ushort_as_half(
 template <>
 __device__ __forceinline__ __nv_bfloat16 minus_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80); }
 
+// The accumulated value back in T (float and double: as they are; half types rounded to nearest)
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Cmp<T>::type v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Position of element e of an (N, C, A, B) tensor in NCHW or NHWC order.
+template <typename I, bool NHWC>
+__device__ __forceinline__ void unflatten(I e, I C, I A, I B, I* n, I* c, I* a, I* b) {
+  if (NHWC) {  // e = ((n A + a) B + b) C + c
+    *c = e % C;
+    I r = e / C;
+    *b = r % B;
+    r /= B;
+    *a = r % A;
+    *n = r / A;
+  } else {     // e = ((n C + c) A + a) B + b
+    *b = e % B;
+    I r = e / B;
+    *a = r % A;
+    r /= A;
+    *c = r % C;
+    *n = r / C;
+  }
+}
+
+template <typename I, bool NHWC>
+__device__ __forceinline__ I offset(I n, I c, I a, I b, I C, I A, I B) {
+  return NHWC ? ((n * A + a) * B + b) * C + c : ((n * C + c) * A + a) * B + b;
+}
+
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N,
                                                             int64_t C, int H, int W, int OH, int OW, int k, int s,
@@ -52,23 +90,9 @@ __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict_
   const int64_t total = N * C * OH * OW;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, r;
-    int i, j;
-    if (NHWC) {  // e = ((n OH + i) OW + j) C + c: neighbouring threads read neighbouring channels
-      c = e % C;
-      r = e / C;
-      j = static_cast<int>(r % OW);
-      r /= OW;
-      i = static_cast<int>(r % OH);
-      n = r / OH;
-    } else {     // e = ((n C + c) OH + i) OW + j
-      j = static_cast<int>(e % OW);
-      r = e / OW;
-      i = static_cast<int>(r % OH);
-      r /= OH;
-      c = r % C;
-      n = r / C;
-    }
+    int64_t n, c, ii, jj;
+    unflatten<int64_t, NHWC>(e, C, OH, OW, &n, &c, &ii, &jj);
+    const int i = static_cast<int>(ii), j = static_cast<int>(jj);
     const int hs = max(i * s - p, 0), he = min(i * s - p + k, H);
     const int ws = max(j * s - p, 0), we = min(j * s - p + k, W);
     // the CPU kernel's order: each column's maximum over the window's rows, then over the columns
@@ -78,8 +102,7 @@ __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict_
       A v = cmp_value(minus_inf<T>());
       T vv = minus_inf<T>();
       for (int h = hs; h < he; ++h) {
-        const int64_t off = NHWC ? ((n * H + h) * W + w) * C + c : ((n * C + c) * H + h) * W + w;
-        const T t = x[off];
+        const T t = x[offset<int64_t, NHWC>(n, c, h, w, C, H, W)];
         const A f = cmp_value(t);
         if (f > v) {
           v = f;
@@ -95,14 +118,127 @@ __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict_
   }
 }
 
+// Training forward: Caffe's MaxPoolForward scan (rows, then columns; strict '>' from -inf) with the winner's
+// window offset.  I: the index type (int when every index fits, else int64_t: fewer instructions per division).
+template <typename T, typename I, bool NHWC>
+__global__ void __launch_bounds__(kThreads) max_pool_mask_kernel(const T* __restrict__ x, T* __restrict__ y,
+                                                                 uint8_t* __restrict__ mask, I total, I C, int H,
+                                                                 int W, int OH, int OW, int k, int s, int p) {
+  using A = typename Cmp<T>::type;
+  for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<I>(gridDim.x) * blockDim.x) {
+    I n, c, i, j;
+    unflatten<I, NHWC>(e, C, OH, OW, &n, &c, &i, &j);
+    const int h0 = static_cast<int>(i) * s - p, w0 = static_cast<int>(j) * s - p;
+    const int hs = max(h0, 0), he = min(h0 + k, H), ws = max(w0, 0), we = min(w0 + k, W);
+    A m = cmp_value(minus_inf<T>());
+    T mv = minus_inf<T>();
+    int arg = kMaskNone;
+    for (int h = hs; h < he; ++h)
+      for (int w = ws; w < we; ++w) {
+        const T t = x[offset<I, NHWC>(n, c, h, w, C, H, W)];
+        const A f = cmp_value(t);
+        if (f > m) {
+          m = f;
+          mv = t;
+          arg = (h - h0) * k + (w - w0);
+        }
+      }
+    y[e] = mv;
+    mask[e] = static_cast<uint8_t>(arg);
+  }
+}
+
+// Training backward: Caffe's MaxPoolBackward (a gather per input element over the covering outputs, ph
+// then pw), summed in float (double for double).
+template <typename T, typename I, bool NHWC>
+__global__ void __launch_bounds__(kThreads) max_pool_backward_kernel(const T* __restrict__ g,
+                                                                     const uint8_t* __restrict__ mask,
+                                                                     T* __restrict__ gx, I total, I C, int H, int W,
+                                                                     int OH, int OW, int k, int s, int p) {
+  using A = typename Cmp<T>::type;
+  for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<I>(gridDim.x) * blockDim.x) {
+    I n, c, h, w;
+    unflatten<I, NHWC>(e, C, H, W, &n, &c, &h, &w);
+    int ilo, ihi, jlo, jhi;
+    covering_outputs(static_cast<int>(h), k, s, p, OH, &ilo, &ihi);
+    covering_outputs(static_cast<int>(w), k, s, p, OW, &jlo, &jhi);
+    A sum = 0;
+    for (int i = ilo; i < ihi; ++i)
+      for (int j = jlo; j < jhi; ++j) {
+        const I o = offset<I, NHWC>(n, c, i, j, C, OH, OW);
+        if (mask[o] == (static_cast<int>(h) - (i * s - p)) * k + (static_cast<int>(w) - (j * s - p)))
+          sum += cmp_value(g[o]);
+      }
+    gx[e] = from_acc<T>(sum);
+  }
+}
+
+dim3 grid_for(int64_t total) {
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+// int indices when the largest index (plus a grid stride) fits
+bool fits_int(int64_t total) { return total + (int64_t{1} << 20) * kThreads < (int64_t{1} << 31); }
+
+template <typename T>
+cudaError_t launch_mask_typed(const void* x, void* y, uint8_t* mask, int64_t N, int64_t C, int H, int W, int OH,
+                              int OW, int k, int s, int p, bool nhwc, cudaStream_t stream) {
+  const int64_t total = N * C * OH * OW;
+  if (total == 0) return cudaSuccess;
+  const T* xp = static_cast<const T*>(x);
+  T* yp = static_cast<T*>(y);
+  const dim3 grid = grid_for(total);
+  // the input's largest index bounds every index the kernel forms
+  if (fits_int(N * C * H * W) && fits_int(total)) {
+    const int t = static_cast<int>(total), c = static_cast<int>(C);
+    if (nhwc)
+      max_pool_mask_kernel<T, int, true><<<grid, kThreads, 0, stream>>>(xp, yp, mask, t, c, H, W, OH, OW, k, s, p);
+    else
+      max_pool_mask_kernel<T, int, false><<<grid, kThreads, 0, stream>>>(xp, yp, mask, t, c, H, W, OH, OW, k, s, p);
+  } else if (nhwc) {
+    max_pool_mask_kernel<T, int64_t, true><<<grid, kThreads, 0, stream>>>(xp, yp, mask, total, C, H, W, OH, OW, k, s, p);
+  } else {
+    max_pool_mask_kernel<T, int64_t, false><<<grid, kThreads, 0, stream>>>(xp, yp, mask, total, C, H, W, OH, OW, k, s,
+                                                                          p);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_backward_typed(const void* g, const uint8_t* mask, void* gx, int64_t N, int64_t C, int H, int W,
+                                  int OH, int OW, int k, int s, int p, bool nhwc, cudaStream_t stream) {
+  const int64_t total = N * C * H * W;
+  if (total == 0) return cudaSuccess;
+  const T* gp = static_cast<const T*>(g);
+  T* xp = static_cast<T*>(gx);
+  const dim3 grid = grid_for(total);
+  if (fits_int(total) && fits_int(N * C * OH * OW)) {
+    const int t = static_cast<int>(total), c = static_cast<int>(C);
+    if (nhwc)
+      max_pool_backward_kernel<T, int, true><<<grid, kThreads, 0, stream>>>(gp, mask, xp, t, c, H, W, OH, OW, k, s, p);
+    else
+      max_pool_backward_kernel<T, int, false><<<grid, kThreads, 0, stream>>>(gp, mask, xp, t, c, H, W, OH, OW, k, s,
+                                                                             p);
+  } else if (nhwc) {
+    max_pool_backward_kernel<T, int64_t, true><<<grid, kThreads, 0, stream>>>(gp, mask, xp, total, C, H, W, OH, OW, k,
+                                                                              s, p);
+  } else {
+    max_pool_backward_kernel<T, int64_t, false><<<grid, kThreads, 0, stream>>>(gp, mask, xp, total, C, H, W, OH, OW,
+                                                                               k, s, p);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW, int k, int s,
                          int p, bool channels_last, cudaStream_t stream) {
   const int64_t total = N * C * OH * OW;
   if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  const dim3 grid(static_cast<unsigned>(blocks));
+  const dim3 grid = grid_for(total);
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   if (channels_last) {
@@ -115,20 +251,37 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
 
 }  // namespace
 
+#define ATTNSCALE_POOL_DISPATCH(FN, ...)                                  \
+  switch (dtype) {                                                        \
+    case DType::kFloat32:                                                 \
+      return FN<float>(__VA_ARGS__);                                      \
+    case DType::kFloat16:                                                 \
+      return FN<__half>(__VA_ARGS__);                                     \
+    case DType::kBFloat16:                                                \
+      return FN<__nv_bfloat16>(__VA_ARGS__);                              \
+    case DType::kFloat64:                                                 \
+      return FN<double>(__VA_ARGS__);                                     \
+  }                                                                       \
+  return cudaErrorInvalidValue;
+
 cudaError_t launch_max_pool2d(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH,
                               int OW, int k, int s, int p, bool channels_last, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_typed<float>(x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
-    case DType::kFloat16:
-      return launch_typed<__half>(x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
-    case DType::kFloat64:
-      return launch_typed<double>(x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
-  }
-  return cudaErrorInvalidValue;
+  ATTNSCALE_POOL_DISPATCH(launch_typed, x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
 }
+
+cudaError_t launch_max_pool2d_with_mask(DType dtype, const void* x, void* y, uint8_t* mask, int64_t N, int64_t C,
+                                        int H, int W, int OH, int OW, int k, int s, int p, bool channels_last,
+                                        cudaStream_t stream) {
+  ATTNSCALE_POOL_DISPATCH(launch_mask_typed, x, y, mask, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
+}
+
+cudaError_t launch_max_pool2d_backward(DType dtype, const void* g, const uint8_t* mask, void* gx, int64_t N,
+                                       int64_t C, int H, int W, int OH, int OW, int k, int s, int p,
+                                       bool channels_last, cudaStream_t stream) {
+  ATTNSCALE_POOL_DISPATCH(launch_backward_typed, g, mask, gx, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
+}
+
+#undef ATTNSCALE_POOL_DISPATCH
 
 }  // namespace cuda
 }  // namespace max_pool
