@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import caffe
-from .ops import (cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge, scale_merge_reference,
-                  winograd_applies, winograd_conv2d, winograd_weight)
+from .ops import (bias_relu, cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge,
+                  scale_merge_reference, winograd_applies, winograd_conv2d, winograd_weight)
+from .ops.bias_relu import bias_relu_applies
 
 __all__ = ["AttentionToScale", "ModelOutput", "TRUNK", "cpu_autocast", "cpu_prefers_onednn", "dilated_pays",
            "scale_suffix", "winograd_pays"]
@@ -167,13 +168,19 @@ class AttentionToScale(nn.Module):
             maps' kernels fill the multiprocessors the large ones leave idle; mostly a gain when the forward is
             replayed as a CUDA graph, where the launches cost nothing.  The same kernels as one stream, so the
             same numbers.  Ignored on a CPU and where a gradient is needed (training keeps one stream).
+        fuse_bias_relu: on a GPU, every convolution followed by a ReLU runs without its bias and
+            :func:`attnscale.ops.bias_relu` adds the bias and applies the ReLU in one pass (in backward: the
+            ReLU's mask and the bias gradient's sum in one pass), where PyTorch's cuDNN path spends a kernel on
+            the bias add and a reduction on its gradient.  The same values (the sum rounded as PyTorch's add
+            rounds it); bias gradients equal up to summation order.  Ignored on a CPU (oneDNN adds the bias
+            inside its convolution), with ``use_reference_ops`` and under torch.compile (Inductor fuses them).
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
                  dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
-                 fc6_impl: str = "auto", scale_streams: bool = True):
+                 fc6_impl: str = "auto", scale_streams: bool = True, fuse_bias_relu: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -207,6 +214,7 @@ class AttentionToScale(nn.Module):
         self.conv_impl = conv_impl
         self.fc6_impl = fc6_impl
         self.scale_streams = bool(scale_streams)
+        self.fuse_bias_relu = bool(fuse_bias_relu)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
@@ -300,21 +308,27 @@ class AttentionToScale(nn.Module):
         return groups
 
     # ----------------------------------------------------------------------------------- forward
-    def _dilated(self, x, conv: nn.Conv2d):
+    def _fuses(self, x: torch.Tensor) -> bool:
+        """Whether a convolution + ReLU on x runs as the convolution without bias, then :func:`bias_relu`."""
+        return self.fuse_bias_relu and not self.use_reference_ops and bias_relu_applies(x)
+
+    def _dilated(self, x, conv: nn.Conv2d, bias: bool = True):
+        """fc6 (without its bias when not ``bias``)."""
         impl = self.fc6_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             impl = "torch" if (x.is_cuda or cpu_prefers_onednn(needs_grad) or cpu_autocast(x)
                                or not dilated_pays(x.shape[-2:], conv.dilation[0])) else "ops"
         fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
-        return fn(x, conv.weight, conv.bias, dilation=conv.dilation[0], padding=conv.padding[0])
+        return fn(x, conv.weight, conv.bias if bias else None, dilation=conv.dilation[0], padding=conv.padding[0])
 
     def _conv(self, x, name: str, relu: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
         (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn` or
         :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused)
         when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
-        convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu``."""
+        convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu`` (on a GPU the convolution without
+        its bias, then :func:`bias_relu`: ``fuse_bias_relu``)."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl in ("auto", "auto4"):
@@ -325,6 +339,8 @@ class AttentionToScale(nn.Module):
                                or not winograd_pays(conv.in_channels, conv.out_channels, out_hw)) else (
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):
+            if relu and self._fuses(x):
+                return bias_relu(conv._conv_forward(x, conv.weight, None), conv.bias)
             return F.relu(conv(x)) if relu else conv(x)
         w = conv.weight
         tile = 4 if impl == "winograd4" else 2
@@ -346,8 +362,12 @@ class AttentionToScale(nn.Module):
             else:
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
-        x = self._drop(F.relu(self._dilated(x, self.fc6)))
-        fc7 = self._drop(F.relu(self.fc7(x)))
+        if self._fuses(x):
+            x = bias_relu(self._dilated(x, self.fc6, bias=False), self.fc6.bias)
+        else:
+            x = F.relu(self._dilated(x, self.fc6))
+        x = self._drop(x)
+        fc7 = self._drop(self._conv(x, "fc7", relu=True))
         return fc7, self.classifier(fc7)
 
     def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -28,10 +28,13 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
 "ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
-"ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel.  Training on
+"ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel, and
+"ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
+(``fuse_bias_relu=False``).  Training on
 CUDA also runs "ops+scatter": the Interp layers' backward by autograd's ``index_add_`` (float atomics;
 :func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint, and
-"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output).
+"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output), and
+"ops+unfused": without ``bias_relu``.
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -65,7 +68,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+scatter" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -112,7 +115,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
                          conv_impl=parts[0] if parts[0] in ("auto", "auto4") else next(
                              (q for q in parts if q.startswith("winograd")), "torch"),
                          fc6_impl="ops" if "fc6" in parts else "auto",
-                         scale_streams="serial" not in parts).to(device)
+                         scale_streams="serial" not in parts,
+                         fuse_bias_relu="unfused" not in parts).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -225,10 +229,11 @@ def main(argv=None) -> int:
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
-    graph_variants = ["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph"] if cuda else []
+    graph_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
+                      if cuda else [])
     # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU); MAX
-    # pooling by F.max_pool2d
-    train_variants = ["ops+scatter", "ops+torchpool"] if cuda else []
+    # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu)
+    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}

@@ -9,7 +9,8 @@ logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a smal
 implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
 float64), each with every input
 requiring a gradient; and caffe_max_pool2d (inference) with the training pair caffe_max_pool2d_with_mask /
-caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
+caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype); and bias_relu
+(forward and backward, vectorised and scalar paths, both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
 from attnscale import caffe
-from attnscale.ops import dilated_conv2d, has_cuda_kernels, scale_merge
+from attnscale.ops import bias_relu, dilated_conv2d, has_cuda_kernels, scale_merge
 from attnscale.ops.pooling import caffe_max_pool2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when imported by a test
@@ -169,6 +170,34 @@ def check_max_pool(failures: list) -> None:
                         if not close(a, e, 0.0 if i < 3 else 1e-2)])
 
 
+def check_bias_relu(failures: list) -> None:
+    """bias_relu forward and backward (through autograd: the masked gradient and the bias gradient's partial
+    sums): 64 channels (vectorised in both layouts) and 21 channels at 5x7 (scalar paths), NCHW and
+    channels_last, every CUDA dtype."""
+    for shape in ((2, 64, 9, 8), (3, 21, 5, 7)):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for channels_last in (False, True):
+                gen = torch.Generator().manual_seed(3)
+                x = rounded(torch.randn(shape, generator=gen), dtype)
+                b = rounded(torch.randn(shape[1], generator=gen), dtype)
+                gy = rounded(torch.randn(shape, generator=gen), dtype)
+                res = {}
+                for side, dev in (("ref", "cpu"), ("dev", DEV)):
+                    xs, bs = leaf(x, dev, dtype), leaf(b, dev, dtype)
+                    if channels_last:
+                        xs = xs.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+                    y = bias_relu(xs, bs)
+                    y.backward(gy.to(dev, y.dtype))
+                    sync(dev)
+                    res[side] = [y, xs.grad, bs.grad]
+                # the CPU side sums in float32 without rounding to the half type: y loosely there; the
+                # masked gradient is a copy of gy's (rounded) values, exact
+                exact_y = dtype in (torch.float32, torch.float64)
+                report(failures, f"bias_relu {dtype} {shape}{' channels_last' if channels_last else ''}",
+                       [i for i, (a, e), tol in zip(range(3), zip(res["dev"], res["ref"]),
+                                                    (0.0 if exact_y else 1e-2, 0.0, 1e-2)) if not close(a, e, tol)])
+
+
 def main(argv=None) -> int:
     global DEV
     argv = sys.argv[1:] if argv is None else argv
@@ -185,6 +214,7 @@ def main(argv=None) -> int:
     check_scale_merge(failures)
     check_dilated_conv(failures)
     check_max_pool(failures)
+    check_bias_relu(failures)
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

@@ -4,8 +4,10 @@
 - :func:`dilated_conv2d` — stride-1 dilated convolution that skips taps landing on zero padding.
 - :func:`winograd_conv2d` — 3x3 stride-1 convolution by Winograd F(2x2, 3x3) or F(4x4, 3x3) (CPU; its
   reference is ``F.conv2d``), with :func:`winograd_weight` (the weight transform, kept by callers).
-- :func:`caffe_max_pool2d` — Caffe MAX pooling forward for inference (CPU; used by ``caffe.pool2d``).
+- :func:`caffe_max_pool2d` — Caffe MAX pooling forward for inference (CPU and CUDA; used by ``caffe.pool2d``),
+  and ``caffe_max_pool2d_train`` with a gradient (``caffe.pool2d``'s on a GPU).
 - :func:`caffe_interp` — DeepLab Interp forward for inference (CPU; used by ``caffe.interp``).
+- :func:`bias_relu` — a convolution's bias + ReLU in one pass, forward and backward (the model's on a GPU).
 
 The CPU kernels' large GEMMs run on oneDNN or the BLAS (:func:`cpu_gemm`, :func:`set_cpu_gemm`).
 
@@ -14,6 +16,7 @@ without it a call raises a RuntimeError that says how to build it.  The referenc
 :mod:`attnscale.ops.reference` need nothing but torch.
 """
 from ._ext import cpu_gemm, has_cuda_kernels, has_extension, require_extension, set_cpu_gemm
+from .bias_relu import bias_relu
 from .dilated_conv import dilated_conv2d
 from .interp import caffe_interp
 from .pooling import caffe_max_pool2d
@@ -23,6 +26,6 @@ from .winograd_conv import winograd_applies, winograd_conv2d, winograd_weight
 
 __all__ = [
     "scale_merge", "scale_merge_reference", "dilated_conv2d", "dilated_conv2d_reference",
-    "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp",
+    "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp", "bias_relu",
     "has_extension", "has_cuda_kernels", "require_extension", "cpu_gemm", "set_cpu_gemm",
 ]

@@ -62,7 +62,7 @@ def has_cuda_kernels() -> bool:
     try:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
                    for op in ("scale_merge", "dilated_conv2d", "caffe_max_pool2d",
-                               "caffe_max_pool2d_with_mask"))
+                               "caffe_max_pool2d_with_mask", "bias_relu"))
     except RuntimeError:  # op not registered (built before the op existed)
         return False
 

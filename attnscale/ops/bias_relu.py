@@ -1,0 +1,83 @@
+"""``attnscale.ops.bias_relu``: a convolution's bias and the ReLU after it in one pass (CPU and CUDA kernels).
+
+On a GPU PyTorch runs a convolution with a bias as cuDNN's convolution and then a kernel of its own that
+adds the bias (``output.add_(bias)``), and ``F.relu`` is a third pass over the map; in backward
+``convolution_backward`` reduces the bias gradient in a pass apart from ReLU's masking.  ``bias_relu`` takes
+the convolution's output without its bias and gives ``relu(x + bias)`` (the sum rounded to x's dtype, then
+torch.relu's value: the same numbers); its backward masks the gradient as F.relu's does
+(``out <= 0 ? 0 : grad``) and sums the bias gradient in the same pass (float accumulation, a fixed order:
+deterministic).  :class:`attnscale.model.AttentionToScale` uses it on a GPU for every convolution followed by
+a ReLU (``fuse_bias_relu``).  Caffe's ReLU backward multiplies by the mask instead, so a non-finite gradient
+at a zeroed unit would be NaN there and 0 here (as with F.relu).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._ext import has_extension, require_extension
+
+_REGISTERED = False
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """t in x's layout as the kernels give it (channels_last where x is, else contiguous)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED or not has_extension():
+        return
+
+    @torch.library.register_fake("attnscale::bias_relu")
+    def _fake(x, bias):
+        torch._check(x.dim() == 4 and bias.dim() == 1 and bias.shape[0] == x.shape[1] and bias.dtype == x.dtype,
+                     lambda: f"bias_relu: x {tuple(x.shape)} ({x.dtype}) must be 4-D and bias {tuple(bias.shape)} "
+                     f"({bias.dtype}) one value per channel of x's dtype")
+        return _like(torch.empty_like(x, memory_format=torch.contiguous_format), x)
+
+    @torch.library.register_fake("attnscale::bias_relu_backward")
+    def _fake_backward(grad, out):
+        torch._check(out.dim() == 4 and grad.shape == out.shape and grad.dtype == out.dtype,
+                     lambda: f"bias_relu_backward: grad {tuple(grad.shape)} and out {tuple(out.shape)} must be 4-D "
+                     "of one shape and dtype")
+        return _like(torch.empty_like(out, memory_format=torch.contiguous_format), out), out.new_empty(out.shape[1])
+
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def _backward(ctx, grad):
+        out, = ctx.saved_tensors
+        gx, gb = torch.ops.attnscale.bias_relu_backward(grad, out)
+        return gx, gb
+
+    torch.library.register_autograd("attnscale::bias_relu", _backward, setup_context=_setup)
+    _REGISTERED = True
+
+
+_register()
+
+
+@functools.lru_cache(maxsize=1)
+def _has_cuda_kernel() -> bool:
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::bias_relu", "CUDA")
+
+
+def bias_relu_applies(x: torch.Tensor) -> bool:
+    """Whether the model fuses the bias and the ReLU after a convolution whose output is like x: x is 4-D on
+    CUDA in float32/float64/float16/bfloat16, the extension has the CUDA kernels, and torch.compile is not
+    tracing (Inductor fuses the bias add and the ReLU itself)."""
+    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES and _has_cuda_kernel()
+            and not torch.compiler.is_compiling())
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``relu(x + bias[None, :, None, None])`` in one pass, differentiable in x and bias; bias is cast to x's
+    dtype first (what autocast does to a convolution's bias)."""
+    require_extension()
+    return torch.ops.attnscale.bias_relu(x, bias.to(x.dtype))

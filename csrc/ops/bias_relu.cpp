@@ -1,0 +1,52 @@
+// Schema of attnscale::bias_relu: a convolution's bias and the ReLU after it, in one pass.
+//
+// out[n, c, h, w] = relu(x[n, c, h, w] + bias[c]), the sum rounded to x's dtype first and torch.relu's
+// value after (NaN stays NaN): the values of PyTorch's cuDNN path, which adds the bias in a kernel of its
+// own (`output.add_(bias)`) before F.relu's, one more read and write of the whole map.
+// bias_relu_backward(grad, out) -> (grad_x, grad_bias): grad_x = out <= 0 ? 0 : grad (F.relu's
+// threshold_backward on the saved output), grad_bias[c] = the sum of grad_x over n, h, w (accumulated in
+// float, double for double): what convolution_backward's separate reduction of the bias gradient gives, in
+// the same pass that masks the gradient.  (Caffe's ReLU backward multiplies by the mask, so a non-finite
+// gradient at a zeroed unit would give NaN there; like F.relu we give 0.)
+// CPU: float32/float64 (plain loops: the twin of the CUDA kernels); CUDA: float32/float64/float16/bfloat16.
+// NCHW or channels_last, outputs in x's (out's) layout.
+#include "ops/bias_relu.h"
+
+#include <torch/library.h>
+
+namespace attnscale {
+namespace bias_relu {
+
+void check_forward(const at::Tensor& x, const at::Tensor& bias) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "bias_relu: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(x.is_floating_point(), "bias_relu: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.size(1), "bias_relu: bias must have shape (",
+                    x.size(1), ",) to match x's channels, got ", bias.sizes());
+  TORCH_CHECK_VALUE(bias.scalar_type() == x.scalar_type(), "bias_relu: bias has dtype ", bias.scalar_type(),
+                    " but x has dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(bias.device() == x.device(), "bias_relu: bias is on ", bias.device(), " but x is on ",
+                    x.device());
+}
+
+void check_backward(const at::Tensor& grad, const at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.dim() == 4 && grad.sizes() == out.sizes(), "bias_relu_backward: grad ", grad.sizes(),
+                    " and out ", out.sizes(), " must be 4-D (N, C, H, W) of one shape");
+  TORCH_CHECK_VALUE(out.is_floating_point() && grad.scalar_type() == out.scalar_type(),
+                    "bias_relu_backward: grad (", grad.scalar_type(), ") and out (", out.scalar_type(),
+                    ") must be of one floating-point dtype");
+  TORCH_CHECK_VALUE(grad.device() == out.device(), "bias_relu_backward: grad is on ", grad.device(),
+                    " but out is on ", out.device());
+}
+
+at::MemoryFormat layout_of(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
+                                                                     : at::MemoryFormat::Contiguous;
+}
+
+}  // namespace bias_relu
+}  // namespace attnscale
+
+TORCH_LIBRARY_FRAGMENT(attnscale, m) {
+  m.def("bias_relu(Tensor x, Tensor bias) -> Tensor");
+  m.def("bias_relu_backward(Tensor grad, Tensor out) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,20 @@
+// attnscale::bias_relu and bias_relu_backward — the argument checks shared by the CPU kernels and the CUDA
+// glue, so that every backend raises the same messages.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace attnscale {
+namespace bias_relu {
+
+// x (N, C, H, W) floating point, bias (C,) of x's dtype and device.
+void check_forward(const at::Tensor& x, const at::Tensor& bias);
+
+// grad and out (N, C, H, W) of one shape, dtype and device, floating point.
+void check_backward(const at::Tensor& grad, const at::Tensor& out);
+
+// The layout the kernels work in (and give their outputs in): channels_last when t suggests it.
+at::MemoryFormat layout_of(const at::Tensor& t);
+
+}  // namespace bias_relu
+}  // namespace attnscale

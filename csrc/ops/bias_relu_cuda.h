@@ -1,0 +1,43 @@
+// Raw-pointer launchers of the CUDA bias_relu kernels (csrc/ops/cuda/bias_relu_kernel.cu).
+// Torch-free: included by the .cu (built by a bare nvcc) and by the torch glue (csrc/ops/cuda/bias_relu_cuda.cpp).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace attnscale {
+namespace bias_relu {
+namespace cuda {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+// x, out: (N, C, HW) in NCHW order, or NHWC order when channels_last; bias (C,).  aligned16: every pointer
+// is 16-byte aligned (then 16-byte vectors are used where the channel / pixel count allows).
+// out = relu(round(x + bias[c])) with torch.relu's NaN rule.
+cudaError_t launch_forward(DType dtype, const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW,
+                           bool channels_last, bool aligned16, cudaStream_t stream);
+
+// The backward's blocking, fixed by the sizes: the glue sizes the workspace with it.
+struct BackwardPlan {
+  int vec = 1;                    // elements per vector
+  int block_x = 256, block_y = 1;  // threads of the masking / partial-sum kernel
+  int64_t grid_x = 1, grid_y = 1;
+  int64_t span = 0;               // rows (NHWC) or vectors (NCHW) per block
+  int chunks = 1;                 // NCHW: blocks per (n, c) plane
+  int64_t partials = 0;           // partial sums per channel
+  size_t workspace_bytes = 0;     // partials * C accumulators (float; double for double)
+};
+BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16);
+
+// gx = out <= 0 ? 0 : g (every element written); gbias[c] = sum of gx over n and the pixels: per block a
+// partial sum in the workspace, then one thread per channel adds them in a fixed order (deterministic).
+// N * HW >= 1.
+cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
+                            void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,
+                            cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace bias_relu
+}  // namespace attnscale

@@ -1,0 +1,326 @@
+// CUDA kernels of attnscale::bias_relu (a convolution's bias + ReLU in one pass) and bias_relu_backward
+// (the masked gradient and the bias gradient's reduction in one pass, then a small deterministic sum).
+//
+// No torch headers: raw pointers, sizes and a cudaStream_t (see ops/bias_relu_cuda.h).  16-byte vectors
+// along the channels (channels_last) or the pixels (NCHW) where the sizes and pointers allow.  Half types
+// are added and summed in float (double for double), rounded once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ops/bias_relu_cuda.h"
+
+namespace attnscale {
+namespace bias_relu {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// relu(x + b): the sum rounded to T (PyTorch's bias add), then torch.relu's value (NaN stays NaN)
+template <typename T>
+__device__ __forceinline__ T add_relu(T x, T b) {
+  const T t = from_acc<T>(to_acc(x) + to_acc(b));
+  const auto f = to_acc(t);
+  return (f > 0 || f != f) ? t : from_acc<T>(0);
+}
+
+template <typename T, int V, bool NHWC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__ x, const T* __restrict__ bias,
+                                                           T* __restrict__ out, int64_t nvec, int64_t C, int64_t HW) {
+  using VT = Vec<T, V>;
+  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
+       v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t e = v * V;
+    const VT xv = reinterpret_cast<const VT*>(x)[v];
+    VT o;
+    if (NHWC) {  // V consecutive channels (C % V == 0)
+      const VT bv = *reinterpret_cast<const VT*>(bias + e % C);
+#pragma unroll
+      for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], bv.v[i]);
+    } else {     // V pixels of one channel (HW % V == 0)
+      const T b = bias[(e / HW) % C];
+#pragma unroll
+      for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], b);
+    }
+    reinterpret_cast<VT*>(out)[v] = o;
+  }
+}
+
+// F.relu's backward on the saved output: out <= 0 ? 0 : g (NaN passes g)
+template <typename T>
+__device__ __forceinline__ T masked(T g, T o) {
+  return to_acc(o) <= 0 ? from_acc<T>(0) : g;
+}
+
+// channels_last: rows (n, h, w) of C channels.  Block (bx, by): bx vector columns of one chunk of channels
+// (blockIdx.y), by threads down the rows of one span (blockIdx.x); each thread sums its columns over its
+// rows, the block adds its by partial rows in order and writes one partial per channel.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ out,
+                                                                 T* __restrict__ gx,
+                                                                 typename AccOf<T>::type* __restrict__ partial,
+                                                                 int64_t M, int64_t C, int64_t span) {
+  using A = typename AccOf<T>::type;
+  using VT = Vec<T, V>;
+  extern __shared__ unsigned char smem_raw[];
+  A* smem = reinterpret_cast<A*>(smem_raw);  // [blockDim.y][blockDim.x * V]
+  const int64_t vc = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t VC = C / V;
+  A acc[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) acc[i] = 0;
+  if (vc < VC) {
+    const int64_t r0 = static_cast<int64_t>(blockIdx.x) * span;
+    const int64_t r1 = r0 + span < M ? r0 + span : M;
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const int64_t v = r * VC + vc;
+      const VT gv = reinterpret_cast<const VT*>(g)[v];
+      const VT ov = reinterpret_cast<const VT*>(out)[v];
+      VT xv;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        xv.v[i] = masked(gv.v[i], ov.v[i]);
+        acc[i] += to_acc(xv.v[i]);
+      }
+      reinterpret_cast<VT*>(gx)[v] = xv;
+    }
+  }
+  const int width = blockDim.x * V;
+#pragma unroll
+  for (int i = 0; i < V; ++i) smem[threadIdx.y * width + threadIdx.x * V + i] = acc[i];
+  __syncthreads();
+  if (threadIdx.y == 0 && vc < VC) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      A s = 0;
+      for (int y = 0; y < static_cast<int>(blockDim.y); ++y) s += smem[y * width + threadIdx.x * V + i];
+      partial[static_cast<int64_t>(blockIdx.x) * C + vc * V + i] = s;
+    }
+  }
+}
+
+// NCHW: a block per chunk of one (n, c) plane; its sum (warp shuffles, then the warps in order) is one
+// partial of channel c: partial[c][n * chunks + chunk].
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __restrict__ g, const T* __restrict__ out,
+                                                                 T* __restrict__ gx,
+                                                                 typename AccOf<T>::type* __restrict__ partial,
+                                                                 int64_t N, int64_t C, int64_t HW, int chunks,
+                                                                 int64_t span) {
+  using A = typename AccOf<T>::type;
+  using VT = Vec<T, V>;
+  __shared__ A warp_sums[kThreads / 32];
+  const int64_t plane = blockIdx.x / chunks;
+  const int chunk = static_cast<int>(blockIdx.x % chunks);
+  const int64_t n = plane / C, c = plane % C;
+  const int64_t hwv = HW / V;
+  const int64_t v0 = chunk * span, v1 = v0 + span < hwv ? v0 + span : hwv;
+  A acc = 0;
+  for (int64_t v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
+    const int64_t q = plane * hwv + v;
+    const VT gv = reinterpret_cast<const VT*>(g)[q];
+    const VT ov = reinterpret_cast<const VT*>(out)[q];
+    VT xv;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      xv.v[i] = masked(gv.v[i], ov.v[i]);
+      acc += to_acc(xv.v[i]);
+    }
+    reinterpret_cast<VT*>(gx)[q] = xv;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A s = 0;
+    for (int w = 0; w < kThreads / 32; ++w) s += warp_sums[w];
+    partial[c * (N * chunks) + n * chunks + chunk] = s;
+  }
+}
+
+// gbias[c] = sum over k of partial[k * k_stride + c * c_stride], k in order
+template <typename T>
+__global__ void __launch_bounds__(kThreads) bias_sum_kernel(const typename AccOf<T>::type* __restrict__ partial,
+                                                            T* __restrict__ gbias, int64_t C, int64_t K,
+                                                            int64_t k_stride, int64_t c_stride) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  typename AccOf<T>::type s = 0;
+  for (int64_t k = 0; k < K; ++k) s += partial[k * k_stride + c * c_stride];
+  gbias[c] = from_acc<T>(s);
+}
+
+int elem_size(DType d) {
+  return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
+}
+
+dim3 grid_for(int64_t work) {
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20));  // grid-stride beyond this
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+template <typename T>
+cudaError_t forward_typed(const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                          bool aligned16, cudaStream_t stream) {
+  constexpr int VM = 16 / sizeof(T);
+  const int64_t total = N * C * HW;
+  if (total == 0) return cudaSuccess;
+  const T* xp = static_cast<const T*>(x);
+  const T* bp = static_cast<const T*>(bias);
+  T* op = static_cast<T*>(out);
+  const bool vec = aligned16 && (nhwc ? C % VM == 0 : HW % VM == 0);
+  const int64_t nvec = vec ? total / VM : total;
+  const dim3 grid = grid_for(nvec);
+  if (nhwc) {
+    if (vec)
+      forward_kernel<T, VM, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+    else
+      forward_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+  } else {
+    if (vec)
+      forward_kernel<T, VM, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+    else
+      forward_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T, int V>
+cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx, T* gbias,
+                         typename AccOf<T>::type* partial, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                         cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  if (nhwc) {
+    const dim3 block(p.block_x, p.block_y);
+    const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
+    const size_t smem = static_cast<size_t>(p.block_x) * p.block_y * V * sizeof(A);
+    backward_nhwc_kernel<T, V><<<grid, block, smem, stream>>>(g, out, gx, partial, N * HW, C, p.span);
+    if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
+    bias_sum_kernel<T><<<grid_for(C), kThreads, 0, stream>>>(partial, gbias, C, p.partials, C, 1);
+  } else {
+    backward_nchw_kernel<T, V><<<static_cast<unsigned>(p.grid_x), kThreads, 0, stream>>>(g, out, gx, partial, N, C,
+                                                                                         HW, p.chunks, p.span);
+    if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
+    bias_sum_kernel<T><<<grid_for(C), kThreads, 0, stream>>>(partial, gbias, C, p.partials, 1, p.partials);
+  }
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const BackwardPlan& p, const void* g, const void* out, void* gx, void* gbias,
+                           void* workspace, int64_t N, int64_t C, int64_t HW, bool nhwc, cudaStream_t stream) {
+  constexpr int VM = 16 / sizeof(T);
+  using A = typename AccOf<T>::type;
+  const T* gp = static_cast<const T*>(g);
+  const T* op = static_cast<const T*>(out);
+  T* xp = static_cast<T*>(gx);
+  T* bp = static_cast<T*>(gbias);
+  A* partial = static_cast<A*>(workspace);
+  if (p.vec == VM) return backward_vec<T, VM>(p, gp, op, xp, bp, partial, N, C, HW, nhwc, stream);
+  if (p.vec == 1) return backward_vec<T, 1>(p, gp, op, xp, bp, partial, N, C, HW, nhwc, stream);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+#define ATTNSCALE_BIAS_RELU_DISPATCH(FN, ...) \
+  switch (dtype) {                            \
+    case DType::kFloat32:                     \
+      return FN<float>(__VA_ARGS__);          \
+    case DType::kFloat16:                     \
+      return FN<__half>(__VA_ARGS__);         \
+    case DType::kBFloat16:                    \
+      return FN<__nv_bfloat16>(__VA_ARGS__);  \
+    case DType::kFloat64:                     \
+      return FN<double>(__VA_ARGS__);         \
+  }                                           \
+  return cudaErrorInvalidValue;
+
+cudaError_t launch_forward(DType dtype, const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW,
+                           bool channels_last, bool aligned16, cudaStream_t stream) {
+  ATTNSCALE_BIAS_RELU_DISPATCH(forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, stream)
+}
+
+BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16) {
+  BackwardPlan p;
+  const int vm = 16 / elem_size(dtype);
+  const size_t acc_bytes = dtype == DType::kFloat64 ? 8 : 4;
+  constexpr int64_t kTargetBlocks = 1024;  // enough blocks to fill an H100 several times over
+  if (channels_last) {
+    p.vec = (aligned16 && C % vm == 0) ? vm : 1;
+    const int64_t vc = C / p.vec, M = N * HW;
+    p.block_x = static_cast<int>(std::min<int64_t>(vc, 32));
+    p.block_y = kThreads / p.block_x;
+    p.grid_y = (vc + p.block_x - 1) / p.block_x;
+    // at least 4 rows per thread; about kTargetBlocks blocks in all
+    int64_t blocks = std::min<int64_t>((M + 4 * p.block_y - 1) / (4 * p.block_y),
+                                       std::max<int64_t>(1, kTargetBlocks / p.grid_y));
+    blocks = std::max<int64_t>(blocks, 1);
+    p.span = (M + blocks - 1) / blocks;
+    p.grid_x = (M + p.span - 1) / p.span;
+    p.partials = p.grid_x;
+  } else {
+    p.vec = (aligned16 && HW % vm == 0) ? vm : 1;
+    const int64_t hwv = HW / p.vec, planes = N * C;
+    int64_t chunks = planes >= kTargetBlocks
+                         ? 1
+                         : std::min<int64_t>((hwv + 4 * kThreads - 1) / (4 * kThreads),
+                                             (kTargetBlocks + planes - 1) / planes);
+    chunks = std::max<int64_t>(chunks, 1);
+    p.span = (hwv + chunks - 1) / chunks;
+    p.chunks = static_cast<int>((hwv + p.span - 1) / p.span);
+    p.block_x = kThreads;
+    p.block_y = 1;
+    p.grid_x = planes * p.chunks;
+    p.grid_y = 1;
+    p.partials = N * p.chunks;
+  }
+  p.workspace_bytes = static_cast<size_t>(p.partials) * static_cast<size_t>(C) * acc_bytes;
+  return p;
+}
+
+cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
+                            void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,
+                            cudaStream_t stream) {
+  ATTNSCALE_BIAS_RELU_DISPATCH(backward_typed, plan, g, out, gx, gbias, workspace, N, C, HW, channels_last, stream)
+}
+
+#undef ATTNSCALE_BIAS_RELU_DISPATCH
+
+}  // namespace cuda
+}  // namespace bias_relu
+}  // namespace attnscale

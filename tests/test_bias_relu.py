@@ -1,0 +1,185 @@
+"""attnscale.ops.bias_relu (a convolution's bias + ReLU in one pass, CPU and CUDA): values bit for bit those of
+F.relu(x + bias), its gradient F.relu's, the bias gradient the sum; NaN rule, layouts, opcheck, gradcheck,
+checks; the model's use of it (fuse_bias_relu) against the unfused model; the CUDA kernels against the CPU
+ones (vectorised and scalar paths, both layouts, multi-block sums, determinism)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnscale.ops import bias_relu, has_extension
+
+pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
+
+LAYOUTS = [torch.contiguous_format, torch.channels_last]
+
+
+def _reference(x, b):
+    return F.relu(x + b.view(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_conv_bias_then_relu(fmt, dtype):
+    """Values == F.relu(x + b) bit for bit (NaN stays NaN, as torch.relu), x's gradient == F.relu's (where
+    the output is NaN the gradient passes, as threshold_backward does), the bias gradient the sum of it; the
+    outputs in x's layout."""
+    x = torch.randn(3, 16, 7, 9, dtype=dtype).contiguous(memory_format=fmt)
+    x[1, 2, 3, 4] = float("nan")
+    x[0, 5, 0, 0] = float("-inf")
+    x = x.requires_grad_()
+    b = torch.randn(16, dtype=dtype, requires_grad=True)
+    y, yr = bias_relu(x, b), _reference(x, b)
+    assert torch.equal(y.isnan(), yr.isnan()) and torch.equal(y.nan_to_num(), yr.nan_to_num())
+    assert y.is_contiguous(memory_format=fmt)
+    g = torch.randn(y.shape, dtype=dtype)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    gxr, gbr = torch.autograd.grad(yr, (x, b), g)
+    assert torch.equal(gx, gxr) and gx.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(gb, gbr)
+
+
+def test_gradcheck_and_opcheck():
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(bias_relu, (x, b))
+    for fmt in LAYOUTS:
+        xf = torch.randn(2, 8, 5, 6).contiguous(memory_format=fmt).requires_grad_()
+        torch.library.opcheck(torch.ops.attnscale.bias_relu.default, (xf, torch.randn(8, requires_grad=True)))
+        out = torch.relu(torch.randn(2, 8, 5, 6)).contiguous(memory_format=fmt)
+        torch.library.opcheck(torch.ops.attnscale.bias_relu_backward.default, (torch.randn_like(out), out))
+
+
+def test_bias_cast_to_x_dtype():
+    """bias_relu casts the bias to x's dtype (autocast's cast of a convolution's bias); the gradient comes back
+    in the bias's own dtype."""
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    y = bias_relu(x, b)
+    assert y.dtype == torch.float64
+    y.sum().backward()
+    assert b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(2, 3, 4), torch.randn(2)), "4-D"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4), torch.randn(4)), "shape \\(3,\\)"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4), torch.randn(3).double()), "dtype"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.ones(1, 3, 4, 4, dtype=torch.int32),
+                                           torch.ones(3, dtype=torch.int32)), "floating point"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4).half(), torch.randn(3).half()),
+     "float32 or float64"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 5)), "one shape"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4).double()),
+     "one floating-point dtype"),
+])
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def _tiny(**kw):
+    from attnscale.model import AttentionToScale
+    return AttentionToScale(num_classes=5, width=1 / 16, use_reference_ops=False, dropout=0.0, **kw)
+
+
+def test_model_fused_equals_unfused(monkeypatch):
+    """The model with bias_relu at every convolution + ReLU (forced on the CPU here through the CPU kernels)
+    gives the unfused model's outputs bit for bit and its gradients up to summation order; bias_relu is
+    really called (13 trunk convolutions, fc6 and fc7 per scale; att_conv1)."""
+    import attnscale.model as model_mod
+    torch.manual_seed(0)
+    ref = _tiny(fuse_bias_relu=False).train()
+    fused = _tiny().train()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 41, 41)
+    labels = torch.randint(0, 5, (2, 41, 41))
+    assert not fused._fuses(x)  # on the CPU the model keeps oneDNN's bias
+    calls = []
+
+    def counted(x, b):
+        calls.append(tuple(x.shape))
+        return bias_relu(x, b)
+
+    monkeypatch.setattr(model_mod, "bias_relu_applies", lambda x: True)
+    monkeypatch.setattr(model_mod, "bias_relu", counted)
+    results = []
+    for m in (ref, fused):
+        out = m(x)
+        loss, _ = m.loss(out, labels)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        results.append((out.merged, grads))
+    assert len(calls) == 3 * 15 + 1
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+def _cuda_pair(shape, dtype, fmt, misalign=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    b = torch.randn(shape[1], generator=gen).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    xd = x.cuda().contiguous(memory_format=fmt)
+    if misalign:  # the same values one element past a 16-byte boundary: the scalar path
+        buf = torch.empty(xd.numel() + 1, dtype=dtype, device="cuda")
+        strides = xd.stride()
+        xd = buf[1:].as_strided(xd.shape, strides).copy_(xd)
+        assert xd.data_ptr() % 16 != 0 and xd.is_contiguous(memory_format=fmt)
+    return x, b, xd, b.cuda()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,misalign", [((2, 64, 9, 8), False), ((2, 64, 9, 8), True), ((3, 21, 5, 7), False),
+                                            ((30, 64, 41, 41), False), ((1, 1024, 41, 41), False),
+                                            ((2, 24, 1, 1), False)])
+def test_cuda_equals_cpu(dtype, fmt, shape, misalign):
+    """CUDA forward == the CPU kernel on the same values (half types: the CPU's float32 sum rounded once, as
+    the GPU rounds it), bit for bit; backward: x's gradient bit for bit, the bias gradient against a float64
+    sum of it (block partial sums in float, then in order); vectorised (C or H*W a multiple of the vector)
+    and scalar paths (21 channels, a misaligned pointer); one block and many."""
+    ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    x, b, xd, bd = _cuda_pair(shape, dtype, fmt, misalign)
+    y = torch.ops.attnscale.bias_relu(xd, bd)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    want = torch.ops.attnscale.bias_relu(x.to(ref_dtype), b.to(ref_dtype)).to(dtype)
+    assert torch.equal(y.cpu().isnan(), want.isnan()) and torch.equal(y.cpu().nan_to_num(), want.nan_to_num())
+    g = torch.randn(shape).to(dtype)
+    gd = g.cuda().contiguous(memory_format=fmt)
+    gx, gb = torch.ops.attnscale.bias_relu_backward(gd, y)
+    want_gx = torch.where(want <= 0, torch.zeros((), dtype=dtype), g)
+    assert torch.equal(gx.cpu(), want_gx) and gx.is_contiguous(memory_format=fmt)
+    exact = want_gx.double().sum((0, 2, 3))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(gb.cpu().double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
+    gx2, gb2 = torch.ops.attnscale.bias_relu_backward(gd, y)
+    assert torch.equal(gb, gb2) and torch.equal(gx, gx2)  # deterministic
+
+
+@pytest.mark.cuda
+def test_cuda_model_fused_equals_unfused_and_opcheck():
+    """On a GPU the model fuses by default: bf16 autocast, channels_last, a training step's outputs equal the
+    unfused model's and its gradients agree to bf16 rounding; opcheck on CUDA."""
+    torch.manual_seed(0)
+    ref = _tiny(fuse_bias_relu=False).cuda().to(memory_format=torch.channels_last).train()
+    fused = _tiny().cuda().to(memory_format=torch.channels_last).train()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 65, 65, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 5, (2, 65, 65), device="cuda")
+    assert fused._fuses(x) and not ref._fuses(x)
+    res = []
+    for m in (ref, fused):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+        loss, _ = m.loss(out, labels)
+        res.append((out.merged.float(), torch.autograd.grad(loss, list(m.parameters()))))
+    assert torch.equal(res[0][0], res[1][0])
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=1e-3)
+    xf = torch.randn(2, 16, 5, 6, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.attnscale.bias_relu.default, (xf, torch.randn(16, device="cuda", requires_grad=True)))
+    with pytest.raises(ValueError, match="not supported on CUDA"):
+        torch.ops.attnscale.bias_relu(torch.ones(1, 2, 3, 3, device="cuda", dtype=torch.int32),
+                                      torch.ones(2, device="cuda", dtype=torch.int32))
