@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.interp import caffe_interp, caffe_interp_applies
+from .ops.interp import has_cuda_kernel as interp_has_cuda_kernel
 from .ops.pooling import (caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
                            caffe_max_pool2d_train_applies)
 
@@ -324,8 +325,9 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
     copied; otherwise ``out = l0h * (l0w * x[h0,w0] + l1w * x[h0,w1]) + l1h * (l0w * x[h1,w0] + l1w * x[h1,w1])``
     with the coefficients of :func:`interp_coefficients` (computed in float32 even for double inputs, as
     Caffe does, then cast to the input dtype; ``l0 = 1 - l1`` in the input dtype).  Differentiable (gather;
-    backward scatters like Caffe).  Without a gradient on the CPU it runs
-    :func:`attnscale.ops.interp.caffe_interp` (the same values, from a C++ kernel).
+    backward scatters like Caffe).  Without a gradient it runs :func:`attnscale.ops.interp.caffe_interp`
+    (the same values, from a C++ or CUDA kernel); with one on a GPU that kernel serves
+    :func:`interp_gather`'s forward.
     """
     if x.dim() != 4:
         raise ValueError(f"interp: expected an (N,C,H,W) tensor, got shape {tuple(x.shape)}")
@@ -335,7 +337,7 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
         x = x[..., top:top + eh, left:left + ew]
     if (eh, ew) == (oh, ow):
         return x.clone()
-    if caffe_interp_applies(x):  # inference on the CPU: the C++ kernel, same values
+    if caffe_interp_applies(x):  # inference: the C++ / CUDA kernel, same values
         return caffe_interp(x, (oh, ow))
     return interp_gather(x, (oh, ow))
 
@@ -348,8 +350,9 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     few (at most 3-5 at the model's ratios) outputs' contributions through index tables, in the outputs'
     order, without atomics: deterministic, and faster on a GPU than autograd's own backward of the gathers
     (``index_add_``, float atomics: 12.7 of the 93 ms of a bf16 training step on an H100, which ran 1.14x
-    faster without it; :func:`interp_scatter_backward` restores it, for comparison).
-    While torch.compile traces, autograd's backward too (the tables are built by data-dependent Python
+    faster without it; :func:`interp_scatter_backward` restores it, for comparison).  On a GPU the forward
+    is :func:`attnscale.ops.interp.caffe_interp`'s CUDA kernel (the same values in one kernel).
+    While torch.compile traces, the index_select forward and autograd's backward (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
     if _SWITCHES["interp_scatter_backward"] or torch.compiler.is_compiling():
         return _interp_blend(x, out_hw)
@@ -370,9 +373,10 @@ def _interp_blend(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
 
 def interp_scatter_backward():
-    """Within the block :func:`interp_gather` takes autograd's own backward of its gathers (``index_add_``:
-    float atomics on a GPU, the order of additions not fixed) instead of the gather-form adjoint: the same
-    sums, for benchmarks/bench_e2e.py's comparison."""
+    """Within the block :func:`interp_gather` takes its index_select forward and autograd's own backward of
+    its gathers (``index_add_``: float atomics on a GPU, the order of additions not fixed) instead of the
+    CUDA forward kernel and the gather-form adjoint: the same values and sums, for benchmarks/bench_e2e.py's
+    comparison."""
     return _switched_on("interp_scatter_backward")
 
 
@@ -418,6 +422,9 @@ def _interp_adjoint(g: torch.Tensor, dim: int, size_in: int, dtype: torch.dtype)
 class _InterpGather(torch.autograd.Function):
     @staticmethod
     def forward(x, out_hw):
+        if x.is_cuda and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and (
+                interp_has_cuda_kernel()):  # the same values from one kernel
+            return caffe_interp(x, out_hw)
         return _interp_blend(x, out_hw)
 
     @staticmethod

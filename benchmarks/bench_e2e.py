@@ -31,8 +31,9 @@ every image to); the model runs its coarser scales on side streams there (``scal
 "ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel, and
 "ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
 (``fuse_bias_relu=False``).  Training on
-CUDA also runs "ops+scatter": the Interp layers' backward by autograd's ``index_add_`` (float atomics;
-:func:`attnscale.caffe.interp_scatter_backward`) instead of the model's gather-form adjoint, and
+CUDA also runs "ops+scatter": the Interp layers' index_select forward and autograd's ``index_add_`` backward
+(float atomics; :func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the
+gather-form adjoint, and
 "ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output), and
 "ops+unfused": without ``bias_relu``.
 
@@ -179,7 +180,7 @@ def train_step(variant, precision, device, size, batch, channels_last):
     check_labels(y, 21)  # once: the step then runs without a host sync, as attnscale.train's does
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
-    # "scatter": the Interp layers' backward by autograd's own index_add_ (caffe.interp_scatter_backward);
+    # "scatter": the Interp layers' index_select forward, autograd's index_add_ backward (caffe.interp_scatter_backward);
     # "torchpool": MAX pooling by F.max_pool2d (int64 indices) instead of our training kernels
     parts = variant.split("+")
     interp_bwd = caffe.interp_scatter_backward if "scatter" in parts else contextlib.nullcontext
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     # stream (the model's scale_streams=False), eager and as a graph
     graph_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
                       if cuda else [])
-    # training only: the Interp layers' backward as autograd's index_add_ (float atomics on a GPU); MAX
+    # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu)
     train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),

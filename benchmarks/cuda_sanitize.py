@@ -9,8 +9,9 @@ logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a smal
 implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
 float64), each with every input
 requiring a gradient; and caffe_max_pool2d (inference) with the training pair caffe_max_pool2d_with_mask /
-caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype); and bias_relu
-(forward and backward, vectorised and scalar paths, both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
+caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype); bias_relu
+(forward and backward, vectorised and scalar paths, both layouts, every dtype); and caffe_interp (forward,
+both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale import caffe
 from attnscale.ops import bias_relu, dilated_conv2d, has_cuda_kernels, scale_merge
+from attnscale.ops.interp import caffe_interp
 from attnscale.ops.pooling import caffe_max_pool2d
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, also when imported by a test
@@ -198,6 +200,27 @@ def check_bias_relu(failures: list) -> None:
                                                     (0.0 if exact_y else 1e-2, 0.0, 1e-2)) if not close(a, e, tol)])
 
 
+def check_interp(failures: list) -> None:
+    """caffe_interp (forward; interp_gather's forward on a GPU): the attention head's 31 -> 41 and a shrink
+    13x10 -> 7x9, NCHW and channels_last, every CUDA dtype; exact in float32 / float64 (the CPU kernel's
+    arithmetic), loosely for the half types (rounded after every operation on the GPU only)."""
+    for (h, w), (oh, ow) in (((31, 21), (41, 41)), ((13, 10), (7, 9))):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for channels_last in (False, True):
+                gen = torch.Generator().manual_seed(4)
+                x = rounded(torch.randn(2, 5, h, w, generator=gen), dtype)
+                res = {}
+                for side, dev in (("ref", "cpu"), ("dev", DEV)):
+                    xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
+                    if channels_last:
+                        xs = xs.contiguous(memory_format=torch.channels_last)
+                    res[side] = [caffe_interp(xs, (oh, ow))]
+                    sync(dev)
+                tol = 0.0 if dtype in (torch.float32, torch.float64) else 1e-2
+                report(failures, f"caffe_interp {dtype} {(h, w)}->{(oh, ow)}{' channels_last' if channels_last else ''}",
+                       [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, tol)])
+
+
 def main(argv=None) -> int:
     global DEV
     argv = sys.argv[1:] if argv is None else argv
@@ -215,6 +238,7 @@ def main(argv=None) -> int:
     check_dilated_conv(failures)
     check_max_pool(failures)
     check_bias_relu(failures)
+    check_interp(failures)
     for f in failures:
         print("FAIL", f)
     return 1 if failures else 0

@@ -1,6 +1,7 @@
-"""attnscale.ops.caffe_interp (DeepLab Interp forward, CPU): bit-identical to the index_select path of
+"""attnscale.ops.caffe_interp (DeepLab Interp forward, CPU and CUDA): bit-identical to the index_select path of
 attnscale.caffe.interp (which it serves when no gradient is needed) over zooms, shrinks, equal sizes, size-1
-axes and Caffe's cropping, the dispatch inside interp, and its input checks."""
+axes and Caffe's cropping, the dispatch inside interp, and its input checks; on CUDA in every dtype and both
+layouts, and as the forward of interp_gather's autograd Function."""
 import pytest
 import torch
 
@@ -98,3 +99,65 @@ def test_forward_only():
     y = caffe_interp(torch.randn(1, 2, 4, 4, requires_grad=True), (7, 7))
     with pytest.raises(RuntimeError, match="forward only"):
         y.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_equals_index_select_path(dtype, channels_last):
+    """The CUDA kernel == the index_select path run on the GPU (PyTorch's elementwise ops, each product and
+    sum rounded to the dtype), bit for bit, every dtype and layout (the output in the input's); float32 /
+    float64 also == the CPU kernel."""
+    gen = torch.Generator().manual_seed(2)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    checked = 0
+    for hin in SIZES:
+        for hout in (1, 2, 31, 41, 65):
+            win = SIZES[(SIZES.index(hin) + 3) % len(SIZES)]
+            wout = (hout * 3) % 67 + 1
+            if (hin, win) == (hout, wout):
+                continue
+            x = torch.randn(2, 5, hin, win, generator=gen).to(dtype)
+            xd = x.cuda().contiguous(memory_format=fmt)
+            with torch.no_grad():
+                assert caffe_interp_applies(xd)
+                got = caffe.interp(xd, (hout, wout))
+            assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+            want = caffe._interp_blend(xd, (hout, wout))
+            assert torch.equal(got, want), (hin, win, hout, wout, dtype)
+            if dtype in (torch.float32, torch.float64):
+                assert torch.equal(got.cpu(), caffe_interp(x, (hout, wout))), (hin, win, hout, wout)
+            checked += 1
+    assert checked > 40
+
+
+@pytest.mark.cuda
+def test_cuda_training_forward_uses_the_kernel(monkeypatch):
+    """With a gradient on a GPU interp_gather's autograd Function takes its forward from the kernel (the
+    index_select path's values) and keeps its gather-form backward (== autograd's backward of the
+    index_select path, up to summation order); opcheck on CUDA in channels_last."""
+    x = torch.randn(3, 64, 31, 21, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    calls = []
+
+    def counted(t, out_hw):
+        calls.append(tuple(out_hw))
+        return caffe_interp(t, out_hw)
+
+    monkeypatch.setattr(caffe, "caffe_interp", counted)
+    xg = x.clone().requires_grad_()
+    y = caffe.interp(xg, (41, 41))
+    assert calls == [(41, 41)]
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, xg, g)
+    xr = x.clone().requires_grad_()
+    with caffe.interp_scatter_backward():
+        yr = caffe.interp(xr, (41, 41))
+    (gr,) = torch.autograd.grad(yr, xr, g)
+    assert torch.equal(y, yr)
+    torch.testing.assert_close(gx.float(), gr.float(), rtol=2e-2, atol=2e-2)
+    monkeypatch.undo()
+    torch.library.opcheck(torch.ops.attnscale.caffe_interp, (x.float(), 41, 45),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="not supported on CUDA"):
+        torch.ops.attnscale.caffe_interp(torch.zeros(1, 1, 5, 6, device="cuda", dtype=torch.int32), 3, 3)

@@ -62,7 +62,7 @@ def has_cuda_kernels() -> bool:
     try:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
                    for op in ("scale_merge", "dilated_conv2d", "caffe_max_pool2d",
-                               "caffe_max_pool2d_with_mask", "bias_relu"))
+                               "caffe_max_pool2d_with_mask", "bias_relu", "caffe_interp"))
     except RuntimeError:  # op not registered (built before the op existed)
         return False
 
@@ -98,8 +98,18 @@ def cpu_inference_kernel_applies(x: torch.Tensor) -> bool:
             and x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad))
 
 
+def in_kernel_layout(t: torch.Tensor, like: torch.Tensor, cpu_too: bool = False) -> torch.Tensor:
+    """t (a fake result) in the memory layout our CUDA kernels give their outputs: like's when like is
+    channels_last on CUDA (the CPU kernels write NCHW, except those that keep the layout: ``cpu_too``)."""
+    if ((cpu_too or like.device.type == "cuda") and like.dim() == 4
+            and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()):
+        return t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
 def fake_nchw_output(op: str, x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-    """The fake-tensor result of an op that maps x (N, C, H, W) to (N, C, out_h, out_w)."""
+    """The fake-tensor result of an op that maps x (N, C, H, W) to (N, C, out_h, out_w), in the kernels'
+    layout (:func:`in_kernel_layout`)."""
     torch._check(x.dim() == 4 and out_h >= 1 and out_w >= 1,
                  lambda: f"{op}: x must be 4-D and the output size positive, got {x.dim()}-D and ({out_h}, {out_w})")
-    return x.new_empty((x.shape[0], x.shape[1], out_h, out_w))
+    return in_kernel_layout(x.new_empty((x.shape[0], x.shape[1], out_h, out_w)), x)

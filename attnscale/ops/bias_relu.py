@@ -16,17 +16,10 @@ import functools
 
 import torch
 
-from ._ext import has_extension, require_extension
+from ._ext import has_extension, in_kernel_layout, require_extension
 
 _REGISTERED = False
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t in x's layout as the kernels give it (channels_last where x is, else contiguous)."""
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
 
 
 def _register() -> None:
@@ -39,14 +32,15 @@ def _register() -> None:
         torch._check(x.dim() == 4 and bias.dim() == 1 and bias.shape[0] == x.shape[1] and bias.dtype == x.dtype,
                      lambda: f"bias_relu: x {tuple(x.shape)} ({x.dtype}) must be 4-D and bias {tuple(bias.shape)} "
                      f"({bias.dtype}) one value per channel of x's dtype")
-        return _like(torch.empty_like(x, memory_format=torch.contiguous_format), x)
+        return in_kernel_layout(torch.empty_like(x, memory_format=torch.contiguous_format), x, cpu_too=True)
 
     @torch.library.register_fake("attnscale::bias_relu_backward")
     def _fake_backward(grad, out):
         torch._check(out.dim() == 4 and grad.shape == out.shape and grad.dtype == out.dtype,
                      lambda: f"bias_relu_backward: grad {tuple(grad.shape)} and out {tuple(out.shape)} must be 4-D "
                      "of one shape and dtype")
-        return _like(torch.empty_like(out, memory_format=torch.contiguous_format), out), out.new_empty(out.shape[1])
+        return in_kernel_layout(torch.empty_like(out, memory_format=torch.contiguous_format), out,
+                                cpu_too=True), out.new_empty(out.shape[1])
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output)

@@ -1,4 +1,4 @@
-"""``attnscale.ops.caffe_interp``: DeepLab's ``Interp`` forward on the CPU, for inference.
+"""``attnscale.ops.caffe_interp``: DeepLab's ``Interp`` forward on the CPU and on CUDA.
 
 Same values, bit for bit in float32, as the differentiable index_select path of
 :func:`attnscale.caffe.interp`, which calls it whenever no gradient is needed: bilinear with aligned
@@ -6,9 +6,15 @@ corners, Caffe's float index arithmetic (``csrc/ops/scale_merge_interp.h``), the
 then the vertical one, as ``caffe_cpu_interp2`` computes them.  The index_select path makes six full-size
 temporaries; this kernel blends each needed source row once and each output row from two of them, so
 ``predict``'s zoom of the scores to 513x513 and the attention head's resize of fc7 cost a few passes less.
-No autograd: with a gradient, ``interp`` uses the index_select path.
+No autograd: with a gradient, ``interp`` uses the index_select path (whose autograd Function, on a GPU, runs
+this op for its forward: the same values).  On CUDA (float32/float64/float16/bfloat16, NCHW or channels_last,
+the output in the input's layout) a thread per output, each product and sum rounded to the dtype as the
+index_select path's PyTorch ops round them (for half types after every operation), so the values are that
+path's bit for bit there too, from one kernel instead of about a dozen passes over full-size temporaries.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -34,8 +40,22 @@ def _register() -> None:
 _register()
 
 
-#: Whether :func:`caffe_interp` can serve an Interp of x (built, 4-D CPU float32/float64, no gradient).
-caffe_interp_applies = cpu_inference_kernel_applies
+_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=1)
+def has_cuda_kernel() -> bool:
+    """Whether the extension was built with the CUDA kernel of ``caffe_interp``."""
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::caffe_interp", "CUDA")
+
+
+def caffe_interp_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`caffe_interp` can serve an Interp of x without a gradient: 4-D on the CPU in float32/
+    float64 (built), or on CUDA in float32/float64/float16/bfloat16 with the CUDA kernel built."""
+    if x.device.type == "cuda":
+        return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+                and has_cuda_kernel())
+    return cpu_inference_kernel_applies(x)
 
 
 def caffe_interp(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

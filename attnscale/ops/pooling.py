@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, register_forward_only,
-                   require_extension)
+from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, in_kernel_layout,
+                   register_forward_only, require_extension)
 
 _REGISTERED = False
 
@@ -44,15 +44,15 @@ def _register() -> None:
     def _fake_mask(x, kernel, stride, pad, out_h, out_w):
         k = min(kernel, max(x.shape[-2:]) + pad)  # the C++ checks clip it so
         torch._check(k * k <= _MASK_NONE, lambda: f"caffe_max_pool2d_with_mask: kernel {k} is more than 15")
-        out = _in_layout(fake_nchw_output("caffe_max_pool2d_with_mask", x, out_h, out_w), x)
-        return out, _in_layout(out.new_empty(out.shape, dtype=torch.uint8), x)
+        out = fake_nchw_output("caffe_max_pool2d_with_mask", x, out_h, out_w)
+        return out, in_kernel_layout(out.new_empty(out.shape, dtype=torch.uint8), x)
 
     @torch.library.register_fake("attnscale::caffe_max_pool2d_backward")
     def _fake_backward(grad, mask, kernel, stride, pad, in_h, in_w):
         torch._check(grad.dim() == 4 and grad.shape == mask.shape and mask.dtype == torch.uint8,
                      lambda: f"caffe_max_pool2d_backward: grad {tuple(grad.shape)} and mask {tuple(mask.shape)} "
                      f"({mask.dtype}) must be 4-D of one shape, the mask uint8")
-        return _in_layout(grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w)), mask)
+        return in_kernel_layout(grad.new_empty((grad.shape[0], grad.shape[1], in_h, in_w)), mask)
 
     def _setup(ctx, inputs, output):
         x, kernel, stride, pad, _, _ = inputs
@@ -71,14 +71,6 @@ def _register() -> None:
 
 #: csrc/ops/max_pool_window.h kMaskNone: the mask value of a window without a winner
 _MASK_NONE = 255
-
-
-def _in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """t (a fake result) in the memory layout the CUDA kernels give: like's when like is channels_last on CUDA."""
-    if like.device.type == "cuda" and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return t.contiguous(memory_format=torch.channels_last)
-    return t
-
 
 _register()
 

@@ -32,7 +32,8 @@ struct BackwardPlan {
 BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16);
 
 // gx = out <= 0 ? 0 : g (every element written); gbias[c] = sum of gx over n and the pixels: per block a
-// partial sum in the workspace, then one thread per channel adds them in a fixed order (deterministic).
+// partial sum in the workspace ([partials][C]), then a small kernel adds them per channel in a fixed order
+// (deterministic).
 // N * HW >= 1.
 cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
                             void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,

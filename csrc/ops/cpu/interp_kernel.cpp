@@ -13,7 +13,7 @@
 #include <cstring>
 #include <vector>
 
-#include "ops/limits.h"
+#include "ops/interp.h"
 #include "ops/scale_merge_interp.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -92,15 +92,10 @@ void interp_plane(const T* __restrict x, int H, int W, const AxisTaps<T>& ay, co
 }
 
 at::Tensor caffe_interp_cpu(const at::Tensor& x_in, int64_t out_h, int64_t out_w) {
-  TORCH_CHECK_VALUE(x_in.dim() == 4, "caffe_interp: x must be 4-D (N, C, H, W), got shape ", x_in.sizes());
+  check_args(x_in, out_h, out_w);
   TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
                     "caffe_interp: x dtype ", x_in.scalar_type(), " is not supported on CPU (float32 or float64)");
   const int64_t H = x_in.size(2), W = x_in.size(3);
-  TORCH_CHECK_VALUE(H >= 1 && W >= 1, "caffe_interp: x has an empty spatial size ", x_in.sizes());
-  TORCH_CHECK_VALUE(out_h >= 1 && out_w >= 1, "caffe_interp: output size (", out_h, ", ", out_w,
-                    ") must be positive");
-  TORCH_CHECK_VALUE(H < kMaxGeometry && W < kMaxGeometry && out_h < kMaxGeometry && out_w < kMaxGeometry,
-                    "caffe_interp: sizes too large for Caffe's float index arithmetic");
   const at::Tensor x = x_in.contiguous();
   if (H == out_h && W == out_w) return x.clone();  // Caffe: same size -> copy
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());

@@ -86,7 +86,8 @@ __device__ __forceinline__ T masked(T g, T o) {
 
 // channels_last: rows (n, h, w) of C channels.  Block (bx, by): bx vector columns of one chunk of channels
 // (blockIdx.y), by threads down the rows of one span (blockIdx.x); each thread sums its columns over its
-// rows, the block adds its by partial rows in order and writes one partial per channel.
+// rows, then the block adds its by partial rows in order (a thread per channel) and writes one partial per
+// channel: partial[blockIdx.x][c].
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ out,
                                                                  T* __restrict__ gx,
@@ -94,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __rest
                                                                  int64_t M, int64_t C, int64_t span) {
   using A = typename AccOf<T>::type;
   using VT = Vec<T, V>;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   A* smem = reinterpret_cast<A*>(smem_raw);  // [blockDim.y][blockDim.x * V]
   const int64_t vc = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   const int64_t VC = C / V;
@@ -117,22 +118,21 @@ __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __rest
       reinterpret_cast<VT*>(gx)[v] = xv;
     }
   }
-  const int width = blockDim.x * V;
+  const int width = blockDim.x * V;  // channels of this chunk
 #pragma unroll
   for (int i = 0; i < V; ++i) smem[threadIdx.y * width + threadIdx.x * V + i] = acc[i];
   __syncthreads();
-  if (threadIdx.y == 0 && vc < VC) {
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      A s = 0;
-      for (int y = 0; y < static_cast<int>(blockDim.y); ++y) s += smem[y * width + threadIdx.x * V + i];
-      partial[static_cast<int64_t>(blockIdx.x) * C + vc * V + i] = s;
-    }
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * width;
+  for (int col = threadIdx.y * blockDim.x + threadIdx.x; col < width && c0 + col < C;
+       col += blockDim.x * blockDim.y) {
+    A s = 0;
+    for (int y = 0; y < static_cast<int>(blockDim.y); ++y) s += smem[y * width + col];
+    partial[static_cast<int64_t>(blockIdx.x) * C + c0 + col] = s;
   }
 }
 
 // NCHW: a block per chunk of one (n, c) plane; its sum (warp shuffles, then the warps in order) is one
-// partial of channel c: partial[c][n * chunks + chunk].
+// partial of channel c: partial[n * chunks + chunk][c].
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __restrict__ g, const T* __restrict__ out,
                                                                  T* __restrict__ gx,
@@ -167,20 +167,31 @@ __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __rest
   if (threadIdx.x == 0) {
     A s = 0;
     for (int w = 0; w < kThreads / 32; ++w) s += warp_sums[w];
-    partial[c * (N * chunks) + n * chunks + chunk] = s;
+    partial[(n * chunks + chunk) * C + c] = s;
   }
 }
 
-// gbias[c] = sum over k of partial[k * k_stride + c * c_stride], k in order
+// gbias[c] = the sum over k of partial[k][c]: a block per 32 channels, kSumLanes threads per channel each
+// summing every kSumLanes-th partial (coalesced across the channels), then the lanes added in order.
+constexpr int kSumLanes = 16;
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) bias_sum_kernel(const typename AccOf<T>::type* __restrict__ partial,
-                                                            T* __restrict__ gbias, int64_t C, int64_t K,
-                                                            int64_t k_stride, int64_t c_stride) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  typename AccOf<T>::type s = 0;
-  for (int64_t k = 0; k < K; ++k) s += partial[k * k_stride + c * c_stride];
-  gbias[c] = from_acc<T>(s);
+__global__ void __launch_bounds__(32 * kSumLanes) bias_sum_kernel(const typename AccOf<T>::type* __restrict__ partial,
+                                                                  T* __restrict__ gbias, int64_t C, int64_t K) {
+  using A = typename AccOf<T>::type;
+  __shared__ A lanes[kSumLanes][32];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  A s = 0;
+  if (c < C)
+    for (int64_t k = threadIdx.y; k < K; k += kSumLanes) s += partial[k * C + c];
+  lanes[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    A t = 0;
+#pragma unroll
+    for (int y = 0; y < kSumLanes; ++y) t += lanes[y][threadIdx.x];
+    gbias[c] = from_acc<T>(t);
+  }
 }
 
 int elem_size(DType d) {
@@ -229,14 +240,13 @@ cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx,
     const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
     const size_t smem = static_cast<size_t>(p.block_x) * p.block_y * V * sizeof(A);
     backward_nhwc_kernel<T, V><<<grid, block, smem, stream>>>(g, out, gx, partial, N * HW, C, p.span);
-    if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
-    bias_sum_kernel<T><<<grid_for(C), kThreads, 0, stream>>>(partial, gbias, C, p.partials, C, 1);
   } else {
     backward_nchw_kernel<T, V><<<static_cast<unsigned>(p.grid_x), kThreads, 0, stream>>>(g, out, gx, partial, N, C,
                                                                                          HW, p.chunks, p.span);
-    if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
-    bias_sum_kernel<T><<<grid_for(C), kThreads, 0, stream>>>(partial, gbias, C, p.partials, 1, p.partials);
   }
+  if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
+  const dim3 sum_grid(static_cast<unsigned>((C + 31) / 32)), sum_block(32, kSumLanes);
+  bias_sum_kernel<T><<<sum_grid, sum_block, 0, stream>>>(partial, gbias, C, p.partials);
   return cudaGetLastError();
 }
 

@@ -1,0 +1,155 @@
+// CUDA kernel of attnscale::caffe_interp: DeepLab's Interp (bilinear, aligned corners), a thread per output
+// element, NCHW or NHWC, in the order and rounding of the index_select path (attnscale.caffe._interp_blend):
+// the horizontal blends of the two source rows, then the vertical blend, each product and sum rounded to
+// the dtype.  No torch headers: raw pointers, sizes and a cudaStream_t (see ops/interp_cuda.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/interp_cuda.h"
+#include "ops/scale_merge_interp.h"
+
+namespace attnscale {
+namespace interp {
+namespace cuda {
+namespace {
+
+using scale_merge::interp_ratio;
+using scale_merge::interp_tap;
+using scale_merge::Tap;
+
+constexpr int kThreads = 256;
+
+// Arithmetic of one dtype: values V (the dtype itself for float / double, float for the half types, whose
+// every result is rounded back to the dtype), load / store, lambdas, product, sum.
+template <typename T>
+struct Arith;
+
+template <>
+struct Arith<float> {
+  using V = float;
+  static __device__ __forceinline__ V load(float v) { return v; }
+  static __device__ __forceinline__ float store(V v) { return v; }
+  static __device__ __forceinline__ V lambda(float l) { return l; }
+  static __device__ __forceinline__ V one_minus(V l) { return __fsub_rn(1.f, l); }
+  static __device__ __forceinline__ V mul(V a, V b) { return __fmul_rn(a, b); }
+  static __device__ __forceinline__ V add(V a, V b) { return __fadd_rn(a, b); }
+};
+
+template <>
+struct Arith<double> {
+  using V = double;
+  static __device__ __forceinline__ V load(double v) { return v; }
+  static __device__ __forceinline__ double store(V v) { return v; }
+  static __device__ __forceinline__ V lambda(float l) { return static_cast<double>(l); }
+  static __device__ __forceinline__ V one_minus(V l) { return __dsub_rn(1.0, l); }
+  static __device__ __forceinline__ V mul(V a, V b) { return __dmul_rn(a, b); }
+  static __device__ __forceinline__ V add(V a, V b) { return __dadd_rn(a, b); }
+};
+
+template <typename H>
+struct HalfArith {
+  using V = float;
+  static __device__ __forceinline__ float to_f(H v);
+  static __device__ __forceinline__ H from_f(float v);
+  static __device__ __forceinline__ V round(float v) { return to_f(from_f(v)); }
+  static __device__ __forceinline__ V load(H v) { return to_f(v); }
+  static __device__ __forceinline__ H store(V v) { return from_f(v); }  // already a value of H
+  static __device__ __forceinline__ V lambda(float l) { return round(l); }
+  static __device__ __forceinline__ V one_minus(V l) { return round(__fsub_rn(1.f, l)); }
+  static __device__ __forceinline__ V mul(V a, V b) { return round(__fmul_rn(a, b)); }
+  static __device__ __forceinline__ V add(V a, V b) { return round(__fadd_rn(a, b)); }
+};
+template <>
+__device__ __forceinline__ float HalfArith<__half>::to_f(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ __half HalfArith<__half>::from_f(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ float HalfArith<__nv_bfloat16>::to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 HalfArith<__nv_bfloat16>::from_f(float v) { return __float2bfloat16_rn(v); }
+
+template <>
+struct Arith<__half> : HalfArith<__half> {};
+template <>
+struct Arith<__nv_bfloat16> : HalfArith<__nv_bfloat16> {};
+
+template <typename T, bool NHWC>
+__global__ void __launch_bounds__(kThreads) interp_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t total,
+                                                          int64_t C, int H, int W, int OH, int OW, float ry, float rx) {
+  using Ar = Arith<T>;
+  using V = typename Ar::V;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, r;
+    int oy, ox;
+    if (NHWC) {  // e = ((n OH + oy) OW + ox) C + c
+      c = e % C;
+      r = e / C;
+      ox = static_cast<int>(r % OW);
+      r /= OW;
+      oy = static_cast<int>(r % OH);
+      n = r / OH;
+    } else {     // e = ((n C + c) OH + oy) OW + ox
+      ox = static_cast<int>(e % OW);
+      r = e / OW;
+      oy = static_cast<int>(r % OH);
+      r /= OH;
+      c = r % C;
+      n = r / C;
+    }
+    const Tap ty = interp_tap(oy, H, OH, ry), tx = interp_tap(ox, W, OW, rx);
+    // element (row, col) of plane (n, c)
+    const auto at = [&](int row, int col) -> V {
+      const int64_t off = NHWC ? ((n * H + row) * W + col) * C + c : ((n * C + c) * H + row) * W + col;
+      return Ar::load(x[off]);
+    };
+    const V l1x = Ar::lambda(tx.l1), l0x = Ar::one_minus(l1x);
+    const V l1y = Ar::lambda(ty.l1), l0y = Ar::one_minus(l1y);
+    const V top = Ar::add(Ar::mul(l0x, at(ty.i0, tx.i0)), Ar::mul(l1x, at(ty.i0, tx.i1)));
+    const V bot = Ar::add(Ar::mul(l0x, at(ty.i1, tx.i0)), Ar::mul(l1x, at(ty.i1, tx.i1)));
+    y[e] = Ar::store(Ar::add(Ar::mul(l0y, top), Ar::mul(l1y, bot)));
+  }
+}
+
+template <typename T>
+cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW, bool nhwc,
+                         cudaStream_t stream) {
+  const int64_t total = N * C * OH * OW;
+  if (total == 0) return cudaSuccess;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
+  const dim3 grid(static_cast<unsigned>(blocks));
+  // the ratios on the host, as Caffe's GPU Interp and attnscale.caffe.interp_coefficients take them
+  const float ry = interp_ratio(H, OH), rx = interp_ratio(W, OW);
+  const T* xp = static_cast<const T*>(x);
+  T* yp = static_cast<T*>(y);
+  if (nhwc)
+    interp_kernel<T, true><<<grid, kThreads, 0, stream>>>(xp, yp, total, C, H, W, OH, OW, ry, rx);
+  else
+    interp_kernel<T, false><<<grid, kThreads, 0, stream>>>(xp, yp, total, C, H, W, OH, OW, ry, rx);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW,
+                          bool channels_last, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_typed<float>(x, y, N, C, H, W, OH, OW, channels_last, stream);
+    case DType::kFloat16:
+      return launch_typed<__half>(x, y, N, C, H, W, OH, OW, channels_last, stream);
+    case DType::kBFloat16:
+      return launch_typed<__nv_bfloat16>(x, y, N, C, H, W, OH, OW, channels_last, stream);
+    case DType::kFloat64:
+      return launch_typed<double>(x, y, N, C, H, W, OH, OW, channels_last, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace interp
+}  // namespace attnscale
