@@ -351,7 +351,9 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     order, without atomics: deterministic, and faster on a GPU than autograd's own backward of the gathers
     (``index_add_``, float atomics: 12.7 of the 93 ms of a bf16 training step on an H100, which ran 1.14x
     faster without it; :func:`interp_scatter_backward` restores it, for comparison).  On a GPU the forward
-    is :func:`attnscale.ops.interp.caffe_interp`'s CUDA kernel (the same values in one kernel).
+    is :func:`attnscale.ops.interp.caffe_interp`'s CUDA kernel (the same values in one kernel) and the
+    backward ``caffe_interp_backward``'s (the same tables and order of sums, with fused multiply-adds, in one
+    kernel instead of a padded copy and a gather and a multiply-add per slot and axis).
     While torch.compile traces, the index_select forward and autograd's backward (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
     if _SWITCHES["interp_scatter_backward"] or torch.compiler.is_compiling():
@@ -422,8 +424,7 @@ def _interp_adjoint(g: torch.Tensor, dim: int, size_in: int, dtype: torch.dtype)
 class _InterpGather(torch.autograd.Function):
     @staticmethod
     def forward(x, out_hw):
-        if x.is_cuda and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and (
-                interp_has_cuda_kernel()):  # the same values from one kernel
+        if x.is_cuda and x.dtype in _CUDA_FLOATS and interp_has_cuda_kernel():  # the same values, one kernel
             return caffe_interp(x, out_hw)
         return _interp_blend(x, out_hw)
 
@@ -435,8 +436,18 @@ class _InterpGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (eh, ew), dt = ctx.in_hw, ctx.dtype
+        if (g.is_cuda and not torch.is_grad_enabled() and (g.dtype == torch.float64) == (dt == torch.float64)
+                and g.dtype in _CUDA_FLOATS and interp_has_cuda_kernel()):
+            # one kernel: the same tables, slots and order, fused multiply-adds (not differentiable again:
+            # a double backward takes the path below)
+            ih, ch = host_constants(_interp_adjoint_tables, eh, g.shape[-2], dt, device=g.device)
+            iw, cw = host_constants(_interp_adjoint_tables, ew, g.shape[-1], dt, device=g.device)
+            return torch.ops.attnscale.caffe_interp_backward(g, ih, ch, iw, cw), None
         # half / bfloat16: both axes summed in float32 (float32 weights), rounded to the dtype once
         return _interp_adjoint(_interp_adjoint(g, -1, ew, dt), -2, eh, dt).to(g.dtype), None
+
+
+_CUDA_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # ------------------------------------------------------------------------------ scales of the input

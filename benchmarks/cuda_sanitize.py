@@ -10,8 +10,8 @@ implementations, the GEMM path and the direct kernels, in float32 with TF32 and 
 float64), each with every input
 requiring a gradient; and caffe_max_pool2d (inference) with the training pair caffe_max_pool2d_with_mask /
 caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype); bias_relu
-(forward and backward, vectorised and scalar paths, both layouts, every dtype); and caffe_interp (forward,
-both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
+(forward and backward, vectorised and scalar paths, both layouts, every dtype); and caffe_interp with
+caffe_interp_backward (both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI
@@ -201,20 +201,26 @@ def check_bias_relu(failures: list) -> None:
 
 
 def check_interp(failures: list) -> None:
-    """caffe_interp (forward; interp_gather's forward on a GPU): the attention head's 31 -> 41 and a shrink
-    13x10 -> 7x9, NCHW and channels_last, every CUDA dtype; exact in float32 / float64 (the CPU kernel's
-    arithmetic), loosely for the half types (rounded after every operation on the GPU only)."""
+    """caffe_interp and caffe_interp_backward (interp_gather's forward and backward on a GPU): the attention
+    head's 31 -> 41 and a shrink 13x10 -> 7x9, NCHW and channels_last, every CUDA dtype; exact in float32 /
+    float64 (the CPU kernels' arithmetic), loosely for the half types (rounded on the GPU only)."""
     for (h, w), (oh, ow) in (((31, 21), (41, 41)), ((13, 10), (7, 9))):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for channels_last in (False, True):
                 gen = torch.Generator().manual_seed(4)
                 x = rounded(torch.randn(2, 5, h, w, generator=gen), dtype)
+                grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
                     xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
                     if channels_last:
                         xs = xs.contiguous(memory_format=torch.channels_last)
-                    res[side] = [caffe_interp(xs, (oh, ow))]
+                    tables = (caffe.host_constants(caffe._interp_adjoint_tables, h, oh, dtype, device=dev)
+                              + caffe.host_constants(caffe._interp_adjoint_tables, w, ow, dtype, device=dev))
+                    g = grad.to(dev, dev_dtype(dev, dtype))
+                    if channels_last:
+                        g = g.contiguous(memory_format=torch.channels_last)
+                    res[side] = [caffe_interp(xs, (oh, ow)), torch.ops.attnscale.caffe_interp_backward(g, *tables)]
                     sync(dev)
                 tol = 0.0 if dtype in (torch.float32, torch.float64) else 1e-2
                 report(failures, f"caffe_interp {dtype} {(h, w)}->{(oh, ow)}{' channels_last' if channels_last else ''}",

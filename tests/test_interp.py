@@ -101,6 +101,47 @@ def test_forward_only():
         y.sum().backward()
 
 
+BACKWARD_CASES = [((31, 21), (41, 41)), ((5, 7), (13, 9)), ((8, 8), (4, 3)), ((13, 10), (7, 9)), ((1, 6), (4, 1))]
+
+
+def _tables(ih, iw, oh, ow, dtype, device="cpu"):
+    return (caffe.host_constants(caffe._interp_adjoint_tables, ih, oh, dtype, device=device)
+            + caffe.host_constants(caffe._interp_adjoint_tables, iw, ow, dtype, device=device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_op_equals_adjoint_path(dtype):
+    """caffe_interp_backward (the GPU backward's CPU twin) == interp_gather's index_select adjoint (the same
+    tables, slots and order; fused multiply-adds), shrinks with unreferenced sources (gradient 0) included."""
+    gen = torch.Generator().manual_seed(3)
+    for (ih, iw), (oh, ow) in BACKWARD_CASES:
+        g = torch.randn(2, 3, oh, ow, generator=gen, dtype=dtype)
+        want = caffe._interp_adjoint(caffe._interp_adjoint(g, -1, iw, dtype), -2, ih, dtype)
+        got = torch.ops.attnscale.caffe_interp_backward(g, *_tables(ih, iw, oh, ow, dtype))
+        assert got.shape == (2, 3, ih, iw)
+        torch.testing.assert_close(got, want)
+        x = torch.randn(2, 3, ih, iw, dtype=dtype, requires_grad=True)
+        y = caffe.interp_gather(x, (oh, ow))
+        torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], got)
+
+
+def test_backward_op_checks_and_opcheck():
+    g = torch.randn(1, 2, 13, 9)
+    t = _tables(5, 7, 13, 9, torch.float32)
+    torch.library.opcheck(torch.ops.attnscale.caffe_interp_backward, (g, *t), test_utils=("test_schema", "test_faketensor"))
+    op = torch.ops.attnscale.caffe_interp_backward
+    with pytest.raises(ValueError, match="4-D floating-point"):
+        op(g[0], *t)
+    with pytest.raises(ValueError, match="idx_h must be an int64"):
+        op(g, t[0].int(), *t[1:])
+    with pytest.raises(ValueError, match="coef_w"):
+        op(g, *t[:3], t[3].double())
+    with pytest.raises(ValueError, match="contiguous"):
+        op(g, t[0], t[1], t[2].t().contiguous().t(), t[3].t().contiguous().t())
+    with pytest.raises(ValueError, match="float32 or float64"):
+        op(g.half(), *t)
+
+
 # ---------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
@@ -161,3 +202,28 @@ def test_cuda_training_forward_uses_the_kernel(monkeypatch):
                           test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(ValueError, match="not supported on CUDA"):
         torch.ops.attnscale.caffe_interp(torch.zeros(1, 1, 5, 6, device="cuda", dtype=torch.int32), 3, 3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_backward_equals_cpu_op(dtype, channels_last, monkeypatch):
+    """The CUDA caffe_interp_backward == the CPU one bit for bit (fmaf / fma in the same order; half types
+    summed in float32 from the same values and tables and rounded once), the gradient in grad's layout; and
+    interp_gather's backward on a GPU runs it."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = torch.Generator().manual_seed(5)
+    for (ih, iw), (oh, ow) in BACKWARD_CASES:
+        g = torch.randn(2, 8, oh, ow, generator=gen).to(dtype)
+        got = torch.ops.attnscale.caffe_interp_backward(g.cuda().contiguous(memory_format=fmt),
+                                                        *_tables(ih, iw, oh, ow, dtype, "cuda"))
+        assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
+        want = torch.ops.attnscale.caffe_interp_backward(g.to(ref_dtype), *_tables(ih, iw, oh, ow, dtype)).to(dtype)
+        assert torch.equal(got.cpu(), want), ((ih, iw), (oh, ow))
+    calls = []
+    real = torch.ops.attnscale.caffe_interp_backward
+    monkeypatch.setattr(torch.ops.attnscale, "caffe_interp_backward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 8, 31, 21, device="cuda", dtype=dtype).contiguous(memory_format=fmt).requires_grad_()
+    caffe.interp_gather(x, (41, 41)).sum().backward()
+    assert calls == [1] and x.grad.shape == x.shape

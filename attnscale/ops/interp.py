@@ -11,6 +11,8 @@ this op for its forward: the same values).  On CUDA (float32/float64/float16/bfl
 the output in the input's layout) a thread per output, each product and sum rounded to the dtype as the
 index_select path's PyTorch ops round them (for half types after every operation), so the values are that
 path's bit for bit there too, from one kernel instead of about a dozen passes over full-size temporaries.
+``caffe_interp_backward`` (CPU and CUDA; the GPU backward of interp_gather) sums through the per-axis adjoint
+tables of :func:`attnscale.caffe._interp_adjoint_tables` in one kernel.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import functools
 
 import torch
 
-from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, register_forward_only,
-                   require_extension)
+from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, in_kernel_layout,
+                   register_forward_only, require_extension)
 
 _REGISTERED = False
 
@@ -34,6 +36,13 @@ def _register() -> None:
         return fake_nchw_output("caffe_interp", x, out_h, out_w)
 
     register_forward_only("caffe_interp", "attnscale.caffe.interp")
+
+    @torch.library.register_fake("attnscale::caffe_interp_backward")
+    def _fake_backward(grad, idx_h, coef_h, idx_w, coef_w):
+        torch._check(grad.dim() == 4 and idx_h.dim() == 2 and idx_w.dim() == 2,
+                     lambda: "caffe_interp_backward: grad must be 4-D and the index tables 2-D")
+        return in_kernel_layout(grad.new_empty((grad.shape[0], grad.shape[1], idx_h.shape[1], idx_w.shape[1])), grad)
+
     _REGISTERED = True
 
 

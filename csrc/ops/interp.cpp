@@ -12,6 +12,8 @@
 
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "ops/limits.h"
 
 namespace attnscale {
@@ -27,9 +29,38 @@ void check_args(const at::Tensor& x, int64_t out_h, int64_t out_w) {
                     "caffe_interp: sizes too large for Caffe's float index arithmetic");
 }
 
+std::pair<int64_t, int64_t> check_backward_args(const at::Tensor& grad, const at::Tensor& idx_h,
+                                                const at::Tensor& coef_h, const at::Tensor& idx_w,
+                                                const at::Tensor& coef_w) {
+  constexpr const char* op = "caffe_interp_backward";
+  TORCH_CHECK_VALUE(grad.dim() == 4 && grad.is_floating_point(), op, ": grad must be a 4-D floating-point tensor, got ",
+                    grad.sizes(), " ", grad.scalar_type());
+  const auto want = grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto& [name, idx, coef] : {std::tuple<const char*, const at::Tensor&, const at::Tensor&>{"h", idx_h, coef_h},
+                                        {"w", idx_w, coef_w}}) {
+    TORCH_CHECK_VALUE(idx.dim() == 2 && idx.scalar_type() == at::kLong && coef.sizes() == idx.sizes() &&
+                          coef.scalar_type() == want,
+                      op, ": idx_", name, " must be an int64 (T, in) table and coef_", name, " ", want,
+                      " of its shape; got ", idx.sizes(), " ", idx.scalar_type(), " and ", coef.sizes(), " ",
+                      coef.scalar_type());
+    TORCH_CHECK_VALUE(idx.device() == grad.device() && coef.device() == grad.device(), op, ": the ", name,
+                      " tables must be on grad's device (", grad.device(), ")");
+    TORCH_CHECK_VALUE(idx.is_contiguous() && coef.is_contiguous(), op, ": the ", name, " tables must be contiguous");
+    TORCH_CHECK_VALUE(idx.size(0) >= 1 && idx.size(1) >= 1 && idx.size(0) < kMaxGeometry && idx.size(1) < kMaxGeometry,
+                      op, ": the ", name, " tables have an empty or too large shape ", idx.sizes());
+  }
+  TORCH_CHECK_VALUE(grad.size(2) >= 1 && grad.size(3) >= 1 && grad.size(2) < kMaxGeometry && grad.size(3) < kMaxGeometry,
+                    op, ": grad has an empty or too large spatial size ", grad.sizes());
+  return {idx_h.size(1), idx_w.size(1)};
+}
+
 }  // namespace interp
 }  // namespace attnscale
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("caffe_interp(Tensor x, int out_h, int out_w) -> Tensor");
+  // The Interp's backward from per-axis adjoint tables (attnscale.caffe._interp_adjoint_tables): for each
+  // source pixel, the sum over its row slots of coef_h * (the sum over its column slots of coef_w * grad),
+  // slots in order, fused multiply-adds in float (double for double); index `out` marks an unused slot.
+  m.def("caffe_interp_backward(Tensor grad, Tensor idx_h, Tensor coef_h, Tensor idx_w, Tensor coef_w) -> Tensor");
 }

@@ -20,6 +20,15 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3
 cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW,
                           bool channels_last, cudaStream_t stream);
 
+// The backward (attnscale::caffe_interp_backward): gx (N, C, H, W) from g (N, C, OH, OW), both in NCHW or
+// both in NHWC order, through per-axis tables idx (T, in) int64 / coef (T, in) (float; double for
+// double): gx[h][w] = sum over th of coef_h[th][h] * (sum over tw of coef_w[tw][w] * g[idx_h[th][h]][idx_w[tw][w]]),
+// slots in order by fused multiply-adds in float (double for double), slots whose index is outside
+// [0, out) skipped; half types rounded once at the end.
+cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* idx_h, const void* coef_h, int Th,
+                                   const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
+                                   int H, int W, int OH, int OW, bool channels_last, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace interp
 }  // namespace attnscale

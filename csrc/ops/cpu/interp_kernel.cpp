@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -117,10 +118,61 @@ at::Tensor caffe_interp_cpu(const at::Tensor& x_in, int64_t out_h, int64_t out_w
   return out;
 }
 
+// caffe_interp_backward, the twin of the CUDA kernel (the model's CPU training keeps the index_select
+// adjoint of attnscale.caffe): per source pixel the row slots' sum of coef_h * (the column slots' sum of
+// coef_w * grad), std::fma in the slots' order, as the CUDA kernel's fmaf / fma.
+template <typename T>
+void interp_backward_plane(const T* __restrict g, int OH, int OW, const int64_t* idx_h, const T* coef_h, int Th,
+                           const int64_t* idx_w, const T* coef_w, int Tw, int H, int W, T* __restrict gx) {
+  for (int h = 0; h < H; ++h)
+    for (int w = 0; w < W; ++w) {
+      T outer = 0;
+      for (int th = 0; th < Th; ++th) {
+        const int64_t oh = idx_h[static_cast<int64_t>(th) * H + h];
+        if (oh < 0 || oh >= OH) continue;  // an unused slot
+        T inner = 0;
+        for (int tw = 0; tw < Tw; ++tw) {
+          const int64_t ow = idx_w[static_cast<int64_t>(tw) * W + w];
+          if (ow < 0 || ow >= OW) continue;
+          inner = std::fma(g[oh * OW + ow], coef_w[static_cast<int64_t>(tw) * W + w], inner);
+        }
+        outer = std::fma(inner, coef_h[static_cast<int64_t>(th) * H + h], outer);
+      }
+      gx[static_cast<int64_t>(h) * W + w] = outer;
+    }
+}
+
+at::Tensor caffe_interp_backward_cpu(const at::Tensor& grad_in, const at::Tensor& idx_h, const at::Tensor& coef_h,
+                                     const at::Tensor& idx_w, const at::Tensor& coef_w) {
+  const auto [H, W] = check_backward_args(grad_in, idx_h, coef_h, idx_w, coef_w);
+  TORCH_CHECK_VALUE(grad_in.scalar_type() == at::kFloat || grad_in.scalar_type() == at::kDouble,
+                    "caffe_interp_backward: grad dtype ", grad_in.scalar_type(),
+                    " is not supported on CPU (float32 or float64)");
+  const at::Tensor g = grad_in.contiguous();
+  const int64_t OH = g.size(2), OW = g.size(3);
+  at::Tensor gx = at::empty({g.size(0), g.size(1), H, W}, g.options());
+  const int64_t planes = g.size(0) * g.size(1);
+  if (planes == 0) return gx;
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "caffe_interp_backward_cpu", [&] {
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    scalar_t* xp = gx.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        interp_backward_plane<scalar_t>(gp + q * OH * OW, static_cast<int>(OH), static_cast<int>(OW),
+                                        idx_h.data_ptr<int64_t>(), coef_h.data_ptr<scalar_t>(),
+                                        static_cast<int>(idx_h.size(0)), idx_w.data_ptr<int64_t>(),
+                                        coef_w.data_ptr<scalar_t>(), static_cast<int>(idx_w.size(0)),
+                                        static_cast<int>(H), static_cast<int>(W), xp + q * H * W);
+    });
+  });
+  return gx;
+}
+
 }  // namespace
 }  // namespace interp
 }  // namespace attnscale
 
 TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
   m.impl("caffe_interp", &attnscale::interp::caffe_interp_cpu);
+  m.impl("caffe_interp_backward", &attnscale::interp::caffe_interp_backward_cpu);
 }

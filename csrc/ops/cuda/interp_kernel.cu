@@ -1,7 +1,8 @@
 // CUDA kernel of attnscale::caffe_interp: DeepLab's Interp (bilinear, aligned corners), a thread per output
 // element, NCHW or NHWC, in the order and rounding of the index_select path (attnscale.caffe._interp_blend):
 // the horizontal blends of the two source rows, then the vertical blend, each product and sum rounded to
-// the dtype.  No torch headers: raw pointers, sizes and a cudaStream_t (see ops/interp_cuda.h).
+// the dtype; and of its backward caffe_interp_backward (a thread per source element gathering through the
+// per-axis adjoint tables).  No torch headers: raw pointers, sizes and a cudaStream_t (see ops/interp_cuda.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -133,6 +134,82 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
   return cudaGetLastError();
 }
 
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename T, bool NHWC>
+__global__ void __launch_bounds__(kThreads)
+    interp_backward_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx_h,
+                           const typename AccOf<T>::type* __restrict__ coef_h, int Th,
+                           const int64_t* __restrict__ idx_w, const typename AccOf<T>::type* __restrict__ coef_w,
+                           int Tw, T* __restrict__ gx, int64_t total, int64_t C, int H, int W, int OH, int OW) {
+  using Ar = Arith<T>;
+  using A = typename AccOf<T>::type;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t n, c, r;
+    int h, w;
+    if (NHWC) {  // e = ((n H + h) W + w) C + c
+      c = e % C;
+      r = e / C;
+      w = static_cast<int>(r % W);
+      r /= W;
+      h = static_cast<int>(r % H);
+      n = r / H;
+    } else {     // e = ((n C + c) H + h) W + w
+      w = static_cast<int>(e % W);
+      r = e / W;
+      h = static_cast<int>(r % H);
+      r /= H;
+      c = r % C;
+      n = r / C;
+    }
+    A outer = 0;
+    for (int th = 0; th < Th; ++th) {
+      const int64_t oh = idx_h[static_cast<int64_t>(th) * H + h];
+      if (oh < 0 || oh >= OH) continue;  // an unused slot
+      A inner = 0;
+      for (int tw = 0; tw < Tw; ++tw) {
+        const int64_t ow = idx_w[static_cast<int64_t>(tw) * W + w];
+        if (ow < 0 || ow >= OW) continue;
+        const int64_t off = NHWC ? ((n * OH + oh) * OW + ow) * C + c : ((n * C + c) * OH + oh) * OW + ow;
+        inner = fma(static_cast<A>(Ar::load(g[off])), coef_w[static_cast<int64_t>(tw) * W + w], inner);
+      }
+      outer = fma(inner, coef_h[static_cast<int64_t>(th) * H + h], outer);
+    }
+    gx[e] = Ar::store(outer);
+  }
+}
+
+template <typename T>
+cudaError_t launch_backward_typed(const void* g, const int64_t* idx_h, const void* coef_h, int Th,
+                                  const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
+                                  int H, int W, int OH, int OW, bool nhwc, cudaStream_t stream) {
+  using A = typename AccOf<T>::type;
+  const int64_t total = N * C * H * W;
+  if (total == 0) return cudaSuccess;
+  int64_t blocks = (total + kThreads - 1) / kThreads;
+  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
+  const dim3 grid(static_cast<unsigned>(blocks));
+  const T* gp = static_cast<const T*>(g);
+  const A* ch = static_cast<const A*>(coef_h);
+  const A* cw = static_cast<const A*>(coef_w);
+  T* xp = static_cast<T*>(gx);
+  if (nhwc)
+    interp_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(gp, idx_h, ch, Th, idx_w, cw, Tw, xp, total, C, H,
+                                                                    W, OH, OW);
+  else
+    interp_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(gp, idx_h, ch, Th, idx_w, cw, Tw, xp, total, C,
+                                                                     H, W, OH, OW);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW,
@@ -146,6 +223,26 @@ cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_
       return launch_typed<__nv_bfloat16>(x, y, N, C, H, W, OH, OW, channels_last, stream);
     case DType::kFloat64:
       return launch_typed<double>(x, y, N, C, H, W, OH, OW, channels_last, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* idx_h, const void* coef_h, int Th,
+                                   const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
+                                   int H, int W, int OH, int OW, bool channels_last, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch_backward_typed<float>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
+                                          channels_last, stream);
+    case DType::kFloat16:
+      return launch_backward_typed<__half>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
+                                           channels_last, stream);
+    case DType::kBFloat16:
+      return launch_backward_typed<__nv_bfloat16>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
+                                                  channels_last, stream);
+    case DType::kFloat64:
+      return launch_backward_typed<double>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
+                                           channels_last, stream);
   }
   return cudaErrorInvalidValue;
 }
