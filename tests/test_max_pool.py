@@ -224,8 +224,8 @@ def test_cuda_equals_cpu(k, s, p, dtype, channels_last):
 @pytest.mark.cuda
 def test_cuda_pool2d_dispatch_and_checks():
     """pool2d on a GPU without a gradient takes the CUDA kernel (Caffe's NaN rule: a NaN never wins, where
-    F.max_pool2d would propagate it); with a gradient F.max_pool2d, so training keeps its backward.  Bad
-    dtypes are refused by name."""
+    F.max_pool2d would propagate it); with a gradient the training pair, the same rule (F.max_pool2d only
+    under caffe.torch_max_pool()).  Bad dtypes are refused by name."""
     x = torch.randn(1, 2, 9, 9, device="cuda")
     x[0, 0, 4, 4] = float("nan")
     with torch.no_grad():
@@ -233,8 +233,11 @@ def test_cuda_pool2d_dispatch_and_checks():
         y = caffe.pool2d(x, 3, 2, 1, "max")
     assert not torch.isnan(y).any()
     xg = x.clone().requires_grad_()
-    assert not caffe_max_pool2d_applies(xg)
-    assert torch.isnan(caffe.pool2d(xg, 3, 2, 1, "max")).any()
+    assert not caffe_max_pool2d_applies(xg) and caffe_max_pool2d_train_applies(xg, 3)
+    yg = caffe.pool2d(xg, 3, 2, 1, "max")
+    assert torch.equal(yg, y) and yg.requires_grad
+    with caffe.torch_max_pool():
+        assert torch.isnan(caffe.pool2d(xg, 3, 2, 1, "max")).any()
     with pytest.raises(ValueError, match="not supported on CUDA"):
         caffe_max_pool2d(torch.ones(1, 1, 8, 8, device="cuda", dtype=torch.int32), 3, 2, 1, (4, 4))
     with pytest.raises(ValueError, match="outside the input"):
