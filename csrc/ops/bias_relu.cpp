@@ -38,11 +38,6 @@ void check_backward(const at::Tensor& grad, const at::Tensor& out) {
                     " but out is on ", out.device());
 }
 
-at::MemoryFormat layout_of(const at::Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous;
-}
-
 }  // namespace bias_relu
 }  // namespace attnscale
 

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include "ops/memory_format.h"
+
 namespace attnscale {
 namespace bias_relu {
 
@@ -12,9 +14,6 @@ void check_forward(const at::Tensor& x, const at::Tensor& bias);
 
 // grad and out (N, C, H, W) of one shape, dtype and device, floating point.
 void check_backward(const at::Tensor& grad, const at::Tensor& out);
-
-// The layout the kernels work in (and give their outputs in): channels_last when t suggests it.
-at::MemoryFormat layout_of(const at::Tensor& t);
 
 }  // namespace bias_relu
 }  // namespace attnscale

@@ -7,11 +7,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "ops/cuda_dtype.h"
+
 namespace attnscale {
 namespace bias_relu {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // x, out: (N, C, HW) in NCHW order, or NHWC order when channels_last; bias (C,).  aligned16: every pointer
 // is 16-byte aligned (then 16-byte vectors are used where the channel / pixel count allows).

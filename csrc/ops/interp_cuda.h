@@ -6,11 +6,11 @@
 
 #include <cstdint>
 
+#include "ops/cuda_dtype.h"
+
 namespace attnscale {
 namespace interp {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // One launch, a thread per output element.  x: (N, C, H, W) in NCHW order, or NHWC when channels_last;
 // y: (N, C, OH, OW) in the same order.  y = l0(y) * (l0(x) * x[h0][w0] + l1(x) * x[h0][w1]) + l1(y) * (...)

@@ -6,11 +6,11 @@
 
 #include <cstdint>
 
+#include "ops/cuda_dtype.h"
+
 namespace attnscale {
 namespace max_pool {
 namespace cuda {
-
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 // One launch.  x: (N, C, H, W) contiguous in NCHW order, or in NHWC order (channels_last) when
 // channels_last; y: (N, C, OH, OW) in the same order.  Output (i, j) is the maximum over rows

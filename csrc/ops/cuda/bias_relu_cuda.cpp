@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "ops/cuda/glue.h"
 #include "ops/bias_relu.h"
 #include "ops/bias_relu_cuda.h"
 
@@ -16,35 +17,15 @@ namespace attnscale {
 namespace bias_relu {
 namespace {
 
-cuda::DType cuda_dtype(const char* op, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": dtype ", t.scalar_type(),
-                        " is not supported on CUDA (float32, float64, float16 or bfloat16)");
-  }
-}
-
 bool aligned16(std::initializer_list<const void*> ptrs) {
   for (const void* p : ptrs)
     if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
 
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in) {
   check_forward(x_in, bias_in);
-  const cuda::DType dt = cuda_dtype("bias_relu", x_in);
+  const DType dt = cuda_dtype_of("bias_relu", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt), bias = bias_in.contiguous();
@@ -60,7 +41,7 @@ at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in) {
 
 std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& out_in) {
   check_backward(grad_in, out_in);
-  const cuda::DType dt = cuda_dtype("bias_relu_backward", out_in);
+  const DType dt = cuda_dtype_of("bias_relu_backward", "out", out_in);
   const c10::cuda::CUDAGuard guard(out_in.device());
   const auto fmt = layout_of(out_in);
   const at::Tensor g = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);

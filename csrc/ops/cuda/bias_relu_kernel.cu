@@ -12,36 +12,18 @@
 #include <cstdint>
 
 #include "ops/bias_relu_cuda.h"
+#include "ops/cuda/kernel_common.cuh"
 
 namespace attnscale {
 namespace bias_relu {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using cuda_common::AccOf;
+using cuda_common::from_acc;
+using cuda_common::grid_for;
+using cuda_common::kThreads;
+using cuda_common::to_acc;
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -198,12 +180,6 @@ int elem_size(DType d) {
   return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
 }
 
-dim3 grid_for(int64_t work) {
-  int64_t blocks = (work + kThreads - 1) / kThreads;
-  blocks = std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 20));  // grid-stride beyond this
-  return dim3(static_cast<unsigned>(blocks));
-}
-
 template <typename T>
 cudaError_t forward_typed(const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW, bool nhwc,
                           bool aligned16, cudaStream_t stream) {
@@ -267,22 +243,9 @@ cudaError_t backward_typed(const BackwardPlan& p, const void* g, const void* out
 
 }  // namespace
 
-#define ATTNSCALE_BIAS_RELU_DISPATCH(FN, ...) \
-  switch (dtype) {                            \
-    case DType::kFloat32:                     \
-      return FN<float>(__VA_ARGS__);          \
-    case DType::kFloat16:                     \
-      return FN<__half>(__VA_ARGS__);         \
-    case DType::kBFloat16:                    \
-      return FN<__nv_bfloat16>(__VA_ARGS__);  \
-    case DType::kFloat64:                     \
-      return FN<double>(__VA_ARGS__);         \
-  }                                           \
-  return cudaErrorInvalidValue;
-
 cudaError_t launch_forward(DType dtype, const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW,
                            bool channels_last, bool aligned16, cudaStream_t stream) {
-  ATTNSCALE_BIAS_RELU_DISPATCH(forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, stream)
+  ATTNSCALE_DISPATCH_DTYPE(dtype, forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, stream);
 }
 
 BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16) {
@@ -326,10 +289,8 @@ BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool c
 cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
                             void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,
                             cudaStream_t stream) {
-  ATTNSCALE_BIAS_RELU_DISPATCH(backward_typed, plan, g, out, gx, gbias, workspace, N, C, HW, channels_last, stream)
+  ATTNSCALE_DISPATCH_DTYPE(dtype, backward_typed, plan, g, out, gx, gbias, workspace, N, C, HW, channels_last, stream);
 }
-
-#undef ATTNSCALE_BIAS_RELU_DISPATCH
 
 }  // namespace cuda
 }  // namespace bias_relu

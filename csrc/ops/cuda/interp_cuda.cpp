@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ops/cuda/glue.h"
 #include "ops/interp.h"
 #include "ops/interp_cuda.h"
 
@@ -13,60 +14,37 @@ namespace attnscale {
 namespace interp {
 namespace {
 
-cuda::DType cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": ", name, " dtype ", t.scalar_type(),
-                        " is not supported on CUDA (float32, float64, float16 or bfloat16)");
-  }
-}
-
-at::MemoryFormat layout_of(const at::Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous;
-}
-
 at::Tensor caffe_interp_cuda(const at::Tensor& x_in, int64_t out_h, int64_t out_w) {
   check_args(x_in, out_h, out_w);
-  const cuda::DType dt = cuda_dtype("caffe_interp", "x", x_in);
+  const DType dt = cuda_dtype_of("caffe_interp", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   if (x.size(2) == out_h && x.size(3) == out_w) return x.clone(fmt);  // Caffe: same size -> copy
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
-  const cudaError_t err = cuda::launch_interp(dt, x.data_ptr(), out.data_ptr(), x.size(0), x.size(1),
-                                              static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
-                                              static_cast<int>(out_h), static_cast<int>(out_w),
-                                              fmt == at::MemoryFormat::ChannelsLast,
-                                              c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "caffe_interp: CUDA launch failed: ", cudaGetErrorString(err));
+  check_launch("caffe_interp", cuda::launch_interp(dt, x.data_ptr(), out.data_ptr(), x.size(0), x.size(1),
+                                                   static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
+                                                   static_cast<int>(out_h), static_cast<int>(out_w),
+                                                   fmt == at::MemoryFormat::ChannelsLast,
+                                                   c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
 at::Tensor caffe_interp_backward_cuda(const at::Tensor& grad_in, const at::Tensor& idx_h, const at::Tensor& coef_h,
                                       const at::Tensor& idx_w, const at::Tensor& coef_w) {
   const auto [H, W] = check_backward_args(grad_in, idx_h, coef_h, idx_w, coef_w);
-  const cuda::DType dt = cuda_dtype("caffe_interp_backward", "grad", grad_in);
+  const DType dt = cuda_dtype_of("caffe_interp_backward", "grad", grad_in);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto fmt = layout_of(grad_in);
   const at::Tensor g = grad_in.contiguous(fmt);
   at::Tensor gx = at::empty({g.size(0), g.size(1), H, W}, g.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
-  const cudaError_t err = cuda::launch_interp_backward(
+  check_launch("caffe_interp_backward", cuda::launch_interp_backward(
       dt, g.data_ptr(), idx_h.data_ptr<int64_t>(), coef_h.data_ptr(), static_cast<int>(idx_h.size(0)),
       idx_w.data_ptr<int64_t>(), coef_w.data_ptr(), static_cast<int>(idx_w.size(0)), gx.data_ptr(), g.size(0),
       g.size(1), static_cast<int>(H), static_cast<int>(W), static_cast<int>(g.size(2)), static_cast<int>(g.size(3)),
-      fmt == at::MemoryFormat::ChannelsLast, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "caffe_interp_backward: CUDA launch failed: ", cudaGetErrorString(err));
+      fmt == at::MemoryFormat::ChannelsLast, c10::cuda::getCurrentCUDAStream().stream()));
   return gx;
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 
+#include "ops/cuda/kernel_common.cuh"
 #include "ops/interp_cuda.h"
 #include "ops/scale_merge_interp.h"
 
@@ -21,7 +22,11 @@ using scale_merge::interp_ratio;
 using scale_merge::interp_tap;
 using scale_merge::Tap;
 
-constexpr int kThreads = 256;
+using cuda_common::AccOf;
+using cuda_common::grid_for;
+using cuda_common::kThreads;
+using cuda_common::offset;
+using cuda_common::unflatten;
 
 // Arithmetic of one dtype: values V (the dtype itself for float / double, float for the half types, whose
 // every result is rounded back to the dtype), load / store, lambdas, product, sum.
@@ -84,28 +89,12 @@ __global__ void __launch_bounds__(kThreads) interp_kernel(const T* __restrict__ 
   using V = typename Ar::V;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, r;
-    int oy, ox;
-    if (NHWC) {  // e = ((n OH + oy) OW + ox) C + c
-      c = e % C;
-      r = e / C;
-      ox = static_cast<int>(r % OW);
-      r /= OW;
-      oy = static_cast<int>(r % OH);
-      n = r / OH;
-    } else {     // e = ((n C + c) OH + oy) OW + ox
-      ox = static_cast<int>(e % OW);
-      r = e / OW;
-      oy = static_cast<int>(r % OH);
-      r /= OH;
-      c = r % C;
-      n = r / C;
-    }
-    const Tap ty = interp_tap(oy, H, OH, ry), tx = interp_tap(ox, W, OW, rx);
+    int64_t n, c, oy, ox;
+    unflatten<int64_t, NHWC>(e, C, OH, OW, &n, &c, &oy, &ox);
+    const Tap ty = interp_tap(static_cast<int>(oy), H, OH, ry), tx = interp_tap(static_cast<int>(ox), W, OW, rx);
     // element (row, col) of plane (n, c)
     const auto at = [&](int row, int col) -> V {
-      const int64_t off = NHWC ? ((n * H + row) * W + col) * C + c : ((n * C + c) * H + row) * W + col;
-      return Ar::load(x[off]);
+      return Ar::load(x[offset<int64_t, NHWC>(n, c, row, col, C, H, W)]);
     };
     const V l1x = Ar::lambda(tx.l1), l0x = Ar::one_minus(l1x);
     const V l1y = Ar::lambda(ty.l1), l0y = Ar::one_minus(l1y);
@@ -120,9 +109,7 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
                          cudaStream_t stream) {
   const int64_t total = N * C * OH * OW;
   if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  const dim3 grid(static_cast<unsigned>(blocks));
+  const dim3 grid = grid_for(total);
   // the ratios on the host, as Caffe's GPU Interp and attnscale.caffe.interp_coefficients take them
   const float ry = interp_ratio(H, OH), rx = interp_ratio(W, OW);
   const T* xp = static_cast<const T*>(x);
@@ -134,15 +121,6 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
   return cudaGetLastError();
 }
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(kThreads)
     interp_backward_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx_h,
@@ -153,23 +131,9 @@ __global__ void __launch_bounds__(kThreads)
   using A = typename AccOf<T>::type;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t n, c, r;
-    int h, w;
-    if (NHWC) {  // e = ((n H + h) W + w) C + c
-      c = e % C;
-      r = e / C;
-      w = static_cast<int>(r % W);
-      r /= W;
-      h = static_cast<int>(r % H);
-      n = r / H;
-    } else {     // e = ((n C + c) H + h) W + w
-      w = static_cast<int>(e % W);
-      r = e / W;
-      h = static_cast<int>(r % H);
-      r /= H;
-      c = r % C;
-      n = r / C;
-    }
+    int64_t n, c, hh, ww;
+    unflatten<int64_t, NHWC>(e, C, static_cast<int64_t>(H), static_cast<int64_t>(W), &n, &c, &hh, &ww);
+    const int h = static_cast<int>(hh), w = static_cast<int>(ww);
     A outer = 0;
     for (int th = 0; th < Th; ++th) {
       const int64_t oh = idx_h[static_cast<int64_t>(th) * H + h];
@@ -178,7 +142,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int tw = 0; tw < Tw; ++tw) {
         const int64_t ow = idx_w[static_cast<int64_t>(tw) * W + w];
         if (ow < 0 || ow >= OW) continue;
-        const int64_t off = NHWC ? ((n * OH + oh) * OW + ow) * C + c : ((n * C + c) * OH + oh) * OW + ow;
+        const int64_t off = offset<int64_t, NHWC>(n, c, oh, ow, C, OH, OW);
         inner = fma(static_cast<A>(Ar::load(g[off])), coef_w[static_cast<int64_t>(tw) * W + w], inner);
       }
       outer = fma(inner, coef_h[static_cast<int64_t>(th) * H + h], outer);
@@ -194,9 +158,7 @@ cudaError_t launch_backward_typed(const void* g, const int64_t* idx_h, const voi
   using A = typename AccOf<T>::type;
   const int64_t total = N * C * H * W;
   if (total == 0) return cudaSuccess;
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  const dim3 grid(static_cast<unsigned>(blocks));
+  const dim3 grid = grid_for(total);
   const T* gp = static_cast<const T*>(g);
   const A* ch = static_cast<const A*>(coef_h);
   const A* cw = static_cast<const A*>(coef_w);
@@ -214,37 +176,14 @@ cudaError_t launch_backward_typed(const void* g, const int64_t* idx_h, const voi
 
 cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW,
                           bool channels_last, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_typed<float>(x, y, N, C, H, W, OH, OW, channels_last, stream);
-    case DType::kFloat16:
-      return launch_typed<__half>(x, y, N, C, H, W, OH, OW, channels_last, stream);
-    case DType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(x, y, N, C, H, W, OH, OW, channels_last, stream);
-    case DType::kFloat64:
-      return launch_typed<double>(x, y, N, C, H, W, OH, OW, channels_last, stream);
-  }
-  return cudaErrorInvalidValue;
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_typed, x, y, N, C, H, W, OH, OW, channels_last, stream);
 }
 
 cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* idx_h, const void* coef_h, int Th,
                                    const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
                                    int H, int W, int OH, int OW, bool channels_last, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch_backward_typed<float>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
-                                          channels_last, stream);
-    case DType::kFloat16:
-      return launch_backward_typed<__half>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
-                                           channels_last, stream);
-    case DType::kBFloat16:
-      return launch_backward_typed<__nv_bfloat16>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
-                                                  channels_last, stream);
-    case DType::kFloat64:
-      return launch_backward_typed<double>(g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH, OW,
-                                           channels_last, stream);
-  }
-  return cudaErrorInvalidValue;
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_backward_typed, g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH,
+                           OW, channels_last, stream);
 }
 
 }  // namespace cuda

@@ -9,6 +9,7 @@
 
 #include <tuple>
 
+#include "ops/cuda/glue.h"
 #include "ops/max_pool.h"
 #include "ops/max_pool_cuda.h"
 
@@ -16,36 +17,10 @@ namespace attnscale {
 namespace max_pool {
 namespace {
 
-cuda::DType cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return cuda::DType::kFloat32;
-    case at::kHalf:
-      return cuda::DType::kFloat16;
-    case at::kBFloat16:
-      return cuda::DType::kBFloat16;
-    case at::kDouble:
-      return cuda::DType::kFloat64;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": ", name, " dtype ", t.scalar_type(),
-                        " is not supported on CUDA (float32, float64, float16 or bfloat16)");
-  }
-}
-
-// channels_last inputs (cuDNN's faster layout for the convolutions around) are pooled in their layout
-at::MemoryFormat layout_of(const at::Tensor& t) {
-  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                     : at::MemoryFormat::Contiguous;
-}
-
-void check_launch(const char* op, cudaError_t err) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
 at::Tensor caffe_max_pool2d_cuda(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
                                  int64_t out_w) {
   kernel = check_args(x_in, kernel, stride, pad, out_h, out_w);
-  const cuda::DType dt = cuda_dtype("caffe_max_pool2d", "x", x_in);
+  const DType dt = cuda_dtype_of("caffe_max_pool2d", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
@@ -65,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> caffe_max_pool2d_with_mask_cuda(const at::Ten
                                                                    int64_t stride, int64_t pad, int64_t out_h,
                                                                    int64_t out_w) {
   kernel = check_mask_args(x_in, kernel, stride, pad, out_h, out_w);
-  const cuda::DType dt = cuda_dtype("caffe_max_pool2d_with_mask", "x", x_in);
+  const DType dt = cuda_dtype_of("caffe_max_pool2d_with_mask", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
@@ -85,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> caffe_max_pool2d_with_mask_cuda(const at::Ten
 at::Tensor caffe_max_pool2d_backward_cuda(const at::Tensor& grad_in, const at::Tensor& mask_in, int64_t kernel,
                                           int64_t stride, int64_t pad, int64_t in_h, int64_t in_w) {
   kernel = check_backward_args(grad_in, mask_in, kernel, stride, pad, in_h, in_w);
-  const cuda::DType dt = cuda_dtype("caffe_max_pool2d_backward", "grad", grad_in);
+  const DType dt = cuda_dtype_of("caffe_max_pool2d_backward", "grad", grad_in);
   TORCH_CHECK_VALUE(grad_in.is_cuda() && mask_in.is_cuda(), "caffe_max_pool2d_backward: grad and mask must be on CUDA");
   const c10::cuda::CUDAGuard guard(grad_in.device());
   // the mask's layout is the forward input's: the gradient comes back in it

@@ -3,15 +3,17 @@
 // its backward (a thread per input element gathering from the outputs whose window covers it).
 //
 // No torch headers: raw pointers, sizes and a cudaStream_t (see ops/max_pool_cuda.h).  Unlike
-// F.max_pool2d's CUDA kernel it writes no index per output (nothing is differentiated here), so it moves
-// the input once and the output once.  Values are compared in float (double for double): the order of
-// half / bfloat16 values is kept, and the winner is copied, never rounded.
+// F.max_pool2d's CUDA kernel the inference kernel writes no index per output, so it moves the input once
+// and the output once; the training kernel writes a byte per output where PyTorch writes an int64.  Values
+// are compared in float (double for double): the order of half / bfloat16 values is kept, and the winner
+// is copied, never rounded.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "ops/cuda/kernel_common.cuh"
 #include "ops/max_pool_cuda.h"
 #include "ops/max_pool_window.h"
 
@@ -20,21 +22,13 @@ namespace max_pool {
 namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-
-template <typename T>
-struct Cmp {
-  using type = float;
-};
-template <>
-struct Cmp<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float cmp_value(float v) { return v; }
-__device__ __forceinline__ double cmp_value(double v) { return v; }
-__device__ __forceinline__ float cmp_value(__half v) { return __half2float(v); }
-__device__ __forceinline__ float cmp_value(__nv_bfloat16 v) { return __bfloat162float(v); }
+using cuda_common::AccOf;
+using cuda_common::from_acc;
+using cuda_common::grid_for;
+using cuda_common::kThreads;
+using cuda_common::offset;
+using cuda_common::to_acc;
+using cuda_common::unflatten;
 
 template <typename T>
 __device__ __forceinline__ T minus_inf();
@@ -47,46 +41,11 @@ __device__ __forceinline__ __half minus_inf<__half>() { return __ushort_as_half(
 template <>
 __device__ __forceinline__ __nv_bfloat16 minus_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80); }
 
-// The accumulated value back in T (float and double: as they are; half types rounded to nearest)
-template <typename T>
-__device__ __forceinline__ T from_acc(typename Cmp<T>::type v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Position of element e of an (N, C, A, B) tensor in NCHW or NHWC order.
-template <typename I, bool NHWC>
-__device__ __forceinline__ void unflatten(I e, I C, I A, I B, I* n, I* c, I* a, I* b) {
-  if (NHWC) {  // e = ((n A + a) B + b) C + c
-    *c = e % C;
-    I r = e / C;
-    *b = r % B;
-    r /= B;
-    *a = r % A;
-    *n = r / A;
-  } else {     // e = ((n C + c) A + a) B + b
-    *b = e % B;
-    I r = e / B;
-    *a = r % A;
-    r /= A;
-    *c = r % C;
-    *n = r / C;
-  }
-}
-
-template <typename I, bool NHWC>
-__device__ __forceinline__ I offset(I n, I c, I a, I b, I C, I A, I B) {
-  return NHWC ? ((n * A + a) * B + b) * C + c : ((n * C + c) * A + a) * B + b;
-}
-
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t N,
                                                             int64_t C, int H, int W, int OH, int OW, int k, int s,
                                                             int p) {
-  using A = typename Cmp<T>::type;
+  using A = typename AccOf<T>::type;
   const int64_t total = N * C * OH * OW;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -96,14 +55,14 @@ __global__ void __launch_bounds__(kThreads) max_pool_kernel(const T* __restrict_
     const int hs = max(i * s - p, 0), he = min(i * s - p + k, H);
     const int ws = max(j * s - p, 0), we = min(j * s - p + k, W);
     // the CPU kernel's order: each column's maximum over the window's rows, then over the columns
-    A m = cmp_value(minus_inf<T>());
+    A m = to_acc(minus_inf<T>());
     T mv = minus_inf<T>();
     for (int w = ws; w < we; ++w) {
-      A v = cmp_value(minus_inf<T>());
+      A v = to_acc(minus_inf<T>());
       T vv = minus_inf<T>();
       for (int h = hs; h < he; ++h) {
         const T t = x[offset<int64_t, NHWC>(n, c, h, w, C, H, W)];
-        const A f = cmp_value(t);
+        const A f = to_acc(t);
         if (f > v) {
           v = f;
           vv = t;
@@ -124,20 +83,20 @@ template <typename T, typename I, bool NHWC>
 __global__ void __launch_bounds__(kThreads) max_pool_mask_kernel(const T* __restrict__ x, T* __restrict__ y,
                                                                  uint8_t* __restrict__ mask, I total, I C, int H,
                                                                  int W, int OH, int OW, int k, int s, int p) {
-  using A = typename Cmp<T>::type;
+  using A = typename AccOf<T>::type;
   for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<I>(gridDim.x) * blockDim.x) {
     I n, c, i, j;
     unflatten<I, NHWC>(e, C, OH, OW, &n, &c, &i, &j);
     const int h0 = static_cast<int>(i) * s - p, w0 = static_cast<int>(j) * s - p;
     const int hs = max(h0, 0), he = min(h0 + k, H), ws = max(w0, 0), we = min(w0 + k, W);
-    A m = cmp_value(minus_inf<T>());
+    A m = to_acc(minus_inf<T>());
     T mv = minus_inf<T>();
     int arg = kMaskNone;
     for (int h = hs; h < he; ++h)
       for (int w = ws; w < we; ++w) {
         const T t = x[offset<I, NHWC>(n, c, h, w, C, H, W)];
-        const A f = cmp_value(t);
+        const A f = to_acc(t);
         if (f > m) {
           m = f;
           mv = t;
@@ -156,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) max_pool_backward_kernel(const T* __
                                                                      const uint8_t* __restrict__ mask,
                                                                      T* __restrict__ gx, I total, I C, int H, int W,
                                                                      int OH, int OW, int k, int s, int p) {
-  using A = typename Cmp<T>::type;
+  using A = typename AccOf<T>::type;
   for (I e = static_cast<I>(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
        e += static_cast<I>(gridDim.x) * blockDim.x) {
     I n, c, h, w;
@@ -169,16 +128,10 @@ __global__ void __launch_bounds__(kThreads) max_pool_backward_kernel(const T* __
       for (int j = jlo; j < jhi; ++j) {
         const I o = offset<I, NHWC>(n, c, i, j, C, OH, OW);
         if (mask[o] == (static_cast<int>(h) - (i * s - p)) * k + (static_cast<int>(w) - (j * s - p)))
-          sum += cmp_value(g[o]);
+          sum += to_acc(g[o]);
       }
     gx[e] = from_acc<T>(sum);
   }
-}
-
-dim3 grid_for(int64_t total) {
-  int64_t blocks = (total + kThreads - 1) / kThreads;
-  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond this
-  return dim3(static_cast<unsigned>(blocks));
 }
 
 // int indices when the largest index (plus a grid stride) fits
@@ -251,37 +204,22 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
 
 }  // namespace
 
-#define ATTNSCALE_POOL_DISPATCH(FN, ...)                                  \
-  switch (dtype) {                                                        \
-    case DType::kFloat32:                                                 \
-      return FN<float>(__VA_ARGS__);                                      \
-    case DType::kFloat16:                                                 \
-      return FN<__half>(__VA_ARGS__);                                     \
-    case DType::kBFloat16:                                                \
-      return FN<__nv_bfloat16>(__VA_ARGS__);                              \
-    case DType::kFloat64:                                                 \
-      return FN<double>(__VA_ARGS__);                                     \
-  }                                                                       \
-  return cudaErrorInvalidValue;
-
 cudaError_t launch_max_pool2d(DType dtype, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH,
                               int OW, int k, int s, int p, bool channels_last, cudaStream_t stream) {
-  ATTNSCALE_POOL_DISPATCH(launch_typed, x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_typed, x, y, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
 }
 
 cudaError_t launch_max_pool2d_with_mask(DType dtype, const void* x, void* y, uint8_t* mask, int64_t N, int64_t C,
                                         int H, int W, int OH, int OW, int k, int s, int p, bool channels_last,
                                         cudaStream_t stream) {
-  ATTNSCALE_POOL_DISPATCH(launch_mask_typed, x, y, mask, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_mask_typed, x, y, mask, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
 }
 
 cudaError_t launch_max_pool2d_backward(DType dtype, const void* g, const uint8_t* mask, void* gx, int64_t N,
                                        int64_t C, int H, int W, int OH, int OW, int k, int s, int p,
                                        bool channels_last, cudaStream_t stream) {
-  ATTNSCALE_POOL_DISPATCH(launch_backward_typed, g, mask, gx, N, C, H, W, OH, OW, k, s, p, channels_last, stream)
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_backward_typed, g, mask, gx, N, C, H, W, OH, OW, k, s, p, channels_last, stream);
 }
-
-#undef ATTNSCALE_POOL_DISPATCH
 
 }  // namespace cuda
 }  // namespace max_pool

@@ -1,0 +1,97 @@
+// Device helpers shared by the elementwise-style CUDA kernels (max_pool_kernel.cu, interp_kernel.cu,
+// bias_relu_kernel.cu): the accumulation type of an element type and the conversions, the position of a
+// flat index in NCHW or NHWC order, and the grid-stride launch size.  No torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda_dtype.h"
+
+namespace attnscale {
+namespace cuda_common {
+
+constexpr int kThreads = 256;
+
+// float for float and the half types, double for double
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// back to T: float and double as they are; the half types rounded to nearest
+template <typename T>
+__device__ __forceinline__ T from_acc(typename AccOf<T>::type v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Position (n, c, a, b) of element e of an (N, C, A, B) tensor in NCHW or NHWC order.
+template <typename I, bool NHWC>
+__device__ __forceinline__ void unflatten(I e, I C, I A, I B, I* n, I* c, I* a, I* b) {
+  if (NHWC) {  // e = ((n A + a) B + b) C + c
+    *c = e % C;
+    I r = e / C;
+    *b = r % B;
+    r /= B;
+    *a = r % A;
+    *n = r / A;
+  } else {     // e = ((n C + c) A + a) B + b
+    *b = e % B;
+    I r = e / B;
+    *a = r % A;
+    r /= A;
+    *c = r % C;
+    *n = r / C;
+  }
+}
+
+template <typename I, bool NHWC>
+__device__ __forceinline__ I offset(I n, I c, I a, I b, I C, I A, I B) {
+  return NHWC ? ((n * A + a) * B + b) * C + c : ((n * C + c) * A + a) * B + b;
+}
+
+// blocks of kThreads for `work` items, at most 2^20 (the kernels stride over the rest)
+inline dim3 grid_for(int64_t work) {
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks < 1) blocks = 1;
+  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;
+  return dim3(static_cast<unsigned>(blocks));
+}
+
+}  // namespace cuda_common
+}  // namespace attnscale
+
+// In a launcher returning cudaError_t: return FN<T>(...) for the element type T of `dtype` (an
+// attnscale::DType), cudaErrorInvalidValue for an unknown one.
+#define ATTNSCALE_DISPATCH_DTYPE(dtype, FN, ...)         \
+  switch (dtype) {                                       \
+    case ::attnscale::DType::kFloat32:                   \
+      return FN<float>(__VA_ARGS__);                     \
+    case ::attnscale::DType::kFloat16:                   \
+      return FN<__half>(__VA_ARGS__);                    \
+    case ::attnscale::DType::kBFloat16:                  \
+      return FN<__nv_bfloat16>(__VA_ARGS__);             \
+    case ::attnscale::DType::kFloat64:                   \
+      return FN<double>(__VA_ARGS__);                    \
+  }                                                      \
+  return cudaErrorInvalidValue
