@@ -46,7 +46,7 @@ def test_gradcheck_and_opcheck():
         xf = torch.randn(2, 8, 5, 6).contiguous(memory_format=fmt).requires_grad_()
         torch.library.opcheck(torch.ops.attnscale.bias_relu.default, (xf, torch.randn(8, requires_grad=True)))
         out = torch.relu(torch.randn(2, 8, 5, 6)).contiguous(memory_format=fmt)
-        torch.library.opcheck(torch.ops.attnscale.bias_relu_backward.default, (torch.randn_like(out), out))
+        torch.library.opcheck(torch.ops.attnscale.bias_relu_backward.default, (torch.randn_like(out), out, out.dtype))
 
 
 def test_bias_cast_to_x_dtype():
@@ -68,9 +68,13 @@ def test_bias_cast_to_x_dtype():
                                            torch.ones(3, dtype=torch.int32)), "floating point"),
     (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4).half(), torch.randn(3).half()),
      "float32 or float64"),
-    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 5)), "one shape"),
-    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4).double()),
-     "one floating-point dtype"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4).double(), torch.randn(3)), "dtype"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 5), torch.float32),
+     "one shape"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4).double(),
+                                                    torch.float64), "one floating-point dtype"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.float64),
+     "does not go with"),
 ])
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
@@ -148,14 +152,39 @@ def test_cuda_equals_cpu(dtype, fmt, shape, misalign):
     assert torch.equal(y.cpu().isnan(), want.isnan()) and torch.equal(y.cpu().nan_to_num(), want.nan_to_num())
     g = torch.randn(shape).to(dtype)
     gd = g.cuda().contiguous(memory_format=fmt)
-    gx, gb = torch.ops.attnscale.bias_relu_backward(gd, y)
+    gx, gb = torch.ops.attnscale.bias_relu_backward(gd, y, dtype)
     want_gx = torch.where(want <= 0, torch.zeros((), dtype=dtype), g)
     assert torch.equal(gx.cpu(), want_gx) and gx.is_contiguous(memory_format=fmt)
     exact = want_gx.double().sum((0, 2, 3))
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(gb.cpu().double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
-    gx2, gb2 = torch.ops.attnscale.bias_relu_backward(gd, y)
+    gx2, gb2 = torch.ops.attnscale.bias_relu_backward(gd, y, dtype)
     assert torch.equal(gb, gb2) and torch.equal(gx, gx2)  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_cuda_float32_bias_of_a_half_map(dtype, fmt):
+    """Autocast's case without a cast kernel: a float32 bias with a float16 / bfloat16 map gives the values of
+    the bias cast to the map's dtype first (bit for bit), and its gradient comes back in float32, the float sum
+    unrounded (closer to the exact sum than the half-type gradient)."""
+    x, b, xd, _ = _cuda_pair((4, 64, 9, 8), dtype, fmt)
+    b32 = torch.randn(64, device="cuda")
+    y = torch.ops.attnscale.bias_relu(xd, b32)
+    assert torch.equal(y.isnan(), torch.ops.attnscale.bias_relu(xd, b32.to(dtype)).isnan())
+    assert torch.equal(y.nan_to_num(), torch.ops.attnscale.bias_relu(xd, b32.to(dtype)).nan_to_num())
+    g = torch.randn(y.shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    gx, gb = torch.ops.attnscale.bias_relu_backward(g, y, torch.float32)
+    gx_h, gb_h = torch.ops.attnscale.bias_relu_backward(g, y, dtype)
+    assert gb.dtype == torch.float32 and torch.equal(gx, gx_h)
+    exact = gx.double().sum((0, 2, 3))
+    torch.testing.assert_close(gb.double(), exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gb.to(dtype), gb_h)  # the half-type gradient is the same sum, rounded once
+    xg = xd.clone().requires_grad_()
+    bg = b32.clone().requires_grad_()
+    bias_relu(xg, bg).backward(g)
+    assert bg.grad.dtype == torch.float32 and torch.equal(bg.grad, gb)
 
 
 @pytest.mark.cuda

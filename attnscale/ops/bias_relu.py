@@ -6,8 +6,10 @@ adds the bias (``output.add_(bias)``), and ``F.relu`` is a third pass over the m
 the convolution's output without its bias and gives ``relu(x + bias)`` (the sum rounded to x's dtype, then
 torch.relu's value: the same numbers); its backward masks the gradient as F.relu's does
 (``out <= 0 ? 0 : grad``) and sums the bias gradient in the same pass (float accumulation, a fixed order:
-deterministic).  :class:`attnscale.model.AttentionToScale` uses it on a GPU for every convolution followed by
-a ReLU (``fuse_bias_relu``).  Caffe's ReLU backward multiplies by the mask instead, so a non-finite gradient
+deterministic).  Under autocast the float32 bias goes in as it is and is rounded to x's dtype inside (the
+value autocast's cast gives) and its gradient comes back as the float32 sum: no cast kernel per call.
+:class:`attnscale.model.AttentionToScale` uses it on a GPU for every convolution followed by a ReLU
+(``fuse_bias_relu``).  Caffe's ReLU backward multiplies by the mask instead, so a non-finite gradient
 at a zeroed unit would be NaN there and 0 here (as with F.relu).
 """
 from __future__ import annotations
@@ -22,6 +24,11 @@ _REGISTERED = False
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def _bias_dtype_ok(x: torch.Tensor, bias_dtype: torch.dtype) -> bool:
+    """The op takes a bias of x's dtype, or a float32 one for a float16 / bfloat16 x (rounded inside)."""
+    return bias_dtype == x.dtype or (bias_dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16))
+
+
 def _register() -> None:
     global _REGISTERED
     if _REGISTERED or not has_extension():
@@ -29,25 +36,27 @@ def _register() -> None:
 
     @torch.library.register_fake("attnscale::bias_relu")
     def _fake(x, bias):
-        torch._check(x.dim() == 4 and bias.dim() == 1 and bias.shape[0] == x.shape[1] and bias.dtype == x.dtype,
+        torch._check(x.dim() == 4 and bias.dim() == 1 and bias.shape[0] == x.shape[1] and _bias_dtype_ok(x, bias.dtype),
                      lambda: f"bias_relu: x {tuple(x.shape)} ({x.dtype}) must be 4-D and bias {tuple(bias.shape)} "
-                     f"({bias.dtype}) one value per channel of x's dtype")
+                     f"({bias.dtype}) one value per channel of x's dtype (or float32 for a half-type x)")
         return in_kernel_layout(torch.empty_like(x, memory_format=torch.contiguous_format), x, cpu_too=True)
 
     @torch.library.register_fake("attnscale::bias_relu_backward")
-    def _fake_backward(grad, out):
-        torch._check(out.dim() == 4 and grad.shape == out.shape and grad.dtype == out.dtype,
+    def _fake_backward(grad, out, bias_dtype):
+        torch._check(out.dim() == 4 and grad.shape == out.shape and grad.dtype == out.dtype
+                     and _bias_dtype_ok(out, bias_dtype),
                      lambda: f"bias_relu_backward: grad {tuple(grad.shape)} and out {tuple(out.shape)} must be 4-D "
-                     "of one shape and dtype")
+                     f"of one shape and dtype, and bias_dtype {bias_dtype} out's dtype or float32")
         return in_kernel_layout(torch.empty_like(out, memory_format=torch.contiguous_format), out,
-                                cpu_too=True), out.new_empty(out.shape[1])
+                                cpu_too=True), out.new_empty(out.shape[1], dtype=bias_dtype)
 
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output)
+        ctx.bias_dtype = inputs[1].dtype
 
     def _backward(ctx, grad):
         out, = ctx.saved_tensors
-        gx, gb = torch.ops.attnscale.bias_relu_backward(grad, out)
+        gx, gb = torch.ops.attnscale.bias_relu_backward(grad, out, ctx.bias_dtype)
         return gx, gb
 
     torch.library.register_autograd("attnscale::bias_relu", _backward, setup_context=_setup)
@@ -71,7 +80,8 @@ def bias_relu_applies(x: torch.Tensor) -> bool:
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``relu(x + bias[None, :, None, None])`` in one pass, differentiable in x and bias; bias is cast to x's
-    dtype first (what autocast does to a convolution's bias)."""
+    """``relu(x + bias[None, :, None, None])`` in one pass, differentiable in x and bias.  The bias counts at
+    x's dtype (what autocast does to a convolution's bias): a float32 bias of a float16 / bfloat16 x is rounded
+    inside the kernel, without a cast kernel (its gradient is the float32 sum), any other is cast first."""
     require_extension()
-    return torch.ops.attnscale.bias_relu(x, bias.to(x.dtype))
+    return torch.ops.attnscale.bias_relu(x, bias if _bias_dtype_ok(x, bias.dtype) else bias.to(x.dtype))

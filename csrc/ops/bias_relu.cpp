@@ -3,10 +3,12 @@
 // out[n, c, h, w] = relu(x[n, c, h, w] + bias[c]), the sum rounded to x's dtype first and torch.relu's
 // value after (NaN stays NaN): the values of PyTorch's cuDNN path, which adds the bias in a kernel of its
 // own (`output.add_(bias)`) before F.relu's, one more read and write of the whole map.
-// bias_relu_backward(grad, out) -> (grad_x, grad_bias): grad_x = out <= 0 ? 0 : grad (F.relu's
+// bias_relu_backward(grad, out, bias_dtype) -> (grad_x, grad_bias): grad_x = out <= 0 ? 0 : grad (F.relu's
 // threshold_backward on the saved output), grad_bias[c] = the sum of grad_x over n, h, w (accumulated in
-// float, double for double): what convolution_backward's separate reduction of the bias gradient gives, in
-// the same pass that masks the gradient.  (Caffe's ReLU backward multiplies by the mask, so a non-finite
+// float, double for double; in bias_dtype): what convolution_backward's separate reduction of the bias
+// gradient gives, in the same pass that masks the gradient.  A float32 bias of a float16 / bfloat16 x
+// (autocast's case) is rounded to x's dtype in the sum, as autocast's cast would round it, and gets its
+// gradient as the float32 sum (no cast kernels either way).  (Caffe's ReLU backward multiplies by the mask, so a non-finite
 // gradient at a zeroed unit would give NaN there; like F.relu we give 0.)
 // CPU: float32/float64 (plain loops: the twin of the CUDA kernels); CUDA: float32/float64/float16/bfloat16.
 // NCHW or channels_last, outputs in x's (out's) layout.
@@ -22,13 +24,14 @@ void check_forward(const at::Tensor& x, const at::Tensor& bias) {
   TORCH_CHECK_VALUE(x.is_floating_point(), "bias_relu: x must be floating point, got ", x.scalar_type());
   TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.size(1), "bias_relu: bias must have shape (",
                     x.size(1), ",) to match x's channels, got ", bias.sizes());
-  TORCH_CHECK_VALUE(bias.scalar_type() == x.scalar_type(), "bias_relu: bias has dtype ", bias.scalar_type(),
-                    " but x has dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(bias.scalar_type() == x.scalar_type() || bias_is_float32_of_half(x.scalar_type(), bias.scalar_type()),
+                    "bias_relu: bias has dtype ", bias.scalar_type(), " but x has dtype ", x.scalar_type(),
+                    " (a float32 bias is taken for a float16 / bfloat16 x)");
   TORCH_CHECK_VALUE(bias.device() == x.device(), "bias_relu: bias is on ", bias.device(), " but x is on ",
                     x.device());
 }
 
-void check_backward(const at::Tensor& grad, const at::Tensor& out) {
+void check_backward(const at::Tensor& grad, const at::Tensor& out, at::ScalarType bias_dtype) {
   TORCH_CHECK_VALUE(out.dim() == 4 && grad.sizes() == out.sizes(), "bias_relu_backward: grad ", grad.sizes(),
                     " and out ", out.sizes(), " must be 4-D (N, C, H, W) of one shape");
   TORCH_CHECK_VALUE(out.is_floating_point() && grad.scalar_type() == out.scalar_type(),
@@ -36,6 +39,8 @@ void check_backward(const at::Tensor& grad, const at::Tensor& out) {
                     ") must be of one floating-point dtype");
   TORCH_CHECK_VALUE(grad.device() == out.device(), "bias_relu_backward: grad is on ", grad.device(),
                     " but out is on ", out.device());
+  TORCH_CHECK_VALUE(bias_dtype == out.scalar_type() || bias_is_float32_of_half(out.scalar_type(), bias_dtype),
+                    "bias_relu_backward: bias_dtype ", bias_dtype, " does not go with out's ", out.scalar_type());
 }
 
 }  // namespace bias_relu
@@ -43,5 +48,5 @@ void check_backward(const at::Tensor& grad, const at::Tensor& out) {
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("bias_relu(Tensor x, Tensor bias) -> Tensor");
-  m.def("bias_relu_backward(Tensor grad, Tensor out) -> (Tensor, Tensor)");
+  m.def("bias_relu_backward(Tensor grad, Tensor out, ScalarType bias_dtype) -> (Tensor, Tensor)");
 }

@@ -13,11 +13,12 @@ namespace attnscale {
 namespace bias_relu {
 namespace cuda {
 
-// x, out: (N, C, HW) in NCHW order, or NHWC order when channels_last; bias (C,).  aligned16: every pointer
-// is 16-byte aligned (then 16-byte vectors are used where the channel / pixel count allows).
+// x, out: (N, C, HW) in NCHW order, or NHWC order when channels_last; bias (C,) of x's type, or float32 for a
+// half-type x when bias_float32 (rounded to x's type first, as autocast's cast would).  aligned16: x and out
+// are 16-byte aligned (then 16-byte vectors are used where the channel / pixel count allows).
 // out = relu(round(x + bias[c])) with torch.relu's NaN rule.
-cudaError_t launch_forward(DType dtype, const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW,
-                           bool channels_last, bool aligned16, cudaStream_t stream);
+cudaError_t launch_forward(DType dtype, const void* x, const void* bias, bool bias_float32, void* out, int64_t N,
+                           int64_t C, int64_t HW, bool channels_last, bool aligned16, cudaStream_t stream);
 
 // The backward's blocking, fixed by the sizes: the glue sizes the workspace with it.
 struct BackwardPlan {
@@ -33,11 +34,10 @@ BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool c
 
 // gx = out <= 0 ? 0 : g (every element written); gbias[c] = sum of gx over n and the pixels: per block a
 // partial sum in the workspace ([partials][C]), then a small kernel adds them per channel in a fixed order
-// (deterministic).
-// N * HW >= 1.
+// (deterministic), stored in x's type, or unrounded in float32 when bias_float32.  N * HW >= 1.
 cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
-                            void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,
-                            cudaStream_t stream);
+                            void* gbias, bool bias_float32, void* workspace, int64_t N, int64_t C, int64_t HW,
+                            bool channels_last, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace bias_relu

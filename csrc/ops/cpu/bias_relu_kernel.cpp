@@ -47,8 +47,9 @@ at::Tensor bias_relu_cpu(const at::Tensor& x_in, const at::Tensor& bias_in) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out_in) {
-  check_backward(grad_in, out_in);
+std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cpu(const at::Tensor& grad_in, const at::Tensor& out_in,
+                                                          at::ScalarType bias_dtype) {
+  check_backward(grad_in, out_in, bias_dtype);
   check_cpu("bias_relu_backward", out_in);
   const auto fmt = layout_of(out_in);
   const at::Tensor g = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);

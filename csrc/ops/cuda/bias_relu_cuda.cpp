@@ -31,22 +31,23 @@ at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in) {
   const at::Tensor x = x_in.contiguous(fmt), bias = bias_in.contiguous();
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
   if (out.numel() == 0) return out;
-  check_launch("bias_relu", cuda::launch_forward(dt, x.data_ptr(), bias.data_ptr(), out.data_ptr(), x.size(0),
-                                                 x.size(1), x.size(2) * x.size(3),
-                                                 fmt == at::MemoryFormat::ChannelsLast,
-                                                 aligned16({x.data_ptr(), bias.data_ptr(), out.data_ptr()}),
-                                                 c10::cuda::getCurrentCUDAStream().stream()));
+  check_launch("bias_relu",
+               cuda::launch_forward(dt, x.data_ptr(), bias.data_ptr(),
+                                    bias_is_float32_of_half(x.scalar_type(), bias.scalar_type()), out.data_ptr(),
+                                    x.size(0), x.size(1), x.size(2) * x.size(3), fmt == at::MemoryFormat::ChannelsLast,
+                                    aligned16({x.data_ptr(), out.data_ptr()}), c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& out_in) {
-  check_backward(grad_in, out_in);
+std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& out_in,
+                                                           at::ScalarType bias_dtype) {
+  check_backward(grad_in, out_in, bias_dtype);
   const DType dt = cuda_dtype_of("bias_relu_backward", "out", out_in);
   const c10::cuda::CUDAGuard guard(out_in.device());
   const auto fmt = layout_of(out_in);
   const at::Tensor g = grad_in.contiguous(fmt), out = out_in.contiguous(fmt);
   at::Tensor gx = at::empty(out.sizes(), out.options().memory_format(fmt));
-  at::Tensor gb = at::empty({out.size(1)}, out.options());
+  at::Tensor gb = at::empty({out.size(1)}, out.options().dtype(bias_dtype));
   const int64_t N = out.size(0), C = out.size(1), HW = out.size(2) * out.size(3);
   if (C == 0) return {gx, gb};
   if (N * HW == 0) return {gx, gb.zero_()};
@@ -56,7 +57,8 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& gra
   at::Tensor workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, out.options().dtype(at::kByte));
   check_launch("bias_relu_backward",
                cuda::launch_backward(plan, dt, g.data_ptr(), out.data_ptr(), gx.data_ptr(), gb.data_ptr(),
-                                     workspace.data_ptr(), N, C, HW, nhwc, c10::cuda::getCurrentCUDAStream().stream()));
+                                     bias_is_float32_of_half(out.scalar_type(), bias_dtype), workspace.data_ptr(), N,
+                                     C, HW, nhwc, c10::cuda::getCurrentCUDAStream().stream()));
   return {gx, gb};
 }
 

@@ -30,6 +30,12 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// the bias in T: a float32 bias of a half-type x rounded to nearest (what autocast's cast gives)
+template <typename T, typename B>
+__device__ __forceinline__ T bias_in(B b) {
+  return from_acc<T>(to_acc(b));
+}
+
 // relu(x + b): the sum rounded to T (PyTorch's bias add), then torch.relu's value (NaN stays NaN)
 template <typename T>
 __device__ __forceinline__ T add_relu(T x, T b) {
@@ -38,8 +44,8 @@ __device__ __forceinline__ T add_relu(T x, T b) {
   return (f > 0 || f != f) ? t : from_acc<T>(0);
 }
 
-template <typename T, int V, bool NHWC>
-__global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__ x, const T* __restrict__ bias,
+template <typename T, typename B, int V, bool NHWC>
+__global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__ x, const B* __restrict__ bias,
                                                            T* __restrict__ out, int64_t nvec, int64_t C, int64_t HW) {
   using VT = Vec<T, V>;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
@@ -48,11 +54,11 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__
     const VT xv = reinterpret_cast<const VT*>(x)[v];
     VT o;
     if (NHWC) {  // V consecutive channels (C % V == 0)
-      const VT bv = *reinterpret_cast<const VT*>(bias + e % C);
+      const B* bc = bias + e % C;
 #pragma unroll
-      for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], bv.v[i]);
+      for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], bias_in<T>(bc[i]));
     } else {     // V pixels of one channel (HW % V == 0)
-      const T b = bias[(e / HW) % C];
+      const T b = bias_in<T>(bias[(e / HW) % C]);
 #pragma unroll
       for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], b);
     }
@@ -154,12 +160,13 @@ __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __rest
 }
 
 // gbias[c] = the sum over k of partial[k][c]: a block per 32 channels, kSumLanes threads per channel each
-// summing every kSumLanes-th partial (coalesced across the channels), then the lanes added in order.
+// summing every kSumLanes-th partial (coalesced across the channels), then the lanes added in order; stored
+// in the bias's type B (a float32 bias of a half-type map gets the float sum unrounded).
 constexpr int kSumLanes = 16;
 
-template <typename T>
+template <typename T, typename B>
 __global__ void __launch_bounds__(32 * kSumLanes) bias_sum_kernel(const typename AccOf<T>::type* __restrict__ partial,
-                                                                  T* __restrict__ gbias, int64_t C, int64_t K) {
+                                                                  B* __restrict__ gbias, int64_t C, int64_t K) {
   using A = typename AccOf<T>::type;
   __shared__ A lanes[kSumLanes][32];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
@@ -172,7 +179,7 @@ __global__ void __launch_bounds__(32 * kSumLanes) bias_sum_kernel(const typename
     A t = 0;
 #pragma unroll
     for (int y = 0; y < kSumLanes; ++y) t += lanes[y][threadIdx.x];
-    gbias[c] = from_acc<T>(t);
+    gbias[c] = from_acc<B>(t);
   }
 }
 
@@ -180,34 +187,41 @@ int elem_size(DType d) {
   return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
 }
 
-template <typename T>
-cudaError_t forward_typed(const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW, bool nhwc,
-                          bool aligned16, cudaStream_t stream) {
+template <typename T, typename B>
+cudaError_t forward_with(const T* xp, const B* bp, T* op, int64_t total, int64_t C, int64_t HW, bool nhwc,
+                         bool aligned16, cudaStream_t stream) {
   constexpr int VM = 16 / sizeof(T);
-  const int64_t total = N * C * HW;
-  if (total == 0) return cudaSuccess;
-  const T* xp = static_cast<const T*>(x);
-  const T* bp = static_cast<const T*>(bias);
-  T* op = static_cast<T*>(out);
   const bool vec = aligned16 && (nhwc ? C % VM == 0 : HW % VM == 0);
   const int64_t nvec = vec ? total / VM : total;
   const dim3 grid = grid_for(nvec);
   if (nhwc) {
     if (vec)
-      forward_kernel<T, VM, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_kernel<T, B, VM, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
     else
-      forward_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_kernel<T, B, 1, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
   } else {
     if (vec)
-      forward_kernel<T, VM, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_kernel<T, B, VM, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
     else
-      forward_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_kernel<T, B, 1, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
   }
   return cudaGetLastError();
 }
 
+template <typename T>
+cudaError_t forward_typed(const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                          bool aligned16, bool bias_float32, cudaStream_t stream) {
+  const int64_t total = N * C * HW;
+  if (total == 0) return cudaSuccess;
+  const T* xp = static_cast<const T*>(x);
+  T* op = static_cast<T*>(out);
+  if (bias_float32)
+    return forward_with<T, float>(xp, static_cast<const float*>(bias), op, total, C, HW, nhwc, aligned16, stream);
+  return forward_with<T, T>(xp, static_cast<const T*>(bias), op, total, C, HW, nhwc, aligned16, stream);
+}
+
 template <typename T, int V>
-cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx, T* gbias,
+cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx, void* gbias, bool bias_float32,
                          typename AccOf<T>::type* partial, int64_t N, int64_t C, int64_t HW, bool nhwc,
                          cudaStream_t stream) {
   using A = typename AccOf<T>::type;
@@ -222,30 +236,34 @@ cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx,
   }
   if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
   const dim3 sum_grid(static_cast<unsigned>((C + 31) / 32)), sum_block(32, kSumLanes);
-  bias_sum_kernel<T><<<sum_grid, sum_block, 0, stream>>>(partial, gbias, C, p.partials);
+  if (bias_float32)
+    bias_sum_kernel<T, float><<<sum_grid, sum_block, 0, stream>>>(partial, static_cast<float*>(gbias), C, p.partials);
+  else
+    bias_sum_kernel<T, T><<<sum_grid, sum_block, 0, stream>>>(partial, static_cast<T*>(gbias), C, p.partials);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t backward_typed(const BackwardPlan& p, const void* g, const void* out, void* gx, void* gbias,
-                           void* workspace, int64_t N, int64_t C, int64_t HW, bool nhwc, cudaStream_t stream) {
+                           bool bias_float32, void* workspace, int64_t N, int64_t C, int64_t HW, bool nhwc,
+                           cudaStream_t stream) {
   constexpr int VM = 16 / sizeof(T);
   using A = typename AccOf<T>::type;
   const T* gp = static_cast<const T*>(g);
   const T* op = static_cast<const T*>(out);
   T* xp = static_cast<T*>(gx);
-  T* bp = static_cast<T*>(gbias);
   A* partial = static_cast<A*>(workspace);
-  if (p.vec == VM) return backward_vec<T, VM>(p, gp, op, xp, bp, partial, N, C, HW, nhwc, stream);
-  if (p.vec == 1) return backward_vec<T, 1>(p, gp, op, xp, bp, partial, N, C, HW, nhwc, stream);
+  if (p.vec == VM) return backward_vec<T, VM>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, stream);
+  if (p.vec == 1) return backward_vec<T, 1>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, stream);
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
-cudaError_t launch_forward(DType dtype, const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW,
-                           bool channels_last, bool aligned16, cudaStream_t stream) {
-  ATTNSCALE_DISPATCH_DTYPE(dtype, forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, stream);
+cudaError_t launch_forward(DType dtype, const void* x, const void* bias, bool bias_float32, void* out, int64_t N,
+                           int64_t C, int64_t HW, bool channels_last, bool aligned16, cudaStream_t stream) {
+  ATTNSCALE_DISPATCH_DTYPE(dtype, forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, bias_float32,
+                           stream);
 }
 
 BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16) {
@@ -287,9 +305,10 @@ BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool c
 }
 
 cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
-                            void* gbias, void* workspace, int64_t N, int64_t C, int64_t HW, bool channels_last,
-                            cudaStream_t stream) {
-  ATTNSCALE_DISPATCH_DTYPE(dtype, backward_typed, plan, g, out, gx, gbias, workspace, N, C, HW, channels_last, stream);
+                            void* gbias, bool bias_float32, void* workspace, int64_t N, int64_t C, int64_t HW,
+                            bool channels_last, cudaStream_t stream) {
+  ATTNSCALE_DISPATCH_DTYPE(dtype, backward_typed, plan, g, out, gx, gbias, bias_float32, workspace, N, C, HW,
+                           channels_last, stream);
 }
 
 }  // namespace cuda
