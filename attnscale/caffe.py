@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.interp import caffe_interp, caffe_interp_applies
-from .ops.interp import has_cuda_kernel as interp_has_cuda_kernel
+from .ops.interp import has_cuda_kernels as interp_has_cuda_kernels
 from .ops.pooling import (caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
                            caffe_max_pool2d_train_applies)
 
@@ -353,8 +353,8 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     faster without it; :func:`interp_scatter_backward` restores it, for comparison).  On a GPU the forward
     is :func:`attnscale.ops.interp.caffe_interp`'s CUDA kernel (the same values in one kernel) and the
     backward ``caffe_interp_backward``'s (the same tables and order of sums, with fused multiply-adds, in one
-    kernel instead of a padded copy and a gather and a multiply-add per slot and axis).
-    While torch.compile traces, the index_select forward and autograd's backward (the tables are built by data-dependent Python
+    kernel instead of a padded copy and a gather and a multiply-add per slot and axis).  While torch.compile
+    traces, the index_select forward and autograd's backward (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
     if _SWITCHES["interp_scatter_backward"] or torch.compiler.is_compiling():
         return _interp_blend(x, out_hw)
@@ -424,7 +424,7 @@ def _interp_adjoint(g: torch.Tensor, dim: int, size_in: int, dtype: torch.dtype)
 class _InterpGather(torch.autograd.Function):
     @staticmethod
     def forward(x, out_hw):
-        if x.is_cuda and x.dtype in _CUDA_FLOATS and interp_has_cuda_kernel():  # the same values, one kernel
+        if x.is_cuda and x.dtype in _CUDA_FLOATS and interp_has_cuda_kernels():  # the same values, one kernel
             return caffe_interp(x, out_hw)
         return _interp_blend(x, out_hw)
 
@@ -437,7 +437,7 @@ class _InterpGather(torch.autograd.Function):
     def backward(ctx, g):
         (eh, ew), dt = ctx.in_hw, ctx.dtype
         if (g.is_cuda and not torch.is_grad_enabled() and (g.dtype == torch.float64) == (dt == torch.float64)
-                and g.dtype in _CUDA_FLOATS and interp_has_cuda_kernel()):
+                and g.dtype in _CUDA_FLOATS and interp_has_cuda_kernels()):
             # one kernel: the same tables, slots and order, fused multiply-adds (not differentiable again:
             # a double backward takes the path below)
             ih, ch = host_constants(_interp_adjoint_tables, eh, g.shape[-2], dt, device=g.device)

@@ -172,8 +172,9 @@ class AttentionToScale(nn.Module):
             :func:`attnscale.ops.bias_relu` adds the bias and applies the ReLU in one pass (in backward: the
             ReLU's mask and the bias gradient's sum in one pass), where PyTorch's cuDNN path spends a kernel on
             the bias add and a reduction on its gradient.  The same values (the sum rounded as PyTorch's add
-            rounds it); bias gradients equal up to summation order.  Ignored on a CPU (oneDNN adds the bias
-            inside its convolution), with ``use_reference_ops`` and under torch.compile (Inductor fuses them).
+            rounds it); bias gradients equal up to summation order (under autocast the float32 sum, not rounded
+            to the half type first).  Ignored on a CPU (oneDNN adds the bias inside its convolution), with
+            ``use_reference_ops`` and under torch.compile (Inductor fuses them).
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),

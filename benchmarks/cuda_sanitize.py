@@ -4,14 +4,14 @@
     compute-sanitizer --tool racecheck python3 benchmarks/cuda_sanitize.py
 
 scale_merge in its three modes (float32, bfloat16, float16; exact and inexact Interp ratios, a map of the
-same size as scale 0; in float32 also the backward's pixel layout, with a ratio below 1/2 too, and 32
-logit lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; both
-implementations, the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16,
-float64), each with every input
-requiring a gradient; and caffe_max_pool2d (inference) with the training pair caffe_max_pool2d_with_mask /
-caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and channels_last, every dtype); bias_relu
-(forward and backward, vectorised and scalar paths, both layouts, every dtype); and caffe_interp with
-caffe_interp_backward (both layouts, every dtype).  After each op it synchronises (a kernel fault surfaces at the op that made it)
+same size as scale 0; in float32 also the backward's pixel layout, with a ratio below 1/2 too, and 32 logit
+lanes per pixel) and dilated_conv2d (fc6's dilation 12 at 21x21 and a small odd case; both implementations,
+the GEMM path and the direct kernels, in float32 with TF32 and exact, bfloat16, float16, float64), each with
+every input requiring a gradient; and caffe_max_pool2d (inference) with the training pair
+caffe_max_pool2d_with_mask / caffe_max_pool2d_backward (pool1's and pool4's geometry, NCHW and
+channels_last, every dtype); bias_relu (forward and backward, vectorised and scalar paths, both layouts,
+every dtype); and caffe_interp with caffe_interp_backward (both layouts, every dtype).  After each op it
+synchronises (a kernel fault surfaces at the op that made it)
 and compares with the CPU kernels run on the same values (inputs rounded to the GPU side's dtype),
 loosely (the tests do it exactly), so that a launch that silently wrote nothing is caught too.  Exits 1
 on any mismatch.  ``--cpu-dry-run`` runs the same script with the CPU kernels on both sides, so that CI

@@ -69,10 +69,9 @@ import torch
 import attnscale.ops as o
 import attnscale._C as c
 assert c.__file__.endswith(".cpython-312-x86_64-linux-gnu.so"), c.__file__
-assert o.has_cuda_kernels(), "attnscale._C was built without its CUDA kernels"
-for op in ("scale_merge", "scale_merge_backward", "dilated_conv2d", "dilated_conv2d_backward_input",
-           "dilated_conv2d_backward_weight", "caffe_max_pool2d"):
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::" + op, "CUDA"), f"{op}: no CUDA kernel"
+from attnscale.ops._ext import CUDA_OPS, has_cuda_kernel
+missing = [op for op in CUDA_OPS if not has_cuda_kernel(op)]
+assert not missing, f"attnscale._C was built without the CUDA kernels of {missing}"
 print("torch", torch.__version__, "| CUDA kernels built and registered |", c.__file__)
 PY
 if [ "${1:-}" = "--check" ]; then

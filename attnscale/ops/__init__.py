@@ -6,7 +6,8 @@
   reference is ``F.conv2d``), with :func:`winograd_weight` (the weight transform, kept by callers).
 - :func:`caffe_max_pool2d` — Caffe MAX pooling forward for inference (CPU and CUDA; used by ``caffe.pool2d``),
   and ``caffe_max_pool2d_train`` with a gradient (``caffe.pool2d``'s on a GPU).
-- :func:`caffe_interp` — DeepLab Interp forward for inference (CPU; used by ``caffe.interp``).
+- :func:`caffe_interp` — DeepLab Interp forward (CPU and CUDA; used by ``caffe.interp`` for inference, and on a
+  GPU with ``caffe_interp_backward`` by ``caffe.interp_gather`` for training).
 - :func:`bias_relu` — a convolution's bias + ReLU in one pass, forward and backward (the model's on a GPU).
 
 The CPU kernels' large GEMMs run on oneDNN or the BLAS (:func:`cpu_gemm`, :func:`set_cpu_gemm`).

@@ -1,6 +1,8 @@
 """Loads the compiled extension ``attnscale._C`` that registers ``torch.ops.attnscale.*``."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: bound on padding / dilation / kernel / stride / sizes given to the ops (csrc/ops/limits.h kMaxGeometry)
@@ -55,16 +57,26 @@ def set_cpu_gemm(backend: str) -> str:
     return prev
 
 
-def has_cuda_kernels() -> bool:
-    """True when the extension was built with the CUDA kernels of every op."""
+#: every op with CUDA kernels (their backward ops live in the same files)
+CUDA_OPS = ("scale_merge", "scale_merge_backward", "dilated_conv2d", "dilated_conv2d_backward_input",
+            "dilated_conv2d_backward_weight", "caffe_max_pool2d", "caffe_max_pool2d_with_mask",
+            "caffe_max_pool2d_backward", "bias_relu", "bias_relu_backward", "caffe_interp", "caffe_interp_backward")
+
+
+@functools.lru_cache(maxsize=None)
+def has_cuda_kernel(op: str) -> bool:
+    """True when the extension registers a CUDA kernel for ``attnscale::<op>``."""
     if not has_extension():
         return False
     try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
-                   for op in ("scale_merge", "dilated_conv2d", "caffe_max_pool2d",
-                               "caffe_max_pool2d_with_mask", "bias_relu", "caffe_interp"))
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
     except RuntimeError:  # op not registered (built before the op existed)
         return False
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with the CUDA kernels of every op."""
+    return all(has_cuda_kernel(op) for op in CUDA_OPS)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:

@@ -14,11 +14,9 @@ at a zeroed unit would be NaN there and 0 here (as with F.relu).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._ext import has_extension, in_kernel_layout, require_extension
+from ._ext import has_cuda_kernel, has_extension, in_kernel_layout, require_extension
 
 _REGISTERED = False
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -66,17 +64,12 @@ def _register() -> None:
 _register()
 
 
-@functools.lru_cache(maxsize=1)
-def _has_cuda_kernel() -> bool:
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::bias_relu", "CUDA")
-
-
 def bias_relu_applies(x: torch.Tensor) -> bool:
     """Whether the model fuses the bias and the ReLU after a convolution whose output is like x: x is 4-D on
     CUDA in float32/float64/float16/bfloat16, the extension has the CUDA kernels, and torch.compile is not
     tracing (Inductor fuses the bias add and the ReLU itself)."""
-    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES and _has_cuda_kernel()
-            and not torch.compiler.is_compiling())
+    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES
+            and has_cuda_kernel("bias_relu") and not torch.compiler.is_compiling())
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,10 @@ tables of :func:`attnscale.caffe._interp_adjoint_tables` in one kernel.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, in_kernel_layout,
-                   register_forward_only, require_extension)
+from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_cuda_kernel, has_extension,
+                   in_kernel_layout, register_forward_only, require_extension)
 
 _REGISTERED = False
 
@@ -52,10 +50,9 @@ _register()
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=1)
-def has_cuda_kernel() -> bool:
-    """Whether the extension was built with the CUDA kernel of ``caffe_interp``."""
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key("attnscale::caffe_interp", "CUDA")
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with the CUDA kernels of ``caffe_interp`` and its backward."""
+    return has_cuda_kernel("caffe_interp") and has_cuda_kernel("caffe_interp_backward")
 
 
 def caffe_interp_applies(x: torch.Tensor) -> bool:
@@ -63,7 +60,7 @@ def caffe_interp_applies(x: torch.Tensor) -> bool:
     float64 (built), or on CUDA in float32/float64/float16/bfloat16 with the CUDA kernel built."""
     if x.device.type == "cuda":
         return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
-                and has_cuda_kernel())
+                and has_cuda_kernel("caffe_interp"))
     return cpu_inference_kernel_applies(x)
 
 

@@ -19,12 +19,10 @@ backward is Caffe's gather.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_extension, in_kernel_layout,
-                   register_forward_only, require_extension)
+from ._ext import (cpu_inference_kernel_applies, fake_nchw_output, has_cuda_kernel, has_extension,
+                   in_kernel_layout, register_forward_only, require_extension)
 
 _REGISTERED = False
 
@@ -78,9 +76,6 @@ _register()
 _CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_cuda_kernel(op: str = "caffe_max_pool2d") -> bool:
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(f"attnscale::{op}", "CUDA")
 
 
 def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
@@ -89,7 +84,7 @@ def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
     extension's CUDA kernel built."""
     if x.device.type == "cuda":
         return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
-                and _has_cuda_kernel())
+                and has_cuda_kernel("caffe_max_pool2d"))
     return cpu_inference_kernel_applies(x)
 
 
@@ -99,7 +94,7 @@ def caffe_max_pool2d_train_applies(x: torch.Tensor, kernel: int) -> bool:
     (kernel <= 15).  On the CPU training keeps ``F.max_pool2d`` (the op's CPU kernels are plain loops, its
     twin for the tests)."""
     return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES and kernel * kernel <= _MASK_NONE
-            and _has_cuda_kernel("caffe_max_pool2d_with_mask"))
+            and has_cuda_kernel("caffe_max_pool2d_with_mask"))
 
 
 def caffe_max_pool2d_train(x: torch.Tensor, kernel: int, stride: int, pad: int,

@@ -1,15 +1,15 @@
 // Schema of attnscale::bias_relu: a convolution's bias and the ReLU after it, in one pass.
 //
-// out[n, c, h, w] = relu(x[n, c, h, w] + bias[c]), the sum rounded to x's dtype first and torch.relu's
-// value after (NaN stays NaN): the values of PyTorch's cuDNN path, which adds the bias in a kernel of its
-// own (`output.add_(bias)`) before F.relu's, one more read and write of the whole map.
+// out[n, c, h, w] = relu(x[n, c, h, w] + bias[c]), the sum rounded to x's dtype first and torch.relu's value
+// after (NaN stays NaN): the values of PyTorch's cuDNN path, which adds the bias in a kernel of its own
+// (`output.add_(bias)`) before F.relu's, one more read and write of the whole map.
 // bias_relu_backward(grad, out, bias_dtype) -> (grad_x, grad_bias): grad_x = out <= 0 ? 0 : grad (F.relu's
 // threshold_backward on the saved output), grad_bias[c] = the sum of grad_x over n, h, w (accumulated in
 // float, double for double; in bias_dtype): what convolution_backward's separate reduction of the bias
 // gradient gives, in the same pass that masks the gradient.  A float32 bias of a float16 / bfloat16 x
 // (autocast's case) is rounded to x's dtype in the sum, as autocast's cast would round it, and gets its
-// gradient as the float32 sum (no cast kernels either way).  (Caffe's ReLU backward multiplies by the mask, so a non-finite
-// gradient at a zeroed unit would give NaN there; like F.relu we give 0.)
+// gradient as the float32 sum (no cast kernels either way).  (Caffe's ReLU backward multiplies by the mask,
+// so a non-finite gradient at a zeroed unit would give NaN there; like F.relu we give 0.)
 // CPU: float32/float64 (plain loops: the twin of the CUDA kernels); CUDA: float32/float64/float16/bfloat16.
 // NCHW or channels_last, outputs in x's (out's) layout.
 #include "ops/bias_relu.h"
