@@ -56,6 +56,12 @@ def leaf(t: torch.Tensor, dev: str, dtype: torch.dtype) -> torch.Tensor:
     return t.detach().to(dev, dev_dtype(dev, dtype), copy=True).requires_grad_()
 
 
+def on_side(t: torch.Tensor, dev: str, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """A copy of ``t`` for one side of the comparison, in that side's dtype and in the layout under test."""
+    t = t.to(dev, dev_dtype(dev, dtype), copy=True)
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
+
+
 def report(failures: list, name: str, bad: list) -> None:
     failures.extend(f"{name}: output {i} differs from the CPU kernel" for i in bad)
     print(f"{'FAIL' if bad else 'ok  '}{name}", flush=True)
@@ -159,9 +165,7 @@ def check_max_pool(failures: list) -> None:
                 grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                    xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
-                    if channels_last:
-                        xs = xs.contiguous(memory_format=torch.channels_last)
+                    xs = on_side(x, dev, dtype, channels_last)
                     out, mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(xs, k, s, p, oh, ow)
                     g = grad.to(dev, out.dtype)
                     gx = torch.ops.attnscale.caffe_max_pool2d_backward(g, mask, k, s, p, 13, 10)
@@ -214,14 +218,10 @@ def check_interp(failures: list) -> None:
                 grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
-                    xs = x.to(dev, dev_dtype(dev, dtype), copy=True)
-                    if channels_last:
-                        xs = xs.contiguous(memory_format=torch.channels_last)
+                    xs = on_side(x, dev, dtype, channels_last)
                     tables = (caffe.host_constants(caffe._interp_adjoint_tables, h, oh, dtype, device=dev)
                               + caffe.host_constants(caffe._interp_adjoint_tables, w, ow, dtype, device=dev))
-                    g = grad.to(dev, dev_dtype(dev, dtype))
-                    if channels_last:
-                        g = g.contiguous(memory_format=torch.channels_last)
+                    g = on_side(grad, dev, dtype, channels_last)
                     res[side] = [caffe_interp(xs, (oh, ow)), torch.ops.attnscale.caffe_interp_backward(g, *tables)]
                     sync(dev)
                 tol = 0.0 if dtype in (torch.float32, torch.float64) else 1e-2
