@@ -49,6 +49,21 @@ def test_gradcheck_and_opcheck():
         torch.library.opcheck(torch.ops.attnscale.bias_relu_backward.default, (torch.randn_like(out), out, out.dtype))
 
 
+def test_fake_layout_follows_the_kernels_rule():
+    """The fake result's strides == the real kernel's for the layouts only suggest_memory_format() calls
+    channels_last: a sliced channels_last map (not dense) and an (N, C, 1, 1) map with channels_last strides."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cl = torch.randn(2, 3, 5, 6).contiguous(memory_format=torch.channels_last)
+    for x in (cl[..., :5], torch.randn(2, 3, 1, 1).contiguous(memory_format=torch.channels_last), cl,
+              torch.randn(2, 3, 5, 6)):
+        b = torch.randn(3)
+        real = torch.ops.attnscale.bias_relu(x, b)
+        with FakeTensorMode() as mode:
+            fake = torch.ops.attnscale.bias_relu(mode.from_tensor(x), mode.from_tensor(b))
+        assert fake.stride() == real.stride(), (x.stride(), real.stride(), fake.stride())
+
+
 def test_bias_cast_to_x_dtype():
     """bias_relu casts the bias to x's dtype (autocast's cast of a convolution's bias); the gradient comes back
     in the bias's own dtype."""

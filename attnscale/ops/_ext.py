@@ -111,10 +111,15 @@ def cpu_inference_kernel_applies(x: torch.Tensor) -> bool:
 
 
 def in_kernel_layout(t: torch.Tensor, like: torch.Tensor, cpu_too: bool = False) -> torch.Tensor:
-    """t (a fake result) in the memory layout our CUDA kernels give their outputs: like's when like is
-    channels_last on CUDA (the CPU kernels write NCHW, except those that keep the layout: ``cpu_too``)."""
+    """t (a fake result) in the memory layout our CUDA kernels give their outputs: channels_last when like's
+    strides suggest it, by the rule of the kernels' own ``layout_of`` (csrc/ops/memory_format.h:
+    ``Tensor.suggest_memory_format()``, whose Python twin torch keeps in ``_prims_common``; so a sliced
+    channels_last map or an (N, C, 1, 1) one with channels_last strides counts too), on CUDA (the CPU
+    kernels write NCHW, except those that keep the layout: ``cpu_too``)."""
+    from torch._prims_common import suggest_memory_format
+
     if ((cpu_too or like.device.type == "cuda") and like.dim() == 4
-            and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()):
+            and suggest_memory_format(like) == torch.channels_last):
         return t.contiguous(memory_format=torch.channels_last)
     return t
 
