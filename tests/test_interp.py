@@ -77,6 +77,18 @@ def test_same_size_is_a_copy():
     assert torch.equal(y, x) and y.data_ptr() != x.data_ptr()
 
 
+def test_one_axis_unchanged_still_blends():
+    """Caffe copies only when both sizes are unchanged: an axis that keeps its size alone still blends, its
+    second tap (the next pixel) at weight 0, so an infinite neighbour gives NaN (0 * inf) as in Caffe and the
+    index_select path, where a per-axis copy would not."""
+    x = torch.randn(1, 2, 5, 7)
+    x[0, 0, 2, 3] = float("inf")
+    for size in ((5, 13), (9, 7)):
+        got, want = torch.ops.attnscale.caffe_interp(x, *size), caffe._interp_blend(x, size)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert torch.ops.attnscale.caffe_interp(x, 9, 7)[0, 0, 3, 2].isnan()  # 0 * inf from the row below
+
+
 def test_input_errors():
     op = torch.ops.attnscale.caffe_interp
     with pytest.raises(ValueError, match="4-D"):

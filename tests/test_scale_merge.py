@@ -197,6 +197,21 @@ def test_same_size_scale_is_a_copy():
     assert torch.equal(out, torch.maximum(f0, f1))
 
 
+def test_one_axis_unchanged_scale_still_blends():
+    """Caffe's Interp copies only when both sizes match: a coarse scale that keeps one size is still blended
+    along it (weight 0 on the next pixel), so an infinite score spreads NaN there as caffe.interp's does."""
+    from attnscale import caffe
+
+    f0 = torch.randn(1, 2, 6, 7)
+    for f1 in (torch.randn(1, 2, 6, 4), torch.randn(1, 2, 4, 7)):
+        f1[0, 1, 2, 1] = float("inf")
+        out, _ = scale_merge([f0, f1], None, "avg")
+        want = (f0 + caffe.interp(f1, (6, 7))) / 2
+        assert want.isnan().any()
+        assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+        close(out.nan_to_num(posinf=0), want.nan_to_num(posinf=0))
+
+
 def test_noncontiguous_inputs():
     scores, logits = make_inputs(EXACT)
     nc = [s.transpose(2, 3).contiguous().transpose(2, 3) for s in scores]

@@ -9,7 +9,9 @@
 //   top = h0lambda * (w0lambda * x[h1][w1] + w1lambda * x[h1][w1 + w1p])
 //       + h1lambda * (w0lambda * x[h1 + h1p][w1] + w1lambda * x[h1 + h1p][w1 + w1p]);
 //
-// and, when in == out, Caffe's special case "just copy" (identity taps).
+// and Caffe's special case "just copy" when *both* axes keep their size (an axis whose size alone is
+// unchanged still blends: taps (d, d + 1), the second at weight 0, so a non-finite neighbour shows as in
+// Caffe).  Callers mark that case with the ratio kInterpCopy (identity taps).
 //
 // The float products/differences are pinned (volatile on the host, __fmul_rn/__fsub_rn on
 // the device) so that no compiler contracts them into an FMA: the lambdas are then exactly
@@ -29,13 +31,16 @@ struct Tap {
   float l1;
 };
 
+// The ratio of an axis whose map keeps both its sizes: interp_tap gives identity taps (Caffe's copy).
+constexpr float kInterpCopy = -1.f;
+
 ATTNSCALE_HD float interp_ratio(int in, int out) {
   return out > 1 ? static_cast<float>(in - 1) / static_cast<float>(out - 1) : 0.f;
 }
 
 ATTNSCALE_HD Tap interp_tap(int d, int in, int out, float ratio) {
   Tap t;
-  if (in == out) {  // Caffe Interp: same size -> copy
+  if (ratio == kInterpCopy) {  // Caffe Interp: both sizes unchanged -> copy
     t.i0 = d;
     t.i1 = d;
     t.l1 = 0.f;

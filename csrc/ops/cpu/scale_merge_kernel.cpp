@@ -105,10 +105,11 @@ struct Axis {
   std::vector<int> off, dst;    // inverse: source j -> entries [off[j], off[j+1])
   std::vector<T> wt;
 
-  void build(int in_, int out_) {
+  // copy: the scale's map keeps both its sizes (Caffe's Interp copies; an axis alone blends)
+  void build(int in_, int out_, bool copy) {
     in = in_;
     out = out_;
-    const float ratio = interp_ratio(in, out);
+    const float ratio = copy ? kInterpCopy : interp_ratio(in, out);
     i0.resize(out);
     i1.resize(out);
     l0.resize(out);
@@ -137,7 +138,7 @@ struct Axis {
         wt[fill[t.i1]++] = tap_weight<T>(t, t.i1);
       }
     }
-    identity = (in == out);
+    identity = copy;
     // Fixed-width inverse: the destinations of source j are the contiguous range
     // first[j] .. first[j] + kmax - 1 with weights wpad[j * kmax + k] (zero-padded).
     kmax = 1;
@@ -227,8 +228,9 @@ struct Tables {
       H[s] = static_cast<int>(sc[s].size(2));
       W[s] = static_cast<int>(sc[s].size(3));
       if (s == 0) continue;
-      y[s].build(H[s], H0);
-      x[s].build(W[s], W0);
+      const bool copy = H[s] == H0 && W[s] == W0;
+      y[s].build(H[s], H0, copy);
+      x[s].build(W[s], W0, copy);
       wmax = std::max(wmax, W[s]);
       kmax = std::max(kmax, x[s].kmax);
       hoff[s] = hsize;

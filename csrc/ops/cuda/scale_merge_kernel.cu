@@ -467,8 +467,9 @@ Args<T> make_args(const Problem& p) {
   for (int s = 0; s < kMaxScales; ++s) {
     a.H[s] = s < p.S ? p.H[s] : 1;
     a.W[s] = s < p.S ? p.W[s] : 1;
-    a.ry[s] = interp_ratio(a.H[s], p.H[0]);
-    a.rx[s] = interp_ratio(a.W[s], p.W[0]);
+    const bool copy = a.H[s] == p.H[0] && a.W[s] == p.W[0];  // Caffe copies only when both sizes match
+    a.ry[s] = copy ? kInterpCopy : interp_ratio(a.H[s], p.H[0]);
+    a.rx[s] = copy ? kInterpCopy : interp_ratio(a.W[s], p.W[0]);
   }
   return a;
 }
