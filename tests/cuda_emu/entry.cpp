@@ -1,0 +1,139 @@
+// C entry points over the kernels' launchers (raw pointers and sizes), for ctypes (tests/cuda_emu/build.py).
+// Each returns the launcher's cudaError_t, or -1 when the emulator stopped (a deadlock, an unsupported
+// intrinsic); emu_message() then says why.
+#include <cstdio>
+#include <exception>
+
+#include "ops/bias_relu_cuda.h"
+#include "ops/interp_cuda.h"
+#include "ops/max_pool_cuda.h"
+#include "ops/scale_merge_cuda.h"
+
+namespace {
+char message[1024] = "";
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    message[0] = '\0';
+    return static_cast<int>(f());
+  } catch (const std::exception& e) {
+    std::snprintf(message, sizeof(message), "%s", e.what());
+    return -1;
+  }
+}
+
+attnscale::DType dtype_of(int d) { return static_cast<attnscale::DType>(d); }
+}  // namespace
+
+using namespace attnscale;
+
+extern "C" {
+
+const char* emu_message() { return message; }
+
+int emu_max_pool2d(int dt, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW, int k, int s,
+                   int p, int channels_last) {
+  return guarded([&] {
+    return max_pool::cuda::launch_max_pool2d(dtype_of(dt), x, y, N, C, H, W, OH, OW, k, s, p, channels_last, nullptr);
+  });
+}
+
+int emu_max_pool2d_with_mask(int dt, const void* x, void* y, uint8_t* mask, int64_t N, int64_t C, int H, int W,
+                             int OH, int OW, int k, int s, int p, int channels_last) {
+  return guarded([&] {
+    return max_pool::cuda::launch_max_pool2d_with_mask(dtype_of(dt), x, y, mask, N, C, H, W, OH, OW, k, s, p,
+                                                       channels_last, nullptr);
+  });
+}
+
+int emu_max_pool2d_backward(int dt, const void* g, const uint8_t* mask, void* gx, int64_t N, int64_t C, int H, int W,
+                            int OH, int OW, int k, int s, int p, int channels_last) {
+  return guarded([&] {
+    return max_pool::cuda::launch_max_pool2d_backward(dtype_of(dt), g, mask, gx, N, C, H, W, OH, OW, k, s, p,
+                                                      channels_last, nullptr);
+  });
+}
+
+int emu_interp(int dt, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW,
+               int channels_last) {
+  return guarded(
+      [&] { return interp::cuda::launch_interp(dtype_of(dt), x, y, N, C, H, W, OH, OW, channels_last, nullptr); });
+}
+
+int emu_interp_backward(int dt, const void* g, const int64_t* idx_h, const void* coef_h, int Th, const int64_t* idx_w,
+                        const void* coef_w, int Tw, void* gx, int64_t N, int64_t C, int H, int W, int OH, int OW,
+                        int channels_last) {
+  return guarded([&] {
+    return interp::cuda::launch_interp_backward(dtype_of(dt), g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H,
+                                                W, OH, OW, channels_last, nullptr);
+  });
+}
+
+int emu_bias_relu(int dt, const void* x, const void* bias, int bias_float32, void* out, int64_t N, int64_t C,
+                  int64_t HW, int channels_last, int aligned16) {
+  return guarded([&] {
+    return bias_relu::cuda::launch_forward(dtype_of(dt), x, bias, bias_float32, out, N, C, HW, channels_last,
+                                           aligned16, nullptr);
+  });
+}
+
+// the plan's fields in order: vec, block_x, block_y, grid_x, grid_y, span, chunks, partials, workspace_bytes
+void emu_bias_relu_plan(int dt, int64_t N, int64_t C, int64_t HW, int channels_last, int aligned16, int64_t* f) {
+  const bias_relu::cuda::BackwardPlan p =
+      bias_relu::cuda::plan_backward(dtype_of(dt), N, C, HW, channels_last, aligned16);
+  const int64_t v[] = {p.vec, p.block_x, p.block_y, p.grid_x, p.grid_y, p.span, p.chunks, p.partials,
+                       static_cast<int64_t>(p.workspace_bytes)};
+  for (int i = 0; i < 9; ++i) f[i] = v[i];
+}
+
+int emu_bias_relu_backward(int dt, const void* g, const void* out, void* gx, void* gbias, int bias_float32,
+                           void* workspace, int64_t N, int64_t C, int64_t HW, int channels_last, int aligned16) {
+  return guarded([&] {
+    const bias_relu::cuda::BackwardPlan p =
+        bias_relu::cuda::plan_backward(dtype_of(dt), N, C, HW, channels_last, aligned16);
+    return bias_relu::cuda::launch_backward(p, dtype_of(dt), g, out, gx, gbias, bias_float32, workspace, N, C, HW,
+                                            channels_last, nullptr);
+  });
+}
+
+// scale_merge: mode 0 attention, 1 avg, 2 max; H, W: S sizes each
+int emu_scale_merge(int dt, int mode, int S, int64_t N, int64_t C, const int* H, const int* W,
+                    const void* const* scores, const void* logits, void* merged, void* weights) {
+  return guarded([&] {
+    scale_merge::cuda::Problem p;
+    p.S = S;
+    p.N = N;
+    p.C = C;
+    for (int s = 0; s < S; ++s) {
+      p.H[s] = H[s];
+      p.W[s] = W[s];
+    }
+    p.mode = mode;
+    p.dtype = static_cast<scale_merge::cuda::DType>(dt);
+    return scale_merge::cuda::launch_forward(p, scores, logits, merged, weights, nullptr);
+  });
+}
+
+int emu_scale_merge_backward(int dt, int mode, int S, int64_t N, int64_t C, const int* H, const int* W,
+                             int backward_layout, const void* grad_merged, const void* grad_weights,
+                             const void* const* scores, const void* logits, const void* weights,
+                             void* const* grad_scores, void* grad_logits) {
+  return guarded([&] {
+    scale_merge::cuda::Problem p;
+    p.S = S;
+    p.N = N;
+    p.C = C;
+    for (int s = 0; s < S; ++s) {
+      p.H[s] = H[s];
+      p.W[s] = W[s];
+    }
+    p.mode = mode;
+    p.dtype = static_cast<scale_merge::cuda::DType>(dt);
+    p.backward_layout = backward_layout;
+    return scale_merge::cuda::launch_backward(p, grad_merged, grad_weights, scores, logits, weights, grad_scores,
+                                              grad_logits, nullptr);
+  });
+}
+
+}  // extern "C"

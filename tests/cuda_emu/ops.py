@@ -1,0 +1,203 @@
+"""Python calls of the emulated CUDA launchers (build.load()), shaped like the CUDA glue's
+(csrc/ops/cuda/*_cuda.cpp): the same layouts, output allocation and launcher arguments, on CPU tensors.
+
+Every buffer a kernel reads or writes sits inside a larger one whose margins hold a sentinel (NaN-like bytes):
+a write outside the tensor fails the call (:func:`_Guarded.check`), a read outside it brings the sentinel into
+the result.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+
+import torch
+
+from . import build
+
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # attnscale::DType
+MERGE_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # scale_merge::cuda::DType
+MERGE_MODES = {"attention": 0, "avg": 1, "max": 2}
+MARGIN = 256  # bytes each side
+SENTINEL = 0xFF  # all-ones bytes: a NaN in every float type, 255 (kMaskNone) in a mask
+
+
+@lru_cache(maxsize=1)
+def lib() -> ctypes.CDLL:
+    return build.load()
+
+
+class _Guarded:
+    """A tensor of ``shape`` / ``dtype`` in NCHW or channels_last order inside a sentinel-filled buffer."""
+
+    def __init__(self, shape, dtype, channels_last=False, fill=None, misalign=0):
+        n = 1
+        for s in shape:
+            n *= s
+        esize = torch.empty((), dtype=dtype).element_size()
+        self.lo = MARGIN + misalign * esize
+        self.hi = self.lo + n * esize
+        self.raw = torch.full((self.hi + MARGIN,), SENTINEL, dtype=torch.uint8)
+        flat = self.raw[self.lo:self.hi].view(dtype)
+        if channels_last and len(shape) == 4:
+            N, C, H, W = shape
+            self.t = flat.view(N, H, W, C).permute(0, 3, 1, 2)
+        else:
+            self.t = flat.view(shape)
+        if fill is not None:
+            self.t.copy_(fill)
+
+    def ptr(self) -> ctypes.c_void_p:
+        return ctypes.c_void_p(self.t.data_ptr())
+
+    def check(self, name: str) -> None:
+        for part, where in ((self.raw[:self.lo], "before"), (self.raw[self.hi:], "after")):
+            bad = (part != SENTINEL).nonzero()
+            if bad.numel():
+                raise AssertionError(f"{name}: the kernel wrote {bad.numel()} bytes {where} the tensor")
+
+
+def _arg(t: torch.Tensor, channels_last: bool, misalign: int = 0) -> _Guarded:
+    return _Guarded(tuple(t.shape), t.dtype, channels_last, fill=t, misalign=misalign)
+
+
+def _call(fn: str, *args) -> None:
+    rc = getattr(lib(), fn)(*args)
+    if rc != 0:
+        msg = lib().emu_message
+        msg.restype = ctypes.c_char_p
+        raise RuntimeError(f"{fn}: returned {rc} {msg().decode()}")
+
+
+def _i64(v) -> ctypes.c_int64:
+    return ctypes.c_int64(int(v))
+
+
+def _i32(v) -> ctypes.c_int:
+    return ctypes.c_int(int(v))
+
+
+def caffe_max_pool2d(x, k, s, p, oh, ow, channels_last=False):
+    N, C, H, W = x.shape
+    xg, y = _arg(x, channels_last), _Guarded((N, C, oh, ow), x.dtype, channels_last)
+    _call("emu_max_pool2d", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), _i64(N), _i64(C), *map(_i32, (H, W, oh, ow, k, s, p)),
+          _i32(channels_last))
+    y.check("emu_max_pool2d")
+    return y.t.clone()
+
+
+def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False):
+    """The glue passes the kernel clipped as Caffe's k_eff is (max_pool.cpp); so do the callers here."""
+    N, C, H, W = x.shape
+    xg = _arg(x, channels_last)
+    y, m = _Guarded((N, C, oh, ow), x.dtype, channels_last), _Guarded((N, C, oh, ow), torch.uint8, channels_last)
+    _call("emu_max_pool2d_with_mask", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), m.ptr(), _i64(N), _i64(C),
+          *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
+    y.check("emu_max_pool2d_with_mask out")
+    m.check("emu_max_pool2d_with_mask mask")
+    return y.t.clone(), m.t.clone()
+
+
+def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False):
+    N, C, oh, ow = g.shape
+    gg, mg = _arg(g, channels_last), _arg(mask, channels_last)
+    gx = _Guarded((N, C, H, W), g.dtype, channels_last)
+    _call("emu_max_pool2d_backward", _i32(DTYPES[g.dtype]), gg.ptr(), mg.ptr(), gx.ptr(), _i64(N), _i64(C),
+          *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
+    gx.check("emu_max_pool2d_backward")
+    return gx.t.clone()
+
+
+def caffe_interp(x, oh, ow, channels_last=False):
+    N, C, H, W = x.shape
+    xg, y = _arg(x, channels_last), _Guarded((N, C, oh, ow), x.dtype, channels_last)
+    _call("emu_interp", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), _i64(N), _i64(C), *map(_i32, (H, W, oh, ow)),
+          _i32(channels_last))
+    y.check("emu_interp")
+    return y.t.clone()
+
+
+def caffe_interp_backward(g, idx_h, coef_h, idx_w, coef_w, channels_last=False):
+    N, C, oh, ow = g.shape
+    H, W = idx_h.shape[1], idx_w.shape[1]
+    gg = _arg(g, channels_last)
+    tabs = [_Guarded(tuple(t.shape), t.dtype, fill=t) for t in (idx_h, coef_h, idx_w, coef_w)]
+    gx = _Guarded((N, C, H, W), g.dtype, channels_last)
+    _call("emu_interp_backward", _i32(DTYPES[g.dtype]), gg.ptr(), tabs[0].ptr(), tabs[1].ptr(), _i32(idx_h.shape[0]),
+          tabs[2].ptr(), tabs[3].ptr(), _i32(idx_w.shape[0]), gx.ptr(), _i64(N), _i64(C),
+          *map(_i32, (H, W, oh, ow)), _i32(channels_last))
+    gx.check("emu_interp_backward")
+    return gx.t.clone()
+
+
+def bias_relu_plan(dtype, N, C, HW, channels_last, aligned16):
+    f = (ctypes.c_int64 * 9)()
+    lib().emu_bias_relu_plan(_i32(DTYPES[dtype]), _i64(N), _i64(C), _i64(HW), _i32(channels_last), _i32(aligned16), f)
+    keys = ("vec", "block_x", "block_y", "grid_x", "grid_y", "span", "chunks", "partials", "workspace_bytes")
+    return dict(zip(keys, list(f)))
+
+
+def bias_relu(x, bias, channels_last=False, misalign=0):
+    """misalign: elements by which x and the output are moved off a 16-byte boundary (the scalar path)."""
+    N, C, H, W = x.shape
+    xg, bg = _arg(x, channels_last, misalign), _arg(bias, False)
+    y = _Guarded((N, C, H, W), x.dtype, channels_last, misalign=misalign)
+    _call("emu_bias_relu", _i32(DTYPES[x.dtype]), xg.ptr(), bg.ptr(), _i32(bias.dtype != x.dtype), y.ptr(), _i64(N),
+          _i64(C), _i64(H * W), _i32(channels_last), _i32(misalign == 0))
+    y.check("emu_bias_relu")
+    return y.t.clone()
+
+
+def bias_relu_backward(g, out, bias_dtype, channels_last=False, misalign=0):
+    N, C, H, W = g.shape
+    aligned = misalign == 0
+    plan = bias_relu_plan(g.dtype, N, C, H * W, channels_last, aligned)
+    gg, og = _arg(g, channels_last, misalign), _arg(out, channels_last, misalign)
+    gx = _Guarded((N, C, H, W), g.dtype, channels_last, misalign=misalign)
+    gb = _Guarded((C,), bias_dtype)
+    ws = _Guarded((max(plan["workspace_bytes"], 1),), torch.uint8)
+    _call("emu_bias_relu_backward", _i32(DTYPES[g.dtype]), gg.ptr(), og.ptr(), gx.ptr(), gb.ptr(),
+          _i32(bias_dtype != g.dtype), ws.ptr(), _i64(N), _i64(C), _i64(H * W), _i32(channels_last), _i32(aligned))
+    for t, name in ((gx, "grad x"), (gb, "grad bias"), (ws, "workspace")):
+        t.check(f"emu_bias_relu_backward {name}")
+    return gx.t.clone(), gb.t.clone(), plan
+
+
+def _sizes(scores):
+    S = len(scores)
+    return S, (ctypes.c_int * S)(*[s.shape[2] for s in scores]), (ctypes.c_int * S)(*[s.shape[3] for s in scores])
+
+
+def _ptrs(guarded):
+    return (ctypes.c_void_p * len(guarded))(*[g.t.data_ptr() for g in guarded])
+
+
+def scale_merge(scores, logits, mode):
+    S, Hs, Ws = _sizes(scores)
+    N, C, H0, W0 = scores[0].shape
+    sg = [_arg(s.contiguous(), False) for s in scores]
+    lg = _arg(logits.contiguous(), False) if logits is not None else None
+    merged, weights = _Guarded((N, C, H0, W0), scores[0].dtype), _Guarded((N, S, H0, W0), scores[0].dtype)
+    _call("emu_scale_merge", _i32(MERGE_DTYPES[scores[0].dtype]), _i32(MERGE_MODES[mode]), _i32(S), _i64(N), _i64(C),
+          Hs, Ws, _ptrs(sg), lg.ptr() if lg else None, merged.ptr(), weights.ptr())
+    merged.check("emu_scale_merge merged")
+    return merged.t.clone(), weights.t.clone()
+
+
+def scale_merge_backward(grad_merged, grad_weights, scores, logits, mode, weights=None, layout=1):
+    S, Hs, Ws = _sizes(scores)
+    sg = [_arg(s.contiguous(), False) for s in scores]
+    gsc = [_Guarded(tuple(s.shape), s.dtype) for s in scores]
+    lg = _arg(logits.contiguous(), False) if logits is not None else None
+    glog = _Guarded(tuple(logits.shape), logits.dtype) if logits is not None else None
+    gm = _arg(grad_merged.contiguous(), False)
+    gw = _arg(grad_weights.contiguous(), False) if grad_weights is not None else None
+    wg = _arg(weights.contiguous(), False) if weights is not None else None
+    N, C = scores[0].shape[:2]
+    _call("emu_scale_merge_backward", _i32(MERGE_DTYPES[scores[0].dtype]), _i32(MERGE_MODES[mode]), _i32(S), _i64(N),
+          _i64(C), Hs, Ws, _i32(layout), gm.ptr(), gw.ptr() if gw else None, _ptrs(sg), lg.ptr() if lg else None,
+          wg.ptr() if wg else None, _ptrs(gsc), glog.ptr() if glog else None)
+    for i, g in enumerate(gsc):
+        g.check(f"emu_scale_merge_backward grad scores[{i}]")
+    if glog:
+        glog.check("emu_scale_merge_backward grad logits")
+    return [g.t.clone() for g in gsc], (glog.t.clone() if glog else None)

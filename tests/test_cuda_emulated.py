@@ -1,0 +1,234 @@
+"""The CUDA kernels' own source (csrc/ops/cuda/*_kernel.cu) run on the CPU under tests/cuda_emu (host-compiled,
+blocks in order, a block's threads as fibers: barriers, shared memory and warp shuffles as CUDA defines them),
+against the CPU kernels, with the same expectations as the CUDA tests that need a GPU (test_max_pool,
+test_interp, test_bias_relu, test_scale_merge).  So the index arithmetic, layouts, vector paths, launch
+configurations and reductions of every kernel are checked on every machine; what emulation cannot show
+(timing, the memory model, nvcc's code generation) stays with the GPU run (benchmarks/gpu_proof.sh).  Every
+buffer sits between sentinel margins: a write outside it fails, a read outside it brings NaNs in."""
+import ctypes
+
+import pytest
+import torch
+
+from attnscale import caffe
+from attnscale.ops import has_extension
+from tests.cuda_emu import build
+
+pytestmark = [pytest.mark.skipif(not has_extension(), reason="attnscale._C not built"),
+              pytest.mark.skipif(build.unavailable() is not None,
+                                 reason=f"CUDA emulator unavailable: {build.unavailable()}")]
+
+if build.unavailable() is None:
+    from tests.cuda_emu import ops as emu
+
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = [False, True]
+
+
+def _ref_dtype(dtype):
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _same(a, b):
+    """Equal bit for bit up to NaN payloads: NaN in the same places, every other value equal."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _in_layout(t, channels_last):
+    return t.contiguous(memory_format=torch.channels_last) if channels_last else t.contiguous()
+
+
+# ------------------------------------------------------------------------------------- the emulator itself
+def test_emulator_shuffles_barriers_and_its_checks_fail_when_they_should():
+    """Warp shuffles (down and xor) and a block barrier over shared memory give the exact sums; a kernel that
+    writes one element past its tensor is caught by the margins; lanes of one warp split between a barrier and
+    a shuffle are reported as a deadlock; a block of 2048 threads is refused as a launch would be."""
+    lib = emu.lib()
+    n, threads = 1000, 128
+    x = torch.arange(n, dtype=torch.float32) % 7
+    blocks, lanes = torch.zeros((n + threads - 1) // threads), torch.zeros(n)
+    assert lib.emu_selftest_block_sum(ctypes.c_void_p(x.data_ptr()), ctypes.c_void_p(blocks.data_ptr()),
+                                      ctypes.c_void_p(lanes.data_ptr()), n, threads) == 0
+    padded = torch.cat([x, torch.zeros(len(blocks) * threads - n)])
+    assert torch.equal(blocks, padded.view(-1, threads).sum(1))
+    assert torch.equal(lanes, padded.view(-1, 32).sum(1).repeat_interleave(32)[:n])
+    y = emu._Guarded((100,), torch.float32)
+    assert lib.emu_selftest_one_past_the_end(y.ptr(), 100) == 0
+    with pytest.raises(AssertionError, match="4 bytes after the tensor"):
+        y.check("one_past_the_end")
+    z = torch.zeros(64)
+    assert lib.emu_selftest_split_warp(ctypes.c_void_p(z.data_ptr())) == -1
+    assert lib.emu_selftest_bad_config(ctypes.c_void_p(z.data_ptr())) == 9  # cudaErrorInvalidConfiguration
+
+
+# --------------------------------------------------------------------------------------------- max pool
+MAX_POOL_CONFIGS = [(3, 2, 1), (3, 1, 1), (2, 2, 0), (5, 2, 2), (4, 3, 1)]
+
+
+def _pool_cases(k, s, p, gen):
+    for h in (1, 2, 5, 13, 33):
+        for w in (1, 3, 8, 17):
+            try:
+                oh, ow = caffe.pool_output_shape((h, w), k, s, p)
+            except ValueError:
+                continue
+            if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
+                continue
+            x = torch.randint(-3, 4, (2, 5, h, w), generator=gen).float()
+            x[0, 1, h // 2, w // 2] = float("nan")
+            yield x, (oh, ow)
+
+
+@pytest.mark.parametrize("k,s,p", MAX_POOL_CONFIGS)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
+def test_max_pool_kernels(k, s, p, dtype, channels_last):
+    """max_pool_kernel.cu: inference, training forward (output and mask) and backward == the CPU kernels bit
+    for bit (half types against the CPU in float32: the maximum is a copy, the gradient the same float sum),
+    ties and NaNs among the values."""
+    gen = torch.Generator().manual_seed(k * 100 + s * 10 + p)
+    ref = _ref_dtype(dtype)
+    checked = 0
+    for x, (oh, ow) in _pool_cases(k, s, p, gen):
+        x = x.to(dtype)
+        xl = _in_layout(x, channels_last)
+        want = torch.ops.attnscale.caffe_max_pool2d(x.to(ref), k, s, p, oh, ow)
+        assert torch.equal(emu.caffe_max_pool2d(xl, k, s, p, oh, ow, channels_last).to(ref), want)
+        k_eff = min(k, max(x.shape[2], x.shape[3]) + p)  # what the glue passes (max_pool.h check_mask_args)
+        out, mask = emu.caffe_max_pool2d_with_mask(xl, k_eff, s, p, oh, ow, channels_last)
+        want, want_mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(x.to(ref), k, s, p, oh, ow)
+        assert torch.equal(out.to(ref), want) and torch.equal(mask, want_mask), (x.shape, oh, ow)
+        g = torch.randn(out.shape, generator=gen).to(dtype)
+        gx = emu.caffe_max_pool2d_backward(_in_layout(g, channels_last), _in_layout(mask, channels_last), k_eff, s, p,
+                                           x.shape[2], x.shape[3], channels_last)
+        want_gx = torch.ops.attnscale.caffe_max_pool2d_backward(g.to(ref), want_mask, k, s, p, x.shape[2], x.shape[3])
+        assert torch.equal(gx, want_gx.to(dtype)), (x.shape, oh, ow)
+        checked += 1
+    assert checked >= 8
+
+
+# ----------------------------------------------------------------------------------------------- Interp
+INTERP_CASES = [((31, 21), (41, 41)), ((5, 7), (13, 9)), ((8, 8), (4, 3)), ((13, 10), (7, 9)), ((1, 6), (4, 1)),
+                ((65, 65), (33, 49)), ((2, 3), (1, 1)), ((5, 7), (5, 13)), ((5, 7), (9, 7))]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
+def test_interp_kernels(dtype, channels_last):
+    """interp_kernel.cu: the forward == the index_select path (attnscale.caffe._interp_blend: each product and
+    sum rounded to the dtype) bit for bit; the backward == the CPU caffe_interp_backward bit for bit (half
+    types summed in float32 from the same values and tables, rounded once); an infinity among the values and
+    the gradients (an axis that keeps its size still blends: 0 * inf from the next pixel, as in Caffe)."""
+    gen = torch.Generator().manual_seed(3)
+    ref = torch.float64 if dtype == torch.float64 else torch.float32
+    for (ih, iw), (oh, ow) in INTERP_CASES:
+        x = torch.randn(2, 5, ih, iw, generator=gen).to(dtype)
+        x[1, 2, ih // 2, iw // 2] = float("inf")
+        got = emu.caffe_interp(_in_layout(x, channels_last), oh, ow, channels_last)
+        assert _same(got, caffe._interp_blend(x, (oh, ow))), ((ih, iw), (oh, ow))
+        g = torch.randn(2, 5, oh, ow, generator=gen).to(dtype)
+        g[0, 3, oh // 2, ow // 2] = float("inf")
+        tables = (caffe.host_constants(caffe._interp_adjoint_tables, ih, oh, dtype)
+                  + caffe.host_constants(caffe._interp_adjoint_tables, iw, ow, dtype))
+        got = emu.caffe_interp_backward(_in_layout(g, channels_last), *tables, channels_last=channels_last)
+        want = torch.ops.attnscale.caffe_interp_backward(g.to(ref), *tables).to(dtype)
+        assert _same(got, want), ((ih, iw), (oh, ow))
+
+
+# -------------------------------------------------------------------------------------------- bias_relu
+BIAS_RELU_SHAPES = [((2, 64, 9, 8), 0), ((2, 64, 9, 8), 1), ((3, 21, 5, 7), 0), ((4, 64, 33, 33), 0),
+                    ((1, 1024, 9, 9), 0), ((2, 48, 40, 40), 0)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,misalign", BIAS_RELU_SHAPES)
+def test_bias_relu_kernels(dtype, channels_last, shape, misalign):
+    """bias_relu_kernel.cu: forward == the CPU kernel bit for bit (half types: the float32 sum rounded once);
+    backward: x's gradient bit for bit, the bias gradient (block partials, then the lane sum) against a float64
+    sum, deterministic; the vector and scalar paths (21 channels, a misaligned pointer), one block and many
+    (NHWC: several channel chunks with 1024 channels; NCHW: several blocks per plane at 33x33 and 40x40)."""
+    gen = torch.Generator().manual_seed(sum(shape) + misalign)
+    ref = _ref_dtype(dtype)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    b = torch.randn(shape[1], generator=gen).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    y = emu.bias_relu(_in_layout(x, channels_last), b, channels_last, misalign)
+    want = torch.ops.attnscale.bias_relu(x.to(ref), b.to(ref)).to(dtype)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+    g = torch.randn(shape, generator=gen).to(dtype)
+    gx, gb, plan = emu.bias_relu_backward(_in_layout(g, channels_last), _in_layout(y, channels_last), dtype,
+                                          channels_last, misalign)
+    want_gx = torch.where(want <= 0, torch.zeros((), dtype=dtype), g)
+    assert torch.equal(gx, want_gx)
+    exact = want_gx.double().sum((0, 2, 3))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(gb.double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
+    gx2, gb2, _ = emu.bias_relu_backward(_in_layout(g, channels_last), _in_layout(y, channels_last), dtype,
+                                         channels_last, misalign)
+    assert torch.equal(gb, gb2) and torch.equal(gx, gx2)
+    vm = 16 // x.element_size()
+    assert plan["vec"] == (vm if misalign == 0 and (shape[1] if channels_last else shape[2] * shape[3]) % vm == 0
+                           else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
+def test_bias_relu_float32_bias_of_a_half_map(dtype, channels_last):
+    """Autocast's case: a float32 bias with a half-type map == the bias cast first, bit for bit; its gradient in
+    float32 (the float sum unrounded), which rounded to the dtype is the half-type gradient."""
+    gen = torch.Generator().manual_seed(1)
+    x = _in_layout(torch.randn(4, 64, 9, 8, generator=gen).to(dtype), channels_last)
+    b32 = torch.randn(64, generator=gen)
+    y = emu.bias_relu(x, b32, channels_last)
+    assert torch.equal(y, emu.bias_relu(x, b32.to(dtype), channels_last))
+    g = _in_layout(torch.randn(y.shape, generator=gen).to(dtype), channels_last)
+    yl = _in_layout(y, channels_last)
+    gx, gb, _ = emu.bias_relu_backward(g, yl, torch.float32, channels_last)
+    gx_h, gb_h, _ = emu.bias_relu_backward(g, yl, dtype, channels_last)
+    assert gb.dtype == torch.float32 and torch.equal(gx, gx_h) and torch.equal(gb.to(dtype), gb_h)
+    torch.testing.assert_close(gb.double(), gx.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ scale merge
+@pytest.mark.parametrize("mode", ["attention", "avg", "max"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_merge_kernels(mode, dtype):
+    """scale_merge_kernel.cu (already proven on an H100, so also a check of the emulator on shared memory and
+    shuffles): forward and backward, both backward layouts, against the CPU op in float32."""
+    gen = torch.Generator().manual_seed(4)
+    sizes = [(41, 37), (31, 28), (21, 19)]
+    scores = [torch.randn(2, 21, h, w, generator=gen).to(dtype) for h, w in sizes]
+    logits = torch.randn(2, 3, *sizes[0], generator=gen).to(dtype) if mode == "attention" else None
+    f32 = [s.float() for s in scores]
+    l32 = logits.float() if logits is not None else None
+    merged, weights = emu.scale_merge(scores, logits, mode)
+    want, want_w = torch.ops.attnscale.scale_merge(f32, l32, mode)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(merged.float(), want, **tol)
+    if mode == "attention":
+        torch.testing.assert_close(weights.float(), want_w, **tol)
+    gm = torch.randn(merged.shape, generator=gen).to(dtype)
+    gw = torch.randn(weights.shape, generator=gen).to(dtype) if mode == "attention" else None
+    want_gs, want_gl = torch.ops.attnscale.scale_merge_backward(gm.float(), gw.float() if gw is not None else None,
+                                                                f32, l32, mode, None)
+    for layout in ((0, 1) if mode != "max" else (0,)):
+        gs, gl = emu.scale_merge_backward(gm, gw, scores, logits, mode, layout=layout)
+        for a, b in zip(gs, want_gs):
+            torch.testing.assert_close(a.float(), b, **tol)
+        if mode == "attention":
+            torch.testing.assert_close(gl.float(), want_gl, **tol)
+
+
+@pytest.mark.parametrize("hw", [(6, 4), (4, 7)], ids=["rows-kept", "cols-kept"])
+def test_scale_merge_kernel_blends_an_axis_that_keeps_its_size(hw):
+    """A coarse scale that keeps one of the finest scale's sizes is blended along it as Caffe's Interp does
+    (0 * inf from the next pixel): NaN and infinity where the CPU kernel has them."""
+    gen = torch.Generator().manual_seed(6)
+    f0 = torch.randn(1, 2, 6, 7, generator=gen)
+    f1 = torch.randn(1, 2, *hw, generator=gen)
+    f1[0, 1, 2, 1] = float("inf")
+    got, _ = emu.scale_merge([f0, f1], None, "avg")
+    want, _ = torch.ops.attnscale.scale_merge([f0, f1], None, "avg")
+    assert want.isnan().any() and torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got.nan_to_num(posinf=0), want.nan_to_num(posinf=0))
