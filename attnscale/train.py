@@ -80,17 +80,24 @@ class CaffeSGD(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, m, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                # Caffe's diff of a parameter no loss reached is zero, not absent: decay and momentum still act
-                g = p.grad if p.grad is not None else torch.zeros_like(p)
-                if wd != 0:
-                    g = g.add(p, alpha=wd)
+            params = list(group["params"])
+            if not params:
+                continue
+            # Caffe's diff of a parameter no loss reached is zero, not absent: decay and momentum still act
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            history = []
+            for p in params:
                 st = self.state[p]
                 if "history" not in st:
                     st["history"] = torch.zeros_like(p)
-                v = st["history"]
-                v.mul_(m).add_(g, alpha=lr)
-                p.sub_(v)
+                history.append(st["history"])
+            # the same element-wise operations for the whole group at once (a few kernels on a GPU, not
+            # four per parameter)
+            if wd != 0:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(history, m)
+            torch._foreach_add_(history, grads, alpha=lr)
+            torch._foreach_sub_(params, history)
         return loss
 
 

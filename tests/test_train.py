@@ -51,6 +51,36 @@ def test_caffe_sgd_matches_hand_computation_and_differs_from_torch_sgd():
     assert abs(float(u.data[0]) - 0.88006) > 1e-3
 
 
+def test_caffe_sgd_group_update_equals_the_per_parameter_rule():
+    """The group-wise (foreach) update == Caffe's rule applied parameter by parameter, bit for bit, over
+    several steps, groups with different rates, decays and dtypes, and a parameter without a gradient."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (7, 5), (2,)]
+    base = [torch.randn(s, generator=gen) for s in shapes]
+    ws = [torch.nn.Parameter(b.clone()) for b in base]
+    ws.append(torch.nn.Parameter(torch.randn(3, generator=gen, dtype=torch.float64)))
+    groups = [dict(params=ws[:2], lr=0.01, weight_decay=5e-4), dict(params=ws[2:4], lr=0.1, weight_decay=0.0),
+              dict(params=ws[4:], lr=0.001, weight_decay=1e-3)]
+    opt = CaffeSGD(groups, lr=0.01, momentum=0.9)
+    ref = [w.detach().clone() for w in ws]
+    hist = [torch.zeros_like(w) for w in ref]
+    lrs, wds = [0.01, 0.01, 0.1, 0.1, 0.001], [5e-4, 5e-4, 0.0, 0.0, 1e-3]
+    for step in range(3):
+        grads = [torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in ws]
+        grads[3] = None if step == 1 else grads[3]
+        for w, g in zip(ws, grads):
+            w.grad = g
+        opt.step()
+        for i, g in enumerate(grads):
+            g = torch.zeros_like(ref[i]) if g is None else g
+            if wds[i] != 0:
+                g = g.add(ref[i], alpha=wds[i])
+            hist[i].mul_(0.9).add_(g, alpha=lrs[i])
+            ref[i].sub_(hist[i])
+        for w, r, h in zip(ws, ref, hist):
+            assert torch.equal(w.detach(), r) and torch.equal(opt.state[w]["history"], h)
+
+
 def test_step_policy():
     cfg = TrainConfig()
     assert [caffe_rate(cfg, i) for i in (0, 1999, 2000, 3999, 4000, 5999)] == pytest.approx(
