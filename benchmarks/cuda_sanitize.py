@@ -208,7 +208,8 @@ def check_bias_relu(failures: list) -> None:
 
 def check_interp(failures: list) -> None:
     """caffe_interp and caffe_interp_backward (interp_gather's forward and backward on a GPU): the attention
-    head's 31 -> 41 and a shrink 13x10 -> 7x9, NCHW and channels_last, every CUDA dtype; exact in float32 /
+    head's 31 -> 41 and a shrink 13x10 -> 7x9, NCHW and channels_last, every CUDA dtype, the backward's gradient
+    dense and a channel slice; exact in float32 /
     float64 (the CPU kernels' arithmetic), loosely for the half types (rounded on the GPU only)."""
     for (h, w), (oh, ow) in (((31, 21), (41, 41)), ((13, 10), (7, 9))):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -222,7 +223,10 @@ def check_interp(failures: list) -> None:
                     tables = (caffe.host_constants(caffe._interp_adjoint_tables, h, oh, dtype, device=dev)
                               + caffe.host_constants(caffe._interp_adjoint_tables, w, ow, dtype, device=dev))
                     g = on_side(grad, dev, dtype, channels_last)
-                    res[side] = [caffe_interp(xs, (oh, ow)), torch.ops.attnscale.caffe_interp_backward(g, *tables)]
+                    # and the gradient as a channel slice of a wider one (read in place through its strides)
+                    wide = on_side(torch.cat([grad[:, :2], grad, grad[:, :1]], 1), dev, dtype, channels_last)
+                    res[side] = [caffe_interp(xs, (oh, ow)), torch.ops.attnscale.caffe_interp_backward(g, *tables),
+                                 torch.ops.attnscale.caffe_interp_backward(wide[:, 2:7], *tables)]
                     sync(dev)
                 tol = 0.0 if dtype in (torch.float32, torch.float64) else 1e-2
                 report(failures, f"caffe_interp {dtype} {(h, w)}->{(oh, ow)}{' channels_last' if channels_last else ''}",

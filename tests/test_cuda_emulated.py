@@ -118,7 +118,8 @@ def test_interp_kernels(dtype, channels_last):
     """interp_kernel.cu: the forward == the index_select path (attnscale.caffe._interp_blend: each product and
     sum rounded to the dtype) bit for bit; the backward == the CPU caffe_interp_backward bit for bit (half
     types summed in float32 from the same values and tables, rounded once); an infinity among the values and
-    the gradients (an axis that keeps its size still blends: 0 * inf from the next pixel, as in Caffe)."""
+    the gradients (an axis that keeps its size still blends: 0 * inf from the next pixel, as in Caffe); the
+    backward's gradient dense or a channel slice of a wider tensor (read through its strides)."""
     gen = torch.Generator().manual_seed(3)
     ref = torch.float64 if dtype == torch.float64 else torch.float32
     for (ih, iw), (oh, ow) in INTERP_CASES:
@@ -130,9 +131,10 @@ def test_interp_kernels(dtype, channels_last):
         g[0, 3, oh // 2, ow // 2] = float("inf")
         tables = (caffe.host_constants(caffe._interp_adjoint_tables, ih, oh, dtype)
                   + caffe.host_constants(caffe._interp_adjoint_tables, iw, ow, dtype))
-        got = emu.caffe_interp_backward(_in_layout(g, channels_last), *tables, channels_last=channels_last)
         want = torch.ops.attnscale.caffe_interp_backward(g.to(ref), *tables).to(dtype)
-        assert _same(got, want), ((ih, iw), (oh, ow))
+        for slice_of in (0, 3):  # a dense gradient, and a channel slice of a wider one read in place
+            got = emu.caffe_interp_backward(g, *tables, channels_last=channels_last, slice_of=slice_of)
+            assert _same(got, want), ((ih, iw), (oh, ow), slice_of)
 
 
 # -------------------------------------------------------------------------------------------- bias_relu

@@ -221,8 +221,9 @@ def test_cuda_training_forward_uses_the_kernel(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_cuda_backward_equals_cpu_op(dtype, channels_last, monkeypatch):
     """The CUDA caffe_interp_backward == the CPU one bit for bit (fmaf / fma in the same order; half types
-    summed in float32 from the same values and tables and rounded once), the gradient in grad's layout; and
-    interp_gather's backward on a GPU runs it."""
+    summed in float32 from the same values and tables and rounded once), the gradient in grad's layout, also
+    from a channel slice of a wider gradient (read through its strides); and interp_gather's backward on a
+    GPU runs it."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     gen = torch.Generator().manual_seed(5)
@@ -233,6 +234,11 @@ def test_cuda_backward_equals_cpu_op(dtype, channels_last, monkeypatch):
         assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
         want = torch.ops.attnscale.caffe_interp_backward(g.to(ref_dtype), *_tables(ih, iw, oh, ow, dtype)).to(dtype)
         assert torch.equal(got.cpu(), want), ((ih, iw), (oh, ow))
+        # a channel slice of a wider gradient (the attention concatenation's) is read in place, same result
+        wide = torch.full((2, 14, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
+        wide[:, 3:11] = g.cuda()
+        got = torch.ops.attnscale.caffe_interp_backward(wide[:, 3:11], *_tables(ih, iw, oh, ow, dtype, "cuda"))
+        assert torch.equal(got.cpu(), want) and got.is_contiguous(memory_format=fmt), ((ih, iw), (oh, ow))
     calls = []
     real = torch.ops.attnscale.caffe_interp_backward
     monkeypatch.setattr(torch.ops.attnscale, "caffe_interp_backward", lambda *a: calls.append(1) or real(*a))

@@ -25,9 +25,12 @@ cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_
 // double): gx[h][w] = sum over th of coef_h[th][h] * (sum over tw of coef_w[tw][w] * g[idx_h[th][h]][idx_w[tw][w]]),
 // slots in order by fused multiply-adds in float (double for double), slots whose index is outside
 // [0, out) skipped; half types rounded once at the end.
-cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* idx_h, const void* coef_h, int Th,
-                                   const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
-                                   int H, int W, int OH, int OW, bool channels_last, cudaStream_t stream);
+// g is read through its element strides g_strides[0..3] (N, C, OH, OW): any view, e.g. a channel slice of
+// a concatenation's gradient, without a copy; gx (N, C, H, W) is written densely, NHWC or NCHW.
+cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* g_strides, const int64_t* idx_h,
+                                   const void* coef_h, int Th, const int64_t* idx_w, const void* coef_w, int Tw,
+                                   void* gx, int64_t N, int64_t C, int H, int W, int OH, int OW, bool channels_last,
+                                   cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace interp

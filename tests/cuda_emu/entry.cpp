@@ -61,12 +61,12 @@ int emu_interp(int dt, const void* x, void* y, int64_t N, int64_t C, int H, int 
       [&] { return interp::cuda::launch_interp(dtype_of(dt), x, y, N, C, H, W, OH, OW, channels_last, nullptr); });
 }
 
-int emu_interp_backward(int dt, const void* g, const int64_t* idx_h, const void* coef_h, int Th, const int64_t* idx_w,
-                        const void* coef_w, int Tw, void* gx, int64_t N, int64_t C, int H, int W, int OH, int OW,
-                        int channels_last) {
+int emu_interp_backward(int dt, const void* g, const int64_t* g_strides, const int64_t* idx_h, const void* coef_h,
+                        int Th, const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C, int H,
+                        int W, int OH, int OW, int channels_last) {
   return guarded([&] {
-    return interp::cuda::launch_interp_backward(dtype_of(dt), g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H,
-                                                W, OH, OW, channels_last, nullptr);
+    return interp::cuda::launch_interp_backward(dtype_of(dt), g, g_strides, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx,
+                                                N, C, H, W, OH, OW, channels_last, nullptr);
   });
 }
 

@@ -116,13 +116,19 @@ def caffe_interp(x, oh, ow, channels_last=False):
     return y.t.clone()
 
 
-def caffe_interp_backward(g, idx_h, coef_h, idx_w, coef_w, channels_last=False):
+def caffe_interp_backward(g, idx_h, coef_h, idx_w, coef_w, channels_last=False, slice_of=0):
+    """slice_of > 0: g is read in place as channels [slice_of, slice_of + C) of a tensor of C + 2 slice_of
+    channels (the others NaN): a channel slice of a concatenation's gradient, as the glue passes it."""
     N, C, oh, ow = g.shape
     H, W = idx_h.shape[1], idx_w.shape[1]
-    gg = _arg(g, channels_last)
+    gg = _Guarded((N, C + 2 * slice_of, oh, ow), g.dtype, channels_last)
+    view = gg.t[:, slice_of:slice_of + C]
+    view.copy_(g)
+    strides = (ctypes.c_int64 * 4)(*view.stride())
     tabs = [_Guarded(tuple(t.shape), t.dtype, fill=t) for t in (idx_h, coef_h, idx_w, coef_w)]
     gx = _Guarded((N, C, H, W), g.dtype, channels_last)
-    _call("emu_interp_backward", _i32(DTYPES[g.dtype]), gg.ptr(), tabs[0].ptr(), tabs[1].ptr(), _i32(idx_h.shape[0]),
+    _call("emu_interp_backward", _i32(DTYPES[g.dtype]), ctypes.c_void_p(view.data_ptr()), strides, tabs[0].ptr(),
+          tabs[1].ptr(), _i32(idx_h.shape[0]),
           tabs[2].ptr(), tabs[3].ptr(), _i32(idx_w.shape[0]), gx.ptr(), _i64(N), _i64(C),
           *map(_i32, (H, W, oh, ow)), _i32(channels_last))
     gx.check("emu_interp_backward")

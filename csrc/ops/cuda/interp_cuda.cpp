@@ -36,12 +36,15 @@ at::Tensor caffe_interp_backward_cuda(const at::Tensor& grad_in, const at::Tenso
   const auto [H, W] = check_backward_args(grad_in, idx_h, coef_h, idx_w, coef_w);
   const DType dt = cuda_dtype_of("caffe_interp_backward", "grad", grad_in);
   const c10::cuda::CUDAGuard guard(grad_in.device());
+  // the gradient is read in place through its strides (a channel slice of the attention concatenation's
+  // gradient needs no copy); the result is dense in the layout grad suggests
   const auto fmt = layout_of(grad_in);
-  const at::Tensor g = grad_in.contiguous(fmt);
+  const at::Tensor& g = grad_in;
   at::Tensor gx = at::empty({g.size(0), g.size(1), H, W}, g.options().memory_format(fmt));
   if (gx.numel() == 0) return gx;
+  const int64_t g_strides[4] = {g.stride(0), g.stride(1), g.stride(2), g.stride(3)};
   check_launch("caffe_interp_backward", cuda::launch_interp_backward(
-      dt, g.data_ptr(), idx_h.data_ptr<int64_t>(), coef_h.data_ptr(), static_cast<int>(idx_h.size(0)),
+      dt, g.data_ptr(), g_strides, idx_h.data_ptr<int64_t>(), coef_h.data_ptr(), static_cast<int>(idx_h.size(0)),
       idx_w.data_ptr<int64_t>(), coef_w.data_ptr(), static_cast<int>(idx_w.size(0)), gx.data_ptr(), g.size(0),
       g.size(1), static_cast<int>(H), static_cast<int>(W), static_cast<int>(g.size(2)), static_cast<int>(g.size(3)),
       fmt == at::MemoryFormat::ChannelsLast, c10::cuda::getCurrentCUDAStream().stream()));

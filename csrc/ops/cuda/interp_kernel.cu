@@ -2,7 +2,7 @@
 // element, NCHW or NHWC, in the order and rounding of the index_select path (attnscale.caffe._interp_blend):
 // the horizontal blends of the two source rows, then the vertical blend, each product and sum rounded to
 // the dtype; and of its backward caffe_interp_backward (a thread per source element gathering through the
-// per-axis adjoint tables).  No torch headers: raw pointers, sizes and a cudaStream_t (see ops/interp_cuda.h).
+// per-axis adjoint tables, reading the gradient through its strides).  No torch headers: raw pointers, sizes and a cudaStream_t (see ops/interp_cuda.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -121,9 +121,14 @@ cudaError_t launch_typed(const void* x, void* y, int64_t N, int64_t C, int H, in
   return cudaGetLastError();
 }
 
+// element strides of the gradient read by the backward (any view)
+struct GradStrides {
+  int64_t n, c, h, w;
+};
+
 template <typename T, bool NHWC>
 __global__ void __launch_bounds__(kThreads)
-    interp_backward_kernel(const T* __restrict__ g, const int64_t* __restrict__ idx_h,
+    interp_backward_kernel(const T* __restrict__ g, GradStrides gs, const int64_t* __restrict__ idx_h,
                            const typename AccOf<T>::type* __restrict__ coef_h, int Th,
                            const int64_t* __restrict__ idx_w, const typename AccOf<T>::type* __restrict__ coef_w,
                            int Tw, T* __restrict__ gx, int64_t total, int64_t C, int H, int W, int OH, int OW) {
@@ -142,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int tw = 0; tw < Tw; ++tw) {
         const int64_t ow = idx_w[static_cast<int64_t>(tw) * W + w];
         if (ow < 0 || ow >= OW) continue;
-        const int64_t off = offset<int64_t, NHWC>(n, c, oh, ow, C, OH, OW);
+        const int64_t off = n * gs.n + c * gs.c + oh * gs.h + ow * gs.w;
         inner = fma(static_cast<A>(Ar::load(g[off])), coef_w[static_cast<int64_t>(tw) * W + w], inner);
       }
       outer = fma(inner, coef_h[static_cast<int64_t>(th) * H + h], outer);
@@ -152,7 +157,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename T>
-cudaError_t launch_backward_typed(const void* g, const int64_t* idx_h, const void* coef_h, int Th,
+cudaError_t launch_backward_typed(const void* g, const int64_t* g_strides, const int64_t* idx_h, const void* coef_h,
+                                  int Th,
                                   const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
                                   int H, int W, int OH, int OW, bool nhwc, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
@@ -163,12 +169,13 @@ cudaError_t launch_backward_typed(const void* g, const int64_t* idx_h, const voi
   const A* ch = static_cast<const A*>(coef_h);
   const A* cw = static_cast<const A*>(coef_w);
   T* xp = static_cast<T*>(gx);
+  const GradStrides gs{g_strides[0], g_strides[1], g_strides[2], g_strides[3]};
   if (nhwc)
-    interp_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(gp, idx_h, ch, Th, idx_w, cw, Tw, xp, total, C, H,
-                                                                    W, OH, OW);
+    interp_backward_kernel<T, true><<<grid, kThreads, 0, stream>>>(gp, gs, idx_h, ch, Th, idx_w, cw, Tw, xp, total, C,
+                                                                    H, W, OH, OW);
   else
-    interp_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(gp, idx_h, ch, Th, idx_w, cw, Tw, xp, total, C,
-                                                                     H, W, OH, OW);
+    interp_backward_kernel<T, false><<<grid, kThreads, 0, stream>>>(gp, gs, idx_h, ch, Th, idx_w, cw, Tw, xp, total,
+                                                                     C, H, W, OH, OW);
   return cudaGetLastError();
 }
 
@@ -179,11 +186,12 @@ cudaError_t launch_interp(DType dtype, const void* x, void* y, int64_t N, int64_
   ATTNSCALE_DISPATCH_DTYPE(dtype, launch_typed, x, y, N, C, H, W, OH, OW, channels_last, stream);
 }
 
-cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* idx_h, const void* coef_h, int Th,
-                                   const int64_t* idx_w, const void* coef_w, int Tw, void* gx, int64_t N, int64_t C,
-                                   int H, int W, int OH, int OW, bool channels_last, cudaStream_t stream) {
-  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_backward_typed, g, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C, H, W, OH,
-                           OW, channels_last, stream);
+cudaError_t launch_interp_backward(DType dtype, const void* g, const int64_t* g_strides, const int64_t* idx_h,
+                                   const void* coef_h, int Th, const int64_t* idx_w, const void* coef_w, int Tw,
+                                   void* gx, int64_t N, int64_t C, int H, int W, int OH, int OW, bool channels_last,
+                                   cudaStream_t stream) {
+  ATTNSCALE_DISPATCH_DTYPE(dtype, launch_backward_typed, g, g_strides, idx_h, coef_h, Th, idx_w, coef_w, Tw, gx, N, C,
+                           H, W, OH, OW, channels_last, stream);
 }
 
 }  // namespace cuda
