@@ -1,7 +1,7 @@
 """The CUDA kernels' own source (csrc/ops/cuda/*_kernel.cu) run on the CPU under tests/cuda_emu (host-compiled,
 blocks in order, a block's threads as fibers: barriers, shared memory and warp shuffles as CUDA defines them),
-against the CPU kernels, with the same expectations as the CUDA tests that need a GPU (test_max_pool,
-test_interp, test_bias_relu, test_scale_merge).  So the index arithmetic, layouts, vector paths, launch
+against the CPU kernels (or float64 F.conv2d), with the same expectations as the CUDA tests that need a GPU
+(test_max_pool, test_interp, test_bias_relu, test_scale_merge, test_dilated_conv).  So the index arithmetic, layouts, vector paths, launch
 configurations and reductions of every kernel are checked on every machine; what emulation cannot show
 (timing, the memory model, nvcc's code generation) stays with the GPU run (benchmarks/gpu_proof.sh).  Every
 buffer sits between sentinel margins: a write outside it fails, a read outside it brings NaNs in."""
@@ -234,3 +234,46 @@ def test_scale_merge_kernel_blends_an_axis_that_keeps_its_size(hw):
     want, _ = torch.ops.attnscale.scale_merge([f0, f1], None, "avg")
     assert want.isnan().any() and torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got.nan_to_num(posinf=0), want.nan_to_num(posinf=0))
+
+
+# ------------------------------------------------------------------------------------ dilated convolution
+CONV_CASES = [  # (dtype, forward rel tol, backward rel tol, tensor cores): test_dilated_conv's CUDA cases
+    (torch.float64, 1e-10, 1e-10, False),
+    (torch.float32, 1e-5, 1e-5, False),
+    (torch.float32, 5e-3, 5e-3, True),
+    (torch.bfloat16, 2e-2, 3e-2, True),
+    (torch.float16, 5e-3, 5e-3, True),
+]
+CONV_SHAPES = [  # (N, C, O, H, W, k, dilation, padding)
+    (2, 4, 6, 13, 13, 3, 5, 5), (2, 3, 4, 9, 9, 3, 1, 1), (1, 2, 3, 5, 5, 3, 12, 12), (2, 3, 2, 7, 11, 3, 4, 4),
+    (1, 2, 3, 9, 6, 5, 2, 3), (1, 2, 3, 4, 4, 3, 1, 4), (2, 3, 2, 6, 5, 1, 1, 0), (2, 40, 70, 21, 19, 3, 12, 12),
+]
+
+
+def _rel_err(a, e):
+    return ((a - e).norm() / e.norm()).item()
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-tc{c[3]}")
+@pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dilated_conv_kernels(case, shape):
+    """dilated_conv_kernel.cu's direct kernels (the tensor-core implicit GEMM through an emulation of
+    nvcuda::wmma, the SIMT kernels, split-K weight gradient and its fixed-order reduction, the bias
+    gradient's tree): forward, input, weight and bias gradients against F.conv2d in float64 from the same
+    rounded values, to the CUDA tests' tolerances; partial tiles, dead taps, outputs with no live tap."""
+    dtype, tol_f, tol_b, tc = case
+    n, c, o, h, w, k, d, p = shape
+    gen = torch.Generator().manual_seed(n + c + o + h + w + k + d + p)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    wt = (torch.randn(o, c, k, k, generator=gen, dtype=torch.float64) / (c * k * k) ** 0.5).to(dtype)
+    b = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    ref = torch.nn.functional.conv2d(x.double(), wt.double(), b.double(), padding=p, dilation=d)
+    y = emu.dilated_conv2d(x, wt, b, d, p, tc)
+    assert y.shape == ref.shape and _rel_err(y.double(), ref) < tol_f
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+    xr, wr, br = (t.double().requires_grad_() for t in (x, wt, b))
+    want = torch.autograd.grad(torch.nn.functional.conv2d(xr, wr, br, padding=p, dilation=d), (xr, wr, br), g.double())
+    gx = emu.dilated_conv2d_backward_input(g, wt, x.shape, d, p, tc)
+    gw, gb = emu.dilated_conv2d_backward_weight(g, x, k, d, p, tc)
+    for name, a, e in zip(("x", "weight", "bias"), (gx, gw, gb), want):
+        assert _rel_err(a.double(), e) < tol_b, name

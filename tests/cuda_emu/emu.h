@@ -82,6 +82,92 @@ inline int xor_lane(int lane, int m, int width) {
 
 }  // namespace emu
 
+// nvcuda::wmma (mma.h declares it for nvcc only): a fragment holds its whole tile in every lane (float
+// values: tf32, bfloat16 and half convert exactly), so each lane's load, multiply-add and store is the
+// warp's collective result; the products are summed in float in k order (the tensor cores' order and
+// internal precision are unspecified: compare with a tolerance).
+namespace nvcuda {
+namespace wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+namespace precision {
+struct tf32 {};
+}  // namespace precision
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K>
+struct tile_shape;
+template <int M, int N, int K>
+struct tile_shape<matrix_a, M, N, K> {
+  static constexpr int rows = M, cols = K;
+};
+template <int M, int N, int K>
+struct tile_shape<matrix_b, M, N, K> {
+  static constexpr int rows = K, cols = N;
+};
+template <int M, int N, int K>
+struct tile_shape<accumulator, M, N, K> {
+  static constexpr int rows = M, cols = N;
+};
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int rows = tile_shape<Use, M, N, K>::rows, cols = tile_shape<Use, M, N, K>::cols;
+  float v[rows][cols];
+};
+
+inline float to_float_(float v) { return v; }
+inline float to_float_(__half v) { return __half2float(v); }
+inline float to_float_(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename Use, int M, int N, int K, typename T, typename L, typename S>
+void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const S* p, unsigned ldm) {
+  static_assert(!std::is_same<L, col_major>::value, "emu: only row_major operands are emulated");
+  for (int r = 0; r < f.rows; ++r)
+    for (int c = 0; c < f.cols; ++c) f.v[r][c] = to_float_(p[static_cast<size_t>(r) * ldm + c]);
+}
+
+template <int M, int N, int K, typename T>
+void fill_fragment(fragment<accumulator, M, N, K, T>& f, float x) {
+  for (auto& row : f.v)
+    for (auto& e : row) e = x;
+}
+
+template <int M, int N, int K, typename TA, typename LA, typename TB, typename LB, typename TC>
+void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
+              const fragment<matrix_b, M, N, K, TB, LB>& b, const fragment<accumulator, M, N, K, TC>& c) {
+  fragment<accumulator, M, N, K, TC> r;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float s = c.v[i][j];
+      for (int k = 0; k < K; ++k) s += a.v[i][k] * b.v[k][j];
+      r.v[i][j] = s;
+    }
+  d = r;
+}
+
+template <int M, int N, int K, typename T>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, T>& f, unsigned ldm, layout_t layout) {
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j)
+      p[layout == mem_row_major ? static_cast<size_t>(i) * ldm + j : static_cast<size_t>(j) * ldm + i] = f.v[i][j];
+}
+
+// round to nearest, ties away from zero, keeping 10 mantissa bits (cvt.rna.tf32.f32)
+inline float __float_to_tf32(float x) {
+  if (!std::isfinite(x)) return x;
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  u = (u + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+}  // namespace wmma
+}  // namespace nvcuda
+
 #ifndef EMU_RUNTIME
 // the built-in variables and qualifiers as host code
 #define threadIdx (::emu::thread_idx)

@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "ops/bias_relu_cuda.h"
+#include "ops/dilated_conv_cuda.h"
 #include "ops/interp_cuda.h"
 #include "ops/max_pool_cuda.h"
 #include "ops/scale_merge_cuda.h"
@@ -133,6 +134,42 @@ int emu_scale_merge_backward(int dt, int mode, int S, int64_t N, int64_t C, cons
     p.backward_layout = backward_layout;
     return scale_merge::cuda::launch_backward(p, grad_merged, grad_weights, scores, logits, weights, grad_scores,
                                               grad_logits, nullptr);
+  });
+}
+
+// dilated_conv2d's direct kernels; shape: N, C, H, W, O, KH, KW, Ho, Wo, dilation, padding
+namespace {
+dilated_conv::ConvShape conv_shape(const int64_t* s) {
+  return dilated_conv::ConvShape{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10]};
+}
+dilated_conv::CudaDType conv_dtype(int d) { return static_cast<dilated_conv::CudaDType>(d); }
+}  // namespace
+
+int emu_dilated_conv_forward(int dt, const void* x, const void* wpack, const void* bias, void* out,
+                             const int64_t* shape, int tensor_cores) {
+  return guarded([&] {
+    return dilated_conv::launch_dilated_conv_forward(conv_dtype(dt), x, wpack, bias, out, conv_shape(shape),
+                                                     tensor_cores, nullptr);
+  });
+}
+
+int emu_dilated_conv_backward_input(int dt, const void* grad_out, const void* wpack_t, void* grad_x,
+                                    const int64_t* shape, int tensor_cores) {
+  return guarded([&] {
+    return dilated_conv::launch_dilated_conv_backward_input(conv_dtype(dt), grad_out, wpack_t, grad_x,
+                                                            conv_shape(shape), tensor_cores, nullptr);
+  });
+}
+
+int64_t emu_dilated_conv_workspace(int dt, const int64_t* shape, int tensor_cores) {
+  return dilated_conv::dilated_conv_backward_weight_workspace(conv_shape(shape), conv_dtype(dt), tensor_cores);
+}
+
+int emu_dilated_conv_backward_weight(int dt, const void* grad_out, const void* x, void* grad_w, void* grad_b,
+                                     float* workspace, const int64_t* shape, int tensor_cores) {
+  return guarded([&] {
+    return dilated_conv::launch_dilated_conv_backward_weight(conv_dtype(dt), grad_out, x, grad_w, grad_b, workspace,
+                                                             conv_shape(shape), tensor_cores, nullptr);
   });
 }
 

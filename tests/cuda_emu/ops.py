@@ -207,3 +207,50 @@ def scale_merge_backward(grad_merged, grad_weights, scores, logits, mode, weight
     if glog:
         glog.check("emu_scale_merge_backward grad logits")
     return [g.t.clone() for g in gsc], (glog.t.clone() if glog else None)
+
+
+CONV_DTYPES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}  # dilated_conv::CudaDType
+
+
+def _conv_shape(x_shape, w_shape, dilation, padding):
+    N, C, H, W = x_shape
+    O, _, KH, KW = w_shape
+    Ho, Wo = H + 2 * padding - dilation * (KH - 1), W + 2 * padding - dilation * (KW - 1)
+    return (ctypes.c_int64 * 11)(N, C, H, W, O, KH, KW, Ho, Wo, dilation, padding), (N, O, Ho, Wo)
+
+
+def dilated_conv2d(x, weight, bias, dilation, padding, tensor_cores):
+    """The direct kernels' forward, as dilated_conv_cuda.cpp calls them (weights packed [KH][KW][O][C])."""
+    shape, out_shape = _conv_shape(x.shape, weight.shape, dilation, padding)
+    xg, wg = _arg(x.contiguous(), False), _arg(weight.permute(2, 3, 0, 1).contiguous(), False)
+    bg = _arg(bias, False) if bias is not None else None
+    out = _Guarded(out_shape, x.dtype)
+    _call("emu_dilated_conv_forward", _i32(CONV_DTYPES[x.dtype]), xg.ptr(), wg.ptr(), bg.ptr() if bg else None,
+          out.ptr(), shape, _i32(tensor_cores))
+    out.check("emu_dilated_conv_forward")
+    return out.t.clone()
+
+
+def dilated_conv2d_backward_input(grad_out, weight, x_shape, dilation, padding, tensor_cores):
+    shape, _ = _conv_shape(x_shape, weight.shape, dilation, padding)
+    gg, wg = _arg(grad_out.contiguous(), False), _arg(weight.permute(2, 3, 1, 0).contiguous(), False)
+    gx = _Guarded(tuple(x_shape), grad_out.dtype)
+    _call("emu_dilated_conv_backward_input", _i32(CONV_DTYPES[grad_out.dtype]), gg.ptr(), wg.ptr(), gx.ptr(), shape,
+          _i32(tensor_cores))
+    gx.check("emu_dilated_conv_backward_input")
+    return gx.t.clone()
+
+
+def dilated_conv2d_backward_weight(grad_out, x, kernel, dilation, padding, tensor_cores):
+    w_shape = (grad_out.shape[1], x.shape[1], kernel, kernel)
+    shape, _ = _conv_shape(x.shape, w_shape, dilation, padding)
+    dt = _i32(CONV_DTYPES[x.dtype])
+    lib().emu_dilated_conv_workspace.restype = ctypes.c_int64
+    ws = _Guarded((max(lib().emu_dilated_conv_workspace(dt, shape, _i32(tensor_cores)), 1),), torch.float32)
+    gg, xg = _arg(grad_out.contiguous(), False), _arg(x.contiguous(), False)
+    gw, gb = _Guarded(w_shape, x.dtype), _Guarded((w_shape[0],), x.dtype)
+    _call("emu_dilated_conv_backward_weight", dt, gg.ptr(), xg.ptr(), gw.ptr(), gb.ptr(), ws.ptr(), shape,
+          _i32(tensor_cores))
+    for t, name in ((gw, "grad weight"), (gb, "grad bias"), (ws, "workspace")):
+        t.check(f"emu_dilated_conv_backward_weight {name}")
+    return gw.t.clone(), gb.t.clone()
