@@ -57,18 +57,21 @@ cudaError_t get_last_error(bool clear);
 int lane();
 unsigned long long* warp_slots();  // one 8-byte slot per thread of the block
 
+// A full-warp shuffle: every lane publishes v, waits for its warp, reads the value of lane
+// source_lane(lane, arg, width) (its own where that lane is past the block's last thread), waits again.
 template <typename T>
-T shfl(unsigned mask, T v, int src_lane_of_mine_fn(int lane, int arg, int width), int arg, int width) {
+T shfl(unsigned mask, T v, int source_lane(int lane, int arg, int width), int arg, int width) {
   static_assert(sizeof(T) <= 8, "shuffle of a type over 8 bytes");
   if (mask != 0xffffffffu) throw std::logic_error("emu: only full-warp shuffles are emulated");
   unsigned long long* slots = warp_slots();
   const int me = static_cast<int>(thread_idx.x + block_dim.x * (thread_idx.y + block_dim.y * thread_idx.z));
+  const int threads = static_cast<int>(block_dim.x * block_dim.y * block_dim.z);
   const int base = me - lane();
   std::memcpy(&slots[me], &v, sizeof(T));
   syncwarp();
-  const int src = src_lane_of_mine_fn(lane(), arg, width);
-  T r;
-  std::memcpy(&r, &slots[base + src], sizeof(T));
+  const int src = base + source_lane(lane(), arg, width);
+  T r = v;
+  if (src < threads) std::memcpy(&r, &slots[src], sizeof(T));
   syncwarp();
   return r;
 }

@@ -5,10 +5,9 @@
 
 #include <ucontext.h>
 
-#include <cstdio>
-#include <cstdlib>
 #include <algorithm>
 #include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -36,7 +35,7 @@ constexpr size_t kMaxSmem = 48 * 1024;  // without cudaFuncSetAttribute's opt-in
 
 ucontext_t scheduler;
 std::vector<Fiber> fibers;
-std::vector<std::vector<char>> stacks;
+std::vector<std::unique_ptr<char[]>> stacks;  // kStackBytes each, touched only as deep as a thread goes
 std::vector<unsigned long long> slots;
 std::vector<unsigned char> smem_buffer;
 int current = -1;
@@ -132,11 +131,7 @@ void run(const Config& c, const std::function<void()>& fn) {
     last_error = cudaErrorInvalidValue;
     return;
   }
-  if (stacks.size() < threads) {
-    stacks.resize(threads);
-    for (auto& s : stacks)
-      if (s.empty()) s.resize(kStackBytes);
-  }
+  while (stacks.size() < threads) stacks.emplace_back(new char[kStackBytes]);
   smem_buffer.resize(c.smem + 16);
   dynamic_smem = smem_buffer.data() + (16 - reinterpret_cast<uintptr_t>(smem_buffer.data()) % 16) % 16;
   slots.assign(threads, 0);
@@ -158,7 +153,7 @@ void run(const Config& c, const std::function<void()>& fn) {
               f.tid = make_uint3(x, y, z);
               f.linear = i;
               getcontext(&f.ctx);
-              f.ctx.uc_stack.ss_sp = stacks[i].data();
+              f.ctx.uc_stack.ss_sp = stacks[i].get();
               f.ctx.uc_stack.ss_size = kStackBytes;
               f.ctx.uc_link = &scheduler;
               makecontext(&f.ctx, trampoline, 0);
