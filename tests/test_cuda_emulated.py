@@ -13,6 +13,7 @@ import torch
 from attnscale import caffe
 from attnscale.ops import has_extension
 from tests.cuda_emu import build
+from tests.test_max_pool import _train_cases
 
 pytestmark = [pytest.mark.skipif(not has_extension(), reason="attnscale._C not built"),
               pytest.mark.skipif(build.unavailable() is not None,
@@ -66,17 +67,10 @@ MAX_POOL_CONFIGS = [(3, 2, 1), (3, 1, 1), (2, 2, 0), (5, 2, 2), (4, 3, 1)]
 
 
 def _pool_cases(k, s, p, gen):
-    for h in (1, 2, 5, 13, 33):
-        for w in (1, 3, 8, 17):
-            try:
-                oh, ow = caffe.pool_output_shape((h, w), k, s, p)
-            except ValueError:
-                continue
-            if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
-                continue
-            x = torch.randint(-3, 4, (2, 5, h, w), generator=gen).float()
-            x[0, 1, h // 2, w // 2] = float("nan")
-            yield x, (oh, ow)
+    """test_max_pool's cases (every size Caffe's rule accepts, integer values: ties), a NaN in each."""
+    for x, out_hw in _train_cases(k, s, p, gen, sizes_h=(1, 2, 5, 13, 33), sizes_w=(1, 3, 8, 17)):
+        x[0, 1, x.shape[2] // 2, x.shape[3] // 2] = float("nan")
+        yield x, out_hw
 
 
 @pytest.mark.parametrize("k,s,p", MAX_POOL_CONFIGS)

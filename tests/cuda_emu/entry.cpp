@@ -98,20 +98,30 @@ int emu_bias_relu_backward(int dt, const void* g, const void* out, void* gx, voi
   });
 }
 
+}  // extern "C"
+
 // scale_merge: mode 0 attention, 1 avg, 2 max; H, W: S sizes each
+static scale_merge::cuda::Problem merge_problem(int dt, int mode, int S, int64_t N, int64_t C, const int* H,
+                                                const int* W) {
+  scale_merge::cuda::Problem p;
+  p.S = S;
+  p.N = N;
+  p.C = C;
+  for (int s = 0; s < S; ++s) {
+    p.H[s] = H[s];
+    p.W[s] = W[s];
+  }
+  p.mode = mode;
+  p.dtype = static_cast<scale_merge::cuda::DType>(dt);
+  return p;
+}
+
+extern "C" {
+
 int emu_scale_merge(int dt, int mode, int S, int64_t N, int64_t C, const int* H, const int* W,
                     const void* const* scores, const void* logits, void* merged, void* weights) {
   return guarded([&] {
-    scale_merge::cuda::Problem p;
-    p.S = S;
-    p.N = N;
-    p.C = C;
-    for (int s = 0; s < S; ++s) {
-      p.H[s] = H[s];
-      p.W[s] = W[s];
-    }
-    p.mode = mode;
-    p.dtype = static_cast<scale_merge::cuda::DType>(dt);
+    const scale_merge::cuda::Problem p = merge_problem(dt, mode, S, N, C, H, W);
     return scale_merge::cuda::launch_forward(p, scores, logits, merged, weights, nullptr);
   });
 }
@@ -121,16 +131,7 @@ int emu_scale_merge_backward(int dt, int mode, int S, int64_t N, int64_t C, cons
                              const void* const* scores, const void* logits, const void* weights,
                              void* const* grad_scores, void* grad_logits) {
   return guarded([&] {
-    scale_merge::cuda::Problem p;
-    p.S = S;
-    p.N = N;
-    p.C = C;
-    for (int s = 0; s < S; ++s) {
-      p.H[s] = H[s];
-      p.W[s] = W[s];
-    }
-    p.mode = mode;
-    p.dtype = static_cast<scale_merge::cuda::DType>(dt);
+    scale_merge::cuda::Problem p = merge_problem(dt, mode, S, N, C, H, W);
     p.backward_layout = backward_layout;
     return scale_merge::cuda::launch_backward(p, grad_merged, grad_weights, scores, logits, weights, grad_scores,
                                               grad_logits, nullptr);
