@@ -208,7 +208,8 @@ def test_cuda_training_forward_uses_the_kernel(monkeypatch):
         yr = caffe.interp(xr, (41, 41))
     (gr,) = torch.autograd.grad(yr, xr, g)
     assert torch.equal(y, yr)
-    torch.testing.assert_close(gx.float(), gr.float(), rtol=2e-2, atol=2e-2)
+    # bf16: autograd's path rounds every product and sum (and adds atomically, in any order), the kernel once
+    torch.testing.assert_close(gx.float(), gr.float(), rtol=2e-2, atol=5e-2)
     monkeypatch.undo()
     torch.library.opcheck(torch.ops.attnscale.caffe_interp, (x.float(), 41, 45),
                           test_utils=("test_schema", "test_faketensor"))
