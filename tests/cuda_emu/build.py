@@ -1,10 +1,10 @@
 """Build attnscale's CUDA kernel sources for the CPU emulator (emu.h, runtime.cpp) and load them with ctypes.
 
-``load()`` rewrites each ``kernel<<<config>>>(args)`` of the chosen ``csrc/ops/cuda/*_kernel.cu`` files into
+``load()`` rewrites each ``kernel<<<config>>>(args)`` of the ``csrc/ops/cuda`` files in ``KERNELS`` into
 ``::emu::launch(::emu::config(config), kernel, args)``, compiles them with the host C++ compiler (``-include
-emu.h``: CUDA's built-in variables, qualifiers, barriers, shuffles and device intrinsics as host code, over
-the CUDA toolkit's own headers for the half types and dim3), links them with ``entry.cpp``'s C entry points
-and returns the library.  Built once per source hash under ``build/cuda_emu/``.  Needs the CUDA toolkit's
+emu.h``: CUDA's built-in variables, qualifiers, barriers, shuffles, ``wmma`` and device intrinsics as host
+code, over the CUDA toolkit's own headers for the half types and dim3), links them with ``entry.cpp``'s C
+entry points and returns the library.  Built once per source hash under ``build/cuda_emu/``.  Needs the CUDA toolkit's
 headers (``nvcc`` on PATH, ``CUDA_HOME`` or ``/usr/local/cuda``) and ``g++``; ``unavailable()`` says what is
 missing.
 """
@@ -93,13 +93,14 @@ def rewrite_launches(src: str, name: str) -> str:
                   r"\1* \2 = reinterpret_cast<\1*>(::emu::dynamic_smem);", text)
 
 
-def load(kernels: tuple[str, ...] = KERNELS) -> ctypes.CDLL:
-    """The emulated kernels' library (built if its sources changed)."""
+def load() -> ctypes.CDLL:
+    """The emulated kernels' library: KERNELS, the self-test kernels and entry.cpp's C entry points (built if
+    a source changed)."""
     why = unavailable()
     if why:
         raise RuntimeError(f"CUDA emulator unavailable: {why}")
     inc = cuda_include()
-    paths = {k: ROOT / "csrc/ops/cuda" / k for k in kernels} | {SELFTEST.name: SELFTEST}
+    paths = {k: ROOT / "csrc/ops/cuda" / k for k in KERNELS} | {SELFTEST.name: SELFTEST}
     sources = {k: p.read_text() for k, p in paths.items()}
     digest = hashlib.sha256()
     for path in sorted((ROOT / "csrc/ops").rglob("*.h")) + sorted((ROOT / "csrc/ops").rglob("*.cuh")):
