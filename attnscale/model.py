@@ -175,13 +175,19 @@ class AttentionToScale(nn.Module):
             rounds it); bias gradients equal up to summation order (under autocast the float32 sum, not rounded
             to the half type first).  Ignored on a CPU (oneDNN adds the bias inside its convolution), with
             ``use_reference_ops`` and under torch.compile (Inductor fuses them).
+        fuse_dropout: with ``fuse_bias_relu`` in training, the Dropout after fc6's, fc7's and att_conv1's ReLU
+            runs inside :func:`attnscale.ops.bias_relu` (its Philox mask drawn in the same pass and not stored:
+            the backward reads it off the output), instead of ``F.dropout``'s passes and byte masks.  The
+            same distribution and scaling, another random stream.  Not inside CUDA graph capture (the seed
+            is drawn on the host).
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
                  merge: str | None = "attention", extra_supervision: bool = True, width: float = 1.0,
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
                  dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
-                 fc6_impl: str = "auto", scale_streams: bool = True, fuse_bias_relu: bool = True):
+                 fc6_impl: str = "auto", scale_streams: bool = True, fuse_bias_relu: bool = True,
+                 fuse_dropout: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -216,6 +222,7 @@ class AttentionToScale(nn.Module):
         self.fc6_impl = fc6_impl
         self.scale_streams = bool(scale_streams)
         self.fuse_bias_relu = bool(fuse_bias_relu)
+        self.fuse_dropout = bool(fuse_dropout)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
@@ -323,13 +330,21 @@ class AttentionToScale(nn.Module):
         fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
         return fn(x, conv.weight, conv.bias if bias else None, dilation=conv.dilation[0], padding=conv.padding[0])
 
-    def _conv(self, x, name: str, relu: bool = False):
+    def _bias_relu(self, x, bias, drop: bool):
+        """:func:`bias_relu` of a convolution's output without its bias; when ``drop``, the layer's Dropout
+        after it (inside the op with ``fuse_dropout`` in training, else :meth:`_drop`)."""
+        inside = (drop and self.fuse_dropout and self.training and self.dropout > 0
+                  and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+        y = bias_relu(x, bias, self.dropout if inside else 0.0)
+        return self._drop(y) if drop and not inside else y
+
+    def _conv(self, x, name: str, relu: bool = False, drop: bool = False):
         """Layer ``name`` (an ``nn.Conv2d``) on x, followed by its ReLU when ``relu``: through Winograd
         (F(2x2, 3x3) for "winograd" and for "auto" without gradients unless :func:`cpu_prefers_onednn` or
         :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused)
         when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
         convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu`` (on a GPU the convolution without
-        its bias, then :func:`bias_relu`: ``fuse_bias_relu``)."""
+        its bias, then :func:`bias_relu`: ``fuse_bias_relu``); then the layer's Dropout when ``drop``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl in ("auto", "auto4"):
@@ -341,16 +356,18 @@ class AttentionToScale(nn.Module):
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):
             if relu and self._fuses(x):
-                return bias_relu(conv._conv_forward(x, conv.weight, None), conv.bias)
-            return F.relu(conv(x)) if relu else conv(x)
+                return self._bias_relu(conv._conv_forward(x, conv.weight, None), conv.bias, drop)
+            y = F.relu(conv(x)) if relu else conv(x)
+            return self._drop(y) if drop else y
         w = conv.weight
         tile = 4 if impl == "winograd4" else 2
         hit = self._winograd_cache.get(name)
         if hit is None or hit[0] is not w or hit[1] != w._version or hit[2].shape[0] != (tile + 2) ** 2:
             hit = (w, w._version, winograd_weight(w, tile))
             self._winograd_cache[name] = hit
-        return winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0],
-                               relu=relu)
+        y = winograd_conv2d(x, w, conv.bias, conv.padding[0], weight_winograd=hit[2], dilation=conv.dilation[0],
+                            relu=relu)
+        return self._drop(y) if drop else y
 
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
@@ -364,11 +381,10 @@ class AttentionToScale(nn.Module):
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
         if self._fuses(x):
-            x = bias_relu(self._dilated(x, self.fc6, bias=False), self.fc6.bias)
+            x = self._bias_relu(self._dilated(x, self.fc6, bias=False), self.fc6.bias, drop=True)
         else:
-            x = F.relu(self._dilated(x, self.fc6))
-        x = self._drop(x)
-        fc7 = self._drop(self._conv(x, "fc7", relu=True))
+            x = self._drop(F.relu(self._dilated(x, self.fc6)))
+        fc7 = self._conv(x, "fc7", relu=True, drop=True)
         return fc7, self.classifier(fc7)
 
     def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -423,7 +439,7 @@ class AttentionToScale(nn.Module):
         if self.merge == "attention":
             # fc7_concat: fc7 of every scale, Interp'ed to the scale-1 size by _scale_trunks
             cat = torch.cat(fc7s, dim=1)
-            a = self._drop(self._conv(cat, "att_conv1", relu=True))
+            a = self._conv(cat, "att_conv1", relu=True, drop=True)
             logits = self.att_conv2(a)
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
         merged, weights = merge_fn(scores, logits, self.merge)

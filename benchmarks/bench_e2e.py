@@ -34,8 +34,9 @@ every image to); the model runs its coarser scales on side streams there (``scal
 CUDA also runs "ops+scatter": the Interp layers' index_select forward and autograd's ``index_add_`` backward
 (float atomics; :func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the
 gather-form adjoint, and
-"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output), and
-"ops+unfused": without ``bias_relu``.
+"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output),
+"ops+unfused": without ``bias_relu``, and "ops+torchdrop": ``bias_relu`` without the Dropout inside it
+(``fuse_dropout=False``: ``F.dropout`` after it, as before).
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -69,7 +70,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -117,7 +118,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
                              (q for q in parts if q.startswith("winograd")), "torch"),
                          fc6_impl="ops" if "fc6" in parts else "auto",
                          scale_streams="serial" not in parts,
-                         fuse_bias_relu="unfused" not in parts).to(device)
+                         fuse_bias_relu="unfused" not in parts,
+                         fuse_dropout="torchdrop" not in parts).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -233,8 +235,9 @@ def main(argv=None) -> int:
     graph_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
                       if cuda else [])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
-    # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu)
-    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused"] if cuda else []
+    # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
+    # after bias_relu instead of inside it
+    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}

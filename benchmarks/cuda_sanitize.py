@@ -20,6 +20,7 @@ the caching allocator's 2 MB blocks a small overrun lands in memory that is allo
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -180,8 +181,9 @@ def check_max_pool(failures: list) -> None:
 def check_bias_relu(failures: list) -> None:
     """bias_relu forward and backward (through autograd: the masked gradient and the bias gradient's partial
     sums): 64 channels (vectorised in both layouts) and 21 channels at 5x7 (scalar paths), NCHW and
-    channels_last, every CUDA dtype (the half types with a float32 bias)."""
-    for shape in ((2, 64, 9, 8), (3, 21, 5, 7)):
+    channels_last, every CUDA dtype (the half types with a float32 bias), without and with the fused dropout
+    (the same seed on both sides: the same Philox mask)."""
+    for shape, p in itertools.product(((2, 64, 9, 8), (3, 21, 5, 7)), (0.0, 0.5)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             for channels_last in (False, True):
                 gen = torch.Generator().manual_seed(3)
@@ -194,14 +196,14 @@ def check_bias_relu(failures: list) -> None:
                     xs, bs = leaf(x, dev, dtype), leaf(b, dev, torch.float32 if dtype in HALF else dtype)
                     if channels_last:
                         xs = xs.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-                    y = bias_relu(xs, bs)
+                    y = bias_relu(xs, bs, p, seed=7)
                     y.backward(gy.to(dev, y.dtype))
                     sync(dev)
                     res[side] = [y, xs.grad, bs.grad]
                 # the CPU side sums in float32 without rounding to the half type: y loosely there; the
                 # masked gradient is a copy of gy's (rounded) values, exact
                 exact_y = dtype in (torch.float32, torch.float64)
-                report(failures, f"bias_relu {dtype} {shape}{' channels_last' if channels_last else ''}",
+                report(failures, f"bias_relu {dtype} {shape} p={p}{' channels_last' if channels_last else ''}",
                        [i for i, (a, e), tol in zip(range(3), zip(res["dev"], res["ref"]),
                                                     (0.0 if exact_y else 1e-2, 0.0, 1e-2)) if not close(a, e, tol)])
 

@@ -11,11 +11,11 @@
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        the issues' target numbers, the open ones first: bench_e2e.py bf16 channels_last (training
 #                and inference, ours vs the references and vs the model without each of our kernels:
-#                Interp backward, max pooling, bias + ReLU; the inference as a CUDA graph, the scales on side
-#                streams or one; a profile of where the time goes), bench_train.py (the product's training
-#                loop, bf16 NHWC, images/s and its loader alone), bench_merge.py (attention, vs eager and
-#                torch.compile), bench_fc6.py at 1x41 and 10x41 (fp32 / TF32 / bf16 vs cuDNN); each under a
-#                time limit, 420 s in all
+#                Interp backward, max pooling, bias + ReLU, the dropout inside it; the inference as a CUDA
+#                graph, the scales on side streams or one; a profile of where the time goes),
+#                bench_train.py (the product's training loop, bf16 NHWC, images/s and its loader alone),
+#                bench_merge.py (attention, vs eager and torch.compile), bench_fc6.py at 1x41 and 10x41
+#                (fp32 / TF32 / bf16 vs cuDNN); each under a time limit, 420 s in all
 #   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 10x41, 1x41
 #                and 30x41, with a profile of ours by kernel (150 s)
 #   bench_extra  merge_kernels.py (kernel launches and GPU time by the profiler; the pixel layout's class

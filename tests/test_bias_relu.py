@@ -1,12 +1,18 @@
 """attnscale.ops.bias_relu (a convolution's bias + ReLU in one pass, CPU and CUDA): values bit for bit those of
 F.relu(x + bias), its gradient F.relu's, the bias gradient the sum; NaN rule, layouts, opcheck, gradcheck,
-checks; the model's use of it (fuse_bias_relu) against the unfused model; the CUDA kernels against the CPU
-ones (vectorised and scalar paths, both layouts, multi-block sums, determinism)."""
+checks; the fused dropout (Philox mask: the reference against Random123's known answers, the kernels against
+the reference, the backward without a stored mask); the model's use of it (fuse_bias_relu, fuse_dropout)
+against the unfused model; the CUDA kernels against the CPU ones (vectorised and scalar paths, both layouts,
+multi-block sums, determinism)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attnscale.ops import bias_relu, has_extension
+from attnscale.ops import bias_relu, bias_relu_reference, has_extension
+from attnscale.ops.bias_relu import dropout_seed
+from attnscale.ops.reference import dropout_keep, philox4x32_10
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
 
@@ -36,6 +42,92 @@ def test_equals_conv_bias_then_relu(fmt, dtype):
     gxr, gbr = torch.autograd.grad(yr, (x, b), g)
     assert torch.equal(gx, gxr) and gx.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(gb, gbr)
+
+
+# Random123's known-answer vectors for Philox4x32-10 (kat_vectors): counter, key -> output words
+PHILOX_KATS = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def test_philox_reference_known_answers():
+    for counter, key, want in PHILOX_KATS:
+        assert tuple(int(w) for w in philox4x32_10(counter, key)) == want
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+@pytest.mark.parametrize("shape", [(3, 16, 7, 9), (2, 5, 3, 3)])
+def test_dropout_is_the_philox_mask(fmt, dtype, p, shape):
+    """With p > 0 the kernel keeps exactly the elements (memory order) the Philox reference keeps, at
+    relu(x + b) * (1 / (1 - p)) bit for bit, the others 0 (a dropped NaN too); the keep rate is 1 - p within
+    5 sigma; the same seed gives the same mask, another seed another (90 elements: not whole Philox blocks)."""
+    gen = torch.Generator().manual_seed(int(p * 10) + shape[1])
+    x = torch.randn(shape, generator=gen, dtype=dtype)
+    x.view(-1)[::7] = float("nan")
+    x = x.contiguous(memory_format=fmt)
+    b = torch.randn(shape[1], generator=gen, dtype=dtype)
+    seed = -0x123456789ABCDEF  # a negative int64: its two's-complement 64 bits are the key
+    y = bias_relu(x, b, p, seed)
+    want = bias_relu_reference(x, b, p, seed)
+    assert torch.equal(y.isnan(), want.isnan()) and torch.equal(y.nan_to_num(), want.nan_to_num())
+    assert y.is_contiguous(memory_format=fmt)
+    keep = dropout_keep(seed, x.numel(), p)
+    n = keep.numel()
+    assert abs(keep.double().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
+    mem = y.permute(0, 2, 3, 1).reshape(-1) if fmt == torch.channels_last else y.reshape(-1)
+    assert torch.all(mem[~keep] == 0)
+    assert torch.equal(bias_relu(x, b, p, seed).nan_to_num(), y.nan_to_num())
+    assert not torch.equal(bias_relu(x, b, p, seed + 1).nan_to_num(), y.nan_to_num())
+
+
+def test_dropout_keep_rate_of_a_large_map():
+    """Over a 1024x41x41 map (fc7's) the kept fraction is 1 - p within 5 sigma for several ratios, and every
+    kept unit has the ReLU's value times 1 / (1 - p)."""
+    x = torch.rand(1, 1024, 41, 41) + 0.5  # all positive: kept units are non-zero
+    b = torch.zeros(1024)
+    for p in (0.1, 0.5, 0.75):
+        y = bias_relu(x, b, p, seed=11)
+        kept = y != 0
+        n = y.numel()
+        assert abs(kept.double().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / n)
+        assert torch.equal(y[kept], x[kept] * (1.0 / (1.0 - p)))
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+def test_dropout_backward_from_the_output(fmt):
+    """The backward without a stored mask (0 where the output is 0, grad / (1 - p) elsewhere) == autograd
+    through the reference (F.relu, the mask, the scale) bit for bit in x, the bias gradient its sum;
+    gradcheck (the mask fixed by the seed) and opcheck with dropout."""
+    x = torch.randn(2, 8, 5, 6).contiguous(memory_format=fmt).requires_grad_()
+    b = torch.randn(8, requires_grad=True)
+    y, yr = bias_relu(x, b, 0.3, 99), bias_relu_reference(x, b, 0.3, 99)
+    g = torch.randn(y.shape)
+    gx, gb = torch.autograd.grad(y, (x, b), g)
+    gxr, gbr = torch.autograd.grad(yr, (x, b), g)
+    assert torch.equal(gx, gxr)
+    torch.testing.assert_close(gb, gbr)
+    xd = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    bd = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, c: bias_relu(a, c, 0.5, 5), (xd, bd))
+    torch.library.opcheck(torch.ops.attnscale.bias_relu.default, (x.detach().requires_grad_(), b, 0.5, 1234))
+    out = bias_relu(x.detach(), b.detach(), 0.5, 1234)
+    torch.library.opcheck(torch.ops.attnscale.bias_relu_backward.default, (torch.randn_like(out), out, out.dtype, 2.0))
+
+
+def test_dropout_seed_follows_torch_manual_seed():
+    """Without a seed each call draws one from torch's CPU generator: reproducible under torch.manual_seed,
+    a new mask on every call."""
+    x, b = torch.rand(1, 4, 8, 8) + 0.5, torch.zeros(4)
+    torch.manual_seed(3)
+    s1, y1, y2 = dropout_seed(), bias_relu(x, b, 0.5), bias_relu(x, b, 0.5)
+    torch.manual_seed(3)
+    assert dropout_seed() == s1 and torch.equal(bias_relu(x, b, 0.5), y1)
+    assert not torch.equal(y1, y2)
 
 
 def test_gradcheck_and_opcheck():
@@ -90,6 +182,13 @@ def test_bias_cast_to_x_dtype():
                                                     torch.float64), "one floating-point dtype"),
     (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.float64),
      "does not go with"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4), torch.randn(3), 1.0, 0), "dropout ratio"),
+    (lambda: torch.ops.attnscale.bias_relu(torch.randn(1, 3, 4, 4), torch.randn(3), -0.1, 0), "dropout ratio"),
+    (lambda: bias_relu(torch.randn(1, 3, 4, 4), torch.randn(3), float("nan")), "dropout ratio"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.float32,
+                                                    0.5), "scale must be"),
+    (lambda: torch.ops.attnscale.bias_relu_backward(torch.randn(1, 3, 4, 4), torch.randn(1, 3, 4, 4), torch.float32,
+                                                    float("inf")), "scale must be"),
 ])
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
@@ -115,9 +214,9 @@ def test_model_fused_equals_unfused(monkeypatch):
     assert not fused._fuses(x)  # on the CPU the model keeps oneDNN's bias
     calls = []
 
-    def counted(x, b):
+    def counted(x, b, p=0.0):
         calls.append(tuple(x.shape))
-        return bias_relu(x, b)
+        return bias_relu(x, b, p)
 
     monkeypatch.setattr(model_mod, "bias_relu_applies", lambda x: True)
     monkeypatch.setattr(model_mod, "bias_relu", counted)
@@ -131,6 +230,45 @@ def test_model_fused_equals_unfused(monkeypatch):
     assert torch.equal(results[0][0], results[1][0])
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fuse_dropout", [True, False])
+def test_model_fuses_dropout_in_training(monkeypatch, fuse_dropout):
+    """In training with fuse_dropout the Dropout after fc6, fc7 (every scale) and att_conv1 runs inside
+    bias_relu (p = the model's ratio) and F.dropout is not called; without it, or in eval mode, bias_relu
+    gets p = 0 and F.dropout runs (a no-op in eval).  Two training passes under one torch.manual_seed agree."""
+    import attnscale.model as model_mod
+    torch.manual_seed(0)
+    m = _tiny(fuse_dropout=fuse_dropout)
+    m.dropout = 0.5
+    x = torch.randn(2, 3, 41, 41)
+    ps, drops = [], []
+    real_dropout = F.dropout
+
+    def counted(x, b, p=0.0):
+        ps.append(p)
+        return bias_relu(x, b, p)
+
+    def counted_dropout(x, p, training):
+        drops.append(training)
+        return real_dropout(x, p, training)
+
+    monkeypatch.setattr(model_mod, "bias_relu_applies", lambda x: True)
+    monkeypatch.setattr(model_mod, "bias_relu", counted)
+    monkeypatch.setattr(model_mod.F, "dropout", counted_dropout)
+    runs = []
+    for _ in range(2):
+        ps.clear(), drops.clear()
+        torch.manual_seed(5)
+        runs.append(m.train()(x).merged)
+        n_drop = 3 * 2 + 1  # fc6, fc7 per scale; att_conv1
+        assert len(ps) == 3 * 15 + 1
+        assert ps.count(0.5) == (n_drop if fuse_dropout else 0) and ps.count(0.0) == len(ps) - ps.count(0.5)
+        assert drops == ([] if fuse_dropout else [True] * n_drop)
+    assert torch.equal(runs[0], runs[1])
+    ps.clear(), drops.clear()
+    m.eval()(x)
+    assert set(ps) == {0.0} and drops == [False] * 7
 
 
 # ---------------------------------------------------------------------------------------------- CUDA
@@ -227,3 +365,62 @@ def test_cuda_model_fused_equals_unfused_and_opcheck():
     with pytest.raises(ValueError, match="floating point"):  # the shared check comes before the CUDA dtype's
         torch.ops.attnscale.bias_relu(torch.ones(1, 2, 3, 3, device="cuda", dtype=torch.int32),
                                       torch.ones(2, device="cuda", dtype=torch.int32))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,misalign", [((2, 64, 9, 8), False), ((2, 64, 9, 8), True), ((3, 21, 5, 7), False),
+                                            ((30, 1024, 41, 41), False)])
+def test_cuda_dropout_equals_the_reference(dtype, fmt, shape, misalign):
+    """The fused dropout on a GPU: the forward == the pure-PyTorch reference with the same seed bit for bit (the
+    Philox mask over memory order; F.relu, then the scale in the dtype), so the CPU kernel's mask too; the
+    backward reads the mask off the output (0 where it is 0, grad * scale elsewhere), the bias gradient its sum;
+    the keep rate 1 - p within 5 sigma on fc7's batch-30 shape."""
+    p, seed = 0.3, 2 ** 40 + 17
+    x, b, xd, bd = _cuda_pair(shape, dtype, fmt, misalign)
+    y = torch.ops.attnscale.bias_relu(xd, bd, p, seed)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
+    want = bias_relu_reference(x.contiguous(memory_format=fmt), b, p, seed)
+    assert torch.equal(y.cpu().isnan(), want.isnan()) and torch.equal(y.cpu().nan_to_num(), want.nan_to_num())
+    if dtype in (torch.float32, torch.float64):
+        cpu = torch.ops.attnscale.bias_relu(x.contiguous(memory_format=fmt), b, p, seed)
+        assert torch.equal(y.cpu().nan_to_num(), cpu.nan_to_num())
+    if y.numel() > 10 ** 6:
+        keep = dropout_keep(seed, y.numel(), p)
+        assert abs(keep.double().mean().item() - (1 - p)) <= 5 * math.sqrt(p * (1 - p) / y.numel())
+    scale = 1.0 / (1.0 - p)
+    g = torch.randn(shape).to(dtype)
+    gx, gb = torch.ops.attnscale.bias_relu_backward(g.cuda().contiguous(memory_format=fmt), y, dtype, scale)
+    want_gx = torch.where(want <= 0, torch.zeros((), dtype=dtype), g * scale)
+    assert torch.equal(gx.cpu(), want_gx)
+    exact = want_gx.double().sum((0, 2, 3))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(gb.cpu().double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
+
+
+@pytest.mark.cuda
+def test_cuda_model_fused_dropout_trains():
+    """The model on a GPU in training (bf16 autocast, channels_last, dropout 0.5): with fuse_dropout bias_relu
+    draws the mask, the step is reproducible under torch.manual_seed, about half of fc7's units are zero
+    (drop7 on top of relu7), and the gradients are finite; opcheck of the op with dropout on CUDA."""
+    m = _tiny(dropout=0.5).cuda().to(memory_format=torch.channels_last).train()
+    x = torch.randn(2, 3, 65, 65, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 5, (2, 65, 65), device="cuda")
+    assert m._fuses(x)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(9)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+            fc7, _ = m.trunk(x)
+        loss, _ = m.loss(out, labels)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        runs.append((out.merged.float(), fc7.float()))
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.equal(runs[0][0], runs[1][0])
+    zero = (runs[0][1] == 0).double().mean().item()
+    assert 0.5 < zero < 0.95, zero  # dropped (half) plus relu7's own zeros among the kept
+    xf = torch.randn(2, 16, 5, 6, device="cuda").contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(torch.ops.attnscale.bias_relu.default,
+                          (xf, torch.randn(16, device="cuda", requires_grad=True), 0.5, 77))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnscale import caffe
-from attnscale.ops import has_extension
+from attnscale.ops import bias_relu_reference, has_extension
 from tests.cuda_emu import build
 from tests.test_max_pool import _train_cases
 
@@ -184,6 +184,37 @@ def test_bias_relu_float32_bias_of_a_half_map(dtype, channels_last):
     gx_h, gb_h, _ = emu.bias_relu_backward(g, yl, dtype, channels_last)
     assert gb.dtype == torch.float32 and torch.equal(gx, gx_h) and torch.equal(gb.to(dtype), gb_h)
     torch.testing.assert_close(gb.double(), gx.double().sum((0, 2, 3)), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape,misalign", [((2, 64, 9, 8), 0), ((2, 64, 9, 8), 1), ((3, 21, 5, 7), 0),
+                                            ((1, 1024, 9, 9), 0)])
+def test_bias_relu_dropout_kernels(dtype, channels_last, shape, misalign, p=0.3):
+    """The fused dropout: the forward kernel == the pure-PyTorch reference (the Philox mask over memory order,
+    F.relu then the scale in the dtype: bit for bit; float32 / float64 also == the CPU kernel with the same seed),
+    through the vector paths (two Philox blocks per 8 half-type elements, half a block per 2 doubles) and the
+    scalar one (21 channels, 35 pixels, a misaligned pointer: elements not starting a block); the backward with
+    the scale: 0 where the output is 0, grad * scale elsewhere, the bias gradient its sum."""
+    gen = torch.Generator().manual_seed(sum(shape) + misalign)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    b = torch.randn(shape[1], generator=gen).to(dtype)
+    x[0, 0, 0, 0] = float("nan")
+    xl = _in_layout(x, channels_last)
+    seed = 0x5DEECE66D + shape[1]
+    y = emu.bias_relu(xl, b, channels_last, misalign, p=p, seed=seed)
+    assert _same(y, bias_relu_reference(xl, b, p, seed))
+    if dtype in (torch.float32, torch.float64):
+        assert _same(y, torch.ops.attnscale.bias_relu(xl, b, p, seed))
+    scale = 1.0 / (1.0 - p)
+    g = torch.randn(shape, generator=gen).to(dtype)
+    gx, gb, _ = emu.bias_relu_backward(_in_layout(g, channels_last), _in_layout(y, channels_last), dtype,
+                                       channels_last, misalign, scale=scale)
+    want_gx = torch.where(y <= 0, torch.zeros((), dtype=dtype), g * scale)
+    assert torch.equal(gx, want_gx)
+    exact = want_gx.double().sum((0, 2, 3))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(gb.double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
 
 
 # ------------------------------------------------------------------------------------------ scale merge

@@ -8,7 +8,8 @@
   and ``caffe_max_pool2d_train`` with a gradient (``caffe.pool2d``'s on a GPU).
 - :func:`caffe_interp` — DeepLab Interp forward (CPU and CUDA; used by ``caffe.interp`` for inference, and on a
   GPU with ``caffe_interp_backward`` by ``caffe.interp_gather`` for training).
-- :func:`bias_relu` — a convolution's bias + ReLU in one pass, forward and backward (the model's on a GPU).
+- :func:`bias_relu` — a convolution's bias + ReLU (+ training's Dropout) in one pass, forward and backward (the
+  model's on a GPU; reference :func:`bias_relu_reference`).
 
 The CPU kernels' large GEMMs run on oneDNN or the BLAS (:func:`cpu_gemm`, :func:`set_cpu_gemm`).
 
@@ -21,12 +22,13 @@ from .bias_relu import bias_relu
 from .dilated_conv import dilated_conv2d
 from .interp import caffe_interp
 from .pooling import caffe_max_pool2d
-from .reference import dilated_conv2d_reference, scale_merge_reference
+from .reference import bias_relu_reference, dilated_conv2d_reference, scale_merge_reference
 from .scale_merge import scale_merge
 from .winograd_conv import winograd_applies, winograd_conv2d, winograd_weight
 
 __all__ = [
     "scale_merge", "scale_merge_reference", "dilated_conv2d", "dilated_conv2d_reference",
     "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp", "bias_relu",
+    "bias_relu_reference",
     "has_extension", "has_cuda_kernels", "require_extension", "cpu_gemm", "set_cpu_gemm",
 ]

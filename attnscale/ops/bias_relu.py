@@ -11,6 +11,15 @@ value autocast's cast gives) and its gradient comes back as the float32 sum: no 
 :class:`attnscale.model.AttentionToScale` uses it on a GPU for every convolution followed by a ReLU
 (``fuse_bias_relu``).  Caffe's ReLU backward multiplies by the mask instead, so a non-finite gradient
 at a zeroed unit would be NaN there and 0 here (as with F.relu).
+
+In training the Dropout that follows fc6, fc7 and att_conv1's ReLU (Caffe's ``drop6``, ``drop7``,
+``att_drop1``: ``top = bottom * mask / (1 - p)``) can run in the same pass (``p``, ``seed``): a unit is
+kept with probability 1 - p (Philox4x32-10 of the seed and the element's index in memory order, the same
+mask from the CPU and the CUDA kernels) and scaled by ``1 / (1 - p)`` as F.dropout scales it; a dropped unit
+is 0.  No mask is stored: the output is positive exactly where a unit was kept and passed the ReLU, so the
+backward needs the output alone (``grad * scale`` there, 0 elsewhere: F.relu's and F.dropout's backward).
+A dropped NaN gives 0 here (F.dropout: NaN * 0).  The seed is drawn from torch's CPU generator by
+:func:`dropout_seed` (so ``torch.manual_seed`` fixes it, and no device synchronisation is needed).
 """
 from __future__ import annotations
 
@@ -33,14 +42,14 @@ def _register() -> None:
         return
 
     @torch.library.register_fake("attnscale::bias_relu")
-    def _fake(x, bias):
+    def _fake(x, bias, p=0.0, seed=0):
         torch._check(x.dim() == 4 and bias.dim() == 1 and bias.shape[0] == x.shape[1] and _bias_dtype_ok(x, bias.dtype),
                      lambda: f"bias_relu: x {tuple(x.shape)} ({x.dtype}) must be 4-D and bias {tuple(bias.shape)} "
                      f"({bias.dtype}) one value per channel of x's dtype (or float32 for a half-type x)")
         return in_kernel_layout(torch.empty_like(x, memory_format=torch.contiguous_format), x, cpu_too=True)
 
     @torch.library.register_fake("attnscale::bias_relu_backward")
-    def _fake_backward(grad, out, bias_dtype):
+    def _fake_backward(grad, out, bias_dtype, scale=1.0):
         torch._check(out.dim() == 4 and grad.shape == out.shape and grad.dtype == out.dtype
                      and _bias_dtype_ok(out, bias_dtype),
                      lambda: f"bias_relu_backward: grad {tuple(grad.shape)} and out {tuple(out.shape)} must be 4-D "
@@ -51,11 +60,13 @@ def _register() -> None:
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(output)
         ctx.bias_dtype = inputs[1].dtype
+        p = inputs[2] if len(inputs) > 2 else 0.0
+        ctx.scale = 1.0 / (1.0 - p)
 
     def _backward(ctx, grad):
         out, = ctx.saved_tensors
-        gx, gb = torch.ops.attnscale.bias_relu_backward(grad, out, ctx.bias_dtype)
-        return gx, gb
+        gx, gb = torch.ops.attnscale.bias_relu_backward(grad, out, ctx.bias_dtype, ctx.scale)
+        return gx, gb, None, None
 
     torch.library.register_autograd("attnscale::bias_relu", _backward, setup_context=_setup)
     _REGISTERED = True
@@ -72,9 +83,21 @@ def bias_relu_applies(x: torch.Tensor) -> bool:
             and has_cuda_kernel("bias_relu") and not torch.compiler.is_compiling())
 
 
-def bias_relu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def dropout_seed() -> int:
+    """A fresh 64-bit Philox key for one dropout call, from torch's default CPU generator."""
+    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
+
+
+def bias_relu(x: torch.Tensor, bias: torch.Tensor, p: float = 0.0, seed: int | None = None) -> torch.Tensor:
     """``relu(x + bias[None, :, None, None])`` in one pass, differentiable in x and bias.  The bias counts at
     x's dtype (what autocast does to a convolution's bias): a float32 bias of a float16 / bfloat16 x is rounded
-    inside the kernel, without a cast kernel (its gradient is the float32 sum), any other is cast first."""
+    inside the kernel, without a cast kernel (its gradient is the float32 sum), any other is cast first.
+    With ``p > 0`` also ``F.dropout(..., p, training=True)`` in the same pass (module docstring); ``seed``
+    picks the mask (default: :func:`dropout_seed`)."""
     require_extension()
-    return torch.ops.attnscale.bias_relu(x, bias if _bias_dtype_ok(x, bias.dtype) else bias.to(x.dtype))
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"bias_relu: the dropout ratio p must be in [0, 1), got {p}")
+    b = bias if _bias_dtype_ok(x, bias.dtype) else bias.to(x.dtype)
+    if p == 0.0:
+        return torch.ops.attnscale.bias_relu(x, b)
+    return torch.ops.attnscale.bias_relu(x, b, float(p), dropout_seed() if seed is None else int(seed))

@@ -9,11 +9,13 @@
 namespace attnscale {
 namespace bias_relu {
 
-// x (N, C, H, W) floating point, bias (C,) on x's device, of x's dtype or float32 for a float16 / bfloat16 x.
-void check_forward(const at::Tensor& x, const at::Tensor& bias);
+// x (N, C, H, W) floating point, bias (C,) on x's device, of x's dtype or float32 for a float16 / bfloat16 x;
+// the dropout ratio p in [0, 1).
+void check_forward(const at::Tensor& x, const at::Tensor& bias, double p);
 
-// grad and out (N, C, H, W) of one shape, dtype and device, floating point; bias_dtype as check_forward's.
-void check_backward(const at::Tensor& grad, const at::Tensor& out, at::ScalarType bias_dtype);
+// grad and out (N, C, H, W) of one shape, dtype and device, floating point; bias_dtype as check_forward's;
+// scale (1 / (1 - p)) finite and >= 1.
+void check_backward(const at::Tensor& grad, const at::Tensor& out, at::ScalarType bias_dtype, double scale);
 
 // A float32 bias of a float16 / bfloat16 map (autocast's case: no cast kernel needed).
 inline bool bias_is_float32_of_half(at::ScalarType x, at::ScalarType bias) {

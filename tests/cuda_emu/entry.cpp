@@ -72,10 +72,10 @@ int emu_interp_backward(int dt, const void* g, const int64_t* g_strides, const i
 }
 
 int emu_bias_relu(int dt, const void* x, const void* bias, int bias_float32, void* out, int64_t N, int64_t C,
-                  int64_t HW, int channels_last, int aligned16) {
+                  int64_t HW, int channels_last, int aligned16, double p, uint64_t seed) {
   return guarded([&] {
     return bias_relu::cuda::launch_forward(dtype_of(dt), x, bias, bias_float32, out, N, C, HW, channels_last,
-                                           aligned16, nullptr);
+                                           aligned16, p, seed, nullptr);
   });
 }
 
@@ -89,12 +89,13 @@ void emu_bias_relu_plan(int dt, int64_t N, int64_t C, int64_t HW, int channels_l
 }
 
 int emu_bias_relu_backward(int dt, const void* g, const void* out, void* gx, void* gbias, int bias_float32,
-                           void* workspace, int64_t N, int64_t C, int64_t HW, int channels_last, int aligned16) {
+                           void* workspace, int64_t N, int64_t C, int64_t HW, int channels_last, int aligned16,
+                           double scale) {
   return guarded([&] {
     const bias_relu::cuda::BackwardPlan p =
         bias_relu::cuda::plan_backward(dtype_of(dt), N, C, HW, channels_last, aligned16);
     return bias_relu::cuda::launch_backward(p, dtype_of(dt), g, out, gx, gbias, bias_float32, workspace, N, C, HW,
-                                            channels_last, nullptr);
+                                            channels_last, scale, nullptr);
   });
 }
 

@@ -142,18 +142,20 @@ def bias_relu_plan(dtype, N, C, HW, channels_last, aligned16):
     return dict(zip(keys, list(f)))
 
 
-def bias_relu(x, bias, channels_last=False, misalign=0):
-    """misalign: elements by which x and the output are moved off a 16-byte boundary (the scalar path)."""
+def bias_relu(x, bias, channels_last=False, misalign=0, p=0.0, seed=0):
+    """misalign: elements by which x and the output are moved off a 16-byte boundary (the scalar path); p, seed:
+    the fused dropout."""
     N, C, H, W = x.shape
     xg, bg = _arg(x, channels_last, misalign), _arg(bias, False)
     y = _Guarded((N, C, H, W), x.dtype, channels_last, misalign=misalign)
     _call("emu_bias_relu", _i32(DTYPES[x.dtype]), xg.ptr(), bg.ptr(), _i32(bias.dtype != x.dtype), y.ptr(), _i64(N),
-          _i64(C), _i64(H * W), _i32(channels_last), _i32(misalign == 0))
+          _i64(C), _i64(H * W), _i32(channels_last), _i32(misalign == 0), ctypes.c_double(p),
+          ctypes.c_uint64(seed & 0xFFFFFFFFFFFFFFFF))
     y.check("emu_bias_relu")
     return y.t.clone()
 
 
-def bias_relu_backward(g, out, bias_dtype, channels_last=False, misalign=0):
+def bias_relu_backward(g, out, bias_dtype, channels_last=False, misalign=0, scale=1.0):
     N, C, H, W = g.shape
     aligned = misalign == 0
     plan = bias_relu_plan(g.dtype, N, C, H * W, channels_last, aligned)
@@ -162,7 +164,8 @@ def bias_relu_backward(g, out, bias_dtype, channels_last=False, misalign=0):
     gb = _Guarded((C,), bias_dtype)
     ws = _Guarded((max(plan["workspace_bytes"], 1),), torch.uint8)
     _call("emu_bias_relu_backward", _i32(DTYPES[g.dtype]), gg.ptr(), og.ptr(), gx.ptr(), gb.ptr(),
-          _i32(bias_dtype != g.dtype), ws.ptr(), _i64(N), _i64(C), _i64(H * W), _i32(channels_last), _i32(aligned))
+          _i32(bias_dtype != g.dtype), ws.ptr(), _i64(N), _i64(C), _i64(H * W), _i32(channels_last), _i32(aligned),
+          ctypes.c_double(scale))
     for t, name in ((gx, "grad x"), (gb, "grad bias"), (ws, "workspace")):
         t.check(f"emu_bias_relu_backward {name}")
     return gx.t.clone(), gb.t.clone(), plan

@@ -23,8 +23,8 @@ bool aligned16(std::initializer_list<const void*> ptrs) {
   return true;
 }
 
-at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in) {
-  check_forward(x_in, bias_in);
+at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in, double p, int64_t seed) {
+  check_forward(x_in, bias_in, p);
   const DType dt = cuda_dtype_of("bias_relu", "x", x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto fmt = layout_of(x_in);
@@ -35,13 +35,14 @@ at::Tensor bias_relu_cuda(const at::Tensor& x_in, const at::Tensor& bias_in) {
                cuda::launch_forward(dt, x.data_ptr(), bias.data_ptr(),
                                     bias_is_float32_of_half(x.scalar_type(), bias.scalar_type()), out.data_ptr(),
                                     x.size(0), x.size(1), x.size(2) * x.size(3), fmt == at::MemoryFormat::ChannelsLast,
-                                    aligned16({x.data_ptr(), out.data_ptr()}), c10::cuda::getCurrentCUDAStream().stream()));
+                                    aligned16({x.data_ptr(), out.data_ptr()}), p, static_cast<uint64_t>(seed),
+                                    c10::cuda::getCurrentCUDAStream().stream()));
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& grad_in, const at::Tensor& out_in,
-                                                           at::ScalarType bias_dtype) {
-  check_backward(grad_in, out_in, bias_dtype);
+                                                           at::ScalarType bias_dtype, double scale) {
+  check_backward(grad_in, out_in, bias_dtype, scale);
   const DType dt = cuda_dtype_of("bias_relu_backward", "out", out_in);
   const c10::cuda::CUDAGuard guard(out_in.device());
   const auto fmt = layout_of(out_in);
@@ -58,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> bias_relu_backward_cuda(const at::Tensor& gra
   check_launch("bias_relu_backward",
                cuda::launch_backward(plan, dt, g.data_ptr(), out.data_ptr(), gx.data_ptr(), gb.data_ptr(),
                                      bias_is_float32_of_half(out.scalar_type(), bias_dtype), workspace.data_ptr(), N,
-                                     C, HW, nhwc, c10::cuda::getCurrentCUDAStream().stream()));
+                                     C, HW, nhwc, scale, c10::cuda::getCurrentCUDAStream().stream()));
   return {gx, gb};
 }
 

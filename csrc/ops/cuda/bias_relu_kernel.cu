@@ -3,7 +3,9 @@
 //
 // No torch headers: raw pointers, sizes and a cudaStream_t (see ops/bias_relu_cuda.h).  16-byte vectors
 // along the channels (channels_last) or the pixels (NCHW) where the sizes and pointers allow.  Half types
-// are added and summed in float (double for double), rounded once.
+// are added and summed in float (double for double), rounded once.  The dropout of training (p > 0) is drawn
+// in the forward kernel (Philox4x32-10 of the seed and the element's index, ops/philox.h: the CPU kernel's
+// mask) and not stored: the backward knows a dropped unit by its zero output.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -13,6 +15,7 @@
 
 #include "ops/bias_relu_cuda.h"
 #include "ops/cuda/kernel_common.cuh"
+#include "ops/philox.h"
 
 namespace attnscale {
 namespace bias_relu {
@@ -44,9 +47,18 @@ __device__ __forceinline__ T add_relu(T x, T b) {
   return (f > 0 || f != f) ? t : from_acc<T>(0);
 }
 
-template <typename T, typename B, int V, bool NHWC>
+// word i of a Philox block, i in 0..3 (a select, not an indexed local array)
+__device__ __forceinline__ uint32_t word(const philox::Words& r, int64_t i) {
+  const int k = static_cast<int>(i & 3);
+  return k == 0 ? r.w[0] : k == 1 ? r.w[1] : k == 2 ? r.w[2] : r.w[3];
+}
+
+// DROP: element e kept (times scale, rounded to T) when Philox's word for e is >= threshold, else 0.
+template <typename T, typename B, int V, bool NHWC, bool DROP>
 __global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__ x, const B* __restrict__ bias,
-                                                           T* __restrict__ out, int64_t nvec, int64_t C, int64_t HW) {
+                                                           T* __restrict__ out, int64_t nvec, int64_t C, int64_t HW,
+                                                           uint64_t seed, uint32_t threshold,
+                                                           typename AccOf<T>::type scale) {
   using VT = Vec<T, V>;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < nvec;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -62,14 +74,27 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(const T* __restrict__
 #pragma unroll
       for (int i = 0; i < V; ++i) o.v[i] = add_relu(xv.v[i], b);
     }
+    if (DROP) {  // V is a power of two: elements e .. e + V - 1 lie in V / 4 whole blocks, or in one
+      constexpr int kBlocks = V >= 4 ? V / 4 : 1;
+#pragma unroll
+      for (int j = 0; j < kBlocks; ++j) {
+        const philox::Words r = philox::block(seed, static_cast<uint64_t>(e / 4 + j));
+#pragma unroll
+        for (int k = 0; k < (V >= 4 ? 4 : V); ++k) {
+          T& y = o.v[j * 4 + k];
+          y = word(r, e + j * 4 + k) >= threshold ? from_acc<T>(to_acc(y) * scale) : from_acc<T>(0);
+        }
+      }
+    }
     reinterpret_cast<VT*>(out)[v] = o;
   }
 }
 
-// F.relu's backward on the saved output: out <= 0 ? 0 : g (NaN passes g)
+// F.relu's backward on the saved output: out <= 0 ? 0 : g (NaN passes g), times F.dropout's scale (1 / (1 - p):
+// out is 0 where the unit was dropped; 1 without dropout, exact)
 template <typename T>
-__device__ __forceinline__ T masked(T g, T o) {
-  return to_acc(o) <= 0 ? from_acc<T>(0) : g;
+__device__ __forceinline__ T masked(T g, T o, typename AccOf<T>::type scale) {
+  return to_acc(o) <= 0 ? from_acc<T>(0) : from_acc<T>(to_acc(g) * scale);
 }
 
 // channels_last: rows (n, h, w) of C channels.  Block (bx, by): bx vector columns of one chunk of channels
@@ -80,7 +105,8 @@ template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __restrict__ g, const T* __restrict__ out,
                                                                  T* __restrict__ gx,
                                                                  typename AccOf<T>::type* __restrict__ partial,
-                                                                 int64_t M, int64_t C, int64_t span) {
+                                                                 int64_t M, int64_t C, int64_t span,
+                                                                 typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   using VT = Vec<T, V>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -100,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) backward_nhwc_kernel(const T* __rest
       VT xv;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        xv.v[i] = masked(gv.v[i], ov.v[i]);
+        xv.v[i] = masked(gv.v[i], ov.v[i], scale);
         acc[i] += to_acc(xv.v[i]);
       }
       reinterpret_cast<VT*>(gx)[v] = xv;
@@ -126,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __rest
                                                                  T* __restrict__ gx,
                                                                  typename AccOf<T>::type* __restrict__ partial,
                                                                  int64_t N, int64_t C, int64_t HW, int chunks,
-                                                                 int64_t span) {
+                                                                 int64_t span, typename AccOf<T>::type scale) {
   using A = typename AccOf<T>::type;
   using VT = Vec<T, V>;
   __shared__ A warp_sums[kThreads / 32];
@@ -143,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) backward_nchw_kernel(const T* __rest
     VT xv;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      xv.v[i] = masked(gv.v[i], ov.v[i]);
+      xv.v[i] = masked(gv.v[i], ov.v[i], scale);
       acc += to_acc(xv.v[i]);
     }
     reinterpret_cast<VT*>(gx)[q] = xv;
@@ -187,52 +213,66 @@ int elem_size(DType d) {
   return d == DType::kFloat64 ? 8 : d == DType::kFloat32 ? 4 : 2;
 }
 
+template <typename T, typename B, int V, bool NHWC>
+void forward_launch(const T* xp, const B* bp, T* op, int64_t nvec, int64_t C, int64_t HW, uint64_t seed,
+                    uint32_t threshold, typename AccOf<T>::type scale, cudaStream_t stream) {
+  const dim3 grid = grid_for(nvec);
+  if (threshold)
+    forward_kernel<T, B, V, NHWC, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW, seed, threshold, scale);
+  else
+    forward_kernel<T, B, V, NHWC, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW, seed, threshold, scale);
+}
+
 template <typename T, typename B>
 cudaError_t forward_with(const T* xp, const B* bp, T* op, int64_t total, int64_t C, int64_t HW, bool nhwc,
-                         bool aligned16, cudaStream_t stream) {
+                         bool aligned16, double p, uint64_t seed, cudaStream_t stream) {
   constexpr int VM = 16 / sizeof(T);
+  using A = typename AccOf<T>::type;
   const bool vec = aligned16 && (nhwc ? C % VM == 0 : HW % VM == 0);
   const int64_t nvec = vec ? total / VM : total;
-  const dim3 grid = grid_for(nvec);
+  const uint32_t threshold = philox::dropout_threshold(p);
+  const A scale = static_cast<A>(1.0 / (1.0 - p));
   if (nhwc) {
     if (vec)
-      forward_kernel<T, B, VM, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_launch<T, B, VM, true>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
     else
-      forward_kernel<T, B, 1, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_launch<T, B, 1, true>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
   } else {
     if (vec)
-      forward_kernel<T, B, VM, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_launch<T, B, VM, false>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
     else
-      forward_kernel<T, B, 1, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW);
+      forward_launch<T, B, 1, false>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
   }
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t forward_typed(const void* x, const void* bias, void* out, int64_t N, int64_t C, int64_t HW, bool nhwc,
-                          bool aligned16, bool bias_float32, cudaStream_t stream) {
+                          bool aligned16, bool bias_float32, double p, uint64_t seed, cudaStream_t stream) {
   const int64_t total = N * C * HW;
   if (total == 0) return cudaSuccess;
   const T* xp = static_cast<const T*>(x);
   T* op = static_cast<T*>(out);
   if (bias_float32)
-    return forward_with<T, float>(xp, static_cast<const float*>(bias), op, total, C, HW, nhwc, aligned16, stream);
-  return forward_with<T, T>(xp, static_cast<const T*>(bias), op, total, C, HW, nhwc, aligned16, stream);
+    return forward_with<T, float>(xp, static_cast<const float*>(bias), op, total, C, HW, nhwc, aligned16, p, seed,
+                                  stream);
+  return forward_with<T, T>(xp, static_cast<const T*>(bias), op, total, C, HW, nhwc, aligned16, p, seed, stream);
 }
 
 template <typename T, int V>
 cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx, void* gbias, bool bias_float32,
                          typename AccOf<T>::type* partial, int64_t N, int64_t C, int64_t HW, bool nhwc,
-                         cudaStream_t stream) {
+                         double scale_in, cudaStream_t stream) {
   using A = typename AccOf<T>::type;
+  const A scale = static_cast<A>(scale_in);
   if (nhwc) {
     const dim3 block(p.block_x, p.block_y);
     const dim3 grid(static_cast<unsigned>(p.grid_x), static_cast<unsigned>(p.grid_y));
     const size_t smem = static_cast<size_t>(p.block_x) * p.block_y * V * sizeof(A);
-    backward_nhwc_kernel<T, V><<<grid, block, smem, stream>>>(g, out, gx, partial, N * HW, C, p.span);
+    backward_nhwc_kernel<T, V><<<grid, block, smem, stream>>>(g, out, gx, partial, N * HW, C, p.span, scale);
   } else {
     backward_nchw_kernel<T, V><<<static_cast<unsigned>(p.grid_x), kThreads, 0, stream>>>(g, out, gx, partial, N, C,
-                                                                                         HW, p.chunks, p.span);
+                                                                                         HW, p.chunks, p.span, scale);
   }
   if (cudaPeekAtLastError() != cudaSuccess) return cudaGetLastError();
   const dim3 sum_grid(static_cast<unsigned>((C + 31) / 32)), sum_block(32, kSumLanes);
@@ -246,24 +286,25 @@ cudaError_t backward_vec(const BackwardPlan& p, const T* g, const T* out, T* gx,
 template <typename T>
 cudaError_t backward_typed(const BackwardPlan& p, const void* g, const void* out, void* gx, void* gbias,
                            bool bias_float32, void* workspace, int64_t N, int64_t C, int64_t HW, bool nhwc,
-                           cudaStream_t stream) {
+                           double scale, cudaStream_t stream) {
   constexpr int VM = 16 / sizeof(T);
   using A = typename AccOf<T>::type;
   const T* gp = static_cast<const T*>(g);
   const T* op = static_cast<const T*>(out);
   T* xp = static_cast<T*>(gx);
   A* partial = static_cast<A*>(workspace);
-  if (p.vec == VM) return backward_vec<T, VM>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, stream);
-  if (p.vec == 1) return backward_vec<T, 1>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, stream);
+  if (p.vec == VM) return backward_vec<T, VM>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, scale, stream);
+  if (p.vec == 1) return backward_vec<T, 1>(p, gp, op, xp, gbias, bias_float32, partial, N, C, HW, nhwc, scale, stream);
   return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 cudaError_t launch_forward(DType dtype, const void* x, const void* bias, bool bias_float32, void* out, int64_t N,
-                           int64_t C, int64_t HW, bool channels_last, bool aligned16, cudaStream_t stream) {
-  ATTNSCALE_DISPATCH_DTYPE(dtype, forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, bias_float32,
-                           stream);
+                           int64_t C, int64_t HW, bool channels_last, bool aligned16, double p, uint64_t seed,
+                           cudaStream_t stream) {
+  ATTNSCALE_DISPATCH_DTYPE(dtype, forward_typed, x, bias, out, N, C, HW, channels_last, aligned16, bias_float32, p,
+                           seed, stream);
 }
 
 BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool channels_last, bool aligned16) {
@@ -306,9 +347,9 @@ BackwardPlan plan_backward(DType dtype, int64_t N, int64_t C, int64_t HW, bool c
 
 cudaError_t launch_backward(const BackwardPlan& plan, DType dtype, const void* g, const void* out, void* gx,
                             void* gbias, bool bias_float32, void* workspace, int64_t N, int64_t C, int64_t HW,
-                            bool channels_last, cudaStream_t stream) {
+                            bool channels_last, double scale, cudaStream_t stream) {
   ATTNSCALE_DISPATCH_DTYPE(dtype, backward_typed, plan, g, out, gx, gbias, bias_float32, workspace, N, C, HW,
-                           channels_last, stream);
+                           channels_last, scale, stream);
 }
 
 }  // namespace cuda
