@@ -19,14 +19,16 @@ def grad_path(x, size):
     return caffe.interp(x.clone().requires_grad_(), size).detach()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_equals_index_select_path(dtype):
+    """The CPU kernel == the differentiable index_select path bit for bit (half types: every product and sum
+    rounded to the dtype, as the path's tensor ops round them)."""
     gen = torch.Generator().manual_seed(0)
     checked = 0
     for hin in SIZES:
         for hout in SIZES:
             win, wout = SIZES[(SIZES.index(hin) + 3) % len(SIZES)], SIZES[(SIZES.index(hout) + 5) % len(SIZES)]
-            x = torch.randn(2, 3, hin, win, generator=gen, dtype=dtype)
+            x = torch.randn(2, 3, hin, win, generator=gen).to(dtype)
             assert caffe_interp_applies(x)
             got = caffe.interp(x, (hout, wout))
             assert got.shape == (2, 3, hout, wout)
@@ -67,7 +69,8 @@ def test_dispatch():
     assert x.grad is not None and x.grad.shape == x.shape
     with torch.no_grad():
         assert caffe_interp_applies(x)
-    assert not caffe_interp_applies(torch.zeros(1, 2, 5, 6, dtype=torch.float16))
+    assert caffe_interp_applies(torch.zeros(1, 2, 5, 6, dtype=torch.float16))
+    assert not caffe_interp_applies(torch.zeros(1, 2, 5, 6, dtype=torch.int32))
     assert not caffe_interp_applies(torch.zeros(2, 5, 6))
 
 

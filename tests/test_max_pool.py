@@ -18,14 +18,15 @@ CONFIGS = [(3, 2, 1), (3, 1, 1), (2, 2, 0), (3, 3, 0), (5, 2, 2), (3, 2, 0), (2,
 
 
 @pytest.mark.parametrize("k,s,p", CONFIGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_equals_torch_path(k, s, p, dtype):
-    """pool2d without a gradient (the C++ kernel) == pool2d with one (F.max_pool2d), bit for bit."""
+    """pool2d without a gradient (the C++ kernel; half types compared in float32) == pool2d with one
+    (F.max_pool2d), bit for bit."""
     gen = torch.Generator().manual_seed(k * 100 + s * 10 + p)
     checked = 0
     for h in range(1, 14):
         for w in (1, 2, 3, 5, 8, 17, 33, 40):
-            x = torch.randn(2, 3, h, w, generator=gen, dtype=dtype)
+            x = torch.randn(2, 3, h, w, generator=gen).to(dtype)
             try:
                 ref = caffe.pool2d(x.clone().requires_grad_(), k, s, p, "max").detach()
             except ValueError:  # Caffe's size rule refuses this one
@@ -37,10 +38,11 @@ def test_equals_torch_path(k, s, p, dtype):
     assert checked > 50
 
 
-def test_deeplab_sizes_and_ties():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deeplab_sizes_and_ties(dtype):
     """pool1 at 513 (stride 2) and pool4 at 65 (stride 1), on data with many ties (few distinct values)."""
     for c, hw, s in ((4, 513, 2), (8, 65, 1)):
-        x = torch.randint(0, 4, (1, c, hw, hw)).float()
+        x = torch.randint(0, 4, (1, c, hw, hw)).to(dtype)
         oh, ow = caffe.pool_output_shape((hw, hw), 3, s, 1)
         ref = caffe.pool2d(x.clone().requires_grad_(), 3, s, 1, "max").detach()
         assert torch.equal(caffe_max_pool2d(x, 3, s, 1, (oh, ow)), ref)
@@ -66,7 +68,8 @@ def test_dispatch_keeps_gradients():
 
 @pytest.mark.parametrize("call,match", [
     (lambda: caffe_max_pool2d(torch.randn(3, 8, 8), 3, 2, 1, (4, 4)), "4-D"),
-    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8).half(), 3, 2, 1, (4, 4)), "float32 or float64"),
+    (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8).to(torch.float8_e4m3fn), 3, 2, 1, (4, 4)),
+     "float32, float64, bfloat16 or float16"),
     (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 3, (4, 4)), "pad < kernel"),
     (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 1, (9, 4)), "outside the input"),
     (lambda: caffe_max_pool2d(torch.randn(1, 1, 8, 8), 3, 2, 1, (0, 4)), "empty"),

@@ -103,11 +103,11 @@ def register_forward_only(op: str, alternative: str) -> None:
     torch.library.register_autograd(f"attnscale::{op}", backward, setup_context=setup)
 
 
-def cpu_inference_kernel_applies(x: torch.Tensor) -> bool:
+def cpu_inference_kernel_applies(x: torch.Tensor, dtypes=(torch.float32, torch.float64)) -> bool:
     """Whether a forward-only CPU kernel (``caffe_interp``, ``caffe_max_pool2d``) can serve x: the
-    extension is built, x is a 4-D CPU float32/float64 tensor, and no gradient has to flow through it."""
+    extension is built, x is a 4-D CPU tensor of one of ``dtypes``, and no gradient has to flow through it."""
     return (has_extension() and x.dim() == 4 and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.float64) and not (torch.is_grad_enabled() and x.requires_grad))
+            and x.dtype in dtypes and not (torch.is_grad_enabled() and x.requires_grad))
 
 
 def in_kernel_layout(t: torch.Tensor, like: torch.Tensor, cpu_too: bool = False) -> torch.Tensor:

@@ -56,12 +56,13 @@ def has_cuda_kernels() -> bool:
 
 
 def caffe_interp_applies(x: torch.Tensor) -> bool:
-    """Whether :func:`caffe_interp` can serve an Interp of x without a gradient: 4-D on the CPU in float32/
-    float64 (built), or on CUDA in float32/float64/float16/bfloat16 with the CUDA kernel built."""
+    """Whether :func:`caffe_interp` can serve an Interp of x without a gradient: 4-D in float32/float64/
+    float16/bfloat16 on the CPU (built; the half types rounded after every product and sum, as the
+    index_select path's tensor ops round them), or on CUDA with the CUDA kernel built."""
     if x.device.type == "cuda":
         return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
                 and has_cuda_kernel("caffe_interp"))
-    return cpu_inference_kernel_applies(x)
+    return cpu_inference_kernel_applies(x, _CUDA_DTYPES)
 
 
 def caffe_interp(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

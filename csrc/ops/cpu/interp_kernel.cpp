@@ -1,4 +1,5 @@
-// CPU kernel of attnscale::caffe_interp (float, double), NCHW, one (n, c) plane per task.
+// CPU kernel of attnscale::caffe_interp (float, double; bfloat16 and half through c10's types, rounded after
+// every product and sum as PyTorch's tensor ops round them: CPU autocast's maps), NCHW, one (n, c) plane per task.
 // Separable, in Caffe's order of operations: the horizontal blend of every source row an output row needs
 // (into a per-thread buffer), then each output row as the vertical blend of two such rows (contiguous,
 // vectorised).  The products and sums are pinned to Caffe's (no FMA contraction), so the values equal the
@@ -94,15 +95,16 @@ void interp_plane(const T* __restrict x, int H, int W, const AxisTaps<T>& ay, co
 
 at::Tensor caffe_interp_cpu(const at::Tensor& x_in, int64_t out_h, int64_t out_w) {
   check_args(x_in, out_h, out_w);
-  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-                    "caffe_interp: x dtype ", x_in.scalar_type(), " is not supported on CPU (float32 or float64)");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                    "caffe_interp: x dtype ", dt, " is not supported on CPU (float32, float64, bfloat16 or float16)");
   const int64_t H = x_in.size(2), W = x_in.size(3);
   const at::Tensor x = x_in.contiguous();
   if (H == out_h && W == out_w) return x.clone();  // Caffe: same size -> copy
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
   const int64_t planes = x.size(0) * x.size(1);
   if (planes == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "caffe_interp_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_interp_cpu", [&] {
     const AxisTaps<scalar_t> ay(static_cast<int>(H), static_cast<int>(out_h));
     const AxisTaps<scalar_t> ax(static_cast<int>(W), static_cast<int>(out_w));
     const scalar_t* xp = x.data_ptr<scalar_t>();

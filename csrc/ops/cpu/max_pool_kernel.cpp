@@ -1,4 +1,5 @@
-// CPU kernel of attnscale::caffe_max_pool2d (float, double), NCHW, one (n, c) plane per task.
+// CPU kernel of attnscale::caffe_max_pool2d (float, double; bfloat16 and half compared in float: CPU autocast's
+// maps), NCHW, one (n, c) plane per task.
 // Per output row: the running maximum of the window's input rows (contiguous, vectorised), then the
 // horizontal window over that row; for stride 2 the row is first split into even and odd columns so
 // that every window position reads unit-stride arrays; other strides take a scalar loop.
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -31,16 +33,20 @@ inline T take_max(T m, T v) {
   return v > m ? v : m;
 }
 
-template <typename T>
+// One plane: x (H, W) of T into out (OH, OW) of T, compared in A (T itself, or float for the half types: a
+// maximum is one of the inputs, so converting to float and back is exact and keeps their order).
+template <typename T, typename A>
 void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH, int OW, T* __restrict out,
-                std::vector<T>& buf) {
-  const T lowest = -std::numeric_limits<T>::infinity();
-  // row buffer with room for the window's reach past the right border (filled with -inf)
+                std::vector<A>& buf) {
+  const A lowest = -std::numeric_limits<A>::infinity();
+  constexpr bool kSame = std::is_same<T, A>::value;
+  // row buffer with room for the window's reach past the right border (filled with -inf); for half types
+  // also a row of outputs in A
   const int span = std::max(W, (OW - 1) * s - p + k) + 2 * k + 16;
-  buf.assign(static_cast<size_t>(2) * span, lowest);
-  T* vm = buf.data();     // vertical maximum of the window's rows (columns >= W: -inf)
-  T* ev = vm + span;      // its even columns (stride 2)
-  T* od = ev + span / 2;  // its odd columns
+  buf.assign(static_cast<size_t>(2) * span + (kSame ? 0 : OW), lowest);
+  A* vm = buf.data();     // vertical maximum of the window's rows (columns >= W: -inf)
+  A* ev = vm + span;      // its even columns (stride 2)
+  A* od = ev + span / 2;  // its odd columns
   // output columns whose window lies inside [0, W): j_lo .. j_hi - 1
   int j_lo = 0;
   while (j_lo < OW && j_lo * s - p < 0) ++j_lo;
@@ -50,16 +56,21 @@ void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH
     const int hs = std::max(i * s - p, 0), he = std::min(i * s - p + k, H);
     {
       const T* __restrict r0 = x + static_cast<int64_t>(hs) * W;
-      for (int c = 0; c < W; ++c) vm[c] = take_max(lowest, r0[c]);
+      for (int c = 0; c < W; ++c) vm[c] = take_max(lowest, static_cast<A>(r0[c]));
       for (int r = hs + 1; r < he; ++r) {
         const T* __restrict rr = x + static_cast<int64_t>(r) * W;
-        for (int c = 0; c < W; ++c) vm[c] = take_max(vm[c], rr[c]);
+        for (int c = 0; c < W; ++c) vm[c] = take_max(vm[c], static_cast<A>(rr[c]));
       }
     }
-    T* __restrict o = out + static_cast<int64_t>(i) * OW;
+    T* __restrict orow = out + static_cast<int64_t>(i) * OW;
+    A* __restrict o = nullptr;
+    if constexpr (kSame)
+      o = orow;
+    else
+      o = buf.data() + 2 * span;
     auto clipped = [&](int j) {  // window clipped to [0, W), scanned left to right
       const int ws = std::max(j * s - p, 0), we = std::min(j * s - p + k, W);
-      T m = lowest;
+      A m = lowest;
       for (int c = ws; c < we; ++c) m = take_max(m, vm[c]);
       o[j] = m;
     };
@@ -71,41 +82,46 @@ void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH
       const int n = (2 * (j_hi - j_lo) + k) / 2 + 1;
       split_even_odd(vm + c0, n, ev, od);
       const int m = j_hi - j_lo;
-      T* __restrict oo = o + j_lo;
+      A* __restrict oo = o + j_lo;
       for (int q = 0; q < m; ++q) oo[q] = take_max(lowest, ev[q]);  // t = 0: column c0 + 2q
       for (int t = 1; t < k; ++t) {
-        const T* __restrict src = (t % 2 == 0) ? ev + t / 2 : od + t / 2;
+        const A* __restrict src = (t % 2 == 0) ? ev + t / 2 : od + t / 2;
         for (int q = 0; q < m; ++q) oo[q] = take_max(oo[q], src[q]);
       }
     } else {
       for (int j = j_lo; j < j_hi; ++j) {
-        const T* __restrict w = vm + (j * s - p);
-        T m = lowest;
+        const A* __restrict w = vm + (j * s - p);
+        A m = lowest;
         for (int t = 0; t < k; ++t) m = take_max(m, w[t]);
         o[j] = m;
       }
     }
     for (int j = std::max(j_hi, j_lo); j < OW; ++j) clipped(j);
+    if constexpr (!kSame)
+      for (int j = 0; j < OW; ++j) orow[j] = static_cast<T>(o[j]);
   }
 }
 
 at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
                                 int64_t out_w) {
   kernel = check_args(x_in, kernel, stride, pad, out_h, out_w);
-  TORCH_CHECK_VALUE(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-                    "caffe_max_pool2d: x dtype ", x_in.scalar_type(), " is not supported on the CPU (float32 or float64)");
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                    "caffe_max_pool2d: x dtype ", dt, " is not supported on the CPU (float32, float64, bfloat16 or "
+                    "float16)");
   const int64_t H = x_in.size(2), W = x_in.size(3);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
   const int64_t planes = x.size(0) * x.size(1);
   if (planes == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "caffe_max_pool2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_max_pool2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
-      std::vector<scalar_t> buf;
+      std::vector<acc_t> buf;
       for (int64_t q = b; q < e; ++q)
-        pool_plane<scalar_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
+        pool_plane<scalar_t, acc_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
                              static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
                              static_cast<int>(out_w), op + q * out_h * out_w, buf);
     });
