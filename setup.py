@@ -10,6 +10,7 @@ the compute capabilities to build for (default ``80,90``; the last one's PTX is
 embedded too, so newer GPUs JIT the kernels).
 """
 import glob
+import importlib.util
 import os
 import platform
 import shutil
@@ -71,6 +72,25 @@ def _gencode(archs: str) -> list:
     return [f"-gencode=arch=compute_{c},code=sm_{c}" for c in caps] + [ptx]
 
 
+def _source_hash_header() -> str:
+    """build/generated/attnscale_source_hash.h: the sources' digest (attnscale/source_hash.py), which
+    csrc/module.cpp compiles in (``attnscale._C.source_hash()``).  Rewritten only when it changes, so that
+    only module.cpp is recompiled then.  Returns its folder (an include directory)."""
+    spec = importlib.util.spec_from_file_location("_attnscale_source_hash",
+                                                  os.path.join(ROOT, "attnscale", "source_hash.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    folder = os.path.join(ROOT, "build", "generated")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "attnscale_source_hash.h")
+    text = f'#pragma once\n#define ATTNSCALE_SOURCE_HASH "{mod.source_hash(ROOT)}"\n'
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+    return folder
+
+
 def _extension():
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     all_cpp = glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
@@ -83,7 +103,7 @@ def _extension():
     march = os.environ.get("ATTNSCALE_MARCH", "native")
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("ATTNSCALE_NATIVE", "1") == "1" and march:
         cxx.append(f"-march={march}")
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc"), _source_hash_header()]
     if _want_cuda():
         archs = os.environ.get("ATTNSCALE_CUDA_ARCHS", "80,90")
         nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"] + _gencode(archs)

@@ -28,8 +28,9 @@
 #         (timeout_s 590; the phases' limits add up to 30 + 200 + 420 = 650 s, but the H100/H200 needed
 #         about 5 minutes for them: only a run near every limit would lose the last bench step, bench_fc6)
 #   then, only in a session with device time left:  bash benchmarks/gpu_proof.sh build bench_extra test_all
-# Without a carried build (or if it does not load there) the build phase compiles on the machine, for
-# sm_90 only unless ATTNSCALE_CUDA_ARCHS says otherwise (minutes: the other phases' limits then cut them).
+# Without a carried build (or if it does not load there, or was built from other sources than csrc/: its
+# recorded attnscale.source_hash) the build phase compiles on the machine, for sm_90 only unless
+# ATTNSCALE_CUDA_ARCHS says otherwise (minutes: the other phases' limits then cut them).
 # Everything goes to $OUT (the folder the device tool returns; ./gpu_out elsewhere): proof.log (all phases
 # but sanitize's under check), sanitize.log, build.log and the benchmarks' JSON files.  Exits non-zero if
 # any phase failed.
@@ -66,10 +67,16 @@ for phase in "$@"; do
     build)
       run nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
       run "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name())'
-      if "$PY" -c 'import sys, attnscale.ops as o; sys.exit(0 if o.has_cuda_kernels() else 1)' 2>>"$LOG"; then
+      # the carried build must load, hold the CUDA kernels and come from these very sources (a build left
+      # from before a change of csrc/ would run the old kernels under the old schemas)
+      if "$PY" -c 'import sys, attnscale.ops as o
+from attnscale.ops._ext import stale_build
+why = stale_build()
+print(why or "", file=sys.stderr)
+sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
         say "using the carried build: $("$PY" -c 'import attnscale._C as c; print(c.__file__)')"
       else
-        say "no carried build that loads here: building (log: build.log)"
+        say "no carried build that loads here and matches csrc/: building (log: build.log)"
         if ! MAX_JOBS=$(nproc) ATTNSCALE_CUDA=1 ATTNSCALE_CUDA_ARCHS=${ATTNSCALE_CUDA_ARCHS:-90} \
             "$PY" -m pip install -v --no-deps --no-build-isolation -e . \
             >"$OUT/build.log" 2>&1; then

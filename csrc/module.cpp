@@ -1,12 +1,14 @@
 // Python entry point of attnscale._C.  The ops themselves register with the
 // dispatcher (TORCH_LIBRARY_FRAGMENT in csrc/ops/*.cpp) when this library is
-// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h).
+// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h)
+// and the digest of the sources it was built from (setup.py generates the header).
 #include <Python.h>
 
 #include <c10/util/Exception.h>
 
 #include <cstring>
 
+#include "attnscale_source_hash.h"
 #include "ops/cpu/gemm.h"
 
 namespace {
@@ -37,9 +39,12 @@ PyObject* set_cpu_gemm(PyObject*, PyObject* arg) {
   }
 }
 
+PyObject* source_hash(PyObject*, PyObject*) { return PyUnicode_FromString(ATTNSCALE_SOURCE_HASH); }
+
 PyMethodDef methods[] = {
     {"cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM backend of the Winograd and fc6 kernels: 'onednn' or 'blas'."},
     {"set_cpu_gemm", set_cpu_gemm, METH_O, "Set the CPU GEMM backend ('onednn' or 'blas'); returns the previous one."},
+    {"source_hash", source_hash, METH_NOARGS, "SHA-256 of the csrc/ files this library was built from."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -190,7 +190,8 @@ def test_bias_relu_float32_bias_of_a_half_map(dtype, channels_last):
 @pytest.mark.parametrize("channels_last", LAYOUTS, ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape,misalign", [((2, 64, 9, 8), 0), ((2, 64, 9, 8), 1), ((3, 21, 5, 7), 0),
                                             ((1, 1024, 9, 9), 0)])
-def test_bias_relu_dropout_kernels(dtype, channels_last, shape, misalign, p=0.3):
+@pytest.mark.parametrize("p", [0.3])
+def test_bias_relu_dropout_kernels(dtype, channels_last, shape, misalign, p):
     """The fused dropout: the forward kernel == the pure-PyTorch reference (the Philox mask over memory order,
     F.relu then the scale in the dtype: bit for bit; float32 / float64 also == the CPU kernel with the same seed),
     through the vector paths (two Philox blocks per 8 half-type elements, half a block per 2 doubles) and the
@@ -215,6 +216,11 @@ def test_bias_relu_dropout_kernels(dtype, channels_last, shape, misalign, p=0.3)
     exact = want_gx.double().sum((0, 2, 3))
     tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(gb.double(), exact, rtol=tol, atol=tol * max(1.0, exact.abs().max().item()))
+
+
+def test_bias_relu_dropout_ratio_under_one_in_2_to_32():
+    """p = 1e-12 (floor(p 2^32) = 0): nothing dropped, every unit still scaled, as on the CPU."""
+    test_bias_relu_dropout_kernels(torch.float64, False, (2, 64, 9, 8), 0, 1e-12)
 
 
 # ------------------------------------------------------------------------------------------ scale merge

@@ -27,6 +27,22 @@ def has_extension() -> bool:
     return EXTENSION_ERROR is None
 
 
+def stale_build() -> str | None:
+    """Why the loaded ``attnscale._C`` does not match this checkout's ``csrc/`` (it was built from other
+    sources: rebuild it), or None when it does, or when there is nothing to compare (no build, no csrc/)."""
+    from attnscale.source_hash import source_hash
+
+    if EXTENSION_ERROR is not None:
+        return None
+    here = source_hash()
+    built = _C.source_hash() if hasattr(_C, "source_hash") else "(none recorded)"
+    if here is None or built == here:
+        return None
+    return (f"attnscale._C ({_C.__file__}) was built from other sources than this checkout's csrc/ "
+            f"(built {built[:12]}, csrc/ {here[:12]}): rebuild it (pip install -e . --no-build-isolation, "
+            "or benchmarks/gpu_prebuild.sh for the GPU machines' build)")
+
+
 def require_extension() -> None:
     """Raise a clear error naming the build command if the extension is missing."""
     if EXTENSION_ERROR is not None:

@@ -85,7 +85,7 @@ def bias_relu_applies(x: torch.Tensor) -> bool:
 
 def dropout_seed() -> int:
     """A fresh 64-bit Philox key for one dropout call, from torch's default CPU generator."""
-    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
+    return int(torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu"))
 
 
 def bias_relu(x: torch.Tensor, bias: torch.Tensor, p: float = 0.0, seed: int | None = None) -> torch.Tensor:

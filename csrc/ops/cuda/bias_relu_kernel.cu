@@ -214,10 +214,10 @@ int elem_size(DType d) {
 }
 
 template <typename T, typename B, int V, bool NHWC>
-void forward_launch(const T* xp, const B* bp, T* op, int64_t nvec, int64_t C, int64_t HW, uint64_t seed,
+void forward_launch(const T* xp, const B* bp, T* op, int64_t nvec, int64_t C, int64_t HW, bool drop, uint64_t seed,
                     uint32_t threshold, typename AccOf<T>::type scale, cudaStream_t stream) {
   const dim3 grid = grid_for(nvec);
-  if (threshold)
+  if (drop)
     forward_kernel<T, B, V, NHWC, true><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW, seed, threshold, scale);
   else
     forward_kernel<T, B, V, NHWC, false><<<grid, kThreads, 0, stream>>>(xp, bp, op, nvec, C, HW, seed, threshold, scale);
@@ -230,18 +230,19 @@ cudaError_t forward_with(const T* xp, const B* bp, T* op, int64_t total, int64_t
   using A = typename AccOf<T>::type;
   const bool vec = aligned16 && (nhwc ? C % VM == 0 : HW % VM == 0);
   const int64_t nvec = vec ? total / VM : total;
+  const bool drop = p > 0;  // (a p under 2^-32 keeps every unit, still scaled)
   const uint32_t threshold = philox::dropout_threshold(p);
   const A scale = static_cast<A>(1.0 / (1.0 - p));
   if (nhwc) {
     if (vec)
-      forward_launch<T, B, VM, true>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
+      forward_launch<T, B, VM, true>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
     else
-      forward_launch<T, B, 1, true>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
+      forward_launch<T, B, 1, true>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
   } else {
     if (vec)
-      forward_launch<T, B, VM, false>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
+      forward_launch<T, B, VM, false>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
     else
-      forward_launch<T, B, 1, false>(xp, bp, op, nvec, C, HW, seed, threshold, scale, stream);
+      forward_launch<T, B, 1, false>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
   }
   return cudaGetLastError();
 }
