@@ -65,7 +65,8 @@ def cpu_autocast(x: torch.Tensor) -> bool:
     (they take float32/float64 only), so ``conv_impl="auto"`` and ``fc6_impl="auto"`` leave the layers to
     oneDNN: a 513x513 inference in bf16 took 951 ms that way, 1020 ms with the float32 Winograd and fc6
     kernels inside autocast (2 Zen 5 cores with AVX512-BF16; float32 ``auto`` 1018-1103 ms;
-    benchmarks/RESULTS.md, fourteenth session)."""
+    benchmarks/RESULTS.md, fourteenth session); 741 ms since MAX pooling and Interp take bfloat16 in our
+    CPU kernels (eighteenth session)."""
     return x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 

@@ -30,8 +30,8 @@ every image to); the model runs its coarser scales on side streams there (``scal
 "ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
 "ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel, and
 "ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
-(``fuse_bias_relu=False``).  Training on
-CUDA also runs "ops+scatter": the Interp layers' index_select forward and autograd's ``index_add_`` backward
+(``fuse_bias_relu=False``); on a CPU inference also runs "auto+torchpool" (``F.max_pool2d`` instead of our
+kernel: in bf16 PyTorch's bfloat16 CPU pooling).  Training on CUDA also runs "ops+scatter": the Interp layers' index_select forward and autograd's ``index_add_`` backward
 (float atomics; :func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the
 gather-form adjoint, and
 "ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output),
@@ -70,7 +70,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -232,8 +232,9 @@ def main(argv=None) -> int:
                 + (["ops+compile"] if args.compile else []))
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
-    graph_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
-                      if cuda else [])
+    # on a CPU "auto+torchpool": the model's defaults with F.max_pool2d for the MAX pooling instead of our kernel
+    infer_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
+                      if cuda else ["auto+torchpool"])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
     # after bias_relu instead of inside it
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
         for job in args.jobs:
             if job == "infer":
                 steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last)
-                         for v in variants + graph_variants}
+                         for v in variants + infer_variants}
                 n, size = 1, args.infer_size
             elif job == "predict":
                 steps = {v: predict_step(v, prec, dev, args.channels_last) for v in variants

@@ -69,7 +69,8 @@ def test_bench_e2e(tmp_path):
     got = {(r["job"], r["variant"]) for r in data["rows"]}
     variants = {"reference", "ops", "ops+fc6", "ops+winograd", "ops+winograd4"}
     # "auto" (the model's defaults) and "auto4" in inference only: they train as "ops" does
-    assert got == {(j, v) for j in ("infer", "train") for v in variants} | {("infer", "auto"), ("infer", "auto4")}
+    assert got == {(j, v) for j in ("infer", "train") for v in variants} | {
+        ("infer", "auto"), ("infer", "auto4"), ("infer", "auto+torchpool")}
     # --profile: where the time goes, per job (operators by self time, with shapes): the defaults'
     assert [(p["job"], p["variant"]) for p in data["profile"]] == [("infer", "auto"), ("train", "ops")]
     for p in data["profile"]:
