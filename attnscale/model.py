@@ -225,6 +225,7 @@ class AttentionToScale(nn.Module):
         self.fuse_bias_relu = bool(fuse_bias_relu)
         self.fuse_dropout = bool(fuse_dropout)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
+        self._cast_cache: dict[str, tuple] = {}  # layer name -> (weight, bias, their versions, dtype, casts)
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
         self.test_crop_size = test_crop_size
@@ -321,15 +322,45 @@ class AttentionToScale(nn.Module):
         """Whether a convolution + ReLU on x runs as the convolution without bias, then :func:`bias_relu`."""
         return self.fuse_bias_relu and not self.use_reference_ops and bias_relu_applies(x)
 
-    def _dilated(self, x, conv: nn.Conv2d, bias: bool = True):
+    def _params(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``name``'s (weight, bias) as its convolution on x takes them.  In inference under
+        ``torch.autocast`` (no gradient; not while torch.compile traces) a copy in autocast's dtype, kept
+        while the parameters are the same tensors at the same version (an optimizer step or
+        ``load_state_dict`` changes the version): autocast would cast every layer's weights again on every
+        forward (43 cast kernels, 0.13 ms of a 3.7 ms bf16 inference on an H100, replayed by a CUDA graph as
+        well), and the copies hold the same rounded values.  (A CUDA graph captured with them reads the
+        copies: capture it again after changing the weights.)  :meth:`_scale_trunks` makes them on the
+        current stream before it forks the side streams, which wait for it there."""
+        conv = getattr(self, name)
+        w, b = conv.weight, conv.bias
+        dev = x.device.type
+        if (torch.is_grad_enabled() or not torch.is_autocast_enabled(dev) or torch.compiler.is_compiling()
+                or w.dtype != torch.float32):
+            return w, b
+        dt = torch.get_autocast_dtype(dev)
+        versions = (w._version, None if b is None else b._version, dt)
+        hit = self._cast_cache.get(name)
+        if hit is not None and hit[0] is w and hit[1] is b and hit[2] == versions:
+            return hit[3]
+        casts = (w.to(dt), None if b is None else b.to(dt))
+        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture's tensors stay its own
+            self._cast_cache[name] = (w, b, versions, casts)
+        return casts
+
+    def _dilated(self, x, bias: bool = True):
         """fc6 (without its bias when not ``bias``)."""
+        conv = self.fc6
         impl = self.fc6_impl
         if impl == "auto":
             needs_grad = torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)
             impl = "torch" if (x.is_cuda or cpu_prefers_onednn(needs_grad) or cpu_autocast(x)
                                or not dilated_pays(x.shape[-2:], conv.dilation[0])) else "ops"
-        fn = dilated_conv2d_reference if self.use_reference_ops or impl == "torch" else dilated_conv2d
-        return fn(x, conv.weight, conv.bias if bias else None, dilation=conv.dilation[0], padding=conv.padding[0])
+        if self.use_reference_ops or impl == "torch":
+            w, b = self._params("fc6", x)
+            return dilated_conv2d_reference(x, w, b if bias else None, dilation=conv.dilation[0],
+                                            padding=conv.padding[0])
+        return dilated_conv2d(x, conv.weight, conv.bias if bias else None, dilation=conv.dilation[0],
+                              padding=conv.padding[0])
 
     def _bias_relu(self, x, bias, drop: bool):
         """:func:`bias_relu` of a convolution's output without its bias; when ``drop``, the layer's Dropout
@@ -345,7 +376,8 @@ class AttentionToScale(nn.Module):
         :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused)
         when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
         convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu`` (on a GPU the convolution without
-        its bias, then :func:`bias_relu`: ``fuse_bias_relu``); then the layer's Dropout when ``drop``."""
+        its bias, then :func:`bias_relu`: ``fuse_bias_relu``; the parameters of :meth:`_params`); then the layer's
+        Dropout when ``drop``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl in ("auto", "auto4"):
@@ -356,9 +388,11 @@ class AttentionToScale(nn.Module):
                                or not winograd_pays(conv.in_channels, conv.out_channels, out_hw)) else (
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):
-            if relu and self._fuses(x):
-                return self._bias_relu(conv._conv_forward(x, conv.weight, None), conv.bias, drop)
-            y = F.relu(conv(x)) if relu else conv(x)
+            w, b = self._params(name, x)
+            if relu and self._fuses(x):  # the float32 bias goes in as it is (rounded inside under autocast)
+                return self._bias_relu(conv._conv_forward(x, w, None), conv.bias, drop)
+            y = conv._conv_forward(x, w, b)
+            y = F.relu(y) if relu else y
             return self._drop(y) if drop else y
         w = conv.weight
         tile = 4 if impl == "winograd4" else 2
@@ -382,11 +416,11 @@ class AttentionToScale(nn.Module):
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
         if self._fuses(x):
-            x = self._bias_relu(self._dilated(x, self.fc6, bias=False), self.fc6.bias, drop=True)
+            x = self._bias_relu(self._dilated(x, bias=False), self.fc6.bias, drop=True)
         else:
-            x = self._drop(F.relu(self._dilated(x, self.fc6)))
+            x = self._drop(F.relu(self._dilated(x)))
         fc7 = self._conv(x, "fc7", relu=True, drop=True)
-        return fc7, self.classifier(fc7)
+        return fc7, self._conv(fc7, self.classifier_name)
 
     def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(fc7, scores) of every scale: the input Interp'ed to the scale (the prototxts' shrink/zoom
@@ -410,6 +444,9 @@ class AttentionToScale(nn.Module):
                 and not torch.compiler.is_compiling()):
             return [one(s) for s in self.scales]
         main = torch.cuda.current_stream(x.device)
+        for name, mod in self.named_children():  # autocast's weight copies made here, before the fork
+            if isinstance(mod, nn.Conv2d):
+                self._params(name, x)
         sides = _side_streams(x.device, len(self.scales) - 1)
         for st in sides:
             st.wait_stream(main)
@@ -441,7 +478,7 @@ class AttentionToScale(nn.Module):
             # fc7_concat: fc7 of every scale, Interp'ed to the scale-1 size by _scale_trunks
             cat = torch.cat(fc7s, dim=1)
             a = self._conv(cat, "att_conv1", relu=True, drop=True)
-            logits = self.att_conv2(a)
+            logits = self._conv(a, "att_conv2")
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
         merged, weights = merge_fn(scores, logits, self.merge)
         return ModelOutput(merged=merged, scales=scores, attention=weights)

@@ -507,10 +507,10 @@ def test_fc6_impl_picks_the_kernel(monkeypatch, impl, device, avx512, gemm, grad
     monkeypatch.setattr(model_mod, "dilated_conv2d_reference", lambda *a, **k: calls.append("torch"))
     m = tiny(merge=None, scales=(1.0,), extra_supervision=False, use_reference_ops=False, fc6_impl=impl)
     # only the input's device matters to the choice: a stand-in for a CUDA tensor here
-    x = (types.SimpleNamespace(is_cuda=True, shape=(1, 1, size, size)) if device == "cuda"
+    x = (types.SimpleNamespace(is_cuda=True, device=torch.device("cuda"), shape=(1, 1, size, size)) if device == "cuda"
          else torch.randn(1, m.fc6.in_channels, size, size + 4))
     with torch.set_grad_enabled(grad):
-        m._dilated(x, m.fc6)
+        m._dilated(x)
     assert calls == (["ops"] if ours else ["torch"])
 
 
@@ -660,3 +660,77 @@ def test_cuda_graph_capture_of_inference(bf16):
     want_merged, want_attention = fwd()
     torch.testing.assert_close(merged, want_merged, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(attention, want_attention, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_keeps_autocast_weight_casts():
+    """Under autocast without a gradient the model casts each layer's parameters once and keeps the copies
+    (autocast casts them on every forward): the same outputs bit for bit as autocast's own casts, the copies
+    reused while the parameters are unchanged, cast again after an in-place change or load_state_dict,
+    never kept where a gradient is needed."""
+    import attnscale.model as model_mod
+    torch.manual_seed(0)
+    m = tiny().eval()
+    x = torch.randn(1, 3, 41, 41)
+    convs = {n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Conv2d)}
+
+    def run(model):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x).merged
+
+    def uncached(self, name, x):
+        return getattr(self, name).weight, getattr(self, name).bias
+
+    y = run(m)
+    assert set(m._cast_cache) == convs
+    kept = {n: v[3][0] for n, v in m._cast_cache.items()}
+    assert all(t.dtype == torch.bfloat16 for t in kept.values())
+    assert torch.equal(run(m), y) and all(m._cast_cache[n][3][0] is kept[n] for n in convs)  # reused
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model_mod.AttentionToScale, "_params", uncached)
+        assert torch.equal(run(m), y)  # autocast's own casts: the same values
+    with torch.no_grad():
+        m.conv1_1.weight.mul_(0.5)
+    y2 = run(m)
+    assert m._cast_cache["conv1_1"][3][0] is not kept["conv1_1"] and not torch.equal(y2, y)
+    fresh = tiny().eval()
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(run(fresh), y2)
+    m.load_state_dict(tiny().state_dict())
+    run(m)
+    assert all(m._cast_cache[n][3][0] is not kept[n] for n in convs)  # load_state_dict bumped every version
+    t = tiny().train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        t(x)
+    assert t._cast_cache == {}
+
+
+@pytest.mark.cuda
+def test_cuda_inference_weight_casts_equal_autocast(monkeypatch):
+    """On a GPU (bf16 autocast, channels_last, the coarser scales on side streams) the kept weight copies give
+    autocast's outputs bit for bit, on the first call (copies made on the caller's stream before the fork:
+    the side streams wait for them) and after a weight change (copies made again)."""
+    import attnscale.model as model_mod
+    torch.manual_seed(0)
+    m = tiny(use_reference_ops=False).cuda().to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 97, 97, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            out = m(x)
+        return [out.merged, out.attention, *out.scales]
+
+    w0 = m.fc7.weight.detach().clone()
+    got = run()
+    assert m._cast_cache and all(v[3][0].dtype == torch.bfloat16 for v in m._cast_cache.values())
+    with torch.no_grad():
+        m.fc7.weight.mul_(1.5)
+    got2 = run()
+    with monkeypatch.context() as mp:
+        mp.setattr(model_mod.AttentionToScale, "_params",
+                   lambda self, name, x: (getattr(self, name).weight, getattr(self, name).bias))
+        want2 = run()
+        with torch.no_grad():
+            m.fc7.weight.copy_(w0)
+        want = run()
+    for a, b in zip(got + got2, want + want2):
+        assert torch.equal(a, b)
