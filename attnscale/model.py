@@ -176,6 +176,11 @@ class AttentionToScale(nn.Module):
             rounds it); bias gradients equal up to summation order (under autocast the float32 sum, not rounded
             to the half type first).  Ignored on a CPU (oneDNN adds the bias inside its convolution), with
             ``use_reference_ops`` and under torch.compile (Inductor fuses them).
+        pad_input_channels: on a GPU, conv1_1 runs on the image with a fourth, zero channel (and its weight
+            with a zero fourth input channel): cuDNN has NHWC kernels for 4 input channels (MLPerf's ResNet-50
+            pads its images so) where 3 take generic ones.  The same products plus zeros (the order of the
+            float sums may differ); the weight and its gradient stay (64, 3, 3, 3).  Ignored on a CPU and
+            with ``use_reference_ops``.
         fuse_dropout: with ``fuse_bias_relu`` in training, the Dropout after fc6's, fc7's and att_conv1's ReLU
             runs inside :func:`attnscale.ops.bias_relu` (its Philox mask drawn in the same pass and not stored:
             the backward reads it off the output), instead of ``F.dropout``'s passes and byte masks.  The
@@ -188,7 +193,7 @@ class AttentionToScale(nn.Module):
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
                  dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
                  fc6_impl: str = "auto", scale_streams: bool = True, fuse_bias_relu: bool = True,
-                 fuse_dropout: bool = True):
+                 fuse_dropout: bool = True, pad_input_channels: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -224,6 +229,7 @@ class AttentionToScale(nn.Module):
         self.scale_streams = bool(scale_streams)
         self.fuse_bias_relu = bool(fuse_bias_relu)
         self.fuse_dropout = bool(fuse_dropout)
+        self.pad_input_channels = bool(pad_input_channels)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self._cast_cache: dict[str, tuple] = {}  # layer name -> (weight, bias, their versions, dtype, casts)
         self.classifier_name = classifier_name
@@ -362,6 +368,11 @@ class AttentionToScale(nn.Module):
         return dilated_conv2d(x, conv.weight, conv.bias if bias else None, dilation=conv.dilation[0],
                               padding=conv.padding[0])
 
+    def _pads_input(self, x: torch.Tensor, conv: nn.Conv2d) -> bool:
+        """Whether ``conv`` runs on x with a zero channel added (``pad_input_channels``: conv1_1 on a GPU)."""
+        return (self.pad_input_channels and x.is_cuda and not self.use_reference_ops and conv.in_channels == 3
+                and x.shape[1] == 3)
+
     def _bias_relu(self, x, bias, drop: bool):
         """:func:`bias_relu` of a convolution's output without its bias; when ``drop``, the layer's Dropout
         after it (inside the op with ``fuse_dropout`` in training, else :meth:`_drop`)."""
@@ -389,6 +400,8 @@ class AttentionToScale(nn.Module):
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):
             w, b = self._params(name, x)
+            if self._pads_input(x, conv):  # (N, 4, H, W) and (K, 4, kh, kw), the fourth channel zero
+                x, w = F.pad(x, (0, 0, 0, 0, 0, 1)), F.pad(w, (0, 0, 0, 0, 0, 1))
             if relu and self._fuses(x):  # the float32 bias goes in as it is (rounded inside under autocast)
                 return self._bias_relu(conv._conv_forward(x, w, None), conv.bias, drop)
             y = conv._conv_forward(x, w, b)

@@ -28,15 +28,16 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
 every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
 "ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
-"ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel, and
+"ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel,
 "ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
-(``fuse_bias_relu=False``); on a CPU inference also runs "auto+torchpool" (``F.max_pool2d`` instead of our
-kernel: in bf16 PyTorch's bfloat16 CPU pooling).  Training on CUDA also runs "ops+scatter": the Interp layers' index_select forward and autograd's ``index_add_`` backward
-(float atomics; :func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the
-gather-form adjoint, and
-"ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per output),
-"ops+unfused": without ``bias_relu``, and "ops+torchdrop": ``bias_relu`` without the Dropout inside it
-(``fuse_dropout=False``: ``F.dropout`` after it, as before).
+(``fuse_bias_relu=False``), and "ops+nopad+graph" conv1_1 on the 3-channel image
+(``pad_input_channels=False``); on a CPU inference also runs "auto+torchpool" (``F.max_pool2d`` instead of
+our kernel: in bf16 PyTorch's bfloat16 CPU pooling).  Training on CUDA also runs "ops+scatter": the Interp
+layers' index_select forward and autograd's ``index_add_`` backward (float atomics;
+:func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the gather-form
+adjoint, "ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per
+output), "ops+unfused": without ``bias_relu``, "ops+torchdrop": ``bias_relu`` without the Dropout inside it
+(``fuse_dropout=False``: ``F.dropout`` after it, as before), and "ops+nopad": conv1_1 on 3 channels.
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -70,7 +71,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -119,7 +120,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
                          fc6_impl="ops" if "fc6" in parts else "auto",
                          scale_streams="serial" not in parts,
                          fuse_bias_relu="unfused" not in parts,
-                         fuse_dropout="torchdrop" not in parts).to(device)
+                         fuse_dropout="torchdrop" not in parts,
+                         pad_input_channels="nopad" not in parts).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -233,12 +235,12 @@ def main(argv=None) -> int:
     # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
     # stream (the model's scale_streams=False), eager and as a graph
     # on a CPU "auto+torchpool": the model's defaults with F.max_pool2d for the MAX pooling instead of our kernel
-    infer_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph"]
-                      if cuda else ["auto+torchpool"])
+    infer_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph",
+                       "ops+nopad+graph"] if cuda else ["auto+torchpool"])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
     # after bias_relu instead of inside it
-    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop"] if cuda else []
+    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop", "ops+nopad"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}

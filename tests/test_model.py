@@ -734,3 +734,64 @@ def test_cuda_inference_weight_casts_equal_autocast(monkeypatch):
         want = run()
     for a, b in zip(got + got2, want + want2):
         assert torch.equal(a, b)
+
+
+def test_conv1_1_on_a_zero_padded_channel(monkeypatch):
+    """pad_input_channels (a GPU matter, forced here on the CPU): conv1_1 on the image with a fourth, zero
+    channel and a zero fourth input channel in its weight gives the 3-channel model's outputs (up to the order
+    of float sums) and gradients, the weight's gradient in its own (64, 3, 3, 3) shape; only conv1_1 pads."""
+    import attnscale.model as model_mod
+    torch.manual_seed(0)
+    ref = tiny(use_reference_ops=False, pad_input_channels=False).train()
+    m = tiny(use_reference_ops=False).train()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 41, 41)
+    labels = torch.randint(0, 5, (2, 41, 41))
+    assert not m._pads_input(x, m.conv1_1)  # on the CPU: never
+    padded = []
+    real = model_mod.AttentionToScale._pads_input
+
+    def forced(self, x, conv):
+        on = self.pad_input_channels and conv.in_channels == 3 and x.shape[1] == 3
+        padded.append(on)
+        return on
+
+    monkeypatch.setattr(model_mod.AttentionToScale, "_pads_input", forced)
+    res = []
+    for model in (ref, m):
+        torch.manual_seed(1)
+        out = model(x)
+        loss, _ = model.loss(out, labels)
+        res.append((out.merged, torch.autograd.grad(loss, list(model.parameters()))))
+    assert sum(padded) == 3 and real is not forced  # conv1_1 of each scale
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(res[0][1], res[1][1]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_conv1_1_padded_equals_three_channels(monkeypatch):
+    """On a GPU conv1_1 runs on 4 channels by default (channels_last): in float32 (TF32 off) the outputs and
+    gradients agree with the 3-channel model's to float rounding; in bf16 autocast the outputs to bf16's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    ref = tiny(use_reference_ops=False, pad_input_channels=False, dropout=0.0)
+    ref = ref.cuda().to(memory_format=torch.channels_last).train()
+    m = tiny(use_reference_ops=False, dropout=0.0).cuda().to(memory_format=torch.channels_last).train()
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 65, 65, device="cuda").contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 5, (2, 65, 65), device="cuda")
+    assert m._pads_input(x, m.conv1_1) and not ref._pads_input(x, ref.conv1_1)
+    res = []
+    for model in (ref, m):
+        out = model(x)
+        loss, _ = model.loss(out, labels)
+        res.append((out.merged, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(res[0][1], res[1][1]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a, b = ref.eval()(x).merged.float(), m.eval()(x).merged.float()
+    torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)
