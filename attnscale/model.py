@@ -231,7 +231,9 @@ class AttentionToScale(nn.Module):
         self.fuse_dropout = bool(fuse_dropout)
         self.pad_input_channels = bool(pad_input_channels)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
-        self._cast_cache: dict[str, tuple] = {}  # layer name -> (weight, bias, their versions, dtype, casts)
+        self._cast_cache: dict[tuple, tuple] = {}  # (layer name, CUDA stream) -> autocast copies: _params
+        self._graph_casts: list = []  # replaced copies a captured CUDA graph still reads
+        self._cast_stream = None  # the stream whose copies _scale_trunks' side streams use
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
         self.test_crop_size = test_crop_size
@@ -330,28 +332,88 @@ class AttentionToScale(nn.Module):
 
     def _params(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``name``'s (weight, bias) as its convolution on x takes them.  In inference under
-        ``torch.autocast`` (no gradient; not while torch.compile traces) a copy in autocast's dtype, kept
-        while the parameters are the same tensors at the same version (an optimizer step or
-        ``load_state_dict`` changes the version): autocast would cast every layer's weights again on every
-        forward (43 cast kernels, 0.13 ms of a 3.7 ms bf16 inference on an H100, replayed by a CUDA graph as
-        well), and the copies hold the same rounded values.  (A CUDA graph captured with them reads the
-        copies: capture it again after changing the weights.)  :meth:`_scale_trunks` makes them on the
-        current stream before it forks the side streams, which wait for it there."""
+        ``torch.autocast`` (no gradient) a copy in autocast's dtype, kept while the parameters are the same
+        tensors, at the same version (an optimizer step or ``load_state_dict`` changes it) and address (a
+        move to another device or dtype changes it; a write through ``.data`` changes neither: call
+        :meth:`clear_caches` then): autocast would cast every layer's weights again on every forward (43 cast
+        kernels, 0.13 ms of a 3.7 ms bf16 inference on an H100, replayed by a CUDA graph as well), and the
+        copies hold the same rounded values.  Kept per CUDA stream (the caller's; the side streams of
+        :meth:`_scale_trunks` use the caller's copies, made before the fork they wait for; a CUDA graph capture,
+        through torch.cuda.graph, which synchronises the device first, any stream's), and never freed once a
+        graph captured them
+        (a replay keeps reading them: capture again after changing the weights).  Not kept while
+        torch.compile traces, under a dispatch mode (FakeTensorMode, make_fx) or for inference-mode
+        parameters."""
         conv = getattr(self, name)
         w, b = conv.weight, conv.bias
         dev = x.device.type
-        if (torch.is_grad_enabled() or not torch.is_autocast_enabled(dev) or torch.compiler.is_compiling()
-                or w.dtype != torch.float32):
+        if (torch.is_grad_enabled() or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev)
+                or w.dtype != torch.float32 or torch.compiler.is_compiling()
+                or torch._C._len_torch_dispatch_stack() > 0 or w.is_inference()):
             return w, b
         dt = torch.get_autocast_dtype(dev)
-        versions = (w._version, None if b is None else b._version, dt)
-        hit = self._cast_cache.get(name)
-        if hit is not None and hit[0] is w and hit[1] is b and hit[2] == versions:
+        stream = None
+        capturing = False
+        if x.is_cuda:
+            stream = self._cast_stream or torch.cuda.current_stream(x.device)
+            capturing = torch.cuda.is_current_stream_capturing()
+        key = (name, stream)
+        state = (w.data_ptr(), w._version, w.device, None if b is None else (b.data_ptr(), b._version), dt)
+
+        def valid(entry):
+            return entry is not None and entry[0] is w and entry[1] is b and entry[2] == state
+
+        hit = self._cast_cache.get(key)
+        if capturing and not valid(hit):
+            # torch.cuda.graph synchronised the device before capturing: any stream's copies are complete
+            hit = next((v for (n, _), v in self._cast_cache.items() if n == name and valid(v)), hit)
+        if valid(hit):
+            if capturing:
+                hit[4][0] = True  # a graph reads these copies now: never freed
             return hit[3]
-        casts = (w.to(dt), None if b is None else b.to(dt))
-        if not (x.is_cuda and torch.cuda.is_current_stream_capturing()):  # a capture's tensors stay its own
-            self._cast_cache[name] = (w, b, versions, casts)
+        hit = self._cast_cache.get(key)
+        with torch.inference_mode(False):
+            casts = (w.to(dt), None if b is None else b.to(dt))
+        if not capturing:  # copies made inside a capture belong to it
+            if hit is not None and hit[4][0]:
+                self._graph_casts.append(hit[3])  # a captured graph still reads the old copies
+            self._cast_cache[key] = (w, b, state, casts, [False])
         return casts
+
+    def _drop_casts(self) -> None:
+        """Forget :meth:`_params`' copies, keeping alive those a captured CUDA graph reads."""
+        self._graph_casts += [v[3] for v in self._cast_cache.values() if v[4][0]]
+        self._cast_cache.clear()
+
+    def clear_caches(self) -> None:
+        """Drop the kept weight copies (:meth:`_params`' autocast casts, the Winograd transforms), e.g. after
+        writing the parameters through ``.data``; moves between devices or dtypes drop them by themselves."""
+        self._drop_casts()
+        self._winograd_cache.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        self.clear_caches()
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._drop_casts()  # training never reads them
+        return super().train(mode)
+
+    def __setstate__(self, state):  # a model pickled before the caches existed
+        super().__setstate__(state)
+        for name, empty in (("_cast_cache", {}), ("_winograd_cache", {}), ("_graph_casts", []), ("_cast_stream", None)):
+            self.__dict__.setdefault(name, empty)
+
+    def __getstate__(self):  # pickling and deepcopy leave the kept copies behind
+        state = super().__getstate__()
+        state["_cast_cache"], state["_winograd_cache"], state["_graph_casts"] = {}, {}, []
+        return state
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._cast_cache, replica._winograd_cache, replica._graph_casts = {}, {}, []
+        return replica
 
     def _dilated(self, x, bias: bool = True):
         """fc6 (without its bias when not ``bias``)."""
@@ -399,6 +461,9 @@ class AttentionToScale(nn.Module):
                                or not winograd_pays(conv.in_channels, conv.out_channels, out_hw)) else (
                 "winograd4" if impl == "auto4" else "winograd")
         if impl == "torch" or not winograd_applies(x, conv):
+            if conv._forward_hooks or conv._forward_pre_hooks:  # the module's own call, for its hooks
+                y = F.relu(conv(x)) if relu else conv(x)
+                return self._drop(y) if drop else y
             w, b = self._params(name, x)
             if self._pads_input(x, conv):  # (N, 4, H, W) and (K, 4, kh, kw), the fourth channel zero
                 x, w = F.pad(x, (0, 0, 0, 0, 0, 1)), F.pad(w, (0, 0, 0, 0, 0, 1))
@@ -464,9 +529,13 @@ class AttentionToScale(nn.Module):
         for st in sides:
             st.wait_stream(main)
         outs = [one(self.scales[0])]                 # the finest scale, most of the work, on the current stream
-        for st, s in zip(sides, self.scales[1:]):
-            with torch.cuda.stream(st):
-                outs.append(one(s))
+        self._cast_stream = main                     # the side streams read the copies made on main
+        try:
+            for st, s in zip(sides, self.scales[1:]):
+                with torch.cuda.stream(st):
+                    outs.append(one(s))
+        finally:
+            self._cast_stream = None
         for st in sides:
             main.wait_stream(st)
         return outs

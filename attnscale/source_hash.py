@@ -13,15 +13,18 @@ import os
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+SUFFIXES = (".c", ".cc", ".cpp", ".cu", ".cuh", ".h", ".hpp")  # sources only: no stray objects or caches
+
+
 def source_hash(root: str = ROOT) -> str | None:
-    """SHA-256 over ``csrc/``'s files (relative path and bytes, in sorted path order), or None without
-    a ``csrc/`` folder (an installed wheel)."""
+    """SHA-256 over ``csrc/``'s source files (relative path and bytes, in sorted path order), or None
+    without a ``csrc/`` folder (an installed wheel)."""
     csrc = os.path.join(root, "csrc")
     if not os.path.isdir(csrc):
         return None
     paths = []
     for folder, _, files in os.walk(csrc):
-        paths += [os.path.join(folder, f) for f in files]
+        paths += [os.path.join(folder, f) for f in files if f.endswith(SUFFIXES)]
     digest = hashlib.sha256()
     for path in sorted(paths, key=lambda p: os.path.relpath(p, root).replace(os.sep, "/")):
         rel = os.path.relpath(path, root).replace(os.sep, "/")

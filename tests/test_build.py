@@ -21,6 +21,10 @@ def test_a_stale_build_is_named(monkeypatch, tmp_path):
     (tmp_path / "csrc" / "ops" / "a.cpp").write_text("int a = 2;\n")
     assert sh.source_hash(str(tmp_path)) != first and len(first) == 64
     assert sh.source_hash(str(tmp_path / "nowhere")) is None
+    (tmp_path / "csrc" / "ops" / "a.o").write_bytes(b"\0")  # a stray build product does not count
+    second = sh.source_hash(str(tmp_path))
+    (tmp_path / "csrc" / "ops" / "a.o").unlink()
+    assert sh.source_hash(str(tmp_path)) == second
     monkeypatch.setattr(sh, "source_hash", lambda root=sh.ROOT: first)
     why = stale_build()
     assert why is not None and "rebuild it" in why and first[:12] in why

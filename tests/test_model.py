@@ -1,5 +1,7 @@
 """attnscale.model.AttentionToScale: shapes (Caffe formulas), weight sharing, merges, losses, param groups,
 predict, ops == references, training step, torch.compile."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -655,6 +657,8 @@ def test_cuda_graph_capture_of_inference(bf16):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         merged, attention = fwd()
+    # bf16: the capture read weight copies the eager calls made (18 layers; kept for the graph)
+    assert not bf16 or sum(v[4][0] for v in m._cast_cache.values()) == len({n for n, _ in m._cast_cache})
     x.copy_(torch.randn(1, 3, 97, 97, device="cuda"))
     graph.replay()
     want_merged, want_attention = fwd()
@@ -680,28 +684,49 @@ def test_inference_keeps_autocast_weight_casts():
     def uncached(self, name, x):
         return getattr(self, name).weight, getattr(self, name).bias
 
+    def fresh_like(model):
+        other = tiny().eval()
+        other.load_state_dict(model.state_dict())
+        return other
+
+    def copies():
+        return {name: v[3][0] for (name, stream), v in m._cast_cache.items()}
+
     y = run(m)
-    assert set(m._cast_cache) == convs
-    kept = {n: v[3][0] for n, v in m._cast_cache.items()}
+    assert set(m._cast_cache) == {(n, None) for n in convs}  # on the CPU: no stream
+    kept = copies()
     assert all(t.dtype == torch.bfloat16 for t in kept.values())
-    assert torch.equal(run(m), y) and all(m._cast_cache[n][3][0] is kept[n] for n in convs)  # reused
+    assert torch.equal(run(m), y) and all(copies()[n] is kept[n] for n in convs)  # reused
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model_mod.AttentionToScale, "_params", uncached)
         assert torch.equal(run(m), y)  # autocast's own casts: the same values
     with torch.no_grad():
         m.conv1_1.weight.mul_(0.5)
     y2 = run(m)
-    assert m._cast_cache["conv1_1"][3][0] is not kept["conv1_1"] and not torch.equal(y2, y)
+    assert copies()["conv1_1"] is not kept["conv1_1"] and not torch.equal(y2, y)
     fresh = tiny().eval()
     fresh.load_state_dict(m.state_dict())
     assert torch.equal(run(fresh), y2)
     m.load_state_dict(tiny().state_dict())
     run(m)
-    assert all(m._cast_cache[n][3][0] is not kept[n] for n in convs)  # load_state_dict bumped every version
+    assert all(copies()[n] is not kept[n] for n in convs)  # load_state_dict bumped every version
+    # a move to another dtype and back (the same parameters, the same versions, new storage), pickling,
+    # training mode: nothing stale is kept or carried
+    m.double().float()
+    assert m._cast_cache == {}
+    assert torch.equal(run(m), run(fresh_like(m)))
+    assert copy.deepcopy(m)._cast_cache == {} and m._cast_cache
+    m.train()
+    assert m._cast_cache == {}
     t = tiny().train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         t(x)
     assert t._cast_cache == {}
+    # a forward hook sees the layer's own call (the module's weights, not the copies)
+    seen = []
+    m.eval().classifier.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+    run(m)
+    assert seen == [torch.bfloat16] * 3
 
 
 @pytest.mark.cuda
@@ -794,4 +819,4 @@ def test_cuda_conv1_1_padded_equals_three_channels(monkeypatch):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         a, b = ref.eval()(x).merged.float(), m.eval()(x).merged.float()
-    torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-3)
