@@ -337,18 +337,17 @@ class AttentionToScale(nn.Module):
         move to another device or dtype changes it; a write through ``.data`` changes neither: call
         :meth:`clear_caches` then): autocast would cast every layer's weights again on every forward (43 cast
         kernels, 0.13 ms of a 3.7 ms bf16 inference on an H100, replayed by a CUDA graph as well), and the
-        copies hold the same rounded values.  Kept per CUDA stream (the caller's; the side streams of
-        :meth:`_scale_trunks` use the caller's copies, made before the fork they wait for; a CUDA graph capture,
-        through torch.cuda.graph, which synchronises the device first, any stream's), and never freed once a
-        graph captured them
-        (a replay keeps reading them: capture again after changing the weights).  Not kept while
-        torch.compile traces, under a dispatch mode (FakeTensorMode, make_fx) or for inference-mode
+        copies hold the same rounded values.  Kept per CUDA stream: the caller's (the side streams of
+        :meth:`_scale_trunks` use the caller's copies, made before the fork they wait for; a capture through
+        torch.cuda.graph, which synchronises the device first, any stream's), and never freed once a graph
+        captured them (a replay keeps reading them: capture again after changing the weights).  Not kept
+        while torch.compile traces, under a dispatch mode (FakeTensorMode, make_fx) or for inference-mode
         parameters."""
         conv = getattr(self, name)
         w, b = conv.weight, conv.bias
         dev = x.device.type
-        if (torch.is_grad_enabled() or not torch.amp.is_autocast_available(dev) or not torch.is_autocast_enabled(dev)
-                or w.dtype != torch.float32 or torch.compiler.is_compiling()
+        if (torch.is_grad_enabled() or not torch.amp.is_autocast_available(dev)
+                or not torch.is_autocast_enabled(dev) or w.dtype != torch.float32 or torch.compiler.is_compiling()
                 or torch._C._len_torch_dispatch_stack() > 0 or w.is_inference()):
             return w, b
         dt = torch.get_autocast_dtype(dev)
@@ -402,7 +401,8 @@ class AttentionToScale(nn.Module):
 
     def __setstate__(self, state):  # a model pickled before the caches existed
         super().__setstate__(state)
-        for name, empty in (("_cast_cache", {}), ("_winograd_cache", {}), ("_graph_casts", []), ("_cast_stream", None)):
+        for name, empty in (("_cast_cache", {}), ("_winograd_cache", {}), ("_graph_casts", []),
+                            ("_cast_stream", None)):
             self.__dict__.setdefault(name, empty)
 
     def __getstate__(self):  # pickling and deepcopy leave the kept copies behind
@@ -449,8 +449,8 @@ class AttentionToScale(nn.Module):
         :func:`winograd_pays` says no, F(4x4, 3x3) for "winograd4" and likewise for "auto4", the ReLU fused)
         when ``conv_impl`` asks for it and :func:`attnscale.ops.winograd_applies` (a 3x3 stride-1
         convolution on a CPU float input), else ``nn.Conv2d`` and ``F.relu`` (on a GPU the convolution without
-        its bias, then :func:`bias_relu`: ``fuse_bias_relu``; the parameters of :meth:`_params`); then the layer's
-        Dropout when ``drop``."""
+        its bias, then :func:`bias_relu`: ``fuse_bias_relu``; the parameters of :meth:`_params`); then the
+        layer's Dropout when ``drop``."""
         conv = getattr(self, name)
         impl = self.conv_impl
         if impl in ("auto", "auto4"):
