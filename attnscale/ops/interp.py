@@ -47,7 +47,7 @@ def _register() -> None:
 _register()
 
 
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # CUDA and CPU inference
 
 
 def has_cuda_kernels() -> bool:
@@ -60,9 +60,9 @@ def caffe_interp_applies(x: torch.Tensor) -> bool:
     float16/bfloat16 on the CPU (built; the half types rounded after every product and sum, as the
     index_select path's tensor ops round them), or on CUDA with the CUDA kernel built."""
     if x.device.type == "cuda":
-        return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+        return (x.dim() == 4 and x.dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
                 and has_cuda_kernel("caffe_interp"))
-    return cpu_inference_kernel_applies(x, _CUDA_DTYPES)
+    return cpu_inference_kernel_applies(x, _KERNEL_DTYPES)
 
 
 def caffe_interp(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:

@@ -75,7 +75,7 @@ _MASK_NONE = 255
 _register()
 
 
-_CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # the CPU inference kernel's too
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)  # CUDA and CPU inference
 
 
 
@@ -85,9 +85,9 @@ def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
     x is 4-D in float32/float64/float16/bfloat16 on the CPU (the half types compared in float32: CPU
     autocast's maps), or on CUDA with the extension's CUDA kernel built."""
     if x.device.type == "cuda":
-        return (x.dim() == 4 and x.dtype in _CUDA_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
+        return (x.dim() == 4 and x.dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
                 and has_cuda_kernel("caffe_max_pool2d"))
-    return cpu_inference_kernel_applies(x, _CUDA_DTYPES)
+    return cpu_inference_kernel_applies(x, _KERNEL_DTYPES)
 
 
 def caffe_max_pool2d_train_applies(x: torch.Tensor, kernel: int) -> bool:
@@ -95,7 +95,7 @@ def caffe_max_pool2d_train_applies(x: torch.Tensor, kernel: int) -> bool:
     float16/bfloat16, the extension has the CUDA kernels, and the window offsets fit the one-byte mask
     (kernel <= 15).  On the CPU training keeps ``F.max_pool2d`` (the op's CPU kernels are plain loops, its
     twin for the tests)."""
-    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _CUDA_DTYPES and kernel * kernel <= _MASK_NONE
+    return (x.device.type == "cuda" and x.dim() == 4 and x.dtype in _KERNEL_DTYPES and kernel * kernel <= _MASK_NONE
             and has_cuda_kernel("caffe_max_pool2d_with_mask"))
 
 

@@ -4,7 +4,7 @@
 //
 // Element i (its index in the tensor's memory order) of a call with seed s is kept when word i % 4 of
 // Philox4x32-10(counter = (i / 4 low, i / 4 high, 0, 0), key = (s low, s high)) is at least
-// dropout_threshold(p) = floor(p * 2^32): probability 1 - p exactly up to 2^-32.  Torch-free.
+// dropout(p).threshold = floor(p * 2^32): probability 1 - p exactly up to 2^-32.  Torch-free.
 #pragma once
 
 #include <cstdint>
@@ -49,11 +49,18 @@ ATTNSCALE_HD Words block(uint64_t seed, uint64_t q) {
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-// floor(p * 2^32) for a dropout ratio p in [0, 1): an element is kept when its word is >= this.
-inline uint32_t dropout_threshold(double p) {
-  if (!(p > 0)) return 0u;
+// A dropout ratio p in [0, 1) as the kernels apply it: on when p > 0 (a p under 2^-32 keeps every unit, still
+// scaled); an element kept when its word is >= threshold = floor(p * 2^32), times scale = 1 / (1 - p).
+struct Dropout {
+  bool on;
+  uint32_t threshold;
+  double scale;
+};
+
+inline Dropout dropout(double p) {
   const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+  const uint32_t threshold = !(p > 0) ? 0u : t >= 4294967295.0 ? 4294967295u : static_cast<uint32_t>(t);
+  return Dropout{p > 0, threshold, 1.0 / (1.0 - p)};
 }
 
 }  // namespace philox

@@ -34,22 +34,21 @@ at::Tensor bias_relu_cpu(const at::Tensor& x_in, const at::Tensor& bias_in, doub
   at::Tensor out = at::empty_like(x, x.options().memory_format(fmt));
   const int64_t C = x.size(1), HW = x.size(2) * x.size(3), total = x.numel();
   const bool nhwc = fmt == at::MemoryFormat::ChannelsLast;
-  const bool drop = p > 0;  // (a p under 2^-32 keeps every unit, still scaled)
-  const uint32_t threshold = philox::dropout_threshold(p);
+  const philox::Dropout d = philox::dropout(p);
   const uint64_t key = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bias_relu_cpu", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* bp = bias.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    const scalar_t scale = static_cast<scalar_t>(1.0 / (1.0 - p));
+    const scalar_t scale = static_cast<scalar_t>(d.scale);
     // chunks of whole Philox blocks (4 elements), so that each block is drawn once
     at::parallel_for(0, (total + 3) / 4, 8192, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
-        const philox::Words r = drop ? philox::block(key, static_cast<uint64_t>(q)) : philox::Words{};
+        const philox::Words r = d.on ? philox::block(key, static_cast<uint64_t>(q)) : philox::Words{};
         for (int64_t i = 4 * q; i < std::min(4 * q + 4, total); ++i) {
           const scalar_t v = xp[i] + bp[channel_of(i, C, HW, nhwc)];
           const scalar_t y = (v > 0 || v != v) ? v : scalar_t(0);  // torch.relu: NaN stays NaN
-          op[i] = !drop ? y : r.w[i & 3] >= threshold ? y * scale : scalar_t(0);
+          op[i] = !d.on ? y : r.w[i & 3] >= d.threshold ? y * scale : scalar_t(0);
         }
       }
     });

@@ -230,19 +230,18 @@ cudaError_t forward_with(const T* xp, const B* bp, T* op, int64_t total, int64_t
   using A = typename AccOf<T>::type;
   const bool vec = aligned16 && (nhwc ? C % VM == 0 : HW % VM == 0);
   const int64_t nvec = vec ? total / VM : total;
-  const bool drop = p > 0;  // (a p under 2^-32 keeps every unit, still scaled)
-  const uint32_t threshold = philox::dropout_threshold(p);
-  const A scale = static_cast<A>(1.0 / (1.0 - p));
+  const philox::Dropout d = philox::dropout(p);
+  const A scale = static_cast<A>(d.scale);
   if (nhwc) {
     if (vec)
-      forward_launch<T, B, VM, true>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
+      forward_launch<T, B, VM, true>(xp, bp, op, nvec, C, HW, d.on, seed, d.threshold, scale, stream);
     else
-      forward_launch<T, B, 1, true>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
+      forward_launch<T, B, 1, true>(xp, bp, op, nvec, C, HW, d.on, seed, d.threshold, scale, stream);
   } else {
     if (vec)
-      forward_launch<T, B, VM, false>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
+      forward_launch<T, B, VM, false>(xp, bp, op, nvec, C, HW, d.on, seed, d.threshold, scale, stream);
     else
-      forward_launch<T, B, 1, false>(xp, bp, op, nvec, C, HW, drop, seed, threshold, scale, stream);
+      forward_launch<T, B, 1, false>(xp, bp, op, nvec, C, HW, d.on, seed, d.threshold, scale, stream);
   }
   return cudaGetLastError();
 }
