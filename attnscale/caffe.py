@@ -9,7 +9,6 @@ Nothing here depends on the model: the prototxt importer and the model both impo
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import switches
 from .ops.interp import caffe_interp, caffe_interp_applies
 from .ops.interp import has_cuda_kernels as interp_has_cuda_kernels
 from .ops.pooling import (caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
@@ -132,7 +132,7 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     torch_ok = 2 * pad <= kernel and all(
         _torch_ceil_size(s, kernel, stride, pad) == o for s, o in ((H, oh), (W, ow)))
     if method == "max":
-        if not _SWITCHES["torch_max_pool"]:
+        if not switches.uses_torch("pool"):
             if caffe_max_pool2d_applies(x):  # inference (CPU or CUDA): our kernel
                 return caffe_max_pool2d(x, kernel, stride, pad, (oh, ow))
             if caffe_max_pool2d_train_applies(x, kernel):  # training on a GPU: our kernels, a byte of mask
@@ -152,25 +152,11 @@ def pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, method: str = "m
     return sums / divisor
 
 
-# Comparison switches for benchmarks/bench_e2e.py: the path a layer took before our faster one (same values)
-_SWITCHES = {"torch_max_pool": False, "interp_scatter_backward": False}
-
-
-@contextlib.contextmanager
-def _switched_on(name: str):
-    before = _SWITCHES[name]
-    _SWITCHES[name] = True
-    try:
-        yield
-    finally:
-        _SWITCHES[name] = before
-
-
 def torch_max_pool():
     """Within the block :func:`pool2d` MAX always takes ``F.max_pool2d`` (the same values, NaNs aside), never
     our kernels (:func:`attnscale.ops.pooling.caffe_max_pool2d` and ``caffe_max_pool2d_train``): for
-    benchmarks/bench_e2e.py's comparison."""
-    return _switched_on("torch_max_pool")
+    benchmarks/bench_e2e.py's comparison (``ATTNSCALE_DISABLE=pool`` everywhere: :mod:`attnscale.switches`)."""
+    return switches.torch_path("pool")
 
 
 def _ave_divisor_map(H: int, W: int, kernel: int, stride: int, pad: int, dtype: torch.dtype):
@@ -327,7 +313,7 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
     Caffe does, then cast to the input dtype; ``l0 = 1 - l1`` in the input dtype).  Differentiable (gather;
     backward scatters like Caffe).  Without a gradient it runs :func:`attnscale.ops.interp.caffe_interp`
     (the same values, from a C++ or CUDA kernel); with one on a GPU that kernel serves
-    :func:`interp_gather`'s forward.
+    :func:`interp_gather`'s forward (neither within :func:`torch_interp`).
     """
     if x.dim() != 4:
         raise ValueError(f"interp: expected an (N,C,H,W) tensor, got shape {tuple(x.shape)}")
@@ -337,7 +323,7 @@ def interp(x: torch.Tensor, size) -> torch.Tensor:
         x = x[..., top:top + eh, left:left + ew]
     if (eh, ew) == (oh, ow):
         return x.clone()
-    if caffe_interp_applies(x):  # inference: the C++ / CUDA kernel, same values
+    if caffe_interp_applies(x) and not switches.uses_torch("interp"):  # inference: our kernel, same values
         return caffe_interp(x, (oh, ow))
     return interp_gather(x, (oh, ow))
 
@@ -350,13 +336,13 @@ def interp_gather(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     few (at most 3-5 at the model's ratios) outputs' contributions through index tables, in the outputs'
     order, without atomics: deterministic, and faster on a GPU than autograd's own backward of the gathers
     (``index_add_``, float atomics: 12.7 of the 93 ms of a bf16 training step on an H100, which ran 1.14x
-    faster without it; :func:`interp_scatter_backward` restores it, for comparison).  On a GPU the forward
+    faster without it; :func:`torch_interp` restores it, for comparison).  On a GPU the forward
     is :func:`attnscale.ops.interp.caffe_interp`'s CUDA kernel (the same values in one kernel) and the
     backward ``caffe_interp_backward``'s (the same tables and order of sums, with fused multiply-adds, in one
     kernel instead of a padded copy and a gather and a multiply-add per slot and axis).  While torch.compile
     traces, the index_select forward and autograd's backward (the tables are built by data-dependent Python
     loops, which it cannot trace; it generates its own code for the scatter)."""
-    if _SWITCHES["interp_scatter_backward"] or torch.compiler.is_compiling():
+    if switches.uses_torch("interp") or torch.compiler.is_compiling():
         return _interp_blend(x, out_hw)
     return _InterpGather.apply(x, out_hw)
 
@@ -374,12 +360,12 @@ def _interp_blend(x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     return lh0[:, None] * top_row + lh1[:, None] * bot_row
 
 
-def interp_scatter_backward():
-    """Within the block :func:`interp_gather` takes its index_select forward and autograd's own backward of
-    its gathers (``index_add_``: float atomics on a GPU, the order of additions not fixed) instead of the
-    CUDA forward kernel and the gather-form adjoint: the same values and sums, for benchmarks/bench_e2e.py's
-    comparison."""
-    return _switched_on("interp_scatter_backward")
+def torch_interp():
+    """Within the block no Interp kernel of ours: :func:`interp` without a gradient takes the index_select
+    path, and :func:`interp_gather` its index_select forward and autograd's own backward of the gathers
+    (``index_add_``: float atomics on a GPU, the order of additions not fixed): the same values and sums,
+    for benchmarks/bench_e2e.py's comparison (``ATTNSCALE_DISABLE=interp`` everywhere)."""
+    return switches.torch_path("interp")
 
 
 def _interp_adjoint_tables(size_in: int, size_out: int, dtype: torch.dtype):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import caffe
+from . import caffe, switches
 from .ops import (bias_relu, cpu_gemm, dilated_conv2d, dilated_conv2d_reference, scale_merge,
                   scale_merge_reference, winograd_applies, winograd_conv2d, winograd_weight)
 from .ops.bias_relu import bias_relu_applies
@@ -186,6 +186,12 @@ class AttentionToScale(nn.Module):
             the backward reads it off the output), instead of ``F.dropout``'s passes and byte masks.  The
             same distribution and scaling, another random stream.  Not inside CUDA graph capture (the seed
             is drawn on the host).
+        cache_weight_casts: in inference under ``torch.autocast``, keep each layer's weights cast to
+            autocast's dtype between forwards (:meth:`_params`) instead of letting autocast cast them again
+            on every forward.  The same values.
+
+    ``ATTNSCALE_DISABLE`` (:mod:`attnscale.switches`: ``bias_relu``, ``dropout``, ``pad``, ``casts``)
+    turns the matching features off whatever the arguments say.
     """
 
     def __init__(self, num_classes: int = 21, scales: Sequence[float] = (1.0, 0.75, 0.5),
@@ -193,7 +199,7 @@ class AttentionToScale(nn.Module):
                  use_reference_ops: bool = False, classifier_name: str = "fc8_voc12",
                  dropout: float = 0.5, test_crop_size: int = 513, conv_impl: str = "auto",
                  fc6_impl: str = "auto", scale_streams: bool = True, fuse_bias_relu: bool = True,
-                 fuse_dropout: bool = True, pad_input_channels: bool = True):
+                 fuse_dropout: bool = True, pad_input_channels: bool = True, cache_weight_casts: bool = True):
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -230,6 +236,7 @@ class AttentionToScale(nn.Module):
         self.fuse_bias_relu = bool(fuse_bias_relu)
         self.fuse_dropout = bool(fuse_dropout)
         self.pad_input_channels = bool(pad_input_channels)
+        self.cache_weight_casts = bool(cache_weight_casts)
         self._winograd_cache: dict[str, tuple] = {}  # layer name -> (weight, its version, its transform)
         self._cast_cache: dict[tuple, tuple] = {}  # (layer name, CUDA stream) -> autocast copies: _params
         self._graph_casts: list = []  # replaced copies a captured CUDA graph still reads
@@ -328,7 +335,8 @@ class AttentionToScale(nn.Module):
     # ----------------------------------------------------------------------------------- forward
     def _fuses(self, x: torch.Tensor) -> bool:
         """Whether a convolution + ReLU on x runs as the convolution without bias, then :func:`bias_relu`."""
-        return self.fuse_bias_relu and not self.use_reference_ops and bias_relu_applies(x)
+        return (self.fuse_bias_relu and not self.use_reference_ops and bias_relu_applies(x)
+                and not switches.uses_torch("bias_relu"))
 
     def _params(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``name``'s (weight, bias) as its convolution on x takes them.  In inference under
@@ -346,7 +354,8 @@ class AttentionToScale(nn.Module):
         conv = getattr(self, name)
         w, b = conv.weight, conv.bias
         dev = x.device.type
-        if (torch.is_grad_enabled() or not torch.amp.is_autocast_available(dev)
+        if (not self.cache_weight_casts or switches.uses_torch("casts")
+                or torch.is_grad_enabled() or not torch.amp.is_autocast_available(dev)
                 or not torch.is_autocast_enabled(dev) or w.dtype != torch.float32 or torch.compiler.is_compiling()
                 or torch._C._len_torch_dispatch_stack() > 0 or w.is_inference()):
             return w, b
@@ -402,7 +411,7 @@ class AttentionToScale(nn.Module):
     def __setstate__(self, state):  # a model pickled before the caches existed
         super().__setstate__(state)
         for name, empty in (("_cast_cache", {}), ("_winograd_cache", {}), ("_graph_casts", []),
-                            ("_cast_stream", None)):
+                            ("_cast_stream", None), ("cache_weight_casts", True)):
             self.__dict__.setdefault(name, empty)
 
     def __getstate__(self):  # pickling and deepcopy leave the kept copies behind
@@ -433,13 +442,14 @@ class AttentionToScale(nn.Module):
     def _pads_input(self, x: torch.Tensor, conv: nn.Conv2d) -> bool:
         """Whether ``conv`` runs on x with a zero channel added (``pad_input_channels``: conv1_1 on a GPU)."""
         return (self.pad_input_channels and x.is_cuda and not self.use_reference_ops and conv.in_channels == 3
-                and x.shape[1] == 3)
+                and x.shape[1] == 3 and not switches.uses_torch("pad"))
 
     def _bias_relu(self, x, bias, drop: bool):
         """:func:`bias_relu` of a convolution's output without its bias; when ``drop``, the layer's Dropout
         after it (inside the op with ``fuse_dropout`` in training, else :meth:`_drop`)."""
         inside = (drop and self.fuse_dropout and self.training and self.dropout > 0
-                  and not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
+                  and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+                  and not switches.uses_torch("dropout"))
         y = bias_relu(x, bias, self.dropout if inside else 0.0)
         return self._drop(y) if drop and not inside else y
 

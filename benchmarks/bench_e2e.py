@@ -30,14 +30,20 @@ every image to); the model runs its coarser scales on side streams there (``scal
 "ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
 "ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel,
 "ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
-(``fuse_bias_relu=False``), and "ops+nopad+graph" conv1_1 on the 3-channel image
-(``pad_input_channels=False``); on a CPU inference also runs "auto+torchpool" (``F.max_pool2d`` instead of
+(``fuse_bias_relu=False``), "ops+nopad+graph" conv1_1 on the 3-channel image
+(``pad_input_channels=False``) and "ops+nocache+graph" with autocast casting the weights in every forward
+(``cache_weight_casts=False``); on a CPU inference also runs "auto+torchpool" (``F.max_pool2d`` instead of
 our kernel: in bf16 PyTorch's bfloat16 CPU pooling).  Training on CUDA also runs "ops+scatter": the Interp
 layers' index_select forward and autograd's ``index_add_`` backward (float atomics;
-:func:`attnscale.caffe.interp_scatter_backward`) instead of the CUDA forward kernel and the gather-form
+:func:`attnscale.caffe.torch_interp`) instead of the CUDA forward kernel and the gather-form
 adjoint, "ops+torchpool": MAX pooling by ``F.max_pool2d`` instead of our training kernels (a byte of mask per
 output), "ops+unfused": without ``bias_relu``, "ops+torchdrop": ``bias_relu`` without the Dropout inside it
 (``fuse_dropout=False``: ``F.dropout`` after it, as before), and "ops+nopad": conv1_1 on 3 channels.
+
+``ATTNSCALE_DISABLE`` (:mod:`attnscale.switches`; ``gpu_proof.sh`` sets it from ``gpu_preflight.py``)
+turns features off in every variant; the JSON records it.  A variant that raises is reported and left
+out, the others go on; after a CUDA error that leaves the device unusable the rows so far are saved and
+the script exits with status 3.
 
 ``--profile`` then runs two more steps of each job's "auto" variant (CPU inference; else "ops"; first precision) under torch.profiler and
 prints where the time goes: the timed step vs the device's busy time in it (a step that keeps the GPU busy
@@ -52,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import statistics
@@ -63,7 +70,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 
-from attnscale import caffe
+from attnscale import caffe, switches
 from attnscale.model import AttentionToScale, check_labels
 from timing import add_malloc_option, tune_malloc, write_json
 
@@ -71,7 +78,7 @@ from timing import add_malloc_option, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+nocache+graph" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -93,22 +100,59 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _time_interleaved(steps: dict, device: str, warmup: int, reps: int) -> dict:
+class DeviceLost(RuntimeError):
+    """A CUDA error left the device unusable in this process (the error is sticky: every later call fails)."""
+
+
+def _guarded(variant: str, stage: str, fn, device: str, failures: list):
+    """fn() (and the device's completion of it); on an exception the variant is reported and None
+    returned, unless the device is lost: DeviceLost."""
+    try:
+        out = fn()
+        _sync(device)
+        return out
+    except Exception as e:  # a broken variant must not cost the others their numbers
+        msg = f"{type(e).__name__}: {e}"
+        print(f"  FAILED {variant} ({stage}): {msg.splitlines()[0][:300]}", flush=True)
+        failures.append({"variant": variant, "stage": stage, "error": msg[:2000]})
+        if device == "cuda":
+            try:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+            except Exception as lost:
+                raise DeviceLost(f"{variant} ({stage}) left the device unusable: {lost}") from e
+        return None
+
+
+def _time_interleaved(steps: dict, device: str, warmup: int, reps: int, failures: list) -> dict:
     """Seconds per call of each step, timed in interleaved rounds (one call of each variant per
     round), so that a slow phase of a shared machine (this one drifts by +-30 % over minutes) hits
-    every variant alike and the ratios stay meaningful."""
-    for fn in steps.values():
+    every variant alike and the ratios stay meaningful.  A step that raises is left out (_guarded)."""
+    live = dict(steps)
+    for k, fn in steps.items():
         for _ in range(warmup):
-            fn()
-    _sync(device)
-    out = {k: [] for k in steps}
+            if _guarded(k, "warm-up", lambda: fn() or True, device, failures) is None:
+                del live[k]
+                break
+    out = {k: [] for k in live}
     for _ in range(reps):
-        for k, fn in steps.items():
+        for k in list(live):
             t0 = time.perf_counter()
-            fn()
-            _sync(device)
+            if _guarded(k, "timing", lambda: live[k]() or True, device, failures) is None:
+                del live[k], out[k]
+                continue
             out[k].append(time.perf_counter() - t0)
     return out
+
+
+def _build(makers: dict, device: str, failures: list) -> dict:
+    """variant -> step, each made by its maker(); a variant whose maker raises is left out (_guarded)."""
+    steps = {}
+    for v, make in makers.items():
+        step = _guarded(v, "set-up", make, device, failures)
+        if step is not None:
+            steps[v] = step
+    return steps
 
 
 def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
@@ -121,7 +165,8 @@ def _model(variant: str, device: str, channels_last: bool) -> torch.nn.Module:
                          scale_streams="serial" not in parts,
                          fuse_bias_relu="unfused" not in parts,
                          fuse_dropout="torchdrop" not in parts,
-                         pad_input_channels="nopad" not in parts).to(device)
+                         pad_input_channels="nopad" not in parts,
+                         cache_weight_casts="nocache" not in parts).to(device)
     if channels_last:
         m = m.to(memory_format=torch.channels_last)
     return m
@@ -184,14 +229,14 @@ def train_step(variant, precision, device, size, batch, channels_last):
     check_labels(y, 21)  # once: the step then runs without a host sync, as attnscale.train's does
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=(precision == "bf16"))
 
-    # "scatter": the Interp layers' index_select forward, autograd's index_add_ backward (caffe.interp_scatter_backward);
+    # "scatter": the Interp layers' index_select forward, autograd's index_add_ backward (caffe.torch_interp);
     # "torchpool": MAX pooling by F.max_pool2d (int64 indices) instead of our training kernels
     parts = variant.split("+")
-    interp_bwd = caffe.interp_scatter_backward if "scatter" in parts else contextlib.nullcontext
+    interp = caffe.torch_interp if "scatter" in parts else contextlib.nullcontext
     pool = caffe.torch_max_pool if "torchpool" in parts else contextlib.nullcontext
 
     def step():
-        with interp_bwd(), pool():
+        with interp(), pool():
             with ac:
                 out = fwd(x)
             loss, _ = m.loss(out, y, labels_checked=True)
@@ -236,63 +281,78 @@ def main(argv=None) -> int:
     # stream (the model's scale_streams=False), eager and as a graph
     # on a CPU "auto+torchpool": the model's defaults with F.max_pool2d for the MAX pooling instead of our kernel
     infer_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph",
-                       "ops+nopad+graph"] if cuda else ["auto+torchpool"])
+                       "ops+nopad+graph", "ops+nocache+graph"] if cuda else ["auto+torchpool"])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
     # after bias_relu instead of inside it
     train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop", "ops+nopad"] if cuda else []
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned}
+           "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned,
+           "disabled": sorted(switches.disabled())}
     print(f"# bench_e2e: {env}")
 
     rows: list[Row] = []
     profiles: list[dict] = []
-    for prec in precisions:
-        if cuda:
-            torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
-            torch.backends.cudnn.allow_tf32 = prec == "tf32"
-            torch.backends.cudnn.benchmark = True
-        for job in args.jobs:
-            if job == "infer":
-                steps = {v: infer_step(v, prec, dev, args.infer_size, args.channels_last)
-                         for v in variants + infer_variants}
-                n, size = 1, args.infer_size
-            elif job == "predict":
-                steps = {v: predict_step(v, prec, dev, args.channels_last) for v in variants
-                         if not v.endswith("compile")}
-                n, size = 1, 513
-            else:
-                # "auto" / "auto4" train as "ops" does (oneDNN's convolutions where gradients are needed)
-                steps = {v: train_step(v, prec, dev, args.train_size, batch, args.channels_last)
-                         for v in variants + train_variants if not v.startswith("auto")}
-                n, size = batch, args.train_size
-            times = _time_interleaved(steps, dev, warmup, reps)
-            for v in times:
-                t = times[v]
-                r = Row(job, v, prec, n, size, statistics.median(t), min(t), reps)
-                rows.append(r)
-                print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
-                      f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
-            if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
-                save_json(args.json, env, rows, profiles, complete=False)
-            if args.profile and prec == precisions[0]:
-                pv = "auto" if "auto" in steps else "ops"
-                profiles.append(profile_step(steps[pv], dev, 1e3 * statistics.median(times[pv]))
-                                | {"job": job, "variant": pv, "precision": prec, "batch": n, "size": size})
-                if args.json:
-                    save_json(args.json, env, rows, profiles, complete=False)
-            del steps
+    failures: list[dict] = []
+
+    def save(complete: bool) -> None:
+        if args.json:  # as it goes: a run stopped by a time limit keeps what it measured
+            save_json(args.json, env, rows, profiles, failures, complete)
+
+    try:
+        for prec in precisions:
+            if cuda:
+                torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
+                torch.backends.cudnn.allow_tf32 = prec == "tf32"
+                torch.backends.cudnn.benchmark = True
+            for job in args.jobs:
+                if job == "infer":
+                    makers = {v: functools.partial(infer_step, v, prec, dev, args.infer_size, args.channels_last)
+                              for v in variants + infer_variants}
+                    n, size = 1, args.infer_size
+                elif job == "predict":
+                    makers = {v: functools.partial(predict_step, v, prec, dev, args.channels_last) for v in variants
+                              if not v.endswith("compile")}
+                    n, size = 1, 513
+                else:
+                    # "auto" / "auto4" train as "ops" does (oneDNN's convolutions where gradients are needed)
+                    makers = {v: functools.partial(train_step, v, prec, dev, args.train_size, batch,
+                                                   args.channels_last)
+                              for v in variants + train_variants if not v.startswith("auto")}
+                    n, size = batch, args.train_size
+                steps = _build(makers, dev, failures)
+                times = _time_interleaved(steps, dev, warmup, reps, failures)
+                for v, t in times.items():
+                    r = Row(job, v, prec, n, size, statistics.median(t), min(t), reps)
+                    rows.append(r)
+                    print(f"  {job:5s} {v:12s} {prec:5s} N={r.batch:<3d} {r.size}px  median {r.median_s * 1e3:9.1f} ms"
+                          f"  ({r.per_image_ms:8.1f} ms/img, {r.images_per_s:7.2f} img/s)", flush=True)
+                save(False)
+                pv = next((q for q in ("auto", "ops") if q in times), None)
+                if args.profile and prec == precisions[0] and pv is not None:
+                    prof = _guarded(pv, "profile", functools.partial(
+                        profile_step, steps[pv], dev, 1e3 * statistics.median(times[pv])), dev, failures)
+                    if prof is not None:
+                        profiles.append(prof | {"job": job, "variant": pv, "precision": prec, "batch": n,
+                                                "size": size})
+                    save(False)
+                del steps
+    except DeviceLost as e:
+        print(f"\nSTOPPED: {e}", flush=True)
+        save(False)
+        return 3
 
     print("\n| job | precision | variant | batch | ms / image | images / s | speed-up vs reference |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        ref = next(q for q in rows if (q.job, q.precision, q.variant) == (r.job, r.precision, "reference"))
+        ref = next((q for q in rows if (q.job, q.precision, q.variant) == (r.job, r.precision, "reference")), None)
         print(f"| {r.job} {r.size}px | {r.precision} | {r.variant} | {r.batch} | {r.per_image_ms:.1f} | "
-              f"{r.images_per_s:.2f} | {ref.median_s / r.median_s:.2f}x |")
-    if args.json:
-        save_json(args.json, env, rows, profiles)
-    return 0
+              f"{r.images_per_s:.2f} | {f'{ref.median_s / r.median_s:.2f}x' if ref else '-'} |")
+    for f in failures:
+        print(f"FAILED: {f['variant']} ({f['stage']}): {f['error'].splitlines()[0][:300]}")
+    save(True)
+    return 1 if failures else 0
 
 
 def profile_step(step, device: str, wall_ms: float, steps: int = 2, top: int = 20) -> dict:
@@ -344,10 +404,10 @@ def profile_step(step, device: str, wall_ms: float, steps: int = 2, top: int = 2
     return {"wall_ms": wall_ms, "busy_ms": busy_ms, "top_ops": top_ops, "top_kernels": top_kernels}
 
 
-def save_json(path: str, env: dict, rows: list, profiles: list, complete: bool = True) -> None:
+def save_json(path: str, env: dict, rows: list, profiles: list, failures: list, complete: bool = True) -> None:
     write_json(path, {"env": env, "complete": complete,
                       "rows": [asdict(r) | {"ms_per_image": r.per_image_ms, "images_per_s": r.images_per_s}
-                               for r in rows], "profile": profiles}, quiet=not complete)
+                               for r in rows], "profile": profiles, "failures": failures}, quiet=not complete)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@
 #                at once (three processes), on benchmarks/cuda_sanitize.py (one forward and backward of
 #                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
 #   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
-#                log in sanitize.log; 30 s on the H200 (limits: 200 s)
+#                log in sanitize.log; 30 s on the H200 (limits: 200 s); and bench's preflight beside them
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
-#   bench        the issues' target numbers, the open ones first: bench_e2e.py bf16 channels_last (training
+#   bench        first gpu_preflight.py (unless check ran it): each of our fast paths with a PyTorch twin
+#                (attnscale.switches) checked in its own process; those that fail are turned off for the
+#                benchmarks (ATTNSCALE_DISABLE), so one broken kernel does not cost the others' numbers; then
+#                the issues' target numbers, the open ones first: bench_e2e.py bf16 channels_last (training
 #                and inference, ours vs the references and vs the model without each of our kernels:
 #                Interp backward, max pooling, bias + ReLU, the dropout inside it; the inference as a CUDA
 #                graph, the scales on side streams or one; a profile of where the time goes),
@@ -59,6 +62,14 @@ cuda_tests() {  # every CUDA test must run (a skip fails the phase) and pass
     failed+=("$phase: CUDA tests skipped")
     say "FAILED: CUDA tests were skipped"
   fi
+}
+
+preflight() {  # each feature of attnscale.switches checked in its own process; the failed ones to disabled.txt
+  timeout 150 "$PY" benchmarks/gpu_preflight.py --timeout 100 --json "$OUT/preflight.json" \
+    --disabled-to "$OUT/disabled.txt"
+  local rc=$?
+  [ -f "$OUT/disabled.txt" ] || : >"$OUT/disabled.txt"  # no verdict (it did not finish): every feature stays on
+  return "$rc"
 }
 
 for phase in "$@"; do
@@ -122,14 +133,26 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       rm -rf "$tmp"
       ;;
     check)
-      # correctness only, so the sanitizers may share the GPU with the tests
+      # correctness only, so the sanitizers and bench's preflight may share the GPU with the tests
       PROOF_LOG=sanitize.log bash "$SELF" sanitize >/dev/null 2>&1 &
       spid=$!
+      preflight >"$OUT/preflight.log" 2>&1 &
+      ppid=$!
       cuda_tests
       wait "$spid" || failed+=("check: sanitize failed (exit $?; log: sanitize.log)")
       grep -E "^== |^  |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
+      wait "$ppid" || failed+=("check: a feature failed gpu_preflight.py (log: preflight.log)")
+      cat "$OUT/preflight.log" >>"$LOG"
       ;;
     bench)
+      # our fast paths that failed their preflight (check's, else run now) are off for the benchmarks, so that
+      # one broken kernel does not cost the numbers of the others
+      if [ ! -f "$OUT/disabled.txt" ]; then
+        preflight 2>&1 | tee -a "$LOG"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("bench: a feature failed gpu_preflight.py")
+      fi
+      export ATTNSCALE_DISABLE=$(cat "$OUT/disabled.txt" 2>/dev/null)
+      say "ATTNSCALE_DISABLE=${ATTNSCALE_DISABLE:-(none: every feature passed its preflight)}"
       # each under a time limit (420 s in all); the JSON files are written as the rows come, so a run stopped
       # by its limit keeps what it measured.  The open targets first (issue 7: training and inference,
       # bench_e2e's variants give the ratio of each of our kernels in the same call), then the product's

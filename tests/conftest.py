@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -28,3 +30,9 @@ def cpu_gemm_backend(request):
     prev = set_cpu_gemm(request.param)
     yield request.param
     set_cpu_gemm(prev)
+
+
+def pytest_configure(config):
+    # ATTNSCALE_DISABLE (attnscale.switches) would turn paths off under tests that compare them: the tests
+    # choose their paths themselves
+    os.environ.pop("ATTNSCALE_DISABLE", None)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from attnscale.ops import has_extension
 
@@ -73,11 +74,39 @@ def test_bench_e2e(tmp_path):
         ("infer", "auto"), ("infer", "auto4"), ("infer", "auto+torchpool")}
     # --profile: where the time goes, per job (operators by self time, with shapes): the defaults'
     assert [(p["job"], p["variant"]) for p in data["profile"]] == [("infer", "auto"), ("train", "ops")]
+    assert data["failures"] == [] and data["env"]["disabled"] == []
     for p in data["profile"]:
         assert p["wall_ms"] > 0 and p["busy_ms"] is None and p["top_kernels"] == []
         names = [o["name"] for o in p["top_ops"]]
         assert any("conv" in n for n in names), names
         assert all(o["self_ms"] > 0 for o in p["top_ops"])
+
+
+def test_bench_e2e_leaves_a_failing_variant_out(monkeypatch):
+    """A variant that raises while being set up, warmed up or timed is reported and left out; the others are
+    timed.  (On a GPU a CUDA error that leaves the device unusable stops the run: DeviceLost.)"""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_e2e
+
+    calls = {"timed": 0}
+
+    def flaky():
+        calls["timed"] += 1
+        if calls["timed"] > 2:
+            raise RuntimeError("broken kernel\nsecond line")
+
+    def broken_setup():
+        raise ValueError("bad shape")
+
+    failures = []
+    steps = bench_e2e._build({"ok": lambda: (lambda: None), "setup": broken_setup, "flaky": lambda: flaky,
+                              "warm": lambda: (lambda: 1 / 0)}, "cpu", failures)
+    assert list(steps) == ["ok", "flaky", "warm"]
+    times = bench_e2e._time_interleaved(steps, "cpu", warmup=1, reps=3, failures=failures)
+    assert list(times) == ["ok"] and len(times["ok"]) == 3
+    assert [(f["variant"], f["stage"]) for f in failures] == [("setup", "set-up"), ("warm", "warm-up"),
+                                                              ("flaky", "timing")]
+    assert failures[2]["error"] == "RuntimeError: broken kernel\nsecond line"
 
 
 def test_cuda_sanitize_dry_run():
@@ -154,6 +183,27 @@ def test_gpu_proof_check_reports_a_sanitizer_finding(tmp_path):
     assert "3 passed" in log and "check: sanitize failed" in log
     assert "sanitize: racecheck (exit 86)" in log and "memcheck: exit 0" in log
     assert "planted hazard" in (out / "sanitize.log").read_text()
+    assert (out / "disabled.txt").read_text() == ""  # the preflight ran beside them (no verdict from the stub)
+
+
+def test_gpu_proof_bench_turns_failed_features_off(tmp_path):
+    """gpu_proof.sh's bench phase runs gpu_preflight.py first and exports the features it failed as
+    ATTNSCALE_DISABLE to every benchmark; the failure is named.  A stub stands in for Python."""
+    stub = tmp_path / "python"
+    stub.write_text('#!/bin/bash\ncase "$*" in\n'
+                    '  *gpu_preflight.py*) for a; do [ "$prev" = --disabled-to ] && printf pool,pad > "$a"; prev=$a; done;'
+                    ' echo "| pool | NO |"; exit 1;;\n'
+                    '  *) echo "ran $1 with ATTNSCALE_DISABLE=$ATTNSCALE_DISABLE";;\nesac\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_proof.sh"), "bench"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OUT": str(out), "PYTHON": str(stub)})
+    log = (out / "proof.log").read_text()
+    assert proc.returncode == 1 and "bench: a feature failed gpu_preflight.py" in log, log
+    assert "ATTNSCALE_DISABLE=pool,pad" in log
+    for script in ("bench_e2e.py", "bench_train.py", "bench_merge.py", "bench_fc6.py"):
+        assert f"ran benchmarks/{script} with ATTNSCALE_DISABLE=pool,pad" in log, log
 
 
 def test_gpu_proof_script(tmp_path):
@@ -165,3 +215,40 @@ def test_gpu_proof_script(tmp_path):
     assert proc.returncode == 1
     assert "unknown phase 'nophase'" in (tmp_path / "proof.log").read_text()
     assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_prebuild.sh")]).returncode == 0
+
+
+def test_gpu_preflight_cpu(tmp_path):
+    """The per-feature checks' processes on a CPU (where only pooling, Interp and the casts have paths of their
+    own): all pass, nothing is disabled, the file for gpu_proof.sh is written (empty)."""
+    out, dis = tmp_path / "pf.json", tmp_path / "disabled.txt"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_preflight.py"), "--device", "cpu",
+                           "--features", "pool,dropout", "--json", str(out), "--disabled-to", str(dis)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [(r["feature"], r["ok"]) for r in data["results"]] == [("pool", True), ("dropout", True)]
+    assert data["disabled"] == [] and dis.read_text() == ""
+
+
+def test_gpu_preflight_catches_a_broken_kernel(monkeypatch, tmp_path):
+    """A pooling kernel that gets one output wrong fails the pooling check (in this process), and a child that
+    dies is reported as failed: its feature goes to ATTNSCALE_DISABLE."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import gpu_preflight
+    from attnscale import caffe
+
+    real = caffe.caffe_max_pool2d
+
+    def off_by_one(x, *a):
+        y = real(x, *a).clone()
+        y.view(-1)[7] += 1.0
+        return y
+    assert gpu_preflight.check_feature("pool", "cpu")["ok"]
+    monkeypatch.setattr(caffe, "caffe_max_pool2d", off_by_one)
+    r = gpu_preflight.check_feature("pool", "cpu")
+    assert not r["ok"] and any(p.startswith("fp32 infer merged") for p in r["problems"]), r
+    assert gpu_preflight.compare({"a": torch.tensor([1.0, float("nan")])}, {"a": torch.tensor([1.0, 2.0])}, 1e-3) == [
+        "a: non-finite values differ"]
+    dis = tmp_path / "disabled.txt"  # a child that raises (here: a device string torch refuses) fails its feature
+    assert gpu_preflight.main(["--device", "no_such_device", "--features", "casts", "--disabled-to", str(dis)]) == 1
+    assert dis.read_text() == "casts"

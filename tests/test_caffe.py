@@ -330,7 +330,7 @@ def caffe_interp_backward_loop(g: np.ndarray, ih: int, iw: int) -> np.ndarray:
 def test_interp_backward_is_caffes_scatter_as_a_gather(sizes):
     """interp_gather's backward (per axis, each source summing its outputs' contributions through index
     tables) gives Caffe's backward loop's values (float32 within rounding of the float64 loop), autograd's
-    own backward of the gathers (interp_scatter_backward) likewise, and spreads a non-finite gradient to the
+    own backward of the gathers (torch_interp) likewise, and spreads a non-finite gradient to the
     same sources as Caffe's loop does (zero-weight taps included); bfloat16 sums in float32, so it lands
     closer to the exact values than the bfloat16 scatter."""
     (ih, iw), (oh, ow) = sizes
@@ -341,7 +341,7 @@ def test_interp_backward_is_caffes_scatter_as_a_gather(sizes):
 
     def grad(dtype, scatter=False):
         xt = x.to(dtype, copy=True).requires_grad_(True)
-        with caffe.interp_scatter_backward() if scatter else contextlib.nullcontext():
+        with caffe.torch_interp() if scatter else contextlib.nullcontext():
             caffe.interp_gather(xt, (oh, ow)).backward(g.to(dtype))
         return xt.grad
 

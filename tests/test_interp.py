@@ -207,7 +207,7 @@ def test_cuda_training_forward_uses_the_kernel(monkeypatch):
     g = torch.randn_like(y)
     (gx,) = torch.autograd.grad(y, xg, g)
     xr = x.clone().requires_grad_()
-    with caffe.interp_scatter_backward():
+    with caffe.torch_interp():
         yr = caffe.interp(xr, (41, 41))
     (gr,) = torch.autograd.grad(yr, xr, g)
     assert torch.equal(y, yr)

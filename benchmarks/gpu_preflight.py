@@ -1,0 +1,219 @@
+"""Which of our fast paths work here: a check per feature of :mod:`attnscale.switches`, before the benchmarks.
+
+Each feature (our MAX pooling kernels, Interp kernels, ``bias_relu``, the Dropout inside it, conv1_1 on 4
+channels, the kept weight casts) is checked on its own, in a process of its own, so that a CUDA error that
+leaves the device unusable costs only the feature that caused it.  The check runs a small 3-scale
+attention model with E-Supv as the benchmarks run it (one training step and one inference, the latter also
+as a CUDA graph on a GPU), once with the feature and once within ``switches.torch_path(feature)`` (PyTorch's
+path for the same values), every other feature off (``ATTNSCALE_DISABLE``): in float32 (TF32 off, NCHW) the
+outputs, the loss and every parameter's gradient must agree to 1e-3 of their largest magnitude; in bf16
+autocast with channels_last to 5e-2 (a wrong index or a missing write is off by the values' own size).
+The Dropout inside ``bias_relu`` draws another stream than ``F.dropout``: its check is the op's mask
+against the pure-PyTorch reference (``bias_relu_reference``, the same Philox counter), bit for bit, and a
+model step with dropout 0.5 that stays finite.
+
+``gpu_proof.sh bench`` runs it first and exports the failed features as ``ATTNSCALE_DISABLE`` for the
+benchmarks (``--disabled-to``), so one broken kernel written without a GPU does not cost the session the
+numbers of the others.  Exit status 1 when a feature failed.
+
+    python benchmarks/gpu_preflight.py --json preflight.json --disabled-to disabled.txt
+    python benchmarks/gpu_preflight.py --device cpu --features pool,casts     # the same checks on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
+
+from attnscale import switches
+from attnscale.model import AttentionToScale
+
+# a feature that works only with others on
+REQUIRES = {"dropout": ("bias_relu",)}
+TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
+
+
+def _tensors(out, model) -> dict:
+    """The values a step produced: outputs, and the parameters' gradients where there are any."""
+    got = {"merged": out.merged, "attention": out.attention}
+    got |= {f"scores{i}": s for i, s in enumerate(out.scales)}
+    got |= {f"grad {n}": p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach().float().cpu() for k, v in got.items() if v is not None}
+
+
+def _run(feature: str, on: bool, precision: str, device: str, dropout: float, graph: bool) -> dict:
+    """One training step and one inference of the small model (fixed weights and data), the feature on or
+    within its torch_path block."""
+    torch.manual_seed(0)
+    m = AttentionToScale(5, (1.0, 0.75, 0.5), "attention", extra_supervision=True, width=0.25, dropout=dropout)
+    bf16 = precision == "bf16"
+    m = m.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 97, 97, generator=g)
+    y = torch.randint(0, 5, (2, 97, 97), generator=g)
+    x = x.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+    y = y.to(device)
+    ac = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    block = contextlib.nullcontext() if on else switches.torch_path(feature)
+    res = {}
+    with block:
+        m.train()
+        with ac:
+            out = m(x)
+        loss, _ = m.loss(out, y)
+        loss.backward()
+        res |= {f"train {k}": v for k, v in _tensors(out, m).items()} | {"train loss": loss.detach().float().cpu()}
+        m.eval()
+        with torch.no_grad(), ac:
+            out = m(x[:1])
+        res |= {f"infer {k}": v for k, v in _tensors(out, m).items() if not k.startswith("grad")}
+        if graph:
+            static = {}
+
+            def step():
+                with torch.no_grad(), ac:
+                    static["out"] = m(x[:1])
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            cg = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(cg):
+                step()
+            cg.replay()
+            torch.cuda.synchronize()
+            res |= {f"graph {k}": v for k, v in _tensors(static["out"], m).items() if not k.startswith("grad")}
+    return res
+
+
+def compare(got: dict, want: dict, tol: float) -> list:
+    """The entries of got that differ from want by more than tol times want's largest magnitude (or are
+    non-finite where want is finite), as 'name: relative error' strings; an empty list when all agree."""
+    bad = []
+    for k, w in want.items():
+        a = got.get(k)
+        if a is None or a.shape != w.shape:
+            bad.append(f"{k}: missing or shape {None if a is None else tuple(a.shape)} vs {tuple(w.shape)}")
+            continue
+        finite = torch.isfinite(w)
+        if not torch.equal(torch.isfinite(a), finite):
+            bad.append(f"{k}: non-finite values differ")
+            continue
+        scale = w[finite].abs().max().item() if finite.any() else 0.0
+        err = (a[finite] - w[finite]).abs().max().item() if finite.any() else 0.0
+        if err > tol * max(scale, 1e-12):
+            bad.append(f"{k}: {err / max(scale, 1e-12):.3g}")
+    return bad
+
+
+def _dropout_op(device: str) -> list:
+    """bias_relu's mask against the reference (same seed), float32 and bf16 channels_last; its backward."""
+    from attnscale.ops import bias_relu
+    from attnscale.ops.reference import bias_relu_reference
+    bad = []
+    g = torch.Generator().manual_seed(2)
+    cases = [(torch.float32, torch.contiguous_format)] + ([(torch.bfloat16, torch.channels_last)]
+                                                         if device == "cuda" else [])  # the CPU kernel: float
+    for dtype, fmt in cases:
+        x = torch.randn(3, 64, 17, 19, generator=g).to(dtype).contiguous(memory_format=fmt)
+        b = torch.randn(64, generator=g)
+        xd = x.to(device).requires_grad_(True)
+        out = bias_relu(xd, b.to(device), 0.5, 12345)
+        want = bias_relu_reference(x, b, 0.5, 12345)
+        if not torch.equal(out.detach().cpu(), want):
+            bad.append(f"dropout {dtype}: mask or values differ from bias_relu_reference")
+        out.sum().backward()
+        if not torch.equal(xd.grad.cpu(), torch.where(want > 0, torch.full_like(want, 2.0), torch.zeros_like(want))):
+            bad.append(f"dropout {dtype}: grad_input is not 2 where kept, 0 elsewhere")
+    return bad
+
+
+def check_feature(feature: str, device: str) -> dict:
+    """{"feature", "ok", "problems", "seconds"} for one feature on device (the other features as they are:
+    the caller's ATTNSCALE_DISABLE)."""
+    t0 = time.perf_counter()
+    problems = []
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    if feature == "dropout":
+        problems += _dropout_op(device)
+        res = _run(feature, True, "bf16", device, 0.5, graph=False)
+        problems += [f"dropout model step: {k} not finite" for k, v in res.items() if not torch.isfinite(v).all()]
+    else:
+        for precision in ("fp32", "bf16"):
+            graph = device == "cuda" and precision == "bf16"
+            got = _run(feature, True, precision, device, 0.0, graph)
+            want = _run(feature, False, precision, device, 0.0, graph)
+            problems += [f"{precision} {p}" for p in compare(got, want, TOLERANCE[precision])]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return {"feature": feature, "ok": not problems, "problems": problems[:20],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--features", default=",".join(switches.FEATURES), help="comma-separated (default: all)")
+    ap.add_argument("--timeout", type=float, default=150, help="seconds per feature's process")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--disabled-to", default=None, help="write the failed features here, comma-separated")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child: check this feature, print JSON
+    args = ap.parse_args(argv)
+
+    if args.one:
+        print(json.dumps(check_feature(args.one, args.device)), flush=True)
+        return 0
+
+    features = [f.strip() for f in args.features.split(",") if f.strip()]
+    unknown = [f for f in features if f not in switches.FEATURES]
+    if unknown:
+        ap.error(f"unknown feature(s) {unknown}; known: {', '.join(switches.FEATURES)}")
+    procs = {}
+    for f in features:  # all at once: each its own process (and CUDA context)
+        keep = {f, *REQUIRES.get(f, ())}
+        env = dict(os.environ, **{switches.ENV: ",".join(n for n in switches.FEATURES if n not in keep)})
+        procs[f] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", f, "--device", args.device],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    results = []
+    for f, p in procs.items():
+        try:
+            out, err = p.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
+            results.append({"feature": f, "ok": False, "problems": [f"no answer in {args.timeout:g} s"]})
+            continue
+        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+        if p.returncode == 0 and lines:
+            results.append(json.loads(lines[-1]))
+        else:
+            tail = (err.strip().splitlines() or ["(no output)"])[-1][:300]
+            results.append({"feature": f, "ok": False, "problems": [f"exit {p.returncode}: {tail}"]})
+    failed = [r["feature"] for r in results if not r["ok"]]
+    print("| feature | ok | seconds | problems |\n|---|---|---|---|")
+    for r in results:
+        print(f"| {r['feature']} | {'yes' if r['ok'] else 'NO'} | {r.get('seconds', '-')} | "
+              f"{'; '.join(r['problems'])[:400]} |")
+    print(f"disabled for the benchmarks: {','.join(failed) or '(none)'}", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": args.device, "torch": torch.__version__, "results": results, "disabled": failed},
+                      fh, indent=1)
+    if args.disabled_to:
+        with open(args.disabled_to, "w") as fh:
+            fh.write(",".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
