@@ -249,6 +249,11 @@ def test_gpu_preflight_catches_a_broken_kernel(monkeypatch, tmp_path):
     assert not r["ok"] and any(p.startswith("fp32 infer merged") for p in r["problems"]), r
     assert gpu_preflight.compare({"a": torch.tensor([1.0, float("nan")])}, {"a": torch.tensor([1.0, 2.0])}, 1e-3) == [
         "a: non-finite values differ"]
+    w = {"train grad w": torch.tensor([3.0, -4.0]), "infer merged": torch.tensor([3.0, -4.0])}
+    off = {k: v + torch.tensor([0.0, 2.5]) for k, v in w.items()}  # half the norm, 0.625 of the largest value
+    assert gpu_preflight.compare(off, w, 5e-2, 1.0) == ["infer merged: 0.625"]  # gradients by norm
+    assert gpu_preflight.compare(off, w, 5e-2, 0.25) == ["train grad w: 0.5", "infer merged: 0.625"]
+    assert gpu_preflight.compare(off, w, 5e-2) == ["train grad w: 0.625", "infer merged: 0.625"]
     dis = tmp_path / "disabled.txt"  # a child that raises (here: a device string torch refuses) fails its feature
     assert gpu_preflight.main(["--device", "no_such_device", "--features", "casts", "--disabled-to", str(dis)]) == 1
     assert dis.read_text() == "casts"
