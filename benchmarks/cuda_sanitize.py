@@ -155,15 +155,16 @@ def check_dilated_conv(failures: list) -> None:
 
 def check_max_pool(failures: list) -> None:
     """caffe_max_pool2d (inference) and the training pair caffe_max_pool2d_with_mask / _backward: DeepLab's
-    pool1 geometry (3, 2, 1) and pool4's (3, 1, 1) on odd sizes, NCHW and channels_last, every CUDA dtype;
-    the maximum is an input value and the mask an offset, so exact; the gradient loosely."""
+    pool1 geometry (3, 2, 1) and pool4's (3, 1, 1) on odd sizes, NCHW and channels_last (with 16 channels:
+    the kernels that take 16 bytes of channels per thread), every CUDA dtype; the maximum is an input value
+    and the mask an offset, so exact; the gradient loosely."""
     for (k, s, p) in ((3, 2, 1), (3, 1, 1)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            for channels_last in (False, True):
+            for channels_last, C in ((False, 5), (True, 5), (True, 16)):
                 gen = torch.Generator().manual_seed(2)
-                x = rounded(torch.randn(2, 5, 13, 10, generator=gen), dtype)
+                x = rounded(torch.randn(2, C, 13, 10, generator=gen), dtype)
                 oh, ow = caffe.pool_output_shape((13, 10), k, s, p)
-                grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
+                grad = rounded(torch.randn(2, C, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
                     xs = on_side(x, dev, dtype, channels_last)
@@ -172,7 +173,7 @@ def check_max_pool(failures: list) -> None:
                     gx = torch.ops.attnscale.caffe_max_pool2d_backward(g, mask, k, s, p, 13, 10)
                     res[side] = [caffe_max_pool2d(xs, k, s, p, (oh, ow)), out, mask.float(), gx]
                     sync(dev)
-                report(failures, f"caffe_max_pool2d (+ with_mask, backward) {dtype} {(k, s, p)}"
+                report(failures, f"caffe_max_pool2d (+ with_mask, backward) {dtype} {(k, s, p)} C={C}"
                        f"{' channels_last' if channels_last else ''}",
                        [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"]))
                         if not close(a, e, 0.0 if i < 3 else 1e-2)])

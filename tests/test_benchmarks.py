@@ -117,7 +117,7 @@ def test_cuda_sanitize_dry_run():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("ok  scale_merge") == 38 and proc.stdout.count("ok  dilated_conv2d") == 12  # 6 cases x 2 algos
-    assert proc.stdout.count("ok  caffe_max_pool2d") == 16  # 2 geometries x 4 dtypes x 2 layouts
+    assert proc.stdout.count("ok  caffe_max_pool2d") == 24  # 2 geometries x 4 dtypes x 3 (layout, channels)
     assert proc.stdout.count("ok  bias_relu") == 32  # 2 shapes x 2 dropout ratios x 4 dtypes x 2 layouts
     assert proc.stdout.count("ok  caffe_interp") == 16  # 2 resizes x 4 dtypes x 2 layouts
     assert proc.stdout.count("ATTNSCALE_MERGE_BACKWARD=pixel") == 8

@@ -101,6 +101,44 @@ def test_max_pool_kernels(k, s, p, dtype, channels_last):
     assert checked >= 8
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("C,misalign", [(16, 0), (24, 0), (12, 0), (16, 1)], ids=["c16", "c24", "c12", "c16-off"])
+def test_max_pool_vector_kernels(dtype, C, misalign):
+    """The channels_last vector kernels (a thread per 16 bytes of channels): taken exactly when C is a multiple of
+    16 / element size and every pointer is aligned, else the per-element kernels; the same bits as the CPU kernels
+    either way (ties and NaNs among the values), for every pooling configuration and border case."""
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    vec = C % width == 0 and misalign == 0
+    gen = torch.Generator().manual_seed(C * 10 + misalign)
+    ref = _ref_dtype(dtype)
+    emu.launches()
+    for k, s, p in MAX_POOL_CONFIGS:
+        for h, w in ((1, 1), (5, 8), (13, 17)):
+            try:
+                oh, ow = caffe.pool_output_shape((h, w), k, s, p)
+            except ValueError:
+                continue
+            if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
+                continue
+            x = torch.randint(-3, 4, (2, C, h, w), generator=gen).to(dtype)
+            x[1, C // 2, h // 2, w // 2] = float("nan")
+            xl = _in_layout(x, True)
+            want = torch.ops.attnscale.caffe_max_pool2d(x.to(ref), k, s, p, oh, ow)
+            assert torch.equal(emu.caffe_max_pool2d(xl, k, s, p, oh, ow, True, misalign).to(ref).nan_to_num(7),
+                               want.nan_to_num(7))
+            k_eff = min(k, max(h, w) + p)
+            out, mask = emu.caffe_max_pool2d_with_mask(xl, k_eff, s, p, oh, ow, True, misalign)
+            want, want_mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(x.to(ref), k, s, p, oh, ow)
+            assert torch.equal(out.to(ref).nan_to_num(7), want.nan_to_num(7)) and torch.equal(mask, want_mask)
+            g = torch.randn(out.shape, generator=gen).to(dtype)
+            gx = emu.caffe_max_pool2d_backward(_in_layout(g, True), _in_layout(mask, True), k_eff, s, p, h, w, True,
+                                               misalign)
+            want_gx = torch.ops.attnscale.caffe_max_pool2d_backward(g.to(ref), want_mask, k, s, p, h, w)
+            assert torch.equal(gx, want_gx.to(dtype)), (k, s, p, h, w)
+            launched = emu.launches()
+            assert len(launched) == 3 and all(("vec_kernel" in n) == vec for n in launched), launched
+
+
 # ----------------------------------------------------------------------------------------------- Interp
 INTERP_CASES = [((31, 21), (41, 41)), ((5, 7), (13, 9)), ((8, 8), (4, 3)), ((13, 10), (7, 9)), ((1, 6), (4, 1)),
                 ((65, 65), (33, 49)), ((2, 3), (1, 1)), ((5, 7), (5, 13)), ((5, 7), (9, 7))]

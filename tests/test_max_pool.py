@@ -290,6 +290,45 @@ def test_cuda_train_equals_cpu(k, s, p, dtype, channels_last):
     assert checked > 10
 
 
+def _nhwc_at(x: torch.Tensor, offset: int, device) -> torch.Tensor:
+    """x in channels_last on device, its data starting `offset` elements into a fresh buffer (0: aligned)."""
+    N, C, H, W = x.shape
+    buf = torch.empty(offset + x.numel(), dtype=x.dtype, device=device)
+    t = buf[offset:].view(N, H, W, C).permute(0, 3, 1, 2)
+    t.copy_(x)
+    return t
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "off"])
+def test_cuda_nhwc_vector_kernels_equal_cpu(dtype, offset):
+    """channels_last with C = 64 (the model's case): the kernels that take 16 bytes of channels per thread
+    (aligned) and the per-element ones (pointers off a 16-byte boundary) give the CPU kernels' output, mask and
+    gradient bit for bit, ties and NaNs among the values; inference too."""
+    gen = torch.Generator().manual_seed(5 + offset)
+    ref_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    for k, s, p in ((3, 2, 1), (3, 1, 1), (2, 2, 0)):
+        for h, w in ((33, 40), (8, 17), (2, 3)):
+            oh, ow = caffe.pool_output_shape((h, w), k, s, p)
+            if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
+                continue
+            x = torch.randint(-3, 4, (2, 64, h, w), generator=gen).to(dtype)
+            x[1, 9, h // 2, w // 2] = float("nan")
+            xd = _nhwc_at(x, offset, "cuda")
+            got = caffe_max_pool2d(xd, k, s, p, (oh, ow))
+            want = caffe_max_pool2d(x.to(ref_dtype), k, s, p, (oh, ow))
+            assert torch.equal(got.cpu().to(ref_dtype).nan_to_num(7), want.nan_to_num(7)), (k, s, p, h, w)
+            out, mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(xd, k, s, p, oh, ow)
+            want, want_mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(x.to(ref_dtype), k, s, p, oh, ow)
+            assert torch.equal(out.cpu().to(ref_dtype).nan_to_num(7), want.nan_to_num(7))
+            assert torch.equal(mask.cpu(), want_mask), (k, s, p, h, w)
+            g = torch.randn(out.shape, generator=gen).to(dtype)
+            gx = torch.ops.attnscale.caffe_max_pool2d_backward(_nhwc_at(g, offset, "cuda"), mask, k, s, p, h, w)
+            want_gx = torch.ops.attnscale.caffe_max_pool2d_backward(g.to(ref_dtype), want_mask, k, s, p, h, w)
+            assert torch.equal(gx.cpu(), want_gx.to(dtype)), (k, s, p, h, w)
+
+
 @pytest.mark.cuda
 def test_cuda_train_dispatch_opcheck_and_checks():
     """pool2d on a GPU with a gradient takes caffe_max_pool2d_train: values equal F.max_pool2d's

@@ -74,7 +74,7 @@ def _launch_start(src: str, at: int) -> int:
 
 
 def rewrite_launches(src: str, name: str) -> str:
-    """``kernel<<<cfg>>>(args)`` -> ``::emu::launch(::emu::config(cfg), kernel, args)``; ``extern __shared__``
+    """``kernel<<<cfg>>>(args)`` -> ``::emu::launch(::emu::config(cfg), "kernel", kernel, args)``; ``extern __shared__``
     arrays -> the launch's dynamic shared memory."""
     out, pos = [], 0
     for m in re.finditer(r"<<<(.*?)>>>\s*\(", src, flags=re.S):
@@ -83,7 +83,8 @@ def rewrite_launches(src: str, name: str) -> str:
         if not kernel:
             raise ValueError(f"{name}: no kernel name before the launch at offset {m.start()}")
         out.append(src[pos:start])
-        out.append(f"::emu::launch(::emu::config({m.group(1)}), {kernel}, ")
+        label = " ".join(kernel.split())  # the launch's kernel as written, for the launch log
+        out.append(f'::emu::launch(::emu::config({m.group(1)}), "{label}", {kernel}, ')
         pos = m.end()
     out.append(src[pos:])
     text = "".join(out)

@@ -1,6 +1,6 @@
 // A CPU stand-in for the CUDA runtime, enough to run attnscale's kernel sources (csrc/ops/cuda/*_kernel.cu)
 // on a machine without a GPU.  tests/cuda_emu/build.py rewrites each `kernel<<<config>>>(args)` into
-// `::emu::launch(::emu::config(config), kernel, args)` and compiles the file with the host compiler,
+// `::emu::launch(::emu::config(config), "kernel", kernel, args)` and compiles the file with the host compiler,
 // this header forced in first (-include).
 //
 // Execution model: the blocks of a grid run one after another; the threads of a block are fibers
@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <stdexcept>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -44,9 +45,14 @@ inline Config config(dim3 grid, dim3 block, size_t smem = 0, cudaStream_t stream
 // runs body once per thread of the grid; an invalid configuration sets the error, as a launch would
 void run(const Config& c, const std::function<void()>& body);
 
+// appends the kernel's name (as the launch wrote it) to the log that emu_launches() returns
+void record_launch(const char* name);
+extern std::string launch_log;
+
 template <typename... P, typename... A>
-void launch(const Config& c, void (*kernel)(P...), A&&... args) {
+void launch(const Config& c, const char* name, void (*kernel)(P...), A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
+  record_launch(name);
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);  // the conversions of a real launch
   run(c, [&] { std::apply(kernel, params); });
 }

@@ -33,6 +33,14 @@ extern "C" {
 
 const char* emu_message() { return message; }
 
+// the kernels launched since the last call, one per line, as the launches wrote them; the log is cleared
+const char* emu_launches() {
+  static std::string last;
+  last.swap(emu::launch_log);
+  emu::launch_log.clear();
+  return last.c_str();
+}
+
 int emu_max_pool2d(int dt, const void* x, void* y, int64_t N, int64_t C, int H, int W, int OH, int OW, int k, int s,
                    int p, int channels_last) {
   return guarded([&] {

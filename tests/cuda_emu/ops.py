@@ -68,6 +68,13 @@ def _call(fn: str, *args) -> None:
         raise RuntimeError(f"{fn}: returned {rc} {msg().decode()}")
 
 
+def launches() -> list[str]:
+    """The kernels launched since the last call (as the launches name them, template arguments included)."""
+    fn = lib().emu_launches
+    fn.restype = ctypes.c_char_p
+    return fn().decode().splitlines()
+
+
 def _i64(v) -> ctypes.c_int64:
     return ctypes.c_int64(int(v))
 
@@ -76,20 +83,22 @@ def _i32(v) -> ctypes.c_int:
     return ctypes.c_int(int(v))
 
 
-def caffe_max_pool2d(x, k, s, p, oh, ow, channels_last=False):
+def caffe_max_pool2d(x, k, s, p, oh, ow, channels_last=False, misalign=0):
+    """misalign (here and below): elements by which every tensor starts off a 16-byte boundary."""
     N, C, H, W = x.shape
-    xg, y = _arg(x, channels_last), _Guarded((N, C, oh, ow), x.dtype, channels_last)
+    xg, y = _arg(x, channels_last, misalign), _Guarded((N, C, oh, ow), x.dtype, channels_last, misalign=misalign)
     _call("emu_max_pool2d", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), _i64(N), _i64(C), *map(_i32, (H, W, oh, ow, k, s, p)),
           _i32(channels_last))
     y.check("emu_max_pool2d")
     return y.t.clone()
 
 
-def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False):
+def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False, misalign=0):
     """The glue passes the kernel clipped as Caffe's k_eff is (max_pool.cpp); so do the callers here."""
     N, C, H, W = x.shape
-    xg = _arg(x, channels_last)
-    y, m = _Guarded((N, C, oh, ow), x.dtype, channels_last), _Guarded((N, C, oh, ow), torch.uint8, channels_last)
+    xg = _arg(x, channels_last, misalign)
+    y = _Guarded((N, C, oh, ow), x.dtype, channels_last, misalign=misalign)
+    m = _Guarded((N, C, oh, ow), torch.uint8, channels_last, misalign=misalign)
     _call("emu_max_pool2d_with_mask", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), m.ptr(), _i64(N), _i64(C),
           *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
     y.check("emu_max_pool2d_with_mask out")
@@ -97,10 +106,10 @@ def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False):
     return y.t.clone(), m.t.clone()
 
 
-def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False):
+def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False, misalign=0):
     N, C, oh, ow = g.shape
-    gg, mg = _arg(g, channels_last), _arg(mask, channels_last)
-    gx = _Guarded((N, C, H, W), g.dtype, channels_last)
+    gg, mg = _arg(g, channels_last, misalign), _arg(mask, channels_last, misalign)
+    gx = _Guarded((N, C, H, W), g.dtype, channels_last, misalign=misalign)
     _call("emu_max_pool2d_backward", _i32(DTYPES[g.dtype]), gg.ptr(), mg.ptr(), gx.ptr(), _i64(N), _i64(C),
           *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
     gx.check("emu_max_pool2d_backward")

@@ -114,6 +114,13 @@ void syncthreads() { yield_as(State::kAtBlockBarrier); }
 
 void syncwarp() { yield_as(State::kAtWarpBarrier); }
 
+std::string launch_log;  // emu_launches(): the kernels launched since it was last read
+
+void record_launch(const char* name) {
+  launch_log += name;
+  launch_log += '\n';
+}
+
 cudaError_t get_last_error(bool clear) {
   const cudaError_t e = last_error;
   if (clear) last_error = cudaSuccess;

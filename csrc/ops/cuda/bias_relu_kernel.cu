@@ -27,11 +27,7 @@ using cuda_common::from_acc;
 using cuda_common::grid_for;
 using cuda_common::kThreads;
 using cuda_common::to_acc;
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Vec {
-  T v[V];
-};
+using cuda_common::Vec;
 
 // the bias in T: a float32 bias of a half-type x rounded to nearest (what autocast's cast gives)
 template <typename T, typename B>

@@ -1,6 +1,6 @@
 // Device helpers shared by the elementwise-style CUDA kernels (max_pool_kernel.cu, interp_kernel.cu,
-// bias_relu_kernel.cu): the accumulation type of an element type and the conversions, the position of a
-// flat index in NCHW or NHWC order, and the grid-stride launch size.  No torch headers.
+// bias_relu_kernel.cu): the accumulation type of an element type and the conversions, vector accesses, the
+// position of a flat index in NCHW or NHWC order, and the grid-stride launch size.  No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -44,6 +44,15 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+
+// V elements loaded or stored as one access (16 bytes: one LDG.128 / STG.128 for a Vec<T, 16 / sizeof(T)>)
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// whether p is aligned for a Vec of `bytes` bytes
+inline bool aligned_to(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // Position (n, c, a, b) of element e of an (N, C, A, B) tensor in NCHW or NHWC order.
 template <typename I, bool NHWC>
