@@ -211,15 +211,15 @@ def check_bias_relu(failures: list) -> None:
 
 def check_interp(failures: list) -> None:
     """caffe_interp and caffe_interp_backward (interp_gather's forward and backward on a GPU): the attention
-    head's 31 -> 41 and a shrink 13x10 -> 7x9, NCHW and channels_last, every CUDA dtype, the backward's gradient
-    dense and a channel slice; exact in float32 /
-    float64 (the CPU kernels' arithmetic), loosely for the half types (rounded on the GPU only)."""
+    head's 31 -> 41 and a shrink 13x10 -> 7x9, NCHW and channels_last (with 16 channels: the kernels that take
+    16 bytes of channels per thread), every CUDA dtype, the backward's gradient dense and a channel slice; exact
+    in float32 / float64 (the CPU kernels' arithmetic), loosely for the half types (rounded on the GPU only)."""
     for (h, w), (oh, ow) in (((31, 21), (41, 41)), ((13, 10), (7, 9))):
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-            for channels_last in (False, True):
+            for channels_last, C in ((False, 5), (True, 5), (True, 16)):
                 gen = torch.Generator().manual_seed(4)
-                x = rounded(torch.randn(2, 5, h, w, generator=gen), dtype)
-                grad = rounded(torch.randn(2, 5, oh, ow, generator=gen), dtype)
+                x = rounded(torch.randn(2, C, h, w, generator=gen), dtype)
+                grad = rounded(torch.randn(2, C, oh, ow, generator=gen), dtype)
                 res = {}
                 for side, dev in (("ref", "cpu"), ("dev", DEV)):
                     xs = on_side(x, dev, dtype, channels_last)
@@ -227,12 +227,15 @@ def check_interp(failures: list) -> None:
                               + caffe.host_constants(caffe._interp_adjoint_tables, w, ow, dtype, device=dev))
                     g = on_side(grad, dev, dtype, channels_last)
                     # and the gradient as a channel slice of a wider one (read in place through its strides)
-                    wide = on_side(torch.cat([grad[:, :2], grad, grad[:, :1]], 1), dev, dtype, channels_last)
+                    # (at channel 8 of 16 + C + 8 for C = 16: aligned, so the vector kernel)
+                    lo = 2 if C == 5 else 8
+                    wide = on_side(torch.cat([grad[:, :lo], grad, grad[:, :lo]], 1), dev, dtype, channels_last)
                     res[side] = [caffe_interp(xs, (oh, ow)), torch.ops.attnscale.caffe_interp_backward(g, *tables),
-                                 torch.ops.attnscale.caffe_interp_backward(wide[:, 2:7], *tables)]
+                                 torch.ops.attnscale.caffe_interp_backward(wide[:, lo:lo + C], *tables)]
                     sync(dev)
                 tol = 0.0 if dtype in (torch.float32, torch.float64) else 1e-2
-                report(failures, f"caffe_interp {dtype} {(h, w)}->{(oh, ow)}{' channels_last' if channels_last else ''}",
+                report(failures, f"caffe_interp {dtype} {(h, w)}->{(oh, ow)} C={C}"
+                       f"{' channels_last' if channels_last else ''}",
                        [i for i, (a, e) in enumerate(zip(res["dev"], res["ref"])) if not close(a, e, tol)])
 
 

@@ -119,7 +119,7 @@ def test_cuda_sanitize_dry_run():
     assert proc.stdout.count("ok  scale_merge") == 38 and proc.stdout.count("ok  dilated_conv2d") == 12  # 6 cases x 2 algos
     assert proc.stdout.count("ok  caffe_max_pool2d") == 24  # 2 geometries x 4 dtypes x 3 (layout, channels)
     assert proc.stdout.count("ok  bias_relu") == 32  # 2 shapes x 2 dropout ratios x 4 dtypes x 2 layouts
-    assert proc.stdout.count("ok  caffe_interp") == 16  # 2 resizes x 4 dtypes x 2 layouts
+    assert proc.stdout.count("ok  caffe_interp") == 24  # 2 resizes x 4 dtypes x 3 (layout, channels)
     assert proc.stdout.count("ATTNSCALE_MERGE_BACKWARD=pixel") == 8
     import torch
     from attnscale.ops import has_cuda_kernels

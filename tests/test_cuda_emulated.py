@@ -169,6 +169,35 @@ def test_interp_kernels(dtype, channels_last):
             assert _same(got, want), ((ih, iw), (oh, ow), slice_of)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("C,misalign", [(16, 0), (24, 0), (12, 0), (16, 1)], ids=["c16", "c24", "c12", "c16-off"])
+def test_interp_vector_kernels(dtype, C, misalign):
+    """The channels_last vector kernels (a thread per 16 bytes of channels), forward and backward: taken exactly
+    when C is a multiple of 16 / element size and the data aligned (for the backward also the gradient's
+    channels contiguous in aligned runs: a dense gradient or a channel slice starting at a multiple of the
+    width), else the per-element kernels; the same bits either way, infinities included."""
+    width = 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(C + misalign)
+    ref = torch.float64 if dtype == torch.float64 else torch.float32
+    emu.launches()
+    for (ih, iw), (oh, ow) in INTERP_CASES[:6]:
+        x = torch.randn(2, C, ih, iw, generator=gen).to(dtype)
+        x[1, C - 1, ih // 2, iw // 2] = float("inf")
+        got = emu.caffe_interp(_in_layout(x, True), oh, ow, True, misalign)
+        assert _same(got, caffe._interp_blend(x, (oh, ow))), ((ih, iw), (oh, ow))
+        assert [("vec_kernel" in n) for n in emu.launches()] == [C % width == 0 and misalign == 0]
+        g = torch.randn(2, C, oh, ow, generator=gen).to(dtype)
+        g[0, 1, oh // 2, ow // 2] = float("inf")
+        tables = (caffe.host_constants(caffe._interp_adjoint_tables, ih, oh, dtype)
+                  + caffe.host_constants(caffe._interp_adjoint_tables, iw, ow, dtype))
+        want = torch.ops.attnscale.caffe_interp_backward(g.to(ref), *tables).to(dtype)
+        for slice_of in (0, width, 3):  # dense; a slice at an aligned channel; one off it
+            got = emu.caffe_interp_backward(g, *tables, channels_last=True, slice_of=slice_of)
+            assert _same(got, want), ((ih, iw), (oh, ow), slice_of)
+            vec = C % width == 0 and slice_of % width == 0
+            assert [("vec_kernel" in n) for n in emu.launches()] == [vec], slice_of
+
+
 # -------------------------------------------------------------------------------------------- bias_relu
 BIAS_RELU_SHAPES = [((2, 64, 9, 8), 0), ((2, 64, 9, 8), 1), ((3, 21, 5, 7), 0), ((4, 64, 33, 33), 0),
                     ((1, 1024, 9, 9), 0), ((2, 48, 40, 40), 0)]

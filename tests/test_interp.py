@@ -160,11 +160,12 @@ def test_backward_op_checks_and_opcheck():
 # ---------------------------------------------------------------------------------------------- CUDA
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_cuda_equals_index_select_path(dtype, channels_last):
+@pytest.mark.parametrize("channels_last,channels", [(False, 5), (True, 5), (True, 16)], ids=["nchw", "nhwc", "nhwc16"])
+def test_cuda_equals_index_select_path(dtype, channels_last, channels):
     """The CUDA kernel == the index_select path run on the GPU (PyTorch's elementwise ops, each product and
-    sum rounded to the dtype), bit for bit, every dtype and layout (the output in the input's); float32 /
-    float64 also == the CPU kernel."""
+    sum rounded to the dtype), bit for bit, every dtype and layout (the output in the input's; 16 channels in
+    channels_last: the kernel that takes 16 bytes of channels per thread); float32 / float64 also == the CPU
+    kernel."""
     gen = torch.Generator().manual_seed(2)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     checked = 0
@@ -174,7 +175,7 @@ def test_cuda_equals_index_select_path(dtype, channels_last):
             wout = (hout * 3) % 67 + 1
             if (hin, win) == (hout, wout):
                 continue
-            x = torch.randn(2, 5, hin, win, generator=gen).to(dtype)
+            x = torch.randn(2, channels, hin, win, generator=gen).to(dtype)
             xd = x.cuda().contiguous(memory_format=fmt)
             with torch.no_grad():
                 assert caffe_interp_applies(xd)
@@ -238,11 +239,14 @@ def test_cuda_backward_equals_cpu_op(dtype, channels_last, monkeypatch):
         assert got.dtype == dtype and got.is_contiguous(memory_format=fmt)
         want = torch.ops.attnscale.caffe_interp_backward(g.to(ref_dtype), *_tables(ih, iw, oh, ow, dtype)).to(dtype)
         assert torch.equal(got.cpu(), want), ((ih, iw), (oh, ow))
-        # a channel slice of a wider gradient (the attention concatenation's) is read in place, same result
-        wide = torch.full((2, 14, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
-        wide[:, 3:11] = g.cuda()
-        got = torch.ops.attnscale.caffe_interp_backward(wide[:, 3:11], *_tables(ih, iw, oh, ow, dtype, "cuda"))
-        assert torch.equal(got.cpu(), want) and got.is_contiguous(memory_format=fmt), ((ih, iw), (oh, ow))
+        # a channel slice of a wider gradient (the attention concatenation's) is read in place, same result; in
+        # channels_last at channel 8 of 24 by the kernel that takes 16 bytes of channels, at 3 of 14 per element
+        for start, wide_c in ((3, 14), (8, 24)):
+            wide = torch.full((2, wide_c, oh, ow), float("nan"), dtype=dtype, device="cuda").contiguous(memory_format=fmt)
+            wide[:, start:start + 8] = g.cuda()
+            got = torch.ops.attnscale.caffe_interp_backward(wide[:, start:start + 8],
+                                                            *_tables(ih, iw, oh, ow, dtype, "cuda"))
+            assert torch.equal(got.cpu(), want) and got.is_contiguous(memory_format=fmt), ((ih, iw), (oh, ow), start)
     calls = []
     real = torch.ops.attnscale.caffe_interp_backward
     monkeypatch.setattr(torch.ops.attnscale, "caffe_interp_backward", lambda *a: calls.append(1) or real(*a))

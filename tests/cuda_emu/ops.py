@@ -116,9 +116,9 @@ def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False, misal
     return gx.t.clone()
 
 
-def caffe_interp(x, oh, ow, channels_last=False):
+def caffe_interp(x, oh, ow, channels_last=False, misalign=0):
     N, C, H, W = x.shape
-    xg, y = _arg(x, channels_last), _Guarded((N, C, oh, ow), x.dtype, channels_last)
+    xg, y = _arg(x, channels_last, misalign), _Guarded((N, C, oh, ow), x.dtype, channels_last, misalign=misalign)
     _call("emu_interp", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), _i64(N), _i64(C), *map(_i32, (H, W, oh, ow)),
           _i32(channels_last))
     y.check("emu_interp")

@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "ops/cuda_dtype.h"
 
@@ -53,6 +54,36 @@ struct alignas(sizeof(T) * V) Vec {
 
 // whether p is aligned for a Vec of `bytes` bytes
 inline bool aligned_to(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// The channels_last kernels that take 16 bytes of channels per thread: their width for T, and whether they
+// serve a call (channels_last, C a multiple of the width, every pointer 16-byte aligned).
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));
+}
+template <typename T>
+bool vec_applies(bool nhwc, int64_t C, std::initializer_list<const void*> ptrs) {
+  if (!nhwc || C % vec_width<T>() != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned_to(p, 16)) return false;
+  return true;
+}
+
+// Position of vector v of an (N, A, B, C) channels_last tensor read as CV = C / V vectors per position:
+// image n, vector cv of its channels, position (a, b).
+template <typename I>
+__device__ __forceinline__ void unflatten_vec(I v, I CV, I A, I B, I* n, I* cv, I* a, I* b) {
+  *cv = v % CV;
+  I r = v / CV;
+  *b = r % B;
+  r /= B;
+  *a = r % A;
+  *n = r / A;
+}
+
+// whether every index below `total` (plus a grid stride of grid_for's blocks) fits in an int: the kernels
+// then index with int, whose divisions take fewer instructions than int64_t's
+inline bool fits_int(int64_t total) { return total + (int64_t{1} << 20) * kThreads < (int64_t{1} << 31); }
 
 // Position (n, c, a, b) of element e of an (N, C, A, B) tensor in NCHW or NHWC order.
 template <typename I, bool NHWC>

@@ -16,7 +16,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <initializer_list>
 
 #include "ops/cuda/kernel_common.cuh"
 #include "ops/max_pool_cuda.h"
@@ -34,8 +33,12 @@ using cuda_common::kThreads;
 using cuda_common::offset;
 using cuda_common::to_acc;
 using cuda_common::unflatten;
-using cuda_common::Vec;
 using cuda_common::aligned_to;
+using cuda_common::fits_int;
+using cuda_common::unflatten_vec;
+using cuda_common::Vec;
+using cuda_common::vec_applies;
+using cuda_common::vec_width;
 
 template <typename T>
 __device__ __forceinline__ T minus_inf();
@@ -142,18 +145,8 @@ __global__ void __launch_bounds__(kThreads) max_pool_backward_kernel(const T* __
 }
 
 // ---- channels_last with C % V == 0: a thread per V consecutive channels of one pixel (16-byte loads and
-// stores of Vec<T, V>, V = 16 / sizeof(T); the mask as V bytes), each lane the scalar kernels' arithmetic in
-// their order, so the same bits.  Position of vector v of an (N, A, B, C) tensor: C / V vectors per pixel.
-template <typename I>
-__device__ __forceinline__ void unflatten_vec(I v, I CV, I A, I B, I* n, I* cv, I* a, I* b) {
-  *cv = v % CV;
-  I r = v / CV;
-  *b = r % B;
-  r /= B;
-  *a = r % A;
-  *n = r / A;
-}
-
+// stores of Vec<T, V>, V = vec_width<T>(); the mask as V bytes), each lane the scalar kernels' arithmetic in
+// their order, so the same bits.
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) max_pool_vec_kernel(const Vec<T, V>* __restrict__ x,
                                                                 Vec<T, V>* __restrict__ y, int64_t total, int64_t CV,
@@ -259,22 +252,6 @@ __global__ void __launch_bounds__(kThreads) max_pool_backward_vec_kernel(const V
   }
 }
 
-// The vector kernels' width for T, and whether they serve a call: channels_last, C a multiple of it, every
-// pointer aligned for its accesses (16 bytes for values, V for the mask).
-template <typename T>
-constexpr int vec_width() { return 16 / static_cast<int>(sizeof(T)); }
-
-template <typename T>
-bool vec_applies(bool nhwc, int64_t C, std::initializer_list<const void*> values, const void* mask = nullptr) {
-  if (!nhwc || C % vec_width<T>() != 0) return false;
-  for (const void* v : values)
-    if (!aligned_to(v, 16)) return false;
-  return mask == nullptr || aligned_to(mask, vec_width<T>());
-}
-
-// int indices when the largest index (plus a grid stride) fits
-bool fits_int(int64_t total) { return total + (int64_t{1} << 20) * kThreads < (int64_t{1} << 31); }
-
 template <typename T>
 cudaError_t launch_mask_typed(const void* x, void* y, uint8_t* mask, int64_t N, int64_t C, int H, int W, int OH,
                               int OW, int k, int s, int p, bool nhwc, cudaStream_t stream) {
@@ -283,7 +260,7 @@ cudaError_t launch_mask_typed(const void* x, void* y, uint8_t* mask, int64_t N, 
   const T* xp = static_cast<const T*>(x);
   T* yp = static_cast<T*>(y);
   constexpr int V = vec_width<T>();
-  if (vec_applies<T>(nhwc, C, {x, y}, mask)) {
+  if (vec_applies<T>(nhwc, C, {x, y}) && aligned_to(mask, V)) {
     using VT = Vec<T, V>;
     using VM = Vec<uint8_t, V>;
     const int64_t tv = total / V;
@@ -323,7 +300,7 @@ cudaError_t launch_backward_typed(const void* g, const uint8_t* mask, void* gx, 
   const T* gp = static_cast<const T*>(g);
   T* xp = static_cast<T*>(gx);
   constexpr int V = vec_width<T>();
-  if (vec_applies<T>(nhwc, C, {g, gx}, mask)) {
+  if (vec_applies<T>(nhwc, C, {g, gx}) && aligned_to(mask, V)) {
     using VT = Vec<T, V>;
     using VM = Vec<uint8_t, V>;
     const int64_t tv = total / V;
