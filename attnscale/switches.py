@@ -4,8 +4,9 @@
 where PyTorch has its own for the same values, without a code change: an escape hatch for a kernel that
 misbehaves on some GPU, and what ``benchmarks/gpu_proof.sh`` sets from ``benchmarks/gpu_preflight.py``'s
 per-feature checks so that one broken kernel (written without a GPU) does not cost the benchmarks of the
-others.  Read on every use, so it applies to models built before it was set; an unknown name is an
-error naming the variable.  The test suite clears it (tests/conftest.py): tests choose their paths.
+others.  Read on every use, so it applies to models built before it was set (but torch.compile reads it
+once, while it traces: a compiled model keeps the paths it was traced with); an unknown name is an error
+naming the variable.  The test suite clears it (tests/conftest.py): tests choose their paths.
 
 :func:`uses_torch` is what the layers ask; :func:`attnscale.caffe.torch_max_pool` and
 :func:`attnscale.caffe.torch_interp` switch pooling and Interp within a block (benchmarks/bench_e2e.py's

@@ -118,7 +118,6 @@ def _guarded(variant: str, stage: str, fn, device: str, failures: list):
         if device == "cuda":
             try:
                 torch.cuda.synchronize()
-                torch.cuda.empty_cache()
             except Exception as lost:
                 raise DeviceLost(f"{variant} ({stage}) left the device unusable: {lost}") from e
         return None
@@ -127,19 +126,25 @@ def _guarded(variant: str, stage: str, fn, device: str, failures: list):
 def _time_interleaved(steps: dict, device: str, warmup: int, reps: int, failures: list) -> dict:
     """Seconds per call of each step, timed in interleaved rounds (one call of each variant per
     round), so that a slow phase of a shared machine (this one drifts by +-30 % over minutes) hits
-    every variant alike and the ratios stay meaningful.  A step that raises is left out (_guarded)."""
-    live = dict(steps)
-    for k, fn in steps.items():
+    every variant alike and the ratios stay meaningful.  A step that raises is left out (_guarded) and taken
+    out of ``steps`` too, so that its model and buffers can be freed before the others go on."""
+    def drop(k):
+        del steps[k]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    for k in list(steps):
         for _ in range(warmup):
-            if _guarded(k, "warm-up", lambda: fn() or True, device, failures) is None:
-                del live[k]
+            if _guarded(k, "warm-up", lambda: steps[k]() or True, device, failures) is None:
+                drop(k)
                 break
-    out = {k: [] for k in live}
+    out = {k: [] for k in steps}
     for _ in range(reps):
-        for k in list(live):
+        for k in list(steps):
             t0 = time.perf_counter()
-            if _guarded(k, "timing", lambda: live[k]() or True, device, failures) is None:
-                del live[k], out[k]
+            if _guarded(k, "timing", lambda: steps[k]() or True, device, failures) is None:
+                drop(k)
+                del out[k]
                 continue
             out[k].append(time.perf_counter() - t0)
     return out

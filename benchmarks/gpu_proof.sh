@@ -8,6 +8,7 @@
 #                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
 #   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
 #                log in sanitize.log; 30 s on the H200 (limits: 200 s); and bench's preflight beside them
+#                (gpu_preflight.py, at most 100 s: its log in preflight.log)
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        first gpu_preflight.py (unless check ran it): each of our fast paths with a PyTorch twin
 #                (attnscale.switches) checked in its own process; those that fail are turned off for the
@@ -48,6 +49,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/${PROOF_LOG:-proof.log}"
 failed=()
+rm -f "$OUT/disabled.txt"  # bench trusts only this run's preflight
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 run() {  # run a command, its output into the log; record a failure
@@ -65,6 +67,7 @@ cuda_tests() {  # every CUDA test must run (a skip fails the phase) and pass
 }
 
 preflight() {  # each feature of attnscale.switches checked in its own process; the failed ones to disabled.txt
+  rm -f "$OUT/disabled.txt"
   timeout 150 "$PY" benchmarks/gpu_preflight.py --timeout 100 --json "$OUT/preflight.json" \
     --disabled-to "$OUT/disabled.txt"
   local rc=$?

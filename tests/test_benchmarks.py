@@ -254,6 +254,12 @@ def test_gpu_preflight_catches_a_broken_kernel(monkeypatch, tmp_path):
     assert gpu_preflight.compare(off, w, 5e-2, 1.0) == ["infer merged: 0.625"]  # gradients by norm
     assert gpu_preflight.compare(off, w, 5e-2, 0.25) == ["train grad w: 0.5", "infer merged: 0.625"]
     assert gpu_preflight.compare(off, w, 5e-2) == ["train grad w: 0.625", "infer merged: 0.625"]
+    # the op-level checks compare bit for bit: an Interp forward one ulp off somewhere fails them
+    real_blend = caffe._interp_blend
+    monkeypatch.setattr(caffe, "_interp_blend", lambda x, hw: torch.nextafter(
+        real_blend(x, hw), torch.tensor(float("inf"), dtype=x.dtype)))
+    assert gpu_preflight._interp_ops("cpu") == [f"interp torch.float32 C={c}: forward differs from the index_select path"
+                                                for c in (5, 64)]
     dis = tmp_path / "disabled.txt"  # a child that raises (here: a device string torch refuses) fails its feature
     assert gpu_preflight.main(["--device", "no_such_device", "--features", "casts", "--disabled-to", str(dis)]) == 1
     assert dis.read_text() == "casts"

@@ -137,6 +137,13 @@ def test_max_pool_vector_kernels(dtype, C, misalign):
             assert torch.equal(gx, want_gx.to(dtype)), (k, s, p, h, w)
             launched = emu.launches()
             assert len(launched) == 3 and all(("vec_kernel" in n) == vec for n in launched), launched
+    if vec:  # aligned values with a mask off its alignment (one byte): the per-element kernels, the same bits
+        out, mask = emu.caffe_max_pool2d_with_mask(xl, k_eff, s, p, oh, ow, True, mask_misalign=1)
+        assert torch.equal(out.to(ref).nan_to_num(7), want.nan_to_num(7)) and torch.equal(mask, want_mask)
+        gx = emu.caffe_max_pool2d_backward(_in_layout(g, True), _in_layout(mask, True), k_eff, s, p, h, w, True,
+                                           mask_misalign=1)
+        assert torch.equal(gx, want_gx.to(dtype))
+        assert ["vec_kernel" in n for n in emu.launches()] == [False, False]
 
 
 # ----------------------------------------------------------------------------------------------- Interp
@@ -191,11 +198,13 @@ def test_interp_vector_kernels(dtype, C, misalign):
         tables = (caffe.host_constants(caffe._interp_adjoint_tables, ih, oh, dtype)
                   + caffe.host_constants(caffe._interp_adjoint_tables, iw, ow, dtype))
         want = torch.ops.attnscale.caffe_interp_backward(g.to(ref), *tables).to(dtype)
-        for slice_of in (0, width, 3):  # dense; a slice at an aligned channel; one off it
-            got = emu.caffe_interp_backward(g, *tables, channels_last=True, slice_of=slice_of)
+        # dense; a slice at an aligned channel; one off it; one at an aligned channel of a tensor whose pixel
+        # stride is not a multiple of the width (4 channels more after it)
+        for slice_of, tail in ((0, 0), (width, width), (3, 3), (width, width + 4)):
+            got = emu.caffe_interp_backward(g, *tables, channels_last=True, slice_of=slice_of, tail=tail)
             assert _same(got, want), ((ih, iw), (oh, ow), slice_of)
-            vec = C % width == 0 and slice_of % width == 0
-            assert [("vec_kernel" in n) for n in emu.launches()] == [vec], slice_of
+            vec = C % width == 0 and slice_of % width == 0 and (slice_of + C + tail) % width == 0
+            assert [("vec_kernel" in n) for n in emu.launches()] == [vec], (slice_of, tail)
 
 
 # -------------------------------------------------------------------------------------------- bias_relu

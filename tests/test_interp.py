@@ -8,6 +8,7 @@ import torch
 from attnscale import caffe
 from attnscale.ops import has_extension
 from attnscale.ops.interp import caffe_interp, caffe_interp_applies
+from tests.test_max_pool import cuda_kernel_names
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
 
@@ -187,6 +188,9 @@ def test_cuda_equals_index_select_path(dtype, channels_last, channels):
                 assert torch.equal(got.cpu(), caffe_interp(x, (hout, wout))), (hin, win, hout, wout)
             checked += 1
     assert checked > 40
+    x16 = torch.randn(2, channels, 31, 21, device="cuda").to(dtype).contiguous(memory_format=fmt)
+    names = [n for n in cuda_kernel_names(lambda: caffe_interp(x16, (41, 41))) if "interp" in n]
+    assert len(names) == 1 and ("vec_kernel" in names[0]) == (channels_last and channels == 16), names
 
 
 @pytest.mark.cuda
@@ -247,6 +251,10 @@ def test_cuda_backward_equals_cpu_op(dtype, channels_last, monkeypatch):
             got = torch.ops.attnscale.caffe_interp_backward(wide[:, start:start + 8],
                                                             *_tables(ih, iw, oh, ow, dtype, "cuda"))
             assert torch.equal(got.cpu(), want) and got.is_contiguous(memory_format=fmt), ((ih, iw), (oh, ow), start)
+            names = [n for n in cuda_kernel_names(lambda: torch.ops.attnscale.caffe_interp_backward(
+                wide[:, start:start + 8], *_tables(ih, iw, oh, ow, dtype, "cuda"))) if "interp" in n]
+            # the vector kernel needs the slice's start 16-byte aligned and its pixel stride a multiple of 16 bytes
+            assert len(names) == 1 and ("vec_kernel" in names[0]) == (channels_last and start == 8), (names, start)
     calls = []
     real = torch.ops.attnscale.caffe_interp_backward
     monkeypatch.setattr(torch.ops.attnscale, "caffe_interp_backward", lambda *a: calls.append(1) or real(*a))

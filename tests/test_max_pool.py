@@ -327,6 +327,25 @@ def test_cuda_nhwc_vector_kernels_equal_cpu(dtype, offset):
             gx = torch.ops.attnscale.caffe_max_pool2d_backward(_nhwc_at(g, offset, "cuda"), mask, k, s, p, h, w)
             want_gx = torch.ops.attnscale.caffe_max_pool2d_backward(g.to(ref_dtype), want_mask, k, s, p, h, w)
             assert torch.equal(gx.cpu(), want_gx.to(dtype)), (k, s, p, h, w)
+    # which kernels ran: the vector ones exactly when aligned
+    xd = _nhwc_at(torch.randn(2, 64, 9, 9).to(dtype), offset, "cuda")
+
+    def three():
+        caffe_max_pool2d(xd, 3, 2, 1, (5, 5))
+        out, mask = torch.ops.attnscale.caffe_max_pool2d_with_mask(xd, 3, 2, 1, 5, 5)
+        torch.ops.attnscale.caffe_max_pool2d_backward(_nhwc_at(torch.ones(2, 64, 5, 5).to(dtype), offset, "cuda"),
+                                                      mask, 3, 2, 1, 9, 9)
+    names = [n for n in cuda_kernel_names(three) if "max_pool" in n]
+    assert len(names) == 3 and all(("vec_kernel" in n) == (offset == 0) for n in names), names
+
+
+def cuda_kernel_names(fn) -> list:
+    """The CUDA kernels fn launches, by the profiler (names as the driver reports them)."""
+    from torch.autograd import DeviceType
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
 
 
 @pytest.mark.cuda

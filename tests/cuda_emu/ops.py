@@ -93,12 +93,13 @@ def caffe_max_pool2d(x, k, s, p, oh, ow, channels_last=False, misalign=0):
     return y.t.clone()
 
 
-def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False, misalign=0):
-    """The glue passes the kernel clipped as Caffe's k_eff is (max_pool.cpp); so do the callers here."""
+def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False, misalign=0, mask_misalign=None):
+    """The glue passes the kernel clipped as Caffe's k_eff is (max_pool.cpp); so do the callers here.
+    mask_misalign: bytes by which the mask starts off a 16-byte boundary (default: misalign)."""
     N, C, H, W = x.shape
     xg = _arg(x, channels_last, misalign)
     y = _Guarded((N, C, oh, ow), x.dtype, channels_last, misalign=misalign)
-    m = _Guarded((N, C, oh, ow), torch.uint8, channels_last, misalign=misalign)
+    m = _Guarded((N, C, oh, ow), torch.uint8, channels_last, misalign=misalign if mask_misalign is None else mask_misalign)
     _call("emu_max_pool2d_with_mask", _i32(DTYPES[x.dtype]), xg.ptr(), y.ptr(), m.ptr(), _i64(N), _i64(C),
           *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
     y.check("emu_max_pool2d_with_mask out")
@@ -106,9 +107,10 @@ def caffe_max_pool2d_with_mask(x, k, s, p, oh, ow, channels_last=False, misalign
     return y.t.clone(), m.t.clone()
 
 
-def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False, misalign=0):
+def caffe_max_pool2d_backward(g, mask, k, s, p, H, W, channels_last=False, misalign=0, mask_misalign=None):
     N, C, oh, ow = g.shape
-    gg, mg = _arg(g, channels_last, misalign), _arg(mask, channels_last, misalign)
+    gg = _arg(g, channels_last, misalign)
+    mg = _arg(mask, channels_last, misalign if mask_misalign is None else mask_misalign)
     gx = _Guarded((N, C, H, W), g.dtype, channels_last, misalign=misalign)
     _call("emu_max_pool2d_backward", _i32(DTYPES[g.dtype]), gg.ptr(), mg.ptr(), gx.ptr(), _i64(N), _i64(C),
           *map(_i32, (H, W, oh, ow, k, s, p)), _i32(channels_last))
@@ -125,12 +127,13 @@ def caffe_interp(x, oh, ow, channels_last=False, misalign=0):
     return y.t.clone()
 
 
-def caffe_interp_backward(g, idx_h, coef_h, idx_w, coef_w, channels_last=False, slice_of=0):
-    """slice_of > 0: g is read in place as channels [slice_of, slice_of + C) of a tensor of C + 2 slice_of
-    channels (the others NaN): a channel slice of a concatenation's gradient, as the glue passes it."""
+def caffe_interp_backward(g, idx_h, coef_h, idx_w, coef_w, channels_last=False, slice_of=0, tail=None):
+    """slice_of > 0: g is read in place as channels [slice_of, slice_of + C) of a tensor of slice_of + C + tail
+    channels (tail: slice_of unless given; the others NaN): a channel slice of a concatenation's gradient, as
+    the glue passes it."""
     N, C, oh, ow = g.shape
     H, W = idx_h.shape[1], idx_w.shape[1]
-    gg = _Guarded((N, C + 2 * slice_of, oh, ow), g.dtype, channels_last)
+    gg = _Guarded((N, slice_of + C + (slice_of if tail is None else tail), oh, ow), g.dtype, channels_last)
     view = gg.t[:, slice_of:slice_of + C]
     view.copy_(g)
     strides = (ctypes.c_int64 * 4)(*view.stride())

@@ -25,7 +25,6 @@ using scale_merge::interp_tap;
 using scale_merge::Tap;
 
 using cuda_common::AccOf;
-using cuda_common::aligned_to;
 using cuda_common::fits_int;
 using cuda_common::grid_for;
 using cuda_common::kThreads;
