@@ -49,7 +49,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/${PROOF_LOG:-proof.log}"
 failed=()
-rm -f "$OUT/disabled.txt"  # bench trusts only this run's preflight
+preflight_done=  # set when check ran the preflight in this run: bench trusts no older disabled.txt
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
 run() {  # run a command, its output into the log; record a failure
@@ -145,12 +145,13 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       wait "$spid" || failed+=("check: sanitize failed (exit $?; log: sanitize.log)")
       grep -E "^== |^  |FAIL|ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize.log" | tee -a "$LOG"
       wait "$ppid" || failed+=("check: a feature failed gpu_preflight.py (log: preflight.log)")
+      preflight_done=1
       cat "$OUT/preflight.log" >>"$LOG"
       ;;
     bench)
       # our fast paths that failed their preflight (check's, else run now) are off for the benchmarks, so that
       # one broken kernel does not cost the numbers of the others
-      if [ ! -f "$OUT/disabled.txt" ]; then
+      if [ -z "$preflight_done" ]; then
         preflight 2>&1 | tee -a "$LOG"
         [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("bench: a feature failed gpu_preflight.py")
       fi
