@@ -21,7 +21,7 @@ import os
 ENV = "ATTNSCALE_DISABLE"
 
 FEATURES = {
-    "pool": "MAX pooling by our kernels (caffe.pool2d); off: F.max_pool2d",
+    "pool": "pooling by our kernels (caffe.pool2d: MAX, and AVE on the CPU); off: F.max_pool2d / F.avg_pool2d",
     "interp": "DeepLab's Interp by our kernels (caffe.interp, interp_gather's forward and backward); off: "
               "the index_select path and autograd's index_add_ backward",
     "bias_relu": "a convolution's bias + ReLU in one kernel (the model's fuse_bias_relu); off: the "

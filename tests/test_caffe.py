@@ -149,6 +149,52 @@ def test_pool2d_equals_caffe_loop(k, s, p, method):
             np.testing.assert_allclose(xt.grad[0, 0].numpy().ravel(), expect, rtol=1e-6, atol=1e-6)
 
 
+def _caffe_ave_float32(x: np.ndarray, k: int, s: int, p: int, oh: int, ow: int) -> np.ndarray:
+    """AvePoolingForward in float32 arithmetic, Caffe's order: a sum from 0 over rows then columns, then /=."""
+    f32 = np.float32
+    H, W = x.shape
+    out = np.zeros((oh, ow), f32)
+    for i in range(oh):
+        for j in range(ow):
+            hs, ws = i * s - p, j * s - p
+            he, we = min(hs + k, H + p), min(ws + k, W + p)
+            pool_size = (he - hs) * (we - ws)
+            acc = f32(0)
+            for h in range(max(hs, 0), min(he, H)):
+                for w in range(max(ws, 0), min(we, W)):
+                    acc = f32(acc + x[h, w])
+            out[i, j] = f32(acc / f32(pool_size))
+    return out
+
+
+@pytest.mark.parametrize("k,s,p", CONFIGS)
+def test_ave_pool_inference_is_caffes_float_arithmetic(k, s, p):
+    """Without a gradient on the CPU, AVE pooling (caffe_ave_pool2d) gives Caffe's float32 results bit for bit
+    (its sums in its order, then the division); float64 likewise in double; the half types are the float32
+    computation rounded once.  With a gradient the F.avg_pool2d path stays (close, tested above)."""
+    rng = np.random.default_rng(5 + k * 100 + s * 10 + p)
+    for H, W in [(5, 7), (6, 6), (9, 4), (8, 11), (1, 1), (2, 13)]:
+        try:
+            oh, ow = caffe.pool_output_shape((H, W), k, s, p)
+        except ValueError:
+            continue
+        if (oh - 1) * s - p >= H or (ow - 1) * s - p >= W:
+            continue
+        x = rng.standard_normal((2, 3, H, W)).astype(np.float32)
+        xt = torch.from_numpy(x)
+        with torch.no_grad():
+            y = caffe.pool2d(xt, k, s, p, "ave")
+        for n in range(2):
+            for c in range(3):
+                np.testing.assert_array_equal(y[n, c].numpy(), _caffe_ave_float32(x[n, c], k, s, p, oh, ow))
+        with torch.no_grad():
+            y64 = caffe.pool2d(xt.double(), k, s, p, "ave")
+            for dt in (torch.bfloat16, torch.float16):
+                xh = xt.to(dt)
+                assert torch.equal(caffe.pool2d(xh, k, s, p, "ave"), caffe.pool2d(xh.float(), k, s, p, "ave").to(dt))
+        np.testing.assert_array_equal(y64[0, 0].numpy(), caffe_pool_loop(x[0, 0].astype(np.float64), k, s, p, "ave")[0])
+
+
 def test_max_pool_tie_goes_to_first_in_scan_order():
     x = torch.zeros(1, 1, 4, 4, requires_grad=True)
     caffe.pool2d(x, 3, 2, 1, "max").sum().backward()
@@ -244,7 +290,8 @@ def test_host_constants_cached_as_plain_tensors():
     with torch.inference_mode():
         first = caffe.interp_coefficients(7, 13)
         caffe.interp(torch.randn(1, 1, 7, 7), (13, 13))
-        caffe.pool2d(torch.randn(1, 1, 7, 7), 3, 1, 1, "ave")
+        with caffe.torch_max_pool():  # the F.avg_pool2d path (without it: caffe_ave_pool2d, no divisor map)
+            caffe.pool2d(torch.randn(1, 1, 7, 7), 3, 1, 1, "ave")
     assert caffe._host_constants_cached.cache_info().currsize == 2
     assert not any(t.is_inference() for t in first)
     assert all(a is b for a, b in zip(first, caffe.interp_coefficients(7, 13)))

@@ -9,7 +9,7 @@ import torch
 
 from attnscale import caffe
 from attnscale.ops import has_extension
-from attnscale.ops.pooling import (caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
+from attnscale.ops.pooling import (caffe_ave_pool2d, caffe_max_pool2d, caffe_max_pool2d_applies, caffe_max_pool2d_train,
                                    caffe_max_pool2d_train_applies)
 
 pytestmark = pytest.mark.skipif(not has_extension(), reason="attnscale._C not built")
@@ -91,6 +91,33 @@ def test_forward_only_and_argument_bounds():
         with pytest.raises(ValueError, match="more than 16777216"):
             caffe_max_pool2d(x, *args)
     assert caffe_max_pool2d(x, 1000, 1, 0, (1, 1)).item() == x.max().item()
+
+
+def test_ave_op_checks_dispatch_and_switch(monkeypatch):
+    """caffe_ave_pool2d: opcheck; bad inputs raise naming the op; forward only; a kernel reaching past the image
+    keeps Caffe's divisor (the padding the whole window reaches counts: not clipped like MAX's kernel);
+    pool2d takes it only without a gradient on the CPU, never within caffe.torch_max_pool()."""
+    x = torch.randn(2, 3, 9, 11)
+    torch.library.opcheck(torch.ops.attnscale.caffe_ave_pool2d.default, (x, 3, 2, 1, 5, 6))
+    for args, match in (((torch.randn(3, 8, 8), 3, 2, 1, (4, 4)), "caffe_ave_pool2d: x must be 4-D"),
+                        ((torch.ones(1, 1, 8, 8, dtype=torch.int32), 3, 2, 1, (4, 4)), "caffe_ave_pool2d: x dtype"),
+                        ((x, 3, 2, 3, (4, 4)), "pad < kernel"), ((x, 2 ** 32 + 3, 1, 0, (1, 1)), "more than")):
+        with pytest.raises(ValueError, match=match):
+            caffe_ave_pool2d(*args)
+    with pytest.raises(RuntimeError, match="forward only"):
+        caffe_ave_pool2d(x.clone().requires_grad_(), 3, 1, 1, (9, 11)).sum().backward()
+    big = torch.ones(1, 1, 3, 3)  # kernel 7, pad 2 on 3x3: one window of 7x7 clipped to [-2, 5): 49 / 49
+    assert caffe_ave_pool2d(big, 7, 1, 2, (1, 1)).item() == pytest.approx(9 / 49)
+    assert caffe.ave_pool_divisor(3, 7, 1, 2) == [7]
+    calls = []
+    real = caffe.caffe_ave_pool2d
+    monkeypatch.setattr(caffe, "caffe_ave_pool2d", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        caffe.pool2d(x, 3, 1, 1, "ave")
+        with caffe.torch_max_pool():
+            caffe.pool2d(x, 3, 1, 1, "ave")
+    caffe.pool2d(x.requires_grad_(), 3, 1, 1, "ave").sum().backward()
+    assert calls == [1] and x.grad is not None
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -40,6 +40,12 @@ def _register() -> None:
 
     register_forward_only("caffe_max_pool2d", "attnscale.caffe.pool2d")
 
+    @torch.library.register_fake("attnscale::caffe_ave_pool2d")
+    def _fake_ave(x, kernel, stride, pad, out_h, out_w):
+        return fake_nchw_output("caffe_ave_pool2d", x, out_h, out_w)
+
+    register_forward_only("caffe_ave_pool2d", "attnscale.caffe.pool2d")
+
     @torch.library.register_fake("attnscale::caffe_max_pool2d_with_mask")
     def _fake_mask(x, kernel, stride, pad, out_h, out_w):
         k = min(kernel, max(x.shape[-2:]) + pad)  # the C++ checks clip it so
@@ -88,6 +94,21 @@ def caffe_max_pool2d_applies(x: torch.Tensor) -> bool:
         return (x.dim() == 4 and x.dtype in _KERNEL_DTYPES and not (torch.is_grad_enabled() and x.requires_grad)
                 and has_cuda_kernel("caffe_max_pool2d"))
     return cpu_inference_kernel_applies(x, _KERNEL_DTYPES)
+
+
+def caffe_ave_pool2d_applies(x: torch.Tensor) -> bool:
+    """Whether :func:`caffe_ave_pool2d` can serve an AVE pooling of x: no gradient, x 4-D on the CPU in
+    float32/float64/float16/bfloat16 (a GPU keeps ``F.avg_pool2d`` and the division: pool5a is a small layer)."""
+    return cpu_inference_kernel_applies(x, _KERNEL_DTYPES)
+
+
+def caffe_ave_pool2d(x: torch.Tensor, kernel: int, stride: int, pad: int, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Caffe AVE pooling of x (N, C, H, W) on the CPU, Caffe's AvePoolingForward in its float order: the window
+    clipped to the image summed rows then columns from 0 (float32 for the half types), divided by the window
+    clipped to [-pad, H + pad) x [-pad, W + pad), so the same bits as Caffe (the half types rounded once).
+    Forward only."""
+    require_extension()
+    return torch.ops.attnscale.caffe_ave_pool2d(x, kernel, stride, pad, int(out_hw[0]), int(out_hw[1]))
 
 
 def caffe_max_pool2d_train_applies(x: torch.Tensor, kernel: int) -> bool:

@@ -1,4 +1,5 @@
-// Schema of attnscale::caffe_max_pool2d: Caffe's Pooling layer, MAX, square window, forward only.
+// Schemas of attnscale::caffe_max_pool2d: Caffe's Pooling layer, MAX, square window, forward only (and of
+// the training pair and of caffe_ave_pool2d, AVE for inference on the CPU, below).
 //
 // out[i, j] = max of x over rows max(i s - p, 0) .. min(i s - p + k, H) - 1 and the same columns: the
 // window clipped to the image, so padding never wins; a value replaces the running maximum only if
@@ -47,6 +48,13 @@ int64_t check_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t 
   return check_geometry("caffe_max_pool2d", x.size(2), x.size(3), kernel, stride, pad, out_h, out_w);
 }
 
+int64_t check_ave_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                       int64_t out_w) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "caffe_ave_pool2d: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  check_geometry("caffe_ave_pool2d", x.size(2), x.size(3), kernel, stride, pad, out_h, out_w);
+  return kernel;  // not clipped: the divisor counts the padding the whole window reaches
+}
+
 int64_t check_mask_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
                         int64_t out_w) {
   TORCH_CHECK_VALUE(x.dim() == 4, "caffe_max_pool2d_with_mask: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
@@ -82,4 +90,7 @@ TORCH_LIBRARY_FRAGMENT(attnscale, m) {
         "(Tensor, Tensor)");
   m.def("caffe_max_pool2d_backward(Tensor grad, Tensor mask, int kernel, int stride, int pad, int in_h, "
         "int in_w) -> Tensor");
+  // AVE (inference, CPU): Caffe's AvePoolingForward: the window clipped to the image summed rows then columns
+  // from 0, divided by the window clipped to [-pad, H + pad) x [-pad, W + pad).
+  m.def("caffe_ave_pool2d(Tensor x, int kernel, int stride, int pad, int out_h, int out_w) -> Tensor");
 }

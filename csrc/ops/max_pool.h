@@ -17,6 +17,11 @@ namespace max_pool {
 // anyway, so the windows are the same).  Dtype and device are the backend's to check.
 int64_t check_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h, int64_t out_w);
 
+// caffe_ave_pool2d: the checks of check_args; returns the kernel as given (AVE's divisor counts the padding the
+// whole window reaches, so it is not clipped).
+int64_t check_ave_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                       int64_t out_w);
+
 // caffe_max_pool2d_with_mask (training): check_args, then that the window offsets fit the uint8 mask
 // (clipped kernel^2 <= kMaskNone).  Returns the clipped kernel.
 int64_t check_mask_args(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,

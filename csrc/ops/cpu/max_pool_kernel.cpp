@@ -3,7 +3,8 @@
 // Per output row: the running maximum of the window's input rows (contiguous, vectorised), then the
 // horizontal window over that row; for stride 2 the row is first split into even and odd columns so
 // that every window position reads unit-stride arrays; other strides take a scalar loop.
-// Also the CPU twins of the training op's CUDA kernels (caffe_max_pool2d_with_mask and its backward).
+// Also the CPU twins of the training op's CUDA kernels (caffe_max_pool2d_with_mask and its backward), and
+// caffe_ave_pool2d (AVE for inference, CPU only).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -129,6 +130,89 @@ at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t 
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------- AVE
+// Caffe's AvePoolingForward on one plane: per output the window clipped to the image summed rows then columns
+// from 0 in A (T, or float for the half types), divided by pool_size, the window clipped to [-p, H + p) x
+// [-p, W + p): Caffe's float arithmetic in Caffe's order, so the same bits (the half types rounded once).
+// One output row at a time: its sums advance over the window's input rows; for stride 1 the windows inside
+// the image add the row's kernel columns in unit-stride passes (one for k = 3, pool5a: 2.45 -> 0.87 ms for
+// 512 planes of 65x65 on one core), the order per output unchanged; cols: each output column's window
+// clipped to [-p, W + p), so the division vectorises too.
+template <typename T, typename A>
+void ave_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH, int OW, T* __restrict out,
+               std::vector<A>& buf, std::vector<int>& cols) {
+  buf.assign(OW, A(0));
+  A* __restrict acc = buf.data();
+  cols.resize(OW);
+  for (int j = 0; j < OW; ++j) cols[j] = std::min(j * s - p + k, W + p) - (j * s - p);
+  int j_lo = 0;  // windows inside [0, W): j_lo .. j_hi - 1
+  while (j_lo < OW && j_lo * s - p < 0) ++j_lo;
+  int j_hi = j_lo;
+  while (j_hi < OW && j_hi * s - p + k <= W) ++j_hi;
+  for (int i = 0; i < OH; ++i) {
+    const int hstart = i * s - p, hend = std::min(hstart + k, H + p);
+    const int hs = std::max(hstart, 0), he = std::min(hend, H);
+    std::fill(acc, acc + OW, A(0));
+    for (int h = hs; h < he; ++h) {
+      const T* __restrict row = x + static_cast<int64_t>(h) * W;
+      auto clipped = [&](int j) {
+        const int ws = std::max(j * s - p, 0), we = std::min(j * s - p + k, W);
+        A a = acc[j];
+        for (int w = ws; w < we; ++w) a += static_cast<A>(row[w]);
+        acc[j] = a;
+      };
+      for (int j = 0; j < std::min(j_lo, OW); ++j) clipped(j);
+      if (s == 1 && k == 3) {
+        const T* __restrict src = row + (j_lo - p);
+        for (int j = j_lo; j < j_hi; ++j) {
+          const int q = j - j_lo;
+          acc[j] = ((acc[j] + static_cast<A>(src[q])) + static_cast<A>(src[q + 1])) + static_cast<A>(src[q + 2]);
+        }
+      } else if (s == 1) {
+        for (int t = 0; t < k; ++t) {
+          const T* __restrict src = row + (j_lo - p + t);
+          for (int j = j_lo; j < j_hi; ++j) acc[j] += static_cast<A>(src[j - j_lo]);
+        }
+      } else {
+        for (int j = j_lo; j < j_hi; ++j) clipped(j);
+      }
+      for (int j = std::max(j_hi, j_lo); j < OW; ++j) clipped(j);
+    }
+    T* __restrict orow = out + static_cast<int64_t>(i) * OW;
+    const int ph = hend - hstart;
+    const int* __restrict cw = cols.data();
+    for (int j = 0; j < OW; ++j) orow[j] = static_cast<T>(acc[j] / static_cast<A>(ph * cw[j]));
+  }
+}
+
+at::Tensor caffe_ave_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                                int64_t out_w) {
+  kernel = check_ave_args(x_in, kernel, stride, pad, out_h, out_w);
+  const auto dt = x_in.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                    "caffe_ave_pool2d: x dtype ", dt, " is not supported on the CPU (float32, float64, bfloat16 or "
+                    "float16)");
+  const int64_t H = x_in.size(2), W = x_in.size(3);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
+  const int64_t planes = x.size(0) * x.size(1);
+  if (planes == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_ave_pool2d_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
+      std::vector<acc_t> buf;
+      std::vector<int> cols;
+      for (int64_t q = b; q < e; ++q)
+        ave_plane<scalar_t, acc_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
+                                   static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
+                                   static_cast<int>(out_w), op + q * out_h * out_w, buf, cols);
+    });
+  });
+  return out;
+}
+
 // ---------------------------------------------------------------------------------------------- training
 // The CPU twin of the CUDA training kernels (the model trains through F.max_pool2d on the CPU): plain loops
 // over one (n, c) plane, in the CUDA kernels' order, so that their results can be compared bit for bit.
@@ -242,4 +326,5 @@ TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
   m.impl("caffe_max_pool2d", &attnscale::max_pool::caffe_max_pool2d_cpu);
   m.impl("caffe_max_pool2d_with_mask", &attnscale::max_pool::caffe_max_pool2d_with_mask_cpu);
   m.impl("caffe_max_pool2d_backward", &attnscale::max_pool::caffe_max_pool2d_backward_cpu);
+  m.impl("caffe_ave_pool2d", &attnscale::max_pool::caffe_ave_pool2d_cpu);
 }
