@@ -8,7 +8,7 @@
 #                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
 #   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
 #                log in sanitize.log; 30 s on the H200 (limits: 200 s); and bench's preflight beside them
-#                (gpu_preflight.py, at most 100 s: its log in preflight.log)
+#                (gpu_preflight.py, at most 120 s: its log in preflight.log)
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        first gpu_preflight.py (unless check ran it): each of our fast paths with a PyTorch twin
 #                (attnscale.switches) checked in its own process; those that fail are turned off for the
@@ -68,7 +68,7 @@ cuda_tests() {  # every CUDA test must run (a skip fails the phase) and pass
 
 preflight() {  # each feature of attnscale.switches checked in its own process; the failed ones to disabled.txt
   rm -f "$OUT/disabled.txt"
-  timeout 150 "$PY" benchmarks/gpu_preflight.py --timeout 100 --json "$OUT/preflight.json" \
+  timeout 150 "$PY" benchmarks/gpu_preflight.py --timeout 120 --json "$OUT/preflight.json" \
     --disabled-to "$OUT/disabled.txt"
   local rc=$?
   [ -f "$OUT/disabled.txt" ] || : >"$OUT/disabled.txt"  # no verdict (it did not finish): every feature stays on
@@ -154,6 +154,7 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       if [ -z "$preflight_done" ]; then
         preflight 2>&1 | tee -a "$LOG"
         [ "${PIPESTATUS[0]}" -eq 0 ] || failed+=("bench: a feature failed gpu_preflight.py")
+        preflight_done=1
       fi
       export ATTNSCALE_DISABLE=$(cat "$OUT/disabled.txt" 2>/dev/null)
       say "ATTNSCALE_DISABLE=${ATTNSCALE_DISABLE:-(none: every feature passed its preflight)}"

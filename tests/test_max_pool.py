@@ -109,6 +109,8 @@ def test_ave_op_checks_dispatch_and_switch(monkeypatch):
     big = torch.ones(1, 1, 3, 3)  # kernel 7, pad 2 on 3x3: one window of 7x7 clipped to [-2, 5): 49 / 49
     assert caffe_ave_pool2d(big, 7, 1, 2, (1, 1)).item() == pytest.approx(9 / 49)
     assert caffe.ave_pool_divisor(3, 7, 1, 2) == [7]
+    # the largest geometry the checks admit: a divisor of 2^48 without int overflow (Caffe's int would wrap)
+    assert caffe_ave_pool2d(torch.ones(1, 1, 1, 1), 2 ** 24, 2 ** 24, 2 ** 24 - 1, (1, 1)).item() == 2.0 ** -48
     calls = []
     real = caffe.caffe_ave_pool2d
     monkeypatch.setattr(caffe, "caffe_ave_pool2d", lambda *a: calls.append(1) or real(*a))
@@ -116,6 +118,8 @@ def test_ave_op_checks_dispatch_and_switch(monkeypatch):
         caffe.pool2d(x, 3, 1, 1, "ave")
         with caffe.torch_max_pool():
             caffe.pool2d(x, 3, 1, 1, "ave")
+        y = caffe.pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1, "ave")  # F.avg_pool2d keeps it
+        assert y.is_contiguous(memory_format=torch.channels_last)
     caffe.pool2d(x.requires_grad_(), 3, 1, 1, "ave").sum().backward()
     assert calls == [1] and x.grad is not None
 

@@ -137,14 +137,16 @@ at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t 
 // One output row at a time: its sums advance over the window's input rows; for stride 1 the windows inside
 // the image add the row's kernel columns in unit-stride passes (one for k = 3, pool5a: 2.45 -> 0.87 ms for
 // 512 planes of 65x65 on one core), the order per output unchanged; cols: each output column's window
-// clipped to [-p, W + p), so the division vectorises too.
+// clipped to [-p, W + p), in A, so the division vectorises too.  The divisor is the product of the two
+// extents rounded once to A (Caffe's int pool_size converted; exact below 2^24, and no int overflow for the
+// sizes up to 2^24 the checks admit, where Caffe's int would wrap).
 template <typename T, typename A>
 void ave_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH, int OW, T* __restrict out,
-               std::vector<A>& buf, std::vector<int>& cols) {
+               std::vector<A>& buf, std::vector<A>& cols) {
   buf.assign(OW, A(0));
   A* __restrict acc = buf.data();
   cols.resize(OW);
-  for (int j = 0; j < OW; ++j) cols[j] = std::min(j * s - p + k, W + p) - (j * s - p);
+  for (int j = 0; j < OW; ++j) cols[j] = static_cast<A>(std::min(j * s - p + k, W + p) - (j * s - p));
   int j_lo = 0;  // windows inside [0, W): j_lo .. j_hi - 1
   while (j_lo < OW && j_lo * s - p < 0) ++j_lo;
   int j_hi = j_lo;
@@ -162,7 +164,8 @@ void ave_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH,
         acc[j] = a;
       };
       for (int j = 0; j < std::min(j_lo, OW); ++j) clipped(j);
-      if (s == 1 && k == 3) {
+      if (j_hi <= j_lo) {
+      } else if (s == 1 && k == 3) {
         const T* __restrict src = row + (j_lo - p);
         for (int j = j_lo; j < j_hi; ++j) {
           const int q = j - j_lo;
@@ -179,9 +182,9 @@ void ave_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH,
       for (int j = std::max(j_hi, j_lo); j < OW; ++j) clipped(j);
     }
     T* __restrict orow = out + static_cast<int64_t>(i) * OW;
-    const int ph = hend - hstart;
-    const int* __restrict cw = cols.data();
-    for (int j = 0; j < OW; ++j) orow[j] = static_cast<T>(acc[j] / static_cast<A>(ph * cw[j]));
+    const A ph = static_cast<A>(hend - hstart);
+    const A* __restrict cw = cols.data();
+    for (int j = 0; j < OW; ++j) orow[j] = static_cast<T>(acc[j] / (ph * cw[j]));
   }
 }
 
@@ -202,8 +205,7 @@ at::Tensor caffe_ave_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t 
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buf;
-      std::vector<int> cols;
+      std::vector<acc_t> buf, cols;
       for (int64_t q = b; q < e; ++q)
         ave_plane<scalar_t, acc_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
                                    static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
