@@ -103,31 +103,39 @@ void pool_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH
   }
 }
 
-at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
-                                int64_t out_w) {
-  kernel = check_args(x_in, kernel, stride, pad, out_h, out_w);
+// The inference ops' frame: checks x's dtype (float32/float64 and the half types, accumulated in
+// at::opmath_type: float), then runs plane(x plane, out plane, buf, buf2) over every (n, c) plane of the NCHW
+// input in parallel, with two scratch vectors of the accumulation type per task.
+template <typename Plane>
+at::Tensor over_planes(const char* op, const at::Tensor& x_in, int64_t out_h, int64_t out_w, const Plane& plane) {
   const auto dt = x_in.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                    "caffe_max_pool2d: x dtype ", dt, " is not supported on the CPU (float32, float64, bfloat16 or "
-                    "float16)");
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+                    ": x dtype ", dt, " is not supported on the CPU (float32, float64, bfloat16 or float16)");
   const int64_t H = x_in.size(2), W = x_in.size(3);
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
   const int64_t planes = x.size(0) * x.size(1);
   if (planes == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_max_pool2d_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_pool2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
+    scalar_t* yp = out.data_ptr<scalar_t>();
     at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buf;
-      for (int64_t q = b; q < e; ++q)
-        pool_plane<scalar_t, acc_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
-                             static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
-                             static_cast<int>(out_w), op + q * out_h * out_w, buf);
+      std::vector<acc_t> buf, buf2;
+      for (int64_t q = b; q < e; ++q) plane(xp + q * H * W, yp + q * out_h * out_w, buf, buf2);
     });
   });
   return out;
+}
+
+at::Tensor caffe_max_pool2d_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+                                int64_t out_w) {
+  const int k = static_cast<int>(check_args(x, kernel, stride, pad, out_h, out_w));
+  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), s = static_cast<int>(stride),
+            p = static_cast<int>(pad), OH = static_cast<int>(out_h), OW = static_cast<int>(out_w);
+  return over_planes("caffe_max_pool2d", x, out_h, out_w, [&](const auto* xq, auto* yq, auto& buf, auto&) {
+    pool_plane(xq, H, W, k, s, p, OH, OW, yq, buf);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------- AVE
@@ -188,31 +196,14 @@ void ave_plane(const T* __restrict x, int H, int W, int k, int s, int p, int OH,
   }
 }
 
-at::Tensor caffe_ave_pool2d_cpu(const at::Tensor& x_in, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
+at::Tensor caffe_ave_pool2d_cpu(const at::Tensor& x, int64_t kernel, int64_t stride, int64_t pad, int64_t out_h,
                                 int64_t out_w) {
-  kernel = check_ave_args(x_in, kernel, stride, pad, out_h, out_w);
-  const auto dt = x_in.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
-                    "caffe_ave_pool2d: x dtype ", dt, " is not supported on the CPU (float32, float64, bfloat16 or "
-                    "float16)");
-  const int64_t H = x_in.size(2), W = x_in.size(3);
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty({x.size(0), x.size(1), out_h, out_w}, x.options());
-  const int64_t planes = x.size(0) * x.size(1);
-  if (planes == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "caffe_ave_pool2d_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (H * W)), [&](int64_t b, int64_t e) {
-      std::vector<acc_t> buf, cols;
-      for (int64_t q = b; q < e; ++q)
-        ave_plane<scalar_t, acc_t>(xp + q * H * W, static_cast<int>(H), static_cast<int>(W), static_cast<int>(kernel),
-                                   static_cast<int>(stride), static_cast<int>(pad), static_cast<int>(out_h),
-                                   static_cast<int>(out_w), op + q * out_h * out_w, buf, cols);
-    });
+  const int k = static_cast<int>(check_ave_args(x, kernel, stride, pad, out_h, out_w));
+  const int H = static_cast<int>(x.size(2)), W = static_cast<int>(x.size(3)), s = static_cast<int>(stride),
+            p = static_cast<int>(pad), OH = static_cast<int>(out_h), OW = static_cast<int>(out_w);
+  return over_planes("caffe_ave_pool2d", x, out_h, out_w, [&](const auto* xq, auto* yq, auto& buf, auto& cols) {
+    ave_plane(xq, H, W, k, s, p, OH, OW, yq, buf, cols);
   });
-  return out;
 }
 
 // ---------------------------------------------------------------------------------------------- training
