@@ -113,14 +113,9 @@ def test_max_pool_vector_kernels(dtype, C, misalign):
     ref = _ref_dtype(dtype)
     emu.launches()
     for k, s, p in MAX_POOL_CONFIGS:
-        for h, w in ((1, 1), (5, 8), (13, 17)):
-            try:
-                oh, ow = caffe.pool_output_shape((h, w), k, s, p)
-            except ValueError:
-                continue
-            if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
-                continue
-            x = torch.randint(-3, 4, (2, C, h, w), generator=gen).to(dtype)
+        for x, (oh, ow) in _train_cases(k, s, p, gen, sizes_h=(1, 5, 13), sizes_w=(1, 8, 17), channels=C):
+            h, w = x.shape[-2:]
+            x = x.to(dtype)
             x[1, C // 2, h // 2, w // 2] = float("nan")
             xl = _in_layout(x, True)
             want = torch.ops.attnscale.caffe_max_pool2d(x.to(ref), k, s, p, oh, ow)

@@ -125,8 +125,8 @@ def test_ave_op_checks_dispatch_and_switch(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- training
-def _train_cases(k, s, p, gen, sizes_h=range(1, 12), sizes_w=(1, 2, 5, 8, 17)):
-    """(x, out_hw) over sizes Caffe's rule accepts, integer values (many ties)."""
+def _train_cases(k, s, p, gen, sizes_h=range(1, 12), sizes_w=(1, 2, 5, 8, 17), channels=3):
+    """(x, out_hw) over sizes Caffe's rule accepts, integer values (many ties), x (2, channels, h, w) float64."""
     for h in sizes_h:
         for w in sizes_w:
             try:
@@ -135,7 +135,7 @@ def _train_cases(k, s, p, gen, sizes_h=range(1, 12), sizes_w=(1, 2, 5, 8, 17)):
                 continue
             if (oh - 1) * s - p >= h or (ow - 1) * s - p >= w:
                 continue
-            yield torch.randint(-3, 4, (2, 3, h, w), generator=gen).double(), (oh, ow)
+            yield torch.randint(-3, 4, (2, channels, h, w), generator=gen).double(), (oh, ow)
 
 
 @pytest.mark.parametrize("k,s,p", CONFIGS)
