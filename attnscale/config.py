@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -132,7 +133,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if f.name == "scales":
                 ok = isinstance(v, (list, tuple)) and all(_is_number(x) for x in v)
-                want = "a list of numbers"
+                want = "a list of finite numbers"
             elif f.name == "random_scale":
                 ok = v is None or (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v))
                 want = "null or [lo, hi]"
@@ -141,7 +142,7 @@ class TrainConfig:
             else:
                 t = type(f.default)
                 ok = (_is_number(v) if t is float else isinstance(v, t) and not (t is int and isinstance(v, bool)))
-                want = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}[t]
+                want = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}[t]
             if not ok:
                 raise ValueError(f"config.{f.name} must be {want}, got {v!r}")
 
@@ -189,4 +190,5 @@ class TrainConfig:
 
 
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """An int or a finite float (JSON's NaN / Infinity would train to non-finite weights)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

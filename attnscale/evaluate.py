@@ -105,7 +105,10 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         it = tqdm(it, desc="eval" if scored else "predict", file=sys.stderr, leave=False, dynamic_ncols=True)
     for i in it:
         img, gt, name = source.load(i)
-        lab, att = _unpack_prediction(model.predict(img))
+        try:
+            lab, att = _unpack_prediction(model.predict(img))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{name}: {e}") from None
         stem = os.path.basename(str(name)).rsplit(".", 1)[0]
         if predictions_dir:
             save_label_png(os.path.join(predictions_dir, stem + ".png"), lab)
@@ -195,8 +198,8 @@ def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.
 
 
 def load_model_from_checkpoint(cfg: TrainConfig, checkpoint: str, device: str = "cpu"):
-    from .train import build_model, load_checkpoint
-    ck = load_checkpoint(checkpoint, map_location=device)
+    from .train import build_model, load_checkpoint, run_device
+    ck = load_checkpoint(checkpoint, map_location=run_device(device))
     init, cfg.init = cfg.init, ""   # weights come from the checkpoint
     try:
         model = build_model(cfg)

@@ -279,8 +279,9 @@ class AttentionToScale(nn.Module):
         """Fresh initialisation.  Trunk (normally loaded from VGG-16/DeepLab-init): Caffe ``msra`` filler
         (gaussian, std sqrt(2 / fan_in)), bias 0.  Classifier and attention head: DeepLab's
         ``gaussian std 0.01``, bias ``constant 0``.  (``attention3_train_esupv.prototxt`` declares no
-        fillers, i.e. Caffe's default ``constant 0``; that prototxt is meant to be run with loaded weights —
-        all-zero att_conv1/att_conv2 would receive zero gradients and never learn.)"""
+        fillers, i.e. Caffe's default ``constant 0``; that prototxt is meant to be run with loaded weights:
+        from all-zero att_conv1/att_conv2 only att_conv2's bias gets a gradient (att_conv1's output is 0,
+        att_conv2's weights pass nothing back), so the attention would learn one constant weight per scale.)"""
         head = set(self.head_layer_names())
         for name, m in self.named_children():
             if not isinstance(m, nn.Conv2d):
@@ -615,7 +616,8 @@ class AttentionToScale(nn.Module):
         eval mode, ``Interp zoom_factor: 8`` on the merged scores (65 → 513), crop back to H×W, argmax.
         An image larger than the crop along an axis is padded to the next size ``8k+1`` on that axis instead
         (so zoom ×8 maps the output exactly onto it); DeepLab would have cropped it.  The label map is uint8
-        when ``num_classes <= 256`` else int64.  Attention maps get the same zoom and crop.
+        when ``num_classes <= 256`` else int64.  Attention maps get the same zoom and crop.  Non-finite
+        scores raise FloatingPointError (their argmax would be scored as if they were a prediction).
         """
         if not isinstance(image_bgr_uint8, np.ndarray) or image_bgr_uint8.dtype != np.uint8:
             raise TypeError("predict: image_bgr_uint8 must be a numpy uint8 HxWx3 BGR image")
@@ -633,9 +635,12 @@ class AttentionToScale(nn.Module):
             out = self(x.to(device))
         finally:
             self.train(was_training)
+        if not bool(torch.isfinite(out.merged).all()):   # argmax would make labels of them: a silent score
+            raise FloatingPointError(f"predict: the net's scores hold {int((~torch.isfinite(out.merged)).sum())} "
+                                     "non-finite values (non-finite weights? check the checkpoint or caffemodel)")
         zoom = caffe.InterpParams(zoom_factor=8)
         scores = caffe.interp(out.merged.float(), zoom)[0, :, :H, :W]
-        # the first maximal class where several tie, like argmax (NaN counting as the maximum, like argmax);
+        # the first maximal class where several tie, like argmax;
         # torch.max's indices over the class axis take 4 ms for 21 x 500 x 375 on 2 CPU threads, argmax 36 ms
         label = scores.max(0).indices.cpu().numpy()
         label = label.astype(np.uint8 if self.num_classes <= 256 else np.int64)

@@ -21,7 +21,7 @@ Caffe ``SGDSolver`` semantics, exactly:
 Checkpoints are atomic (temporary file + fsync + ``os.replace``) and hold the model, the momentum
 history, the iteration, the torch/numpy/python RNG states and the data position, so
 ``--resume`` continues bit-for-bit as if never interrupted (and refuses a checkpoint written by
-another config).  Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+another config); without it a run refuses to start over an existing checkpoint.  Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
 DistributedDataParallel (NCCL for a CUDA device, gloo otherwise) and every rank reads its own shard of
 each epoch's permutation; each rank draws ``batch_size x iter_size`` images per update, so the batch
 grows with the rank count.
@@ -359,6 +359,21 @@ def set_rng_state(st: dict) -> None:
 RESUME_KEYS = ("iter", "model", "optimizer", "rng", "config")
 
 
+def run_device(device: str) -> torch.device:
+    """``config.device`` as a torch.device, refused with the reason when this machine cannot run on it (else
+    a CUDA device on a CPU-only machine surfaced later as an unreadable checkpoint or a deep traceback)."""
+    try:
+        d = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"config.device {device!r}: {e}") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config.device {device!r}: this machine has no CUDA device usable by this torch "
+                         f"({torch.__version__}; torch.cuda.is_available() is False)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"config.device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return d
+
+
 def load_checkpoint(path: str, map_location="cpu", keys=("model",)) -> dict:
     """One of our checkpoints, as a dict holding at least ``keys`` (a bare ``state_dict`` of tensors
     counts as ``{"model": state_dict}``).  Anything else raises naming the file."""
@@ -456,7 +471,7 @@ def forward_precision(precision: str, device_type: str):
 def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int],
            model_factory: Optional[Callable]) -> TrainResult:
     cfg.validate()
-    device = torch.device(cfg.device)
+    device = run_device(cfg.device)
     rank, world, local_rank = _dist_info(device.type)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank)
@@ -474,6 +489,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     it = 0
+    if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
+        raise ValueError(f"{ckpt_path} is not a file: the run's checkpoint cannot be read or written there")
+    if not resume and os.path.exists(ckpt_path):
+        raise FileExistsError(f"{ckpt_path} exists: continue that run with --resume (resume=True), or train "
+                              f"into another out_dir (--out) or move the file away first; a checkpoint is "
+                              f"never overwritten by a fresh run")
     if resume and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path, keys=RESUME_KEYS)  # on the CPU: load_state_dict moves what it takes
         diff = cfg.differences(TrainConfig.from_dict(ck["config"], source=ckpt_path), ignore=RESUME_FREE_FIELDS)
@@ -520,6 +541,14 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     n_classes = model.num_classes
 
     def save():
+        # the loss is checked before each update, the weights after it, here: a non-finite weight never
+        # replaces the last good checkpoint (every rank holds the same weights, so all stop together)
+        named = list(model.named_parameters())
+        finite = torch.stack([torch.isfinite(p).all() for _, p in named]).tolist()   # one device sync
+        bad = [n for (n, _), ok in zip(named, finite) if not ok]
+        if bad:
+            raise FloatingPointError(f"{cfg.out_dir}: non-finite weights after iteration {it} ({', '.join(bad[:4])}"
+                                     f"{', ...' if len(bad) > 4 else ''}); {ckpt_path} is left as it was")
         rngs = rng_state()
         if world > 1:  # every rank takes part in the gather; rank 0 writes
             gathered = [None] * world

@@ -42,11 +42,14 @@ def main(argv=None) -> int:
             if args.weights:
                 print(net.load_caffe_weights(args.weights))
         else:
-            import torch
+            from attnscale.train import atomic_save
 
             from .convert import to_attnscale
             model, report = to_attnscale(args.prototxt, args.weights)
-            torch.save(model.state_dict(), args.output)
+            try:
+                atomic_save(model.state_dict(), args.output)
+            except (OSError, RuntimeError) as exc:
+                raise CaffeImportError(f"{args.output}: cannot write the converted model: {exc}") from None
             if not args.quiet:
                 print(report)
             print(f"saved state_dict ({len(model.state_dict())} tensors) to {args.output}; "

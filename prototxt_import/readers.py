@@ -36,6 +36,8 @@ from .schema import message_class
 MAX_TEXT_BYTES = 64 << 20
 #: the largest binary file read (protobuf's own 2 GiB message limit)
 MAX_BINARY_BYTES = (2 << 30) - 1
+#: zlib's best case: a deflate stream unpacks to at most about 1032 bytes per byte stored
+DEFLATE_MAX_RATIO = 1032
 #: more blobs than any Caffe layer has: HDF5 datasets named by a larger index are never read
 MAX_LAYER_BLOBS = 64
 
@@ -339,6 +341,7 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
     if size > MAX_BINARY_BYTES * 8:
         raise CaffeImportError(f"{path}: HDF5 weights file is {size} bytes, too large")
     out = WeightFile(path, hdf5=True)
+    total = 0  # bytes of all datasets read so far
     try:
         with h5py.File(path, "r") as f:
             if "data" not in f or not isinstance(f["data"], h5py.Group):
@@ -362,11 +365,19 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
                     if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":  # H5T_FLOAT, H5T_INTEGER
                         raise CaffeImportError(f"{where}: not a numeric dataset")
                     nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
-                    # a compressed (chunked) dataset may unpack to more than the file holds, within limits
-                    stored = ds.id.get_storage_size() if ds.chunks else nbytes
-                    if stored > size or nbytes > MAX_BINARY_BYTES * 8:
-                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes ({stored} stored), "
-                                               f"more than the file's {size}")
+                    if ds.external:
+                        raise CaffeImportError(f"{where}: the dataset's values lie in external file(s) "
+                                               f"{[e[0] for e in ds.external]}, not in this file")
+                    # What the file stores of it: a dataset whose storage was never written reads as fill
+                    # values (a few KB could claim GBs).  Caffe writes uncompressed, contiguous datasets;
+                    # a compressed (chunked) one may unpack to at most deflate's best ratio.
+                    stored = ds.id.get_storage_size()
+                    unpacks = stored * (DEFLATE_MAX_RATIO if ds.compression else 1)
+                    total += nbytes
+                    if stored > size or nbytes > unpacks or total > MAX_BINARY_BYTES * 8:
+                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes but the file stores "
+                                               f"{stored} of them ({ds.compression or 'uncompressed'}; file "
+                                               f"{size} bytes)")
                     blobs[int(k)] = CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape), reshape=True)
                 out.layers.append((lname, "", blobs))
     except CaffeImportError:

@@ -70,6 +70,8 @@ class _Model:
         return self
 
     def predict(self, img):
+        if self.mode == "nan":
+            raise FloatingPointError("predict: the net's scores hold 5 non-finite values")
         gt = next(g for im, g, _ in self.src.items if im is img)
         lab = gt if self.mode == "perfect" else np.zeros_like(gt)
         att = np.stack([np.full(gt.shape, 0.3), np.full(gt.shape, 0.7)])
@@ -108,6 +110,9 @@ def test_evaluate_errors_name_the_image_and_bad_counts_are_refused():
         evaluate(m, src, 3, progress=False)
     with pytest.raises(ValueError, match="max_images must be >= 0"):
         evaluate(m, src, 3, max_images=-1, progress=False)
+    bad = _Model("nan")
+    with pytest.raises(FloatingPointError, match=r"img0.jpg: predict: the net's scores hold 5 non-finite"):
+        evaluate(bad, src, 3, progress=False)
 
 
 def test_results_json_is_strict(tmp_path):

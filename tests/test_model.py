@@ -279,6 +279,22 @@ def test_fresh_init():
     assert all(getattr(m, n).bias.abs().sum() == 0 for n in ("conv1_1", "fc6", "fc8_voc12", "att_conv2"))
 
 
+
+def test_all_zero_attention_head_learns_only_att_conv2_bias():
+    """Caffe's default filler (constant 0) for the attention head, as the training prototxt gives it: only
+    att_conv2's bias receives a gradient (the reason reset_parameters draws N(0, 0.01) instead)."""
+    m = tiny(merge="attention", extra_supervision=True, dropout=0.0).train()
+    for n in ("att_conv1", "att_conv2"):
+        torch.nn.init.zeros_(getattr(m, n).weight)
+        torch.nn.init.zeros_(getattr(m, n).bias)
+    x = torch.randn(2, 3, 49, 49)
+    lab = torch.randint(0, 5, (2, 49, 49))
+    m.loss(m(x), lab)[0].backward()
+    for p in (m.att_conv1.weight, m.att_conv1.bias, m.att_conv2.weight):
+        assert p.grad is not None and p.grad.abs().max() == 0
+    assert m.att_conv2.bias.grad.abs().max() > 0
+
+
 # ----------------------------------------------------------------------------------------- predict
 def test_predict_protocol():
     m = tiny()
@@ -303,6 +319,11 @@ def test_predict_protocol():
         tied.classifier.weight.zero_()
         tied.classifier.bias.copy_(torch.tensor([1.0, 3.0, 3.0, 0.0, 3.0]))
     assert (tied.predict(img, crop_size=49)[0] == 1).all()
+    # a non-finite weight (a corrupt checkpoint) makes NaN scores: refused, not scored as class 0
+    with torch.no_grad():
+        tied.conv1_1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite values"):
+        tied.predict(img, crop_size=49)
     # larger than the crop: padded to the next 8k+1 (50 -> 57), still the image size back
     big = np.zeros((50, 20, 3), np.uint8)
     label2, _ = m.predict(big, crop_size=33)

@@ -416,6 +416,10 @@ def test_cli_inspect_and_convert(tmp_path, small_net, capsys):
     np.testing.assert_array_equal(sd["att_conv2.weight"].numpy(), layers[[n for n, _, _ in layers].index("att_conv2")][2][0])
     assert main(["inspect", str(tmp_path / "missing.prototxt")]) == 2
     assert "missing.prototxt" in capsys.readouterr().err
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert main(["convert", str(proto), str(wpath), "-o", str(blocked / "model.pt"), "-q"]) == 2
+    assert f"{blocked / 'model.pt'}: cannot write the converted model" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -809,6 +813,33 @@ def test_compressed_hdf5_weights(tmp_path):
     write_h5(h5, layers, compression="gzip")
     wf = pi.read_weights(h5)
     assert wf.hdf5 and wf.layers[0][2][0].data.nbytes > h5.stat().st_size
+
+
+@pytest.mark.parametrize("how", ["chunks never written", "contiguous never written", "external file"])
+def test_hdf5_dataset_without_stored_values_is_refused(tmp_path, how):
+    """A dataset's claimed size must be stored in the file: a chunked or contiguous dataset never written
+    reads as fill values (a 3 KB file claimed 14 GiB and was read), and an external one reads other files."""
+    import h5py
+    text = deeplab_prototxt(width=W, size=SIZE)
+    net = pi.load_net(text, use_ops=False)
+    h5 = tmp_path / "w.h5"
+    write_h5(h5, net_weights(net))
+    with h5py.File(h5, "a") as f:
+        g = f["data/conv1_1"]
+        shape = g["0"].shape
+        del g["0"]
+        if how == "chunks never written":
+            g.create_dataset("0", shape=(1 << 28,), dtype=np.float32, chunks=(1 << 16,))
+        elif how == "contiguous never written":
+            g.create_dataset("0", shape=shape, dtype=np.float32)
+        else:
+            raw = tmp_path / "values.bin"
+            raw.write_bytes(np.zeros(shape, np.float32).tobytes())
+            g.create_dataset("0", shape=shape, dtype=np.float32, external=[(str(raw), 0, h5py.h5f.UNLIMITED)])
+    assert h5.stat().st_size < 1 << 20
+    match = "external file" if how == "external file" else r"'conv1_1' blob 0: dataset claims \d+ bytes but the file stores 0"
+    with pytest.raises(CaffeImportError, match=match):
+        pi.read_weights(h5)
 
 
 EQUIVALENT_EDITS = {

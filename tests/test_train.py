@@ -223,14 +223,36 @@ def test_resume_is_bit_identical(tmp_path):
     ha = [s["history"] for s in ca["optimizer"]["state"].values()]
     hb = [s["history"] for s in cb["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(ha, hb))
-    # without resuming, the second half starts from scratch and ends elsewhere
+    # a fresh run never overwrites a checkpoint (a forgotten --resume would lose the run) ...
     c = _tiny(tmp_path / "d")
-    train(c, progress=False, stop_at=2)
+    rc1 = train(c, progress=False, stop_at=2)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(c, resume=False, progress=False)
+    assert load_checkpoint(rc1.checkpoint)["iter"] == 2
+    e = _tiny(tmp_path / "e")
+    os.makedirs(os.path.join(e.out_dir, "checkpoint.pt"))
+    for resume in (True, False):   # a folder in the checkpoint's place: refused before training, not at the save
+        with pytest.raises(ValueError, match="checkpoint.pt is not a file"):
+            train(e, resume=resume, progress=False)
+    # ... with the checkpoint moved away, it starts from scratch: the same seed, the same run
+    os.replace(rc1.checkpoint, rc1.checkpoint + ".old")
     rc = train(c, resume=False, progress=False)
     cc = load_checkpoint(rc.checkpoint)
     assert cc["iter"] == 4
     assert torch.equal(cc["model"]["conv1_1.weight"], ca["model"]["conv1_1.weight"])  # same seed, same run
     assert os.path.getsize(os.path.join(a.out_dir, "train.log")) > 0
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_non_finite_weights_are_never_saved(tmp_path):
+    """A finite loss can still give non-finite weights (here the second update's rate, 0.01 x 1e42, is inf
+    in float32): the snapshot refuses them, and the last good checkpoint stays."""
+    cfg = _tiny(tmp_path, max_iter=2, stepsize=1, gamma=1e42, snapshot=1)
+    with pytest.raises(FloatingPointError, match="non-finite weights after iteration 2 .*left as it was"):
+        train(cfg, progress=False)
+    after = load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))
+    before = load_checkpoint(train(_tiny(tmp_path / "ref", max_iter=1), progress=False).checkpoint)
+    assert after["iter"] == 1 and all(torch.equal(v, after["model"][k]) for k, v in before["model"].items())
 
 
 def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
@@ -401,7 +423,7 @@ def test_cuda_training_passes_do_not_sync(tmp_path):
     counts = []
     for i, iter_size in enumerate((1, 3)):
         cfg = _tiny(tmp_path / str(i), device="cuda", iter_size=iter_size, max_iter=3, dropout=0.0)
-        train(_tiny(tmp_path / "warm", device="cuda", max_iter=1), progress=False)  # CUDA and cuDNN set up
+        train(_tiny(tmp_path / f"warm{i}", device="cuda", max_iter=1), progress=False)  # CUDA and cuDNN set up
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
@@ -468,8 +490,32 @@ def test_config_validation_names_the_field():
                        (dict(precision="tf32"), "'tf32' is a CUDA mode.*'cpu'")):
         with pytest.raises(ValueError, match=words):
             TrainConfig(**bad).validate()
-    with pytest.raises(ValueError, match="scales must be a list of numbers"):
+    with pytest.raises(ValueError, match="scales must be a list of finite numbers"):
         TrainConfig.from_dict({"scales": [1, "a"], "merge": "max"})
+    # JSON's NaN and Infinity are refused (they trained to an all-NaN checkpoint and reported success)
+    for k, v in (("momentum", "NaN"), ("base_lr", "Infinity"), ("weight_decay", "NaN"), ("gamma", "-Infinity")):
+        with pytest.raises(ValueError, match=f"config.{k} must be a finite number"):
+            TrainConfig.from_dict(json.loads(f'{{"{k}": {v}}}'))
+    with pytest.raises(ValueError, match="scales must be a list of finite numbers"):
+        TrainConfig.from_dict(json.loads('{"scales": [1, NaN], "merge": "max"}'))
+
+
+def test_a_device_this_machine_lacks_is_named(tmp_path, monkeypatch):
+    """A CUDA config on a machine without CUDA is refused for what it is, in training and in evaluation
+    (it surfaced as "cannot read checkpoint" there)."""
+    from attnscale.evaluate import load_model_from_checkpoint
+    from attnscale.train import run_device
+    assert run_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="config.device 'gpu'"):
+        run_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = _tiny(tmp_path / "run", device="cuda", max_iter=1)
+    with pytest.raises(ValueError, match=r"config.device 'cuda': this machine has no CUDA device"):
+        train(cfg, progress=False)
+    assert not os.path.exists(os.path.join(cfg.out_dir, "checkpoint.pt"))
+    ck = train(_tiny(tmp_path / "cpu", max_iter=1), progress=False).checkpoint
+    with pytest.raises(ValueError, match=r"config.device 'cuda': this machine has no CUDA device"):
+        load_model_from_checkpoint(cfg, ck, "cuda")
 
 
 def test_precision_and_memory_layout(tmp_path, monkeypatch):
@@ -497,7 +543,7 @@ def test_precision_and_memory_layout(tmp_path, monkeypatch):
     finally:
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.benchmark) = before
-    assert len(reads) == 4  # one per update (4 updates of 2 passes)
+    assert len(reads) == 5  # one per update (4 updates of 2 passes), one for the snapshot's weight check
     # one update each (the tiny net's later ones are chaotic: its loss jumps to ~90 and back); no dropout:
     # its masks are drawn in memory order, so NHWC draws others
     one32, onebf, onecl = (train(_tiny(tmp_path / f"one{i}", max_iter=1, dropout=0.0, **kw), progress=False)

@@ -96,6 +96,33 @@ def test_gradcheck(p, tile):
     assert torch.autograd.gradcheck(lambda x, w, b: winograd_conv2d(x, w, b, p, tile=tile), (x, w, b))
 
 
+@TILE_PARAMS
+@pytest.mark.parametrize("d", [1, 2])
+@pytest.mark.parametrize("relu", [False, True])
+def test_no_input_channel_gives_the_bias(d, relu, tile):
+    """No input channel: every output is the (ReLU of the) bias and only the bias has a gradient (an empty
+    product once divided by K x C = 0 and killed the process; F.conv2d returns an empty tensor here).  No
+    output channel is refused, as F.conv2d refuses it."""
+    x = torch.randn(2, 0, 9, 8, requires_grad=True)
+    w = torch.randn(4, 0, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    want = b.detach().view(1, 4, 1, 1).expand(2, 4, 9, 8)
+    want = F.relu(want) if relu else want
+    got = winograd_conv2d(x, w, b, d, dilation=d, tile=tile, relu=relu)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    g = torch.randn_like(want)
+    gx, gw, gb = torch.autograd.grad(got, (x, w, b), g)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    torch.testing.assert_close(gb, (g * (want > 0) if relu else g).sum((0, 2, 3)))
+    torch.testing.assert_close(winograd_conv2d(x, w, None, d, dilation=d, tile=tile), torch.zeros_like(want))
+    u = torch.zeros(16 if tile == 2 else 36, 0, 3)
+    for call in (lambda: winograd_conv2d(torch.randn(1, 3, 9, 8), torch.randn(0, 3, 3, 3), None, 1, tile=tile),
+                 lambda: torch.ops.attnscale.winograd_conv2d(torch.randn(1, 3, 9, 8), torch.randn(0, 3, 3, 3), u,
+                                                             None, 1, False, 1)):
+        with pytest.raises(ValueError, match="no output channel"):
+            call()
+
+
 def test_backward_follows_in_place_weight_updates():
     """d/dx keeps the flipped weight's transform per weight version: after an in-place update (an
     optimizer step) the next backward uses the new weight."""

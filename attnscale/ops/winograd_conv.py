@@ -64,6 +64,9 @@ def _check(x, weight, bias, padding, weight_winograd, tile=None, dilation=1) -> 
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"winograd_conv2d: weight has {weight.shape[1]} input channels (dim 1) "
                          f"but x has {x.shape[1]} channels")
+    if weight.shape[0] == 0:
+        raise ValueError(f"winograd_conv2d: weight has no output channel (shape {tuple(weight.shape)}); "
+                         "F.conv2d refuses that too")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"winograd_conv2d: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
     if tile is not None and tile not in TILES:
@@ -146,7 +149,9 @@ def _register() -> None:
             grad_out = grad_out * (out > 0).to(grad_out.dtype)
         p, d = ctx.padding, ctx.dilation
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and x.shape[1] == 0:
+            gx = torch.zeros_like(x)
+        elif ctx.needs_input_grad[0]:
             # a 3x3 convolution, dilation d, padding 2d - p, gives back H = Ho + 2 (2d - p) - 2d; each of its
             # components has an output where the forward's had an input
             if p <= 2 * d and _component_sizes_ok(grad_out.shape[2], grad_out.shape[3], 2 * d - p, d):

@@ -43,6 +43,8 @@ inline void check_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
                     " but x is on ", x.device());
   TORCH_CHECK_VALUE(w.size(1) == x.size(1), "winograd_conv2d: weight has ", w.size(1),
                     " input channels (dim 1) but x has ", x.size(1), " channels");
+  TORCH_CHECK_VALUE(w.size(0) >= 1, "winograd_conv2d: weight has no output channel (shape ", w.sizes(),
+                    "); F.conv2d refuses that too");
   TORCH_CHECK_VALUE(padding >= 0 && padding <= kMaxGeometry, "winograd_conv2d: padding must be in [0, ",
                     kMaxGeometry, "], got ", padding);
   if (bias.has_value() && bias->defined()) {
