@@ -518,6 +518,18 @@ def _params(conv: torch.nn.Conv2d) -> list[tuple[str, torch.nn.Parameter]]:
     return [("weight", conv.weight), ("bias", conv.bias)]
 
 
+def _fresh_fill(head: bool, j: int, lp) -> str:
+    """How attnscale's model starts blob ``j`` (0 weight, 1 bias) of a layer the weights lack
+    (``AttentionToScale.reset_parameters``), beside what Caffe would fill it with: the prototxt's
+    ``weight_filler`` / ``bias_filler``, else ``FillerParameter``'s default, constant 0."""
+    from google.protobuf import text_format
+    ours = "0" if j == 1 else ("gaussian std 0.01" if head else "msra (gaussian std sqrt(2 / fan_in))")
+    cp, name = lp.convolution_param, ("weight_filler", "bias_filler")[j]
+    caffe = (text_format.MessageToString(getattr(cp, name), as_one_line=True) if cp.HasField(name)
+             else "constant 0, no filler given")
+    return f"attnscale starts it at {ours}, Caffe at {caffe}"
+
+
 def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionReport) -> None:
     """Caffe's ``Net::CopyTrainedLayersFrom`` (.caffemodel) / ``CopyTrainedLayersFromHDF5`` onto the net the
     prototxt describes, then onto attnscale's model.
@@ -575,8 +587,9 @@ def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionRepor
             slots = list(dict.fromkeys(slot(lp, j) for lp in lps))
             finals = [writes[sl][-1] if writes.get(sl) else None for sl in slots]
             if all(f is None for f in finals):
-                report.fresh.append((f"{m}.{pname}", kept_fresh.get(m) or (
-                    "new head layer, not in the weights" if m in head else "absent from the weights")))
+                why = kept_fresh.get(m) or ("new head layer, not in the weights" if m in head
+                                            else "absent from the weights")
+                report.fresh.append((f"{m}.{pname}", f"{why}; {_fresh_fill(m in head, j, lps[0])}"))
                 continue
             for sl, f in zip(slots[1:], finals[1:]):  # scale copies that do not share the blob
                 if f is None or finals[0] is None or not np.array_equal(f[1], finals[0][1]):

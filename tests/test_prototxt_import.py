@@ -378,6 +378,16 @@ def test_imagenet_init(tmp_path):
     fresh = dict(report.fresh)
     assert set(fresh) == {f"{n}.{p}" for n in ("fc8_voc12", "att_conv1", "att_conv2") for p in ("weight", "bias")}
     assert float(model.att_conv1.weight.detach().abs().sum()) > 0  # fresh gaussian, not zeros
+    # ... and the report says how each starts, beside Caffe's fill from the prototxt (none declared here)
+    assert fresh["att_conv1.weight"] == ("new head layer, not in the weights; attnscale starts it at gaussian "
+                                         "std 0.01, Caffe at constant 0, no filler given")
+    assert fresh["att_conv2.bias"].endswith("attnscale starts it at 0, Caffe at constant 0, no filler given")
+    text = proto.read_text()
+    at = text.index("convolution_param {", text.index('name: "att_conv1"')) + len("convolution_param {")
+    proto2 = _write(tmp_path, "att2.prototxt", text[:at] + ' weight_filler { type: "gaussian" std: 0.02 }' + text[at:])
+    assert proto2.read_text() != proto.read_text()
+    fresh2 = dict(pi.to_attnscale(proto2, tmp_path / "init.caffemodel")[1].fresh)
+    assert fresh2["att_conv1.weight"].endswith('Caffe at type: "gaussian" std: 0.02')
     # the same ImageNet classifier under the classifier's own name: shapes do not fit -> fresh
     layers[-1] = ("fc8_voc12",) + layers[-1][1:]
     model, report = pi.to_attnscale(proto, _write(tmp_path, "init2.caffemodel", caffemodel_bytes(layers)))
