@@ -3,8 +3,7 @@
 Each feature (our MAX pooling kernels, Interp kernels, ``bias_relu``, the Dropout inside it, conv1_1 on 4
 channels, the kept weight casts) is checked on its own, in a process of its own, so that a CUDA error that
 leaves the device unusable costs only the feature that caused it; every other feature is off there
-(``ATTNSCALE_DISABLE``), so a fault that shows only in combination (one feature's output feeding another's
-kernel) is not looked for.  Two levels:
+(``ATTNSCALE_DISABLE``).  Two levels:
 
 - the feature's ops (pooling, Interp, ``bias_relu``, the Dropout) on the device against the CPU ops or the
   pure-PyTorch references, bit for bit, as the CUDA tests compare them, at the model's channel counts in
@@ -20,10 +19,16 @@ kernel) is not looked for.  Two levels:
   float32, so only a gross error is caught there); non-finite values must match everywhere.  With the
   Dropout (another random stream than ``F.dropout``'s) the step must stay finite.
 
+Then, when two or more features passed, the model-level checks once more with all of them on together
+against PyTorch's path for every feature (``combined``): a fault that shows only in combination (one
+feature's output feeding another's kernel, e.g. ``bias_relu``'s output into the pooling kernels) turns them
+all off, since the fault cannot be pinned on one; a combined run without an answer in time turns nothing off.
+
 ``gpu_proof.sh`` runs it beside the CUDA tests (``check``) or before ``bench`` and exports the failed
 features as ``ATTNSCALE_DISABLE`` for the benchmarks (``--disabled-to``), so one broken kernel written
 without a GPU does not cost the session the numbers of the others.  Exit status 1 when a feature failed.
-All features run at once; ``--timeout`` bounds the whole run, a feature without an answer by then fails.
+All features run at once; ``--timeout`` bounds them, a feature without an answer by then fails;
+``--combined-timeout`` bounds the combined run after them.
 
     python benchmarks/gpu_preflight.py --json preflight.json --disabled-to disabled.txt
     python benchmarks/gpu_preflight.py --device cpu --features pool,casts     # the same checks on a CPU
@@ -47,6 +52,7 @@ from attnscale.model import AttentionToScale
 
 # a feature that works only with others on
 REQUIRES = {"dropout": ("bias_relu",)}
+COMBINED = "combined"  # the features that passed, all on at once
 TOLERANCE = {"fp32": (1e-3, None), "bf16": (5e-2, 1.0)}  # (values, gradients by norm: None = as values)
 
 
@@ -73,9 +79,11 @@ def _run(feature: str, on: bool, precision: str, channels_last: bool, device: st
     x = x.to(device, memory_format=fmt)
     y = y.to(device)
     ac = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
-    block = contextlib.nullcontext() if on else switches.torch_path(feature)
     res = {}
-    with block:
+    with contextlib.ExitStack() as block:
+        if not on:  # PyTorch's path for the feature (for every feature: combined)
+            for f in (switches.FEATURES if feature == COMBINED else (feature,)):
+                block.enter_context(switches.torch_path(f))
         m.train()
         with ac:
             out = m(x)
@@ -245,7 +253,7 @@ OP_CHECKS = {"pool": _pool_ops, "interp": _interp_ops, "bias_relu": _bias_relu_o
 
 def check_feature(feature: str, device: str) -> dict:
     """{"feature", "ok", "problems", "seconds"} for one feature on device (the other features as they are:
-    the caller's ATTNSCALE_DISABLE)."""
+    the caller's ATTNSCALE_DISABLE); COMBINED: the model-level checks of every feature left on at once."""
     t0 = time.perf_counter()
     problems = []
     if device == "cuda":
@@ -267,11 +275,44 @@ def check_feature(feature: str, device: str) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _child(feature: str, device: str, keep: set) -> subprocess.Popen:
+    """A process checking ``feature`` (each its own CUDA context), every feature but ``keep`` off there."""
+    env = dict(os.environ, **{switches.ENV: ",".join(n for n in switches.FEATURES if n not in keep)})
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", feature, "--device", device],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _answer(feature: str, p: subprocess.Popen, deadline: float, timeout: float) -> dict:
+    """The child's result; a child that dies fails, one without an answer by ``deadline`` has "ok": None."""
+    try:
+        out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.communicate()
+        return {"feature": feature, "ok": None, "problems": [f"no answer in {timeout:g} s"]}
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if p.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (err.strip().splitlines() or ["(no output)"])[-1][:300]
+    return {"feature": feature, "ok": False, "problems": [f"exit {p.returncode}: {tail}"]}
+
+
+def disabled_after(results: list) -> list:
+    """The features to turn off: each one that failed or gave no answer alone; all of them when their
+    combined run failed (the fault is in no one feature); a combined run without an answer turns none off."""
+    alone = [r for r in results if r["feature"] != COMBINED]
+    failed = [r["feature"] for r in alone if not r["ok"]]
+    if any(r["feature"] == COMBINED and r["ok"] is False for r in results):
+        failed = [r["feature"] for r in alone]
+    return failed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--features", default=",".join(switches.FEATURES), help="comma-separated (default: all)")
     ap.add_argument("--timeout", type=float, default=150, help="seconds for all the features' processes")
+    ap.add_argument("--combined-timeout", type=float, default=60, help="seconds for the combined run after them")
     ap.add_argument("--json", default=None)
     ap.add_argument("--disabled-to", default=None, help="write the failed features here, comma-separated")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child: check this feature, print JSON
@@ -285,32 +326,18 @@ def main(argv=None) -> int:
     unknown = [f for f in features if f not in switches.FEATURES]
     if unknown:
         ap.error(f"unknown feature(s) {unknown}; known: {', '.join(switches.FEATURES)}")
-    procs = {}
-    for f in features:  # all at once: each its own process (and CUDA context)
-        keep = {f, *REQUIRES.get(f, ())}
-        env = dict(os.environ, **{switches.ENV: ",".join(n for n in switches.FEATURES if n not in keep)})
-        procs[f] = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--one", f, "--device", args.device],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    results = []
+    procs = {f: _child(f, args.device, {f, *REQUIRES.get(f, ())}) for f in features}  # all at once
     deadline = time.monotonic() + args.timeout  # one for all: they run at once
-    for f, p in procs.items():
-        try:
-            out, err = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, err = p.communicate()
-            results.append({"feature": f, "ok": False, "problems": [f"no answer in {args.timeout:g} s"]})
-            continue
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if p.returncode == 0 and lines:
-            results.append(json.loads(lines[-1]))
-        else:
-            tail = (err.strip().splitlines() or ["(no output)"])[-1][:300]
-            results.append({"feature": f, "ok": False, "problems": [f"exit {p.returncode}: {tail}"]})
-    failed = [r["feature"] for r in results if not r["ok"]]
+    results = [_answer(f, p, deadline, args.timeout) for f, p in procs.items()]
+    passed = [r["feature"] for r in results if r["ok"]]
+    if len(passed) >= 2:
+        results.append(_answer(COMBINED, _child(COMBINED, args.device, set(passed)),
+                               time.monotonic() + args.combined_timeout, args.combined_timeout))
+    failed = disabled_after(results)
     print("| feature | ok | seconds | problems |\n|---|---|---|---|")
     for r in results:
-        print(f"| {r['feature']} | {'yes' if r['ok'] else 'NO'} | {r.get('seconds', '-')} | "
+        print(f"| {r['feature']} | {'yes' if r['ok'] else 'no answer' if r['ok'] is None else 'NO'} | "
+              f"{r.get('seconds', '-')} | "
               f"{'; '.join(r['problems'])[:400]} |")
     print(f"disabled for the benchmarks: {','.join(failed) or '(none)'}", flush=True)
     if args.json:

@@ -8,7 +8,8 @@
 #                every CUDA kernel path), after checking that compute-sanitizer runs on the machine at all
 #   check        test and sanitize at the same time (correctness only: nothing is timed), sanitize's
 #                log in sanitize.log; 30 s on the H200 (limits: 200 s); and bench's preflight beside them
-#                (gpu_preflight.py, at most 120 s: its log in preflight.log)
+#                (gpu_preflight.py, at most 120 s for the features + 60 s for them combined: its log in
+#                preflight.log)
 #   test_all     the rest of the suite too (CI runs it on every submission; here only if time is left)
 #   bench        first gpu_preflight.py (unless check ran it): each of our fast paths with a PyTorch twin
 #                (attnscale.switches) checked in its own process; those that fail are turned off for the
@@ -68,7 +69,7 @@ cuda_tests() {  # every CUDA test must run (a skip fails the phase) and pass
 
 preflight() {  # each feature of attnscale.switches checked in its own process; the failed ones to disabled.txt
   rm -f "$OUT/disabled.txt"
-  timeout 150 "$PY" benchmarks/gpu_preflight.py --timeout 120 --json "$OUT/preflight.json" \
+  timeout 210 "$PY" benchmarks/gpu_preflight.py --timeout 120 --combined-timeout 60 --json "$OUT/preflight.json" \
     --disabled-to "$OUT/disabled.txt"
   local rc=$?
   [ -f "$OUT/disabled.txt" ] || : >"$OUT/disabled.txt"  # no verdict (it did not finish): every feature stays on

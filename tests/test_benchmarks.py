@@ -219,14 +219,15 @@ def test_gpu_proof_script(tmp_path):
 
 def test_gpu_preflight_cpu(tmp_path):
     """The per-feature checks' processes on a CPU (where only pooling, Interp and the casts have paths of their
-    own): all pass, nothing is disabled, the file for gpu_proof.sh is written (empty)."""
+    own), then the passing ones combined: all pass, nothing is disabled, the file for gpu_proof.sh is written
+    (empty)."""
     out, dis = tmp_path / "pf.json", tmp_path / "disabled.txt"
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_preflight.py"), "--device", "cpu",
-                           "--features", "pool,dropout", "--json", str(out), "--disabled-to", str(dis)],
+                           "--features", "pool,interp", "--json", str(out), "--disabled-to", str(dis)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert [(r["feature"], r["ok"]) for r in data["results"]] == [("pool", True), ("dropout", True)]
+    assert [(r["feature"], r["ok"]) for r in data["results"]] == [("pool", True), ("interp", True), ("combined", True)]
     assert data["disabled"] == [] and dis.read_text() == ""
 
 
@@ -260,6 +261,17 @@ def test_gpu_preflight_catches_a_broken_kernel(monkeypatch, tmp_path):
         real_blend(x, hw), torch.tensor(float("inf"), dtype=x.dtype)))
     assert gpu_preflight._interp_ops("cpu") == [f"interp torch.float32 C={c}: forward differs from the index_select path"
                                                 for c in (5, 64)]
+    # the combined check (every feature on against PyTorch's path for all) sees the broken pooling too; a
+    # failed combined run turns every feature off, one without an answer none, a feature failing alone itself
+    assert not gpu_preflight.check_feature("combined", "cpu")["ok"]
+    monkeypatch.setattr(caffe, "caffe_max_pool2d", real)
+    monkeypatch.setattr(caffe, "_interp_blend", real_blend)
+    assert gpu_preflight.check_feature("combined", "cpu")["ok"]
+    res = lambda *oks: [{"feature": f, "ok": ok} for f, ok in zip(("pool", "interp", "casts", "combined"), oks)]  # noqa: E731
+    assert gpu_preflight.disabled_after(res(True, True, True, True)) == []
+    assert gpu_preflight.disabled_after(res(True, True, True, False)) == ["pool", "interp", "casts"]
+    assert gpu_preflight.disabled_after(res(True, True, True, None)) == []
+    assert gpu_preflight.disabled_after(res(True, None, False)) == ["interp", "casts"]
     dis = tmp_path / "disabled.txt"  # a child that raises (here: a device string torch refuses) fails its feature
     assert gpu_preflight.main(["--device", "no_such_device", "--features", "casts", "--disabled-to", str(dis)]) == 1
     assert dis.read_text() == "casts"
