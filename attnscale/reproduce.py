@@ -365,7 +365,9 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         raise FileNotFoundError(f"--data-root: not a folder: {data_root}")
     if not synthetic and not init:
         log("warning: no --init weights: the rows train from random initialisation, which is not "
-            "the paper's protocol (it fine-tunes vgg16_20M.caffemodel)")
+            f"the paper's protocol (Table {table}'s rows fine-tune {spec.init_note})")
+    elif not synthetic:  # the file is not inspected: Tables 3 and 5 differ only in it (and share their runs)
+        log(f"Table {table}'s rows fine-tune {spec.init_note} in the paper: --init {init} must be those weights")
     group = run_group(spec, synthetic, init, quick, precision)
     run_fields = dict(use_reference_ops=bool(reference_ops), conv_impl=conv_impl, precision=precision,
                       channels_last=bool(channels_last))
@@ -416,7 +418,7 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
     total = time.time() - t_start
     note = (f"Synthetic scale data set, {per_row and per_row[0]['iterations']} iterations per row, "
             "reduced-width network; numbers show the protocol works and are not the paper's."
-            if synthetic else f"{spec.dataset}, init {init or 'none (random!)'}, "
+            if synthetic else f"{spec.dataset}, init {init or 'none (random!)'} (the paper's: {spec.init_note}), "
             f"{per_row and per_row[0]['iterations']} iterations per row.")
     partial = sorted({e["num_images"] for e in per_row if e["num_images"] != full_val})
     if partial:
@@ -427,7 +429,8 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
             + ("_quick" if quick else ""))
     doc = {"table": table, "title": spec.title, "dataset": "synthetic" if synthetic else spec.dataset,
            "synthetic": synthetic, "metric": spec.metric, "val_images": full_val, "rows": per_row,
-           "seconds": total, "precision": precision, "note": note}
+           "seconds": total, "precision": precision, "note": note, "init": "" if synthetic else init,
+           "paper_init": spec.init_note}
     from .evaluate import write_json
     write_json(os.path.join(out, f"{name}.json"), doc)
     p = os.path.join(out, f"{name}.md")

@@ -204,3 +204,25 @@ def test_moved_data_root_keeps_the_rows_result(tmp_path):
     val = next(moved.rglob("val.txt"))
     val.write_text("\n".join(val.read_text().splitlines()[:1]) + "\n")
     assert config_key(cfg(moved)) != first["config_key"]
+
+
+@pytest.mark.parametrize("table,init", [(3, ""), (5, ""), (5, "w.caffemodel")])
+def test_each_table_names_the_init_weights_its_paper_rows_start_from(tmp_path, monkeypatch, table, init):
+    """Tables 3 and 5 run the same rows on the same data and differ only in the paper's starting weights
+    (ImageNet VGG-16 / MS-COCO-pretrained DeepLab-LargeFOV): the log, the note and the JSON say which
+    (the weights file is not inspected), so that Table 3's runs are not read as Table 5's unawares."""
+    import attnscale.reproduce as rp
+    from attnscale.data import SyntheticSource
+    root = str(tmp_path / "VOC2012")
+    SyntheticSource(1, seed=0, size=33).export(root, "train_aug")
+    SyntheticSource(1, seed=1, size=33).export(root, "val")
+    monkeypatch.setattr(rp, "run_row", lambda cfg, *a, **k: {"miou": 0.5, "num_images": 1})
+    lines = []
+    doc = reproduce(table, data_root=root, init=init and str(tmp_path / init), rows=["baseline"],
+                    out=str(tmp_path / "out"), progress=False, log=lines.append, workers=0)
+    want = TABLES[table].init_note
+    assert want == ("ImageNet (vgg16_20M)" if table == 3 else "MS-COCO-pretrained DeepLab-LargeFOV")
+    said = [ln for ln in lines if f"Table {table}'s rows fine-tune {want}" in ln]
+    assert len(said) == 1 and (said[0].startswith("warning: no --init") if not init else init in said[0])
+    assert doc["paper_init"] == want and f"the paper's: {want}" in doc["note"]
+    assert json.loads((tmp_path / "out" / f"table{table}.json").read_text())["paper_init"] == want

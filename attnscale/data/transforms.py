@@ -2,7 +2,7 @@
 
 Follows DeepLab's ``DataTransformer::TransformImgAndSeg`` step by step:
 
-1. (optional; the paper's "randomly scaling input images (from 0.6 to 1.4)", Sec. 4.1) rescale
+1. (optional; the paper's "randomly scaling input images (from 0.6 to 1.4)", Sec. 4.2) rescale
    the pair by a factor drawn uniformly from ``random_scale``, new size ``round(size * f)``: image
    with bilinear interpolation (``cv::INTER_LINEAR``), label with nearest neighbour (labels must
    never be blended).  This is our reading of the paper, not DeepLab-v2's ``scale_factors`` (a
