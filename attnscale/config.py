@@ -1,8 +1,9 @@
 """Dataclass configs for training/evaluation, stored as JSON files.
 
 Defaults are the paper's (Sec. 4) and DeepLab-LargeFOV's ``solver.prototxt``: SGD, momentum 0.9,
-weight decay 5e-4, ``base_lr`` 1e-3 (classifier / attention x10 through the model's
-``lr_mult``), ``lr_policy: "step"`` with gamma 0.1, stepsize 2000, ``max_iter`` 6000, a
+weight decay 5e-4, ``base_lr`` 1e-3 (the classifier x10 through the model's ``lr_mult``, the paper's
+"0.01 for the final classifier layer"; the attention head, new like it, x10 too: our choice, the paper is
+silent there), ``lr_policy: "step"`` with gamma 0.1, stepsize 2000, ``max_iter`` 6000, a
 mini-batch of 30 images (``batch_size`` x ``iter_size``, Caffe accumulates ``iter_size``
 forward/backward passes per update), 321x321 random crops with mirroring.
 """
