@@ -113,6 +113,9 @@ class TrainConfig:
                   "weight_decay"):
             if getattr(self, k) < 0:
                 raise ValueError(f"config.{k} must be >= 0, got {getattr(self, k)}")
+        if self.crop_size == 0 and self.batch_size > 1:
+            raise ValueError(f"config.crop_size 0 (no crop: each image at its own size) needs batch_size 1, got "
+                             f"{self.batch_size} (images of different sizes cannot be stacked into one batch)")
         if not self.gamma > 0 or not self.width > 0:
             raise ValueError(f"config.gamma and config.width must be positive, got {self.gamma}, {self.width}")
         if not 0 <= self.dropout < 1:

@@ -98,6 +98,14 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         raise ValueError(f"{getattr(source, 'list_path', 'the source')}: no labels to score against; "
                          "give a predictions folder to write the predictions to")
     n = len(source) if not max_images else min(max_images, len(source))
+    if predictions_dir and hasattr(source, "name"):  # one file per image: two with one name would overwrite
+        first: Dict[str, int] = {}
+        for i in range(n):
+            j = first.setdefault(source.name(i), i)
+            if j != i:
+                where = getattr(source, "list_path", "the source")
+                raise ValueError(f"{where}: images {j + 1} and {i + 1} are both named {source.name(i)!r}: their "
+                                 f"predictions would be one file, {source.name(i)}.png, in {predictions_dir}")
     cm = np.zeros((num_classes, num_classes), np.int64)
     it = range(n)
     if progress:

@@ -104,7 +104,7 @@ def real_config(spec: TableSpec, row: Row, data_root: str, init: str, iters: int
     if iters:
         cfg.max_iter = iters
         cfg.stepsize = max(1, round(iters * 2000 / 6000))   # keep the paper's 1/3 step point
-        cfg.snapshot = max(1, min(cfg.snapshot, iters))
+        cfg.snapshot = max(1, min(cfg.snapshot, iters // 3))   # a row killed midway resumes from a third
     return cfg.validate()
 
 
@@ -146,14 +146,13 @@ def synthetic_config(row: Row, iters: int, device: str, run_dir: str, quick: boo
     fine-tuned from the synthetic pre-training like the paper's rows from vgg16_20M."""
     cfg = TrainConfig(dataset="synthetic", scales=list(row.scales), merge=row.merge,
                       extra_supervision=row.esupv, device=device, out_dir=run_dir, workers=workers,
-                      init=init, base_lr=3e-3, max_iter=SYNTH_ROW_ITERS, stepsize=170, snapshot=SYNTH_ROW_ITERS,
-                      **SYNTH)
+                      init=init, base_lr=3e-3, max_iter=SYNTH_ROW_ITERS, stepsize=170, **SYNTH)
     if quick:
         _quick(cfg)
     if iters:
         cfg.max_iter = iters
         cfg.stepsize = max(1, round(iters * 0.7))
-        cfg.snapshot = iters
+    cfg.snapshot = max(1, cfg.max_iter // 10)   # a row killed midway resumes from its last tenth
     return cfg.validate()
 
 
@@ -357,10 +356,12 @@ def reproduce(table: int, data_root: str = "", init: str = "", rows: Optional[Se
         if synthetic:
             log(f"No data root given and no {spec.dataset} data found: running Table {table}'s protocol "
                 "on the built-in SYNTHETIC scale data set (reduced-width net) - these are NOT the paper's numbers.")
-        else:
+        elif not data_root:
             data_root = found
             log(f"Found {spec.dataset} data at {found} (no --data-root given): running the real protocol "
                 "(pass --synthetic for the synthetic data set).")
+    elif synthetic and data_root:
+        log(f"warning: --data-root {data_root} is not used: this run is on the synthetic data set")
     if not synthetic and not os.path.isdir(data_root):
         raise FileNotFoundError(f"--data-root: not a folder: {data_root}")
     if not synthetic and not init:

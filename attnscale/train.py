@@ -502,6 +502,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
             raise ValueError(f"--resume: {ckpt_path} was written by another config: " + "; ".join(
                 f"{k} {old!r} there, {new!r} now" for k, new, old in diff) + " (resume with the same settings, "
                 f"or train into a new out_dir; only {', '.join(RESUME_FREE_FIELDS)} may change)")
+        # the rank count sets the images per update and each rank's shard and random stream: a run resumes
+        # bit-identically only under the count it was written with (one RNG state per rank is saved)
+        old_world = ck.get("world", len(ck["rng"]) if isinstance(ck["rng"], list) else 1)
+        if old_world != world:
+            raise ValueError(f"--resume: {ckpt_path} was written by {old_world} rank(s), this run has {world}: "
+                             f"resume under the same rank count (WORLD_SIZE), or train into a new out_dir")
         try:
             model.load_state_dict(ck["model"])
         except RuntimeError as e:
@@ -557,7 +563,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         if rank != 0:
             return
         atomic_save({"iter": it, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                     "rng": rngs, "config": cfg.to_dict(), "samples_per_update": per_update},
+                     "rng": rngs, "config": cfg.to_dict(), "samples_per_update": per_update, "world": world},
                     ckpt_path)
 
     def device_batch():

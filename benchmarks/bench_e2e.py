@@ -72,7 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale import caffe, switches
 from attnscale.model import AttentionToScale, check_labels
-from timing import add_malloc_option, tune_malloc, write_json
+from timing import add_malloc_option, positive_int, tune_malloc, write_json
 
 
 @dataclass
@@ -255,19 +255,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--jobs", nargs="+", default=["infer", "train"], choices=["infer", "predict", "train"])
-    ap.add_argument("--infer-size", type=int, default=513)
-    ap.add_argument("--train-size", type=int, default=321)
-    ap.add_argument("--train-batch", type=int, default=None, help="default 30 on CUDA, 2 on CPU")
-    ap.add_argument("--precisions", nargs="+", default=None, help="default: fp32 on CPU; fp32 tf32 bf16 on CUDA")
+    ap.add_argument("--infer-size", type=positive_int, default=513)
+    ap.add_argument("--train-size", type=positive_int, default=321)
+    ap.add_argument("--train-batch", type=positive_int, default=None, help="default 30 on CUDA, 2 on CPU")
+    ap.add_argument("--precisions", nargs="+", choices=("fp32", "tf32", "bf16"), default=None, help="default: fp32 on CPU; fp32 tf32 bf16 on CUDA")
     ap.add_argument("--compile", action="store_true", help="also torch.compile(our model)")
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--reps", type=positive_int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
     ap.add_argument("--profile", action="store_true", help="also profile the \"ops\" variant of each job")
     add_malloc_option(ap)
     args = ap.parse_args(argv)
+    if args.warmup is not None and args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device")
+    if args.device != "cuda" and "tf32" in (args.precisions or ()):
+        ap.error("--precisions tf32 is a CUDA mode (TF32 tensor cores)")
     malloc_tuned = tune_malloc(args)
 
     dev = args.device

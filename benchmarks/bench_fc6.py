@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's attnscale
 from attnscale.ops import dilated_conv2d  # noqa: E402
-from timing import add_malloc_option, tune_malloc, write_json  # noqa: E402
+from timing import add_malloc_option, positive_int, tune_malloc, write_json  # noqa: E402
 
 C_IN, C_OUT, K, DIL, PAD = 512, 1024, 3, 12, 12
 ALL_SHAPES = [(1, 41), (10, 41), (30, 41), (10, 31), (10, 21), (1, 65), (1, 49), (1, 33)]
@@ -258,10 +258,10 @@ def format_table(results: list[Result]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, nargs="+", default=[2], help="CPU thread counts (torch.set_num_threads)")
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[2], help="CPU thread counts (torch.set_num_threads)")
     ap.add_argument("--shapes", type=str, default=None, help="comma-separated NxH list, e.g. 1x41,10x21")
     ap.add_argument("--all-shapes", action="store_true", help="on CPU also run the N>1 shapes")
-    ap.add_argument("--repeats", type=int, default=None,
+    ap.add_argument("--repeats", type=positive_int, default=None,
                     help="timed rounds per shape (default 7 CPU, 10 GPU; a GPU sample times 10 calls with CUDA events)")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--quick", action="store_true", help="2 shapes, few repeats")
@@ -281,7 +281,9 @@ def main(argv=None) -> int:
         try:
             shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
         except ValueError:
-            ap.error(f"--shapes must look like 1x41,10x21, got {args.shapes!r}")
+            shapes = []
+        if not shapes or any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+            ap.error(f"--shapes must look like 1x41,10x21 (positive N and H), got {args.shapes!r}")
     elif args.quick:
         shapes = QUICK_SHAPES
     else:

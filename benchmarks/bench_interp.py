@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale import caffe
 from attnscale.ops import caffe_interp, require_extension
-from timing import add_malloc_option, interleaved_ms, tune_malloc, write_json
+from timing import add_malloc_option, interleaved_ms, positive_int, tune_malloc, write_json
 
 CASES = [("zoom8", (1, 21, 65, 65), (513, 513)),
          ("fc7_res075", (1, 1024, 49, 49), (65, 65)),
@@ -37,8 +37,8 @@ CASES = [("zoom8", (1, 21, 65, 65), (513, 513)),
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[2, 1])
+    ap.add_argument("--rounds", type=positive_int, default=9)
     ap.add_argument("--json", default=None)
     add_malloc_option(ap)
     args = ap.parse_args(argv)

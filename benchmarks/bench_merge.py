@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
 from attnscale.ops._ext import has_cuda_kernels, require_extension  # noqa: E402
-from timing import add_malloc_option, tune_malloc, write_json  # noqa: E402
+from timing import add_malloc_option, positive_float, positive_int, tune_malloc, write_json  # noqa: E402
 
 C = 21
 SHAPES = {
@@ -235,7 +235,7 @@ def main(argv=None):
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     ap.add_argument("--modes", default="attention", help="comma list of attention,avg,max or 'all'")
     ap.add_argument("--threads", default="1,2", help="CPU thread counts (default 1,2)")
-    ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement")
+    ap.add_argument("--min-run-time", type=positive_float, default=1.0, help="seconds per measurement")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile(reference)")
     ap.add_argument("--cpu-only", action="store_true")
     ap.add_argument("--cuda-only", action="store_true", help="GPU rows only (a GPU machine's time is short)")
@@ -243,6 +243,10 @@ def main(argv=None):
                     help="also report thread CPU time per call at 1 thread (robust on a shared CPU)")
     add_malloc_option(ap)
     args = ap.parse_args(argv)
+    try:
+        [positive_int(t) for t in args.threads.split(",")]
+    except argparse.ArgumentTypeError as e:
+        ap.error(f"--threads: a comma list of thread counts, each {e}")
     args.malloc_tuned = tune_malloc(args)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs visible; medians of 9 interleaved torch.utils.benchmark rounds; "

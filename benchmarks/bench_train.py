@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from attnscale.config import TrainConfig
 from attnscale.data import SegDataset, SyntheticSource, make_loader
 from attnscale.train import build_source, train, transform_config
-from timing import add_malloc_option, tune_malloc, write_json
+from timing import add_malloc_option, positive_float, positive_int, tune_malloc, write_json
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) iter (\d+) ")
 
@@ -62,19 +62,22 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16"))
     ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--width", type=float, default=None, help="channel multiplier (default 1 on CUDA, 1/8 on CPU)")
-    ap.add_argument("--crop", type=int, default=None, help="training crop (default 321 on CUDA, 97 on CPU)")
-    ap.add_argument("--batch", type=int, default=10, help="images per pass (the paper: 10 x iter_size 3)")
-    ap.add_argument("--iter-size", type=int, default=3)
+    ap.add_argument("--width", type=positive_float, default=None, help="channel multiplier (default 1 on CUDA, 1/8 on CPU)")
+    ap.add_argument("--crop", type=positive_int, default=None, help="training crop (default 321 on CUDA, 97 on CPU)")
+    ap.add_argument("--batch", type=positive_int, default=10, help="images per pass (the paper: 10 x iter_size 3)")
+    ap.add_argument("--iter-size", type=positive_int, default=3)
     ap.add_argument("--warmup", type=int, default=3, help="updates before the timed span")
-    ap.add_argument("--iters", type=int, default=None, help="timed updates (default 20 on CUDA, 3 on CPU)")
+    ap.add_argument("--iters", type=positive_int, default=None, help="timed updates (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: CPUs - 2, at most 12)")
-    ap.add_argument("--images", type=int, default=120, help="images exported for the run")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads of the training process")
+    ap.add_argument("--images", type=positive_int, default=120, help="images exported for the run")
+    ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the training process")
     ap.add_argument("--json", default=None)
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    for name in ("warmup", "workers"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            ap.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA GPU is available")
     width = args.width or (1.0 if cuda else 0.125)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale.model import cpu_prefers_onednn, winograd_pays
 from attnscale.ops import require_extension, winograd_conv2d, winograd_weight
-from timing import add_malloc_option, interleaved_ms, tune_malloc, write_json
+from timing import add_malloc_option, interleaved_ms, positive_int, tune_malloc, write_json
 
 # (name, C, K, H=W) at the 513x513 input's scale 1
 LAYERS = [
@@ -45,15 +45,19 @@ LAYERS = [
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=positive_int, nargs="+", default=[2, 1])
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--layers", default="", help="comma-separated names (default all)")
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--json", default=None)
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     require_extension()
-    layers = [lay for lay in LAYERS if not args.layers or lay[0] in args.layers.split(",")]
+    wanted = [n for n in args.layers.split(",") if n]
+    unknown = [n for n in wanted if n not in {lay[0] for lay in LAYERS}]
+    if unknown:
+        ap.error(f"--layers: unknown layer(s) {unknown}; known: {', '.join(lay[0] for lay in LAYERS)}")
+    layers = [lay for lay in LAYERS if not wanted or lay[0] in wanted]
     env = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "malloc_tuned": tune_malloc(args)}
     print(f"# bench_winograd: {env}")

@@ -242,6 +242,9 @@ def check_interp(failures: list) -> None:
 def main(argv=None) -> int:
     global DEV
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
     if argv == ["--cpu-dry-run"]:
         DEV = "cpu"
     elif argv:

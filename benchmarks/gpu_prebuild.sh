@@ -16,6 +16,12 @@
 # under pyenv).  Exit status 3: pip found no torch 2.11.0 wheel (no index or network here); 2: no Python
 # 3.12, or a cp312 build it did not make is in the way (GPU_PREBUILD_FORCE=1 replaces it).
 set -euo pipefail
+case "${*:-}" in
+  ""|--check) ;;
+  -h|--help) sed -n '2,/^set -euo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu_prebuild.sh: unknown argument(s) '$*' (only --check; --help for more); nothing was done" >&2
+     exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 TORCH=2.11.0
 VENV=${GPU_VENV:-.gpu_prebuild/venv}

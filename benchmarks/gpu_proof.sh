@@ -40,6 +40,12 @@
 # but sanitize's under check), sanitize.log, build.log and the benchmarks' JSON files.  Exits non-zero if
 # any phase failed.
 set -uo pipefail
+PHASES=(build test sanitize check test_all bench fc6 bench_extra)
+if [ $# -eq 0 ] || [ "$1" = -h ] || [ "$1" = --help ]; then  # the comment above is the usage
+  sed -n '2,/^set -uo pipefail/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  [ $# -eq 0 ] && { echo "gpu_proof.sh: name the phases to run, e.g. build check bench" >&2; exit 2; }
+  exit 0
+fi
 SELF=$(realpath "$0")   # check re-runs this script for its sanitize half
 cd "$(dirname "$SELF")/.."
 OUT=${OUT:-gpu_out}
@@ -50,6 +56,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 LOG="$OUT/${PROOF_LOG:-proof.log}"
 failed=()
+for phase in "$@"; do  # every name checked before any runs: a typo must not come after the build's device time
+  case " ${PHASES[*]} " in
+    *" $phase "*) ;;
+    *) echo "== $(date -u +%H:%M:%S) unknown phase '$phase' (${PHASES[*]}); nothing was run" | tee -a "$LOG"
+       exit 1 ;;
+  esac
+done
 preflight_done=  # set when check ran the preflight in this run: bench trusts no older disabled.txt
 
 say() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
@@ -187,10 +200,6 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       run timeout 180 "$PY" benchmarks/bench_e2e.py --device cuda --precisions fp32 tf32 --json "$OUT/e2e_fp32.json"
       run timeout 180 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 30x41,10x31,10x21,1x65 \
         --json "$OUT/fc6_more.json"
-      ;;
-    *)
-      say "unknown phase '$phase' (build, test, sanitize, check, test_all, bench, fc6, bench_extra)"
-      failed+=("unknown phase $phase")
       ;;
   esac
 done

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from attnscale.ops import scale_merge, scale_merge_reference  # noqa: E402
 from bench_merge import SHAPES, closures  # noqa: E402
-from timing import environ, write_json  # noqa: E402
+from timing import environ, positive_int, write_json  # noqa: E402
 
 
 def profile_calls(fn, device: str, reps: int):
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--mode", default="attention", choices=("attention", "avg", "max"))
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--reps", type=positive_int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--logit-groups", nargs="*", default=[], type=int, metavar="G",
                     help="attention: also time forward+backward with G lanes per pixel (powers of two, 1 to 32)")

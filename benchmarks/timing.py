@@ -6,7 +6,9 @@ rounds (a, b, c, a, b, c, ...) and only ratios of medians from the same run are 
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import statistics
 
@@ -24,6 +26,28 @@ def interleaved_ms(fns: dict, threads: int, rounds: int, number: int = 1) -> dic
         for k, t in timers.items():
             out[k].append(t.timeit(number).median)
     return {k: statistics.median(v) * 1e3 for k, v in out.items()}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (a count of threads, rounds, repetitions, pixels), else a usage error."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0, else a usage error."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
 
 
 def add_malloc_option(ap) -> None:

@@ -214,7 +214,42 @@ def test_gpu_proof_script(tmp_path):
                           env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
     assert proc.returncode == 1
     assert "unknown phase 'nophase'" in (tmp_path / "proof.log").read_text()
-    assert subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", "gpu_prebuild.sh")]).returncode == 0
+    # every name is checked before any phase runs (a typo after "build" cost the build's device time first)
+    proc = subprocess.run(["bash", script, "build", "chek", "bench"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(tmp_path / "typo")}, timeout=60)
+    log = (tmp_path / "typo" / "proof.log").read_text()
+    assert proc.returncode == 1 and "unknown phase 'chek'" in log and "nothing was run" in log
+    assert "phase build" not in log
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 0 and "Phases, run in the order given" in usage.stdout
+    assert subprocess.run(["bash", script], capture_output=True, text=True, timeout=60).returncode == 2
+    prebuild = os.path.join(ROOT, "benchmarks", "gpu_prebuild.sh")
+    assert subprocess.run(["bash", "-n", prebuild]).returncode == 0
+    for args, rc in ((["--chek"], 2), (["--check", "x"], 2), (["--help"], 0)):  # nothing built or installed
+        proc = subprocess.run(["bash", prebuild, *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == rc and ("unknown argument" in proc.stderr if rc else "--check" in proc.stdout)
+
+
+@pytest.mark.parametrize("script,args,says", [
+    ("bench_e2e.py", ["--precisions", "fp16"], "invalid choice: 'fp16'"),
+    ("bench_e2e.py", ["--reps", "0"], "--reps: must be a positive integer"),
+    ("bench_e2e.py", ["--precisions", "tf32", "--device", "cpu"], "tf32 is a CUDA mode"),
+    ("bench_train.py", ["--crop", "0"], "--crop: must be a positive integer"),
+    ("bench_train.py", ["--width", "nan"], "--width: must be a positive number"),
+    ("bench_fc6.py", ["--shapes", "1x0"], "positive N and H"),
+    ("bench_interp.py", ["--rounds", "0"], "--rounds: must be a positive integer"),
+    ("bench_winograd.py", ["--layers", "nosuch"], "unknown layer(s) ['nosuch']"),
+    ("bench_merge.py", ["--threads", "2,0"], "--threads: a comma list of thread counts"),
+    ("merge_kernels.py", ["--reps", "-1"], "--reps: must be a positive integer")])
+def test_benchmark_arguments_are_checked(monkeypatch, capsys, script, args, says):
+    """A bad number or name is a usage error, not a default put in its place, a deep traceback, or (for
+    --precisions) float32 rows labelled with the word given."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import importlib
+    mod = importlib.import_module(script[:-3])
+    with pytest.raises(SystemExit) as e:
+        mod.main(args)
+    assert e.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_gpu_preflight_cpu(tmp_path):

@@ -188,6 +188,14 @@ def test_predictions_of_val_and_of_an_unlabelled_list(tmp_path, capsys):
     test_list.write_text(lines[0] + "\n" + lines[1].split()[0] + "\n")
     with pytest.raises(ValueError, match=r"test.txt:2: this line lacks a label path, line 1 has one"):
         main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "p")])
+    # two images of one name (in other folders) would write one prediction file: refused before any work
+    first = lines[0].split()[0]
+    (root / "Other").mkdir()
+    (root / "Other" / os.path.basename(first)).write_bytes((root / first.lstrip("/")).read_bytes())
+    test_list.write_text(f"{first}\n/Other/{os.path.basename(first)}\n")
+    with pytest.raises(ValueError, match=r"test.txt: images 1 and 2 are both named .*would be one file"):
+        main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "dup")])
+    assert not os.path.exists(tmp_path / "dup") or not os.listdir(tmp_path / "dup")
 
 
 def test_evaluation_runs_in_the_configs_precision(tmp_path, monkeypatch):

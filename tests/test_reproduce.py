@@ -226,3 +226,14 @@ def test_each_table_names_the_init_weights_its_paper_rows_start_from(tmp_path, m
     assert len(said) == 1 and (said[0].startswith("warning: no --init") if not init else init in said[0])
     assert doc["paper_init"] == want and f"the paper's: {want}" in doc["note"]
     assert json.loads((tmp_path / "out" / f"table{table}.json").read_text())["paper_init"] == want
+
+
+def test_rows_checkpoint_on_the_way(tmp_path):
+    """A row killed midway resumes from a recent checkpoint: rows snapshot every tenth of their iterations
+    (synthetic) or every third, at most 2000 (real; the paper's 6000 keep Caffe's 2000), never only at the end."""
+    from attnscale.reproduce import real_config, synthetic_config
+    row = table_rows()[-1]
+    for iters, every in ((0, 25), (20000, 2000), (7, 1)):
+        assert synthetic_config(row, iters, "cpu", str(tmp_path), False, 0, "").snapshot == every
+    for iters, every in ((0, 2000), (6000, 2000), (900, 300), (2, 1), (20000, 2000)):
+        assert real_config(TABLES[3], row, str(tmp_path), "", iters, "cpu", str(tmp_path), 0).snapshot == every

@@ -334,7 +334,14 @@ def test_torchrun_two_processes_use_ddp(tmp_path):
     log = open(os.path.join(cfg.out_dir, "train.log")).read()
     assert "x 2 rank(s)" in log
     ck = load_checkpoint(os.path.join(cfg.out_dir, "checkpoint.pt"))
-    assert ck["iter"] == 2 and isinstance(ck["rng"], list) and len(ck["rng"]) == 2
+    assert ck["iter"] == 2 and isinstance(ck["rng"], list) and len(ck["rng"]) == 2 and ck["world"] == 2
+    # resumed by one process: another batch per update and shard, so refused (it went on silently)
+    with pytest.raises(ValueError, match=r"written by 2 rank\(s\), this run has 1"):
+        train(_tiny(tmp_path / "ddp", max_iter=3, iter_size=1), resume=True, progress=False)
+    del ck["world"]   # a checkpoint from before "world" was saved: its RNG list gives the count
+    atomic_save(ck, os.path.join(cfg.out_dir, "checkpoint.pt"))
+    with pytest.raises(ValueError, match=r"written by 2 rank\(s\), this run has 1"):
+        train(_tiny(tmp_path / "ddp", max_iter=3, iter_size=1), resume=True, progress=False)
 
 
 def _caffemodel(path, layers):
@@ -481,6 +488,7 @@ def test_config_fc6_impl_reaches_the_model():
 def test_config_validation_names_the_field():
     for bad, words in ((dict(display=0), "display must be positive"), (dict(crop_size=-8), "crop_size must be >= 0"),
                        (dict(crop_size="25"), "crop_size must be an integer"),
+                       (dict(crop_size=0, batch_size=2), "crop_size 0 .* needs batch_size 1"),
                        (dict(random_scale=(0.5,)), r"random_scale must be \[lo, hi\]"),
                        (dict(synthetic_size=12), "synthetic_size must be >= 14"),
                        (dict(merge="attention"), "one scale: merge must be null"),
