@@ -21,10 +21,10 @@ Caffe ``SGDSolver`` semantics, exactly:
 Checkpoints are atomic (temporary file + fsync + ``os.replace``) and hold the model, the momentum
 history, the iteration, the torch/numpy/python RNG states and the data position, so
 ``--resume`` continues bit-for-bit as if never interrupted (and refuses a checkpoint written by
-another config); without it a run refuses to start over an existing checkpoint.  Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
-DistributedDataParallel (NCCL for a CUDA device, gloo otherwise) and every rank reads its own shard of
-each epoch's permutation; each rank draws ``batch_size x iter_size`` images per update, so the batch
-grows with the rank count.
+another config or rank count); without it a run refuses to start over an existing checkpoint.  Under
+``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in DistributedDataParallel (NCCL for a CUDA
+device, gloo otherwise) and every rank reads its own shard of each epoch's permutation; each rank draws
+``batch_size x iter_size`` images per update, so the batch grows with the rank count.
 """
 from __future__ import annotations
 

@@ -521,7 +521,7 @@ at::Tensor winograd_conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w_in, c
   const int64_t Ho = out_size(x.size(2), padding, dilation), Wo = out_size(x.size(3), padding, dilation);
   at::Tensor out = at::empty({x.size(0), U.size(1), Ho, Wo}, x.options());
   if (out.numel() == 0) return out;
-  if (x.size(1) == 0) {  // no input channel: every output is the bias (0 without one), as F.conv2d gives
+  if (x.size(1) == 0) {  // no input channel: the convolution is the bias (0 without one); F.conv2d gives an empty tensor
     if (bias.defined()) out.copy_(bias.view({1, -1, 1, 1}).expand_as(out)); else out.zero_();
     return relu ? out.clamp_min_(0) : out;
   }
