@@ -120,17 +120,17 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         stem = os.path.basename(str(name)).rsplit(".", 1)[0]
         if predictions_dir:
             save_label_png(os.path.join(predictions_dir, stem + ".png"), lab)
+        if scored and lab.shape != gt.shape:
+            raise ValueError(f"{name}: prediction is {lab.shape}, ground truth {gt.shape}")
+        if attention_dir and i < attention_images:
+            save_attention_png(os.path.join(attention_dir, f"{i:04d}_{stem}.png"), img, gt if scored else None,
+                               lab, att, getattr(model, "scales", None), getattr(model, "merge", "attention"))
         if not scored:
             continue
-        if lab.shape != gt.shape:
-            raise ValueError(f"{name}: prediction is {lab.shape}, ground truth {gt.shape}")
         try:
             cm += confusion_matrix(lab, gt, num_classes)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-        if attention_dir and i < attention_images:
-            save_attention_png(os.path.join(attention_dir, f"{i:04d}_{stem}.png"), img, gt, lab, att,
-                               getattr(model, "scales", None), getattr(model, "merge", "attention"))
     res = iou_from_confusion(cm) if scored else {}
     res["num_images"] = n
     if scored:
@@ -174,18 +174,18 @@ def save_label_png(path: str, lab: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def save_attention_png(path: str, img_bgr: np.ndarray, gt: np.ndarray, pred: np.ndarray,
+def save_attention_png(path: str, img_bgr: np.ndarray, gt: Optional[np.ndarray], pred: np.ndarray,
                        attention: Optional[np.ndarray], scales: Optional[Sequence[float]] = None,
                        merge: Optional[str] = "attention") -> None:
-    """Image | ground truth | prediction | one heat map of merge weights per scale (Figs. 4-6: the
-    attention weights; for max / avg merging the share of classes each scale won / 1/S), via
-    matplotlib (Agg)."""
+    """Image | ground truth (when there is one) | prediction | one heat map of merge weights per scale
+    (Figs. 4-6: the attention weights; for max / avg merging the share of classes each scale won / 1/S),
+    via matplotlib (Agg)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     cmap = color_map()
-    panels = [("image", img_bgr[:, :, ::-1], None), ("ground truth", cmap[gt], None),
-              ("prediction", cmap[pred], None)]
+    panels = ([("image", img_bgr[:, :, ::-1], None)] + ([] if gt is None else [("ground truth", cmap[gt], None)])
+              + [("prediction", cmap[pred], None)])
     if attention is not None:
         for s in range(attention.shape[0]):
             sc = scales[s] if scales is not None and s < len(scales) else s

@@ -94,6 +94,15 @@ def test_evaluate_loop_and_attention_pngs(tmp_path):
     assert r0["num_images"] == 2
     assert r0["per_class_iou"][0] == pytest.approx((gts == 0).mean())
     assert r0["per_class_iou"][1] == 0.0
+    # a list without labels (VOC test) still gets its figures, without the ground-truth panel
+    src.has_labels = False
+    figs = tmp_path / "unlabelled"
+    r1 = evaluate(m, src, 3, attention_dir=str(figs), predictions_dir=str(tmp_path / "pred"), progress=False,
+                  max_images=2)
+    assert "miou" not in r1 and sorted(os.listdir(figs)) == ["0000_img0.png", "0001_img1.png"]
+    from PIL import Image
+    with Image.open(figs / "0000_img0.png") as a, Image.open(tmp_path / "0000_img0.png") as b:
+        assert a.size[0] < b.size[0]   # one panel fewer
 
 
 def test_voc_palette():
