@@ -7,6 +7,7 @@ Layer (module/parameter) names equal the Caffe layer names of the reference prot
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -108,6 +109,11 @@ FC6_IMPLS = ("auto", "ops", "torch")
 def scale_suffix(scale: float) -> str:
     """Caffe blob suffix of a scale: 1 → ``1``, 0.75 → ``075``, 0.5 → ``05`` (``loss_res075`` …)."""
     return "1" if scale == 1 else f"{scale:g}".replace(".", "")
+
+
+def blob_suffix(scale: float) -> str:
+    """What the prototxts append to a scale copy's layer and blob names: none for 1, ``_res075``, ``_res05``."""
+    return "" if scale == 1 else "_res" + scale_suffix(scale)
 
 
 @dataclass
@@ -241,6 +247,7 @@ class AttentionToScale(nn.Module):
         self._cast_cache: dict[tuple, tuple] = {}  # (layer name, CUDA stream) -> autocast copies: _params
         self._graph_casts: list = []  # replaced copies a captured CUDA graph still reads
         self._cast_stream = None  # the stream whose copies _scale_trunks' side streams use
+        self._blobs: dict | None = None  # caffe_blobs()' record, while one is open
         self.classifier_name = classifier_name
         self.dropout = float(dropout)
         self.test_crop_size = test_crop_size
@@ -412,7 +419,7 @@ class AttentionToScale(nn.Module):
     def __setstate__(self, state):  # a model pickled before the caches existed
         super().__setstate__(state)
         for name, empty in (("_cast_cache", {}), ("_winograd_cache", {}), ("_graph_casts", []),
-                            ("_cast_stream", None), ("cache_weight_casts", True)):
+                            ("_cast_stream", None), ("cache_weight_casts", True), ("_blobs", None)):
             self.__dict__.setdefault(name, empty)
 
     def __getstate__(self):  # pickling and deepcopy leave the kept copies behind
@@ -496,20 +503,48 @@ class AttentionToScale(nn.Module):
     def _drop(self, x):
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
-    def trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One scale through the shared net: returns (fc7 after relu7/drop7, classifier scores)."""
+    @contextlib.contextmanager
+    def caffe_blobs(self):
+        """Within the block, forwards record their blobs into the dict this yields, under the reference
+        prototxts' names: conv1_1 ... pool5a, fc6, fc7 and the classifier, each coarser scale's with its
+        suffix (``conv1_1_res075``), ``data_res075`` (the image Interp'ed to the scale),
+        ``fc7_res075_interp``, ``fc8_voc12_res075_interp``, and for the merges ``fc7_concat``, ``att_conv1``,
+        ``att_conv2``, ``attention``, ``fc8_attention`` / ``fc8_max`` / ``fc8_avg``: each as a Caffe net
+        holds it after the forward, i.e. after its in-place ReLU and Dropout (the blob-by-blob comparison
+        with Caffe's ``net.blobs``).  The tensors are the forward's own: ``retain_grad()`` on them before a
+        backward gives their gradients (a Caffe blob with an in-place ReLU holds the gradient of the
+        pre-ReLU value as its diff: ``grad * (blob > 0)``).  The scales run one after another while it is
+        open, and the Interp'ed score blobs (for max / avg also fc7's) are computed for the record (the merge
+        op interpolates inside)."""
+        if self._blobs is not None:
+            raise RuntimeError("caffe_blobs: a record is open already")
+        self._blobs = {}
+        try:
+            yield self._blobs
+        finally:
+            self._blobs = None
+
+    def _keep(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if self._blobs is not None:
+            self._blobs[name] = t
+        return t
+
+    def trunk(self, x: torch.Tensor, suffix: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """One scale through the shared net: returns (fc7 after relu7/drop7, classifier scores); ``suffix``
+        names its blobs in :meth:`caffe_blobs`' record (``_res075``)."""
         for spec in self._layers:
             if spec[0] == "conv":
                 x = self._conv(x, spec[1], relu=True)
             else:
                 _, _, method, k, s, p = spec
                 x = caffe.pool2d(x, k, s, p, method)
+            self._keep(spec[1] + suffix, x)
         if self._fuses(x):
             x = self._bias_relu(self._dilated(x, bias=False), self.fc6.bias, drop=True)
         else:
             x = self._drop(F.relu(self._dilated(x)))
-        fc7 = self._conv(x, "fc7", relu=True, drop=True)
-        return fc7, self._conv(fc7, self.classifier_name)
+        fc7 = self._keep("fc7" + suffix, self._conv(self._keep("fc6" + suffix, x), "fc7", relu=True, drop=True))
+        return fc7, self._keep(self.classifier_name + suffix, self._conv(fc7, self.classifier_name))
 
     def _scale_trunks(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(fc7, scores) of every scale: the input Interp'ed to the scale (the prototxts' shrink/zoom
@@ -524,13 +559,14 @@ class AttentionToScale(nn.Module):
 
         def one(s: float):
             p = caffe.scale_interp_params(s, hw)
-            fc7, scores = self.trunk(x if p is None else caffe.interp(x, p))
-            if self.merge == "attention" and tuple(fc7.shape[-2:]) != size:
-                fc7 = caffe.interp(fc7, size)  # fc7_res075_interp, ...: on the branch's own stream
+            sfx = blob_suffix(s)
+            fc7, scores = self.trunk(x if p is None else self._keep("data" + sfx, caffe.interp(x, p)), sfx)
+            if (self.merge == "attention" or self._blobs is not None) and tuple(fc7.shape[-2:]) != size:
+                fc7 = self._keep(f"fc7{sfx}_interp", caffe.interp(fc7, size))  # on the branch's own stream
             return fc7, scores
 
         if not (self.scale_streams and x.is_cuda and len(self.scales) > 1 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):
+                and not torch.compiler.is_compiling() and self._blobs is None):
             return [one(s) for s in self.scales]
         main = torch.cuda.current_stream(x.device)
         for name, mod in self.named_children():  # autocast's weight copies made here, before the fork
@@ -569,11 +605,18 @@ class AttentionToScale(nn.Module):
         logits = None
         if self.merge == "attention":
             # fc7_concat: fc7 of every scale, Interp'ed to the scale-1 size by _scale_trunks
-            cat = torch.cat(fc7s, dim=1)
-            a = self._conv(cat, "att_conv1", relu=True, drop=True)
-            logits = self._conv(a, "att_conv2")
+            cat = self._keep("fc7_concat", torch.cat(fc7s, dim=1))
+            a = self._keep("att_conv1", self._conv(cat, "att_conv1", relu=True, drop=True))
+            logits = self._keep("att_conv2", self._conv(a, "att_conv2"))
         merge_fn = scale_merge_reference if self.use_reference_ops else scale_merge
         merged, weights = merge_fn(scores, logits, self.merge)
+        if self._blobs is not None:
+            size = tuple(scores[0].shape[-2:])
+            for s, f in zip(self.scales[1:], scores[1:]):
+                self._keep(f"{self.classifier_name}{blob_suffix(s)}_interp", caffe.interp(f, size))
+            if self.merge == "attention":
+                self._keep("attention", weights)
+            self._keep(f"fc8_{self.merge}", merged)
         return ModelOutput(merged=merged, scales=scores, attention=weights)
 
     # -------------------------------------------------------------------------------------- loss

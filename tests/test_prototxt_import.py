@@ -348,6 +348,29 @@ def test_to_attnscale_agrees_with_caffe_net(tmp_path, scales, merge):
     if merge == "attention":
         torch.testing.assert_close(out.attention, blobs["attention"], rtol=1e-5, atol=1e-5)
         assert "conv1_1_res075[0]" in str(report) and "shared copy" in str(report)
+    # blob by blob: the model's record of a forward (caffe_blobs) under the Caffe net's names; every blob of
+    # the net the model holds is there (not Slice's views, SpatialProduct's products, nor the input)
+    with torch.no_grad(), model.caffe_blobs() as rec:
+        model(x)
+    assert set(rec) == {b for b in blobs if b != "data" and not b.startswith("attention") or b == "attention"
+                        if not b.endswith("_weighted")}, sorted(set(blobs) ^ set(rec))
+    for name, value in rec.items():
+        torch.testing.assert_close(value, blobs[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert model._blobs is None  # the record closes with the block
+    # ... and gradient by gradient: the recorded blobs' gradients (of the values after their in-place
+    # ReLU) are the Caffe net's for the same loss
+    g = torch.randn_like(out.merged)
+    with model.caffe_blobs() as rec:
+        (model(x).merged * g).sum().backward(inputs=[v for v in rec.values() if v.requires_grad]
+                                             + list(model.parameters()))
+    ref = net(x, return_blobs=True)
+    (ref[merged] * g).sum().backward(inputs=[ref[k] for k, v in rec.items() if v.requires_grad]
+                                     + list(net.parameters()))
+    assert sum(v.grad is not None for v in rec.values()) >= 20
+    for name, value in rec.items():
+        if value.grad is not None:
+            torch.testing.assert_close(value.grad, ref[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(model.conv1_1.weight.grad, net.layer_blobs("conv1_1")[0].grad, rtol=1e-4, atol=1e-5)
 
 
 def test_to_attnscale_v1_and_h5(tmp_path):
