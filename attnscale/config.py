@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 
 # Fields that do not change what a run computes (where and how fast it runs, how much it logs).
@@ -55,8 +55,9 @@ class TrainConfig:
     init: str = ""                       # weights to start from: .caffemodel(.h5) (e.g. vgg16_20M) or checkpoint.pt
     # --- solver (Caffe SGDSolver) -----------------------------------------------------------
     base_lr: float = 1e-3
-    lr_mults: str = "paper"              # "paper": classifier + attention head x10; "prototxt": those of
-                                         # attention3_train_esupv.prototxt (model.param_groups)
+    lr_mults: Union[str, dict] = "paper"  # "paper": classifier + attention head x10; "prototxt": those of
+                                         # attention3_train_esupv.prototxt; or {layer: [[lr_mult, decay_mult]
+                                         # (weight), [..] (bias)]} for every conv (prototxt_import.param_mults)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_policy: str = "step"
@@ -101,8 +102,9 @@ class TrainConfig:
                              f"extra_supervision false (got {self.merge!r}, {self.extra_supervision})")
         if any(not 0 < s for s in self.scales):
             raise ValueError(f"config.scales must be positive, got {self.scales}")
-        if self.lr_mults not in ("paper", "prototxt"):
-            raise ValueError(f"config.lr_mults must be 'paper' or 'prototxt', got {self.lr_mults!r}")
+        if isinstance(self.lr_mults, str) and self.lr_mults not in ("paper", "prototxt"):
+            raise ValueError(f"config.lr_mults must be 'paper', 'prototxt' or {{layer: [[lr_mult, decay_mult], "
+                             f"[lr_mult, decay_mult]]}}, got {self.lr_mults!r}")
         if self.lr_policy not in ("step", "fixed"):
             raise ValueError(f"config.lr_policy: only Caffe 'step' and 'fixed' are supported, got {self.lr_policy!r}")
         for k in ("max_iter", "batch_size", "iter_size", "stepsize", "display", "test_crop_size",
@@ -143,6 +145,11 @@ class TrainConfig:
                 want = "null or [lo, hi]"
             elif f.name == "merge":
                 ok, want = v is None or isinstance(v, str), "null or a string"
+            elif f.name == "lr_mults":
+                ok = isinstance(v, str) or (isinstance(v, dict) and all(
+                    isinstance(k, str) and _is_pairs(m) for k, m in v.items()))
+                want = ("'paper', 'prototxt' or an object {layer: [[lr_mult, decay_mult], [lr_mult, decay_mult]]} "
+                        "(weight, bias) of finite numbers")
             else:
                 t = type(f.default)
                 ok = (_is_number(v) if t is float else isinstance(v, t) and not (t is int and isinstance(v, bool)))
@@ -191,6 +198,12 @@ class TrainConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: a config must be a JSON object")
         return cls.from_dict(d, source=path)
+
+
+def _is_pairs(m) -> bool:
+    """``[[lr_mult, decay_mult], [lr_mult, decay_mult]]``: a layer's weight and bias multipliers."""
+    return (isinstance(m, (list, tuple)) and len(m) == 2 and
+            all(isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_number(x) for x in p) for p in m))
 
 
 def _is_number(x) -> bool:

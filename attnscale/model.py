@@ -301,7 +301,7 @@ class AttentionToScale(nn.Module):
             nn.init.zeros_(m.bias)
 
     def param_groups(self, base_lr: float, weight_decay: float, head_lr_mult: float = 10.0,
-                     scheme: str = "paper") -> list[dict]:
+                     scheme: str | dict = "paper") -> list[dict]:
         """Parameter groups for ``torch.optim.SGD`` with Caffe's ``lr_mult``/``decay_mult``.
 
         ``scheme="paper"``: weights ``lr_mult 1, decay_mult 1``; biases ``lr_mult 2, decay_mult 0``; the
@@ -311,11 +311,16 @@ class AttentionToScale(nn.Module):
         ``scheme="prototxt"``: exactly the ``param`` lines of ``attention3_train_esupv.prototxt``: every
         layer 1/2 with bias decay 0, the classifier included, and att_conv* (no ``param`` lines) Caffe's
         default 1 and decay 1 for weights and biases alike.
+        ``scheme={layer: [[lr_mult, decay_mult] of the weight, [...] of the bias]}`` for every convolution
+        of the model: any training prototxt's ``param`` lines (``prototxt_import.param_mults``); one group per
+        distinct pair.
         Each group carries ``lr`` (= base_lr × lr_mult), ``weight_decay`` (= weight_decay × decay_mult),
         ``lr_mult``, ``decay_mult`` and ``name`` so a step scheduler can rescale by ``lr_mult``.
         """
+        if isinstance(scheme, dict):
+            return self._explicit_groups(base_lr, weight_decay, scheme)
         if scheme not in ("paper", "prototxt"):
-            raise ValueError(f"param_groups: scheme must be 'paper' or 'prototxt', got {scheme!r}")
+            raise ValueError(f"param_groups: scheme must be 'paper', 'prototxt' or a dict of layers, got {scheme!r}")
         head = set(self.head_layer_names())
         buckets: dict[str, list] = {"weights": [], "biases": [], "head_weights": [], "head_biases": []}
         for name, m in self.named_children():
@@ -339,6 +344,22 @@ class AttentionToScale(nn.Module):
             groups.append({"params": params, "lr": base_lr * lr_mult, "weight_decay": weight_decay * decay_mult,
                            "lr_mult": lr_mult, "decay_mult": decay_mult, "name": key})
         return groups
+
+    def _explicit_groups(self, base_lr: float, weight_decay: float, mults: dict) -> list[dict]:
+        convs = [name for name, m in self.named_children() if isinstance(m, nn.Conv2d)]
+        missing, unknown = [n for n in convs if n not in mults], sorted(set(mults) - set(convs))
+        if missing or unknown:
+            raise ValueError("lr_mults: " + "; ".join(
+                ([f"no entry for the model's layer(s) {missing}"] if missing else []) +
+                ([f"{unknown} are not layers of this model (its layers: {convs})"] if unknown else [])))
+        buckets: dict[tuple[float, float], list] = {}
+        for name in convs:
+            m = getattr(self, name)
+            for p, (lr_mult, decay_mult) in zip((m.weight, m.bias), mults[name]):
+                buckets.setdefault((float(lr_mult), float(decay_mult)), []).append(p)
+        return [{"params": params, "lr": base_lr * lr_mult, "weight_decay": weight_decay * decay_mult,
+                 "lr_mult": lr_mult, "decay_mult": decay_mult, "name": f"lr_mult {lr_mult:g}, decay_mult {decay_mult:g}"}
+                for (lr_mult, decay_mult), params in buckets.items()]
 
     # ----------------------------------------------------------------------------------- forward
     def _fuses(self, x: torch.Tensor) -> bool:

@@ -3,11 +3,14 @@
 - :func:`load_net` builds a ``torch.nn.Module`` executing a Caffe net (DeepLab layers included);
 - :func:`to_attnscale` maps a DeepLab-LargeFOV / attention-to-scale net and its weights onto
   :class:`attnscale.AttentionToScale`;
+- :func:`train_config` turns a Caffe solver and its training net into a ``TrainConfig`` (solver settings,
+  data layer, every layer's ``lr_mult`` / ``decay_mult``: :func:`param_mults`);
 - :func:`read_net`, :func:`read_solver`, :func:`read_weights` are the raw readers;
 - every failure is a :class:`CaffeImportError` (a ``ValueError``) naming the file/layer/line.
 
 CLI: ``python -m prototxt_import inspect NET.prototxt [WEIGHTS]`` and
-``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt``.
+``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt``,
+``python -m prototxt_import config SOLVER.prototxt -o config.json``.
 """
 from .errors import CaffeImportError
 from .net import CaffeNet, WeightLoadReport, load_net
@@ -22,8 +25,20 @@ def to_attnscale(*args, **kwargs):
     return _impl(*args, **kwargs)
 
 
+def param_mults(*args, **kwargs):
+    """See :func:`prototxt_import.convert.param_mults`."""
+    from .convert import param_mults as _impl
+    return _impl(*args, **kwargs)
+
+
+def train_config(*args, **kwargs):
+    """See :func:`prototxt_import.solver.train_config`."""
+    from .solver import train_config as _impl
+    return _impl(*args, **kwargs)
+
+
 __all__ = [
-    "CaffeImportError", "CaffeNet", "WeightLoadReport", "load_net", "to_attnscale",
+    "CaffeImportError", "CaffeNet", "WeightLoadReport", "load_net", "to_attnscale", "param_mults", "train_config",
     "CaffeBlob", "WeightFile", "parse_binary", "parse_text", "read_caffemodel",
     "read_hdf5_weights", "read_net", "read_solver", "read_weights", "message_class",
 ]

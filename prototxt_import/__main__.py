@@ -1,8 +1,10 @@
-"""``python -m prototxt_import inspect NET.prototxt [WEIGHTS]`` and
-``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt``."""
+"""``python -m prototxt_import inspect NET.prototxt [WEIGHTS]``,
+``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt`` and
+``python -m prototxt_import config SOLVER.prototxt [--net NET.prototxt] [--base config.json] -o config.json``."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .errors import CaffeImportError
@@ -33,6 +35,13 @@ def main(argv=None) -> int:
     conv.add_argument("weights")
     conv.add_argument("-o", "--output", required=True, help="where to torch.save the state_dict")
     conv.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
+    cf = sub.add_parser("config", help="a Caffe solver + its training net as a TrainConfig JSON "
+                        "(python -m attnscale.train trains it)")
+    cf.add_argument("solver", help="solver.prototxt")
+    cf.add_argument("--net", default=None, help="the training net, in place of the solver's net / train_net")
+    cf.add_argument("--base", default=None, help="TrainConfig JSON giving the fields Caffe's files do not "
+                    "(dataset, device, out_dir, ...)")
+    cf.add_argument("-o", "--output", required=True, help="where to write the TrainConfig JSON")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "inspect":
@@ -41,6 +50,8 @@ def main(argv=None) -> int:
             print(net.summary())
             if args.weights:
                 print(net.load_caffe_weights(args.weights))
+        elif args.cmd == "config":
+            _config(args)
         else:
             from attnscale.train import atomic_save
 
@@ -58,6 +69,34 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _config(args) -> None:
+    import json
+
+    from attnscale.config import TrainConfig
+
+    from .solver import train_config
+    try:
+        base = TrainConfig.load(args.base) if args.base else None
+    except (OSError, ValueError) as exc:
+        raise CaffeImportError(f"--base: {exc}") from None
+    cfg, notes = train_config(args.solver, net=args.net, base=base)
+    tmp = args.output + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, args.output)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise CaffeImportError(f"{args.output}: cannot write the config: {exc}") from None
+    for n in notes:
+        print(f"note: {n}")
+    print(f"wrote {args.output}: {cfg.max_iter} iterations of {cfg.batch_size} x {cfg.iter_size} images, "
+          f"scales {cfg.scales}, merge {cfg.merge}, extra supervision {cfg.extra_supervision}; "
+          f"train with: python -m attnscale.train {args.output}")
 
 
 if __name__ == "__main__":

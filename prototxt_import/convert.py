@@ -351,13 +351,22 @@ class _Layout:
     param_owner: dict[str, str] = field(default_factory=dict)  # shared param name -> first layer declaring it
     net_names: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
+    layers: list = field(default_factory=list)  # the phase's layers, in net order
 
 
-def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
+def _read(prototxt):
+    """``(NetParameter, source name)`` of a path, prototxt text or ``NetParameter``."""
+    if hasattr(prototxt, "DESCRIPTOR"):
+        return prototxt, "<NetParameter>"
+    source = os.fspath(prototxt) if not isinstance(prototxt, str) or os.path.exists(prototxt) else "<string>"
+    return read_net(prototxt), source
+
+
+def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout]:
     # Net::FilterNet with the phase given and the file's own state { level stage }, as Caffe's Net(file, phase)
     state = net_param.state if net_param.HasField("state") else None
     rule = dict(level=state.level if state else 0, stages=tuple(state.stage) if state else ())
-    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TEST", **rule)]
+    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, phase, **rule)]
     train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN", **rule)]
     inputs = net_inputs(net_param, source)
     g = _Graph(lps, inputs.names, source)
@@ -430,7 +439,7 @@ def _analyse(net_param, source: str) -> tuple[dict, _Layout]:
         if scales[0] != 1.0:
             raise CaffeImportError(f"{source}: the merge lists the scales as {scales}; attnscale's model "
                                    "needs the scale-1 branch first (it sets the merge resolution)")
-    layout = _Layout(net_names={lp.name for lp in lps})
+    layout = _Layout(net_names={lp.name for lp in lps}, layers=lps)
     for name in main.convs:
         layout.copies[clf.name if name == "classifier" else name] = [lps[branches[s].convs[name]] for s in scales]
     layout.copies.update({name: [lps[i]] for name, i in head.items()})
@@ -483,9 +492,7 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
 
     from .net import ops_available
 
-    net_param = prototxt if hasattr(prototxt, "DESCRIPTOR") else read_net(prototxt)
-    source = "<NetParameter>" if hasattr(prototxt, "DESCRIPTOR") else (
-        os.fspath(prototxt) if not isinstance(prototxt, str) or os.path.exists(prototxt) else "<string>")
+    net_param, source = _read(prototxt)
     cfg, layout = _analyse(net_param, source)
     notes = list(layout.notes)
     if extra_supervision is not None:
@@ -512,6 +519,73 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
                               dict(cfg, use_reference_ops=use_reference_ops), notes=notes)
     _load(model, layout, wf, report)
     return model, report
+
+
+def param_mults(prototxt) -> dict[str, list[list[float]]]:
+    """Each layer of attnscale's model: ``[[lr_mult, decay_mult] of its weight, [...] of its bias]`` as the
+    solver of a Caffe ``Net`` built from this prototxt in the TRAIN phase takes them (``Net::AppendParam``).
+
+    A blob without a ``param`` line gets ``ParamSpec``'s defaults (1, 1).  A blob shared by
+    ``param { name }`` is one learnable blob: its first layer sets both multipliers; a later sharing layer
+    that sets one the first left unset gives its value, one that sets it otherwise stops Caffe ("Shared
+    param ... has mismatched lr_mult"), and here too.  The scale copies of a layer must share their blobs:
+    Caffe would train unshared copies apart, attnscale's model has one set of weights for all scales.
+    The result is what ``TrainConfig.lr_mults`` takes (``model.param_groups``)."""
+    net_param, source = _read(prototxt)
+    _, layout = _analyse(net_param, source, phase="TRAIN")
+    return _mults(layout, source)
+
+
+def _short(v: float) -> float:
+    """A proto float (float32) as the shortest decimal that reads back as it (0.1, not 0.10000000149)."""
+    return float(str(np.float32(v)))
+
+
+def _mults(layout: _Layout, source: str) -> dict[str, list[list[float]]]:
+    from .schema import message_class
+    default = message_class("ParamSpec")()
+    model_of = {lp.name: m for m, lps in layout.copies.items() for lp in lps}
+    learnable: list[dict] = []            # Net::params_lr_ / has_params_lr_ (and decay), by learnable id
+    by_name: dict[str, int] = {}          # Net::param_names_index_
+    slot: dict[tuple[str, int], int] = {}
+    for lp in layout.layers:
+        if lp.name not in model_of:       # _analyse refuses a layer outside the model sharing its blobs
+            continue
+        if len(lp.param) > 2:
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: {len(lp.param)} param specs for its 2 blobs "
+                                   "(Caffe: \"Too many params specified for layer\")")
+        for j in range(2):
+            spec = lp.param[j] if j < len(lp.param) else default
+            if not spec.name or spec.name not in by_name:
+                if spec.name:
+                    by_name[spec.name] = len(learnable)
+                slot[(lp.name, j)] = len(learnable)
+                learnable.append({f: (getattr(spec, f), spec.HasField(f)) for f in ("lr_mult", "decay_mult")})
+                continue
+            own = learnable[slot.setdefault((lp.name, j), by_name[spec.name])]
+            for f in ("lr_mult", "decay_mult"):
+                if not spec.HasField(f):
+                    continue
+                if own[f][1] and own[f][0] != getattr(spec, f):
+                    raise CaffeImportError(
+                        f"{source}: layer {lp.name!r}: shared param {spec.name!r} has mismatched {f}: "
+                        f"{getattr(spec, f):g} here, {own[f][0]:g} where it was set first (Caffe stops on this, "
+                        "Net::AppendParam)")
+                own[f] = (getattr(spec, f), True)
+    out = {}
+    for m, lps in layout.copies.items():
+        pairs = []
+        for j, what in enumerate(("weight", "bias")):
+            ids = list(dict.fromkeys(slot[(lp.name, j)] for lp in lps))
+            if len(ids) > 1:
+                apart = [lp.name for lp in lps if slot[(lp.name, j)] != ids[0]]
+                raise CaffeImportError(
+                    f"{source}: layers {lps[0].name!r} and {apart[0]!r} do not share their {what} (no common "
+                    "param { name }): Caffe would train each scale's copy apart, attnscale's model has one set of "
+                    "weights for all scales")
+            pairs.append([_short(learnable[ids[0]][f][0]) for f in ("lr_mult", "decay_mult")])
+        out[m] = pairs
+    return out
 
 
 def _params(conv: torch.nn.Conv2d) -> list[tuple[str, torch.nn.Parameter]]:

@@ -1,0 +1,206 @@
+"""A Caffe solver and its training net as an attnscale :class:`~attnscale.config.TrainConfig`
+(:func:`train_config`; ``python -m prototxt_import config SOLVER.prototxt -o config.json``).
+
+What Caffe's ``SGDSolver`` would do with the solver and the TRAIN phase of its net, field by field:
+
+- solver: ``base_lr``, ``lr_policy`` (``step`` or ``fixed``), ``gamma``, ``stepsize``, ``max_iter``,
+  ``momentum``, ``weight_decay`` (``regularization_type`` L2), ``iter_size``, ``clip_gradients``,
+  ``snapshot``, ``display``, ``random_seed``, ``weights`` (one file: ``init``);
+- net (``net`` / ``net_param`` / ``train_net`` / ``train_net_param``, with ``train_state``): scales,
+  merge, classes, classifier name, width and dropout as :func:`~prototxt_import.convert.to_attnscale`
+  reads them; extra supervision from the losses (one on the merged scores, and one on each scale's or
+  none); every layer's ``lr_mult`` / ``decay_mult`` (:func:`~prototxt_import.convert.param_mults`);
+- data: DeepLab's ``ImageSegData`` layer (``batch_size``, ``source``, ``root_folder``; ``crop_size``,
+  ``mirror``), or the image input's shape (batch, crop).
+
+Anything attnscale would train differently (another solver type or policy, L1, a mean other than
+DeepLab's, a loss weight, ...) is an error naming the file and the field; fields with no effect on the
+weights (test nets, snapshot prefix, solver mode) are listed in the notes.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import layers as L
+from .errors import CaffeImportError
+from .readers import read_solver
+
+
+def _f32_equal(got, want) -> bool:
+    return len(got) == len(want) and all(np.float32(a) == np.float32(b) for a, b in zip(got, want))
+
+
+def _solver_net(sp, source: str, net):
+    """Caffe's ``Solver::InitTrainNet``: the training net from exactly one of four fields (or ``net``
+    given here), its state merged with ``train_state``."""
+    from .convert import _read
+    given = [f for f in ("train_net_param", "train_net", "net_param", "net") if sp.HasField(f)]
+    if net is not None:
+        net_param, net_source = _read(net)
+    elif len(given) != 1:
+        raise CaffeImportError(f"{source}: {'no training net' if not given else 'several training nets'} "
+                               f"({', '.join(given) or 'none of net, net_param, train_net, train_net_param'}); "
+                               "Caffe needs exactly one (or pass the net)")
+    elif given[0].endswith("_param"):
+        net_param, net_source = getattr(sp, given[0]), f"{source} ({given[0]})"
+    else:
+        path = getattr(sp, given[0])
+        if not os.path.isfile(path):
+            raise CaffeImportError(f"{source}: {given[0]}: {path!r} is not a file (Caffe opens it from the "
+                                   "working directory; pass the net to give it another way)")
+        net_param, net_source = _read(path)
+    if sp.HasField("train_state"):
+        net_param = type(net_param).FromString(net_param.SerializeToString())
+        net_param.state.MergeFrom(sp.train_state)
+    return net_param, net_source
+
+
+def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
+    kind = (sp.DESCRIPTOR.fields_by_name["solver_type"].enum_type.values_by_number[sp.solver_type].name
+            if sp.HasField("solver_type") else sp.type)
+    if kind != "SGD":
+        raise CaffeImportError(f"{source}: solver type {kind!r}: attnscale trains with Caffe's SGDSolver only")
+    if sp.regularization_type != "L2":
+        raise CaffeImportError(f"{source}: regularization_type {sp.regularization_type!r}: only L2 (Caffe's "
+                               "default) is supported")
+    if sp.lr_policy not in ("step", "fixed"):
+        raise CaffeImportError(f"{source}: lr_policy {sp.lr_policy!r}: only 'step' and 'fixed' are supported "
+                               "(DeepLab-LargeFOV and the paper use step)" if sp.lr_policy else
+                               f"{source}: no lr_policy (Caffe stops: unknown learning rate policy)")
+    if not sp.HasField("max_iter"):
+        raise CaffeImportError(f"{source}: no max_iter")
+    d = dict(base_lr=sp.base_lr, lr_policy=sp.lr_policy, max_iter=sp.max_iter, momentum=sp.momentum,
+             weight_decay=sp.weight_decay, iter_size=sp.iter_size, clip_gradients=sp.clip_gradients,
+             snapshot=sp.snapshot)
+    if sp.lr_policy == "step":
+        if sp.stepsize <= 0:
+            raise CaffeImportError(f"{source}: lr_policy 'step' needs stepsize > 0, got {sp.stepsize} "
+                                   "(Caffe: CHECK_GT(stepsize, 0))")
+        d.update(stepsize=sp.stepsize, gamma=sp.gamma)
+    # solver fields are proto floats: their shortest float32 decimal (0.001, not 0.0010000000474974513)
+    d = {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in d.items()}
+    if sp.display > 0:
+        d["display"] = sp.display
+    elif sp.HasField("display"):
+        notes.append(f"display {sp.display} (Caffe: never log); attnscale logs every {base.display} iterations")
+    if sp.random_seed >= 0:
+        d["seed"] = sp.random_seed
+    else:
+        notes.append(f"no random_seed (Caffe seeds at random); attnscale's runs are seeded: seed {base.seed}")
+    if len(sp.weights) > 1:
+        raise CaffeImportError(f"{source}: {len(sp.weights)} weights files; attnscale's init takes one")
+    if sp.weights:
+        d["init"] = sp.weights[0]
+    unused = [f.name for f, _ in sp.ListFields() if f.name in (
+        "test_net", "test_net_param", "test_state", "test_iter", "test_interval", "test_compute_loss",
+        "test_initialization", "snapshot_prefix", "snapshot_diff", "snapshot_format", "solver_mode",
+        "device_id", "average_loss", "debug_info", "snapshot_after_train", "layer_wise_reduce")]
+    if unused:
+        notes.append(f"not used (no effect on the trained weights, or attnscale's own way): {', '.join(unused)}; "
+                     "evaluate with python -m attnscale.evaluate, checkpoints go to out_dir, the device is "
+                     "TrainConfig.device")
+    return d
+
+
+def _losses(layout, cfg: dict, source: str) -> bool:
+    """Extra supervision from the TRAIN phase's ``SoftmaxWithLoss`` layers: one on the merged scores, plus
+    one per scale or none; each as attnscale's loss (weight 1, ignore_label 255, VALID normalisation)."""
+    losses = [lp for lp in layout.layers if lp.type == "SoftmaxWithLoss"]
+    for lp in losses:
+        lo = lp.loss_param
+        if list(lp.loss_weight) not in ([], [1.0]):
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: loss_weight {list(lp.loss_weight)}; "
+                                   "attnscale sums its losses with weight 1")
+        if not lo.HasField("ignore_label") or lo.ignore_label != 255:
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: ignore_label must be 255 (DeepLab's), got "
+                                   f"{lo.ignore_label if lo.HasField('ignore_label') else 'none'}")
+        valid = (lo.normalize if lo.HasField("normalize") and not lo.HasField("normalization")
+                 else lo.normalization == lo.DESCRIPTOR.fields_by_name["normalization"].enum_type
+                 .values_by_name["VALID"].number)
+        if not valid:
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: the loss must be normalised over the valid "
+                                   "(non-ignored) pixels, Caffe's default VALID, as attnscale's")
+    S = len(cfg["scales"])
+    if S > 1 and len(losses) == 1 + S and not cfg["extra_supervision"]:
+        raise CaffeImportError(f"{source}: {len(losses)} SoftmaxWithLoss layers ({[lp.name for lp in losses]}), "
+                               "but none on a scale's own scores: attnscale's extra supervision puts one on each")
+    allowed = {1, 1 + S} if S > 1 else {1}
+    if len(losses) not in allowed:
+        raise CaffeImportError(f"{source}: {len(losses)} SoftmaxWithLoss layer(s) in the TRAIN phase "
+                               f"({[lp.name for lp in losses]}); attnscale trains with one on the merged scores"
+                               + (f", plus one per scale ({1 + S} in all)" if S > 1 else ""))
+    return S > 1 and len(losses) == 1 + S
+
+
+def _data_fields(layout, net_param, source: str, notes: list[str]) -> dict:
+    """Batch and crop from DeepLab's ``ImageSegData`` layer (with its list and transform), or from the
+    image input's shape."""
+    from attnscale.caffe import IGNORE_LABEL, MEAN_BGR
+
+    from .readers import net_inputs
+    data = [lp for lp in layout.layers if lp.type in L.DATA_TYPES]
+    if not data:
+        shape = net_inputs(net_param, source).shapes[0]
+        if shape is None or shape[-1] != shape[-2]:
+            raise CaffeImportError(f"{source}: the image input has shape {shape}: attnscale's crops are square")
+        notes.append(f"the net reads plain input blobs: batch {shape[0]} and crop {shape[-1]} from the image's "
+                     "input shape; the data transform is DeepLab's ImageSegData (mean subtraction, random crop, "
+                     "mirror as TrainConfig.mirror)")
+        return dict(batch_size=shape[0], crop_size=shape[-1])
+    lp = data[0]
+    if lp.type != "ImageSegData":
+        raise CaffeImportError(f"{source}: layer {lp.name!r}: data layer type {lp.type}; attnscale reads "
+                               "DeepLab's ImageSegData lists (image and label paths)")
+    ip, tp = lp.image_data_param, lp.transform_param
+    bad = [(f, v) for f, v in (("transform_param.mean_file", tp.mean_file), ("image_data_param.mean_file",
+                                ip.mean_file), ("new_height", ip.new_height), ("new_width", ip.new_width),
+                               ("scale_factors", list(tp.scale_factors))) if v]
+    if tp.scale != 1 or ip.scale != 1:
+        bad.append(("scale", tp.scale if tp.scale != 1 else ip.scale))
+    if not _f32_equal(list(tp.mean_value), MEAN_BGR):
+        bad.append(("mean_value", list(tp.mean_value)))
+    if ip.ignore_label != IGNORE_LABEL:
+        bad.append(("ignore_label", ip.ignore_label))
+    if bad:
+        f, v = bad[0]
+        raise CaffeImportError(f"{source}: layer {lp.name!r}: {f} {v}: attnscale's data transform is DeepLab's "
+                               f"(mean_value {' '.join(f'{m:g}' for m in MEAN_BGR)}, scale 1, no resize, "
+                               f"ignore_label {IGNORE_LABEL})")
+    crop = (tp.crop_height, tp.crop_width) if tp.crop_height or tp.crop_width else (tp.crop_size, tp.crop_size)
+    if crop[0] != crop[1]:
+        raise CaffeImportError(f"{source}: layer {lp.name!r}: crop {crop[0]}x{crop[1]}: attnscale's crops are square")
+    if not ip.shuffle:
+        notes.append(f"layer {lp.name!r} reads its list in order (shuffle false); attnscale shuffles every epoch")
+    d = dict(batch_size=ip.batch_size, crop_size=crop[0], mirror=tp.mirror)
+    if ip.source:
+        d["train_list"] = ip.source
+    if ip.root_folder:
+        d["data_root"] = ip.root_folder
+    return d
+
+
+def train_config(solver, net=None, base=None):
+    """``(TrainConfig, notes)`` training as Caffe's ``SGDSolver`` would with ``solver`` (a path or text) and
+    its training net (or ``net``: a path, text or ``NetParameter``, in place of the solver's).  Fields the
+    Caffe files do not set (data set, device, out_dir, ...) come from ``base`` (default ``TrainConfig()``)."""
+    from attnscale.config import TrainConfig
+
+    from .convert import _analyse, _mults
+    base = base if base is not None else TrainConfig()
+    source = os.fspath(solver) if not isinstance(solver, str) or os.path.exists(solver) else "<solver string>"
+    sp = read_solver(solver)
+    notes: list[str] = []
+    d = _solver_fields(sp, source, base, notes)
+    net_param, net_source = _solver_net(sp, source, net)
+    cfg, layout = _analyse(net_param, net_source, phase="TRAIN")
+    d.update(num_classes=cfg["num_classes"], scales=list(cfg["scales"]), merge=cfg["merge"],
+             extra_supervision=_losses(layout, cfg, net_source), width=cfg["width"],
+             classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=_mults(layout, net_source))
+    d.update(_data_fields(layout, net_param, net_source, notes))
+    notes += layout.notes
+    try:
+        return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes
+    except ValueError as exc:
+        raise CaffeImportError(str(exc)) from None

@@ -1,0 +1,248 @@
+"""A Caffe solver + training net as a TrainConfig (prototxt_import.train_config) and every layer's
+lr_mult / decay_mult (prototxt_import.param_mults, Net::AppendParam's sharing rules) in training."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import prototxt_import as pi
+from attnscale.config import TrainConfig
+from attnscale.train import build_model, load_checkpoint, make_optimizer, train
+from prototxt_import import CaffeImportError
+from prototxt_import.__main__ import main as cli
+from tests.caffe_files import SUFFIX, deeplab_prototxt, to_v1_text
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "prototxt")
+TRAIN_NET = os.path.join(SHARED, "attention3_train_esupv.prototxt")
+MERGED = {"attention": "fc8_attention", "max": "fc8_max", "avg": "fc8_avg", None: "fc8_voc12"}
+SOLVER = """base_lr: 0.01
+lr_policy: "fixed"
+max_iter: 2
+momentum: 0.9
+weight_decay: 0.0005
+random_seed: 3
+"""
+
+
+def train_net(scales=(1.0, 0.5), merge="attention", esupv=True, width=1 / 32, classes=5, size=33,
+              data_layer=False) -> str:
+    """``deeplab_prototxt`` in training form: label inputs (or an ImageSegData layer) and the losses."""
+    text = deeplab_prototxt(scales, merge, width=width, classes=classes, size=size)
+    sfx = [SUFFIX.get(s, "") for s in scales]
+    if data_layer:
+        text = text.replace(f'input: "data"\ninput_shape {{ dim: 1 dim: 3 dim: {size} dim: {size} }}\n',
+                            'layer { name: "data" type: "ImageSegData" top: "data" top: "label" '
+                            'include { phase: TRAIN } image_data_param { source: "list/train_aug.txt" '
+                            'root_folder: "/data/VOC2012" batch_size: 7 shuffle: true } transform_param { '
+                            f'mirror: true crop_size: {size} mean_value: 104.008 mean_value: 116.669 '
+                            'mean_value: 122.675 } }\n')
+    else:
+        text = text.replace(f"dim: {size} }}\n", f"dim: {size} }}\n" + "".join(
+            f'input: "label{s}"\ninput_shape {{ dim: 1 dim: 1 dim: 4 dim: 4 }}\n' for s in sfx), 1)
+    label = (lambda s: "label") if data_layer else (lambda s: f"label{s}")
+    losses = [("loss", MERGED[merge if len(scales) > 1 else None], label(""))]
+    if esupv and len(scales) > 1:
+        losses += [(f"loss{s}", f"fc8_voc12{s}", label(s)) for s in sfx]
+    return text + "".join(f'layer {{ name: "{n}" type: "SoftmaxWithLoss" bottom: "{b}" bottom: "{lab}" '
+                          f'top: "{n}" loss_param {{ ignore_label: 255 }} }}\n' for n, b, lab in losses)
+
+
+def _write(tmp_path, name, text) -> str:
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# ------------------------------------------------------------------------------ param_mults
+@pytest.mark.skipif(not os.path.exists(TRAIN_NET), reason="the shared reference prototxts are not beside the checkout")
+def test_param_mults_of_the_training_prototxt_are_the_prototxt_scheme():
+    """Read from attention3_train_esupv.prototxt, the multipliers give every parameter the (lr_mult,
+    decay_mult) of the fixed ``lr_mults="prototxt"`` scheme (written from that file by hand)."""
+    mults = pi.param_mults(TRAIN_NET)
+    assert mults["fc6"] == [[1.0, 1.0], [2.0, 0.0]] and mults["att_conv1"] == [[1.0, 1.0], [1.0, 1.0]]
+    kw = dict(num_classes=21, scales=[1.0, 0.75, 0.5], merge="attention", extra_supervision=True, width=1 / 32,
+              classifier_name="fc8_voc12", dataset="synthetic")
+    groups = {}
+    for scheme in ("prototxt", mults):
+        cfg = TrainConfig(lr_mults=scheme, **kw).validate()
+        model = build_model(cfg)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups[str(scheme)[:8]] = {names[id(p)]: (g["lr_mult"], g["decay_mult"], g["lr"], g["weight_decay"])
+                                   for g in make_optimizer(model, cfg).param_groups for p in g["params"]}
+    a, b = groups.values()
+    assert a == b and len(a) == 36
+
+
+def _shared(text, layer, blob, spec):
+    """Replace the ``param`` spec of blob ``blob`` ("w"/"b") of one layer copy with ``spec``."""
+    pat = re.compile(r'(layer \{ name: "' + layer + r'" [^\n]*?)param \{ name: "(\w+)_' + blob + r'"[^}]*\}')
+    new, n = pat.subn(lambda m: m.group(1) + f'param {{ name: "{m.group(2)}_{blob}" {spec} }}', text)
+    assert n == 1, layer
+    return new
+
+
+def test_param_mults_follow_caffe_sharing_rules():
+    net = train_net()
+    assert pi.param_mults(net)["conv1_1"] == [[1.0, 1.0], [2.0, 0.0]]
+    # the first copy leaves lr_mult unset: a later sharing copy's value holds (Net::AppendParam)
+    text = _shared(_shared(net, "conv1_1", "w", "decay_mult: 1"), "conv1_1_res05", "w", "lr_mult: 3 decay_mult: 1")
+    assert pi.param_mults(text)["conv1_1"] == [[3.0, 1.0], [2.0, 0.0]]
+    # both unset: ParamSpec's default 1; a proto float reads as its shortest decimal
+    text = _shared(_shared(net, "conv2_1", "b", ""), "conv2_1_res05", "b", "decay_mult: 0.1")
+    assert pi.param_mults(text)["conv2_1"] == [[1.0, 1.0], [1.0, 0.1]]
+    # two settings that differ stop Caffe
+    text = _shared(net, "fc7_res05", "w", "lr_mult: 5 decay_mult: 1")
+    with pytest.raises(CaffeImportError, match=r"'fc7_res05'.*shared param 'fc7_w' has mismatched lr_mult: 5 here, 1"):
+        pi.param_mults(text)
+    text = _shared(net, "fc7_res05", "b", "lr_mult: 2 decay_mult: 1")
+    with pytest.raises(CaffeImportError, match="mismatched decay_mult"):
+        pi.param_mults(text)
+    # scale copies that do not share a blob would train apart
+    text = net.replace('layer { name: "fc6_res05" type: "Convolution" bottom: "pool5a_res05" top: "fc6_res05" '
+                       'param { name: "fc6_w"', 'layer { name: "fc6_res05" type: "Convolution" bottom: '
+                       '"pool5a_res05" top: "fc6_res05" param { name: "fc6_w2"')
+    assert text != net
+    with pytest.raises(CaffeImportError, match=r"'fc6' and 'fc6_res05' do not share their weight"):
+        pi.param_mults(text)
+    text = _shared(net, "fc8_voc12", "b", 'lr_mult: 2 decay_mult: 0 } param { lr_mult: 1')
+    with pytest.raises(CaffeImportError, match="3 param specs"):
+        pi.param_mults(text)
+
+
+def test_param_mults_of_a_v1_net_read_blobs_lr_and_weight_decay():
+    text = to_v1_text(deeplab_prototxt(width=1 / 32))
+    text = text.replace('name: "fc6" type: CONVOLUTION', 'name: "fc6" type: CONVOLUTION blobs_lr: 1 blobs_lr: 2 '
+                        'weight_decay: 1 weight_decay: 0')
+    mults = pi.param_mults(text)
+    assert mults["fc6"] == [[1.0, 1.0], [2.0, 0.0]] and mults["conv1_1"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert len(mults) == 16
+
+
+def test_explicit_lr_mults_are_checked(tmp_path):
+    kw = dict(dataset="synthetic", width=1 / 32, classifier_name="fc8_voc12")
+    good = pi.param_mults(deeplab_prototxt(width=1 / 32, classes=5))
+    for bad, why in (({"conv1_1": [[1, 1]]}, "lr_mults must be"), ({"conv1_1": [[1, float("nan")], [1, 1]]}, "finite"),
+                     ({"conv1_1": [[1, 1], [1, True]]}, "lr_mults must be"), ([1, 2], "lr_mults must be")):
+        with pytest.raises(ValueError, match=why):
+            TrainConfig(lr_mults=bad, **kw).validate()
+    cfg = TrainConfig(lr_mults={k: v for k, v in good.items() if k != "fc7"}, **kw).validate()
+    with pytest.raises(ValueError, match=r"no entry for the model's layer\(s\) \['fc7'\]"):
+        make_optimizer(build_model(cfg), cfg)
+    cfg = TrainConfig(lr_mults={**good, "att_conv1": [[1, 1], [1, 1]]}, **kw).validate()
+    with pytest.raises(ValueError, match=r"\['att_conv1'\] are not layers of this model"):
+        make_optimizer(build_model(cfg), cfg)
+    # a JSON round trip keeps them
+    cfg = TrainConfig(lr_mults=good, **kw).validate()
+    cfg.save(str(tmp_path / "c.json"))
+    assert TrainConfig.load(str(tmp_path / "c.json")).lr_mults == good
+
+
+# ------------------------------------------------------------------------------ train_config
+@pytest.mark.skipif(not os.path.exists(TRAIN_NET), reason="the shared reference prototxts are not beside the checkout")
+def test_train_config_from_a_solver_and_the_training_prototxt(tmp_path):
+    solver = _write(tmp_path, "solver.prototxt", f'net: "{TRAIN_NET}"\nbase_lr: 0.001\nlr_policy: "step"\n'
+                    'gamma: 0.1\nstepsize: 2000\nmax_iter: 6000\nmomentum: 0.9\nweight_decay: 0.0005\n'
+                    'iter_size: 3\nsnapshot: 2000\ndisplay: 10\nsnapshot_prefix: "x"\nsolver_mode: GPU\n'
+                    'weights: "init.caffemodel"\n')
+    cfg, notes = pi.train_config(solver)
+    want = dict(base_lr=0.001, lr_policy="step", gamma=0.1, stepsize=2000, max_iter=6000, momentum=0.9,
+                weight_decay=0.0005, iter_size=3, snapshot=2000, display=10, init="init.caffemodel",
+                scales=[1.0, 0.75, 0.5], merge="attention", extra_supervision=True, num_classes=21, width=1.0,
+                classifier_name="fc8_voc12", dropout=0.0, batch_size=10, crop_size=321,
+                lr_mults=pi.param_mults(TRAIN_NET))
+    assert {k: getattr(cfg, k) for k in want} == want
+    assert any("snapshot_prefix, solver_mode" in n for n in notes) and any("random_seed" in n for n in notes)
+
+
+def test_train_config_reads_the_data_layer_and_the_losses(tmp_path):
+    net = train_net(scales=(1.0, 0.75, 0.5), merge="max", esupv=False, data_layer=True, size=33)
+    cfg, notes = pi.train_config(SOLVER + 'iter_size: 2\ntype: "SGD"\n', net=net)
+    assert (cfg.batch_size, cfg.crop_size, cfg.mirror, cfg.train_list, cfg.data_root) == (
+        7, 33, True, "list/train_aug.txt", "/data/VOC2012", )
+    assert (cfg.merge, cfg.extra_supervision, cfg.scales, cfg.iter_size, cfg.seed, cfg.lr_policy) == (
+        "max", False, [1.0, 0.75, 0.5], 2, 3, "fixed")
+    assert cfg.dropout == 0.5 and cfg.num_classes == 5
+    # with a base: the fields Caffe's files do not set come from it
+    base = TrainConfig(dataset="synthetic", out_dir="runs/x", device="cpu")
+    cfg, _ = pi.train_config(SOLVER, net=train_net(), base=base)
+    assert (cfg.dataset, cfg.out_dir, cfg.extra_supervision, cfg.batch_size) == ("synthetic", "runs/x", True, 1)
+
+
+@pytest.mark.parametrize("solver,net,why", [
+    ('lr_policy: "poly"\npower: 0.9\n', None, "lr_policy 'poly': only 'step' and 'fixed'"),
+    ('type: "Adam"\n', None, "solver type 'Adam'"),
+    ("solver_type: NESTEROV\n", None, "solver type 'NESTEROV'"),
+    ('regularization_type: "L1"\n', None, "regularization_type 'L1'"),
+    ('lr_policy: "step"\n', None, "stepsize > 0"),
+    ('weights: "a" weights: "b"\n', None, "2 weights files"),
+    ("", "no-net", "no training net"),
+    ('net: "does/not/exist.prototxt"\n', "no-net", "'does/not/exist.prototxt' is not a file"),
+    ("", ("ignore_label: 255", ""), "ignore_label must be 255"),
+    ("", ('top: "loss_res05"', 'top: "loss_res05" loss_weight: 2'), r"loss_weight \[2.0\]"),
+    ("", ('ignore_label: 255 }', 'ignore_label: 255 normalization: BATCH_SIZE }'), "VALID"),
+    ("", ('ignore_label: 255 }', 'ignore_label: 255 normalize: false }'), "VALID"),
+    ("", ("mean_value: 104.008", "mean_value: 104"), "mean_value"),
+    ("", ("crop_size: 33", "crop_height: 33 crop_width: 65"), "crop 33x65"),
+    ("", ("mirror: true", "mirror: true scale: 0.00390625"), "scale 0.0039"),
+])
+def test_train_config_refuses_what_attnscale_would_train_otherwise(solver, net, why):
+    text = train_net(data_layer=True)
+    if isinstance(net, tuple):
+        assert net[0] in text
+        text = text.replace(net[0], net[1], 1)
+    solver = (SOLVER.replace('lr_policy: "fixed"\n', "") if "lr_policy" in solver else SOLVER) + solver
+    with pytest.raises(CaffeImportError, match=why):
+        pi.train_config(solver, net=None if net == "no-net" else text)
+
+
+def test_train_config_needs_the_papers_losses():
+    net = train_net(scales=(1.0, 0.75, 0.5))
+    one_less = net.replace('layer { name: "loss_res05"', 'layer { name: "x" type: "Silence" bottom: "label_res05" }\n'
+                           '#', 1)
+    with pytest.raises(CaffeImportError, match=r"3 SoftmaxWithLoss layer\(s\).*one on the merged scores, plus one "
+                       r"per scale \(4 in all\)"):
+        pi.train_config(SOLVER, net=one_less)
+
+
+def test_config_cli_writes_a_config_that_trains_as_the_prototxt_says(tmp_path, capsys):
+    """End to end: solver + net with conv1_1 frozen (lr_mult 0) -> ``python -m prototxt_import config`` ->
+    ``attnscale.train``: conv1_1 keeps its start, conv1_2 moves."""
+    net = train_net()
+    for blob in ("w", "b"):
+        net = re.sub(r'param \{ name: "conv1_1_' + blob + r'" lr_mult: \d', f'param {{ name: "conv1_1_{blob}" lr_mult: 0',
+                     net)
+    net_path = _write(tmp_path, "train.prototxt", net)
+    solver = _write(tmp_path, "solver.prototxt", SOLVER + f'net: "{net_path}"\n')
+    base = TrainConfig(dataset="synthetic", synthetic_size=33, synthetic_train=4, synthetic_val=2, workers=0,
+                       out_dir=str(tmp_path / "run"), torch_threads=1, snapshot=100)
+    base.save(str(tmp_path / "base.json"))
+    out = str(tmp_path / "cfg.json")
+    assert cli(["config", solver, "--base", str(tmp_path / "base.json"), "-o", out]) == 0
+    assert "train with: python -m attnscale.train" in capsys.readouterr().out
+    cfg = TrainConfig.load(out)
+    assert cfg.lr_mults["conv1_1"] == [[0.0, 1.0], [0.0, 0.0]] and cfg.crop_size == 33
+    ck = load_checkpoint(train(cfg, progress=False).checkpoint)
+    torch.manual_seed(cfg.seed)
+    start = build_model(cfg).state_dict()
+    assert torch.equal(ck["model"]["conv1_1.weight"], start["conv1_1.weight"])
+    assert torch.equal(ck["model"]["conv1_1.bias"], start["conv1_1.bias"])
+    assert not torch.equal(ck["model"]["conv1_2.weight"], start["conv1_2.weight"])
+    assert json.load(open(out))["lr_mults"]["fc6"] == [[1.0, 1.0], [2.0, 0.0]]
+
+
+def test_config_cli_names_what_is_wrong(tmp_path, capsys):
+    solver = _write(tmp_path, "solver.prototxt", SOLVER.replace('"fixed"', '"inv"'))
+    assert cli(["config", solver, "--net", _write(tmp_path, "n.prototxt", train_net()), "-o",
+                str(tmp_path / "c.json")]) == 2
+    assert f"{solver}: lr_policy 'inv'" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "c.json")
+    assert cli(["config", solver, "--base", str(tmp_path / "none.json"), "-o", str(tmp_path / "c.json")]) == 2
+    assert "--base: config file not found" in capsys.readouterr().err
+    solver = _write(tmp_path, "solver2.prototxt", SOLVER)
+    assert cli(["config", solver, "--net", _write(tmp_path, "n.prototxt", train_net()), "-o",
+                str(tmp_path / "no" / "dir" / "c.json")]) == 2
+    assert "cannot write the config" in capsys.readouterr().err
