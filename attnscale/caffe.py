@@ -31,6 +31,7 @@ __all__ = [
     "scale_interp_params", "scaled_input_shape",
     "shrink_label", "label_sample_indices",
     "preprocess_bgr", "rgb_to_bgr",
+    "FILLER_FIELDS", "check_filler", "caffe_fill",
 ]
 
 #: DeepLab's per-channel mean, **BGR** order (``mean_value`` in every DeepLab data layer).
@@ -544,3 +545,91 @@ def preprocess_bgr(image_bgr: np.ndarray) -> torch.Tensor:
         raise ValueError(f"preprocess_bgr: expected an HxWx3 numpy image, got "
                          f"{getattr(image_bgr, 'shape', type(image_bgr))}")
     return torch.from_numpy(subtract_mean(image_bgr).transpose(2, 0, 1)[None].copy())
+
+
+# ----------------------------------------------------------------------------------------- Fillers
+#: ``FillerParameter`` fields each of Caffe's fillers reads (``filler.hpp``), with their defaults.
+FILLER_FIELDS: dict[str, dict] = {
+    "constant": {"value": 0.0},
+    "uniform": {"min": 0.0, "max": 1.0},
+    "gaussian": {"mean": 0.0, "std": 1.0, "sparse": -1},
+    "positive_unitball": {},
+    "xavier": {"variance_norm": "FAN_IN"},
+    "msra": {"variance_norm": "FAN_IN"},
+    "bilinear": {},
+}
+
+
+def check_filler(spec: dict, where: str) -> dict:
+    """A filler spec ``{"type": ..., field: value}`` with every field its type reads (defaults filled in),
+    or a ValueError naming ``where``.  Caffe's ``GetFiller`` stops on an unknown type, and its constant and
+    uniform fillers on ``sparse`` ("Sparsity not supported by this Filler")."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("type", "constant"), str):
+        raise ValueError(f"{where}: a filler is an object {{\"type\": ..., ...}}, got {spec!r}")
+    kind = spec.get("type", "constant")
+    if kind not in FILLER_FIELDS:
+        raise ValueError(f"{where}: unknown filler type {kind!r} (Caffe's: {', '.join(FILLER_FIELDS)})")
+    unknown = sorted(set(spec) - {"type"} - set(FILLER_FIELDS[kind]))
+    if unknown:
+        raise ValueError(f"{where}: the {kind} filler takes {sorted(FILLER_FIELDS[kind]) or 'no fields'}, "
+                         f"not {unknown}")
+    out = {"type": kind, **FILLER_FIELDS[kind], **spec}
+    for k, v in out.items():
+        if k == "variance_norm":
+            if v not in ("FAN_IN", "FAN_OUT", "AVERAGE"):
+                raise ValueError(f"{where}: variance_norm must be FAN_IN, FAN_OUT or AVERAGE, got {v!r}")
+        elif k == "sparse":
+            if not isinstance(v, int) or isinstance(v, bool) or v < -1:
+                raise ValueError(f"{where}: sparse must be an integer >= -1, got {v!r}")
+        elif k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ValueError(f"{where}: {k} must be a finite number, got {v!r}")
+    return out
+
+
+def _fans(shape: Sequence[int]) -> tuple[int, int]:
+    """Xavier / MSRA: ``fan_in = count / num``, ``fan_out = count / channels`` with Blob's legacy axes (a
+    bias of shape (O,) has channels 1)."""
+    count = math.prod(shape)
+    return count // shape[0], count // (shape[1] if len(shape) > 1 else 1)
+
+
+def caffe_fill(t: torch.Tensor, spec: dict) -> torch.Tensor:
+    """Fill ``t`` in place as Caffe's filler ``spec`` does (``filler.hpp``), drawing from torch's RNG (the same
+    distributions, not Caffe's draws).  Scales are formed in float, as Caffe's ``Dtype`` arithmetic."""
+    spec = check_filler(spec, "filler")
+    kind, f32 = spec["type"], np.float32
+    with torch.no_grad():
+        if kind == "constant":
+            t.fill_(float(f32(spec["value"])))
+        elif kind == "uniform":
+            t.uniform_(float(f32(spec["min"])), float(f32(spec["max"])))
+        elif kind == "gaussian":
+            t.normal_(float(f32(spec["mean"])), float(f32(spec["std"])))
+            if spec["sparse"] >= 0:   # each weight kept with probability sparse / num_outputs
+                p = float(f32(spec["sparse"]) / f32(t.shape[0]))
+                if p > 1:
+                    raise ValueError(f"gaussian filler: sparse {spec['sparse']} > the blob's {t.shape[0]} outputs "
+                                     "(Caffe's caffe_rng_bernoulli checks p <= 1)")
+                t.mul_(torch.bernoulli(torch.full_like(t, p)))
+        elif kind == "positive_unitball":
+            t.uniform_(0, 1)
+            rows = t.view(t.shape[0], -1)
+            rows.div_(rows.sum(1, keepdim=True))
+        elif kind in ("xavier", "msra"):
+            fan_in, fan_out = _fans(t.shape)
+            n = {"FAN_IN": f32(fan_in), "FAN_OUT": f32(fan_out),
+                 "AVERAGE": (f32(fan_in) + f32(fan_out)) / f32(2)}[spec["variance_norm"]]
+            if kind == "xavier":
+                scale = float(np.sqrt(f32(3) / n))
+                t.uniform_(-scale, scale)
+            else:
+                t.normal_(0.0, float(np.sqrt(f32(2) / n)))
+        else:  # bilinear: the upsampling kernel of a deconvolution, every (out, in) channel pair alike
+            if t.dim() != 4 or t.shape[2] != t.shape[3]:
+                raise ValueError(f"bilinear filler: needs a 4-D blob with a square kernel, got {tuple(t.shape)}")
+            k = t.shape[3]
+            f = math.ceil(k / 2.0)
+            c = (k - 1) / (2.0 * f)   # BVLC's; older Caffes' (2f - 1 - f % 2) / 2f agrees for even k
+            r = 1 - torch.abs(torch.arange(k, dtype=torch.float64) / f - c)
+            t.copy_((r[:, None] * r[None, :]).to(t.dtype).expand_as(t))
+    return t

@@ -51,6 +51,9 @@ class TrainConfig:
     fc6_impl: str = "auto"               # fc6: "auto" (our op on a CPU where it pays, model.cpu_prefers_onednn / dilated_pays; cuDNN on a GPU), "ops" (attnscale.ops.dilated_conv2d), "torch" (F.conv2d)
     classifier_name: str = ""            # "": the data set's (fc8_voc12 for VOC)
     dropout: float = 0.5                 # drop6 / drop7 / att_drop1 ratio
+    fillers: dict = field(default_factory=dict)  # {}: attnscale's start (model.reset_parameters); else {layer:
+                                         # [weight filler, bias filler]} as Caffe's, e.g. {"type": "gaussian",
+                                         # "std": 0.01} (attnscale.caffe.caffe_fill), before init is copied in
     test_crop_size: int = 513            # DeepLab test crop (513 VOC, 641 COCO) used by predict
     init: str = ""                       # weights to start from: .caffemodel(.h5) (e.g. vgg16_20M) or checkpoint.pt
     # --- solver (Caffe SGDSolver) -----------------------------------------------------------
@@ -145,6 +148,15 @@ class TrainConfig:
                 want = "null or [lo, hi]"
             elif f.name == "merge":
                 ok, want = v is None or isinstance(v, str), "null or a string"
+            elif f.name == "fillers":
+                ok = isinstance(v, dict) and all(isinstance(k, str) and isinstance(m, (list, tuple)) and len(m) == 2
+                                                 for k, m in v.items())
+                want = "an object {layer: [weight filler, bias filler]}"
+                if ok:
+                    from .caffe import check_filler
+                    for k, m in v.items():
+                        for what, spec in zip(("weight", "bias"), m):
+                            check_filler(spec, f"config.fillers[{k!r}] ({what})")
             elif f.name == "lr_mults":
                 ok = isinstance(v, str) or (isinstance(v, dict) and all(
                     isinstance(k, str) and _is_pairs(m) for k, m in v.items()))

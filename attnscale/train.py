@@ -207,9 +207,29 @@ def build_model(cfg: TrainConfig) -> torch.nn.Module:
                              use_reference_ops=cfg.use_reference_ops, conv_impl=cfg.conv_impl, fc6_impl=cfg.fc6_impl,
                              classifier_name=classifier_name(cfg), dropout=cfg.dropout,
                              test_crop_size=cfg.test_crop_size)
+    if cfg.fillers:
+        fill_layers(model, cfg.fillers)
     if cfg.init:
         init_from_caffemodel(model, cfg.init)
     return model
+
+
+def fill_layers(model: torch.nn.Module, fillers: dict) -> None:
+    """Caffe's layer set-up: each layer of ``fillers`` starts its weight and bias from its
+    ``weight_filler`` / ``bias_filler`` (``attnscale.caffe.caffe_fill``), in the model's layer order;
+    ``init`` is copied in afterwards, as ``solver --weights`` after the net's set-up."""
+    from .caffe import caffe_fill
+    layers = {n: m for n, m in model.named_children() if isinstance(m, torch.nn.Conv2d)}
+    unknown = sorted(set(fillers) - set(layers))
+    if unknown:
+        raise ValueError(f"config.fillers: {unknown} are not layers of this model (its layers: {list(layers)})")
+    for name, m in layers.items():
+        if name in fillers:
+            for what, p, spec in zip(("weight", "bias"), (m.weight, m.bias), fillers[name]):
+                try:
+                    caffe_fill(p, spec)
+                except ValueError as exc:
+                    raise ValueError(f"config.fillers[{name!r}] ({what}): {exc}") from None
 
 
 def init_from_caffemodel(model: torch.nn.Module, weights: str) -> List[str]:

@@ -533,7 +533,7 @@ def param_mults(prototxt) -> dict[str, list[list[float]]]:
     The result is what ``TrainConfig.lr_mults`` takes (``model.param_groups``)."""
     net_param, source = _read(prototxt)
     _, layout = _analyse(net_param, source, phase="TRAIN")
-    return _mults(layout, source)
+    return _mults(layout, source)[0]
 
 
 def _short(v: float) -> float:
@@ -541,11 +541,14 @@ def _short(v: float) -> float:
     return float(str(np.float32(v)))
 
 
-def _mults(layout: _Layout, source: str) -> dict[str, list[list[float]]]:
+def _mults(layout: _Layout, source: str) -> tuple[dict[str, list[list[float]]], dict[str, list]]:
+    """:func:`param_mults`, and each model layer's (weight, bias) owners: the layers whose blobs the
+    net keeps (the first of a shared name; Caffe fills every copy, then the others share the owner's)."""
     from .schema import message_class
     default = message_class("ParamSpec")()
     model_of = {lp.name: m for m, lps in layout.copies.items() for lp in lps}
     learnable: list[dict] = []            # Net::params_lr_ / has_params_lr_ (and decay), by learnable id
+    owner: list = []                      # the layer owning each learnable blob
     by_name: dict[str, int] = {}          # Net::param_names_index_
     slot: dict[tuple[str, int], int] = {}
     for lp in layout.layers:
@@ -561,6 +564,7 @@ def _mults(layout: _Layout, source: str) -> dict[str, list[list[float]]]:
                     by_name[spec.name] = len(learnable)
                 slot[(lp.name, j)] = len(learnable)
                 learnable.append({f: (getattr(spec, f), spec.HasField(f)) for f in ("lr_mult", "decay_mult")})
+                owner.append(lp)
                 continue
             own = learnable[slot.setdefault((lp.name, j), by_name[spec.name])]
             for f in ("lr_mult", "decay_mult"):
@@ -572,9 +576,9 @@ def _mults(layout: _Layout, source: str) -> dict[str, list[list[float]]]:
                         f"{getattr(spec, f):g} here, {own[f][0]:g} where it was set first (Caffe stops on this, "
                         "Net::AppendParam)")
                 own[f] = (getattr(spec, f), True)
-    out = {}
+    out, owners = {}, {}
     for m, lps in layout.copies.items():
-        pairs = []
+        pairs, owners[m] = [], []
         for j, what in enumerate(("weight", "bias")):
             ids = list(dict.fromkeys(slot[(lp.name, j)] for lp in lps))
             if len(ids) > 1:
@@ -584,8 +588,9 @@ def _mults(layout: _Layout, source: str) -> dict[str, list[list[float]]]:
                     "param { name }): Caffe would train each scale's copy apart, attnscale's model has one set of "
                     "weights for all scales")
             pairs.append([_short(learnable[ids[0]][f][0]) for f in ("lr_mult", "decay_mult")])
+            owners[m].append(owner[ids[0]])
         out[m] = pairs
-    return out
+    return out, owners
 
 
 def _params(conv: torch.nn.Conv2d) -> list[tuple[str, torch.nn.Parameter]]:

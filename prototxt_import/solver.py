@@ -9,7 +9,8 @@ What Caffe's ``SGDSolver`` would do with the solver and the TRAIN phase of its n
 - net (``net`` / ``net_param`` / ``train_net`` / ``train_net_param``, with ``train_state``): scales,
   merge, classes, classifier name, width and dropout as :func:`~prototxt_import.convert.to_attnscale`
   reads them; extra supervision from the losses (one on the merged scores, and one on each scale's or
-  none); every layer's ``lr_mult`` / ``decay_mult`` (:func:`~prototxt_import.convert.param_mults`);
+  none); every layer's ``lr_mult`` / ``decay_mult`` (:func:`~prototxt_import.convert.param_mults`) and
+  ``weight_filler`` / ``bias_filler`` (Caffe's default where none: constant 0);
 - data: DeepLab's ``ImageSegData`` layer (``batch_size``, ``source``, ``root_folder``; ``crop_size``,
   ``mirror``), or the image input's shape (batch, crop).
 
@@ -104,6 +105,46 @@ def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
     return d
 
 
+def _filler(fp, where: str) -> dict:
+    """A ``FillerParameter`` as a ``TrainConfig.fillers`` spec: its type and the fields that type reads."""
+    from attnscale.caffe import FILLER_FIELDS, check_filler
+    if fp.type not in FILLER_FIELDS:
+        raise CaffeImportError(f"{where}: unknown filler type {fp.type!r} (Caffe's GetFiller stops: "
+                               f"{', '.join(FILLER_FIELDS)})")
+    if fp.sparse != -1 and fp.type != "gaussian":
+        raise CaffeImportError(f"{where}: sparse {fp.sparse} on a {fp.type} filler (Caffe: \"Sparsity not "
+                               "supported by this Filler\")")
+    spec = {"type": fp.type}
+    for k in FILLER_FIELDS[fp.type]:
+        v = getattr(fp, k)
+        spec[k] = (fp.DESCRIPTOR.fields_by_name[k].enum_type.values_by_number[v].name if k == "variance_norm"
+                   else v if isinstance(v, int) else float(str(np.float32(v))))
+    try:
+        return check_filler(spec, where)
+    except ValueError as exc:
+        raise CaffeImportError(str(exc)) from None
+
+
+def _fillers(owners: dict, source: str, init: str | None, notes: list[str]) -> dict:
+    """Each layer's ``weight_filler`` / ``bias_filler`` (its blob owner's), else Caffe's default: constant 0."""
+    out, zero = {}, []
+    for m, (w_owner, b_owner) in owners.items():
+        pair = []
+        for lp, what in ((w_owner, "weight_filler"), (b_owner, "bias_filler")):
+            cp = lp.convolution_param
+            pair.append(_filler(getattr(cp, what), f"{source}: layer {lp.name!r}: {what}"))
+            if what == "weight_filler" and not cp.HasField(what):
+                zero.append(m)
+        out[m] = pair
+    if zero:
+        notes.append(f"no weight_filler in {', '.join(zero)}: Caffe starts them at constant 0, and so does this "
+                     "config" + (f", before the init weights ({init}) are copied in" if init else
+                                 " (no init weights given: a net starting at all zeros learns only its last biases)")
+                     + ("; an all-zero attention head learns only att_conv2's bias (the same weights at every "
+                        "pixel): give att_conv1 / att_conv2 a weight_filler" if "att_conv1" in zero else ""))
+    return out
+
+
 def _losses(layout, cfg: dict, source: str) -> bool:
     """Extra supervision from the TRAIN phase's ``SoftmaxWithLoss`` layers: one on the merged scores, plus
     one per scale or none; each as attnscale's loss (weight 1, ignore_label 255, VALID normalisation)."""
@@ -195,9 +236,11 @@ def train_config(solver, net=None, base=None):
     d = _solver_fields(sp, source, base, notes)
     net_param, net_source = _solver_net(sp, source, net)
     cfg, layout = _analyse(net_param, net_source, phase="TRAIN")
+    mults, owners = _mults(layout, net_source)
     d.update(num_classes=cfg["num_classes"], scales=list(cfg["scales"]), merge=cfg["merge"],
              extra_supervision=_losses(layout, cfg, net_source), width=cfg["width"],
-             classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=_mults(layout, net_source))
+             classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=mults,
+             fillers=_fillers(owners, net_source, d.get("init") or base.init, notes))
     d.update(_data_fields(layout, net_param, net_source, notes))
     notes += layout.notes
     try:

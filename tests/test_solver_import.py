@@ -209,9 +209,9 @@ def test_train_config_needs_the_papers_losses():
 
 
 def test_config_cli_writes_a_config_that_trains_as_the_prototxt_says(tmp_path, capsys):
-    """End to end: solver + net with conv1_1 frozen (lr_mult 0) -> ``python -m prototxt_import config`` ->
-    ``attnscale.train``: conv1_1 keeps its start, conv1_2 moves."""
-    net = train_net()
+    """End to end: solver + net with conv1_1 frozen (lr_mult 0), MSRA fillers -> ``python -m prototxt_import
+    config`` -> ``attnscale.train``: conv1_1 keeps its (MSRA) start, conv1_2 moves."""
+    net = train_net().replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
     for blob in ("w", "b"):
         net = re.sub(r'param \{ name: "conv1_1_' + blob + r'" lr_mult: \d', f'param {{ name: "conv1_1_{blob}" lr_mult: 0',
                      net)
@@ -230,6 +230,7 @@ def test_config_cli_writes_a_config_that_trains_as_the_prototxt_says(tmp_path, c
     start = build_model(cfg).state_dict()
     assert torch.equal(ck["model"]["conv1_1.weight"], start["conv1_1.weight"])
     assert torch.equal(ck["model"]["conv1_1.bias"], start["conv1_1.bias"])
+    assert abs(start["conv1_1.weight"].std().item() / (2 / 27) ** 0.5 - 1) < 0.3    # MSRA, fan_in 3 * 3 * 3
     assert not torch.equal(ck["model"]["conv1_2.weight"], start["conv1_2.weight"])
     assert json.load(open(out))["lr_mults"]["fc6"] == [[1.0, 1.0], [2.0, 0.0]]
 
@@ -246,3 +247,84 @@ def test_config_cli_names_what_is_wrong(tmp_path, capsys):
     assert cli(["config", solver, "--net", _write(tmp_path, "n.prototxt", train_net()), "-o",
                 str(tmp_path / "no" / "dir" / "c.json")]) == 2
     assert "cannot write the config" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ fillers
+def _filled(spec, shape=(64, 32, 3, 3)):
+    from attnscale.caffe import caffe_fill
+    torch.manual_seed(0)
+    return caffe_fill(torch.empty(shape), spec)
+
+
+def test_caffe_fillers_draw_caffes_distributions():
+    assert torch.equal(_filled({"type": "constant", "value": 0.5}), torch.full((64, 32, 3, 3), 0.5))
+    assert torch.equal(_filled({}), torch.zeros(64, 32, 3, 3))      # FillerParameter's default: constant 0
+    t = _filled({"type": "gaussian", "std": 0.01, "mean": 1.0})
+    assert abs(t.std().item() - 0.01) < 5e-4 and abs(t.mean().item() - 1.0) < 5e-4
+    t = _filled({"type": "uniform", "min": -2, "max": 3})
+    assert t.min() >= -2 and t.max() <= 3 and t.min() < -1.99 and t.max() > 2.99
+    # xavier: U(-sqrt(3 / n), sqrt(3 / n)); msra: N(0, sqrt(2 / n)); n = fan_in (32*9), fan_out (64*9) or their mean
+    for norm, n in (("FAN_IN", 288), ("FAN_OUT", 576), ("AVERAGE", 432)):
+        t = _filled({"type": "xavier", "variance_norm": norm})
+        assert t.abs().max() <= (3 / n) ** 0.5 and t.abs().max() > 0.99 * (3 / n) ** 0.5, norm
+        t = _filled({"type": "msra", "variance_norm": norm})
+        assert abs(t.std().item() / (2 / n) ** 0.5 - 1) < 0.02, norm
+    # a bias (O,): fan_in = 1, fan_out = O
+    assert abs(_filled({"type": "msra", "variance_norm": "FAN_OUT"}, (20000,)).std().item() - (2 / 20000) ** 0.5) < 1e-4
+    assert _filled({"type": "xavier"}, (20000,)).abs().max() > 1.7    # sqrt(3 / 1)
+    t = _filled({"type": "positive_unitball"})
+    assert (t > 0).all() and torch.allclose(t.view(64, -1).sum(1), torch.ones(64))
+    t = _filled({"type": "gaussian", "sparse": 16})               # kept with probability 16 / 64 outputs
+    assert abs((t != 0).float().mean().item() - 0.25) < 0.02
+    k = torch.tensor([0.25, 0.75, 0.75, 0.25])
+    assert torch.equal(_filled({"type": "bilinear"}, (2, 1, 4, 4))[1, 0], k[:, None] * k[None, :])
+    for spec, why in (({"type": "gaussian", "sparse": 65}, "sparse 65 > the blob's 64 outputs"),
+                      ({"type": "foo"}, "unknown filler type 'foo'"), ({"type": "constant", "std": 1}, "takes"),
+                      ({"type": "gaussian", "std": float("inf")}, "finite"),
+                      ({"type": "msra", "variance_norm": "FAN"}, "variance_norm"),
+                      ({"type": "bilinear"}, "square kernel")):
+        with pytest.raises(ValueError, match=why):
+            _filled(spec, (64, 32, 3, 1) if spec == {"type": "bilinear"} else (64, 32, 3, 3))
+
+
+def test_fillers_in_the_config_start_the_model_before_init(tmp_path):
+    kw = dict(dataset="synthetic", width=1 / 32, scales=[1.0, 0.5], merge="attention")
+    fill = {"fc8_synthetic": [{"type": "constant", "value": 0.25}, {"type": "constant", "value": -1}],
+            "att_conv1": [{"type": "gaussian", "std": 0.01}, {"type": "constant"}]}
+    cfg = TrainConfig(fillers=fill, **kw).validate()
+    m = build_model(cfg)
+    assert (m.fc8_synthetic.weight == 0.25).all() and (m.fc8_synthetic.bias == -1).all()
+    assert abs(m.att_conv1.weight.std().item() - 0.01) < 1e-3 and (m.att_conv1.bias == 0).all()
+    # the init weights are copied in afterwards (solver --weights after the net's set-up)
+    init = tmp_path / "init.pt"
+    state = {k: torch.full_like(v, 3.0) for k, v in m.state_dict().items() if k.startswith("fc8_synthetic")}
+    torch.save({"model": state}, init)
+    m = build_model(TrainConfig(fillers=fill, init=str(init), **kw).validate())
+    assert (m.fc8_synthetic.weight == 3).all() and abs(m.att_conv1.weight.std().item() - 0.01) < 1e-3
+    with pytest.raises(ValueError, match=r"config.fillers: \['fc9'\] are not layers"):
+        build_model(TrainConfig(fillers={"fc9": [{}, {}]}, **kw).validate())
+    with pytest.raises(ValueError, match=r"config.fillers\['fc6'\] \(bias\): unknown filler type 'gauss'"):
+        TrainConfig(fillers={"fc6": [{}, {"type": "gauss"}]}, **kw).validate()
+    with pytest.raises(ValueError, match=r"config.fillers must be"):
+        TrainConfig(fillers={"fc6": [{}]}, **kw).validate()
+
+
+def test_train_config_takes_the_blob_owners_fillers():
+    net = train_net()
+    for layer, filler in (("fc8_voc12", 'weight_filler { type: "gaussian" std: 0.01 } bias_filler { type: '
+                           '"constant" value: 0.5 }'), ("fc8_voc12_res05", 'weight_filler { type: "constant" value: 5 }'),
+                          ("att_conv1", 'weight_filler { type: "xavier" variance_norm: AVERAGE }')):
+        net, n = re.subn(r'(layer \{ name: "' + layer + r'" [^\n]*\n  convolution_param \{)', r"\1 " + filler, net)
+        assert n == 1, layer
+    cfg, notes = pi.train_config(SOLVER, net=net)
+    assert cfg.fillers["fc8_voc12"] == [{"type": "gaussian", "mean": 0.0, "std": 0.01, "sparse": -1},
+                                        {"type": "constant", "value": 0.5}]      # the owner's (scale 1, first)
+    assert cfg.fillers["att_conv1"][0] == {"type": "xavier", "variance_norm": "AVERAGE"}
+    assert cfg.fillers["conv1_1"] == [{"type": "constant", "value": 0.0}] * 2
+    assert any("no weight_filler in conv1_1" in n and "att_conv2" in n and "learns only its last biases" in n
+               for n in notes)
+    for filler, why in (('weight_filler { type: "foo" }', "layer 'fc6': weight_filler: unknown filler type 'foo'"),
+                        ('bias_filler { type: "constant" sparse: 3 }', "sparse 3 on a constant filler")):
+        bad = re.sub(r'(layer \{ name: "fc6" [^\n]*\n  convolution_param \{)', r"\1 " + filler, train_net())
+        with pytest.raises(CaffeImportError, match=why):
+            pi.train_config(SOLVER, net=bad)
