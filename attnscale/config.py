@@ -24,6 +24,10 @@ RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_r
 RESUME_FREE_FIELDS = RUN_FIELDS + ("snapshot", "max_iter", "data_root", "init")
 
 
+#: Caffe ``SGDSolver::GetLearningRate``'s policies (``attnscale.train.caffe_rate``)
+LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
+
+
 @dataclass
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------
@@ -63,9 +67,11 @@ class TrainConfig:
                                          # (weight), [..] (bias)]} for every conv (prototxt_import.param_mults)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    lr_policy: str = "step"
+    lr_policy: str = "step"              # Caffe's: fixed, step, exp, inv, multistep, poly, sigmoid (train.caffe_rate)
     gamma: float = 0.1
     stepsize: int = 2000
+    stepvalue: List[int] = field(default_factory=list)   # multistep: the updates at which the rate drops
+    power: float = 0.0                   # poly / inv exponent (Caffe's default 0; DeepLab-v2's poly: 0.9)
     max_iter: int = 6000
     clip_gradients: float = -1.0         # Caffe solver clip_gradients (< 0: off, Caffe's default)
     batch_size: int = 10                 # images per forward pass
@@ -108,8 +114,10 @@ class TrainConfig:
         if isinstance(self.lr_mults, str) and self.lr_mults not in ("paper", "prototxt"):
             raise ValueError(f"config.lr_mults must be 'paper', 'prototxt' or {{layer: [[lr_mult, decay_mult], "
                              f"[lr_mult, decay_mult]]}}, got {self.lr_mults!r}")
-        if self.lr_policy not in ("step", "fixed"):
-            raise ValueError(f"config.lr_policy: only Caffe 'step' and 'fixed' are supported, got {self.lr_policy!r}")
+        if self.lr_policy not in LR_POLICIES:
+            raise ValueError(f"config.lr_policy must be one of Caffe's {', '.join(LR_POLICIES)}, got {self.lr_policy!r}")
+        if self.lr_policy == "multistep" and not self.stepvalue:
+            raise ValueError("config.lr_policy 'multistep' needs config.stepvalue (the updates at which the rate drops)")
         for k in ("max_iter", "batch_size", "iter_size", "stepsize", "display", "test_crop_size",
                   "synthetic_train", "synthetic_val"):
             if getattr(self, k) <= 0:
@@ -121,8 +129,10 @@ class TrainConfig:
         if self.crop_size == 0 and self.batch_size > 1:
             raise ValueError(f"config.crop_size 0 (no crop: each image at its own size) needs batch_size 1, got "
                              f"{self.batch_size} (images of different sizes cannot be stacked into one batch)")
-        if not self.gamma > 0 or not self.width > 0:
-            raise ValueError(f"config.gamma and config.width must be positive, got {self.gamma}, {self.width}")
+        if not self.width > 0:
+            raise ValueError(f"config.width must be positive, got {self.width}")
+        if self.lr_policy in ("step", "exp", "inv", "multistep") and not self.gamma > 0:
+            raise ValueError(f"config.gamma must be positive for lr_policy {self.lr_policy!r}, got {self.gamma}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"config.dropout must be in [0, 1), got {self.dropout}")
         if self.synthetic_size < 14:
@@ -146,6 +156,9 @@ class TrainConfig:
             elif f.name == "random_scale":
                 ok = v is None or (isinstance(v, (list, tuple)) and all(_is_number(x) for x in v))
                 want = "null or [lo, hi]"
+            elif f.name == "stepvalue":
+                ok = isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                want = "a list of integers"
             elif f.name == "merge":
                 ok, want = v is None or isinstance(v, str), "null or a string"
             elif f.name == "fillers":

@@ -164,7 +164,7 @@ def default_workers() -> int:
 
 
 #: config fields added after rows were first keyed, with the value that computes what the rows did before
-KEY_LATER_FIELDS = {"precision": "fp32", "fillers": {}}
+KEY_LATER_FIELDS = {"precision": "fp32", "fillers": {}, "stepvalue": [], "power": 0.0}
 
 
 def config_key(cfg: TrainConfig) -> str:

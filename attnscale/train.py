@@ -2,7 +2,8 @@
 
 Caffe ``SGDSolver`` semantics, exactly:
 
-- learning rate, ``lr_policy: "step"``: ``rate = base_lr * gamma ^ floor(iter / stepsize)``
+- learning rate, ``lr_policy: "step"``: ``rate = base_lr * gamma ^ floor(iter / stepsize)`` (and Caffe's
+  other policies: :func:`caffe_rate`)
   where ``iter`` is the number of updates already done (Caffe's ``iter_`` in ``ApplyUpdate``);
 - ``iter_size`` forward/backward passes accumulate their *unscaled* gradients per update; the sum
   is clipped (``ClipGradients``, if on) and then multiplied by the float ``1 / iter_size``
@@ -131,13 +132,39 @@ def _f32(x: float) -> float:
 
 
 def caffe_rate(cfg: TrainConfig, it: int) -> float:
-    """Caffe ``GetLearningRate`` for the ``step`` / ``fixed`` policies at update ``it``:
-    ``base_lr() * pow(gamma(), iter_ / stepsize)``.  ``base_lr`` and ``gamma`` are proto *floats*
-    (0.001 is 0.0010000000474974513), the product is formed in double; :func:`set_rate` rounds it
-    to the parameters' ``Dtype``, as Caffe's ``Dtype rate = ...`` does."""
-    if cfg.lr_policy == "fixed":
-        return _f32(cfg.base_lr)
-    return _f32(cfg.base_lr) * math.pow(_f32(cfg.gamma), it // cfg.stepsize)
+    """Caffe ``SGDSolver::GetLearningRate`` at update ``it``, for every ``lr_policy``:
+
+    - ``fixed``: ``base_lr``; ``step``: ``base_lr * gamma ^ floor(it / stepsize)``; ``exp``: ``base_lr *
+      gamma ^ it``; ``multistep``: ``base_lr * gamma ^ current_step``, where ``current_step`` rises by one at
+      the first update at or past each ``stepvalue`` (at most once per update, as Caffe's counter does);
+      these form the product in double from the proto *floats* ``base_lr`` and ``gamma`` (0.001 is
+      0.0010000000474974513);
+    - ``poly``: ``base_lr * (1 - it / max_iter) ^ power``; ``inv``: ``base_lr * (1 + gamma * it) ^ -power``;
+      ``sigmoid``: ``base_lr / (1 + exp(-gamma * (it - stepsize)))``: Caffe writes these in ``Dtype``, so
+      float32 here (a libm's float pow / exp may differ from another's by an ulp).
+
+    :func:`set_rate` rounds the result to the parameters' ``Dtype``, as Caffe's ``Dtype rate = ...`` does."""
+    f32 = np.float32
+    base, gamma, policy = _f32(cfg.base_lr), _f32(cfg.gamma), cfg.lr_policy
+    if policy == "fixed":
+        return base
+    if policy == "step":
+        return base * math.pow(gamma, it // cfg.stepsize)
+    if policy == "exp":
+        return base * math.pow(gamma, it)
+    if policy == "multistep":
+        step, at = 0, -1
+        for v in cfg.stepvalue:      # the update at which the counter passes each stepvalue
+            at = max(v, at + 1)
+            step += at <= it
+        return base * math.pow(gamma, step)
+    with np.errstate(all="ignore"):
+        if policy == "poly":
+            r = f32(1) - f32(it) / f32(cfg.max_iter)
+            return float(f32(base) * f32(np.power(r, f32(cfg.power))))
+        if policy == "inv":
+            return float(f32(base) * np.power(f32(1) + f32(gamma) * f32(it), -f32(cfg.power)))
+        return float(f32(base) * (f32(1) / (f32(1) + np.exp(-f32(gamma) * (f32(it) - f32(cfg.stepsize))))))
 
 
 def _is_float32(group: dict) -> bool:

@@ -3,9 +3,9 @@
 
 What Caffe's ``SGDSolver`` would do with the solver and the TRAIN phase of its net, field by field:
 
-- solver: ``base_lr``, ``lr_policy`` (``step`` or ``fixed``), ``gamma``, ``stepsize``, ``max_iter``,
-  ``momentum``, ``weight_decay`` (``regularization_type`` L2), ``iter_size``, ``clip_gradients``,
-  ``snapshot``, ``display``, ``random_seed``, ``weights`` (one file: ``init``);
+- solver: ``base_lr``, ``lr_policy`` (any of Caffe's) with the ``gamma``, ``stepsize``, ``stepvalue`` and
+  ``power`` it reads, ``max_iter``, ``momentum``, ``weight_decay`` (``regularization_type`` L2), ``iter_size``,
+  ``clip_gradients``, ``snapshot``, ``display``, ``random_seed``, ``weights`` (one file: ``init``);
 - net (``net`` / ``net_param`` / ``train_net`` / ``train_net_param``, with ``train_state``): scales,
   merge, classes, classifier name, width and dropout as :func:`~prototxt_import.convert.to_attnscale`
   reads them; extra supervision from the losses (one on the merged scores, and one on each scale's or
@@ -26,6 +26,8 @@ import numpy as np
 
 from . import layers as L
 from .errors import CaffeImportError
+from attnscale.config import LR_POLICIES
+
 from .readers import read_solver
 
 
@@ -66,20 +68,23 @@ def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
     if sp.regularization_type != "L2":
         raise CaffeImportError(f"{source}: regularization_type {sp.regularization_type!r}: only L2 (Caffe's "
                                "default) is supported")
-    if sp.lr_policy not in ("step", "fixed"):
-        raise CaffeImportError(f"{source}: lr_policy {sp.lr_policy!r}: only 'step' and 'fixed' are supported "
-                               "(DeepLab-LargeFOV and the paper use step)" if sp.lr_policy else
-                               f"{source}: no lr_policy (Caffe stops: unknown learning rate policy)")
+    if sp.lr_policy not in LR_POLICIES:
+        raise CaffeImportError(f"{source}: {'lr_policy ' + repr(sp.lr_policy) if sp.lr_policy else 'no lr_policy'}: "
+                               f"Caffe stops on an unknown learning rate policy (its: {', '.join(LR_POLICIES)})")
     if not sp.HasField("max_iter"):
         raise CaffeImportError(f"{source}: no max_iter")
     d = dict(base_lr=sp.base_lr, lr_policy=sp.lr_policy, max_iter=sp.max_iter, momentum=sp.momentum,
              weight_decay=sp.weight_decay, iter_size=sp.iter_size, clip_gradients=sp.clip_gradients,
              snapshot=sp.snapshot)
-    if sp.lr_policy == "step":
-        if sp.stepsize <= 0:
-            raise CaffeImportError(f"{source}: lr_policy 'step' needs stepsize > 0, got {sp.stepsize} "
-                                   "(Caffe: CHECK_GT(stepsize, 0))")
-        d.update(stepsize=sp.stepsize, gamma=sp.gamma)
+    if sp.lr_policy == "step" and sp.stepsize <= 0:
+        raise CaffeImportError(f"{source}: lr_policy 'step' needs stepsize > 0, got {sp.stepsize} "
+                               "(Caffe: CHECK_GT(stepsize, 0))")
+    if sp.lr_policy == "multistep" and not sp.stepvalue:
+        raise CaffeImportError(f"{source}: lr_policy 'multistep' without stepvalue")
+    # the fields each policy reads (train.caffe_rate)
+    reads = {"step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
+             "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
+    d.update({k: list(sp.stepvalue) if k == "stepvalue" else getattr(sp, k) for k in reads.get(sp.lr_policy, ())})
     # solver fields are proto floats: their shortest float32 decimal (0.001, not 0.0010000000474974513)
     d = {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in d.items()}
     if sp.display > 0:

@@ -173,7 +173,8 @@ def test_train_config_reads_the_data_layer_and_the_losses(tmp_path):
 
 
 @pytest.mark.parametrize("solver,net,why", [
-    ('lr_policy: "poly"\npower: 0.9\n', None, "lr_policy 'poly': only 'step' and 'fixed'"),
+    ('lr_policy: "cosine"\n', None, "lr_policy 'cosine': Caffe stops on an unknown learning rate policy"),
+    ('lr_policy: "multistep"\n', None, "'multistep' without stepvalue"),
     ('type: "Adam"\n', None, "solver type 'Adam'"),
     ("solver_type: NESTEROV\n", None, "solver type 'NESTEROV'"),
     ('regularization_type: "L1"\n', None, "regularization_type 'L1'"),
@@ -197,6 +198,19 @@ def test_train_config_refuses_what_attnscale_would_train_otherwise(solver, net, 
     solver = (SOLVER.replace('lr_policy: "fixed"\n', "") if "lr_policy" in solver else SOLVER) + solver
     with pytest.raises(CaffeImportError, match=why):
         pi.train_config(solver, net=None if net == "no-net" else text)
+
+
+def test_train_config_takes_each_policys_fields():
+    """A DeepLab-v2 solver (poly, power 0.9) and the others: each policy's own fields, none it ignores."""
+    base = TrainConfig()
+    for policy, extra, want in (
+            ("poly", "power: 0.9\n", dict(power=0.9, gamma=base.gamma, stepsize=base.stepsize)),
+            ("multistep", "gamma: 0.5\nstepvalue: 10\nstepvalue: 30\n", dict(gamma=0.5, stepvalue=[10, 30])),
+            ("inv", "gamma: 0.0001\npower: 0.75\n", dict(gamma=0.0001, power=0.75)),
+            ("sigmoid", "gamma: -0.5\nstepsize: 7\n", dict(gamma=-0.5, stepsize=7)),
+            ("exp", "gamma: 0.99\n", dict(gamma=0.99, power=0.0))):
+        cfg, _ = pi.train_config(SOLVER.replace('"fixed"', f'"{policy}"') + extra, net=train_net())
+        assert cfg.lr_policy == policy and {k: getattr(cfg, k) for k in want} == want, policy
 
 
 def test_train_config_needs_the_papers_losses():
@@ -236,10 +250,10 @@ def test_config_cli_writes_a_config_that_trains_as_the_prototxt_says(tmp_path, c
 
 
 def test_config_cli_names_what_is_wrong(tmp_path, capsys):
-    solver = _write(tmp_path, "solver.prototxt", SOLVER.replace('"fixed"', '"inv"'))
+    solver = _write(tmp_path, "solver.prototxt", SOLVER.replace('"fixed"', '"cosine"'))
     assert cli(["config", solver, "--net", _write(tmp_path, "n.prototxt", train_net()), "-o",
                 str(tmp_path / "c.json")]) == 2
-    assert f"{solver}: lr_policy 'inv'" in capsys.readouterr().err
+    assert f"{solver}: lr_policy 'cosine'" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "c.json")
     assert cli(["config", solver, "--base", str(tmp_path / "none.json"), "-o", str(tmp_path / "c.json")]) == 2
     assert "--base: config file not found" in capsys.readouterr().err

@@ -111,6 +111,37 @@ def test_local_rates_are_rounded_as_caffe_does(tmp_path):
     assert opt64.param_groups[0]["lr"] == float(f32(0.001)) * 10.0
 
 
+def test_caffe_rate_follows_every_caffe_policy(tmp_path):
+    """``GetLearningRate``: multistep against Caffe's own counter (incremented at most once per update, so
+    unsorted or repeated stepvalues climb one update at a time); the Dtype policies against their formulas."""
+    f32 = np.float32
+    for values in ([3, 7], [5, 5, 5], [8, 2, 4], [0, 1]):
+        cfg = _tiny(tmp_path, lr_policy="multistep", stepvalue=values, gamma=0.5, base_lr=0.1, max_iter=12)
+        step = 0
+        for it in range(12):
+            if step < len(values) and it >= values[step]:
+                step += 1
+            assert caffe_rate(cfg, it) == float(f32(0.1)) * 0.5 ** step, (values, it)
+    cfg = _tiny(tmp_path, lr_policy="poly", power=0.9, base_lr=0.001, max_iter=20000)
+    assert caffe_rate(cfg, 0) == float(f32(0.001))
+    for it, rel in ((1, 1e-6), (777, 1e-6), (10000, 1e-6), (19999, 1e-3)):   # 1 - it / max_iter in float
+        assert caffe_rate(cfg, it) == pytest.approx(0.001 * (1 - it / 20000) ** 0.9, rel=rel)
+        assert np.float32(caffe_rate(cfg, it)) == caffe_rate(cfg, it)      # a Dtype (float) product
+    cfg = _tiny(tmp_path, lr_policy="inv", gamma=1e-4, power=0.75, base_lr=0.01)
+    assert caffe_rate(cfg, 5000) == pytest.approx(0.01 * (1 + 1e-4 * 5000) ** -0.75, rel=1e-6)
+    cfg = _tiny(tmp_path, lr_policy="sigmoid", gamma=-0.01, stepsize=300, base_lr=0.01)
+    assert caffe_rate(cfg, 300) == pytest.approx(0.005, rel=1e-6)
+    assert caffe_rate(cfg, 1000) == pytest.approx(0.01 / (1 + math.exp(7)), rel=1e-5)
+    cfg = _tiny(tmp_path, lr_policy="exp", gamma=0.999, base_lr=0.01)
+    assert caffe_rate(cfg, 1000) == float(f32(0.01)) * float(f32(0.999)) ** 1000
+    with pytest.raises(ValueError, match="needs config.stepvalue"):
+        _tiny(tmp_path, lr_policy="multistep")
+    with pytest.raises(ValueError, match="one of Caffe's fixed, step, exp, inv, multistep, poly, sigmoid"):
+        _tiny(tmp_path, lr_policy="cosine")
+    with pytest.raises(ValueError, match="gamma must be positive for lr_policy 'step'"):
+        _tiny(tmp_path, gamma=0.0)
+
+
 def test_clip_gradients_caffe_rule():
     p = torch.nn.Parameter(torch.zeros(2))
     p.grad = torch.tensor([3.0, 4.0])
