@@ -54,6 +54,10 @@ V1_TYPE_NAMES = {
     "SIGMOID_CROSS_ENTROPY_LOSS": "SigmoidCrossEntropyLoss", "SILENCE": "Silence",
     "SOFTMAX": "Softmax", "SOFTMAX_LOSS": "SoftmaxWithLoss", "SPLIT": "Split", "SLICE": "Slice",
     "TANH": "TanH", "WINDOW_DATA": "WindowData", "THRESHOLD": "Threshold",
+    # DeepLab-v1 (deeplab-public)
+    "IMAGE_SEG_DATA": "ImageSegData", "INTERP": "Interp", "SEG_ACCURACY": "SegAccuracy", "PADDING": "Padding",
+    "MAT_READ": "MatRead", "MAT_WRITE": "MatWrite", "DENSE_CRF": "DenseCRF", "DOMINANT_CHANNEL": "DominantChannel",
+    "BIAS_CHANNEL": "BiasChannel",
 }
 
 
@@ -195,7 +199,36 @@ def upgrade_v1_layer(v1, source: str = "<net>"):
     for fd, value in v1.ListFields():
         if fd.name.endswith("_param") and fd.name in layer.DESCRIPTOR.fields_by_name:
             getattr(layer, fd.name).CopyFrom(value)
+    if v1.HasField("softmaxloss_param"):      # DeepLab-v1's SoftmaxWithLoss options
+        sp = v1.softmaxloss_param
+        if sp.weight_source:
+            raise CaffeImportError(f"{source}: layer {v1.name!r}: softmaxloss_param.weight_source (DeepLab-v1's "
+                                   "class-weighted loss) is not supported")
+        if len(sp.ignore_label) > 1:
+            raise CaffeImportError(f"{source}: layer {v1.name!r}: {len(sp.ignore_label)} ignore labels; the "
+                                   "current LossParameter holds one")
+        if sp.ignore_label:
+            layer.loss_param.ignore_label = sp.ignore_label[0]
     return layer
+
+
+def hole_to_dilation(layer, source: str = "<net>") -> None:
+    """DeepLab-v1's atrous convolution fields, ``hole`` (or ``hole_h`` + ``hole_w``), as the ``dilation`` that
+    replaced them (the same kernel spacing: ``pad 12 hole 12`` is ``pad 12 dilation 12``)."""
+    cp = layer.convolution_param
+    fields = [f for f in ("hole", "hole_h", "hole_w") if cp.HasField(f)]
+    if not fields:
+        return
+    if len(cp.dilation):
+        raise CaffeImportError(f"{source}: layer {layer.name!r}: both {fields[0]} (DeepLab-v1) and dilation")
+    if cp.HasField("hole_h") != cp.HasField("hole_w"):
+        raise CaffeImportError(f"{source}: layer {layer.name!r}: hole_h and hole_w go together")
+    hw = (cp.hole_h, cp.hole_w) if cp.HasField("hole_h") else (cp.hole, cp.hole)
+    if min(hw) < 1:
+        raise CaffeImportError(f"{source}: layer {layer.name!r}: hole must be >= 1, got {hw}")
+    for f in fields:
+        cp.ClearField(f)
+    cp.dilation.extend(hw if hw[0] != hw[1] else hw[:1])
 
 
 @dataclass
@@ -231,12 +264,17 @@ def net_inputs(net, source: str = "<net>") -> NetInputs:
 
 
 def upgraded_layers(net, source: str = "<net>") -> list:
-    """The net's layers as current-form ``LayerParameter`` messages (V1 ``layers`` upgraded)."""
+    """The net's layers as current-form ``LayerParameter`` messages (V1 ``layers`` upgraded, DeepLab-v1's
+    ``hole`` as ``dilation``)."""
     if len(net.layer) and len(net.layers):
         raise CaffeImportError(f"{source}: the net mixes 'layer' and legacy 'layers' entries")
-    if len(net.layers):
-        return [upgrade_v1_layer(v1, source) for v1 in net.layers]
-    return list(net.layer)
+    layers = [upgrade_v1_layer(v1, source) for v1 in net.layers] if len(net.layers) else list(net.layer)
+    for i, lp in enumerate(layers):
+        if any(lp.convolution_param.HasField(f) for f in ("hole", "hole_h", "hole_w")):
+            if not len(net.layers):       # a copy: the caller's net stays as it was
+                layers[i] = lp = type(lp).FromString(lp.SerializeToString())
+            hole_to_dilation(lp, source)
+    return layers
 
 
 # ----------------------------------------------------------------------------- blobs / weights

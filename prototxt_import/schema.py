@@ -14,6 +14,14 @@ files are what this package reads; BVLC's ``input_param`` and ``crop_param`` are
 *text* format (where fields are matched by name) under private numbers 9143 / 9144.  In a BVLC
 binary file those two parameters are therefore skipped or mis-typed, which does not matter: from a
 binary file only layer names, types and blobs are used.
+
+DeepLab-v1's fork (deeplab-public) is read in its legacy ``layers`` form too: its layer types
+(``IMAGE_SEG_DATA``, ``INTERP``, ``SEG_ACCURACY``, ``MAT_READ`` / ``MAT_WRITE``, ``DENSE_CRF``, ...), its
+``interp_param`` / ``softmaxloss_param`` / ``seg_accuracy_param`` / ``strict_dim`` fields and its atrous
+``hole`` / ``hole_h`` / ``hole_w`` convolution fields.  Its numbers are kept where BVLC leaves them free;
+where they collide (``IMAGE_SEG_DATA`` 39 = BVLC ``DECONVOLUTION``, ``seg_accuracy_param`` 42 = ``loss_param``,
+``hole*`` 17-19 = ``force_nd_im2col`` / ``dilation``) the text names get private numbers 9039, 9042,
+9017-9019.
 """
 from __future__ import annotations
 
@@ -260,6 +268,9 @@ message ConvolutionParameter
   optional Engine engine = 15 default=DEFAULT
   optional int32 axis = 16 default=1
   optional bool force_nd_im2col = 17 default=false
+  optional uint32 hole = 9017
+  optional uint32 hole_h = 9018
+  optional uint32 hole_w = 9019
 message CropParameter
   optional int32 axis = 1 default=2
   repeated uint32 offset = 2
@@ -328,6 +339,8 @@ message HingeLossParameter
   optional Norm norm = 1 default=L1
 message ImageDataParameter
   optional string source = 1
+  optional bool has_label = 13 default=true
+  optional int32 max_labels = 14 default=1
   optional uint32 batch_size = 4 default=1
   optional uint32 rand_skip = 7 default=0
   optional bool shuffle = 8 default=false
@@ -492,7 +505,7 @@ message V1LayerParameter
   optional string name = 4
   repeated NetStateRule include = 32
   repeated NetStateRule exclude = 33
-  enum LayerType NONE=0 ABSVAL=35 ACCURACY=1 ARGMAX=30 BNLL=2 CONCAT=3 CONTRASTIVE_LOSS=37 CONVOLUTION=4 DATA=5 DECONVOLUTION=39 DROPOUT=6 DUMMY_DATA=32 EUCLIDEAN_LOSS=7 ELTWISE=25 EXP=38 FLATTEN=8 HDF5_DATA=9 HDF5_OUTPUT=10 HINGE_LOSS=28 IM2COL=11 IMAGE_DATA=12 INFOGAIN_LOSS=13 INNER_PRODUCT=14 LRN=15 MEMORY_DATA=29 MULTINOMIAL_LOGISTIC_LOSS=16 MVN=34 POOLING=17 POWER=26 RELU=18 SIGMOID=19 SIGMOID_CROSS_ENTROPY_LOSS=27 SILENCE=36 SOFTMAX=20 SOFTMAX_LOSS=21 SPLIT=22 SLICE=33 TANH=23 WINDOW_DATA=24 THRESHOLD=31
+  enum LayerType NONE=0 ABSVAL=35 ACCURACY=1 ARGMAX=30 BNLL=2 CONCAT=3 CONTRASTIVE_LOSS=37 CONVOLUTION=4 DATA=5 DECONVOLUTION=39 DROPOUT=6 DUMMY_DATA=32 EUCLIDEAN_LOSS=7 ELTWISE=25 EXP=38 FLATTEN=8 HDF5_DATA=9 HDF5_OUTPUT=10 HINGE_LOSS=28 IM2COL=11 IMAGE_DATA=12 INFOGAIN_LOSS=13 INNER_PRODUCT=14 LRN=15 MEMORY_DATA=29 MULTINOMIAL_LOGISTIC_LOSS=16 MVN=34 POOLING=17 POWER=26 RELU=18 SIGMOID=19 SIGMOID_CROSS_ENTROPY_LOSS=27 SILENCE=36 SOFTMAX=20 SOFTMAX_LOSS=21 SPLIT=22 SLICE=33 TANH=23 WINDOW_DATA=24 THRESHOLD=31 SEG_ACCURACY=40 INTERP=41 PADDING=42 MAT_WRITE=43 MAT_READ=44 DENSE_CRF=45 DOMINANT_CHANNEL=46 BIAS_CHANNEL=47 IMAGE_SEG_DATA=9039
   optional LayerType type = 5
   repeated BlobProto blobs = 6
   repeated string param = 1001
@@ -531,6 +544,17 @@ message V1LayerParameter
   optional WindowDataParameter window_data_param = 20
   optional TransformationParameter transform_param = 36
   optional LossParameter loss_param = 42
+  optional InterpParameter interp_param = 43
+  optional SoftmaxLossParameter softmaxloss_param = 44
+  optional MatWriteParameter mat_write_param = 46
+  optional MatReadParameter mat_read_param = 47
+  optional DenseCRFParameter dense_crf_param = 48
+  optional BiasChannelParameter bias_channel_param = 50
+  optional SegAccuracyParameter seg_accuracy_param = 9042
+  optional bool strict_dim = 1003 default=true
+message SoftmaxLossParameter
+  optional string weight_source = 16
+  repeated int32 ignore_label = 2
 """
 
 _F = descriptor_pb2.FieldDescriptorProto

@@ -987,3 +987,90 @@ def test_hdf5_read_as_caffe_reads_it(tmp_path):
 def test_malformed_nets_raise_caffe_import_error(edit, message):
     with pytest.raises(CaffeImportError, match=message):
         pi.to_attnscale(edit(deeplab_prototxt((1.0, 0.5), "attention", width=W, size=SIZE)))
+
+
+# ------------------------------------------------------------------------------ DeepLab-v1 (deeplab-public)
+def deeplab_v1_prototxt(phase="TEST", width=W, size=SIZE) -> str:
+    """DeepLab-LargeFOV as DeepLab-v1 released it (deeplab-public's legacy form): an IMAGE_SEG_DATA data
+    layer, atrous ``hole``, ``strict_dim``, INTERP / SEG_ACCURACY / MAT_WRITE and, to train, ``blobs_lr`` and
+    a SOFTMAX_LOSS with ``softmaxloss_param``."""
+    text = deeplab_prototxt(width=width, size=size, v1=True).replace("dilation: ", "hole: ")
+    head = text[:text.index("layers {")]
+    data = ('layers { name: "data" type: IMAGE_SEG_DATA top: "data" top: "label" image_data_param { '
+            f'root_folder: "/voc" source: "list/{phase.lower()}.txt" batch_size: 1 has_label: {"true" if phase == "TRAIN" else "false"} '
+            + ("shuffle: true " if phase == "TRAIN" else "")
+            + '} transform_param { mean_value: 104.008 mean_value: 116.669 mean_value: 122.675 '
+            f'crop_size: {size} mirror: {"true" if phase == "TRAIN" else "false"} }} include: {{ phase: {phase} }} }}\n')
+    text = 'name: "DeepLab-LargeFOV"\n' + data + text[len(head):]
+    text = text.replace('name: "fc6" type: CONVOLUTION', 'name: "fc6" type: CONVOLUTION strict_dim: false')
+    if phase == "TRAIN":
+        text = re.sub(r'(name: "(conv\d_\d|fc\d\w*)" type: CONVOLUTION)', r"\1 blobs_lr: 1 blobs_lr: 2 "
+                      r"weight_decay: 1 weight_decay: 0", text)
+        text = text.replace('convolution_param { num_output: 21 kernel_size: 1',
+                            'convolution_param { num_output: 21 kernel_size: 1 weight_filler { type: "gaussian" '
+                            'std: 0.01 } bias_filler { type: "constant" value: 0 }')
+        return text + ('layers { name: "label_shrink" type: INTERP bottom: "label" top: "label_shrink" interp_param { '
+                       'shrink_factor: 8 pad_beg: 0 pad_end: 0 } }\n'
+                       'layers { name: "loss" type: SOFTMAX_LOSS bottom: "fc8_voc12" bottom: "label_shrink" '
+                       'softmaxloss_param { ignore_label: 255 } include: { phase: TRAIN } }\n'
+                       'layers { name: "accuracy" type: SEG_ACCURACY bottom: "fc8_voc12" bottom: "label_shrink" '
+                       'top: "accuracy" seg_accuracy_param { ignore_label: 255 } }\n')
+    return text + ('layers { bottom: "fc8_voc12" top: "fc8_interp" name: "fc8_interp" type: INTERP '
+                   'interp_param { zoom_factor: 8 } }\n'
+                   'layers { name: "fc8_mat" type: MAT_WRITE bottom: "fc8_interp" mat_write_param { prefix: "out/" '
+                   'source: "list/test_id.txt" strip: 0 period: 1 } include: { phase: TEST } }\n'
+                   'layers { name: "accuracy" type: SEG_ACCURACY bottom: "fc8_interp" bottom: "label" '
+                   'top: "accuracy" seg_accuracy_param { ignore_label: 255 } }\n')
+
+
+def test_deeplab_v1_prototxts_run_as_the_current_form(tmp_path):
+    """DeepLab-v1's own test prototxt (hole, IMAGE_SEG_DATA, INTERP, MAT_WRITE, SEG_ACCURACY) builds the net the
+    current form describes: the same layers, the same scores from the same weights, the same attnscale model."""
+    ref = pi.load_net(deeplab_prototxt(width=W, size=SIZE))
+    randomize(ref, seed=7)
+    weights = _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(ref)))
+    v1 = _write(tmp_path, "test.prototxt", deeplab_v1_prototxt())
+    net = pi.load_net(v1, weights)
+    fc6 = [lp for lp in readers.upgraded_layers(pi.read_net(v1)) if lp.name == "fc6"][0]
+    assert list(fc6.convolution_param.dilation) == [12] and not fc6.convolution_param.HasField("hole")
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        blobs = net(x, return_blobs=True)
+        torch.testing.assert_close(blobs["fc8_voc12"], ref(x), rtol=0, atol=0)
+    assert blobs["fc8_interp"].shape[-1] == (SIZE // 8) * 8 + 1
+    model, report = pi.to_attnscale(v1, weights, use_reference_ops=True)
+    assert report.config["num_classes"] == 21 and model.merge is None and not report.fresh
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).merged, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_deeplab_v1_training_prototxt_gives_a_train_config():
+    cfg, _ = pi.train_config('base_lr: 0.001 lr_policy: "step" gamma: 0.1 stepsize: 2000 max_iter: 6000 '
+                             'momentum: 0.9 weight_decay: 0.0005 random_seed: 1',
+                             net=deeplab_v1_prototxt("TRAIN", size=33))
+    assert cfg.lr_mults["fc6"] == [[1.0, 1.0], [2.0, 0.0]] and cfg.lr_mults["fc8_voc12"] == [[1.0, 1.0], [2.0, 0.0]]
+    assert cfg.fillers["fc8_voc12"][0] == {"type": "gaussian", "mean": 0.0, "std": 0.01, "sparse": -1}
+    assert (cfg.train_list, cfg.data_root, cfg.crop_size, cfg.batch_size, cfg.mirror) == (
+        "list/train.txt", "/voc", 33, 1, True)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (("hole: 12", "hole: 12 dilation: 12"), "both hole .DeepLab-v1. and dilation"),
+    (("hole: 12", "hole_h: 12"), "hole_h and hole_w go together"),
+    (("hole: 12", "hole: 0"), "hole must be >= 1"),
+    (("softmaxloss_param { ignore_label: 255 }", 'softmaxloss_param { weight_source: "w.txt" }'), "weight_source"),
+    (("softmaxloss_param { ignore_label: 255 }", "softmaxloss_param { ignore_label: 255 ignore_label: 0 }"),
+     "2 ignore labels"),
+])
+def test_deeplab_v1_fields_that_cannot_be_followed_are_named(edit, why):
+    text = deeplab_v1_prototxt("TRAIN", size=33)
+    assert edit[0] in text
+    with pytest.raises(CaffeImportError, match=rf"layer '(fc6|loss)'.*{why}"):
+        readers.upgraded_layers(pi.read_net(text.replace(edit[0], edit[1], 1)))
+
+
+def test_hole_in_the_current_form_is_read_without_changing_the_callers_net():
+    net = pi.read_net(deeplab_prototxt(width=W, size=SIZE).replace("dilation: 12", "hole_h: 12 hole_w: 6"))
+    fc6 = [lp for lp in readers.upgraded_layers(net) if lp.name == "fc6"][0]
+    assert list(fc6.convolution_param.dilation) == [12, 6]
+    assert [lp for lp in net.layer if lp.name == "fc6"][0].convolution_param.hole_h == 12
