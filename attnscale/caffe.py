@@ -583,6 +583,11 @@ def check_filler(spec: dict, where: str) -> dict:
                 raise ValueError(f"{where}: sparse must be an integer >= -1, got {v!r}")
         elif k != "type" and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
             raise ValueError(f"{where}: {k} must be a finite number, got {v!r}")
+    # caffe_rng_gaussian: CHECK_GT(sigma, 0); caffe_rng_uniform: CHECK_LE(a, b)
+    if kind == "gaussian" and not out["std"] > 0:
+        raise ValueError(f"{where}: the gaussian filler's std must be > 0 (Caffe checks it), got {out['std']}")
+    if kind == "uniform" and not np.float32(out["min"]) <= np.float32(out["max"]):
+        raise ValueError(f"{where}: the uniform filler needs min <= max (Caffe checks it), got {out['min']}, {out['max']}")
     return out
 
 
@@ -629,7 +634,9 @@ def caffe_fill(t: torch.Tensor, spec: dict) -> torch.Tensor:
                 raise ValueError(f"bilinear filler: needs a 4-D blob with a square kernel, got {tuple(t.shape)}")
             k = t.shape[3]
             f = math.ceil(k / 2.0)
-            c = (k - 1) / (2.0 * f)   # BVLC's; older Caffes' (2f - 1 - f % 2) / 2f agrees for even k
-            r = 1 - torch.abs(torch.arange(k, dtype=torch.float64) / f - c)
-            t.copy_((r[:, None] * r[None, :]).to(t.dtype).expand_as(t))
+            # BVLC's Dtype c = (width - 1) / (2. * f), x / f and the product in float (older Caffes'
+            # c = (2f - 1 - f % 2) / 2f agrees for even k)
+            c = f32((k - 1) / (2.0 * f))
+            r = f32(1) - np.abs(np.arange(k, dtype=np.float32) / f32(f) - c)
+            t.copy_(torch.from_numpy(r[:, None] * r[None, :]).to(t.dtype).expand_as(t))
     return t

@@ -24,6 +24,12 @@ RUN_FIELDS = ("device", "workers", "out_dir", "display", "torch_threads", "use_r
 RESUME_FREE_FIELDS = RUN_FIELDS + ("snapshot", "max_iter", "data_root", "init")
 
 
+def resume_free_fields(cfg: "TrainConfig") -> Tuple[str, ...]:
+    """``RESUME_FREE_FIELDS`` for ``cfg``: under ``lr_policy: "poly"`` ``max_iter`` sets every rate, so a
+    resumed run must keep it (Caffe would take the new one; a resume here continues the same run)."""
+    return tuple(f for f in RESUME_FREE_FIELDS if not (f == "max_iter" and cfg.lr_policy == "poly"))
+
+
 #: Caffe ``SGDSolver::GetLearningRate``'s policies (``attnscale.train.caffe_rate``)
 LR_POLICIES = ("fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid")
 
@@ -70,7 +76,8 @@ class TrainConfig:
     lr_policy: str = "step"              # Caffe's: fixed, step, exp, inv, multistep, poly, sigmoid (train.caffe_rate)
     gamma: float = 0.1
     stepsize: int = 2000
-    stepvalue: List[int] = field(default_factory=list)   # multistep: the updates at which the rate drops
+    stepvalue: List[int] = field(default_factory=list)   # multistep: the updates at which the rate drops (none:
+                                                         # base_lr throughout, as Caffe)
     power: float = 0.0                   # poly / inv exponent (Caffe's default 0; DeepLab-v2's poly: 0.9)
     max_iter: int = 6000
     clip_gradients: float = -1.0         # Caffe solver clip_gradients (< 0: off, Caffe's default)
@@ -116,8 +123,6 @@ class TrainConfig:
                              f"[lr_mult, decay_mult]]}}, got {self.lr_mults!r}")
         if self.lr_policy not in LR_POLICIES:
             raise ValueError(f"config.lr_policy must be one of Caffe's {', '.join(LR_POLICIES)}, got {self.lr_policy!r}")
-        if self.lr_policy == "multistep" and not self.stepvalue:
-            raise ValueError("config.lr_policy 'multistep' needs config.stepvalue (the updates at which the rate drops)")
         for k in ("max_iter", "batch_size", "iter_size", "stepsize", "display", "test_crop_size",
                   "synthetic_train", "synthetic_val"):
             if getattr(self, k) <= 0:
@@ -131,8 +136,10 @@ class TrainConfig:
                              f"{self.batch_size} (images of different sizes cannot be stacked into one batch)")
         if not self.width > 0:
             raise ValueError(f"config.width must be positive, got {self.width}")
-        if self.lr_policy in ("step", "exp", "inv", "multistep") and not self.gamma > 0:
-            raise ValueError(f"config.gamma must be positive for lr_policy {self.lr_policy!r}, got {self.gamma}")
+        if self.lr_policy not in ("fixed", "poly") and self.gamma < 0:   # SGDSolver: CHECK_GE(gamma, 0)
+            raise ValueError(f"config.gamma must be >= 0 for lr_policy {self.lr_policy!r}, got {self.gamma}")
+        if not 0 <= self.seed < 2 ** 32:
+            raise ValueError(f"config.seed must be in [0, 2^32), got {self.seed}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"config.dropout must be in [0, 1), got {self.dropout}")
         if self.synthetic_size < 14:
@@ -165,11 +172,10 @@ class TrainConfig:
                 ok = isinstance(v, dict) and all(isinstance(k, str) and isinstance(m, (list, tuple)) and len(m) == 2
                                                  for k, m in v.items())
                 want = "an object {layer: [weight filler, bias filler]}"
-                if ok:
+                if ok:   # each spec with every field its type reads: equal configs compare equal
                     from .caffe import check_filler
-                    for k, m in v.items():
-                        for what, spec in zip(("weight", "bias"), m):
-                            check_filler(spec, f"config.fillers[{k!r}] ({what})")
+                    self.fillers = {k: [check_filler(spec, f"config.fillers[{k!r}] ({what})")
+                                        for what, spec in zip(("weight", "bias"), m)] for k, m in v.items()}
             elif f.name == "lr_mults":
                 ok = isinstance(v, str) or (isinstance(v, dict) and all(
                     isinstance(k, str) and _is_pairs(m) for k, m in v.items()))

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RESUME_FREE_FIELDS, TrainConfig
+from .config import TrainConfig, resume_free_fields
 from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get_spec,
                    make_loader)
 from .data.lists import join_root
@@ -195,6 +195,17 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
         g["momentum"] = cfg.momentum
         out.append(g)
     return CaffeSGD(out, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def freeze_zero_rate(opt: torch.optim.Optimizer) -> None:
+    """Caffe computes no diff for a blob with ``lr_mult`` 0 (``Net::Init``: ``param_propagate_down`` is
+    ``lr_mult != 0``), so it stays 0: no gradient here either (``requires_grad`` off), which keeps it out of
+    ``clip_gradients``' norm as Caffe's ``ClipGradients`` leaves it; the update moves it by nothing."""
+    frozen = [p for g in opt.param_groups if g.get("lr_mult", 1.0) == 0 for p in g["params"]]
+    if frozen and len(frozen) == sum(len(g["params"]) for g in opt.param_groups):
+        raise ValueError("config.lr_mults: every lr_mult is 0, so nothing would train")
+    for p in frozen:
+        p.requires_grad_(False)
 
 
 def set_rate(opt: torch.optim.Optimizer, rate: float) -> None:
@@ -535,6 +546,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
+    freeze_zero_rate(opt)
     it = 0
     if os.path.exists(ckpt_path) and not os.path.isfile(ckpt_path):
         raise ValueError(f"{ckpt_path} is not a file: the run's checkpoint cannot be read or written there")
@@ -544,11 +556,12 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
                               f"never overwritten by a fresh run")
     if resume and os.path.isfile(ckpt_path):
         ck = load_checkpoint(ckpt_path, keys=RESUME_KEYS)  # on the CPU: load_state_dict moves what it takes
-        diff = cfg.differences(TrainConfig.from_dict(ck["config"], source=ckpt_path), ignore=RESUME_FREE_FIELDS)
+        free = resume_free_fields(cfg)
+        diff = cfg.differences(TrainConfig.from_dict(ck["config"], source=ckpt_path), ignore=free)
         if diff:
             raise ValueError(f"--resume: {ckpt_path} was written by another config: " + "; ".join(
                 f"{k} {old!r} there, {new!r} now" for k, new, old in diff) + " (resume with the same settings, "
-                f"or train into a new out_dir; only {', '.join(RESUME_FREE_FIELDS)} may change)")
+                f"or train into a new out_dir; only {', '.join(free)} may change)")
         # the rank count sets the images per update and each rank's shard and random stream: a run resumes
         # bit-identically only under the count it was written with (one RNG state per rank is saved)
         old_world = ck.get("world", len(ck["rng"]) if isinstance(ck["rng"], list) else 1)

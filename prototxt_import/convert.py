@@ -34,7 +34,7 @@ import torch
 
 from . import layers as L
 from .errors import CaffeImportError
-from .net import blobs_to_copy, layer_included
+from .net import blobs_to_copy, check_tops, layer_included
 from .readers import WeightFile, net_inputs, read_net, read_weights, upgraded_layers
 
 
@@ -72,6 +72,7 @@ class _Graph:
     are its bottom."""
 
     def __init__(self, lps, inputs: list[str], source: str):
+        check_tops(lps, inputs, source)
         self.lps, self.source = lps, source
         self.bottoms: list[list] = []
         self.consumers: dict = defaultdict(list)
@@ -352,6 +353,9 @@ class _Layout:
     net_names: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
     layers: list = field(default_factory=list)  # the phase's layers, in net order
+    graph: object = None                         # their _Graph
+    #: the model's score nodes: the merged output ("merged") and, with several scales, each scale's classifier
+    outputs: dict = field(default_factory=dict)
 
 
 def _read(prototxt):
@@ -409,6 +413,7 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
         _check_sizes(g, s, i, up[s], probes)
     head: dict[str, int] = {}
     merge, scales = None, [1.0]
+    merged = main.scores
     if len(branches) > 1:
         scores = {main.scores: 1.0, **{(up[s], 0): s for s in up}}
         users = {lps[i].type for i in g.consumers[main.scores]}
@@ -418,11 +423,12 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
                 i = g.consumer(branches[s].fc7, "Interp", f"the Interp of the scale-{s:g} fc7 to scale 1")
                 _check_sizes(g, s, down[s], i, probes)
                 feats[s] = (i, 0)
-            scales, _, head = _attention_head(g, scores, feats, width, ratios)
-            merge = "attention"
+            scales, total, head = _attention_head(g, scores, feats, width, ratios)
+            merge, merged = "attention", (total, 0)
         elif "Eltwise" in users and "SpatialProduct" not in users:
             e = g.consumer(main.scores, "Eltwise", "the merge of the scales", chain=False)
             scales = _order(g, e, scores, "the merge of the scales")
+            merged = (e, 0)
             ep = lps[e].eltwise_param
             S = len(scales)
             if ep.operation == 2 and not len(ep.coeff):
@@ -439,7 +445,9 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
         if scales[0] != 1.0:
             raise CaffeImportError(f"{source}: the merge lists the scales as {scales}; attnscale's model "
                                    "needs the scale-1 branch first (it sets the merge resolution)")
-    layout = _Layout(net_names={lp.name for lp in lps}, layers=lps)
+    layout = _Layout(net_names={lp.name for lp in lps}, layers=lps, graph=g, outputs={merged: "merged"})
+    if len(branches) > 1:
+        layout.outputs.update({branches[s].scores: s for s in scales})
     for name in main.convs:
         layout.copies[clf.name if name == "classifier" else name] = [lps[branches[s].convs[name]] for s in scales]
     layout.copies.update({name: [lps[i]] for name, i in head.items()})
@@ -576,6 +584,15 @@ def _mults(layout: _Layout, source: str) -> tuple[dict[str, list[list[float]]], 
                         f"{getattr(spec, f):g} here, {own[f][0]:g} where it was set first (Caffe stops on this, "
                         "Net::AppendParam)")
                 own[f] = (getattr(spec, f), True)
+    users: dict[int, list] = defaultdict(list)   # learnable blob -> the model parameters it would be
+    for m, lps in layout.copies.items():
+        for j, what in enumerate(("weight", "bias")):
+            for i in dict.fromkeys(slot[(lp.name, j)] for lp in lps):
+                users[i].append(f"{m}.{what}")
+    for i, params in users.items():
+        if len(params) > 1:   # Net::ShareWeights would make them one blob; attnscale's model has one tensor each
+            raise CaffeImportError(f"{source}: layer {owner[i].name!r}: {' and '.join(params)} share one blob "
+                                   "(param { name }): Caffe would train them as one, attnscale's model cannot")
     out, owners = {}, {}
     for m, lps in layout.copies.items():
         pairs, owners[m] = [], []

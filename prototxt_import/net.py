@@ -50,6 +50,21 @@ def layer_included(lp, phase: str, level: int = 0, stages: Sequence[str] = ()) -
     return not any(_rule_met(r, ph, level, st) for r in lp.exclude)
 
 
+def check_tops(lps, inputs, source: str) -> None:
+    """Caffe ``Net::AppendTop``: a top naming the layer's bottom at the same index works in place; any
+    other top naming a blob that exists already stops Caffe ("produced by multiple sources")."""
+    seen = set(inputs)
+    for lp in lps:
+        for k, t in enumerate(lp.top):
+            if k < len(lp.bottom) and lp.bottom[k] == t:
+                continue
+            if t in seen:
+                raise CaffeImportError(f"{source}: layer {lp.name!r} ({lp.type}): top blob {t!r} is produced by "
+                                       "multiple sources (Caffe stops: a top works in place only under the name of "
+                                       "the bottom at its index)")
+            seen.add(t)
+
+
 def ops_available() -> bool:
     """True when attnscale's compiled ``dilated_conv2d`` op is registered."""
     try:
@@ -135,6 +150,7 @@ class CaffeNet(nn.Module):
 
         shapes: dict[str, tuple[int, ...] | None] = {}
         declared = net_inputs(net_param, source)
+        check_tops(kept, declared.names, source)
         overrides = self._normalise_overrides(input_shapes, declared.names, kept, source)
         all_inputs: list[str] = []
         for n, s in zip(declared.names, declared.shapes):

@@ -154,9 +154,10 @@ def read_net(path_or_text: str | os.PathLike, binary: bool | None = None):
 
 
 def read_solver(path_or_text: str | os.PathLike, binary: bool = False):
-    """Read a ``SolverParameter`` (solver.prototxt) from a file or from text."""
+    """Read a ``SolverParameter`` (solver.prototxt) from a file or from text (a string holding a newline, a
+    ``{`` or a ``field: value``; ``dir/a:b.prototxt`` is a path)."""
     if isinstance(path_or_text, str) and not os.path.exists(path_or_text) and (
-            "\n" in path_or_text or ":" in path_or_text):
+            "\n" in path_or_text or "{" in path_or_text or re.search(r":\s", path_or_text)):
         return parse_text(path_or_text, "SolverParameter", "<string>")
     path = os.fspath(path_or_text)
     if binary:
@@ -221,8 +222,9 @@ def hole_to_dilation(layer, source: str = "<net>") -> None:
         return
     if len(cp.dilation):
         raise CaffeImportError(f"{source}: layer {layer.name!r}: both {fields[0]} (DeepLab-v1) and dilation")
-    if cp.HasField("hole_h") != cp.HasField("hole_w"):
-        raise CaffeImportError(f"{source}: layer {layer.name!r}: hole_h and hole_w go together")
+    if cp.HasField("hole_h") != cp.HasField("hole_w") or len(fields) == 3:   # deeplab-public's ConvolutionLayer
+        raise CaffeImportError(f"{source}: layer {layer.name!r}: give hole, or hole_h and hole_w together "
+                               f"(got {', '.join(fields)})")
     hw = (cp.hole_h, cp.hole_w) if cp.HasField("hole_h") else (cp.hole, cp.hole)
     if min(hw) < 1:
         raise CaffeImportError(f"{source}: layer {layer.name!r}: hole must be >= 1, got {hw}")

@@ -61,6 +61,8 @@ def _solver_net(sp, source: str, net):
 
 
 def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
+    if sp.HasField("solver_type") and sp.HasField("type"):   # upgrade_proto.cpp UpgradeSolverType
+        raise CaffeImportError(f"{source}: both solver_type and type are given (Caffe refuses the pair)")
     kind = (sp.DESCRIPTOR.fields_by_name["solver_type"].enum_type.values_by_number[sp.solver_type].name
             if sp.HasField("solver_type") else sp.type)
     if kind != "SGD":
@@ -79,26 +81,37 @@ def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
     if sp.lr_policy == "step" and sp.stepsize <= 0:
         raise CaffeImportError(f"{source}: lr_policy 'step' needs stepsize > 0, got {sp.stepsize} "
                                "(Caffe: CHECK_GT(stepsize, 0))")
-    if sp.lr_policy == "multistep" and not sp.stepvalue:
-        raise CaffeImportError(f"{source}: lr_policy 'multistep' without stepvalue")
+    if sp.lr_policy == "sigmoid" and sp.stepsize <= 0:
+        raise CaffeImportError(f"{source}: lr_policy 'sigmoid' needs stepsize > 0, got {sp.stepsize} "
+                               "(Caffe: CHECK_GT(stepsize, 0))")
+    if sp.lr_policy not in ("fixed", "poly") and sp.gamma < 0:
+        raise CaffeImportError(f"{source}: gamma {sp.gamma:g} < 0 (Caffe: CHECK_GE(gamma, 0))")
+    if sp.average_loss < 1:
+        raise CaffeImportError(f"{source}: average_loss {sp.average_loss} < 1 (Caffe: CHECK_GE(average_loss, 1))")
     # the fields each policy reads (train.caffe_rate)
     reads = {"step": ("gamma", "stepsize"), "exp": ("gamma",), "inv": ("gamma", "power"),
              "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
     d.update({k: list(sp.stepvalue) if k == "stepvalue" else getattr(sp, k) for k in reads.get(sp.lr_policy, ())})
     # solver fields are proto floats: their shortest float32 decimal (0.001, not 0.0010000000474974513)
     d = {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in d.items()}
-    if sp.display > 0:
-        d["display"] = sp.display
+    if sp.display:                          # Caffe logs when iter % display == 0: a negative display too
+        d["display"] = abs(sp.display)
     elif sp.HasField("display"):
-        notes.append(f"display {sp.display} (Caffe: never log); attnscale logs every {base.display} iterations")
-    if sp.random_seed >= 0:
-        d["seed"] = sp.random_seed
+        notes.append(f"display 0 (Caffe: never log); attnscale logs every {base.display} iterations")
+    if sp.random_seed >= 0:                 # Caffe::set_random_seed takes an unsigned int
+        d["seed"] = sp.random_seed % 2 ** 32
+        if d["seed"] != sp.random_seed:
+            notes.append(f"random_seed {sp.random_seed} is {d['seed']} as Caffe's unsigned int seed")
     else:
         notes.append(f"no random_seed (Caffe seeds at random); attnscale's runs are seeded: seed {base.seed}")
-    if len(sp.weights) > 1:
-        raise CaffeImportError(f"{source}: {len(sp.weights)} weights files; attnscale's init takes one")
-    if sp.weights:
-        d["init"] = sp.weights[0]
+    # Solver::LoadNetWeights: each entry is a comma-separated list, each name trimmed
+    weights = [w.strip() for entry in sp.weights for w in entry.split(",")]
+    if any(not w for w in weights):
+        raise CaffeImportError(f"{source}: weights {list(sp.weights)} names an empty file")
+    if len(weights) > 1:
+        raise CaffeImportError(f"{source}: {len(weights)} weights files {weights}; attnscale's init takes one")
+    if weights:
+        d["init"] = weights[0]
     unused = [f.name for f, _ in sp.ListFields() if f.name in (
         "test_net", "test_net_param", "test_state", "test_iter", "test_interval", "test_compute_loss",
         "test_initialization", "snapshot_prefix", "snapshot_diff", "snapshot_format", "solver_mode",
@@ -150,11 +163,38 @@ def _fillers(owners: dict, source: str, init: str | None, notes: list[str]) -> d
     return out
 
 
-def _losses(layout, cfg: dict, source: str) -> bool:
-    """Extra supervision from the TRAIN phase's ``SoftmaxWithLoss`` layers: one on the merged scores, plus
-    one per scale or none; each as attnscale's loss (weight 1, ignore_label 255, VALID normalisation)."""
-    losses = [lp for lp in layout.layers if lp.type == "SoftmaxWithLoss"]
-    for lp in losses:
+def _label_size(g, node, crop: int, inputs, source: str, loss: str):
+    """A loss's label size at the crop: a net input's declared shape, or the data layer's label (the crop)
+    through Caffe's Interp sizes."""
+    from attnscale import caffe
+    if not isinstance(node[0], int):
+        shape = dict(zip(inputs.names, inputs.shapes)).get(node[1])
+        return None if shape is None else tuple(shape[-2:])
+    lp = g.lps[node[0]]
+    if lp.type == "Interp":
+        return caffe.interp_output_shape(_label_size(g, g.bottoms[node[0]][0], crop, inputs, source, loss),
+                                         L.interp_params(lp))
+    if lp.type in L.DATA_TYPES:
+        return (crop, crop)
+    raise CaffeImportError(f"{source}: layer {loss!r}: its label comes from layer {lp.name!r} ({lp.type}); "
+                           "attnscale's labels are the data layer's, shrunk by Interp to each score map's size")
+
+
+def _losses(layout, cfg: dict, net_param, crop: int, source: str) -> bool:
+    """Extra supervision from the TRAIN phase's ``SoftmaxWithLoss`` layers: one on the merged scores, plus one on
+    each scale's classifier output or none, each against the label at its scores' size, and each as attnscale's
+    loss (weight 1, ignore_label 255, VALID normalisation)."""
+    from attnscale import caffe
+    from attnscale.model import AttentionToScale
+
+    from .readers import net_inputs
+    g, inputs = layout.graph, net_inputs(net_param, source)
+    size = {"merged": AttentionToScale.output_size((crop, crop))}
+    size.update({s: AttentionToScale.output_size(caffe.scaled_input_shape((crop, crop), s)) for s in cfg["scales"]})
+    seen: dict = {}
+    for i, lp in enumerate(layout.layers):
+        if lp.type != "SoftmaxWithLoss":
+            continue
         lo = lp.loss_param
         if list(lp.loss_weight) not in ([], [1.0]):
             raise CaffeImportError(f"{source}: layer {lp.name!r}: loss_weight {list(lp.loss_weight)}; "
@@ -168,16 +208,28 @@ def _losses(layout, cfg: dict, source: str) -> bool:
         if not valid:
             raise CaffeImportError(f"{source}: layer {lp.name!r}: the loss must be normalised over the valid "
                                    "(non-ignored) pixels, Caffe's default VALID, as attnscale's")
-    S = len(cfg["scales"])
-    if S > 1 and len(losses) == 1 + S and not cfg["extra_supervision"]:
-        raise CaffeImportError(f"{source}: {len(losses)} SoftmaxWithLoss layers ({[lp.name for lp in losses]}), "
-                               "but none on a scale's own scores: attnscale's extra supervision puts one on each")
-    allowed = {1, 1 + S} if S > 1 else {1}
-    if len(losses) not in allowed:
-        raise CaffeImportError(f"{source}: {len(losses)} SoftmaxWithLoss layer(s) in the TRAIN phase "
-                               f"({[lp.name for lp in losses]}); attnscale trains with one on the merged scores"
-                               + (f", plus one per scale ({1 + S} in all)" if S > 1 else ""))
-    return S > 1 and len(losses) == 1 + S
+        if len(g.bottoms[i]) != 2:
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: a SoftmaxWithLoss takes scores and labels")
+        role = layout.outputs.get(g.bottoms[i][0])
+        if role is None:
+            raise CaffeImportError(
+                f"{source}: layer {lp.name!r}: its scores {g.name(g.bottoms[i][0])} are neither the merged scores "
+                "nor a scale's classifier output: attnscale's losses take those")
+        if role in seen:
+            raise CaffeImportError(f"{source}: layers {seen[role]!r} and {lp.name!r} both put a loss on the "
+                                   + ("merged scores" if role == "merged" else f"scale-{role:g} scores"))
+        seen[role] = lp.name
+        got = _label_size(g, g.bottoms[i][1], crop, inputs, source, lp.name)
+        if got is not None and tuple(got) != tuple(size[role]):
+            raise CaffeImportError(f"{source}: layer {lp.name!r}: its label {g.name(g.bottoms[i][1])} is "
+                                   f"{tuple(got)} at crop {crop}, its scores {tuple(size[role])}")
+    if "merged" not in seen:
+        raise CaffeImportError(f"{source}: no SoftmaxWithLoss on the merged scores in the TRAIN phase")
+    per_scale = [s for s in seen if s != "merged"]
+    if per_scale and len(per_scale) != len(cfg["scales"]):
+        raise CaffeImportError(f"{source}: losses on the scale(s) {sorted(per_scale, reverse=True)} only: "
+                               "attnscale's extra supervision puts one on every scale's scores")
+    return bool(per_scale)
 
 
 def _data_fields(layout, net_param, source: str, notes: list[str]) -> dict:
@@ -242,13 +294,13 @@ def train_config(solver, net=None, base=None):
     net_param, net_source = _solver_net(sp, source, net)
     cfg, layout = _analyse(net_param, net_source, phase="TRAIN")
     mults, owners = _mults(layout, net_source)
+    d.update(_data_fields(layout, net_param, net_source, notes))
     d.update(num_classes=cfg["num_classes"], scales=list(cfg["scales"]), merge=cfg["merge"],
-             extra_supervision=_losses(layout, cfg, net_source), width=cfg["width"],
+             extra_supervision=_losses(layout, cfg, net_param, d["crop_size"], net_source), width=cfg["width"],
              classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=mults,
              fillers=_fillers(owners, net_source, d.get("init") or base.init, notes))
-    d.update(_data_fields(layout, net_param, net_source, notes))
     notes += layout.notes
     try:
         return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes
     except ValueError as exc:
-        raise CaffeImportError(str(exc)) from None
+        raise CaffeImportError(f"{source} + {net_source}: {exc}") from None

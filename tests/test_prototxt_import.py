@@ -1056,7 +1056,8 @@ def test_deeplab_v1_training_prototxt_gives_a_train_config():
 
 @pytest.mark.parametrize("edit,why", [
     (("hole: 12", "hole: 12 dilation: 12"), "both hole .DeepLab-v1. and dilation"),
-    (("hole: 12", "hole_h: 12"), "hole_h and hole_w go together"),
+    (("hole: 12", "hole_h: 12"), r"give hole, or hole_h and hole_w together \(got hole_h\)"),
+    (("hole: 12", "hole: 12 hole_h: 12 hole_w: 6"), r"give hole, or hole_h and hole_w together \(got hole, "),
     (("hole: 12", "hole: 0"), "hole must be >= 1"),
     (("softmaxloss_param { ignore_label: 255 }", 'softmaxloss_param { weight_source: "w.txt" }'), "weight_source"),
     (("softmaxloss_param { ignore_label: 255 }", "softmaxloss_param { ignore_label: 255 ignore_label: 0 }"),
@@ -1074,3 +1075,15 @@ def test_hole_in_the_current_form_is_read_without_changing_the_callers_net():
     fc6 = [lp for lp in readers.upgraded_layers(net) if lp.name == "fc6"][0]
     assert list(fc6.convolution_param.dilation) == [12, 6]
     assert [lp for lp in net.layer if lp.name == "fc6"][0].convolution_param.hole_h == 12
+
+
+def test_a_top_named_like_an_existing_blob_is_refused_unless_in_place():
+    """Caffe's Net::AppendTop: in place only under the name of the bottom at the same index."""
+    text = deeplab_prototxt(width=W, size=SIZE)
+    bad = text + 'layer { name: "dup" type: "ReLU" bottom: "fc6" top: "fc7" }\n'
+    for build in (pi.load_net, pi.to_attnscale):
+        with pytest.raises(CaffeImportError, match="layer 'dup' .ReLU.: top blob 'fc7' is produced by multiple sources"):
+            build(bad)
+    with pytest.raises(CaffeImportError, match="top blob 'data' is produced by multiple sources"):
+        pi.load_net(text + 'layer { name: "d" type: "ReLU" bottom: "fc7" top: "data" }\n')
+    pi.load_net(text + 'layer { name: "ok" type: "ReLU" bottom: "fc7" top: "fc7" }\n')   # in place

@@ -6,12 +6,14 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
 import prototxt_import as pi
 from attnscale.config import TrainConfig
-from attnscale.train import build_model, load_checkpoint, make_optimizer, train
+from attnscale.config import resume_free_fields
+from attnscale.train import build_model, freeze_zero_rate, load_checkpoint, make_optimizer, train
 from prototxt_import import CaffeImportError
 from prototxt_import.__main__ import main as cli
 from tests.caffe_files import SUFFIX, deeplab_prototxt, to_v1_text
@@ -31,22 +33,27 @@ random_seed: 3
 def train_net(scales=(1.0, 0.5), merge="attention", esupv=True, width=1 / 32, classes=5, size=33,
               data_layer=False) -> str:
     """``deeplab_prototxt`` in training form: label inputs (or an ImageSegData layer) and the losses."""
+    from attnscale.caffe import scaled_input_shape
+    from attnscale.model import AttentionToScale
     text = deeplab_prototxt(scales, merge, width=width, classes=classes, size=size)
     sfx = [SUFFIX.get(s, "") for s in scales]
-    if data_layer:
+    out = {x: AttentionToScale.output_size(scaled_input_shape((size, size), s))[0] for s, x in zip(scales, sfx)}
+    if data_layer:   # the labels shrunk by Interp to each score map's size
         text = text.replace(f'input: "data"\ninput_shape {{ dim: 1 dim: 3 dim: {size} dim: {size} }}\n',
                             'layer { name: "data" type: "ImageSegData" top: "data" top: "label" '
                             'include { phase: TRAIN } image_data_param { source: "list/train_aug.txt" '
                             'root_folder: "/data/VOC2012" batch_size: 7 shuffle: true } transform_param { '
                             f'mirror: true crop_size: {size} mean_value: 104.008 mean_value: 116.669 '
-                            'mean_value: 122.675 } }\n')
+                            'mean_value: 122.675 } }\n' + "".join(
+                                f'layer {{ name: "label_shrink{x}" type: "Interp" bottom: "label" top: "label{x}_s" '
+                                f'interp_param {{ height: {out[x]} width: {out[x]} }} }}\n' for x in sfx))
     else:
         text = text.replace(f"dim: {size} }}\n", f"dim: {size} }}\n" + "".join(
-            f'input: "label{s}"\ninput_shape {{ dim: 1 dim: 1 dim: 4 dim: 4 }}\n' for s in sfx), 1)
-    label = (lambda s: "label") if data_layer else (lambda s: f"label{s}")
+            f'input: "label{x}"\ninput_shape {{ dim: 1 dim: 1 dim: {out[x]} dim: {out[x]} }}\n' for x in sfx), 1)
+    label = (lambda x: f"label{x}_s") if data_layer else (lambda x: f"label{x}")
     losses = [("loss", MERGED[merge if len(scales) > 1 else None], label(""))]
     if esupv and len(scales) > 1:
-        losses += [(f"loss{s}", f"fc8_voc12{s}", label(s)) for s in sfx]
+        losses += [(f"loss{x or '_res1'}", f"fc8_voc12{x}", label(x)) for x in sfx]
     return text + "".join(f'layer {{ name: "{n}" type: "SoftmaxWithLoss" bottom: "{b}" bottom: "{lab}" '
                           f'top: "{n}" loss_param {{ ignore_label: 255 }} }}\n' for n, b, lab in losses)
 
@@ -111,6 +118,14 @@ def test_param_mults_follow_caffe_sharing_rules():
     text = _shared(net, "fc8_voc12", "b", 'lr_mult: 2 decay_mult: 0 } param { lr_mult: 1')
     with pytest.raises(CaffeImportError, match="3 param specs"):
         pi.param_mults(text)
+    # one blob for two model parameters: Caffe ties them (Net::ShareWeights), attnscale's model cannot
+    for a, b in (("conv5_2", "conv5_3"), ("conv1_1", "conv1_2")):
+        text = re.sub(r'(layer \{ name: "' + b + r'(_res05)?" [^\n]*?param \{ name: ")' + b + r'_w', r"\g<1>" + a + "_w", net)
+        with pytest.raises(CaffeImportError, match=rf"{a}.weight and {b}.weight share one blob"):
+            pi.param_mults(text)
+    text = net.replace('name: "fc7_b" lr_mult: 2 decay_mult: 0', 'name: "fc7_w" lr_mult: 1 decay_mult: 1')
+    with pytest.raises(CaffeImportError, match=r"fc7.weight and fc7.bias share one blob"):
+        pi.param_mults(text)
 
 
 def test_param_mults_of_a_v1_net_read_blobs_lr_and_weight_decay():
@@ -174,7 +189,12 @@ def test_train_config_reads_the_data_layer_and_the_losses(tmp_path):
 
 @pytest.mark.parametrize("solver,net,why", [
     ('lr_policy: "cosine"\n', None, "lr_policy 'cosine': Caffe stops on an unknown learning rate policy"),
-    ('lr_policy: "multistep"\n', None, "'multistep' without stepvalue"),
+    ('lr_policy: "sigmoid"\ngamma: 0.1\n', None, "'sigmoid' needs stepsize > 0"),
+    ('lr_policy: "step"\nstepsize: 3\ngamma: -0.1\n', None, r"gamma -0.1 < 0 \(Caffe: CHECK_GE"),
+    ('type: "SGD"\nsolver_type: SGD\n', None, "both solver_type and type"),
+    ("average_loss: 0\n", None, "average_loss 0 < 1"),
+    ('weights: "a.caffemodel, b.caffemodel"\n', None, r"2 weights files \['a.caffemodel', 'b.caffemodel'\]"),
+    ('weights: "a.caffemodel,"\n', None, "names an empty file"),
     ('type: "Adam"\n', None, "solver type 'Adam'"),
     ("solver_type: NESTEROV\n", None, "solver type 'NESTEROV'"),
     ('regularization_type: "L1"\n', None, "regularization_type 'L1'"),
@@ -207,18 +227,68 @@ def test_train_config_takes_each_policys_fields():
             ("poly", "power: 0.9\n", dict(power=0.9, gamma=base.gamma, stepsize=base.stepsize)),
             ("multistep", "gamma: 0.5\nstepvalue: 10\nstepvalue: 30\n", dict(gamma=0.5, stepvalue=[10, 30])),
             ("inv", "gamma: 0.0001\npower: 0.75\n", dict(gamma=0.0001, power=0.75)),
-            ("sigmoid", "gamma: -0.5\nstepsize: 7\n", dict(gamma=-0.5, stepsize=7)),
+            ("sigmoid", "gamma: 0.5\nstepsize: 7\n", dict(gamma=0.5, stepsize=7)),
             ("exp", "gamma: 0.99\n", dict(gamma=0.99, power=0.0))):
         cfg, _ = pi.train_config(SOLVER.replace('"fixed"', f'"{policy}"') + extra, net=train_net())
         assert cfg.lr_policy == policy and {k: getattr(cfg, k) for k in want} == want, policy
+
+
+def test_train_config_follows_each_loss_to_its_scores_and_label():
+    """Each loss must read the merged scores or one scale's classifier output, once, against the label at
+    that size: anything else trains another objective than attnscale's."""
+    net = train_net(data_layer=True)
+    for edit, why in (
+            (('bottom: "fc8_voc12_res05" bottom: "label_res05_s"', 'bottom: "fc8_attention" bottom: "label_s"'),
+             "layers 'loss' and 'loss_res05' both put a loss on the merged scores"),
+            (('bottom: "fc8_attention" bottom: "label_s"', 'bottom: "fc8_voc12_res05_interp" bottom: "label_s"'),
+             "its scores 'fc8_voc12_res05_interp' are neither the merged scores nor a scale's classifier output"),
+            (('bottom: "fc8_attention" bottom: "label_s"', 'bottom: "fc8_attention" bottom: "label"'),
+             r"layer 'loss': its label 'label' is \(33, 33\) at crop 33, its scores \(5, 5\)"),
+            (('interp_param { height: 5 width: 5 }', 'interp_param { shrink_factor: 4 }'),
+             r"its label 'label_s' is \(9, 9\) at crop 33"),
+            (('bottom: "fc8_attention" bottom: "label_s"', 'bottom: "fc8_attention" bottom: "fc7"'),
+             "its label comes from layer 'drop7' .Dropout.")):
+        assert edit[0] in net, edit
+        with pytest.raises(CaffeImportError, match=why):
+            pi.train_config(SOLVER, net=net.replace(edit[0], edit[1], 1))
+    cfg, _ = pi.train_config(SOLVER, net=net)
+    assert cfg.extra_supervision
+
+
+def test_train_config_reads_seed_weights_and_display_as_caffe():
+    cfg, notes = pi.train_config(SOLVER.replace("random_seed: 3", "random_seed: 4294967301")
+                                 + 'weights: " a.caffemodel "\ndisplay: -20\n', net=train_net())
+    assert (cfg.seed, cfg.init, cfg.display) == (5, "a.caffemodel", 20)
+    assert any("random_seed 4294967301 is 5" in n for n in notes)
+    with pytest.raises(ValueError, match=r"config.seed must be in \[0, 2\^32\)"):
+        TrainConfig(seed=2 ** 32).validate()
+
+
+def test_zero_rate_parameters_get_no_gradient_and_poly_keeps_max_iter():
+    """lr_mult 0: Caffe computes no diff (so ClipGradients' norm leaves it out); poly's rates depend on
+    max_iter, so a resume may not change it."""
+    mults = pi.param_mults(train_net())
+    mults["conv1_1"] = [[0.0, 1.0], [0.0, 0.0]]
+    cfg = TrainConfig(dataset="synthetic", width=1 / 32, scales=[1.0, 0.5], merge="attention",
+                      classifier_name="fc8_voc12", lr_mults=mults, crop_size=33, batch_size=1).validate()
+    model = build_model(cfg)
+    freeze_zero_rate(make_optimizer(model, cfg))
+    assert not model.conv1_1.weight.requires_grad and model.conv1_2.weight.requires_grad
+    model.train()
+    model.loss(model(torch.randn(1, 3, 33, 33)), torch.zeros(1, 33, 33, dtype=torch.long))[0].backward()
+    assert model.conv1_1.weight.grad is None and model.conv1_2.weight.grad is not None
+    frozen = TrainConfig(**{**cfg.to_dict(), "lr_mults": {k: [[0, 1], [0, 0]] for k in mults}}).validate()
+    with pytest.raises(ValueError, match="every lr_mult is 0"):
+        freeze_zero_rate(make_optimizer(build_model(frozen), frozen))
+    assert "max_iter" in resume_free_fields(cfg)
+    assert "max_iter" not in resume_free_fields(TrainConfig(lr_policy="poly", power=0.9))
 
 
 def test_train_config_needs_the_papers_losses():
     net = train_net(scales=(1.0, 0.75, 0.5))
     one_less = net.replace('layer { name: "loss_res05"', 'layer { name: "x" type: "Silence" bottom: "label_res05" }\n'
                            '#', 1)
-    with pytest.raises(CaffeImportError, match=r"3 SoftmaxWithLoss layer\(s\).*one on the merged scores, plus one "
-                       r"per scale \(4 in all\)"):
+    with pytest.raises(CaffeImportError, match=r"losses on the scale\(s\) \[1.0, 0.75\] only"):
         pi.train_config(SOLVER, net=one_less)
 
 
@@ -292,11 +362,19 @@ def test_caffe_fillers_draw_caffes_distributions():
     assert abs((t != 0).float().mean().item() - 0.25) < 0.02
     k = torch.tensor([0.25, 0.75, 0.75, 0.25])
     assert torch.equal(_filled({"type": "bilinear"}, (2, 1, 4, 4))[1, 0], k[:, None] * k[None, :])
+    for k in (5, 6, 9, 11):      # BilinearFiller's float arithmetic: c, x / f and the product in float
+        f = -(-k // 2)
+        c = np.float32((k - 1) / (2.0 * f))
+        r = [np.float32(1) - abs(np.float32(x) / np.float32(f) - c) for x in range(k)]
+        want = torch.tensor([[a * b for b in r] for a in r])
+        assert torch.equal(_filled({"type": "bilinear"}, (1, 1, k, k))[0, 0], want), k
     for spec, why in (({"type": "gaussian", "sparse": 65}, "sparse 65 > the blob's 64 outputs"),
                       ({"type": "foo"}, "unknown filler type 'foo'"), ({"type": "constant", "std": 1}, "takes"),
                       ({"type": "gaussian", "std": float("inf")}, "finite"),
                       ({"type": "msra", "variance_norm": "FAN"}, "variance_norm"),
-                      ({"type": "bilinear"}, "square kernel")):
+                      ({"type": "bilinear"}, "square kernel"), ({"type": "gaussian", "std": 0}, "std must be > 0"),
+                      ({"type": "gaussian", "std": -0.01}, "std must be > 0"),
+                      ({"type": "uniform", "min": 1, "max": 0}, "min <= max")):
         with pytest.raises(ValueError, match=why):
             _filled(spec, (64, 32, 3, 1) if spec == {"type": "bilinear"} else (64, 32, 3, 3))
 
@@ -335,6 +413,9 @@ def test_train_config_takes_the_blob_owners_fillers():
                                         {"type": "constant", "value": 0.5}]      # the owner's (scale 1, first)
     assert cfg.fillers["att_conv1"][0] == {"type": "xavier", "variance_norm": "AVERAGE"}
     assert cfg.fillers["conv1_1"] == [{"type": "constant", "value": 0.0}] * 2
+    # a spec written without its defaults is the same config as the filled-in one
+    assert TrainConfig(fillers={"fc6": [{"type": "gaussian", "std": 0.01}, {}]}).validate().fillers == {
+        "fc6": [{"type": "gaussian", "mean": 0.0, "std": 0.01, "sparse": -1}, {"type": "constant", "value": 0.0}]}
     assert any("no weight_filler in conv1_1" in n and "att_conv2" in n and "learns only its last biases" in n
                for n in notes)
     for filler, why in (('weight_filler { type: "foo" }', "layer 'fc6': weight_filler: unknown filler type 'foo'"),

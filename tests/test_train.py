@@ -129,17 +129,17 @@ def test_caffe_rate_follows_every_caffe_policy(tmp_path):
         assert np.float32(caffe_rate(cfg, it)) == caffe_rate(cfg, it)      # a Dtype (float) product
     cfg = _tiny(tmp_path, lr_policy="inv", gamma=1e-4, power=0.75, base_lr=0.01)
     assert caffe_rate(cfg, 5000) == pytest.approx(0.01 * (1 + 1e-4 * 5000) ** -0.75, rel=1e-6)
-    cfg = _tiny(tmp_path, lr_policy="sigmoid", gamma=-0.01, stepsize=300, base_lr=0.01)
+    cfg = _tiny(tmp_path, lr_policy="sigmoid", gamma=0.01, stepsize=300, base_lr=0.01)
     assert caffe_rate(cfg, 300) == pytest.approx(0.005, rel=1e-6)
-    assert caffe_rate(cfg, 1000) == pytest.approx(0.01 / (1 + math.exp(7)), rel=1e-5)
+    assert caffe_rate(cfg, 1000) == pytest.approx(0.01 / (1 + math.exp(-7)), rel=1e-5)
     cfg = _tiny(tmp_path, lr_policy="exp", gamma=0.999, base_lr=0.01)
     assert caffe_rate(cfg, 1000) == float(f32(0.01)) * float(f32(0.999)) ** 1000
-    with pytest.raises(ValueError, match="needs config.stepvalue"):
-        _tiny(tmp_path, lr_policy="multistep")
+    cfg = _tiny(tmp_path, lr_policy="multistep", gamma=0.5)       # no stepvalue: base_lr throughout, as Caffe
+    assert caffe_rate(cfg, 5000) == caffe_rate(cfg, 0) == float(f32(0.01))
     with pytest.raises(ValueError, match="one of Caffe's fixed, step, exp, inv, multistep, poly, sigmoid"):
         _tiny(tmp_path, lr_policy="cosine")
-    with pytest.raises(ValueError, match="gamma must be positive for lr_policy 'step'"):
-        _tiny(tmp_path, gamma=0.0)
+    with pytest.raises(ValueError, match="gamma must be >= 0 for lr_policy 'step'"):
+        _tiny(tmp_path, gamma=-0.1)
 
 
 def test_clip_gradients_caffe_rule():
