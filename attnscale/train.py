@@ -140,8 +140,10 @@ def caffe_rate(cfg: TrainConfig, it: int) -> float:
       these form the product in double from the proto *floats* ``base_lr`` and ``gamma`` (0.001 is
       0.0010000000474974513);
     - ``poly``: ``base_lr * (1 - it / max_iter) ^ power``; ``inv``: ``base_lr * (1 + gamma * it) ^ -power``;
-      ``sigmoid``: ``base_lr / (1 + exp(-gamma * (it - stepsize)))``: Caffe writes these in ``Dtype``, so
-      float32 here (a libm's float pow / exp may differ from another's by an ulp).
+      ``sigmoid``: ``base_lr / (1 + exp(-gamma * (it - stepsize)))``: Caffe writes their operands in ``Dtype``,
+      so float32 here.  Its unqualified ``pow`` / ``exp`` take the float overloads only where the build puts
+      them in the global namespace (libstdc++ 6 and later with ``<math.h>``), the C double ones otherwise:
+      a build of the other kind may differ from these rates by an ulp at some iterations.
 
     :func:`set_rate` rounds the result to the parameters' ``Dtype``, as Caffe's ``Dtype rate = ...`` does."""
     f32 = np.float32

@@ -657,7 +657,7 @@ def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionRepor
         params = _params(getattr(model, m))
         present = blobs_to_copy(wf, name, "the prototxt layer", blobs, len(params),
                                 lambda j: slot(lp, j)[0] == "param" and layout.param_owner[slot(lp, j)[1]] != name)
-        bad = [(j, b) for j, b in present if not b.fits(params[j][1].shape)]
+        bad = [(j, b) for j, b in present if not b.fits(params[j][1].shape, lp.strict_dim)]
         if bad:
             shapes = [tuple(b.data.shape) for _, b in present]
             if m == model.classifier_name:
@@ -672,9 +672,13 @@ def _load(model, layout: _Layout, wf: WeightFile | None, report: ConversionRepor
                                    f"{tuple(params[j][1].shape)}")
         for j, b in present:
             writes[slot(lp, j)].append((f"{name}[{j}]", b.data))
-            if b.reshape and tuple(b.data.shape) != tuple(params[j][1].shape):
-                report.notes.append(f"{name}[{j}]: HDF5 shape {tuple(b.data.shape)} read as {tuple(params[j][1].shape)} "
-                                    "(DeepLab's Caffe reshapes the blob to the dataset: same values in the same order)")
+            shape = tuple(params[j][1].shape)
+            same = tuple(b.data.shape) == shape if b.reshape else b.fits(shape)   # (a legacy 4-axis shape fits)
+            if not same:
+                why = ("DeepLab's Caffe reshapes the blob to the dataset" if b.reshape else
+                       "strict_dim: false, DeepLab-v1's Caffe copies the same count in the layer's shape")
+                report.notes.append(f"{name}[{j}]: {'HDF5' if b.reshape else 'file'} shape {tuple(b.data.shape)} read "
+                                    f"as {shape} ({why}: same values in the same order)")
     if not writes and not kept_fresh:
         raise CaffeImportError(f"{wf.path}: no layer of the weights file is a layer of the net "
                                f"(file layers: {[n for n, _, _ in wf.layers][:8]} ...)")

@@ -88,6 +88,7 @@ class LayerRecord:
     status: str  # "run", "input", "ignored"
     key: str | None = None  # ModuleDict key of the module (run layers)
     param_names: list[str] = field(default_factory=list)
+    strict_dim: bool = True  # DeepLab-v1's strict_dim: false copies a blob of the same count in another shape
 
 
 def _module_key(name: str, taken: set[str]) -> str:
@@ -215,6 +216,7 @@ class CaffeNet(nn.Module):
             rec.key = _module_key(lp.name, taken)
             rec.top_shapes = list(mod.out_shapes)
             rec.param_names = [p.name for p in lp.param]
+            rec.strict_dim = lp.strict_dim
             self.layers[rec.key] = mod
             self._plan.append((rec.key, list(lp.bottom), list(lp.top)))
             for t, s in zip(lp.top, mod.out_shapes):
@@ -284,7 +286,7 @@ class CaffeNet(nn.Module):
         (``CopyTrainedLayersFromHDF5``) goes to the last layer of that name, may lack the blobs the
         target layer shares with an earlier layer (``Net::ToHDF5`` writes only owned parameters), and
         its blobs need only the target's element count (DeepLab-v2's Caffe reshapes the blob to the
-        dataset: :meth:`CaffeBlob.fits`)."""
+        dataset: :meth:`CaffeBlob.fits`), as do those of a DeepLab-v1 layer with ``strict_dim: false``."""
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
         report = WeightLoadReport(wf.path)
         run = [r for r in self.records if r.key is not None]
@@ -307,7 +309,7 @@ class CaffeNet(nn.Module):
             for j, blob in copied:
                 p = params[j]
                 target = tuple(p.shape)
-                if not blob.fits(target):
+                if not blob.fits(target, rec.strict_dim):
                     raise CaffeImportError(f"{wf.path}: layer {name!r}: cannot copy blob {j}: shape "
                                            f"mismatch, file {tuple(blob.data.shape)} vs prototxt layer {target}")
                 with torch.no_grad():

@@ -200,6 +200,8 @@ def upgrade_v1_layer(v1, source: str = "<net>"):
     for fd, value in v1.ListFields():
         if fd.name.endswith("_param") and fd.name in layer.DESCRIPTOR.fields_by_name:
             getattr(layer, fd.name).CopyFrom(value)
+    if v1.HasField("strict_dim"):
+        layer.strict_dim = v1.strict_dim
     if v1.HasField("softmaxloss_param"):      # DeepLab-v1's SoftmaxWithLoss options
         sp = v1.softmaxloss_param
         if sp.weight_source:
@@ -290,10 +292,11 @@ class CaffeBlob:
     #: shape with the parameter's element count runs the same
     reshape: bool = False
 
-    def fits(self, shape) -> bool:
-        """Caffe ``Blob::ShapeEquals`` against a parameter of shape ``shape`` (HDF5: the same count)."""
+    def fits(self, shape, strict: bool = True) -> bool:
+        """Caffe ``Blob::ShapeEquals`` against a parameter of shape ``shape`` (HDF5, or a DeepLab-v1 layer with
+        ``strict_dim: false`` (``strict=False``): the same count)."""
         shape = tuple(int(d) for d in shape)
-        if self.reshape:
+        if self.reshape or not strict:
             return self.data.size == math.prod(shape)
         if self.legacy:
             return len(shape) <= 4 and (1,) * (4 - len(shape)) + shape == tuple(self.data.shape)

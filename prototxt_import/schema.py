@@ -21,7 +21,9 @@ DeepLab-v1's fork (deeplab-public) is read in its legacy ``layers`` form too: it
 ``hole`` / ``hole_h`` / ``hole_w`` convolution fields.  Its numbers are kept where BVLC leaves them free;
 where they collide (``IMAGE_SEG_DATA`` 39 = BVLC ``DECONVOLUTION``, ``seg_accuracy_param`` 42 = ``loss_param``,
 ``hole*`` 17-19 = ``force_nd_im2col`` / ``dilation``) the text names get private numbers 9039, 9042,
-9017-9019.
+9017-9019.  ``strict_dim`` (V1 1003) is carried through the upgrade as the private ``LayerParameter`` field 9003:
+``strict_dim: false`` lets weight copying take a blob of the same element count in another shape, as
+deeplab-public's ``CopyTrainedLayersFrom`` does.
 """
 from __future__ import annotations
 
@@ -135,6 +137,7 @@ message LayerParameter
   optional string type = 2
   repeated string bottom = 3
   repeated string top = 4
+  optional bool strict_dim = 9003 default=true
   optional Phase phase = 10
   repeated float loss_weight = 5
   repeated ParamSpec param = 6

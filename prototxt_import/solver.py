@@ -299,6 +299,11 @@ def train_config(solver, net=None, base=None):
              extra_supervision=_losses(layout, cfg, net_param, d["crop_size"], net_source), width=cfg["width"],
              classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=mults,
              fillers=_fillers(owners, net_source, d.get("init") or base.init, notes))
+    loose = [lp.name for lps in layout.copies.values() for lp in lps if not lp.strict_dim]
+    if loose:
+        notes.append(f"strict_dim: false in {', '.join(loose)}: DeepLab-v1's Caffe copies init weights of the same "
+                     "count in another shape there, attnscale's init takes the model's shapes: convert such weights "
+                     "first (python -m prototxt_import convert NET WEIGHTS -o init.pt) and give init.pt")
     notes += layout.notes
     try:
         return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes

@@ -1045,9 +1045,10 @@ def test_deeplab_v1_prototxts_run_as_the_current_form(tmp_path):
 
 
 def test_deeplab_v1_training_prototxt_gives_a_train_config():
-    cfg, _ = pi.train_config('base_lr: 0.001 lr_policy: "step" gamma: 0.1 stepsize: 2000 max_iter: 6000 '
-                             'momentum: 0.9 weight_decay: 0.0005 random_seed: 1',
-                             net=deeplab_v1_prototxt("TRAIN", size=33))
+    cfg, notes = pi.train_config('base_lr: 0.001 lr_policy: "step" gamma: 0.1 stepsize: 2000 max_iter: 6000 '
+                                 'momentum: 0.9 weight_decay: 0.0005 random_seed: 1',
+                                 net=deeplab_v1_prototxt("TRAIN", size=33))
+    assert any(n.startswith("strict_dim: false in fc6:") for n in notes)
     assert cfg.lr_mults["fc6"] == [[1.0, 1.0], [2.0, 0.0]] and cfg.lr_mults["fc8_voc12"] == [[1.0, 1.0], [2.0, 0.0]]
     assert cfg.fillers["fc8_voc12"][0] == {"type": "gaussian", "mean": 0.0, "std": 0.01, "sparse": -1}
     assert (cfg.train_list, cfg.data_root, cfg.crop_size, cfg.batch_size, cfg.mirror) == (
@@ -1087,3 +1088,24 @@ def test_a_top_named_like_an_existing_blob_is_refused_unless_in_place():
     with pytest.raises(CaffeImportError, match="top blob 'data' is produced by multiple sources"):
         pi.load_net(text + 'layer { name: "d" type: "ReLU" bottom: "fc7" top: "data" }\n')
     pi.load_net(text + 'layer { name: "ok" type: "ReLU" bottom: "fc7" top: "fc7" }\n')   # in place
+
+
+def test_deeplab_v1_strict_dim_false_copies_the_same_count_in_another_shape(tmp_path):
+    """deeplab-public's CopyTrainedLayersFrom: a ``strict_dim: false`` layer takes a blob of the same element
+    count in the layer's shape (fc6 stored flat, as an InnerProduct's); other layers keep the shape check."""
+    ref = pi.load_net(deeplab_prototxt(width=W, size=SIZE))
+    randomize(ref, seed=8)
+    layers = [(n, t, [a.reshape(1, 1, a.shape[0], -1) if n == "fc6" and a.ndim == 4 else a for a in arrays])
+              for n, t, arrays in net_weights(ref)]
+    weights = _write(tmp_path, "flat.caffemodel", caffemodel_bytes(layers, v1=True))
+    v1 = _write(tmp_path, "test.prototxt", deeplab_v1_prototxt())
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(pi.load_net(v1, weights)(x, return_blobs=True)["fc8_voc12"], ref(x), rtol=0, atol=0)
+    model, report = pi.to_attnscale(v1, weights, use_reference_ops=True)
+    assert any("fc6[0]: file shape" in n and "strict_dim: false" in n for n in report.notes)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).merged, ref(x), rtol=1e-5, atol=1e-5)
+    for strict in (deeplab_prototxt(width=W, size=SIZE), deeplab_v1_prototxt().replace("strict_dim: false", "")):
+        with pytest.raises(CaffeImportError, match="layer 'fc6': cannot copy blob 0: shape mismatch"):
+            pi.load_net(strict, weights)
