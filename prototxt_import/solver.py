@@ -14,9 +14,9 @@ What Caffe's ``SGDSolver`` would do with the solver and the TRAIN phase of its n
 - data: DeepLab's ``ImageSegData`` layer (``batch_size``, ``source``, ``root_folder``; ``crop_size``,
   ``mirror``), or the image input's shape (batch, crop).
 
-Anything attnscale would train differently (another solver type or policy, L1, a mean other than
-DeepLab's, a loss weight, ...) is an error naming the file and the field; fields with no effect on the
-weights (test nets, snapshot prefix, solver mode) are listed in the notes.
+Anything attnscale would train differently (another solver type, L1, a loss on other scores or labels, a
+mean other than DeepLab's, a loss weight, ...) is an error naming the file and the field, as are Caffe's own
+checks; fields with no effect on the weights (test nets, snapshot prefix, solver mode) are listed in the notes.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import os
 
 import numpy as np
 
-from . import layers as L
-from .errors import CaffeImportError
 from attnscale.config import LR_POLICIES
 
+from . import layers as L
+from .errors import CaffeImportError
 from .readers import read_solver
 
 
@@ -189,8 +189,11 @@ def _losses(layout, cfg: dict, net_param, crop: int, source: str) -> bool:
 
     from .readers import net_inputs
     g, inputs = layout.graph, net_inputs(net_param, source)
-    size = {"merged": AttentionToScale.output_size((crop, crop))}
-    size.update({s: AttentionToScale.output_size(caffe.scaled_input_shape((crop, crop), s)) for s in cfg["scales"]})
+    size = {}
+    if crop:    # crop 0: every image at its own size, so the label sizes are only known per image
+        size = {"merged": AttentionToScale.output_size((crop, crop))}
+        size.update({s: AttentionToScale.output_size(caffe.scaled_input_shape((crop, crop), s))
+                     for s in cfg["scales"]})
     seen: dict = {}
     for i, lp in enumerate(layout.layers):
         if lp.type != "SoftmaxWithLoss":
@@ -219,7 +222,7 @@ def _losses(layout, cfg: dict, net_param, crop: int, source: str) -> bool:
             raise CaffeImportError(f"{source}: layers {seen[role]!r} and {lp.name!r} both put a loss on the "
                                    + ("merged scores" if role == "merged" else f"scale-{role:g} scores"))
         seen[role] = lp.name
-        got = _label_size(g, g.bottoms[i][1], crop, inputs, source, lp.name)
+        got = _label_size(g, g.bottoms[i][1], crop, inputs, source, lp.name) if crop else None
         if got is not None and tuple(got) != tuple(size[role]):
             raise CaffeImportError(f"{source}: layer {lp.name!r}: its label {g.name(g.bottoms[i][1])} is "
                                    f"{tuple(got)} at crop {crop}, its scores {tuple(size[role])}")

@@ -181,6 +181,10 @@ def test_train_config_reads_the_data_layer_and_the_losses(tmp_path):
     assert (cfg.merge, cfg.extra_supervision, cfg.scales, cfg.iter_size, cfg.seed, cfg.lr_policy) == (
         "max", False, [1.0, 0.75, 0.5], 2, 3, "fixed")
     assert cfg.dropout == 0.5 and cfg.num_classes == 5
+    # no crop (whole images, one per batch): the label sizes vary per image, nothing to check up front
+    cfg, _ = pi.train_config(SOLVER, net=train_net(data_layer=True).replace("crop_size: 33", "crop_size: 0")
+                             .replace("batch_size: 7", "batch_size: 1"))
+    assert (cfg.crop_size, cfg.batch_size, cfg.extra_supervision) == (0, 1, True)
     # with a base: the fields Caffe's files do not set come from it
     base = TrainConfig(dataset="synthetic", out_dir="runs/x", device="cpu")
     cfg, _ = pi.train_config(SOLVER, net=train_net(), base=base)
