@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     conv.add_argument("weights")
     conv.add_argument("-o", "--output", required=True, help="where to torch.save the state_dict")
     conv.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
+    conv.add_argument("--phase", choices=("TEST", "TRAIN"), default="TEST",
+                      help="the net Caffe would build (TRAIN: a training prototxt with a TRAIN-only data layer)")
     cf = sub.add_parser("config", help="a Caffe solver + its training net as a TrainConfig JSON "
                         "(python -m attnscale.train trains it)")
     cf.add_argument("solver", help="solver.prototxt")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
             from attnscale.train import atomic_save
 
             from .convert import to_attnscale
-            model, report = to_attnscale(args.prototxt, args.weights)
+            model, report = to_attnscale(args.prototxt, args.weights, phase=args.phase)
             try:
                 atomic_save(model.state_dict(), args.output)
             except (OSError, RuntimeError) as exc:

@@ -370,9 +370,16 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
     # Net::FilterNet with the phase given and the file's own state { level stage }, as Caffe's Net(file, phase)
     state = net_param.state if net_param.HasField("state") else None
     rule = dict(level=state.level if state else 0, stages=tuple(state.stage) if state else ())
-    lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, phase, **rule)]
-    train_lps = [lp for lp in upgraded_layers(net_param, source) if layer_included(lp, "TRAIN", **rule)]
+    every = upgraded_layers(net_param, source)
+    lps = [lp for lp in every if layer_included(lp, phase, **rule)]
+    train_lps = [lp for lp in every if layer_included(lp, "TRAIN", **rule)]
     inputs = net_inputs(net_param, source)
+    if not inputs.names and not any(lp.type in L.DATA_TYPES for lp in lps):
+        other = "TRAIN" if phase == "TEST" else "TEST"
+        elsewhere = [lp.name for lp in every if lp.type in L.DATA_TYPES and layer_included(lp, other, **rule)]
+        if elsewhere:
+            raise CaffeImportError(f"{source}: no input in the {phase} phase: the data layer(s) {elsewhere} are in "
+                                   f"the {other} phase only (to_attnscale(..., phase={other!r}) reads that phase)")
     g = _Graph(lps, inputs.names, source)
     data = inputs.names[0] if inputs.names else next(
         (lp.top[0] for lp in lps if lp.type in L.DATA_TYPES and lp.top), None)
@@ -445,7 +452,20 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
         if scales[0] != 1.0:
             raise CaffeImportError(f"{source}: the merge lists the scales as {scales}; attnscale's model "
                                    "needs the scale-1 branch first (it sets the merge resolution)")
+    after, todo, seen_nodes = [], [merged], {merged}
+    while todo:    # every layer fed (directly or not) by the model's output, which the model does not compute
+        for i in g.consumers[todo.pop()]:
+            if lps[i].type not in L.IGNORED_TYPES and lps[i].name not in after:
+                after.append(lps[i].name)
+            for k in range(len(lps[i].top)):
+                if (i, k) not in seen_nodes:
+                    seen_nodes.add((i, k))
+                    todo.append((i, k))
     layout = _Layout(net_names={lp.name for lp in lps}, layers=lps, graph=g, outputs={merged: "merged"})
+    if after:
+        layout.notes.append(f"after the model's scores {g.name(merged)}, the net's layer(s) "
+                            + ", ".join(f"{n!r} ({next(lp.type for lp in lps if lp.name == n)})" for n in after)
+                            + " are not part of attnscale's model (it returns those scores; predict upsamples them)")
     if len(branches) > 1:
         layout.outputs.update({branches[s].scores: s for s in scales})
     for name in main.convs:
@@ -489,19 +509,22 @@ def analyse(net_param, source: str = "<net>") -> dict:
 
 
 def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
-                 extra_supervision: bool | None = None):
+                 extra_supervision: bool | None = None, phase: str = "TEST"):
     """Build an :class:`attnscale.AttentionToScale` matching a DeepLab-LargeFOV / attention net and
     load its weights (.caffemodel, .caffemodel.h5 or a :class:`WeightFile`; None: fresh model).
 
     Returns ``(model, ConversionReport)``.  ``use_reference_ops``: None = use attnscale's compiled
-    ops when they are available, else the pure-PyTorch references.
+    ops when they are available, else the pure-PyTorch references.  ``phase``: the net Caffe would build
+    (``TEST``; ``TRAIN`` for a training prototxt whose data layer is TRAIN-only).
     """
     from attnscale.model import AttentionToScale
 
     from .net import ops_available
 
+    if phase not in ("TEST", "TRAIN"):
+        raise CaffeImportError(f"to_attnscale: phase must be 'TEST' or 'TRAIN', got {phase!r}")
     net_param, source = _read(prototxt)
-    cfg, layout = _analyse(net_param, source)
+    cfg, layout = _analyse(net_param, source, phase)
     notes = list(layout.notes)
     if extra_supervision is not None:
         cfg["extra_supervision"] = bool(extra_supervision)

@@ -197,8 +197,8 @@ def interp_params(lp) -> "caffe_math.InterpParams":
 class Convolution(nn.Module):
     """Caffe ``Convolution`` (2-D, ``group``, ``dilation``, ``bias_term``); output size
     ``(in + 2*pad - (dilation*(k-1)+1)) / stride + 1`` (integer division, ``BaseConvolutionLayer``).
-    Dilated stride-1 ungrouped square convolutions use :func:`attnscale.ops.dilated_conv2d` when
-    ``ctx.use_ops`` is set."""
+    Dilated stride-1 ungrouped convolutions with odd kernels use :func:`attnscale.ops.dilated_conv2d` when
+    ``ctx.use_ops`` is set (DeepLab-v1's 4x4 ``hole: 4`` fc6 runs ``F.conv2d``)."""
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
@@ -224,8 +224,9 @@ class Convolution(nn.Module):
                           f"dilation {d})")
             outs.append(o)
         self.out_shapes = [(n, num_output, outs[0], outs[1])] * len(in_shapes)
-        self.use_ops = (ctx.use_ops and self.stride == (1, 1) and self.group == 1
-                        and self.dilation[0] == self.dilation[1] > 1 and self.pad[0] == self.pad[1])
+        self.use_ops = (ctx.use_ops and self.stride == (1, 1) and self.group == 1   # the op's odd kernels only
+                        and self.dilation[0] == self.dilation[1] > 1 and self.pad[0] == self.pad[1]
+                        and self.kernel[0] % 2 == 1 and self.kernel[1] % 2 == 1)
 
     def forward(self, *xs):
         outs = []

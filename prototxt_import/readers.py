@@ -57,7 +57,10 @@ V1_TYPE_NAMES = {
     # DeepLab-v1 (deeplab-public)
     "IMAGE_SEG_DATA": "ImageSegData", "INTERP": "Interp", "SEG_ACCURACY": "SegAccuracy", "PADDING": "Padding",
     "MAT_READ": "MatRead", "MAT_WRITE": "MatWrite", "DENSE_CRF": "DenseCRF", "DOMINANT_CHANNEL": "DominantChannel",
-    "BIAS_CHANNEL": "BiasChannel",
+    "BIAS_CHANNEL": "BiasChannel", "UNIQUE_LABEL": "UniqueLabel", "CENSOR_LABEL": "CensorLabel",
+    "ADAPTIVE_BIAS_CHANNEL": "AdaptiveBiasChannel", "CHANNEL_AGGREGATOR": "ChannelAggregator",
+    "IGNORE_OVERLAY": "IgnoreOverlay", "HISTOGRAM": "Histogram", "RELATIVE_ERROR": "RelativeError",
+    "GAIN_CHANNEL": "GainChannel", "ONEHOT": "OneHot",
 }
 
 
@@ -148,7 +151,15 @@ def read_net(path_or_text: str | os.PathLike, binary: bool | None = None):
     if binary is None:
         binary = _is_binary_path(path)
     if binary:
-        return parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "binary net"), "NetParameter", path)
+        net = parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "binary net"), "NetParameter", path)
+        for v1 in net.layers:
+            cp = v1.convolution_param
+            if cp.HasField("force_nd_im2col") or len(cp.dilation):
+                raise CaffeImportError(
+                    f"{path}: legacy layer {v1.name!r}: convolution fields 17-19 of a binary legacy net are "
+                    "deeplab-public's hole / hole_h / hole_w or BVLC's force_nd_im2col / dilation, and the file "
+                    "cannot tell which: read the net from its prototxt text")
+        return net
     text = _decode_text(_read_bytes(path, MAX_TEXT_BYTES, "prototxt"), path)
     return parse_text(text, "NetParameter", path)
 
@@ -167,6 +178,18 @@ def read_solver(path_or_text: str | os.PathLike, binary: bool = False):
 
 
 # ----------------------------------------------------------------------------- upgrade
+def v1_type_name(v1) -> str:
+    """A legacy layer's type as the current form names it ("" for a number no Caffe we read defines).  39 is
+    BVLC's DECONVOLUTION and deeplab-public's IMAGE_SEG_DATA in binary files: a layer 39 with an
+    ``image_data_param`` and no ``convolution_param`` is the data layer."""
+    if not v1.HasField("type"):       # an unknown number: protobuf keeps it aside and reads the default
+        return ""
+    name = v1.DESCRIPTOR.fields_by_name["type"].enum_type.values_by_number[v1.type].name
+    if name == "DECONVOLUTION" and v1.HasField("image_data_param") and not v1.HasField("convolution_param"):
+        name = "IMAGE_SEG_DATA"
+    return V1_TYPE_NAMES.get(name, name)
+
+
 def upgrade_v1_layer(v1, source: str = "<net>"):
     """Caffe's ``UpgradeV1LayerParameter``: one ``V1LayerParameter`` -> ``LayerParameter``."""
     LayerParameter = message_class("LayerParameter")
@@ -175,11 +198,9 @@ def upgrade_v1_layer(v1, source: str = "<net>"):
         raise CaffeImportError(f"{source}: a legacy 'layers' entry has neither name nor type "
                                "(V0 nets with nested 'layer' blocks are not supported)")
     layer.name = v1.name
-    type_enum = v1.DESCRIPTOR.fields_by_name["type"].enum_type
-    enum_name = type_enum.values_by_number[v1.type].name if v1.type in type_enum.values_by_number else None
-    if enum_name is None or enum_name == "NONE":
+    layer.type = v1_type_name(v1)
+    if not layer.type or layer.type == "NONE":
         raise CaffeImportError(f"{source}: legacy layer {v1.name!r} has no known type")
-    layer.type = V1_TYPE_NAMES.get(enum_name, enum_name)
     layer.bottom.extend(v1.bottom)
     layer.top.extend(v1.top)
     layer.include.extend(v1.include)
@@ -354,7 +375,6 @@ def read_caffemodel(path: str | os.PathLike) -> WeightFile:
     out = WeightFile(path)
     if len(net.layer) and len(net.layers):
         raise CaffeImportError(f"{path}: the net mixes 'layer' and legacy 'layers' entries")
-    type_enum = message_class("V1LayerParameter").DESCRIPTOR.fields_by_name["type"].enum_type
     for layer in net.layer:
         blobs = [blob_to_array(b, f"{path}: layer {layer.name!r} blob {i}") for i, b in enumerate(layer.blobs)]
         out.layers.append((layer.name, layer.type, blobs))
@@ -364,8 +384,7 @@ def read_caffemodel(path: str | os.PathLike) -> WeightFile:
                                    "caffemodel with nested 'layer' blocks: upgrade it with Caffe's "
                                    "upgrade_net_proto_binary first)")
         blobs = [blob_to_array(b, f"{path}: layer {v1.name!r} blob {i}") for i, b in enumerate(v1.blobs)]
-        ev = type_enum.values_by_number.get(v1.type)
-        out.layers.append((v1.name, V1_TYPE_NAMES.get(ev.name, ev.name) if ev else "", blobs))
+        out.layers.append((v1.name, v1_type_name(v1), blobs))
     if not any(blobs for _, _, blobs in out.layers):
         raise CaffeImportError(f"{path}: no layer holds any weights (not a trained .caffemodel: a deploy "
                                "net or a mean .binaryproto?)")

@@ -508,7 +508,7 @@ message V1LayerParameter
   optional string name = 4
   repeated NetStateRule include = 32
   repeated NetStateRule exclude = 33
-  enum LayerType NONE=0 ABSVAL=35 ACCURACY=1 ARGMAX=30 BNLL=2 CONCAT=3 CONTRASTIVE_LOSS=37 CONVOLUTION=4 DATA=5 DECONVOLUTION=39 DROPOUT=6 DUMMY_DATA=32 EUCLIDEAN_LOSS=7 ELTWISE=25 EXP=38 FLATTEN=8 HDF5_DATA=9 HDF5_OUTPUT=10 HINGE_LOSS=28 IM2COL=11 IMAGE_DATA=12 INFOGAIN_LOSS=13 INNER_PRODUCT=14 LRN=15 MEMORY_DATA=29 MULTINOMIAL_LOGISTIC_LOSS=16 MVN=34 POOLING=17 POWER=26 RELU=18 SIGMOID=19 SIGMOID_CROSS_ENTROPY_LOSS=27 SILENCE=36 SOFTMAX=20 SOFTMAX_LOSS=21 SPLIT=22 SLICE=33 TANH=23 WINDOW_DATA=24 THRESHOLD=31 SEG_ACCURACY=40 INTERP=41 PADDING=42 MAT_WRITE=43 MAT_READ=44 DENSE_CRF=45 DOMINANT_CHANNEL=46 BIAS_CHANNEL=47 IMAGE_SEG_DATA=9039
+  enum LayerType NONE=0 ABSVAL=35 ACCURACY=1 ARGMAX=30 BNLL=2 CONCAT=3 CONTRASTIVE_LOSS=37 CONVOLUTION=4 DATA=5 DECONVOLUTION=39 DROPOUT=6 DUMMY_DATA=32 EUCLIDEAN_LOSS=7 ELTWISE=25 EXP=38 FLATTEN=8 HDF5_DATA=9 HDF5_OUTPUT=10 HINGE_LOSS=28 IM2COL=11 IMAGE_DATA=12 INFOGAIN_LOSS=13 INNER_PRODUCT=14 LRN=15 MEMORY_DATA=29 MULTINOMIAL_LOGISTIC_LOSS=16 MVN=34 POOLING=17 POWER=26 RELU=18 SIGMOID=19 SIGMOID_CROSS_ENTROPY_LOSS=27 SILENCE=36 SOFTMAX=20 SOFTMAX_LOSS=21 SPLIT=22 SLICE=33 TANH=23 WINDOW_DATA=24 THRESHOLD=31 SEG_ACCURACY=40 INTERP=41 PADDING=42 MAT_WRITE=43 MAT_READ=44 DENSE_CRF=45 DOMINANT_CHANNEL=46 BIAS_CHANNEL=47 UNIQUE_LABEL=48 CENSOR_LABEL=49 ADAPTIVE_BIAS_CHANNEL=50 CHANNEL_AGGREGATOR=51 IGNORE_OVERLAY=52 HISTOGRAM=53 RELATIVE_ERROR=54 GAIN_CHANNEL=55 ONEHOT=56 IMAGE_SEG_DATA=9039
   optional LayerType type = 5
   repeated BlobProto blobs = 6
   repeated string param = 1001
@@ -551,13 +551,22 @@ message V1LayerParameter
   optional SoftmaxLossParameter softmaxloss_param = 44
   optional MatWriteParameter mat_write_param = 46
   optional MatReadParameter mat_read_param = 47
+  optional PaddingParameter padding_param = 45
   optional DenseCRFParameter dense_crf_param = 48
+  optional DominantChannelParameter dominant_channel_param = 49
   optional BiasChannelParameter bias_channel_param = 50
+  optional UniqueLabelParameter unique_label_param = 51
+  optional AdaptiveBiasChannelParameter adaptive_bias_channel_param = 53
   optional SegAccuracyParameter seg_accuracy_param = 9042
   optional bool strict_dim = 1003 default=true
 message SoftmaxLossParameter
   optional string weight_source = 16
   repeated int32 ignore_label = 2
+message PaddingParameter
+  optional int32 pad_beg = 1 default=0
+  optional int32 pad_end = 2 default=0
+message DominantChannelParameter
+  optional int32 top_k = 1 default=1
 """
 
 _F = descriptor_pb2.FieldDescriptorProto

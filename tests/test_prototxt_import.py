@@ -1109,3 +1109,56 @@ def test_deeplab_v1_strict_dim_false_copies_the_same_count_in_another_shape(tmp_
     for strict in (deeplab_prototxt(width=W, size=SIZE), deeplab_v1_prototxt().replace("strict_dim: false", "")):
         with pytest.raises(CaffeImportError, match="layer 'fc6': cannot copy blob 0: shape mismatch"):
             pi.load_net(strict, weights)
+
+
+def test_deeplab_v1_real_file_features():
+    """What real DeepLab-v1 files hold beyond LargeFOV: DeepLab's 4x4 ``hole: 4`` fc6 (an even kernel: F.conv2d,
+    not the op), the fork's other layer types and params; a TRAIN-only data layer names the phase to read."""
+    text = ('name: "n"\ninput: "data"\ninput_dim: 1\ninput_dim: 3\ninput_dim: 17\ninput_dim: 17\n'
+            'layers { name: "fc6" type: CONVOLUTION bottom: "data" top: "fc6" convolution_param { num_output: 4 '
+            'kernel_size: 4 pad: 6 hole: 4 } }\n'
+            'layers { name: "pad" type: PADDING bottom: "fc6" top: "fc6p" padding_param { pad_beg: 1 pad_end: 1 } }\n'
+            'layers { name: "u" type: UNIQUE_LABEL bottom: "fc6" top: "u" unique_label_param { max_labels: 3 } }\n')
+    net = pi.read_net(text)
+    assert [readers.v1_type_name(v1) for v1 in net.layers] == ["Convolution", "Padding", "UniqueLabel"]
+    runnable = text[:text.index('layers { name: "pad"')]
+    x = torch.randn(1, 3, 17, 17)
+    a, b = pi.load_net(runnable, use_ops=True), pi.load_net(runnable, use_ops=False)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        assert a(x).shape == (1, 4, 17, 17)
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    with pytest.raises(CaffeImportError, match="unsupported layer type 'Padding'"):
+        pi.load_net(text)
+    train = deeplab_v1_prototxt("TRAIN", size=33)
+    with pytest.raises(CaffeImportError, match=r"no input in the TEST phase: the data layer\(s\) \['data'\] are in the "
+                       r"TRAIN phase only \(to_attnscale\(..., phase='TRAIN'\)"):
+        pi.to_attnscale(train)
+    model, report = pi.to_attnscale(train, phase="TRAIN")
+    assert model.classifier_name == "fc8_voc12"
+    _, report = pi.to_attnscale(deeplab_v1_prototxt())
+    assert any("'fc8_interp' (Interp) are not part of attnscale's model" in n for n in report.notes)
+
+
+def test_v1_binary_nets_and_weights_name_their_types_or_refuse_ambiguity(tmp_path):
+    """A binary legacy net: convolution fields 17-19 are deeplab-public's hole or BVLC's force_nd_im2col /
+    dilation, so such a net is refused; weights name deeplab-public's data layer (39 with image_data_param) and
+    leave a type no Caffe we read defines unnamed."""
+    V1, Net = readers.message_class("V1LayerParameter"), readers.message_class("NetParameter")
+    net = Net(name="n")
+    net.input.append("data")
+    net.input_dim.extend([1, 3, 9, 9])
+    conv = V1(name="fc6", type=4, bottom=["data"], top=["fc6"])
+    conv.convolution_param.num_output, conv.convolution_param.force_nd_im2col = 2, True   # hole: 2 read as bool
+    conv.convolution_param.kernel_size.append(3)
+    net.layers.append(conv)
+    path = _write(tmp_path, "net.caffemodel", net.SerializeToString())
+    with pytest.raises(CaffeImportError, match="legacy layer 'fc6': convolution fields 17-19 .* cannot tell"):
+        pi.read_net(path)
+    data = V1(name="data", type=39, top=["data", "label"])
+    data.image_data_param.source = "list.txt"
+    raw = caffemodel_bytes([("fc6", "Convolution", [np.ones((2, 3, 3, 3))])], v1=True)
+    raw = Net(layers=[data]).SerializeToString() + raw
+    raw += bytes([2 << 3 | 2, 4, 5 << 3, 77, 4 << 3 | 2, 0])   # a layer of type 77 with an empty name
+    wf = pi.read_weights(_write(tmp_path, "w.caffemodel", raw))
+    assert [(n, t) for n, t, _ in wf.layers] == [("data", "ImageSegData"), ("fc6", "Convolution"), ("", "")]
