@@ -1,5 +1,5 @@
 """``python -m prototxt_import inspect NET.prototxt [WEIGHTS]``,
-``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt`` and
+``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt [--config eval.json]`` and
 ``python -m prototxt_import config SOLVER.prototxt [--net NET.prototxt] [--base config.json] -o config.json``."""
 from __future__ import annotations
 
@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     conv.add_argument("-q", "--quiet", action="store_true", help="do not print the report")
     conv.add_argument("--phase", choices=("TEST", "TRAIN"), default="TEST",
                       help="the net Caffe would build (TRAIN: a training prototxt with a TRAIN-only data layer)")
+    conv.add_argument("--config", default=None, metavar="JSON", help="also write a TrainConfig JSON of the model, "
+                      "for python -m attnscale.evaluate JSON --checkpoint OUTPUT")
+    conv.add_argument("--base", default=None, help="TrainConfig JSON giving --config the fields the net does not "
+                      "(dataset, data_root, device, ...)")
     cf = sub.add_parser("config", help="a Caffe solver + its training net as a TrainConfig JSON "
                         "(python -m attnscale.train trains it)")
     cf.add_argument("solver", help="solver.prototxt")
@@ -58,6 +62,7 @@ def main(argv=None) -> int:
             from attnscale.train import atomic_save
 
             from .convert import to_attnscale
+            base = _base(args.base) if args.config else None     # a bad --base stops before any work
             model, report = to_attnscale(args.prototxt, args.weights, phase=args.phase)
             try:
                 atomic_save(model.state_dict(), args.output)
@@ -67,33 +72,55 @@ def main(argv=None) -> int:
                 print(report)
             print(f"saved state_dict ({len(model.state_dict())} tensors) to {args.output}; "
                   f"config: {report.config}")
+            if args.config:
+                _model_config(args, base, report.config)
     except CaffeImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def _config(args) -> None:
-    import json
-
+def _base(path):
     from attnscale.config import TrainConfig
-
-    from .solver import train_config
     try:
-        base = TrainConfig.load(args.base) if args.base else None
+        return TrainConfig.load(path) if path else TrainConfig()
     except (OSError, ValueError) as exc:
         raise CaffeImportError(f"--base: {exc}") from None
-    cfg, notes = train_config(args.solver, net=args.net, base=base)
-    tmp = args.output + ".tmp"
+
+
+def _write_config(cfg, path: str) -> None:
+    """The TrainConfig as JSON, written atomically (a temporary file renamed onto ``path``)."""
+    import json
+    tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
             f.write("\n")
-        os.replace(tmp, args.output)
+        os.replace(tmp, path)
     except OSError as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise CaffeImportError(f"{args.output}: cannot write the config: {exc}") from None
+        raise CaffeImportError(f"{path}: cannot write the config: {exc}") from None
+
+
+def _model_config(args, base, found: dict) -> None:
+    """``convert --config``: the base config with the converted model's fields."""
+    from attnscale.config import TrainConfig
+    keys = ("num_classes", "scales", "merge", "extra_supervision", "width", "classifier_name", "dropout")
+    d = {**base.to_dict(), **{k: found[k] for k in keys}}
+    d["scales"] = list(d["scales"])
+    try:
+        cfg = TrainConfig.from_dict(d, source=args.prototxt)
+    except ValueError as exc:
+        raise CaffeImportError(f"--config: {exc}") from None
+    _write_config(cfg, args.config)
+    print(f"wrote {args.config}; evaluate with: python -m attnscale.evaluate {args.config} --checkpoint {args.output}")
+
+
+def _config(args) -> None:
+    from .solver import train_config
+    cfg, notes = train_config(args.solver, net=args.net, base=_base(args.base))
+    _write_config(cfg, args.output)
     for n in notes:
         print(f"note: {n}")
     print(f"wrote {args.output}: {cfg.max_iter} iterations of {cfg.batch_size} x {cfg.iter_size} images, "

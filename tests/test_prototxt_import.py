@@ -1162,3 +1162,31 @@ def test_v1_binary_nets_and_weights_name_their_types_or_refuse_ambiguity(tmp_pat
     raw += bytes([2 << 3 | 2, 4, 5 << 3, 77, 4 << 3 | 2, 0])   # a layer of type 77 with an empty name
     wf = pi.read_weights(_write(tmp_path, "w.caffemodel", raw))
     assert [(n, t) for n, t, _ in wf.layers] == [("data", "ImageSegData"), ("fc6", "Convolution"), ("", "")]
+
+
+def test_convert_writes_the_config_evaluate_loads_the_model_with(tmp_path, capsys):
+    """``convert --config``: a released net + weights become a checkpoint and the TrainConfig that rebuilds its
+    model (``evaluate``'s load), the same scores as ``to_attnscale``'s."""
+    from attnscale.config import TrainConfig
+    from attnscale.evaluate import load_model_from_checkpoint
+    from prototxt_import.__main__ import main as cli
+    proto = _write(tmp_path, "att.prototxt", deeplab_prototxt((1.0, 0.5), "attention", width=W, size=SIZE, classes=5))
+    net = pi.load_net(proto)
+    randomize(net, seed=9)
+    weights = _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(net)))
+    TrainConfig(dataset="synthetic", out_dir=str(tmp_path / "run")).save(str(tmp_path / "base.json"))
+    args = ["convert", str(proto), str(weights), "-o", str(tmp_path / "model.pt"), "-q", "--config",
+            str(tmp_path / "eval.json")]
+    assert cli(args + ["--base", str(tmp_path / "nope.json")]) == 2
+    assert "--base: config file not found" in capsys.readouterr().err and not (tmp_path / "model.pt").exists()
+    assert cli(args + ["--base", str(tmp_path / "base.json")]) == 0
+    assert "python -m attnscale.evaluate" in capsys.readouterr().out
+    cfg = TrainConfig.load(str(tmp_path / "eval.json"))
+    assert (cfg.dataset, cfg.scales, cfg.merge, cfg.num_classes, cfg.classifier_name) == (
+        "synthetic", [1.0, 0.5], "attention", 5, "fc8_voc12")
+    model, _ = load_model_from_checkpoint(cfg, str(tmp_path / "model.pt"))
+    ref, _ = pi.to_attnscale(proto, weights)
+    model.eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).merged, ref(x).merged, rtol=0, atol=0)
