@@ -155,11 +155,7 @@ def caffe_rate(cfg: TrainConfig, it: int) -> float:
     if policy == "exp":
         return base * math.pow(gamma, it)
     if policy == "multistep":
-        step, at = 0, -1
-        for v in cfg.stepvalue:      # the update at which the counter passes each stepvalue
-            at = max(v, at + 1)
-            step += at <= it
-        return base * math.pow(gamma, step)
+        return base * math.pow(gamma, caffe_multistep(cfg, it))
     with np.errstate(all="ignore"):
         if policy == "poly":
             r = f32(1) - f32(it) / f32(cfg.max_iter)
@@ -167,6 +163,16 @@ def caffe_rate(cfg: TrainConfig, it: int) -> float:
         if policy == "inv":
             return float(f32(base) * np.power(f32(1) + f32(gamma) * f32(it), -f32(cfg.power)))
         return float(f32(base) * (f32(1) / (f32(1) + np.exp(-f32(gamma) * (f32(it) - f32(cfg.stepsize))))))
+
+
+def caffe_multistep(cfg: TrainConfig, it: int) -> int:
+    """``multistep``'s ``current_step_`` at update ``it``: Caffe raises it by one at the first update at or past
+    each ``stepvalue`` in turn, at most once per update (so unsorted or repeated values climb one at a time)."""
+    step, at = 0, -1
+    for v in cfg.stepvalue:      # the update at which the counter passes each stepvalue
+        at = max(v, at + 1)
+        step += at <= it
+    return step
 
 
 def _is_float32(group: dict) -> bool:
@@ -399,6 +405,13 @@ def atomic_save(obj, path: str) -> None:
         pass
 
 
+def seed_all(seed: int, rank: int = 0) -> None:
+    """A run's random streams at its start: Python's and numpy's from ``seed``, torch's from ``seed + rank``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed + rank)
+
+
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -541,9 +554,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     log = _logger(cfg.out_dir, rank)
     ckpt_path = os.path.join(cfg.out_dir, CHECKPOINT)
 
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed + rank)
+    seed_all(cfg.seed, rank)
     model = (model_factory or build_model)(cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)

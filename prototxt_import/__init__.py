@@ -4,7 +4,8 @@
 - :func:`to_attnscale` maps a DeepLab-LargeFOV / attention-to-scale net and its weights onto
   :class:`attnscale.AttentionToScale`;
 - :func:`train_config` turns a Caffe solver and its training net into a ``TrainConfig`` (solver settings,
-  data layer, every layer's ``lr_mult`` / ``decay_mult``: :func:`param_mults`);
+  data layer, every layer's ``lr_mult`` / ``decay_mult``: :func:`param_mults`); :func:`resume_caffe_snapshot`
+  a Caffe run's ``.solverstate`` into a checkpoint to go on from;
 - :func:`read_net`, :func:`read_solver`, :func:`read_weights` are the raw readers;
 - every failure is a :class:`CaffeImportError` (a ``ValueError``) naming the file/layer/line.
 
@@ -37,8 +38,15 @@ def train_config(*args, **kwargs):
     return _impl(*args, **kwargs)
 
 
+def resume_caffe_snapshot(*args, **kwargs):
+    """See :func:`prototxt_import.solver.resume_caffe_snapshot`."""
+    from .solver import resume_caffe_snapshot as _impl
+    return _impl(*args, **kwargs)
+
+
 __all__ = [
     "CaffeImportError", "CaffeNet", "WeightLoadReport", "load_net", "to_attnscale", "param_mults", "train_config",
+    "resume_caffe_snapshot",
     "CaffeBlob", "WeightFile", "parse_binary", "parse_text", "read_caffemodel",
     "read_hdf5_weights", "read_net", "read_solver", "read_weights", "message_class",
 ]

@@ -1,6 +1,7 @@
 """``python -m prototxt_import inspect NET.prototxt [WEIGHTS]``,
 ``python -m prototxt_import convert NET.prototxt WEIGHTS -o model.pt [--config eval.json]`` and
-``python -m prototxt_import config SOLVER.prototxt [--net NET.prototxt] [--base config.json] -o config.json``."""
+``python -m prototxt_import config SOLVER.prototxt [--net NET.prototxt] [--base config.json] -o config.json
+[--snapshot X.solverstate]``."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,11 @@ def main(argv=None) -> int:
     cf.add_argument("--base", default=None, help="TrainConfig JSON giving the fields Caffe's files do not "
                     "(dataset, device, out_dir, ...)")
     cf.add_argument("-o", "--output", required=True, help="where to write the TrainConfig JSON")
+    cf.add_argument("--snapshot", default=None, metavar="SOLVERSTATE", help="a Caffe run's *.solverstate: also "
+                    "write OUT_DIR/checkpoint.pt at its iteration (its weights and momentum history), to go on "
+                    "with python -m attnscale.train JSON --resume")
+    cf.add_argument("--weights", default=None, help="with --snapshot: the snapshot's .caffemodel, in place of the "
+                    "learned_net path it names")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "inspect":
@@ -103,6 +109,15 @@ def _write_config(cfg, path: str) -> None:
         raise CaffeImportError(f"{path}: cannot write the config: {exc}") from None
 
 
+def _write_checkpoint(ck: dict, path: str) -> None:
+    """A checkpoint written atomically where the config's run keeps it."""
+    from attnscale.train import atomic_save
+    try:
+        atomic_save(ck, path)
+    except (OSError, RuntimeError) as exc:
+        raise CaffeImportError(f"{path}: cannot write the checkpoint: {exc}") from None
+
+
 def _model_config(args, base, found: dict) -> None:
     """``convert --config``: the base config with the converted model's fields."""
     from attnscale.config import TrainConfig
@@ -118,11 +133,27 @@ def _model_config(args, base, found: dict) -> None:
 
 
 def _config(args) -> None:
-    from .solver import train_config
-    cfg, notes = train_config(args.solver, net=args.net, base=_base(args.base))
-    _write_config(cfg, args.output)
+    from .solver import resume_caffe_snapshot, train_config
+    if args.weights and not args.snapshot:
+        raise CaffeImportError("--weights goes with --snapshot (the solver's own weights field gives init)")
+    if args.snapshot:
+        cfg, ck, notes = resume_caffe_snapshot(args.solver, args.snapshot, net=args.net, base=_base(args.base),
+                                               weights=args.weights)
+        ckpt = os.path.join(cfg.out_dir, "checkpoint.pt")
+        if os.path.exists(ckpt):
+            raise CaffeImportError(f"{ckpt} exists: a checkpoint is never overwritten (another out_dir in --base, "
+                                   "or move the file away)")
+        _write_config(cfg, args.output)
+        _write_checkpoint(ck, ckpt)
+    else:
+        cfg, notes = train_config(args.solver, net=args.net, base=_base(args.base))
+        _write_config(cfg, args.output)
     for n in notes:
         print(f"note: {n}")
+    if args.snapshot:
+        print(f"wrote {os.path.join(cfg.out_dir, 'checkpoint.pt')} at iteration {ck['iter']}; go on with: "
+              f"python -m attnscale.train {args.output} --resume")
+        return
     print(f"wrote {args.output}: {cfg.max_iter} iterations of {cfg.batch_size} x {cfg.iter_size} images, "
           f"scales {cfg.scales}, merge {cfg.merge}, extra supervision {cfg.extra_supervision}; "
           f"train with: python -m attnscale.train {args.output}")

@@ -572,9 +572,10 @@ def _short(v: float) -> float:
     return float(str(np.float32(v)))
 
 
-def _mults(layout: _Layout, source: str) -> tuple[dict[str, list[list[float]]], dict[str, list]]:
-    """:func:`param_mults`, and each model layer's (weight, bias) owners: the layers whose blobs the
-    net keeps (the first of a shared name; Caffe fills every copy, then the others share the owner's)."""
+def _mults(layout: _Layout, source: str) -> tuple[dict[str, list[list[float]]], dict[str, list], list[str]]:
+    """:func:`param_mults`; each model layer's (weight, bias) owners: the layers whose blobs the net keeps
+    (the first of a shared name; Caffe fills every copy, then the others share the owner's); and the model
+    parameter (``"fc6.weight"``) of each of Caffe's learnable blobs, in ``Net::learnable_params`` order."""
     from .schema import message_class
     default = message_class("ParamSpec")()
     model_of = {lp.name: m for m, lps in layout.copies.items() for lp in lps}
@@ -630,7 +631,7 @@ def _mults(layout: _Layout, source: str) -> tuple[dict[str, list[list[float]]], 
             pairs.append([_short(learnable[ids[0]][f][0]) for f in ("lr_mult", "decay_mult")])
             owners[m].append(owner[ids[0]])
         out[m] = pairs
-    return out, owners
+    return out, owners, [users[i][0] for i in range(len(learnable))]
 
 
 def _params(conv: torch.nn.Conv2d) -> list[tuple[str, torch.nn.Parameter]]:

@@ -86,6 +86,11 @@ message NetParameter
   optional bool debug_info = 7 default=false
   repeated LayerParameter layer = 100
   repeated V1LayerParameter layers = 2
+message SolverState
+  optional int32 iter = 1
+  optional string learned_net = 2
+  repeated BlobProto history = 3
+  optional int32 current_step = 4 default=0
 message SolverParameter
   optional string net = 24
   optional NetParameter net_param = 25
@@ -644,7 +649,7 @@ def _classes() -> dict[str, type]:
     if get_class is None:  # pragma: no cover - older protobuf
         get_class = message_factory.MessageFactory(pool).GetPrototype
     out = {}
-    for name in ("BlobShape", "BlobProto", "BlobProtoVector", "NetParameter", "SolverParameter",
+    for name in ("BlobShape", "BlobProto", "BlobProtoVector", "NetParameter", "SolverParameter", "SolverState",
                  "LayerParameter", "V1LayerParameter", "ParamSpec", "NetState", "NetStateRule"):
         out[name] = get_class(pool.FindMessageTypeByName(f"{PACKAGE}.{name}"))
     return out

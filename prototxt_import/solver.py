@@ -286,6 +286,12 @@ def train_config(solver, net=None, base=None):
     """``(TrainConfig, notes)`` training as Caffe's ``SGDSolver`` would with ``solver`` (a path or text) and
     its training net (or ``net``: a path, text or ``NetParameter``, in place of the solver's).  Fields the
     Caffe files do not set (data set, device, out_dir, ...) come from ``base`` (default ``TrainConfig()``)."""
+    cfg, notes, _ = _train_config(solver, net, base)
+    return cfg, notes
+
+
+def _train_config(solver, net, base):
+    """:func:`train_config`, and the model parameter of each of Caffe's learnable blobs, in its order."""
     from attnscale.config import TrainConfig
 
     from .convert import _analyse, _mults
@@ -296,7 +302,7 @@ def train_config(solver, net=None, base=None):
     d = _solver_fields(sp, source, base, notes)
     net_param, net_source = _solver_net(sp, source, net)
     cfg, layout = _analyse(net_param, net_source, phase="TRAIN")
-    mults, owners = _mults(layout, net_source)
+    mults, owners, order = _mults(layout, net_source)
     d.update(_data_fields(layout, net_param, net_source, notes))
     d.update(num_classes=cfg["num_classes"], scales=list(cfg["scales"]), merge=cfg["merge"],
              extra_supervision=_losses(layout, cfg, net_param, d["crop_size"], net_source), width=cfg["width"],
@@ -309,6 +315,72 @@ def train_config(solver, net=None, base=None):
                      "first (python -m prototxt_import convert NET WEIGHTS -o init.pt) and give init.pt")
     notes += layout.notes
     try:
-        return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes
+        return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes, order
     except ValueError as exc:
         raise CaffeImportError(f"{source} + {net_source}: {exc}") from None
+
+
+def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None):
+    """``(TrainConfig, checkpoint, notes)``: a Caffe run's snapshot (``*.solverstate``, binary, and the weights
+    it names as ``learned_net``, or ``weights``) as an attnscale checkpoint at the same iteration, so that
+    ``python -m attnscale.train CONFIG --resume`` goes on with Caffe's weights and momentum history.
+
+    Caffe's ``SolverState.history`` holds one blob per learnable parameter in ``Net::learnable_params`` order
+    (owners in net order); each goes to its model parameter's ``history``.  The data order and random streams
+    are attnscale's own from that iteration (a solverstate holds neither)."""
+    import dataclasses
+
+    import torch
+
+    from attnscale.train import (build_model, caffe_multistep, init_from_caffemodel, make_optimizer, rng_state,
+                                 seed_all, set_rng_state)
+
+    from .readers import MAX_BINARY_BYTES, _read_bytes, blob_to_array, parse_binary
+    cfg, notes, order = _train_config(solver, net, base)
+    if cfg.init:    # the weights come from the snapshot: a resumed run needs no init file
+        notes.append(f"init {cfg.init} dropped: the snapshot's weights replace it")
+        cfg = dataclasses.replace(cfg, init="")
+    path = os.fspath(solverstate)
+    if path.endswith(".h5"):
+        raise CaffeImportError(f"{path}: an HDF5 solverstate; give the binary one (snapshot_format: BINARYPROTO)")
+    state = parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "solverstate"), "SolverState", path)
+    if not state.HasField("iter") or state.iter < 0:
+        raise CaffeImportError(f"{path}: not a Caffe solverstate (no iteration count)")
+    if len(state.history) != len(order):
+        raise CaffeImportError(f"{path}: {len(state.history)} history blobs, but the net has {len(order)} learnable "
+                               f"blobs ({', '.join(order[:4])}, ...): not a snapshot of this net")
+    if cfg.lr_policy == "multistep" and state.current_step != caffe_multistep(cfg, state.iter):
+        raise CaffeImportError(f"{path}: current_step {state.current_step} at iteration {state.iter}, but the solver's "
+                               f"stepvalue {cfg.stepvalue} gives {caffe_multistep(cfg, state.iter)} there: "
+                               "attnscale computes the step from stepvalue")
+    weights = os.fspath(weights) if weights else state.learned_net
+    if not weights or not os.path.isfile(weights):
+        raise CaffeImportError(f"{path}: its weights {weights!r} (learned_net) are not a file; pass them")
+    saved = rng_state()
+    try:
+        seed_all(cfg.seed)
+        fresh = rng_state()     # the streams a run of this config starts with; the resumed run takes them on
+        model = build_model(dataclasses.replace(cfg, init=""))
+        try:
+            copied = set(init_from_caffemodel(model, weights))
+        except (ValueError, CaffeImportError) as exc:
+            raise CaffeImportError(f"{weights}: {exc}") from None
+        missing = [n for n, _ in model.named_parameters() if n not in copied]
+        if missing:
+            raise CaffeImportError(f"{weights}: lacks {missing[:4]}: not the weights of this snapshot's net")
+        params = dict(model.named_parameters())
+        opt = make_optimizer(model, cfg)
+        for i, (name, blob) in enumerate(zip(order, state.history)):
+            b = blob_to_array(blob, f"{path}: history blob {i} ({name})")
+            p = params[name]
+            if b.data.size != p.numel():
+                raise CaffeImportError(f"{path}: history blob {i} has {b.data.size} values, {name} has {p.numel()}")
+            opt.state[p]["history"] = torch.from_numpy(b.data.reshape(tuple(p.shape)).copy()).to(p.dtype)
+        ck = {"iter": int(state.iter), "model": model.state_dict(), "optimizer": opt.state_dict(),
+              "rng": fresh, "config": cfg.to_dict(), "samples_per_update": cfg.batch_size * cfg.iter_size,
+              "world": 1}
+    finally:
+        set_rng_state(saved)
+    notes.append(f"from Caffe's snapshot at iteration {state.iter} ({path} + {weights}); the data order and random "
+                 "streams go on as attnscale's own (a solverstate holds neither), under one process")
+    return cfg, ck, notes

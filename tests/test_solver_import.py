@@ -16,7 +16,8 @@ from attnscale.config import resume_free_fields
 from attnscale.train import build_model, freeze_zero_rate, load_checkpoint, make_optimizer, train
 from prototxt_import import CaffeImportError
 from prototxt_import.__main__ import main as cli
-from tests.caffe_files import SUFFIX, deeplab_prototxt, to_v1_text
+from tests.caffe_files import (SUFFIX, blob_bytes, caffemodel_bytes, deeplab_prototxt, net_weights, randomize,
+                               to_v1_text)
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "prototxt")
 TRAIN_NET = os.path.join(SHARED, "attention3_train_esupv.prototxt")
@@ -427,3 +428,75 @@ def test_train_config_takes_the_blob_owners_fillers():
         bad = re.sub(r'(layer \{ name: "fc6" [^\n]*\n  convolution_param \{)', r"\1 " + filler, train_net())
         with pytest.raises(CaffeImportError, match=why):
             pi.train_config(SOLVER, net=bad)
+
+
+# ------------------------------------------------------------------------------ Caffe snapshots
+def _snapshot(tmp_path, net_text, it=2, drop=0, current_step=0):
+    """A Caffe run's snapshot of ``net_text``: random weights (.caffemodel) and a solverstate whose history blob
+    i is all i + 1, in Net::learnable_params order (owners in net order: the scale-1 trunk, then att_conv*)."""
+    from prototxt_import.schema import message_class
+    caffe_net = pi.load_net(net_text, phase="TRAIN")
+    randomize(caffe_net, seed=11)
+    weights = _write(tmp_path, "iter.caffemodel", "")
+    (tmp_path / "iter.caffemodel").write_bytes(caffemodel_bytes(net_weights(caffe_net)))
+    learnable = [(n, a.shape) for n, _, arrays in net_weights(caffe_net) if "_res0" not in n
+                 for a, what in zip(arrays, ("weight", "bias"))]
+    State = message_class("SolverState")
+    st = State(iter=it, learned_net=weights, current_step=current_step)
+    for i, (_, shape) in enumerate(learnable[:len(learnable) - drop]):
+        st.history.add().ParseFromString(blob_bytes(np.full(shape, i + 1.0, np.float32)))
+    path = tmp_path / "iter.solverstate"
+    path.write_bytes(st.SerializeToString())
+    return str(path), weights, caffe_net, learnable
+
+
+def test_a_caffe_snapshot_goes_on_in_attnscale(tmp_path, capsys):
+    """``config --snapshot``: Caffe's weights and momentum history at its iteration; with base_lr 0 the next
+    update is the momentum alone, w - 0.9 h, which pins each history blob to its parameter."""
+    net_text = train_net().replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
+    net_path = _write(tmp_path, "train.prototxt", net_text)
+    state, weights, caffe_net, learnable = _snapshot(tmp_path, net_text)
+    solver = _write(tmp_path, "solver.prototxt", SOLVER.replace("base_lr: 0.01", "base_lr: 0").replace(
+        "max_iter: 2", "max_iter: 4") + f'net: "{net_path}"\nweights: "init.caffemodel"\n')
+    base = TrainConfig(dataset="synthetic", synthetic_size=33, synthetic_train=4, synthetic_val=2, workers=0,
+                       out_dir=str(tmp_path / "run"), torch_threads=1, snapshot=100)
+    base.save(str(tmp_path / "base.json"))
+    out = str(tmp_path / "cfg.json")
+    args = ["config", solver, "--base", str(tmp_path / "base.json"), "-o", out, "--snapshot", state]
+    assert cli(args) == 0
+    assert "at iteration 2; go on with: python -m attnscale.train" in capsys.readouterr().out
+    cfg = TrainConfig.load(out)
+    assert cfg.init == ""
+    ck = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"), keys=("iter", "model", "optimizer"))
+    assert ck["iter"] == 2
+    caffe = {f"{layer}.{what}": a for layer, _, arrays in net_weights(caffe_net)
+             for a, what in zip(arrays, ("weight", "bias"))}
+    assert all(np.array_equal(ck["model"][k].numpy(), caffe[k]) for k in ("conv1_1.weight", "fc8_voc12.bias",
+                                                                         "att_conv2.weight"))
+    assert cli(args) == 2 and "checkpoint.pt exists" in capsys.readouterr().err
+    res = train(cfg, resume=True, progress=False, stop_at=3)
+    ck3 = load_checkpoint(res.checkpoint)
+    assert ck3["iter"] == 3
+    assert len(learnable) == 36     # 16 trunk and classifier layers, att_conv1, att_conv2
+    for i, (layer, shape) in enumerate(learnable):     # weight, bias, weight, bias, ... in Caffe's order
+        name = f"{layer}.{('weight', 'bias')[i % 2]}"
+        assert torch.equal(ck3["model"][name], ck["model"][name] - torch.full(shape, i + 1.0) * 0.9), name
+
+
+@pytest.mark.parametrize("case,why", [
+    ("drop", "31 history blobs, but the net has 32 learnable blobs"),
+    ("weights", "its weights 'nowhere.caffemodel' .learned_net. are not a file"),
+    ("h5", "an HDF5 solverstate"),
+    ("step", r"current_step 1 at iteration 2, but the solver's stepvalue \[5\] gives 0"),
+])
+def test_a_caffe_snapshot_that_does_not_fit_is_refused(tmp_path, case, why):
+    net_text = train_net(scales=(1.0,), merge=None)
+    state, weights, _, _ = _snapshot(tmp_path, net_text, drop=case == "drop", current_step=int(case == "step"))
+    solver = SOLVER + ('lr_policy: "multistep"\nstepvalue: 5\ngamma: 0.1\n' if case == "step" else "")
+    if case == "step":
+        solver = solver.replace('lr_policy: "fixed"\n', "")
+    kw = dict(weights="nowhere.caffemodel") if case == "weights" else {}
+    if case == "h5":
+        state = state + ".h5"
+    with pytest.raises(CaffeImportError, match=why):
+        pi.resume_caffe_snapshot(solver, state, net=net_text, **kw)
