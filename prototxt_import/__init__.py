@@ -15,8 +15,8 @@ CLI: ``python -m prototxt_import inspect NET.prototxt [WEIGHTS]`` and
 """
 from .errors import CaffeImportError
 from .net import CaffeNet, WeightLoadReport, load_net
-from .readers import (CaffeBlob, WeightFile, parse_binary, parse_text, read_caffemodel,
-                      read_hdf5_weights, read_net, read_solver, read_weights)
+from .readers import (CaffeBlob, SolverSnapshot, WeightFile, parse_binary, parse_text, read_caffemodel,
+                      read_hdf5_weights, read_net, read_solver, read_solverstate, read_weights)
 from .schema import message_class
 
 
@@ -48,5 +48,6 @@ __all__ = [
     "CaffeImportError", "CaffeNet", "WeightLoadReport", "load_net", "to_attnscale", "param_mults", "train_config",
     "resume_caffe_snapshot",
     "CaffeBlob", "WeightFile", "parse_binary", "parse_text", "read_caffemodel",
-    "read_hdf5_weights", "read_net", "read_solver", "read_weights", "message_class",
+    "read_hdf5_weights", "read_net", "read_solver", "read_solverstate", "read_weights", "message_class",
+    "SolverSnapshot",
 ]

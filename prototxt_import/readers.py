@@ -391,6 +391,89 @@ def read_caffemodel(path: str | os.PathLike) -> WeightFile:
     return out
 
 
+def _hdf5_numbers(ds, where: str, size: int, total: int, dtype=np.float32) -> tuple[np.ndarray, int]:
+    """A numeric HDF5 dataset as ``dtype`` (float32; an integer type takes integer datasets only), and the
+    running total of bytes read, checked against what the file (``size`` bytes) stores of it before anything
+    is read."""
+    import h5py
+    kinds = "iu" if np.dtype(dtype).kind in "iu" else "fiu"             # H5T_INTEGER / + H5T_FLOAT
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in kinds:
+        raise CaffeImportError(f"{where}: not {'an integer' if kinds == 'iu' else 'a numeric'} dataset")
+    nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
+    if ds.external:
+        raise CaffeImportError(f"{where}: the dataset's values lie in external file(s) "
+                               f"{[e[0] for e in ds.external]}, not in this file")
+    # What the file stores of it: a dataset whose storage was never written reads as fill values (a few KB
+    # could claim GBs).  Caffe writes uncompressed, contiguous datasets; a compressed (chunked) one may
+    # unpack to at most deflate's best ratio.
+    stored = ds.id.get_storage_size()
+    unpacks = stored * (DEFLATE_MAX_RATIO if ds.compression else 1)
+    total += nbytes
+    if stored > size or nbytes > unpacks or total > MAX_BINARY_BYTES * 8:
+        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes but the file stores {stored} of them "
+                               f"({ds.compression or 'uncompressed'}; file {size} bytes)")
+    return np.asarray(ds[()], dtype=dtype).reshape(ds.shape), total
+
+
+@dataclass
+class SolverSnapshot:
+    """A Caffe ``SolverState`` (``Solver::Snapshot``): the iteration, the weights file it names, multistep's
+    step and one momentum ``history`` array per learnable blob, in ``Net::learnable_params`` order."""
+    path: str
+    iter: int
+    learned_net: str
+    current_step: int
+    history: list[np.ndarray]
+
+
+def read_solverstate(path: str | os.PathLike) -> SolverSnapshot:
+    """A ``.solverstate`` (binary ``SolverState``) or ``.solverstate.h5`` (``SnapshotSolverStateToHDF5``:
+    ``iter``, ``learned_net``, ``current_step``, ``history/<i>``), every value checked as weights are."""
+    path = os.fspath(path)
+    if not path.endswith(".h5"):
+        st = parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "solverstate"), "SolverState", path)
+        if not st.HasField("iter") or st.iter < 0:
+            raise CaffeImportError(f"{path}: not a Caffe solverstate (no iteration count)")
+        return SolverSnapshot(path, st.iter, st.learned_net, st.current_step,
+                              [blob_to_array(b, f"{path}: history blob {i}").data for i, b in enumerate(st.history)])
+    import h5py
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise CaffeImportError(f"{path}: cannot read the solverstate: {exc.strerror or exc}") from None
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("iter", "learned_net", "history") if k not in f]
+            if missing or not isinstance(f["history"], h5py.Group):
+                raise CaffeImportError(f"{path}: not a Caffe HDF5 solverstate (lacks {missing or ['a history group']})")
+            ints, total = {}, 0
+            for k in ("iter", "current_step"):
+                if k in f:
+                    arr, total = _hdf5_numbers(f[k], f"{path}: {k}", size, total, np.int64)
+                    if arr.size != 1:
+                        raise CaffeImportError(f"{path}: {k} is not one integer")
+                    ints[k] = int(arr.reshape(-1)[0])
+            net = f["learned_net"]
+            if not isinstance(net, h5py.Dataset) or net.dtype.kind not in "SOU" or net.shape not in ((), (1,)):
+                raise CaffeImportError(f"{path}: learned_net is not a string")
+            raw = net[()] if net.shape == () else net[0]
+            learned_net = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+            names = list(f["history"].keys())
+            if sorted(names, key=lambda n: int(n) if n.isdigit() else -1) != [str(i) for i in range(len(names))]:
+                raise CaffeImportError(f"{path}: history datasets must be named 0 ... {len(names) - 1}")
+            history = []
+            for i in range(len(names)):
+                arr, total = _hdf5_numbers(f["history"][str(i)], f"{path}: history blob {i}", size, total)
+                history.append(arr)
+    except CaffeImportError:
+        raise
+    except Exception as exc:  # OSError from HDF5 (truncated / not HDF5), ...
+        raise CaffeImportError(f"{path}: cannot read the HDF5 solverstate: {exc}") from None
+    if ints["iter"] < 0:
+        raise CaffeImportError(f"{path}: iter {ints['iter']} < 0")
+    return SolverSnapshot(path, ints["iter"], learned_net, ints.get("current_step", 0), history)
+
+
 def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
     """Read Caffe's HDF5 weights (``/data/<layer>/<i>``) into a :class:`WeightFile`."""
     import h5py
@@ -422,25 +505,8 @@ def read_hdf5_weights(path: str | os.PathLike) -> WeightFile:
                 keys = [k for k in keys if k.isdigit() and str(int(k)) == k and int(k) < MAX_LAYER_BLOBS]
                 blobs: list[CaffeBlob | None] = [None] * (max((int(k) for k in keys), default=-1) + 1)
                 for k in keys:
-                    ds = group[k]
-                    where = f"{path}: layer {lname!r} blob {k}"
-                    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in "fiu":  # H5T_FLOAT, H5T_INTEGER
-                        raise CaffeImportError(f"{where}: not a numeric dataset")
-                    nbytes = int(np.prod(ds.shape, dtype=object)) * ds.dtype.itemsize if ds.shape else ds.dtype.itemsize
-                    if ds.external:
-                        raise CaffeImportError(f"{where}: the dataset's values lie in external file(s) "
-                                               f"{[e[0] for e in ds.external]}, not in this file")
-                    # What the file stores of it: a dataset whose storage was never written reads as fill
-                    # values (a few KB could claim GBs).  Caffe writes uncompressed, contiguous datasets;
-                    # a compressed (chunked) one may unpack to at most deflate's best ratio.
-                    stored = ds.id.get_storage_size()
-                    unpacks = stored * (DEFLATE_MAX_RATIO if ds.compression else 1)
-                    total += nbytes
-                    if stored > size or nbytes > unpacks or total > MAX_BINARY_BYTES * 8:
-                        raise CaffeImportError(f"{where}: dataset claims {nbytes} bytes but the file stores "
-                                               f"{stored} of them ({ds.compression or 'uncompressed'}; file "
-                                               f"{size} bytes)")
-                    blobs[int(k)] = CaffeBlob(np.asarray(ds[()], dtype=np.float32).reshape(ds.shape), reshape=True)
+                    arr, total = _hdf5_numbers(group[k], f"{path}: layer {lname!r} blob {k}", size, total)
+                    blobs[int(k)] = CaffeBlob(arr, reshape=True)
                 out.layers.append((lname, "", blobs))
     except CaffeImportError:
         raise

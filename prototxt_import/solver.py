@@ -321,8 +321,8 @@ def _train_config(solver, net, base):
 
 
 def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None):
-    """``(TrainConfig, checkpoint, notes)``: a Caffe run's snapshot (``*.solverstate``, binary, and the weights
-    it names as ``learned_net``, or ``weights``) as an attnscale checkpoint at the same iteration, so that
+    """``(TrainConfig, checkpoint, notes)``: a Caffe run's snapshot (``*.solverstate`` or ``*.solverstate.h5``,
+    and the weights it names as ``learned_net``, or ``weights``) as an attnscale checkpoint at the same iteration, so that
     ``python -m attnscale.train CONFIG --resume`` goes on with Caffe's weights and momentum history.
 
     Caffe's ``SolverState.history`` holds one blob per learnable parameter in ``Net::learnable_params`` order
@@ -335,17 +335,13 @@ def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None
     from attnscale.train import (build_model, caffe_multistep, init_from_caffemodel, make_optimizer, rng_state,
                                  seed_all, set_rng_state)
 
-    from .readers import MAX_BINARY_BYTES, _read_bytes, blob_to_array, parse_binary
+    from .readers import read_solverstate
     cfg, notes, order = _train_config(solver, net, base)
     if cfg.init:    # the weights come from the snapshot: a resumed run needs no init file
         notes.append(f"init {cfg.init} dropped: the snapshot's weights replace it")
         cfg = dataclasses.replace(cfg, init="")
-    path = os.fspath(solverstate)
-    if path.endswith(".h5"):
-        raise CaffeImportError(f"{path}: an HDF5 solverstate; give the binary one (snapshot_format: BINARYPROTO)")
-    state = parse_binary(_read_bytes(path, MAX_BINARY_BYTES, "solverstate"), "SolverState", path)
-    if not state.HasField("iter") or state.iter < 0:
-        raise CaffeImportError(f"{path}: not a Caffe solverstate (no iteration count)")
+    state = read_solverstate(solverstate)
+    path = state.path
     if len(state.history) != len(order):
         raise CaffeImportError(f"{path}: {len(state.history)} history blobs, but the net has {len(order)} learnable "
                                f"blobs ({', '.join(order[:4])}, ...): not a snapshot of this net")
@@ -370,12 +366,11 @@ def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None
             raise CaffeImportError(f"{weights}: lacks {missing[:4]}: not the weights of this snapshot's net")
         params = dict(model.named_parameters())
         opt = make_optimizer(model, cfg)
-        for i, (name, blob) in enumerate(zip(order, state.history)):
-            b = blob_to_array(blob, f"{path}: history blob {i} ({name})")
+        for i, (name, h) in enumerate(zip(order, state.history)):
             p = params[name]
-            if b.data.size != p.numel():
-                raise CaffeImportError(f"{path}: history blob {i} has {b.data.size} values, {name} has {p.numel()}")
-            opt.state[p]["history"] = torch.from_numpy(b.data.reshape(tuple(p.shape)).copy()).to(p.dtype)
+            if h.size != p.numel():
+                raise CaffeImportError(f"{path}: history blob {i} has {h.size} values, {name} has {p.numel()}")
+            opt.state[p]["history"] = torch.from_numpy(h.reshape(tuple(p.shape)).copy()).to(p.dtype)
         ck = {"iter": int(state.iter), "model": model.state_dict(), "optimizer": opt.state_dict(),
               "rng": fresh, "config": cfg.to_dict(), "samples_per_update": cfg.batch_size * cfg.iter_size,
               "world": 1}

@@ -431,7 +431,7 @@ def test_train_config_takes_the_blob_owners_fillers():
 
 
 # ------------------------------------------------------------------------------ Caffe snapshots
-def _snapshot(tmp_path, net_text, it=2, drop=0, current_step=0):
+def _snapshot(tmp_path, net_text, it=2, drop=0, current_step=0, h5=False):
     """A Caffe run's snapshot of ``net_text``: random weights (.caffemodel) and a solverstate whose history blob
     i is all i + 1, in Net::learnable_params order (owners in net order: the scale-1 trunk, then att_conv*)."""
     from prototxt_import.schema import message_class
@@ -441,21 +441,31 @@ def _snapshot(tmp_path, net_text, it=2, drop=0, current_step=0):
     (tmp_path / "iter.caffemodel").write_bytes(caffemodel_bytes(net_weights(caffe_net)))
     learnable = [(n, a.shape) for n, _, arrays in net_weights(caffe_net) if "_res0" not in n
                  for a, what in zip(arrays, ("weight", "bias"))]
+    history = [np.full(shape, i + 1.0, np.float32) for i, (_, shape) in enumerate(learnable[:len(learnable) - drop])]
+    if h5:   # Caffe's SnapshotSolverStateToHDF5
+        import h5py
+        path = tmp_path / "iter.solverstate.h5"
+        with h5py.File(path, "w") as f:
+            f["iter"], f["current_step"], f["learned_net"] = np.int32(it), np.int32(current_step), np.bytes_(weights)
+            for i, h in enumerate(history):
+                f.create_dataset(f"history/{i}", data=h)
+        return str(path), weights, caffe_net, learnable
     State = message_class("SolverState")
     st = State(iter=it, learned_net=weights, current_step=current_step)
-    for i, (_, shape) in enumerate(learnable[:len(learnable) - drop]):
-        st.history.add().ParseFromString(blob_bytes(np.full(shape, i + 1.0, np.float32)))
+    for h in history:
+        st.history.add().ParseFromString(blob_bytes(h))
     path = tmp_path / "iter.solverstate"
     path.write_bytes(st.SerializeToString())
     return str(path), weights, caffe_net, learnable
 
 
-def test_a_caffe_snapshot_goes_on_in_attnscale(tmp_path, capsys):
+@pytest.mark.parametrize("h5", [False, True], ids=["binaryproto", "hdf5"])
+def test_a_caffe_snapshot_goes_on_in_attnscale(tmp_path, capsys, h5):
     """``config --snapshot``: Caffe's weights and momentum history at its iteration; with base_lr 0 the next
     update is the momentum alone, w - 0.9 h, which pins each history blob to its parameter."""
     net_text = train_net().replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
     net_path = _write(tmp_path, "train.prototxt", net_text)
-    state, weights, caffe_net, learnable = _snapshot(tmp_path, net_text)
+    state, weights, caffe_net, learnable = _snapshot(tmp_path, net_text, h5=h5)
     solver = _write(tmp_path, "solver.prototxt", SOLVER.replace("base_lr: 0.01", "base_lr: 0").replace(
         "max_iter: 2", "max_iter: 4") + f'net: "{net_path}"\nweights: "init.caffemodel"\n')
     base = TrainConfig(dataset="synthetic", synthetic_size=33, synthetic_train=4, synthetic_val=2, workers=0,
@@ -486,7 +496,8 @@ def test_a_caffe_snapshot_goes_on_in_attnscale(tmp_path, capsys):
 @pytest.mark.parametrize("case,why", [
     ("drop", "31 history blobs, but the net has 32 learnable blobs"),
     ("weights", "its weights 'nowhere.caffemodel' .learned_net. are not a file"),
-    ("h5", "an HDF5 solverstate"),
+    ("h5", "history datasets must be named 0 ... 1"),
+    ("truncated", "not a valid binary SolverState"),
     ("step", r"current_step 1 at iteration 2, but the solver's stepvalue \[5\] gives 0"),
 ])
 def test_a_caffe_snapshot_that_does_not_fit_is_refused(tmp_path, case, why):
@@ -496,7 +507,15 @@ def test_a_caffe_snapshot_that_does_not_fit_is_refused(tmp_path, case, why):
     if case == "step":
         solver = solver.replace('lr_policy: "fixed"\n', "")
     kw = dict(weights="nowhere.caffemodel") if case == "weights" else {}
-    if case == "h5":
-        state = state + ".h5"
+    if case == "h5":      # an HDF5 solverstate whose history names skip one
+        import h5py
+        state = str(tmp_path / "bad.solverstate.h5")
+        with h5py.File(state, "w") as f:
+            f["iter"], f["learned_net"] = np.int32(2), np.bytes_(weights)
+            f["history/0"], f["history/2"] = np.zeros(2, np.float32), np.zeros(2, np.float32)
+    if case == "truncated":
+        data = open(state, "rb").read()
+        state = _write(tmp_path, "cut.solverstate", "")
+        open(state, "wb").write(data[:len(data) // 2])
     with pytest.raises(CaffeImportError, match=why):
         pi.resume_caffe_snapshot(solver, state, net=net_text, **kw)
