@@ -591,6 +591,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         log.info("resumed from %s at iteration %d", ckpt_path, it)
     elif resume:
         log.info("--resume: no checkpoint at %s, starting from scratch", ckpt_path)
+        if rank == 0:
+            print(f"warning: --resume: no checkpoint at {os.path.abspath(ckpt_path)}; training starts from "
+                  "iteration 0", file=sys.stderr)
     end = cfg.max_iter if stop_at is None else min(stop_at, cfg.max_iter)
     if it >= end:
         return TrainResult(ckpt_path, it, 0.0, float("nan"))
@@ -711,12 +714,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     keep_freed_memory()
-    cfg = TrainConfig.load(a.config)
-    if a.device:
-        cfg.device = a.device
-    if a.out:
-        cfg.out_dir = a.out
-    r = train(cfg, resume=a.resume, progress=not a.no_progress)
+    try:
+        cfg = TrainConfig.load(a.config)
+        if a.device:
+            cfg.device = a.device
+        if a.out:
+            cfg.out_dir = a.out
+        r = train(cfg, resume=a.resume, progress=not a.no_progress)
+    except (ValueError, OSError, FloatingPointError) as exc:   # bad config, files, checkpoints: said, not traced
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {r.iterations} iterations in {r.seconds:.1f} s, checkpoint {r.checkpoint}")
     return 0

@@ -69,7 +69,11 @@ def main(argv=None) -> int:
 
             from .convert import to_attnscale
             base = _base(args.base) if args.config else None     # a bad --base stops before any work
+            _writable(args.output, "converted model")
+            if args.config:
+                _writable(args.config, "config")
             model, report = to_attnscale(args.prototxt, args.weights, phase=args.phase)
+            cfg = _model_config(args, base, report.config) if args.config else None
             try:
                 atomic_save(model.state_dict(), args.output)
             except (OSError, RuntimeError) as exc:
@@ -78,8 +82,10 @@ def main(argv=None) -> int:
                 print(report)
             print(f"saved state_dict ({len(model.state_dict())} tensors) to {args.output}; "
                   f"config: {report.config}")
-            if args.config:
-                _model_config(args, base, report.config)
+            if cfg is not None:
+                _write_config(cfg, args.config)
+                print(f"wrote {args.config}; evaluate with: python -m attnscale.evaluate {args.config} "
+                      f"--checkpoint {args.output}")
     except CaffeImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -109,6 +115,19 @@ def _write_config(cfg, path: str) -> None:
         raise CaffeImportError(f"{path}: cannot write the config: {exc}") from None
 
 
+def _writable(path: str, what: str) -> None:
+    """Refuse, before anything is written, a path that cannot take a file: a folder, or under a file or an
+    unwritable folder (the nearest existing ancestor)."""
+    if os.path.isdir(path):
+        raise CaffeImportError(f"{path}: cannot write the {what}: it is a folder")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CaffeImportError(f"{path}: cannot write the {what}: {parent} is "
+                               f"{'not a folder' if not os.path.isdir(parent) else 'not writable'}")
+
+
 def _write_checkpoint(ck: dict, path: str) -> None:
     """A checkpoint written atomically where the config's run keeps it."""
     from attnscale.train import atomic_save
@@ -118,9 +137,11 @@ def _write_checkpoint(ck: dict, path: str) -> None:
         raise CaffeImportError(f"{path}: cannot write the checkpoint: {exc}") from None
 
 
-def _model_config(args, base, found: dict) -> None:
+def _model_config(args, base, found: dict):
     """``convert --config``: the base config with the converted model's fields."""
     from attnscale.config import TrainConfig
+
+    from .solver import check_classes
     keys = ("num_classes", "scales", "merge", "extra_supervision", "width", "classifier_name", "dropout")
     d = {**base.to_dict(), **{k: found[k] for k in keys}}
     d["scales"] = list(d["scales"])
@@ -128,8 +149,8 @@ def _model_config(args, base, found: dict) -> None:
         cfg = TrainConfig.from_dict(d, source=args.prototxt)
     except ValueError as exc:
         raise CaffeImportError(f"--config: {exc}") from None
-    _write_config(cfg, args.config)
-    print(f"wrote {args.config}; evaluate with: python -m attnscale.evaluate {args.config} --checkpoint {args.output}")
+    check_classes(cfg, args.prototxt)
+    return cfg
 
 
 def _config(args) -> None:
@@ -143,6 +164,8 @@ def _config(args) -> None:
         if os.path.exists(ckpt):
             raise CaffeImportError(f"{ckpt} exists: a checkpoint is never overwritten (another out_dir in --base, "
                                    "or move the file away)")
+        _writable(args.output, "config")
+        _writable(ckpt, "checkpoint")
         _write_config(cfg, args.output)
         _write_checkpoint(ck, ckpt)
     else:

@@ -290,8 +290,9 @@ def train_config(solver, net=None, base=None):
     return cfg, notes
 
 
-def _train_config(solver, net, base):
-    """:func:`train_config`, and the model parameter of each of Caffe's learnable blobs, in its order."""
+def _train_config(solver, net, base, snapshot: bool = False):
+    """:func:`train_config`, and (the model parameter of each of Caffe's learnable blobs in its order, the
+    net's layout).  ``snapshot``: the weights will come from a snapshot, through the net's names."""
     from attnscale.config import TrainConfig
 
     from .convert import _analyse, _mults
@@ -308,6 +309,17 @@ def _train_config(solver, net, base):
              extra_supervision=_losses(layout, cfg, net_param, d["crop_size"], net_source), width=cfg["width"],
              classifier_name=cfg["classifier_name"], dropout=cfg["dropout"], lr_mults=mults,
              fillers=_fillers(owners, net_source, d.get("init") or base.init, notes))
+    renamed = [f"{lps[0].name} ({m})" for m, lps in layout.copies.items() if lps[0].name != m]
+    init = d.get("init") or base.init
+    if renamed and init and not snapshot:
+        raise CaffeImportError(f"{net_source}: the net names layers otherwise than attnscale's model ({', '.join(renamed)})"
+                               f", and Caffe copies the weights {init} by the net's names while attnscale's init goes "
+                               "by the model's: convert them first (python -m prototxt_import convert NET WEIGHTS "
+                               "-o init.pt --phase TRAIN) and give init.pt")
+    if base.random_scale is not None:
+        notes.append(f"random_scale {list(base.random_scale)} of the base dropped: the net's data layer has no "
+                     "random scaling")
+    d["random_scale"] = None
     loose = [lp.name for lps in layout.copies.values() for lp in lps if not lp.strict_dim]
     if loose:
         notes.append(f"strict_dim: false in {', '.join(loose)}: DeepLab-v1's Caffe copies init weights of the same "
@@ -315,9 +327,20 @@ def _train_config(solver, net, base):
                      "first (python -m prototxt_import convert NET WEIGHTS -o init.pt) and give init.pt")
     notes += layout.notes
     try:
-        return TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}"), notes, order
+        out = TrainConfig.from_dict({**base.to_dict(), **d}, source=f"{source} + {net_source}")
     except ValueError as exc:
         raise CaffeImportError(f"{source} + {net_source}: {exc}") from None
+    check_classes(out, net_source)
+    return out, notes, (order, layout)
+
+
+def check_classes(cfg, source: str) -> None:
+    """The net's classes must be the data set's: its labels and its per-class IoU names follow them."""
+    from attnscale.train import dataset_classes
+    names = dataset_classes(cfg)
+    if cfg.num_classes != len(names):
+        raise CaffeImportError(f"{source}: the net scores {cfg.num_classes} classes, the data set {cfg.dataset!r} has "
+                               f"{len(names)} ({', '.join(names[:3])}, ...): give the base config its data set")
 
 
 def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None):
@@ -332,23 +355,27 @@ def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None
 
     import torch
 
-    from attnscale.train import (build_model, caffe_multistep, init_from_caffemodel, make_optimizer, rng_state,
-                                 seed_all, set_rng_state)
+    from attnscale.train import build_model, caffe_multistep, make_optimizer, rng_state, seed_all, set_rng_state
 
-    from .readers import read_solverstate
-    cfg, notes, order = _train_config(solver, net, base)
-    if cfg.init:    # the weights come from the snapshot: a resumed run needs no init file
+    from .convert import ConversionReport, _load
+    from .readers import read_solverstate, read_weights
+    cfg, notes, (order, layout) = _train_config(solver, net, base, snapshot=True)
+    # the weights come from the snapshot: a resumed run needs no init file; its checkpoint lies where a run
+    # started elsewhere finds it
+    if cfg.init:
         notes.append(f"init {cfg.init} dropped: the snapshot's weights replace it")
-        cfg = dataclasses.replace(cfg, init="")
+    cfg = dataclasses.replace(cfg, init="", out_dir=os.path.abspath(cfg.out_dir))
     state = read_solverstate(solverstate)
     path = state.path
     if len(state.history) != len(order):
         raise CaffeImportError(f"{path}: {len(state.history)} history blobs, but the net has {len(order)} learnable "
                                f"blobs ({', '.join(order[:4])}, ...): not a snapshot of this net")
-    if cfg.lr_policy == "multistep" and state.current_step != caffe_multistep(cfg, state.iter):
+    # Caffe snapshots after ++iter_: the counter is the one update iter - 1's GetLearningRate left
+    step = caffe_multistep(cfg, state.iter - 1) if state.iter else 0
+    if cfg.lr_policy == "multistep" and state.current_step != step:
         raise CaffeImportError(f"{path}: current_step {state.current_step} at iteration {state.iter}, but the solver's "
-                               f"stepvalue {cfg.stepvalue} gives {caffe_multistep(cfg, state.iter)} there: "
-                               "attnscale computes the step from stepvalue")
+                               f"stepvalue {cfg.stepvalue} gives {step} there: attnscale computes the step from "
+                               "stepvalue")
     weights = os.fspath(weights) if weights else state.learned_net
     if not weights or not os.path.isfile(weights):
         raise CaffeImportError(f"{path}: its weights {weights!r} (learned_net) are not a file; pass them")
@@ -356,14 +383,12 @@ def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None
     try:
         seed_all(cfg.seed)
         fresh = rng_state()     # the streams a run of this config starts with; the resumed run takes them on
-        model = build_model(dataclasses.replace(cfg, init=""))
-        try:
-            copied = set(init_from_caffemodel(model, weights))
-        except (ValueError, CaffeImportError) as exc:
-            raise CaffeImportError(f"{weights}: {exc}") from None
-        missing = [n for n, _ in model.named_parameters() if n not in copied]
-        if missing:
-            raise CaffeImportError(f"{weights}: lacks {missing[:4]}: not the weights of this snapshot's net")
+        model = build_model(cfg)
+        report = ConversionReport(path, weights)
+        _load(model, layout, read_weights(weights), report)   # Net::CopyTrainedLayersFrom, by the net's names
+        if report.fresh:
+            raise CaffeImportError(f"{weights}: lacks {[n for n, _ in report.fresh][:4]}: not the weights of this "
+                                   "snapshot's net")
         params = dict(model.named_parameters())
         opt = make_optimizer(model, cfg)
         for i, (name, h) in enumerate(zip(order, state.history)):

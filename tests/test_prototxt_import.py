@@ -1179,6 +1179,14 @@ def test_convert_writes_the_config_evaluate_loads_the_model_with(tmp_path, capsy
             str(tmp_path / "eval.json")]
     assert cli(args + ["--base", str(tmp_path / "nope.json")]) == 2
     assert "--base: config file not found" in capsys.readouterr().err and not (tmp_path / "model.pt").exists()
+    (tmp_path / "model.pt").write_bytes(b"old")        # a config that cannot be written: the model stays as it was
+    assert cli(args[:-1] + [str(tmp_path / "model.pt" / "eval.json")]) == 2
+    assert "cannot write the config" in capsys.readouterr().err and (tmp_path / "model.pt").read_bytes() == b"old"
+    (tmp_path / "model.pt").unlink()
+    TrainConfig().save(str(tmp_path / "voc.json"))       # VOC's 21 classes for a 5-class net: refused, nothing written
+    assert cli(args + ["--base", str(tmp_path / "voc.json")]) == 2
+    assert "the net scores 5 classes, the data set 'voc12' has 21" in capsys.readouterr().err
+    assert not (tmp_path / "model.pt").exists()
     assert cli(args + ["--base", str(tmp_path / "base.json")]) == 0
     assert "python -m attnscale.evaluate" in capsys.readouterr().out
     cfg = TrainConfig.load(str(tmp_path / "eval.json"))

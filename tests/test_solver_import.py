@@ -31,7 +31,7 @@ random_seed: 3
 """
 
 
-def train_net(scales=(1.0, 0.5), merge="attention", esupv=True, width=1 / 32, classes=5, size=33,
+def train_net(scales=(1.0, 0.5), merge="attention", esupv=True, width=1 / 32, classes=21, size=33,
               data_layer=False) -> str:
     """``deeplab_prototxt`` in training form: label inputs (or an ImageSegData layer) and the losses."""
     from attnscale.caffe import scaled_input_shape
@@ -181,15 +181,19 @@ def test_train_config_reads_the_data_layer_and_the_losses(tmp_path):
         7, 33, True, "list/train_aug.txt", "/data/VOC2012", )
     assert (cfg.merge, cfg.extra_supervision, cfg.scales, cfg.iter_size, cfg.seed, cfg.lr_policy) == (
         "max", False, [1.0, 0.75, 0.5], 2, 3, "fixed")
-    assert cfg.dropout == 0.5 and cfg.num_classes == 5
+    assert cfg.dropout == 0.5 and cfg.num_classes == 21
     # no crop (whole images, one per batch): the label sizes vary per image, nothing to check up front
     cfg, _ = pi.train_config(SOLVER, net=train_net(data_layer=True).replace("crop_size: 33", "crop_size: 0")
                              .replace("batch_size: 7", "batch_size: 1"))
     assert (cfg.crop_size, cfg.batch_size, cfg.extra_supervision) == (0, 1, True)
     # with a base: the fields Caffe's files do not set come from it
-    base = TrainConfig(dataset="synthetic", out_dir="runs/x", device="cpu")
-    cfg, _ = pi.train_config(SOLVER, net=train_net(), base=base)
+    base = TrainConfig(dataset="synthetic", out_dir="runs/x", device="cpu", random_scale=(0.5, 1.5))
+    cfg, notes = pi.train_config(SOLVER, net=train_net(classes=5), base=base)
     assert (cfg.dataset, cfg.out_dir, cfg.extra_supervision, cfg.batch_size) == ("synthetic", "runs/x", True, 1)
+    # ... but not a random scaling the net's data layer does not do, nor another class count
+    assert cfg.random_scale is None and any("random_scale [0.5, 1.5] of the base dropped" in n for n in notes)
+    with pytest.raises(CaffeImportError, match="the net scores 21 classes, the data set 'synthetic' has 5"):
+        pi.train_config(SOLVER, net=train_net(), base=base)
 
 
 @pytest.mark.parametrize("solver,net,why", [
@@ -300,7 +304,7 @@ def test_train_config_needs_the_papers_losses():
 def test_config_cli_writes_a_config_that_trains_as_the_prototxt_says(tmp_path, capsys):
     """End to end: solver + net with conv1_1 frozen (lr_mult 0), MSRA fillers -> ``python -m prototxt_import
     config`` -> ``attnscale.train``: conv1_1 keeps its (MSRA) start, conv1_2 moves."""
-    net = train_net().replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
+    net = train_net(classes=5).replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
     for blob in ("w", "b"):
         net = re.sub(r'param \{ name: "conv1_1_' + blob + r'" lr_mult: \d', f'param {{ name: "conv1_1_{blob}" lr_mult: 0',
                      net)
@@ -463,7 +467,7 @@ def _snapshot(tmp_path, net_text, it=2, drop=0, current_step=0, h5=False):
 def test_a_caffe_snapshot_goes_on_in_attnscale(tmp_path, capsys, h5):
     """``config --snapshot``: Caffe's weights and momentum history at its iteration; with base_lr 0 the next
     update is the momentum alone, w - 0.9 h, which pins each history blob to its parameter."""
-    net_text = train_net().replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
+    net_text = train_net(classes=5).replace("convolution_param {", 'convolution_param { weight_filler { type: "msra" }')
     net_path = _write(tmp_path, "train.prototxt", net_text)
     state, weights, caffe_net, learnable = _snapshot(tmp_path, net_text, h5=h5)
     solver = _write(tmp_path, "solver.prototxt", SOLVER.replace("base_lr: 0.01", "base_lr: 0").replace(
@@ -519,3 +523,49 @@ def test_a_caffe_snapshot_that_does_not_fit_is_refused(tmp_path, case, why):
         open(state, "wb").write(data[:len(data) // 2])
     with pytest.raises(CaffeImportError, match=why):
         pi.resume_caffe_snapshot(solver, state, net=net_text, **kw)
+
+
+def test_snapshot_edge_cases_follow_caffe(tmp_path, capsys):
+    """A multistep snapshot at a stepvalue holds the step of the update before (Caffe snapshots after ++iter_);
+    a net naming its layers otherwise gets its weights by its own names; nothing is half-written."""
+    solver = SOLVER.replace('lr_policy: "fixed"\n', 'lr_policy: "multistep"\nstepvalue: 2\ngamma: 0.1\n')
+    net_text = train_net(scales=(1.0,), merge=None)
+    state, _, _, _ = _snapshot(tmp_path, net_text, it=2, current_step=0)
+    cfg, ck, _ = pi.resume_caffe_snapshot(solver, state, net=net_text)
+    assert ck["iter"] == 2 and os.path.isabs(cfg.out_dir)
+    state, _, _, _ = _snapshot(tmp_path, net_text, it=2, current_step=1)      # a state Caffe never writes
+    with pytest.raises(CaffeImportError, match="current_step 1 at iteration 2, but the solver's stepvalue"):
+        pi.resume_caffe_snapshot(solver, state, net=net_text)
+    # conv1_1 named conv1_1_s1 in the net: Caffe's CopyTrainedLayersFrom goes by the net's names
+    renamed = net_text.replace('"conv1_1"', '"conv1_1_s1"').replace('bottom: "conv1_1"', 'bottom: "conv1_1_s1"')
+    state, weights, caffe_net, _ = _snapshot(tmp_path, renamed)
+    cfg, ck, _ = pi.resume_caffe_snapshot(SOLVER, state, net=renamed)
+    want = dict((n, a) for n, _, a in net_weights(caffe_net))["conv1_1_s1"][0]
+    assert np.array_equal(ck["model"]["conv1_1.weight"].numpy(), want)
+    with pytest.raises(CaffeImportError, match=r"names layers otherwise than attnscale's model \(conv1_1_s1 "
+                       r"\(conv1_1\)\).*convert them first"):
+        pi.train_config(SOLVER + f'weights: "{weights}"\n', net=renamed)
+    # a checkpoint that cannot be written: nothing is, the config neither
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    base = TrainConfig(out_dir=str(blocked / "run"))
+    base.save(str(tmp_path / "base.json"))
+    solver_path = _write(tmp_path, "solver.prototxt", SOLVER + f'net: "{_write(tmp_path, "n.prototxt", net_text)}"\n')
+    out = tmp_path / "c.json"
+    (tmp_path / "s").mkdir()
+    state, _, _, _ = _snapshot(tmp_path / "s", net_text)
+    assert cli(["config", solver_path, "--base", str(tmp_path / "base.json"), "-o", str(out), "--snapshot", state]) == 2
+    assert "cannot write the checkpoint" in capsys.readouterr().err and not out.exists()
+
+
+def test_train_cli_names_errors_instead_of_tracing(tmp_path, capsys):
+    from attnscale.train import main as train_main
+    cfg = TrainConfig(dataset="synthetic", out_dir=str(tmp_path / "run"), max_iter=1, synthetic_train=2,
+                      synthetic_val=1, workers=0, width=1 / 32, crop_size=25, synthetic_size=25)
+    cfg.save(str(tmp_path / "c.json"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"x")
+    assert train_main([str(tmp_path / "c.json"), "--no-progress"]) == 2
+    assert "checkpoint.pt exists: continue that run with --resume" in capsys.readouterr().err
+    assert train_main([str(tmp_path / "nothere.json")]) == 2
+    assert "config file not found" in capsys.readouterr().err
