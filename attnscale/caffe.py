@@ -587,7 +587,8 @@ def check_filler(spec: dict, where: str) -> dict:
     if kind == "gaussian" and not out["std"] > 0:
         raise ValueError(f"{where}: the gaussian filler's std must be > 0 (Caffe checks it), got {out['std']}")
     if kind == "uniform" and not np.float32(out["min"]) <= np.float32(out["max"]):
-        raise ValueError(f"{where}: the uniform filler needs min <= max (Caffe checks it), got {out['min']}, {out['max']}")
+        raise ValueError(f"{where}: the uniform filler needs min <= max (Caffe checks it), got {out['min']}, "
+                         f"{out['max']}")
     return out
 
 

@@ -122,7 +122,8 @@ class TrainConfig:
             raise ValueError(f"config.lr_mults must be 'paper', 'prototxt' or {{layer: [[lr_mult, decay_mult], "
                              f"[lr_mult, decay_mult]]}}, got {self.lr_mults!r}")
         if self.lr_policy not in LR_POLICIES:
-            raise ValueError(f"config.lr_policy must be one of Caffe's {', '.join(LR_POLICIES)}, got {self.lr_policy!r}")
+            raise ValueError(f"config.lr_policy must be one of Caffe's {', '.join(LR_POLICIES)}, "
+                             f"got {self.lr_policy!r}")
         for k in ("max_iter", "batch_size", "iter_size", "stepsize", "display", "test_crop_size",
                   "synthetic_train", "synthetic_val"):
             if getattr(self, k) <= 0:

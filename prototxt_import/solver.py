@@ -312,7 +312,8 @@ def _train_config(solver, net, base, snapshot: bool = False):
     renamed = [f"{lps[0].name} ({m})" for m, lps in layout.copies.items() if lps[0].name != m]
     init = d.get("init") or base.init
     if renamed and init and not snapshot:
-        raise CaffeImportError(f"{net_source}: the net names layers otherwise than attnscale's model ({', '.join(renamed)})"
+        raise CaffeImportError(f"{net_source}: the net names layers otherwise than attnscale's model "
+                               f"({', '.join(renamed)})"
                                f", and Caffe copies the weights {init} by the net's names while attnscale's init goes "
                                "by the model's: convert them first (python -m prototxt_import convert NET WEIGHTS "
                                "-o init.pt --phase TRAIN) and give init.pt")
@@ -345,8 +346,9 @@ def check_classes(cfg, source: str) -> None:
 
 def resume_caffe_snapshot(solver, solverstate, net=None, base=None, weights=None):
     """``(TrainConfig, checkpoint, notes)``: a Caffe run's snapshot (``*.solverstate`` or ``*.solverstate.h5``,
-    and the weights it names as ``learned_net``, or ``weights``) as an attnscale checkpoint at the same iteration, so that
-    ``python -m attnscale.train CONFIG --resume`` goes on with Caffe's weights and momentum history.
+    and the weights it names as ``learned_net``, or ``weights``) as an attnscale checkpoint at the same
+    iteration, so that ``python -m attnscale.train CONFIG --resume`` goes on with Caffe's weights and momentum
+    history.
 
     Caffe's ``SolverState.history`` holds one blob per learnable parameter in ``Net::learnable_params`` order
     (owners in net order); each goes to its model parameter's ``history``.  The data order and random streams
