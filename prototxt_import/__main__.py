@@ -105,6 +105,7 @@ def _write_config(cfg, path: str) -> None:
     import json
     tmp = path + ".tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
             f.write("\n")
@@ -122,6 +123,8 @@ def _writable(path: str, what: str) -> None:
         raise CaffeImportError(f"{path}: cannot write the {what}: it is a folder")
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
+        if os.path.islink(parent):       # a link to nowhere: no folder can be made there
+            raise CaffeImportError(f"{path}: cannot write the {what}: {parent} is a link to nothing")
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise CaffeImportError(f"{path}: cannot write the {what}: {parent} is "
@@ -145,6 +148,8 @@ def _model_config(args, base, found: dict):
     keys = ("num_classes", "scales", "merge", "extra_supervision", "width", "classifier_name", "dropout")
     d = {**base.to_dict(), **{k: found[k] for k in keys}}
     d["scales"] = list(d["scales"])
+    if len(d["scales"]) == 1:     # a one-scale net has no per-scale losses to add (nor a merge)
+        d["extra_supervision"] = False
     try:
         cfg = TrainConfig.from_dict(d, source=args.prototxt)
     except ValueError as exc:
@@ -157,6 +162,7 @@ def _config(args) -> None:
     from .solver import resume_caffe_snapshot, train_config
     if args.weights and not args.snapshot:
         raise CaffeImportError("--weights goes with --snapshot (the solver's own weights field gives init)")
+    _writable(args.output, "config")
     if args.snapshot:
         cfg, ck, notes = resume_caffe_snapshot(args.solver, args.snapshot, net=args.net, base=_base(args.base),
                                                weights=args.weights)
@@ -164,7 +170,6 @@ def _config(args) -> None:
         if os.path.exists(ckpt):
             raise CaffeImportError(f"{ckpt} exists: a checkpoint is never overwritten (another out_dir in --base, "
                                    "or move the file away)")
-        _writable(args.output, "config")
         _writable(ckpt, "checkpoint")
         _write_config(cfg, args.output)
         _write_checkpoint(ck, ckpt)

@@ -311,7 +311,7 @@ def _train_config(solver, net, base, snapshot: bool = False):
              fillers=_fillers(owners, net_source, d.get("init") or base.init, notes))
     renamed = [f"{lps[0].name} ({m})" for m, lps in layout.copies.items() if lps[0].name != m]
     init = d.get("init") or base.init
-    if renamed and init and not snapshot:
+    if renamed and init and not init.endswith(".pt") and not snapshot:   # a .pt init goes by the model's names
         raise CaffeImportError(f"{net_source}: the net names layers otherwise than attnscale's model "
                                f"({', '.join(renamed)})"
                                f", and Caffe copies the weights {init} by the net's names while attnscale's init goes "
@@ -338,7 +338,10 @@ def _train_config(solver, net, base, snapshot: bool = False):
 def check_classes(cfg, source: str) -> None:
     """The net's classes must be the data set's: its labels and its per-class IoU names follow them."""
     from attnscale.train import dataset_classes
-    names = dataset_classes(cfg)
+    try:
+        names = dataset_classes(cfg)
+    except ValueError as exc:
+        raise CaffeImportError(f"{source}: {exc}") from None
     if cfg.num_classes != len(names):
         raise CaffeImportError(f"{source}: the net scores {cfg.num_classes} classes, the data set {cfg.dataset!r} has "
                                f"{len(names)} ({', '.join(names[:3])}, ...): give the base config its data set")

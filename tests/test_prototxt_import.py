@@ -1198,3 +1198,9 @@ def test_convert_writes_the_config_evaluate_loads_the_model_with(tmp_path, capsy
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         torch.testing.assert_close(model(x).merged, ref(x).merged, rtol=0, atol=0)
+    # a one-scale deploy net (no losses): no extra supervision in its config
+    one = _write(tmp_path, "one.prototxt", deeplab_prototxt(width=W, size=SIZE, classes=5))
+    assert cli(["convert", str(one), str(weights), "-q", "-o", str(tmp_path / "one.pt"), "--config",
+                str(tmp_path / "one.json"), "--base", str(tmp_path / "base.json")]) == 0
+    cfg = TrainConfig.load(str(tmp_path / "one.json"))
+    assert (cfg.scales, cfg.merge, cfg.extra_supervision) == ([1.0], None, False)

@@ -337,8 +337,9 @@ def test_config_cli_names_what_is_wrong(tmp_path, capsys):
     assert cli(["config", solver, "--base", str(tmp_path / "none.json"), "-o", str(tmp_path / "c.json")]) == 2
     assert "--base: config file not found" in capsys.readouterr().err
     solver = _write(tmp_path, "solver2.prototxt", SOLVER)
+    (tmp_path / "a_file").write_text("")
     assert cli(["config", solver, "--net", _write(tmp_path, "n.prototxt", train_net()), "-o",
-                str(tmp_path / "no" / "dir" / "c.json")]) == 2
+                str(tmp_path / "a_file" / "c.json")]) == 2
     assert "cannot write the config" in capsys.readouterr().err
 
 
@@ -569,3 +570,23 @@ def test_train_cli_names_errors_instead_of_tracing(tmp_path, capsys):
     assert "checkpoint.pt exists: continue that run with --resume" in capsys.readouterr().err
     assert train_main([str(tmp_path / "nothere.json")]) == 2
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_renamed_layers_take_a_converted_init_and_cli_outputs_make_their_folders(tmp_path, capsys):
+    """The renamed-layer refusal points at a converted init.pt, which is then accepted; an unknown data set is
+    an error, not a traceback; an output folder that does not exist yet is made; a link to nowhere is refused."""
+    from prototxt_import.__main__ import main as cli
+    renamed = train_net(scales=(1.0,), merge=None).replace('"conv1_1"', '"conv1_1_s1"').replace(
+        'bottom: "conv1_1"', 'bottom: "conv1_1_s1"')
+    cfg, _ = pi.train_config(SOLVER + 'weights: "init.pt"\n', net=renamed)
+    assert cfg.init == "init.pt"
+    bad = TrainConfig()
+    bad.dataset = "voc2012"
+    with pytest.raises(CaffeImportError, match="unknown data set 'voc2012'"):
+        pi.train_config(SOLVER, net=renamed, base=bad)
+    solver = _write(tmp_path, "s.prototxt", SOLVER + f'net: "{_write(tmp_path, "n.prototxt", renamed)}"\n')
+    assert cli(["config", solver, "-o", str(tmp_path / "new" / "dir" / "c.json")]) == 0
+    assert TrainConfig.load(str(tmp_path / "new" / "dir" / "c.json")).crop_size == 33
+    os.symlink(tmp_path / "nowhere" / "run", tmp_path / "dangling")
+    assert cli(["config", solver, "-o", str(tmp_path / "dangling" / "c.json")]) == 2
+    assert "is a link to nothing" in capsys.readouterr().err
