@@ -101,18 +101,9 @@ def _base(path):
 
 
 def _write_config(cfg, path: str) -> None:
-    """The TrainConfig as JSON, written atomically (a temporary file renamed onto ``path``)."""
-    import json
-    tmp = path + ".tmp"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(cfg.to_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        cfg.save(path)      # atomic
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise CaffeImportError(f"{path}: cannot write the config: {exc}") from None
 
 

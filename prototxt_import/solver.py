@@ -27,6 +27,7 @@ import numpy as np
 from attnscale.config import LR_POLICIES
 
 from . import layers as L
+from .convert import _short
 from .errors import CaffeImportError
 from .readers import read_solver
 
@@ -93,7 +94,7 @@ def _solver_fields(sp, source: str, base, notes: list[str]) -> dict:
              "multistep": ("gamma", "stepvalue"), "poly": ("power",), "sigmoid": ("gamma", "stepsize")}
     d.update({k: list(sp.stepvalue) if k == "stepvalue" else getattr(sp, k) for k in reads.get(sp.lr_policy, ())})
     # solver fields are proto floats: their shortest float32 decimal (0.001, not 0.0010000000474974513)
-    d = {k: float(str(np.float32(v))) if isinstance(v, float) else v for k, v in d.items()}
+    d = {k: _short(v) if isinstance(v, float) else v for k, v in d.items()}
     if sp.display:                          # Caffe logs when iter % display == 0: a negative display too
         d["display"] = abs(sp.display)
     elif sp.HasField("display"):
@@ -136,7 +137,7 @@ def _filler(fp, where: str) -> dict:
     for k in FILLER_FIELDS[fp.type]:
         v = getattr(fp, k)
         spec[k] = (fp.DESCRIPTOR.fields_by_name[k].enum_type.values_by_number[v].name if k == "variance_norm"
-                   else v if isinstance(v, int) else float(str(np.float32(v))))
+                   else v if isinstance(v, int) else _short(v))
     try:
         return check_filler(spec, where)
     except ValueError as exc:
