@@ -13,6 +13,7 @@ first ``--attention-images`` (10) images a PNG ``NNNN_<image>.png``: image, grou
 one heat map of merge weights per scale (the attention weights, or the max / avg merge's; the paper's
 Figs. 4-6).  With ``--predictions DIR``, writes every prediction as ``DIR/<image>.png`` in VOC's indexed
 format; ``--list`` runs another list, and a list of images only (VOC test) is predicted, not scored.
+``--crf`` runs DeepLab's fully connected CRF between the net and the argmax (:mod:`attnscale.crf`).
 """
 from __future__ import annotations
 
@@ -86,10 +87,11 @@ def _unpack_prediction(res):
 @torch.no_grad()
 def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str]] = None,
              max_images: int = 0, attention_dir: str = "", attention_images: int = 10,
-             progress: bool = True, predictions_dir: str = "") -> Dict[str, object]:
+             progress: bool = True, predictions_dir: str = "", crf=None) -> Dict[str, object]:
     """Run ``model.predict`` over ``source`` (``load(i) -> (bgr uint8, label uint8, name)``).
     ``predictions_dir``: also write each prediction as ``<image>.png`` (:func:`save_label_png`).  A
-    source without labels (``has_labels`` False, e.g. VOC test) is predicted only: no scores."""
+    source without labels (``has_labels`` False, e.g. VOC test) is predicted only: no scores.  ``crf``
+    (:class:`attnscale.crf.CRFParams`): DeepLab's DenseCRF after the net (``predict(crf=)``)."""
     model.eval()
     if max_images < 0:
         raise ValueError(f"max_images must be >= 0 (0: all), got {max_images}")
@@ -114,7 +116,7 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
     for i in it:
         img, gt, name = source.load(i)
         try:
-            lab, att = _unpack_prediction(model.predict(img))
+            lab, att = _unpack_prediction(model.predict(img) if crf is None else model.predict(img, crf=crf))
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e}") from None
         stem = os.path.basename(str(name)).rsplit(".", 1)[0]
@@ -139,6 +141,8 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
         res["predictions_dir"] = os.path.abspath(predictions_dir)
     if class_names is not None:
         res["class_names"] = list(class_names)
+    if crf is not None:
+        res["crf"] = crf.to_dict()
     return res
 
 
@@ -222,10 +226,11 @@ def load_model_from_checkpoint(cfg: TrainConfig, checkpoint: str, device: str = 
 
 def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         attention_dir: str = "", attention_images: int = 10, progress: bool = True,
-        predictions_dir: str = "", list_path: str = "") -> Dict[str, object]:
+        predictions_dir: str = "", list_path: str = "", crf=None) -> Dict[str, object]:
     """Evaluate (or, for a list without labels, predict) ``cfg``'s model from ``checkpoint`` on the
     val list, or on ``list_path`` (DeepLab form, paths under ``cfg.data_root``), in ``cfg.precision``
-    (bf16: the forward under bfloat16 autocast; TF32 on a GPU only for "tf32")."""
+    (bf16: the forward under bfloat16 autocast; TF32 on a GPU only for "tf32"); ``crf``: with DeepLab's
+    DenseCRF after the net."""
     from .data import FileSource
     from .train import (backend_switches, build_source, dataset_classes, forward_precision, num_classes,
                         resolve_list)
@@ -239,7 +244,7 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         # the run's arithmetic (config.precision), as in training
         with backend_switches(cfg.precision), forward_precision(cfg.precision, torch.device(cfg.device).type):
             res = evaluate(model, source, num_classes(cfg), dataset_classes(cfg),
-                           max_images, attention_dir, attention_images, progress, predictions_dir)
+                           max_images, attention_dir, attention_images, progress, predictions_dir, crf)
     finally:
         torch.set_num_threads(threads)
     res["checkpoint"] = checkpoint
@@ -270,6 +275,29 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def _crf_params(flag: bool, text: str):
+    """``--crf`` / ``--crf-params``: None, DeepLab-LargeFOV's CRFParams, or those of the JSON (text or file)."""
+    from .crf import CRFParams
+
+    if not text:
+        return CRFParams() if flag else None
+    src = "--crf-params"
+    if os.path.isfile(text):
+        src = text
+        with open(text) as f:
+            text = f.read()
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{src}: not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{src}: expected a JSON object of CRF parameters, got {type(d).__name__}")
+    try:
+        return CRFParams.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{src}: {e}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m attnscale.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -284,9 +312,19 @@ def main(argv=None) -> int:
                     "<image>.png, an indexed PNG with VOC's palette (VOC's evaluation server format)")
     ap.add_argument("--list", default="", help="a DeepLab list to run instead of the val list; a list of "
                     "images only (VOC test) is predicted, not scored, and needs --predictions")
+    ap.add_argument("--crf", action="store_true", help="DeepLab's fully connected CRF after the net "
+                    "(DenseCRF layer; DeepLab-LargeFOV's parameters unless --crf-params); results to "
+                    "OUT_DIR/eval_crf.json by default")
+    ap.add_argument("--crf-params", default="", metavar="JSON", help="the CRF's parameters (implies --crf): a JSON "
+                    "object or file with any of max_iter, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std (lists "
+                    "for several kernels), e.g. the one prototxt_import convert prints for a net with a DenseCRF")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-root", default=None, help="override config.data_root")
     a = ap.parse_args(argv)
+    try:
+        crf = _crf_params(a.crf, a.crf_params)
+    except ValueError as e:
+        ap.error(str(e))
     keep_freed_memory()
     cfg = TrainConfig.load(a.config)
     if a.device:
@@ -295,16 +333,16 @@ def main(argv=None) -> int:
         cfg.data_root = a.data_root
     ck = a.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
     # the val evaluation's file (reproduce reuses it) is never written by a run of another list
-    out = a.out or ("" if a.list else os.path.join(cfg.out_dir, "eval.json"))
+    out = a.out or ("" if a.list else os.path.join(cfg.out_dir, "eval_crf.json" if crf else "eval.json"))
     res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images, predictions_dir=a.predictions,
-              list_path=a.list)
+              list_path=a.list, crf=crf)
     if "miou" not in res:
         print(f"{res['num_images']} predictions (no labels to score) -> {res['predictions_dir']}")
         return 0
     names = res.get("class_names") or [str(i) for i in range(len(res["per_class_iou"]))]
     for n, v in zip(names, res["per_class_iou"]):
         print(f"{n:>14s}: {'  n/a' if v is None else f'{100 * v:6.2f}'}")
-    print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images (MyVOCevalseg; "
+    print(f"mIoU {100 * res['miou']:.2f} over {res['num_images']} images ({'DenseCRF, ' if crf else ''}MyVOCevalseg; "
           f"{100 * res['miou_present_classes']:.2f} over the classes present)" + (f" -> {out}" if out else ""))
     return 0
 

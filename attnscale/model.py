@@ -672,12 +672,14 @@ class AttentionToScale(nn.Module):
 
     # ----------------------------------------------------------------------------------- predict
     @torch.no_grad()
-    def predict(self, image_bgr_uint8: np.ndarray, crop_size: int | None = None):
+    def predict(self, image_bgr_uint8: np.ndarray, crop_size: int | None = None, crf=None):
         """DeepLab test protocol on one HxWx3 BGR uint8 image → (label_map HxW, attention (S,H,W) or None).
 
         Mean subtraction (:func:`attnscale.caffe.preprocess_bgr`), zero padding (= padding with the mean
         before subtraction) at the bottom/right to ``crop_size`` (default ``test_crop_size``, 513), the net in
         eval mode, ``Interp zoom_factor: 8`` on the merged scores (65 → 513), crop back to H×W, argmax.
+        ``crf`` (:class:`attnscale.crf.CRFParams`): DeepLab-CRF's ``DenseCRF`` layer between the zoom and the
+        argmax (on the CPU, over the H×W image: the layer's data_dims crop), as the paper's test-set rows.
         An image larger than the crop along an axis is padded to the next size ``8k+1`` on that axis instead
         (so zoom ×8 maps the output exactly onto it); DeepLab would have cropped it.  The label map is uint8
         when ``num_classes <= 256`` else int64.  Attention maps get the same zoom and crop.  Non-finite
@@ -704,6 +706,9 @@ class AttentionToScale(nn.Module):
                                      "non-finite values (non-finite weights? check the checkpoint or caffemodel)")
         zoom = caffe.InterpParams(zoom_factor=8)
         scores = caffe.interp(out.merged.float(), zoom)[0, :, :H, :W]
+        if crf is not None:
+            from .crf import dense_crf
+            scores = dense_crf(scores[None], x[:, :, :H, :W], crf)[0]
         # the first maximal class where several tie, like argmax;
         # torch.max's indices over the class axis take 4 ms for 21 x 500 x 375 on 2 CPU threads, argmax 36 ms
         label = scores.max(0).indices.cpu().numpy()

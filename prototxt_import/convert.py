@@ -25,6 +25,7 @@ Weights follow ``Net::CopyTrainedLayersFrom`` on that net (see :func:`_load`).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, fields
@@ -52,6 +53,8 @@ class ConversionReport:
     fresh: list[tuple[str, str]] = field(default_factory=list)
     #: anything else worth knowing (defaults taken where the prototxt says nothing)
     notes: list[str] = field(default_factory=list)
+    #: the parameters of a DenseCRF layer after the scores (``predict(crf=)``, ``evaluate --crf-params``), or None
+    crf: object = None
 
     def __str__(self) -> str:
         lines = [f"to_attnscale: {self.prototxt}" + (f" + {self.weights}" if self.weights else " (no weights)"),
@@ -356,6 +359,8 @@ class _Layout:
     graph: object = None                         # their _Graph
     #: the model's score nodes: the merged output ("merged") and, with several scales, each scale's classifier
     outputs: dict = field(default_factory=dict)
+    #: a DenseCRF layer's parameters (attnscale.crf.CRFParams) after the scores, or None
+    crf: object = None
 
 
 def _read(prototxt):
@@ -466,6 +471,18 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
         layout.notes.append(f"after the model's scores {g.name(merged)}, the net's layer(s) "
                             + ", ".join(f"{n!r} ({next(lp.type for lp in lps if lp.name == n)})" for n in after)
                             + " are not part of attnscale's model (it returns those scores; predict upsamples them)")
+    crfs = [lp for lp in lps if lp.name in after and lp.type == "DenseCRF"]
+    if len(crfs) > 1:
+        layout.notes.append(f"{len(crfs)} DenseCRF layers after the scores ({', '.join(lp.name for lp in crfs)}): "
+                            "none taken as the net's CRF")
+    elif crfs:
+        lp = crfs[0]
+        try:
+            layout.crf = L.crf_params(lp, len(lp.bottom) == 3)
+        except L.LayerError as exc:
+            raise CaffeImportError(f"{source}: layer {lp.name!r} (DenseCRF): {exc}") from None
+        layout.notes.append(f"DenseCRF {lp.name!r}: predict(crf=report.crf) or evaluate --crf-params "
+                            f"'{json.dumps(layout.crf.to_dict())}' runs it after the net")
     if len(branches) > 1:
         layout.outputs.update({branches[s].scores: s for s in scales})
     for name in main.convs:
@@ -547,7 +564,7 @@ def to_attnscale(prototxt, weights=None, use_reference_ops: bool | None = None,
     if weights is not None:
         wf = weights if isinstance(weights, WeightFile) else read_weights(weights)
     report = ConversionReport(source, wf.path if wf is not None else None,
-                              dict(cfg, use_reference_ops=use_reference_ops), notes=notes)
+                              dict(cfg, use_reference_ops=use_reference_ops), notes=notes, crf=layout.crf)
     _load(model, layout, wf, report)
     return model, report
 

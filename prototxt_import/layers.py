@@ -351,6 +351,65 @@ class Interp(nn.Module):
         return [caffe_math.interp(x, self.params)]
 
 
+def crf_params(lp, with_image: bool) -> "CRFParams":
+    """A ``DenseCRF`` layer's ``dense_crf_param`` as :class:`attnscale.crf.CRFParams` (the layer's CHECKs: one
+    value of each per kernel).  Without the image bottom the layer adds no bilateral kernel, whatever the
+    prototxt lists (so neither does this)."""
+    from attnscale.crf import CRFParams
+
+    cp = lp.dense_crf_param
+    _check(cp.output_probability, "dense_crf_param { output_probability: false } is not supported "
+           "(attnscale returns the marginals, the layer's default)")
+    try:
+        return CRFParams(max_iter=int(cp.max_iter), pos_w=tuple(cp.pos_w), pos_xy_std=tuple(cp.pos_xy_std),
+                         bi_w=tuple(cp.bi_w) if with_image else (),
+                         bi_xy_std=tuple(cp.bi_xy_std) if with_image else (),
+                         bi_rgb_std=tuple(cp.bi_rgb_std) if with_image else ())
+    except ValueError as exc:
+        raise LayerError(f"dense_crf_param: {exc}") from None
+
+
+class DenseCRF(nn.Module):
+    """DeepLab's ``DenseCRF`` (bottoms: the zoomed scores, ``data_dim`` (N, 1, 1, 2) = each image's real
+    height and width, optionally the image): the label marginals from :func:`attnscale.crf.dense_crf` on
+    each image's real corner (the padded size where the image is larger, as the layer), 0 elsewhere."""
+
+    def __init__(self, lp, in_shapes, ctx):
+        super().__init__()
+        _check(len(in_shapes) in (2, 3), f"DenseCRF takes 2 or 3 bottoms (scores, data_dim[, image]), got "
+               f"{len(in_shapes)}")
+        _check(all(len(s) == 4 for s in in_shapes), "DenseCRF's bottoms must be 4-D")
+        n, m, h, w = in_shapes[0]
+        _check(in_shapes[1][0] == n and math.prod(in_shapes[1][1:]) >= 2,
+               f"data_dim {in_shapes[1]} must hold (height, width) for each of the {n} images")
+        if len(in_shapes) == 3:
+            _check(in_shapes[2] == (n, 3, h, w), f"the image {in_shapes[2]} must be (N, 3, H, W) = {(n, 3, h, w)}: "
+                   "\"Can Only support color images\", at the scores' size")
+        self.params = crf_params(lp, len(in_shapes) == 3)
+        if len(in_shapes) == 3 and not self.params.bi_w:
+            raise LayerError("has an image bottom but no bilateral parameters (bi_w): Caffe's CHECK fails")
+        self.out_shapes = [in_shapes[0]]
+
+    def forward(self, scores, dims, image=None):
+        from attnscale.crf import dense_crf
+
+        H, W = scores.shape[-2:]
+        out = []
+        for b, (rh, rw) in enumerate(dims.reshape(dims.shape[0], -1)[:, :2].tolist()):
+            rh, rw = int(rh), int(rw)    # the layer reads them into ints
+            if rh < 1 or rw < 1:
+                raise ValueError(f"DenseCRF: data_dim ({rh}, {rw}) of image {b} is not a positive size")
+            if H <= rh and W <= rw:
+                size = (H, W)            # the image was cropped: the layer runs on the whole map
+            elif rh <= H and rw <= W:
+                size = (rh, rw)
+            else:
+                raise ValueError(f"DenseCRF: data_dim ({rh}, {rw}) of image {b} is larger than the map ({H}, {W}) "
+                                 "along one axis only (Caffe would read past its buffers)")
+            out.append(dense_crf(scores[b:b + 1], None if image is None else image[b:b + 1], self.params, size=size))
+        return [torch.cat(out).to(scores.device, scores.dtype)]
+
+
 class Softmax(nn.Module):
     """Caffe ``Softmax`` over ``axis`` (default 1)."""
 
@@ -543,7 +602,7 @@ BUILDERS = {
     "Convolution": Convolution, "InnerProduct": InnerProduct, "ReLU": ReLU, "Pooling": Pooling,
     "Dropout": Dropout, "Interp": Interp, "Softmax": Softmax, "SpatialProduct": SpatialProduct,
     "Eltwise": Eltwise, "Concat": Concat, "Slice": Slice, "Split": Split, "Crop": Crop,
-    "Flatten": Flatten, "Silence": Silence,
+    "Flatten": Flatten, "Silence": Silence, "DenseCRF": DenseCRF,
 }
 #: builders that need the number of tops
 NEEDS_TOPS = {"Slice", "Split"}

@@ -51,6 +51,11 @@ def test_bench_interp(tmp_path):
     assert {r["case"] for r in data["rows"]} == {"zoom8", "fc7_res075", "fc7_res05", "input075"}
 
 
+def test_bench_crf(tmp_path):
+    data, _ = run_bench("bench_crf.py", "--quick", "--threads", "1", "--rounds", "1", tmp_path=tmp_path)
+    assert [r["case"] for r in data["rows"]] == ["voc", "small"] and data["rows"][1]["vs_numpy"] > 0
+
+
 def test_bench_train(tmp_path):
     """The product's training loop timed from its own log (updates 2 to 4 of a tiny run read from JPEG/PNG
     files), beside the loader alone, in bf16 NHWC here to run those paths too."""

@@ -175,6 +175,13 @@ def test_predictions_of_val_and_of_an_unlabelled_list(tmp_path, capsys):
     assert main([str(tmp_path / "cfg.json"), "--predictions", str(tmp_path / "val_pred")]) == 0
     scored = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert scored["num_images"] == 3 and "miou" in scored
+    # --crf: DeepLab's DenseCRF after the net, its results beside (not over) the val run's eval.json
+    assert main([str(tmp_path / "cfg.json"), "--crf-params", '{"max_iter": 2, "bi_xy_std": 20}']) == 0
+    with_crf = json.loads((tmp_path / "run" / "eval_crf.json").read_text())
+    assert with_crf["crf"]["max_iter"] == 2 and with_crf["crf"]["bi_xy_std"] == [20.0] and "miou" in with_crf
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == scored
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "cfg.json"), "--crf-params", '{"bi_w": [1, 2]}'])
     model, _ = load_model_from_checkpoint(cfg, str(tmp_path / "run" / "checkpoint.pt"))
     val = FileSource(str(root / "list" / "val.txt"), str(root))
     for i in range(len(val)):

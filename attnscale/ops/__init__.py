@@ -10,6 +10,8 @@
   GPU with ``caffe_interp_backward`` by ``caffe.interp_gather`` for training).
 - :func:`bias_relu` — a convolution's bias + ReLU (+ training's Dropout) in one pass, forward and backward (the
   model's on a GPU; reference :func:`bias_relu_reference`).
+- :func:`dense_crf` — DeepLab's DenseCRF layer (CPU, forward only; numpy twin :func:`dense_crf_reference`); most
+  callers want :func:`attnscale.crf.dense_crf`.
 
 The CPU kernels' large GEMMs run on oneDNN or the BLAS (:func:`cpu_gemm`, :func:`set_cpu_gemm`).
 
@@ -19,16 +21,17 @@ without it a call raises a RuntimeError that says how to build it.  The referenc
 """
 from ._ext import cpu_gemm, has_cuda_kernels, has_extension, require_extension, set_cpu_gemm
 from .bias_relu import bias_relu
+from .dense_crf import dense_crf
 from .dilated_conv import dilated_conv2d
 from .interp import caffe_interp
 from .pooling import caffe_max_pool2d
-from .reference import bias_relu_reference, dilated_conv2d_reference, scale_merge_reference
+from .reference import bias_relu_reference, dense_crf_reference, dilated_conv2d_reference, scale_merge_reference
 from .scale_merge import scale_merge
 from .winograd_conv import winograd_applies, winograd_conv2d, winograd_weight
 
 __all__ = [
     "scale_merge", "scale_merge_reference", "dilated_conv2d", "dilated_conv2d_reference",
     "winograd_conv2d", "winograd_weight", "winograd_applies", "caffe_max_pool2d", "caffe_interp", "bias_relu",
-    "bias_relu_reference",
+    "bias_relu_reference", "dense_crf", "dense_crf_reference",
     "has_extension", "has_cuda_kernels", "require_extension", "cpu_gemm", "set_cpu_gemm",
 ]

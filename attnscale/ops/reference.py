@@ -117,3 +117,168 @@ def bias_relu_reference(x: torch.Tensor, bias: torch.Tensor, p: float = 0.0, see
     if torch._prims_common.suggest_memory_format(x) == torch.channels_last:
         keep = keep.view(N, H, W, C).permute(0, 3, 1, 2)
     return torch.where(keep.view(N, C, H, W), y * (1.0 / (1.0 - p)), torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+# --------------------------------------------------------------------------- DenseCRF
+def _fast_exp(x: "np.ndarray") -> "np.ndarray":
+    """Krähenbühl's fast_exp (the layer's), elementwise in float32 with the original's float literals and
+    double comparisons."""
+    import numpy as np
+
+    f32 = np.float32
+    x = np.asarray(x, dtype=f32)
+    negative = x < 0
+    a = np.abs(x)
+    squarings = np.zeros(x.shape, dtype=np.int64)
+    for bound, div, inc in ((0.69 * 8, 8, 3), (0.69 * 4, 4, 2), (0.69, 2, 1)):
+        while True:
+            m = (a.astype(np.float64) > bound) & (a <= 20)
+            if not m.any():
+                break
+            a = np.where(m, a / f32(div), a)
+            squarings += np.where(m, inc, 0)
+    p = f32(0.0001413161) * a
+    for c in (0.0013298820, 0.0083013598, 0.0416573475, 0.1666653019, 0.4999999206, 0.9999999995):
+        p = a * (f32(c) - p)
+    e = f32(1) - p
+    for _ in range(int(squarings.max(initial=0))):
+        e = np.where(squarings > 0, e * e, e)
+        squarings -= 1
+    with np.errstate(divide="ignore"):
+        out = np.where(negative, e, f32(1) / e)
+    return np.where(a > 20, f32(0), out).astype(f32)
+
+
+def _lattice(features: "np.ndarray"):
+    """The permutohedral lattice of DeepLab's x86-64 build (csrc/ops/cpu/dense_crf_kernel.cpp's comment):
+    per point its d+1 vertex ids (+1; 0 is the missing neighbour) and barycentric weights, and per axis the
+    vertices' two blur neighbours.  Vectorised over the points; vertex ids from np.unique, not insertion order
+    (the values do not depend on them)."""
+    import numpy as np
+
+    f32 = np.float32
+    n, d = features.shape
+    d1 = d + 1
+    pad = (-n) % 4            # the SSE code's last block of four: zero features whose vertices join the lattice
+    f = np.concatenate([features.astype(f32), np.zeros((pad, d), f32)])
+    inv_std = f32(np.sqrt(2.0 / 3.0) * d1)
+    scale = [f32(1.0 / np.sqrt(float((i + 2) * (i + 1))) * float(inv_std)) for i in range(d)]
+    down, up = f32(f32(1) / f32(d1)), f32(d1)
+    elevated = np.zeros((len(f), d1), f32)
+    sm = np.zeros(len(f), f32)
+    for j in range(d, 0, -1):
+        cf = f[:, j - 1] * scale[j - 1]
+        elevated[:, j] = sm - f32(j) * cf
+        sm = sm + cf
+    elevated[:, 0] = sm
+    v = np.rint(down * elevated).astype(f32)          # half to even, as cvtps_epi32
+    rem0 = v * up
+    total = np.zeros(len(f), f32)
+    for i in range(d1):
+        total = total + v[:, i]
+    rank = np.zeros((len(f), d1), np.int64)
+    for i in range(d):
+        di = elevated[:, i] - rem0[:, i]
+        for j in range(i + 1, d1):
+            c = di < elevated[:, j] - rem0[:, j]
+            rank[:, i] += c
+            rank[:, j] += ~c
+    rank += total.astype(np.int64)[:, None]
+    low, high = rank < 0, rank >= d1
+    rank = rank + d1 * low - d1 * high
+    rem0 = rem0 + up * low.astype(f32) - up * high.astype(f32)
+    bary = np.zeros((len(f), d + 2), f32)
+    rows = np.arange(len(f))
+    for i in range(d1):
+        w = (elevated[:, i] - rem0[:, i]) * down
+        bary[rows, d - rank[:, i]] += w
+        bary[rows, d - rank[:, i] + 1] -= w
+    bary[:, 0] += f32(1) + bary[:, d + 1]
+    r = np.arange(d1)
+    canon = np.where(rank[:, None, :d] <= d - r[None, :, None], r[None, :, None], r[None, :, None] - d1)
+    keys = (rem0[:, None, :d].astype(np.int64) + canon).reshape(-1, d)     # (points * (d+1), d)
+    verts, ids = np.unique(keys, axis=0, return_inverse=True)
+    ids = ids.reshape(len(f), d1)[:n] + 1
+    neighbours = []
+    for j in range(d1):
+        n1, n2 = verts - 1, verts + 1
+        if j < d:
+            n1[:, j], n2[:, j] = verts[:, j] + d, verts[:, j] - d
+        pair = []
+        for q in (n1, n2):
+            allk, inv = np.unique(np.concatenate([verts, q]), axis=0, return_inverse=True)
+            slot = np.full(len(allk), -1)
+            slot[inv[:len(verts)]] = np.arange(len(verts))
+            pair.append(slot[inv[len(verts):]] + 1)
+        neighbours.append(pair)
+    return ids, bary[:n, :d1], neighbours, len(verts), d
+
+
+def _lattice_filter(lat, values: "np.ndarray") -> "np.ndarray":
+    """Splat (pixel order), blur along the d+1 axes, slice: the lattice's Gaussian filter of values (n, c)."""
+    import numpy as np
+
+    f32 = np.float32
+    ids, bary, neighbours, nv, d = lat
+    n, c = values.shape
+    grid = np.zeros((nv + 1, c), f32)
+    order = ids.reshape(-1)                                # pixel-major, then the d+1 vertices: the C++ order
+    np.add.at(grid, order, (bary.reshape(-1, 1) * np.repeat(values, d + 1, axis=0)).astype(f32))
+    for n1, n2 in neighbours:
+        new = grid.copy()
+        new[1:] = grid[1:] + f32(0.5) * (grid[n1] + grid[n2])
+        grid = new
+    alpha = f32(f32(1) / (f32(1) + f32(2.0 ** -d)))
+    out = np.zeros((n, c), f32)
+    for r in range(d + 1):
+        out = out + (bary[:, r] * alpha)[:, None] * grid[ids[:, r]]
+    return out
+
+
+def _exp_normalize(x: "np.ndarray", scale: float) -> "np.ndarray":
+    import numpy as np
+
+    f32 = np.float32
+    s = f32(scale) * x
+    e = _fast_exp(s - s.max(axis=1, keepdims=True))
+    total = np.zeros(len(x), f32)
+    for j in range(x.shape[1]):           # label order, as the layer sums
+        total = total + e[:, j]
+    return e / total[:, None]
+
+
+def dense_crf_reference(unary: torch.Tensor, image: torch.Tensor | None, max_iter: int, pos_w: Sequence[float],
+                        pos_xy_std: Sequence[float], bi_w: Sequence[float] = (), bi_xy_std: Sequence[float] = (),
+                        bi_rgb_std: Sequence[float] = ()) -> torch.Tensor:
+    """DeepLab's DenseCRF layer on a unary (N, M, H, W) and image (N, 3, H, W) in numpy float32, vectorised
+    (slow: for tests); the same values as ``torch.ops.attnscale.dense_crf`` bit for bit.  Arguments are
+    those of :func:`attnscale.ops.dense_crf.dense_crf`, assumed valid."""
+    import numpy as np
+
+    f32 = np.float32
+    u_all = unary.detach().cpu().numpy().astype(f32)
+    N, M, H, W = u_all.shape
+    ys, xs = np.divmod(np.arange(H * W), W)
+    out = np.zeros_like(u_all)
+    for b in range(N):
+        pots = []
+        kernels = [(w, s, None) for w, s in zip(pos_w, pos_xy_std)]
+        if image is not None:
+            kernels += list(zip(bi_w, bi_xy_std, bi_rgb_std))
+        for w, s, rgb in kernels:
+            cols = [xs.astype(f32) / f32(s), ys.astype(f32) / f32(s)]
+            if rgb is not None:
+                im = image[b].detach().cpu().numpy().astype(f32).reshape(3, -1)
+                cols += [im[ch] / f32(rgb) for ch in range(3)]
+            lat = _lattice(np.stack(cols, axis=1))
+            norm = f32(1) / (_lattice_filter(lat, np.ones((H * W, 1), f32))[:, 0] + f32(1e-20))
+            pots.append((lat, f32(w), norm))
+        u = u_all[b].reshape(M, -1).T
+        q = _exp_normalize(u, -1.0)
+        for _ in range(max_iter):
+            nxt = -u
+            for lat, w, norm in pots:
+                nxt = nxt + (w * norm)[:, None] * _lattice_filter(lat, q)
+            q = _exp_normalize(nxt, 1.0)
+        out[b] = q.T.reshape(M, H, W)
+    return torch.from_numpy(out)

@@ -1,0 +1,126 @@
+"""DeepLab's fully connected CRF post-processing (``DenseCRF`` layer; the paper's Table 4 test-set rows).
+
+DeepLab-CRF runs its net, zooms the scores to the padded image size (``Interp zoom_factor 8``), then the
+``DenseCRF`` layer (densecrf_layer.cpp of DeepLab's Caffe) on the scores, the data blob (mean-subtracted BGR)
+and the image's real size: softmax of the scores, ``-log`` of it as the unary, cropped to the real size, then
+``max_iter`` mean-field steps of Krähenbühl & Koltun's inference with Potts kernels on position (``pos_w``,
+``pos_xy_std``) and on position + colour (``bi_w``, ``bi_xy_std``, ``bi_rgb_std``); the output is the label
+marginals, 0 outside the real size.  :func:`dense_crf` does the same from the zoomed scores and image;
+:meth:`attnscale.model.AttentionToScale.predict` takes ``crf=CRFParams(...)``.
+
+No well-kept Python package runs this CRF today (``pydensecrf`` does not build on current Python; its forks
+ship no wheels), so the lattice and the inference are our own C++ (``attnscale.ops.dense_crf``), in the
+arithmetic of an x86-64 build of DeepLab's Caffe; :func:`attnscale.ops.reference.dense_crf_reference` is the
+numpy twin.  The unary is computed as the layer does (max subtracted, ``exp``, summed over labels in order,
+divided, ``-log``), in float32; Caffe's ``exp`` / ``log`` come from its math library and its sum from BLAS, so
+the unary may differ from a Caffe run's in the last bit.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence, Tuple
+
+import torch
+
+
+
+@dataclass(frozen=True)
+class CRFParams:
+    """The ``DenseCRFParameter`` of DeepLab's layer.  Defaults: the values DeepLab published for its VGG-16
+    DeepLab-LargeFOV models (``bi_w 4, bi_xy_std 121, bi_rgb_std 5, pos_w 3, pos_xy_std 3``, 10 steps).  Each
+    list holds one value per Potts kernel (the layer allows several of each kind); empty bilateral lists leave
+    the image out."""
+    max_iter: int = 10
+    pos_w: Tuple[float, ...] = (3.0,)
+    pos_xy_std: Tuple[float, ...] = (3.0,)
+    bi_w: Tuple[float, ...] = (4.0,)
+    bi_xy_std: Tuple[float, ...] = (121.0,)
+    bi_rgb_std: Tuple[float, ...] = (5.0,)
+
+    def __post_init__(self):
+        for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
+            v = getattr(self, name)
+            if isinstance(v, (int, float)):
+                v = (v,)
+            try:
+                v = tuple(float(x) for x in v)
+            except (TypeError, ValueError):
+                raise ValueError(f"CRFParams.{name} must be a number or a list of numbers, got {v!r}") from None
+            bad = [x for x in v if not math.isfinite(x) or (name.endswith("std") and x <= 0)]
+            if bad:
+                raise ValueError(f"CRFParams.{name}: {bad[0]!r} is not a "
+                                 f"{'positive finite standard deviation' if name.endswith('std') else 'finite weight'}")
+            object.__setattr__(self, name, v)
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 0:
+            raise ValueError(f"CRFParams.max_iter must be an int >= 0, got {self.max_iter!r}")
+        if len(self.pos_w) != len(self.pos_xy_std):
+            raise ValueError(f"CRFParams: pos_w has {len(self.pos_w)} values, pos_xy_std {len(self.pos_xy_std)} "
+                             "(the layer's CHECK: one of each per kernel)")
+        if not len(self.bi_w) == len(self.bi_xy_std) == len(self.bi_rgb_std):
+            raise ValueError(f"CRFParams: bi_w, bi_xy_std and bi_rgb_std have {len(self.bi_w)}, "
+                             f"{len(self.bi_xy_std)}, {len(self.bi_rgb_std)} values (one of each per kernel)")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CRFParams":
+        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"CRFParams: unknown field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**d)
+
+
+def crf_unary(scores: torch.Tensor) -> torch.Tensor:
+    """The layer's unary from scores (N, M, H, W): ``-log`` of the softmax over M, as SetupUnaryEnergy
+    computes it in float32 (the maximum subtracted, ``exp``, the sum over labels in label order, a division).
+    A probability that underflows to 0 gives +inf, as in Caffe (the inference then gives that label 0)."""
+    s = scores.float()
+    e = torch.exp(s - s.amax(dim=1, keepdim=True))
+    total = e[:, 0].clone()
+    for j in range(1, e.shape[1]):
+        total += e[:, j]
+    return -torch.log(e / total[:, None])
+
+
+def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams(),
+              size: Sequence[int] | None = None, use_reference: bool = False) -> torch.Tensor:
+    """DeepLab's DenseCRF layer: scores (N, M, H, W) (the zoomed net output) and image (N, 3, H, W) (the
+    data blob: mean-subtracted BGR, as :func:`attnscale.caffe.preprocess_bgr` makes it) → the label
+    marginals (N, M, H, W), float32 on the CPU.  ``size`` = the image's real (h, w) inside a padded input
+    (the layer's data_dims bottom): the CRF runs on that corner and the rest of the output is 0.  Without
+    bilateral kernels in ``params`` the image is not used (may be None).  Needs the extension;
+    ``use_reference``: the numpy twin instead (slow)."""
+    if not isinstance(params, CRFParams):
+        raise TypeError(f"dense_crf: params must be a CRFParams, got {type(params).__name__}")
+    if scores.dim() != 4:
+        raise ValueError(f"dense_crf: scores must be (N, M, H, W), got {tuple(scores.shape)}")
+    N, M, H, W = scores.shape
+    h, w = (H, W) if size is None else (int(size[0]), int(size[1]))
+    if not (1 <= h <= H and 1 <= w <= W):
+        raise ValueError(f"dense_crf: size ({h}, {w}) must lie within the scores' ({H}, {W})")
+    with torch.no_grad():
+        unary = crf_unary(scores[:, :, :h, :w].detach().cpu()).contiguous()
+        im = None
+        if params.bi_w:
+            if image is None or image.dim() != 4 or tuple(image.shape) != (N, 3, H, W):
+                raise ValueError(f"dense_crf: the bilateral kernels need the image (N, 3, H, W) = {(N, 3, H, W)}, "
+                                 f"got {None if image is None else tuple(image.shape)}")
+            im = image[:, :, :h, :w].detach().cpu().float().contiguous()
+        args = (unary, im, params.max_iter, params.pos_w, params.pos_xy_std, params.bi_w, params.bi_xy_std,
+                params.bi_rgb_std)
+        if use_reference:
+            from .ops.reference import dense_crf_reference
+            q = dense_crf_reference(*args)
+        else:
+            from .ops.dense_crf import dense_crf as op
+            q = op(*args)
+        if (h, w) == (H, W):
+            return q
+        out = q.new_zeros((N, M, H, W))
+        out[:, :, :h, :w] = q
+        return out
+
+
+__all__ = ["CRFParams", "crf_unary", "dense_crf"]
