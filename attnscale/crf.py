@@ -2,18 +2,21 @@
 
 DeepLab-CRF runs its net, zooms the scores to the padded image size (``Interp zoom_factor 8``), then the
 ``DenseCRF`` layer (densecrf_layer.cpp of DeepLab's Caffe) on the scores, the data blob (mean-subtracted BGR)
-and the image's real size: softmax of the scores, ``-log`` of it as the unary, cropped to the real size, then
-``max_iter`` mean-field steps of Krähenbühl & Koltun's inference with Potts kernels on position (``pos_w``,
+and the image's real size: the negated scores as the unary (``unary_ = -bottom_data`` in DeepLab-v1's final
+layer and in DeepLab-v2's, the Caffe of the attention nets), cropped to the real size, then ``max_iter``
+mean-field steps of Krähenbühl & Koltun's inference with Potts kernels on position (``pos_w``,
 ``pos_xy_std``) and on position + colour (``bi_w``, ``bi_xy_std``, ``bi_rgb_std``); the output is the label
 marginals, 0 outside the real size.  :func:`dense_crf` does the same from the zoomed scores and image;
-:meth:`attnscale.model.AttentionToScale.predict` takes ``crf=CRFParams(...)``.
+:meth:`attnscale.model.AttentionToScale.predict` takes ``crf=CRFParams(...)``.  (deeplab-public's layer of
+early 2015 took ``-log softmax`` of the scores instead: a per-pixel constant apart, the same CRF up to
+rounding.)
 
 No well-kept Python package runs this CRF today (``pydensecrf`` does not build on current Python; its forks
 ship no wheels), so the lattice and the inference are our own C++ (``attnscale.ops.dense_crf``), in the
-arithmetic of an x86-64 build of DeepLab's Caffe; :func:`attnscale.ops.reference.dense_crf_reference` is the
-numpy twin.  The unary is computed as the layer does (max subtracted, ``exp``, summed over labels in order,
-divided, ``-log``), in float32; Caffe's ``exp`` / ``log`` come from its math library and its sum from BLAS, so
-the unary may differ from a Caffe run's in the last bit.
+arithmetic of an x86-64 build of DeepLab's Caffe (every float operation in its order, so the marginals are
+the layer's bit for bit wherever our emulation is right: tested against a line-by-line float32 transcription
+of DeepLab's code, not against a Caffe run); :func:`attnscale.ops.reference.dense_crf_reference` is the
+numpy twin.
 """
 from __future__ import annotations
 
@@ -72,18 +75,6 @@ class CRFParams:
         return cls(**d)
 
 
-def crf_unary(scores: torch.Tensor) -> torch.Tensor:
-    """The layer's unary from scores (N, M, H, W): ``-log`` of the softmax over M, as SetupUnaryEnergy
-    computes it in float32 (the maximum subtracted, ``exp``, the sum over labels in label order, a division).
-    A probability that underflows to 0 gives +inf, as in Caffe (the inference then gives that label 0)."""
-    s = scores.float()
-    e = torch.exp(s - s.amax(dim=1, keepdim=True))
-    total = e[:, 0].clone()
-    for j in range(1, e.shape[1]):
-        total += e[:, j]
-    return -torch.log(e / total[:, None])
-
-
 def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams(),
               size: Sequence[int] | None = None, use_reference: bool = False) -> torch.Tensor:
     """DeepLab's DenseCRF layer: scores (N, M, H, W) (the zoomed net output) and image (N, 3, H, W) (the
@@ -101,7 +92,7 @@ def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRF
     if not (1 <= h <= H and 1 <= w <= W):
         raise ValueError(f"dense_crf: size ({h}, {w}) must lie within the scores' ({H}, {W})")
     with torch.no_grad():
-        unary = crf_unary(scores[:, :, :h, :w].detach().cpu()).contiguous()
+        unary = -scores[:, :, :h, :w].detach().cpu().float().contiguous()
         im = None
         if params.bi_w:
             if image is None or image.dim() != 4 or tuple(image.shape) != (N, 3, H, W):
@@ -123,4 +114,4 @@ def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRF
         return out
 
 
-__all__ = ["CRFParams", "crf_unary", "dense_crf"]
+__all__ = ["CRFParams", "dense_crf"]

@@ -478,7 +478,9 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
     elif crfs:
         lp = crfs[0]
         try:
-            layout.crf = L.crf_params(lp, len(lp.bottom) == 3)
+            L._check(len(lp.bottom) == 3, f"{len(lp.bottom)} bottoms: DeepLab's layer reads a third (the image) "
+                     "in Reshape, so it does not run in Caffe")
+            layout.crf = L.crf_params(lp)
         except L.LayerError as exc:
             raise CaffeImportError(f"{source}: layer {lp.name!r} (DenseCRF): {exc}") from None
         layout.notes.append(f"DenseCRF {lp.name!r}: predict(crf=report.crf) or evaluate --crf-params "

@@ -351,46 +351,45 @@ class Interp(nn.Module):
         return [caffe_math.interp(x, self.params)]
 
 
-def crf_params(lp, with_image: bool) -> "CRFParams":
-    """A ``DenseCRF`` layer's ``dense_crf_param`` as :class:`attnscale.crf.CRFParams` (the layer's CHECKs: one
-    value of each per kernel).  Without the image bottom the layer adds no bilateral kernel, whatever the
-    prototxt lists (so neither does this)."""
+def crf_params(lp) -> "CRFParams":
+    """A ``DenseCRF`` layer's ``dense_crf_param`` as :class:`attnscale.crf.CRFParams`, with the layer's CHECKs
+    (one value of each per kernel; bilateral kernels to use its image bottom)."""
     from attnscale.crf import CRFParams
 
     cp = lp.dense_crf_param
     _check(cp.output_probability, "dense_crf_param { output_probability: false } is not supported "
            "(attnscale returns the marginals, the layer's default)")
+    _check(len(cp.bi_w) > 0, "has an image bottom but no bilateral parameters (bi_w): Caffe's CHECK fails")
     try:
         return CRFParams(max_iter=int(cp.max_iter), pos_w=tuple(cp.pos_w), pos_xy_std=tuple(cp.pos_xy_std),
-                         bi_w=tuple(cp.bi_w) if with_image else (),
-                         bi_xy_std=tuple(cp.bi_xy_std) if with_image else (),
-                         bi_rgb_std=tuple(cp.bi_rgb_std) if with_image else ())
+                         bi_w=tuple(cp.bi_w), bi_xy_std=tuple(cp.bi_xy_std), bi_rgb_std=tuple(cp.bi_rgb_std))
     except ValueError as exc:
         raise LayerError(f"dense_crf_param: {exc}") from None
 
 
 class DenseCRF(nn.Module):
     """DeepLab's ``DenseCRF`` (bottoms: the zoomed scores, ``data_dim`` (N, 1, 1, 2) = each image's real
-    height and width, optionally the image): the label marginals from :func:`attnscale.crf.dense_crf` on
-    each image's real corner (the padded size where the image is larger, as the layer), 0 elsewhere."""
+    height and width, the image): the label marginals from :func:`attnscale.crf.dense_crf` on each image's
+    real corner (the padded size where the image is larger, as the layer), 0 elsewhere.  Refused where
+    DeepLab's layer does not do what it says: without the image bottom (its Reshape reads a third bottom
+    regardless) and for a batch of more than one image (it reads every image's colours from image 0)."""
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
-        _check(len(in_shapes) in (2, 3), f"DenseCRF takes 2 or 3 bottoms (scores, data_dim[, image]), got "
-               f"{len(in_shapes)}")
+        _check(len(in_shapes) == 3, f"DenseCRF needs 3 bottoms (scores, data_dim, image), got {len(in_shapes)}: "
+               "DeepLab's layer reads the third (the image) in Reshape even without bilateral kernels")
         _check(all(len(s) == 4 for s in in_shapes), "DenseCRF's bottoms must be 4-D")
         n, m, h, w = in_shapes[0]
+        _check(n == 1, f"a batch of {n} images: DeepLab's layer takes every image's colours from the first "
+               "(no per-image offset into its image bottom), so only a batch of 1 (DeepLab's test nets') is right")
         _check(in_shapes[1][0] == n and math.prod(in_shapes[1][1:]) >= 2,
                f"data_dim {in_shapes[1]} must hold (height, width) for each of the {n} images")
-        if len(in_shapes) == 3:
-            _check(in_shapes[2] == (n, 3, h, w), f"the image {in_shapes[2]} must be (N, 3, H, W) = {(n, 3, h, w)}: "
-                   "\"Can Only support color images\", at the scores' size")
-        self.params = crf_params(lp, len(in_shapes) == 3)
-        if len(in_shapes) == 3 and not self.params.bi_w:
-            raise LayerError("has an image bottom but no bilateral parameters (bi_w): Caffe's CHECK fails")
+        _check(in_shapes[2] == (n, 3, h, w), f"the image {in_shapes[2]} must be (N, 3, H, W) = {(n, 3, h, w)}: "
+               "\"Can Only support color images\", at the scores' size")
+        self.params = crf_params(lp)
         self.out_shapes = [in_shapes[0]]
 
-    def forward(self, scores, dims, image=None):
+    def forward(self, scores, dims, image):
         from attnscale.crf import dense_crf
 
         H, W = scores.shape[-2:]
@@ -406,7 +405,7 @@ class DenseCRF(nn.Module):
             else:
                 raise ValueError(f"DenseCRF: data_dim ({rh}, {rw}) of image {b} is larger than the map ({H}, {W}) "
                                  "along one axis only (Caffe would read past its buffers)")
-            out.append(dense_crf(scores[b:b + 1], None if image is None else image[b:b + 1], self.params, size=size))
+            out.append(dense_crf(scores[b:b + 1], image[b:b + 1], self.params, size=size))
         return [torch.cat(out).to(scores.device, scores.dtype)]
 
 

@@ -1,5 +1,6 @@
 """attnscale.ops.dense_crf / attnscale.crf (DeepLab's DenseCRF layer): the C++ kernel equals the numpy twin bit
-for bit (lattice, filters, mean field, fast_exp), the lattice filter is a unit Gaussian, the inference does what
+for bit (lattice, filters, mean field, fast_exp), the unary is the negated scores, the lattice filter is a unit
+Gaussian, the inference does what
 a CRF must (no pairwise term: the softmax; a noisy labelling of a two-colour image: cleaned), the layer's crop,
 input checks, and its use by predict, evaluate and the Caffe importer."""
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from attnscale import caffe
-from attnscale.crf import CRFParams, crf_unary, dense_crf
+from attnscale.crf import CRFParams, dense_crf
 from attnscale.ops import has_extension
 from attnscale.ops.reference import _fast_exp, _lattice, _lattice_filter, dense_crf_reference
 
@@ -35,7 +36,7 @@ def test_kernel_equals_numpy_twin_bit_for_bit(shape, params):
     (pixel counts with and without a partial last block of four: the SSE code's zero points)."""
     g = torch.Generator().manual_seed(sum(shape))
     N, M, H, W = shape
-    unary = crf_unary(torch.randn(N, M, H, W, generator=g) * 4)
+    unary = -torch.randn(N, M, H, W, generator=g) * 4
     # colours near the mean put pixels near the zero feature, whose simplex the SSE code adds (N % 4 != 0)
     image = torch.randn(N, 3, H, W, generator=g) * 10 if params.bi_w else None
     ours = _op(unary, image, params)
@@ -47,7 +48,7 @@ def test_kernel_equals_numpy_twin_bit_for_bit(shape, params):
 @needs_ext
 def test_threads_do_not_change_the_bits():
     g = torch.Generator().manual_seed(3)
-    unary = crf_unary(torch.randn(1, 21, 30, 41, generator=g) * 3)
+    unary = -torch.randn(1, 21, 30, 41, generator=g) * 3
     image = torch.randn(1, 3, 30, 41, generator=g) * 50
     threads = torch.get_num_threads()
     try:
@@ -141,25 +142,30 @@ def test_size_crops_like_the_layers_data_dims():
         dense_crf(scores, image, FEW, size=(13, 4))
 
 
-def test_unary_is_minus_log_softmax_with_underflow_as_inf():
-    s = torch.tensor([[0.0, 1.0, 200.0]]).reshape(1, 3, 1, 1)
-    u = crf_unary(s)
-    assert u[0, 2, 0, 0] == 0 and torch.isinf(u[0, 0, 0, 0]) and u[0, 0, 0, 0] > 0
-    s = torch.randn(2, 5, 3, 4)
-    assert torch.allclose(crf_unary(s), -torch.log_softmax(s, 1), atol=1e-5)
+@needs_ext
+def test_unary_is_the_negated_scores():
+    """DeepLab's final layers take ``unary_ = -bottom_data``; deeplab-public's early-2015 layer took -log softmax,
+    a per-pixel constant away: the same CRF up to rounding."""
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randn(1, 6, 10, 12, generator=g) * 4
+    image = torch.randn(1, 3, 10, 12, generator=g) * 20
+    q = dense_crf(scores, image, FEW)
+    assert torch.equal(q, _op(-scores, image, FEW))
+    early = _op(-torch.log_softmax(scores, 1), image, FEW)
+    assert torch.allclose(q, early, atol=1e-5) and not torch.equal(q, early)
 
 
 @needs_ext
 def test_inf_unary_is_a_zero_probability():
-    s = torch.zeros(1, 3, 5, 6)
-    s[:, 2] = 200.0            # labels 0 and 1 underflow: unary +inf, as in Caffe
-    q = dense_crf(s, torch.zeros(1, 3, 5, 6), FEW)
+    u = torch.zeros(1, 3, 5, 6)
+    u[:, :2] = float("inf")     # scores of -inf: those labels cannot be
+    q = _op(u, torch.zeros(1, 3, 5, 6), FEW)
     assert torch.isfinite(q).all() and torch.equal(q[:, 2], torch.ones(1, 5, 6))
 
 
 @needs_ext
 def test_input_errors():
-    u = crf_unary(torch.randn(1, 3, 5, 6))
+    u = torch.randn(1, 3, 5, 6)
     im = torch.zeros(1, 3, 5, 6)
     p = CRFParams()
     with pytest.raises(ValueError, match="float32"):
@@ -191,6 +197,8 @@ def test_input_errors():
         op(u, im, -1, [1.0], [1.0], [4.0], [5.0], [6.0])
     with pytest.raises(ValueError, match="16-bit lattice keys"):
         op(u, None, 1, [1.0], [1e-4], [], [], [])
+    with pytest.raises(ValueError, match="16-bit lattice keys"):
+        dense_crf_reference(u, None, 1, [1.0], [1e-4])
 
 
 def test_params_checks():
@@ -208,7 +216,7 @@ def test_params_checks():
 
 @needs_ext
 def test_opcheck_and_forward_only():
-    u = crf_unary(torch.randn(1, 3, 5, 6))
+    u = torch.randn(1, 3, 5, 6)
     args = (u, torch.zeros(1, 3, 5, 6), 2, [3.0], [3.0], [4.0], [7.0], [5.0])
     torch.library.opcheck(torch.ops.attnscale.dense_crf, args, test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match="forward only"):
@@ -254,8 +262,8 @@ def test_evaluate_crf_params_flag(tmp_path):
 
 PROTO = """
 name: "crf"
-input: "data"  input_shape { dim: 2 dim: 3 dim: 14 dim: 17 }
-input: "data_dim"  input_shape { dim: 2 dim: 1 dim: 1 dim: 2 }
+input: "data"  input_shape { dim: 1 dim: 3 dim: 14 dim: 17 }
+input: "data_dim"  input_shape { dim: 1 dim: 1 dim: 1 dim: 2 }
 layer { name: "score" type: "Convolution" bottom: "data" top: "score"
   convolution_param { num_output: 4 kernel_size: 3 pad: 1 weight_filler { type: "gaussian" std: 0.05 } } }
 layer { name: "crf" type: "DenseCRF" bottom: "score" bottom: "data_dim" bottom: "data" top: "crf_inf"
@@ -265,27 +273,29 @@ layer { name: "crf" type: "DenseCRF" bottom: "score" bottom: "data_dim" bottom: 
 
 @needs_ext
 def test_caffe_net_dense_crf_layer():
-    """load_net runs a DenseCRF layer: each image on its data_dim corner, the padded map where the image is larger."""
+    """load_net runs a DenseCRF layer on the image's data_dim corner (the padded map where the image is larger),
+    and refuses what DeepLab's layer does not do right: no image bottom, a batch of several images."""
     import prototxt_import as pi
 
     net = pi.load_net(PROTO)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 14, 17, generator=g) * 40
-    dims = torch.tensor([[[[11.0, 13.0]]], [[[20.0, 30.0]]]])
-    blobs = net(x, dims, return_blobs=True)
+    x = torch.randn(1, 3, 14, 17, generator=g) * 40
     p = CRFParams(max_iter=3, pos_w=(3,), pos_xy_std=(3,), bi_w=(4,), bi_xy_std=(7,), bi_rgb_std=(5,))
-    assert torch.equal(blobs["crf_inf"][0:1], dense_crf(blobs["score"][0:1], x[0:1], p, size=(11, 13)))
-    assert torch.equal(blobs["crf_inf"][1:2], dense_crf(blobs["score"][1:2], x[1:2], p))
-    with pytest.raises(ValueError, match="along one axis only"):
-        net(x, torch.tensor([[[[11.0, 30.0]]], [[[5.0, 5.0]]]]))
-    for bad, msg in (("bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5", "no bilateral parameters"),
-                     ("output_probability: false", "output_probability"),
-                     ("pos_xy_std: 0", "pos_w has 0 values|positive")):
-        text = PROTO.replace("pos_w: 3 pos_xy_std: 3 bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5",
-                             bad if "output" not in bad else "pos_w: 3 pos_xy_std: 3 bi_w: 4 bi_xy_std: 7 "
-                             "bi_rgb_std: 5 " + bad)
-        if bad.startswith("bi_w"):
-            text = text.replace("bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5", "")
+    blobs = net(x, torch.tensor([[[[11.0, 13.0]]]]), return_blobs=True)
+    assert torch.equal(blobs["crf_inf"], dense_crf(blobs["score"], x, p, size=(11, 13)))
+    blobs = net(x, torch.tensor([[[[20.0, 30.0]]]]), return_blobs=True)   # cropped image: the whole map
+    assert torch.equal(blobs["crf_inf"], dense_crf(blobs["score"], x, p))
+    for dims, msg in (([[[[11.0, 30.0]]]], "along one axis only"), ([[[[0.0, 5.0]]]], "not a positive size")):
+        with pytest.raises(ValueError, match=msg):
+            net(x, torch.tensor(dims))
+    params = "pos_w: 3 pos_xy_std: 3 bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5"
+    batch2 = PROTO.replace("dim: 1 dim: 3", "dim: 2 dim: 3").replace("dim: 1 dim: 1 dim: 1", "dim: 2 dim: 1 dim: 1")
+    for text, msg in ((PROTO.replace(params, "pos_w: 3 pos_xy_std: 3"), "no bilateral parameters"),
+                      (PROTO.replace(params, params + " output_probability: false"), "output_probability"),
+                      (PROTO.replace(params, "pos_w: 3 bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5"),
+                       "pos_w has 1 values, pos_xy_std 0"),
+                      (PROTO.replace(' bottom: "data" top: "crf_inf"', ' top: "crf_inf"'), "needs 3 bottoms"),
+                      (batch2, "a batch of 2 images")):
         with pytest.raises(pi.CaffeImportError, match=msg):
             pi.load_net(text)
 
@@ -313,8 +323,8 @@ layer { name: "crf" type: "DenseCRF" bottom: "fc8_interp" bottom: "data_dim" bot
     assert report.crf == CRFParams()
     assert any("DenseCRF 'crf'" in n and "--crf-params" in n for n in report.notes)
     no_image = text.replace('bottom: "data_dim" bottom: "data" top: "crf_inf"', 'bottom: "data_dim" top: "crf_inf"')
-    _, report = pi.to_attnscale(no_image)
-    assert report.crf == CRFParams(bi_w=(), bi_xy_std=(), bi_rgb_std=())
+    with pytest.raises(pi.CaffeImportError, match="2 bottoms"):
+        pi.to_attnscale(no_image)
 
 
 @needs_ext
@@ -324,8 +334,8 @@ def test_legacy_v1_dense_crf_layer():
 
     v1 = """
 name: "crf"
-input: "data"  input_dim: 2 input_dim: 3 input_dim: 14 input_dim: 17
-input: "data_dim"  input_dim: 2 input_dim: 1 input_dim: 1 input_dim: 2
+input: "data"  input_dim: 1 input_dim: 3 input_dim: 14 input_dim: 17
+input: "data_dim"  input_dim: 1 input_dim: 1 input_dim: 1 input_dim: 2
 layers { name: "score" type: CONVOLUTION bottom: "data" top: "score"
   convolution_param { num_output: 4 kernel_size: 3 pad: 1 } }
 layers { name: "crf" type: DENSE_CRF bottom: "score" bottom: "data_dim" bottom: "data" top: "crf_inf"
@@ -335,6 +345,6 @@ layers { name: "crf" type: DENSE_CRF bottom: "score" bottom: "data_dim" bottom: 
     with torch.no_grad():
         for a, b in zip(old.layer_blobs("score"), new.layer_blobs("score")):
             a.copy_(b)
-    x = torch.randn(2, 3, 14, 17, generator=torch.Generator().manual_seed(4)) * 30
-    dims = torch.tensor([[[[14.0, 12.0]]], [[[9.0, 17.0]]]])
+    x = torch.randn(1, 3, 14, 17, generator=torch.Generator().manual_seed(4)) * 30
+    dims = torch.tensor([[[[9.0, 12.0]]]])
     assert torch.equal(old(x, dims), new(x, dims))

@@ -2,7 +2,7 @@
 NIPS 2011, which DeepLab-CRF runs after its net), CPU only and forward only, as the layer.
 
 ``dense_crf(unary, image, max_iter, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std)`` takes the layer's unary
-(``-log`` of the softmax of the scores, (N, M, H, W) float32) and the image it reads its colours from ((N, 3,
+(the negated scores, (N, M, H, W) float32) and the image it reads its colours from ((N, 3,
 H, W), the data blob: mean-subtracted BGR), and returns the label marginals after ``max_iter`` mean-field
 steps.  The Gaussian filters run on the permutohedral lattice in the arithmetic of an x86-64 build of
 DeepLab's Caffe (csrc/ops/cpu/dense_crf_kernel.cpp); :func:`attnscale.ops.reference.dense_crf_reference`

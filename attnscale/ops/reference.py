@@ -197,6 +197,8 @@ def _lattice(features: "np.ndarray"):
     r = np.arange(d1)
     canon = np.where(rank[:, None, :d] <= d - r[None, :, None], r[None, :, None], r[None, :, None] - d1)
     keys = (rem0[:, None, :d].astype(np.int64) + canon).reshape(-1, d)     # (points * (d+1), d)
+    if keys.size and (keys.min() < -32768 or keys.max() > 32767):
+        raise ValueError("dense_crf: a lattice coordinate does not fit DeepLab's 16-bit lattice keys")
     verts, ids = np.unique(keys, axis=0, return_inverse=True)
     ids = ids.reshape(len(f), d1)[:n] + 1
     neighbours = []

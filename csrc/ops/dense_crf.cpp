@@ -4,9 +4,10 @@
 // dense_crf(unary, image, max_iter, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std) -> Q, (N, M, H, W): for
 // each image, Q0 = normalise(exp(-unary)), then max_iter times Q = normalise(exp(-unary + sum_k w_k norm_k
 // (K_k * Q))), K_k a Gaussian over the features (x, y) / pos_xy_std or (x, y) / bi_xy_std, image / bi_rgb_std,
-// filtered on the permutohedral lattice (cpu/dense_crf_kernel.cpp).  The layer's unary is -log softmax of
-// its scores; attnscale.crf.dense_crf computes it and crops to the image's size first, as the layer's
-// data_dims bottom does.
+// filtered on the permutohedral lattice (cpu/dense_crf_kernel.cpp).  The layer's unary is its negated scores
+// (unary_ = -bottom_data); attnscale.crf.dense_crf negates them and crops to the image's size first, as the
+// layer's data_dims bottom does.  Unlike the layer, each image of a batch reads its own colours (the
+// importer's DenseCRF refuses a batch with an image, where DeepLab would use image 0's for all).
 #include <torch/library.h>
 
 #include <cmath>
@@ -69,9 +70,9 @@ void check_args(const at::Tensor& unary, const std::optional<at::Tensor>& image,
   } else {
     TORCH_CHECK_VALUE(bi_w.empty(), "dense_crf: bilateral kernels (bi_w) need the image");
   }
-  // +inf is a probability of 0 (Caffe's -log of an underflowed softmax); NaN and -inf are no unary
+  // +inf is a label that cannot be (a score of -inf: probability 0); NaN and -inf (a score of +inf) are no unary
   TORCH_CHECK_VALUE(!(at::isnan(unary) | (unary == -std::numeric_limits<float>::infinity())).any().item<bool>(),
-                    "dense_crf: unary holds NaN or -inf (it is -log of probabilities)");
+                    "dense_crf: unary holds NaN or -inf (scores of NaN or +inf)");
 }
 
 }  // namespace dense_crf

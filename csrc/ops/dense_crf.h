@@ -25,7 +25,7 @@ struct Params {
   int n_bi = 0;
 };
 
-// One image.  unary: (M, H, W) float32, the layer's -log(softmax(scores)); image: (3, H, W) float32 in the
+// One image.  unary: (M, H, W) float32, the layer's negated scores; image: (3, H, W) float32 in the
 // data blob's channel order (DeepLab: mean-subtracted BGR), or nullptr (no bilateral kernels); out:
 // (M, H, W), the marginals after max_iter steps.  Throws std::out_of_range where a lattice coordinate does
 // not fit the 16-bit keys of DeepLab's lattice (features too large for their standard deviations).

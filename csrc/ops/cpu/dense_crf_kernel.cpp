@@ -1,4 +1,4 @@
-// CPU kernel of attnscale::dense_crf: DeepLab's DenseCRF layer (densecrf_layer.cpp of DeepLab-v1/v2's Caffe),
+// CPU kernel of attnscale::dense_crf: DeepLab's DenseCRF layer (densecrf_layer.cpp of DeepLab's Caffe),
 // which runs Krähenbühl's NIPS 2011 mean-field code with Potts kernels filtered on Adams et al.'s
 // permutohedral lattice.  The arithmetic is the one an x86-64 build of that Caffe runs (its SSE path: every
 // x86-64 compiler defines __SSE__):
@@ -46,10 +46,13 @@ float below(double c) {
 
 const float kOver8 = below(0.69 * 8), kOver4 = below(0.69 * 4), kOver2 = below(0.69);
 
-// fast_exp with its loops bounded and its branches as selects (the whole CRF ran 1.25x faster than with the
-// original's while loops; GCC still does not vectorise it).  For |x| <= 20 the original's loops divide at
+// fast_exp with its loops bounded and its branches as selects, so that normalise_pixels vectorises (jump
+// threading, which would turn the selects back into branches, is off for both).  For |x| <= 20 the original's loops divide at
 // most once by 8, once by 4 and twice by 2 (each division brings |x| under the next bound), so the same
 // divisions are taken here, in the same order; beyond 20 the result is selected to 0.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-thread-jumps")))
+#endif
 inline float fast_exp_inline(float x) {
   const bool negative = x < 0;
   float a = negative ? -x : x;
@@ -232,40 +235,47 @@ class Lattice {
     const float alpha = 1.0f / (1.0f + std::pow(2.0f, static_cast<float>(-d_)));
     const int d1 = d_ + 1;
     const int64_t rows = vertices_ + 1;
-    std::vector<float> result(static_cast<size_t>(n_) * c);
+    // the lattice's values: two buffers of rows x kc per chunk of channels, kept between calls (the mean
+    // field filters every step); slicing writes out directly unless it is in
+    if (scratch_.size() < static_cast<size_t>(2 * rows * c)) scratch_.resize(static_cast<size_t>(2 * rows * c));
+    std::vector<float> copy(in == out ? static_cast<size_t>(n_) * c : 0);
+    float* result = in == out ? copy.data() : out;
     at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
       const int kc = static_cast<int>(c1 - c0);
-      std::vector<float> values(static_cast<size_t>(rows) * kc, 0.0f), next(static_cast<size_t>(rows) * kc, 0.0f);
+      float* values = scratch_.data() + 2 * rows * c0;
+      float* next = values + rows * kc;
+      std::fill(values, values + rows * kc, 0.0f);
+      std::fill(next, next + kc, 0.0f);  // row 0, the missing neighbour, is never written
       for (int64_t p = 0; p < n_; ++p) {  // splat, in pixel order
         const float* x = in + p * c + c0;
         for (int r = 0; r < d1; ++r) {
           const float w = weight_[p * d1 + r];
-          float* dst = values.data() + static_cast<int64_t>(offset_[p * d1 + r]) * kc;
+          float* dst = values + static_cast<int64_t>(offset_[p * d1 + r]) * kc;
           for (int k = 0; k < kc; ++k) dst[k] += w * x[k];
         }
       }
       for (int j = 0; j < d1; ++j) {  // blur along each lattice axis
         const int* nb = neighbours_.data() + static_cast<int64_t>(j) * vertices_ * 2;
         for (int64_t v = 1; v < rows; ++v) {
-          const float* a = values.data() + static_cast<int64_t>(nb[2 * (v - 1)]) * kc;
-          const float* b = values.data() + static_cast<int64_t>(nb[2 * (v - 1) + 1]) * kc;
-          const float* o = values.data() + v * kc;
-          float* dst = next.data() + v * kc;
+          const float* a = values + static_cast<int64_t>(nb[2 * (v - 1)]) * kc;
+          const float* b = values + static_cast<int64_t>(nb[2 * (v - 1) + 1]) * kc;
+          const float* o = values + v * kc;
+          float* dst = next + v * kc;
           for (int k = 0; k < kc; ++k) dst[k] = o[k] + 0.5f * (a[k] + b[k]);
         }
-        values.swap(next);
+        std::swap(values, next);
       }
       for (int64_t p = 0; p < n_; ++p) {  // slice
-        float* dst = result.data() + p * c + c0;
+        float* dst = result + p * c + c0;
         for (int k = 0; k < kc; ++k) dst[k] = 0.0f;
         for (int r = 0; r < d1; ++r) {
           const float w = weight_[p * d1 + r] * alpha;
-          const float* src = values.data() + static_cast<int64_t>(offset_[p * d1 + r]) * kc;
+          const float* src = values + static_cast<int64_t>(offset_[p * d1 + r]) * kc;
           for (int k = 0; k < kc; ++k) dst[k] += w * src[k];
         }
       }
     });
-    std::copy(result.begin(), result.end(), out);
+    if (in == out) std::copy(copy.begin(), copy.end(), out);
   }
 
  private:
@@ -273,6 +283,7 @@ class Lattice {
   std::vector<int> offset_;      // n x (d+1): vertex id + 1
   std::vector<float> weight_;    // n x (d+1): barycentric weight
   std::vector<int> neighbours_;  // (d+1) x vertices x 2: the two blur neighbours + 1 (0: none)
+  mutable std::vector<float> scratch_;
 };
 
 struct Potts {
@@ -286,20 +297,28 @@ struct Potts {
   }
 };
 
-// The layer's ExpAndNormalize: q = fast_exp(scale * x - max) / sum, per pixel over the M labels.
+// The layer's ExpAndNormalize for pixels p0..p1: q = fast_exp(scale * x - max) / sum over the M labels (the
+// sum in label order), fast_exp 16 labels at a time.
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-thread-jumps")))
+#endif
+void normalise_pixels(const float* x, float scale, int64_t p0, int64_t p1, int M, float* q, float* v) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* b = x + p * M;
+    float mx = scale * b[0];
+    for (int j = 1; j < M; ++j)
+      if (mx < scale * b[j]) mx = scale * b[j];
+    for (int j = 0; j < M; ++j) v[j] = fast_exp_inline(scale * b[j] - mx);
+    float total = 0;
+    for (int j = 0; j < M; ++j) total += v[j];
+    for (int j = 0; j < M; ++j) q[p * M + j] = v[j] / total;
+  }
+}
+
 void exp_normalize(const float* x, float scale, int64_t n, int M, float* q) {
   at::parallel_for(0, n, 4096, [&](int64_t p0, int64_t p1) {
     std::vector<float> v(M);
-    for (int64_t p = p0; p < p1; ++p) {
-      const float* b = x + p * M;
-      float mx = scale * b[0];
-      for (int j = 1; j < M; ++j)
-        if (mx < scale * b[j]) mx = scale * b[j];
-      for (int j = 0; j < M; ++j) v[j] = fast_exp_inline(scale * b[j] - mx);
-      float total = 0;
-      for (int j = 0; j < M; ++j) total += v[j];
-      for (int j = 0; j < M; ++j) q[p * M + j] = v[j] / total;
-    }
+    normalise_pixels(x, scale, p0, p1, M, q, v.data());
   });
 }
 
