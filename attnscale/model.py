@@ -227,9 +227,12 @@ class AttentionToScale(nn.Module):
         if not (0 <= dropout < 1):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _check_crop(test_crop_size, "test_crop_size")
-        if not classifier_name.isidentifier() or classifier_name in {t[1] for t in TRUNK} | {
-                "fc6", "fc7", "att_conv1", "att_conv2"}:
-            raise ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name")
+        # any Caffe layer name (DeepLab's scripts make fc8_${EXP}, e.g. "fc8_exper/voc12") that a module can carry
+        if (not isinstance(classifier_name, str) or not classifier_name or "." in classifier_name
+                or classifier_name in {t[1] for t in TRUNK} | {"fc6", "fc7", "att_conv1", "att_conv2"}
+                or hasattr(AttentionToScale, classifier_name)):
+            raise ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name (non-empty, "
+                             "no '.', not another layer's or an attribute's name)")
         self.num_classes = num_classes
         self.scales = scales
         self.merge = merge

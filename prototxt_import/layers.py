@@ -627,8 +627,9 @@ def data_layer_shapes(lp) -> list[Shape | None]:
             return shapes * n
         return shapes or [None] * n
     if t == "MemoryData":
+        _check(n == 2, f"MemoryData has {n} tops: Caffe's layer produces exactly 2 (data, label)")
         mp = lp.memory_data_param
-        return ([(mp.batch_size, mp.channels, mp.height, mp.width), (mp.batch_size, 1, 1, 1)] + [None] * n)[:n]
+        return [(mp.batch_size, mp.channels, mp.height, mp.width), (mp.batch_size, 1, 1, 1)]
     if t == "ImageSegData":
         b = lp.image_data_param.batch_size
         tp = lp.transform_param

@@ -158,8 +158,9 @@ def test_bad_arguments():
         tiny(scales=(0.5, 1.0))
     with pytest.raises(ValueError, match="merge"):
         tiny(merge="sum")
-    with pytest.raises(ValueError, match="classifier_name"):
-        tiny(classifier_name="fc7")
+    for bad in ("fc7", "", "fc8.voc", "forward", "att_conv2"):
+        with pytest.raises(ValueError, match="classifier_name"):
+            tiny(classifier_name=bad)
     with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
         tiny()(torch.randn(1, 4, 33, 33))
 

@@ -215,6 +215,8 @@ layer { name: "acc" type: "SegAccuracy" bottom: "c" bottom: "label" top: "acc" s
     test = pi.load_net(text)
     assert test.input_names == ["mdata"] and test.blob_shapes["cm"] == (1, 2, 7, 7)
     assert tuple(test(torch.randn(1, 3, 9, 9)).shape) == (1, 2, 7, 7)
+    with pytest.raises(CaffeImportError, match="MemoryData has 3 tops: Caffe's layer produces exactly 2"):
+        pi.load_net(text.replace('top: "mlabel"', 'top: "mlabel" top: "data_dim"'))
 
 
 # ------------------------------------------------------------------------ builder semantics
@@ -325,6 +327,26 @@ def test_our_ops_path_matches_reference(small_net):
 
 
 # ------------------------------------------------------------------------------- converter
+def test_classifier_named_as_deeplabs_scripts_name_it(tmp_path):
+    """DeepLab's scripts name the classifier fc8_${EXP} ("fc8_exper/voc12" in a released ResNet net): any name
+    Caffe takes converts, its weights load by it, and its blobs keep it."""
+    text = deeplab_prototxt((1.0, 0.5), "attention", width=W, size=SIZE).replace("fc8_voc12", "fc8_exper/voc12")
+    proto = _write(tmp_path, "net.prototxt", text)
+    net = pi.load_net(proto, use_ops=False)
+    randomize(net, seed=5)
+    wpath = _write(tmp_path, "w.caffemodel", caffemodel_bytes(net_weights(net)))
+    model, report = pi.to_attnscale(proto, wpath, use_reference_ops=True)
+    assert model.classifier_name == "fc8_exper/voc12" and not report.unmapped and not report.fresh
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad(), model.caffe_blobs() as blobs:
+        out = model(x)
+        want = net(x, return_blobs=True)
+    torch.testing.assert_close(out.merged, want["fc8_attention"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(blobs["fc8_exper/voc12_res05"], want["fc8_exper/voc12_res05"], rtol=1e-5, atol=1e-5)
+    again = type(model)(num_classes=21, scales=(1.0, 0.5), width=W, classifier_name="fc8_exper/voc12")
+    again.load_state_dict(model.state_dict())
+
+
 @pytest.mark.parametrize("scales,merge", [((1.0,), None), ((1.0, 0.75, 0.5), "attention"),
                                           ((1.0, 0.75, 0.5), "max"), ((1.0, 0.75, 0.5), "avg")],
                          ids=["largefov", "attention3", "max3", "avg3"])
