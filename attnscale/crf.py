@@ -28,12 +28,20 @@ import torch
 
 
 
+#: DeepLab-v1's published cross-validated CRF parameters per model (deeplab-public's README): (bi_w, bi_xy_std,
+#: bi_rgb_std); pos_w 3 and pos_xy_std 3 for all.  The attention paper publishes none of its own.
+DEEPLAB_PRESETS = {
+    "plain": (5, 50, 10), "msc": (3, 95, 3), "coco": (5, 67, 3), "largefov": (4, 121, 5),
+    "msc-largefov": (4, 83, 5), "coco-largefov": (5, 69, 5), "msc-coco-largefov": (4, 59, 5),
+}
+
+
 @dataclass(frozen=True)
 class CRFParams:
-    """The ``DenseCRFParameter`` of DeepLab's layer.  Defaults: the values DeepLab published for its VGG-16
-    DeepLab-LargeFOV models (``bi_w 4, bi_xy_std 121, bi_rgb_std 5, pos_w 3, pos_xy_std 3``, 10 steps).  Each
-    list holds one value per Potts kernel (the layer allows several of each kind); empty bilateral lists leave
-    the image out."""
+    """The ``DenseCRFParameter`` of DeepLab's layer.  Defaults: DeepLab-LargeFOV's published values (``bi_w 4,
+    bi_xy_std 121, bi_rgb_std 5, pos_w 3, pos_xy_std 3``, 10 steps; :meth:`deeplab` gives the other models').
+    Each list holds one value per Potts kernel (the layer allows several of each kind); empty bilateral lists
+    leave the image out."""
     max_iter: int = 10
     pos_w: Tuple[float, ...] = (3.0,)
     pos_xy_std: Tuple[float, ...] = (3.0,)
@@ -63,6 +71,15 @@ class CRFParams:
         if not len(self.bi_w) == len(self.bi_xy_std) == len(self.bi_rgb_std):
             raise ValueError(f"CRFParams: bi_w, bi_xy_std and bi_rgb_std have {len(self.bi_w)}, "
                              f"{len(self.bi_xy_std)}, {len(self.bi_rgb_std)} values (one of each per kernel)")
+
+    @classmethod
+    def deeplab(cls, model: str = "largefov") -> "CRFParams":
+        """The parameters DeepLab published for one of its models: ``plain`` (DeepLab), ``msc``, ``coco``,
+        ``largefov``, ``msc-largefov``, ``coco-largefov``, ``msc-coco-largefov`` (:data:`DEEPLAB_PRESETS`)."""
+        if model not in DEEPLAB_PRESETS:
+            raise ValueError(f"CRFParams.deeplab: unknown model {model!r}; known: {', '.join(DEEPLAB_PRESETS)}")
+        w, xy, rgb = DEEPLAB_PRESETS[model]
+        return cls(bi_w=(w,), bi_xy_std=(xy,), bi_rgb_std=(rgb,))
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -114,4 +131,4 @@ def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRF
         return out
 
 
-__all__ = ["CRFParams", "dense_crf"]
+__all__ = ["CRFParams", "DEEPLAB_PRESETS", "dense_crf"]

@@ -275,12 +275,13 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _crf_params(flag: bool, text: str):
-    """``--crf`` / ``--crf-params``: None, DeepLab-LargeFOV's CRFParams, or those of the JSON (text or file)."""
+def _crf_params(model, text: str):
+    """``--crf [MODEL]`` / ``--crf-params``: None, DeepLab's published CRFParams for MODEL, or those of the JSON
+    (text or file; it wins over --crf)."""
     from .crf import CRFParams
 
     if not text:
-        return CRFParams() if flag else None
+        return CRFParams.deeplab(model) if model else None
     src = "--crf-params"
     if os.path.isfile(text):
         src = text
@@ -312,9 +313,11 @@ def main(argv=None) -> int:
                     "<image>.png, an indexed PNG with VOC's palette (VOC's evaluation server format)")
     ap.add_argument("--list", default="", help="a DeepLab list to run instead of the val list; a list of "
                     "images only (VOC test) is predicted, not scored, and needs --predictions")
-    ap.add_argument("--crf", action="store_true", help="DeepLab's fully connected CRF after the net "
-                    "(DenseCRF layer; DeepLab-LargeFOV's parameters unless --crf-params); results to "
-                    "OUT_DIR/eval_crf.json by default")
+    from .crf import DEEPLAB_PRESETS
+    ap.add_argument("--crf", nargs="?", const="largefov", default=None, choices=list(DEEPLAB_PRESETS),
+                    help="DeepLab's fully connected CRF after the net (DenseCRF layer) with the parameters DeepLab "
+                    "published for MODEL: plain, msc, coco, largefov (the default), msc-largefov, coco-largefov, "
+                    "msc-coco-largefov; results to OUT_DIR/eval_crf.json by default")
     ap.add_argument("--crf-params", default="", metavar="JSON", help="the CRF's parameters (implies --crf): a JSON "
                     "object or file with any of max_iter, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std (lists "
                     "for several kernels), e.g. the one prototxt_import convert prints for a net with a DenseCRF")

@@ -250,14 +250,17 @@ def test_predict_runs_the_crf_on_the_image_and_zoomed_scores(monkeypatch):
 def test_evaluate_crf_params_flag(tmp_path):
     from attnscale.evaluate import _crf_params
 
-    assert _crf_params(False, "") is None and _crf_params(True, "") == CRFParams()
+    assert _crf_params(None, "") is None and _crf_params("largefov", "") == CRFParams()
+    assert _crf_params("msc-coco-largefov", "") == CRFParams(bi_w=(4,), bi_xy_std=(59,), bi_rgb_std=(5,))
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        _crf_params("vgg", "")
     f = tmp_path / "crf.json"
     f.write_text(json.dumps({"bi_w": [5], "bi_xy_std": [50], "bi_rgb_std": [3], "max_iter": 5}))
-    assert _crf_params(False, str(f)) == CRFParams(bi_w=(5,), bi_xy_std=(50,), bi_rgb_std=(3,), max_iter=5)
-    assert _crf_params(False, '{"pos_w": 2}') == CRFParams(pos_w=(2,))
+    assert _crf_params(None, str(f)) == CRFParams(bi_w=(5,), bi_xy_std=(50,), bi_rgb_std=(3,), max_iter=5)
+    assert _crf_params(None, '{"pos_w": 2}') == CRFParams(pos_w=(2,))
     for text, msg in (("{", "not JSON"), ("[1]", "JSON object"), ('{"x": 1}', "unknown field")):
         with pytest.raises(ValueError, match=msg):
-            _crf_params(False, text)
+            _crf_params(None, text)
 
 
 PROTO = """
