@@ -13,20 +13,24 @@ rounding.)
 
 No well-kept Python package runs this CRF today (``pydensecrf`` does not build on current Python; its forks
 ship no wheels), so the lattice and the inference are our own C++ (``attnscale.ops.dense_crf``), in the
-arithmetic of an x86-64 build of DeepLab's Caffe (every float operation in its order, so the marginals are
-the layer's bit for bit wherever our emulation is right: tested against a line-by-line float32 transcription
-of DeepLab's code, not against a Caffe run); :func:`attnscale.ops.reference.dense_crf_reference` is the
-numpy twin.
+arithmetic of an x86-64 build of DeepLab's Caffe (every float operation in its order: a one-off audit
+compared it with a line-by-line float32 transcription of DeepLab's code, bit for bit; never with a Caffe run);
+:func:`attnscale.ops.reference.dense_crf_reference` is the numpy twin (tested bit for bit).
 """
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Sequence, Tuple
 
 import torch
 
 
+
+#: the op's bound on mean-field steps (csrc/ops/dense_crf.cpp)
+MAX_ITER = 1 << 20
+_FLT_MAX = 3.4028234663852886e38
 
 #: DeepLab-v1's published cross-validated CRF parameters per model (deeplab-public's README): (bi_w, bi_xy_std,
 #: bi_rgb_std); pos_w 3 and pos_xy_std 3 for all.  The attention paper publishes none of its own.
@@ -50,21 +54,26 @@ class CRFParams:
     bi_rgb_std: Tuple[float, ...] = (5.0,)
 
     def __post_init__(self):
+        def number(x) -> bool:
+            return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
             v = getattr(self, name)
-            if isinstance(v, (int, float)):
-                v = (v,)
-            try:
-                v = tuple(float(x) for x in v)
-            except (TypeError, ValueError):
-                raise ValueError(f"CRFParams.{name} must be a number or a list of numbers, got {v!r}") from None
-            bad = [x for x in v if not math.isfinite(x) or (name.endswith("std") and x <= 0)]
+            v = (v,) if number(v) else v
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not all(number(x) for x in v):
+                raise ValueError(f"CRFParams.{name} must be a number or a list of numbers, got {v!r}")
+            v = tuple(float(x) for x in v)
+            # the layer's parameters are floats: a value must stay finite as one
+            bad = [x for x in v if not math.isfinite(x) or abs(x) > _FLT_MAX or (name.endswith("std") and x <= 0)]
             if bad:
                 raise ValueError(f"CRFParams.{name}: {bad[0]!r} is not a "
-                                 f"{'positive finite standard deviation' if name.endswith('std') else 'finite weight'}")
+                                 f"{'positive finite standard deviation' if name.endswith('std') else 'finite weight'}"
+                                 " (as a float32)")
             object.__setattr__(self, name, v)
-        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or self.max_iter < 0:
-            raise ValueError(f"CRFParams.max_iter must be an int >= 0, got {self.max_iter!r}")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, numbers.Integral) or not (
+                0 <= self.max_iter <= MAX_ITER):
+            raise ValueError(f"CRFParams.max_iter must be an int in [0, {MAX_ITER}], got {self.max_iter!r}")
+        object.__setattr__(self, "max_iter", int(self.max_iter))
         if len(self.pos_w) != len(self.pos_xy_std):
             raise ValueError(f"CRFParams: pos_w has {len(self.pos_w)} values, pos_xy_std {len(self.pos_xy_std)} "
                              "(the layer's CHECK: one of each per kernel)")
@@ -85,11 +94,17 @@ class CRFParams:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CRFParams":
+    def from_dict(cls, d: dict, base: "CRFParams | None" = None) -> "CRFParams":
+        """``d``'s fields over ``base``'s (default: DeepLab-LargeFOV's)."""
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"CRFParams: unknown field(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return cls(**{**(base or cls()).to_dict(), **d})
+
+
+def check_params(params) -> None:
+    if not isinstance(params, CRFParams):
+        raise TypeError(f"crf must be an attnscale.crf.CRFParams, got {type(params).__name__}")
 
 
 def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRFParams(),
@@ -100,8 +115,7 @@ def dense_crf(scores: torch.Tensor, image: torch.Tensor, params: CRFParams = CRF
     (the layer's data_dims bottom): the CRF runs on that corner and the rest of the output is 0.  Without
     bilateral kernels in ``params`` the image is not used (may be None).  Needs the extension;
     ``use_reference``: the numpy twin instead (slow)."""
-    if not isinstance(params, CRFParams):
-        raise TypeError(f"dense_crf: params must be a CRFParams, got {type(params).__name__}")
+    check_params(params)
     if scores.dim() != 4:
         raise ValueError(f"dense_crf: scores must be (N, M, H, W), got {tuple(scores.shape)}")
     N, M, H, W = scores.shape

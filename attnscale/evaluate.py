@@ -119,6 +119,8 @@ def evaluate(model, source, num_classes: int, class_names: Optional[Sequence[str
             lab, att = _unpack_prediction(model.predict(img) if crf is None else model.predict(img, crf=crf))
         except FloatingPointError as e:
             raise FloatingPointError(f"{name}: {e}") from None
+        except ValueError as e:   # e.g. the CRF's lattice keys overflow on this image
+            raise ValueError(f"{name}: {e}") from None
         stem = os.path.basename(str(name)).rsplit(".", 1)[0]
         if predictions_dir:
             save_label_png(os.path.join(predictions_dir, stem + ".png"), lab)
@@ -275,18 +277,21 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _crf_params(model, text: str):
-    """``--crf [MODEL]`` / ``--crf-params``: None, DeepLab's published CRFParams for MODEL, or those of the JSON
-    (text or file; it wins over --crf)."""
+def _crf_params(model, text):
+    """``--crf [MODEL]`` / ``--crf-params``: None, DeepLab's published CRFParams for MODEL, or the JSON's fields
+    (a JSON object, or a file holding one) over MODEL's (default DeepLab-LargeFOV's)."""
     from .crf import CRFParams
 
-    if not text:
+    if text is None:
         return CRFParams.deeplab(model) if model else None
     src = "--crf-params"
-    if os.path.isfile(text):
-        src = text
-        with open(text) as f:
-            text = f.read()
+    if not text.lstrip().startswith("{"):
+        src = f"--crf-params {text}"
+        try:
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{src}: neither a JSON object nor a readable JSON file ({e})") from None
     try:
         d = json.loads(text)
     except json.JSONDecodeError as e:
@@ -294,7 +299,7 @@ def _crf_params(model, text: str):
     if not isinstance(d, dict):
         raise ValueError(f"{src}: expected a JSON object of CRF parameters, got {type(d).__name__}")
     try:
-        return CRFParams.from_dict(d)
+        return CRFParams.from_dict(d, CRFParams.deeplab(model or "largefov"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{src}: {e}") from None
 
@@ -317,10 +322,12 @@ def main(argv=None) -> int:
     ap.add_argument("--crf", nargs="?", const="largefov", default=None, choices=list(DEEPLAB_PRESETS),
                     help="DeepLab's fully connected CRF after the net (DenseCRF layer) with the parameters DeepLab "
                     "published for MODEL: plain, msc, coco, largefov (the default), msc-largefov, coco-largefov, "
-                    "msc-coco-largefov; results to OUT_DIR/eval_crf.json by default")
-    ap.add_argument("--crf-params", default="", metavar="JSON", help="the CRF's parameters (implies --crf): a JSON "
+                    "msc-coco-largefov (give it after the config, which --crf would otherwise take for MODEL); results to "
+                    "OUT_DIR/eval_crf.json by default")
+    ap.add_argument("--crf-params", default=None, metavar="JSON", help="the CRF's parameters (implies --crf): a JSON "
                     "object or file with any of max_iter, pos_w, pos_xy_std, bi_w, bi_xy_std, bi_rgb_std (lists "
-                    "for several kernels), e.g. the one prototxt_import convert prints for a net with a DenseCRF")
+                    "for several kernels) over --crf MODEL's, e.g. the one prototxt_import convert prints for a net "
+                    "with a DenseCRF")
     ap.add_argument("--device", default=None)
     ap.add_argument("--data-root", default=None, help="override config.data_root")
     a = ap.parse_args(argv)

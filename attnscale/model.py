@@ -228,11 +228,13 @@ class AttentionToScale(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         _check_crop(test_crop_size, "test_crop_size")
         # any Caffe layer name (DeepLab's scripts make fc8_${EXP}, e.g. "fc8_exper/voc12") that a module can carry
+        bad_name = ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name (non-empty, "
+                              "no '.', no leading '_', not another layer's or one of the model's attributes)")
         if (not isinstance(classifier_name, str) or not classifier_name or "." in classifier_name
+                or classifier_name.startswith("_")
                 or classifier_name in {t[1] for t in TRUNK} | {"fc6", "fc7", "att_conv1", "att_conv2"}
                 or hasattr(AttentionToScale, classifier_name)):
-            raise ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name (non-empty, "
-                             "no '.', not another layer's or an attribute's name)")
+            raise bad_name
         self.num_classes = num_classes
         self.scales = scales
         self.merge = merge
@@ -269,8 +271,11 @@ class AttentionToScale(nn.Module):
         c6, c7 = _ch(FC6["out"], width), _ch(FC7_OUT, width)
         self.fc6 = nn.Conv2d(cin, c6, FC6["kernel"], padding=FC6["pad"], dilation=FC6["dilation"])
         self.fc7 = nn.Conv2d(c6, c7, 1)
-        self.add_module(classifier_name, nn.Conv2d(c7, num_classes, 1))
         self.fc7_channels = c7
+        try:  # after every attribute: a name that is one of them is refused here
+            self.add_module(classifier_name, nn.Conv2d(c7, num_classes, 1))
+        except (KeyError, TypeError):
+            raise bad_name from None
         if merge == "attention":
             self.att_conv1 = nn.Conv2d(c7 * len(scales), _ch(ATT1_OUT, width), 3, padding=1)
             self.att_conv2 = nn.Conv2d(_ch(ATT1_OUT, width), len(scales), 1)
@@ -692,6 +697,9 @@ class AttentionToScale(nn.Module):
             raise TypeError("predict: image_bgr_uint8 must be a numpy uint8 HxWx3 BGR image")
         crop = int(crop_size or self.test_crop_size)
         _check_crop(crop, "crop_size")
+        if crf is not None:    # before the net runs
+            from .crf import check_params
+            check_params(crf)
         x = caffe.preprocess_bgr(image_bgr_uint8)
         H, W = x.shape[-2:]
         ph = crop if H <= crop else 8 * math.ceil((H - 1) / 8) + 1

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -84,8 +85,9 @@ def main(argv=None) -> int:
                   f"config: {report.config}")
             if cfg is not None:
                 _write_config(cfg, args.config)
+                crf = "" if report.crf is None else f" --crf-params '{json.dumps(report.crf.to_dict())}'"
                 print(f"wrote {args.config}; evaluate with: python -m attnscale.evaluate {args.config} "
-                      f"--checkpoint {args.output}")
+                      f"--checkpoint {args.output}{crf}")
     except CaffeImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

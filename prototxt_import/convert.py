@@ -471,20 +471,30 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
         layout.notes.append(f"after the model's scores {g.name(merged)}, the net's layer(s) "
                             + ", ".join(f"{n!r} ({next(lp.type for lp in lps if lp.name == n)})" for n in after)
                             + " are not part of attnscale's model (it returns those scores; predict upsamples them)")
-    crfs = [lp for lp in lps if lp.name in after and lp.type == "DenseCRF"]
+    zoomed, todo = {merged}, [merged]     # the scores and their Interp resizes: what predict hands a CRF
+    while todo:
+        for i in g.consumers[todo.pop()]:
+            if lps[i].type == "Interp" and (i, 0) not in zoomed:
+                zoomed.add((i, 0))
+                todo.append((i, 0))
+    crfs = [i for i, lp in enumerate(lps) if lp.name in after and lp.type == "DenseCRF"]
     if len(crfs) > 1:
-        layout.notes.append(f"{len(crfs)} DenseCRF layers after the scores ({', '.join(lp.name for lp in crfs)}): "
-                            "none taken as the net's CRF")
+        layout.notes.append(f"{len(crfs)} DenseCRF layers after the scores "
+                            f"({', '.join(lps[i].name for i in crfs)}): none taken as the net's CRF")
     elif crfs:
-        lp = crfs[0]
+        lp = lps[crfs[0]]
         try:
-            L._check(len(lp.bottom) == 3, f"{len(lp.bottom)} bottoms: DeepLab's layer reads a third (the image) "
-                     "in Reshape, so it does not run in Caffe")
-            layout.crf = L.crf_params(lp)
+            L.crf_params(lp)    # the layer's own checks
         except L.LayerError as exc:
             raise CaffeImportError(f"{source}: layer {lp.name!r} (DenseCRF): {exc}") from None
-        layout.notes.append(f"DenseCRF {lp.name!r}: predict(crf=report.crf) or evaluate --crf-params "
-                            f"'{json.dumps(layout.crf.to_dict())}' runs it after the net")
+        if g.bottoms[crfs[0]][0] in zoomed:
+            layout.crf = L.crf_params(lp)
+            layout.notes.append(f"DenseCRF {lp.name!r}: predict(crf=report.crf) or evaluate --crf-params "
+                                f"'{json.dumps(layout.crf.to_dict())}' runs it after the net")
+        else:
+            layout.notes.append(f"DenseCRF {lp.name!r} reads {g.name(g.bottoms[crfs[0]][0])}, not the model's scores "
+                                "resized by Interp layers only: not taken as the net's CRF (predict's CRF takes the "
+                                "scores)")
     if len(branches) > 1:
         layout.outputs.update({branches[s].scores: s for s in scales})
     for name in main.convs:

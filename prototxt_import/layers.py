@@ -353,9 +353,12 @@ class Interp(nn.Module):
 
 def crf_params(lp) -> "CRFParams":
     """A ``DenseCRF`` layer's ``dense_crf_param`` as :class:`attnscale.crf.CRFParams`, with the layer's CHECKs
-    (one value of each per kernel; bilateral kernels to use its image bottom)."""
+    (three bottoms: its Reshape reads the image's regardless; one value of each per kernel; bilateral kernels
+    to use the image)."""
     from attnscale.crf import CRFParams
 
+    _check(len(lp.bottom) == 3, f"DenseCRF needs 3 bottoms (scores, data_dim, image), got {len(lp.bottom)}: "
+           "DeepLab's layer reads the third (the image) in Reshape even without bilateral kernels")
     cp = lp.dense_crf_param
     _check(cp.output_probability, "dense_crf_param { output_probability: false } is not supported "
            "(attnscale returns the marginals, the layer's default)")
@@ -376,8 +379,7 @@ class DenseCRF(nn.Module):
 
     def __init__(self, lp, in_shapes, ctx):
         super().__init__()
-        _check(len(in_shapes) == 3, f"DenseCRF needs 3 bottoms (scores, data_dim, image), got {len(in_shapes)}: "
-               "DeepLab's layer reads the third (the image) in Reshape even without bilateral kernels")
+        self.params = crf_params(lp)
         _check(all(len(s) == 4 for s in in_shapes), "DenseCRF's bottoms must be 4-D")
         n, m, h, w = in_shapes[0]
         _check(n == 1, f"a batch of {n} images: DeepLab's layer takes every image's colours from the first "
@@ -386,7 +388,6 @@ class DenseCRF(nn.Module):
                f"data_dim {in_shapes[1]} must hold (height, width) for each of the {n} images")
         _check(in_shapes[2] == (n, 3, h, w), f"the image {in_shapes[2]} must be (N, 3, H, W) = {(n, 3, h, w)}: "
                "\"Can Only support color images\", at the scores' size")
-        self.params = crf_params(lp)
         self.out_shapes = [in_shapes[0]]
 
     def forward(self, scores, dims, image):
@@ -395,6 +396,8 @@ class DenseCRF(nn.Module):
         H, W = scores.shape[-2:]
         out = []
         for b, (rh, rw) in enumerate(dims.reshape(dims.shape[0], -1)[:, :2].tolist()):
+            if not (math.isfinite(rh) and math.isfinite(rw)):
+                raise ValueError(f"DenseCRF: data_dim ({rh}, {rw}) of image {b} is not a size")
             rh, rw = int(rh), int(rw)    # the layer reads them into ints
             if rh < 1 or rw < 1:
                 raise ValueError(f"DenseCRF: data_dim ({rh}, {rw}) of image {b} is not a positive size")

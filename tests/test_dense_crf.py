@@ -199,11 +199,22 @@ def test_input_errors():
         op(u, None, 1, [1.0], [1e-4], [], [], [])
     with pytest.raises(ValueError, match="16-bit lattice keys"):
         dense_crf_reference(u, None, 1, [1.0], [1e-4])
+    dead = u.clone()
+    dead[0, :, 2, 3] = float("inf")     # every label's score -inf at one pixel
+    with pytest.raises(ValueError, match="no label is possible"):
+        _op(dead, im, p)
 
 
 def test_params_checks():
     with pytest.raises(ValueError, match="pos_w has 2 values, pos_xy_std 1"):
         CRFParams(pos_w=(1, 2))
+    with pytest.raises(ValueError, match="a number or a list of numbers"):
+        CRFParams(bi_w="35")
+    with pytest.raises(ValueError, match="as a float32"):
+        CRFParams(bi_w=1e39)
+    with pytest.raises(ValueError, match=r"max_iter must be an int in \[0, 1048576\]"):
+        CRFParams(max_iter=5_000_000)
+    assert CRFParams(bi_w=np.float32(3), max_iter=np.int64(4)) == CRFParams(bi_w=(3.0,), max_iter=4)
     with pytest.raises(ValueError, match="bi_rgb_std"):
         CRFParams(bi_rgb_std=(-1,))
     with pytest.raises(ValueError, match="max_iter"):
@@ -250,17 +261,26 @@ def test_predict_runs_the_crf_on_the_image_and_zoomed_scores(monkeypatch):
 def test_evaluate_crf_params_flag(tmp_path):
     from attnscale.evaluate import _crf_params
 
-    assert _crf_params(None, "") is None and _crf_params("largefov", "") == CRFParams()
-    assert _crf_params("msc-coco-largefov", "") == CRFParams(bi_w=(4,), bi_xy_std=(59,), bi_rgb_std=(5,))
+    assert _crf_params(None, None) is None and _crf_params("largefov", None) == CRFParams()
+    assert _crf_params("msc-coco-largefov", None) == CRFParams(bi_w=(4,), bi_xy_std=(59,), bi_rgb_std=(5,))
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
-        _crf_params("vgg", "")
+        _crf_params("vgg", None)
     f = tmp_path / "crf.json"
     f.write_text(json.dumps({"bi_w": [5], "bi_xy_std": [50], "bi_rgb_std": [3], "max_iter": 5}))
     assert _crf_params(None, str(f)) == CRFParams(bi_w=(5,), bi_xy_std=(50,), bi_rgb_std=(3,), max_iter=5)
     assert _crf_params(None, '{"pos_w": 2}') == CRFParams(pos_w=(2,))
-    for text, msg in (("{", "not JSON"), ("[1]", "JSON object"), ('{"x": 1}', "unknown field")):
+    # the JSON's fields over the named model's
+    assert _crf_params("coco-largefov", '{"bi_xy_std": [67]}') == CRFParams(bi_w=(5,), bi_xy_std=(67,), bi_rgb_std=(5,))
+    for text, msg in (("{", "not JSON"), ('{"x": 1}', "unknown field"), (str(tmp_path / "none.json"), "readable"),
+                      ("", "readable"), (str(tmp_path), "readable")):
         with pytest.raises(ValueError, match=msg):
             _crf_params(None, text)
+    (tmp_path / "list.json").write_text("[1]")
+    with pytest.raises(ValueError, match="list.json: expected a JSON object"):
+        _crf_params(None, str(tmp_path / "list.json"))
+    (tmp_path / "bin.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match="bin.json: neither"):
+        _crf_params(None, str(tmp_path / "bin.json"))
 
 
 PROTO = """
@@ -288,7 +308,8 @@ def test_caffe_net_dense_crf_layer():
     assert torch.equal(blobs["crf_inf"], dense_crf(blobs["score"], x, p, size=(11, 13)))
     blobs = net(x, torch.tensor([[[[20.0, 30.0]]]]), return_blobs=True)   # cropped image: the whole map
     assert torch.equal(blobs["crf_inf"], dense_crf(blobs["score"], x, p))
-    for dims, msg in (([[[[11.0, 30.0]]]], "along one axis only"), ([[[[0.0, 5.0]]]], "not a positive size")):
+    for dims, msg in (([[[[11.0, 30.0]]]], "along one axis only"), ([[[[0.0, 5.0]]]], "not a positive size"),
+                      ([[[[float("nan"), 5.0]]]], "is not a size")):
         with pytest.raises(ValueError, match=msg):
             net(x, torch.tensor(dims))
     params = "pos_w: 3 pos_xy_std: 3 bi_w: 4 bi_xy_std: 7 bi_rgb_std: 5"
@@ -326,8 +347,13 @@ layer { name: "crf" type: "DenseCRF" bottom: "fc8_interp" bottom: "data_dim" bot
     assert report.crf == CRFParams()
     assert any("DenseCRF 'crf'" in n and "--crf-params" in n for n in report.notes)
     no_image = text.replace('bottom: "data_dim" bottom: "data" top: "crf_inf"', 'bottom: "data_dim" top: "crf_inf"')
-    with pytest.raises(pi.CaffeImportError, match="2 bottoms"):
+    with pytest.raises(pi.CaffeImportError, match="needs 3 bottoms"):
         pi.to_attnscale(no_image)
+    # a CRF fed something else than the scores (here their softmax) is another CRF than predict's: not taken
+    soft = text.replace('bottom: "fc8_interp" bottom: "data_dim"', 'bottom: "prob" bottom: "data_dim"').replace(
+        'layer { name: "crf"', 'layer { name: "prob" type: "Softmax" bottom: "fc8_interp" top: "prob" }\nlayer { name: "crf"')
+    _, report = pi.to_attnscale(soft)
+    assert report.crf is None and any("reads 'prob'" in n and "not taken" in n for n in report.notes)
 
 
 @needs_ext

@@ -158,7 +158,7 @@ def test_bad_arguments():
         tiny(scales=(0.5, 1.0))
     with pytest.raises(ValueError, match="merge"):
         tiny(merge="sum")
-    for bad in ("fc7", "", "fc8.voc", "forward", "att_conv2"):
+    for bad in ("fc7", "", "fc8.voc", "forward", "att_conv2", "dropout", "fc7_channels", "_blobs"):
         with pytest.raises(ValueError, match="classifier_name"):
             tiny(classifier_name=bad)
     with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):

@@ -73,6 +73,8 @@ void check_args(const at::Tensor& unary, const std::optional<at::Tensor>& image,
   // +inf is a label that cannot be (a score of -inf: probability 0); NaN and -inf (a score of +inf) are no unary
   TORCH_CHECK_VALUE(!(at::isnan(unary) | (unary == -std::numeric_limits<float>::infinity())).any().item<bool>(),
                     "dense_crf: unary holds NaN or -inf (scores of NaN or +inf)");
+  TORCH_CHECK_VALUE(!at::isinf(unary).all(1).any().item<bool>(),
+                    "dense_crf: a pixel has a +inf unary (a score of -inf) for every label: no label is possible");
 }
 
 }  // namespace dense_crf

@@ -31,10 +31,6 @@ struct Params {
 // not fit the 16-bit keys of DeepLab's lattice (features too large for their standard deviations).
 void mean_field(const float* unary, const float* image, int M, int H, int W, const Params& params, float* out);
 
-// Krähenbühl's fast_exp (fastmath.h), as the layer's ExpAndNormalize calls it: a degree-7 polynomial for
-// exp(-x) on x in [0, 0.69] after halving x, squared back; 0 beyond |x| > 20.  Exposed for the tests.
-float fast_exp(float x);
-
 // The op's argument checks (dense_crf.cpp): unary (N, M, H, W) float32 contiguous, finite or +inf; image
 // (N, 3, H, W) float32 contiguous finite, on unary's device; max_iter >= 0; each kernel list of one length,
 // weights finite, standard deviations positive and finite; bilateral kernels only with an image and an

@@ -46,8 +46,10 @@ float below(double c) {
 
 const float kOver8 = below(0.69 * 8), kOver4 = below(0.69 * 4), kOver2 = below(0.69);
 
-// fast_exp with its loops bounded and its branches as selects, so that normalise_pixels vectorises (jump
-// threading, which would turn the selects back into branches, is off for both).  For |x| <= 20 the original's loops divide at
+// Krähenbühl's fast_exp (fastmath.h), as the layer's ExpAndNormalize calls it: exp(-a) by a degree-7
+// polynomial on a in [0, 0.69] after halving a, squared back; 0 beyond |x| > 20.  Its loops bounded and its
+// branches written as selects, so that normalise_pixels vectorises (jump threading, which would turn the
+// selects back into branches, is off for both).  For |x| <= 20 the original's loops divide at
 // most once by 8, once by 4 and twice by 2 (each division brings |x| under the next bound), so the same
 // divisions are taken here, in the same order; beyond 20 the result is selected to 0.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -89,11 +91,7 @@ inline float fast_exp_inline(float x) {
   return zero ? 0.0f : r;
 }
 
-}  // namespace
 
-float fast_exp(float x) { return fast_exp_inline(x); }
-
-namespace {
 
 // Open addressing over int keys of d coordinates; vertex ids in insertion order.
 class VertexTable {
