@@ -19,9 +19,11 @@ compared it with a line-by-line float32 transcription of DeepLab's code, bit for
 """
 from __future__ import annotations
 
-import math
 import numbers
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+
+import numpy as np
 from typing import Sequence, Tuple
 
 import torch
@@ -30,7 +32,8 @@ import torch
 
 #: the op's bound on mean-field steps (csrc/ops/dense_crf.cpp)
 MAX_ITER = 1 << 20
-_FLT_MAX = 3.4028234663852886e38
+_FLT_OVERFLOW = 3.4028235677973366e38   # the smallest double that rounds to float32 infinity
+_FLT_MIN = 1.1754943508222875e-38       # the smallest normal float32
 
 #: DeepLab-v1's published cross-validated CRF parameters per model (deeplab-public's README): (bi_w, bi_xy_std,
 #: bi_rgb_std); pos_w 3 and pos_xy_std 3 for all.  The attention paper publishes none of its own.
@@ -54,17 +57,17 @@ class CRFParams:
     bi_rgb_std: Tuple[float, ...] = (5.0,)
 
     def __post_init__(self):
-        def number(x) -> bool:
-            return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
         for name in ("pos_w", "pos_xy_std", "bi_w", "bi_xy_std", "bi_rgb_std"):
             v = getattr(self, name)
-            v = (v,) if number(v) else v
-            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__") or not all(number(x) for x in v):
+            if isinstance(v, Iterator):
+                v = list(v)
+            a = None if isinstance(v, (str, bytes)) else np.asarray(v)
+            if a is None or a.dtype.kind not in "iuf" or a.ndim > 1:
                 raise ValueError(f"CRFParams.{name} must be a number or a list of numbers, got {v!r}")
-            v = tuple(float(x) for x in v)
-            # the layer's parameters are floats: a value must stay finite as one
-            bad = [x for x in v if not math.isfinite(x) or abs(x) > _FLT_MAX or (name.endswith("std") and x <= 0)]
+            v = tuple(float(x) for x in a.reshape(-1))
+            # the layer's parameters are floats: a weight finite as one, a standard deviation a normal positive one
+            # (a subnormal or zero one makes the features infinite)
+            bad = [x for x in v if not abs(x) < _FLT_OVERFLOW or (name.endswith("std") and not x >= _FLT_MIN)]
             if bad:
                 raise ValueError(f"CRFParams.{name}: {bad[0]!r} is not a "
                                  f"{'positive finite standard deviation' if name.endswith('std') else 'finite weight'}"

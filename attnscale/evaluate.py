@@ -285,10 +285,10 @@ def _crf_params(model, text):
     if text is None:
         return CRFParams.deeplab(model) if model else None
     src = "--crf-params"
-    if not text.lstrip().startswith("{"):
+    if os.path.isfile(text) or not text.lstrip().startswith("{"):
         src = f"--crf-params {text}"
         try:
-            with open(text, encoding="utf-8") as f:
+            with open(text, encoding="utf-8-sig") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"{src}: neither a JSON object nor a readable JSON file ({e})") from None

@@ -229,9 +229,8 @@ class AttentionToScale(nn.Module):
         _check_crop(test_crop_size, "test_crop_size")
         # any Caffe layer name (DeepLab's scripts make fc8_${EXP}, e.g. "fc8_exper/voc12") that a module can carry
         bad_name = ValueError(f"classifier_name {classifier_name!r} is not a usable, distinct layer name (non-empty, "
-                              "no '.', no leading '_', not another layer's or one of the model's attributes)")
+                              "no '.', not another layer's or one of the model's attributes)")
         if (not isinstance(classifier_name, str) or not classifier_name or "." in classifier_name
-                or classifier_name.startswith("_")
                 or classifier_name in {t[1] for t in TRUNK} | {"fc6", "fc7", "att_conv1", "att_conv2"}
                 or hasattr(AttentionToScale, classifier_name)):
             raise bad_name

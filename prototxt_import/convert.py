@@ -477,6 +477,10 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
             if lps[i].type == "Interp" and (i, 0) not in zoomed:
                 zoomed.add((i, 0))
                 todo.append((i, 0))
+    for lp in lps:
+        if lp.type == "DenseCRF" and lp.name not in after:
+            layout.notes.append(f"DenseCRF {lp.name!r} does not read the model's merged scores: not taken as the "
+                                "net's CRF")
     crfs = [i for i, lp in enumerate(lps) if lp.name in after and lp.type == "DenseCRF"]
     if len(crfs) > 1:
         layout.notes.append(f"{len(crfs)} DenseCRF layers after the scores "
@@ -487,14 +491,17 @@ def _analyse(net_param, source: str, phase: str = "TEST") -> tuple[dict, _Layout
             L.crf_params(lp)    # the layer's own checks
         except L.LayerError as exc:
             raise CaffeImportError(f"{source}: layer {lp.name!r} (DenseCRF): {exc}") from None
-        if g.bottoms[crfs[0]][0] in zoomed:
+        # predict's CRF: the scores resized by Interp layers only, with the net's image (whose size the layer then
+        # forces on the scores: the zoom to the input)
+        scores_in, image_in = g.bottoms[crfs[0]][0], g.bottoms[crfs[0]][2]
+        if scores_in in zoomed and image_in == image:
             layout.crf = L.crf_params(lp)
             layout.notes.append(f"DenseCRF {lp.name!r}: predict(crf=report.crf) or evaluate --crf-params "
                                 f"'{json.dumps(layout.crf.to_dict())}' runs it after the net")
         else:
-            layout.notes.append(f"DenseCRF {lp.name!r} reads {g.name(g.bottoms[crfs[0]][0])}, not the model's scores "
-                                "resized by Interp layers only: not taken as the net's CRF (predict's CRF takes the "
-                                "scores)")
+            layout.notes.append(f"DenseCRF {lp.name!r} reads {g.name(scores_in)} and {g.name(image_in)}, not the "
+                                "model's scores resized by Interp layers only and the net's image: not taken as the "
+                                "net's CRF (predict's CRF takes those)")
     if len(branches) > 1:
         layout.outputs.update({branches[s].scores: s for s in scales})
     for name in main.convs:

@@ -199,6 +199,11 @@ def test_input_errors():
         op(u, None, 1, [1.0], [1e-4], [], [], [])
     with pytest.raises(ValueError, match="16-bit lattice keys"):
         dense_crf_reference(u, None, 1, [1.0], [1e-4])
+    for std in (1e-39, 1e-50):   # zero or subnormal as float32: refused, not infinite features
+        with pytest.raises(ValueError, match="positive finite standard deviations"):
+            op(u, im, 1, [1.0], [1.0], [4.0], [std], [6.0])
+    with pytest.raises(ValueError, match="16-bit lattice keys"):   # features overflowing to inf
+        op(u, torch.full_like(im, 3e38), 1, [1.0], [1.0], [4.0], [5.0], [0.5])
     dead = u.clone()
     dead[0, :, 2, 3] = float("inf")     # every label's score -inf at one pixel
     with pytest.raises(ValueError, match="no label is possible"):
@@ -215,6 +220,11 @@ def test_params_checks():
     with pytest.raises(ValueError, match=r"max_iter must be an int in \[0, 1048576\]"):
         CRFParams(max_iter=5_000_000)
     assert CRFParams(bi_w=np.float32(3), max_iter=np.int64(4)) == CRFParams(bi_w=(3.0,), max_iter=4)
+    assert CRFParams(pos_w=(x for x in [2.0]), pos_xy_std=np.array([5.0])).pos_w == (2.0,)
+    assert CRFParams(bi_w=torch.tensor(3.0)).bi_w == (3.0,) and CRFParams(bi_w=3.4028235e38).bi_w == (3.4028235e38,)
+    for bad in ({"bi_xy_std": 1e-39}, {"pos_w": 10 ** 400}, {"bi_w": [True]}, {"bi_w": [[1.0]]}):
+        with pytest.raises(ValueError, match="CRFParams"):
+            CRFParams(**bad)
     with pytest.raises(ValueError, match="bi_rgb_std"):
         CRFParams(bi_rgb_std=(-1,))
     with pytest.raises(ValueError, match="max_iter"):
@@ -278,6 +288,8 @@ def test_evaluate_crf_params_flag(tmp_path):
     (tmp_path / "list.json").write_text("[1]")
     with pytest.raises(ValueError, match="list.json: expected a JSON object"):
         _crf_params(None, str(tmp_path / "list.json"))
+    (tmp_path / "{x}.json").write_text('\ufeff{"max_iter": 3}')        # a file whose name looks like JSON, a BOM
+    assert _crf_params(None, str(tmp_path / "{x}.json")).max_iter == 3
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe{")
     with pytest.raises(ValueError, match="bin.json: neither"):
         _crf_params(None, str(tmp_path / "bin.json"))
@@ -354,6 +366,13 @@ layer { name: "crf" type: "DenseCRF" bottom: "fc8_interp" bottom: "data_dim" bot
         'layer { name: "crf"', 'layer { name: "prob" type: "Softmax" bottom: "fc8_interp" top: "prob" }\nlayer { name: "crf"')
     _, report = pi.to_attnscale(soft)
     assert report.crf is None and any("reads 'prob'" in n and "not taken" in n for n in report.notes)
+    # nor one on another image than the net's (here a pooled one, with the scores zoomed less)
+    pooled = text.replace("zoom_factor: 8", "zoom_factor: 4").replace(
+        'bottom: "data_dim" bottom: "data" top: "crf_inf"', 'bottom: "data_dim" bottom: "half" top: "crf_inf"').replace(
+        'layer { name: "crf"', 'layer { name: "half" type: "Pooling" bottom: "data" top: "half" '
+        'pooling_param { pool: AVE kernel_size: 2 stride: 2 } }\nlayer { name: "crf"')
+    _, report = pi.to_attnscale(pooled)
+    assert report.crf is None and any("'half'" in n and "not taken" in n for n in report.notes)
 
 
 @needs_ext

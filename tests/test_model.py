@@ -158,9 +158,10 @@ def test_bad_arguments():
         tiny(scales=(0.5, 1.0))
     with pytest.raises(ValueError, match="merge"):
         tiny(merge="sum")
-    for bad in ("fc7", "", "fc8.voc", "forward", "att_conv2", "dropout", "fc7_channels", "_blobs"):
+    for bad in ("fc7", "", "fc8.voc", "forward", "att_conv2", "dropout", "fc7_channels", "_blobs", "_modules"):
         with pytest.raises(ValueError, match="classifier_name"):
             tiny(classifier_name=bad)
+    assert tiny(classifier_name="_fc8-voc 12/x").classifier_name == "_fc8-voc 12/x"   # any other Caffe name
     with pytest.raises(ValueError, match=r"\(N,3,H,W\)"):
         tiny()(torch.randn(1, 4, 33, 33))
 

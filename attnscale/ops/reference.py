@@ -171,6 +171,8 @@ def _lattice(features: "np.ndarray"):
         elevated[:, j] = sm - f32(j) * cf
         sm = sm + cf
     elevated[:, 0] = sm
+    if not np.all(np.abs(elevated) <= 2.0 ** 20):    # the kernel's bound, before any int conversion
+        raise ValueError("dense_crf: a lattice coordinate does not fit DeepLab's 16-bit lattice keys")
     v = np.rint(down * elevated).astype(f32)          # half to even, as cvtps_epi32
     rem0 = v * up
     total = np.zeros(len(f), f32)
@@ -259,6 +261,8 @@ def dense_crf_reference(unary: torch.Tensor, image: torch.Tensor | None, max_ite
 
     f32 = np.float32
     u_all = unary.detach().cpu().numpy().astype(f32)
+    if np.isnan(u_all).any() or (u_all == -np.inf).any() or np.isinf(u_all).all(axis=1).any():
+        raise ValueError("dense_crf: unary holds NaN or -inf, or a pixel where no label is possible (the op's checks)")
     N, M, H, W = u_all.shape
     ys, xs = np.divmod(np.arange(H * W), W)
     out = np.zeros_like(u_all)

@@ -30,10 +30,12 @@ void check_kernels(const char* what, std::initializer_list<std::pair<const char*
                       lists.begin()->first, " has ", n, ", ", name, " ", v.size());
     for (double x : v) {
       const bool is_std = std::string(name).find("std") != std::string::npos;
-      TORCH_CHECK_VALUE(std::isfinite(x) && (!is_std || x > 0), "dense_crf: ", name, " must hold ",
-                        is_std ? "positive finite standard deviations" : "finite weights", ", got ", x);
-      TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(x)), "dense_crf: ", name, " value ", x,
-                        " overflows float (the layer's parameters are floats)");
+      // the layer's parameters are floats: a standard deviation must be a normal positive one (a subnormal or
+      // zero one would make the features infinite), a weight finite as a float
+      const float f = static_cast<float>(x);
+      TORCH_CHECK_VALUE(std::isfinite(f) && (!is_std || f >= std::numeric_limits<float>::min()), "dense_crf: ",
+                        name, " must hold ", is_std ? "positive finite standard deviations" : "finite weights",
+                        " (as float32), got ", x);
     }
   }
 }
