@@ -22,13 +22,10 @@ from __future__ import annotations
 import numbers
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-
-import numpy as np
 from typing import Sequence, Tuple
 
+import numpy as np
 import torch
-
-
 
 #: the op's bound on mean-field steps (csrc/ops/dense_crf.cpp)
 MAX_ITER = 1 << 20

@@ -172,9 +172,9 @@ class AttentionToScale(nn.Module):
         test_crop_size: DeepLab test crop (513 for VOC, 641 for COCO; must be 8k+1) used by :meth:`predict`.
         scale_streams: on a GPU without gradients (inference, evaluation), run the coarser scales' trunks on
             side CUDA streams beside the finest one's (they are independent until the merge), so that the small
-            maps' kernels fill the multiprocessors the large ones leave idle; mostly a gain when the forward is
-            replayed as a CUDA graph, where the launches cost nothing.  The same kernels as one stream, so the
-            same numbers.  Ignored on a CPU and where a gradient is needed (training keeps one stream).
+            maps' kernels fill the multiprocessors the large ones leave idle.  The same kernels as one stream, so
+            the same numbers.  Ignored on a CPU, where a gradient is needed (training keeps one stream) and while
+            a CUDA graph is captured (its replays went wrong with the side streams: see ``_scale_trunks``).
         fuse_bias_relu: on a GPU, every convolution followed by a ReLU runs without its bias and
             :func:`attnscale.ops.bias_relu` adds the bias and applies the ReLU in one pass (in backward: the
             ReLU's mask and the bias gradient's sum in one pass), where PyTorch's cuDNN path spends a kernel on
@@ -580,8 +580,11 @@ class AttentionToScale(nn.Module):
         concatenation's input).  With ``scale_streams`` on a GPU without gradients the coarser scales
         run on side streams: each waits for the current stream first (so that ``x`` and everything before
         is ready, and memory they freed back to a side stream's pool earlier is no longer read), and the
-        current stream waits for all of them before the merge.  CUDA graph capture follows the fork and
-        the join, so a captured forward runs the scales concurrently too."""
+        current stream waits for all of them before the merge.  Not while a CUDA graph is being captured:
+        there the scales run one after another.  A graph captured with the side streams replayed the right
+        values once and wrong ones from its second replay on (H100 and H200, 2026-11-27, with every kernel of
+        ours off too; the cause is not found), while the serial graph replays the eager values bit for bit,
+        and faster (2.31 ms per 513x513 bf16 image on the H100, benchmarks/RESULTS.md)."""
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         size = self.output_size(hw)   # the finest scale's output: the merge resolution
 
@@ -594,7 +597,8 @@ class AttentionToScale(nn.Module):
             return fc7, scores
 
         if not (self.scale_streams and x.is_cuda and len(self.scales) > 1 and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and self._blobs is None):
+                and not torch.compiler.is_compiling() and self._blobs is None
+                and not torch.cuda.is_current_stream_capturing()):
             return [one(s) for s in self.scales]
         main = torch.cuda.current_stream(x.device)
         for name, mod in self.named_children():  # autocast's weight copies made here, before the fork

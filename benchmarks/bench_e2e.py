@@ -26,8 +26,9 @@ Like the train / evaluate / reproduce entry points it keeps freed memory in the 
 (:func:`attnscale.malloc.keep_freed_memory`; ``--default-malloc`` leaves glibc's settings alone).
 ``torch.compile`` of our model is measured with ``--compile``.  On CUDA, inference also runs as "ops+graph":
 the "ops" forward captured once as a CUDA graph and replayed (a fixed 513x513 input, as evaluation pads
-every image to); the model runs its coarser scales on side streams there (``scale_streams``), and
-"ops+serial" / "ops+serial+graph" run them one after another on one stream, for the ratio, and
+every image to; the capture runs the scales one after another: the model's side streams are for eager
+forwards), "ops+serial" the eager forward with the scales one after another on one stream (the ratio of
+``scale_streams``),
 "ops+torchpool+graph" takes ``F.max_pool2d`` for the MAX pooling instead of our inference kernel,
 "ops+unfused+graph" the convolutions' bias add and ReLU as PyTorch runs them instead of ``bias_relu``
 (``fuse_bias_relu=False``), "ops+nopad+graph" conv1_1 on the 3-channel image
@@ -78,7 +79,7 @@ from timing import add_malloc_option, positive_int, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial[+graph]" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+nocache+graph" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+nocache+graph" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -288,10 +289,10 @@ def main(argv=None) -> int:
     # also the 3x3 trunk / attention convolutions through winograd_conv2d, F(2x2, 3x3) or F(4x4, 3x3) (CPU only)
     variants = (["reference", "ops", "ops+fc6"] + ([] if cuda else ["ops+winograd", "ops+winograd4", "auto", "auto4"])
                 + (["ops+compile"] if args.compile else []))
-    # inference only: the "ops" forward as one CUDA graph; "serial": the scales one after another on one
-    # stream (the model's scale_streams=False), eager and as a graph
+    # inference only: the "ops" forward as one CUDA graph (captured with the scales on one stream); "serial":
+    # the eager forward with the scales on one stream (the model's scale_streams=False)
     # on a CPU "auto+torchpool": the model's defaults with F.max_pool2d for the MAX pooling instead of our kernel
-    infer_variants = (["ops+graph", "ops+serial", "ops+serial+graph", "ops+torchpool+graph", "ops+unfused+graph",
+    infer_variants = (["ops+graph", "ops+serial", "ops+torchpool+graph", "ops+unfused+graph",
                        "ops+nopad+graph", "ops+nocache+graph"] if cuda else ["auto+torchpool"])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
