@@ -4,7 +4,9 @@ fc6: 3x3 convolution, dilation 12, pad 12, 512 -> 1024 channels at stride-8 reso
 (41/31/21 for a 321 crop at scales 1/0.75/0.5, 65/49/33 for a 513 test image).
 
 CPU: ours vs oneDNN F.conv2d (float32), per thread count in --threads.
-GPU: ours vs cuDNN (cudnn.benchmark=True) in IEEE fp32, TF32 and bf16 channels_last (--precisions).
+GPU: ours vs cuDNN (cudnn.benchmark=True) in IEEE fp32, TF32 and bf16 channels_last (--precisions); each
+method gets its inputs, weight and output gradient in its own best layout: cuDNN NCHW in fp32 / TF32 and
+channels_last in bf16, ours channels_last (the GEMM path's own layout, which its results keep).
 Ours runs each implementation in --algos (ATTNSCALE_DILATED_CONV_ALGO): "gemm", GEMMs over rectangles
 of live taps (the CUDA default), and "direct", the hand-written kernels (the CPU default); defaults:
 the device's default.  --profile adds, on a GPU, the kernels of 3 forward+backward calls of each of
@@ -125,7 +127,8 @@ def run_shape(device: str, n: int, h: int, methods: dict, backward: bool, repeat
         x = x32.to(device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(backward)
         w = w32.to(device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(backward)
         b = b32.to(device=device, dtype=dtype).requires_grad_(backward)
-        gout = torch.randn(n, C_OUT, out, out, generator=g).to(device=device, dtype=dtype)
+        gout = torch.randn(n, C_OUT, out, out, generator=g).to(device=device, dtype=dtype).contiguous(
+            memory_format=layout)  # in the layout of the method's output, as an upstream layer would give it
         with torch.no_grad():
             y = fn(x, w, b).double().cpu()
         errs[name] = ((y - ref).norm() / ref.norm()).item()
@@ -213,8 +216,8 @@ def gpu_methods(precisions=("fp32", "tf32", "bf16"), algos=("gemm",)):
     for prec in precisions:
         base, dtype, layout, tf32 = GPU_BASELINES[prec]
         methods[base] = (conv_ref, dtype, layout, Setup(prec, None, tf32=tf32))
-        for algo in algos:  # ours on NCHW, the op's layout
-            methods[f"{algo} {prec}"] = (ours, dtype, torch.contiguous_format, Setup(prec, base, tf32=tf32, algo=algo))
+        for algo in algos:  # ours on NHWC, the layout the GEMM path works in (and keeps)
+            methods[f"{algo} {prec}"] = (ours, dtype, torch.channels_last, Setup(prec, base, tf32=tf32, algo=algo))
     return methods
 
 
@@ -222,11 +225,13 @@ def profile_ours(n: int, h: int, algos, rows: int = 12) -> str:
     """The CUDA kernels of 3 forward+backward calls of ours in bf16, by GPU time."""
     from torch.profiler import ProfilerActivity, profile
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, C_IN, h, h, generator=g).cuda().bfloat16().requires_grad_()
-    w = (torch.randn(C_OUT, C_IN, K, K, generator=g) * 0.02).cuda().bfloat16().requires_grad_()
+    cl = torch.channels_last
+    x = torch.randn(n, C_IN, h, h, generator=g).cuda().bfloat16().contiguous(memory_format=cl).requires_grad_()
+    w = (torch.randn(C_OUT, C_IN, K, K, generator=g) * 0.02).cuda().bfloat16().contiguous(memory_format=cl)
+    w.requires_grad_()
     b = torch.zeros(C_OUT, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = h + 2 * PAD - DIL * (K - 1)
-    gout = torch.randn(n, C_OUT, out, out, device="cuda", dtype=torch.bfloat16)
+    gout = torch.randn(n, C_OUT, out, out, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=cl)
     text = []
     for algo in algos:
         os.environ["ATTNSCALE_DILATED_CONV_ALGO"] = algo

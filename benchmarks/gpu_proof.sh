@@ -21,8 +21,9 @@
 #                bench_train.py (the product's training loop, bf16 NHWC, images/s and its loader alone),
 #                bench_merge.py (attention, vs eager and torch.compile), bench_fc6.py at 1x41 and 10x41
 #                (fp32 / TF32 / bf16 vs cuDNN); each under a time limit, 450 s in all
-#   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 10x41, 1x41
-#                and 30x41, with a profile of ours by kernel (150 s)
+#   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 10x41 (the
+#                issue's shape), the training step's 30x41, 30x31 and 30x21, and 1x65 (inference), with a
+#                profile of ours by kernel (150 s)
 #   bench_extra  merge_kernels.py (kernel launches and GPU time by the profiler; the pixel layout's class
 #                chunks sized for 1 to 524288 threads), bench_merge.py avg / max, bench_e2e.py bf16 NCHW and
 #                fp32 / TF32, bench_fc6.py at the other shapes (up to 9 minutes: a call of its own)
@@ -187,7 +188,8 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       run timeout 90 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
       ;;
     fc6)
-      run timeout 150 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 10x41,1x41,30x41 --precisions bf16 tf32 \
+      run timeout 150 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 10x41,30x41,30x31,30x21,1x65 \
+        --precisions bf16 tf32 \
         --profile --json "$OUT/fc6_gemm.json"
       ;;
     bench_extra)

@@ -356,6 +356,17 @@ def _rel_err(a, e):
     return ((a - e).norm() / e.norm()).item()
 
 
+def _conv_inputs(shape, dtype):
+    """(generator, x, weight, bias) of a CONV_SHAPES entry, random in float64 rounded to dtype; the generator
+    goes on to draw the output gradient."""
+    n, c, o, h, w, k, d, p = shape
+    gen = torch.Generator().manual_seed(n + c + o + h + w + k + d + p)
+    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
+    wt = (torch.randn(o, c, k, k, generator=gen, dtype=torch.float64) / (c * k * k) ** 0.5).to(dtype)
+    b = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    return gen, x, wt, b
+
+
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c[0]}-tc{c[3]}")
 @pytest.mark.parametrize("shape", CONV_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_dilated_conv_kernels(case, shape):
@@ -364,11 +375,8 @@ def test_dilated_conv_kernels(case, shape):
     gradient's tree): forward, input, weight and bias gradients against F.conv2d in float64 from the same
     rounded values, to the CUDA tests' tolerances; partial tiles, dead taps, outputs with no live tap."""
     dtype, tol_f, tol_b, tc = case
-    n, c, o, h, w, k, d, p = shape
-    gen = torch.Generator().manual_seed(n + c + o + h + w + k + d + p)
-    x = torch.randn(n, c, h, w, generator=gen, dtype=torch.float64).to(dtype)
-    wt = (torch.randn(o, c, k, k, generator=gen, dtype=torch.float64) / (c * k * k) ** 0.5).to(dtype)
-    b = torch.randn(o, generator=gen, dtype=torch.float64).to(dtype)
+    gen, x, wt, b = _conv_inputs(shape, dtype)
+    _, _, _, _, _, k, d, p = shape
     ref = torch.nn.functional.conv2d(x.double(), wt.double(), b.double(), padding=p, dilation=d)
     y = emu.dilated_conv2d(x, wt, b, d, p, tc)
     assert y.shape == ref.shape and _rel_err(y.double(), ref) < tol_f
@@ -379,3 +387,34 @@ def test_dilated_conv_kernels(case, shape):
     gw, gb = emu.dilated_conv2d_backward_weight(g, x, k, d, p, tc)
     for name, a, e in zip(("x", "weight", "bias"), (gx, gw, gb), want):
         assert _rel_err(a.double(), e) < tol_b, name
+
+
+GEMM_CASES = [case for case in CONV_CASES if not (case[0] == torch.float32 and case[3])]  # no TF32: cuBLAS's own
+GEMM_SHAPES = CONV_SHAPES + [(2, 16, 24, 41, 41, 3, 12, 12)]  # fc6's plane: a centre, 4 edges, 4 corners
+
+
+@pytest.mark.parametrize("misalign", [0, 1], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: str(c[0]))
+@pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dilated_conv_gemm_path_kernels(case, shape, misalign):
+    """dilated_conv_pack_kernel.cu, the GEMM path's copies (column blocks, weight blocks through a view of the
+    kernel or of its flipped transpose, product blocks to and from the channels_last output, the weight
+    gradient's sum over the rectangles), around batched GEMMs in float32 as cuBLAS's: forward, input gradient
+    (the adjoint convolution) and weight gradient against F.conv2d in float64, to the CUDA tests'
+    tolerances; 16-byte copies and, misaligned by an element or with odd channel counts, the narrow ones;
+    a channels_last kernel too (the weight copy then reads along the other axis)."""
+    dtype, tol_f, tol_b, _ = case
+    gen, x, wt, b = _conv_inputs(shape, dtype)
+    _, _, _, _, _, k, d, p = shape
+    xr, wr, br = (t.double().requires_grad_() for t in (x, wt, b))
+    ref = torch.nn.functional.conv2d(xr, wr, br, padding=p, dilation=d)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(dtype)
+    want = torch.autograd.grad(ref, (xr, wr, br), g.double())
+    for kernel in (wt, wt.contiguous(memory_format=torch.channels_last)):
+        y = emu.gemm_convolve(x, kernel, b, d, p, p, misalign=misalign)
+        assert y.shape == ref.shape and _rel_err(y.double(), ref.detach()) < tol_f
+        pad = d * (k - 1) - p
+        gx = emu.gemm_convolve(g, kernel, None, d, pad, pad, adjoint=True, misalign=misalign)
+        assert gx.shape == x.shape and _rel_err(gx.double(), want[0]) < tol_b, "x"
+    gw = emu.gemm_backward_weight(g, x, k, k, d, p).permute(0, 3, 1, 2)
+    assert _rel_err(gw.double(), want[1]) < tol_b, "weight"

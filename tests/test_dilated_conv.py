@@ -189,7 +189,9 @@ def test_batch_split_into_chunks():
 def test_non_contiguous_inputs():
     x = torch.randn(2, 9, 9, 4, dtype=torch.float64).permute(0, 3, 1, 2)  # channels_last-like strides
     w = torch.randn(5, 3, 3, 4, dtype=torch.float64).permute(0, 3, 1, 2)
-    torch.testing.assert_close(dilated_conv2d(x, w, None, 2, 2), F.conv2d(x, w, padding=2, dilation=2))
+    y = dilated_conv2d(x, w, None, 2, 2)
+    torch.testing.assert_close(y, F.conv2d(x, w, padding=2, dilation=2))
+    assert y.is_contiguous()  # a CPU result is NCHW whatever the input's layout (the fake's rule)
 
 
 @pytest.mark.usefixtures("algo")
@@ -270,14 +272,18 @@ CUDA_CASES = [
     (torch.bfloat16, 2e-2, 3e-2, True),
     (torch.float16, 5e-3, 5e-3, True),
 ]
-CUDA_SHAPES = SMALL_SHAPES + [(2, 40, 70, 21, 19, 3, 12, 12), (1, 512, 1024, 21, 21, 3, 12, 12)]
+CUDA_SHAPES = SMALL_SHAPES + [(2, 40, 70, 21, 19, 3, 12, 12), (1, 512, 1024, 21, 21, 3, 12, 12),
+                              (2, 512, 1024, 41, 41, 3, 12, 12)]  # fc6: centre, 4 edges, 4 corners
 
 
 @pytest.mark.usefixtures("algo")
 @pytest.mark.cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0]}-tf32{c[3]}")
 @pytest.mark.parametrize("shape", CUDA_SHAPES)
-def test_cuda_matches_conv2d(case, shape):
+def test_cuda_matches_conv2d(case, shape, layout):
+    """Both implementations against float64 F.conv2d, NCHW and channels_last: the outputs and the input
+    gradient keep the layout of x and grad_output (the fakes say so too: test_cuda_opcheck)."""
     dtype, tol_f, tol_b, tf32 = case
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     # the direct kernels follow cuDNN's TF32 flag, the GEMM path cuBLAS's
@@ -286,14 +292,16 @@ def test_cuda_matches_conv2d(case, shape):
         x, w, b, d, p = _inputs(shape, dtype=torch.float64, device="cuda")
         w = w / (w.shape[1] * w.shape[2] * w.shape[3]) ** 0.5
         # reference in float64 from the same (rounded) inputs
-        xl, wl, bl = (t.to(dtype).requires_grad_() for t in (x, w, b))
+        xl, wl, bl = (t.to(dtype).requires_grad_() for t in (x.contiguous(memory_format=layout), w, b))
         xr, wr, br = (t.detach().double().requires_grad_() for t in (xl, wl, bl))
         y = dilated_conv2d(xl, wl, bl, d, p)
         ref = F.conv2d(xr, wr, br, padding=p, dilation=d)
         assert y.dtype == dtype and y.shape == ref.shape
+        assert y.is_contiguous(memory_format=layout)
         assert _rel_err(y.double(), ref) < tol_f
-        g = torch.randn_like(ref)
+        g = torch.randn_like(ref).contiguous(memory_format=layout)
         got = torch.autograd.grad(y, (xl, wl, bl), g.to(dtype))
+        assert got[0].is_contiguous(memory_format=layout)
         want = torch.autograd.grad(ref, (xr, wr, br), g)
         for name, a, e in zip(("x", "weight", "bias"), got, want):
             assert _rel_err(a.double(), e) < tol_b, name
@@ -306,9 +314,36 @@ def test_cuda_matches_conv2d(case, shape):
 
 @pytest.mark.usefixtures("algo")
 @pytest.mark.cuda
-def test_cuda_opcheck():
-    x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32, device="cuda", grad=True)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_cuda_opcheck(layout):
+    x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32, device="cuda")
+    x = x.contiguous(memory_format=layout).requires_grad_()
+    w.requires_grad_()
+    b.requires_grad_()
     torch.library.opcheck(torch.ops.attnscale.dilated_conv2d.default, (x, w, b, d, p))
+    g = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], device="cuda").contiguous(memory_format=layout)
+    torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_backward_input.default, (g, w.detach(), d, p))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_of_the_gemm_path(monkeypatch):
+    """Captured into a CUDA graph, the GEMM path's replays give the eager forward's values on new inputs (its
+    plan, copies and batched GEMMs hold no host state between calls)."""
+    monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", "gemm")
+    x, w, b, d, p = _inputs((2, 64, 96, 41, 41, 3, 12, 12), dtype=torch.bfloat16, device="cuda")
+    x = x.contiguous(memory_format=torch.channels_last)
+    static_x = x.clone()
+    dilated_conv2d(static_x, w, b, d, p)  # warm-up: cuBLAS handles and workspaces outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = dilated_conv2d(static_x, w, b, d, p)
+    for _ in range(3):
+        new = torch.randn_like(x)
+        static_x.copy_(new)
+        graph.replay()
+        torch.testing.assert_close(static_y, dilated_conv2d(new, w, b, d, p))  # (cuBLAS may pick other kernels
+        # while capturing: equal up to rounding; a stale replay would be off by the inputs' whole size)
 
 
 @pytest.mark.cuda

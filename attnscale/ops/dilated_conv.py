@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, require_extension
+from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, in_kernel_layout, require_extension
 
 _OPS_REGISTERED = False
 
@@ -96,8 +96,8 @@ def _register() -> None:
     def _fwd_fake(x, weight, bias=None, dilation=12, padding=12):
         _check(x, weight, bias, dilation, padding)
         kh, kw = weight.shape[2], weight.shape[3]
-        return x.new_empty((x.shape[0], weight.shape[0], _out_size(x.shape[2], kh, dilation, padding),
-                            _out_size(x.shape[3], kw, dilation, padding)))
+        ho, wo = _out_size(x.shape[2], kh, dilation, padding), _out_size(x.shape[3], kw, dilation, padding)
+        return in_kernel_layout(x.new_empty((x.shape[0], weight.shape[0], ho, wo)), x)
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_input")
     def _bwd_input_fake(grad_output, weight, dilation, padding):
@@ -107,7 +107,7 @@ def _register() -> None:
         w = grad_output.shape[3] - 2 * padding + dilation * (kw - 1)
         torch._check(h >= 1 and w >= 1, lambda: f"dilated_conv2d backward: grad_output spatial size "
                      f"{tuple(grad_output.shape)} implies an input size ({h}, {w}) < 1")
-        return grad_output.new_empty((grad_output.shape[0], weight.shape[1], h, w))
+        return in_kernel_layout(grad_output.new_empty((grad_output.shape[0], weight.shape[1], h, w)), grad_output)
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
     def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
@@ -129,7 +129,6 @@ def _register() -> None:
 
     def _backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.attnscale.dilated_conv2d_backward_input(grad_out, weight, ctx.dilation, ctx.padding)

@@ -37,15 +37,21 @@ cudaError_t launch_dilated_conv_backward_weight(CudaDType dtype, const void* gra
                                                 const ConvShape& s, bool tensor_cores, cudaStream_t stream);
 
 struct PackPlan;  // dilated_conv_pack.h
+struct WeightView;
 
 // The GEMM path's copies (cuda/dilated_conv_pack_kernel.cu), one launch per plan: the column blocks
-// from x (N, C, H, W); the product blocks from grad_output (N, O, Ho, Wo); the product blocks (+ bias,
-// which may be null) into out (N, O, Ho, Wo).
+// from x (N, H, W, C); the weight blocks from the kernel w (through view); the product blocks from grad_output (N, Ho, Wo, O); the product blocks (+ bias,
+// which may be null) into out (N, Ho, Wo, O); the weight gradient (O, KH, KW, C) from the part blocks,
+// of acc_dtype (float32 or float64), written or, with accumulate, added to.
 cudaError_t launch_pack_columns(CudaDType dtype, const void* x, void* cols, const PackPlan& plan, cudaStream_t stream);
+cudaError_t launch_weight_blocks(CudaDType dtype, const void* w, const WeightView& view, void* wbuf,
+                                 const PackPlan& plan, cudaStream_t stream);
 cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, const PackPlan& plan,
                                  cudaStream_t stream);
 cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out,
                                   const PackPlan& plan, cudaStream_t stream);
+cudaError_t launch_weight_gradient(CudaDType acc_dtype, const void* parts, void* acc, const PackPlan& plan,
+                                   bool accumulate, cudaStream_t stream);
 
 }  // namespace dilated_conv
 }  // namespace attnscale

@@ -1,9 +1,11 @@
-// attnscale::dilated_conv2d as GEMMs over rectangles of live taps, written with ATen ops and three
-// copy kernels per device (PackKernels below), so one implementation serves every device: at::mm is
+// attnscale::dilated_conv2d as GEMMs over rectangles of live taps, written with ATen ops and five
+// copy kernels per device (PackKernels below), so one implementation serves every device: at::bmm is
 // cuBLAS on a GPU (tensor cores, fp32 accumulation) and MKL on a CPU.  The CUDA dispatch uses it by
 // default; the CPU dispatch keeps its own kernel (cpu/dilated_conv_kernel.cpp, cache-blocked and
 // threaded, 1.2-1.5x faster there) unless asked.  Callers run the argument checks
-// (dilated_conv_checks.h) first.
+// (dilated_conv_checks.h) first.  The outputs of a CUDA call keep the layout of x (forward) or
+// grad_output (input gradient), channels_last or NCHW (layout_of, memory_format.h); on a CPU they
+// are NCHW, as the direct kernel's.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,15 +16,20 @@
 namespace attnscale {
 namespace dilated_conv {
 
-struct PackPlan;  // dilated_conv_pack.h
+struct PackPlan;    // dilated_conv_pack.h
+struct WeightView;
 
-// The copies around the matrix products, per device: the column blocks from x, the product blocks
-// from grad_output, and the product blocks (+ bias, which may be undefined) into out.  All tensors
-// contiguous, of the op's dtype.
+// The copies around the matrix products, per device: the column blocks from x, the weight blocks
+// from the kernel w (read through view), the product blocks from grad_output, the product blocks
+// (+ bias, which may be undefined) into out, and the weight gradient (O, KH, KW, C) from the part blocks (written, or added to when accumulate).  x, grad and
+// out channels_last, everything else contiguous; all of the op's dtype but parts and the weight
+// gradient, which are float32 for bfloat16 / float16.
 struct PackKernels {
   void (*columns)(const at::Tensor& x, at::Tensor& cols, const PackPlan& plan);
+  void (*weights)(const at::Tensor& w, const WeightView& view, at::Tensor& wbuf, const PackPlan& plan);
   void (*gather_output)(const at::Tensor& grad, at::Tensor& prod, const PackPlan& plan);
   void (*scatter_output)(const at::Tensor& prod, const at::Tensor& bias, at::Tensor& out, const PackPlan& plan);
+  void (*weight_gradient)(const at::Tensor& parts, at::Tensor& acc, const PackPlan& plan, bool accumulate);
 };
 const PackKernels& cpu_pack_kernels();  // cpu/dilated_conv_pack_kernel.cpp
 // The CUDA glue (cuda/dilated_conv_cuda.cpp) registers its kernels when the library loads.

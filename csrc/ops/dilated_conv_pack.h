@@ -3,13 +3,20 @@
 // (cuda/dilated_conv_pack_kernel.cu), so that the CPU tests check the arithmetic the GPU runs.  Plain
 // C++ (no torch headers) for nvcc.
 //
-// A rectangle of output positions with one fixed set of live taps (dilated_conv_geometry.h) owns
-//   a column block (taps_y * taps_x * C, M), M = N * rows * cols, rows ld >= M elements apart (M
-//   rounded up to 8, so that every row starts 16-byte aligned, as cuBLAS's Hopper kernels need): element (k, m) with
-//       k = (ty * taps_x + tx) * C + c and m = (n * rows + yy) * cols + xx
-//     holds x[n, c, in_y + yy + ty * d, in_x + xx + tx * d] (Caffe's im2col over the live taps), and
-//   a product block (O, M): element (o, m) is the output out[n, o, out_y + yy, out_x + xx].
-// Within a block m runs along image rows, contiguous in x and in the output alike.
+// The path works in channels_last (NHWC): x (N, H, W, C), out (N, Ho, Wo, O), so that every copy
+// moves whole channel vectors.  A rectangle of output positions with one fixed set of live taps
+// (dilated_conv_geometry.h) owns
+//   a column block (M, K) row-major, M = N * rows * cols, K = taps_y * taps_x * C: element (m, k) with
+//       m = (n * rows + yy) * cols + xx and k = (ty * taps_x + tx) * C + c
+//     holds x[n, in_y + yy + ty * d, in_x + xx + tx * d, c] (Caffe's im2col over the live taps), so its
+//     linear index m * K + k = (m * taps + t) * C + c runs along whole channel vectors;
+//   a product block (M, O) row-major: element (m, o) is out[n, out_y + yy, out_x + xx, o];
+//   a weight block (O, K) row-major: element (o, k) is w[o, c, k_y + ty, k_x + tx], read through a
+//     WeightView (any strides, negative ones included: the backward's flipped, transposed kernel);
+//   for the weight gradient a part block (O, K) row-major: element (o, k) adds to the gradient of
+//     the weight's tap (k_y + ty, k_x + tx), channel c.
+// Rectangles of one size (pixels and taps alike: the four corners of fc6, its four edges) lie side
+// by side in one buffer per kind, so that one batched GEMM serves them all.
 #pragma once
 
 #include <cstdint>
@@ -44,12 +51,14 @@ ATTNSCALE_HD uint32_t fast_div(uint32_t n, const FastDiv& f) {
 struct PackRect {
   int64_t out_y, out_x;    // its first output row and column
   int64_t in_y, in_x;      // the input row and column its first live tap reads for (out_y, out_x)
+  int64_t k_y, k_x;        // its first live kernel row and column
   int64_t taps_y, taps_x;  // live kernel rows and columns
-  int64_t col_offset;      // element offset of its column block in the column buffer
-  int64_t prod_offset;     // element offset of its product block in the product buffer
-  int64_t ld;              // row stride of both blocks
+  int64_t col_offset;      // element offsets of its column, product and part blocks in their buffers
+  int64_t prod_offset;
+  int64_t part_offset;     // (also of its weight block in the weight buffer: both are (O, K))
   FastDiv cols, rows;      // its size, as divisors of m
-  FastDiv taps_x_div;      // taps_x, as a divisor of the tap index
+  FastDiv taps;            // taps_y * taps_x, as a divisor of m * taps + t
+  FastDiv taps_x_div;      // taps_x, as a divisor of the tap index t
 };
 
 // Blocks per launch; a convolution with more rectangles (only kernels larger than 3x3 have them)
@@ -59,45 +68,60 @@ constexpr int kMaxPackRects = 16;
 struct PackPlan {
   int64_t N, C, H, W;  // the convolution's input
   int64_t O, Ho, Wo;   // and output
+  int64_t KH, KW;      // kernel
   int64_t dilation;
-  FastDiv channels;    // C, as a divisor of k
   int num_rects;
   PackRect rects[kMaxPackRects];
+};
+
+// The kernel w[o, c, ky, kx] at data + offset + o * so + c * sc + ky * sy + kx * sx (elements).
+struct WeightView {
+  int64_t offset, so, sc, sy, sx;
 };
 
 ATTNSCALE_HD int64_t block_size(const PackPlan& p, const PackRect& r) {  // M of a block
   return p.N * int64_t(r.rows.divisor) * r.cols.divisor;
 }
 
-ATTNSCALE_HD int64_t column_rows(const PackPlan& p, const PackRect& r) {  // K of a column block
-  return r.taps_y * r.taps_x * p.C;
+ATTNSCALE_HD int64_t column_width(const PackPlan& p, const PackRect& r) {  // K of a column block
+  return int64_t(r.taps.divisor) * p.C;
 }
 
-// Where row k of a rectangle's column block starts reading x, for image 0 and (yy, xx) = (0, 0).
-ATTNSCALE_HD int64_t column_row_source(const PackPlan& p, const PackRect& r, uint32_t k) {
-  const uint32_t t = fast_div(k, p.channels), c = k - t * uint32_t(p.C);
-  const uint32_t ty = fast_div(t, r.taps_x_div), tx = t - ty * uint32_t(r.taps_x);
-  return (int64_t(c) * p.H + r.in_y + int64_t(ty) * p.dilation) * p.W + r.in_x + int64_t(tx) * p.dilation;
-}
-
-// Offset of position m of a block within an (N, channels, height, width) tensor, relative to channel
-// 0 at the block's first row and column.
-ATTNSCALE_HD int64_t block_position(const PackRect& r, uint32_t m, int64_t channels, int64_t height,
-                                    int64_t width) {
+// The (n, y, x) position, as an NHWC pixel index in a map of height x width, of row m of a block,
+// relative to the block's first row and column.
+ATTNSCALE_HD int64_t block_pixel(const PackRect& r, uint32_t m, int64_t height, int64_t width) {
   const uint32_t q = fast_div(m, r.cols), xx = m - q * r.cols.divisor;
   const uint32_t n = fast_div(q, r.rows), yy = q - n * r.rows.divisor;
-  return (int64_t(n) * channels * height + yy) * width + xx;
+  return (int64_t(n) * height + yy) * width + xx;
 }
 
-// Offset in out (N, O, Ho, Wo) of element (o, m) of a rectangle's product block.  (The CUDA kernel
-// adds the same two terms, the block_position of m once for a group of rows o.)
-ATTNSCALE_HD int64_t output_offset(const PackPlan& p, const PackRect& r, int64_t o, uint32_t m) {
-  return (o * p.Ho + r.out_y) * p.Wo + r.out_x + block_position(r, m, p.O, p.Ho, p.Wo);
+// The pixel of x that row m, tap t of a column block reads (multiply by C for its channel vector).
+// mt = m * taps + t, the column block's index in channel vectors.
+ATTNSCALE_HD int64_t column_pixel(const PackPlan& p, const PackRect& r, uint32_t mt) {
+  const uint32_t m = fast_div(mt, r.taps), t = mt - m * r.taps.divisor;
+  const uint32_t ty = fast_div(t, r.taps_x_div), tx = t - ty * r.taps_x_div.divisor;
+  return block_pixel(r, m, p.H, p.W) + (r.in_y + int64_t(ty) * p.dilation) * p.W + r.in_x +
+         int64_t(tx) * p.dilation;
 }
 
-// Offset in x (N, C, H, W) of element (k, m) of a rectangle's column block, from column_row_source(k).
-ATTNSCALE_HD int64_t column_source(const PackPlan& p, const PackRect& r, int64_t row_source, uint32_t m) {
-  return row_source + block_position(r, m, p.C, p.H, p.W);
+// The pixel of out (N, Ho, Wo) that row m of a product block holds.
+ATTNSCALE_HD int64_t output_pixel(const PackPlan& p, const PackRect& r, uint32_t m) {
+  return block_pixel(r, m, p.Ho, p.Wo) + r.out_y * p.Wo + r.out_x;
+}
+
+// Where element (o, t * C + c) of a rectangle's weight block lies in the kernel (through w).
+ATTNSCALE_HD int64_t weight_source(const PackRect& r, const WeightView& w, int64_t o, uint32_t t, int64_t c) {
+  const uint32_t ty = fast_div(t, r.taps_x_div), tx = t - ty * r.taps_x_div.divisor;
+  return w.offset + o * w.so + c * w.sc + (r.k_y + ty) * w.sy + (r.k_x + tx) * w.sx;
+}
+
+// Where row (o, ky, kx) of the weight gradient (O, KH, KW, C) finds its channel 0 in rectangle r's
+// part block, or -1 when tap (ky, kx) is not live in r.  The gradient's row is the sum of these rows
+// over the plan's rectangles in plan order.
+ATTNSCALE_HD int64_t part_row(const PackPlan& p, const PackRect& r, int64_t o, int64_t ky, int64_t kx) {
+  const int64_t ty = ky - r.k_y, tx = kx - r.k_x;
+  if (ty < 0 || ty >= r.taps_y || tx < 0 || tx >= r.taps_x) return -1;
+  return r.part_offset + o * column_width(p, r) + (ty * r.taps_x + tx) * p.C;
 }
 
 }  // namespace dilated_conv

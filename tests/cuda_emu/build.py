@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 KERNELS = ("max_pool_kernel.cu", "interp_kernel.cu", "bias_relu_kernel.cu", "scale_merge_kernel.cu",
-           "dilated_conv_kernel.cu")
+           "dilated_conv_kernel.cu", "dilated_conv_pack_kernel.cu")
 SELFTEST = HERE / "selftest_kernel.cu"  # kernels that check the emulator itself
 FLAGS = ("-std=c++17", "-O1", "-fPIC", "-ffp-contract=off", "-Wno-attributes")
 

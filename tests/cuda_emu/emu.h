@@ -193,6 +193,8 @@ inline float __float_to_tf32(float x) {
 #define __forceinline__ inline
 #undef __launch_bounds__
 #define __launch_bounds__(...)
+#undef __grid_constant__
+#define __grid_constant__
 #undef __shared__
 #define __shared__ static  // one copy, and blocks run one at a time
 #define __syncthreads() ::emu::syncthreads()

@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "ops/bias_relu_cuda.h"
+#include "ops/dilated_conv_blocks.h"
 #include "ops/dilated_conv_cuda.h"
 #include "ops/interp_cuda.h"
 #include "ops/max_pool_cuda.h"
@@ -180,6 +181,76 @@ int emu_dilated_conv_backward_weight(int dt, const void* grad_out, const void* x
   return guarded([&] {
     return dilated_conv::launch_dilated_conv_backward_weight(conv_dtype(dt), grad_out, x, grad_w, grad_b, workspace,
                                                              conv_shape(shape), tensor_cores, nullptr);
+  });
+}
+
+}  // extern "C"
+
+// dilated_conv2d's GEMM path: its blocks (dilated_conv_blocks.h) and the copy kernels of each plan, as
+// dilated_conv_gemm.cpp runs them.  geometry: N, C, H, W, O, Ho, Wo, KH, KW, dilation, pad_y, pad_x.
+namespace {
+dilated_conv::Blocks gemm_blocks(const int64_t* g) {
+  return dilated_conv::make_blocks(g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], {g[9], g[10], g[11]});
+}
+
+template <typename F>
+int each_plan(const int64_t* geometry, F&& launch) {
+  return guarded([&] {
+    const dilated_conv::Blocks b = gemm_blocks(geometry);
+    for (size_t i = 0; i < b.plans.size(); ++i) {
+      const cudaError_t err = launch(b.plans[i], i);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  });
+}
+}  // namespace
+
+extern "C" {
+
+// [col_size, prod_size, part_size, covered, groups, then per group: members, m, k, col_base, prod_base,
+// part_base]: the number of entries written, or -1 (the sizes exceed the copies' limits, or capacity).
+int64_t emu_gemm_layout(const int64_t* geometry, int64_t* out, int64_t capacity) {
+  const dilated_conv::Blocks b = gemm_blocks(geometry);
+  const int64_t n = 5 + 6 * int64_t(b.groups.size());
+  if (b.error != dilated_conv::BlockError::kNone || n > capacity) return -1;
+  int64_t* o = out;
+  *o++ = b.col_size, *o++ = b.prod_size, *o++ = b.part_size, *o++ = b.covered, *o++ = int64_t(b.groups.size());
+  for (const dilated_conv::Group& g : b.groups) {
+    *o++ = g.size(), *o++ = g.m, *o++ = g.k, *o++ = g.col_base, *o++ = g.prod_base, *o++ = g.part_base;
+  }
+  return n;
+}
+
+int emu_gemm_columns(int dt, const void* x, void* cols, const int64_t* geometry) {
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
+    return dilated_conv::launch_pack_columns(conv_dtype(dt), x, cols, p, nullptr);
+  });
+}
+
+// view: offset, so, sc, sy, sx (dilated_conv::WeightView)
+int emu_gemm_weights(int dt, const void* w, const int64_t* view, void* wbuf, const int64_t* geometry) {
+  const dilated_conv::WeightView v{view[0], view[1], view[2], view[3], view[4]};
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
+    return dilated_conv::launch_weight_blocks(conv_dtype(dt), w, v, wbuf, p, nullptr);
+  });
+}
+
+int emu_gemm_gather(int dt, const void* grad, void* prod, const int64_t* geometry) {
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
+    return dilated_conv::launch_gather_output(conv_dtype(dt), grad, prod, p, nullptr);
+  });
+}
+
+int emu_gemm_scatter(int dt, const void* prod, const void* bias, void* out, const int64_t* geometry) {
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
+    return dilated_conv::launch_scatter_output(conv_dtype(dt), prod, bias, out, p, nullptr);
+  });
+}
+
+int emu_gemm_weight_gradient(int acc_dt, const void* parts, void* acc, const int64_t* geometry) {
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t i) {
+    return dilated_conv::launch_weight_gradient(conv_dtype(acc_dt), parts, acc, p, i > 0, nullptr);
   });
 }
 

@@ -269,3 +269,101 @@ def dilated_conv2d_backward_weight(grad_out, x, kernel, dilation, padding, tenso
     for t, name in ((gw, "grad weight"), (gb, "grad bias"), (ws, "workspace")):
         t.check(f"emu_dilated_conv_backward_weight {name}")
     return gw.t.clone(), gb.t.clone()
+
+
+# ------------------------------------------------------------------ dilated_conv2d's GEMM path (its copies)
+def _gemm_geometry(N, C, H, W, O, KH, KW, dilation, pad_y, pad_x):
+    Ho, Wo = H + 2 * pad_y - dilation * (KH - 1), W + 2 * pad_x - dilation * (KW - 1)
+    return (ctypes.c_int64 * 12)(N, C, H, W, O, Ho, Wo, KH, KW, dilation, pad_y, pad_x), (Ho, Wo)
+
+
+def _gemm_layout(geometry):
+    cap = 5 + 6 * 64
+    buf = (ctypes.c_int64 * cap)()
+    fn = lib().emu_gemm_layout
+    fn.restype = ctypes.c_int64
+    n = fn(geometry, buf, _i64(cap))
+    assert n > 0, "emu_gemm_layout: the blocks exceed the copies' limits"
+    v = list(buf[:n])
+    groups = [dict(zip(("members", "m", "k", "col", "prod", "part"), v[5 + 6 * i:11 + 6 * i])) for i in range(v[4])]
+    return {"col": v[0], "prod": v[1], "part": v[2], "covered": v[3], "groups": groups}
+
+
+def _weight_view(w, adjoint):
+    """dilated_conv_gemm.cpp's weight_view: w as it is, or flipped and transposed (the adjoint's kernel)."""
+    so, sc, sy, sx = w.stride()
+    kh, kw = w.shape[2:]
+    view = (0, so, sc, sy, sx) if not adjoint else ((kh - 1) * sy + (kw - 1) * sx, sc, so, -sy, -sx)
+    return (ctypes.c_int64 * 5)(*view)
+
+
+def _guarded_like(t, misalign=0):
+    """t's storage as it is (any strides) inside a sentinel-guarded buffer: a copy of the bytes it spans."""
+    span = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 if t.numel() else 1
+    g = _Guarded((span,), t.dtype, misalign=misalign)
+    g.t.as_strided(t.shape, t.stride()).copy_(t)
+    return g
+
+
+def _gemm(dtype, a, b):
+    """cuBLAS's batched GEMM as the op calls it: products accumulated in float32 (float64 for float64),
+    each result rounded once to dtype."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.bmm(a.to(acc), b.to(acc))
+
+
+def gemm_convolve(x, weight, bias, dilation, pad_y, pad_x, adjoint=False, misalign=0):
+    """dilated_conv_gemm.cpp's convolve with its copies by the emulated CUDA kernels: x (N, C, H, W) with
+    weight (O, C, KH, KW), or adjoint with weight (C, O, KH, KW) flipped and transposed; the result
+    channels_last.  misalign shifts x, the weight and out by one element (the copies' narrow paths)."""
+    N, C, H, W = x.shape
+    O = weight.shape[1 if adjoint else 0]
+    KH, KW = weight.shape[2:]
+    geom, (Ho, Wo) = _gemm_geometry(N, C, H, W, O, KH, KW, dilation, pad_y, pad_x)
+    lay = _gemm_layout(geom)
+    dt = _i32(CONV_DTYPES[x.dtype])
+    xg = _arg(x, True, misalign)
+    wg = _guarded_like(weight, misalign)
+    cols, wbuf = _Guarded((max(lay["col"], 1),), x.dtype), _Guarded((max(lay["part"], 1),), x.dtype)
+    prod = _Guarded((max(lay["prod"], 1),), x.dtype)
+    _call("emu_gemm_columns", dt, xg.ptr(), cols.ptr(), geom)
+    _call("emu_gemm_weights", dt, wg.ptr(), _weight_view(weight, adjoint), wbuf.ptr(), geom)
+    for g in lay["groups"]:
+        n, m, k = g["members"], g["m"], g["k"]
+        a = cols.t[g["col"]:g["col"] + n * m * k].view(n, m, k)
+        b = wbuf.t[g["part"]:g["part"] + n * O * k].view(n, O, k).transpose(1, 2)
+        prod.t[g["prod"]:g["prod"] + n * m * O].copy_(_gemm(x.dtype, a, b).flatten())
+    fill = bias.view(1, O, 1, 1).expand(N, O, Ho, Wo) if bias is not None else torch.zeros(N, O, Ho, Wo)
+    out = _Guarded((N, O, Ho, Wo), x.dtype, channels_last=True, misalign=misalign,
+                   fill=fill if lay["covered"] < Ho * Wo else None)
+    bg = _arg(bias, False) if bias is not None else None
+    _call("emu_gemm_scatter", dt, prod.ptr(), bg.ptr() if bg else None, out.ptr(), geom)
+    for t, name in ((cols, "columns"), (wbuf, "weights"), (prod, "products"), (out, "out")):
+        t.check(f"gemm_convolve {name}")
+    return out.t.clone()
+
+
+def gemm_backward_weight(grad_out, x, KH, KW, dilation, padding):
+    """dilated_conv_gemm.cpp's gemm_backward_weight with its copies by the emulated CUDA kernels: the
+    weight gradient (O, KH, KW, C), float32 for bfloat16 / float16."""
+    N, C, H, W = x.shape
+    O = grad_out.shape[1]
+    geom, _ = _gemm_geometry(N, C, H, W, O, KH, KW, dilation, padding, padding)
+    lay = _gemm_layout(geom)
+    dt = _i32(CONV_DTYPES[x.dtype])
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg, gg = _arg(x, True), _arg(grad_out, True)
+    cols, gprod = _Guarded((max(lay["col"], 1),), x.dtype), _Guarded((max(lay["prod"], 1),), x.dtype)
+    parts = _Guarded((max(lay["part"], 1),), acc_dtype)
+    acc = _Guarded((O, KH, KW, C), acc_dtype)
+    _call("emu_gemm_columns", dt, xg.ptr(), cols.ptr(), geom)
+    _call("emu_gemm_gather", dt, gg.ptr(), gprod.ptr(), geom)
+    for g in lay["groups"]:
+        n, m, k = g["members"], g["m"], g["k"]
+        gi = gprod.t[g["prod"]:g["prod"] + n * m * O].view(n, m, O).transpose(1, 2)
+        ci = cols.t[g["col"]:g["col"] + n * m * k].view(n, m, k)
+        parts.t[g["part"]:g["part"] + n * O * k].copy_(_gemm(x.dtype, gi, ci).flatten())
+    _call("emu_gemm_weight_gradient", _i32(CONV_DTYPES[acc_dtype]), parts.ptr(), acc.ptr(), geom)
+    for t, name in ((cols, "columns"), (gprod, "products"), (parts, "parts"), (acc, "weight gradient")):
+        t.check(f"gemm_backward_weight {name}")
+    return acc.t.clone()

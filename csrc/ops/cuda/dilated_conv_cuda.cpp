@@ -16,6 +16,7 @@
 #include "ops/dilated_conv_cuda.h"
 #include "ops/dilated_conv_gemm.h"
 #include "ops/dilated_conv_pack.h"
+#include "ops/memory_format.h"
 
 namespace attnscale {
 namespace dilated_conv {
@@ -63,13 +64,13 @@ at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight, const 
   const ConvShape s = make_shape(x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2),
                                  weight.size(3), dilation, padding);
   at::Tensor out = at::empty({s.N, s.O, s.Ho, s.Wo}, x.options());
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return out.contiguous(layout_of(x_in));
   const at::Tensor wpack = weight.permute({2, 3, 0, 1}).contiguous();  // [KH][KW][O][C]
   check_launch(launch_dilated_conv_forward(dt, x.data_ptr(), wpack.data_ptr(), has_bias ? bias.data_ptr() : nullptr,
                                            out.data_ptr(), s, tf32_enabled(),
                                            c10::cuda::getCurrentCUDAStream().stream()),
                "forward launch");
-  return out;
+  return out.contiguous(layout_of(x_in));  // the layout the GEMM path gives (dilated_conv_gemm.h)
 }
 
 at::Tensor backward_input_cuda(const at::Tensor& grad_out_in, const at::Tensor& weight, int64_t dilation,
@@ -91,14 +92,15 @@ at::Tensor backward_input_cuda(const at::Tensor& grad_out_in, const at::Tensor& 
   if (use_gemm(grad_out_in)) return gemm_backward_input(grad_out_in, weight, dilation, padding);
   const at::Tensor go = grad_out_in.contiguous();
   const ConvShape s = make_shape(go.size(0), weight.size(1), H, W, weight.size(0), KH, KW, dilation, padding);
-  if (s.N == 0 || s.C == 0) return at::zeros({s.N, s.C, s.H, s.W}, go.options());
-  if (s.O == 0) return at::zeros({s.N, s.C, s.H, s.W}, go.options());
+  if (s.N == 0 || s.C == 0 || s.O == 0) {
+    return at::zeros({s.N, s.C, s.H, s.W}, go.options().memory_format(layout_of(grad_out_in)));
+  }
   at::Tensor gx = at::empty({s.N, s.C, s.H, s.W}, go.options());
   const at::Tensor wpack_t = weight.permute({2, 3, 1, 0}).contiguous();  // [KH][KW][C][O]
   check_launch(launch_dilated_conv_backward_input(dt, go.data_ptr(), wpack_t.data_ptr(), gx.data_ptr(), s,
                                                   tf32_enabled(), c10::cuda::getCurrentCUDAStream().stream()),
                "backward-input launch");
-  return gx;
+  return gx.contiguous(layout_of(grad_out_in));
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
@@ -146,6 +148,11 @@ void pack_columns_cuda(const at::Tensor& x, at::Tensor& cols, const PackPlan& pl
                "column packing launch");
 }
 
+void weights_cuda(const at::Tensor& w, const WeightView& view, at::Tensor& wbuf, const PackPlan& plan) {
+  check_launch(launch_weight_blocks(cuda_dtype(w, "weight"), w.data_ptr(), view, wbuf.data_ptr(), plan, stream()),
+               "weight packing launch");
+}
+
 void gather_output_cuda(const at::Tensor& grad, at::Tensor& prod, const PackPlan& plan) {
   check_launch(launch_gather_output(cuda_dtype(grad, "grad_output"), grad.data_ptr(), prod.data_ptr(), plan,
                                     stream()),
@@ -158,7 +165,14 @@ void scatter_output_cuda(const at::Tensor& prod, const at::Tensor& bias, at::Ten
                "output unpacking launch");
 }
 
-const PackKernels kCudaPackKernels{&pack_columns_cuda, &gather_output_cuda, &scatter_output_cuda};
+void weight_gradient_cuda(const at::Tensor& parts, at::Tensor& acc, const PackPlan& plan, bool accumulate) {
+  check_launch(launch_weight_gradient(cuda_dtype(acc, "weight gradient"), parts.data_ptr(), acc.data_ptr(), plan,
+                                      accumulate, stream()),
+               "weight gradient launch");
+}
+
+const PackKernels kCudaPackKernels{&pack_columns_cuda, &weights_cuda, &gather_output_cuda, &scatter_output_cuda,
+                                   &weight_gradient_cuda};
 
 struct RegisterPackKernels {
   RegisterPackKernels() { register_cuda_pack_kernels(&kCudaPackKernels); }

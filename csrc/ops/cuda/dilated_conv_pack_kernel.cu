@@ -1,11 +1,14 @@
 // CUDA kernels of the GEMM path's copies (index maps in dilated_conv_pack.h, shared with the CPU
-// loops in cpu/dilated_conv_pack_kernel.cpp).  One launch covers every block of a plan: blockIdx.z
-// is the rectangle, blockIdx.y (grid-stride) the block row, threads run along the row, so reads and
-// writes go along image rows.  All tensors are contiguous.
+// loops in cpu/dilated_conv_pack_kernel.cpp).  One launch covers every block of a plan: blockIdx.y is
+// the rectangle.  x, grad and out are channels_last, so the copies move whole channel vectors, a warp
+// per vector, 16 bytes per lane where the channel count and the pointers allow it.  The plan is a
+// __grid_constant__ parameter: the rectangle's fields are read where they lie, not copied per thread.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstdlib>
 
 #include "ops/dilated_conv_cuda.h"
 #include "ops/dilated_conv_pack.h"
@@ -15,7 +18,9 @@ namespace dilated_conv {
 namespace {
 
 constexpr int kPackThreads = 256;
-constexpr int kMaxGridY = 65535;
+// Blocks per launch: about 16 per multiprocessor of an H100 in all, so that each thread copies
+// many vectors (a short-lived block left the earlier copies latency-bound).
+constexpr int64_t kTargetBlocks = 2048;
 
 template <typename T> __device__ __forceinline__ float to_f(T v) { return float(v); }
 template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
@@ -29,86 +34,153 @@ __device__ __forceinline__ T add_bias(T v, T b) { return from_f<T>(to_f(v) + to_
 template <>
 __device__ __forceinline__ double add_bias<double>(double v, double b) { return v + b; }
 
-// Each block copies kRowsPerBlock rows of one block (columns: k; products: o) over a stretch of m,
-// at least 4 blocks of 256 threads per multiprocessor (64 registers):
-// the position of m in the image is worked out once for all those rows, and their loads are
-// independent, so a thread keeps kRowsPerBlock of them in flight.  (One row per block made ~500k
-// blocks of one element per thread at fc6's size: 1 ms per call on an H100, latency-bound.)
-constexpr int kRowsPerBlock = 8;
+// V elements moved as one load and one store.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Vec {
+  T v[V];
+};
+
+// The copies move whole channel vectors: a block is kRows warps, each warp one vector at a time (its
+// position worked out once, lanes along the channels), grid-stride over the block's vectors.
+constexpr int kLanes = 32, kRows = kPackThreads / kLanes;
+
+// Column blocks: U is the copy unit (16 bytes where the channel vector and the pointers allow), cu
+// the channel vector's length in units.
+template <typename U>
+__global__ void __launch_bounds__(kPackThreads) pack_columns_kernel(const U* __restrict__ x, U* __restrict__ cols,
+                                                                   const __grid_constant__ PackPlan p,
+                                                                   int64_t elem_bytes, int64_t cu) {
+  const PackRect& r = p.rects[blockIdx.y];
+  const int64_t vectors = block_size(p, r) * r.taps.divisor;
+  U* out = cols + r.col_offset * elem_bytes / int64_t(sizeof(U));
+  for (int64_t mt = blockIdx.x * int64_t(kRows) + threadIdx.y; mt < vectors; mt += int64_t(gridDim.x) * kRows) {
+    const U* src = x + column_pixel(p, r, uint32_t(mt)) * cu;
+    U* dst = out + mt * cu;
+    for (int64_t c = threadIdx.x; c < cu; c += kLanes) dst[c] = src[c];
+  }
+}
+
+// A plan's weight blocks from the kernel (through a WeightView): block (x: a tile of kTile outputs o x
+// kTile channels c, y: the rectangle) copies w[o, c] at each of the rectangle's taps through shared
+// memory, reading along whichever of o and c lies closer together in the kernel (the backward's
+// transposed kernel runs along o) and writing along c, the weight block's rows.  The offsets within a
+// tap fit in 32 bits (make_blocks checks the kernel's size, dilated_conv_gemm.cpp's compact_weight its
+// extent in memory), so the per-element work
+// is a few 32-bit multiply-adds (with 64-bit index arithmetic per element and a block per tap, this
+// copy of 51 MB, fc6 at N=10 in bf16, took 112 us on an H100: by our count bound by instructions).
+constexpr int kTile = 32;
 
 template <typename T>
-__global__ void __launch_bounds__(kPackThreads, 4) pack_columns_kernel(const T* __restrict__ x, T* __restrict__ cols,
-                                                                    PackPlan p) {
-  const PackRect& r = p.rects[blockIdx.z];
-  const int64_t M = block_size(p, r), K = column_rows(p, r);
-  for (int64_t k0 = int64_t(blockIdx.y) * kRowsPerBlock; k0 < K; k0 += int64_t(gridDim.y) * kRowsPerBlock) {
-    const int rows = K - k0 < kRowsPerBlock ? int(K - k0) : kRowsPerBlock;
-    int64_t source[kRowsPerBlock];
-#pragma unroll
-    for (int i = 0; i < kRowsPerBlock; ++i) source[i] = i < rows ? column_row_source(p, r, uint32_t(k0 + i)) : 0;
-    T* out = cols + r.col_offset + k0 * r.ld;
-    for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
-      const int64_t pos = block_position(r, uint32_t(m), p.C, p.H, p.W);
-      T v[kRowsPerBlock];
-#pragma unroll
-      for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) v[i] = x[source[i] + pos];
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) out[i * r.ld + m] = v[i];
-      }
+__global__ void __launch_bounds__(kPackThreads) weight_blocks_kernel(const T* __restrict__ w, T* __restrict__ wbuf,
+                                                                    const __grid_constant__ PackPlan p,
+                                                                    WeightView view, bool read_along_o) {
+  __shared__ T tile[kTile][kTile + 1];
+  const PackRect& r = p.rects[blockIdx.y];
+  const int O = int(p.O), C = int(p.C), K = int(column_width(p, r)), so = int(view.so), sc = int(view.sc);
+  const int tiles_c = (C + kTile - 1) / kTile;
+  const int o0 = int(blockIdx.x) / tiles_c * kTile, c0 = int(blockIdx.x) % tiles_c * kTile;
+  // this thread's loads (o, c) = (o0 + li + k, c0 + lj) or (o0 + li, c0 + lj + k) for k = 0, kRows, ...
+  const int li = read_along_o ? threadIdx.x : threadIdx.y, lj = read_along_o ? threadIdx.y : threadIdx.x;
+  const int step_o = read_along_o ? 0 : kRows, step_c = read_along_o ? kRows : 0;
+  for (uint32_t t = 0; t < r.taps.divisor; ++t) {
+    const T* src = w + weight_source(r, view, 0, t, 0);
+    for (int k = 0, o = o0 + li, c = c0 + lj; k < kTile; k += kRows, o += step_o, c += step_c) {
+      if (o < O && c < C) tile[o - o0][c - c0] = src[o * so + c * sc];
     }
+    __syncthreads();
+    T* dst = wbuf + r.part_offset + int64_t(t) * C;
+    for (int i = threadIdx.y; i < kTile; i += kRows) {
+      if (o0 + i < O && c0 + int(threadIdx.x) < C) dst[(o0 + i) * K + c0 + threadIdx.x] = tile[i][threadIdx.x];
+    }
+    __syncthreads();
   }
 }
 
-// Element (o, m) of the product blocks <-> out[n, o, y, x]; TO_OUTPUT: product (+ bias) -> out, else
-// out -> product.
-template <typename T, bool TO_OUTPUT>
-__global__ void __launch_bounds__(kPackThreads, 4) output_blocks_kernel(const T* __restrict__ src,
-                                                                     const T* __restrict__ bias,
-                                                                     T* __restrict__ dst, PackPlan p) {
-  const PackRect& r = p.rects[blockIdx.z];
+// Product rows <-> output pixels, V channels per lane, a warp per pixel; TO_OUTPUT: product (+ bias)
+// -> out, else out -> product.  ov: O / V.
+template <typename T, int V, bool TO_OUTPUT>
+__global__ void __launch_bounds__(kPackThreads) output_blocks_kernel(const T* __restrict__ src,
+                                                                    const T* __restrict__ bias,
+                                                                    T* __restrict__ dst,
+                                                                    const __grid_constant__ PackPlan p, int64_t ov) {
+  using VT = Vec<T, V>;
+  const PackRect& r = p.rects[blockIdx.y];
   const int64_t M = block_size(p, r);
-  for (int64_t o0 = int64_t(blockIdx.y) * kRowsPerBlock; o0 < p.O; o0 += int64_t(gridDim.y) * kRowsPerBlock) {
-    const int rows = p.O - o0 < kRowsPerBlock ? int(p.O - o0) : kRowsPerBlock;
-    const int64_t plane = p.Ho * p.Wo;
-    const int64_t base = (o0 * p.Ho + r.out_y) * p.Wo + r.out_x;  // out offset of (n=0, o0, first row, column)
-    const int64_t prod0 = r.prod_offset + o0 * r.ld;
-    for (int64_t m = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; m < M; m += int64_t(gridDim.x) * blockDim.x) {
-      const int64_t pos = base + block_position(r, uint32_t(m), p.O, p.Ho, p.Wo);
-      T v[kRowsPerBlock];
+  for (int64_t m = blockIdx.x * int64_t(kRows) + threadIdx.y; m < M; m += int64_t(gridDim.x) * kRows) {
+    const int64_t pixel = output_pixel(p, r, uint32_t(m)) * p.O, row = r.prod_offset + m * p.O;
+    for (int64_t c = threadIdx.x; c < ov; c += kLanes) {
+      const int64_t o = c * V;
+      if (TO_OUTPUT) {
+        VT v = *reinterpret_cast<const VT*>(src + row + o);
+        if (bias != nullptr) {
 #pragma unroll
-      for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) v[i] = TO_OUTPUT ? src[prod0 + i * r.ld + m] : src[pos + i * plane];
-      }
-#pragma unroll
-      for (int i = 0; i < kRowsPerBlock; ++i) {
-        if (i < rows) {
-          if (TO_OUTPUT) {
-            dst[pos + i * plane] = bias ? add_bias(v[i], bias[o0 + i]) : v[i];
-          } else {
-            dst[prod0 + i * r.ld + m] = v[i];
-          }
+          for (int e = 0; e < V; ++e) v.v[e] = add_bias(v.v[e], bias[o + e]);
         }
+        *reinterpret_cast<VT*>(dst + pixel + o) = v;
+      } else {
+        *reinterpret_cast<VT*>(dst + row + o) = *reinterpret_cast<const VT*>(src + pixel + o);
       }
     }
   }
 }
 
-// Grid of a plan: z the rectangles, y groups of kRowsPerBlock block rows, x stretches of m; each block
-// loops over further groups and stretches.  About kTargetBlocks blocks in all, so that each thread
-// copies hundreds of elements (fc6: ~440) rather than a few: short blocks left the copy latency-bound.
-constexpr int64_t kTargetBlocks = 2048;
+// The weight gradient (O, KH, KW, C) from the part blocks: a warp per row (o, ky, kx), lanes along the
+// channels; each element sums the rectangles' rows (part_row) in plan order, as the CPU loop does.
+template <typename A>
+__global__ void __launch_bounds__(kPackThreads) weight_gradient_kernel(const A* __restrict__ parts, A* __restrict__ acc,
+                                                                      const __grid_constant__ PackPlan p,
+                                                                      bool accumulate) {
+  const int64_t taps = p.KH * p.KW, rows = p.O * taps;
+  for (int64_t row = blockIdx.x * int64_t(kRows) + threadIdx.y; row < rows; row += int64_t(gridDim.x) * kRows) {
+    const int64_t o = row / taps, ky = row % taps / p.KW, kx = row % p.KW;
+    A* dst = acc + row * p.C;
+    for (int64_t c = threadIdx.x; c < p.C; c += kLanes) {
+      A sum = A(0);
+      for (int j = 0; j < p.num_rects; ++j) {
+        const int64_t src = part_row(p, p.rects[j], o, ky, kx);
+        if (src >= 0) sum += parts[src + c];
+      }
+      dst[c] = accumulate ? dst[c] + sum : sum;
+    }
+  }
+}
 
-dim3 pack_grid(const PackPlan& p, int64_t rows_of_largest) {
-  int64_t m_max = 1;
-  for (int i = 0; i < p.num_rects; ++i) m_max = std::max(m_max, block_size(p, p.rects[i]));
-  const int64_t groups = (std::max<int64_t>(rows_of_largest, 1) + kRowsPerBlock - 1) / kRowsPerBlock;
-  const int64_t gy = std::min<int64_t>({groups, std::max<int64_t>(1, kTargetBlocks / p.num_rects), kMaxGridY});
-  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>((kTargetBlocks + gy * p.num_rects - 1) / (gy * p.num_rects),
-                                                            (m_max + kPackThreads - 1) / kPackThreads));
-  return dim3(unsigned(gx), unsigned(gy), unsigned(p.num_rects));
+// Grid of the copies: y the plan's rectangles, x enough blocks of kRows vectors for the largest
+// (`vectors`), about kTargetBlocks in all.
+dim3 vector_grid(const PackPlan& p, int64_t vectors) {
+  const int64_t per_rect = std::max<int64_t>(1, kTargetBlocks / p.num_rects);
+  const int64_t gx = std::max<int64_t>(1, std::min<int64_t>(per_rect, (vectors + kRows - 1) / kRows));
+  return dim3(unsigned(gx), unsigned(p.num_rects));
+}
+const dim3 kVectorBlock(kLanes, kRows);
+
+bool aligned(const void* ptr, int64_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % uint64_t(bytes) == 0; }
+
+int64_t element_bytes(CudaDType dtype) {
+  switch (dtype) {
+    case CudaDType::kFloat32: return 4;
+    case CudaDType::kFloat64: return 8;
+    case CudaDType::kBFloat16:
+    case CudaDType::kFloat16: return 2;
+  }
+  return 4;
+}
+
+// The widest copy unit (16, 8, 4 or 2 bytes, at least an element) that divides a row of `bytes` and
+// both base pointers.  Block offsets are multiples of 16 elements plus whole rows (dilated_conv_gemm.cpp).
+int64_t unit_bytes(int64_t bytes, int64_t elem, const void* a, const void* b) {
+  for (int64_t u = 16; u > elem; u /= 2) {
+    if (bytes % u == 0 && aligned(a, u) && aligned(b, u)) return u;
+  }
+  return elem;
+}
+
+template <typename U>
+void columns_with_unit(const void* x, void* cols, const PackPlan& p, int64_t elem, cudaStream_t stream) {
+  int64_t largest = 0;
+  for (int i = 0; i < p.num_rects; ++i) largest = std::max(largest, block_size(p, p.rects[i]) * p.rects[i].taps.divisor);
+  pack_columns_kernel<U><<<vector_grid(p, largest), kVectorBlock, 0, stream>>>(
+      static_cast<const U*>(x), static_cast<U*>(cols), p, elem, p.C * elem / int64_t(sizeof(U)));
 }
 
 template <typename F>
@@ -122,37 +194,72 @@ cudaError_t dispatch(CudaDType dtype, const F& f) {
   return cudaGetLastError();
 }
 
+template <typename T, bool TO_OUTPUT>
+void output_blocks(const void* src, const void* bias, void* dst, const PackPlan& p, cudaStream_t stream) {
+  int64_t largest = 0;
+  for (int i = 0; i < p.num_rects; ++i) largest = std::max(largest, block_size(p, p.rects[i]));
+  constexpr int kV = 16 / sizeof(T);
+  const int64_t vec_bytes = int64_t(sizeof(T)) * kV;
+  if (p.O % kV == 0 && aligned(src, vec_bytes) && aligned(dst, vec_bytes)) {
+    output_blocks_kernel<T, kV, TO_OUTPUT><<<vector_grid(p, largest), kVectorBlock, 0, stream>>>(
+        static_cast<const T*>(src), static_cast<const T*>(bias), static_cast<T*>(dst), p, p.O / kV);
+  } else {
+    output_blocks_kernel<T, 1, TO_OUTPUT><<<vector_grid(p, largest), kVectorBlock, 0, stream>>>(
+        static_cast<const T*>(src), static_cast<const T*>(bias), static_cast<T*>(dst), p, p.O);
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_pack_columns(CudaDType dtype, const void* x, void* cols, const PackPlan& p, cudaStream_t stream) {
   if (p.num_rects == 0) return cudaSuccess;
-  int64_t k_max = 0;
-  for (int i = 0; i < p.num_rects; ++i) k_max = std::max(k_max, column_rows(p, p.rects[i]));
+  const int64_t elem = element_bytes(dtype);
+  switch (unit_bytes(p.C * elem, elem, x, cols)) {
+    case 16: columns_with_unit<uint4>(x, cols, p, elem, stream); break;
+    case 8: columns_with_unit<uint2>(x, cols, p, elem, stream); break;
+    case 4: columns_with_unit<uint32_t>(x, cols, p, elem, stream); break;
+    default: columns_with_unit<uint16_t>(x, cols, p, elem, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_weight_blocks(CudaDType dtype, const void* w, const WeightView& view, void* wbuf,
+                                 const PackPlan& p, cudaStream_t stream) {
+  if (p.num_rects == 0 || p.O == 0 || p.C == 0) return cudaSuccess;
+  const int64_t tiles = ((p.O + kTile - 1) / kTile) * ((p.C + kTile - 1) / kTile);
+  const bool read_along_o = std::abs(view.so) < std::abs(view.sc);
   return dispatch(dtype, [&](auto zero) {
     using T = decltype(zero);
-    pack_columns_kernel<T><<<pack_grid(p, k_max), kPackThreads, 0, stream>>>(static_cast<const T*>(x),
-                                                                            static_cast<T*>(cols), p);
+    weight_blocks_kernel<T><<<dim3(unsigned(tiles), unsigned(p.num_rects)), kVectorBlock, 0, stream>>>(
+        static_cast<const T*>(w), static_cast<T*>(wbuf), p, view, read_along_o);
   });
 }
 
 cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, const PackPlan& p,
                                  cudaStream_t stream) {
   if (p.num_rects == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    output_blocks_kernel<T, false><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(
-        static_cast<const T*>(grad), nullptr, static_cast<T*>(prod), p);
-  });
+  return dispatch(dtype, [&](auto zero) { output_blocks<decltype(zero), false>(grad, nullptr, prod, p, stream); });
 }
 
 cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out, const PackPlan& p,
                                   cudaStream_t stream) {
   if (p.num_rects == 0) return cudaSuccess;
-  return dispatch(dtype, [&](auto zero) {
-    using T = decltype(zero);
-    output_blocks_kernel<T, true><<<pack_grid(p, p.O), kPackThreads, 0, stream>>>(
-        static_cast<const T*>(prod), static_cast<const T*>(bias), static_cast<T*>(out), p);
-  });
+  return dispatch(dtype, [&](auto zero) { output_blocks<decltype(zero), true>(prod, bias, out, p, stream); });
+}
+
+cudaError_t launch_weight_gradient(CudaDType acc_dtype, const void* parts, void* acc, const PackPlan& p,
+                                   bool accumulate, cudaStream_t stream) {
+  const int64_t rows = p.O * p.KH * p.KW;
+  if (rows == 0 || p.C == 0) return cudaSuccess;
+  const unsigned blocks = unsigned(std::min<int64_t>(65535, (rows + kRows - 1) / kRows));
+  if (acc_dtype == CudaDType::kFloat64) {
+    weight_gradient_kernel<double><<<blocks, kVectorBlock, 0, stream>>>(static_cast<const double*>(parts),
+                                                                        static_cast<double*>(acc), p, accumulate);
+  } else {
+    weight_gradient_kernel<float><<<blocks, kVectorBlock, 0, stream>>>(static_cast<const float*>(parts),
+                                                                       static_cast<float*>(acc), p, accumulate);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace dilated_conv
