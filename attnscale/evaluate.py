@@ -251,9 +251,18 @@ def run(cfg: TrainConfig, checkpoint: str, out: str = "", max_images: int = 0,
         torch.set_num_threads(threads)
     res["checkpoint"] = checkpoint
     res["iteration"] = it
+    res["list"] = list_path or "val"
+    res["precision"] = cfg.precision
     if out:
         write_json(out, res)
+    if predictions_dir:  # what made the PNGs (checkpoint, list, CRF), beside the folder: the folder stays PNGs only
+        write_json(predictions_record(predictions_dir), res)
     return res
+
+
+def predictions_record(predictions_dir: str) -> str:
+    """The JSON file ``run`` writes beside a predictions folder: ``DIR.json`` for ``DIR/``."""
+    return os.path.normpath(os.path.abspath(predictions_dir)) + ".json"
 
 
 def strict_json(x):
@@ -315,7 +324,8 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-images", type=int, default=10, help="how many images, from the first, get a "
                     "figure (default 10)")
     ap.add_argument("--predictions", default="", metavar="DIR", help="write every prediction here as "
-                    "<image>.png, an indexed PNG with VOC's palette (VOC's evaluation server format)")
+                    "<image>.png, an indexed PNG with VOC's palette (VOC's evaluation server format), and what "
+                    "made them (checkpoint, list, CRF parameters) to DIR.json beside it")
     ap.add_argument("--list", default="", help="a DeepLab list to run instead of the val list; a list of "
                     "images only (VOC test) is predicted, not scored, and needs --predictions")
     from .crf import DEEPLAB_PRESETS
@@ -336,16 +346,20 @@ def main(argv=None) -> int:
     except ValueError as e:
         ap.error(str(e))
     keep_freed_memory()
-    cfg = TrainConfig.load(a.config)
-    if a.device:
-        cfg.device = a.device
-    if a.data_root is not None:
-        cfg.data_root = a.data_root
-    ck = a.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
-    # the val evaluation's file (reproduce reuses it) is never written by a run of another list
-    out = a.out or ("" if a.list else os.path.join(cfg.out_dir, "eval_crf.json" if crf else "eval.json"))
-    res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images, predictions_dir=a.predictions,
-              list_path=a.list, crf=crf)
+    try:
+        cfg = TrainConfig.load(a.config)
+        if a.device:
+            cfg.device = a.device
+        if a.data_root is not None:
+            cfg.data_root = a.data_root
+        ck = a.checkpoint or os.path.join(cfg.out_dir, "checkpoint.pt")
+        # the val evaluation's file (reproduce reuses it) is never written by a run of another list
+        out = a.out or ("" if a.list else os.path.join(cfg.out_dir, "eval_crf.json" if crf else "eval.json"))
+        res = run(cfg, ck, out, a.max_images, a.attention_dir, a.attention_images, predictions_dir=a.predictions,
+                  list_path=a.list, crf=crf)
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad config, list, image, checkpoint: said, not traced
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if "miou" not in res:
         print(f"{res['num_images']} predictions (no labels to score) -> {res['predictions_dir']}")
         return 0

@@ -481,10 +481,14 @@ def main(argv=None) -> int:
     synthetic = True if (a.synthetic or a.quick) else None
     if synthetic and (a.quick or a.synthetic):
         print("Running on the built-in SYNTHETIC scale data set - these are NOT the paper's numbers.")
-    reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
-              a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
-              a.reference_ops, not a.no_progress, conv_impl=a.conv, precision=a.precision,
-              channels_last=a.channels_last)
+    try:
+        reproduce(a.table, a.data_root, a.init, [r for r in a.rows.split(",") if r] or None, a.iters,
+                  a.device, a.out, a.quick, synthetic, a.workers, a.max_eval,
+                  a.reference_ops, not a.no_progress, conv_impl=a.conv, precision=a.precision,
+                  channels_last=a.channels_last)
+    except (ValueError, OSError, FloatingPointError) as exc:  # bad rows, data, weights: said, not traced
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

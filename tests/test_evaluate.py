@@ -1,6 +1,7 @@
 """Evaluation: confusion matrix, IoU on hand-made matrices, the evaluate loop, attention PNGs."""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -192,25 +193,32 @@ def test_predictions_of_val_and_of_an_unlabelled_list(tmp_path, capsys):
             assert im.mode == "P" and np.array_equal(np.asarray(im), want), name
     test_list = root / "list" / "test.txt"
     test_list.write_text("".join(ln.split()[0] + "\n" for ln in (root / "list" / "val.txt").read_text().splitlines()))
-    assert main([str(tmp_path / "cfg.json"), "--list", "list/test.txt", "--predictions", str(tmp_path / "test_pred")]) == 0
+    assert main([str(tmp_path / "cfg.json"), "--list", "list/test.txt", "--predictions", str(tmp_path / "test_pred"),
+                 "--crf-params", '{"max_iter": 0}']) == 0
     assert "3 predictions (no labels to score)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "test_pred.json").read_text())  # what made them, beside the folder
+    assert record["list"] == "list/test.txt" and record["num_images"] == 3 and record["crf"]["max_iter"] == 0
+    assert record["checkpoint"].endswith("checkpoint.pt") and "miou" not in record
     assert sorted(os.listdir(tmp_path / "test_pred")) == sorted(os.listdir(tmp_path / "val_pred"))
     for f in os.listdir(tmp_path / "test_pred"):
         assert (tmp_path / "test_pred" / f).read_bytes() == (tmp_path / "val_pred" / f).read_bytes()
     assert json.loads((tmp_path / "run" / "eval.json").read_text()) == scored
-    with pytest.raises(ValueError, match="no labels to score against"):
-        main([str(tmp_path / "cfg.json"), "--list", str(test_list)])
+    # bad input: a message naming the file and line on stderr and exit status 2, no traceback
+    assert main([str(tmp_path / "cfg.json"), "--list", str(test_list)]) == 2
+    assert re.search("^error: .*no labels to score against", capsys.readouterr().err)
     lines = (root / "list" / "val.txt").read_text().splitlines()
     test_list.write_text(lines[0] + "\n" + lines[1].split()[0] + "\n")
-    with pytest.raises(ValueError, match=r"test.txt:2: this line lacks a label path, line 1 has one"):
-        main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "p")])
+    assert main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "p")]) == 2
+    assert re.search(r"^error: .*test.txt:2: this line lacks a label path, line 1 has one", capsys.readouterr().err)
+    assert main([str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
     # two images of one name (in other folders) would write one prediction file: refused before any work
     first = lines[0].split()[0]
     (root / "Other").mkdir()
     (root / "Other" / os.path.basename(first)).write_bytes((root / first.lstrip("/")).read_bytes())
     test_list.write_text(f"{first}\n/Other/{os.path.basename(first)}\n")
-    with pytest.raises(ValueError, match=r"test.txt: images 1 and 2 are both named .*would be one file"):
-        main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "dup")])
+    assert main([str(tmp_path / "cfg.json"), "--list", str(test_list), "--predictions", str(tmp_path / "dup")]) == 2
+    assert re.search(r"test.txt: images 1 and 2 are both named .*would be one file", capsys.readouterr().err)
     assert not os.path.exists(tmp_path / "dup") or not os.listdir(tmp_path / "dup")
 
 

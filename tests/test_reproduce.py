@@ -150,6 +150,13 @@ def test_bad_row_and_table_names():
         reproduce(3, quick=True, max_eval=-1, progress=False, log=lambda *_: None)
 
 
+def test_cli_says_what_is_wrong_without_a_traceback(tmp_path, capsys):
+    from attnscale.reproduce import main
+    assert main(["--quick", "--rows", "s4-max", "--out", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "s4-max" in err and "Traceback" not in err
+
+
 def test_voc_layout_on_disk_trains_and_evaluates(tmp_path):
     """The real-data path: DeepLab list files + JPEG/PNG files under a data root (here the
     synthetic images written to disk in VOC's layout)."""
