@@ -1,7 +1,8 @@
 // Python entry point of attnscale._C.  The ops themselves register with the
 // dispatcher (TORCH_LIBRARY_FRAGMENT in csrc/ops/*.cpp) when this library is
-// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h)
-// and the digest of the sources it was built from (setup.py generates the header).
+// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h), the size of
+// dilated_conv2d_with_columns' second result (for its fake kernel) and the digest of the sources it
+// was built from (setup.py generates the header).
 #include <Python.h>
 
 #include <c10/util/Exception.h>
@@ -10,6 +11,7 @@
 
 #include "attnscale_source_hash.h"
 #include "ops/cpu/gemm.h"
+#include "ops/dilated_conv_gemm.h"
 
 namespace {
 
@@ -39,11 +41,24 @@ PyObject* set_cpu_gemm(PyObject*, PyObject* arg) {
   }
 }
 
+PyObject* dilated_conv_column_count(PyObject*, PyObject* args) {
+  long long n, c, h, w, o, kh, kw, d, p;
+  if (!PyArg_ParseTuple(args, "LLLLLLLLL", &n, &c, &h, &w, &o, &kh, &kw, &d, &p)) return nullptr;
+  try {  // a block past the copies' 32-bit indexing is refused here as by the op
+    return PyLong_FromLongLong(attnscale::dilated_conv::column_count(n, c, h, w, o, kh, kw, d, p));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 PyObject* source_hash(PyObject*, PyObject*) { return PyUnicode_FromString(ATTNSCALE_SOURCE_HASH); }
 
 PyMethodDef methods[] = {
     {"cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM backend of the Winograd and fc6 kernels: 'onednn' or 'blas'."},
     {"set_cpu_gemm", set_cpu_gemm, METH_O, "Set the CPU GEMM backend ('onednn' or 'blas'); returns the previous one."},
+    {"dilated_conv_column_count", dilated_conv_column_count, METH_VARARGS,
+     "Elements of the column blocks dilated_conv2d_with_columns keeps: (N, C, H, W, O, KH, KW, dilation, padding)."},
     {"source_hash", source_hash, METH_NOARGS, "SHA-256 of the csrc/ files this library was built from."},
     {nullptr, nullptr, 0, nullptr},
 };

@@ -399,9 +399,9 @@ GEMM_SHAPES = CONV_SHAPES + [(2, 16, 24, 41, 41, 3, 12, 12)]  # fc6's plane: a c
 def test_dilated_conv_gemm_path_kernels(case, shape, misalign):
     """dilated_conv_pack_kernel.cu, the GEMM path's copies (column blocks, weight blocks through a view of the
     kernel or of its flipped transpose, product blocks to and from the channels_last output, the weight
-    gradient's sum over the rectangles), around batched GEMMs in float32 as cuBLAS's: forward, input gradient
-    (the adjoint convolution) and weight gradient against F.conv2d in float64, to the CUDA tests'
-    tolerances; 16-byte copies and, misaligned by an element or with odd channel counts, the narrow ones;
+    gradient's sum over the rectangles, the bias gradient summed by the gather), around batched GEMMs in
+    float32 as cuBLAS's: forward, input gradient (the adjoint convolution), weight and bias gradients against
+    F.conv2d in float64, to the CUDA tests' tolerances; 16-byte copies and, misaligned by an element or with odd channel counts, the narrow ones;
     a channels_last kernel too (the weight copy then reads along the other axis)."""
     dtype, tol_f, tol_b, _ = case
     gen, x, wt, b = _conv_inputs(shape, dtype)
@@ -416,5 +416,11 @@ def test_dilated_conv_gemm_path_kernels(case, shape, misalign):
         pad = d * (k - 1) - p
         gx = emu.gemm_convolve(g, kernel, None, d, pad, pad, adjoint=True, misalign=misalign)
         assert gx.shape == x.shape and _rel_err(gx.double(), want[0]) < tol_b, "x"
-    gw = emu.gemm_backward_weight(g, x, k, k, d, p).permute(0, 3, 1, 2)
-    assert _rel_err(gw.double(), want[1]) < tol_b, "weight"
+    gw, gb = emu.gemm_backward_weight(g, x, k, k, d, p, misalign=misalign)
+    assert _rel_err(gw.permute(0, 3, 1, 2).double(), want[1]) < tol_b, "weight"
+    # the gather sums the bias gradient where one plan covers every output and the vectors are whole and
+    # aligned: fc6's plane (else gemm_backward_weight leaves it to ATen's sum)
+    if shape == GEMM_SHAPES[-1] and dtype != torch.float64 and not misalign:
+        assert gb is not None
+    if gb is not None:
+        assert _rel_err(gb.double(), want[2]) < tol_b, "bias"

@@ -114,6 +114,86 @@ def test_opcheck():
                               (go, x.detach(), w.shape[2], w.shape[3], d, p))
 
 
+def test_with_columns_opcheck_and_kept_columns(monkeypatch):
+    """dilated_conv2d_with_columns (the GEMM path's forward that keeps x's column blocks): opcheck (schema,
+    fake, autograd); the blocks it keeps are those the weight gradient packs itself, so the gradient taken
+    with them equals the one without, bit for bit, on shapes with bias-only borders, a 1x1 kernel, kh != kw
+    and an empty batch; their size is the fake's (attnscale._C.dilated_conv_column_count)."""
+    ops = torch.ops.attnscale
+    for shape in [SMALL_SHAPES[0], SMALL_SHAPES[6], SMALL_SHAPES[7], SMALL_SHAPES[8], (0, 2, 3, 9, 9, 3, 2, 2)]:
+        x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
+        torch.library.opcheck(ops.dilated_conv2d_with_columns.default, (x, w, b, d, p))
+        y, cols = ops.dilated_conv2d_with_columns(x.detach(), w.detach(), b.detach(), d, p)
+        mode = torch._subclasses.fake_tensor.FakeTensorMode()
+        fx, fw, fb = (mode.from_tensor(t.detach()) for t in (x, w, b))
+        with mode:
+            fy, fcols = ops.dilated_conv2d_with_columns(fx, fw, fb, d, p)
+        assert fcols.shape == cols.shape and fy.shape == y.shape and fy.stride() == y.stride()
+        torch.testing.assert_close(y, ops.dilated_conv2d(x.detach(), w.detach(), b.detach(), d, p), rtol=1e-6,
+                                   atol=1e-6)
+        go = torch.randn_like(y)
+        kh, kw = w.shape[2:]
+        args = (go, x.detach(), kh, kw, d, p)
+        monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", "gemm")  # the path that takes them
+        with_cols, packed = (ops.dilated_conv2d_backward_weight(*args, c) for c in (cols, None))
+        monkeypatch.delenv("ATTNSCALE_DILATED_CONV_ALGO")
+        for a, e in zip(with_cols, packed):
+            assert torch.equal(a, e)
+        torch.library.opcheck(ops.dilated_conv2d_backward_weight.default, args + (cols,))
+
+
+@pytest.mark.usefixtures("algo")
+def test_forward_keeps_columns_only_for_a_weight_gradient_on_the_gemm_path(algo):
+    """dilated_conv2d calls dilated_conv2d_with_columns exactly when the weight needs a gradient and the
+    GEMM path runs, and the backward hands those columns to the weight gradient; gradients agree with
+    F.conv2d either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name.startswith("dilated_conv2d"):
+                self.seen.append((name, len(args) > 6 and args[6] is not None))
+            return func(*args, **(kwargs or {}))
+
+    x, w, b, d, p = _inputs(SMALL_SHAPES[0], grad=True)
+    for weight_grad in (True, False):
+        w.requires_grad_(weight_grad)
+        with Calls() as calls:
+            y = dilated_conv2d(x, w, b, d, p)
+            grads = torch.autograd.grad(y.pow(2).sum(), (x, w, b) if weight_grad else (x, b))
+        keep = weight_grad and algo == "gemm"
+        assert calls.seen[0][0] == ("dilated_conv2d_with_columns" if keep else "dilated_conv2d")
+        assert ("dilated_conv2d_backward_weight", keep) in calls.seen
+        xr, wr, br = (t.detach().requires_grad_(t.requires_grad) for t in (x, w, b))
+        ref = torch.autograd.grad(F.conv2d(xr, wr, br, padding=p, dilation=d).pow(2).sum(),
+                                  (xr, wr, br) if weight_grad else (xr, br))
+        for a, e in zip(grads, ref):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    with torch.no_grad(), Calls() as calls:
+        dilated_conv2d(x, w.requires_grad_(), b, d, p)
+    assert calls.seen == [("dilated_conv2d", False)]
+
+
+def test_bad_columns_are_refused():
+    """Columns that are not x's column blocks (size, rank, dtype) are refused by the kernel and the fake,
+    naming them, instead of being multiplied."""
+    ops = torch.ops.attnscale
+    x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32)
+    y, cols = ops.dilated_conv2d_with_columns(x, w, b, d, p)
+    go = torch.randn_like(y)
+    for bad in (cols[:-1], cols.view(2, -1), cols.double(), cols[::2]):
+        with pytest.raises(RuntimeError, match="columns"):
+            ops.dilated_conv2d_backward_weight(go, x, 3, 3, d, p, bad)
+        if bad.is_contiguous():
+            with pytest.raises(RuntimeError, match="columns"):
+                ops.dilated_conv2d_backward_weight(go.to("meta"), x.to("meta"), 3, 3, d, p, bad.to("meta"))
+
+
 def _rel_err(a, e):
     return ((a - e).norm() / e.norm()).item()
 
@@ -321,8 +401,15 @@ def test_cuda_opcheck(layout):
     w.requires_grad_()
     b.requires_grad_()
     torch.library.opcheck(torch.ops.attnscale.dilated_conv2d.default, (x, w, b, d, p))
+    torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_with_columns.default, (x, w, b, d, p))
     g = torch.randn(x.shape[0], w.shape[0], *x.shape[2:], device="cuda").contiguous(memory_format=layout)
     torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_backward_input.default, (g, w.detach(), d, p))
+    cols = torch.ops.attnscale.dilated_conv2d_with_columns(x.detach(), w.detach(), b.detach(), d, p)[1]
+    args = (g, x.detach(), w.shape[2], w.shape[3], d, p)
+    torch.library.opcheck(torch.ops.attnscale.dilated_conv2d_backward_weight.default, args + (cols,))
+    for a, e in zip(torch.ops.attnscale.dilated_conv2d_backward_weight(*args, cols),
+                    torch.ops.attnscale.dilated_conv2d_backward_weight(*args)):
+        assert torch.equal(a, e)  # the kept columns are the ones the weight gradient packs
 
 
 @pytest.mark.cuda

@@ -13,6 +13,8 @@ Autograd and fake (meta) implementations are registered here with ``torch.librar
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ._ext import MAX_GEOMETRY, autocast_dtype, has_extension, in_kernel_layout, require_extension
@@ -86,6 +88,25 @@ def _check_backward(grad_output, ref_name: str, ref, channels: int | None, kh: i
                  f"{dilation}, {padding}")
 
 
+def _column_count(x: torch.Tensor, o: int, kh: int, kw: int, dilation: int, padding: int) -> int:
+    """Elements of the column blocks that ``dilated_conv2d_with_columns`` keeps for x and an (o, C, kh, kw)
+    kernel, as the C++ op lays them out (``column_count``)."""
+    from attnscale import _C
+
+    n, c, h, w = (int(v) for v in x.shape)
+    return _C.dilated_conv_column_count(n, c, h, w, int(o), int(kh), int(kw), int(dilation), int(padding))
+
+
+def _keeps_columns(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a forward keeps its column blocks for the weight gradient: the weight needs a gradient and the
+    call takes the GEMM path (the C++ ``use_gemm`` rule: ``ATTNSCALE_DILATED_CONV_ALGO``, unset meaning GEMMs
+    on CUDA; a bad value is left for the op to refuse)."""
+    if not (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    algo = os.environ.get("ATTNSCALE_DILATED_CONV_ALGO", "")
+    return algo == "gemm" or (algo == "" and x.device.type == "cuda")
+
+
 def _register() -> None:
     """Fake + autograd registrations of the C++ ops (once, when the extension is loaded)."""
     global _OPS_REGISTERED
@@ -99,6 +120,12 @@ def _register() -> None:
         ho, wo = _out_size(x.shape[2], kh, dilation, padding), _out_size(x.shape[3], kw, dilation, padding)
         return in_kernel_layout(x.new_empty((x.shape[0], weight.shape[0], ho, wo)), x)
 
+    @torch.library.register_fake("attnscale::dilated_conv2d_with_columns")
+    def _fwd_columns_fake(x, weight, bias=None, dilation=12, padding=12):
+        out = _fwd_fake(x, weight, bias, dilation, padding)
+        o, _, kh, kw = weight.shape
+        return out, x.new_empty((_column_count(x, o, kh, kw, dilation, padding),))
+
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_input")
     def _bwd_input_fake(grad_output, weight, dilation, padding):
         kh, kw = weight.shape[2], weight.shape[3]
@@ -110,7 +137,7 @@ def _register() -> None:
         return in_kernel_layout(grad_output.new_empty((grad_output.shape[0], weight.shape[1], h, w)), grad_output)
 
     @torch.library.register_fake("attnscale::dilated_conv2d_backward_weight")
-    def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding):
+    def _bwd_weight_fake(grad_output, x, kernel_h, kernel_w, dilation, padding, columns=None):
         _check_backward(grad_output, "x", x, None, kernel_h, kernel_w, dilation, padding)
         ho, wo = (_out_size(x.shape[2], kernel_h, dilation, padding), _out_size(x.shape[3], kernel_w, dilation, padding))
         torch._check(ho >= 1 and wo >= 1, lambda: f"dilated_conv2d: output size H + 2*padding - dilation*(k-1) "
@@ -119,22 +146,32 @@ def _register() -> None:
                      lambda: f"dilated_conv2d backward: grad_output has shape {tuple(grad_output.shape)} but x "
                      f"{tuple(x.shape)} gives an output of ({x.shape[0]}, {grad_output.shape[1]}, {ho}, {wo})")
         o = grad_output.shape[1]
+        if columns is not None:
+            n = _column_count(x, o, kernel_h, kernel_w, dilation, padding)
+            torch._check(columns.dim() == 1 and columns.shape[0] == n and columns.dtype == x.dtype
+                         and columns.device == x.device, lambda: "dilated_conv2d backward: columns must be the 1-D "
+                         f"column blocks of x {tuple(x.shape)} ({n} elements of {x.dtype} on {x.device}), got "
+                         f"{tuple(columns.shape)} ({columns.dtype} on {columns.device})")
         return (grad_output.new_empty((o, x.shape[1], kernel_h, kernel_w)), grad_output.new_empty((o,)))
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, dilation, padding = inputs
-        ctx.save_for_backward(x, weight)
+        columns = None
+        if isinstance(output, tuple):  # dilated_conv2d_with_columns
+            columns = output[1]
+            ctx.mark_non_differentiable(columns)
+        ctx.save_for_backward(x, weight, columns)
         ctx.has_bias = bias is not None
         ctx.dilation, ctx.padding = dilation, padding
 
-    def _backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
+    def _backward(ctx, grad_out, _grad_columns=None):
+        x, weight, columns = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = torch.ops.attnscale.dilated_conv2d_backward_input(grad_out, weight, ctx.dilation, ctx.padding)
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
             gw, gb = torch.ops.attnscale.dilated_conv2d_backward_weight(
-                grad_out, x, weight.shape[2], weight.shape[3], ctx.dilation, ctx.padding)
+                grad_out, x, weight.shape[2], weight.shape[3], ctx.dilation, ctx.padding, columns)
             if not ctx.needs_input_grad[1]:
                 gw = None
             if not (ctx.has_bias and ctx.needs_input_grad[2]):
@@ -142,6 +179,8 @@ def _register() -> None:
         return gx, gw, gb, None, None
 
     torch.library.register_autograd("attnscale::dilated_conv2d", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("attnscale::dilated_conv2d_with_columns", _backward,
+                                    setup_context=_setup_context)
 
     # Double backward: both backward ops are bilinear, so their derivatives are the three ops again.
     def _bwd_input_setup(ctx, inputs, output):
@@ -160,7 +199,8 @@ def _register() -> None:
         return d_g, d_w, None, None
 
     def _bwd_weight_setup(ctx, inputs, output):
-        grad_output, x, ctx.kh, ctx.kw, ctx.dilation, ctx.padding = inputs
+        # columns (if given) are x's column blocks, a function of x: the derivatives go to x alone
+        grad_output, x, ctx.kh, ctx.kw, ctx.dilation, ctx.padding, _columns = inputs
         ctx.save_for_backward(grad_output, x)
 
     def _bwd_weight_backward(ctx, ggw, ggb):  # (gw, gb) = B_w(g, x): <ggw, gw> + <ggb, gb> = <g, F(x, ggw, ggb)>
@@ -173,7 +213,7 @@ def _register() -> None:
             d_g = torch.ops.attnscale.dilated_conv2d(x, ggw, ggb, ctx.dilation, ctx.padding)
         if ctx.needs_input_grad[1]:
             d_x = torch.ops.attnscale.dilated_conv2d_backward_input(g, ggw, ctx.dilation, ctx.padding)
-        return d_g, d_x, None, None, None, None
+        return d_g, d_x, None, None, None, None, None
 
     torch.library.register_autograd("attnscale::dilated_conv2d_backward_input", _bwd_input_backward,
                                     setup_context=_bwd_input_setup)
@@ -193,7 +233,9 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     (N, O, H + 2p - d(kh-1), W + 2p - d(kw-1)).  CPU: float32/float64.  CUDA: float32 (TF32 when the
     running library's flag allows it: ``torch.backends.cuda.matmul.allow_tf32`` for the GEMM path,
     ``torch.backends.cudnn.allow_tf32`` for the direct kernels; else exact), bfloat16/float16 (tensor
-    cores, fp32 accumulation), float64.  Differentiable in x, weight and bias.  Inside
+    cores, fp32 accumulation), float64.  Differentiable in x, weight and bias; on the GEMM path (CUDA) a
+    forward whose weight needs a gradient keeps its column blocks (x's live taps, about 5.9x the bytes of x
+    for fc6 at 41x41) until the backward, which then multiplies them instead of gathering them again.  Inside
     ``torch.autocast`` the inputs are cast to the region's dtype on CUDA and to float32 on CPU.
     """
     require_extension()
@@ -202,4 +244,6 @@ def dilated_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x, weight = x.to(dt), weight.to(dt)
         bias = None if bias is None else bias.to(dt)
     _check(x, weight, bias, dilation, padding)
+    if _keeps_columns(x, weight):
+        return torch.ops.attnscale.dilated_conv2d_with_columns(x, weight, bias, dilation, padding)[0]
     return torch.ops.attnscale.dilated_conv2d(x, weight, bias, dilation, padding)

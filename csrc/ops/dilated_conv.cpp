@@ -8,12 +8,19 @@
 // (attnscale/ops/dilated_conv.py) on top of the two backward ops:
 //   dilated_conv2d_backward_input : grad_x (input size follows from grad_output
 //       and the kernel: H = Ho - 2p + d*(KH-1))
-//   dilated_conv2d_backward_weight: (grad_weight, grad_bias)
+//   dilated_conv2d_backward_weight: (grad_weight, grad_bias); `columns`, the column blocks of x that
+//       dilated_conv2d_with_columns kept, spares the GEMM path packing them again (the direct kernels
+//       ignore them)
+// dilated_conv2d_with_columns is the forward on the GEMM path (every device) that also returns those
+// blocks (1-D, attnscale._C.dilated_conv_column_count elements): training's forward when the weight
+// needs a gradient.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(attnscale, m) {
   m.def("dilated_conv2d(Tensor x, Tensor weight, Tensor? bias=None, int dilation=12, int padding=12) -> Tensor");
   m.def("dilated_conv2d_backward_input(Tensor grad_output, Tensor weight, int dilation, int padding) -> Tensor");
+  m.def("dilated_conv2d_with_columns(Tensor x, Tensor weight, Tensor? bias=None, int dilation=12, "
+        "int padding=12) -> (Tensor, Tensor)");
   m.def("dilated_conv2d_backward_weight(Tensor grad_output, Tensor x, int kernel_h, int kernel_w, "
-        "int dilation, int padding) -> (Tensor, Tensor)");
+        "int dilation, int padding, Tensor? columns=None) -> (Tensor, Tensor)");
 }

@@ -48,6 +48,12 @@ cudaError_t launch_weight_blocks(CudaDType dtype, const void* w, const WeightVie
                                  const PackPlan& plan, cudaStream_t stream);
 cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, const PackPlan& plan,
                                  cudaStream_t stream);
+// The same gather with the bias gradient (O,) of grad_output's dtype, the sum over the plan's rows in
+// float: workspace holds gather_sum_workspace(...) floats, which is 0 where this cannot serve (float64,
+// O > 1024, O not in whole 16-byte vectors, misaligned pointers; then gather and sum apart).
+int64_t gather_sum_workspace(CudaDType dtype, const void* grad, const void* prod, const PackPlan& plan);
+cudaError_t launch_gather_output_sum(CudaDType dtype, const void* grad, void* prod, float* workspace,
+                                     void* bias_grad, const PackPlan& plan, cudaStream_t stream);
 cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out,
                                   const PackPlan& plan, cudaStream_t stream);
 cudaError_t launch_weight_gradient(CudaDType acc_dtype, const void* parts, void* acc, const PackPlan& plan,

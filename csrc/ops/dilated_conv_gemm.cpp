@@ -15,7 +15,10 @@
 //   backward input   the adjoint of a stride-1 convolution is the convolution of grad_output with the
 //                    kernel flipped and transposed, padding d*(k-1) - p: the forward's code again
 //   backward weight  dw[live taps] += grad_output[rect]^T @ columns(x, rect): each rectangle's part
-//                    from the batched GEMM (fp32 for bf16/fp16), summed per tap by one kernel
+//                    from the batched GEMM (fp32 for bf16/fp16), summed per tap by one kernel; the
+//                    columns are the forward's when it kept them (dilated_conv2d_with_columns: a
+//                    training step writes them once, not twice); on a GPU the gather of grad_output's
+//                    rows sums the bias gradient too (where one plan covers every output)
 //
 // Every step runs in a fixed order without atomics, so results are deterministic.
 #include "ops/dilated_conv_gemm.h"
@@ -109,17 +112,21 @@ struct NoAutocast {
 
 // A result computed channels_last, in the layout the op gives (dilated_conv_gemm.h).
 at::Tensor in_result_layout(const at::Tensor& out, const at::Tensor& like) {
-  return like.is_cuda() ? out.contiguous(layout_of(like)) : out.contiguous();
+  const at::MemoryFormat f = like.is_cuda() ? layout_of(like) : at::MemoryFormat::Contiguous;
+  // an empty tensor counts as contiguous in every layout, so contiguous() would keep its strides
+  return out.numel() == 0 ? at::empty(out.sizes(), out.options().memory_format(f)) : out.contiguous(f);
 }
 
 // Convolution of x (N, C, H, W) with weight (O, C, KH, KW) or, adjoint, with weight (C, O, KH, KW)
 // flipped and transposed; per-axis padding (negative = cropping).
+// keep_columns: where to leave the column blocks (the whole buffer: column_count elements), or null.
 at::Tensor convolve(const at::Tensor& x_in, const at::Tensor& weight, bool adjoint, const at::Tensor& bias_in,
-                    const Layout& l) {
+                    const Layout& l, at::Tensor* keep_columns = nullptr) {
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t O = weight.size(adjoint ? 1 : 0), KH = weight.size(2), KW = weight.size(3);
   const int64_t Ho = H + 2 * l.pad_y - l.d * (KH - 1), Wo = W + 2 * l.pad_x - l.d * (KW - 1);
   at::Tensor out = at::empty({N, O, Ho, Wo}, x_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+  if (keep_columns != nullptr) *keep_columns = at::empty({0}, x_in.options());  // (column_count's 0)
   if (out.numel() == 0) return in_result_layout(out, x_in);
   const at::Tensor bias = bias_in.defined() ? bias_in.contiguous() : bias_in;
   const Blocks b = C > 0 ? checked_blocks(N, C, H, W, O, Ho, Wo, KH, KW, l) : Blocks{};
@@ -133,6 +140,14 @@ at::Tensor convolve(const at::Tensor& x_in, const at::Tensor& weight, bool adjoi
   if (b.rects.empty()) return in_result_layout(out, x_in);
   const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor cols = pack_columns(x, b);
+  if (keep_columns != nullptr) {  // a result: the alignment gaps between the groups' blocks zeroed too
+    *keep_columns = cols;
+    int64_t end = 0;
+    for (const Group& g : b.groups) {
+      if (g.col_base > end) keep_columns->narrow(0, end, g.col_base - end).zero_();
+      end = g.col_base + g.size() * g.m * g.k;
+    }
+  }
   at::Tensor wbuf = at::empty({b.part_size}, x.options());  // the weight blocks, laid out as the parts
   const at::Tensor w = compact_weight(weight);
   for (const PackPlan& plan : b.plans) pack_kernels(x).weights(w, weight_view(w, adjoint), wbuf, plan);
@@ -156,6 +171,34 @@ at::Tensor gemm_forward(const at::Tensor& x, const at::Tensor& weight, const c10
   return convolve(x, weight, false, b, {dilation, padding, padding});
 }
 
+std::tuple<at::Tensor, at::Tensor> gemm_forward_with_columns(const at::Tensor& x, const at::Tensor& weight,
+                                                             const c10::optional<at::Tensor>& bias, int64_t dilation,
+                                                             int64_t padding) {
+  NoAutocast no_autocast;
+  const at::Tensor b = bias.has_value() && bias->defined() ? *bias : at::Tensor();
+  at::Tensor columns;
+  at::Tensor out = convolve(x, weight, false, b, {dilation, padding, padding}, &columns);
+  return {out, columns};
+}
+
+int64_t column_count(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW, int64_t dilation,
+                     int64_t padding) {
+  const int64_t Ho = H + 2 * padding - dilation * (KH - 1), Wo = W + 2 * padding - dilation * (KW - 1);
+  if (N <= 0 || C <= 0 || O <= 0 || Ho < 1 || Wo < 1) return 0;
+  return checked_blocks(N, C, H, W, O, Ho, Wo, KH, KW, {dilation, padding, padding}).col_size;
+}
+
+void check_columns(const at::Tensor& columns, const at::Tensor& x, int64_t O, int64_t KH, int64_t KW,
+                   int64_t dilation, int64_t padding) {
+  const int64_t count = column_count(x.size(0), x.size(1), x.size(2), x.size(3), O, KH, KW, dilation, padding);
+  TORCH_CHECK(columns.dim() == 1 && columns.numel() == count && columns.is_contiguous(),
+              "dilated_conv2d backward: columns must be the 1-D contiguous column blocks of x ", x.sizes(),
+              " (", count, " elements, from dilated_conv2d_with_columns), got shape ", columns.sizes());
+  TORCH_CHECK(columns.scalar_type() == x.scalar_type() && columns.device() == x.device(),
+              "dilated_conv2d backward: columns (", columns.scalar_type(), ", ", columns.device(),
+              ") must have x's dtype and device (", x.scalar_type(), ", ", x.device(), ")");
+}
+
 at::Tensor gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& weight, int64_t dilation,
                                int64_t padding) {
   NoAutocast no_autocast;
@@ -168,24 +211,30 @@ at::Tensor gemm_backward_input(const at::Tensor& grad_output, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> gemm_backward_weight(const at::Tensor& grad_output, const at::Tensor& x_in,
                                                         int64_t kernel_h, int64_t kernel_w, int64_t dilation,
-                                                        int64_t padding) {
+                                                        int64_t padding, const c10::optional<at::Tensor>& columns) {
   NoAutocast no_autocast;
   const int64_t N = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3), O = grad_output.size(1);
   const int64_t Ho = grad_output.size(2), Wo = grad_output.size(3);
   const bool half = x_in.scalar_type() == at::kHalf || x_in.scalar_type() == at::kBFloat16;
   const at::TensorOptions acc_options = x_in.options().dtype(half ? at::kFloat : x_in.scalar_type());
   at::Tensor acc = at::empty({O, kernel_h, kernel_w, C}, acc_options);
+  at::Tensor gbias;
+  bool summed = false;
   const Blocks b = N > 0 && C > 0 && O > 0
                        ? checked_blocks(N, C, H, W, O, Ho, Wo, kernel_h, kernel_w, {dilation, padding, padding})
                        : Blocks{};
   if (b.rects.empty()) {
     acc.zero_();
   } else {
-    const at::Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
     const at::Tensor g = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-    const at::Tensor cols = pack_columns(x, b);
+    const bool kept = columns.has_value() && columns->defined();  // (checked by the caller)
+    const at::Tensor cols = kept ? *columns : pack_columns(x_in.contiguous(at::MemoryFormat::ChannelsLast), b);
     at::Tensor gprod = at::empty({b.prod_size}, g.options());
-    for (const PackPlan& plan : b.plans) pack_kernels(g).gather_output(g, gprod, plan);
+    // the bias gradient from the gather where one plan covers every output (fc6), else from grad_output
+    const bool sum_here = b.plans.size() == 1 && b.covered == Ho * Wo;
+    for (const PackPlan& plan : b.plans) {
+      summed = pack_kernels(g).gather_output(g, gprod, sum_here ? &gbias : nullptr, plan);
+    }
     at::Tensor parts = at::empty({b.part_size}, acc_options);
     for (const Group& grp : b.groups) {
       // (O, taps * C) = (O, M) @ (M, taps * C) per member
@@ -197,11 +246,11 @@ std::tuple<at::Tensor, at::Tensor> gemm_backward_weight(const at::Tensor& grad_o
         at::bmm_out(dst, gi, ci);
       }
     }
-    for (size_t i = 0; i < b.plans.size(); ++i) pack_kernels(x).weight_gradient(parts, acc, b.plans[i], i > 0);
+    for (size_t i = 0; i < b.plans.size(); ++i) pack_kernels(g).weight_gradient(parts, acc, b.plans[i], i > 0);
   }
   at::Tensor gw = at::empty({O, C, kernel_h, kernel_w}, x_in.options());
   gw.copy_(acc.permute({0, 3, 1, 2}));
-  return {gw, grad_output.sum({0, 2, 3})};
+  return {gw, summed ? gbias : grad_output.sum({0, 2, 3})};
 }
 
 }  // namespace dilated_conv

@@ -242,6 +242,20 @@ int emu_gemm_gather(int dt, const void* grad, void* prod, const int64_t* geometr
   });
 }
 
+// The gather with the bias gradient (a geometry of one plan): the workspace's floats (0: it cannot serve),
+// then the launch.
+int64_t emu_gemm_gather_sum_workspace(int dt, const void* grad, const void* prod, const int64_t* geometry) {
+  const dilated_conv::Blocks b = gemm_blocks(geometry);
+  return b.plans.size() == 1 ? dilated_conv::gather_sum_workspace(conv_dtype(dt), grad, prod, b.plans[0]) : 0;
+}
+
+int emu_gemm_gather_sum(int dt, const void* grad, void* prod, float* workspace, void* bias_grad,
+                        const int64_t* geometry) {
+  return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
+    return dilated_conv::launch_gather_output_sum(conv_dtype(dt), grad, prod, workspace, bias_grad, p, nullptr);
+  });
+}
+
 int emu_gemm_scatter(int dt, const void* prod, const void* bias, void* out, const int64_t* geometry) {
   return each_plan(geometry, [&](const dilated_conv::PackPlan& p, size_t) {
     return dilated_conv::launch_scatter_output(conv_dtype(dt), prod, bias, out, p, nullptr);

@@ -343,21 +343,33 @@ def gemm_convolve(x, weight, bias, dilation, pad_y, pad_x, adjoint=False, misali
     return out.t.clone()
 
 
-def gemm_backward_weight(grad_out, x, KH, KW, dilation, padding):
+def gemm_backward_weight(grad_out, x, KH, KW, dilation, padding, misalign=0):
     """dilated_conv_gemm.cpp's gemm_backward_weight with its copies by the emulated CUDA kernels: the
-    weight gradient (O, KH, KW, C), float32 for bfloat16 / float16."""
+    weight gradient (O, KH, KW, C), float32 for bfloat16 / float16, and the bias gradient where the
+    gather sums it (one plan covering every output, a device that can: else None, ATen's sum).  misalign
+    shifts grad_output by one element."""
     N, C, H, W = x.shape
     O = grad_out.shape[1]
-    geom, _ = _gemm_geometry(N, C, H, W, O, KH, KW, dilation, padding, padding)
+    geom, (Ho, Wo) = _gemm_geometry(N, C, H, W, O, KH, KW, dilation, padding, padding)
     lay = _gemm_layout(geom)
     dt = _i32(CONV_DTYPES[x.dtype])
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xg, gg = _arg(x, True), _arg(grad_out, True)
+    xg, gg = _arg(x, True), _arg(grad_out, True, misalign)
     cols, gprod = _Guarded((max(lay["col"], 1),), x.dtype), _Guarded((max(lay["prod"], 1),), x.dtype)
     parts = _Guarded((max(lay["part"], 1),), acc_dtype)
     acc = _Guarded((O, KH, KW, C), acc_dtype)
     _call("emu_gemm_columns", dt, xg.ptr(), cols.ptr(), geom)
-    _call("emu_gemm_gather", dt, gg.ptr(), gprod.ptr(), geom)
+    fn = lib().emu_gemm_gather_sum_workspace
+    fn.restype = ctypes.c_int64
+    ws = fn(dt, gg.ptr(), gprod.ptr(), geom) if lay["covered"] == Ho * Wo else 0
+    bias = None
+    if ws > 0:
+        work, bias = _Guarded((ws,), torch.float32), _Guarded((O,), x.dtype)
+        _call("emu_gemm_gather_sum", dt, gg.ptr(), gprod.ptr(), work.ptr(), bias.ptr(), geom)
+        for t, name in ((work, "partial sums"), (bias, "bias gradient")):
+            t.check(f"gemm_backward_weight {name}")
+    else:
+        _call("emu_gemm_gather", dt, gg.ptr(), gprod.ptr(), geom)
     for g in lay["groups"]:
         n, m, k = g["members"], g["m"], g["k"]
         gi = gprod.t[g["prod"]:g["prod"] + n * m * O].view(n, m, O).transpose(1, 2)
@@ -366,4 +378,4 @@ def gemm_backward_weight(grad_out, x, KH, KW, dilation, padding):
     _call("emu_gemm_weight_gradient", _i32(CONV_DTYPES[acc_dtype]), parts.ptr(), acc.ptr(), geom)
     for t, name in ((cols, "columns"), (gprod, "products"), (parts, "parts"), (acc, "weight gradient")):
         t.check(f"gemm_backward_weight {name}")
-    return acc.t.clone()
+    return acc.t.clone(), None if bias is None else bias.t.clone()

@@ -248,6 +248,15 @@ void check_cpu(const at::Tensor& t, const char* name) {
               "dilated_conv2d (CPU kernel): ", name, " must be float32 or float64, got ", t.scalar_type());
 }
 
+// The forward on the GEMM path with its column blocks (the weight gradient's, when training).
+std::tuple<at::Tensor, at::Tensor> forward_with_columns_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                            const c10::optional<at::Tensor>& bias, int64_t dilation,
+                                                            int64_t padding) {
+  check_forward(x, weight, bias, dilation, padding);
+  check_cpu(x, "x");
+  return gemm_forward_with_columns(x, weight, bias, dilation, padding);
+}
+
 at::Tensor forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in,
                        const c10::optional<at::Tensor>& bias_in, int64_t dilation, int64_t padding) {
   check_forward(x_in, weight_in, bias_in, dilation, padding);
@@ -411,7 +420,7 @@ at::Tensor backward_input_cpu(const at::Tensor& grad_out_in, const at::Tensor& w
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                        int64_t kernel_h, int64_t kernel_w, int64_t dilation,
-                                                       int64_t padding) {
+                                                       int64_t padding, const c10::optional<at::Tensor>& columns) {
   check_grad_output(grad_out_in, x_in, "x");
   check_cpu(x_in, "x");
   TORCH_CHECK(x_in.dim() == 4, "dilated_conv2d backward: x must be 4-D, got ", x_in.dim(), "-D");
@@ -424,7 +433,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cpu(const at::Tensor& grad_ou
   TORCH_CHECK(grad_out_in.size(0) == g.N && grad_out_in.size(2) == g.Ho && grad_out_in.size(3) == g.Wo,
               "dilated_conv2d backward: grad_output has shape ", grad_out_in.sizes(), " but x ", x_in.sizes(),
               " gives an output of (", g.N, ", ", g.O, ", ", g.Ho, ", ", g.Wo, ")");
-  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding);
+  if (columns.has_value() && columns->defined()) {
+    check_columns(*columns, x_in, grad_out_in.size(1), kernel_h, kernel_w, dilation, padding);
+  }
+  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding, columns);
   const at::Tensor go = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   at::Tensor gbias = go.sum({0, 2, 3});
@@ -472,6 +484,7 @@ TORCH_LIBRARY_IMPL(attnscale, CPU, m) {
   m.impl("dilated_conv2d", &forward_cpu);
   m.impl("dilated_conv2d_backward_input", &backward_input_cpu);
   m.impl("dilated_conv2d_backward_weight", &backward_weight_cpu);
+  m.impl("dilated_conv2d_with_columns", &forward_with_columns_cpu);
 }
 
 }  // namespace dilated_conv

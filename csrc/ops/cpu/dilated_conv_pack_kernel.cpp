@@ -73,8 +73,9 @@ void output_blocks_cpu(const at::Tensor& src_t, const at::Tensor& bias, at::Tens
   });
 }
 
-void gather_output_cpu(const at::Tensor& grad, at::Tensor& prod, const PackPlan& p) {
+bool gather_output_cpu(const at::Tensor& grad, at::Tensor& prod, at::Tensor* /*bias_grad*/, const PackPlan& p) {
   output_blocks_cpu<false>(grad, at::Tensor(), prod, p);
+  return false;  // the caller sums the bias gradient
 }
 
 void scatter_output_cpu(const at::Tensor& prod, const at::Tensor& bias, at::Tensor& out, const PackPlan& p) {

@@ -51,6 +51,17 @@ ConvShape make_shape(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int6
                    dilation, padding};
 }
 
+// The forward on the GEMM path with its column blocks (the weight gradient's, when training).
+std::tuple<at::Tensor, at::Tensor> forward_with_columns_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                                             const c10::optional<at::Tensor>& bias, int64_t dilation,
+                                                             int64_t padding) {
+  check_forward(x, weight, bias, dilation, padding);
+  check_cuda(x, "x");
+  cuda_dtype(x, "x");
+  c10::cuda::CUDAGuard guard(x.device());
+  return gemm_forward_with_columns(x, weight, bias, dilation, padding);
+}
+
 at::Tensor forward_cuda(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias_in,
                         int64_t dilation, int64_t padding) {
   check_forward(x_in, weight, bias_in, dilation, padding);
@@ -105,7 +116,7 @@ at::Tensor backward_input_cuda(const at::Tensor& grad_out_in, const at::Tensor& 
 
 std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                         int64_t kernel_h, int64_t kernel_w, int64_t dilation,
-                                                        int64_t padding) {
+                                                        int64_t padding, const c10::optional<at::Tensor>& columns) {
   check_grad_output(grad_out_in, x_in, "x");
   check_cuda(x_in, "x");
   TORCH_CHECK(x_in.dim() == 4, "dilated_conv2d backward: x must be 4-D, got ", x_in.dim(), "-D");
@@ -119,7 +130,10 @@ std::tuple<at::Tensor, at::Tensor> backward_weight_cuda(const at::Tensor& grad_o
               "dilated_conv2d backward: grad_output has shape ", grad_out_in.sizes(), " but x ", x_in.sizes(),
               " gives an output of (", s.N, ", ", s.O, ", ", s.Ho, ", ", s.Wo, ")");
   c10::cuda::CUDAGuard guard(x_in.device());
-  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding);
+  if (columns.has_value() && columns->defined()) {
+    check_columns(*columns, x_in, grad_out_in.size(1), kernel_h, kernel_w, dilation, padding);
+  }
+  if (use_gemm(x_in)) return gemm_backward_weight(grad_out_in, x_in, kernel_h, kernel_w, dilation, padding, columns);
   const at::Tensor go = grad_out_in.contiguous();
   const at::Tensor x = x_in.contiguous();
   if (s.N == 0) {
@@ -153,10 +167,19 @@ void weights_cuda(const at::Tensor& w, const WeightView& view, at::Tensor& wbuf,
                "weight packing launch");
 }
 
-void gather_output_cuda(const at::Tensor& grad, at::Tensor& prod, const PackPlan& plan) {
-  check_launch(launch_gather_output(cuda_dtype(grad, "grad_output"), grad.data_ptr(), prod.data_ptr(), plan,
-                                    stream()),
-               "grad_output packing launch");
+bool gather_output_cuda(const at::Tensor& grad, at::Tensor& prod, at::Tensor* bias_grad, const PackPlan& plan) {
+  const CudaDType dt = cuda_dtype(grad, "grad_output");
+  const int64_t ws = bias_grad != nullptr ? gather_sum_workspace(dt, grad.data_ptr(), prod.data_ptr(), plan) : 0;
+  if (ws > 0) {
+    at::Tensor partial = at::empty({ws}, grad.options().dtype(at::kFloat));
+    *bias_grad = at::empty({plan.O}, grad.options());
+    check_launch(launch_gather_output_sum(dt, grad.data_ptr(), prod.data_ptr(), partial.data_ptr<float>(),
+                                          bias_grad->data_ptr(), plan, stream()),
+                 "grad_output packing and bias gradient launch");
+    return true;
+  }
+  check_launch(launch_gather_output(dt, grad.data_ptr(), prod.data_ptr(), plan, stream()), "grad_output packing launch");
+  return false;
 }
 
 void scatter_output_cuda(const at::Tensor& prod, const at::Tensor& bias, at::Tensor& out, const PackPlan& plan) {
@@ -184,6 +207,7 @@ TORCH_LIBRARY_IMPL(attnscale, CUDA, m) {
   m.impl("dilated_conv2d", &forward_cuda);
   m.impl("dilated_conv2d_backward_input", &backward_input_cuda);
   m.impl("dilated_conv2d_backward_weight", &backward_weight_cuda);
+  m.impl("dilated_conv2d_with_columns", &forward_with_columns_cuda);
 }
 
 }  // namespace dilated_conv

@@ -124,6 +124,78 @@ __global__ void __launch_bounds__(kPackThreads) output_blocks_kernel(const T* __
   }
 }
 
+// The gather (out -> product) with the bias gradient: each lane also sums its NV vectors of V channels
+// (o = (j * kLanes + lane) * V + e) over the rows it copies, in float; the block adds its warps' sums in
+// shared memory and writes one row of O partial sums per block (partial[block][o], block = blockIdx.y *
+// gridDim.x + blockIdx.x), which bias_gradient_kernel adds up.  So the gradient costs no second read of
+// grad_output (ATen's reduction over N, H, W read it again: 39 us at fc6's 10x1024x41x41 in bf16).
+constexpr int kSumFloats = 32;  // channels per lane: O <= kLanes * kSumFloats = 1024
+constexpr int kSumBlocksPerRect = 32;
+
+template <typename T, int V, int NV>
+__global__ void __launch_bounds__(kPackThreads) gather_sum_kernel(const T* __restrict__ src, T* __restrict__ dst,
+                                                                 float* __restrict__ partial,
+                                                                 const __grid_constant__ PackPlan p, int64_t ov) {
+  static_assert(NV * V <= kSumFloats, "a lane sums at most kSumFloats channels");
+  using VT = Vec<T, V>;
+  __shared__ float sums[kRows][kLanes * kSumFloats];
+  const PackRect& r = p.rects[blockIdx.y];
+  const int64_t M = block_size(p, r);
+  float acc[NV][V];
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[j][e] = 0.f;
+  }
+  for (int64_t m = blockIdx.x * int64_t(kRows) + threadIdx.y; m < M; m += int64_t(gridDim.x) * kRows) {
+    const int64_t pixel = output_pixel(p, r, uint32_t(m)) * p.O, row = r.prod_offset + m * p.O;
+#pragma unroll
+    for (int j = 0; j < NV; ++j) {
+      const int64_t c = threadIdx.x + j * kLanes;
+      if (c < ov) {
+        const VT v = *reinterpret_cast<const VT*>(src + pixel + c * V);
+        *reinterpret_cast<VT*>(dst + row + c * V) = v;
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[j][e] += to_f(v.v[e]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NV; ++j) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) sums[threadIdx.y][(j * kLanes + threadIdx.x) * V + e] = acc[j][e];
+  }
+  __syncthreads();
+  float* out = partial + (int64_t(blockIdx.y) * gridDim.x + blockIdx.x) * p.O;
+  for (int o = threadIdx.y * kLanes + threadIdx.x; o < p.O; o += kPackThreads) {
+    float s = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) s += sums[k][o];
+    out[o] = s;
+  }
+}
+
+// bias_grad[o] = the sum of partial[b][o] over the blocks b, in block order: a block per kLanes channels,
+// its warps taking every kRows-th block's row, then added in warp order.
+template <typename T>
+__global__ void __launch_bounds__(kPackThreads) bias_gradient_kernel(const float* __restrict__ partial,
+                                                                    int64_t blocks, int64_t O, T* __restrict__ out) {
+  __shared__ float sums[kRows][kLanes];
+  const int64_t o = int64_t(blockIdx.x) * kLanes + threadIdx.x;
+  float s = 0.f;
+  if (o < O) {
+    for (int64_t b = threadIdx.y; b < blocks; b += kRows) s += partial[b * O + o];
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && o < O) {
+    float t = 0.f;
+#pragma unroll
+    for (int k = 0; k < kRows; ++k) t += sums[k][threadIdx.x];
+    out[o] = from_f<T>(t);
+  }
+}
+
 // The weight gradient (O, KH, KW, C) from the part blocks: a warp per row (o, ky, kx), lanes along the
 // channels; each element sums the rectangles' rows (part_row) in plan order, as the CPU loop does.
 template <typename A>
@@ -239,6 +311,65 @@ cudaError_t launch_gather_output(CudaDType dtype, const void* grad, void* prod, 
                                  cudaStream_t stream) {
   if (p.num_rects == 0) return cudaSuccess;
   return dispatch(dtype, [&](auto zero) { output_blocks<decltype(zero), false>(grad, nullptr, prod, p, stream); });
+}
+
+namespace {
+
+int64_t sum_blocks_x(const PackPlan& p) {  // the summing gather's blocks per rectangle
+  int64_t largest = 0;
+  for (int i = 0; i < p.num_rects; ++i) largest = std::max(largest, block_size(p, p.rects[i]));
+  return std::max<int64_t>(1, std::min<int64_t>(kSumBlocksPerRect, (largest + kRows - 1) / kRows));
+}
+
+template <typename T, int V, int NV>
+void gather_sum(const void* grad, void* prod, float* partial, void* bias_grad, const PackPlan& p,
+                cudaStream_t stream) {
+  const int64_t gx = sum_blocks_x(p);
+  gather_sum_kernel<T, V, NV><<<dim3(unsigned(gx), unsigned(p.num_rects)), kVectorBlock, 0, stream>>>(
+      static_cast<const T*>(grad), static_cast<T*>(prod), partial, p, p.O / V);
+  bias_gradient_kernel<T><<<unsigned((p.O + kLanes - 1) / kLanes), kVectorBlock, 0, stream>>>(
+      partial, gx * p.num_rects, p.O, static_cast<T*>(bias_grad));
+}
+
+// Vectors per lane of the summing gather for T: the fewest of 1, 2, 4, ... that cover O, or 0 when it
+// cannot serve (float64, O past kLanes * kSumFloats or not whole 16-byte vectors, misaligned pointers).
+template <typename T>
+int sum_vectors(const void* grad, const void* prod, const PackPlan& p) {
+  constexpr int V = 16 / sizeof(T);
+  if (sizeof(T) == 8 || p.O <= 0 || p.O % V != 0 || p.O > int64_t(kLanes) * kSumFloats) return 0;
+  if (!aligned(grad, 16) || !aligned(prod, 16)) return 0;
+  int nv = 1;
+  while (int64_t(nv) * kLanes * V < p.O) nv *= 2;
+  return nv;
+}
+
+}  // namespace
+
+int64_t gather_sum_workspace(CudaDType dtype, const void* grad, const void* prod, const PackPlan& p) {
+  if (p.num_rects == 0) return 0;
+  int nv = 0;
+  switch (dtype) {
+    case CudaDType::kFloat32: nv = sum_vectors<float>(grad, prod, p); break;
+    case CudaDType::kBFloat16: nv = sum_vectors<__nv_bfloat16>(grad, prod, p); break;
+    case CudaDType::kFloat16: nv = sum_vectors<__half>(grad, prod, p); break;
+    case CudaDType::kFloat64: break;
+  }
+  return nv == 0 ? 0 : sum_blocks_x(p) * p.num_rects * p.O;
+}
+
+cudaError_t launch_gather_output_sum(CudaDType dtype, const void* grad, void* prod, float* workspace,
+                                     void* bias_grad, const PackPlan& p, cudaStream_t stream) {
+  return dispatch(dtype, [&](auto zero) {
+    using T = decltype(zero);
+    constexpr int V = 16 / sizeof(T);
+    switch (sum_vectors<T>(grad, prod, p)) {
+      case 1: gather_sum<T, V, 1>(grad, prod, workspace, bias_grad, p, stream); break;
+      case 2: gather_sum<T, V, 2>(grad, prod, workspace, bias_grad, p, stream); break;
+      case 4: gather_sum<T, V, (kSumFloats / V < 4 ? 1 : 4)>(grad, prod, workspace, bias_grad, p, stream); break;
+      case 8: gather_sum<T, V, (kSumFloats / V < 8 ? 1 : 8)>(grad, prod, workspace, bias_grad, p, stream); break;
+      default: break;  // the caller asked gather_sum_workspace first
+    }
+  });
 }
 
 cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out, const PackPlan& p,
