@@ -79,7 +79,7 @@ from timing import add_malloc_option, positive_int, tune_malloc, write_json
 @dataclass
 class Row:
     job: str          # "infer" | "train"
-    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+nocache+graph" | "ops+scatter" | "ops+torchdrop" (GPU) | "ops+compile"
+    variant: str      # "reference" | "ops" | "ops+fc6" | "ops+winograd" | "ops+winograd4" | "auto" | "auto4" | "auto+torchpool" (CPU) | "ops+graph" | "ops+serial" | "ops+torchpool[+graph]" | "ops+unfused[+graph]" | "ops+nopad[+graph]" | "ops+nocache+graph" | "ops+scatter" | "ops+torchdrop" | "ops+iter3" (GPU) | "ops+compile"
     precision: str    # "fp32" | "tf32" | "bf16"
     batch: int
     size: int
@@ -237,17 +237,21 @@ def train_step(variant, precision, device, size, batch, channels_last):
 
     # "scatter": the Interp layers' index_select forward, autograd's index_add_ backward (caffe.torch_interp);
     # "torchpool": MAX pooling by F.max_pool2d (int64 indices) instead of our training kernels
+    # "iterK": the update as the product's loop makes it with iter_size K: K passes of batch / K images, each
+    # one's gradients added to the last's, then one step
     parts = variant.split("+")
     interp = caffe.torch_interp if "scatter" in parts else contextlib.nullcontext
     pool = caffe.torch_max_pool if "torchpool" in parts else contextlib.nullcontext
+    passes = next((int(q[4:]) for q in parts if q.startswith("iter")), 1)
 
     def step():
+        opt.zero_grad(set_to_none=True)
         with interp(), pool():
-            with ac:
-                out = fwd(x)
-            loss, _ = m.loss(out, y, labels_checked=True)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for xi, yi in zip(x.chunk(passes), y.chunk(passes)):
+                with ac:
+                    out = fwd(xi)
+                loss, _ = m.loss(out, yi, labels_checked=True)
+                loss.backward()
         opt.step()
     return step
 
@@ -296,8 +300,10 @@ def main(argv=None) -> int:
                        "ops+nopad+graph", "ops+nocache+graph"] if cuda else ["auto+torchpool"])
     # training only: the Interp layers' index_select forward and autograd's index_add_ backward; MAX
     # pooling by F.max_pool2d; the convolutions' bias and ReLU as PyTorch runs them (no bias_relu); F.dropout
-    # after bias_relu instead of inside it
-    train_variants = ["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop", "ops+nopad"] if cuda else []
+    # after bias_relu instead of inside it; "ops+iter3": three passes of a third of the batch per update, the
+    # product's loop's update (batch 10 x iter_size 3), which bench_train.py times with its data and host work
+    train_variants = (["ops+scatter", "ops+torchpool", "ops+unfused", "ops+torchdrop", "ops+nopad", "ops+iter3"]
+                      if cuda else [])
     env = {"device": torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
            "date": time.strftime("%Y-%m-%d"), "argv": " ".join(sys.argv), "malloc_tuned": malloc_tuned,

@@ -115,6 +115,24 @@ def test_bench_e2e_leaves_a_failing_variant_out(monkeypatch):
     assert failures[2]["error"] == "RuntimeError: broken kernel\nsecond line"
 
 
+def test_bench_e2e_iter_variant_runs_the_loops_passes(monkeypatch):
+    """"ops+iter3" times the product loop's update: three forward+backward passes of a third of the batch
+    each, then one step; "ops" one pass of the whole batch."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_e2e
+
+    made = []
+    build = bench_e2e._model
+    monkeypatch.setattr(bench_e2e, "_model", lambda *a: made.append(build(*a)) or made[-1])
+    for variant, want in (("ops+iter3", [1, 1, 1]), ("ops", [3])):
+        step = bench_e2e.train_step(variant, "fp32", "cpu", 33, 3, False)
+        seen = []
+        made[-1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+        step()
+        assert seen == want, variant
+        assert all(p.grad is not None for p in made[-1].parameters() if p.requires_grad)
+
+
 def test_cuda_sanitize_dry_run():
     """The compute-sanitizer driver of issue 7, with the CPU kernels on both sides; without a GPU its
     normal run refuses with exit code 2."""
