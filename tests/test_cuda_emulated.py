@@ -393,6 +393,24 @@ GEMM_CASES = [case for case in CONV_CASES if not (case[0] == torch.float32 and c
 GEMM_SHAPES = CONV_SHAPES + [(2, 16, 24, 41, 41, 3, 12, 12)]  # fc6's plane: a centre, 4 edges, 4 corners
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("O", [512, 1024, 1032])
+def test_dilated_conv_gemm_bias_gradient_wide(dtype, O):
+    """The gather's bias gradient at fc6's widths, where each lane sums 2, 4 or 8 vectors of channels (the
+    fc6 plane at the 0.5 scale, 21x21: nine rectangles in one plan); past 1024 channels it is left to ATen."""
+    gen = torch.Generator().manual_seed(O)
+    x = torch.randn(2, 8, 21, 21, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(2, O, 21, 21, generator=gen, dtype=torch.float64).to(dtype)
+    _, gb = emu.gemm_backward_weight(g, x, 3, 3, 12, 12)
+    if O > 1024:
+        assert gb is None
+        return
+    assert gb is not None and gb.dtype == dtype
+    want = g.double().sum((0, 2, 3))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert _rel_err(gb.double(), want) < tol
+
+
 @pytest.mark.parametrize("misalign", [0, 1], ids=["aligned", "misaligned"])
 @pytest.mark.parametrize("case", GEMM_CASES, ids=lambda c: str(c[0]))
 @pytest.mark.parametrize("shape", GEMM_SHAPES, ids=lambda s: "x".join(map(str, s)))
