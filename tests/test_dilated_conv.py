@@ -179,6 +179,19 @@ def test_forward_keeps_columns_only_for_a_weight_gradient_on_the_gemm_path(algo)
     assert calls.seen == [("dilated_conv2d", False)]
 
 
+def test_column_count_refuses_bad_geometry():
+    """attnscale._C.dilated_conv_column_count (the fake's size of the kept columns) checks what it is given."""
+    from attnscale import _C
+
+    assert _C.dilated_conv_column_count(2, 4, 13, 13, 6, 3, 3, 5, 5) > 0
+    assert _C.dilated_conv_column_count(0, 4, 13, 13, 6, 3, 3, 5, 5) == 0
+    for args, words in (((2, 4, 13, 13, 6, 3, 3, 2 ** 62, 5), "dilation must be in"),
+                        ((2, 4, 13, 13, 6, 2, 3, 5, 5), "odd kernel sizes"),
+                        ((-1, 4, 13, 13, 6, 3, 3, 5, 5), "out of range")):
+        with pytest.raises(RuntimeError, match=words):
+            _C.dilated_conv_column_count(*args)
+
+
 def test_bad_columns_are_refused():
     """Columns that are not x's column blocks (size, rank, dtype) are refused by the kernel and the fake,
     naming them, instead of being multiplied."""

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "ops/dilated_conv_blocks.h"
+#include "ops/dilated_conv_checks.h"
 #include "ops/dilated_conv_pack.h"
 #include "ops/memory_format.h"
 
@@ -183,8 +184,13 @@ std::tuple<at::Tensor, at::Tensor> gemm_forward_with_columns(const at::Tensor& x
 
 int64_t column_count(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW, int64_t dilation,
                      int64_t padding) {
+  check_params(dilation, padding);  // (a caller from Python may pass anything)
+  check_kernel_size(KH, KW);
+  for (const int64_t v : {N, C, H, W, O}) {
+    TORCH_CHECK(v >= 0 && v <= kMaxGeometry * kMaxGeometry, "dilated_conv2d: a size of ", v, " is out of range");
+  }
   const int64_t Ho = H + 2 * padding - dilation * (KH - 1), Wo = W + 2 * padding - dilation * (KW - 1);
-  if (N <= 0 || C <= 0 || O <= 0 || Ho < 1 || Wo < 1) return 0;
+  if (N == 0 || C == 0 || O == 0 || Ho < 1 || Wo < 1) return 0;
   return checked_blocks(N, C, H, W, O, Ho, Wo, KH, KW, {dilation, padding, padding}).col_size;
 }
 
