@@ -73,6 +73,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale import caffe, switches
 from attnscale.model import AttentionToScale, check_labels
+from attnscale.train import normalize_gradients
 from timing import add_malloc_option, positive_int, tune_malloc, write_json
 
 
@@ -238,11 +239,14 @@ def train_step(variant, precision, device, size, batch, channels_last):
     # "scatter": the Interp layers' index_select forward, autograd's index_add_ backward (caffe.torch_interp);
     # "torchpool": MAX pooling by F.max_pool2d (int64 indices) instead of our training kernels
     # "iterK": the update as the product's loop makes it with iter_size K: K passes of batch / K images, each
-    # one's gradients added to the last's, then one step
+    # one's gradients added to the last's, scaled by 1/K (Caffe's Normalize), then one step
     parts = variant.split("+")
     interp = caffe.torch_interp if "scatter" in parts else contextlib.nullcontext
     pool = caffe.torch_max_pool if "torchpool" in parts else contextlib.nullcontext
     passes = next((int(q[4:]) for q in parts if q.startswith("iter")), 1)
+    if batch % passes:
+        raise ValueError(f"{variant}: a batch of {batch} does not split into {passes} passes")
+    params = [p for p in m.parameters() if p.requires_grad]
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -252,6 +256,7 @@ def train_step(variant, precision, device, size, batch, channels_last):
                     out = fwd(xi)
                 loss, _ = m.loss(out, yi, labels_checked=True)
                 loss.backward()
+        normalize_gradients(params, passes)
         opt.step()
     return step
 

@@ -1,6 +1,6 @@
 // Python entry point of attnscale._C.  The ops themselves register with the
 // dispatcher (TORCH_LIBRARY_FRAGMENT in csrc/ops/*.cpp) when this library is
-// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h), the size of
+// loaded; the module carries only the CPU GEMM backend switch (ops/cpu/gemm.h), the layout of
 // dilated_conv2d_with_columns' second result (for its fake kernel) and the digest of the sources it
 // was built from (setup.py generates the header).
 #include <Python.h>
@@ -41,15 +41,27 @@ PyObject* set_cpu_gemm(PyObject*, PyObject* arg) {
   }
 }
 
-PyObject* dilated_conv_column_count(PyObject*, PyObject* args) {
-  long long n, c, h, w, o, kh, kw, d, p;
-  if (!PyArg_ParseTuple(args, "LLLLLLLLL", &n, &c, &h, &w, &o, &kh, &kw, &d, &p)) return nullptr;
-  try {  // a block past the copies' 32-bit indexing is refused here as by the op
-    return PyLong_FromLongLong(attnscale::dilated_conv::column_count(n, c, h, w, o, kh, kw, d, p));
+PyObject* dilated_conv_column_groups(PyObject*, PyObject* args) {
+  long long h, w, kh, kw, d, p;
+  if (!PyArg_ParseTuple(args, "LLLLLL", &h, &w, &kh, &kw, &d, &p)) return nullptr;
+  std::vector<std::array<int64_t, 3>> groups;
+  try {
+    groups = attnscale::dilated_conv::column_groups(h, w, kh, kw, d, p);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
     return nullptr;
   }
+  PyObject* list = PyList_New(Py_ssize_t(groups.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    PyObject* item = Py_BuildValue("(LLL)", (long long)groups[i][0], (long long)groups[i][1], (long long)groups[i][2]);
+    if (item == nullptr) {
+      Py_DECREF(list);
+      return nullptr;
+    }
+    PyList_SET_ITEM(list, Py_ssize_t(i), item);
+  }
+  return list;
 }
 
 PyObject* source_hash(PyObject*, PyObject*) { return PyUnicode_FromString(ATTNSCALE_SOURCE_HASH); }
@@ -57,8 +69,9 @@ PyObject* source_hash(PyObject*, PyObject*) { return PyUnicode_FromString(ATTNSC
 PyMethodDef methods[] = {
     {"cpu_gemm", cpu_gemm, METH_NOARGS, "The CPU GEMM backend of the Winograd and fc6 kernels: 'onednn' or 'blas'."},
     {"set_cpu_gemm", set_cpu_gemm, METH_O, "Set the CPU GEMM backend ('onednn' or 'blas'); returns the previous one."},
-    {"dilated_conv_column_count", dilated_conv_column_count, METH_VARARGS,
-     "Elements of the column blocks dilated_conv2d_with_columns keeps: (N, C, H, W, O, KH, KW, dilation, padding)."},
+    {"dilated_conv_column_groups", dilated_conv_column_groups, METH_VARARGS,
+     "The column blocks dilated_conv2d_with_columns keeps, by group: (H, W, KH, KW, dilation, padding) -> "
+     "[(members, pixels, taps), ...]."},
     {"source_hash", source_hash, METH_NOARGS, "SHA-256 of the csrc/ files this library was built from."},
     {nullptr, nullptr, 0, nullptr},
 };

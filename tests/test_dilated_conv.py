@@ -118,7 +118,7 @@ def test_with_columns_opcheck_and_kept_columns(monkeypatch):
     """dilated_conv2d_with_columns (the GEMM path's forward that keeps x's column blocks): opcheck (schema,
     fake, autograd); the blocks it keeps are those the weight gradient packs itself, so the gradient taken
     with them equals the one without, bit for bit, on shapes with bias-only borders, a 1x1 kernel, kh != kw
-    and an empty batch; their size is the fake's (attnscale._C.dilated_conv_column_count)."""
+    and an empty batch; their size is the fake's (from attnscale._C.dilated_conv_column_groups)."""
     ops = torch.ops.attnscale
     for shape in [SMALL_SHAPES[0], SMALL_SHAPES[6], SMALL_SHAPES[7], SMALL_SHAPES[8], (0, 2, 3, 9, 9, 3, 2, 2)]:
         x, w, b, d, p = _inputs(shape, dtype=torch.float32, grad=True)
@@ -179,32 +179,55 @@ def test_forward_keeps_columns_only_for_a_weight_gradient_on_the_gemm_path(algo)
     assert calls.seen == [("dilated_conv2d", False)]
 
 
-def test_column_count_refuses_bad_geometry():
-    """attnscale._C.dilated_conv_column_count (the fake's size of the kept columns) checks what it is given."""
+def test_column_groups_refuse_bad_geometry():
+    """attnscale._C.dilated_conv_column_groups (the layout of the kept columns, for the fake) checks what it is
+    given: a bad geometry raises instead of dividing by zero or overflowing."""
     from attnscale import _C
 
-    assert _C.dilated_conv_column_count(2, 4, 13, 13, 6, 3, 3, 5, 5) > 0
-    assert _C.dilated_conv_column_count(0, 4, 13, 13, 6, 3, 3, 5, 5) == 0
-    for args, words in (((2, 4, 13, 13, 6, 3, 3, 2 ** 62, 5), "dilation must be in"),
-                        ((2, 4, 13, 13, 6, 2, 3, 5, 5), "odd kernel sizes"),
-                        ((-1, 4, 13, 13, 6, 3, 3, 5, 5), "out of range")):
+    assert sorted(_C.dilated_conv_column_groups(41, 41, 3, 3, 12, 12)) == [(1, 17 * 17, 9), (4, 12 * 12, 4), (4, 12 * 17, 6)]
+    for args, words in (((13, 13, 3, 3, 2 ** 62, 5), "dilation must be in"),
+                        ((13, 13, 2, 3, 5, 5), "odd kernel sizes"),
+                        ((2 ** 40, 2 ** 40, 1, 1, 1, 0), "input size"),
+                        ((0, 13, 3, 3, 1, 1), "input size"),
+                        ((3, 3, 3, 3, 5, 0), "output size")):
         with pytest.raises(RuntimeError, match=words):
-            _C.dilated_conv_column_count(*args)
+            _C.dilated_conv_column_groups(*args)
+
+
+def test_with_columns_keeps_the_batch_dynamic_under_compile(monkeypatch):
+    """The fakes count the kept columns in symbolic batch and channel sizes: a compiled training step on the
+    GEMM path is traced once for batches of 2, 3 and 4, and its gradients are the eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    monkeypatch.setenv("ATTNSCALE_DILATED_CONV_ALGO", "gemm")
+    torch._dynamo.reset()
+    x0, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32, grad=True)
+    cnt = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x: dilated_conv2d(x, w, b, d, p).pow(2).sum(), backend=cnt, dynamic=True)
+    for n in (2, 3, 4):
+        x = torch.randn(n, *x0.shape[1:])
+        got = torch.autograd.grad(f(x), (w, b))
+        want = torch.autograd.grad(dilated_conv2d(x, w, b, d, p).pow(2).sum(), (w, b))
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+    assert cnt.frame_count == 1
+    torch._dynamo.reset()
 
 
 def test_bad_columns_are_refused():
-    """Columns that are not x's column blocks (size, rank, dtype) are refused by the kernel and the fake,
+    """Columns that are not x's column blocks (size, rank, layout, dtype) are refused by the kernel and the fake,
     naming them, instead of being multiplied."""
     ops = torch.ops.attnscale
     x, w, b, d, p = _inputs(SMALL_SHAPES[0], dtype=torch.float32)
     y, cols = ops.dilated_conv2d_with_columns(x, w, b, d, p)
     go = torch.randn_like(y)
-    for bad in (cols[:-1], cols.view(2, -1), cols.double(), cols[::2]):
+    strided = torch.empty(2 * cols.numel())[::2]
+    for bad in (cols[:-1], cols.view(2, -1), cols.double(), strided):
         with pytest.raises(RuntimeError, match="columns"):
             ops.dilated_conv2d_backward_weight(go, x, 3, 3, d, p, bad)
-        if bad.is_contiguous():
-            with pytest.raises(RuntimeError, match="columns"):
-                ops.dilated_conv2d_backward_weight(go.to("meta"), x.to("meta"), 3, 3, d, p, bad.to("meta"))
+        meta = bad.to("meta") if bad.is_contiguous() else torch.empty_strided(bad.shape, bad.stride(), device="meta")
+        with pytest.raises(RuntimeError, match="columns"):
+            ops.dilated_conv2d_backward_weight(go.to("meta"), x.to("meta"), 3, 3, d, p, meta)
 
 
 def _rel_err(a, e):

@@ -12,7 +12,7 @@
 //       dilated_conv2d_with_columns kept, spares the GEMM path packing them again (the direct kernels
 //       ignore them)
 // dilated_conv2d_with_columns is the forward on the GEMM path (every device) that also returns those
-// blocks (1-D, attnscale._C.dilated_conv_column_count elements): training's forward when the weight
+// blocks (1-D; their layout: attnscale._C.dilated_conv_column_groups): training's forward when the weight
 // needs a gradient.
 #include <torch/library.h>
 

@@ -26,6 +26,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -184,14 +185,23 @@ std::tuple<at::Tensor, at::Tensor> gemm_forward_with_columns(const at::Tensor& x
 
 int64_t column_count(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW, int64_t dilation,
                      int64_t padding) {
-  check_params(dilation, padding);  // (a caller from Python may pass anything)
-  check_kernel_size(KH, KW);
-  for (const int64_t v : {N, C, H, W, O}) {
-    TORCH_CHECK(v >= 0 && v <= kMaxGeometry * kMaxGeometry, "dilated_conv2d: a size of ", v, " is out of range");
-  }
   const int64_t Ho = H + 2 * padding - dilation * (KH - 1), Wo = W + 2 * padding - dilation * (KW - 1);
   if (N == 0 || C == 0 || O == 0 || Ho < 1 || Wo < 1) return 0;
   return checked_blocks(N, C, H, W, O, Ho, Wo, KH, KW, {dilation, padding, padding}).col_size;
+}
+
+std::vector<std::array<int64_t, 3>> column_groups(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dilation,
+                                                  int64_t padding) {
+  check_params(dilation, padding);  // (a caller from Python may pass anything)
+  check_kernel_size(KH, KW);
+  TORCH_CHECK(H >= 1 && W >= 1 && H <= kMaxGeometry && W <= kMaxGeometry, "dilated_conv2d: input size (", H, ", ",
+              W, ") must be in [1, ", kMaxGeometry, "]");
+  check_output_size(H, W, KH, KW, dilation, padding);
+  const int64_t Ho = H + 2 * padding - dilation * (KH - 1), Wo = W + 2 * padding - dilation * (KW - 1);
+  const Blocks b = make_blocks(1, 1, H, W, 1, Ho, Wo, KH, KW, {dilation, padding, padding});
+  std::vector<std::array<int64_t, 3>> out;
+  for (const Group& g : b.groups) out.push_back({g.size(), g.m, g.k});  // N = C = 1: m = pixels, k = taps
+  return out;
 }
 
 void check_columns(const at::Tensor& columns, const at::Tensor& x, int64_t O, int64_t KH, int64_t KW,

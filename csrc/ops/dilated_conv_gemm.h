@@ -11,7 +11,9 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <array>
 #include <tuple>
+#include <vector>
 
 namespace attnscale {
 namespace dilated_conv {
@@ -51,6 +53,11 @@ std::tuple<at::Tensor, at::Tensor> gemm_forward_with_columns(const at::Tensor& x
 // Elements of the column blocks of x (N, C, H, W) for a kernel (O, C, KH, KW): 0 when there are none.
 int64_t column_count(int64_t N, int64_t C, int64_t H, int64_t W, int64_t O, int64_t KH, int64_t KW, int64_t dilation,
                      int64_t padding);
+// The groups of those blocks in buffer order, as (members, pixels, taps): the count is, group by group,
+// the running total rounded up to 16 plus members * N * pixels * taps * C (0 when N, C or O is 0), which
+// the Python fake evaluates with symbolic N and C.
+std::vector<std::array<int64_t, 3>> column_groups(int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t dilation,
+                                                  int64_t padding);
 // Callers of the weight gradient check kept columns (both paths: the direct kernels ignore them): the
 // 1-D contiguous column blocks of x for an (O, C, KH, KW) kernel, x's dtype and device.
 void check_columns(const at::Tensor& columns, const at::Tensor& x, int64_t O, int64_t KH, int64_t KW,

@@ -359,17 +359,30 @@ int64_t gather_sum_workspace(CudaDType dtype, const void* grad, const void* prod
 
 cudaError_t launch_gather_output_sum(CudaDType dtype, const void* grad, void* prod, float* workspace,
                                      void* bias_grad, const PackPlan& p, cudaStream_t stream) {
-  return dispatch(dtype, [&](auto zero) {
+  const auto launch = [&](auto zero) {
     using T = decltype(zero);
     constexpr int V = 16 / sizeof(T);
-    switch (sum_vectors<T>(grad, prod, p)) {
-      case 1: gather_sum<T, V, 1>(grad, prod, workspace, bias_grad, p, stream); break;
-      case 2: gather_sum<T, V, 2>(grad, prod, workspace, bias_grad, p, stream); break;
-      case 4: gather_sum<T, V, (kSumFloats / V < 4 ? 1 : 4)>(grad, prod, workspace, bias_grad, p, stream); break;
-      case 8: gather_sum<T, V, (kSumFloats / V < 8 ? 1 : 8)>(grad, prod, workspace, bias_grad, p, stream); break;
-      default: break;  // the caller asked gather_sum_workspace first
+    switch (sum_vectors<T>(grad, prod, p)) {  // NV * V <= kSumFloats: sum_vectors returns no more than that
+      case 1: gather_sum<T, V, 1>(grad, prod, workspace, bias_grad, p, stream); return cudaGetLastError();
+      case 2: gather_sum<T, V, 2>(grad, prod, workspace, bias_grad, p, stream); return cudaGetLastError();
+      case 4: gather_sum<T, V, 4>(grad, prod, workspace, bias_grad, p, stream); return cudaGetLastError();
+      case 8:
+        if constexpr (8 * V <= kSumFloats) {
+          gather_sum<T, V, 8>(grad, prod, workspace, bias_grad, p, stream);
+          return cudaGetLastError();
+        }
+        break;
+      default: break;
     }
-  });
+    return cudaErrorInvalidValue;  // gather_sum_workspace said 0: the caller must gather and sum apart
+  };
+  switch (dtype) {
+    case CudaDType::kFloat32: return launch(float{});
+    case CudaDType::kBFloat16: return launch(__nv_bfloat16{});
+    case CudaDType::kFloat16: return launch(__half{});
+    case CudaDType::kFloat64: break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t launch_scatter_output(CudaDType dtype, const void* prod, const void* bias, void* out, const PackPlan& p,
