@@ -758,6 +758,18 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_label: int = caf
     tensor; nothing while ``torch.compile`` traces)."""
     if torch.compiler.is_compiling():
         return
+    if labels.dtype == torch.uint8 and labels.device.type == "cpu":
+        # the data loader's labels: one pass, a histogram of the 256 byte values (0.5 ms for 10 x 321 x 321 on
+        # one core; the element-wise test below takes 2 ms on bytes, 4.5 ms on int64)
+        counts = torch.bincount(labels.reshape(-1), minlength=256)
+        allowed = torch.arange(256) < num_classes
+        if 0 <= ignore_label < 256:
+            allowed[ignore_label] = True
+        values = torch.nonzero((counts > 0) & ~allowed).flatten()
+        if len(values):
+            raise ValueError(f"label values {values.tolist()[:8]} are outside [0, {num_classes}) and not the "
+                             f"ignore label {ignore_label}")
+        return
     bad = (labels != ignore_label) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise ValueError(f"label values {labels[bad].unique().tolist()[:8]} are outside [0, {num_classes}) and "

@@ -45,14 +45,15 @@ import torch
 import torch.distributed as dist
 
 from .config import TrainConfig, resume_free_fields
-from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get_spec,
-                   make_loader)
+from .data import (FileSource, SegDataset, SyntheticSource, TransformConfig, get_spec, make_loader,
+                   network_input)
 from .data.lists import join_root
 from .data.synthetic import SYNTHETIC_CLASSES
 from .malloc import keep_freed_memory
 from .model import check_labels
 
 CHECKPOINT = "checkpoint.pt"
+HOST_PHASES = ("data", "passes", "wait", "step")   # the main thread's time per update, in train.log
 
 
 # ------------------------------------------------------------------------------------------
@@ -371,6 +372,14 @@ def resolve_list(given: str, default: str, data_root: str, what: str) -> str:
     return found[0] if found else under_root
 
 
+def loads_bytes(device: torch.device) -> bool:
+    """Whether the training batches travel as the crops' bytes (``SegDataset(raw=True)``) and become the
+    network's floats on the device (:func:`attnscale.data.network_input`): on a GPU, where that quarters the
+    bytes the loader, the pinned copy and the copy to the GPU move; on a CPU the loader's workers compute
+    them, in parallel with the training process."""
+    return device.type == "cuda"
+
+
 def transform_config(cfg: TrainConfig) -> TransformConfig:
     return TransformConfig(crop_size=cfg.crop_size, mirror=cfg.mirror,
                            random_scale=tuple(cfg.random_scale) if cfg.random_scale else None)
@@ -602,7 +611,9 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
+    tcfg = transform_config(cfg)
+    raw = loads_bytes(device)
+    ds = SegDataset(build_source(cfg, "train"), tcfg, train=True, seed=cfg.seed, raw=raw)
     if isinstance(ds.source, FileSource):
         log.info("train list: %s (%d images)", os.path.abspath(ds.source.list_path), len(ds.source))
     per_update = cfg.batch_size * cfg.iter_size
@@ -645,10 +656,16 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     def device_batch():
         """The next batch: its labels checked on the CPU (no device sync), copied to the device (from pinned
         memory on a GPU: asynchronous) and put in NHWC order there if asked (after the copy, so that the
-        CPU does no layout copy and the pinned batch is what travels)."""
-        x, y = next(batches)
+        CPU does no layout copy and the pinned batch is what travels).  On a GPU the images travel as the
+        crops' bytes and become the network's floats there (network_input: Caffe's arithmetic, bit for bit)."""
+        batch = next(batches)
+        y = batch[-1]
         check_labels(y, n_classes)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        if raw:
+            images, valid = (t.to(device, non_blocking=True) for t in batch[:2])
+            return network_input(images, valid, tcfg, cfg.channels_last), y
+        x = batch[0].to(device, non_blocking=True)
         if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
@@ -657,6 +674,17 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
     # queued, before the update's sync): the CPU's share of a batch (the label check, the copy's launch)
     # no longer leaves the GPU idle between updates.  The data order is the loader's, as before.
     nxt = device_batch() if it < end else None
+    # the main thread's time per update, logged with the loss: in ``data`` (waiting for the loader, the label
+    # check, the copies' launch), ``passes`` (launching forward, loss and backward; on a CPU, computing them),
+    # ``wait`` (the update's device sync: the GPU still busy) and ``step`` (clipping, scaling, the SGD step).
+    # Little ``wait`` on a GPU means the host, not the device, sets the pace.
+    host = dict.fromkeys(HOST_PHASES, 0.0)
+    host_updates = 0
+
+    def lap(phase: str, since: float) -> float:
+        now = time.perf_counter()
+        host[phase] += now - since
+        return now
     while it < end:
         rate = caffe_rate(cfg, it)
         set_rate(opt, rate)
@@ -666,17 +694,22 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
             x, y = nxt
             sync = world == 1 or k == cfg.iter_size - 1
             ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+            t = time.perf_counter()
             with ctx:
                 with forward_precision(cfg.precision, device.type):
                     out = net(x)
                 loss, parts = model.loss(out, y, labels_checked=True)
                 loss.backward()
             del x, y, out
+            t = lap("passes", t)
             nxt = device_batch() if (it + 1 < end or k + 1 < cfg.iter_size) else None
             for n, v in (("total", loss.detach()), *parts.items()):
                 sums[n] = sums[n] + v if n in sums else v
+            lap("data", t)
         # the update's one device sync: the losses, averaged over the passes, for the log and the check
+        t = time.perf_counter()
         values = (torch.stack(list(sums.values())).double() / cfg.iter_size).tolist()
+        t = lap("wait", t)
         total, parts_sum = values[0], dict(zip(list(sums)[1:], values[1:]))
         if not math.isfinite(total):
             raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
@@ -685,14 +718,19 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
             clip_gradients(params, cfg.clip_gradients)
         normalize_gradients(params, cfg.iter_size)
         opt.step()
+        lap("step", t)
+        host_updates += 1
         it += 1
         last = total
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", lr=f"{rate:.1e}")
         if it % cfg.display == 0 or it == end:
-            log.info("iter %d lr %.3g total loss %.5f (%s)", it, rate, total,
-                     ", ".join(f"{n} {v:.5f}" for n, v in sorted(parts_sum.items())))
+            log.info("iter %d lr %.3g total loss %.5f (%s); host ms/update: %s", it, rate, total,
+                     ", ".join(f"{n} {v:.5f}" for n, v in sorted(parts_sum.items())),
+                     ", ".join(f"{n} {1e3 * v / host_updates:.1f}" for n, v in host.items()))
+            host.update(dict.fromkeys(HOST_PHASES, 0.0))
+            host_updates = 0
         if (cfg.snapshot and it % cfg.snapshot == 0) or it == end:
             save()
     if bar is not None:

@@ -8,7 +8,9 @@ runs, so the data pipeline and the per-update host work count.
 Timing: the loop logs every update (``display: 1``) after its one device sync per update; the time from
 the log line of update ``warmup`` to that of update ``warmup + iters`` is the measured span (the final
 checkpoint is written after the last line).  The loader alone (same workers, no model) is timed too: if
-it is slower than the loop, the data are the limit.
+it is slower than the loop, the data are the limit.  Each log line also holds the main thread's time in
+the update's phases (``attnscale.train.HOST_PHASES``: data, passes, wait, step), averaged over the span:
+on a GPU, little ``wait`` (the device sync) means the host sets the pace, and the other phases say where.
 
     python benchmarks/bench_train.py                                      # CPU: tiny settings
     python benchmarks/bench_train.py --device cuda --precision bf16 --channels-last --workers 12
@@ -30,27 +32,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale.config import TrainConfig
 from attnscale.data import SegDataset, SyntheticSource, make_loader
-from attnscale.train import build_source, train, transform_config
+from attnscale.train import HOST_PHASES, build_source, train, transform_config
 from timing import add_malloc_option, positive_float, positive_int, tune_malloc, write_json
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) iter (\d+) ")
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) iter (\d+) .*; host ms/update: (.*)$")
 
 
-def update_times(log_path: str) -> dict:
-    """Update number -> the time its log line was written (``train.log``'s asctime, millisecond clock)."""
-    out = {}
+def read_log(log_path: str) -> tuple[dict, dict]:
+    """From ``train.log``: update number -> the time its log line was written (asctime, millisecond clock),
+    and update number -> the main thread's milliseconds in each phase of it (``attnscale.train.HOST_PHASES``;
+    with ``display: 1`` each line holds one update's)."""
+    times, phases = {}, {}
     with open(log_path) as f:
         for line in f:
-            m = LOG_LINE.match(line)
+            m = LOG_LINE.match(line.rstrip("\n"))
             if m:
-                out[int(m.group(2))] = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-    return out
+                it = int(m.group(2))
+                times[it] = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                phases[it] = {k: float(v) for k, v in (kv.split() for kv in m.group(3).split(", "))}
+    return times, phases
 
 
 def loader_images_per_s(cfg: TrainConfig, batches: int) -> float:
-    """The training loader alone (the run's workers, data and transforms), after one batch of warm-up."""
-    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed)
-    it = iter(make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=cfg.device.startswith("cuda")))
+    """The training loader alone (the run's workers, data and transforms; on a GPU, as the loop loads: the
+    crops as bytes, pinned), after one batch of warm-up."""
+    cuda = cfg.device.startswith("cuda")
+    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed, raw=cuda)
+    it = iter(make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=cuda))
     next(it)
     t0 = time.perf_counter()
     n = sum(next(it)[0].shape[0] for _ in range(batches))
@@ -104,15 +112,21 @@ def main(argv=None) -> int:
         if cuda:
             torch.backends.cudnn.benchmark = True
         result = train(cfg, progress=False)
-        times = update_times(os.path.join(cfg.out_dir, "train.log"))
+        times, phases = read_log(os.path.join(cfg.out_dir, "train.log"))
     span = times[args.warmup + iters] - times[args.warmup]
+    timed = range(args.warmup + 1, args.warmup + iters + 1)
+    host = {k: sum(phases[i][k] for i in timed) / iters for k in HOST_PHASES}
     row = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last, "width": width,
            "crop": crop, "images_per_update": per_update, "workers": workers, "warmup": args.warmup, "iters": iters,
            "seconds": span, "s_per_update": span / iters, "images_per_s": iters * per_update / span,
-           "loader_images_per_s": loader, "final_loss": result.last_loss}
+           "loader_images_per_s": loader, "final_loss": result.last_loss, "host_ms_per_update": host}
     print(f"  train loop  {args.precision:5s} {'NHWC' if args.channels_last else 'NCHW'}  width {width:g}  crop {crop}  "
           f"{per_update} img/update  {workers} workers:  {row['s_per_update'] * 1e3:8.1f} ms/update  "
           f"{row['images_per_s']:7.1f} img/s   (loader alone {loader:7.1f} img/s)")
+    busy = sum(v for k, v in host.items() if k != "wait")
+    print("  the main thread per update (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in host.items())
+          + (f"  -- it waits for the GPU {host['wait'] / (busy + host['wait']):.0%} of the update: "
+             + ("the host sets the pace" if host["wait"] < 0.1 * busy else "the GPU sets the pace") if cuda else ""))
     if cuda:
         mins = 6000 * per_update / row["images_per_s"] / 60
         print(f"  the paper's 6000 updates of {per_update} images at this rate: {mins:.1f} minutes")

@@ -67,6 +67,13 @@ def test_bench_train(tmp_path):
     assert row["images_per_update"] == 4 and row["iters"] == 2 and row["precision"] == "bf16"
     assert row["seconds"] > 0 and row["images_per_s"] > 0 and row["loader_images_per_s"] > 0
     assert "train loop" in out
+    # the main thread's phases, read from the loop's log lines: on a CPU the passes are the work, and the
+    # phases account for the measured update time (what is left: the log line itself and the loop's glue)
+    host = row["host_ms_per_update"]
+    assert list(host) == ["data", "passes", "wait", "step"] and min(host.values()) >= 0
+    assert host["passes"] > 0.5 * sum(host.values())
+    assert 0.8 < sum(host.values()) / (row["s_per_update"] * 1e3) < 1.05, (host, row["s_per_update"])
+    assert "the main thread per update (ms): data " in out
 
 
 def test_bench_e2e(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from attnscale.data import (MEAN_BGR, FileSource, ResumableSampler, SegDataset, SyntheticSource,
                             TransformConfig, make_loader, make_sample, read_image, read_label,
                             read_list, transform_test, transform_train, write_list)
+from attnscale.data.transforms import crop_pair, finish_image, network_input
 from attnscale.data import sbd
 
 
@@ -38,7 +39,7 @@ def _pair(h, w, seed=0):
 def test_mean_subtraction_is_bgr_per_channel_and_chw():
     img, lab = _pair(6, 7)
     x, y = transform_train(img, lab, TransformConfig(crop_size=0, mirror=False), FixedRng([]))
-    assert x.shape == (3, 6, 7) and x.dtype == np.float32 and y.dtype == np.int64
+    assert x.shape == (3, 6, 7) and x.dtype == np.float32 and y.dtype == np.uint8
     for c in range(3):
         np.testing.assert_allclose(x[c], img[:, :, c].astype(np.float64) - MEAN_BGR[c], rtol=0, atol=1e-4)
     assert MEAN_BGR == (104.008, 116.669, 122.675)
@@ -134,6 +135,103 @@ def test_transform_size_mismatch_names_file():
         transform_train(img, lab[:4], TransformConfig(crop_size=3), FixedRng([0, 0, 0]), name="foo.jpg")
 
 
+def test_labels_leave_the_transforms_as_bytes():
+    """Labels travel as uint8 (an eighth of int64's bytes through the loader, the pinned copy and the copy to
+    the GPU); labels that do not fit a byte are refused, naming the file, and so is an ignore label > 255."""
+    img, lab = _pair(5, 5)
+    for wide in (lab.astype(np.int32), lab.astype(np.int64)):          # values that fit: the same bytes
+        y = transform_test(img, wide, TransformConfig(crop_size=5))[1]
+        assert y.dtype == np.uint8 and np.array_equal(y, lab)
+    for bad in (300, -1):
+        wide = lab.astype(np.int32)
+        wide[2, 3] = bad
+        with pytest.raises(ValueError, match=f"foo.png: label values must be 8-bit.*int32 in .*{bad}"):
+            transform_train(img, wide, TransformConfig(crop_size=3), FixedRng([0, 0, 0]), name="foo.png")
+    with pytest.raises(ValueError, match="foo.png: label values must be 8-bit.*float"):
+        transform_test(img, lab.astype(np.float32), TransformConfig(crop_size=5), name="foo.png")
+    with pytest.raises(ValueError, match="ignore_label 256 does not fit"):
+        TransformConfig(ignore_label=256)
+
+
+def test_crop_pair_records_where_the_image_lies():
+    """The padding (bottom/right, then mirrored to the left) is recorded as ``valid`` = (rows, first column,
+    end column), and finish_image puts Caffe's subtracted mean pixel (0) there."""
+    img, lab = _pair(5, 4)
+    cfg = TransformConfig(crop_size=6, mirror=True)
+    x, y, valid = crop_pair(img, lab, cfg, FixedRng([0, 0, 0]))
+    assert valid == (5, 0, 4) and x.dtype == np.uint8 and x.shape == (6, 6, 3)
+    assert np.array_equal(x[:5, :4], img) and np.array_equal(y[:5, :4], lab) and (y[5] == 255).all()
+    x, y, valid = crop_pair(img, lab, cfg, FixedRng([1, 0, 0]))                  # mirrored
+    assert valid == (5, 2, 6) and np.array_equal(x[:5, 2:], img[:, ::-1]) and (y[:, :2] == 255).all()
+    out = finish_image(x, valid, cfg)
+    assert (out[:, 5] == 0).all() and (out[:, :, :2] == 0).all() and (out[:, :5, 2:] != 0).all()
+    assert crop_pair(img, lab, TransformConfig(crop_size=3), None)[2] == (3, 0, 3)   # centre crop, no padding
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32)
+
+
+def _same_input_as_the_worker(device):
+    """SegDataset(raw=True) + network_input gives the float dataset's input bit for bit (+0.0 in the
+    padding), in train (random scale: padded crops, mirrored ones) and test phase, with Caffe's scale."""
+    src = SyntheticSource(8, seed=3, size=33)
+    for train, tcfg, pads in ((True, TransformConfig(crop_size=37, random_scale=(0.6, 1.4)), True),
+                              (True, TransformConfig(crop_size=25, scale=0.017), False),
+                              (False, TransformConfig(crop_size=41), True)):
+        keys = [(i, 11 * i + 1) for i in range(8)]
+        ref = torch.stack([SegDataset(src, tcfg, train, seed=5)[k][0] for k in keys])
+        raw = [SegDataset(src, tcfg, train, seed=5, raw=True)[k] for k in keys]
+        images, valid = (torch.stack([r[j] for r in raw]).to(device) for j in (0, 1))
+        assert images.dtype == torch.uint8 and valid.dtype == torch.int32
+        padded = int((valid[:, 0] < images.shape[1]).sum() + (valid[:, 2] - valid[:, 1] < images.shape[2]).sum())
+        assert (padded > 0) == pads
+        if train:   # mirrored crops among them: their padding lies on the left
+            assert 0 < int((valid[:, 1] > 0).sum()) or not pads
+        for channels_last in (False, True):
+            x = network_input(images, valid, tcfg, channels_last)
+            assert x.shape == ref.shape and x.dtype == torch.float32 and x.device.type == device
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert torch.equal(_bits(x.cpu()), _bits(ref)), (train, tcfg)
+        for r, k in zip(raw, keys):
+            assert torch.equal(r[2], SegDataset(src, tcfg, train, seed=5)[k][1])
+
+
+def test_raw_batches_become_the_same_network_input():
+    _same_input_as_the_worker("cpu")
+    tcfg = TransformConfig(crop_size=4)
+    with pytest.raises(ValueError, match=r"images must be \(N, H, W, 3\) uint8, got torch.float32"):
+        network_input(torch.zeros(1, 4, 4, 3), torch.zeros(1, 3, dtype=torch.int32), tcfg)
+    with pytest.raises(ValueError, match=r"valid must be \(2, 3\) integers"):
+        network_input(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.int32), tcfg)
+
+
+@pytest.mark.cuda
+def test_raw_batches_become_the_same_network_input_on_cuda():
+    _same_input_as_the_worker("cuda")
+
+
+class _ThreadCount(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return torch.tensor(cv2.getNumThreads())
+
+
+def test_loader_workers_run_opencv_on_one_thread():
+    """Each loader worker decodes and resizes on one OpenCV thread (12 workers with an OpenCV pool of every
+    core's size would compete with the training process); the main process keeps its own setting."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(4)          # what a forked worker would inherit, whatever this machine's core count
+    try:
+        got = [int(v) for b in zip(range(2), make_loader(_ThreadCount(), 2, workers=2)) for v in b[1]]
+        assert got == [1] * 4
+        assert cv2.getNumThreads() == 4
+    finally:
+        cv2.setNumThreads(before)
+
+
 def _write_voc_like(root, n=3, size=(20, 24)):
     os.makedirs(os.path.join(root, "JPEGImages"), exist_ok=True)
     os.makedirs(os.path.join(root, "SegmentationClassAug"), exist_ok=True)
@@ -161,7 +259,7 @@ def test_file_source_reads_deeplab_list(tmp_path):
     np.testing.assert_array_equal(lab, ref_lab)
     ds = SegDataset(src, TransformConfig(crop_size=16), train=True, seed=0)
     x, y = ds[(0, 5)]
-    assert x.shape == (3, 16, 16) and y.dtype == torch.int64
+    assert x.shape == (3, 16, 16) and y.dtype == torch.uint8
 
 
 def test_bad_files_give_errors_naming_the_file(tmp_path):

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -618,3 +619,48 @@ def test_a_bad_label_is_refused_before_the_batch_leaves_the_cpu(tmp_path, monkey
     monkeypatch.setattr(synth.SyntheticSource, "load", bad_load)
     with pytest.raises(ValueError, match=r"^label values \[40\] are outside \[0, "):  # not the loss's check
         train(_tiny(tmp_path / "bad"), progress=False)
+
+
+def test_the_byte_label_check_agrees_with_the_element_wise_one():
+    """check_labels takes the loader's uint8 labels by a histogram (one pass) and any other integer labels
+    element-wise: both refuse the same labels with the same message, and pass the same ones."""
+    from attnscale.model import check_labels
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 21, (3, 17, 19), generator=g).to(torch.uint8)
+    base[:, :2] = 255
+    cases = [(base, 21), (base, 300), (base, 0), (base[:, ::2, 1:], 21)]      # fine; fine; all bad; strided
+    for bad in ((21,), (22, 254), (100,)):
+        y = base.clone()
+        for i, v in enumerate(bad):
+            y[1, 3 + i, 4] = v
+        cases.append((y, 21))
+    cases.append((base, 21, 7))                                               # another ignore label: 255 is bad
+    outcomes = []
+    for y, c, *ignore in cases:
+        got = []
+        for labels in (y, y.long()):
+            try:
+                check_labels(labels, c, *ignore)
+                got.append(None)
+            except ValueError as e:
+                got.append(str(e))
+        assert got[0] == got[1], (c, ignore, got)
+        outcomes.append(got[0] is None)
+    assert outcomes == [True, True, False, True, False, False, False, False]
+
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batches_as_bytes_train_the_same_weights(tmp_path, monkeypatch, channels_last):
+    """A GPU run loads the crops as bytes and makes the network input on the device (loads_bytes); the same
+    loop on the CPU with that path forced trains the same weights bit for bit (random scales: padded crops,
+    mirrored ones), and its log gives the main thread's phases per update."""
+    kw = dict(random_scale=[0.5, 1.2], max_iter=3, channels_last=channels_last, display=1)
+    ref = load_checkpoint(train(_tiny(tmp_path / "floats", **kw), progress=False).checkpoint)
+    monkeypatch.setattr(train_mod, "loads_bytes", lambda device: True)
+    cfg = _tiny(tmp_path / "bytes", **kw)
+    got = load_checkpoint(train(cfg, progress=False).checkpoint)
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    log = open(os.path.join(cfg.out_dir, "train.log")).read()
+    assert len(re.findall(r"; host ms/update: data [\d.]+, passes [\d.]+, wait [\d.]+, step [\d.]+\n", log)) == 3

@@ -5,9 +5,11 @@ from .dataset import (FileSource, ResumableSampler, SegDataset, make_loader, rea
 from .lists import (DATASETS, IGNORE_LABEL, DatasetSpec, find_voc_root, get_spec, read_list,
                     write_list)
 from .synthetic import SYNTHETIC_CLASSES, SyntheticSource, make_sample
-from .transforms import MEAN_BGR, TransformConfig, transform_test, transform_train
+from .transforms import (MEAN_BGR, TransformConfig, crop_pair, finish_image, network_input, transform_test,
+                         transform_train)
 
 __all__ = ["FileSource", "ResumableSampler", "SegDataset", "make_loader", "read_image",
            "read_label", "DATASETS", "IGNORE_LABEL", "DatasetSpec", "find_voc_root", "get_spec",
            "read_list", "write_list", "SYNTHETIC_CLASSES", "SyntheticSource", "make_sample",
-           "MEAN_BGR", "TransformConfig", "transform_test", "transform_train"]
+           "MEAN_BGR", "TransformConfig", "crop_pair", "finish_image", "network_input", "transform_test",
+           "transform_train"]

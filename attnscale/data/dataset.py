@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .lists import IGNORE_LABEL, read_list_lines
-from .transforms import TransformConfig, transform_test, transform_train
+from .transforms import TransformConfig, crop_pair, finish_image
 
 
 def read_image(path: str) -> np.ndarray:
@@ -107,10 +107,14 @@ class FileSource:
 class SegDataset(Dataset):
     """Training/test-phase samples.  Keys are ``(index, draw)`` pairs from
     :class:`ResumableSampler`: the random crop/mirror/scale of a sample is a pure function of
-    ``(seed, draw)``, so results do not depend on worker count and resume exactly."""
+    ``(seed, draw)``, so results do not depend on worker count and resume exactly.
 
-    def __init__(self, source, tcfg: TransformConfig, train: bool = True, seed: int = 0):
-        self.source, self.tcfg, self.train, self.seed = source, tcfg, train, seed
+    A sample is (float32 (3, H, W) network input, uint8 (H, W) label); with ``raw=True`` it is (uint8
+    (H, W, 3) crop, int32 (3,) valid rectangle, uint8 label), the input's arithmetic left to
+    :func:`attnscale.data.network_input` on the device (a batch travels as bytes)."""
+
+    def __init__(self, source, tcfg: TransformConfig, train: bool = True, seed: int = 0, raw: bool = False):
+        self.source, self.tcfg, self.train, self.seed, self.raw = source, tcfg, train, seed, raw
 
     def __len__(self) -> int:
         return len(self.source)
@@ -118,12 +122,11 @@ class SegDataset(Dataset):
     def __getitem__(self, key):
         idx, draw = key if isinstance(key, tuple) else (key, key)
         img, lab, name = self.source.load(int(idx))
-        if self.train:
-            rng = np.random.default_rng([self.seed, 7, int(draw)])
-            x, y = transform_train(img, lab, self.tcfg, rng, name)
-        else:
-            x, y = transform_test(img, lab, self.tcfg, name)
-        return torch.from_numpy(x), torch.from_numpy(y)
+        rng = np.random.default_rng([self.seed, 7, int(draw)]) if self.train else None
+        img, lab, valid = crop_pair(img, lab, self.tcfg, rng, name)
+        if self.raw:
+            return torch.from_numpy(img), torch.tensor(valid, dtype=torch.int32), torch.from_numpy(lab)
+        return torch.from_numpy(finish_image(img, valid, self.tcfg)), torch.from_numpy(lab)
 
 
 class ResumableSampler(Sampler):
@@ -176,4 +179,13 @@ def make_loader(dataset: SegDataset, batch_size: int, workers: int = 0, seed: in
     # come from (and shift) the global torch RNG that dropout uses -- breaking exact resume.
     gen = torch.Generator().manual_seed(int(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      drop_last=True, persistent_workers=False, pin_memory=pin_memory, generator=gen)
+                      drop_last=True, persistent_workers=False, pin_memory=pin_memory, generator=gen,
+                      worker_init_fn=_one_thread_worker if workers else None)
+
+
+def _one_thread_worker(_: int) -> None:
+    """A loader worker decodes and resizes with OpenCV on one thread: the workers are the parallelism (the
+    DataLoader already gives each worker one torch thread), and an OpenCV pool of every core's size in each
+    of them would compete with the training process for the CPUs (12 workers x 16 threads on a GPU
+    machine's 16 cores)."""
+    cv2.setNumThreads(1)
