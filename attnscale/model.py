@@ -770,6 +770,8 @@ def check_labels(labels: torch.Tensor, num_classes: int, ignore_label: int = caf
             raise ValueError(f"label values {values.tolist()[:8]} are outside [0, {num_classes}) and not the "
                              f"ignore label {ignore_label}")
         return
+    if labels.element_size() < 4:   # a narrow type would wrap the bounds (uint8: 300 >= 44, -1 == 255)
+        labels = labels.int()
     bad = (labels != ignore_label) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise ValueError(f"label values {labels[bad].unique().tolist()[:8]} are outside [0, {num_classes}) and "

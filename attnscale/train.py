@@ -701,10 +701,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
                 loss, parts = model.loss(out, y, labels_checked=True)
                 loss.backward()
             del x, y, out
-            t = lap("passes", t)
-            nxt = device_batch() if (it + 1 < end or k + 1 < cfg.iter_size) else None
             for n, v in (("total", loss.detach()), *parts.items()):
                 sums[n] = sums[n] + v if n in sums else v
+            t = lap("passes", t)
+            nxt = device_batch() if (it + 1 < end or k + 1 < cfg.iter_size) else None
             lap("data", t)
         # the update's one device sync: the losses, averaged over the passes, for the log and the check
         t = time.perf_counter()

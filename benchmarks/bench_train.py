@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=positive_int, default=None, help="training crop (default 321 on CUDA, 97 on CPU)")
     ap.add_argument("--batch", type=positive_int, default=10, help="images per pass (the paper: 10 x iter_size 3)")
     ap.add_argument("--iter-size", type=positive_int, default=3)
-    ap.add_argument("--warmup", type=int, default=3, help="updates before the timed span")
+    ap.add_argument("--warmup", type=positive_int, default=3,
+                    help="updates before the timed span (at least 1: the span starts at an update's log line)")
     ap.add_argument("--iters", type=positive_int, default=None, help="timed updates (default 20 on CUDA, 3 on CPU)")
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: CPUs - 2, at most 12)")
     ap.add_argument("--images", type=positive_int, default=120, help="images exported for the run")
@@ -83,9 +84,8 @@ def main(argv=None) -> int:
     add_malloc_option(ap)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    for name in ("warmup", "workers"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            ap.error(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < 0:
+        ap.error(f"--workers must be >= 0, got {args.workers}")
     if cuda and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA GPU is available")
     width = args.width or (1.0 if cuda else 0.125)

@@ -145,9 +145,9 @@ def test_labels_leave_the_transforms_as_bytes():
     for bad in (300, -1):
         wide = lab.astype(np.int32)
         wide[2, 3] = bad
-        with pytest.raises(ValueError, match=f"foo.png: label values must be 8-bit.*int32 in .*{bad}"):
+        with pytest.raises(ValueError, match=f"label of foo.png: its values must be 8-bit.*int32 in .*{bad}"):
             transform_train(img, wide, TransformConfig(crop_size=3), FixedRng([0, 0, 0]), name="foo.png")
-    with pytest.raises(ValueError, match="foo.png: label values must be 8-bit.*float"):
+    with pytest.raises(ValueError, match="label of foo.png: its values must be 8-bit.*float"):
         transform_test(img, lab.astype(np.float32), TransformConfig(crop_size=5), name="foo.png")
     with pytest.raises(ValueError, match="ignore_label 256 does not fit"):
         TransformConfig(ignore_label=256)
@@ -166,6 +166,14 @@ def test_crop_pair_records_where_the_image_lies():
     out = finish_image(x, valid, cfg)
     assert (out[:, 5] == 0).all() and (out[:, :, :2] == 0).all() and (out[:, :5, 2:] != 0).all()
     assert crop_pair(img, lab, TransformConfig(crop_size=3), None)[2] == (3, 0, 3)   # centre crop, no padding
+    # a mirrored column of one pixel (crop 1, or no crop of a 1-wide image): numpy calls its negative stride
+    # contiguous, torch.from_numpy refuses it; the dataset gets copies in positive strides
+    src = SyntheticSource(2, seed=1, size=33)
+    for tcfg in (TransformConfig(crop_size=1), TransformConfig(crop_size=0, random_scale=(0.03, 0.03))):
+        for raw in (False, True):
+            ds = SegDataset(src, tcfg, train=True, seed=0, raw=raw)
+            for x, *_, y in (ds[(0, d)] for d in range(6)):       # mirrored draws among them
+                assert y.shape[-1] == 1 and x.shape[-2 if raw else -1] == 1
 
 
 def _bits(t):
@@ -199,6 +207,12 @@ def _same_input_as_the_worker(device):
 
 def test_raw_batches_become_the_same_network_input():
     _same_input_as_the_worker("cpu")
+    class Floats(SyntheticSource):
+        def load(self, i):
+            img, lab, name = super().load(i)
+            return img.astype(np.float32), lab, name
+    with pytest.raises(ValueError, match=r"synthetic.*: the image is float32; SegDataset\(raw=True\) sends"):
+        SegDataset(Floats(2, seed=1, size=33), TransformConfig(crop_size=5), raw=True)[0]
     tcfg = TransformConfig(crop_size=4)
     with pytest.raises(ValueError, match=r"images must be \(N, H, W, 3\) uint8, got torch.float32"):
         network_input(torch.zeros(1, 4, 4, 3), torch.zeros(1, 3, dtype=torch.int32), tcfg)

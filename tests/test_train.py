@@ -647,6 +647,31 @@ def test_the_byte_label_check_agrees_with_the_element_wise_one():
         assert got[0] == got[1], (c, ignore, got)
         outcomes.append(got[0] is None)
     assert outcomes == [True, True, False, True, False, False, False, False]
+    # the element-wise test widens a narrow type first: in int8 (or uint8 on a GPU) the bounds would wrap
+    narrow = torch.tensor([[[0, 20, 99]]], dtype=torch.int8)
+    check_labels(narrow, 300)                                  # 300 would wrap to 44 and refuse 99
+    with pytest.raises(ValueError, match=r"label values \[99\] are outside \[0, 21\)"):
+        check_labels(narrow, 21, -1)                           # -1 == 255 in uint8; fine in int8 too
+
+
+@pytest.mark.cuda
+def test_the_label_check_on_the_gpu_agrees_with_the_cpu():
+    """On a GPU a uint8 batch takes the element-wise test (one sync); its verdicts are the CPU histogram's."""
+    from attnscale.model import check_labels
+    y = torch.randint(0, 21, (2, 9, 9), dtype=torch.uint8)
+    y[:, 0] = 255
+    for c, ignore, bad in ((21, 255, None), (300, 255, None), (21, -1, 255), (21, 256, 255), (21, 255, 40)):
+        z = y.clone()
+        if bad is not None:
+            z[1, 2, 3] = bad
+        got = []
+        for labels in (z, z.cuda()):
+            try:
+                check_labels(labels, c, ignore)
+                got.append(None)
+            except ValueError as e:
+                got.append(str(e))
+        assert got[0] == got[1] and (got[0] is None) == (bad is None), (c, ignore, got)
 
 
 

@@ -122,6 +122,9 @@ class SegDataset(Dataset):
     def __getitem__(self, key):
         idx, draw = key if isinstance(key, tuple) else (key, key)
         img, lab, name = self.source.load(int(idx))
+        if self.raw and img.dtype != np.uint8:
+            raise ValueError(f"{name}: the image is {img.dtype}; SegDataset(raw=True) sends the pixels as bytes "
+                             "(uint8), for network_input to make the floats on the device")
         rng = np.random.default_rng([self.seed, 7, int(draw)]) if self.train else None
         img, lab, valid = crop_pair(img, lab, self.tcfg, rng, name)
         if self.raw:

@@ -96,7 +96,7 @@ def check_pair(img: np.ndarray, lab: np.ndarray, name: str = "") -> None:
                          f"label size {lab.shape[1]}x{lab.shape[0]}")
     if lab.dtype != np.uint8 and lab.size and (not np.issubdtype(lab.dtype, np.integer)
                                                 or lab.min() < 0 or lab.max() > 255):
-        raise ValueError(f"{name}: label values must be 8-bit class ids (0..255, 255 = ignore), got "
+        raise ValueError(f"label of {name}: its values must be 8-bit class ids (0..255, 255 = ignore), got "
                          f"{lab.dtype} in [{lab.min()}, {lab.max()}]")
 
 
@@ -131,7 +131,9 @@ def crop_pair(img: np.ndarray, lab: np.ndarray, cfg: TransformConfig, rng: Optio
         img = img[:, ::-1]
         lab = lab[:, ::-1]
     valid = (h, width - w, width) if do_mirror else (h, 0, w)
-    return np.ascontiguousarray(img), np.ascontiguousarray(lab, dtype=np.uint8), valid
+    # copies (np.array), never views: a crop or a mirror is a view, and a mirrored column of one pixel counts
+    # as contiguous to numpy while its negative stride is refused by torch.from_numpy
+    return np.array(img), np.array(lab, dtype=np.uint8), valid
 
 
 def finish_image(img: np.ndarray, valid: Tuple[int, int, int], cfg: TransformConfig) -> np.ndarray:
