@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from attnscale.config import TrainConfig
 from attnscale.data import SegDataset, SyntheticSource, make_loader
+import attnscale.train as trainer
 from attnscale.train import HOST_PHASES, build_source, train, transform_config
 from timing import add_malloc_option, positive_float, positive_int, tune_malloc, write_json
 
@@ -53,12 +54,11 @@ def read_log(log_path: str) -> tuple[dict, dict]:
     return times, phases
 
 
-def loader_images_per_s(cfg: TrainConfig, batches: int) -> float:
-    """The training loader alone (the run's workers, data and transforms; on a GPU, as the loop loads: the
-    crops as bytes, pinned), after one batch of warm-up."""
-    cuda = cfg.device.startswith("cuda")
-    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed, raw=cuda)
-    it = iter(make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=cuda))
+def loader_images_per_s(cfg: TrainConfig, batches: int, raw: bool) -> float:
+    """The training loader alone (the run's workers, data and transforms, the batches as bytes or floats as
+    the loop takes them, pinned on a GPU), after one batch of warm-up."""
+    ds = SegDataset(build_source(cfg, "train"), transform_config(cfg), train=True, seed=cfg.seed, raw=raw)
+    it = iter(make_loader(ds, cfg.batch_size, cfg.workers, cfg.seed, pin_memory=cfg.device.startswith("cuda")))
     next(it)
     t0 = time.perf_counter()
     n = sum(next(it)[0].shape[0] for _ in range(batches))
@@ -80,6 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="loader workers (default: CPUs - 2, at most 12)")
     ap.add_argument("--images", type=positive_int, default=120, help="images exported for the run")
     ap.add_argument("--threads", type=positive_int, default=None, help="CPU threads of the training process")
+    ap.add_argument("--batches", choices=("bytes", "floats"), default=None,
+                    help="how batches travel (attnscale.train.loads_bytes): the crops' bytes, made floats on the "
+                         "device, or the floats made by the loader's workers (default: the loop's choice, "
+                         "bytes on a GPU)")
     ap.add_argument("--json", default=None)
     add_malloc_option(ap)
     args = ap.parse_args(argv)
@@ -108,7 +112,9 @@ def main(argv=None) -> int:
                           channels_last=args.channels_last, out_dir=os.path.join(tmp, "run"),
                           torch_threads=args.threads or 0).validate()
         per_update = args.batch * args.iter_size
-        loader = loader_images_per_s(cfg, max(2, min(20, iters * args.iter_size)))
+        raw = trainer.loads_bytes(torch.device(args.device)) if args.batches is None else args.batches == "bytes"
+        trainer.loads_bytes = lambda device: raw      # this process only: the loop loads as chosen
+        loader = loader_images_per_s(cfg, max(2, min(20, iters * args.iter_size)), raw)
         if cuda:
             torch.backends.cudnn.benchmark = True
         result = train(cfg, progress=False)
@@ -116,12 +122,13 @@ def main(argv=None) -> int:
     span = times[args.warmup + iters] - times[args.warmup]
     timed = range(args.warmup + 1, args.warmup + iters + 1)
     host = {k: sum(phases[i][k] for i in timed) / iters for k in HOST_PHASES}
-    row = {"device": args.device, "precision": args.precision, "channels_last": args.channels_last, "width": width,
+    row = {"device": args.device, "batches": "bytes" if raw else "floats",
+           "precision": args.precision, "channels_last": args.channels_last, "width": width,
            "crop": crop, "images_per_update": per_update, "workers": workers, "warmup": args.warmup, "iters": iters,
            "seconds": span, "s_per_update": span / iters, "images_per_s": iters * per_update / span,
            "loader_images_per_s": loader, "final_loss": result.last_loss, "host_ms_per_update": host}
     print(f"  train loop  {args.precision:5s} {'NHWC' if args.channels_last else 'NCHW'}  width {width:g}  crop {crop}  "
-          f"{per_update} img/update  {workers} workers:  {row['s_per_update'] * 1e3:8.1f} ms/update  "
+          f"{per_update} img/update  {workers} workers  batches as {row['batches']}:  {row['s_per_update'] * 1e3:8.1f} ms/update  "
           f"{row['images_per_s']:7.1f} img/s   (loader alone {loader:7.1f} img/s)")
     busy = sum(v for k, v in host.items() if k != "wait")
     print("  the main thread per update (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in host.items())

@@ -18,10 +18,11 @@
 #                and inference, ours vs the references and vs the model without each of our kernels:
 #                Interp backward, max pooling, bias + ReLU, the dropout inside it; the inference as a CUDA
 #                graph, the scales on side streams or one; a profile of where the time goes),
-#                bench_train.py (the product's training loop, bf16 NHWC, images/s and its loader alone: against
-#                bench_e2e's "ops+iter3", the same update without the data and the loop's host work),
+#                bench_train.py (the product's training loop, bf16 NHWC, images/s, its loader alone and its main
+#                thread's time per update by phase: against bench_e2e's "ops+iter3", the same update without the
+#                data and the loop's host work; last, the loop once more with the batches as floats),
 #                bench_merge.py (attention, vs eager and torch.compile), bench_fc6.py at 1x41 and 10x41
-#                (fp32 / TF32 / bf16 vs cuDNN); each under a time limit, 450 s in all
+#                (fp32 / TF32 / bf16 vs cuDNN); each under a time limit, 510 s in all
 #   fc6          bench_fc6.py, ours (the GEMM path, the CUDA default) vs cuDNN in bf16 and TF32 at 30x41 (issue
 #                3's shape: 1.3x and 60 % of the bf16 peak), the step's 30x31 and 30x21, 10x41 and 1x65
 #                (inference), with a profile of ours by kernel (150 s)
@@ -32,8 +33,8 @@
 # Build here first, at no device time, and carry the result:
 #   here: bash benchmarks/gpu_prebuild.sh      (Python 3.12 + torch 2.11.0+cu130 venv, sm_90 build)
 #   run:  bash benchmarks/gpu_proof.sh build check bench     carry: attnscale/_C.cpython-312-x86_64-linux-gnu.so
-#         (timeout_s 590; the phases' limits add up to 30 + 200 + 450 = 680 s, but the H100/H200 needed
-#         about 5 minutes for them: only a run near every limit would lose the last bench step, bench_fc6)
+#         (timeout_s 590; the phases' limits add up to 30 + 200 + 510 = 740 s, but the H100/H200 needed
+#         about 5 minutes for them: only a run near every limit would lose the last bench steps, bench_fc6 and the floats loop)
 #   then, only in a session with device time left:  bash benchmarks/gpu_proof.sh build bench_extra test_all
 # Without a carried build (or if it does not load there, or was built from other sources than csrc/: its
 # recorded attnscale.source_hash) the build phase compiles on the machine, for sm_90 only unless
@@ -174,7 +175,7 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       fi
       export ATTNSCALE_DISABLE=$(cat "$OUT/disabled.txt" 2>/dev/null)
       say "ATTNSCALE_DISABLE=${ATTNSCALE_DISABLE:-(none: every feature passed its preflight)}"
-      # each under a time limit (450 s in all); the JSON files are written as the rows come, so a run stopped
+      # each under a time limit (510 s in all); the JSON files are written as the rows come, so a run stopped
       # by its limit keeps what it measured.  The open targets first (issue 7: training and inference,
       # bench_e2e's variants give the ratio of each of our kernels in the same call), then the product's
       # loop, then the ops' own benchmarks (their targets met or measured before; the merge_kernels sweep
@@ -187,6 +188,10 @@ sys.exit(0 if o.has_cuda_kernels() and not why else 1)' 2>>"$LOG"; then
       run timeout 90 "$PY" benchmarks/bench_merge.py --cuda-only --modes attention --min-run-time 0.3 \
         --json "$OUT/merge.json"
       run timeout 90 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 1x41,10x41 --json "$OUT/fc6.json"
+      # the loop with the loader's workers making the floats (as before the twenty-fifth session): the bytes
+      # path's gain, within this call
+      run timeout 60 "$PY" benchmarks/bench_train.py --device cuda --precision bf16 --channels-last \
+        --batches floats --json "$OUT/train_loop_floats.json"
       ;;
     fc6)
       run timeout 150 "$PY" benchmarks/bench_fc6.py --device cuda --shapes 30x41,30x31,30x21,10x41,1x65 \

@@ -62,9 +62,11 @@ def test_bench_train(tmp_path):
     files), beside the loader alone, in bf16 NHWC here to run those paths too."""
     data, out = run_bench("bench_train.py", "--device", "cpu", "--threads", "1", "--workers", "0", "--width", "0.0625",
                           "--crop", "65", "--batch", "2", "--iter-size", "2", "--warmup", "2", "--iters", "2",
-                          "--images", "8", "--precision", "bf16", "--channels-last", tmp_path=tmp_path)
+                          "--images", "8", "--precision", "bf16", "--channels-last", "--batches", "bytes",
+                          tmp_path=tmp_path)
     row, = data["rows"]
     assert row["images_per_update"] == 4 and row["iters"] == 2 and row["precision"] == "bf16"
+    assert row["batches"] == "bytes"        # the GPU's way, forced on the CPU
     assert row["seconds"] > 0 and row["images_per_s"] > 0 and row["loader_images_per_s"] > 0
     assert "train loop" in out
     # the main thread's phases, read from the loop's log lines: on a CPU the passes are the work, and the
