@@ -375,7 +375,7 @@ def resolve_list(given: str, default: str, data_root: str, what: str) -> str:
 def loads_bytes(device: torch.device) -> bool:
     """Whether the training batches travel as the crops' bytes (``SegDataset(raw=True)``) and become the
     network's floats on the device (:func:`attnscale.data.network_input`): on a GPU, where that quarters the
-    bytes the loader, the pinned copy and the copy to the GPU move; on a CPU the loader's workers compute
+    images' bytes that the loader, the pinned copy and the copy to the GPU move; on a CPU the loader's workers compute
     them, in parallel with the training process."""
     return device.type == "cuda"
 
