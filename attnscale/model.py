@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -114,6 +115,21 @@ def scale_suffix(scale: float) -> str:
 def blob_suffix(scale: float) -> str:
     """What the prototxts append to a scale copy's layer and blob names: none for 1, ``_res075``, ``_res05``."""
     return "" if scale == 1 else "_res" + scale_suffix(scale)
+
+
+# the blobs of the reference prototxts that a ReLU rewrites in place: every convolution's but the classifier's
+# and att_conv2's
+_IN_PLACE_RELU = re.compile(r"^(conv\d_\d|fc6|fc7)(_res\d+)?$|^att_conv1$")
+
+
+def caffe_diff(name: str, blob: torch.Tensor) -> torch.Tensor:
+    """What a Caffe net's diff of blob ``name`` holds after its backward, from the blob as
+    :meth:`AttentionToScale.caffe_blobs` records it (its ``.grad`` retained): the gradient, except where a ReLU
+    rewrote the blob in place (``relu1_1``: bottom = top = ``conv1_1``): there Caffe's ReLU backward turned the
+    diff into the gradient of the value *before* the ReLU, ``grad * (blob > 0)``."""
+    if blob.grad is None:
+        raise ValueError(f"caffe_diff: {name} has no gradient (retain_grad() before the backward)")
+    return blob.grad * (blob.detach() > 0) if _IN_PLACE_RELU.match(name) else blob.grad
 
 
 @dataclass

@@ -201,7 +201,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> CaffeSGD:
         if "decay_mult" in g:
             g["weight_decay"] = _local(_f32(cfg.weight_decay), g["decay_mult"], _is_float32(g))
         g["lr"] = lr
-        g["momentum"] = cfg.momentum
+        g["momentum"] = _f32(cfg.momentum)   # SolverParameter.momentum is a float: float32(0.9) in every Dtype
         out.append(g)
     return CaffeSGD(out, lr=cfg.base_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -221,6 +221,18 @@ def set_rate(opt: torch.optim.Optimizer, rate: float) -> None:
     """Each group's local rate ``rate * lr_mult``, with Caffe's rounding (:func:`_local`)."""
     for g in opt.param_groups:
         g["lr"] = _local(rate, g.get("lr_mult", 1.0), _is_float32(g))
+
+
+def apply_update(opt: CaffeSGD, cfg: TrainConfig) -> None:
+    """The end of Caffe's ``Solver::Step`` iteration, ``ApplyUpdate``, on the diffs the ``iter_size`` passes
+    summed: ``ClipGradients`` (before the normalisation, as Caffe), ``Normalize`` (1/iter_size), then
+    ``Regularize``, ``ComputeUpdateValue`` and ``Update`` (:class:`CaffeSGD`) at the groups' current rates
+    (:func:`set_rate`).  Checked against a real Caffe's solver (tests/test_caffe_reference.py)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if cfg.clip_gradients >= 0:
+        clip_gradients(params, cfg.clip_gradients)
+    normalize_gradients(params, cfg.iter_size)
+    opt.step()
 
 
 # ------------------------------------------------------------------------------------------
@@ -713,11 +725,7 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, stop_at: Optional[int
         total, parts_sum = values[0], dict(zip(list(sums)[1:], values[1:]))
         if not math.isfinite(total):
             raise FloatingPointError(f"{cfg.out_dir}: loss is {total} at iteration {it}")
-        params = [p for g in opt.param_groups for p in g["params"]]
-        if cfg.clip_gradients >= 0:
-            clip_gradients(params, cfg.clip_gradients)
-        normalize_gradients(params, cfg.iter_size)
-        opt.step()
+        apply_update(opt, cfg)
         lap("step", t)
         host_updates += 1
         it += 1

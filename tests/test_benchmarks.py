@@ -78,6 +78,47 @@ def test_bench_train(tmp_path):
     assert "the main thread per update (ms): data " in out
 
 
+FAKE_CAFFE_RUNNER = """import sys
+import h5py
+import torch
+sys.path.insert(0, {root!r})
+import prototxt_import as pi
+proto, weights, inp, prefix, phase = sys.argv[1:6]
+assert phase == "TEST" and sys.argv[6] == "0"
+net = pi.load_net(proto, weights, use_ops=False)
+with h5py.File(inp, "r") as f:
+    inputs = {{k: torch.from_numpy(f[k][()]) for k in f}}
+if sys.argv[7] == "double":
+    net = net.double()
+with torch.no_grad(), h5py.File(prefix + "_blobs.h5", "w") as out:
+    for k, v in net(return_blobs=True, **inputs).items():
+        out.create_dataset(k, data=v.numpy())
+print("loss 0")
+"""
+
+
+@pytest.mark.parametrize("net", ["largefov", "attention3"])
+def test_caffe_compare_runs(tmp_path, net):
+    """benchmarks/caffe_compare.py end to end, with the importer's layer-by-layer executor (``load_net``) in
+    Caffe's place (a real Caffe is not here): the prototxt with its declared input shapes, the weights file,
+    the inputs and the blob file all go through the runner's interface, and the model's blobs equal the
+    executor's by name and shape."""
+    from tests.caffe_files import deeplab_prototxt
+    runner = tmp_path / "caffe_runner"
+    runner.write_text(f"#!{sys.executable}\n" + FAKE_CAFFE_RUNNER.format(root=ROOT))
+    runner.chmod(0o755)
+    protos = tmp_path / "prototxt"   # the reference nets' structure at 1/16 of their widths
+    protos.mkdir()
+    (protos / "deeplab_largefov_deploy.prototxt").write_text(deeplab_prototxt(width=1 / 16))
+    (protos / "attention3_deploy.prototxt").write_text(deeplab_prototxt((1.0, 0.75, 0.5), "attention", width=1 / 16))
+    doc, stdout = run_bench("caffe_compare.py", "--runner", str(runner), "--nets", net, "--size", "33", "--double",
+                            "--threads", "1", "--prototxt-dir", str(protos), tmp_path=tmp_path)
+    (r,) = doc["compare"]
+    assert r["net"] == net and not r["shape_mismatch"] and len(r["blobs"]) >= 22
+    assert all("data" in v for v in r["blobs"].values()), r["blobs"]
+    assert max(v["data"]["max"] for v in r["blobs"].values()) < 1e-12, stdout
+
+
 def test_bench_e2e(tmp_path):
     data, _ = run_bench("bench_e2e.py", "--device", "cpu", "--threads", "1", "--jobs", "infer", "train",
                         "--infer-size", "65", "--train-size", "65", "--train-batch", "1", "--reps", "1",

@@ -4,6 +4,7 @@ determinism, schema/fake/autograd registration (opcheck) and input checks.  CUDA
 CUDA kernels with the CPU kernels."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -195,6 +196,26 @@ def test_same_size_scale_is_a_copy():
     f1 = torch.randn(1, 2, 6, 7)
     out, _ = scale_merge([f0, f1], None, "max")
     assert torch.equal(out, torch.maximum(f0, f1))
+
+
+@pytest.mark.parametrize("S", [2, 3])
+def test_avg_multiplies_by_caffes_float_coefficient(S):
+    """Caffe's Eltwise SUM takes ``coeff`` from a float field of the prototxt (``0.3333333333333333``), so even a
+    ``Net<double>`` multiplies by float32(1/S) (found against a real Caffe: tests/test_caffe_reference.py): in
+    float64 the merge, its gradients, the returned weights and the reference all use that coefficient, not 1/S."""
+    coeff = float(np.float32(1.0 / S))
+    scores = [torch.randn(2, 3, 5, 5, dtype=torch.float64, requires_grad=True) for _ in range(S)]
+    out, w = scale_merge(scores, None, "avg")
+    want = sum(scores).detach() * coeff
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=0)
+    if S == 3:   # float32(1/2) is 1/2; float32(1/3) is not 1/3, and the float64 1/3 would give other values
+        assert (out - sum(scores).detach() / S).abs().max() > 1e-12
+    assert torch.all(w == coeff)
+    out.sum().backward()
+    assert all(torch.all(s.grad == coeff) for s in scores)
+    ref, wr = scale_merge_reference([s.detach() for s in scores], None, "avg")
+    torch.testing.assert_close(ref, want, rtol=1e-15, atol=0)
+    assert torch.all(wr == coeff)
 
 
 def test_one_axis_unchanged_scale_still_blends():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -20,7 +21,8 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
 
     - ``attention``: w = softmax over scales of ``logits`` (computed in fp32, fp64 for fp64 inputs),
       out = sum_s w_s f_s;
-    - ``avg``: w_s = 1/S, out = mean_s f_s (Caffe Eltwise SUM with coeff 1/S);
+    - ``avg``: w_s = 1/S, out = sum_s f_s times float32(1/S) (Caffe Eltwise SUM with coeff 1/S: the
+      prototxt's ``coeff`` is a float field, so a ``Net<double>`` multiplies by float32(1/S) as well);
     - ``max``: out = max_s f_s with the tie rule of Caffe's CPU ``EltwiseLayer`` (MAX): scale 1 wins
       over scale 0 unless scale 0 is strictly greater (``a > b ? 0 : 1``), and every later scale
       wins only if strictly greater, so the gradient reaches exactly one scale.  (Caffe's GPU
@@ -46,9 +48,10 @@ def scale_merge_reference(scores: Sequence[torch.Tensor], logits: torch.Tensor |
         out = sum(w[:, s:s + 1] * ups[s] for s in range(S))
         return out, w
     if mode == "avg":
-        out = sum(ups) / S
+        coeff = float(np.float32(1.0 / S))
+        out = sum(ups) * coeff
         n = scores[0].shape[0]
-        w = torch.full((n, S, h0, w0), 1.0 / S, dtype=scores[0].dtype, device=scores[0].device)
+        w = torch.full((n, S, h0, w0), coeff, dtype=scores[0].dtype, device=scores[0].device)
         return out, w
     out = ups[0]
     idx = torch.zeros_like(ups[0], dtype=torch.long)

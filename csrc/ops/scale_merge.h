@@ -15,6 +15,14 @@ namespace scale_merge {
 
 enum class Mode : int { kAttention = 0, kAvg = 1, kMax = 2 };
 
+// The average merge's weight of each scale: Caffe's Eltwise SUM with coeff 1/S, where coeff is a float field of
+// the prototxt, so a Net<double> multiplies by float(1/S) too (checked against a real Caffe:
+// tests/test_caffe_reference.py).
+template <typename T>
+inline T avg_coefficient(int64_t S) {
+  return static_cast<T>(static_cast<float>(1.0 / static_cast<double>(S)));
+}
+
 // Parses "attention" | "avg" | "max"; anything else raises naming the argument.
 Mode parse_mode(std::string_view mode);
 

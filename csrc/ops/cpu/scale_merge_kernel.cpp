@@ -836,10 +836,10 @@ void forward_impl(const std::vector<at::Tensor>& sc, const at::Tensor& logits, M
         }
       });
     } else {
-      weights.fill_(1.0 / S);
+      weights.fill_(static_cast<double>(avg_coefficient<T>(S)));
     }
     const bool attention = mode == Mode::kAttention;
-    const T inv_s = static_cast<T>(1.0 / S);
+    const T inv_s = avg_coefficient<T>(S);
     const RowTaps<T> taps(tab, S, H0, W0);
     // ~32 tasks: even shares for a few threads (N = 1: one class per task), and for N >= 8 chunks of
     // several classes that share each row's set-up
@@ -1269,7 +1269,7 @@ void backward_impl(const at::Tensor& gout_t, const at::Tensor& gw_t, const std::
   // per-(n, chunk) partials are summed in chunk order.  ~8 tasks for attention, ~16 otherwise.
   const ClassSplit split = split_classes(C, ((attention ? 8 : 16) + N - 1) / N);
   const int64_t K = split.chunks, csz = split.size;
-  const T inv_s = static_cast<T>(1.0 / S);
+  const T inv_s = avg_coefficient<T>(S);
   const T* lg = attention ? logits.data_ptr<T>() : nullptr;
   const T* gw = (attention && gw_t.defined()) ? gw_t.data_ptr<T>() : nullptr;
   T* gl = attention ? glogits.data_ptr<T>() : nullptr;
