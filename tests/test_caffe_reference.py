@@ -4,15 +4,20 @@ The fixture holds a real Caffe's float64 forward and backward (PSPNet's build of
 ``benchmarks/caffe_runner.cpp``; made by ``benchmarks/caffe_compare.py --write-fixture``) of four nets cut from
 the reference prototxts: the E-Supv training net (attention, 3 scales, four losses) and the max / average / single
 scale deploy nets with a loss on their merged scores, every channel count divided by 64 (the layer types, sizes
-and wiring are the prototxts'), on two 65x65 images with labels that ignore a corner.  For each: the prototxt,
+and wiring are the prototxts'), on two images with labels that ignore a corner: 65x65 (a DeepLab size, 8k+1),
+DeepLab-LargeFOV 66x66 (where Caffe's pooling rounds its output size up).  For each: the prototxt,
 the weights, and from Caffe the losses and, for every blob, blob diff and parameter diff, its shape, its largest
-magnitude and 32 of its elements.
+magnitude and 32 of its elements; for the training net also the change of every weight by four iterations of
+Caffe's ``SGDSolver`` (``SOLVER`` in the script) on that batch.
 
 Here the prototxt and weights go through the importer (``to_attnscale``), the model runs in float64 with its
 compiled ops, and every loss, every blob Caffe keeps, every diff and every parameter gradient must equal
 Caffe's to 1e-10 of the blob's largest magnitude (they agree to ~1e-14: the rounding of float64 sums).  So
-pooling rounding, Interp sizes and corners, the label shrinking, the softmax over scales, the Eltwise tie rule
-and coefficient, the loss normalisation and every backward are Caffe's own, not a re-reading of its source.
+pooling rounding, Interp sizes and corners, the softmax over scales, the Eltwise MAX and SUM (its float
+coefficient), the loss normalisation and every backward are Caffe's own, not a re-reading of its source; and the
+training loop's updates (rates, lr_mult / decay_mult, momentum, iter_size) are its solver's.  (The label maps
+Caffe was given are ours, shrunk by ``caffe.shrink_label``: the training prototxt takes them as inputs, so the
+fixture pins that rule rather than Caffe checking it.)
 """
 from __future__ import annotations
 
