@@ -122,11 +122,28 @@ def run_caffe(runner: str, proto: str, weights: str, inputs: dict, prefix: str, 
     proto = prefix + ".prototxt"
     with open(proto, "w") as f:
         f.write(text)
-    cmd = [runner, proto, weights, prefix + "_in.h5", prefix, phase, str(reps), "double" if double else "float"]
+    return _run([runner, proto, weights, prefix + "_in.h5", prefix, phase, str(reps), "double" if double else "float"])
+
+
+def _run(cmd: list) -> str:
+    """The runner's output; its failure (Caffe's CHECK message) raised."""
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return res.stdout
+
+
+def caffe_params(model, path: str, group: str) -> dict:
+    """``(layer, i)``: (our parameter, Caffe's array) for every parameter in ``group`` (``data`` or ``diff``) of a
+    ``Net::ToHDF5`` file: the layers that own their parameters, ``i`` 0 the weight, 1 the bias."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for lname, conv in conv_layers(model):
+            for i, p in enumerate([conv.weight, conv.bias]):
+                key = f"{group}/{lname}/{i}"
+                if p is not None and key in f:
+                    out[(lname, i)] = (p, f[key][()])
+    return out
 
 
 def rel_err(ours: np.ndarray, ref: np.ndarray) -> dict:
@@ -211,14 +228,9 @@ def compare(name: str, runner: str, proto: str, phase: str, size: int, batch: in
     param_diffs = {}
     if train:
         res["loss"] = {k: [float(v), float(caffe_out[k].reshape(-1)[0])] for k, v in parts.items() if k in caffe_out}
-        with h5py.File(prefix + "_params.h5", "r") as pf:
-            res["params"] = {}
-            for lname, conv in conv_layers(model):
-                for i, p in enumerate([conv.weight, conv.bias]):
-                    key = f"diff/{lname}/{i}"
-                    if p is not None and key in pf:
-                        param_diffs[(lname, i)] = pf[key][()]
-                        res["params"][f"{lname}[{i}]"] = rel_err(p.grad.numpy(), param_diffs[(lname, i)])
+        pairs = caffe_params(model, prefix + "_params.h5", "diff")
+        param_diffs = {k: d for k, (_, d) in pairs.items()}
+        res["params"] = {f"{ln}[{i}]": rel_err(p.grad.numpy(), d) for (ln, i), (p, d) in pairs.items()}
     res["caffe_stdout"] = stdout.strip()
     res["_internal"] = dict(model=model, pixels=pixels, x=x, labels=labels, caffe=caffe_out, params=param_diffs)
     return res
@@ -268,23 +280,15 @@ def compare_solver(runner: str, prefix: str, x: torch.Tensor, labels: torch.Tens
     with open(solver, "w") as f:
         f.write(f'net: "{net}"\n' + SOLVER)
     weights = prefix + ".caffemodel.h5"
-    cmd = [runner, "--solve", solver, weights, prefix + "_in.h5", prefix + "_solve", str(SOLVER_ITERS),
-           "double" if double else "float"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    _run([runner, "--solve", solver, weights, prefix + "_in.h5", prefix + "_solve", str(SOLVER_ITERS),
+          "double" if double else "float"])
     model, _ = pi.to_attnscale(net, weights, use_reference_ops=reference_ops, phase="TRAIN")
     cfg, _ = pi.train_config(solver)
     sgd_updates(model.to(x.dtype), cfg, x, labels, SOLVER_ITERS)
-    out = {"iters": SOLVER_ITERS, "weights": {}, "_caffe": {}}
-    with h5py.File(prefix + "_solve_params.h5", "r") as pf:
-        for lname, conv in conv_layers(model):
-            for i, p in enumerate([conv.weight, conv.bias]):
-                key = f"data/{lname}/{i}"
-                if p is not None and key in pf:
-                    out["_caffe"][f"{lname}/{i}"] = pf[key][()]
-                    out["weights"][f"{lname}[{i}]"] = rel_err(p.detach().numpy(), pf[key][()])
-    return out
+    pairs = caffe_params(model, prefix + "_solve_params.h5", "data")
+    return {"iters": SOLVER_ITERS,
+            "weights": {f"{ln}[{i}]": rel_err(p.detach().numpy(), w) for (ln, i), (p, w) in pairs.items()},
+            "_caffe": {f"{ln}/{i}": w for (ln, i), (_, w) in pairs.items()}}
 
 
 def for_gradients(name: str, text: str, width: float) -> str:
